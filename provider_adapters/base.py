@@ -1,0 +1,135 @@
+"""The one small contract between the relay and a payment provider.
+
+An adapter turns a :class:`Command` into exactly one :data:`Outcome`. Provider
+exceptions never cross this boundary: every failure is mapped onto one of the five
+outcome classes, and the relay decides what to do with it (see DESIGN.md's outcome
+taxonomy). Adapters hold no database state and never open a transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "Action",
+    "Ambiguous",
+    "Command",
+    "Declined",
+    "Invalid",
+    "Outcome",
+    "ProviderAdapter",
+    "Retryable",
+    "Succeeded",
+]
+
+
+class Action(StrEnum):
+    AUTHORIZE = "authorize"
+    CAPTURE = "capture"
+    CHARGE = "charge"
+    VOID = "void"
+    REFUND = "refund"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """What the relay asks a provider to do, with every amount already resolved.
+
+    ``amount_minor`` is always concrete: for a capture or refund whose intent said NULL
+    ("the full remaining amount") the state machine has computed it; for a void it is the
+    held amount being released (used to verify the reply, not sent).
+    ``payment_reference`` is the provider's id of the payment object (Stripe: ``pi_...``),
+    known once the payment was authorised or charged; ``None`` for authorize and charge.
+    The ``idempotency_key`` is the same on every attempt of one intent.
+    """
+
+    intent_id: int
+    payment_id: str
+    action: Action
+    idempotency_key: str
+    amount_minor: int
+    currency: str
+    payment_method: str | None = None
+    payment_reference: str | None = None
+    attempt: int = 1
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    """The provider applied the effect (or had applied it: a replay counts the same).
+
+    ``provider_reference`` names the object this intent created or changed
+    (``pi_...`` for authorize/charge/capture/void, ``re_...`` for a refund);
+    ``payment_reference`` is always the payment object's id (``pi_...``).
+    ``amount_minor`` and ``currency`` are what the provider's reply said, already checked
+    against the command.
+    """
+
+    provider_reference: str
+    payment_reference: str
+    amount_minor: int
+    currency: str
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Declined:
+    """A terminal business refusal (card_declined, insufficient_funds...). No effect."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retryable:
+    """Nothing happened at the provider; try again later with the same key."""
+
+    code: str
+    message: str
+    retry_after_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ambiguous:
+    """The effect may or may not have happened; settle it with :meth:`lookup`."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """Our bug or bad data (400, 401, 403, idempotency misuse). Retrying cannot help."""
+
+    code: str
+    message: str
+
+
+Outcome = Succeeded | Declined | Retryable | Ambiguous | Invalid
+
+
+@runtime_checkable
+class ProviderAdapter(Protocol):
+    """One provider, one adapter instance per lane; safe for concurrent use."""
+
+    name: str
+
+    async def execute(self, command: Command) -> Outcome:
+        """Send the command once, with ``command.idempotency_key``; never raise."""
+        ...
+
+    async def lookup(self, command: Command) -> Outcome:
+        """Find out what an earlier attempt of ``command`` did; never raise.
+
+        Returns :class:`Succeeded` when the provider shows the effect, :class:`Declined`
+        when it shows a terminal refusal, :class:`Retryable` (code ``not_found``) when it
+        shows no trace of the attempt, and :class:`Ambiguous` when the lookup itself failed.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,34 @@
+"""Build the adapter a provider's settings ask for."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from provider_adapters.base import ProviderAdapter
+
+__all__ = ["AdapterSpec", "build_adapter"]
+
+
+class AdapterSpec(Protocol):
+    kind: str
+    base_url: str
+    connect_timeout_ms: int
+    timeout_ms: int
+    concurrency: int
+
+    def resolved_api_key(self) -> str: ...
+
+
+def build_adapter(name: str, spec: AdapterSpec) -> ProviderAdapter:
+    if spec.kind == "stripe":
+        from provider_adapters.stripe import StripeAdapter
+
+        return StripeAdapter(
+            name=name,
+            api_key=spec.resolved_api_key(),
+            base_url=spec.base_url,
+            connect_timeout_seconds=spec.connect_timeout_ms / 1000,
+            read_timeout_seconds=spec.timeout_ms / 1000,
+            max_connections=spec.concurrency,
+        )
+    raise ValueError(f"unknown provider kind {spec.kind!r}; expected 'stripe'")

@@ -1,0 +1,183 @@
+"""The `outbox-relay` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+_DESCRIPTION = """\
+Transactional-outbox relay for payments. Applications INSERT payment intents into
+outbox.payment_intents in their own transaction; the relay calls the provider exactly
+once per intent and writes the outcome back.
+
+Configuration comes from RELAY_* environment variables (see the README's table)."""
+
+
+def _database_url_or_exit() -> str:
+    from relay.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        _print_config_error(exc)
+        raise SystemExit(2) from None
+    url = settings.resolved_database_url()
+    if not url:
+        print(
+            "error: RELAY_DATABASE_URL is not set; point it at your PostgreSQL, e.g. "
+            "RELAY_DATABASE_URL=postgresql://app@db:5432/app",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return url
+
+
+def _print_config_error(exc: Exception) -> None:
+    lines = getattr(exc, "lines", [str(exc)])
+    print(f"error: invalid configuration ({len(lines)} problem(s)):", file=sys.stderr)
+    for line in lines:
+        print(f"  {line}", file=sys.stderr)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from relay.migrate import MigrationError, migrate
+
+    url = _database_url_or_exit()
+    try:
+        applied = migrate(url, report=print)
+    except MigrationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(applied)} migration(s) applied" if applied else "schema is up to date")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from relay.config import ConfigError, load_settings
+    from relay.logs import configure_logging
+    from relay.main import run_relay
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return 2
+    url = settings.resolved_database_url()
+    if not url:
+        print("error: RELAY_DATABASE_URL is not set", file=sys.stderr)
+        return 2
+    if not settings.providers:
+        print(
+            "error: no provider configured; set at least RELAY_PROVIDERS__STRIPE__API_KEY "
+            "(or __API_KEY_FILE) and, for the fake provider, RELAY_PROVIDERS__STRIPE__BASE_URL",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(settings.log_format)
+    if args.migrate:
+        from relay.migrate import migrate
+
+        migrate(url)
+    return anyio.run(run_relay, settings, url)
+
+
+def _cmd_fake_provider(args: argparse.Namespace) -> int:
+    from provider_adapters.fake import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from relay.demo import run_demo
+
+    return run_demo(args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from relay.status import print_status
+
+    return print_status(_database_url_or_exit(), as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outbox-relay",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="apply the schema migrations (safe to re-run, safe from many replicas)",
+        description="Apply the numbered SQL files in order, each once, under an advisory lock.",
+    )
+    migrate.set_defaults(handler=_cmd_migrate)
+
+    run = commands.add_parser(
+        "run",
+        help="run the relay until SIGTERM/SIGINT",
+        description="Claim intents, call providers, write outcomes back. "
+        "SIGTERM drains within RELAY_SHUTDOWN_GRACE_SECONDS; a second signal exits at once.",
+    )
+    run.add_argument("--migrate", action="store_true", help="apply migrations before starting")
+    run.set_defaults(handler=_cmd_run)
+
+    fake = commands.add_parser(
+        "fake-provider",
+        help="serve the fake Stripe-compatible provider (tests, demos)",
+        description="A Stripe-compatible fake with idempotency, test cards and fault injection. "
+        "GET /_fake/effects shows the effects applied per idempotency key.",
+    )
+    from provider_adapters.fake import add_cli_arguments
+
+    add_cli_arguments(fake)
+    fake.set_defaults(handler=_cmd_fake_provider)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a self-contained demo (embedded PostgreSQL, fake provider, faults on)",
+        description="Migrates, starts the fake provider, inserts a mixed workload, relays it "
+        "to the end and checks exactly-once against the provider's effect counts. Uses "
+        "RELAY_DATABASE_URL when set, else an embedded PostgreSQL in a temporary directory. "
+        "Exit status 0 only if the exactly-once check holds.",
+    )
+    demo.add_argument("--payments", type=int, default=300, help="payments to create (default 300)")
+    demo.add_argument("--relays", type=int, default=2, help="relay instances (default 2)")
+    demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    demo.add_argument("--rate-429", type=float, default=0.03, help="share of 429 replies")
+    demo.add_argument("--rate-503", type=float, default=0.02, help="share of 503 replies")
+    demo.add_argument(
+        "--rate-timeout-after-effect", type=float, default=0.02,
+        help="share of calls applied, then left unanswered past the client timeout",
+    )
+    demo.add_argument(
+        "--rate-500-after-effect", type=float, default=0.02,
+        help="share of calls applied, then answered 500 (replayed for that key)",
+    )
+    demo.add_argument("--rate-malformed", type=float, default=0.01, help="share of bad bodies")
+    demo.add_argument("--latency-ms", type=int, default=5, help="fake provider latency")
+    demo.set_defaults(handler=_cmd_demo)
+
+    status = commands.add_parser(
+        "status", help="queue depth by provider and status", description="Queue depth by "
+        "provider and status, with the age of the oldest pending intent."
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.handler(args)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

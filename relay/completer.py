@@ -1,0 +1,144 @@
+"""Batch completer: many outcomes, one transaction, like River's batch completer.
+
+Workers :meth:`submit` write-backs; the completer flushes when ``batch_size`` are pending
+or ``flush_seconds`` after the first one arrived. The bounded buffer is the back-pressure:
+when the database is slow, submitters wait, so claims slow down instead of memory growing.
+A database error never drops an outcome: the batch is retried with backoff until it is
+written (if the relay dies meanwhile, the leases expire and the intents are re-driven
+under the same idempotency keys). On close, pending outcomes are flushed in a shielded
+scope bounded by the grace period.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import anyio
+import psycopg
+import structlog
+from anyio.abc import TaskStatus
+from psycopg_pool import PoolTimeout
+
+from relay import metrics
+from relay.db import RETRYABLE_DB_ERRORS
+from relay.store import Store, WriteBack
+
+__all__ = ["Completer"]
+
+log = structlog.get_logger("relay.completer")
+
+
+class Completer:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        batch_size: int = 500,
+        flush_seconds: float = 0.01,
+        buffer: int = 2_000,
+        on_flushed: Callable[[int], None] = lambda _n: None,
+    ) -> None:
+        self._store = store
+        self._batch_size = batch_size
+        self._flush_seconds = flush_seconds
+        self._send, self._receive = anyio.create_memory_object_stream[WriteBack](buffer)
+        self._on_flushed = on_flushed
+        self._give_up_at: float | None = None
+        self.lease_lost = 0
+        self.written = 0
+
+    async def submit(self, write_back: WriteBack) -> None:
+        await self._send.send(write_back)
+
+    def close(self, *, give_up_after: float | None = None) -> None:
+        """No more submissions; :meth:`run` flushes what is pending and returns.
+
+        With ``give_up_after``, a write that still fails that many seconds from now is
+        abandoned: its intents stay ``in_flight`` until their leases expire.
+        """
+        if give_up_after is not None:
+            self._give_up_at = anyio.current_time() + give_up_after
+        self._send.close()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with self._receive:
+            while True:
+                try:
+                    first = await self._receive.receive()
+                except anyio.EndOfStream:
+                    return
+                batch = [first]
+                with anyio.move_on_after(self._flush_seconds):
+                    while len(batch) < self._batch_size:
+                        try:
+                            batch.append(await self._receive.receive())
+                        except anyio.EndOfStream:
+                            break
+                # A flush in progress finishes even when the relay is being cancelled.
+                with anyio.CancelScope(shield=True):
+                    await self._write(batch)
+
+    async def _write(self, batch: Sequence[WriteBack]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                with metrics.WRITE_BACK_SECONDS.time():
+                    written = await self._store.complete(batch)
+                break
+            except (*RETRYABLE_DB_ERRORS, PoolTimeout) as exc:
+                if self._give_up_at is not None and anyio.current_time() > self._give_up_at:
+                    log.error(
+                        "write_back_abandoned",
+                        rows=len(batch),
+                        remedy="leases expire and the intents are re-driven under the same keys",
+                    )
+                    return
+                log.warning(
+                    "write_back_retry", rows=len(batch), error=type(exc).__name__, retry_in=delay
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except psycopg.Error as exc:
+                if len(batch) == 1:
+                    written = await self._write_refused(batch[0], exc)
+                    break
+                # One bad row must not hold the others back: write them one by one.
+                for item in batch:
+                    await self._write([item])
+                return
+        self.written += len(written)
+        for item in batch:
+            if item.intent_id in written:
+                metrics.INTENTS_WRITTEN.labels(status=item.status).inc()
+            else:
+                self.lease_lost += 1
+                metrics.LEASE_LOST.inc()
+                log.info(
+                    "lease_lost",
+                    intent_id=item.intent_id,
+                    remedy="a newer claim exists; nothing to do",
+                )
+        self._on_flushed(len(written))
+
+    async def _write_refused(self, item: WriteBack, exc: psycopg.Error) -> set[int]:
+        """The database refused this outcome: park the intent dead for an operator."""
+        sqlstate = getattr(exc, "sqlstate", None)
+        log.error("write_back_refused", intent_id=item.intent_id, sqlstate=sqlstate)
+        dead = WriteBack(
+            intent_id=item.intent_id,
+            lease_token=item.lease_token,
+            payment_id=item.payment_id,
+            status="dead",
+            provider_reference=item.provider_reference,
+            error_code="write_back_refused",
+            error_message=(
+                f"the database refused the outcome '{item.status}' (SQLSTATE {sqlstate}); "
+                "check the payment at the provider, then re-drive or cancel"
+            ),
+        )
+        try:
+            return await self._store.complete([dead])
+        except psycopg.Error:
+            log.exception("write_back_refused_twice", intent_id=item.intent_id)
+            return set()

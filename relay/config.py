@@ -1,0 +1,157 @@
+"""Settings from the environment (prefix ``RELAY_``, nested keys with ``__``) and files.
+
+A bad value stops start-up with one line per bad variable, naming it
+(:func:`load_settings` raises :class:`ConfigError`). Secrets can come from files: any
+``*_FILE`` setting, or a ``secrets_dir`` (Kubernetes secret mounts) via
+``RELAY_SECRETS_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ConfigError", "ProviderSettings", "Settings", "load_settings"]
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class ConfigError(ValueError):
+    """Configuration is invalid; ``lines`` has one entry per bad variable."""
+
+    code = "invalid_configuration"
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("invalid configuration:\n" + "\n".join(lines))
+
+
+class ProviderSettings(BaseModel):
+    """One provider lane: ``RELAY_PROVIDERS__<NAME>__<FIELD>``."""
+
+    kind: Literal["stripe"] = Field("stripe", description="Adapter: stripe (also for the fake).")
+    base_url: str = Field("https://api.stripe.com", description="Provider API address.")
+    api_key: SecretStr | None = Field(None, description="API key (prefer api_key_file).")
+    api_key_file: Path | None = Field(None, description="File holding the API key.")
+    concurrency: PositiveInt = Field(32, description="Calls in flight at once on this lane.")
+    connect_timeout_ms: PositiveInt = Field(3_000, description="TCP/TLS connect timeout.")
+    timeout_ms: PositiveInt = Field(10_000, description="Read timeout of one provider call.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ProviderSettings:
+        if self.api_key is None and self.api_key_file is None:
+            raise ValueError("set __API_KEY or __API_KEY_FILE (a mounted secret)")
+        if self.api_key_file is not None and not self.api_key_file.is_file():
+            raise ValueError(f"API_KEY_FILE {self.api_key_file} is not a readable file")
+        return self
+
+    def resolved_api_key(self) -> str:
+        if self.api_key_file is not None:
+            return self.api_key_file.read_text().strip()
+        assert self.api_key is not None
+        return self.api_key.get_secret_value()
+
+
+class Settings(BaseSettings):
+    """Every knob of the relay; the README's configuration table mirrors this class."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="ignore",
+    )
+
+    database_url: SecretStr | None = Field(
+        None, description="PostgreSQL URL (libpq). Unset: only `demo` starts its own database."
+    )
+    database_url_file: Path | None = Field(None, description="File holding the database URL.")
+    instance_name: str = Field(
+        default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}",
+        description="Who this relay is in claimed_by and logs.",
+    )
+    batch_size: PositiveInt = Field(100, le=5_000, description="Most intents per claim.")
+    max_in_flight: PositiveInt = Field(256, description="Claimed intents held at once, all lanes.")
+    lease_seconds: float = Field(60.0, gt=0, description="Lease of a claim before re-drive.")
+    max_attempts: PositiveInt = Field(8, description="Attempts before an intent is dead.")
+    backoff_base_seconds: float = Field(1.0, gt=0, description="First retry delay bound.")
+    backoff_cap_seconds: float = Field(300.0, gt=0, description="Largest retry delay.")
+    poll_interval_seconds: float = Field(
+        1.0, gt=0, description="Polling fallback when no NOTIFY arrives (jittered)."
+    )
+    poll_max_interval_seconds: float = Field(
+        5.0, gt=0, description="Idle polling backs off up to this interval."
+    )
+    completer_batch_size: PositiveInt = Field(500, description="Most outcomes per write-back.")
+    completer_flush_ms: PositiveInt = Field(10, description="Longest wait to fill a write-back.")
+    db_pool_size: PositiveInt = Field(4, description="Connections in the relay's pool.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port.")
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="Drain time on SIGTERM.")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="Log format.")
+    providers: dict[str, ProviderSettings] = Field(default_factory=dict)
+
+    @field_validator("providers")
+    @classmethod
+    def _lowercase_names(cls, value: dict[str, ProviderSettings]) -> dict[str, ProviderSettings]:
+        return {name.lower(): settings for name, settings in value.items()}
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.backoff_cap_seconds < self.backoff_base_seconds:
+            raise ValueError(
+                "RELAY_BACKOFF_CAP_SECONDS must be >= RELAY_BACKOFF_BASE_SECONDS"
+            )
+        for name, provider in self.providers.items():
+            if provider.timeout_ms / 1000 >= self.lease_seconds:
+                raise ValueError(
+                    f"RELAY_PROVIDERS__{name.upper()}__TIMEOUT_MS ({provider.timeout_ms}) must stay "
+                    f"below RELAY_LEASE_SECONDS ({self.lease_seconds:g} s) so a live call never "
+                    "outlasts its lease"
+                )
+        return self
+
+    def resolved_database_url(self) -> str | None:
+        if self.database_url_file is not None:
+            return self.database_url_file.read_text().strip()
+        return self.database_url.get_secret_value() if self.database_url else None
+
+
+def _variable_name(loc: tuple[int | str, ...]) -> str:
+    return "RELAY_" + "__".join(str(part).upper() for part in loc)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings; raise :class:`ConfigError` naming each bad variable."""
+    try:
+        secrets_dir = os.environ.get("RELAY_SECRETS_DIR")
+        if secrets_dir:
+            return Settings(_secrets_dir=secrets_dir, **overrides)
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            given = error.get("input")
+            secret = any("key" in str(p).lower() or "url" in str(p).lower() for p in loc)
+            shown = "" if secret or isinstance(given, dict) else f" (got {given!r})"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            lines.append(f"{_variable_name(loc)}: {message}{shown}" if loc else message)
+        raise ConfigError(lines) from None

@@ -1,0 +1,86 @@
+"""Transport: the connection pool, statement execution and LISTEN. No domain meaning here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import psycopg
+import structlog
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from relay.queries import QUERIES
+
+__all__ = ["NOTIFY_CHANNEL", "Database", "RETRYABLE_DB_ERRORS", "listen_forever"]
+
+NOTIFY_CHANNEL = "outbox_payment_intents"
+log = structlog.get_logger("relay.db")
+
+# Errors after which the same work can simply be tried again on a fresh connection.
+RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CannotConnectNow,
+)
+
+
+class Database:
+    """A small async pool and named-statement helpers."""
+
+    def __init__(self, conninfo: str, *, pool_size: int = 4, name: str = "outbox-relay") -> None:
+        self.conninfo = conninfo
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            kwargs={"application_name": name, "autocommit": True},
+            timeout=30.0,
+            reconnect_timeout=0,  # never give up: the relay waits for the database to return
+        )
+
+    async def open(self) -> None:
+        await self.pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def fetch_all(
+        self, name: str, params: Mapping[str, Any] | None = None
+    ) -> list[TupleRow]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(QUERIES[name], params)
+            return await cur.fetchall()
+
+
+async def listen_forever(
+    conninfo: str,
+    on_notify: Callable[[], None],
+    *,
+    on_connected: Callable[[], None] = lambda: None,
+    retry_seconds: float = 1.0,
+) -> None:
+    """LISTEN on the intents channel, calling ``on_notify`` per notification, reconnecting.
+
+    Polling stays correct on its own; this only shortens pickup latency, so a broken
+    listener logs and retries instead of failing the relay.
+    """
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                conninfo, autocommit=True, application_name="outbox-relay-listen"
+            )
+            async with conn:
+                await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                on_connected()
+                on_notify()  # anything committed while we were not listening
+                async for _ in conn.notifies():
+                    on_notify()
+        except psycopg.Error as exc:
+            log.warning("listen_connection_lost", error=type(exc).__name__, retry_in=retry_seconds)
+        await anyio.sleep(retry_seconds)

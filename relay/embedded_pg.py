@@ -1,0 +1,79 @@
+"""A throw-away PostgreSQL for the demo and for tests on a bare machine.
+
+Uses the `pgserver` package (wheels for CPython 3.11 and 3.12); where it is missing,
+falls back to PostgreSQL's own `initdb` and `pg_ctl` on PATH. Neither present: a clear
+error telling the user to set RELAY_DATABASE_URL.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["EmbeddedPostgresUnavailable", "embedded_postgres"]
+
+
+class EmbeddedPostgresUnavailable(RuntimeError):
+    code = "embedded_postgres_unavailable"
+
+
+@contextmanager
+def embedded_postgres() -> Iterator[str]:
+    """Start a temporary cluster; yield its URL; stop and delete it on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix="outbox-relay-pg-"))
+    try:
+        try:
+            import pgserver
+        except ImportError:
+            with _initdb_cluster(workdir) as url:
+                yield url
+            return
+        server = pgserver.get_server(workdir / "pgdata", cleanup_mode="stop")
+        try:
+            yield str(server.get_uri())
+        finally:
+            server.cleanup()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def _initdb_cluster(workdir: Path) -> Iterator[str]:
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+            if (candidate / "initdb").exists():
+                initdb, pg_ctl = str(candidate / "initdb"), str(candidate / "pg_ctl")
+                break
+    if not (initdb and pg_ctl):
+        raise EmbeddedPostgresUnavailable(
+            "no embedded PostgreSQL: the pgserver package is not installed for this Python "
+            "and initdb/pg_ctl are not on PATH; set RELAY_DATABASE_URL to a PostgreSQL you run"
+        )
+    data = workdir / "data"
+    port = _free_port()
+    subprocess.run(
+        [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        check=True, capture_output=True,
+    )
+    subprocess.run(
+        [pg_ctl, "-D", str(data), "-l", str(workdir / "log"), "-w", "-o",
+         f"-p {port} -k {workdir} -c listen_addresses=''", "start"],
+        check=True, capture_output=True,
+    )
+    try:
+        yield f"postgresql://postgres@/postgres?host={workdir}&port={port}"
+    finally:
+        subprocess.run([pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)

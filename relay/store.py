@@ -1,0 +1,156 @@
+"""Domain operations on the outbox tables: claim, complete, requeue, release.
+
+Every statement comes from queries.sql. Guarantees:
+
+* :meth:`Store.claim` commits before returning: no transaction or lock outlives it.
+* :meth:`Store.complete` writes a whole batch in one transaction; each row is fenced by
+  its lease token, so an outcome from a relay whose lease expired is not written (its id is
+  missing from the returned set). The payments of the batch are locked first, in
+  payment_id order, so promotion of the next blocked intent sees every committed insert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from provider_adapters.base import Action
+from relay.db import Database
+from relay.queries import QUERIES
+from relay.state_machine import PaymentSnapshot, PaymentState
+
+__all__ = ["ClaimedIntent", "Store", "WriteBack"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedIntent:
+    id: int
+    payment_id: str
+    action: Action
+    provider: str
+    amount_minor: int | None
+    currency: str
+    payment_method: str | None
+    idempotency_key: str
+    attempts: int
+    lease_token: int
+    traceparent: str | None
+    payment: PaymentSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBack:
+    """One outcome to record. ``payment`` is the payment's new state, or None if unchanged."""
+
+    intent_id: int
+    lease_token: int
+    payment_id: str
+    status: str  # succeeded | failed | dead | pending (retry)
+    retry_delay_seconds: float = 0.0
+    provider_reference: str | None = None
+    amount_applied_minor: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    payment: PaymentSnapshot | None = None
+
+
+class Store:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def claim(
+        self,
+        provider: str,
+        limit: int,
+        *,
+        lease_seconds: float,
+        instance: str,
+        now: datetime | None = None,
+    ) -> list[ClaimedIntent]:
+        rows = await self.db.fetch_all(
+            "claim_intents",
+            {
+                "provider": provider,
+                "limit": limit,
+                "lease_seconds": lease_seconds,
+                "instance": instance,
+                "now": now,
+            },
+        )
+        claimed = []
+        for row in rows:
+            (intent_id, payment_id, action, provider_name, amount, currency, method, key,
+             attempts, token, traceparent, state, authorized, captured, refunded, reference) = row
+            claimed.append(
+                ClaimedIntent(
+                    id=intent_id,
+                    payment_id=payment_id,
+                    action=Action(action),
+                    provider=provider_name,
+                    amount_minor=amount,
+                    currency=currency,
+                    payment_method=method,
+                    idempotency_key=key,
+                    attempts=attempts,
+                    lease_token=token,
+                    traceparent=traceparent,
+                    payment=PaymentSnapshot(
+                        state=PaymentState(state),
+                        currency=currency,
+                        authorized_minor=authorized,
+                        captured_minor=captured,
+                        refunded_minor=refunded,
+                        provider_reference=reference,
+                    ),
+                )
+            )
+        claimed.sort(key=lambda intent: intent.id)
+        return claimed
+
+    async def complete(
+        self, batch: Sequence[WriteBack], *, now: datetime | None = None
+    ) -> set[int]:
+        """Record ``batch`` in one transaction; return the ids whose fence held."""
+        if not batch:
+            return set()
+        params = {
+            "ids": [w.intent_id for w in batch],
+            "lease_tokens": [w.lease_token for w in batch],
+            "statuses": [w.status for w in batch],
+            "retry_delays": [w.retry_delay_seconds for w in batch],
+            "provider_references": [w.provider_reference for w in batch],
+            "amounts_applied": [w.amount_applied_minor for w in batch],
+            "error_codes": [w.error_code for w in batch],
+            "error_messages": [w.error_message for w in batch],
+            "payment_states": [str(w.payment.state) if w.payment else None for w in batch],
+            "authorized": [w.payment.authorized_minor if w.payment else None for w in batch],
+            "captured": [w.payment.captured_minor if w.payment else None for w in batch],
+            "refunded": [w.payment.refunded_minor if w.payment else None for w in batch],
+            "payment_references": [
+                w.payment.provider_reference if w.payment else None for w in batch
+            ],
+            "now": now,
+        }
+        payment_ids = sorted({w.payment_id for w in batch})
+        async with self.db.pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["lock_payments"], {"payment_ids": payment_ids})
+            cur = await conn.execute(QUERIES["complete_intents"], params)
+            rows = await cur.fetchall()
+        return {row[0] for row in rows}
+
+    async def requeue_expired(self, *, limit: int = 1000, now: datetime | None = None) -> int:
+        rows = await self.db.fetch_all("requeue_expired_leases", {"limit": limit, "now": now})
+        return len(rows)
+
+    async def release(
+        self, leases: Sequence[tuple[int, int]], *, now: datetime | None = None
+    ) -> int:
+        """Hand back claimed intents that never reached the provider."""
+        if not leases:
+            return 0
+        rows = await self.db.fetch_all(
+            "release_leases",
+            {"ids": [i for i, _ in leases], "lease_tokens": [t for _, t in leases], "now": now},
+        )
+        return len(rows)

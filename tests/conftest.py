@@ -1,0 +1,89 @@
+"""Fixtures: a real PostgreSQL for integration tests.
+
+RELAY_TEST_DATABASE_URL points at a server whose user may CREATE DATABASE; without it an
+embedded PostgreSQL is started (pgserver). Each test gets its own database, cloned from a
+migrated template, and dropped afterwards. With RELAY_TEST_REQUIRE_SERVICES=1 (CI) a
+missing server fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from relay.migrate import migrate
+
+REQUIRE_SERVICES = os.environ.get("RELAY_TEST_REQUIRE_SERVICES") == "1"
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} (RELAY_TEST_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    url = os.environ.get("RELAY_TEST_DATABASE_URL")
+    if url:
+        try:
+            psycopg.connect(url, connect_timeout=5).close()
+        except psycopg.OperationalError as exc:
+            _unavailable(f"PostgreSQL at RELAY_TEST_DATABASE_URL is unreachable: {exc}")
+        yield url
+        return
+    from relay.embedded_pg import EmbeddedPostgresUnavailable, embedded_postgres
+
+    try:
+        with embedded_postgres() as embedded:
+            yield embedded
+    except EmbeddedPostgresUnavailable as exc:
+        _unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    name = f"outbox_relay_tmpl_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        migrate(with_dbname(pg_admin_url, name))
+        yield name
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"outbox_relay_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    try:
+        yield with_dbname(pg_admin_url, name)
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        yield connection
