@@ -10,11 +10,16 @@ __all__ = ["AdapterSpec", "build_adapter"]
 
 
 class AdapterSpec(Protocol):
-    kind: str
-    base_url: str
-    connect_timeout_ms: int
-    timeout_ms: int
-    concurrency: int
+    @property
+    def kind(self) -> str: ...
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def connect_timeout_ms(self) -> int: ...
+    @property
+    def timeout_ms(self) -> int: ...
+    @property
+    def concurrency(self) -> int: ...
 
     def resolved_api_key(self) -> str: ...
 

@@ -89,19 +89,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_fake_provider(args: argparse.Namespace) -> int:
     from provider_adapters.fake import run_from_args
 
-    return run_from_args(args)
+    result: int = run_from_args(args)
+    return result
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
-    return run_demo(args)
+    result: int = run_demo(args)
+    return result
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from relay.status import print_status
 
-    return print_status(_database_url_or_exit(), as_json=args.json)
+    result: int = print_status(_database_url_or_exit(), as_json=args.json)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,11 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate-429", type=float, default=0.03, help="share of 429 replies")
     demo.add_argument("--rate-503", type=float, default=0.02, help="share of 503 replies")
     demo.add_argument(
-        "--rate-timeout-after-effect", type=float, default=0.02,
+        "--rate-timeout-after-effect",
+        type=float,
+        default=0.02,
         help="share of calls applied, then left unanswered past the client timeout",
     )
     demo.add_argument(
-        "--rate-500-after-effect", type=float, default=0.02,
+        "--rate-500-after-effect",
+        type=float,
+        default=0.02,
         help="share of calls applied, then answered 500 (replayed for that key)",
     )
     demo.add_argument("--rate-malformed", type=float, default=0.01, help="share of bad bodies")
@@ -165,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
 
     status = commands.add_parser(
-        "status", help="queue depth by provider and status", description="Queue depth by "
-        "provider and status, with the age of the oldest pending intent."
+        "status",
+        help="queue depth by provider and status",
+        description="Queue depth by "
+        "provider and status, with the age of the oldest pending intent.",
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_cmd_status)

@@ -17,7 +17,6 @@ import anyio
 import psycopg
 import structlog
 from anyio.abc import TaskStatus
-from psycopg_pool import PoolTimeout
 
 from relay import metrics
 from relay.db import RETRYABLE_DB_ERRORS
@@ -86,7 +85,7 @@ class Completer:
                 with metrics.WRITE_BACK_SECONDS.time():
                     written = await self._store.complete(batch)
                 break
-            except (*RETRYABLE_DB_ERRORS, PoolTimeout) as exc:
+            except RETRYABLE_DB_ERRORS as exc:
                 if self._give_up_at is not None and anyio.current_time() > self._give_up_at:
                     log.error(
                         "write_back_abandoned",

@@ -116,14 +116,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
         if self.backoff_cap_seconds < self.backoff_base_seconds:
-            raise ValueError(
-                "RELAY_BACKOFF_CAP_SECONDS must be >= RELAY_BACKOFF_BASE_SECONDS"
-            )
+            raise ValueError("RELAY_BACKOFF_CAP_SECONDS must be >= RELAY_BACKOFF_BASE_SECONDS")
         for name, provider in self.providers.items():
             if provider.timeout_ms / 1000 >= self.lease_seconds:
                 raise ValueError(
-                    f"RELAY_PROVIDERS__{name.upper()}__TIMEOUT_MS ({provider.timeout_ms}) must stay "
-                    f"below RELAY_LEASE_SECONDS ({self.lease_seconds:g} s) so a live call never "
+                    f"RELAY_PROVIDERS__{name.upper()}__TIMEOUT_MS ({provider.timeout_ms}) "
+                    f"must stay below RELAY_LEASE_SECONDS ({self.lease_seconds:g} s) "
+                    "so a live call never "
                     "outlasts its lease"
                 )
         return self
@@ -143,7 +142,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         secrets_dir = os.environ.get("RELAY_SECRETS_DIR")
         if secrets_dir:
-            return Settings(_secrets_dir=secrets_dir, **overrides)
+            return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
         return Settings(**overrides)
     except ValidationError as exc:
         lines = []

@@ -9,11 +9,11 @@ import anyio
 import psycopg
 import structlog
 from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from relay.queries import QUERIES
 
-__all__ = ["NOTIFY_CHANNEL", "Database", "RETRYABLE_DB_ERRORS", "listen_forever"]
+__all__ = ["NOTIFY_CHANNEL", "RETRYABLE_DB_ERRORS", "Database", "listen_forever"]
 
 NOTIFY_CHANNEL = "outbox_payment_intents"
 log = structlog.get_logger("relay.db")
@@ -26,6 +26,7 @@ RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
     psycopg.errors.LockNotAvailable,
     psycopg.errors.AdminShutdown,
     psycopg.errors.CannotConnectNow,
+    PoolTimeout,
 )
 
 
@@ -50,9 +51,7 @@ class Database:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def fetch_all(
-        self, name: str, params: Mapping[str, Any] | None = None
-    ) -> list[TupleRow]:
+    async def fetch_all(self, name: str, params: Mapping[str, Any] | None = None) -> list[TupleRow]:
         async with self.pool.connection() as conn:
             cur = await conn.execute(QUERIES[name], params)
             return await cur.fetchall()

@@ -33,7 +33,9 @@ def embedded_postgres() -> Iterator[str]:
             with _initdb_cluster(workdir) as url:
                 yield url
             return
-        server = pgserver.get_server(workdir / "pgdata", cleanup_mode="stop")
+        server = pgserver.get_server(  # type: ignore[attr-defined]
+            workdir / "pgdata", cleanup_mode="stop"
+        )
         try:
             yield str(server.get_uri())
         finally:
@@ -66,12 +68,23 @@ def _initdb_cluster(workdir: Path) -> Iterator[str]:
     port = _free_port()
     subprocess.run(
         [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     subprocess.run(
-        [pg_ctl, "-D", str(data), "-l", str(workdir / "log"), "-w", "-o",
-         f"-p {port} -k {workdir} -c listen_addresses=''", "start"],
-        check=True, capture_output=True,
+        [
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(workdir / "log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {workdir} -c listen_addresses=''",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
     )
     try:
         yield f"postgresql://postgres@/postgres?host={workdir}&port={port}"

@@ -19,8 +19,9 @@ __all__ = ["Lane"]
 
 
 class Lane:
-    def __init__(self, provider: str, adapter: ProviderAdapter, *, concurrency: int,
-                 timeout_seconds: float) -> None:
+    def __init__(
+        self, provider: str, adapter: ProviderAdapter, *, concurrency: int, timeout_seconds: float
+    ) -> None:
         self.provider = provider
         self.adapter = adapter
         self.concurrency = concurrency

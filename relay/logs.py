@@ -11,7 +11,9 @@ import structlog
 __all__ = ["configure_logging"]
 
 
-def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: int = logging.INFO) -> None:
+def configure_logging(
+    fmt: Literal["auto", "json", "console"] = "auto", level: int = logging.INFO
+) -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: structlog.typing.Processor = (

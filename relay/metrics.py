@@ -36,4 +36,6 @@ CLAIM_BATCH = Histogram(
     "Intents per claim.",
     buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
-IN_FLIGHT = Gauge("outbox_relay_in_flight", "Claimed intents being processed, by lane.", ["provider"])
+IN_FLIGHT = Gauge(
+    "outbox_relay_in_flight", "Claimed intents being processed, by lane.", ["provider"]
+)

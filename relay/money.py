@@ -27,7 +27,8 @@ class Money:
     def __post_init__(self) -> None:
         if isinstance(self.amount_minor, bool) or not isinstance(self.amount_minor, int):
             raise TypeError(
-                f"amount_minor must be an int of minor units, got {type(self.amount_minor).__name__}"
+                "amount_minor must be an int of minor units, "
+                f"got {type(self.amount_minor).__name__}"
             )
         if not isinstance(self.currency, str) or not _CODE.match(self.currency):
             raise ValueError(f"currency must be three uppercase letters, got {self.currency!r}")
@@ -69,10 +70,12 @@ def parse_major(text: str, exponent: int) -> int:
     match = _MAJOR.match(text.strip())
     if match is None:
         raise ValueError(f"amount {text!r} is not a decimal number like 19.99")
-    sign, whole, fraction = match.group(1), match.group(2), match.group(3) or ""
+    sign: str = match.group(1)
+    whole: str = match.group(2)
+    fraction: str = match.group(3) or ""
     if len(fraction) > exponent:
         raise ValueError(
             f"amount {text!r} has {len(fraction)} fraction digits; the currency allows {exponent}"
         )
-    minor = int(whole) * 10**exponent + (int(fraction.ljust(exponent, "0")) if exponent else 0)
+    minor: int = int(whole) * 10**exponent + (int(fraction.ljust(exponent, "0")) if exponent else 0)
     return -minor if sign else minor

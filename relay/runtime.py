@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
-from psycopg_pool import PoolTimeout
 
 from provider_adapters.base import Ambiguous, Command, Declined, Succeeded
 from relay import metrics
@@ -90,7 +89,7 @@ class Relay:
         self.claimed_total = 0
         self._wake_event = anyio.Event()
         self._stopping = False
-        self._stop_event = anyio.Event()
+        self._drained = anyio.Event()
 
     # -- control -------------------------------------------------------------------------
 
@@ -100,7 +99,6 @@ class Relay:
     def stop(self) -> None:
         """Stop claiming and drain; :meth:`run` returns when drained or out of grace."""
         self._stopping = True
-        self._stop_event.set()
         self.wake()
 
     @property
@@ -133,7 +131,7 @@ class Relay:
             await anyio.sleep(interval * (0.75 + self.rng() / 2))
             try:
                 requeued = await self.store.requeue_expired()
-            except (*RETRYABLE_DB_ERRORS, PoolTimeout) as exc:
+            except RETRYABLE_DB_ERRORS as exc:
                 log.warning("reaper_db_error", error=type(exc).__name__)
                 continue
             if requeued:
@@ -147,7 +145,7 @@ class Relay:
                 self._wake_event = anyio.Event()
                 try:
                     claimed, full = await self._claim_once(workers)
-                except (*RETRYABLE_DB_ERRORS, PoolTimeout) as exc:
+                except RETRYABLE_DB_ERRORS as exc:
                     log.warning("claim_db_error", error=type(exc).__name__, retry_in=idle)
                     claimed, full = 0, False
                 if claimed and not full:
@@ -162,8 +160,8 @@ class Relay:
                     idle = min(idle * 2, self.options.poll_max_interval_seconds)
             # Draining: give in-flight calls their grace, then cut them off.
             with anyio.move_on_after(self.options.shutdown_grace_seconds) as grace:
-                while self.in_flight:
-                    await anyio.sleep(0.02)
+                if self.in_flight:
+                    await self._drained.wait()
             if grace.cancelled_caught:
                 log.warning("shutdown_grace_exceeded", in_flight=self.in_flight)
                 workers.cancel_scope.cancel()
@@ -173,7 +171,9 @@ class Relay:
         total = 0
         for lane in self.lanes.values():
             room = min(
-                lane.free_slots, self.options.max_in_flight - self.in_flight, self.options.batch_size
+                lane.free_slots,
+                self.options.max_in_flight - self.in_flight,
+                self.options.batch_size,
             )
             if room <= 0:
                 continue
@@ -210,6 +210,8 @@ class Relay:
         finally:
             lane.release()
             self.in_flight -= 1
+            if self._stopping and self.in_flight == 0:
+                self._drained.set()
             self.wake()
 
     async def _dispatch(self, lane: Lane, intent: ClaimedIntent) -> None:
@@ -248,8 +250,12 @@ class Relay:
             provider=intent.provider, action=str(intent.action), outcome=kind
         ).inc()
         write_back = from_outcome(intent, decision.amount_minor, outcome, self.policy, self.rng)
-        log.info("intent_attempted", outcome=kind, status=write_back.status,
-                 error_code=write_back.error_code)
+        log.info(
+            "intent_attempted",
+            outcome=kind,
+            status=write_back.status,
+            error_code=write_back.error_code,
+        )
         await self.completer.submit(write_back)
 
 

@@ -93,7 +93,9 @@ def _wrong_state(action: Action, payment: PaymentSnapshot, needs: str) -> Reject
     return Rejection(code, f"cannot {action} a payment in state '{payment.state}'; {needs}")
 
 
-def decide(action: Action, amount_minor: int | None, payment: PaymentSnapshot) -> Dispatch | Rejection:
+def decide(
+    action: Action, amount_minor: int | None, payment: PaymentSnapshot
+) -> Dispatch | Rejection:
     """Check ``action`` against ``payment``; resolve a NULL amount to the full remainder.
 
     Guarantees: a :class:`Dispatch` amount is always > 0; a capture never exceeds the

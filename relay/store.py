@@ -80,8 +80,24 @@ class Store:
         )
         claimed = []
         for row in rows:
-            (intent_id, payment_id, action, provider_name, amount, currency, method, key,
-             attempts, token, traceparent, state, authorized, captured, refunded, reference) = row
+            (
+                intent_id,
+                payment_id,
+                action,
+                provider_name,
+                amount,
+                currency,
+                method,
+                key,
+                attempts,
+                token,
+                traceparent,
+                state,
+                authorized,
+                captured,
+                refunded,
+                reference,
+            ) = row
             claimed.append(
                 ClaimedIntent(
                     id=intent_id,

@@ -52,30 +52,85 @@ def count_rows(conn: psycopg.Connection) -> tuple[int, int]:
     ("overrides", "error", "constraint", "column_word"),
     [
         ({"action": "steal"}, errors.CheckViolation, "payment_intents_action_valid", "action"),
-        ({"currency": "XYZ"}, errors.ForeignKeyViolation, "payment_intents_currency_known", "currency"),
-        ({"amount_minor": 0}, errors.CheckViolation, "payment_intents_amount_minor_positive", "amount_minor"),
-        ({"amount_minor": -5}, errors.CheckViolation, "payment_intents_amount_minor_positive", "amount_minor"),
-        ({"amount_minor": None}, errors.CheckViolation,
-         "payment_intents_amount_minor_required_for_authorize_charge", "amount_minor"),
-        ({"payment_method": None}, errors.CheckViolation,
-         "payment_intents_payment_method_required_for_authorize_charge", "payment_method"),
-        ({"action": "charge", "payment_method": None}, errors.CheckViolation,
-         "payment_intents_payment_method_required_for_authorize_charge", "payment_method"),
-        ({"payment_method": "4242424242424242"}, errors.CheckViolation,
-         "payment_intents_payment_method_not_card_number", "payment_method"),
-        ({"payment_method": "4242 4242 4242 4242"}, errors.CheckViolation,
-         "payment_intents_payment_method_not_card_number", "payment_method"),
-        ({"payment_method": "5555-5555-5555-4444"}, errors.CheckViolation,
-         "payment_intents_payment_method_not_card_number", "payment_method"),
-        ({"payment_method": "pm 1"}, errors.CheckViolation,
-         "payment_intents_payment_method_token_format", "payment_method"),
-        ({"provider": "Stripe!"}, errors.CheckViolation,
-         "payment_intents_provider_lowercase_identifier", "provider"),
-        ({"payment_id": "  "}, errors.CheckViolation,
-         "payment_intents_payment_id_nonblank_max_200", "payment_id"),
+        (
+            {"currency": "XYZ"},
+            errors.ForeignKeyViolation,
+            "payment_intents_currency_known",
+            "currency",
+        ),
+        (
+            {"amount_minor": 0},
+            errors.CheckViolation,
+            "payment_intents_amount_minor_positive",
+            "amount_minor",
+        ),
+        (
+            {"amount_minor": -5},
+            errors.CheckViolation,
+            "payment_intents_amount_minor_positive",
+            "amount_minor",
+        ),
+        (
+            {"amount_minor": None},
+            errors.CheckViolation,
+            "payment_intents_amount_minor_required_for_authorize_charge",
+            "amount_minor",
+        ),
+        (
+            {"payment_method": None},
+            errors.CheckViolation,
+            "payment_intents_payment_method_required_for_authorize_charge",
+            "payment_method",
+        ),
+        (
+            {"action": "charge", "payment_method": None},
+            errors.CheckViolation,
+            "payment_intents_payment_method_required_for_authorize_charge",
+            "payment_method",
+        ),
+        (
+            {"payment_method": "4242424242424242"},
+            errors.CheckViolation,
+            "payment_intents_payment_method_not_card_number",
+            "payment_method",
+        ),
+        (
+            {"payment_method": "4242 4242 4242 4242"},
+            errors.CheckViolation,
+            "payment_intents_payment_method_not_card_number",
+            "payment_method",
+        ),
+        (
+            {"payment_method": "5555-5555-5555-4444"},
+            errors.CheckViolation,
+            "payment_intents_payment_method_not_card_number",
+            "payment_method",
+        ),
+        (
+            {"payment_method": "pm 1"},
+            errors.CheckViolation,
+            "payment_intents_payment_method_token_format",
+            "payment_method",
+        ),
+        (
+            {"provider": "Stripe!"},
+            errors.CheckViolation,
+            "payment_intents_provider_lowercase_identifier",
+            "provider",
+        ),
+        (
+            {"payment_id": "  "},
+            errors.CheckViolation,
+            "payment_intents_payment_id_nonblank_max_200",
+            "payment_id",
+        ),
         ({"payment_id": None}, errors.NotNullViolation, None, "payment_id"),
-        ({"metadata": psycopg.types.json.Jsonb([1, 2])}, errors.CheckViolation,
-         "payment_intents_metadata_is_object", "metadata"),
+        (
+            {"metadata": psycopg.types.json.Jsonb([1, 2])},
+            errors.CheckViolation,
+            "payment_intents_metadata_is_object",
+            "metadata",
+        ),
     ],
 )
 def test_bad_rows_are_refused_with_a_named_rule(
@@ -100,8 +155,12 @@ def test_card_number_is_never_echoed_back(conn: psycopg.Connection) -> None:
     with pytest.raises(errors.CheckViolation) as caught:
         insert(conn, payment_method="4111111111111111")
     text = " ".join(
-        str(part) for part in (caught.value, caught.value.diag.message_detail,  # type: ignore[attr-defined]
-                               caught.value.diag.message_hint)  # type: ignore[attr-defined]
+        str(part)
+        for part in (
+            caught.value,
+            caught.value.diag.message_detail,  # type: ignore[attr-defined]
+            caught.value.diag.message_hint,
+        )  # type: ignore[attr-defined]
     )
     assert "4111" not in text
     assert "raw card number" in str(caught.value)
@@ -174,7 +233,9 @@ def test_derived_idempotency_keys_are_stable_and_distinct(conn: psycopg.Connecti
     assert recomputed == (a[2],)
     # The relay never changes it: attempts reuse the stored value (see test_relay_integration).
     conn.execute("UPDATE outbox.payment_intents SET attempts = 3")
-    again = conn.execute("SELECT idempotency_key FROM outbox.payment_intents ORDER BY id").fetchall()
+    again = conn.execute(
+        "SELECT idempotency_key FROM outbox.payment_intents ORDER BY id"
+    ).fetchall()
     assert again == stored
 
 

@@ -1,0 +1,80 @@
+"""Provider outcome -> the row the relay writes (pure)."""
+
+from __future__ import annotations
+
+from provider_adapters.base import Action, Ambiguous, Declined, Invalid, Retryable, Succeeded
+from relay.outcome_mapping import from_outcome, from_rejection
+from relay.retry_policy import RetryPolicy
+from relay.state_machine import PaymentSnapshot, PaymentState, Rejection
+from relay.store import ClaimedIntent
+
+POLICY = RetryPolicy(base_seconds=1.0, cap_seconds=60.0, max_attempts=3)
+
+
+def intent(action: Action = Action.AUTHORIZE, attempts: int = 1) -> ClaimedIntent:
+    return ClaimedIntent(
+        id=7,
+        payment_id="p",
+        action=action,
+        provider="stripe",
+        amount_minor=1000,
+        currency="EUR",
+        payment_method="pm_card_visa",
+        idempotency_key="k",
+        attempts=attempts,
+        lease_token=99,
+        traceparent=None,
+        payment=PaymentSnapshot(PaymentState.NEW, "EUR"),
+    )
+
+
+def test_success_moves_payment_and_records_amount() -> None:
+    wb = from_outcome(intent(), 1000, Succeeded("pi_1", "pi_1", 1000, "eur"), POLICY, lambda: 0.5)
+    assert (wb.status, wb.amount_applied_minor, wb.provider_reference) == (
+        "succeeded",
+        1000,
+        "pi_1",
+    )
+    assert wb.payment is not None and wb.payment.state is PaymentState.AUTHORIZED
+    assert wb.lease_token == 99
+
+
+def test_success_with_another_amount_or_currency_is_not_success() -> None:
+    for reply in (Succeeded("pi_1", "pi_1", 999, "EUR"), Succeeded("pi_1", "pi_1", 1000, "USD")):
+        wb = from_outcome(intent(), 1000, reply, POLICY, lambda: 0.5)
+        assert (wb.status, wb.error_code, wb.payment) == ("dead", "provider_amount_mismatch", None)
+
+
+def test_decline_fails_intent_and_payment() -> None:
+    wb = from_outcome(intent(), 1000, Declined("card_declined", "no"), POLICY, lambda: 0.5)
+    assert (wb.status, wb.error_code) == ("failed", "card_declined")
+    assert wb.payment is not None and wb.payment.state is PaymentState.FAILED
+
+
+def test_invalid_is_dead_at_once() -> None:
+    wb = from_outcome(
+        intent(attempts=1), 1000, Invalid("invalid_request", "bad"), POLICY, lambda: 0.5
+    )
+    assert (wb.status, wb.error_code, wb.error_message) == ("dead", "invalid_request", "bad")
+
+
+def test_retryable_and_ambiguous_back_off_then_die_at_the_cap() -> None:
+    for outcome in (Retryable("rate_limited", "429", 30.0), Ambiguous("provider_timeout", "t/o")):
+        first = from_outcome(intent(attempts=1), 1000, outcome, POLICY, lambda: 0.5)
+        assert first.status == "pending" and first.payment is None
+        if isinstance(outcome, Retryable):
+            assert first.retry_delay_seconds == 30.0  # Retry-After beats the jitter
+        else:
+            assert first.retry_delay_seconds == 0.5
+        last = from_outcome(intent(attempts=3), 1000, outcome, POLICY, lambda: 0.5)
+        assert last.status == "dead" and "after 3 attempts" in (last.error_message or "")
+
+
+def test_rejection_fails_without_payment_change() -> None:
+    wb = from_rejection(intent(Action.CAPTURE), Rejection("payment_not_authorized", "nope"))
+    assert (wb.status, wb.error_code, wb.payment) == ("failed", "payment_not_authorized", None)
+
+
+def test_long_messages_are_clipped() -> None:
+    wb = from_outcome(intent(), 1000, Invalid("x", "m" * 5000), POLICY, lambda: 0.5)
+    assert wb.error_message is not None and len(wb.error_message) == 500
