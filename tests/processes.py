@@ -1,0 +1,98 @@
+"""Real OS processes for crash tests: the fake provider and relays, killable with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class FakeProviderProcess:
+    def __init__(self, log_dir: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_dir / "fake-provider.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "fake-provider", "--port", str(self.port), *flags],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.url}/_fake/effects", timeout=1).raise_for_status()
+                return
+            except httpx.HTTPError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("fake provider exited at start; see its log") from None
+                time.sleep(0.1)
+        raise RuntimeError("fake provider did not start within 30 s")
+
+    def effects(self) -> dict[str, object]:
+        response = httpx.get(f"{self.url}/_fake/effects", timeout=30)
+        response.raise_for_status()
+        result: dict[str, object] = response.json()
+        return result
+
+    def configure(self, faults: dict[str, object]) -> None:
+        httpx.post(f"{self.url}/_fake/config", json=faults, timeout=10).raise_for_status()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class RelayProcess:
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.env = {**os.environ, **env, "RELAY_INSTANCE_NAME": name}
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.kills = 0
+        self.starts = 0
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "run"], env=self.env, stdout=log, stderr=log
+        )
+        log.close()
+        self.starts += 1
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.kills += 1
+
+    def terminate(self, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.running:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None

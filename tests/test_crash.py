@@ -1,0 +1,175 @@
+"""Crash test: real relay processes SIGKILLed at random while a faulty provider answers.
+
+Three or more relays and the fake provider run as OS processes; intents arrive in waves
+while relays are killed with SIGKILL at random for at least 20 s and restarted. Then:
+every intent is terminal, every succeeded intent has exactly one effect at the provider,
+no key has more than one, no failed or dead intent has any, and every payment's amounts
+equal the sums of its succeeded intents.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from relay.demo import build_workload
+from tests.processes import FakeProviderProcess, RelayProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RELAYS = 3
+PAYMENTS = 900
+CHAOS_SECONDS = float(os.environ.get("RELAY_TEST_CHAOS_SECONDS", "22"))
+EFFECT_ACTIONS = {"authorize", "capture", "charge", "void", "refund"}
+
+
+def _insert(db_url: str, rows: list[Any]) -> None:
+    with psycopg.connect(db_url) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+            " currency, payment_method) VALUES (%s, %s, 'stripe', %s, %s, %s)",
+            [(r.payment_id, r.action, r.amount_minor, r.currency, r.payment_method) for r in rows],
+        )
+
+
+def _unfinished(db_url: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM outbox.payment_intents"
+            " WHERE status NOT IN ('succeeded', 'failed', 'dead')"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("RELAY_TEST_SEED", "20261125")))
+    rows = build_workload(PAYMENTS, rng, "crash")
+    assert len(rows) >= 2000 and len({r.payment_id for r in rows}) >= 500
+
+    fake = FakeProviderProcess(
+        tmp_path,
+        "--seed", "11",
+        "--latency-ms", "15",
+        "--rate-429", "0.03",
+        "--rate-503", "0.03",
+        "--rate-timeout-after-effect", "0.03",
+        "--rate-500-after-effect", "0.03",
+        "--rate-malformed", "0.02",
+        "--timeout-seconds", "2",
+    )
+    env = {
+        "RELAY_DATABASE_URL": db_url,
+        "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_crash",
+        "RELAY_PROVIDERS__STRIPE__BASE_URL": fake.url,
+        "RELAY_PROVIDERS__STRIPE__TIMEOUT_MS": "1000",
+        "RELAY_PROVIDERS__STRIPE__CONNECT_TIMEOUT_MS": "500",
+        "RELAY_PROVIDERS__STRIPE__CONCURRENCY": "16",
+        "RELAY_LEASE_SECONDS": "3",
+        "RELAY_MAX_ATTEMPTS": "25",
+        "RELAY_BACKOFF_BASE_SECONDS": "0.05",
+        "RELAY_BACKOFF_CAP_SECONDS": "1",
+        "RELAY_POLL_INTERVAL_SECONDS": "0.1",
+        "RELAY_POLL_MAX_INTERVAL_SECONDS": "0.5",
+        "RELAY_SHUTDOWN_GRACE_SECONDS": "5",
+        "RELAY_LOG_FORMAT": "json",
+    }
+    relays = [RelayProcess(f"crash-relay-{n}", env, tmp_path) for n in range(RELAYS)]
+    # Keep payments' intents in insertion order across waves: a wave is a slice of payments.
+    by_payment: dict[str, list[Any]] = {}
+    for row in rows:
+        by_payment.setdefault(row.payment_id, []).append(row)
+    payment_ids = list(by_payment)
+    waves = [
+        [r for pid in payment_ids[i :: 8] for r in by_payment[pid]] for i in range(8)
+    ]
+    try:
+        for relay in relays:
+            relay.start()
+        chaos_started = time.monotonic()
+        wave_every = CHAOS_SECONDS * 0.7 / len(waves)
+        next_wave = chaos_started
+        inserted = 0
+        while time.monotonic() - chaos_started < CHAOS_SECONDS:
+            if waves and time.monotonic() >= next_wave:
+                wave = waves.pop(0)
+                _insert(db_url, wave)
+                inserted += len(wave)
+                next_wave += wave_every
+            victim = rng.choice(relays)
+            victim.kill()
+            time.sleep(rng.uniform(0.05, 0.6))
+            victim.start()
+            time.sleep(rng.uniform(0.1, 0.8))
+        for wave in waves:
+            _insert(db_url, wave)
+            inserted += len(wave)
+        assert inserted == len(rows)
+        for relay in relays:
+            if not relay.running:
+                relay.start()
+        # Not a speed limit: a guard so a hang fails instead of blocking CI forever.
+        deadline = time.monotonic() + 300
+        while _unfinished(db_url) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        exit_codes = [relay.terminate() for relay in relays]
+        effects = fake.effects()
+    finally:
+        for relay in relays:
+            relay.kill()
+        fake.stop()
+
+    kills = sum(relay.kills for relay in relays)
+    assert kills >= 15, f"only {kills} SIGKILLs happened"
+    assert exit_codes == [0] * RELAYS, "SIGTERM drains and exits 0"
+    faults: dict[str, int] = effects["faults_injected"]  # type: ignore[assignment]
+    assert faults["timeout_after_effect"] > 0 and faults["500_after_effect"] > 0
+
+    with psycopg.connect(db_url) as conn:
+        intents = conn.execute(
+            "SELECT id, payment_id, action, status, idempotency_key, attempts, error_code"
+            " FROM outbox.payment_intents"
+        ).fetchall()
+        mismatched = conn.execute(
+            """
+            SELECT p.payment_id, p.authorized_minor, p.captured_minor, p.refunded_minor, s.a, s.c, s.r
+            FROM outbox.payments p
+            JOIN LATERAL (
+                SELECT coalesce(sum(amount_applied_minor)
+                                FILTER (WHERE action IN ('authorize', 'charge')), 0) AS a,
+                       coalesce(sum(amount_applied_minor)
+                                FILTER (WHERE action IN ('capture', 'charge')), 0) AS c,
+                       coalesce(sum(amount_applied_minor) FILTER (WHERE action = 'refund'), 0) AS r
+                FROM outbox.payment_intents i
+                WHERE i.payment_id = p.payment_id AND i.status = 'succeeded'
+            ) s ON true
+            WHERE (p.authorized_minor, p.captured_minor, p.refunded_minor) <> (s.a, s.c, s.r)
+            """
+        ).fetchall()
+
+    assert len(intents) == len(rows), "nothing lost"
+    unfinished = [i for i in intents if i[3] not in ("succeeded", "failed", "dead")]
+    assert unfinished == []
+    by_key: dict[str, dict[str, Any]] = effects["effects_by_key"]  # type: ignore[assignment]
+    duplicated = {k: v["count"] for k, v in by_key.items() if v["count"] > 1}
+    assert duplicated == {}
+    wrong = []
+    for intent_id, _, action, status, key, _, error_code in intents:
+        count = by_key.get(key, {}).get("count", 0)
+        expected = 1 if status == "succeeded" else 0
+        if count != expected:
+            wrong.append((intent_id, action, status, error_code, count))
+    assert wrong == [], "every succeeded intent has exactly one effect, others none"
+    assert mismatched == []
+    dead = [i for i in intents if i[3] == "dead"]
+    assert dead == [], f"no intent should exhaust 25 attempts here: {dead[:5]}"
+    assert any(i[5] > 1 for i in intents), "some intents were re-driven after a kill or fault"
+    succeeded = sum(1 for i in intents if i[3] == "succeeded")
+    print(f"\ncrash test: {len(intents)} intents, {succeeded} succeeded, {kills} SIGKILLs, "
+          f"faults {faults}")
