@@ -141,10 +141,12 @@ async def _demo(url: str, args: argparse.Namespace) -> int:
     await site.start()
     port = runner.addresses[0][1]
     base_url = f"http://127.0.0.1:{port}"
-    print(f"fake provider on {base_url} with faults: 429 {args.rate_429:.0%}, "
-          f"503 {args.rate_503:.0%}, effect-then-timeout {args.rate_timeout_after_effect:.0%}, "
-          f"effect-then-500 {args.rate_500_after_effect:.0%}, "
-          f"malformed {args.rate_malformed:.0%}")
+    print(
+        f"fake provider on {base_url} with faults: 429 {args.rate_429:.0%}, "
+        f"503 {args.rate_503:.0%}, effect-then-timeout {args.rate_timeout_after_effect:.0%}, "
+        f"effect-then-500 {args.rate_500_after_effect:.0%}, "
+        f"malformed {args.rate_malformed:.0%}"
+    )
 
     rng = random.Random(args.seed)
     prefix = f"demo{int(time.time())}{os.getpid() % 1000}"
@@ -155,17 +157,25 @@ async def _demo(url: str, args: argparse.Namespace) -> int:
     relays = []
     for n in range(args.relays):
         adapter = StripeAdapter(
-            name="stripe", api_key="sk_test_demo", base_url=base_url,
-            connect_timeout_seconds=1.0, read_timeout_seconds=1.0, max_connections=32,
+            name="stripe",
+            api_key="sk_test_demo",
+            base_url=base_url,
+            connect_timeout_seconds=1.0,
+            read_timeout_seconds=1.0,
+            max_connections=32,
         )
         relays.append(
             Relay(
                 Database(url, pool_size=3, name=f"demo-relay-{n}"),
                 {"stripe": Lane("stripe", adapter, concurrency=32, timeout_seconds=2.0)},
                 RetryPolicy(base_seconds=0.05, cap_seconds=1.0, max_attempts=10),
-                RelayOptions(instance=f"demo-relay-{n}", lease_seconds=10.0,
-                             poll_interval_seconds=0.1, poll_max_interval_seconds=0.5,
-                             shutdown_grace_seconds=5.0),
+                RelayOptions(
+                    instance=f"demo-relay-{n}",
+                    lease_seconds=10.0,
+                    poll_interval_seconds=0.1,
+                    poll_max_interval_seconds=0.5,
+                    shutdown_grace_seconds=5.0,
+                ),
                 rng=random.Random(args.seed + n).random,
             )
         )
@@ -196,7 +206,7 @@ def _insert(url: str, rows: list[Row]) -> None:
         cur.executemany(
             "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
             " currency, payment_method, metadata) VALUES (%s, %s, 'stripe', %s, %s, %s,"
-            " '{\"source\": \"demo\"}')",
+            ' \'{"source": "demo"}\')',
             [(r.payment_id, r.action, r.amount_minor, r.currency, r.payment_method) for r in rows],
         )
 
@@ -220,11 +230,14 @@ async def _show_progress(url: str, prefix: str, total: int, started: float) -> N
         now = time.perf_counter()
         if done >= total or interactive or now - last_print >= 2.0:
             rate = done / max(now - started, 1e-9)
-            line = (f"  {done:>6}/{total} terminal  succeeded {counts['succeeded']}  "
-                    f"failed {counts['failed']}  dead {counts['dead']}  "
-                    f"in flight {counts['in_flight']}  {rate:,.0f} intents/s")
-            print(("\r" + line) if interactive else line, end="" if interactive else "\n",
-                  flush=True)
+            line = (
+                f"  {done:>6}/{total} terminal  succeeded {counts['succeeded']}  "
+                f"failed {counts['failed']}  dead {counts['dead']}  "
+                f"in flight {counts['in_flight']}  {rate:,.0f} intents/s"
+            )
+            print(
+                ("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True
+            )
             last_print = now
         if done >= total:
             if interactive:
@@ -233,8 +246,7 @@ async def _show_progress(url: str, prefix: str, total: int, started: float) -> N
         await anyio.sleep(0.25)
 
 
-def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float,
-               total: int) -> int:
+def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float, total: int) -> int:
     by_key: dict[str, Any] = effects.get("effects_by_key", {})
     with psycopg.connect(url) as conn:
         intents = conn.execute(
@@ -266,8 +278,10 @@ def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float,
         print(f"{action:<11}" + "".join(f"{table[(action, s)]:>11}" for s in statuses))
     errors = Counter(code for _, status, _, code in intents if status != "succeeded" and code)
     print("failures by error_code: " + ", ".join(f"{c} {n}" for c, n in errors.most_common()))
-    print(f"{total} intents in {elapsed:.1f} s: {total / elapsed:,.0f} intents/s "
-          f"(fake provider latency and injected faults included)")
+    print(
+        f"{total} intents in {elapsed:.1f} s: {total / elapsed:,.0f} intents/s "
+        f"(fake provider latency and injected faults included)"
+    )
     faults = effects.get("faults_injected", {})
     print("faults injected: " + ", ".join(f"{k} {v}" for k, v in faults.items()))
 
@@ -279,8 +293,11 @@ def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float,
         if status != "succeeded" and count != 0:
             problems.append(f"{status} {action} {key} has {count} effects at the provider")
     ours = {key for _, _, key, _ in intents}
-    problems += [f"key {k} applied {v['count']} times" for k, v in by_key.items()
-                 if k in ours and v["count"] > 1]
+    problems += [
+        f"key {k} applied {v['count']} times"
+        for k, v in by_key.items()
+        if k in ours and v["count"] > 1
+    ]
     if mismatched and mismatched[0]:
         problems.append(f"{mismatched[0]} payments whose amounts differ from their intents")
     unfinished = sum(1 for _, s, _, _ in intents if s not in statuses)
@@ -292,6 +309,8 @@ def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float,
         for line in problems[:20]:
             print(f"  {line}")
         return 1
-    print(f"exactly-once check passed: {succeeded} succeeded intents, each with exactly one "
-          f"effect at the provider; no key applied twice; payment amounts match their intents")
+    print(
+        f"exactly-once check passed: {succeeded} succeeded intents, each with exactly one "
+        f"effect at the provider; no key applied twice; payment amounts match their intents"
+    )
     return 0

@@ -49,8 +49,6 @@ def print_status(conninfo: str, *, as_json: bool = False) -> int:
         oldest = entry["oldest_pending_seconds"]
         age = "-" if oldest is None else f"{oldest:.1f}s"
         print(
-            f"{provider:<12}"
-            + "".join(f"{counts.get(c, 0):>11}" for c in columns)
-            + f"{age:>16}"
+            f"{provider:<12}" + "".join(f"{counts.get(c, 0):>11}" for c in columns) + f"{age:>16}"
         )
     return 0

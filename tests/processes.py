@@ -27,7 +27,8 @@ class FakeProviderProcess:
         self.log = open(log_dir / "fake-provider.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "fake-provider", "--port", str(self.port), *flags],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

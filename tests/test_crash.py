@@ -55,14 +55,22 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
 
     fake = FakeProviderProcess(
         tmp_path,
-        "--seed", "11",
-        "--latency-ms", "15",
-        "--rate-429", "0.03",
-        "--rate-503", "0.03",
-        "--rate-timeout-after-effect", "0.03",
-        "--rate-500-after-effect", "0.03",
-        "--rate-malformed", "0.02",
-        "--timeout-seconds", "2",
+        "--seed",
+        "11",
+        "--latency-ms",
+        "15",
+        "--rate-429",
+        "0.03",
+        "--rate-503",
+        "0.03",
+        "--rate-timeout-after-effect",
+        "0.03",
+        "--rate-500-after-effect",
+        "0.03",
+        "--rate-malformed",
+        "0.02",
+        "--timeout-seconds",
+        "2",
     )
     env = {
         "RELAY_DATABASE_URL": db_url,
@@ -86,9 +94,7 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
     for row in rows:
         by_payment.setdefault(row.payment_id, []).append(row)
     payment_ids = list(by_payment)
-    waves = [
-        [r for pid in payment_ids[i :: 8] for r in by_payment[pid]] for i in range(8)
-    ]
+    waves = [[r for pid in payment_ids[i::8] for r in by_payment[pid]] for i in range(8)]
     try:
         for relay in relays:
             relay.start()
@@ -171,5 +177,7 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
     assert dead == [], f"no intent should exhaust 25 attempts here: {dead[:5]}"
     assert any(i[5] > 1 for i in intents), "some intents were re-driven after a kill or fault"
     succeeded = sum(1 for i in intents if i[3] == "succeeded")
-    print(f"\ncrash test: {len(intents)} intents, {succeeded} succeeded, {kills} SIGKILLs, "
-          f"faults {faults}")
+    print(
+        f"\ncrash test: {len(intents)} intents, {succeeded} succeeded, {kills} SIGKILLs, "
+        f"faults {faults}"
+    )

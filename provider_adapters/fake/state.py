@@ -1,0 +1,386 @@
+"""The fake provider's money state: PaymentIntents, Refunds and the effects applied.
+
+Pure logic, no I/O. Every operation returns ``(http_status, body)`` in Stripe's shapes.
+An *effect* is a change of money state: an authorisation placed, a capture, a charge, a
+refund, or a cancellation that releases a hold. Declines and errors are not effects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import secrets
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Effect", "StripeState", "stripe_error"]
+
+Reply = tuple[int, dict[str, Any]]
+
+_GOOD_CARDS = {"pm_card_visa", "pm_card_mastercard", "pm_card_amex", "pm_card_visa_debit"}
+_DECLINES = {
+    "pm_card_chargeDeclined": ("card_declined", "generic_decline", "Your card was declined."),
+    "pm_card_chargeDeclinedInsufficientFunds": (
+        "card_declined",
+        "insufficient_funds",
+        "Your card has insufficient funds.",
+    ),
+    "pm_card_chargeDeclinedExpiredCard": ("expired_card", None, "Your card has expired."),
+}
+_SEARCH = re.compile(r"""^metadata\[['"]([^'"]+)['"]\]:['"]([^'"]*)['"]$""")
+
+
+def stripe_error(
+    status: int,
+    type_: str,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    **extra: Any,
+) -> Reply:
+    error: dict[str, Any] = {"type": type_, "message": message}
+    if code:
+        error["code"] = code
+    if param:
+        error["param"] = param
+    error.update(extra)
+    return status, {"error": error}
+
+
+@dataclass
+class Effect:
+    key: str
+    kind: str
+    object_id: str
+    payment_intent: str
+    amount: int
+    currency: str
+
+
+@dataclass
+class StripeState:
+    intents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    effects: list[Effect] = field(default_factory=list)
+    _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _id(self, prefix: str) -> str:
+        return f"{prefix}_{next(self._seq):06d}{secrets.token_hex(6)}"
+
+    def _effect(self, key: str, kind: str, obj: str, pi: str, amount: int, currency: str) -> None:
+        self.effects.append(Effect(key, kind, obj, pi, amount, currency))
+
+    def effects_by_key(self) -> dict[str, dict[str, Any]]:
+        grouped: dict[str, dict[str, Any]] = defaultdict(
+            lambda: {"count": 0, "kinds": [], "amount": 0, "currency": None, "object": None}
+        )
+        for effect in self.effects:
+            entry = grouped[effect.key]
+            entry["count"] += 1
+            entry["kinds"].append(effect.kind)
+            entry["amount"] += effect.amount
+            entry["currency"] = effect.currency
+            entry["object"] = effect.object_id
+        return dict(grouped)
+
+    @staticmethod
+    def _int(params: dict[str, Any], name: str, *, required: bool) -> int | Reply | None:
+        raw = params.get(name)
+        if raw is None:
+            if required:
+                return stripe_error(
+                    400,
+                    "invalid_request_error",
+                    f"Missing required param: {name}.",
+                    code="parameter_missing",
+                    param=name,
+                )
+            return None
+        try:
+            value = int(str(raw))
+        except ValueError:
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                f"Invalid integer: {raw}",
+                code="parameter_invalid_integer",
+                param=name,
+            )
+        if value <= 0:
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                "This value must be greater than or equal to 1.",
+                code="parameter_invalid_integer",
+                param=name,
+            )
+        return value
+
+    # -- payment intents -----------------------------------------------------------------
+
+    def create_payment_intent(self, params: dict[str, Any], key: str) -> Reply:
+        amount = self._int(params, "amount", required=True)
+        if isinstance(amount, tuple):
+            return amount
+        currency = str(params.get("currency") or "").lower()
+        if not re.fullmatch(r"[a-z]{3}", currency):
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                "Missing or invalid currency.",
+                code="parameter_missing",
+                param="currency",
+            )
+        capture_method = str(params.get("capture_method") or "automatic")
+        if capture_method not in ("automatic", "manual", "automatic_async"):
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                "Invalid capture_method.",
+                code="parameter_invalid_string",
+                param="capture_method",
+            )
+        metadata = params.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                "Invalid metadata.",
+                code="parameter_invalid_string",
+                param="metadata",
+            )
+        pi_id = self._id("pi")
+        pi: dict[str, Any] = {
+            "id": pi_id,
+            "object": "payment_intent",
+            "amount": amount,
+            "amount_capturable": 0,
+            "amount_received": 0,
+            "currency": currency,
+            "capture_method": "automatic"
+            if capture_method == "automatic_async"
+            else capture_method,
+            "payment_method": params.get("payment_method"),
+            "metadata": {str(k): str(v) for k, v in metadata.items()},
+            "status": "requires_payment_method"
+            if not params.get("payment_method")
+            else "requires_confirmation",
+            "created": int(time.time()),
+            "livemode": False,
+            "latest_charge": None,
+            "last_payment_error": None,
+            "canceled_at": None,
+            "cancellation_reason": None,
+        }
+        self.intents[pi_id] = pi
+        if str(params.get("confirm", "")).lower() == "true":
+            return self._confirm(pi, params.get("payment_method"), key)
+        return 200, dict(pi)
+
+    def confirm_payment_intent(self, pi_id: str, params: dict[str, Any], key: str) -> Reply:
+        pi = self.intents.get(pi_id)
+        if pi is None:
+            return self._missing("payment_intent", pi_id)
+        if pi["status"] not in ("requires_payment_method", "requires_confirmation"):
+            return self._unexpected(pi, "confirm")
+        return self._confirm(pi, params.get("payment_method") or pi["payment_method"], key)
+
+    def _confirm(self, pi: dict[str, Any], method: Any, key: str) -> Reply:
+        if not method:
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                "You cannot confirm this PaymentIntent because it's missing a payment method.",
+                code="payment_intent_unexpected_state",
+            )
+        method = str(method)
+        pi["payment_method"] = method
+        if method in _DECLINES:
+            code, decline_code, message = _DECLINES[method]
+            error: dict[str, Any] = {"type": "card_error", "code": code, "message": message}
+            if decline_code:
+                error["decline_code"] = decline_code
+            pi["status"] = "requires_payment_method"
+            pi["last_payment_error"] = dict(error)
+            error["payment_intent"] = dict(pi)
+            return 402, {"error": error}
+        if method not in _GOOD_CARDS:
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                f"No such PaymentMethod: '{method}'",
+                code="resource_missing",
+                param="payment_method",
+            )
+        charge_id = self._id("ch")
+        pi["latest_charge"] = charge_id
+        pi["last_payment_error"] = None
+        if pi["capture_method"] == "manual":
+            pi["status"] = "requires_capture"
+            pi["amount_capturable"] = pi["amount"]
+            self._effect(key, "authorize", pi["id"], pi["id"], pi["amount"], pi["currency"])
+        else:
+            pi["status"] = "succeeded"
+            pi["amount_received"] = pi["amount"]
+            self._effect(key, "charge", pi["id"], pi["id"], pi["amount"], pi["currency"])
+        return 200, dict(pi)
+
+    def capture_payment_intent(self, pi_id: str, params: dict[str, Any], key: str) -> Reply:
+        pi = self.intents.get(pi_id)
+        if pi is None:
+            return self._missing("payment_intent", pi_id)
+        if pi["status"] != "requires_capture":
+            return self._unexpected(pi, "capture")
+        amount = self._int(params, "amount_to_capture", required=False)
+        if isinstance(amount, tuple):
+            return amount
+        amount = pi["amount_capturable"] if amount is None else amount
+        if amount > pi["amount_capturable"]:
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                "The amount to capture exceeds the capturable amount.",
+                code="amount_too_large",
+                param="amount_to_capture",
+            )
+        pi["status"] = "succeeded"
+        pi["amount_received"] = amount
+        pi["amount_capturable"] = 0
+        self._effect(key, "capture", pi["id"], pi["id"], amount, pi["currency"])
+        return 200, dict(pi)
+
+    def cancel_payment_intent(self, pi_id: str, params: dict[str, Any], key: str) -> Reply:
+        pi = self.intents.get(pi_id)
+        if pi is None:
+            return self._missing("payment_intent", pi_id)
+        if pi["status"] in ("succeeded", "canceled"):
+            return self._unexpected(pi, "cancel")
+        released = pi["status"] == "requires_capture"
+        held = pi["amount_capturable"]
+        pi["status"] = "canceled"
+        pi["amount_capturable"] = 0
+        pi["canceled_at"] = int(time.time())
+        pi["cancellation_reason"] = params.get("cancellation_reason") or "requested_by_customer"
+        if released:
+            self._effect(key, "void", pi["id"], pi["id"], held, pi["currency"])
+        return 200, dict(pi)
+
+    def retrieve_payment_intent(self, pi_id: str) -> Reply:
+        pi = self.intents.get(pi_id)
+        return (200, dict(pi)) if pi else self._missing("payment_intent", pi_id)
+
+    def search_payment_intents(self, query: str) -> Reply:
+        match = _SEARCH.match(query.strip())
+        if match is None:
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                "Only metadata['KEY']:'VALUE' queries are supported here.",
+                code="parameter_invalid_string",
+                param="query",
+            )
+        name, value = match.groups()
+        data = [dict(pi) for pi in self.intents.values() if pi["metadata"].get(name) == value]
+        return 200, {
+            "object": "search_result",
+            "data": data,
+            "has_more": False,
+            "next_page": None,
+            "url": "/v1/payment_intents/search",
+            "total_count": len(data),
+        }
+
+    # -- refunds -------------------------------------------------------------------------
+
+    def create_refund(self, params: dict[str, Any], key: str) -> Reply:
+        pi_id = params.get("payment_intent")
+        if not pi_id:
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                "Missing payment_intent.",
+                code="parameter_missing",
+                param="payment_intent",
+            )
+        pi = self.intents.get(str(pi_id))
+        if pi is None:
+            return self._missing("payment_intent", str(pi_id))
+        if pi["status"] != "succeeded":
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                f"This PaymentIntent ({pi['id']}) does not have a successful charge to refund.",
+                code="charge_not_refundable",
+            )
+        refunded = sum(
+            r["amount"]
+            for r in self.refunds.values()
+            if r["payment_intent"] == pi["id"] and r["status"] == "succeeded"
+        )
+        remaining = pi["amount_received"] - refunded
+        amount = self._int(params, "amount", required=False)
+        if isinstance(amount, tuple):
+            return amount
+        amount = remaining if amount is None else amount
+        if amount <= 0 or amount > remaining:
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                f"Refund amount ({amount}) is greater than unrefunded amount "
+                f"on charge ({remaining})",
+                code="amount_too_large",
+                param="amount",
+            )
+        metadata = params.get("metadata") or {}
+        refund = {
+            "id": self._id("re"),
+            "object": "refund",
+            "amount": amount,
+            "currency": pi["currency"],
+            "payment_intent": pi["id"],
+            "charge": pi["latest_charge"],
+            "status": "succeeded",
+            "metadata": {str(k): str(v) for k, v in metadata.items()},
+            "created": int(time.time()),
+        }
+        self.refunds[refund["id"]] = refund
+        self._effect(key, "refund", refund["id"], pi["id"], amount, pi["currency"])
+        return 200, dict(refund)
+
+    def retrieve_refund(self, re_id: str) -> Reply:
+        refund = self.refunds.get(re_id)
+        return (200, dict(refund)) if refund else self._missing("refund", re_id)
+
+    def list_refunds(self, pi_id: str | None) -> Reply:
+        data = [
+            dict(r) for r in self.refunds.values() if pi_id is None or r["payment_intent"] == pi_id
+        ]
+        data.reverse()  # Stripe lists newest first
+        return 200, {"object": "list", "data": data, "has_more": False, "url": "/v1/refunds"}
+
+    # -- errors --------------------------------------------------------------------------
+
+    @staticmethod
+    def _missing(kind: str, object_id: str) -> Reply:
+        return stripe_error(
+            404,
+            "invalid_request_error",
+            f"No such {kind}: '{object_id}'",
+            code="resource_missing",
+            param="id",
+        )
+
+    @staticmethod
+    def _unexpected(pi: dict[str, Any], verb: str) -> Reply:
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            f"This PaymentIntent could not be {verb}d because it has a status of {pi['status']}.",
+            code="payment_intent_unexpected_state",
+            payment_intent=dict(pi),
+        )

@@ -1,0 +1,253 @@
+"""The Stripe adapter, on the official SDK's async client (HTTPX).
+
+The SDK's own network retries are off: the relay owns retries, so every attempt is one
+request carrying the intent's idempotency key. Replies are validated (object, id, amount,
+currency, status) before :class:`Succeeded` is returned; anything else is ambiguous and
+the relay settles it with :meth:`StripeAdapter.lookup`. No exception leaves this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import httpx
+import stripe
+
+from provider_adapters.base import (
+    Action,
+    Ambiguous,
+    Command,
+    Declined,
+    Outcome,
+    Retryable,
+    Succeeded,
+)
+from provider_adapters.stripe_errors import classify_connection_error, classify_stripe_error
+
+__all__ = ["StripeAdapter"]
+
+_KEY_FIELD = "outbox_idempotency_key"
+_EXPECTED_STATUS = {
+    Action.AUTHORIZE: {"requires_capture"},
+    Action.CHARGE: {"succeeded"},
+    Action.CAPTURE: {"succeeded"},
+    Action.VOID: {"canceled"},
+    Action.REFUND: {"succeeded", "pending"},
+}
+
+
+class _InvalidReply(Exception):
+    """The provider answered 2xx with something we cannot trust."""
+
+
+def _field(obj: Any, name: str) -> Any:
+    try:
+        return obj[name]
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def _int_field(obj: Any, name: str) -> int:
+    value = _field(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _InvalidReply(f"{name} is {type(value).__name__}, expected an integer")
+    return value
+
+
+class StripeAdapter:
+    def __init__(
+        self,
+        *,
+        name: str,
+        api_key: str,
+        base_url: str = "https://api.stripe.com",
+        connect_timeout_seconds: float = 3.0,
+        read_timeout_seconds: float = 10.0,
+        max_connections: int = 20,
+    ) -> None:
+        self.name = name
+        timeout = httpx.Timeout(read_timeout_seconds, connect=connect_timeout_seconds)
+        http_client = stripe.HTTPXClient(timeout=timeout)
+        # The lane's own connection pool, sized to its concurrency (bulkhead).
+        http_client._client_async = httpx.AsyncClient(
+            timeout=timeout,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+        self._http = http_client
+        self._client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": base_url},
+            http_client=http_client,
+            max_network_retries=0,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.close_async()  # type: ignore[no-untyped-call]
+
+    # -- execute -------------------------------------------------------------------------
+
+    def _options(self, command: Command) -> dict[str, Any]:
+        options: dict[str, Any] = {"idempotency_key": command.idempotency_key}
+        if command.traceparent:
+            options["headers"] = {"traceparent": command.traceparent}
+        return options
+
+    def _metadata(self, command: Command) -> dict[str, str]:
+        return {
+            _KEY_FIELD: command.idempotency_key,
+            "outbox_payment_id": command.payment_id[:500],
+            "outbox_intent_id": str(command.intent_id),
+        }
+
+    async def execute(self, command: Command) -> Outcome:
+        v1 = self._client.v1
+        options: Any = self._options(command)
+        call: Callable[[], Awaitable[Any]]
+        if command.action in (Action.AUTHORIZE, Action.CHARGE):
+            params: Any = {
+                "amount": command.amount_minor,
+                "currency": command.currency.lower(),
+                "payment_method": command.payment_method or "",
+                "confirm": True,
+                "capture_method": "manual" if command.action is Action.AUTHORIZE else "automatic",
+                "metadata": self._metadata(command),
+                "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
+            }
+
+            def call() -> Awaitable[Any]:
+                return v1.payment_intents.create_async(params, options)
+        elif command.payment_reference is None:
+            return Ambiguous(
+                "missing_payment_reference",
+                f"{command.action} needs the payment's provider reference",
+            )
+        elif command.action is Action.CAPTURE:
+            reference = command.payment_reference
+
+            def call() -> Awaitable[Any]:
+                return v1.payment_intents.capture_async(
+                    reference, {"amount_to_capture": command.amount_minor}, options
+                )
+        elif command.action is Action.VOID:
+            reference = command.payment_reference
+
+            def call() -> Awaitable[Any]:
+                return v1.payment_intents.cancel_async(reference, None, options)
+        else:
+            refund_params: Any = {
+                "payment_intent": command.payment_reference,
+                "amount": command.amount_minor,
+                "metadata": self._metadata(command),
+            }
+
+            def call() -> Awaitable[Any]:
+                return v1.refunds.create_async(refund_params, options)
+
+        try:
+            reply = await call()
+        except stripe.StripeError as exc:
+            return classify_stripe_error(exc)
+        except (httpx.HTTPError, OSError) as exc:
+            return classify_connection_error(exc)
+        except Exception as exc:  # never let a provider surprise cross the boundary
+            return Ambiguous("invalid_provider_reply", f"unexpected {type(exc).__name__}")
+        return self._verified(command, reply)
+
+    def _verified(self, command: Command, reply: Any) -> Outcome:
+        try:
+            return self._verify(command, reply)
+        except _InvalidReply as exc:
+            return Ambiguous("invalid_provider_reply", str(exc))
+
+    def _verify(self, command: Command, reply: Any) -> Succeeded:
+        is_refund = command.action is Action.REFUND
+        expected_object, prefix = ("refund", "re_") if is_refund else ("payment_intent", "pi_")
+        if _field(reply, "object") != expected_object:
+            raise _InvalidReply(
+                f"object is {_field(reply, 'object')!r}, expected {expected_object}"
+            )
+        object_id = _field(reply, "id")
+        if not isinstance(object_id, str) or not object_id.startswith(prefix):
+            raise _InvalidReply(f"id {object_id!r} is not a {expected_object} id")
+        currency = _field(reply, "currency")
+        if not isinstance(currency, str) or currency.upper() != command.currency.upper():
+            raise _InvalidReply(f"currency {currency!r} differs from {command.currency}")
+        status = _field(reply, "status")
+        if status not in _EXPECTED_STATUS[command.action]:
+            raise _InvalidReply(f"status {status!r} is not what {command.action} leads to")
+        amount_field = {
+            Action.AUTHORIZE: "amount_capturable",
+            Action.CHARGE: "amount_received",
+            Action.CAPTURE: "amount_received",
+            Action.VOID: "amount",
+            Action.REFUND: "amount",
+        }[command.action]
+        amount = _int_field(reply, amount_field)
+        if command.action is not Action.VOID and amount != command.amount_minor:
+            raise _InvalidReply(f"{amount_field} {amount} differs from {command.amount_minor}")
+        _int_field(reply, "amount")
+        payment_reference = _field(reply, "payment_intent") if is_refund else object_id
+        if not isinstance(payment_reference, str):
+            raise _InvalidReply("the refund names no payment_intent")
+        headers: Mapping[str, str] = (
+            getattr(getattr(reply, "last_response", None), "headers", {}) or {}
+        )
+        replayed = str(headers.get("idempotent-replayed", headers.get("Idempotent-Replayed", "")))
+        return Succeeded(
+            provider_reference=object_id,
+            payment_reference=payment_reference,
+            amount_minor=command.amount_minor,
+            currency=command.currency,
+            replayed=replayed.lower() == "true",
+        )
+
+    # -- lookup --------------------------------------------------------------------------
+
+    async def lookup(self, command: Command) -> Outcome:
+        try:
+            return await self._lookup(command)
+        except stripe.StripeError as exc:
+            outcome = classify_stripe_error(exc)
+            code = getattr(outcome, "code", type(exc).__name__)
+            return Ambiguous("lookup_failed", f"lookup failed: {code}")
+        except Exception as exc:
+            return Ambiguous("lookup_failed", f"lookup failed: {type(exc).__name__}")
+
+    async def _lookup(self, command: Command) -> Outcome:
+        v1 = self._client.v1
+        not_found = Retryable("not_found", "the provider shows no effect of this key")
+        if command.action in (Action.AUTHORIZE, Action.CHARGE):
+            query = f"metadata['{_KEY_FIELD}']:'{command.idempotency_key}'"
+            result: Any = await v1.payment_intents.search_async({"query": query})
+            for pi in _field(result, "data") or []:
+                status = _field(pi, "status")
+                if status in _EXPECTED_STATUS[command.action] or (
+                    command.action is Action.AUTHORIZE
+                    and status in ("succeeded", "canceled")
+                    and _field(pi, "amount_capturable") == 0
+                    and status == "canceled"
+                ):
+                    return self._verified(command, pi)
+                error = _field(pi, "last_payment_error")
+                if status == "requires_payment_method" and error:
+                    code = _field(error, "decline_code") or _field(error, "code") or "card_declined"
+                    return Declined(str(code), str(_field(error, "message") or "declined"))
+            return not_found
+        if command.payment_reference is None:
+            return Ambiguous("missing_payment_reference", "no payment reference to look up")
+        if command.action is Action.REFUND:
+            refunds: Any = await v1.refunds.list_async(
+                {"payment_intent": command.payment_reference, "limit": 100}
+            )
+            for refund in _field(refunds, "data") or []:
+                if _field(_field(refund, "metadata"), _KEY_FIELD) == command.idempotency_key:
+                    return self._verified(command, refund)
+            return not_found
+        pi = await v1.payment_intents.retrieve_async(command.payment_reference)
+        status = _field(pi, "status")
+        if status in _EXPECTED_STATUS[command.action]:
+            return self._verified(command, pi)
+        return not_found
