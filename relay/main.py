@@ -12,6 +12,7 @@ import signal
 
 import anyio
 import structlog
+from anyio.abc import TaskStatus
 from prometheus_client import start_http_server
 
 from provider_adapters.registry import build_adapter
@@ -63,8 +64,15 @@ async def run_relay(settings: Settings, database_url: str) -> int:
     await relay.db.open()
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_signals, relay)
-            await relay.run()
+            await tg.start(_watch_signals, relay)
+            await tg.start(relay.run)
+            log.info(
+                "relay_ready",
+                instance=settings.instance_name,
+                providers=sorted(relay.lanes),
+                lease_seconds=settings.lease_seconds,
+            )
+            await relay.finished.wait()
             tg.cancel_scope.cancel()
     finally:
         for lane in relay.lanes.values():
@@ -74,8 +82,11 @@ async def run_relay(settings: Settings, database_url: str) -> int:
     return 0
 
 
-async def _watch_signals(relay: Relay) -> None:
+async def _watch_signals(
+    relay: Relay, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             if relay.stopping:
                 log.warning("second_signal_exit_now", signal=signal.Signals(signum).name)

@@ -90,6 +90,7 @@ class Relay:
         self._wake_event = anyio.Event()
         self._stopping = False
         self._drained = anyio.Event()
+        self.finished = anyio.Event()
 
     # -- control -------------------------------------------------------------------------
 
@@ -120,6 +121,7 @@ class Relay:
             # Workers are done (or cut off): the completer flushes what is pending, then
             # returns; past the grace it abandons the rest (leases expire, keys are reused).
             self.completer.close(give_up_after=self.options.shutdown_grace_seconds)
+        self.finished.set()
         log.info("relay_stopped", claimed=self.claimed_total, lease_lost=self.completer.lease_lost)
 
     async def _listen(self) -> None:

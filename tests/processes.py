@@ -67,14 +67,27 @@ class RelayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.kills = 0
         self.starts = 0
+        self._log_offset = 0
 
     def start(self) -> None:
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "run"], env=self.env, stdout=log, stderr=log
         )
         log.close()
         self.starts += 1
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait for this start's `relay_ready` log line (signal handlers are installed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b"relay_ready" in self.log_path.read_bytes()[self._log_offset :]:
+                return
+            if not self.running:
+                raise RuntimeError(f"{self.name} exited; see {self.log_path}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not ready after {timeout} s")
 
     @property
     def running(self) -> bool:

@@ -124,6 +124,8 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
         deadline = time.monotonic() + 300
         while _unfinished(db_url) and time.monotonic() < deadline:
             time.sleep(0.5)
+        for relay in relays:
+            relay.wait_ready()
         exit_codes = [relay.terminate() for relay in relays]
         effects = fake.effects()
     finally:
