@@ -186,9 +186,13 @@ class StripeAdapter:
             Action.REFUND: "amount",
         }[command.action]
         amount = _int_field(reply, amount_field)
-        if command.action is not Action.VOID and amount != command.amount_minor:
+        if amount != command.amount_minor:
             raise _InvalidReply(f"{amount_field} {amount} differs from {command.amount_minor}")
-        _int_field(reply, "amount")
+        # The payment's own amount is what an authorize or charge asked for (and what a
+        # void releases, checked above); only after a capture may it exceed the command's.
+        total = _int_field(reply, "amount")
+        if command.action in (Action.AUTHORIZE, Action.CHARGE) and total != command.amount_minor:
+            raise _InvalidReply(f"amount {total} differs from {command.amount_minor}")
         payment_reference = _field(reply, "payment_intent") if is_refund else object_id
         if not isinstance(payment_reference, str):
             raise _InvalidReply("the refund names no payment_intent")

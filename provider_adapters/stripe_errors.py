@@ -101,6 +101,12 @@ def _classify(exc: stripe.StripeError) -> Outcome:
     if isinstance(exc, stripe.CardError):
         decline = str(error.get("decline_code") or code or "card_declined")
         return Declined(decline, _message(exc, "the card was declined"))
+    # Stripe sends lock_timeout as a 429, which the SDK raises as RateLimitError: check the
+    # code first so the documented Retryable(lock_timeout) is what the relay records.
+    if code == "lock_timeout":
+        return Retryable(
+            "lock_timeout", _message(exc, "lock timeout"), retry_after_seconds(exc.headers)
+        )
     if isinstance(exc, stripe.RateLimitError) or status == 429:
         return Retryable(
             "rate_limited", _message(exc, "rate limited"), retry_after_seconds(exc.headers)
@@ -110,10 +116,6 @@ def _classify(exc: stripe.StripeError) -> Outcome:
     if status == 409 or code == "idempotency_key_in_use":
         return Retryable(
             "idempotency_key_in_use", _message(exc, "key in use"), retry_after_seconds(exc.headers)
-        )
-    if code == "lock_timeout":
-        return Retryable(
-            "lock_timeout", _message(exc, "lock timeout"), retry_after_seconds(exc.headers)
         )
     if isinstance(exc, stripe.AuthenticationError) or status == 401:
         return Invalid("authentication_failed", "the provider refused the API key (401)")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -74,6 +75,9 @@ class _Fake:
         self.in_use: set[str] = set()
         self.requests = 0
         self.faults_injected: Counter[str] = Counter()
+        # Every POST with its start and end (monotonic seconds), for tests that check
+        # concurrency limits, rate limits and breakers from the provider's side.
+        self.request_log: deque[dict[str, Any]] = deque(maxlen=100_000)
 
     def reset(self) -> None:
         self.state = StripeState()
@@ -81,18 +85,33 @@ class _Fake:
         self.in_use.clear()
         self.requests = 0
         self.faults_injected.clear()
+        self.request_log.clear()
 
     def authorised(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
         return header.startswith("Bearer " + self.api_key_prefix)
 
     async def post(self, request: web.Request, handler: Handler) -> web.Response:
+        entry: dict[str, Any] = {
+            "path": request.path,
+            "idempotency_key": request.headers.get("Idempotency-Key"),
+            "traceparent": request.headers.get("traceparent"),
+            "started": time.monotonic(),
+            "finished": None,
+            "status": None,
+        }
+        self.request_log.append(entry)
+        try:
+            response = await self._post(request, handler)
+        finally:
+            entry["finished"] = time.monotonic()
+        entry["status"] = response.status
+        return response
+
+    async def _post(self, request: web.Request, handler: Handler) -> web.Response:
         self.requests += 1
         if not self.authorised(request):
             return _json(*self._auth_error())
-        latency = self.roller.latency_seconds()
-        if latency:
-            await anyio.sleep(latency)
         params = parse_form(list((await request.post()).items()))  # type: ignore[arg-type]
         key = request.headers.get("Idempotency-Key", "")
         fingerprint = hashlib.sha256(
@@ -149,6 +168,12 @@ class _Fake:
         if key:
             self.in_use.add(key)
         try:
+            # The key is held while the request "runs" (latency included), so a concurrent
+            # request with it gets 409 as at Stripe; everything from the key checks to
+            # in_use.add above is synchronous, so two requests can never both apply it.
+            latency = self.roller.latency_seconds()
+            if latency:
+                await anyio.sleep(latency)
             effects_before = len(self.state.effects)
             status, body = handler(params, key)
             applied = len(self.state.effects) > effects_before
@@ -283,7 +308,11 @@ def create_app(
             fake.roller = FaultRoller(new)
         return _json(200, fake.roller.config.to_json())
 
+    async def requests(_request: web.Request) -> web.Response:
+        return _json(200, {"requests": list(fake.request_log)})
+
     app.router.add_get("/_fake/effects", effects)
+    app.router.add_get("/_fake/requests", requests)
     app.router.add_post("/_fake/reset", reset)
     app.router.add_route("*", "/_fake/config", config)
     return app

@@ -1,0 +1,436 @@
+"""Contract tests of StripeAdapter against the real fake provider over HTTP.
+
+The adapter must turn every reply into exactly one outcome, never claim success for a reply
+it cannot trust, settle an ambiguous attempt by looking it up (never by a new key), and
+send the intent's idempotency key and trace context on every POST. The last test runs one
+scripted payment against StripeAdapter+fake and MemoryProvider and asserts they behave the
+same, so relay tests on the in-memory provider stay meaningful.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import pytest
+
+from provider_adapters.base import (
+    Action,
+    Ambiguous,
+    Command,
+    Declined,
+    Invalid,
+    ProviderAdapter,
+    Retryable,
+    Succeeded,
+)
+from provider_adapters.fake import FaultConfig
+from provider_adapters.memory import MemoryProvider
+from provider_adapters.stripe import StripeAdapter
+from tests.fake_server import API_KEY, FakeServer, running_fake
+
+pytestmark = pytest.mark.anyio
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeServer]:
+    async with running_fake(FaultConfig(seed=11)) as server:
+        yield server
+
+
+@pytest.fixture
+async def adapter(fake: FakeServer) -> AsyncIterator[StripeAdapter]:
+    stripe_adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
+    try:
+        yield stripe_adapter
+    finally:
+        await stripe_adapter.aclose()
+
+
+def command(
+    action: Action,
+    key: str,
+    amount: int = 1000,
+    *,
+    reference: str | None = None,
+    method: str | None = "pm_card_visa",
+    traceparent: str | None = None,
+) -> Command:
+    return Command(
+        intent_id=abs(hash(key)) % 10_000,
+        payment_id=f"pay-{key}",
+        action=action,
+        idempotency_key=key,
+        amount_minor=amount,
+        currency="EUR",
+        payment_method=method if action in (Action.AUTHORIZE, Action.CHARGE) else None,
+        payment_reference=reference,
+        traceparent=traceparent,
+    )
+
+
+async def succeeded(adapter: ProviderAdapter, cmd: Command) -> Succeeded:
+    outcome = await adapter.execute(cmd)
+    assert isinstance(outcome, Succeeded), outcome
+    return outcome
+
+
+async def authorized(adapter: ProviderAdapter, key: str, amount: int = 1000) -> str:
+    return (await succeeded(adapter, command(Action.AUTHORIZE, key, amount))).payment_reference
+
+
+async def charged(adapter: ProviderAdapter, key: str, amount: int = 1000) -> str:
+    return (await succeeded(adapter, command(Action.CHARGE, key, amount))).payment_reference
+
+
+def closed_port() -> int:
+    """A port nobody listens on: bound, then released, so a connect is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# -- every action succeeds with a validated reply ----------------------------------------
+
+
+async def test_authorize(fake: FakeServer, adapter: StripeAdapter) -> None:
+    outcome = await succeeded(adapter, command(Action.AUTHORIZE, "a-1", 1999))
+    assert outcome.provider_reference.startswith("pi_")
+    assert outcome.payment_reference == outcome.provider_reference
+    assert (outcome.amount_minor, outcome.currency, outcome.replayed) == (1999, "EUR", False)
+    effect = (await fake.effects())["effects_by_key"]["a-1"]
+    assert (effect["kinds"], effect["amount"], effect["currency"], effect["object"]) == (
+        ["authorize"],
+        1999,
+        "eur",
+        outcome.provider_reference,
+    )
+
+
+@pytest.mark.parametrize("amount", [1000, 400], ids=["full", "partial"])
+async def test_capture(fake: FakeServer, adapter: StripeAdapter, amount: int) -> None:
+    pi = await authorized(adapter, "c-auth")
+    outcome = await succeeded(adapter, command(Action.CAPTURE, "c-cap", amount, reference=pi))
+    assert (outcome.provider_reference, outcome.payment_reference) == (pi, pi)
+    assert outcome.amount_minor == amount
+    effect = (await fake.effects())["effects_by_key"]["c-cap"]
+    assert (effect["kinds"], effect["amount"]) == (["capture"], amount)
+
+
+async def test_charge(fake: FakeServer, adapter: StripeAdapter) -> None:
+    outcome = await succeeded(adapter, command(Action.CHARGE, "ch-1", 250))
+    assert outcome.provider_reference.startswith("pi_")
+    assert outcome.amount_minor == 250
+    assert (await fake.effects())["effects_by_key"]["ch-1"]["kinds"] == ["charge"]
+
+
+async def test_void(fake: FakeServer, adapter: StripeAdapter) -> None:
+    pi = await authorized(adapter, "v-auth", 700)
+    outcome = await succeeded(adapter, command(Action.VOID, "v-void", 700, reference=pi))
+    assert (outcome.provider_reference, outcome.amount_minor) == (pi, 700)
+    effect = (await fake.effects())["effects_by_key"]["v-void"]
+    assert (effect["kinds"], effect["amount"]) == (["void"], 700)
+
+
+async def test_refund_partial_then_full(fake: FakeServer, adapter: StripeAdapter) -> None:
+    pi = await charged(adapter, "r-ch", 1000)
+    first = await succeeded(adapter, command(Action.REFUND, "r-1", 300, reference=pi))
+    rest = await succeeded(adapter, command(Action.REFUND, "r-2", 700, reference=pi))
+    for outcome in (first, rest):
+        assert outcome.provider_reference.startswith("re_")
+        assert outcome.payment_reference == pi
+    assert first.provider_reference != rest.provider_reference
+    assert (first.amount_minor, rest.amount_minor) == (300, 700)
+    # Nothing is left to refund: the provider refuses, and that is our bug, not a retry.
+    over = await adapter.execute(command(Action.REFUND, "r-3", 1, reference=pi))
+    assert isinstance(over, Invalid) and over.code == "amount_too_large"
+    by_key = (await fake.effects())["effects_by_key"]
+    assert [by_key[k]["amount"] for k in ("r-1", "r-2")] == [300, 700]
+    assert "r-3" not in by_key
+
+
+async def test_repeated_key_is_replayed_not_reapplied(
+    fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    cmd = command(Action.AUTHORIZE, "rep-1")
+    first = await succeeded(adapter, cmd)
+    again = await succeeded(adapter, replace(cmd, attempt=2))
+    assert again == replace(first, replayed=True)
+    assert await fake.effect_count("rep-1") == 1
+
+
+# -- declines ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", [Action.AUTHORIZE, Action.CHARGE])
+@pytest.mark.parametrize(
+    ("method", "code"),
+    [
+        ("pm_card_chargeDeclined", "generic_decline"),
+        ("pm_card_chargeDeclinedInsufficientFunds", "insufficient_funds"),
+        ("pm_card_chargeDeclinedExpiredCard", "expired_card"),
+    ],
+)
+async def test_decline_is_declined_and_lookup_agrees(
+    fake: FakeServer, adapter: StripeAdapter, action: Action, method: str, code: str
+) -> None:
+    cmd = command(action, f"d-{action}-{method}", method=method)
+    outcome = await adapter.execute(cmd)
+    assert isinstance(outcome, Declined) and outcome.code == code
+    assert outcome.message  # the provider's words, for the operator
+    # A lookup after a lost reply must reach the same verdict, not "not found" (retry).
+    looked_up = await adapter.lookup(cmd)
+    assert isinstance(looked_up, Declined) and looked_up.code == code
+    assert await fake.effect_count(cmd.idempotency_key) == 0
+
+
+async def test_unknown_payment_method_is_invalid(adapter: StripeAdapter) -> None:
+    outcome = await adapter.execute(command(Action.AUTHORIZE, "pm-x", method="pm_card_bogus"))
+    assert isinstance(outcome, Invalid) and outcome.code == "resource_missing"
+
+
+# -- ambiguity is settled by lookup, exactly one effect ----------------------------------
+
+
+async def _prepare(adapter: StripeAdapter, action: Action, key: str) -> Command:
+    """The command under test, with whatever earlier step it needs already applied."""
+    if action in (Action.AUTHORIZE, Action.CHARGE):
+        return command(action, key, 1000)
+    if action is Action.REFUND:
+        return command(action, key, 400, reference=await charged(adapter, f"{key}-pre"))
+    pi = await authorized(adapter, f"{key}-pre")
+    return command(action, key, 1000 if action is Action.VOID else 600, reference=pi)
+
+
+@pytest.mark.parametrize("action", list(Action))
+async def test_effect_then_500_is_settled_by_lookup(
+    fake: FakeServer, adapter: StripeAdapter, action: Action
+) -> None:
+    cmd = await _prepare(adapter, action, f"amb500-{action}")
+    await fake.configure(rate_500_after_effect=1.0)
+    outcome = await adapter.execute(cmd)
+    assert isinstance(outcome, Ambiguous) and outcome.code == "provider_error_5xx"
+
+    await fake.configure()
+    # Retrying with the same key cannot settle it: Stripe replays the stored 500.
+    assert isinstance(await adapter.execute(replace(cmd, attempt=2)), Ambiguous)
+    settled = await adapter.lookup(cmd)
+    assert isinstance(settled, Succeeded), settled
+    effect = (await fake.effects())["effects_by_key"][cmd.idempotency_key]
+    assert effect["count"] == 1
+    assert settled.provider_reference == effect["object"]
+    assert settled.amount_minor == cmd.amount_minor
+
+
+@pytest.mark.parametrize("action", [Action.AUTHORIZE, Action.CAPTURE, Action.REFUND])
+async def test_effect_then_timeout_is_settled_by_lookup(fake: FakeServer, action: Action) -> None:
+    # Read timeout well below the fake's stall: the reply is lost after the effect.
+    patient = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
+    impatient = StripeAdapter(
+        name="stripe", api_key=API_KEY, base_url=fake.url, read_timeout_seconds=0.15
+    )
+    try:
+        cmd = await _prepare(patient, action, f"ambto-{action}")
+        await fake.configure(rate_timeout_after_effect=1.0, timeout_seconds=0.5)
+        outcome = await impatient.execute(cmd)
+        assert isinstance(outcome, Ambiguous) and outcome.code == "provider_timeout"
+        await fake.configure()
+        settled = await patient.lookup(cmd)
+    finally:
+        await impatient.aclose()
+        await patient.aclose()
+    assert isinstance(settled, Succeeded), settled
+    effect = (await fake.effects())["effects_by_key"][cmd.idempotency_key]
+    assert (effect["count"], settled.provider_reference) == (1, effect["object"])
+
+
+@pytest.mark.parametrize("action", [Action.AUTHORIZE, Action.CHARGE, Action.REFUND, Action.VOID])
+async def test_malformed_body_is_ambiguous_never_succeeded(
+    fake: FakeServer, adapter: StripeAdapter, action: Action
+) -> None:
+    # Ten seeds walk the fake through all its ways of breaking a body (truncated JSON,
+    # amount as string, wrong amount, wrong currency, unknown status).
+    for seed in range(10):
+        cmd = await _prepare(adapter, action, f"mal-{action}-{seed}")
+        await fake.configure(rate_malformed=1.0, seed=seed)
+        outcome = await adapter.execute(cmd)
+        await fake.configure()
+        assert isinstance(outcome, Ambiguous), (seed, outcome)
+        assert outcome.code == "invalid_provider_reply"
+        # The effect did happen; the lookup (a clean GET) is what may call it success.
+        settled = await adapter.lookup(cmd)
+        assert isinstance(settled, Succeeded), (seed, settled)
+        assert await fake.effect_count(cmd.idempotency_key) == 1
+    assert (await fake.effects())["faults_injected"]["malformed"] == 10
+
+
+async def test_lookup_finds_nothing_when_nothing_happened(adapter: StripeAdapter) -> None:
+    pi = await authorized(adapter, "nf-auth")
+    for cmd in (
+        command(Action.AUTHORIZE, "nf-never"),
+        command(Action.CAPTURE, "nf-cap", 500, reference=pi),
+        command(Action.VOID, "nf-void", reference=pi),
+        command(Action.REFUND, "nf-ref", 100, reference=pi),
+    ):
+        outcome = await adapter.lookup(cmd)
+        assert isinstance(outcome, Retryable) and outcome.code == "not_found", (cmd, outcome)
+
+
+async def test_missing_payment_reference_never_reaches_the_provider(
+    fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    for action in (Action.CAPTURE, Action.VOID, Action.REFUND):
+        outcome = await adapter.execute(command(action, f"noref-{action}"))
+        assert isinstance(outcome, Ambiguous) and outcome.code == "missing_payment_reference"
+    assert fake.posts() == []
+
+
+# -- transport and credentials -----------------------------------------------------------
+
+
+async def test_connection_refused_is_retryable() -> None:
+    closed = StripeAdapter(
+        name="stripe", api_key=API_KEY, base_url=f"http://127.0.0.1:{closed_port()}"
+    )
+    try:
+        outcome = await closed.execute(command(Action.AUTHORIZE, "refused"))
+        looked_up = await closed.lookup(command(Action.AUTHORIZE, "refused"))
+    finally:
+        await closed.aclose()
+    assert isinstance(outcome, Retryable) and outcome.code == "provider_unreachable"
+    assert isinstance(looked_up, Ambiguous) and looked_up.code == "lookup_failed"
+
+
+async def test_wrong_api_key_is_invalid_and_not_echoed(fake: FakeServer) -> None:
+    wrong_key = "sk_live_definitely_wrong_123"
+    wrong = StripeAdapter(name="stripe", api_key=wrong_key, base_url=fake.url)
+    try:
+        outcome = await wrong.execute(command(Action.AUTHORIZE, "auth-x"))
+    finally:
+        await wrong.aclose()
+    assert isinstance(outcome, Invalid) and outcome.code == "authentication_failed"
+    assert wrong_key not in outcome.message
+    assert await fake.effect_count("auth-x") == 0
+
+
+async def test_injected_429_is_retryable_with_retry_after(
+    fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    await fake.configure(rate_429=1.0)
+    outcome = await adapter.execute(command(Action.AUTHORIZE, "rl-1"))
+    assert outcome == Retryable("rate_limited", "Too many requests hit the API too quickly.", 1.0)
+    await fake.configure()
+    retry = await succeeded(adapter, command(Action.AUTHORIZE, "rl-1"))
+    assert not retry.replayed  # nothing was stored: the retry ran for real, once
+    assert await fake.effect_count("rl-1") == 1
+
+
+# -- what goes on the wire ---------------------------------------------------------------
+
+
+async def test_traceparent_is_forwarded(fake: FakeServer, adapter: StripeAdapter) -> None:
+    pi = (
+        await succeeded(adapter, command(Action.AUTHORIZE, "tp-auth", traceparent=TRACEPARENT))
+    ).payment_reference
+    await succeeded(adapter, command(Action.CAPTURE, "tp-cap", 500, reference=pi))
+    by_key = {r.headers.get("Idempotency-Key"): r.headers for r in fake.posts()}
+    assert by_key["tp-auth"].get("traceparent") == TRACEPARENT
+    assert "traceparent" not in {h.lower() for h in by_key["tp-cap"]}  # none given, none sent
+
+
+async def test_idempotency_key_is_sent_on_every_post(
+    fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    pi = await authorized(adapter, "ik-auth")
+    await succeeded(adapter, command(Action.CAPTURE, "ik-cap", 1000, reference=pi))
+    await succeeded(adapter, command(Action.REFUND, "ik-ref", 100, reference=pi))
+    other = await authorized(adapter, "ik-auth2")
+    await succeeded(adapter, command(Action.VOID, "ik-void", reference=other))
+    await succeeded(adapter, command(Action.CHARGE, "ik-ch"))
+    await adapter.execute(command(Action.AUTHORIZE, "ik-decl", method="pm_card_chargeDeclined"))
+    sent = [(r.path, r.headers.get("Idempotency-Key")) for r in fake.posts()]
+    assert sent == [
+        ("/v1/payment_intents", "ik-auth"),
+        (f"/v1/payment_intents/{pi}/capture", "ik-cap"),
+        ("/v1/refunds", "ik-ref"),
+        ("/v1/payment_intents", "ik-auth2"),
+        (f"/v1/payment_intents/{other}/cancel", "ik-void"),
+        ("/v1/payment_intents", "ik-ch"),
+        ("/v1/payment_intents", "ik-decl"),
+    ]
+
+
+# -- one contract, two implementations ---------------------------------------------------
+
+
+@dataclass
+class Provider:
+    adapter: ProviderAdapter
+    effects: Callable[[], Awaitable[dict[str, int]]]
+
+
+@pytest.fixture(params=["stripe+fake", "memory"])
+async def provider(request: pytest.FixtureRequest) -> AsyncIterator[Provider]:
+    if request.param == "memory":
+        memory = MemoryProvider()
+
+        async def memory_effects() -> dict[str, int]:
+            return dict(memory.effects)
+
+        yield Provider(memory, memory_effects)
+        return
+    async with running_fake() as server:
+        stripe_adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=server.url)
+
+        async def fake_effects() -> dict[str, int]:
+            by_key = (await server.effects())["effects_by_key"]
+            return {key: entry["count"] for key, entry in by_key.items()}
+
+        try:
+            yield Provider(stripe_adapter, fake_effects)
+        finally:
+            await stripe_adapter.aclose()
+
+
+async def test_same_contract_for_stripe_and_memory(provider: Provider) -> None:
+    adapter = provider.adapter
+    auth = await succeeded(adapter, command(Action.AUTHORIZE, "s-auth", 1000))
+    pi = auth.payment_reference
+    assert (auth.provider_reference, auth.amount_minor, auth.currency) == (pi, 1000, "EUR")
+    assert not auth.replayed
+
+    capture = await succeeded(adapter, command(Action.CAPTURE, "s-cap", 600, reference=pi))
+    assert (capture.provider_reference, capture.payment_reference) == (pi, pi)
+    assert capture.amount_minor == 600
+
+    refund_cmd = command(Action.REFUND, "s-ref", 250, reference=pi)
+    refund = await succeeded(adapter, refund_cmd)
+    assert refund.provider_reference not in (pi, "")
+    assert (refund.payment_reference, refund.amount_minor) == (pi, 250)
+
+    # Replays: the same key gives the same result, marked replayed, and no second effect.
+    assert await succeeded(adapter, replace(refund_cmd, attempt=2)) == replace(
+        refund, replayed=True
+    )
+    auth_again = await succeeded(adapter, command(Action.AUTHORIZE, "s-auth", 1000))
+    assert auth_again == replace(auth, replayed=True)
+
+    # A refund above what is left (600 - 250) and a second capture are refused, no effect.
+    over = await adapter.execute(command(Action.REFUND, "s-ref-over", 351, reference=pi))
+    assert isinstance(over, Invalid) and over.code == "amount_too_large"
+    twice = await adapter.execute(command(Action.CAPTURE, "s-cap-2", 100, reference=pi))
+    assert isinstance(twice, Invalid) and twice.code == "payment_intent_unexpected_state"
+    # A declined card: no effect. Only the type is compared: MemoryProvider says
+    # card_declined where Stripe reports the decline_code (generic_decline).
+    declined = await adapter.execute(
+        command(Action.CHARGE, "s-decl", method="pm_card_chargeDeclined")
+    )
+    assert isinstance(declined, Declined)
+
+    assert await provider.effects() == {"s-auth": 1, "s-cap": 1, "s-ref": 1}
+    # What lookup says about a settled key matches what execute said.
+    assert await adapter.lookup(refund_cmd) in (refund, replace(refund, replayed=True))
