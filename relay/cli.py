@@ -59,6 +59,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
     from relay.config import ConfigError, load_settings
+    from relay.health import HttpPortUnavailable
     from relay.logs import configure_logging
     from relay.main import run_relay
 
@@ -83,7 +84,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from relay.migrate import migrate
 
         migrate(url)
-    return anyio.run(run_relay, settings, url)
+    try:
+        return anyio.run(run_relay, settings, url)
+    except BaseExceptionGroup as group:
+        port_errors, _ = group.split(HttpPortUnavailable)
+        if port_errors is None:
+            raise
+        print(f"error: {port_errors.exceptions[0]}", file=sys.stderr)
+        return 2
+    except HttpPortUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _cmd_fake_provider(args: argparse.Namespace) -> int:
@@ -173,12 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser(
         "status",
-        help="queue depth by provider and status",
-        description="Queue depth by "
-        "provider and status, with the age of the oldest pending intent.",
+        help="queue depth by provider and status, dead intents, unpublished events",
+        description="Queue depth by provider and status, the wait of the oldest due pending "
+        "intent, how many intents are dead and how many result events are unpublished.",
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_cmd_status)
+
+    from relay import dead_letters, intents_show
+
+    intents_show.add_commands(commands, _database_url_or_exit)
+    dead_letters.add_commands(commands, _database_url_or_exit)
     return parser
 
 

@@ -110,6 +110,7 @@ class Completer:
         for item in batch:
             if item.intent_id in written:
                 metrics.INTENTS_WRITTEN.labels(status=item.status).inc()
+                _count_outcome(item)
             else:
                 self.lease_lost += 1
                 metrics.LEASE_LOST.inc()
@@ -135,9 +136,24 @@ class Completer:
                 f"the database refused the outcome '{item.status}' (SQLSTATE {sqlstate}); "
                 "check the payment at the provider, then re-drive or cancel"
             ),
+            provider=item.provider,
+            action=item.action,
+            outcome="refused",
         )
         try:
             return await self._store.complete([dead])
         except psycopg.Error:
             log.exception("write_back_refused_twice", intent_id=item.intent_id)
             return set()
+
+
+def _count_outcome(item: WriteBack) -> None:
+    """Count a committed outcome: an intent that ended, or a retry that was scheduled."""
+    if not item.provider:
+        return  # written without labels (tests, tools): nothing to count by
+    if item.status in ("succeeded", "failed", "dead"):
+        metrics.INTENTS_FINISHED.labels(
+            provider=item.provider, action=item.action, outcome=item.outcome or item.status
+        ).inc()
+    elif item.status == "pending":
+        metrics.RETRIES.labels(provider=item.provider, action=item.action).inc()

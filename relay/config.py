@@ -9,6 +9,7 @@ A bad value stops start-up with one line per bad variable, naming it
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["ConfigError", "ProviderSettings", "Settings", "load_settings"]
 
 PositiveInt = Annotated[int, Field(ge=1)]
+# AMQP exchange and queue names the relay declares or publishes to.
+_AMQP_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 
 
 class ConfigError(ValueError):
@@ -47,6 +50,21 @@ class ProviderSettings(BaseModel):
     concurrency: PositiveInt = Field(32, description="Calls in flight at once on this lane.")
     connect_timeout_ms: PositiveInt = Field(3_000, description="TCP/TLS connect timeout.")
     timeout_ms: PositiveInt = Field(10_000, description="Read timeout of one provider call.")
+    rate_limit_per_second: float | None = Field(
+        None, gt=0, description="Calls per second on this lane (token bucket); unset: no limit."
+    )
+    rate_limit_burst: PositiveInt = Field(
+        10, description="Calls that may start at once after a quiet spell (bucket size)."
+    )
+    breaker_failure_threshold: PositiveInt = Field(
+        5, description="Consecutive retryable/ambiguous outcomes that open the breaker."
+    )
+    breaker_cooldown_seconds: float = Field(
+        30.0, gt=0, description="How long an open breaker stops calls before probing."
+    )
+    breaker_half_open_probes: PositiveInt = Field(
+        1, description="Calls let through at once while half-open."
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -103,10 +121,92 @@ class Settings(BaseSettings):
     completer_batch_size: PositiveInt = Field(500, description="Most outcomes per write-back.")
     completer_flush_ms: PositiveInt = Field(10, description="Longest wait to fill a write-back.")
     db_pool_size: PositiveInt = Field(4, description="Connections in the relay's pool.")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port.")
+    http_host: str = Field("0.0.0.0", description="Address of /metrics, /healthz, /readyz.")
+    http_port: int = Field(
+        9108, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0: off."
+    )
+    retention_hours: float = Field(
+        168.0,
+        ge=24.0,
+        description="Terminal intents older than this move to outbox.payment_intents_archive.",
+    )
+    retention_batch_size: PositiveInt = Field(
+        1_000, le=100_000, description="Rows moved per archive statement."
+    )
+    retention_interval_seconds: float = Field(
+        60.0, gt=0, description="Pause between archive sweeps when nothing is due."
+    )
+    depth_interval_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="Queue-depth gauges are sampled from the database this often (jittered); "
+        "0: not sampled.",
+    )
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="Drain time on SIGTERM.")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="Log format.")
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
+    amqp_url: SecretStr | None = Field(
+        None, description="RabbitMQ URL (amqp:// or amqps://). Unset: no publisher."
+    )
+    amqp_url_file: Path | None = Field(None, description="File holding the RabbitMQ URL.")
+    events_exchange: str = Field(
+        "outbox.events", description="Topic exchange for events without their own exchange."
+    )
+    events_declare_topology: bool = Field(
+        False, description="Declare the events exchange (durable topic) at connect."
+    )
+    events_example_queue: str | None = Field(
+        None, description="Also declare this quorum queue, bound to the exchange with '#'."
+    )
+    publish_batch_size: PositiveInt = Field(
+        500, le=5_000, description="Most events claimed and marked per publish round."
+    )
+    publish_window: PositiveInt = Field(
+        100, le=5_000, description="Most publishes awaiting a broker confirm at once."
+    )
+    publish_timeout_seconds: float = Field(
+        15.0, gt=0, description="Connect and confirm timeout; past it the connection is renewed."
+    )
+    amqp_reconnect_base_seconds: float = Field(
+        0.5, gt=0, description="First reconnect delay bound (full jitter)."
+    )
+    amqp_reconnect_cap_seconds: float = Field(30.0, gt=0, description="Largest reconnect delay.")
+
+    @field_validator("events_exchange", "events_example_queue")
+    @classmethod
+    def _amqp_name(cls, value: str | None) -> str | None:
+        if value is not None and not _AMQP_NAME.fullmatch(value):
+            raise ValueError("must be 1-255 characters of letters, digits, '-', '_', '.', ':'")
+        return value
+
+    @model_validator(mode="after")
+    def _events_coherent(self) -> Settings:
+        if self.events_example_queue and not self.events_declare_topology:
+            raise ValueError(
+                "RELAY_EVENTS_EXAMPLE_QUEUE needs RELAY_EVENTS_DECLARE_TOPOLOGY=true "
+                "(the queue is bound to the exchange the relay declares)"
+            )
+        if self.amqp_reconnect_cap_seconds < self.amqp_reconnect_base_seconds:
+            raise ValueError(
+                "RELAY_AMQP_RECONNECT_CAP_SECONDS must be >= RELAY_AMQP_RECONNECT_BASE_SECONDS"
+            )
+        publishing = self.amqp_url is not None or self.amqp_url_file is not None
+        if publishing and self.publish_timeout_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"RELAY_PUBLISH_TIMEOUT_SECONDS ({self.publish_timeout_seconds:g}) must stay "
+                f"below RELAY_LEASE_SECONDS ({self.lease_seconds:g} s), the lease on a held event"
+            )
+        url = self.resolved_amqp_url()
+        if url is not None and not url.startswith(("amqp://", "amqps://")):
+            raise ValueError("RELAY_AMQP_URL must start with amqp:// or amqps://")
+        return self
+
+    def resolved_amqp_url(self) -> str | None:
+        if self.amqp_url_file is not None:
+            if not self.amqp_url_file.is_file():
+                raise ValueError(f"RELAY_AMQP_URL_FILE {self.amqp_url_file} is not a readable file")
+            return self.amqp_url_file.read_text().strip() or None
+        return self.amqp_url.get_secret_value() if self.amqp_url else None
 
     @field_validator("providers")
     @classmethod

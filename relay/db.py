@@ -13,9 +13,16 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from relay.queries import QUERIES
 
-__all__ = ["NOTIFY_CHANNEL", "RETRYABLE_DB_ERRORS", "Database", "listen_forever"]
+__all__ = [
+    "EVENTS_NOTIFY_CHANNEL",
+    "NOTIFY_CHANNEL",
+    "RETRYABLE_DB_ERRORS",
+    "Database",
+    "listen_forever",
+]
 
 NOTIFY_CHANNEL = "outbox_payment_intents"
+EVENTS_NOTIFY_CHANNEL = "outbox_events"  # sql/0004_pre_events.sql notifies here
 log = structlog.get_logger("relay.db")
 
 # Errors after which the same work can simply be tried again on a fresh connection.
@@ -63,8 +70,9 @@ async def listen_forever(
     *,
     on_connected: Callable[[], None] = lambda: None,
     retry_seconds: float = 1.0,
+    channel: str = NOTIFY_CHANNEL,
 ) -> None:
-    """LISTEN on the intents channel, calling ``on_notify`` per notification, reconnecting.
+    """LISTEN on ``channel`` (default: intents), calling ``on_notify`` per notification.
 
     Polling stays correct on its own; this only shortens pickup latency, so a broken
     listener logs and retries instead of failing the relay.
@@ -75,7 +83,7 @@ async def listen_forever(
                 conninfo, autocommit=True, application_name="outbox-relay-listen"
             )
             async with conn:
-                await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                await conn.execute(f"LISTEN {channel}")
                 on_connected()
                 on_notify()  # anything committed while we were not listening
                 async for _ in conn.notifies():

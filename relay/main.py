@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 
 import anyio
+import psycopg
 import structlog
 from anyio.abc import TaskStatus
-from prometheus_client import start_http_server
 
 from provider_adapters.registry import build_adapter
-from relay.config import Settings
-from relay.db import Database
+from relay.breaker import CircuitBreaker
+from relay.config import ProviderSettings, Settings
+from relay.db import RETRYABLE_DB_ERRORS, Database
+from relay.depth import DepthSampler
+from relay.health import HealthState, serve_http
 from relay.lanes import Lane
+from relay.migrate import discover
+from relay.publisher import Publisher, publisher_from_settings
+from relay.rate_limit import TokenBucket
+from relay.redaction import describe_conninfo
+from relay.retention import sweep_forever
 from relay.retry_policy import RetryPolicy
 from relay.runtime import Relay, RelayOptions
 
@@ -27,16 +36,32 @@ __all__ = ["build_relay", "run_relay"]
 log = structlog.get_logger("relay.main")
 
 
+def build_lane(name: str, provider: ProviderSettings) -> Lane:
+    return Lane(
+        name,
+        build_adapter(name, provider),
+        concurrency=provider.concurrency,
+        timeout_seconds=(provider.connect_timeout_ms + provider.timeout_ms) / 1000,
+        breaker=CircuitBreaker(
+            failure_threshold=provider.breaker_failure_threshold,
+            cooldown_seconds=provider.breaker_cooldown_seconds,
+            half_open_probes=provider.breaker_half_open_probes,
+            clock=anyio.current_time,
+        ),
+        bucket=(
+            TokenBucket(
+                rate=provider.rate_limit_per_second,
+                burst=provider.rate_limit_burst,
+                clock=anyio.current_time,
+            )
+            if provider.rate_limit_per_second
+            else None
+        ),
+    )
+
+
 def build_relay(settings: Settings, database_url: str) -> Relay:
-    lanes = {
-        name: Lane(
-            name,
-            build_adapter(name, provider),
-            concurrency=provider.concurrency,
-            timeout_seconds=(provider.connect_timeout_ms + provider.timeout_ms) / 1000,
-        )
-        for name, provider in settings.providers.items()
-    }
+    lanes = {name: build_lane(name, provider) for name, provider in settings.providers.items()}
     policy = RetryPolicy(
         base_seconds=settings.backoff_base_seconds,
         cap_seconds=settings.backoff_cap_seconds,
@@ -59,20 +84,54 @@ def build_relay(settings: Settings, database_url: str) -> Relay:
 
 async def run_relay(settings: Settings, database_url: str) -> int:
     relay = build_relay(settings, database_url)
-    if settings.metrics_port is not None:
-        start_http_server(settings.metrics_port)
+    publisher = publisher_from_settings(settings, relay.db)  # None: RELAY_AMQP_URL unset
+    health = HealthState(
+        heartbeat=lambda: relay.heartbeat,
+        database_ok=lambda: relay.database_ok,
+        draining=lambda: relay.stopping,
+        # The loop turns at least every poll interval; a database call may add the pool
+        # timeout (30 s). Anything far beyond is a wedged loop.
+        stale_after_seconds=max(120.0, 4 * settings.poll_max_interval_seconds),
+        expected_schema=discover()[-1].version,
+    )
     await relay.db.open()
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(_watch_signals, relay)
+            if settings.http_port:
+                await tg.start(serve_http, settings.http_host, settings.http_port, health)
+            tg.start_soon(_watch_schema, relay, health)
+            tg.start_soon(
+                partial(
+                    sweep_forever,
+                    relay.store,
+                    older_than_seconds=settings.retention_hours * 3600,
+                    batch_size=settings.retention_batch_size,
+                    interval_seconds=settings.retention_interval_seconds,
+                )
+            )
+            if settings.depth_interval_seconds:
+                sampler = DepthSampler(
+                    relay.db,
+                    interval_seconds=settings.depth_interval_seconds,
+                    providers=relay.lanes,
+                )
+                tg.start_soon(sampler.run)
+            await tg.start(_watch_signals, relay, publisher)
+            if publisher is not None:
+                await tg.start(publisher.run)
             await tg.start(relay.run)
+            health.started = True
             log.info(
                 "relay_ready",
                 instance=settings.instance_name,
                 providers=sorted(relay.lanes),
                 lease_seconds=settings.lease_seconds,
+                database=describe_conninfo(database_url),
             )
             await relay.finished.wait()
+            if publisher is not None:
+                publisher.stop()  # final flush of what the drain wrote, within the grace
+                await publisher.finished.wait()
             tg.cancel_scope.cancel()
     finally:
         for lane in relay.lanes.values():
@@ -82,8 +141,28 @@ async def run_relay(settings: Settings, database_url: str) -> int:
     return 0
 
 
+_SCHEMA_UNKNOWN: tuple[type[Exception], ...] = (
+    *RETRYABLE_DB_ERRORS,
+    psycopg.errors.UndefinedTable,
+)
+
+
+async def _watch_schema(relay: Relay, health: HealthState) -> None:
+    """Keep readiness's view of the schema version current (a migration may run later)."""
+    while True:
+        try:
+            rows = await relay.db.fetch_all("schema_version")
+            health.schema_version = rows[0][0] if rows else None
+        except _SCHEMA_UNKNOWN:
+            health.schema_version = None
+        await anyio.sleep(10.0)
+
+
 async def _watch_signals(
-    relay: Relay, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    relay: Relay,
+    publisher: Publisher | None = None,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
@@ -98,3 +177,5 @@ async def _watch_signals(
                 grace_seconds=relay.options.shutdown_grace_seconds,
             )
             relay.stop()
+            if publisher is not None:
+                publisher.start_draining()

@@ -14,6 +14,8 @@ One task group owns every task. Guarantees:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import random
 from collections.abc import Callable, Mapping
 
@@ -27,9 +29,11 @@ from relay.completer import Completer
 from relay.db import RETRYABLE_DB_ERRORS, Database, listen_forever
 from relay.lanes import Lane
 from relay.outcome_mapping import from_outcome, from_rejection
+from relay.redaction import redact_text
 from relay.retry_policy import RetryPolicy
 from relay.state_machine import Rejection, decide
-from relay.store import ClaimedIntent, Store
+from relay.store import ClaimedIntent, Store, WriteBack
+from relay.tracing import parse_traceparent
 
 __all__ = ["Relay", "RelayOptions"]
 
@@ -74,7 +78,7 @@ class Relay:
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.db = db
-        self.store = Store(db)
+        self.store = Store(db, actor=f"relay:{options.instance}")
         self.lanes = dict(lanes)
         self.policy = policy
         self.options = options
@@ -88,7 +92,10 @@ class Relay:
         self.in_flight = 0
         self.claimed_total = 0
         self._wake_event = anyio.Event()
+        self._stop_event = anyio.Event()
         self._stopping = False
+        self.heartbeat = 0.0  # anyio clock of the claim loop's last turn (liveness)
+        self.database_ok = False  # the last claim reached the database (readiness)
         self._drained = anyio.Event()
         self.finished = anyio.Event()
 
@@ -100,6 +107,7 @@ class Relay:
     def stop(self) -> None:
         """Stop claiming and drain; :meth:`run` returns when drained or out of grace."""
         self._stopping = True
+        self._stop_event.set()
         self.wake()
 
     @property
@@ -144,10 +152,13 @@ class Relay:
         idle = self.options.poll_interval_seconds
         async with anyio.create_task_group() as workers:
             while not self._stopping:
+                self.heartbeat = anyio.current_time()
                 self._wake_event = anyio.Event()
                 try:
                     claimed, full = await self._claim_once(workers)
+                    self.database_ok = True
                 except RETRYABLE_DB_ERRORS as exc:
+                    self.database_ok = False
                     log.warning("claim_db_error", error=type(exc).__name__, retry_in=idle)
                     claimed, full = 0, False
                 if claimed and not full:
@@ -156,11 +167,16 @@ class Relay:
                 if claimed:
                     idle = self.options.poll_interval_seconds
                 wait = idle * (0.5 + self.rng())  # jitter: replicas don't poll in step
+                hints = [h for lane in self.lanes.values() if (h := lane.seconds_until_capacity())]
+                if hints:
+                    # A breaker about to turn half-open or a rate limit about to refill.
+                    wait = min(wait, max(min(hints), 0.001))
                 with anyio.move_on_after(wait):
                     await self._wake_event.wait()
-                if not self._wake_event.is_set():
+                if not self._wake_event.is_set() and not hints:
                     idle = min(idle * 2, self.options.poll_max_interval_seconds)
-            # Draining: give in-flight calls their grace, then cut them off.
+            # Draining: admissions waiting for a token hand their intents back at once;
+            # in-flight calls get their grace, then are cut off.
             with anyio.move_on_after(self.options.shutdown_grace_seconds) as grace:
                 if self.in_flight:
                     await self._drained.wait()
@@ -169,11 +185,11 @@ class Relay:
                 workers.cancel_scope.cancel()
 
     async def _claim_once(self, workers: TaskGroup) -> tuple[int, bool]:
-        """Claim for every lane with free slots; return (claimed, capacity now full)."""
+        """Claim for every lane with capacity; return (claimed, capacity now full)."""
         total = 0
         for lane in self.lanes.values():
             room = min(
-                lane.free_slots,
+                lane.claimable(),
                 self.options.max_in_flight - self.in_flight,
                 self.options.batch_size,
             )
@@ -192,38 +208,38 @@ class Relay:
                 workers.start_soon(self._process, lane, intent)
             total += len(intents)
             self.claimed_total += len(intents)
-            if len(intents) == room and lane.free_slots > 0:
-                pass  # more may be waiting; the loop comes straight back
         full = self.in_flight >= self.options.max_in_flight or all(
-            lane.free_slots == 0 for lane in self.lanes.values()
+            lane.claimable() == 0 for lane in self.lanes.values()
         )
         return total, full
 
     async def _process(self, lane: Lane, intent: ClaimedIntent) -> None:
+        admission = _Admission()
+        trace = parse_traceparent(intent.traceparent)
         try:
             with structlog.contextvars.bound_contextvars(
                 intent_id=intent.id,
                 payment_id=intent.payment_id,
                 provider=intent.provider,
                 attempt=intent.attempts,
-                trace_id=_trace_id(intent.traceparent),
+                trace_id=trace.trace_id if trace else None,
             ):
-                await self._dispatch(lane, intent)
+                await self._dispatch(lane, intent, admission)
         finally:
-            lane.release()
+            lane.release(admission_asked=admission.asked)
             self.in_flight -= 1
             if self._stopping and self.in_flight == 0:
                 self._drained.set()
             self.wake()
 
-    async def _dispatch(self, lane: Lane, intent: ClaimedIntent) -> None:
+    async def _dispatch(self, lane: Lane, intent: ClaimedIntent, admission: _Admission) -> None:
         decision = decide(intent.action, intent.amount_minor, intent.payment)
+        trace = parse_traceparent(intent.traceparent)  # an invalid one is never forwarded
         if isinstance(decision, Rejection):
             log.info("intent_rejected", error_code=decision.error_code)
-            metrics.INTENTS_FINISHED.labels(
-                provider=intent.provider, action=str(intent.action), outcome="rejected"
-            ).inc()
-            await self.completer.submit(from_rejection(intent, decision))
+            await self.completer.submit(
+                _labelled(from_rejection(intent, decision), intent, outcome="rejected")
+            )
             return
         command = Command(
             intent_id=intent.id,
@@ -235,33 +251,109 @@ class Relay:
             payment_method=intent.payment_method,
             payment_reference=intent.payment.provider_reference,
             attempt=intent.attempts,
-            traceparent=intent.traceparent,
+            traceparent=trace.traceparent if trace else None,
         )
-        outcome = await lane.execute(command)
-        if isinstance(outcome, Ambiguous):
-            settled = await lane.lookup(command)
-            log.info(
-                "ambiguous_settled_by_lookup",
-                first=outcome.code,
-                lookup=type(settled).__name__,
-            )
-            if isinstance(settled, Succeeded | Declined):
-                outcome = settled
+        admission.asked = True
+        if not await lane.admit(self._stop_event):
+            await self._hand_back(lane, intent)
+            return
+        try:
+            outcome = await lane.execute(command)
+            if isinstance(outcome, Ambiguous):
+                settled = await lane.lookup(command)
+                log.info(
+                    "ambiguous_settled_by_lookup",
+                    first=outcome.code,
+                    lookup=type(settled).__name__,
+                )
+                if isinstance(settled, Succeeded | Declined):
+                    outcome = settled
+        except anyio.get_cancelled_exc_class():
+            # Cut off at the end of the shutdown grace: the call may have reached the
+            # provider, so the attempt counts; hand the intent back for a re-drive under
+            # the same key instead of leaving it to lease expiry.
+            with (
+                anyio.move_on_after(1.0, shield=True),
+                contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError),
+            ):
+                await self.completer.submit(
+                    WriteBack(
+                        intent_id=intent.id,
+                        lease_token=intent.lease_token,
+                        payment_id=intent.payment_id,
+                        status="pending",
+                        error_code="shutdown_cut_off",
+                        error_message="the relay stopped during the provider call; "
+                        "retried with the same idempotency key",
+                        provider=intent.provider,
+                        action=str(intent.action),
+                        outcome="cut_off",
+                    )
+                )
+            raise
         kind = type(outcome).__name__.lower()
-        metrics.INTENTS_FINISHED.labels(
+        metrics.ATTEMPTS.labels(
             provider=intent.provider, action=str(intent.action), outcome=kind
         ).inc()
-        write_back = from_outcome(intent, decision.amount_minor, outcome, self.policy, self.rng)
+        write_back = _labelled(
+            from_outcome(intent, decision.amount_minor, outcome, self.policy, self.rng),
+            intent,
+            outcome=kind,
+        )
         log.info(
             "intent_attempted",
             outcome=kind,
             status=write_back.status,
             error_code=write_back.error_code,
+            error_message=write_back.error_message,
         )
         await self.completer.submit(write_back)
 
+    async def _hand_back(self, lane: Lane, intent: ClaimedIntent) -> None:
+        """Release a claimed intent that never reached the provider; its attempt is not
+        consumed. If the database is away, the lease simply expires."""
+        reason = "shutdown" if self._stopping else "breaker_open"
+        try:
+            with anyio.move_on_after(5.0, shield=True):
+                await self.store.release([(intent.id, intent.lease_token)])
+        except RETRYABLE_DB_ERRORS as exc:
+            log.warning("release_failed", error=type(exc).__name__, remedy="the lease expires")
+            return
+        metrics.LEASES_RELEASED.labels(provider=lane.provider, reason=reason).inc()
+        log.info("lease_released", reason=reason)
 
-def _trace_id(traceparent: str | None) -> str | None:
-    if traceparent and len(traceparent) >= 35:
-        return traceparent[3:35]
-    return None
+
+class _Admission:
+    """Whether a worker asked its lane for admission (for the lane's waiting count)."""
+
+    __slots__ = ("asked",)
+
+    def __init__(self) -> None:
+        self.asked = False
+
+
+_DEAD_BECAUSE = {"invalid": "invalid", "succeeded": "amount_mismatch"}
+
+
+def _labelled(write_back: WriteBack, intent: ClaimedIntent, *, outcome: str) -> WriteBack:
+    """Attach the metric labels the completer counts by, and redact the stored message.
+
+    ``outcome`` is the attempt's class (or ``rejected``); the label says why the intent
+    ended: declined/rejected (failed), invalid/exhausted/amount_mismatch (dead).
+    """
+    if write_back.status == "succeeded":
+        ended = "succeeded"
+    elif write_back.status == "failed":
+        ended = "rejected" if outcome == "rejected" else "declined"
+    elif write_back.status == "dead":
+        ended = _DEAD_BECAUSE.get(outcome, "exhausted")
+    else:
+        ended = "retry"
+    message = write_back.error_message
+    return dataclasses.replace(
+        write_back,
+        provider=intent.provider,
+        action=str(intent.action),
+        outcome=ended,
+        error_message=redact_text(message) if message else message,
+    )

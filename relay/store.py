@@ -11,9 +11,12 @@ Every statement comes from queries.sql. Guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+
+from psycopg.rows import TupleRow
 
 from provider_adapters.base import Action
 from relay.db import Database
@@ -53,11 +56,27 @@ class WriteBack:
     error_code: str | None = None
     error_message: str | None = None
     payment: PaymentSnapshot | None = None
+    # Metric labels only (never written): counted by the completer once the row commits.
+    provider: str = ""
+    action: str = ""
+    outcome: str = ""  # why it ended: succeeded, declined, rejected, invalid, exhausted...
 
 
 class Store:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, actor: str | None = None) -> None:
         self.db = db
+        # Who the audit trail names for this store's writes ('relay:<instance>',
+        # 'janitor:<instance>'); claims always name 'relay:<instance>' themselves.
+        self.actor = actor
+
+    async def _fetch_as_actor(self, name: str, params: Mapping[str, Any]) -> list[TupleRow]:
+        """Run one statement in a transaction that names :attr:`actor` to the audit trail."""
+        if self.actor is None:
+            return await self.db.fetch_all(name, params)
+        async with self.db.pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": None})
+            cur = await conn.execute(QUERIES[name], params)
+            return await cur.fetchall()
 
     async def claim(
         self,
@@ -125,9 +144,13 @@ class Store:
         return claimed
 
     async def complete(
-        self, batch: Sequence[WriteBack], *, now: datetime | None = None
+        self, batch: Sequence[WriteBack], *, now: datetime | None = None, reason: str | None = None
     ) -> set[int]:
-        """Record ``batch`` in one transaction; return the ids whose fence held."""
+        """Record ``batch`` in one transaction; return the ids whose fence held.
+
+        The audit trail's rows name :attr:`actor` and ``reason``; a succeeded intent posts
+        its ledger transaction in this same transaction (sql/0005's triggers).
+        """
         if not batch:
             return set()
         params = {
@@ -150,13 +173,15 @@ class Store:
         }
         payment_ids = sorted({w.payment_id for w in batch})
         async with self.db.pool.connection() as conn, conn.transaction():
+            if self.actor is not None:
+                await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": reason})
             await conn.execute(QUERIES["lock_payments"], {"payment_ids": payment_ids})
             cur = await conn.execute(QUERIES["complete_intents"], params)
             rows = await cur.fetchall()
         return {row[0] for row in rows}
 
     async def requeue_expired(self, *, limit: int = 1000, now: datetime | None = None) -> int:
-        rows = await self.db.fetch_all("requeue_expired_leases", {"limit": limit, "now": now})
+        rows = await self._fetch_as_actor("requeue_expired_leases", {"limit": limit, "now": now})
         return len(rows)
 
     async def release(
@@ -165,8 +190,18 @@ class Store:
         """Hand back claimed intents that never reached the provider."""
         if not leases:
             return 0
-        rows = await self.db.fetch_all(
+        rows = await self._fetch_as_actor(
             "release_leases",
             {"ids": [i for i, _ in leases], "lease_tokens": [t for _, t in leases], "now": now},
+        )
+        return len(rows)
+
+    async def archive_terminal(
+        self, *, older_than_seconds: float, limit: int, now: datetime | None = None
+    ) -> int:
+        """Move up to ``limit`` long-finished intents to the archive; return how many."""
+        rows = await self.db.fetch_all(
+            "archive_terminal_intents",
+            {"older_than_seconds": older_than_seconds, "limit": limit, "now": now},
         )
         return len(rows)

@@ -87,3 +87,26 @@ def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
 def conn(db_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(db_url, autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """RabbitMQ for publisher tests (RELAY_TEST_AMQP_URL; default: the local broker).
+
+    Tests use their own exchange and queue names and delete them afterwards.
+    """
+    url = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+    async def probe() -> None:
+        import aio_pika
+
+        connection = await aio_pika.connect(url, timeout=5)
+        await connection.close()
+
+    try:
+        import anyio
+
+        anyio.run(probe)
+    except Exception as exc:
+        _unavailable(f"RabbitMQ at RELAY_TEST_AMQP_URL is unreachable: {exc!r}")
+    return url

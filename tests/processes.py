@@ -62,7 +62,13 @@ class FakeProviderProcess:
 class RelayProcess:
     def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
         self.name = name
-        self.env = {**os.environ, **env, "RELAY_INSTANCE_NAME": name}
+        self.http_port = int(env.get("RELAY_HTTP_PORT") or free_port())
+        self.env = {
+            **os.environ,
+            **env,
+            "RELAY_INSTANCE_NAME": name,
+            "RELAY_HTTP_PORT": str(self.http_port),
+        }
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.kills = 0

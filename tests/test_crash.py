@@ -19,6 +19,8 @@ import psycopg
 import pytest
 
 from relay.demo import build_workload
+from tests.invariants import assert_exactly_once, unfinished
+from tests.invariants import intents as all_intents
 from tests.processes import FakeProviderProcess, RelayProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,7 +28,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RELAYS = 3
 PAYMENTS = 900
 CHAOS_SECONDS = float(os.environ.get("RELAY_TEST_CHAOS_SECONDS", "22"))
-EFFECT_ACTIONS = {"authorize", "capture", "charge", "void", "refund"}
 
 
 def _insert(db_url: str, rows: list[Any]) -> None:
@@ -36,16 +37,6 @@ def _insert(db_url: str, rows: list[Any]) -> None:
             " currency, payment_method) VALUES (%s, %s, 'stripe', %s, %s, %s)",
             [(r.payment_id, r.action, r.amount_minor, r.currency, r.payment_method) for r in rows],
         )
-
-
-def _unfinished(db_url: str) -> int:
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM outbox.payment_intents"
-            " WHERE status NOT IN ('succeeded', 'failed', 'dead')"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_path: Path) -> None:
@@ -122,7 +113,7 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
                 relay.start()
         # Not a speed limit: a guard so a hang fails instead of blocking CI forever.
         deadline = time.monotonic() + 300
-        while _unfinished(db_url) and time.monotonic() < deadline:
+        while unfinished(db_url) and time.monotonic() < deadline:
             time.sleep(0.5)
         for relay in relays:
             relay.wait_ready()
@@ -139,42 +130,8 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
     faults: dict[str, int] = effects["faults_injected"]  # type: ignore[assignment]
     assert faults["timeout_after_effect"] > 0 and faults["500_after_effect"] > 0
 
-    with psycopg.connect(db_url) as conn:
-        intents = conn.execute(
-            "SELECT id, payment_id, action, status, idempotency_key, attempts, error_code"
-            " FROM outbox.payment_intents"
-        ).fetchall()
-        mismatched = conn.execute(
-            """
-            SELECT p.payment_id, p.authorized_minor, p.captured_minor, p.refunded_minor, s.a, s.c, s.r
-            FROM outbox.payments p
-            JOIN LATERAL (
-                SELECT coalesce(sum(amount_applied_minor)
-                                FILTER (WHERE action IN ('authorize', 'charge')), 0) AS a,
-                       coalesce(sum(amount_applied_minor)
-                                FILTER (WHERE action IN ('capture', 'charge')), 0) AS c,
-                       coalesce(sum(amount_applied_minor) FILTER (WHERE action = 'refund'), 0) AS r
-                FROM outbox.payment_intents i
-                WHERE i.payment_id = p.payment_id AND i.status = 'succeeded'
-            ) s ON true
-            WHERE (p.authorized_minor, p.captured_minor, p.refunded_minor) <> (s.a, s.c, s.r)
-            """
-        ).fetchall()
-
-    assert len(intents) == len(rows), "nothing lost"
-    unfinished = [i for i in intents if i[3] not in ("succeeded", "failed", "dead")]
-    assert unfinished == []
-    by_key: dict[str, dict[str, Any]] = effects["effects_by_key"]  # type: ignore[assignment]
-    duplicated = {k: v["count"] for k, v in by_key.items() if v["count"] > 1}
-    assert duplicated == {}
-    wrong = []
-    for intent_id, _, action, status, key, _, error_code in intents:
-        count = by_key.get(key, {}).get("count", 0)
-        expected = 1 if status == "succeeded" else 0
-        if count != expected:
-            wrong.append((intent_id, action, status, error_code, count))
-    assert wrong == [], "every succeeded intent has exactly one effect, others none"
-    assert mismatched == []
+    assert_exactly_once(db_url, effects, expected_intents=len(rows))
+    intents = all_intents(db_url)
     dead = [i for i in intents if i[3] == "dead"]
     assert dead == [], f"no intent should exhaust 25 attempts here: {dead[:5]}"
     assert any(i[5] > 1 for i in intents), "some intents were re-driven after a kill or fault"

@@ -1,0 +1,76 @@
+"""Plain-text tables and progress lines for the operator commands. Pure, no I/O but a stream."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+__all__ = ["Progress", "format_seconds", "render_table"]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns as wide as their widest cell; numbers right-aligned, text left-aligned."""
+    cells = [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    numeric = [
+        bool(rows) and all(_is_number(row[i]) or row[i] is None for row in rows)
+        for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(widths[i]) if numeric[i] else v.ljust(widths[i]) for i, v in enumerate(values)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(headers), *(line(row) for row in cells)])
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``93784`` -> ``'1d 2h'``, ``125`` -> ``'2m 5s'``, ``4.2`` -> ``'4.2s'``."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s"
+
+
+class Progress:
+    """``label: done/total (pct%)`` on stderr: one updating line on a terminal, else a line
+    per step (every ``every`` items, and at the end) so logs show how far a job got."""
+
+    def __init__(self, label: str, total: int, *, stream: TextIO | None = None) -> None:
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.stream = stream or sys.stderr
+        self._tty = self.stream.isatty()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        pct = 100 * self.done // self.total if self.total else 100
+        text = f"{self.label}: {self.done}/{self.total} ({pct}%)"
+        if self._tty:
+            print(f"\r{text}", end="", file=self.stream, flush=True)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self._tty and self.done:
+            print(file=self.stream, flush=True)

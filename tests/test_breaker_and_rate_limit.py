@@ -1,0 +1,125 @@
+"""Unit tests of the pure circuit breaker and token bucket, on a hand-driven clock."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.breaker import BreakerState, CircuitBreaker
+from relay.rate_limit import TokenBucket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_breaker(clock: Clock, threshold: int = 3, probes: int = 2) -> CircuitBreaker:
+    return CircuitBreaker(
+        failure_threshold=threshold, cooldown_seconds=10.0, half_open_probes=probes, clock=clock
+    )
+
+
+def test_opens_after_threshold_consecutive_failures_only() -> None:
+    clock = Clock()
+    breaker = make_breaker(clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    breaker.record_success()  # resets the run of failures
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.allowance() is None
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.allowance() == 0
+    assert not breaker.try_start()
+
+
+def test_open_turns_half_open_after_cooldown_and_lets_probes_through() -> None:
+    clock = Clock()
+    breaker = make_breaker(clock, threshold=1, probes=2)
+    breaker.record_failure()
+    clock.now += 9.9
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.seconds_until_half_open() == pytest.approx(0.1)
+    clock.now += 0.1
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allowance() == 2
+    assert breaker.try_start() and breaker.try_start()
+    assert not breaker.try_start(), "no more than the configured probes at once"
+    breaker.cancel_start()
+    assert breaker.allowance() == 1
+
+
+def test_half_open_success_closes_and_failure_reopens() -> None:
+    clock = Clock()
+    breaker = make_breaker(clock, threshold=1, probes=1)
+    breaker.record_failure()
+    clock.now += 10
+    assert breaker.try_start()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.times_opened == 2
+    clock.now += 10
+    assert breaker.try_start()
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+    assert [state for _, state in breaker.transitions] == [
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.CLOSED,
+    ]
+
+
+def test_late_failure_of_a_call_started_before_opening_does_not_extend_the_open_period() -> None:
+    clock = Clock()
+    breaker = make_breaker(clock, threshold=1)
+    breaker.record_failure()
+    clock.now += 5
+    breaker.record_failure()
+    clock.now += 5
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_bad_breaker_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="failure_threshold"):
+        CircuitBreaker(failure_threshold=0, cooldown_seconds=1, half_open_probes=1, clock=Clock())
+
+
+def test_bucket_allows_a_burst_then_the_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=4.0, burst=3, clock=clock)
+    assert [bucket.try_take() for _ in range(4)] == [True, True, True, False]
+    assert bucket.seconds_until_token() == pytest.approx(0.25)
+    clock.now += 0.25
+    assert bucket.try_take()
+    assert not bucket.try_take()
+    clock.now += 100
+    assert bucket.available() == 3, "never more than the burst"
+    assert bucket.obtainable_within(1.0) == 3 + 4
+
+
+@given(
+    rate=st.floats(min_value=0.5, max_value=200),
+    burst=st.integers(min_value=1, max_value=20),
+    steps=st.lists(st.floats(min_value=0, max_value=0.5), min_size=1, max_size=200),
+)
+def test_bucket_never_exceeds_burst_plus_rate_times_elapsed(
+    rate: float, burst: int, steps: list[float]
+) -> None:
+    clock = Clock()
+    start = clock.now
+    bucket = TokenBucket(rate=rate, burst=burst, clock=clock)
+    taken = 0
+    for step in steps:
+        clock.now += step
+        while bucket.try_take():
+            taken += 1
+        assert taken <= burst + rate * (clock.now - start) + 1e-9
