@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,9 +34,13 @@ def embedded_postgres() -> Iterator[str]:
             with _initdb_cluster(workdir) as url:
                 yield url
             return
-        server = pgserver.get_server(  # type: ignore[attr-defined]
-            workdir / "pgdata", cleanup_mode="stop"
-        )
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver
+            # then uses /tmp, which is what we want anyway.
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            server = pgserver.get_server(  # type: ignore[attr-defined]
+                workdir / "pgdata", cleanup_mode="stop"
+            )
         try:
             yield str(server.get_uri())
         finally:
