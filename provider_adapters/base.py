@@ -8,19 +8,24 @@ taxonomy). Adapters hold no database state and never open a transaction.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 __all__ = [
     "Action",
     "Ambiguous",
+    "BalanceTransaction",
     "Command",
     "Declined",
     "Invalid",
     "Outcome",
     "ProviderAdapter",
     "Retryable",
+    "SettlementReports",
+    "SettlementUnavailable",
     "Succeeded",
 ]
 
@@ -133,3 +138,42 @@ class ProviderAdapter(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceTransaction:
+    """One movement of money in the provider's books (Stripe: a balance transaction).
+
+    ``amount_minor`` is signed (a refund is negative), ``fee_minor`` what the provider
+    kept, ``net_minor`` the rest; ``currency`` is upper case. ``source_id`` is the object
+    the relay knows the movement by: the payment (``pi_...``) for a charge or capture, the
+    refund (``re_...``) for a refund; ``source_status`` is that object's status there.
+    """
+
+    id: str
+    type: str
+    amount_minor: int
+    fee_minor: int
+    net_minor: int
+    currency: str
+    source_id: str | None
+    source_status: str | None
+    created: datetime
+
+
+@runtime_checkable
+class SettlementReports(Protocol):
+    """Optional: an adapter that can list the provider's settlement data (reconciliation)."""
+
+    def balance_transactions(
+        self, since: datetime, until: datetime
+    ) -> AsyncIterator[BalanceTransaction]:
+        """Every balance transaction created in [since, until] (whole seconds, inclusive),
+        page by page; raises :class:`SettlementUnavailable` when the provider cannot be read."""
+        ...
+
+
+class SettlementUnavailable(Exception):
+    """The provider's settlement data could not be read (network, auth, a bad reply)."""
+
+    code = "settlement_unavailable"

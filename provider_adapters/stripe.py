@@ -8,7 +8,9 @@ the relay settles it with :meth:`StripeAdapter.lookup`. No exception leaves this
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -17,10 +19,12 @@ import stripe
 from provider_adapters.base import (
     Action,
     Ambiguous,
+    BalanceTransaction,
     Command,
     Declined,
     Outcome,
     Retryable,
+    SettlementUnavailable,
     Succeeded,
 )
 from provider_adapters.stripe_errors import classify_connection_error, classify_stripe_error
@@ -255,3 +259,59 @@ class StripeAdapter:
         if status in _EXPECTED_STATUS[command.action]:
             return self._verified(command, pi)
         return not_found
+
+    # -- settlement (reconciliation) -----------------------------------------------------
+
+    async def balance_transactions(
+        self, since: datetime, until: datetime, *, page_size: int = 100
+    ) -> AsyncIterator[BalanceTransaction]:
+        """Every balance transaction created in [since, until], newest first, 100 a page,
+        each with its source expanded so a charge names its PaymentIntent."""
+        v1 = self._client.v1
+        params: Any = {
+            "created": {"gte": math.floor(since.timestamp()), "lte": math.ceil(until.timestamp())},
+            "limit": page_size,
+            "expand": ["data.source"],
+        }
+        while True:
+            try:
+                page: Any = await v1.balance_transactions.list_async(params)
+            except (stripe.StripeError, httpx.HTTPError, OSError) as exc:
+                raise SettlementUnavailable(
+                    f"listing balance transactions failed: {type(exc).__name__}"
+                ) from None
+            data = _field(page, "data") or []
+            for txn in data:
+                yield _balance_transaction(txn)
+            if not _field(page, "has_more") or not data:
+                return
+            params = {**params, "starting_after": _field(data[-1], "id")}
+
+
+def _balance_transaction(txn: Any) -> BalanceTransaction:
+    source = _field(txn, "source")
+    source_id: str | None
+    source_status: str | None = None
+    if isinstance(source, str) or source is None:
+        source_id = source
+    else:
+        source_status = _field(source, "status")
+        # A charge is known to the relay by its PaymentIntent; anything else by its own id.
+        source_id = (
+            _field(source, "payment_intent") if _field(source, "object") == "charge" else None
+        ) or _field(source, "id")
+    currency = _field(txn, "currency")
+    try:
+        return BalanceTransaction(
+            id=str(_field(txn, "id")),
+            type=str(_field(txn, "type")),
+            amount_minor=_int_field(txn, "amount"),
+            fee_minor=_int_field(txn, "fee"),
+            net_minor=_int_field(txn, "net"),
+            currency=currency.upper() if isinstance(currency, str) else "",
+            source_id=source_id if isinstance(source_id, str) else None,
+            source_status=source_status if isinstance(source_status, str) else None,
+            created=datetime.fromtimestamp(_int_field(txn, "created"), UTC),
+        )
+    except _InvalidReply as exc:
+        raise SettlementUnavailable(f"balance transaction {_field(txn, 'id')!r}: {exc}") from None

@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     intents_show.add_commands(commands, _database_url_or_exit)
     dead_letters.add_commands(commands, _database_url_or_exit)
+
+    from relay import finance_cli  # ledger check, audit verify, reconcile, exceptions
+
+    finance_cli.add_commands(commands, _database_url_or_exit)
     return parser
 
 

@@ -144,6 +144,43 @@ class Settings(BaseSettings):
     )
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="Drain time on SIGTERM.")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="Log format.")
+    janitor_enabled: bool = Field(
+        True, description="Settle dead intents by looking them up at the provider."
+    )
+    janitor_interval_seconds: float = Field(
+        60.0, gt=0, description="Pause between janitor passes when nothing is due (jittered)."
+    )
+    janitor_batch_size: PositiveInt = Field(
+        50, le=1_000, description="Dead intents looked up per janitor pass."
+    )
+    janitor_backoff_base_seconds: float = Field(
+        60.0, gt=0, description="Delay before the second lookup of an intent; doubles each time."
+    )
+    janitor_backoff_cap_seconds: float = Field(
+        21_600.0, gt=0, description="Longest delay between two lookups of one intent."
+    )
+    janitor_not_found_confirmations: PositiveInt = Field(
+        3, description="Lookups without a trace before an intent is recorded as no_effect."
+    )
+    reconcile_fee_bps: int | None = Field(
+        None,
+        ge=0,
+        le=10_000,
+        description="Expected provider fee on captured funds, in basis points; unset: only "
+        "refunds (which carry no fee) are checked for fees.",
+    )
+    reconcile_fee_fixed_minor: int = Field(
+        0, ge=0, description="Expected fixed fee per capture, in the capture's minor units."
+    )
+    reconcile_fee_tolerance_minor: int = Field(
+        0, ge=0, description="Fee difference tolerated before it is an unexpected_fee."
+    )
+    reconcile_slack_seconds: float = Field(
+        3_600.0,
+        ge=0,
+        description="Reconciliation also reads this far either side of its window, so an "
+        "item booked just across the boundary is matched, not reported missing.",
+    )
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     amqp_url: SecretStr | None = Field(
         None, description="RabbitMQ URL (amqp:// or amqps://). Unset: no publisher."
@@ -217,6 +254,10 @@ class Settings(BaseSettings):
     def _coherent(self) -> Settings:
         if self.backoff_cap_seconds < self.backoff_base_seconds:
             raise ValueError("RELAY_BACKOFF_CAP_SECONDS must be >= RELAY_BACKOFF_BASE_SECONDS")
+        if self.janitor_backoff_cap_seconds < self.janitor_backoff_base_seconds:
+            raise ValueError(
+                "RELAY_JANITOR_BACKOFF_CAP_SECONDS must be >= RELAY_JANITOR_BACKOFF_BASE_SECONDS"
+            )
         for name, provider in self.providers.items():
             if provider.timeout_ms / 1000 >= self.lease_seconds:
                 raise ValueError(

@@ -23,7 +23,6 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import psycopg
@@ -37,8 +36,6 @@ from relay.tables import Progress, format_seconds, render_table
 __all__ = ["ActionReport", "Filters", "act", "add_commands", "list_dead"]
 
 Action = Literal["retry", "cancel"]
-# Stripe keeps idempotency keys for at least 24 hours; past that a retry may not replay.
-KEY_WINDOW = timedelta(hours=24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +74,8 @@ class ActionReport:
     matched: int = 0
     done: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
-    keys_past_window: int = 0
+    # Retry only: sent intents older than their provider's idempotency-key lifetime, kept dead.
+    kept: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -86,7 +84,7 @@ class ActionReport:
             "matched": self.matched,
             "done": self.done,
             "skipped": self.skipped,
-            "keys_past_window": self.keys_past_window,
+            "kept": self.kept,
         }
 
 
@@ -97,13 +95,19 @@ def list_dead(conn: psycopg.Connection, filters: Filters, *, limit: int) -> list
 
 
 def _apply(
-    conn: psycopg.Connection, action: Action, ids: Sequence[int], operator: str, reason: str | None
+    conn: psycopg.Connection,
+    action: Action,
+    ids: Sequence[int],
+    operator: str,
+    reason: str | None,
+    past_key_lifetime: bool,
 ) -> list[dict[str, Any]]:
-    """One transaction, naming the operator; returns the intents moved."""
+    """One transaction, naming the operator; returns a row per dead intent handled."""
     with acting_as(conn, operator):
         if action == "retry":
             cur = conn.execute(
-                QUERIES["retry_dead_intents"], {"ids": list(ids), "operator": operator}
+                QUERIES["retry_dead_intents"],
+                {"ids": list(ids), "operator": operator, "past_key_lifetime": past_key_lifetime},
             )
         else:
             cur = conn.execute(
@@ -122,6 +126,7 @@ def act(
     ids: Sequence[int] = (),
     filters: Filters | None = None,
     reason: str | None = None,
+    past_key_lifetime: bool = False,
     batch_size: int = 500,
     progress: Callable[[int, int], None] = lambda _done, _total: None,
     confirm: Callable[[int], bool] = lambda _matched: True,
@@ -129,30 +134,34 @@ def act(
     """Retry or cancel the named dead intents, or every one matching ``filters``.
 
     ``conn`` is in autocommit mode: no transaction stays open while a person reads the
-    confirmation prompt, and each batch commits on its own. Named ids are handled in one transaction; ids that are missing or not dead are
-    reported in ``skipped``. A selection is counted, confirmed, then worked in batches of
-    ``batch_size``, one transaction each (a failure stops there: earlier batches stay done).
+    confirmation prompt, and each batch commits on its own. Named ids are handled in one
+    transaction; ids that are missing or not dead are reported in ``skipped``. A selection
+    is counted, confirmed, then worked in batches of ``batch_size``, one transaction each
+    (a failure stops there: earlier batches stay done). A retry keeps dead, in ``kept``,
+    the sent intents older than their provider's idempotency-key lifetime, unless
+    ``past_key_lifetime`` (see outbox.retry_dead_intents in sql/0006).
     """
     report = ActionReport(action, operator)
-    now = datetime.now(UTC)
+
+    def apply(batch: list[int]) -> None:
+        for row in _apply(conn, action, batch, operator, reason, past_key_lifetime):
+            (report.kept if row["status"] == "dead" else report.done).append(row)
+
     if ids:
-        found = {
-            row[0]: (row[1], row[2])
-            for row in conn.execute(QUERIES["dead_letters_by_id"], {"ids": list(ids)}).fetchall()
-        }
+        by_id = conn.execute(QUERIES["dead_letters_by_id"], {"ids": list(ids)}).fetchall()
+        found: dict[int, str] = {intent_id: status for intent_id, status in by_id}
         wanted = []
         for intent_id in dict.fromkeys(ids):
-            status, created = found.get(intent_id, (None, None))
+            status = found.get(intent_id)
             if status is None:
                 report.skipped.append({"id": intent_id, "reason": "no such intent"})
             elif status != "dead":
                 report.skipped.append({"id": intent_id, "reason": f"not dead ({status})"})
             else:
                 wanted.append(intent_id)
-                report.keys_past_window += int(now - created > KEY_WINDOW)
         report.matched = len(wanted)
         if wanted and confirm(len(wanted)):
-            report.done = _apply(conn, action, wanted, operator, reason)
+            apply(wanted)
         return report
 
     selection = filters or Filters()
@@ -169,9 +178,9 @@ def act(
         if not page:
             break
         after_id = page[-1][0]
-        report.keys_past_window += sum(1 for _, created in page if now - created > KEY_WINDOW)
-        report.done += _apply(conn, action, [intent_id for intent_id, _ in page], operator, reason)
-        progress(len(report.done), max(report.matched, len(report.done)))
+        apply([intent_id for (intent_id,) in page])
+        handled = len(report.done) + len(report.kept)
+        progress(handled, max(report.matched, handled))
     return report
 
 
@@ -297,6 +306,7 @@ def _cmd_act(args: argparse.Namespace, conninfo: str, action: Action) -> int:
                 ids=args.ids,
                 filters=filters,
                 reason=getattr(args, "reason", None),
+                past_key_lifetime=getattr(args, "allow_expired_keys", False),
                 batch_size=args.batch_size,
                 progress=progress,
                 confirm=confirm,
@@ -316,7 +326,7 @@ def _cmd_act(args: argparse.Namespace, conninfo: str, action: Action) -> int:
         _print_report(report, filters if not args.ids else None)
     if refused:
         return 1
-    return 1 if report.skipped else 0
+    return 1 if report.skipped or report.kept else 0
 
 
 def _print_report(report: ActionReport, filters: Filters | None) -> None:
@@ -325,6 +335,15 @@ def _print_report(report: ActionReport, filters: Filters | None) -> None:
         return
     for skipped in report.skipped:
         print(f"skipped intent {skipped['id']}: {skipped['reason']}")
+    if report.kept:
+        shown = ", ".join(str(r["intent_id"]) for r in report.kept[:20])
+        print(
+            f"kept dead {len(report.kept)} intent(s) sent longer ago than their provider's "
+            f"idempotency-key lifetime: {shown}{' ...' if len(report.kept) > 20 else ''}\n"
+            "  the provider may have forgotten their keys, so a retry could take effect twice;"
+            " wait for the janitor's lookup\n  (no_effect), or check at the provider and pass "
+            "--allow-expired-keys"
+        )
     if not report.done:
         if report.matched:
             print("nothing done")
@@ -335,12 +354,6 @@ def _print_report(report: ActionReport, filters: Filters | None) -> None:
         if blocked:
             line += f" ({blocked} wait behind an earlier intent of their payment)"
         print(line)
-        if report.keys_past_window:
-            print(
-                f"warning: {report.keys_past_window} of them were created over 24 h ago; the "
-                "provider may have forgotten their idempotency keys: check them at the "
-                "provider if they may have been applied"
-            )
     else:
         promoted = [r["promoted_intent_id"] for r in report.done if r["promoted_intent_id"]]
         print(f"cancelled {len(report.done)} intent(s) as operator:{report.operator}")
@@ -354,6 +367,16 @@ def _print_report(report: ActionReport, filters: Filters | None) -> None:
     print(render_table(["intent", "payment", "now"], rows))
     if len(report.done) > 20:
         print(f"... and {len(report.done) - 20} more (--json lists all)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
@@ -385,7 +408,7 @@ def _add_action(
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=_positive,
         default=500,
         metavar="N",
         help="intents per transaction for a selection (default 500)",
@@ -411,7 +434,7 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     )
     _add_filters(listing)
     listing.add_argument(
-        "--limit", type=int, default=100, metavar="N", help="show at most N (default 100)"
+        "--limit", type=_positive, default=100, metavar="N", help="show at most N (default 100)"
     )
     listing.set_defaults(handler=lambda args: _cmd_list(args, database_url()))
 
@@ -422,11 +445,20 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         "Move dead intents back to pending, due now, attempts reset, error cleared, under the\n"
         "SAME idempotency key. An intent behind an earlier unresolved intent of its payment\n"
         "waits (blocked). Name ids, or select with filters or --all (asks to confirm unless\n"
-        "--yes). Fix the cause first (API key, data); for an intent created over 24 h ago,\n"
-        "check at the provider whether it was applied: its key may be forgotten there.\n\n"
+        "--yes). Fix the cause first (API key, data).\n\n"
+        "An intent already sent longer ago than its provider's idempotency-key lifetime\n"
+        "(outbox.provider_policies; Stripe 24 h) stays dead: the provider may have forgotten\n"
+        "its key, so it could take effect twice. It is retried once the janitor's lookups\n"
+        "found no effect of it, or with --allow-expired-keys after you checked at the provider.\n\n"
         "examples:\n"
         "  outbox-relay dead-letters retry 42 43\n"
         "  outbox-relay dead-letters retry --provider stripe --error-code rate_limited --yes",
+    )
+    retry.add_argument(
+        "--allow-expired-keys",
+        action="store_true",
+        help="also re-drive intents past their key lifetime (only after checking at the "
+        "provider that they took no effect)",
     )
     retry.set_defaults(handler=lambda args: _cmd_act(args, database_url(), "retry"))
 

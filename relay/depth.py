@@ -14,6 +14,9 @@ Guarantees, each tested:
 * ``outbox_relay_dead_letters{provider}`` equals the ``dead`` depth;
 * ``outbox_relay_oldest_pending_age_seconds{provider}`` is ``now - min(available_at)`` over
   due pending intents, 0 when none is due;
+* ``outbox_relay_reconciliation_open_exceptions{provider}`` and
+  ``outbox_relay_reconciliation_open_delta_minor{provider,currency}`` follow the open
+  exceptions of sql/0005 (``outbox.reconciliation_open_delta``), 0 once they are resolved;
 * a failed sample (database away) leaves the gauges as they were and is retried next
   interval; ``outbox_relay_queue_depth_sampled_timestamp_seconds`` tells how old they are.
 """
@@ -43,13 +46,22 @@ UNRESOLVED_STATUSES = ("blocked", "pending", "in_flight", "dead")
 class DepthSample:
     """One sample: counts per (provider, status), oldest due pending wait per provider."""
 
-    __slots__ = ("counts", "oldest_pending_seconds", "oldest_unpublished_seconds", "unpublished")
+    __slots__ = (
+        "counts",
+        "oldest_pending_seconds",
+        "oldest_unpublished_seconds",
+        "reconciliation_delta_minor",
+        "reconciliation_exceptions",
+        "unpublished",
+    )
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], int] = {}
         self.oldest_pending_seconds: dict[str, float] = {}
         self.unpublished = 0
         self.oldest_unpublished_seconds = 0.0
+        self.reconciliation_exceptions: dict[str, int] = {}
+        self.reconciliation_delta_minor: dict[tuple[str, str], int] = {}
 
 
 class DepthSampler:
@@ -66,6 +78,7 @@ class DepthSampler:
         self.rng = rng
         # Every provider ever reported: its series drop to 0 rather than go stale.
         self.known: set[str] = {safe_label(p) for p in providers}
+        self.known_deltas: set[tuple[str, str]] = set()
         self.samples = 0
 
     async def sample(self, *, now: datetime | None = None) -> DepthSample:
@@ -79,12 +92,30 @@ class DepthSampler:
                 result.oldest_pending_seconds[key[0]] = max(previous, float(oldest))
         (count, oldest), *_ = await self.db.fetch_all("unpublished_events", {"now": now})
         result.unpublished, result.oldest_unpublished_seconds = int(count), float(oldest)
+        for provider, currency, exceptions, delta in await self.db.fetch_all("reconciliation_open"):
+            label = safe_label(provider)
+            result.reconciliation_exceptions[label] = result.reconciliation_exceptions.get(
+                label, 0
+            ) + int(exceptions)
+            key = (label, safe_label(currency))
+            result.reconciliation_delta_minor[key] = result.reconciliation_delta_minor.get(
+                key, 0
+            ) + int(delta)
         self._publish(result)
         return result
 
     def _publish(self, result: DepthSample) -> None:
-        self.known = {provider for provider, _ in result.counts}
+        self.known.update(provider for provider, _ in result.counts)
+        self.known.update(result.reconciliation_exceptions)
+        self.known_deltas.update(result.reconciliation_delta_minor)
+        for provider, currency in self.known_deltas:
+            metrics.RECONCILIATION_OPEN_DELTA_MINOR.labels(
+                provider=provider, currency=currency
+            ).set(result.reconciliation_delta_minor.get((provider, currency), 0))
         for provider in self.known:
+            metrics.RECONCILIATION_OPEN_EXCEPTIONS.labels(provider=provider).set(
+                result.reconciliation_exceptions.get(provider, 0)
+            )
             for status in UNRESOLVED_STATUSES:
                 metrics.QUEUE_DEPTH.labels(provider=provider, status=status).set(
                     result.counts.get((provider, status), 0)

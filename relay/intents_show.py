@@ -176,9 +176,14 @@ def _print(found: dict[str, Any]) -> None:
     table = []
     for row in history:
         changes = row["changes"]
-        summary = "; ".join(
-            f"{k}: {_short(old, 24)} → {_short(new)}" for k, (old, new) in changes.items()
-        )
+        if changes and all(old is None for old, _ in changes.values()) and "status" in changes:
+            summary = f"created, status {changes['status'][1]}"  # the fields are shown above
+        else:
+            summary = "; ".join(
+                f"{k}: {_short(old, 24)} → {_short(new)}" for k, (old, new) in changes.items()
+            )
+        if row.get("reason"):
+            summary += f" (reason: {_short(row['reason'], 80)})"
         table.append((_when(row["at"]), row["actor"], row["operation"], summary or "-"))
     print(render_table(["at", "actor", "operation", "changes"], table))
 

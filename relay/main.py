@@ -22,6 +22,7 @@ from relay.config import ProviderSettings, Settings
 from relay.db import RETRYABLE_DB_ERRORS, Database
 from relay.depth import DepthSampler
 from relay.health import HealthState, serve_http
+from relay.janitor import Janitor, JanitorOptions
 from relay.lanes import Lane
 from relay.migrate import discover
 from relay.publisher import Publisher, publisher_from_settings
@@ -31,7 +32,7 @@ from relay.retention import sweep_forever
 from relay.retry_policy import RetryPolicy
 from relay.runtime import Relay, RelayOptions
 
-__all__ = ["build_relay", "run_relay"]
+__all__ = ["build_janitor", "build_relay", "run_relay"]
 
 log = structlog.get_logger("relay.main")
 
@@ -82,6 +83,23 @@ def build_relay(settings: Settings, database_url: str) -> Relay:
     return Relay(db, lanes, policy, options)
 
 
+def build_janitor(settings: Settings, relay: Relay) -> Janitor:
+    """The janitor shares the relay's pool and lanes (and so each provider's bulkhead)."""
+    return Janitor(
+        relay.db,
+        relay.lanes,
+        JanitorOptions(
+            instance=settings.instance_name,
+            interval_seconds=settings.janitor_interval_seconds,
+            batch_size=settings.janitor_batch_size,
+            backoff_base_seconds=settings.janitor_backoff_base_seconds,
+            backoff_cap_seconds=settings.janitor_backoff_cap_seconds,
+            not_found_confirmations=settings.janitor_not_found_confirmations,
+            lease_seconds=settings.lease_seconds,
+        ),
+    )
+
+
 async def run_relay(settings: Settings, database_url: str) -> int:
     relay = build_relay(settings, database_url)
     publisher = publisher_from_settings(settings, relay.db)  # None: RELAY_AMQP_URL unset
@@ -109,6 +127,8 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                     interval_seconds=settings.retention_interval_seconds,
                 )
             )
+            if settings.janitor_enabled:
+                tg.start_soon(build_janitor(settings, relay).run_forever)
             if settings.depth_interval_seconds:
                 sampler = DepthSampler(
                     relay.db,

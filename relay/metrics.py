@@ -138,11 +138,21 @@ DEPTH_SAMPLED_AT = Gauge(
 )
 RECONCILIATION_OPEN_DELTA_MINOR = Gauge(
     "outbox_relay_reconciliation_open_delta_minor",
-    "Sum of open reconciliation deltas (ledger minus provider) in minor units.",
+    "Open reconciliation exceptions' absolute deltas (provider vs ledger), summed, in minor "
+    "units, by provider and currency ('-' when an exception has none).",
     ["provider", "currency"],
 )
 RECONCILIATION_OPEN_EXCEPTIONS = Gauge(
     "outbox_relay_reconciliation_open_exceptions",
-    "Reconciliation exceptions not yet resolved.",
+    "Reconciliation exceptions open or awaiting approval, by provider.",
     ["provider"],
+)
+
+# The janitor (relay/janitor.py).
+__all__ += ["JANITOR_RESULTS"]
+JANITOR_RESULTS = Counter(
+    "outbox_relay_janitor_results_total",
+    "Dead intents the janitor looked up at the provider, by result (settled_succeeded, "
+    "settled_failed, no_effect, not_found_yet, lookup_failed, not_settleable, skipped).",
+    ["provider", "result"],
 )

@@ -230,6 +230,14 @@ INSERT INTO outbox.payment_intents_archive
 SELECT * FROM moved
 RETURNING id;
 
+-- name: want_wakeups
+-- This relay is going idle: ask inserts to NOTIFY (no write when already asked).
+UPDATE outbox.relay_wakeup SET wanted = true, updated_at = now() WHERE NOT wanted RETURNING wanted;
+
+-- name: skip_wakeups
+-- This relay is saturated and comes back on its own: inserts need not NOTIFY.
+UPDATE outbox.relay_wakeup SET wanted = false, updated_at = now() WHERE wanted RETURNING wanted;
+
 -- name: status_counts
 -- Queue depth by provider and status, for `outbox-relay status` and the demo.
 SELECT provider, status, count(*) AS intents,
@@ -385,7 +393,7 @@ LIMIT %(limit)s;
 
 -- name: dead_letters_page
 -- The next `limit` matching dead intent ids after `after_id` (keyset), for bulk retry/cancel.
-SELECT id, created_at
+SELECT id
 FROM outbox.payment_intents
 WHERE status = 'dead'
   AND id > %(after_id)s
@@ -398,16 +406,16 @@ ORDER BY id
 LIMIT %(limit)s;
 
 -- name: dead_letters_by_id
--- The named intents' status and age, to report ids that are not dead before acting.
-SELECT id, status, created_at
+-- The named intents' status, to report ids that are missing or not dead before acting.
+SELECT id, status
 FROM outbox.payment_intents
 WHERE id = ANY(%(ids)s::bigint[])
 ORDER BY id;
 
 -- name: retry_dead_intents
--- Re-drive dead intents under their own keys (sql/0006: outbox.retry_dead_intents).
-SELECT intent_id, payment_id, status
-FROM outbox.retry_dead_intents(%(ids)s::bigint[], %(operator)s::text);
+-- Re-drive dead intents under their own keys; keys past their lifetime stay dead unless allowed (sql/0006).
+SELECT intent_id, payment_id, status, note
+FROM outbox.retry_dead_intents(%(ids)s::bigint[], %(operator)s::text, %(past_key_lifetime)s::boolean);
 
 -- name: cancel_dead_intents
 -- End dead intents as failed 'cancelled_by_operator' and promote each payment's next intent.
@@ -461,5 +469,377 @@ SELECT to_regclass('outbox.audit_log') IS NOT NULL;
 
 -- name: intent_history
 -- The intent's audit trail rows, oldest first (sql/0006: outbox.intent_history).
-SELECT at, actor, operation, before, after
+SELECT at, actor, operation, reason, before, after
 FROM outbox.intent_history(%(id)s::bigint);
+
+-- name: reconciliation_open
+-- Open reconciliation exceptions and their absolute deltas by provider and currency (sql/0005's view), for the gauges.
+SELECT provider, currency, sum(exceptions)::bigint AS exceptions, sum(delta_minor)::bigint AS delta_minor
+FROM outbox.reconciliation_open_delta
+GROUP BY provider, currency
+ORDER BY provider, currency;
+
+-- ------------------------------------------------------------------------------------------
+-- Audit trail and ledger checks (sql/0005; relay/audit.py, relay/ledger.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: audit_rows_by_chain
+-- Every audit row, chain by chain in chain order, jsonb as the text that was hashed.
+SELECT id, at, actor, entity, entity_id, payment_id, operation, reason,
+       before::text, after::text, chain_seq, prev_hash, hash
+FROM outbox.audit_log
+ORDER BY entity, entity_id, chain_seq;
+
+-- name: audit_live_documents
+-- The audited columns of every live intent (hot and archived) and payment, redacted as the trail stores them.
+SELECT 'intent', i.id::text, outbox.audit_redact(outbox.audit_intent_doc(i))
+FROM outbox.payment_intents AS i
+UNION ALL
+SELECT 'intent', a.id::text,
+       outbox.audit_redact(outbox.audit_intent_doc(ROW(a.*)::outbox.payment_intents))
+FROM outbox.payment_intents_archive AS a
+UNION ALL
+SELECT 'payment', p.payment_id, outbox.audit_redact(outbox.audit_payment_doc(p))
+FROM outbox.payments AS p;
+
+-- name: ledger_counts
+-- Ledger transactions, entries and payments, for the check's headline.
+SELECT (SELECT count(*) FROM outbox.ledger_transactions),
+       (SELECT count(*) FROM outbox.ledger_entries),
+       (SELECT count(*) FROM outbox.payments);
+
+-- name: ledger_unbalanced
+-- Ledger transactions that do not sum to zero per currency, have no entries, or mix currencies.
+SELECT t.id, t.payment_id, t.kind, COALESCE(e.currency, t.currency) AS currency, t.currency,
+       COALESCE(sum(e.amount_minor), 0)::bigint AS imbalance, count(e.id) AS entries
+FROM outbox.ledger_transactions AS t
+LEFT JOIN outbox.ledger_entries AS e ON e.transaction_id = t.id
+GROUP BY t.id, t.payment_id, t.kind, COALESCE(e.currency, t.currency), t.currency
+HAVING COALESCE(sum(e.amount_minor), 0) <> 0 OR count(e.id) = 0
+    OR COALESCE(e.currency, t.currency) <> t.currency
+ORDER BY t.id;
+
+-- name: ledger_posting_mismatches
+-- Succeeded intents without exactly one posting of their action, and postings without a succeeded intent.
+WITH intents AS (
+    SELECT id, payment_id, action, status FROM outbox.payment_intents
+    UNION ALL
+    SELECT id, payment_id, action, status FROM outbox.payment_intents_archive
+),
+postings AS (
+    SELECT t.*, count(*) OVER (PARTITION BY t.intent_id) AS postings
+    FROM outbox.ledger_transactions AS t
+)
+SELECT i.id, COALESCE(i.payment_id, t.payment_id), i.action, i.status, t.id, t.kind,
+       COALESCE(t.postings, 0)
+FROM intents AS i
+FULL JOIN postings AS t ON t.intent_id = i.id
+WHERE (i.status = 'succeeded' AND t.id IS NULL)
+   OR (t.id IS NOT NULL AND (i.id IS NULL OR i.status <> 'succeeded'
+                             OR t.kind <> i.action OR t.postings > 1))
+ORDER BY COALESCE(i.id, t.intent_id), t.id;
+
+-- name: ledger_payment_mismatches
+-- Payments whose amounts differ from their ledger: authorised, open hold, captured, refunded, receivable.
+WITH postings AS (
+    SELECT payment_id,
+           sum(amount_minor) FILTER (WHERE kind IN ('authorize', 'charge'))::bigint AS authorized,
+           count(*) FILTER (WHERE currency <> (SELECT p.currency FROM outbox.payments AS p
+                                               WHERE p.payment_id = t.payment_id)) AS wrong_currency
+    FROM outbox.ledger_transactions AS t
+    GROUP BY payment_id
+),
+balances AS (
+    SELECT t.payment_id,
+           sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':holds')::bigint AS holds,
+           (-sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':captured'))::bigint AS captured,
+           sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':refunded')::bigint AS refunded,
+           sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':receivable')::bigint AS receivable
+    FROM outbox.ledger_transactions AS t
+    JOIN outbox.ledger_entries AS e ON e.transaction_id = t.id
+    GROUP BY t.payment_id
+),
+compared AS (
+    SELECT p.payment_id, p.currency, p.state, COALESCE(po.wrong_currency, 0) AS wrong_currency,
+           p.authorized_minor, COALESCE(po.authorized, 0) AS ledger_authorized,
+           CASE WHEN p.state = 'authorized' THEN p.authorized_minor ELSE 0 END AS open_hold,
+           COALESCE(b.holds, 0) AS ledger_holds,
+           p.captured_minor, COALESCE(b.captured, 0) AS ledger_captured,
+           p.refunded_minor, COALESCE(b.refunded, 0) AS ledger_refunded,
+           p.captured_minor - p.refunded_minor AS receivable, COALESCE(b.receivable, 0) AS ledger_receivable
+    FROM outbox.payments AS p
+    LEFT JOIN postings AS po ON po.payment_id = p.payment_id
+    LEFT JOIN balances AS b ON b.payment_id = p.payment_id
+)
+SELECT * FROM compared
+WHERE wrong_currency > 0
+   OR (authorized_minor, open_hold, captured_minor, refunded_minor, receivable)
+      IS DISTINCT FROM
+      (ledger_authorized, ledger_holds, ledger_captured, ledger_refunded, ledger_receivable)
+ORDER BY payment_id;
+
+-- name: ledger_account_balances
+-- Debits, credits and transactions per account and currency.
+SELECT account, currency,
+       COALESCE(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0)::bigint AS debits,
+       COALESCE(-sum(amount_minor) FILTER (WHERE amount_minor < 0), 0)::bigint AS credits,
+       count(DISTINCT transaction_id) AS transactions
+FROM outbox.ledger_entries
+GROUP BY account, currency
+ORDER BY account, currency;
+
+-- name: ledger_payment_totals
+-- The payments' amounts summed per provider and currency, beside which the ledger's totals are shown.
+SELECT provider, currency, sum(authorized_minor)::bigint, sum(captured_minor)::bigint,
+       sum(refunded_minor)::bigint,
+       sum(CASE WHEN state = 'authorized' THEN authorized_minor ELSE 0 END)::bigint
+FROM outbox.payments
+GROUP BY provider, currency
+ORDER BY provider, currency;
+
+-- name: ledger_authorized_totals
+-- Authorised amounts posted (authorize and charge transactions) per provider and currency.
+SELECT provider, currency, sum(amount_minor)::bigint
+FROM outbox.ledger_transactions
+WHERE kind IN ('authorize', 'charge')
+GROUP BY provider, currency;
+
+-- name: janitor_reserve
+-- Reserve up to `limit` dead intents due for a lookup (newly dead, or a re-check due), with their payments.
+WITH due AS (
+    SELECT i.id, i.payment_id, i.provider, i.completed_at
+    FROM outbox.payment_intents AS i
+    LEFT JOIN outbox.janitor_checks AS j ON j.intent_id = i.id
+    WHERE i.status = 'dead'
+      AND i.provider = ANY(%(providers)s::text[])
+      AND (j.intent_id IS NULL
+           OR j.dead_at IS DISTINCT FROM i.completed_at
+           OR (j.settled_at IS NULL AND j.next_check_at <= COALESCE(%(now)s::timestamptz, now())))
+    ORDER BY i.id
+    LIMIT %(limit)s
+    FOR UPDATE OF i SKIP LOCKED
+),
+reserved AS (
+    INSERT INTO outbox.janitor_checks AS j (intent_id, payment_id, provider, dead_at, next_check_at)
+    SELECT id, payment_id, provider, completed_at,
+           COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => %(reservation_seconds)s::float8)
+    FROM due
+    ON CONFLICT (intent_id) DO UPDATE
+    SET next_check_at = EXCLUDED.next_check_at,
+        -- a new death (the intent was re-driven and died again) starts a new cycle
+        checks = CASE WHEN j.dead_at IS DISTINCT FROM EXCLUDED.dead_at THEN 0 ELSE j.checks END,
+        not_found = CASE WHEN j.dead_at IS DISTINCT FROM EXCLUDED.dead_at THEN 0 ELSE j.not_found END,
+        result = CASE WHEN j.dead_at IS DISTINCT FROM EXCLUDED.dead_at THEN NULL ELSE j.result END,
+        settled_at = CASE WHEN j.dead_at IS DISTINCT FROM EXCLUDED.dead_at THEN NULL ELSE j.settled_at END,
+        dead_at = EXCLUDED.dead_at
+    RETURNING j.intent_id, j.checks, j.not_found
+)
+SELECT i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency, i.payment_method,
+       i.idempotency_key, i.attempts, i.completed_at, i.error_code,
+       p.state, p.authorized_minor, p.captured_minor, p.refunded_minor, p.provider_reference,
+       r.checks, r.not_found
+FROM reserved AS r
+JOIN outbox.payment_intents AS i ON i.id = r.intent_id
+JOIN outbox.payments AS p ON p.payment_id = i.payment_id
+ORDER BY i.id;
+
+-- name: janitor_take
+-- Take one dead intent back under a janitor lease to write its settled outcome; no row if it changed meanwhile.
+WITH taken AS (
+    UPDATE outbox.payment_intents AS i
+    SET status = 'in_flight',
+        lease_token = nextval('outbox.lease_token_seq'),
+        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s::float8),
+        claimed_by = %(instance)s::text,
+        updated_at = now()
+    WHERE i.id = %(id)s::bigint AND i.status = 'dead'
+      AND i.completed_at IS NOT DISTINCT FROM %(dead_at)s::timestamptz
+    RETURNING i.lease_token, i.payment_id
+)
+SELECT t.lease_token, p.state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+       p.provider_reference
+FROM taken AS t
+JOIN outbox.payments AS p ON p.payment_id = t.payment_id;
+
+-- name: janitor_record
+-- Record one lookup's result and when the intent is due again (settled: never).
+UPDATE outbox.janitor_checks
+SET checks = %(checks)s::integer,
+    not_found = %(not_found)s::integer,
+    result = %(result)s::text,
+    detail = %(detail)s::text,
+    last_checked_at = now(),
+    next_check_at = now() + make_interval(secs => %(next_check_seconds)s::float8),
+    settled_at = CASE WHEN %(settled)s::boolean THEN now() END
+WHERE intent_id = %(intent_id)s::bigint;
+
+-- ------------------------------------------------------------------------------------------
+-- Reconciliation (relay/reconcile.py) and its exception workflow (relay/recon_exceptions.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: reconcile_start_run
+-- Record a reconciliation run as started; the audit trail names who ran it.
+INSERT INTO outbox.reconciliation_runs (provider, window_start, window_end)
+VALUES (%(provider)s::text, %(since)s::timestamptz, %(until)s::timestamptz)
+RETURNING id;
+
+-- name: reconcile_internal_items
+-- The ledger's money-moving postings (captures, charges, refunds) of one provider in a time range.
+SELECT id, payment_id, kind, provider_reference, amount_minor, currency, posted_at
+FROM outbox.ledger_transactions
+WHERE provider = %(provider)s::text
+  AND kind IN ('capture', 'charge', 'refund')
+  AND posted_at >= %(since)s::timestamptz AND posted_at < %(until)s::timestamptz
+ORDER BY id;
+
+-- name: reconcile_record_exception
+-- Record a finding; found again, the same exception is updated (never a second copy), a cleared one reopens.
+INSERT INTO outbox.reconciliation_exceptions AS x
+    (provider, kind, match_key, payment_id, ledger_transaction_id, provider_transaction_id,
+     currency, internal_amount_minor, provider_amount_minor, fee_minor, expected_fee_minor,
+     delta_minor, detail, occurred_at, first_run_id, last_run_id)
+VALUES (%(provider)s::text, %(kind)s::text, %(match_key)s::text, %(payment_id)s::text,
+        %(ledger_transaction_id)s::bigint, %(provider_transaction_id)s::text, %(currency)s::text,
+        %(internal_amount_minor)s::bigint, %(provider_amount_minor)s::bigint, %(fee_minor)s::bigint,
+        %(expected_fee_minor)s::bigint, %(delta_minor)s::bigint, %(detail)s::text,
+        %(occurred_at)s::timestamptz, %(run_id)s::bigint, %(run_id)s::bigint)
+ON CONFLICT ON CONSTRAINT reconciliation_exceptions_once DO UPDATE
+SET last_run_id = EXCLUDED.last_run_id,
+    times_seen = x.times_seen + 1,
+    payment_id = EXCLUDED.payment_id,
+    ledger_transaction_id = EXCLUDED.ledger_transaction_id,
+    provider_transaction_id = EXCLUDED.provider_transaction_id,
+    currency = EXCLUDED.currency,
+    internal_amount_minor = EXCLUDED.internal_amount_minor,
+    provider_amount_minor = EXCLUDED.provider_amount_minor,
+    fee_minor = EXCLUDED.fee_minor,
+    expected_fee_minor = EXCLUDED.expected_fee_minor,
+    delta_minor = EXCLUDED.delta_minor,
+    detail = EXCLUDED.detail,
+    status = CASE WHEN x.status = 'cleared' THEN 'open' ELSE x.status END,
+    resolution = CASE WHEN x.status = 'cleared' THEN NULL ELSE x.resolution END,
+    resolution_reason = CASE WHEN x.status = 'cleared' THEN NULL ELSE x.resolution_reason END,
+    resolved_by = CASE WHEN x.status = 'cleared' THEN NULL ELSE x.resolved_by END,
+    resolved_at = CASE WHEN x.status = 'cleared' THEN NULL ELSE x.resolved_at END
+RETURNING x.id, (x.xmax = 0) AS inserted, x.status;
+
+-- name: reconcile_clear_exceptions
+-- Open exceptions of the window that this run no longer finds: the two sides agree now.
+UPDATE outbox.reconciliation_exceptions
+SET status = 'cleared',
+    resolution = 'cleared',
+    resolution_reason = 'not found again by reconciliation run ' || %(run_id)s::bigint,
+    resolved_by = outbox.audit_actor(),
+    resolved_at = now(),
+    last_run_id = %(run_id)s::bigint
+WHERE provider = %(provider)s::text
+  AND status = 'open'
+  AND occurred_at >= %(since)s::timestamptz AND occurred_at < %(until)s::timestamptz
+  AND id <> ALL(%(seen)s::bigint[])
+RETURNING id;
+
+-- name: reconcile_finish_run
+-- Close a run with its counts (or as failed).
+UPDATE outbox.reconciliation_runs
+SET status = %(status)s::text,
+    finished_at = now(),
+    provider_items = %(provider_items)s::integer,
+    internal_items = %(internal_items)s::integer,
+    matched = %(matched)s::integer,
+    exceptions_found = %(found)s::integer,
+    exceptions_new = %(new)s::integer,
+    exceptions_cleared = %(cleared)s::integer
+WHERE id = %(run_id)s::bigint;
+
+-- name: exceptions_list
+-- Reconciliation exceptions, filtered by status, provider and kind (NULL: any), oldest first.
+SELECT x.id, x.provider, x.kind, x.status, x.payment_id, x.match_key, x.currency,
+       x.internal_amount_minor, x.provider_amount_minor, x.fee_minor, x.expected_fee_minor,
+       x.delta_minor, x.times_seen, x.occurred_at, x.detail, x.resolution, x.resolution_reason,
+       x.resolved_by, x.resolved_at,
+       (SELECT a.id FROM outbox.reconciliation_actions AS a
+        WHERE a.exception_id = x.id AND a.status = 'awaiting_approval'
+        ORDER BY a.id DESC LIMIT 1) AS pending_action
+FROM outbox.reconciliation_exceptions AS x
+WHERE (%(statuses)s::text[] IS NULL OR x.status = ANY(%(statuses)s::text[]))
+  AND (%(provider)s::text IS NULL OR x.provider = %(provider)s::text)
+  AND (%(kind)s::text IS NULL OR x.kind = %(kind)s::text)
+ORDER BY x.id
+LIMIT %(limit)s::integer;
+
+-- name: exception_for_update
+-- One exception, locked for an operator's command.
+SELECT id, provider, kind, status, payment_id, delta_minor, currency
+FROM outbox.reconciliation_exceptions
+WHERE id = %(id)s::bigint
+FOR UPDATE;
+
+-- name: exception_accept
+-- Accept an open exception with a reason (no money moves).
+UPDATE outbox.reconciliation_exceptions
+SET status = 'accepted', resolution = 'accepted', resolution_reason = %(reason)s::text,
+    resolved_by = %(operator)s::text, resolved_at = now()
+WHERE id = %(id)s::bigint AND status = 'open'
+RETURNING id;
+
+-- name: action_request
+-- Ask for a money-moving command on an exception; it waits for a second operator.
+WITH asked AS (
+    INSERT INTO outbox.reconciliation_actions
+        (exception_id, payment_id, action, amount_minor, reason, requested_by)
+    VALUES (%(exception_id)s::bigint, %(payment_id)s::text, %(action)s::text,
+            %(amount_minor)s::bigint, %(reason)s::text, %(operator)s::text)
+    RETURNING id
+),
+waiting AS (
+    UPDATE outbox.reconciliation_exceptions
+    SET status = 'awaiting_approval'
+    WHERE id = %(exception_id)s::bigint
+    RETURNING id
+)
+SELECT asked.id FROM asked, waiting;
+
+-- name: action_for_update
+-- One requested action with its exception, both locked for the approval.
+SELECT a.id, a.exception_id, a.payment_id, a.action, a.amount_minor, a.reason, a.requested_by,
+       a.approved_by, a.approved_at, a.status, a.intent_id, x.status
+FROM outbox.reconciliation_actions AS a
+JOIN outbox.reconciliation_exceptions AS x ON x.id = a.exception_id
+WHERE a.id = %(id)s::bigint
+FOR UPDATE OF a, x;
+
+-- name: action_insert_intent
+-- An approved refund or void becomes an ordinary intent of the payment; the relay sends it exactly once.
+INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency, metadata)
+SELECT p.payment_id, %(action)s::text, p.provider, %(amount_minor)s::bigint, p.currency,
+       jsonb_build_object('reconciliation_exception', %(exception_id)s::bigint,
+                          'reconciliation_action', %(action_id)s::bigint)
+FROM outbox.payments AS p
+WHERE p.payment_id = %(payment_id)s::text
+RETURNING id;
+
+-- name: action_dead_intents
+-- The dead intents of a payment, the ones a re-drive would send again.
+SELECT id FROM outbox.payment_intents
+WHERE payment_id = %(payment_id)s::text AND status = 'dead'
+ORDER BY payment_seq;
+
+-- name: action_redrive
+-- Re-drive a payment's dead intents under their own keys (sql/0006: outbox.retry_dead_intents).
+SELECT intent_id FROM outbox.retry_dead_intents(%(ids)s::bigint[], %(operator)s::text);
+
+-- name: action_executed
+-- Mark an approved action executed, by whom, and the intent it created or re-drove.
+UPDATE outbox.reconciliation_actions
+SET status = 'executed', approved_by = %(operator)s::text, approved_at = now(),
+    intent_id = %(intent_id)s::bigint
+WHERE id = %(id)s::bigint AND status = 'awaiting_approval'
+RETURNING id;
+
+-- name: exception_resolve
+-- Resolve an exception by an executed action.
+UPDATE outbox.reconciliation_exceptions
+SET status = 'resolved', resolution = %(resolution)s::text,
+    resolution_reason = %(reason)s::text, resolved_by = %(operator)s::text, resolved_at = now()
+WHERE id = %(id)s::bigint
+RETURNING id;

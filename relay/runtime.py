@@ -94,6 +94,7 @@ class Relay:
         self._wake_event = anyio.Event()
         self._stop_event = anyio.Event()
         self._stopping = False
+        self._wakeups_wanted: bool | None = None  # what this relay last asked inserts
         self.heartbeat = 0.0  # anyio clock of the claim loop's last turn (liveness)
         self.database_ok = False  # the last claim reached the database (readiness)
         self._drained = anyio.Event()
@@ -164,6 +165,10 @@ class Relay:
                 if claimed and not full:
                     idle = self.options.poll_interval_seconds
                     continue  # there may be more right away
+                if full:
+                    await self._ask_for_wakeups(False)
+                elif not claimed and await self._ask_for_wakeups(True):
+                    continue  # once more: inserts committed before the flag did not notify
                 if claimed:
                     idle = self.options.poll_interval_seconds
                 wait = idle * (0.5 + self.rng())  # jitter: replicas don't poll in step
@@ -183,6 +188,23 @@ class Relay:
             if grace.cancelled_caught:
                 log.warning("shutdown_grace_exceeded", in_flight=self.in_flight)
                 workers.cancel_scope.cancel()
+
+    async def _ask_for_wakeups(self, wanted: bool) -> bool:
+        """Tell inserts whether to NOTIFY; True when this changed what we had asked.
+
+        Only an idle relay needs a NOTIFY; a saturated one comes back when a call ends.
+        Skipping NOTIFY under load keeps the application's commits from queueing on the
+        notification lock. What we asked last is remembered, so this writes only on a
+        change; another relay's change is harmless (polling covers a missed wake-up).
+        """
+        if not self.options.listen or self._wakeups_wanted is wanted:
+            return False
+        try:
+            await self.store.set_wakeups(wanted=wanted)
+        except RETRYABLE_DB_ERRORS:
+            return False
+        self._wakeups_wanted = wanted
+        return True
 
     async def _claim_once(self, workers: TaskGroup) -> tuple[int, bool]:
         """Claim for every lane with capacity; return (claimed, capacity now full)."""

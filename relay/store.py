@@ -205,3 +205,7 @@ class Store:
             {"older_than_seconds": older_than_seconds, "limit": limit, "now": now},
         )
         return len(rows)
+
+    async def set_wakeups(self, *, wanted: bool) -> None:
+        """Ask inserts to NOTIFY (this relay goes idle) or not (it is saturated)."""
+        await self.db.fetch_all("want_wakeups" if wanted else "skip_wakeups")

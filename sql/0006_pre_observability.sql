@@ -84,17 +84,26 @@ $$;
 -- its error cleared, under the SAME idempotency key, so a provider that already applied it
 -- replays the first result. Per-payment order holds: an intent with an earlier unresolved
 -- intent of its payment goes to `blocked` instead (the write-back that ends the earlier one
--- promotes it). Ids that are not dead are skipped. Returns one row per intent moved.
+-- promotes it). Ids that are not dead are skipped.
 --
--- A key older than the provider's idempotency window (24 h at Stripe) may be forgotten by
--- the provider: check such an intent at the provider before re-driving it.
-CREATE FUNCTION outbox.retry_dead_intents(ids bigint[], operator text)
-RETURNS TABLE (intent_id bigint, payment_id text, status text)
+-- An intent that was sent and is older than its provider's idempotency-key lifetime
+-- (outbox.provider_policies, sql/0005; Stripe: 24 h) may be forgotten by the provider: sent
+-- again under its key it could take effect twice. Such an intent stays dead (note
+-- 'key_past_lifetime') unless the janitor's lookups found no effect of it since it died
+-- (janitor_checks.result 'no_effect'), or the operator passes past_key_lifetime => true
+-- after checking at the provider that it took no effect.
+--
+-- Returns one row per dead intent named: its new status (pending, blocked, or dead when
+-- kept) and a note saying why it was kept.
+CREATE FUNCTION outbox.retry_dead_intents(
+    ids bigint[], operator text, past_key_lifetime boolean DEFAULT false)
+RETURNS TABLE (intent_id bigint, payment_id text, status text, note text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     target      record;
     new_status  text;
+    moved       boolean := false;
 BEGIN
     PERFORM outbox.set_operator_actor(operator);
     -- Payments first, in payment_id order, as the relay's write-back locks them.
@@ -106,12 +115,26 @@ BEGIN
     ORDER BY p.payment_id
     FOR UPDATE OF p;
     FOR target IN
-        SELECT i.id, i.payment_id, i.payment_seq
+        SELECT i.id, i.payment_id, i.payment_seq,
+               i.attempts > 0
+               AND i.created_at < now() - outbox.idempotency_key_lifetime(i.provider)
+               AND NOT EXISTS (
+                   SELECT 1 FROM outbox.janitor_checks AS j
+                   WHERE j.intent_id = i.id AND j.result = 'no_effect'
+                     AND j.dead_at IS NOT DISTINCT FROM i.completed_at) AS key_at_risk
         FROM outbox.payment_intents AS i
         WHERE i.id = ANY(ids) AND i.status = 'dead'
         ORDER BY i.payment_id, i.payment_seq
         FOR UPDATE OF i
     LOOP
+        IF target.key_at_risk AND NOT COALESCE(past_key_lifetime, false) THEN
+            intent_id := target.id;
+            payment_id := target.payment_id;
+            status := 'dead';
+            note := 'key_past_lifetime';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
         new_status := CASE WHEN EXISTS (
             SELECT 1 FROM outbox.payment_intents AS e
             WHERE e.payment_id = target.payment_id
@@ -130,12 +153,14 @@ BEGIN
             completed_at = NULL,
             updated_at = now()
         WHERE i.id = target.id;
+        moved := true;
         intent_id := target.id;
         payment_id := target.payment_id;
         status := new_status;
+        note := NULL;
         RETURN NEXT;
     END LOOP;
-    IF FOUND THEN
+    IF moved THEN
         PERFORM pg_notify('outbox_payment_intents', '');
     END IF;
 END;
@@ -156,6 +181,7 @@ DECLARE
     target    record;
     promoted  bigint;
     message   text;
+    ended     boolean := false;
 BEGIN
     actor := outbox.set_operator_actor(operator);
     IF reason IS NOT NULL AND length(reason) > 300 THEN
@@ -178,6 +204,9 @@ BEGIN
         ORDER BY i.payment_id, i.payment_seq
         FOR UPDATE OF i
     LOOP
+        -- The audit trail records why (sql/0005 reads outbox.reason).
+        PERFORM set_config('outbox.reason',
+                           COALESCE(NULLIF(btrim(reason), ''), 'cancelled by operator'), true);
         UPDATE outbox.payment_intents AS i
         SET status = 'failed',
             lease_token = NULL,
@@ -190,6 +219,8 @@ BEGIN
         WHERE i.id = target.id;
 
         promoted := NULL;
+        PERFORM set_config('outbox.reason',
+                           format('promoted: intent %s before it was cancelled', target.id), true);
         UPDATE outbox.payment_intents AS n
         SET status = 'pending', available_at = now(), updated_at = now()
         WHERE n.id = (
@@ -243,9 +274,11 @@ BEGIN
         payment_id := target.payment_id;
         status := 'failed';
         promoted_intent_id := promoted;
+        ended := true;
         RETURN NEXT;
     END LOOP;
-    IF FOUND THEN
+    PERFORM set_config('outbox.reason', '', true);
+    IF ended THEN
         PERFORM pg_notify('outbox_payment_intents', '');
     END IF;
 END;
@@ -254,7 +287,7 @@ $$;
 -- The audit trail of one intent (sql/0005's outbox.audit_log), oldest first. Raises
 -- undefined_table, naming the migration, when the audit trail is not installed.
 CREATE FUNCTION outbox.intent_history(intent bigint)
-RETURNS TABLE (at timestamptz, actor text, operation text, before jsonb, after jsonb)
+RETURNS TABLE (at timestamptz, actor text, operation text, reason text, before jsonb, after jsonb)
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     IF to_regclass('outbox.audit_log') IS NULL THEN
@@ -264,7 +297,7 @@ BEGIN
             HINT = 'Run `outbox-relay migrate`.';
     END IF;
     RETURN QUERY EXECUTE
-        'SELECT a.at, a.actor::text, a.operation::text, a.before, a.after
+        'SELECT a.at, a.actor::text, a.operation::text, a.reason::text, a.before, a.after
          FROM outbox.audit_log AS a
          WHERE a.entity = ''intent'' AND a.entity_id = $1
          ORDER BY a.id'

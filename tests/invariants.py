@@ -60,3 +60,27 @@ def assert_exactly_once(db_url: str, effects: dict[str, Any], *, expected_intent
     assert wrong == [], "every succeeded intent has exactly one effect, others none"
     with psycopg.connect(db_url) as conn:
         assert conn.execute(_AMOUNT_MISMATCHES).fetchall() == [], "payments match their intents"
+
+
+def assert_ledger_balanced(db_url: str) -> None:
+    """Every ledger transaction balances per currency, every succeeded intent has exactly
+    one posting, and every payment's amounts equal its ledger (relay/ledger.py)."""
+    from relay.ledger import check_ledger
+
+    report = check_ledger(db_url)
+    assert report.problems == [], "ledger balances and equals the payments"
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM outbox.payment_intents WHERE status = 'succeeded')"
+            " + (SELECT count(*) FROM outbox.payment_intents_archive WHERE status = 'succeeded')"
+        ).fetchone()
+    assert row is not None and report.transactions == row[0], "one posting per succeeded intent"
+
+
+def assert_audit_intact(db_url: str) -> None:
+    """Every audit chain links and hashes, and ends in its row's live state (relay/audit.py)."""
+    from relay.audit import verify_database
+
+    report = verify_database(db_url)
+    assert report.breaks == [], "the audit trail is intact"
+    assert report.rows > 0

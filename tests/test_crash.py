@@ -19,7 +19,12 @@ import psycopg
 import pytest
 
 from relay.demo import build_workload
-from tests.invariants import assert_exactly_once, unfinished
+from tests.invariants import (
+    assert_audit_intact,
+    assert_exactly_once,
+    assert_ledger_balanced,
+    unfinished,
+)
 from tests.invariants import intents as all_intents
 from tests.processes import FakeProviderProcess, RelayProcess
 
@@ -131,6 +136,10 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
     assert faults["timeout_after_effect"] > 0 and faults["500_after_effect"] > 0
 
     assert_exactly_once(db_url, effects, expected_intents=len(rows))
+    # Money you can audit: one balanced posting per succeeded intent, equal to the
+    # payments' amounts, and an unbroken audit trail, however often relays were killed.
+    assert_ledger_balanced(db_url)
+    assert_audit_intact(db_url)
     intents = all_intents(db_url)
     dead = [i for i in intents if i[3] == "dead"]
     assert dead == [], f"no intent should exhaust 25 attempts here: {dead[:5]}"

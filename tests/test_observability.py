@@ -397,6 +397,54 @@ def test_queue_depth_can_be_answered_from_the_partial_index_alone(conn: psycopg.
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
+@pytest.mark.anyio
+async def test_reconciliation_gauges_follow_the_open_exceptions(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        run = conn.execute(
+            "INSERT INTO outbox.reconciliation_runs (provider, window_start, window_end)"
+            " VALUES ('recon', now() - interval '1 day', now()) RETURNING id"
+        ).fetchone()
+        assert run is not None
+        for key, kind, currency, delta in [
+            ("pi_1", "amount_mismatch", "EUR", -150),
+            ("pi_2", "missing_internal", "EUR", 2000),
+            ("pi_3", "amount_mismatch", "JPY", 7),
+        ]:
+            conn.execute(
+                "INSERT INTO outbox.reconciliation_exceptions (provider, kind, match_key, currency,"
+                " delta_minor, detail, occurred_at, first_run_id, last_run_id)"
+                " VALUES ('recon', %s, %s, %s, %s, 'test', now(), %s, %s)",
+                (kind, key, currency, delta, run[0], run[0]),
+            )
+    db = Database(db_url, pool_size=1)
+    await db.open()
+    try:
+        sampler = DepthSampler(db)
+        await sampler.sample()
+        assert _value("outbox_relay_reconciliation_open_exceptions", provider="recon") == 3
+        assert (
+            _value("outbox_relay_reconciliation_open_delta_minor", provider="recon", currency="EUR")
+            == 2150
+        )
+        assert (
+            _value("outbox_relay_reconciliation_open_delta_minor", provider="recon", currency="JPY")
+            == 7
+        )
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE outbox.reconciliation_exceptions SET status = 'resolved'"
+                " WHERE currency = 'EUR'"
+            )
+        await sampler.sample()
+        assert _value("outbox_relay_reconciliation_open_exceptions", provider="recon") == 1
+        assert (
+            _value("outbox_relay_reconciliation_open_delta_minor", provider="recon", currency="EUR")
+            == 0
+        )
+    finally:
+        await db.close()
+
+
 @pytest.mark.parametrize(
     "value",
     [

@@ -26,45 +26,13 @@ pytestmark = pytest.mark.integration
 
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
 
-_AUDIT_STAND_IN = """
-CREATE TABLE outbox.audit_log (
-    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
-    actor       text NOT NULL,
-    entity      text NOT NULL,
-    entity_id   text NOT NULL,
-    payment_id  text,
-    operation   text NOT NULL,
-    before      jsonb,
-    after       jsonb,
-    prev_hash   text,
-    hash        text
-);
-CREATE FUNCTION outbox.audit_stand_in() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO outbox.audit_log (actor, entity, entity_id, payment_id, operation, before, after)
-    VALUES (COALESCE(NULLIF(current_setting('outbox.actor', true), ''), 'role:' || current_user),
-            'intent', COALESCE(NEW.id, OLD.id)::text, COALESCE(NEW.payment_id, OLD.payment_id),
-            lower(TG_OP),
-            CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
-            CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);
-    RETURN NULL;
-END;
-$$;
-CREATE TRIGGER payment_intents_audit_stand_in
-    AFTER INSERT OR UPDATE OR DELETE ON outbox.payment_intents
-    FOR EACH ROW EXECUTE FUNCTION outbox.audit_stand_in();
-"""
-
 
 @pytest.fixture
 def audited_db(db_url: str) -> str:
-    """The test database with an audit trail: sql/0005's, or a minimal stand-in of its
-    shape while that migration is not in the tree."""
-    with psycopg.connect(db_url, autocommit=True) as conn:
+    """The test database; its audit trail comes from sql/0005."""
+    with psycopg.connect(db_url) as conn:
         present = conn.execute("SELECT to_regclass('outbox.audit_log') IS NOT NULL").fetchone()
-        if not (present and present[0]):
-            conn.execute(_AUDIT_STAND_IN)
+    assert present == (True,), "sql/0005 installs outbox.audit_log"
     return db_url
 
 
@@ -335,6 +303,20 @@ def test_cancel_ends_the_dead_intent_and_promotes_the_next(audited_db: str) -> N
     assert events == [("payment.authorize.failed", "cancelled_by_operator", True)]
     assert ("operator:bob", "failed") in history(db_url, auth)
     assert ("operator:bob", "pending") in history(db_url, capture)
+    reasons = rows(
+        db_url,
+        "SELECT reason FROM outbox.audit_log WHERE entity = 'intent' AND entity_id = %s"
+        " AND actor = 'operator:bob'",
+        str(auth),
+    )
+    assert reasons == [("voided by hand at the provider",)]
+    promoted_because = rows(
+        db_url,
+        "SELECT reason FROM outbox.audit_log WHERE entity = 'intent' AND entity_id = %s"
+        " AND actor = 'operator:bob'",
+        str(capture),
+    )
+    assert promoted_because == [(f"promoted: intent {auth} before it was cancelled",)]
 
     again = cli(db_url, "dead-letters", "cancel", str(auth), "--operator", "bob")
     assert again.returncode == 1
@@ -428,6 +410,49 @@ def test_default_operator_comes_from_the_environment(audited_db: str) -> None:
     assert ("operator:erin", "pending") in history(audited_db, intent)
 
 
+def test_retry_keeps_an_intent_past_its_key_lifetime_dead_until_it_is_safe(
+    audited_db: str,
+) -> None:
+    db_url = audited_db
+    old, young = insert(
+        db_url, ("life-1", "charge", 100, "pm_card_visa"), ("life-2", "charge", 100, "pm_card_visa")
+    )
+    make_dead(db_url, [old, young], "provider_timeout")
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "UPDATE outbox.payment_intents SET created_at = now() - interval '30 hours'"
+            " WHERE id = %s",
+            (old,),
+        )
+    result = cli(db_url, "dead-letters", "retry", "--all", "--yes", "--operator", "gina")
+    assert result.returncode == 1
+    assert "kept dead 1 intent(s) sent longer ago than their provider's" in result.stdout
+    assert f": {old}" in result.stdout and "--allow-expired-keys" in result.stdout
+    assert state(db_url, old)[0] == "dead" and state(db_url, young)[0] == "pending"
+
+    # The janitor looked it up and found no effect since it died: safe to send again.
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO outbox.janitor_checks (intent_id, payment_id, provider, dead_at, result)"
+            " SELECT id, payment_id, provider, completed_at, 'no_effect'"
+            " FROM outbox.payment_intents WHERE id = %s",
+            (old,),
+        )
+    settled = cli(db_url, "dead-letters", "retry", str(old), "--operator", "gina", "--json")
+    assert settled.returncode == 0, settled.stdout
+    assert json.loads(settled.stdout)["done"] == [
+        {"intent_id": old, "payment_id": "life-1", "status": "pending", "note": None}
+    ]
+
+    # Without the janitor's word, only an explicit flag re-drives it.
+    make_dead(db_url, [old], "provider_timeout")
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE outbox.payment_intents SET completed_at = now() WHERE id = %s", (old,))
+    assert cli(db_url, "dead-letters", "retry", str(old)).returncode == 1
+    forced = cli(db_url, "dead-letters", "retry", str(old), "--allow-expired-keys")
+    assert forced.returncode == 0 and state(db_url, old)[0] == "pending"
+
+
 # -- the SQL API itself ------------------------------------------------------------------------------
 
 
@@ -448,13 +473,13 @@ def test_sql_retry_keeps_payment_order_and_refuses_a_nameless_operator(
     # The later one alone: it waits behind the earlier dead intent.
     assert conn.execute(
         "SELECT * FROM outbox.retry_dead_intents(ARRAY[%s]::bigint[], 'sql-op')", (second,)
-    ).fetchall() == [(second, "sq-1", "blocked")]
+    ).fetchall() == [(second, "sq-1", "blocked", None)]
     conn.execute("UPDATE outbox.payment_intents SET status = 'dead' WHERE id = %s", (second,))
     # Both at once: the first runs, the second waits for it.
     assert conn.execute(
         "SELECT * FROM outbox.retry_dead_intents(ARRAY[%s, %s]::bigint[], 'sql-op')",
         (second, first),
-    ).fetchall() == [(first, "sq-1", "pending"), (second, "sq-1", "blocked")]
+    ).fetchall() == [(first, "sq-1", "pending", None), (second, "sq-1", "blocked", None)]
     assert conn.execute(
         "SELECT status FROM outbox.payment_intents WHERE id = %s", (third,)
     ).fetchone() == ("blocked",)

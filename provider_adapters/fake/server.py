@@ -275,6 +275,40 @@ def create_app(
     app.router.add_get("/v1/refunds/{id}", get(retrieve_refund))
     app.router.add_get("/v1/refunds", get(list_refunds))
 
+    def list_balance_transactions(request: web.Request) -> Reply:
+        return fake.state.settlement.list(request.query)
+
+    app.router.add_get("/v1/balance_transactions", get(list_balance_transactions))
+
+    async def discrepancies(request: web.Request) -> web.Response:
+        """POST {"kind": ..., "source": ...}: make the settlement data disagree (settlement.py)."""
+        if request.method == "POST":
+            try:
+                spec = await request.json()
+            except ValueError:
+                return _json(*stripe_error(400, "invalid_request_error", "body must be JSON"))
+            if not isinstance(spec, dict):
+                return _json(*stripe_error(400, "invalid_request_error", "body must be an object"))
+            return _json(*fake.state.settlement.inject(spec))
+        return _json(200, {"injected": fake.state.settlement.injected})
+
+    async def fees(request: web.Request) -> web.Response:
+        """POST {"bps": 290, "fixed_minor": 30}: the fee on charges from now on."""
+        schedule = fake.state.settlement.fees
+        if request.method == "POST":
+            try:
+                body = await request.json()
+                schedule.bps = int(body.get("bps", schedule.bps))
+                schedule.fixed_minor = int(body.get("fixed_minor", schedule.fixed_minor))
+            except (ValueError, TypeError, AttributeError) as exc:
+                return _json(
+                    *stripe_error(400, "invalid_request_error", f"bad fee schedule: {exc}")
+                )
+        return _json(200, {"bps": schedule.bps, "fixed_minor": schedule.fixed_minor})
+
+    app.router.add_route("*", "/_fake/discrepancies", discrepancies)
+    app.router.add_route("*", "/_fake/fees", fees)
+
     async def effects(_request: web.Request) -> web.Response:
         return _json(
             200,

@@ -15,6 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from provider_adapters.fake.settlement import Settlement
+
 __all__ = ["Effect", "StripeState", "stripe_error"]
 
 Reply = tuple[int, dict[str, Any]]
@@ -66,6 +68,11 @@ class StripeState:
     refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
     effects: list[Effect] = field(default_factory=list)
     _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # Balance transactions for reconciliation (settlement.py), fed by every effect.
+    settlement: Settlement = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.settlement = Settlement(self.refunds)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -74,6 +81,8 @@ class StripeState:
 
     def _effect(self, key: str, kind: str, obj: str, pi: str, amount: int, currency: str) -> None:
         self.effects.append(Effect(key, kind, obj, pi, amount, currency))
+        charge = self.intents.get(pi, {}).get("latest_charge")
+        self.settlement.record(kind, obj, pi, amount, currency, charge)
 
     def effects_by_key(self) -> dict[str, dict[str, Any]]:
         grouped: dict[str, dict[str, Any]] = defaultdict(

@@ -1,0 +1,521 @@
+"""The ledger and the audit trail on a real PostgreSQL, written by real relay runs.
+
+Tampering is simulated as a superuser would do it: with ``session_replication_role =
+replica`` the append-only guards (triggers) are off, which is exactly the case the
+checks exist for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from provider_adapters.base import Command, Invalid, Outcome
+from provider_adapters.memory import MemoryProvider
+from relay.audit import verify_database
+from relay.ledger import check_ledger
+from tests.invariants import assert_audit_intact, assert_ledger_balanced
+from tests.relay_harness import insert_intents, make_relay, run_until_settled
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+
+
+def workload(n: int) -> list[dict[str, Any]]:
+    """Every money path: authorize/capture(partial)/refunds, charge/refund, void, decline,
+    and commands the state machine refuses."""
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        rows += [
+            {
+                "payment_id": f"a{i}",
+                "action": "authorize",
+                "amount_minor": 1000,
+                "payment_method": "pm_card_visa",
+            },
+            {"payment_id": f"a{i}", "action": "capture", "amount_minor": 900},
+            {"payment_id": f"a{i}", "action": "refund", "amount_minor": 300},
+            {"payment_id": f"a{i}", "action": "refund"},
+            {
+                "payment_id": f"c{i}",
+                "action": "charge",
+                "amount_minor": 500,
+                "currency": "JPY",
+                "payment_method": "pm_card_visa",
+            },
+            {"payment_id": f"c{i}", "action": "refund", "amount_minor": 200, "currency": "JPY"},
+            {
+                "payment_id": f"v{i}",
+                "action": "authorize",
+                "amount_minor": 7000,
+                "currency": "KWD",
+                "payment_method": "pm_card_visa",
+            },
+            {"payment_id": f"v{i}", "action": "void", "currency": "KWD"},
+            {
+                "payment_id": f"h{i}",
+                "action": "authorize",
+                "amount_minor": 400,
+                "payment_method": "pm_card_visa",
+            },
+            {
+                "payment_id": f"d{i}",
+                "action": "charge",
+                "amount_minor": 100,
+                "payment_method": "pm_card_chargeDeclined",
+            },
+            {"payment_id": f"x{i}", "action": "capture", "amount_minor": 100},
+        ]
+    return rows
+
+
+async def settled_run(
+    db_url: str, n: int = 5, provider: MemoryProvider | None = None
+) -> MemoryProvider:
+    insert_intents(db_url, workload(n))
+    provider = provider or MemoryProvider()
+    await run_until_settled(db_url, [make_relay(db_url, provider, instance="ledger-relay")])
+    return provider
+
+
+@pytest.fixture
+def superuser(db_url: str) -> Iterator[psycopg.Connection]:
+    """A connection that can turn the guards off (session_replication_role = replica)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        is_super = conn.execute("SELECT current_setting('is_superuser')").fetchone()
+        assert is_super == ("on",), "tamper tests need a superuser (RELAY_TEST_DATABASE_URL)"
+        yield conn
+
+
+def tamper(conn: psycopg.Connection, *statements: str, params: Any = None) -> None:
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        for statement in statements:
+            conn.execute(statement, params)  # type: ignore[arg-type]
+
+
+def run_cli(*args: str, db_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        env={**BASE_ENV, "RELAY_DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+# -- ledger --------------------------------------------------------------------------------
+
+
+async def test_relay_run_posts_a_balanced_ledger_equal_to_the_payments(db_url: str) -> None:
+    await settled_run(db_url)
+    report = check_ledger(db_url)
+    assert report.problems == []
+    assert_ledger_balanced(db_url)
+    # 4 + 2 + 2 + 1 succeeded intents per round, one ledger transaction each.
+    assert report.transactions == 5 * 9
+    balances = {(a.account, a.currency): a.balance for a in report.accounts}
+    # a*: authorised 1000, captured 900 (hold of 1000 released), refunded 300 + 600.
+    # h*: 400 still held. c*: 500 JPY charged, 200 refunded. v*: 7000 KWD held, then voided.
+    assert balances[("stripe:holds", "EUR")] == 5 * 400
+    assert balances[("stripe:authorizations", "EUR")] == -5 * 400
+    assert balances[("stripe:captured", "EUR")] == -5 * 900
+    assert balances[("stripe:refunded", "EUR")] == 5 * 900
+    assert balances[("stripe:receivable", "EUR")] == 0  # captured 900, refunded 900
+    assert balances[("stripe:receivable", "JPY")] == 5 * 300
+    assert balances[("stripe:holds", "KWD")] == 0
+    for figures in report.totals.values():
+        assert all(ours == books for ours, books in figures.values()), figures
+    with psycopg.connect(db_url) as conn:
+        kinds = conn.execute(
+            "SELECT kind, count(*) FROM outbox.ledger_transactions GROUP BY kind ORDER BY kind"
+        ).fetchall()
+        actors = conn.execute(
+            "SELECT DISTINCT posted_by FROM outbox.ledger_transactions"
+        ).fetchall()
+    assert kinds == [("authorize", 15), ("capture", 5), ("charge", 5), ("refund", 15), ("void", 5)]
+    assert actors == [("relay:ledger-relay",)]
+
+    result = run_cli("ledger", "check", db_url=db_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: every transaction balances" in result.stdout
+    as_json = json.loads(run_cli("ledger", "check", "--json", db_url=db_url).stdout)
+    assert as_json["ok"] is True and as_json["transactions"] == 45
+
+
+async def test_ledger_check_detects_a_planted_imbalance(
+    db_url: str, superuser: psycopg.Connection
+) -> None:
+    await settled_run(db_url, n=2)
+    row = superuser.execute(
+        "SELECT t.id FROM outbox.ledger_transactions t WHERE t.kind = 'capture' ORDER BY t.id LIMIT 1"
+    ).fetchone()
+    assert row is not None
+    txn_id = row[0]
+    tamper(
+        superuser,
+        "UPDATE outbox.ledger_entries SET amount_minor = amount_minor + 1"
+        " WHERE id = (SELECT min(id) FROM outbox.ledger_entries WHERE transaction_id = %(t)s"
+        "             AND account = 'stripe:receivable')",
+        params={"t": txn_id},
+    )
+    report = check_ledger(db_url)
+    kinds = sorted({p.kind for p in report.problems})
+    assert kinds == ["payment_mismatch", "unbalanced"]
+    unbalanced = [p for p in report.problems if p.kind == "unbalanced"]
+    assert [p.subject for p in unbalanced] == [f"ledger transaction {txn_id}"]
+    assert "entries sum to +1" in unbalanced[0].message
+
+    result = run_cli("ledger", "check", db_url=db_url)
+    assert result.returncode == 1
+    assert f"ledger transaction {txn_id}" in result.stdout
+    assert "does not balance in EUR" in result.stdout
+
+
+async def test_ledger_check_detects_a_payment_changed_behind_its_back(
+    db_url: str, superuser: psycopg.Connection
+) -> None:
+    await settled_run(db_url, n=1)
+    tamper(superuser, "UPDATE outbox.payments SET captured_minor = 950 WHERE payment_id = 'a0'")
+    report = check_ledger(db_url)
+    assert [(p.kind, p.subject) for p in report.problems] == [("payment_mismatch", "payment a0")]
+    assert "captured 950 in the payment vs 900 in the ledger" in report.problems[0].message
+    # The audit trail sees it too: the payment's chain no longer ends in its live state.
+    audit = verify_database(db_url)
+    assert [(b.kind, b.entity, b.entity_id) for b in audit.breaks] == [
+        ("tail_mismatch", "payment", "a0")
+    ]
+
+
+async def test_succeeded_intent_without_its_posting_is_reported(
+    db_url: str, superuser: psycopg.Connection
+) -> None:
+    await settled_run(db_url, n=1)
+    row = superuser.execute(
+        "SELECT id FROM outbox.payment_intents WHERE payment_id = 'h0' AND status = 'succeeded'"
+    ).fetchone()
+    assert row is not None
+    tamper(
+        superuser,
+        "DELETE FROM outbox.ledger_entries WHERE transaction_id IN"
+        " (SELECT id FROM outbox.ledger_transactions WHERE intent_id = %(i)s)",
+        "DELETE FROM outbox.ledger_transactions WHERE intent_id = %(i)s",
+        params={"i": row[0]},
+    )
+    report = check_ledger(db_url)
+    assert (
+        "posting",
+        f"intent {row[0]}",
+    ) in [(p.kind, p.subject) for p in report.problems]
+
+
+async def test_ledger_rows_are_append_only(db_url: str) -> None:
+    await settled_run(db_url, n=1)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for statement in (
+            "UPDATE outbox.ledger_entries SET amount_minor = 1",
+            "DELETE FROM outbox.ledger_transactions",
+            "TRUNCATE outbox.ledger_entries",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute(statement)  # type: ignore[arg-type]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="ledger trigger only"):
+            conn.execute(
+                "SELECT outbox.ledger_post(1, 'a0', 'charge', 'stripe', 'EUR', 5, NULL, 'me')"
+            )
+
+
+# -- audit trail ---------------------------------------------------------------------------
+
+
+async def test_every_transition_is_audited_with_its_actor(db_url: str) -> None:
+    await settled_run(db_url, n=1)
+    with psycopg.connect(db_url) as conn:
+        intent_id = conn.execute(
+            "SELECT id FROM outbox.payment_intents WHERE payment_id = 'a0' AND action = 'capture'"
+        ).fetchone()
+        assert intent_id is not None
+        trail = conn.execute(
+            "SELECT actor, operation, before ->> 'status', after ->> 'status', chain_seq"
+            " FROM outbox.audit_log WHERE entity = 'intent' AND entity_id = %s ORDER BY chain_seq",
+            (str(intent_id[0]),),
+        ).fetchall()
+        payment = conn.execute(
+            "SELECT actor, after ->> 'state' FROM outbox.audit_log"
+            " WHERE entity = 'payment' AND entity_id = 'a0' ORDER BY chain_seq"
+        ).fetchall()
+    assert trail == [
+        ("db:postgres", "insert", None, "blocked", 1),
+        ("relay:ledger-relay", "update", "blocked", "pending", 2),  # promoted by the write-back
+        ("relay:ledger-relay", "update", "pending", "in_flight", 3),  # the claim
+        ("relay:ledger-relay", "update", "in_flight", "succeeded", 4),
+    ]
+    assert payment == [
+        ("db:postgres", "new"),
+        ("relay:ledger-relay", "authorized"),
+        ("relay:ledger-relay", "captured"),
+        ("relay:ledger-relay", "partially_refunded"),
+        ("relay:ledger-relay", "refunded"),
+    ]
+    assert_audit_intact(db_url)
+    result = run_cli("audit", "verify", db_url=db_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "intact" in result.stdout
+
+
+async def test_audit_rows_cannot_be_updated_or_deleted(
+    db_url: str, superuser: psycopg.Connection
+) -> None:
+    await settled_run(db_url, n=1)
+    for statement in (
+        "UPDATE outbox.audit_log SET actor = 'someone else'",
+        "DELETE FROM outbox.audit_log WHERE id = 1",
+        "TRUNCATE outbox.audit_log",
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            superuser.execute(statement)  # type: ignore[arg-type]
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="audit triggers only"):
+        superuser.execute(
+            "SELECT outbox.audit_append('intent', '1', 'a0', 'update', NULL, '{}', 'forger')"
+        )
+
+    # A role of the application's kind: it writes intents and can read the trail, and the
+    # privileges refuse it any change to the trail before a trigger is even asked.
+    role = f"outbox_app_{uuid.uuid4().hex[:8]}"
+    superuser.execute(f"CREATE ROLE {role}")  # type: ignore[arg-type]
+    try:
+        superuser.execute(
+            f"GRANT USAGE ON SCHEMA outbox TO {role};"  # type: ignore[arg-type]
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA outbox TO {role};"
+            f"GRANT INSERT ON outbox.payment_intents, outbox.payments TO {role};"
+            f"GRANT UPDATE ON outbox.payments TO {role};"
+        )
+        with superuser.transaction():
+            superuser.execute(f"SET LOCAL ROLE {role}")  # type: ignore[arg-type]
+            superuser.execute(
+                "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+                " currency, payment_method) VALUES ('by-app', 'charge', 'stripe', 10, 'EUR', 'pm_card_visa')"
+            )
+        actors = superuser.execute(
+            "SELECT DISTINCT actor FROM outbox.audit_log WHERE payment_id = 'by-app'"
+        ).fetchall()
+        assert actors == [(f"db:{role}",)]
+        for statement in (
+            "UPDATE outbox.audit_log SET actor = 'x'",
+            "DELETE FROM outbox.audit_log",
+            "INSERT INTO outbox.audit_log (at, actor, entity, entity_id, operation, chain_seq, hash)"
+            " VALUES (now(), 'x', 'intent', '1', 'insert', 99, 'x')",
+        ):
+            with superuser.transaction():
+                superuser.execute(f"SET LOCAL ROLE {role}")  # type: ignore[arg-type]
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+                    superuser.execute(statement)  # type: ignore[arg-type]
+    finally:
+        superuser.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")  # type: ignore[arg-type]
+
+
+def _chain(conn: psycopg.Connection, payment_id: str) -> list[tuple[int, int]]:
+    """(id, chain_seq) of the payment's own chain, in order."""
+    return [
+        (int(r[0]), int(r[1]))
+        for r in conn.execute(
+            "SELECT id, chain_seq FROM outbox.audit_log"
+            " WHERE entity = 'payment' AND entity_id = %s ORDER BY chain_seq",
+            (payment_id,),
+        )
+    ]
+
+
+_FORGE = """
+INSERT INTO outbox.audit_log
+    (id, at, actor, entity, entity_id, payment_id, operation, before, after, chain_seq, prev_hash, hash)
+SELECT f.id, f.at, 'operator:mallory', 'payment', 'a0', 'a0', 'update', NULL, '{"state": "voided"}',
+       %(seq)s, p.hash,
+       sha256(outbox.audit_canonical(f.id, f.at, 'operator:mallory', 'payment', 'a0', 'a0', 'update',
+                                     NULL, NULL, '{"state": "voided"}', %(seq)s, p.hash))
+FROM (SELECT nextval('outbox.audit_log_id_seq') AS id, now() AS at) AS f,
+     outbox.audit_log AS p
+WHERE p.entity = 'payment' AND p.entity_id = 'a0' AND p.chain_seq = %(seq)s - 1
+"""
+
+
+@pytest.mark.parametrize("tampering", ["edited", "deleted", "inserted", "reordered"])
+async def test_verify_names_the_first_broken_link(
+    db_url: str, superuser: psycopg.Connection, tampering: str
+) -> None:
+    await settled_run(db_url, n=1)
+    assert verify_database(db_url).intact
+    chain = _chain(superuser, "a0")
+    assert len(chain) == 5
+    (_, _), (id2, _), (id3, _), (id4, _), (_, _) = chain
+    if tampering == "edited":
+        tamper(
+            superuser,
+            "UPDATE outbox.audit_log SET after = after || '{\"captured_minor\": 1}' WHERE id = %(id)s",
+            params={"id": id3},
+        )
+        named = id3
+    elif tampering == "deleted":
+        tamper(superuser, "DELETE FROM outbox.audit_log WHERE id = %(id)s", params={"id": id3})
+        named = id4  # the first row whose link points at nothing
+    elif tampering == "inserted":
+        # The strongest forger: renumbers the rows after the gap and hashes the forged row
+        # correctly onto its predecessor.
+        tamper(
+            superuser,
+            "UPDATE outbox.audit_log SET chain_seq = chain_seq + 100"
+            " WHERE entity = 'payment' AND entity_id = 'a0' AND chain_seq >= 3",
+            "UPDATE outbox.audit_log SET chain_seq = chain_seq - 99"
+            " WHERE entity = 'payment' AND entity_id = 'a0' AND chain_seq >= 103",
+            _FORGE,
+            params={"seq": 3},
+        )
+        forged = superuser.execute(
+            "SELECT id FROM outbox.audit_log WHERE actor = 'operator:mallory'"
+        ).fetchone()
+        assert forged is not None
+        named = forged[0]
+    else:
+        tamper(
+            superuser,
+            "UPDATE outbox.audit_log SET chain_seq = 100 WHERE id = %(a)s",
+            "UPDATE outbox.audit_log SET chain_seq = 2 WHERE id = %(b)s",
+            "UPDATE outbox.audit_log SET chain_seq = 3 WHERE id = %(a)s",
+            params={"a": id2, "b": id3},
+        )
+        named = id3  # now at position 2, it links to a row that comes after it
+    report = verify_database(db_url)
+    first = report.first_break
+    assert first is not None
+    assert (first.kind, first.row_id, first.entity, first.entity_id) == (
+        tampering,
+        named,
+        "payment",
+        "a0",
+    )
+    assert len(report.breaks) == 1, report.breaks
+
+    result = run_cli("audit", "verify", db_url=db_url)
+    assert result.returncode == 1
+    assert f"first broken link: audit row {named} (payment a0" in result.stdout
+    as_json = json.loads(run_cli("audit", "verify", "--json", db_url=db_url).stdout)
+    assert as_json["intact"] is False
+    assert as_json["first_break"]["row_id"] == named
+    assert as_json["first_break"]["kind"] == tampering
+
+
+async def test_verify_names_the_earliest_break_across_chains(
+    db_url: str, superuser: psycopg.Connection
+) -> None:
+    await settled_run(db_url, n=2)
+    early = _chain(superuser, "a1")[1][0]
+    late = _chain(superuser, "a0")[-1][0]
+    early, late = min(early, late), max(early, late)
+    tamper(
+        superuser,
+        "UPDATE outbox.audit_log SET actor = 'operator:mallory' WHERE id IN (%(a)s, %(b)s)",
+        params={"a": early, "b": late},
+    )
+    report = verify_database(db_url)
+    assert [b.row_id for b in sorted(report.breaks, key=lambda b: b.row_id or 0)] == [early, late]
+    assert report.first_break is not None and report.first_break.row_id == early
+
+
+async def test_a_deleted_tail_or_chain_is_caught_against_the_live_rows(
+    db_url: str, superuser: psycopg.Connection
+) -> None:
+    await settled_run(db_url, n=1)
+    tail = _chain(superuser, "a0")[-1][0]
+    intent = superuser.execute(
+        "SELECT id FROM outbox.payment_intents WHERE payment_id = 'h0'"
+    ).fetchone()
+    assert intent is not None
+    tamper(
+        superuser,
+        "DELETE FROM outbox.audit_log WHERE id = %(tail)s",
+        "DELETE FROM outbox.audit_log WHERE entity = 'intent' AND entity_id = %(intent)s",
+        params={"tail": tail, "intent": str(intent[0])},
+    )
+    breaks = {(b.kind, b.entity, b.entity_id) for b in verify_database(db_url).breaks}
+    assert breaks == {
+        ("tail_mismatch", "payment", "a0"),
+        ("missing_chain", "intent", str(intent[0])),
+    }
+
+
+_CARD = "4111 1111 1111 1111"
+_API_KEY = "sk_live_51HzQexampleSecretKey0000"
+
+
+def _luhn_runs(text: str) -> list[str]:
+    found = []
+    for run in re.findall(r"[0-9](?:[ -]?[0-9]){12,}", text):
+        digits = re.sub(r"[ -]", "", run)
+        if 13 <= len(digits) <= 19:
+            total = 0
+            for i, ch in enumerate(reversed(digits)):
+                d = int(ch) * (2 if i % 2 else 1)
+                total += d - 9 if d > 9 else d
+            if total % 10 == 0:
+                found.append(run)
+    return found
+
+
+class LeakyMemory(MemoryProvider):
+    """Refuses refunds with a message that echoes a card number and an API key."""
+
+    async def execute(self, command: Command) -> Outcome:
+        if command.action == "refund":
+            return Invalid("invalid_request", f"card {_CARD} refused for key {_API_KEY}")
+        return await super().execute(command)
+
+
+async def test_no_card_like_value_or_api_key_reaches_the_audit_trail(db_url: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency,"
+            " payment_method, idempotency_key, metadata) VALUES"
+            " ('leak', 'charge', 'stripe', 500, 'EUR', 'pm_card_visa', '4111-1111-1111-1111',"
+            "  %s::jsonb),"
+            " ('leak', 'refund', 'stripe', 100, 'EUR', NULL, 'refund-key-1', '{}')",
+            (json.dumps({"card": _CARD, "api_key": _API_KEY}),),
+        )
+    await run_until_settled(db_url, [make_relay(db_url, LeakyMemory())])
+    with psycopg.connect(db_url) as conn:
+        refund = conn.execute(
+            "SELECT status, error_code FROM outbox.payment_intents WHERE action = 'refund'"
+        ).fetchone()
+        rows = conn.execute(
+            "SELECT actor, entity_id, payment_id, operation, reason, before::text, after::text"
+            " FROM outbox.audit_log"
+        ).fetchall()
+    assert refund == ("dead", "invalid_request")
+    # An operator's SQL writes a raw message: the trail redacts what the relay did not see.
+    with psycopg.connect(db_url) as conn:
+        for message in (f"customer read out {_CARD}", f"provider key {_API_KEY} leaked"):
+            conn.execute(
+                "UPDATE outbox.payment_intents SET error_message = %s WHERE action = 'refund'",
+                (message,),
+            )
+        rows = conn.execute(
+            "SELECT actor, entity_id, payment_id, operation, reason, before::text, after::text"
+            " FROM outbox.audit_log"
+        ).fetchall()
+    text = "\n".join(str(v) for row in rows for v in row if v is not None)
+    assert _luhn_runs(text) == []
+    assert re.search(r"(sk|rk)_(live|test)_[0-9A-Za-z]{4,}", text) is None
+    assert "pm_card_visa" not in text  # payment_method is not an audited column
+    assert "metadata" not in text
+    assert "[redacted: card-like number]" in text  # the idempotency key and error message
+    assert "[redacted: secret]" in text
+    assert verify_database(db_url).intact
