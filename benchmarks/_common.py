@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -61,10 +62,29 @@ def scratch_database(label: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def code_version() -> dict[str, Any]:
+    """The commit, and a fingerprint of the SQL and relay code actually measured (the
+    working tree may differ from the commit)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(
+        [*root.glob("sql/*.sql"), root / "relay" / "queries.sql", *root.glob("relay/*.py")]
+    ):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        head = ""
+    return {"git_head": head or None, "sql_and_relay_sha256": digest.hexdigest()[:12]}
+
+
 def write_result(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
+    stamp = {"machine": machine(), "code": code_version(), "finished_at": time.strftime("%FT%T%z")}
+    path.write_text(json.dumps({**stamp, **result}, indent=2) + "\n")
     return path
 
 

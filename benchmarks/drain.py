@@ -25,6 +25,7 @@ import argparse
 import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,22 @@ async def drain(
         ),
         rng=random.Random(1).random,
     )
+    timings: dict[str, list[tuple[float, int]]] = {"claim": [], "write_back": []}
+
+    def timed(name: str, call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            result = await call(*args, **kwargs)
+            size = len(result) if name == "claim" else len(args[0])
+            timings[name].append((time.perf_counter() - t0, size))
+            return result
+
+        return wrapper
+
+    # Store.claim and Store.complete timed on this instance (the completer and the claim
+    # loop call them through relay.store): how long the database makes each one wait.
+    relay.store.claim = timed("claim", relay.store.claim)  # type: ignore[method-assign]
+    relay.store.complete = timed("write_back", relay.store.complete)  # type: ignore[method-assign]
     profiler = None
     if profile is not None:
         from pyinstrument import Profiler
@@ -90,9 +107,14 @@ async def drain(
             await tg.start(relay.run)
             # The completer counts committed outcomes: no polling query competes with the
             # relay for the database, and a 5 ms check costs the relay nothing noticeable.
-            while relay.completer.written < intents:  # noqa: ASYNC110
+            # A mark every 0.2 s shows whether the rate holds as the tables grow.
+            marks: list[tuple[float, int]] = []
+            while relay.completer.written < intents:
+                if not marks or time.perf_counter() - marks[-1][0] >= 0.2:
+                    marks.append((time.perf_counter(), relay.completer.written))
                 await anyio.sleep(0.005)
             elapsed = time.perf_counter() - started
+            marks.append((time.perf_counter(), relay.completer.written))
             cpu = time.process_time() - cpu0
             if profiler is not None:
                 profiler.stop()
@@ -111,10 +133,40 @@ async def drain(
         "intents_per_second": intents / elapsed,
         "relay_cpu_ms_per_intent": cpu / intents * 1000,
         "relay_cpu_share": cpu / elapsed,
+        # Does the rate hold as the tables grow? Rates over the first and last fifth.
+        "intents_per_second_first_fifth": _window_rate(marks, 0.0, 0.2 * intents),
+        "intents_per_second_last_fifth": _window_rate(marks, 0.8 * intents, intents),
+        **{
+            f"{name}s": {
+                "count": len(calls),
+                "mean_rows": sum(n for _, n in calls) / max(len(calls), 1),
+                "mean_ms": sum(t for t, _ in calls) / max(len(calls), 1) * 1000,
+                "max_ms": max((t for t, _ in calls), default=0.0) * 1000,
+                "busy_share": sum(t for t, _ in calls) / elapsed,
+            }
+            for name, calls in timings.items()
+        },
     }
 
 
-def run_variant(label: str, intents: int, args: argparse.Namespace, **kw: Any) -> dict[str, Any]:
+def _window_rate(marks: list[tuple[float, int]], low: float, high: float) -> float:
+    i = next(n for n, m in enumerate(marks) if m[1] >= low)
+    j = next(n for n, m in enumerate(marks) if m[1] >= high)
+    first, last = marks[min(i, max(j - 1, 0))], marks[j]
+    return (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
+
+
+def run_variant(
+    label: str,
+    intents: int,
+    lane_factory: Callable[[], Lane],
+    *,
+    batch_size: int = 100,
+    max_in_flight: int = 256,
+    pool_size: int = 4,
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    """Fill a scratch database with ``intents`` and drain it with one relay."""
     with scratch_database("drain") as url:
         started = time.perf_counter()
         insert_backlog(url, intents)
@@ -123,16 +175,16 @@ def run_variant(label: str, intents: int, args: argparse.Namespace, **kw: Any) -
             f" (load {load_average()}); draining ...",
             flush=True,
         )
-        lane = kw.pop("lane_factory")()
+        lane = lane_factory()
         result = anyio.run(
             lambda: drain(
                 url,
                 lane,
                 intents,
-                batch_size=args.batch_size,
-                max_in_flight=args.max_in_flight,
-                pool_size=args.pool_size,
-                **kw,
+                batch_size=batch_size,
+                max_in_flight=max_in_flight,
+                pool_size=pool_size,
+                profile=profile,
             )
         )
         counts = status_counts(url)
@@ -142,17 +194,34 @@ def run_variant(label: str, intents: int, args: argparse.Namespace, **kw: Any) -
         raise SystemExit(f"{label}: not every intent succeeded: {counts}")
     print(
         f"  {label}: {result['intents_per_second']:,.0f} intents/s"
-        f" ({result['relay_cpu_ms_per_intent']:.2f} ms relay CPU per intent)",
+        f" ({result['relay_cpu_ms_per_intent']:.2f} ms relay CPU per intent; first fifth"
+        f" {result['intents_per_second_first_fifth']:,.0f}/s, last fifth"
+        f" {result['intents_per_second_last_fifth']:,.0f}/s)",
+        flush=True,
+    )
+    claims, writes = result["claims"], result["write_backs"]
+    print(
+        f"    claims: {claims['count']:,} of {claims['mean_rows']:.0f} rows,"
+        f" {claims['mean_ms']:.0f} ms mean, {claims['max_ms']:.0f} ms max;"
+        f" write-backs: {writes['count']:,} of {writes['mean_rows']:.0f} rows,"
+        f" {writes['mean_ms']:.0f} ms mean, {writes['max_ms']:.0f} ms max,"
+        f" busy {writes['busy_share'] * 100:.0f} % of the drain",
         flush=True,
     )
     return result
+
+
+def zero_latency_lane(concurrency: int = 100) -> Lane:
+    return Lane("stripe", ZeroLatencyProvider(), concurrency=concurrency, timeout_seconds=10.0)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--intents", type=int, default=100_000, help="in-process run (100000)")
+    parser.add_argument(
+        "--intents", type=int, default=100_000, help="in-process run (100000); 0 skips it"
+    )
     parser.add_argument(
         "--http-intents", type=int, help="fake-provider run (default: --intents); 0 skips it"
     )
@@ -189,26 +258,26 @@ def main() -> int:
     profile = RESULTS / "drain_profile.txt" if args.profile else None
     if profile is not None:
         RESULTS.mkdir(exist_ok=True)
-    results["in-process adapter"] = run_variant(
-        "in-process adapter",
-        args.intents,
-        args,
-        lane_factory=lambda: Lane(
-            "stripe",
-            ZeroLatencyProvider(),
-            concurrency=args.concurrency,
-            timeout_seconds=10.0,
-        ),
-        profile=profile,
-    )
+    settings = {
+        "batch_size": args.batch_size,
+        "max_in_flight": args.max_in_flight,
+        "pool_size": args.pool_size,
+    }
+    if args.intents:
+        results["in-process adapter"] = run_variant(
+            "in-process adapter",
+            args.intents,
+            lambda: zero_latency_lane(args.concurrency),
+            profile=profile,
+            **settings,
+        )
     if http_intents:
         fake = FakeProvider()
         try:
             results["fake provider over HTTP"] = run_variant(
                 "fake provider over HTTP",
                 http_intents,
-                args,
-                lane_factory=lambda: build_lane(
+                lambda: build_lane(
                     "stripe",
                     ProviderSettings(
                         base_url=fake.url,
@@ -216,15 +285,18 @@ def main() -> int:
                         concurrency=args.http_concurrency,
                     ),
                 ),
+                **settings,
             )
         finally:
             fake.stop()
-    rows = [("relay drain", "intents", "intents/s", "relay CPU ms/intent")]
+    rows = [("relay drain", "intents", "intents/s", "first 1/5", "last 1/5", "relay CPU ms/intent")]
     rows += [
         (
             label,
             f"{r['intents']:,}",
             f"{r['intents_per_second']:,.0f}",
+            f"{r['intents_per_second_first_fifth']:,.0f}",
+            f"{r['intents_per_second_last_fifth']:,.0f}",
             f"{r['relay_cpu_ms_per_intent']:.2f}",
         )
         for label, r in results.items()
@@ -241,7 +313,9 @@ def main() -> int:
             "http_concurrency": args.http_concurrency,
             "quick": args.quick,
             "runs": results,
-            "in_process_intents_per_second": results["in-process adapter"]["intents_per_second"],
+            "in_process_intents_per_second": results.get("in-process adapter", {}).get(
+                "intents_per_second"
+            ),
         },
     )
     print(f"written {path}" + (f" and {profile}" if profile else ""))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +20,16 @@ from typing import Any
 __all__ = ["add_commands"]
 
 _RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _wrap(text: str) -> str:
+    """Fill prose paragraphs to 88 columns; keep example blocks as written."""
+    return "\n\n".join(
+        part if "\n  " in part or part.startswith("  ") else textwrap.fill(part, 88)
+        for part in text.split("\n\n")
+    )
+
+
 _STATUSES = ("open", "awaiting_approval", "accepted", "resolved", "cleared")
 
 
@@ -272,11 +283,13 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     check = ledger_actions.add_parser(
         "check",
         help="prove every transaction balances and the ledger equals the payments",
-        description="Checks, in one snapshot: every ledger transaction sums to zero per "
-        "currency; every succeeded intent has exactly one posting of its action; every "
-        "payment's authorised, held, captured, refunded and receivable amounts equal its "
-        "ledger. Prints the account balances and the totals per provider and currency.\n\n"
-        "exit status: 0 all checks hold, 1 problems found (each named).",
+        description=_wrap(
+            "Checks, in one snapshot: every ledger transaction sums to zero per "
+            "currency; every succeeded intent has exactly one posting of its action; every "
+            "payment's authorised, held, captured, refunded and receivable amounts equal its "
+            "ledger. Prints the account balances and the totals per provider and currency.\n\n"
+            "exit status: 0 all checks hold, 1 problems found (each named)."
+        ),
         formatter_class=_RAW,
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -292,11 +305,13 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     verify = audit_actions.add_parser(
         "verify",
         help="walk every chain and name the first broken link",
-        description="Recomputes every row's hash and link, names the first broken link and "
-        "whether a row was edited, deleted, inserted or reordered, then checks that every "
-        "intent and payment ends its chain in its live state (a deleted tail, or a change "
-        "made with the trigger off). Progress goes to stderr.\n\n"
-        "exit status: 0 intact, 1 broken.",
+        description=_wrap(
+            "Recomputes every row's hash and link, names the first broken link and "
+            "whether a row was edited, deleted, inserted or reordered, then checks that every "
+            "intent and payment ends its chain in its live state (a deleted tail, or a change "
+            "made with the trigger off). Progress goes to stderr.\n\n"
+            "exit status: 0 intact, 1 broken."
+        ),
         formatter_class=_RAW,
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -305,17 +320,19 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     reconcile = commands.add_parser(
         "reconcile",
         help="match the provider's settlement data against the ledger",
-        description="Fetches the provider's balance transactions for a window (page by page), "
-        "matches them with the ledger's captures, charges and refunds, and records a run with "
-        "its exceptions: missing_internal, missing_at_provider, amount_mismatch, "
-        "currency_mismatch, status_mismatch, unexpected_fee. Re-running a window finds the "
-        "same exceptions again instead of duplicating them, and clears those no longer found. "
-        "The report prints as a table and is written as CSV and JSON.\n\n"
-        "Fees: RELAY_RECONCILE_FEE_BPS, _FEE_FIXED_MINOR, _FEE_TOLERANCE_MINOR.\n\n"
-        "examples:\n"
-        "  outbox-relay reconcile --provider stripe\n"
-        "  outbox-relay reconcile --provider stripe --since 2026-11-24 --until 2026-11-25 "
-        "--output-dir /reports",
+        description=_wrap(
+            "Fetches the provider's balance transactions for a window (page by page), "
+            "matches them with the ledger's captures, charges and refunds, and records a run with "
+            "its exceptions: missing_internal, missing_at_provider, amount_mismatch, "
+            "currency_mismatch, status_mismatch, unexpected_fee. Re-running a window finds the "
+            "same exceptions again instead of duplicating them, and clears those no longer found. "
+            "The report prints as a table and is written as CSV and JSON.\n\n"
+            "Fees: RELAY_RECONCILE_FEE_BPS, _FEE_FIXED_MINOR, _FEE_TOLERANCE_MINOR.\n\n"
+            "examples:\n"
+            "  outbox-relay reconcile --provider stripe\n"
+            "  outbox-relay reconcile --provider stripe --since 2026-11-24 --until 2026-11-25 "
+            "--output-dir /reports"
+        ),
         formatter_class=_RAW,
     )
     reconcile.add_argument("--provider", required=True, help="provider name as configured")
@@ -340,14 +357,16 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     exceptions = commands.add_parser(
         "exceptions",
         help="list and work reconciliation exceptions (money moves need two operators)",
-        description="Work the exceptions reconciliation found. accept closes one with a reason; "
-        "refund, void and redrive move money, so they only ask, and run when a second, "
-        "different operator approves. Every command names its operator and is audited.\n\n"
-        "examples:\n"
-        "  outbox-relay exceptions list\n"
-        "  outbox-relay exceptions accept 7 --operator alice --reason 'fee dispute filed'\n"
-        "  outbox-relay exceptions refund 8 --operator alice --reason 'over-captured'\n"
-        "  outbox-relay exceptions approve 3 --operator bob",
+        description=_wrap(
+            "Work the exceptions reconciliation found. accept closes one with a reason; "
+            "refund, void and redrive move money, so they only ask, and run when a second, "
+            "different operator approves. Every command names its operator and is audited.\n\n"
+            "examples:\n"
+            "  outbox-relay exceptions list\n"
+            "  outbox-relay exceptions accept 7 --operator alice --reason 'fee dispute filed'\n"
+            "  outbox-relay exceptions refund 8 --operator alice --reason 'over-captured'\n"
+            "  outbox-relay exceptions approve 3 --operator bob"
+        ),
         formatter_class=_RAW,
     )
     actions = exceptions.add_subparsers(dest="exceptions_command", metavar="ACTION", required=True)

@@ -29,6 +29,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -50,7 +51,7 @@ from relay.outcome_mapping import from_outcome
 from relay.queries import QUERIES
 from relay.retry_policy import RetryPolicy
 from relay.state_machine import PaymentSnapshot, PaymentState, Rejection, decide
-from relay.store import ClaimedIntent, Store
+from relay.store import ClaimedIntent, Store, WriteBack
 
 __all__ = ["Janitor", "JanitorOptions", "JanitorPass", "next_check_delay"]
 
@@ -119,17 +120,20 @@ class Janitor:
         options: JanitorOptions,
         *,
         rng: Callable[[], float] = random.random,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.db = db
         self.lanes = dict(lanes)
         self.options = options
         self.rng = rng
+        self.stopping = stopping
         self.actor = f"janitor:{options.instance}"
         self.store = Store(db, actor=self.actor)
 
     async def run_forever(self) -> None:
-        """Pass after pass; a full batch means more is due, so the next pass starts at once."""
-        while True:
+        """Pass after pass; a full batch means more is due, so the next pass starts at once.
+        Returns once the relay drains (``stopping``), between passes."""
+        while not self.stopping():
             try:
                 done = await self.run_once()
             except RETRYABLE_DB_ERRORS as exc:
@@ -239,40 +243,55 @@ class Janitor:
         self, candidate: _Candidate, amount_minor: int, outcome: Succeeded | Declined
     ) -> str:
         """Take the dead intent back under a lease and write the outcome through the
-        relay's own fenced write-back, so payment, ledger, event and promotion follow.
-
-        Shielded: a stop in between would leave the intent in flight under our lease
-        until it expires."""
+        relay's own fenced write-back (payment state, ledger posting, result event,
+        promotion of the payment's next intent), all in ONE transaction: nobody ever sees
+        the intent in flight. Shielded, so a stop cannot cut it in half."""
+        if isinstance(outcome, Succeeded):
+            evidence = (
+                f"janitor lookup: the provider shows the {candidate.action} applied "
+                f"({outcome.provider_reference}, {outcome.amount_minor} {outcome.currency})"
+            )
+        else:
+            evidence = f"janitor lookup: the provider shows a decline ({outcome.code})"
         with anyio.CancelScope(shield=True), anyio.move_on_after(30.0):
-            return await self._take_and_complete(candidate, amount_minor, outcome)
+            async with self.db.pool.connection() as conn, conn.transaction():
+                await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": evidence})
+                await conn.execute(
+                    QUERIES["lock_payments"], {"payment_ids": [candidate.payment_id]}
+                )
+                cur = await conn.execute(
+                    QUERIES["janitor_take"],
+                    {
+                        "id": candidate.intent_id,
+                        "dead_at": candidate.dead_at,
+                        "lease_seconds": self.options.lease_seconds,
+                        "instance": self.actor,
+                    },
+                )
+                taken = await cur.fetchone()
+                if taken is None:
+                    return "skipped"  # re-driven or cancelled meanwhile: not ours to settle
+                write_back = self._write_back(candidate, amount_minor, outcome, taken)
+                written = await self.store.complete_in(conn, [write_back], reason=evidence)
+            if candidate.intent_id not in written:
+                return "skipped"
+            result = {"succeeded": "settled_succeeded", "failed": "settled_failed"}.get(
+                write_back.status, "not_settleable"
+            )
+            detail = evidence if result != "not_settleable" else (write_back.error_message or "")
+            await self._record(candidate, result, detail, settled=True)
+            log.info("janitor_settled", result=result, status=write_back.status)
+            return result
         return "skipped"
 
-    async def _take_and_complete(
-        self, candidate: _Candidate, amount_minor: int, outcome: Succeeded | Declined
-    ) -> str:
-        async with self.db.pool.connection() as conn, conn.transaction():
-            await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": None})
-            cur = await conn.execute(
-                QUERIES["janitor_take"],
-                {
-                    "id": candidate.intent_id,
-                    "dead_at": candidate.dead_at,
-                    "lease_seconds": self.options.lease_seconds,
-                    "instance": self.actor,
-                },
-            )
-            taken = await cur.fetchone()
-        if taken is None:
-            return "skipped"  # re-driven or cancelled meanwhile: no longer ours to settle
+    def _write_back(
+        self,
+        candidate: _Candidate,
+        amount_minor: int,
+        outcome: Succeeded | Declined,
+        taken: tuple[Any, ...],
+    ) -> WriteBack:
         lease_token, state, authorized, captured, refunded, reference = taken
-        payment = PaymentSnapshot(
-            state=PaymentState(state),
-            currency=candidate.currency,
-            authorized_minor=authorized,
-            captured_minor=captured,
-            refunded_minor=refunded,
-            provider_reference=reference,
-        )
         intent = ClaimedIntent(
             id=candidate.intent_id,
             payment_id=candidate.payment_id,
@@ -285,27 +304,16 @@ class Janitor:
             attempts=candidate.attempts,
             lease_token=lease_token,
             traceparent=None,
-            payment=payment,
+            payment=PaymentSnapshot(
+                state=PaymentState(state),
+                currency=candidate.currency,
+                authorized_minor=authorized,
+                captured_minor=captured,
+                refunded_minor=refunded,
+                provider_reference=reference,
+            ),
         )
-        write_back = from_outcome(intent, amount_minor, outcome, _NO_RETRY, self.rng)
-        if isinstance(outcome, Succeeded):
-            evidence = (
-                f"janitor lookup: the provider shows the {candidate.action} applied "
-                f"({outcome.provider_reference}, {outcome.amount_minor} {outcome.currency})"
-            )
-        else:
-            evidence = f"janitor lookup: the provider shows a decline ({outcome.code})"
-        written = await self.store.complete([write_back], reason=evidence)
-        if candidate.intent_id not in written:
-            return "skipped"
-        result = {
-            "succeeded": "settled_succeeded",
-            "failed": "settled_failed",
-        }.get(write_back.status, "not_settleable")
-        detail = evidence if result != "not_settleable" else (write_back.error_message or evidence)
-        await self._record(candidate, result, detail, settled=True)
-        log.info("janitor_settled", result=result, status=write_back.status)
-        return result
+        return from_outcome(intent, amount_minor, outcome, _NO_RETRY, self.rng)
 
     async def _not_found(self, candidate: _Candidate, outcome: Retryable | Invalid) -> str:
         seen = candidate.not_found + 1

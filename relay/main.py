@@ -97,6 +97,7 @@ def build_janitor(settings: Settings, relay: Relay) -> Janitor:
             not_found_confirmations=settings.janitor_not_found_confirmations,
             lease_seconds=settings.lease_seconds,
         ),
+        stopping=lambda: relay.stopping,
     )
 
 

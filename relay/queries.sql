@@ -492,14 +492,14 @@ ORDER BY entity, entity_id, chain_seq;
 
 -- name: audit_live_documents
 -- The audited columns of every live intent (hot and archived) and payment, redacted as the trail stores them.
-SELECT 'intent', i.id::text, outbox.audit_redact(outbox.audit_intent_doc(i))
+SELECT 'intent', i.id::text, outbox.audit_intent_doc(i)
 FROM outbox.payment_intents AS i
 UNION ALL
 SELECT 'intent', a.id::text,
-       outbox.audit_redact(outbox.audit_intent_doc(ROW(a.*)::outbox.payment_intents))
+       outbox.audit_intent_doc(ROW(a.*)::outbox.payment_intents)
 FROM outbox.payment_intents_archive AS a
 UNION ALL
-SELECT 'payment', p.payment_id, outbox.audit_redact(outbox.audit_payment_doc(p))
+SELECT 'payment', p.payment_id, outbox.audit_payment_doc(p)
 FROM outbox.payments AS p;
 
 -- name: ledger_counts

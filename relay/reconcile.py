@@ -100,19 +100,22 @@ class InternalItem:
 
 @dataclass(frozen=True, slots=True)
 class FeeSchedule:
-    """The fee the provider should keep: ``bps`` of a capture (half up) plus ``fixed_minor``;
-    none on a refund. ``bps=None``: capture fees are not checked."""
+    """The fee the provider should keep: ``bps`` of what it captured (half up) plus
+    ``fixed_minor``; none on a refund. ``bps=None``: capture fees are not checked.
+
+    The fee is judged on the provider's own amount, so an amount that differs is reported
+    once, as an amount_mismatch, not a second time as a fee."""
 
     bps: int | None = None
     fixed_minor: int = 0
     tolerance_minor: int = 0
 
-    def expected(self, item: InternalItem) -> int | None:
-        if item.is_refund:
+    def expected(self, *, refund: bool, amount_minor: int) -> int | None:
+        if refund:
             return 0
         if self.bps is None:
             return None
-        return (item.amount_minor * self.bps + 5_000) // 10_000 + self.fixed_minor
+        return (abs(amount_minor) * self.bps + 5_000) // 10_000 + self.fixed_minor
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +274,7 @@ def _judge(item: InternalItem, txn: BalanceTransaction, fees: FeeSchedule) -> li
                 **common,
             )
         )
-    expected_fee = fees.expected(item)
+    expected_fee = fees.expected(refund=item.is_refund, amount_minor=txn.amount_minor)
     if expected_fee is not None and abs(txn.fee_minor - expected_fee) > fees.tolerance_minor:
         findings.append(
             Finding(

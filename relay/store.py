@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
 from provider_adapters.base import Action
@@ -153,6 +154,19 @@ class Store:
         """
         if not batch:
             return set()
+        async with self.db.pool.connection() as conn, conn.transaction():
+            return await self.complete_in(conn, batch, now=now, reason=reason)
+
+    async def complete_in(
+        self,
+        conn: AsyncConnection[TupleRow],
+        batch: Sequence[WriteBack],
+        *,
+        now: datetime | None = None,
+        reason: str | None = None,
+    ) -> set[int]:
+        """:meth:`complete` inside the caller's open transaction on ``conn`` (the janitor
+        takes a dead intent back and settles it in one transaction)."""
         params = {
             "ids": [w.intent_id for w in batch],
             "lease_tokens": [w.lease_token for w in batch],
@@ -172,12 +186,11 @@ class Store:
             "now": now,
         }
         payment_ids = sorted({w.payment_id for w in batch})
-        async with self.db.pool.connection() as conn, conn.transaction():
-            if self.actor is not None:
-                await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": reason})
-            await conn.execute(QUERIES["lock_payments"], {"payment_ids": payment_ids})
-            cur = await conn.execute(QUERIES["complete_intents"], params)
-            rows = await cur.fetchall()
+        if self.actor is not None:
+            await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": reason})
+        await conn.execute(QUERIES["lock_payments"], {"payment_ids": payment_ids})
+        cur = await conn.execute(QUERIES["complete_intents"], params)
+        rows = await cur.fetchall()
         return {row[0] for row in rows}
 
     async def requeue_expired(self, *, limit: int = 1000, now: datetime | None = None) -> int:

@@ -58,6 +58,11 @@ CREATE INDEX audit_log_payment_idx ON outbox.audit_log (payment_id, id) WHERE pa
 -- The canonical encoding a row's hash is taken over: a version line, then one line per
 -- field, `<length in characters>:<text>` or `-` for NULL. Timestamps in UTC with
 -- microseconds; jsonb as PostgreSQL renders it; prev_hash in lowercase hex.
+CREATE FUNCTION outbox.audit_field(v text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT E'\n' || coalesce(length(v)::text || ':' || v, '-')
+$$;
+
 CREATE FUNCTION outbox.audit_canonical(
     p_id bigint, p_at timestamptz, p_actor text, p_entity text, p_entity_id text,
     p_payment_id text, p_operation text, p_reason text, p_before jsonb, p_after jsonb,
@@ -65,21 +70,25 @@ CREATE FUNCTION outbox.audit_canonical(
 ) RETURNS bytea
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT convert_to(
-        'outbox-audit-v1' || string_agg(
-            E'\n' || CASE WHEN f IS NULL THEN '-' ELSE length(f)::text || ':' || f END,
-            '' ORDER BY n),
+        'outbox-audit-v1'
+        || outbox.audit_field(p_id::text)
+        || outbox.audit_field(to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+        || outbox.audit_field(p_actor)
+        || outbox.audit_field(p_entity)
+        || outbox.audit_field(p_entity_id)
+        || outbox.audit_field(p_payment_id)
+        || outbox.audit_field(p_operation)
+        || outbox.audit_field(p_reason)
+        || outbox.audit_field(p_before::text)
+        || outbox.audit_field(p_after::text)
+        || outbox.audit_field(p_chain_seq::text)
+        || outbox.audit_field(encode(p_prev_hash, 'hex')),
         'UTF8')
-    FROM unnest(ARRAY[
-        p_id::text,
-        to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-        p_actor, p_entity, p_entity_id, p_payment_id, p_operation, p_reason,
-        p_before::text, p_after::text, p_chain_seq::text, encode(p_prev_hash, 'hex')
-    ]) WITH ORDINALITY AS u(f, n)
 $$;
 
 -- Text that must never be stored: a card-like number (13-19 digits passing Luhn, see
 -- outbox.looks_like_card_number) replaces the whole value; API keys and webhook secrets
--- are cut out.
+-- are cut out. Applied to every audited column a writer can fill with free text.
 CREATE FUNCTION outbox.audit_redact_text(v text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE
@@ -87,11 +96,14 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         WHEN v ~ '[0-9](?:[ -]?[0-9]){12}'
              AND (length(v) > 1024 OR outbox.looks_like_card_number(v))
             THEN '[redacted: card-like number]'
-        ELSE regexp_replace(v, '(sk|rk)_(live|test)_[0-9A-Za-z]+|whsec_[0-9A-Za-z]+',
-                            '[redacted: secret]', 'g')
+        WHEN v ~ '(sk|rk)_(live|test)_|whsec_'
+            THEN regexp_replace(v, '(sk|rk)_(live|test)_[0-9A-Za-z]+|whsec_[0-9A-Za-z]+',
+                                '[redacted: secret]', 'g')
+        ELSE v
     END
 $$;
 
+-- The same for every string value of a document (the colder tables' rows).
 CREATE FUNCTION outbox.audit_redact(doc jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN doc IS NULL THEN NULL ELSE (
@@ -102,87 +114,64 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         FROM jsonb_each(doc)) END
 $$;
 
--- The changed keys of two documents: (old values, new values); NULLs when nothing changed.
-CREATE FUNCTION outbox.audit_diff(old_doc jsonb, new_doc jsonb, OUT before jsonb, OUT after jsonb)
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT jsonb_object_agg(n.key, coalesce(o.value, 'null'::jsonb)),
-           jsonb_object_agg(n.key, n.value)
-    FROM jsonb_each(new_doc) AS n
-    LEFT JOIN jsonb_each(old_doc) AS o ON o.key = n.key
-    WHERE o.value IS DISTINCT FROM n.value
-$$;
-
--- Who is writing: the transaction's outbox.actor, else the database role.
+-- Who is writing: the transaction's outbox.actor, else the database role of the session.
+-- (The audit triggers run as the schema owner, so the session's role is the one that
+-- logged in.)
 CREATE FUNCTION outbox.audit_actor() RETURNS text
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(nullif(current_setting('outbox.actor', true), ''), 'db:' || current_user)
+    SELECT coalesce(nullif(current_setting('outbox.actor', true), ''), 'db:' || session_user)
 $$;
 
--- Append one row to the chain of (entity, entity_id). Runs as the schema owner, so roles
--- that write intents need no right on the audit table; only the owner may call it directly
--- (the migration's baseline), everyone else through outbox.audit_append from a trigger.
+-- Append one row to the chain of (entity, entity_id). The audit triggers call it as the
+-- schema owner (they are SECURITY DEFINER), so roles that write intents need no right on
+-- the audit table; nobody else may call it (EXECUTE is revoked).
 CREATE FUNCTION outbox.audit_write(
     p_entity text, p_entity_id text, p_payment_id text, p_operation text,
     p_before jsonb, p_after jsonb, p_actor text
 ) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
-    v_id        bigint;
+    v_id        bigint := nextval('outbox.audit_log_id_seq');
     v_at        timestamptz := clock_timestamp();
     v_reason    text := nullif(current_setting('outbox.reason', true), '');
     v_seq       bigint;
     v_prev      bytea;
-    v_hash      bytea;
 BEGIN
     -- The caller holds the entity row's lock, so the tail cannot move under us; in
-    -- READ COMMITTED this statement sees the tail the previous holder committed.
+    -- READ COMMITTED this statement sees the tail the previous holder committed. (A
+    -- writer that read a stale tail anyway fails on audit_log_chain_position.)
     SELECT a.chain_seq, a.hash INTO v_seq, v_prev
     FROM outbox.audit_log AS a
     WHERE a.entity = p_entity AND a.entity_id = p_entity_id
     ORDER BY a.chain_seq DESC
     LIMIT 1;
     v_seq := coalesce(v_seq, 0) + 1;
-    v_id := nextval('outbox.audit_log_id_seq');
-    v_hash := sha256(outbox.audit_canonical(
-        v_id, v_at, p_actor, p_entity, p_entity_id, p_payment_id, p_operation, v_reason,
-        p_before, p_after, v_seq, v_prev));
     INSERT INTO outbox.audit_log
         (id, at, actor, entity, entity_id, payment_id, operation, reason, before, after,
          chain_seq, prev_hash, hash)
     VALUES (v_id, v_at, p_actor, p_entity, p_entity_id, p_payment_id, p_operation, v_reason,
-            p_before, p_after, v_seq, v_prev, v_hash);
+            p_before, p_after, v_seq, v_prev,
+            sha256(outbox.audit_canonical(v_id, v_at, p_actor, p_entity, p_entity_id,
+                                          p_payment_id, p_operation, v_reason, p_before,
+                                          p_after, v_seq, v_prev)));
 END;
 $$;
 REVOKE ALL ON FUNCTION outbox.audit_write(text, text, text, text, jsonb, jsonb, text) FROM PUBLIC;
 
-CREATE FUNCTION outbox.audit_append(
-    p_entity text, p_entity_id text, p_payment_id text, p_operation text,
-    p_before jsonb, p_after jsonb, p_actor text
-) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF pg_trigger_depth() < 1 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = 'insufficient_privilege',
-            MESSAGE = 'outbox.audit_append is called by the audit triggers only',
-            HINT = 'Change the audited row instead; its trigger writes the audit row.';
-    END IF;
-    PERFORM outbox.audit_write(p_entity, p_entity_id, p_payment_id, p_operation,
-                               p_before, p_after, p_actor);
-END;
-$$;
-
--- The audited columns of an intent (an allow-list: never payment_method or metadata).
+-- The audited columns of an intent (an allow-list: never payment_method or metadata),
+-- free-text ones redacted. `audit verify` compares each chain's end with this document.
 CREATE FUNCTION outbox.audit_intent_doc(i outbox.payment_intents) RETURNS jsonb
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT jsonb_build_object(
         'id', i.id, 'payment_id', i.payment_id, 'action', i.action, 'provider', i.provider,
         'amount_minor', i.amount_minor, 'currency', i.currency,
-        'idempotency_key', i.idempotency_key, 'status', i.status,
-        'payment_seq', i.payment_seq, 'attempts', i.attempts, 'claimed_by', i.claimed_by,
+        'idempotency_key', outbox.audit_redact_text(i.idempotency_key), 'status', i.status,
+        'payment_seq', i.payment_seq, 'attempts', i.attempts,
+        'claimed_by', outbox.audit_redact_text(i.claimed_by),
         'amount_applied_minor', i.amount_applied_minor,
-        'provider_reference', i.provider_reference,
-        'error_code', i.error_code, 'error_message', i.error_message)
+        'provider_reference', outbox.audit_redact_text(i.provider_reference),
+        'error_code', outbox.audit_redact_text(i.error_code),
+        'error_message', outbox.audit_redact_text(i.error_message))
 $$;
 
 CREATE FUNCTION outbox.audit_payment_doc(p outbox.payments) RETURNS jsonb
@@ -191,101 +180,220 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         'payment_id', p.payment_id, 'provider', p.provider, 'currency', p.currency,
         'state', p.state, 'authorized_minor', p.authorized_minor,
         'captured_minor', p.captured_minor, 'refunded_minor', p.refunded_minor,
-        'provider_reference', p.provider_reference)
+        'provider_reference', outbox.audit_redact_text(p.provider_reference))
 $$;
 
-CREATE FUNCTION outbox.audit_payment_intent() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    d record;
+-- The hot tables are audited by statement-level triggers over transition tables: one
+-- set-based INSERT per statement instead of a function call per row, so a write-back of
+-- hundreds of intents pays once. One statement changes each row at most once, so every
+-- audit row of a statement starts from its chain's committed tail (the LATERAL lookup).
+-- Only rows whose audited columns changed are recorded, and only those columns.
+
+-- Insert the audit rows of one statement: `changes` holds (entity_id, payment_id,
+-- operation, before, after) per changed row, in the order the ids are drawn.
+CREATE FUNCTION outbox.audit_write_set(p_entity text, changes jsonb) RETURNS void
+LANGUAGE sql AS $$
+    WITH change AS MATERIALIZED (
+        SELECT nextval('outbox.audit_log_id_seq') AS id, clock_timestamp() AS at,
+               c ->> 'entity_id' AS entity_id, c ->> 'payment_id' AS payment_id,
+               c ->> 'operation' AS operation, c -> 'before' AS before, c -> 'after' AS after,
+               coalesce(t.chain_seq, 0) + 1 AS chain_seq, t.hash AS prev_hash,
+               outbox.audit_actor() AS actor,
+               nullif(current_setting('outbox.reason', true), '') AS reason
+        FROM jsonb_array_elements(changes) WITH ORDINALITY AS x(c, n)
+        LEFT JOIN LATERAL (
+            SELECT a.chain_seq, a.hash
+            FROM outbox.audit_log AS a
+            WHERE a.entity = p_entity AND a.entity_id = x.c ->> 'entity_id'
+            ORDER BY a.chain_seq DESC
+            LIMIT 1
+        ) AS t ON true
+        ORDER BY x.n
+    )
+    INSERT INTO outbox.audit_log
+        (id, at, actor, entity, entity_id, payment_id, operation, reason, before, after,
+         chain_seq, prev_hash, hash)
+    SELECT id, at, actor, p_entity, entity_id, payment_id, operation, reason,
+           nullif(before, 'null'), after, chain_seq, prev_hash,
+           sha256(outbox.audit_canonical(id, at, actor, p_entity, entity_id, payment_id,
+                                         operation, reason, nullif(before, 'null'), after,
+                                         chain_seq, prev_hash))
+    FROM change
+$$;
+REVOKE ALL ON FUNCTION outbox.audit_write_set(text, jsonb) FROM PUBLIC;
+
+-- The audited columns that changed between two versions of a row: their old values
+-- (side 0) or their new ones (side 1). Plain expressions, so the planner inlines them.
+CREATE FUNCTION outbox.audit_intent_changes(o outbox.payment_intents, n outbox.payment_intents, side int)
+RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN o.status IS DISTINCT FROM n.status
+             THEN jsonb_build_object('status', CASE WHEN side = 0 THEN o.status ELSE n.status END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.attempts IS DISTINCT FROM n.attempts
+             THEN jsonb_build_object('attempts', CASE WHEN side = 0 THEN o.attempts ELSE n.attempts END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.claimed_by IS DISTINCT FROM n.claimed_by
+             THEN jsonb_build_object('claimed_by', CASE WHEN side = 0 THEN outbox.audit_redact_text(o.claimed_by) ELSE outbox.audit_redact_text(n.claimed_by) END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.amount_applied_minor IS DISTINCT FROM n.amount_applied_minor
+             THEN jsonb_build_object('amount_applied_minor', CASE WHEN side = 0 THEN o.amount_applied_minor ELSE n.amount_applied_minor END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.provider_reference IS DISTINCT FROM n.provider_reference
+             THEN jsonb_build_object('provider_reference', CASE WHEN side = 0 THEN outbox.audit_redact_text(o.provider_reference) ELSE outbox.audit_redact_text(n.provider_reference) END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.error_code IS DISTINCT FROM n.error_code
+             THEN jsonb_build_object('error_code', CASE WHEN side = 0 THEN outbox.audit_redact_text(o.error_code) ELSE outbox.audit_redact_text(n.error_code) END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.error_message IS DISTINCT FROM n.error_message
+             THEN jsonb_build_object('error_message', CASE WHEN side = 0 THEN outbox.audit_redact_text(o.error_message) ELSE outbox.audit_redact_text(n.error_message) END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.payment_id IS DISTINCT FROM n.payment_id
+             THEN jsonb_build_object('payment_id', CASE WHEN side = 0 THEN o.payment_id ELSE n.payment_id END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.action IS DISTINCT FROM n.action
+             THEN jsonb_build_object('action', CASE WHEN side = 0 THEN o.action ELSE n.action END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.provider IS DISTINCT FROM n.provider
+             THEN jsonb_build_object('provider', CASE WHEN side = 0 THEN o.provider ELSE n.provider END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.amount_minor IS DISTINCT FROM n.amount_minor
+             THEN jsonb_build_object('amount_minor', CASE WHEN side = 0 THEN o.amount_minor ELSE n.amount_minor END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.currency IS DISTINCT FROM n.currency
+             THEN jsonb_build_object('currency', CASE WHEN side = 0 THEN o.currency ELSE n.currency END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.idempotency_key IS DISTINCT FROM n.idempotency_key
+             THEN jsonb_build_object('idempotency_key', CASE WHEN side = 0 THEN outbox.audit_redact_text(o.idempotency_key) ELSE outbox.audit_redact_text(n.idempotency_key) END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.payment_seq IS DISTINCT FROM n.payment_seq
+             THEN jsonb_build_object('payment_seq', CASE WHEN side = 0 THEN o.payment_seq ELSE n.payment_seq END)
+             ELSE '{}'::jsonb END
+$$;
+
+CREATE FUNCTION outbox.audit_payment_changes(o outbox.payments, n outbox.payments, side int)
+RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN o.state IS DISTINCT FROM n.state
+             THEN jsonb_build_object('state', CASE WHEN side = 0 THEN o.state ELSE n.state END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.authorized_minor IS DISTINCT FROM n.authorized_minor
+             THEN jsonb_build_object('authorized_minor', CASE WHEN side = 0 THEN o.authorized_minor ELSE n.authorized_minor END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.captured_minor IS DISTINCT FROM n.captured_minor
+             THEN jsonb_build_object('captured_minor', CASE WHEN side = 0 THEN o.captured_minor ELSE n.captured_minor END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.refunded_minor IS DISTINCT FROM n.refunded_minor
+             THEN jsonb_build_object('refunded_minor', CASE WHEN side = 0 THEN o.refunded_minor ELSE n.refunded_minor END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.provider_reference IS DISTINCT FROM n.provider_reference
+             THEN jsonb_build_object('provider_reference', CASE WHEN side = 0 THEN outbox.audit_redact_text(o.provider_reference) ELSE outbox.audit_redact_text(n.provider_reference) END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.provider IS DISTINCT FROM n.provider
+             THEN jsonb_build_object('provider', CASE WHEN side = 0 THEN o.provider ELSE n.provider END)
+             ELSE '{}'::jsonb END
+        || CASE WHEN o.currency IS DISTINCT FROM n.currency
+             THEN jsonb_build_object('currency', CASE WHEN side = 0 THEN o.currency ELSE n.currency END)
+             ELSE '{}'::jsonb END
+$$;
+
+CREATE FUNCTION outbox.audit_payment_intents() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        PERFORM outbox.audit_append('intent', NEW.id::text, NEW.payment_id, 'insert', NULL,
-            outbox.audit_redact(outbox.audit_intent_doc(NEW)), outbox.audit_actor());
+        PERFORM outbox.audit_write_set('intent', (
+            SELECT jsonb_agg(jsonb_build_object(
+                       'entity_id', n.id::text, 'payment_id', n.payment_id, 'operation', 'insert',
+                       'after', outbox.audit_intent_doc(n)) ORDER BY n.id)
+            FROM inserted_rows AS n))
+        WHERE EXISTS (SELECT 1 FROM inserted_rows);
     ELSE
-        d := outbox.audit_diff(outbox.audit_intent_doc(OLD), outbox.audit_intent_doc(NEW));
-        IF d.after IS NOT NULL THEN
-            PERFORM outbox.audit_append('intent', NEW.id::text, NEW.payment_id, 'update',
-                outbox.audit_redact(d.before), outbox.audit_redact(d.after), outbox.audit_actor());
-        END IF;
+        PERFORM outbox.audit_write_set('intent', (
+            SELECT jsonb_agg(jsonb_build_object(
+                       'entity_id', c.id::text, 'payment_id', c.payment_id, 'operation', 'update',
+                       'before', c.before, 'after', c.after) ORDER BY c.id)
+            FROM (SELECT n.id, n.payment_id,
+                         outbox.audit_intent_changes(o, n, 0) AS before,
+                         outbox.audit_intent_changes(o, n, 1) AS after
+                  FROM old_rows AS o
+                  JOIN new_rows AS n ON n.id = o.id
+                  OFFSET 0) AS c
+            WHERE c.after <> '{}'))
+        WHERE EXISTS (SELECT 1 FROM new_rows);
     END IF;
     RETURN NULL;
 END;
 $$;
 
-CREATE FUNCTION outbox.audit_payment() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    d record;
+CREATE FUNCTION outbox.audit_payments() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        PERFORM outbox.audit_append('payment', NEW.payment_id, NEW.payment_id, 'insert', NULL,
-            outbox.audit_redact(outbox.audit_payment_doc(NEW)), outbox.audit_actor());
+        PERFORM outbox.audit_write_set('payment', (
+            SELECT jsonb_agg(jsonb_build_object(
+                       'entity_id', n.payment_id, 'payment_id', n.payment_id, 'operation', 'insert',
+                       'after', outbox.audit_payment_doc(n)) ORDER BY n.payment_id)
+            FROM inserted_rows AS n))
+        WHERE EXISTS (SELECT 1 FROM inserted_rows);
     ELSE
-        d := outbox.audit_diff(outbox.audit_payment_doc(OLD), outbox.audit_payment_doc(NEW));
-        IF d.after IS NOT NULL THEN
-            PERFORM outbox.audit_append('payment', NEW.payment_id, NEW.payment_id, 'update',
-                outbox.audit_redact(d.before), outbox.audit_redact(d.after), outbox.audit_actor());
-        END IF;
+        PERFORM outbox.audit_write_set('payment', (
+            SELECT jsonb_agg(jsonb_build_object(
+                       'entity_id', c.payment_id, 'payment_id', c.payment_id, 'operation', 'update',
+                       'before', c.before, 'after', c.after) ORDER BY c.payment_id)
+            FROM (SELECT n.payment_id,
+                         outbox.audit_payment_changes(o, n, 0) AS before,
+                         outbox.audit_payment_changes(o, n, 1) AS after
+                  FROM old_rows AS o
+                  JOIN new_rows AS n ON n.payment_id = o.payment_id
+                  OFFSET 0) AS c
+            WHERE c.after <> '{}'))
+        WHERE EXISTS (SELECT 1 FROM new_rows);
     END IF;
     RETURN NULL;
 END;
 $$;
 
--- Only changes of audited columns write a row: a lease renewal or an updated_at bump don't.
 CREATE TRIGGER payment_intents_audit_insert
     AFTER INSERT ON outbox.payment_intents
-    FOR EACH ROW EXECUTE FUNCTION outbox.audit_payment_intent();
+    REFERENCING NEW TABLE AS inserted_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox.audit_payment_intents();
 CREATE TRIGGER payment_intents_audit_update
     AFTER UPDATE ON outbox.payment_intents
-    FOR EACH ROW
-    WHEN ((OLD.status, OLD.attempts, OLD.error_code, OLD.error_message, OLD.provider_reference,
-           OLD.amount_applied_minor, OLD.amount_minor, OLD.currency, OLD.claimed_by,
-           OLD.payment_id, OLD.action, OLD.provider, OLD.idempotency_key, OLD.payment_seq)
-          IS DISTINCT FROM
-          (NEW.status, NEW.attempts, NEW.error_code, NEW.error_message, NEW.provider_reference,
-           NEW.amount_applied_minor, NEW.amount_minor, NEW.currency, NEW.claimed_by,
-           NEW.payment_id, NEW.action, NEW.provider, NEW.idempotency_key, NEW.payment_seq))
-    EXECUTE FUNCTION outbox.audit_payment_intent();
-
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox.audit_payment_intents();
 CREATE TRIGGER payments_audit_insert
     AFTER INSERT ON outbox.payments
-    FOR EACH ROW EXECUTE FUNCTION outbox.audit_payment();
+    REFERENCING NEW TABLE AS inserted_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox.audit_payments();
 CREATE TRIGGER payments_audit_update
     AFTER UPDATE ON outbox.payments
-    FOR EACH ROW
-    WHEN ((OLD.state, OLD.authorized_minor, OLD.captured_minor, OLD.refunded_minor,
-           OLD.provider_reference, OLD.currency, OLD.provider)
-          IS DISTINCT FROM
-          (NEW.state, NEW.authorized_minor, NEW.captured_minor, NEW.refunded_minor,
-           NEW.provider_reference, NEW.currency, NEW.provider))
-    EXECUTE FUNCTION outbox.audit_payment();
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox.audit_payments();
 
 -- For the colder tables below: TG_ARGV = entity name, key column, comma-separated
 -- allow-list of audited columns.
 CREATE FUNCTION outbox.audit_generic() RETURNS trigger
-LANGUAGE plpgsql SET TimeZone = 'UTC' AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' AS $$
 DECLARE
     allowed   text[] := string_to_array(TG_ARGV[2], ',');
     new_row   jsonb := to_jsonb(NEW);
-    new_doc   jsonb;
-    d         record;
+    b         jsonb;
+    a         jsonb;
 BEGIN
-    SELECT jsonb_object_agg(key, value) INTO new_doc
-    FROM jsonb_each(new_row) WHERE key = ANY(allowed);
     IF TG_OP = 'INSERT' THEN
-        PERFORM outbox.audit_append(TG_ARGV[0], new_row ->> TG_ARGV[1], new_row ->> 'payment_id',
-            'insert', NULL, outbox.audit_redact(new_doc), outbox.audit_actor());
+        SELECT jsonb_object_agg(key, value) INTO a
+        FROM jsonb_each(new_row) WHERE key = ANY(allowed);
     ELSE
-        d := outbox.audit_diff(
-            (SELECT jsonb_object_agg(key, value) FROM jsonb_each(to_jsonb(OLD)) WHERE key = ANY(allowed)),
-            new_doc);
-        IF d.after IS NOT NULL THEN
-            PERFORM outbox.audit_append(TG_ARGV[0], new_row ->> TG_ARGV[1], new_row ->> 'payment_id',
-                'update', outbox.audit_redact(d.before), outbox.audit_redact(d.after),
-                outbox.audit_actor());
+        SELECT jsonb_object_agg(n.key, o.value), jsonb_object_agg(n.key, n.value) INTO b, a
+        FROM jsonb_each(new_row) AS n
+        JOIN jsonb_each(to_jsonb(OLD)) AS o ON o.key = n.key
+        WHERE n.key = ANY(allowed) AND n.value IS DISTINCT FROM o.value;
+        IF a IS NULL THEN
+            RETURN NULL;
         END IF;
     END IF;
+    PERFORM outbox.audit_write(TG_ARGV[0], new_row ->> TG_ARGV[1], new_row ->> 'payment_id',
+        lower(TG_OP), outbox.audit_redact(b), outbox.audit_redact(a), outbox.audit_actor());
     RETURN NULL;
 END;
 $$;
@@ -312,10 +420,10 @@ CREATE TRIGGER audit_log_no_truncate
 -- Rows that exist before this migration get a baseline row, so every chain starts where
 -- the trail does (`audit verify` checks that each live row ends its chain).
 SELECT outbox.audit_write('payment', p.payment_id, p.payment_id, 'baseline', NULL,
-                          outbox.audit_redact(outbox.audit_payment_doc(p)), 'db:' || current_user)
+                          outbox.audit_payment_doc(p), 'db:' || current_user)
 FROM outbox.payments AS p ORDER BY p.payment_id;
 SELECT outbox.audit_write('intent', (i).id::text, (i).payment_id, 'baseline', NULL,
-                          outbox.audit_redact(outbox.audit_intent_doc(i)), 'db:' || current_user)
+                          outbox.audit_intent_doc(i), 'db:' || current_user)
 FROM (SELECT h FROM outbox.payment_intents AS h
       UNION ALL
       SELECT ROW(a.*)::outbox.payment_intents FROM outbox.payment_intents_archive AS a) AS s(i)
@@ -376,89 +484,93 @@ COMMENT ON TABLE outbox.ledger_transactions IS
 COMMENT ON COLUMN outbox.ledger_entries.amount_minor IS
     'Signed minor units: debit > 0, credit < 0; a transaction''s entries sum to 0 per currency.';
 
--- Post one succeeded intent. Runs as the schema owner; only the owner may call it directly
--- (the migration's backfill), everyone else through the trigger below.
-CREATE FUNCTION outbox.ledger_write(
-    p_intent_id bigint, p_payment_id text, p_action text, p_provider text, p_currency text,
-    p_amount bigint, p_reference text, p_actor text
-) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- The posting rules above, in one place: the entries of a `kind` transaction of `amount`
+-- (`hold`: the payment's authorised amount, released by a capture).
+CREATE FUNCTION outbox.ledger_lines(p_kind text, p_amount bigint, p_hold bigint)
+RETURNS TABLE (account text, amount_minor bigint)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT e.account, e.amount
+    FROM (VALUES
+        (1,  'authorize', 'holds',           p_amount),
+        (2,  'authorize', 'authorizations', -p_amount),
+        (3,  'capture',   'authorizations',  p_hold),
+        (4,  'capture',   'holds',          -p_hold),
+        (5,  'capture',   'receivable',      p_amount),
+        (6,  'capture',   'captured',       -p_amount),
+        (7,  'charge',    'receivable',      p_amount),
+        (8,  'charge',    'captured',       -p_amount),
+        (9,  'void',      'authorizations',  p_amount),
+        (10, 'void',      'holds',          -p_amount),
+        (11, 'refund',    'refunded',        p_amount),
+        (12, 'refund',    'receivable',     -p_amount)
+    ) AS e(n, kind, account, amount)
+    WHERE e.kind = p_kind AND e.amount IS NOT NULL AND e.amount <> 0
+    ORDER BY e.n
+$$;
+
+-- Post the intents in `intents` (rows of payment_intents that just succeeded), one ledger
+-- transaction each, with its entries. Called by the ledger trigger as the schema owner
+-- (so roles that write intents need no right on the ledger) and by this migration's
+-- backfill; nobody else may call it (EXECUTE is revoked).
+CREATE FUNCTION outbox.ledger_post(intents jsonb, p_actor text) RETURNS void
+LANGUAGE plpgsql AS $$
 DECLARE
-    v_txn   bigint;
-    v_hold  bigint;
+    bad record;
 BEGIN
-    IF p_amount IS NULL OR p_amount <= 0 THEN
+    SELECT i ->> 'id' AS id, i ->> 'amount_applied_minor' AS amount INTO bad
+    FROM jsonb_array_elements(intents) AS x(i)
+    WHERE coalesce((i ->> 'amount_applied_minor')::bigint, 0) <= 0
+    LIMIT 1;
+    IF FOUND THEN
         RAISE EXCEPTION USING
             ERRCODE = 'check_violation',
             MESSAGE = format('intent %s succeeded without a positive amount_applied_minor (%s); '
-                             'nothing can be posted to the ledger', p_intent_id, p_amount),
+                             'nothing can be posted to the ledger', bad.id, bad.amount),
             HINT = 'Set amount_applied_minor to what the provider confirmed in the same UPDATE.';
     END IF;
-    INSERT INTO outbox.ledger_transactions
-        (intent_id, payment_id, provider, currency, kind, amount_minor, provider_reference, posted_by)
-    VALUES (p_intent_id, p_payment_id, p_provider, p_currency, p_action, p_amount, p_reference, p_actor)
-    ON CONFLICT ON CONSTRAINT ledger_transactions_one_per_intent DO NOTHING
-    RETURNING id INTO v_txn;
-    IF v_txn IS NULL THEN
-        RETURN;  -- already posted
-    END IF;
-    IF p_action = 'capture' THEN
-        -- A capture releases the whole hold, even when it takes less than was authorised.
-        SELECT authorized_minor INTO v_hold FROM outbox.payments WHERE payment_id = p_payment_id;
-    END IF;
+    WITH posted AS (
+        INSERT INTO outbox.ledger_transactions
+            (intent_id, payment_id, provider, currency, kind, amount_minor, provider_reference,
+             posted_by)
+        SELECT (i ->> 'id')::bigint, i ->> 'payment_id', i ->> 'provider', i ->> 'currency',
+               i ->> 'action', (i ->> 'amount_applied_minor')::bigint, i ->> 'provider_reference',
+               p_actor
+        FROM jsonb_array_elements(intents) WITH ORDINALITY AS x(i, n)
+        ORDER BY x.n
+        RETURNING id, payment_id, provider, currency, kind, amount_minor
+    )
     INSERT INTO outbox.ledger_entries (transaction_id, account, currency, amount_minor)
-    SELECT v_txn, p_provider || ':' || e.account, p_currency, e.amount
-    FROM (VALUES
-        ('authorize', 'holds',           p_amount),
-        ('authorize', 'authorizations', -p_amount),
-        ('capture',   'authorizations',  v_hold),
-        ('capture',   'holds',          -v_hold),
-        ('capture',   'receivable',      p_amount),
-        ('capture',   'captured',       -p_amount),
-        ('charge',    'receivable',      p_amount),
-        ('charge',    'captured',       -p_amount),
-        ('void',      'authorizations',  p_amount),
-        ('void',      'holds',          -p_amount),
-        ('refund',    'refunded',        p_amount),
-        ('refund',    'receivable',     -p_amount)
-    ) AS e(action, account, amount)
-    WHERE e.action = p_action AND e.amount IS NOT NULL AND e.amount <> 0;
+    SELECT t.id, t.provider || ':' || l.account, t.currency, l.amount_minor
+    FROM posted AS t
+    LEFT JOIN outbox.payments AS p ON p.payment_id = t.payment_id
+    CROSS JOIN LATERAL outbox.ledger_lines(t.kind, t.amount_minor, p.authorized_minor) AS l
+    ORDER BY t.id;
 END;
 $$;
+REVOKE ALL ON FUNCTION outbox.ledger_post(jsonb, text) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION outbox.ledger_write(bigint, text, text, text, text, bigint, text, text) FROM PUBLIC;
-
-CREATE FUNCTION outbox.ledger_post(
-    p_intent_id bigint, p_payment_id text, p_action text, p_provider text, p_currency text,
-    p_amount bigint, p_reference text, p_actor text
-) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF pg_trigger_depth() < 1 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = 'insufficient_privilege',
-            MESSAGE = 'outbox.ledger_post is called by the ledger trigger only',
-            HINT = 'An intent that turns succeeded posts its own ledger transaction.';
-    END IF;
-    PERFORM outbox.ledger_write(p_intent_id, p_payment_id, p_action, p_provider, p_currency,
-                                p_amount, p_reference, p_actor);
-END;
-$$;
-
+-- One posting per intent that turned succeeded in this statement, in its transaction.
+-- A second posting for the same intent is refused (ledger_transactions_one_per_intent).
 CREATE FUNCTION outbox.payment_intents_post_ledger() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+DECLARE
+    succeeded jsonb;
 BEGIN
-    PERFORM outbox.ledger_post(NEW.id, NEW.payment_id, NEW.action, NEW.provider, NEW.currency,
-                               NEW.amount_applied_minor, NEW.provider_reference, outbox.audit_actor());
+    SELECT jsonb_agg(to_jsonb(n) ORDER BY n.id) INTO succeeded
+    FROM new_rows AS n
+    JOIN old_rows AS o ON o.id = n.id
+    WHERE n.status = 'succeeded' AND o.status IS DISTINCT FROM 'succeeded';
+    IF succeeded IS NOT NULL THEN
+        PERFORM outbox.ledger_post(succeeded, outbox.audit_actor());
+    END IF;
     RETURN NULL;
 END;
 $$;
 
 CREATE TRIGGER payment_intents_ledger
-    AFTER UPDATE OF status ON outbox.payment_intents
-    FOR EACH ROW
-    WHEN (NEW.status = 'succeeded' AND OLD.status IS DISTINCT FROM 'succeeded')
-    EXECUTE FUNCTION outbox.payment_intents_post_ledger();
+    AFTER UPDATE ON outbox.payment_intents
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox.payment_intents_post_ledger();
 
 CREATE TRIGGER ledger_transactions_append_only
     BEFORE UPDATE OR DELETE ON outbox.ledger_transactions
@@ -474,16 +586,15 @@ CREATE TRIGGER ledger_entries_no_truncate
     FOR EACH STATEMENT EXECUTE FUNCTION outbox.refuse_change();
 
 -- Intents that succeeded before this migration are posted now, oldest first.
-SELECT outbox.ledger_write(s.id, s.payment_id, s.action, s.provider, s.currency,
-                          s.amount_applied_minor, s.provider_reference, 'db:' || current_user)
+SELECT outbox.ledger_post(jsonb_agg(to_jsonb(s) ORDER BY s.id), 'db:' || current_user)
 FROM (
     SELECT id, payment_id, action, provider, currency, amount_applied_minor, provider_reference
     FROM outbox.payment_intents WHERE status = 'succeeded'
     UNION ALL
     SELECT id, payment_id, action, provider, currency, amount_applied_minor, provider_reference
     FROM outbox.payment_intents_archive WHERE status = 'succeeded'
-    ORDER BY id
-) AS s;
+) AS s
+HAVING count(*) > 0;
 
 -- ==========================================================================================
 -- Idempotency-key lifetime guard and the janitor

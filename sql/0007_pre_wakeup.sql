@@ -19,8 +19,9 @@ COMMENT ON TABLE outbox.relay_wakeup IS
     'wanted: some relay is idle and waits for a NOTIFY on outbox_payment_intents; '
     'relays set and clear it, the insert trigger reads it.';
 
+-- SECURITY DEFINER: the application's role inserts intents and needs no right on the flag.
 CREATE OR REPLACE FUNCTION outbox.payment_intents_notify() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF coalesce((SELECT wanted FROM outbox.relay_wakeup), true) THEN
         PERFORM pg_notify('outbox_payment_intents', '');

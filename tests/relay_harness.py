@@ -14,8 +14,7 @@ from relay.db import Database
 from relay.lanes import Lane
 from relay.retry_policy import RetryPolicy
 from relay.runtime import Relay, RelayOptions
-
-TERMINAL = ("succeeded", "failed", "dead")
+from tests.invariants import unfinished
 
 
 def make_relay(
@@ -48,15 +47,6 @@ def make_relay(
         ),
         rng=rng.random,
     )
-
-
-def unfinished(db_url: str) -> int:
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM outbox.payment_intents WHERE status <> ALL(%s)", (list(TERMINAL),)
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 async def run_until_settled(

@@ -75,7 +75,8 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
         "RELAY_PROVIDERS__STRIPE__TIMEOUT_MS": "1000",
         "RELAY_PROVIDERS__STRIPE__CONNECT_TIMEOUT_MS": "500",
         "RELAY_PROVIDERS__STRIPE__CONCURRENCY": "16",
-        "RELAY_LEASE_SECONDS": "3",
+        # Long enough that a loaded machine's slow write-back is not taken for a dead relay.
+        "RELAY_LEASE_SECONDS": "6",
         "RELAY_MAX_ATTEMPTS": "25",
         "RELAY_BACKOFF_BASE_SECONDS": "0.05",
         "RELAY_BACKOFF_CAP_SECONDS": "1",

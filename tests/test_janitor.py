@@ -144,15 +144,14 @@ async def test_ambiguous_dead_intent_is_settled_by_lookup_and_audited(
     assert intent == ("succeeded", 1000, applied.provider_reference, None)
     assert payment == ("authorized", 1000, applied.payment_reference)
     assert follower_status == ("pending",)  # the payment's next intent may go now
+    evidence = (
+        f"janitor lookup: the provider shows the authorize applied "
+        f"({applied.provider_reference}, 1000 EUR)"
+    )
+    # Taken back and settled in one transaction: no one ever saw it in flight.
     assert trail[-2:] == [
-        ("janitor:jan-1", "dead", "in_flight", None),
-        (
-            "janitor:jan-1",
-            "in_flight",
-            "succeeded",
-            f"janitor lookup: the provider shows the authorize applied "
-            f"({applied.provider_reference}, 1000 EUR)",
-        ),
+        ("janitor:jan-1", "dead", "in_flight", evidence),
+        ("janitor:jan-1", "in_flight", "succeeded", evidence),
     ]
     assert check == ("settled_succeeded", 1, True)
     assert check_trail == [("janitor:jan-1", None), ("janitor:jan-1", "settled_succeeded")]

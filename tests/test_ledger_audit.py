@@ -229,10 +229,6 @@ async def test_ledger_rows_are_append_only(db_url: str) -> None:
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 conn.execute(statement)  # type: ignore[arg-type]
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="ledger trigger only"):
-            conn.execute(
-                "SELECT outbox.ledger_post(1, 'a0', 'charge', 'stripe', 'EUR', 5, NULL, 'me')"
-            )
 
 
 # -- audit trail ---------------------------------------------------------------------------
@@ -277,6 +273,7 @@ async def test_audit_rows_cannot_be_updated_or_deleted(
     db_url: str, superuser: psycopg.Connection
 ) -> None:
     await settled_run(db_url, n=1)
+    # Even the owner (here a superuser): the triggers refuse.
     for statement in (
         "UPDATE outbox.audit_log SET actor = 'someone else'",
         "DELETE FROM outbox.audit_log WHERE id = 1",
@@ -284,44 +281,46 @@ async def test_audit_rows_cannot_be_updated_or_deleted(
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
             superuser.execute(statement)  # type: ignore[arg-type]
-    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="audit triggers only"):
-        superuser.execute(
-            "SELECT outbox.audit_append('intent', '1', 'a0', 'update', NULL, '{}', 'forger')"
-        )
 
-    # A role of the application's kind: it writes intents and can read the trail, and the
-    # privileges refuse it any change to the trail before a trigger is even asked.
+    # A role of the application's kind: it writes intents (and so audit rows, through the
+    # triggers) and may read the trail; the privileges refuse it any change to the trail,
+    # and the functions that write it, before a trigger is even asked.
     role = f"outbox_app_{uuid.uuid4().hex[:8]}"
-    superuser.execute(f"CREATE ROLE {role}")  # type: ignore[arg-type]
+    superuser.execute(f"CREATE ROLE {role} LOGIN")  # type: ignore[arg-type]
     try:
         superuser.execute(
-            f"GRANT USAGE ON SCHEMA outbox TO {role};"  # type: ignore[arg-type]
+            f"GRANT CONNECT ON DATABASE {superuser.info.dbname} TO {role};"  # type: ignore[arg-type]
+            f"GRANT USAGE ON SCHEMA outbox TO {role};"
             f"GRANT SELECT ON ALL TABLES IN SCHEMA outbox TO {role};"
             f"GRANT INSERT ON outbox.payment_intents, outbox.payments TO {role};"
             f"GRANT UPDATE ON outbox.payments TO {role};"
         )
-        with superuser.transaction():
-            superuser.execute(f"SET LOCAL ROLE {role}")  # type: ignore[arg-type]
-            superuser.execute(
+        as_app = psycopg.conninfo.make_conninfo(db_url, user=role)
+        with psycopg.connect(as_app, autocommit=True) as app:
+            app.execute(
                 "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-                " currency, payment_method) VALUES ('by-app', 'charge', 'stripe', 10, 'EUR', 'pm_card_visa')"
+                " currency, payment_method) VALUES ('by-app', 'charge', 'stripe', 10, 'EUR',"
+                " 'pm_card_visa')"
             )
+            for statement in (
+                "UPDATE outbox.audit_log SET actor = 'x'",
+                "DELETE FROM outbox.audit_log",
+                "TRUNCATE outbox.audit_log",
+                "INSERT INTO outbox.audit_log (at, actor, entity, entity_id, operation, chain_seq,"
+                " hash) VALUES (now(), 'x', 'intent', '1', 'insert', 99, 'x')",
+                "SELECT outbox.audit_write('intent', '1', 'a0', 'update', NULL, '{}', 'forger')",
+                "SELECT outbox.ledger_post('[{\"id\": 1}]', 'forger')",
+                "DELETE FROM outbox.ledger_entries",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+                    app.execute(statement)  # type: ignore[arg-type]
         actors = superuser.execute(
             "SELECT DISTINCT actor FROM outbox.audit_log WHERE payment_id = 'by-app'"
         ).fetchall()
         assert actors == [(f"db:{role}",)]
-        for statement in (
-            "UPDATE outbox.audit_log SET actor = 'x'",
-            "DELETE FROM outbox.audit_log",
-            "INSERT INTO outbox.audit_log (at, actor, entity, entity_id, operation, chain_seq, hash)"
-            " VALUES (now(), 'x', 'intent', '1', 'insert', 99, 'x')",
-        ):
-            with superuser.transaction():
-                superuser.execute(f"SET LOCAL ROLE {role}")  # type: ignore[arg-type]
-                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
-                    superuser.execute(statement)  # type: ignore[arg-type]
     finally:
         superuser.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")  # type: ignore[arg-type]
+    assert verify_database(db_url).intact
 
 
 def _chain(conn: psycopg.Connection, payment_id: str) -> list[tuple[int, int]]:
@@ -519,3 +518,48 @@ async def test_no_card_like_value_or_api_key_reaches_the_audit_trail(db_url: str
     assert "[redacted: card-like number]" in text  # the idempotency key and error message
     assert "[redacted: secret]" in text
     assert verify_database(db_url).intact
+
+
+def test_rows_from_before_the_migration_get_a_baseline_and_their_postings(
+    pg_admin_url: str, tmp_path: Any
+) -> None:
+    from relay.migrate import discover, migrate
+    from tests.conftest import with_dbname
+
+    early = tmp_path / "early"
+    early.mkdir()
+    for migration in discover():
+        if migration.version < "0005":
+            (early / migration.path.name).write_text(migration.path.read_text())
+    name = f"outbox_relay_b_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    url = with_dbname(pg_admin_url, name)
+    try:
+        migrate(url, directory=early)
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+                " currency, payment_method) VALUES ('old', 'authorize', 'stripe', 700, 'EUR',"
+                " 'pm_card_visa'), ('old', 'capture', 'stripe', 500, 'EUR', NULL)"
+            )
+            # What a relay of that version wrote: both succeeded, the payment captured.
+            conn.execute(
+                "UPDATE outbox.payment_intents SET status = 'succeeded', attempts = 1,"
+                " amount_applied_minor = amount_minor, provider_reference = 'pi_old',"
+                " completed_at = now()"
+            )
+            conn.execute(
+                "UPDATE outbox.payments SET state = 'captured', authorized_minor = 700,"
+                " captured_minor = 500, provider_reference = 'pi_old'"
+            )
+        migrate(url)
+        assert check_ledger(url).problems == []
+        report = verify_database(url)
+        assert report.breaks == [] and report.chains == 3  # one payment, two intents
+        with psycopg.connect(url) as conn:
+            baseline = conn.execute("SELECT DISTINCT operation FROM outbox.audit_log").fetchall()
+        assert baseline == [("baseline",)]
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]

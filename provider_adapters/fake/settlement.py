@@ -227,8 +227,11 @@ class Settlement:
             if kind == "missing_at_provider":
                 self.transactions.remove(txn)
             elif kind == "amount_mismatch":
+                # As if the provider had moved a different amount: its fee follows it.
                 delta = int(spec.get("delta", 1))
                 txn["amount"] += delta
+                if txn["fee"]:
+                    txn["fee"] = self.fees.fee(abs(txn["amount"]))
                 txn["net"] = txn["amount"] - txn["fee"]
             elif kind == "currency_mismatch":
                 txn["currency"] = str(spec.get("currency", "usd")).lower()

@@ -1,0 +1,566 @@
+"""Reconciliation against the fake provider's balance transactions, and the exception workflow.
+
+A real relay run against the fake Stripe-compatible server fills the ledger; the fake is
+then told to make its settlement data disagree, once per exception class.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from provider_adapters.base import BalanceTransaction
+from provider_adapters.stripe import StripeAdapter
+from relay.reconcile import (
+    EXCEPTION_KINDS,
+    FeeSchedule,
+    InternalItem,
+    match,
+    run,
+    write_reports,
+)
+from tests.fake_server import API_KEY, FakeServer, running_fake
+from tests.invariants import assert_audit_intact, assert_ledger_balanced
+from tests.relay_harness import insert_intents, make_relay, run_until_settled
+
+BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+FAKE_FEES = FeeSchedule(bps=290, fixed_minor=30)  # the fake's default price list
+
+
+# -- pure matching ---------------------------------------------------------------------------
+
+
+def bt(
+    id_: str,
+    type_: str,
+    amount: int,
+    source: str | None,
+    *,
+    fee: int | None = None,
+    currency: str = "EUR",
+    status: str = "succeeded",
+    at: datetime = T0,
+) -> BalanceTransaction:
+    """A balance transaction; a charge's fee defaults to the fake's price list."""
+    if fee is None:
+        fee = (amount * 290 + 5_000) // 10_000 + 30 if amount > 0 else 0
+    return BalanceTransaction(id_, type_, amount, fee, amount - fee, currency, source, status, at)
+
+
+def item(n: int, kind: str, reference: str, amount: int, *, at: datetime = T0) -> InternalItem:
+    return InternalItem(n, f"pay-{n}", kind, reference, amount, "EUR", at)
+
+
+def test_each_discrepancy_is_one_finding_of_its_class() -> None:
+    provider = [
+        bt("txn_ok", "charge", 1000, "pi_ok"),
+        bt("txn_ref", "refund", -300, "re_ok"),
+        bt("txn_amt", "charge", 2100, "pi_amt"),
+        bt("txn_cur", "charge", 3000, "pi_cur", currency="USD"),
+        bt("txn_fee", "charge", 4000, "pi_fee", fee=999),
+        bt("txn_status", "refund", -500, "re_failed", status="failed"),
+        bt("txn_phantom", "charge", 1234, "pi_nobody"),
+        bt("txn_payout", "payout", -9000, "po_1"),
+    ]
+    internal = [
+        item(1, "charge", "pi_ok", 1000),
+        item(2, "refund", "re_ok", 300),
+        item(3, "capture", "pi_amt", 2000),
+        item(4, "charge", "pi_cur", 3000),
+        item(5, "charge", "pi_fee", 4000),
+        item(6, "refund", "re_failed", 500),
+        item(7, "charge", "pi_lost", 800),
+    ]
+    result = match(
+        provider,
+        internal,
+        window_start=T0 - timedelta(hours=1),
+        window_end=T0 + timedelta(hours=1),
+        fees=FAKE_FEES,
+    )
+    found = {(f.kind, f.match_key, f.delta_minor) for f in result.findings}
+    assert found == {
+        ("amount_mismatch", "pi_amt", 100),
+        ("currency_mismatch", "pi_cur", 0),
+        ("unexpected_fee", "pi_fee", 999 - (4000 * 290 + 5000) // 10000 - 30),
+        ("status_mismatch", "re_failed", 500),
+        ("missing_internal", "txn_phantom", 1234),
+        ("missing_at_provider", "pi_lost", -800),
+    }
+    assert sorted(f.kind for f in result.findings) == sorted(EXCEPTION_KINDS)
+    assert (result.matched, result.ignored) == (2, 1)
+
+
+def test_only_items_dated_inside_the_window_are_judged() -> None:
+    early, late = T0 - timedelta(minutes=30), T0 + timedelta(hours=2)
+    provider = [bt("txn_edge", "charge", 500, "pi_edge", at=T0 + timedelta(seconds=2))]
+    internal = [
+        # Booked just before the window, settled just inside: matched, not "missing".
+        item(1, "charge", "pi_edge", 500, at=T0 - timedelta(seconds=1)),
+        item(2, "charge", "pi_outside", 700, at=late),
+    ]
+    result = match(
+        provider, internal, window_start=T0, window_end=T0 + timedelta(hours=1), fees=FAKE_FEES
+    )
+    assert result.findings == [] and result.matched == 1
+    before = match(provider, internal, window_start=early, window_end=T0, fees=FAKE_FEES)
+    assert before.findings == [] and before.matched == 1
+
+
+def test_fees_are_checked_against_the_schedule_and_refunds_carry_none() -> None:
+    provider = [
+        bt("txn_c", "charge", 10_000, "pi_c", fee=330),
+        bt("txn_r", "refund", -100, "re_r", fee=5),
+    ]
+    internal = [item(1, "charge", "pi_c", 10_000), item(2, "refund", "re_r", 100)]
+    window = {"window_start": T0 - timedelta(hours=1), "window_end": T0 + timedelta(hours=1)}
+    unchecked = match(provider, internal, fees=FeeSchedule(), **window)
+    assert [(f.kind, f.match_key) for f in unchecked.findings] == [("unexpected_fee", "re_r")]
+    lenient = match(
+        provider, internal, fees=FeeSchedule(bps=290, fixed_minor=30, tolerance_minor=10), **window
+    )
+    assert [(f.kind, f.match_key) for f in lenient.findings] == []
+    strict = match(provider, internal, fees=FeeSchedule(bps=290, fixed_minor=30), **window)
+    assert {(f.kind, f.match_key) for f in strict.findings} == {
+        ("unexpected_fee", "pi_c"),
+        ("unexpected_fee", "re_r"),
+    }
+
+
+# -- against the fake provider -------------------------------------------------------------
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeServer]:
+    async with running_fake() as server:
+        yield server
+
+
+@pytest.fixture
+async def adapter(fake: FakeServer) -> AsyncIterator[StripeAdapter]:
+    adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
+    yield adapter
+    await adapter.aclose()
+
+
+WORKLOAD: list[dict[str, Any]] = [
+    {
+        "payment_id": "p-charge",
+        "action": "charge",
+        "amount_minor": 1000,
+        "payment_method": "pm_card_visa",
+    },
+    {
+        "payment_id": "p-auth",
+        "action": "authorize",
+        "amount_minor": 2000,
+        "payment_method": "pm_card_visa",
+    },
+    {"payment_id": "p-auth", "action": "capture", "amount_minor": 1500},
+    {
+        "payment_id": "p-refund",
+        "action": "charge",
+        "amount_minor": 3000,
+        "payment_method": "pm_card_visa",
+    },
+    {"payment_id": "p-refund", "action": "refund", "amount_minor": 500},
+    {
+        "payment_id": "p-amount",
+        "action": "charge",
+        "amount_minor": 4000,
+        "payment_method": "pm_card_visa",
+    },
+    {
+        "payment_id": "p-currency",
+        "action": "charge",
+        "amount_minor": 5000,
+        "payment_method": "pm_card_visa",
+    },
+    {
+        "payment_id": "p-fee",
+        "action": "charge",
+        "amount_minor": 6000,
+        "payment_method": "pm_card_visa",
+    },
+    {
+        "payment_id": "p-status",
+        "action": "charge",
+        "amount_minor": 7000,
+        "payment_method": "pm_card_visa",
+    },
+    {"payment_id": "p-status", "action": "refund", "amount_minor": 700},
+    {
+        "payment_id": "p-missing",
+        "action": "charge",
+        "amount_minor": 8000,
+        "payment_method": "pm_card_visa",
+    },
+    {
+        "payment_id": "p-hold",
+        "action": "authorize",
+        "amount_minor": 900,
+        "payment_method": "pm_card_visa",
+    },
+    {
+        "payment_id": "p-dead",
+        "action": "charge",
+        "amount_minor": 100,
+        "payment_method": "pm_no_such_card",
+    },
+]
+
+
+def references(db_url: str) -> dict[str, str]:
+    """payment_id -> the provider's object each injection targets (pi_ or re_)."""
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT payment_id, action, provider_reference FROM outbox.payment_intents"
+            " WHERE status = 'succeeded' ORDER BY id"
+        ).fetchall()
+    refs: dict[str, str] = {}
+    for payment_id, action, reference in rows:
+        if action == "refund" or payment_id not in refs:
+            refs[payment_id] = reference
+    return refs
+
+
+async def inject(fake: FakeServer, **spec: Any) -> dict[str, Any]:
+    response = await fake.control.post("/_fake/discrepancies", json=spec)
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def relay_then_inject(db_url: str, fake: FakeServer, adapter: StripeAdapter) -> None:
+    insert_intents(db_url, WORKLOAD)
+    await run_until_settled(db_url, [make_relay(db_url, adapter, instance="recon-relay")])
+    refs = references(db_url)
+    await inject(fake, kind="amount_mismatch", source=refs["p-amount"], delta=150)
+    await inject(fake, kind="currency_mismatch", source=refs["p-currency"], currency="usd")
+    await inject(fake, kind="unexpected_fee", source=refs["p-fee"], fee=999)
+    await inject(fake, kind="status_mismatch", source=refs["p-status"])
+    await inject(fake, kind="missing_at_provider", source=refs["p-missing"])
+    await inject(fake, kind="missing_internal", amount=4321, currency="eur")
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_reconciliation_finds_each_class_once_and_a_rerun_adds_none(
+    db_url: str, fake: FakeServer, adapter: StripeAdapter, tmp_path: Path
+) -> None:
+    started = datetime.now(UTC) - timedelta(minutes=1)
+    await relay_then_inject(db_url, fake, adapter)
+    until = datetime.now(UTC) + timedelta(minutes=1)
+    lines: list[str] = []
+
+    async def reconcile() -> Any:
+        return await run(
+            db_url,
+            "stripe",
+            adapter.balance_transactions,
+            since=started,
+            until=until,
+            fees=FAKE_FEES,
+            slack=timedelta(0),
+            actor="operator:carol",
+            progress=lines.append,
+        )
+
+    first = await reconcile()
+    kinds = sorted(f.kind for f in first.result.findings)
+    assert kinds == sorted(EXCEPTION_KINDS), [f.detail for f in first.result.findings]
+    assert first.new == 6 and first.cleared == []
+    by_kind = {f.kind: f for f in first.result.findings}
+    refs = references(db_url)
+    assert by_kind["amount_mismatch"].payment_id == "p-amount"
+    assert by_kind["amount_mismatch"].delta_minor == 150
+    assert by_kind["currency_mismatch"].payment_id == "p-currency"
+    assert by_kind["unexpected_fee"].payment_id == "p-fee"
+    assert by_kind["status_mismatch"].match_key == refs["p-status"]  # the failed refund
+    assert by_kind["missing_at_provider"].payment_id == "p-missing"
+    assert by_kind["missing_internal"].provider_amount_minor == 4321
+    assert any("balance transactions" in line for line in lines)
+
+    second = await reconcile()
+    assert second.new == 0
+    assert [e for e, _, _ in second.recorded] == [e for e, _, _ in first.recorded]
+    with psycopg.connect(db_url) as conn:
+        exceptions = conn.execute(
+            "SELECT kind, times_seen, status, first_run_id, last_run_id"
+            " FROM outbox.reconciliation_exceptions ORDER BY kind"
+        ).fetchall()
+        runs = conn.execute(
+            "SELECT status, exceptions_found, exceptions_new, run_by"
+            " FROM outbox.reconciliation_runs ORDER BY id"
+        ).fetchall()
+        delta = conn.execute(
+            "SELECT sum(exceptions), sum(delta_minor) FROM outbox.reconciliation_open_delta"
+        ).fetchone()
+        audited = conn.execute(
+            "SELECT entity, count(*) FROM outbox.audit_log"
+            " WHERE entity LIKE 'reconciliation%%' AND actor = 'operator:carol' GROUP BY entity"
+            " ORDER BY entity"
+        ).fetchall()
+    assert len(exceptions) == 6
+    assert {(t, s) for _, t, s, _, _ in exceptions} == {(2, "open")}
+    assert {(first_seen, last_seen) for *_, first_seen, last_seen in exceptions} == {
+        (first.run_id, second.run_id)
+    }
+    assert runs == [("finished", 6, 6, "operator:carol"), ("finished", 6, 0, "operator:carol")]
+    assert delta is not None and delta[0] == 6
+    assert dict(audited) == {
+        "reconciliation_exception": 12,  # found, then seen again
+        "reconciliation_run": 4,  # started and finished, twice
+    }
+
+    csv_path, json_path = write_reports(second, tmp_path)
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["kind"] for r in rows) == sorted(EXCEPTION_KINDS)
+    assert json.loads(json_path.read_text())["exceptions_found"] == 6
+    assert_ledger_balanced(db_url)
+    assert_audit_intact(db_url)
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_exceptions_no_longer_found_are_cleared_and_can_come_back(
+    db_url: str, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    started = datetime.now(UTC) - timedelta(minutes=1)
+    insert_intents(db_url, WORKLOAD[:1])
+    await run_until_settled(db_url, [make_relay(db_url, adapter)])
+    phantom = await inject(fake, kind="missing_internal", amount=777)
+    until = datetime.now(UTC) + timedelta(minutes=1)
+    seen = [t async for t in adapter.balance_transactions(started, until)]
+
+    async def without_phantom(since: datetime, to: datetime) -> AsyncIterator[BalanceTransaction]:
+        for t in seen:
+            if t.id != phantom["balance_transaction"]:
+                yield t
+
+    kwargs: dict[str, Any] = {
+        "since": started,
+        "until": until,
+        "fees": FAKE_FEES,
+        "slack": timedelta(0),
+        "actor": "reconcile:stripe",
+    }
+    first = await run(db_url, "stripe", adapter.balance_transactions, **kwargs)
+    assert [f.kind for f in first.result.findings] == ["missing_internal"]
+    cleared = await run(db_url, "stripe", without_phantom, **kwargs)
+    assert cleared.result.findings == [] and cleared.cleared == [first.recorded[0][0]]
+    back = await run(db_url, "stripe", adapter.balance_transactions, **kwargs)
+    assert back.recorded == [(first.recorded[0][0], False, "open")]
+
+
+# -- the command line and the four-eyes workflow -------------------------------------------
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        env={**BASE_ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_cli_reconciles_and_money_moves_need_a_second_approver(
+    db_url: str, fake: FakeServer, adapter: StripeAdapter, tmp_path: Path
+) -> None:
+    await relay_then_inject(db_url, fake, adapter)
+    env = {
+        "RELAY_DATABASE_URL": db_url,
+        "RELAY_PROVIDERS__STRIPE__API_KEY": API_KEY,
+        "RELAY_PROVIDERS__STRIPE__BASE_URL": fake.url,
+        "RELAY_RECONCILE_FEE_BPS": "290",
+        "RELAY_RECONCILE_FEE_FIXED_MINOR": "30",
+    }
+
+    def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return cli(*args, env=env)
+
+    async def call(*args: str) -> subprocess.CompletedProcess[str]:
+        # The fake provider is served by this test's event loop: keep it turning.
+        return await anyio.to_thread.run_sync(lambda: run_cli(*args))
+
+    since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    done = await call(
+        "reconcile", "--provider", "stripe", "--since", since, "--output-dir", str(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr
+    for kind in EXCEPTION_KINDS:
+        assert kind in done.stdout
+    assert "report written to" in done.stdout
+    assert len(sorted(os.listdir(tmp_path))) == 2  # the CSV and the JSON
+    assert "balance transactions" in done.stderr  # progress
+    again = await call(
+        "reconcile",
+        "--provider",
+        "stripe",
+        "--since",
+        since,
+        "--output-dir",
+        str(tmp_path),
+        "--json",
+    )
+    report = json.loads(again.stdout)
+    assert report["exceptions_found"] == 6 and report["exceptions_new"] == 0
+
+    listed = json.loads(run_cli("exceptions", "list", "--json").stdout)
+    ids = {row["kind"]: row["id"] for row in listed}
+    assert set(ids) == set(EXCEPTION_KINDS)
+
+    # Accepting moves no money: one operator, with a reason.
+    fee = run_cli(
+        "exceptions",
+        "accept",
+        str(ids["unexpected_fee"]),
+        "--operator",
+        "alice",
+        "--reason",
+        "disputed with the provider, ticket 4411",
+    )
+    assert fee.returncode == 0, fee.stderr
+    refused = run_cli(
+        "exceptions", "accept", str(ids["unexpected_fee"]), "--operator", "bob", "--reason", "again"
+    )
+    assert refused.returncode == 1 and "only an open exception" in refused.stderr
+
+    # The provider took 150 too much: refund the excess (the default amount), four eyes.
+    asked = run_cli(
+        "exceptions",
+        "refund",
+        str(ids["amount_mismatch"]),
+        "--operator",
+        "alice",
+        "--reason",
+        "over-captured by 150",
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert "refund 150 EUR of payment p-amount" in asked.stdout
+    action_id = asked.stdout.split()[1]
+    same = run_cli("exceptions", "approve", action_id, "--operator", "alice")
+    assert same.returncode == 1
+    assert "second, different operator" in same.stderr
+    with psycopg.connect(db_url) as conn:
+        before = conn.execute(
+            "SELECT count(*) FROM outbox.payment_intents WHERE payment_id = 'p-amount'"
+        ).fetchone()
+    assert before == (1,)  # nothing happened yet
+    approved = run_cli("exceptions", "approve", action_id, "--operator", "bob")
+    assert approved.returncode == 0, approved.stderr
+    twice = run_cli("exceptions", "approve", action_id, "--operator", "carol")
+    assert twice.returncode == 1 and "already executed" in twice.stderr
+
+    # A void of the open hold and a re-drive of the dead intent go the same way.
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO outbox.reconciliation_runs (provider, window_start, window_end)"
+            " VALUES ('stripe', now() - interval '1 hour', now()) RETURNING id"
+        ).fetchone()
+        assert row is not None
+        for payment_id, key in (("p-hold", "hold-key"), ("p-dead", "dead-key")):
+            conn.execute(
+                "INSERT INTO outbox.reconciliation_exceptions (provider, kind, match_key,"
+                " payment_id, detail, occurred_at, first_run_id, last_run_id)"
+                " VALUES ('stripe', 'status_mismatch', %s, %s, 'test', now(), %s, %s)",
+                (key, payment_id, row[0], row[0]),
+            )
+    listed = json.loads(run_cli("exceptions", "list", "--json").stdout)
+    hold = next(r["id"] for r in listed if r["payment_id"] == "p-hold")
+    dead = next(r["id"] for r in listed if r["payment_id"] == "p-dead")
+    with_amount = run_cli("exceptions", "void", str(hold), "--operator", "dana", "--reason", "x")
+    assert with_amount.returncode == 0, with_amount.stderr
+    void_action = with_amount.stdout.split()[1]
+    redrive = run_cli(
+        "exceptions", "redrive", str(dead), "--operator", "dana", "--reason", "card fixed"
+    )
+    assert redrive.returncode == 0, redrive.stderr
+    redrive_action = redrive.stdout.split()[1]
+    for action in (void_action, redrive_action):
+        assert run_cli("exceptions", "approve", action, "--operator", "dana").returncode == 1
+        ok = run_cli("exceptions", "approve", action, "--operator", "erin")
+        assert ok.returncode == 0, ok.stderr
+
+    with psycopg.connect(db_url) as conn:
+        intents = conn.execute(
+            "SELECT payment_id, action, amount_minor, status, metadata ? 'reconciliation_action'"
+            " FROM outbox.payment_intents WHERE payment_id IN ('p-amount', 'p-hold', 'p-dead')"
+            " ORDER BY id"
+        ).fetchall()
+        actions = conn.execute(
+            "SELECT action, requested_by, approved_by, status FROM outbox.reconciliation_actions"
+            " ORDER BY id"
+        ).fetchall()
+        statuses = dict(
+            conn.execute(
+                "SELECT kind || ':' || coalesce(payment_id, '-'), status"
+                " FROM outbox.reconciliation_exceptions"
+            ).fetchall()
+        )
+        operators = conn.execute(
+            "SELECT DISTINCT actor FROM outbox.audit_log WHERE actor LIKE 'operator:%%' ORDER BY 1"
+        ).fetchall()
+        # The four-eyes rule holds in the database itself, whatever the client.
+        with pytest.raises(psycopg.errors.CheckViolation, match="second_approver"):
+            conn.execute(
+                "UPDATE outbox.reconciliation_actions SET approved_by = requested_by WHERE id = %s",
+                (int(action_id),),
+            )
+    assert intents == [
+        ("p-amount", "charge", 4000, "succeeded", False),
+        ("p-hold", "authorize", 900, "succeeded", False),
+        ("p-dead", "charge", 100, "pending", False),  # re-driven under its own key
+        ("p-amount", "refund", 150, "pending", True),  # the relay sends it exactly once
+        ("p-hold", "void", None, "pending", True),
+    ]
+    assert actions == [
+        ("refund", "alice", "bob", "executed"),
+        ("void", "dana", "erin", "executed"),
+        ("redrive", "dana", "erin", "executed"),
+    ]
+    assert statuses["amount_mismatch:p-amount"] == "resolved"
+    assert statuses["unexpected_fee:p-fee"] == "accepted"
+    assert statuses["status_mismatch:p-hold"] == "resolved"
+    assert [o for (o,) in operators] == [
+        "operator:alice",
+        "operator:bob",
+        "operator:dana",
+        "operator:erin",
+    ]
+    assert_audit_intact(db_url)
+
+
+def test_every_money_command_has_help() -> None:
+    for args in (
+        ("ledger", "check"),
+        ("audit", "verify"),
+        ("reconcile",),
+        ("exceptions", "list"),
+        ("exceptions", "accept"),
+        ("exceptions", "refund"),
+        ("exceptions", "void"),
+        ("exceptions", "redrive"),
+        ("exceptions", "approve"),
+    ):
+        result = cli(*args, "--help", env={})
+        assert result.returncode == 0, args
+        assert "usage: outbox-relay" in result.stdout
+        assert len(result.stdout.splitlines()) > 3
