@@ -90,8 +90,8 @@ def main() -> int:
             for variant, (name, target, notify) in enumerate(
                 (
                     ("plain table (no triggers)", "bench_plain_intents", True),
-                    ("outbox, NOTIFY trigger off", "outbox.payment_intents", False),
-                    ("outbox as shipped", "outbox.payment_intents", True),
+                    ("outbox, relays busy (no NOTIFY)", "outbox.payment_intents", False),
+                    ("outbox, a relay idle (NOTIFY)", "outbox.payment_intents", True),
                 )
             ):
                 with psycopg.connect(url, autocommit=True) as conn:
