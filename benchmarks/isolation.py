@@ -14,48 +14,21 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import anyio
-import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import scratch_database, table, write_result
+from benchmarks._common import FakeProvider, scratch_database, table, write_result
 from relay.config import ProviderSettings
 from relay.db import Database
 from relay.main import build_lane
 from relay.retry_policy import RetryPolicy
 from relay.runtime import Relay, RelayOptions
-
-
-class FakeProcess:
-    def __init__(self, *flags: str) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "fake-provider", "--port", str(self.port), *flags],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(300):
-            try:
-                httpx.get(f"{self.url}/_fake/effects", timeout=1).raise_for_status()
-                return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("fake provider did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 def insert(url: str, provider: str, count: int, prefix: str) -> None:
@@ -119,12 +92,12 @@ def main() -> int:
     parser.add_argument("--sick-latency-ms", type=int, default=2_000)
     parser.add_argument("--concurrency", type=int, default=32, help="each lane's concurrency")
     args = parser.parse_args()
-    healthy_fake = FakeProcess()
+    healthy_fake = FakeProvider()
     latency = str(args.sick_latency_ms)
     sick_fakes = {
-        "slow": FakeProcess("--latency-ms", latency),
-        "failing": FakeProcess("--rate-503", "1.0"),
-        "slow and flaky": FakeProcess("--latency-ms", latency, "--rate-503", "0.5"),
+        "slow": FakeProvider("--latency-ms", latency),
+        "failing": FakeProvider("--rate-503", "1.0"),
+        "slow and flaky": FakeProvider("--latency-ms", latency, "--rate-503", "0.5"),
     }
     key = "sk_test_bench"
     healthy = ProviderSettings(base_url=healthy_fake.url, api_key=key, concurrency=args.concurrency)
