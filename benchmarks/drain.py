@@ -11,9 +11,11 @@ lines, result event). One relay then drains it, in this process, twice:
 * with the fake Stripe-compatible provider over HTTP (its own process, no latency, no
   faults), through the Stripe adapter the relay ships.
 
-The relay logs as in production (JSON lines), into /dev/null. Prints intents/s and the
-relay's CPU per intent; writes benchmarks/results/drain.json. benchmarks/sql_limit.py
-compares the first figure with the database's own limit.
+The relay logs as in production (JSON lines), into /dev/null. Prints intents/s, the
+relay's CPU per intent, and how long the database made each claim and write-back take
+(and how much of the drain the one write-back connection was busy); writes
+benchmarks/results/drain.json. benchmarks/sql_limit.py compares the in-process figure
+with the database's own limit, measured in the same run.
 
     python benchmarks/drain.py [--intents 100000] [--http-intents N] [--quick]
     python benchmarks/drain.py --profile      # + pyinstrument profile of the in-process run
@@ -289,7 +291,17 @@ def main() -> int:
             )
         finally:
             fake.stop()
-    rows = [("relay drain", "intents", "intents/s", "first 1/5", "last 1/5", "relay CPU ms/intent")]
+    rows = [
+        (
+            "relay drain",
+            "intents",
+            "intents/s",
+            "first 1/5",
+            "last 1/5",
+            "relay CPU ms/intent",
+            "write-back busy",
+        )
+    ]
     rows += [
         (
             label,
@@ -298,6 +310,7 @@ def main() -> int:
             f"{r['intents_per_second_first_fifth']:,.0f}",
             f"{r['intents_per_second_last_fifth']:,.0f}",
             f"{r['relay_cpu_ms_per_intent']:.2f}",
+            f"{r['write_backs']['busy_share'] * 100:.0f} %",
         )
         for label, r in results.items()
     ]
