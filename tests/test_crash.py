@@ -33,6 +33,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RELAYS = 3
 PAYMENTS = 900
 CHAOS_SECONDS = float(os.environ.get("RELAY_TEST_CHAOS_SECONDS", "22"))
+# The chaos goes on until both hold: a loaded machine makes each round slower, and the
+# test is about the kills, so it counts them instead of trusting the clock.
+MIN_KILLS = 15
 
 
 def _insert(db_url: str, rows: list[Any]) -> None:
@@ -131,7 +134,7 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
         fake.stop()
 
     kills = sum(relay.kills for relay in relays)
-    assert kills >= 15, f"only {kills} SIGKILLs happened"
+    assert kills >= MIN_KILLS, f"only {kills} SIGKILLs happened"
     assert exit_codes == [0] * RELAYS, "SIGTERM drains and exits 0"
     faults: dict[str, int] = effects["faults_injected"]  # type: ignore[assignment]
     assert faults["timeout_after_effect"] > 0 and faults["500_after_effect"] > 0
