@@ -64,6 +64,7 @@ async def drain(
     batch_size: int,
     max_in_flight: int,
     pool_size: int,
+    writers: int,
     profile: Path | None = None,
 ) -> dict[str, Any]:
     """Run one relay until ``intents`` outcomes are committed; return rate and CPU."""
@@ -76,6 +77,7 @@ async def drain(
             batch_size=batch_size,
             max_in_flight=max_in_flight,
             lease_seconds=60,
+            completer_writers=writers,
         ),
         rng=random.Random(1).random,
     )
@@ -166,6 +168,7 @@ def run_variant(
     batch_size: int = 100,
     max_in_flight: int = 256,
     pool_size: int = 4,
+    writers: int = 2,
     profile: Path | None = None,
 ) -> dict[str, Any]:
     """Fill a scratch database with ``intents`` and drain it with one relay."""
@@ -186,6 +189,7 @@ def run_variant(
                 batch_size=batch_size,
                 max_in_flight=max_in_flight,
                 pool_size=pool_size,
+                writers=writers,
                 profile=profile,
             )
         )
@@ -231,6 +235,9 @@ def main() -> int:
     parser.add_argument("--max-in-flight", type=int, default=256, help="RELAY_MAX_IN_FLIGHT")
     parser.add_argument("--pool-size", type=int, default=4, help="RELAY_DB_POOL_SIZE (4)")
     parser.add_argument(
+        "--writers", type=int, default=2, help="RELAY_COMPLETER_WRITERS (2): write-backs in flight"
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=100,
@@ -254,7 +261,7 @@ def main() -> int:
     quiet_relay_logging()
     print(
         f"drain: authorize + capture per payment; batch {args.batch_size},"
-        f" max in flight {args.max_in_flight}, pool {args.pool_size}"
+        f" max in flight {args.max_in_flight}, pool {args.pool_size}, writers {args.writers}"
     )
     results: dict[str, dict[str, Any]] = {}
     profile = RESULTS / "drain_profile.txt" if args.profile else None
@@ -264,6 +271,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "max_in_flight": args.max_in_flight,
         "pool_size": args.pool_size,
+        "writers": args.writers,
     }
     if args.intents:
         results["in-process adapter"] = run_variant(
@@ -322,6 +330,7 @@ def main() -> int:
             "batch_size": args.batch_size,
             "max_in_flight": args.max_in_flight,
             "pool_size": args.pool_size,
+            "writers": args.writers,
             "concurrency": args.concurrency,
             "http_concurrency": args.http_concurrency,
             "quick": args.quick,

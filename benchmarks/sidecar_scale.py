@@ -2,7 +2,8 @@
 
 1. Idle cost. --relays (default 50) `outbox-relay run` processes (`python -m relay run`,
    default settings, RELAY_HTTP_PORT=0) against one database with an empty queue. Once
-   they have connected and their polling has backed off, for --window seconds (30):
+   they have connected, their polling has backed off and their pools have shrunk
+   (80 s), for --window seconds (30):
    the connections they hold (pg_stat_activity), the transactions they cause
    (pg_stat_database), and the CPU of the PostgreSQL processes and of the relays
    (utime + stime from /proc/<pid>/stat).
@@ -231,7 +232,9 @@ def idle_cost(
                 raise SystemExit("a relay exited during start-up")
             time.sleep(1)
         print(f"  {relays} relays connected (load {load_average()}); letting polling back off")
-        time.sleep(settle)  # polling backs off 1 s -> 2 s -> 4 s -> the 5 s ceiling
+        # Polling backs off 1 s -> 2 s -> 4 s -> the 5 s ceiling, and each pool gives back
+        # what start-up grew it to, one connection per 20 s idle (relay/db.py).
+        time.sleep(settle)
         pg = postgres_pids(url, data)
         pg_cpu0 = sum(cpu_seconds(p) for p in pg)
         relay_cpu0 = sum(cpu_seconds(p.pid) for p in procs)
@@ -320,7 +323,7 @@ def main() -> int:
         args.relays, args.window, args.intents, args.many = 3, 10.0, 1_000, 3
     with database(args.shared) as (url, data):
         print(f"idle: {args.relays} relays, {args.window:g} s window (load {load_average()})")
-        idle = idle_cost(url, data, args.relays, args.window, 5.0 if args.quick else 20.0)
+        idle = idle_cost(url, data, args.relays, args.window, 5.0 if args.quick else 80.0)
         fake = FakeProvider()
         try:
             drains = {}

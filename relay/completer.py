@@ -1,7 +1,10 @@
 """Batch completer: many outcomes, one transaction, like River's batch completer.
 
 Workers :meth:`submit` write-backs; the completer flushes when ``batch_size`` are pending
-or ``flush_seconds`` after the first one arrived. The bounded buffer is the back-pressure:
+or ``flush_seconds`` after the first one arrived. ``writers`` transactions are in flight
+at once, each on its own connection; outcomes are routed by payment_id, so one payment's
+outcomes stay in one stream (in order) and concurrent batches lock disjoint payments and
+event streams (no deadlock between them). The bounded buffer is the back-pressure:
 when the database is slow, submitters wait, so claims slow down instead of memory growing.
 A database error never drops an outcome: the batch is retried with backoff until it is
 written (if the relay dies meanwhile, the leases expire and the intents are re-driven
@@ -11,12 +14,14 @@ scope bounded by the grace period.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 
 import anyio
 import psycopg
 import structlog
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from relay import metrics
 from relay.db import RETRYABLE_DB_ERRORS
@@ -35,19 +40,28 @@ class Completer:
         batch_size: int = 500,
         flush_seconds: float = 0.01,
         buffer: int = 2_000,
+        writers: int = 2,
         on_flushed: Callable[[int], None] = lambda _n: None,
     ) -> None:
+        if writers < 1:
+            raise ValueError("writers must be at least 1")
         self._store = store
         self._batch_size = batch_size
         self._flush_seconds = flush_seconds
-        self._send, self._receive = anyio.create_memory_object_stream[WriteBack](buffer)
+        streams = [
+            anyio.create_memory_object_stream[WriteBack](max(1, buffer // writers))
+            for _ in range(writers)
+        ]
+        self._sends: list[MemoryObjectSendStream[WriteBack]] = [send for send, _ in streams]
+        self._receives: list[MemoryObjectReceiveStream[WriteBack]] = [r for _, r in streams]
         self._on_flushed = on_flushed
         self._give_up_at: float | None = None
         self.lease_lost = 0
         self.written = 0
 
     async def submit(self, write_back: WriteBack) -> None:
-        await self._send.send(write_back)
+        stream = zlib.crc32(write_back.payment_id.encode()) % len(self._sends)
+        await self._sends[stream].send(write_back)
 
     def close(self, *, give_up_after: float | None = None) -> None:
         """No more submissions; :meth:`run` flushes what is pending and returns.
@@ -57,21 +71,28 @@ class Completer:
         """
         if give_up_after is not None:
             self._give_up_at = anyio.current_time() + give_up_after
-        self._send.close()
+        for send in self._sends:
+            send.close()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        async with self._receive:
+        """Run every writer; return once all are closed and flushed."""
+        async with anyio.create_task_group() as tg:
+            for receive in self._receives:
+                tg.start_soon(self._run_writer, receive)
+            task_status.started()
+
+    async def _run_writer(self, receive: MemoryObjectReceiveStream[WriteBack]) -> None:
+        async with receive:
             while True:
                 try:
-                    first = await self._receive.receive()
+                    first = await receive.receive()
                 except anyio.EndOfStream:
                     return
                 batch = [first]
                 with anyio.move_on_after(self._flush_seconds):
                     while len(batch) < self._batch_size:
                         try:
-                            batch.append(await self._receive.receive())
+                            batch.append(await receive.receive())
                         except anyio.EndOfStream:
                             break
                 # A flush in progress finishes even when the relay is being cancelled.

@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     )
     completer_batch_size: PositiveInt = Field(500, description="Most outcomes per write-back.")
     completer_flush_ms: PositiveInt = Field(10, description="Longest wait to fill a write-back.")
+    completer_writers: PositiveInt = Field(
+        2,
+        le=8,
+        description="Write-back transactions in flight at once (one pool connection each; "
+        "at most RELAY_DB_POOL_SIZE - 1, so claims keep a connection).",
+    )
+
     db_pool_size: PositiveInt = Field(4, description="Connections in the relay's pool.")
     http_host: str = Field("0.0.0.0", description="Address of /metrics, /healthz, /readyz.")
     http_port: int = Field(
@@ -208,6 +215,10 @@ class Settings(BaseSettings):
         0.5, gt=0, description="First reconnect delay bound (full jitter)."
     )
     amqp_reconnect_cap_seconds: float = Field(30.0, gt=0, description="Largest reconnect delay.")
+
+    def effective_completer_writers(self) -> int:
+        """Writers the relay runs: claims keep one pool connection for themselves."""
+        return max(1, min(self.completer_writers, self.db_pool_size - 1))
 
     @field_validator("events_exchange", "events_example_queue")
     @classmethod

@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 NOTIFY_CHANNEL = "outbox_payment_intents"
+MAX_IDLE_SECONDS = 20.0
 EVENTS_NOTIFY_CHANNEL = "outbox_events"  # sql/0004_pre_events.sql notifies here
 log = structlog.get_logger("relay.db")
 
@@ -50,6 +51,9 @@ class Database:
             kwargs={"application_name": name, "autocommit": True},
             timeout=30.0,
             reconnect_timeout=0,  # never give up: the relay waits for the database to return
+            # An idle relay gives back what a burst grew its pool to (one connection per
+            # MAX_IDLE_SECONDS), so 50 idle sidecars hold ~2 connections each, not 5.
+            max_idle=MAX_IDLE_SECONDS,
         )
 
     async def open(self) -> None:

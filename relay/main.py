@@ -77,6 +77,7 @@ def build_relay(settings: Settings, database_url: str) -> Relay:
         poll_max_interval_seconds=settings.poll_max_interval_seconds,
         completer_batch_size=settings.completer_batch_size,
         completer_flush_seconds=settings.completer_flush_ms / 1000,
+        completer_writers=settings.effective_completer_writers(),
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
     )
     db = Database(database_url, pool_size=settings.db_pool_size, name=settings.instance_name)

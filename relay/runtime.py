@@ -52,6 +52,7 @@ class RelayOptions:
         poll_max_interval_seconds: float = 5.0,
         completer_batch_size: int = 500,
         completer_flush_seconds: float = 0.01,
+        completer_writers: int = 2,
         shutdown_grace_seconds: float = 30.0,
         listen: bool = True,
     ) -> None:
@@ -63,6 +64,7 @@ class RelayOptions:
         self.poll_max_interval_seconds = poll_max_interval_seconds
         self.completer_batch_size = completer_batch_size
         self.completer_flush_seconds = completer_flush_seconds
+        self.completer_writers = completer_writers
         self.shutdown_grace_seconds = shutdown_grace_seconds
         self.listen = listen
 
@@ -87,6 +89,7 @@ class Relay:
             self.store,
             batch_size=options.completer_batch_size,
             flush_seconds=options.completer_flush_seconds,
+            writers=options.completer_writers,
             on_flushed=lambda _n: self.wake(),
         )
         self.in_flight = 0
