@@ -33,7 +33,7 @@ from relay.redaction import redact_text
 from relay.retry_policy import RetryPolicy
 from relay.state_machine import Rejection, decide
 from relay.store import ClaimedIntent, Store, WriteBack
-from relay.tracing import parse_traceparent
+from relay.tracing import TraceContext, parse_traceparent
 
 __all__ = ["Relay", "RelayOptions"]
 
@@ -249,7 +249,7 @@ class Relay:
                 attempt=intent.attempts,
                 trace_id=trace.trace_id if trace else None,
             ):
-                await self._dispatch(lane, intent, admission)
+                await self._dispatch(lane, intent, admission, trace)
         finally:
             lane.release(admission_asked=admission.asked)
             self.in_flight -= 1
@@ -257,9 +257,14 @@ class Relay:
                 self._drained.set()
             self.wake()
 
-    async def _dispatch(self, lane: Lane, intent: ClaimedIntent, admission: _Admission) -> None:
+    async def _dispatch(
+        self,
+        lane: Lane,
+        intent: ClaimedIntent,
+        admission: _Admission,
+        trace: TraceContext | None,  # None for an invalid one, which is never forwarded
+    ) -> None:
         decision = decide(intent.action, intent.amount_minor, intent.payment)
-        trace = parse_traceparent(intent.traceparent)  # an invalid one is never forwarded
         if isinstance(decision, Rejection):
             log.info("intent_rejected", error_code=decision.error_code)
             await self.completer.submit(
