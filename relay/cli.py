@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.config import Settings
 
 __all__ = ["main"]
 
@@ -24,7 +28,7 @@ def _database_url_or_exit() -> str:
     except ConfigError as exc:
         _print_config_error(exc)
         raise SystemExit(2) from None
-    url = settings.resolved_database_url()
+    url = _resolved_database_url(settings)
     if not url:
         print(
             "error: RELAY_DATABASE_URL is not set; point it at your PostgreSQL, e.g. "
@@ -33,6 +37,19 @@ def _database_url_or_exit() -> str:
         )
         raise SystemExit(2)
     return url
+
+
+def _resolved_database_url(settings: Settings) -> str | None:
+    """The database URL, or exit 2 naming the file when RELAY_DATABASE_URL_FILE is unreadable."""
+    try:
+        return settings.resolved_database_url()
+    except OSError as exc:
+        print(
+            f"error: RELAY_DATABASE_URL_FILE {settings.database_url_file} cannot be read "
+            f"({exc.strerror or type(exc).__name__})",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
 
 
 def _print_config_error(exc: Exception) -> None:
@@ -68,7 +85,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_config_error(exc)
         return 2
-    url = settings.resolved_database_url()
+    url = _resolved_database_url(settings)
     if not url:
         print("error: RELAY_DATABASE_URL is not set", file=sys.stderr)
         return 2
@@ -203,8 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import psycopg
+
+    from relay.redaction import redact_text
+
     args = build_parser().parse_args(argv)
-    result: int = args.handler(args)
+    try:
+        result: int = args.handler(args)
+    except psycopg.OperationalError as exc:
+        # The database could not be reached (or refused the login): one line saying why,
+        # not a traceback. libpq's messages name host and port, never the password; the
+        # text is redacted anyway in case a future message quotes the URL.
+        print(f"error: {redact_text(str(exc).strip())}", file=sys.stderr)
+        print("hint: check RELAY_DATABASE_URL (or RELAY_DATABASE_URL_FILE)", file=sys.stderr)
+        return 1
     return result
 
 

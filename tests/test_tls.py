@@ -1,0 +1,151 @@
+"""TLS: libpq's sslmode / sslrootcert in RELAY_DATABASE_URL reach every connection the relay
+opens, and an amqps:// URL (with its TLS query options) reaches aio-pika unchanged.
+
+The database checks adapt to the server under test: with `ssl = on` they show, from
+pg_stat_ssl, that the relay's connections are encrypted; with `ssl = off` (this machine's
+CI server) they show that `sslmode=require` is honoured by refusing to connect in clear,
+with one readable error and no traceback. Either way a URL whose TLS parameters were
+dropped would connect in clear and fail the test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from relay.config import Settings
+from relay.db import Database
+from relay.publisher import publisher_from_settings
+from tests.processes import RelayProcess
+from tests.scrape import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _with(url: str, **params: str) -> str:
+    merged = conninfo_to_dict(url)
+    merged.update(params)
+    return make_conninfo(**merged)
+
+
+def _server_ssl(db_url: str) -> bool:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SHOW ssl").fetchone()
+    return row is not None and row[0] == "on"
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hang guard, not a speed limit
+    )
+
+
+def test_relay_connections_honour_sslmode_require(db_url: str, tmp_path: Path) -> None:
+    url = _with(db_url, sslmode="require")
+    relay = RelayProcess(
+        "tls-relay",
+        {
+            "RELAY_DATABASE_URL": url,
+            "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_tls",
+            "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
+            "RELAY_POLL_INTERVAL_SECONDS": "0.1",
+            "RELAY_LOG_FORMAT": "json",
+        },
+        tmp_path,
+    )
+    encrypted = _server_ssl(db_url)
+    try:
+        relay.start()
+        if encrypted:
+            relay.wait_ready()
+
+            def sessions() -> list[tuple[Any, ...]]:
+                with psycopg.connect(db_url) as conn:
+                    return conn.execute(
+                        "SELECT a.application_name, s.ssl FROM pg_stat_activity AS a"
+                        " JOIN pg_stat_ssl AS s ON s.pid = a.pid"
+                        " WHERE a.datname = current_database()"
+                        "   AND a.application_name IN ('tls-relay', 'outbox-relay-listen')"
+                    ).fetchall()
+
+            # The pool's connections and the LISTEN connection, every one over TLS.
+            found = wait_for(
+                lambda: {name for name, _ in sessions()} >= {"tls-relay"} and sessions()
+            )
+            assert all(ssl for _, ssl in found), found
+        else:
+            wait_for(lambda: "server does not support SSL" in relay.log_path.read_text())
+            readyz = httpx.get(f"http://127.0.0.1:{relay.http_port}/readyz", timeout=10)
+            assert readyz.status_code == 503 and "database unreachable" in readyz.text
+    finally:
+        relay.terminate()
+    log = relay.log_path.read_text()
+    assert "Traceback" not in log
+    if not encrypted:
+        # It never fell back to a clear-text connection.
+        assert "relay_ready" not in log or "server does not support SSL" in log
+        with psycopg.connect(db_url) as conn:
+            clear = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name IN ('tls-relay', 'outbox-relay-listen')"
+            ).fetchone()
+        assert clear == (0,)
+
+
+def test_cli_verify_full_with_a_wrong_root_certificate_fails_clearly(
+    db_url: str, tmp_path: Path
+) -> None:
+    wrong_root = tmp_path / "not-our-ca.crt"
+    wrong_root.write_text(
+        "-----BEGIN CERTIFICATE-----\nMIIBnotarealcertificate\n-----END CERTIFICATE-----\n"
+    )
+    url = _with(db_url, sslmode="verify-full", sslrootcert=str(wrong_root))
+    result = _cli("status", env={"RELAY_DATABASE_URL": url})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    if _server_ssl(db_url):
+        assert any(word in lines[0] for word in ("certificate", "SSL")), lines[0]
+    else:
+        assert "server does not support SSL, but SSL was required" in lines[0]
+
+
+def test_amqps_url_reaches_aio_pika_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = (
+        "amqps://relay:secret@rabbit.example:5671/payments"
+        "?cafile=/etc/relay/ca.crt&certfile=/etc/relay/client.crt&keyfile=/etc/relay/client.key"
+        "&heartbeat=30"
+    )
+    seen: list[str] = []
+
+    class Captured(BaseException):
+        pass
+
+    async def connect(given: str, **_kwargs: object) -> None:
+        seen.append(given)
+        raise Captured
+
+    import relay.publisher
+
+    monkeypatch.setattr(relay.publisher.aio_pika, "connect", connect)
+    settings = Settings(amqp_url=url, providers={})  # type: ignore[arg-type]
+    publisher = publisher_from_settings(settings, Database("dbname=unused"))
+    assert publisher is not None
+    with pytest.raises(Captured):
+        anyio.run(publisher._connect_loop)
+    assert seen == [url]
