@@ -79,6 +79,14 @@ def applied_versions(conn: psycopg.Connection) -> dict[str, str]:
     return {version: checksum for version, checksum in rows}
 
 
+def _up_to_date(conn: psycopg.Connection, migrations: list[Migration]) -> bool:
+    try:
+        done = applied_versions(conn)
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return all(done.get(m.version) == m.checksum for m in migrations)
+
+
 def migrate(
     conninfo: str,
     *,
@@ -89,6 +97,10 @@ def migrate(
     migrations = discover(directory)
     applied: list[str] = []
     with psycopg.connect(conninfo, autocommit=True) as conn:
+        # Up to date: nothing to lock or create, so a role without CREATE (the relay's
+        # least-privilege role running `run --migrate`) starts instead of failing.
+        if _up_to_date(conn, migrations):
+            return applied
         for migration in migrations:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_LOCK_KEY,))

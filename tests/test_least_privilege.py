@@ -327,6 +327,17 @@ def test_group_roles_exist_cannot_log_in_and_migrate_reruns(db_url: str, pg_admi
             )
 
 
+def test_relay_role_starts_with_migrate_on_an_up_to_date_schema(
+    db_url: str, relay_url: str
+) -> None:
+    """`run --migrate` as the relay role: nothing to apply, so nothing it may not do."""
+    assert migrate(relay_url) == []
+    with psycopg.connect(db_url) as conn:
+        conn.execute("DELETE FROM outbox.schema_migrations WHERE version = '0010'")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        migrate(relay_url)  # a pending migration needs the owner
+
+
 def test_role_creation_survives_concurrent_migrations_of_other_databases(db_url: str) -> None:
     """The role-creating block of 0008, run at once from several sessions (as several
     databases of one cluster migrate together), creates each role once and fails none."""
