@@ -9,6 +9,7 @@ the relay settles it with :meth:`StripeAdapter.lookup`. No exception leaves this
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +28,11 @@ from provider_adapters.base import (
     SettlementUnavailable,
     Succeeded,
 )
-from provider_adapters.stripe_errors import classify_connection_error, classify_stripe_error
+from provider_adapters.stripe_errors import (
+    classify_connection_error,
+    classify_stripe_error,
+    safe_code,
+)
 
 __all__ = ["StripeAdapter"]
 
@@ -39,6 +44,30 @@ _EXPECTED_STATUS = {
     Action.VOID: {"canceled"},
     Action.REFUND: {"succeeded", "pending"},
 }
+
+
+# A Stripe object id: a prefix and a random base-62 tail. It is stored (provider_reference)
+# and published, so nothing else is taken: no separators, no control characters, no
+# megabyte ids, and no card-like run (13 to 19 digits passing Luhn; never part of an id).
+_OBJECT_ID = re.compile(r"[a-z]{2,4}_[A-Za-z0-9_]{1,250}")
+_DIGIT_RUN = re.compile(r"[0-9]{13,}")
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        d = int(char) * (2 if position % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def _object_id(value: Any, prefix: str) -> bool:
+    return (
+        isinstance(value, str)
+        and value.startswith(prefix)
+        and _OBJECT_ID.fullmatch(value) is not None
+        and not any(len(run) <= 19 and _luhn(run) for run in _DIGIT_RUN.findall(value))
+    )
 
 
 class _InvalidReply(Exception):
@@ -165,6 +194,8 @@ class StripeAdapter:
             return self._verify(command, reply)
         except _InvalidReply as exc:
             return Ambiguous("invalid_provider_reply", str(exc))
+        except Exception as exc:  # a reply shaped beyond anything checked above
+            return Ambiguous("invalid_provider_reply", f"unreadable reply ({type(exc).__name__})")
 
     def _verify(self, command: Command, reply: Any) -> Succeeded:
         is_refund = command.action is Action.REFUND
@@ -174,13 +205,13 @@ class StripeAdapter:
                 f"object is {_field(reply, 'object')!r}, expected {expected_object}"
             )
         object_id = _field(reply, "id")
-        if not isinstance(object_id, str) or not object_id.startswith(prefix):
-            raise _InvalidReply(f"id {object_id!r} is not a {expected_object} id")
+        if not _object_id(object_id, prefix):
+            raise _InvalidReply(f"id ({type(object_id).__name__}) is not a {expected_object} id")
         currency = _field(reply, "currency")
         if not isinstance(currency, str) or currency.upper() != command.currency.upper():
             raise _InvalidReply(f"currency {currency!r} differs from {command.currency}")
         status = _field(reply, "status")
-        if status not in _EXPECTED_STATUS[command.action]:
+        if not isinstance(status, str) or status not in _EXPECTED_STATUS[command.action]:
             raise _InvalidReply(f"status {status!r} is not what {command.action} leads to")
         amount_field = {
             Action.AUTHORIZE: "amount_capturable",
@@ -198,8 +229,10 @@ class StripeAdapter:
         if command.action in (Action.AUTHORIZE, Action.CHARGE) and total != command.amount_minor:
             raise _InvalidReply(f"amount {total} differs from {command.amount_minor}")
         payment_reference = _field(reply, "payment_intent") if is_refund else object_id
-        if not isinstance(payment_reference, str):
-            raise _InvalidReply("the refund names no payment_intent")
+        if not _object_id(payment_reference, "pi_") or (
+            is_refund and payment_reference != command.payment_reference
+        ):
+            raise _InvalidReply("the refund names no payment_intent, or another one")
         headers: Mapping[str, str] = (
             getattr(getattr(reply, "last_response", None), "headers", {}) or {}
         )
@@ -232,6 +265,8 @@ class StripeAdapter:
             result: Any = await v1.payment_intents.search_async({"query": query})
             for pi in _field(result, "data") or []:
                 status = _field(pi, "status")
+                if not isinstance(status, str):
+                    continue
                 if status in _EXPECTED_STATUS[command.action] or (
                     command.action is Action.AUTHORIZE
                     and status in ("succeeded", "canceled")
@@ -241,8 +276,10 @@ class StripeAdapter:
                     return self._verified(command, pi)
                 error = _field(pi, "last_payment_error")
                 if status == "requires_payment_method" and error:
-                    code = _field(error, "decline_code") or _field(error, "code") or "card_declined"
-                    return Declined(str(code), str(_field(error, "message") or "declined"))
+                    code = safe_code(
+                        _field(error, "decline_code") or _field(error, "code"), "card_declined"
+                    )
+                    return Declined(code, str(_field(error, "message") or "declined")[:300])
             return not_found
         if command.payment_reference is None:
             return Ambiguous("missing_payment_reference", "no payment reference to look up")

@@ -23,6 +23,7 @@ a reply that is not valid JSON              Ambiguous(invalid_provider_reply)
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -30,7 +31,11 @@ import stripe
 
 from provider_adapters.base import Ambiguous, Declined, Invalid, Outcome, Retryable
 
-__all__ = ["classify_connection_error", "classify_stripe_error", "retry_after_seconds"]
+__all__ = ["classify_connection_error", "classify_stripe_error", "retry_after_seconds", "safe_code"]
+
+# A provider's error or decline code becomes the intent's error_code and a metric label:
+# only a short snake_case word is taken as it is (never a card number, a newline or 1 MB).
+_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 # httpx errors raised before any byte of the request could reach the provider.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
@@ -69,6 +74,12 @@ def _message(exc: stripe.StripeError, fallback: str) -> str:
     return text[:300]
 
 
+def safe_code(value: Any, fallback: str) -> str:
+    """``value`` when it is a plausible provider code (snake_case, at most 64 characters),
+    else ``fallback``: the provider's reply is data, not trusted text."""
+    return value if isinstance(value, str) and _CODE.fullmatch(value) else fallback
+
+
 def classify_connection_error(exc: BaseException) -> Outcome:
     """A transport failure: retryable only if nothing can have been sent."""
     cause = exc.__cause__ if isinstance(exc, stripe.APIConnectionError) else exc
@@ -99,7 +110,7 @@ def _classify(exc: stripe.StripeError) -> Outcome:
     if isinstance(exc, stripe.APIConnectionError):
         return classify_connection_error(exc)
     if isinstance(exc, stripe.CardError):
-        decline = str(error.get("decline_code") or code or "card_declined")
+        decline = safe_code(error.get("decline_code") or code, "card_declined")
         return Declined(decline, _message(exc, "the card was declined"))
     # Stripe sends lock_timeout as a 429, which the SDK raises as RateLimitError: check the
     # code first so the documented Retryable(lock_timeout) is what the relay records.
@@ -122,7 +133,7 @@ def _classify(exc: stripe.StripeError) -> Outcome:
     if isinstance(exc, stripe.PermissionError) or status == 403:
         return Invalid("permission_denied", _message(exc, "permission denied (403)"))
     if isinstance(exc, stripe.InvalidRequestError) or status in (400, 404):
-        return Invalid(code or "invalid_request", _message(exc, "invalid request"))
+        return Invalid(safe_code(code, "invalid_request"), _message(exc, "invalid request"))
     if status >= 500:
         if should_retry == "true":
             return Retryable(

@@ -481,13 +481,23 @@ class LeakyMemory(MemoryProvider):
 
 async def test_no_card_like_value_or_api_key_reaches_the_audit_trail(db_url: str) -> None:
     with psycopg.connect(db_url) as conn:
+        # A card-like key or metadata value is refused at INSERT (sql/0009), so it never
+        # reaches the trail that way; the operator's UPDATE below still tries.
+        for key, metadata in (("4111-1111-1111-1111", {}), ("k-1", {"card": _CARD})):
+            with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
+                conn.execute(
+                    "INSERT INTO outbox.payment_intents (payment_id, action, provider,"
+                    " amount_minor, currency, payment_method, idempotency_key, metadata)"
+                    " VALUES ('leak', 'charge', 'stripe', 500, 'EUR', 'pm_card_visa', %s, %s)",
+                    (key, json.dumps(metadata)),
+                )
         conn.execute(
             "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency,"
             " payment_method, idempotency_key, metadata) VALUES"
-            " ('leak', 'charge', 'stripe', 500, 'EUR', 'pm_card_visa', '4111-1111-1111-1111',"
+            " ('leak', 'charge', 'stripe', 500, 'EUR', 'pm_card_visa', 'charge-key-1',"
             "  %s::jsonb),"
             " ('leak', 'refund', 'stripe', 100, 'EUR', NULL, 'refund-key-1', '{}')",
-            (json.dumps({"card": _CARD, "api_key": _API_KEY}),),
+            (json.dumps({"api_key": _API_KEY}),),
         )
     await run_until_settled(db_url, [make_relay(db_url, LeakyMemory())])
     with psycopg.connect(db_url) as conn:
@@ -515,7 +525,7 @@ async def test_no_card_like_value_or_api_key_reaches_the_audit_trail(db_url: str
     assert re.search(r"(sk|rk)_(live|test)_[0-9A-Za-z]{4,}", text) is None
     assert "pm_card_visa" not in text  # payment_method is not an audited column
     assert "metadata" not in text
-    assert "[redacted: card-like number]" in text  # the idempotency key and error message
+    assert "[redacted: card-like number]" in text  # the operator's error message
     assert "[redacted: secret]" in text
     assert verify_database(db_url).intact
 

@@ -238,11 +238,22 @@ def test_planted_key_password_and_card_numbers_never_reach_logs_or_metrics(
     params["password"] = db_password  # the test server trusts local users: ignored, but planted
     url_with_password = make_conninfo(**params)
     with psycopg.connect(db_url) as conn:
+        # A card in metadata is refused at INSERT (sql/0009), naming the rule, not the card.
+        with pytest.raises(psycopg.errors.CheckViolation) as refused:
+            conn.execute(
+                "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+                " currency, payment_method, metadata) VALUES ('leak-0', 'charge', 'stripe', 100,"
+                " 'EUR', 'pm_card_visa', %s)",
+                (json.dumps({"note": f"card {metadata_card}"}),),
+            )
+        assert refused.value.diag.constraint_name == "payment_intents_metadata_not_card_number"
+        assert metadata_card not in str(refused.value)
+        conn.rollback()
         row = conn.execute(
             "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
             " currency, payment_method, metadata) VALUES ('leak-1', 'charge', 'stripe', 100,"
             " 'EUR', 'pm_card_visa', %s) RETURNING id",
-            (json.dumps({"note": f"card {metadata_card}", "api_key": api_key}),),
+            (json.dumps({"note": "card on file", "api_key": api_key}),),
         ).fetchone()
     assert row is not None
     relay = RelayProcess(

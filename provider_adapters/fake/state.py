@@ -77,7 +77,9 @@ class StripeState:
     # -- helpers -------------------------------------------------------------------------
 
     def _id(self, prefix: str) -> str:
-        return f"{prefix}_{next(self._seq):06d}{secrets.token_hex(6)}"
+        # 'x' between counter and random tail: no run of 13 digits, which the adapter
+        # would refuse as card-like (a real Stripe id is random base 62).
+        return f"{prefix}_{next(self._seq):06d}x{secrets.token_hex(6)}"
 
     def _effect(self, key: str, kind: str, obj: str, pi: str, amount: int, currency: str) -> None:
         self.effects.append(Effect(key, kind, obj, pi, amount, currency))

@@ -1,0 +1,806 @@
+"""Hostile input at INSERT: every row an application writes is accepted or refused by a
+named rule, and a card-like number never lands in any table nor comes back in an error.
+
+The oracle (:func:`intent_rules`, :func:`event_rules`) restates each rule of sql/0001,
+0004, 0006 and 0009 in Python and says which rules a generated row breaks; the database
+must refuse exactly such rows, naming one of those rules (``diag.constraint_name``, or
+the column of a NOT NULL violation), and accept every other row. A few inputs cannot
+reach a rule because PostgreSQL's type input refuses them first (a NUL or a lone
+surrogate inside JSON, text that is not a bigint): the oracle names those by SQLSTATE and
+the test checks they happen exactly for such inputs. Text holding a NUL never leaves the
+client (psycopg refuses it). Every example runs in a transaction that is rolled back, so
+examples never interact; an accepted row is checked for card numbers in every table it
+touched before the rollback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
+
+from relay.redaction import luhn_valid
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+# -- the card rule, as sql/0009's outbox.contains_card_number states it ------------------
+
+_RUN = re.compile(r"[0-9](?:[ -]?[0-9]){12,}")
+_HEX_ID = re.compile(
+    r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+    r"|[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}"
+    r"|[0-9A-Fa-f]{20,}"
+)
+
+
+def _runs_card_like(text: str) -> bool:
+    for match in _RUN.finditer(text):
+        digits = re.sub(r"[ -]", "", match.group(0))
+        if 13 <= len(digits) <= 19 and luhn_valid(digits):
+            return True
+    return False
+
+
+def card_like(text: str | None) -> bool:
+    """outbox.contains_card_number: formatted hex identifiers are skipped."""
+    return text is not None and _runs_card_like(_HEX_ID.sub("#", text))
+
+
+def payment_method_card_like(text: str | None) -> bool:
+    """outbox.looks_like_card_number (sql/0001), which guards payment_method."""
+    return text is not None and len(text) <= 1024 and _runs_card_like(text)
+
+
+def luhn_number(body: list[int]) -> str:
+    """``body`` with the Luhn check digit appended."""
+    for check in range(10):
+        candidate = "".join(map(str, body)) + str(check)
+        if luhn_valid(candidate):
+            return candidate
+    raise AssertionError("unreachable")
+
+
+@st.composite
+def card_numbers(draw: st.DrawFn) -> str:
+    length = draw(st.integers(13, 19))
+    digits = luhn_number(
+        draw(st.lists(st.integers(0, 9), min_size=length - 1, max_size=length - 1))
+    )
+    separator = draw(st.sampled_from(["", " ", "-"]))
+    if separator:
+        digits = separator.join(digits[i : i + 4] for i in range(0, len(digits), 4))
+    return digits
+
+
+@st.composite
+def embedded_cards(draw: st.DrawFn) -> str:
+    """A card number alone or inside other text (glue that neither extends the digit run
+    nor turns it into a hex identifier)."""
+    before = draw(st.sampled_from(["", "card ", "x", "pm_", "order:", "€", "ref=", "'; "]))
+    after = draw(st.sampled_from(["", " exp 12/30", "y", "!", "\n", "'); DROP TABLE x; --"]))
+    return before + draw(card_numbers()) + after
+
+
+SPECIAL = [
+    "",
+    " ",
+    "\t\n",
+    "'; DROP TABLE outbox.payment_intents; --",
+    "Robert'); DELETE FROM outbox.payments; --",
+    "$$; SELECT pg_sleep(10); $$",
+    "\\x00\\u0000",
+    "\u202eevil\u202c",  # right-to-left override
+    "\u2066isolated\u2069",
+    "שלום-مرحبا",
+    "emoji 😀💳",
+    "e\u0301\ufeff\u200b",  # combining mark, BOM, zero-width space
+    "\x1b[31mred\x1b[0m",
+    "a\x00b",  # NUL: psycopg refuses it before sending
+    "pay\ud800",  # lone surrogate: not encodable
+    "11111111-1111-1111-1111-111111111111",  # a uuid made of digits: an id, not a card
+    "00-41111111111111110000000000000000-4111111111111111-01",
+    "12345678901234567890123",  # a long number that is no card
+    "1234 5678",
+]
+
+
+def hostile_text(*, max_size: int = 300) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.sampled_from(SPECIAL),
+        st.text(max_size=max_size),
+        st.text(
+            alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=max_size
+        ),
+        embedded_cards(),
+        st.integers(201, 300_000).map(lambda n: "x" * n),
+        st.from_regex(r"[a-z][a-z0-9_]{0,20}", fullmatch=True),
+    )
+
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    hostile_text(max_size=40),
+    card_numbers().map(lambda c: int(c.replace(" ", "").replace("-", ""))),
+)
+
+
+def json_docs(max_leaves: int = 20) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        json_scalars,
+        lambda children: st.one_of(
+            st.lists(children, max_size=4),
+            st.dictionaries(hostile_text(max_size=20), children, max_size=4),
+        ),
+        max_leaves=max_leaves,
+    )
+
+
+def deep(levels: int) -> Any:
+    doc: Any = 1
+    for i in range(levels):
+        doc = {"k": doc} if i % 2 else [doc]
+    return doc
+
+
+metadata_docs = st.one_of(
+    st.dictionaries(hostile_text(max_size=20), json_docs(), max_size=5),
+    json_docs(),
+    st.integers(30, 40).map(lambda n: {"deep": deep(n)}),
+    st.integers(1, 3).map(lambda n: {"big": "x" * (n * 10_000)}),
+    st.sampled_from(
+        [
+            {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+            {"traceparent": "not-a-traceparent"},
+            {"traceparent": 42},
+            {"order_id": "8c1f2a3b-1234-4567-8901-234567890123"},
+        ]
+    ),
+)
+
+
+# -- running one INSERT and reading the verdict ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    rule: str | None = None  # constraint name, "not_null:<column>" or "sqlstate:<code>"
+    text: str = ""  # everything the error said
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def attempt(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> Verdict:
+    """Run ``sql`` in a transaction that is always rolled back; when the row is accepted,
+    every table is scanned for card numbers first."""
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute(sql, params)
+            assert_no_card_stored(conn)
+    except UnicodeEncodeError as exc:  # a lone surrogate: never sent
+        return Verdict(False, "client:refused", str(exc))
+    except psycopg.Error as exc:
+        if exc.sqlstate is None:  # refused by psycopg before sending (a NUL in text)
+            return Verdict(False, "client:refused", str(exc))
+        diag = exc.diag
+        said = " ".join(
+            str(part)
+            for part in (diag.message_primary, diag.message_detail, diag.message_hint, exc)
+        )
+        if diag.constraint_name:
+            return Verdict(False, diag.constraint_name, said)
+        if diag.sqlstate == "23502":
+            return Verdict(False, f"not_null:{diag.column_name}", said)
+        return Verdict(False, f"sqlstate:{diag.sqlstate}", said)
+    return Verdict(True)
+
+
+def client_refusal(params: dict[str, Any]) -> str | None:
+    """What psycopg (or JSON parsing) refuses before any rule sees the row."""
+    texts = [v for v in params.values() if isinstance(v, str)]
+    if any("\x00" in v or _has_surrogate(v) for v in texts):
+        return "client:refused"  # psycopg dumps every parameter before sending
+    docs = [v.obj for v in params.values() if isinstance(v, Jsonb)]
+    if any(_has_nul(d) or _has_surrogate(d) for d in docs):
+        return "sqlstate:json"  # \u0000 (22P05) or a lone surrogate escape (22P02)
+    return None
+
+
+def rendered(conn: psycopg.Connection, doc: Any) -> str | None:
+    """PostgreSQL's own text rendering of a jsonb value (what the card rule scans)."""
+    try:
+        with conn.transaction(force_rollback=True):
+            row = conn.execute("SELECT %s::jsonb::text", (Jsonb(doc),)).fetchone()
+    except psycopg.Error:
+        return None
+    return None if row is None else str(row[0])
+
+
+def jsonb_size(conn: psycopg.Connection, doc: Any) -> int:
+    """pg_column_size of the value as the rule sees it (uncompressed, before storage)."""
+    row = conn.execute("SELECT pg_column_size(%s::jsonb)", (Jsonb(doc),)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# -- the oracle for payment_intents --------------------------------------------------------
+
+ACTIONS = ("authorize", "capture", "charge", "void", "refund")
+CONTROL = re.compile("[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def _depth(doc: Any) -> int:
+    if isinstance(doc, dict):
+        return 1 + max((_depth(v) for v in doc.values()), default=0)
+    if isinstance(doc, list):
+        return 1 + max((_depth(v) for v in doc), default=0)
+    return 0
+
+
+def intent_rules(
+    row: dict[str, Any], metadata_text: str | None, metadata_size: int = 0
+) -> set[str]:
+    """Every rule ``row`` breaks (empty: it must be accepted)."""
+    broken: set[str] = set()
+    pid, action, provider = row["payment_id"], row["action"], row["provider"]
+    currency, method, key = row["currency"], row["payment_method"], row["idempotency_key"]
+    amount, meta = row["amount_minor"], row["metadata"]
+    for column in ("payment_id", "action", "provider", "currency"):
+        if row[column] is None:
+            broken.add(f"not_null:{column}")
+    for column in ("payment_id", "action", "provider", "currency", "idempotency_key"):
+        if card_like(row[column]):
+            broken.add(f"payment_intents_{column}_not_card_number")
+    if pid is not None:
+        if not re.search(r"\S", pid) or len(pid) > 200:
+            broken.add("payment_intents_payment_id_nonblank_max_200")
+        if CONTROL.search(pid):
+            broken.add("payment_intents_payment_id_no_control_characters")
+    if action is not None and action not in ACTIONS:
+        broken.add("payment_intents_action_valid")
+    if provider is not None and not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", provider):
+        broken.add("payment_intents_provider_lowercase_identifier")
+    if currency is not None and currency.upper() not in ("EUR", "USD", "JPY"):
+        # the generator only draws these codes or junk that no ISO code matches
+        broken.add("payment_intents_currency_known")
+    if amount is not None and amount <= 0:
+        broken.add("payment_intents_amount_minor_positive")
+    if action in ("authorize", "charge"):
+        if amount is None:
+            broken.add("payment_intents_amount_minor_required_for_authorize_charge")
+        if method is None:
+            broken.add("payment_intents_payment_method_required_for_authorize_charge")
+    if method is not None:
+        if payment_method_card_like(method):
+            broken.add("payment_intents_payment_method_not_card_number")
+        if not re.fullmatch(r"[A-Za-z0-9_]{3,255}", method):
+            broken.add("payment_intents_payment_method_token_format")
+    if key is not None and not re.fullmatch(r"[!-~]{1,255}", key):
+        broken.add("payment_intents_idempotency_key_printable_max_255")
+    if meta is None:
+        broken.add("not_null:metadata")
+    else:
+        if not isinstance(meta, dict):
+            broken.add("payment_intents_metadata_is_object")
+        elif "traceparent" in meta and not (
+            isinstance(meta["traceparent"], str)
+            and TRACEPARENT.match(meta["traceparent"])
+            and meta["traceparent"][3:35] != "0" * 32
+            and meta["traceparent"][36:52] != "0" * 16
+        ):
+            broken.add("payment_intents_traceparent_w3c")
+        assert metadata_text is not None
+        if metadata_size > 16384:
+            broken.add("payment_intents_metadata_max_16kb")
+        if card_like(metadata_text):
+            broken.add("payment_intents_metadata_not_card_number")
+        if _depth(meta) > 32:
+            broken.add("payment_intents_metadata_max_depth_32")
+    return broken
+
+
+INSERT_INTENT = (
+    "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency,"
+    " payment_method, idempotency_key, metadata) VALUES (%(payment_id)s, %(action)s,"
+    " %(provider)s, %(amount_minor)s, %(currency)s, %(payment_method)s, %(idempotency_key)s,"
+    " %(metadata)s)"
+)
+
+
+def maybe(
+    strategy: st.SearchStrategy[Any], valid: st.SearchStrategy[Any]
+) -> st.SearchStrategy[Any]:
+    """Mostly valid values (so rows get past the first rule), sometimes hostile or NULL."""
+    return st.one_of(valid, valid, valid, strategy, st.none())
+
+
+intent_rows = st.fixed_dictionaries(
+    {
+        "payment_id": maybe(hostile_text(), st.from_regex(r"pay-[a-z0-9]{1,12}", fullmatch=True)),
+        "action": maybe(hostile_text(max_size=20), st.sampled_from(ACTIONS)),
+        "provider": maybe(hostile_text(max_size=70), st.just("stripe")),
+        "amount_minor": st.one_of(
+            # Below 13 digits: a Luhn-valid amount of 13+ digits is stored as it is (no
+            # rule bounds amount_minor above; see docs/reliability.md).
+            st.integers(1, 10**9),
+            st.integers(-(2**63), 10**12 - 1),
+            st.none(),
+        ),
+        "currency": maybe(hostile_text(max_size=10), st.sampled_from(["EUR", "usd", "JPY"])),
+        "payment_method": maybe(hostile_text(), st.sampled_from(["pm_card_visa", "tok_x9"])),
+        "idempotency_key": maybe(
+            hostile_text(), st.from_regex(r"key-[a-z0-9]{1,20}", fullmatch=True)
+        ),
+        "metadata": maybe(metadata_docs, st.just({"order_id": 42})),
+    }
+)
+
+
+@pytest.fixture
+def tx(db_url: str) -> Iterator[psycopg.Connection]:
+    """One connection; every example runs in a transaction that is rolled back."""
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        yield connection
+
+
+CARD_SCAN = """
+SELECT t.tbl, t.doc FROM (
+    SELECT 'payment_intents' AS tbl, to_jsonb(i) - 'payment_method' AS doc FROM outbox.payment_intents AS i
+    UNION ALL SELECT 'payments', to_jsonb(p) FROM outbox.payments AS p
+    UNION ALL SELECT 'audit_log', to_jsonb(a) - 'hash' - 'prev_hash' FROM outbox.audit_log AS a
+    UNION ALL SELECT 'events', to_jsonb(e) FROM outbox.events AS e
+    UNION ALL SELECT 'event_streams', to_jsonb(s) FROM outbox.event_streams AS s
+) AS t
+WHERE outbox.contains_card_number(t.doc::text)
+"""
+
+
+def assert_no_card_stored(conn: psycopg.Connection) -> None:
+    """payment_method is covered by its own rule (sql/0001): every other column is scanned."""
+    found = conn.execute(CARD_SCAN).fetchall()
+    assert not found, f"card-like value stored: {found!r}"
+
+
+def check_verdict(verdict: Verdict, broken: set[str], inputs: list[Any]) -> None:
+    if not broken:
+        assert verdict.accepted, f"a valid row was refused by {verdict.rule}: {verdict.text}"
+        return
+    assert not verdict.accepted, f"accepted a row that breaks {sorted(broken)}"
+    assert verdict.rule in broken, (
+        f"refused by {verdict.rule!r}, expected one of {sorted(broken)}: {verdict.text}"
+    )
+    if any(rule.endswith("_not_card_number") for rule in broken):
+        # refused by a guard that quotes no value, before any CHECK, NOT NULL or unique
+        # index could show the row ("Failing row contains (...)", "Key (...)=(...)")
+        assert "Failing row" not in verdict.text and "Key (" not in verdict.text, verdict
+    assert not card_like(verdict.text), f"the error echoes a card number: {verdict.text}"
+    for value in inputs:
+        if isinstance(value, str) and card_like(value):
+            assert re.sub(r"\D", "", value) not in re.sub(r"\D", "", verdict.text)
+
+
+@SETTINGS
+@given(row=intent_rows)
+def test_every_intent_insert_is_accepted_or_refused_by_a_named_rule(
+    tx: psycopg.Connection, row: dict[str, Any]
+) -> None:
+    params = {**row, "metadata": None if row["metadata"] is None else Jsonb(row["metadata"])}
+    expected = client_refusal(params)
+    verdict = attempt(tx, INSERT_INTENT, params)
+    if expected is not None:
+        # JSON with \u0000 or a lone surrogate, text with NUL: refused by the type system,
+        # unless a rule checked earlier (a NOT NULL column, say) refused the row first.
+        assert not verdict.accepted
+        if expected.startswith("client:"):
+            assert verdict.rule == expected, verdict
+        else:  # whichever the JSON parser meets first: \u0000 (22P05) or a surrogate (22P02)
+            assert verdict.rule in ("sqlstate:22P02", "sqlstate:22P05"), verdict
+        return
+    metadata = row["metadata"]
+    metadata_text = None if metadata is None else rendered(tx, metadata)
+    broken = intent_rules(row, metadata_text, 0 if metadata is None else jsonb_size(tx, metadata))
+    check_verdict(verdict, broken, list(row.values()))
+
+
+# -- the oracle for events -----------------------------------------------------------------
+
+
+def event_rules(
+    row: dict[str, Any],
+    payload_text: str | None,
+    headers_text: str | None,
+    payload_size: int = 0,
+    headers_size: int = 0,
+) -> set[str]:
+    broken: set[str] = set()
+    for column in ("exchange", "routing_key", "event_type", "ordering_key", "payment_id"):
+        if card_like(row[column]):
+            broken.add(f"events_{column}_not_card_number")
+    exchange, routing_key, event_type = row["exchange"], row["routing_key"], row["event_type"]
+    if exchange is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,255}", exchange):
+        broken.add("events_exchange_name_format")
+    if routing_key is None:
+        broken.add("not_null:routing_key")
+    elif not (
+        re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", routing_key) and len(routing_key) <= 255
+    ):
+        broken.add("events_routing_key_dotted_words")
+    if event_type is not None and not re.fullmatch(r"[!-~]{1,255}", event_type):
+        broken.add("events_event_type_format")
+    for column, limit in (("ordering_key", 255), ("payment_id", 200)):
+        value = row[column]
+        if value is None:
+            continue
+        if not re.search(r"\S", value) or len(value) > limit:
+            broken.add(f"events_{column}_nonblank_max_{limit}")
+        if CONTROL.search(value):
+            broken.add(f"events_{column}_no_control_characters")
+    payload, headers = row["payload"], row["headers"]
+    if payload is None:
+        broken.add("not_null:payload")
+    else:
+        assert payload_text is not None
+        if card_like(payload_text):
+            broken.add("events_payload_not_card_number")
+        if _depth(payload) > 64:
+            broken.add("events_payload_max_depth_64")
+        if payload_size > 262144:
+            broken.add("events_payload_max_256kb")
+    if headers is None:
+        broken.add("not_null:headers")
+    else:
+        assert headers_text is not None
+        if card_like(headers_text):
+            broken.add("events_headers_not_card_number")
+        if not isinstance(headers, dict):
+            broken.add("events_headers_is_object")
+        else:
+            if any(
+                v is None
+                or isinstance(v, dict | list)
+                or (isinstance(v, int) and not isinstance(v, bool) and abs(v) > 9007199254740991)
+                for v in headers.values()
+            ):
+                broken.add("events_headers_flat_scalars")
+            if {"schema-version", "traceparent", "ordering-key", "sequence"} & set(headers):
+                broken.add("events_headers_reserved_names")
+        if headers_size > 16384:
+            broken.add("events_headers_max_16kb")
+    return broken
+
+
+event_rows = st.fixed_dictionaries(
+    {
+        "exchange": maybe(hostile_text(max_size=40), st.just("app.events")),
+        "routing_key": maybe(
+            hostile_text(max_size=40), st.from_regex(r"order\.[a-z]{1,8}", fullmatch=True)
+        ),
+        "event_type": maybe(hostile_text(max_size=40), st.just("order.placed")),
+        "ordering_key": maybe(hostile_text(), st.from_regex(r"order:[0-9]{1,6}", fullmatch=True)),
+        "payment_id": maybe(hostile_text(), st.from_regex(r"pay-[a-z0-9]{1,12}", fullmatch=True)),
+        "payload": maybe(
+            st.one_of(json_docs(40), st.integers(60, 70).map(deep)), st.just({"order_id": 42})
+        ),
+        "headers": maybe(
+            st.one_of(
+                st.dictionaries(hostile_text(max_size=20), json_scalars, max_size=4), json_docs()
+            ),
+            st.just({"x-app": "shop"}),
+        ),
+    }
+)
+
+INSERT_EVENT = (
+    "INSERT INTO outbox.events (exchange, routing_key, event_type, ordering_key, payment_id,"
+    " payload, headers) VALUES (%(exchange)s, %(routing_key)s, %(event_type)s,"
+    " %(ordering_key)s, %(payment_id)s, %(payload)s, %(headers)s)"
+)
+
+
+@SETTINGS
+@given(row=event_rows)
+def test_every_event_insert_is_accepted_or_refused_by_a_named_rule(
+    tx: psycopg.Connection, row: dict[str, Any]
+) -> None:
+    params = {
+        **row,
+        "payload": None if row["payload"] is None else Jsonb(row["payload"]),
+        "headers": None if row["headers"] is None else Jsonb(row["headers"]),
+    }
+    expected = client_refusal(params)
+    verdict = attempt(tx, INSERT_EVENT, params)
+    if expected is not None:
+        assert not verdict.accepted
+        return
+    payload_text = None if row["payload"] is None else rendered(tx, row["payload"])
+    headers_text = None if row["headers"] is None else rendered(tx, row["headers"])
+    broken = event_rules(
+        row,
+        payload_text,
+        headers_text,
+        0 if row["payload"] is None else jsonb_size(tx, row["payload"]),
+        0 if row["headers"] is None else jsonb_size(tx, row["headers"]),
+    )
+    check_verdict(verdict, broken, list(row.values()))
+
+
+# -- targeted cases ------------------------------------------------------------------------
+
+VALID_INTENT: dict[str, Any] = {
+    "payment_id": "pay-1",
+    "action": "charge",
+    "provider": "stripe",
+    "amount_minor": 100,
+    "currency": "EUR",
+    "payment_method": "pm_card_visa",
+    "idempotency_key": None,
+    "metadata": Jsonb({"order_id": 42}),
+}
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "rule"),
+    [
+        ("payment_id", "order 4111 1111 1111 1111", "payment_intents_payment_id_not_card_number"),
+        ("action", "4111-1111-1111-1111", "payment_intents_action_not_card_number"),
+        ("provider", "s4111111111111111", "payment_intents_provider_not_card_number"),
+        ("currency", "4111111111111111", "payment_intents_currency_not_card_number"),
+        (
+            "idempotency_key",
+            "k-4111111111111111",
+            "payment_intents_idempotency_key_not_card_number",
+        ),
+        ("payment_method", "4111 1111 1111 1111", "payment_intents_payment_method_not_card_number"),
+        (
+            "metadata",
+            Jsonb({"note": "card 4111-1111-1111-1111"}),
+            "payment_intents_metadata_not_card_number",
+        ),
+        (
+            "metadata",
+            Jsonb({"4111111111111111": "key"}),
+            "payment_intents_metadata_not_card_number",
+        ),
+        (
+            "metadata",
+            Jsonb({"a": [{"b": 4111111111111111}]}),
+            "payment_intents_metadata_not_card_number",
+        ),
+        ("payment_id", "x" * 5000, "payment_intents_payment_id_nonblank_max_200"),
+        (
+            "payment_id",
+            "pay\n[INFO] forged line",
+            "payment_intents_payment_id_no_control_characters",
+        ),
+        ("payment_id", "pay-\u202egnp.exe", "payment_intents_payment_id_no_control_characters"),
+        ("metadata", Jsonb({"deep": deep(40)}), "payment_intents_metadata_max_depth_32"),
+        ("metadata", Jsonb({"big": "x" * 40_000}), "payment_intents_metadata_max_16kb"),
+    ],
+)
+def test_each_intent_rule_refuses_by_name_and_withholds_the_value(
+    conn: psycopg.Connection, column: str, value: Any, rule: str
+) -> None:
+    verdict = attempt(conn, INSERT_INTENT, {**VALID_INTENT, column: value})
+    assert verdict.rule == rule, verdict
+    assert not card_like(verdict.text)
+    assert conn.execute("SELECT count(*) FROM outbox.payment_intents").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM outbox.payments").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "rule"),
+    [
+        ("payload", Jsonb({"pan": "4111 1111 1111 1111"}), "events_payload_not_card_number"),
+        ("headers", Jsonb({"x-card": "4111111111111111"}), "events_headers_not_card_number"),
+        ("routing_key", "order.4111111111111111", "events_routing_key_not_card_number"),
+        ("exchange", "ex-4111-1111-1111-1111", "events_exchange_not_card_number"),
+        ("event_type", "t:4111111111111111", "events_event_type_not_card_number"),
+        ("ordering_key", "card 4111111111111111", "events_ordering_key_not_card_number"),
+        ("payment_id", "4111111111111111", "events_payment_id_not_card_number"),
+        ("ordering_key", "k\r\nforged", "events_ordering_key_no_control_characters"),
+        ("payment_id", "p\u2066x", "events_payment_id_no_control_characters"),
+        ("payload", Jsonb(deep(70)), "events_payload_max_depth_64"),
+    ],
+)
+def test_each_event_rule_refuses_by_name_and_withholds_the_value(
+    conn: psycopg.Connection, column: str, value: Any, rule: str
+) -> None:
+    row = {
+        "exchange": None,
+        "routing_key": "order.placed",
+        "event_type": None,
+        "ordering_key": None,
+        "payment_id": None,
+        "payload": Jsonb({}),
+        "headers": Jsonb({}),
+        column: value,
+    }
+    verdict = attempt(conn, INSERT_EVENT, row)
+    assert verdict.rule == rule, verdict
+    assert not card_like(verdict.text)
+    assert conn.execute("SELECT count(*) FROM outbox.events").fetchone() == (0,)
+
+
+def test_a_card_in_metadata_is_refused_before_a_check_could_echo_the_row(
+    conn: psycopg.Connection,
+) -> None:
+    # A bad action alone fails a CHECK whose DETAIL shows the whole row; the card rule
+    # must win so the card never appears in the error (or the server log).
+    verdict = attempt(
+        conn,
+        INSERT_INTENT,
+        {**VALID_INTENT, "action": "bogus", "metadata": Jsonb({"n": "4111 1111 1111 1111"})},
+    )
+    assert verdict.rule == "payment_intents_metadata_not_card_number"
+    assert "4111" not in verdict.text
+    plain = attempt(conn, INSERT_INTENT, {**VALID_INTENT, "action": "bogus"})
+    assert plain.rule == "payment_intents_action_valid" and "Failing row" in plain.text
+
+
+def test_formatted_identifiers_that_happen_to_hold_luhn_digits_are_accepted(
+    conn: psycopg.Connection,
+) -> None:
+    # 1 in 500 random UUIDs holds a Luhn-valid run of 13-19 digits; ids must still pass.
+    uuid_digits = "41111111-1111-1111-aaaa-bbbbbbbbbbbb"
+    traceparent = "00-4111111111111111aaaaaaaaaaaaaaaa-00f067aa0ba902b7-01"
+    digest = "ab" + "4111111111111111" + "cd" * 10
+    for value in (uuid_digits, traceparent, digest):
+        assert card_like(value.replace("-", " ").replace("a", " ")) or True  # the digits are there
+    assert not card_like(uuid_digits) and not card_like(traceparent) and not card_like(digest)
+    conn.execute(
+        INSERT_INTENT,
+        {
+            **VALID_INTENT,
+            "idempotency_key": uuid_digits,
+            "metadata": Jsonb({"traceparent": traceparent, "hash": digest, "uuid": uuid_digits}),
+        },
+    )
+    conn.execute(
+        INSERT_EVENT,
+        {
+            "exchange": None,
+            "routing_key": "order.placed",
+            "event_type": None,
+            "ordering_key": uuid_digits,
+            "payment_id": None,
+            "payload": Jsonb({"id": uuid_digits, "sha": digest}),
+            "headers": Jsonb({"x-id": uuid_digits}),
+        },
+    )
+    assert conn.execute("SELECT count(*) FROM outbox.payment_intents").fetchone() == (1,)
+
+
+def test_the_sql_card_rule_is_the_oracles(conn: psycopg.Connection) -> None:
+    samples = [
+        "4111111111111111",
+        "x4111-1111-1111-1111y",
+        "12 4111 1111 1111 1111",  # one run of 18 digits: not Luhn-valid, no card
+        "11111111-1111-1111-1111-111111111111",
+        "abcdef4111111111111111",  # 22 hex characters: an identifier
+        "order 6011000990139424 shipped",
+        "4111111111111112",
+        "",
+    ]
+    for sample in samples:
+        row = conn.execute("SELECT outbox.contains_card_number(%s)", (sample,)).fetchone()
+        assert row == (card_like(sample),), sample
+
+
+@SETTINGS
+@given(
+    text=st.one_of(
+        hostile_text(max_size=60).filter(lambda s: "\x00" not in s and not _has_surrogate(s)),
+        st.lists(
+            st.one_of(card_numbers(), st.sampled_from(["a", " ", "-", "0", "f", "x"])), max_size=8
+        ).map("".join),
+    )
+)
+def test_sql_and_oracle_agree_on_any_text(conn: psycopg.Connection, text: str) -> None:
+    row = conn.execute("SELECT outbox.contains_card_number(%s)", (text,)).fetchone()
+    assert row == (card_like(text),), text
+
+
+# -- wrong types passed as text ------------------------------------------------------------
+
+
+TYPE_REFUSALS = {"sqlstate:22P02", "sqlstate:22003", "sqlstate:22P05"}
+
+
+def cast_fails(conn: psycopg.Connection, value: str, type_name: str) -> bool:
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute(f"SELECT %s::text::{type_name}", (value,))
+    except psycopg.DataError:
+        return True
+    return False
+
+
+@SETTINGS
+@given(
+    amount=st.one_of(
+        st.sampled_from(
+            ["12.5", "1e3", "abc", "", " 42 ", "9223372036854775808", "-0", "0x10", "NaN", "١٢"]
+        ),
+        st.text(alphabet="0123456789 .-+e_x", max_size=25),
+    ),
+    metadata=st.one_of(
+        st.sampled_from(
+            ["not json", "{", "[1,2]", "null", '"s"', '{"a":1}', "{}", '{"a":"\\u0000"}']
+        ),
+        st.text(max_size=30).filter(lambda s: "\x00" not in s),
+    ),
+)
+def test_values_of_the_wrong_type_are_refused_by_type_input_or_a_rule(
+    conn: psycopg.Connection, amount: str, metadata: str
+) -> None:
+    """Text sent for a bigint or jsonb column: PostgreSQL's type input refuses what does not
+    parse (22P02 invalid_text_representation, 22003 out of range, 22P05 \\u0000 in JSON,
+    naming the type), and a value that parses meets the column's rules."""
+    sql = (
+        "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency,"
+        " payment_method, metadata) VALUES ('pay-t', 'charge', 'stripe', %s::text::bigint, 'EUR',"
+        " 'pm_card_visa', %s::text::jsonb)"
+    )
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute(sql, (amount, metadata))
+        outcome = "accepted"
+    except psycopg.Error as exc:
+        outcome = exc.diag.constraint_name or f"sqlstate:{exc.diag.sqlstate}"
+    bad_amount = cast_fails(conn, amount, "bigint")
+    bad_json = cast_fails(conn, metadata, "jsonb")
+    if bad_amount or bad_json:
+        assert outcome in TYPE_REFUSALS, outcome
+        return
+    amount_value = conn.execute("SELECT %s::text::bigint", (amount,)).fetchone()
+    doc = json.loads(metadata)
+    assert amount_value is not None
+    if doc is None:  # JSON null, not SQL NULL
+        assert outcome in (
+            "payment_intents_metadata_is_object",
+            "payment_intents_amount_minor_positive",
+        ), outcome
+        return
+    broken = intent_rules(
+        {**VALID_INTENT, "payment_id": "pay-t", "amount_minor": amount_value[0], "metadata": doc},
+        rendered(conn, doc),
+        jsonb_size(conn, doc),
+    )
+    check_verdict(
+        Verdict(outcome == "accepted", None if outcome == "accepted" else outcome, ""), broken, []
+    )
