@@ -88,7 +88,10 @@ written AS (
         updated_at = COALESCE(%(now)s::timestamptz, now())
     FROM outcome AS o
     WHERE i.id = o.id AND i.lease_token = o.lease_token AND i.status = 'in_flight'
-    RETURNING i.id, i.payment_id, i.status
+    -- The token too: a batch may hold a stale outcome of the same intent (its lease
+    -- expired and it was claimed again while the first outcome waited for the database);
+    -- only the outcome whose fence held may update the payment or emit an event.
+    RETURNING i.id, i.payment_id, i.status, o.lease_token
 ),
 paid AS (
     UPDATE outbox.payments AS p
@@ -98,7 +101,7 @@ paid AS (
         refunded_minor = o.refunded_minor,
         provider_reference = COALESCE(o.payment_reference, p.provider_reference),
         updated_at = COALESCE(%(now)s::timestamptz, now())
-    FROM outcome AS o JOIN written AS w ON w.id = o.id
+    FROM outcome AS o JOIN written AS w ON w.id = o.id AND w.lease_token = o.lease_token
     WHERE p.payment_id = w.payment_id AND o.payment_state IS NOT NULL
     RETURNING p.payment_id
 ),
@@ -158,7 +161,7 @@ evented AS (
            CASE WHEN i.metadata ->> 'traceparent' ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
                 THEN i.metadata ->> 'traceparent' END
     FROM written AS w
-    JOIN outcome AS o ON o.id = w.id
+    JOIN outcome AS o ON o.id = w.id AND o.lease_token = w.lease_token
     JOIN outbox.payment_intents AS i ON i.id = w.id
     JOIN outbox.payments AS p ON p.payment_id = w.payment_id
     CROSS JOIN LATERAL (

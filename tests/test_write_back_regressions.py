@@ -1,0 +1,62 @@
+"""Regressions found by the fault campaign (tests/fault_campaign.py), made deterministic.
+
+A relay whose write-back waits on a lock past its lease (a zombie relay paused inside its
+own write-back transaction holds the payment's row) re-claims the same intent, calls the
+provider again (a replay, no second effect) and buffers another outcome for it. Once the
+lock goes, one batch can hold several outcomes of one intent with different lease tokens.
+The fence lets only the current one through; `complete_intents` (relay/queries.sql) used
+to join the batch's outcomes to the written rows by intent id alone, so the batch either
+inserted one result event per buffered outcome (seen in the campaign: seven events, seven
+message_ids, for one succeeded intent) or failed on `events_event_id_unique` and was
+written row by row, depending on the plan. It now joins on the lease token too.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from relay.db import Database
+from relay.store import Store, WriteBack
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+
+async def test_a_batch_with_a_stale_and_the_current_outcome_records_one_event(
+    db_url: str,
+) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+            " currency, payment_method) VALUES ('regress-1', 'charge', 'stripe', 500, 'EUR',"
+            " 'pm_card_visa') RETURNING id"
+        ).fetchone()
+        assert row is not None
+        intent_id = int(row[0])
+        # Claimed twice: the first claim (token 1000) expired, the second (1001) is current.
+        conn.execute(
+            "UPDATE outbox.payment_intents SET status = 'in_flight', lease_token = 1001,"
+            " lease_expires_at = now() + interval '1 minute', claimed_by = 'regress', attempts = 2"
+        )
+    db = Database(db_url, pool_size=1, name="regress")
+    await db.open()
+    try:
+        store = Store(db, actor="relay:regress")
+        outcome = {
+            "intent_id": intent_id,
+            "payment_id": "regress-1",
+            "status": "succeeded",
+            "provider_reference": "pi_regress",
+            "amount_applied_minor": 500,
+        }
+        stale = WriteBack(lease_token=1000, **outcome)  # type: ignore[arg-type]
+        current = WriteBack(lease_token=1001, **outcome)  # type: ignore[arg-type]
+        written = await store.complete([stale, current])
+    finally:
+        await db.close()
+    assert written == {intent_id}
+    with psycopg.connect(db_url) as conn:
+        events = conn.execute("SELECT count(*) FROM outbox.events").fetchone()
+        postings = conn.execute("SELECT count(*) FROM outbox.ledger_transactions").fetchone()
+    assert postings == (1,)
+    assert events == (1,), "one result event per outcome, not one per buffered write-back"
