@@ -34,6 +34,7 @@ RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
     psycopg.errors.LockNotAvailable,
     psycopg.errors.AdminShutdown,
     psycopg.errors.CannotConnectNow,
+    psycopg.errors.IdleInTransactionSessionTimeout,  # we were frozen mid-transaction
     PoolTimeout,
 )
 
@@ -41,8 +42,18 @@ RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
 class Database:
     """A small async pool and named-statement helpers."""
 
-    def __init__(self, conninfo: str, *, pool_size: int = 4, name: str = "outbox-relay") -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        pool_size: int = 4,
+        name: str = "outbox-relay",
+        idle_in_transaction_seconds: float | None = None,
+    ) -> None:
         self.conninfo = conninfo
+        self._idle_in_transaction_ms = (
+            None if idle_in_transaction_seconds is None else int(idle_in_transaction_seconds * 1000)
+        )
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
             conninfo,
             min_size=1,
@@ -54,7 +65,18 @@ class Database:
             # An idle relay gives back what a burst grew its pool to (one connection per
             # MAX_IDLE_SECONDS), so 50 idle sidecars hold ~2 connections each, not 5.
             max_idle=MAX_IDLE_SECONDS,
+            configure=self._configure,
         )
+
+    async def _configure(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
+        # A relay frozen inside a transaction (SIGSTOP, a paused VM) would hold its row
+        # locks until it resumes; the server ends such a session instead, releasing them,
+        # and its intents are re-driven like a killed relay's (docs/reliability.md).
+        if self._idle_in_transaction_ms is not None:
+            await conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(self._idle_in_transaction_ms),),
+            )
 
     async def open(self) -> None:
         await self.pool.open(wait=False)

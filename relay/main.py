@@ -80,7 +80,13 @@ def build_relay(settings: Settings, database_url: str) -> Relay:
         completer_writers=settings.effective_completer_writers(),
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
     )
-    db = Database(database_url, pool_size=settings.db_pool_size, name=settings.instance_name)
+    db = Database(
+        database_url,
+        pool_size=settings.db_pool_size,
+        name=settings.instance_name,
+        # Twice the lease: by then the intents it holds are being re-driven anyway.
+        idle_in_transaction_seconds=2 * settings.lease_seconds,
+    )
     return Relay(db, lanes, policy, options)
 
 

@@ -13,10 +13,11 @@ written row by row, depending on the plan. It now joins on the lease token too.
 
 from __future__ import annotations
 
+import anyio
 import psycopg
 import pytest
 
-from relay.db import Database
+from relay.db import RETRYABLE_DB_ERRORS, Database
 from relay.store import Store, WriteBack
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -60,3 +61,25 @@ async def test_a_batch_with_a_stale_and_the_current_outcome_records_one_event(
         postings = conn.execute("SELECT count(*) FROM outbox.ledger_transactions").fetchone()
     assert postings == (1,)
     assert events == (1,), "one result event per outcome, not one per buffered write-back"
+
+
+async def test_a_session_frozen_inside_a_transaction_is_ended_by_the_server(db_url: str) -> None:
+    """The campaign's other finding: a relay paused inside its write-back transaction held
+    the payments' row locks until it resumed. The relay's sessions now carry
+    idle_in_transaction_session_timeout, so the server ends such a session instead."""
+    db = Database(db_url, pool_size=1, name="regress-idle", idle_in_transaction_seconds=0.5)
+    await db.open()
+    try:
+        async with db.pool.connection() as conn:
+            cur = await conn.execute("SHOW idle_in_transaction_session_timeout")
+            assert await cur.fetchone() == ("500ms",)
+            with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout) as ended:
+                async with conn.transaction():
+                    await conn.execute("SELECT 1 FROM outbox.payments FOR UPDATE")
+                    await anyio.sleep(2.0)  # frozen: the server gives up on us
+                    await conn.execute("SELECT 1")
+    finally:
+        await db.close()
+    # Retryable: the completer tries the batch again on a fresh connection (where the
+    # fence decides), instead of parking the intents dead as a refused write.
+    assert isinstance(ended.value, RETRYABLE_DB_ERRORS)
