@@ -300,6 +300,8 @@ def intent_rules(
         broken.add("payment_intents_currency_known")
     if amount is not None and amount <= 0:
         broken.add("payment_intents_amount_minor_positive")
+    if amount is not None and amount >= 10**12:
+        broken.add("payment_intents_amount_minor_max_12_digits")
     if action in ("authorize", "charge"):
         if amount is None:
             broken.add("payment_intents_amount_minor_required_for_authorize_charge")
@@ -355,10 +357,9 @@ intent_rows = st.fixed_dictionaries(
         "action": maybe(hostile_text(max_size=20), st.sampled_from(ACTIONS)),
         "provider": maybe(hostile_text(max_size=70), st.just("stripe")),
         "amount_minor": st.one_of(
-            # Below 13 digits: a Luhn-valid amount of 13+ digits is stored as it is (no
-            # rule bounds amount_minor above; see docs/reliability.md).
             st.integers(1, 10**9),
-            st.integers(-(2**63), 10**12 - 1),
+            st.integers(-(2**63), 2**63 - 1),
+            st.just(4111111111111111),  # a card number in the amount column
             st.none(),
         ),
         "currency": maybe(hostile_text(max_size=10), st.sampled_from(["EUR", "usd", "JPY"])),
@@ -602,6 +603,7 @@ VALID_INTENT: dict[str, Any] = {
             "payment_intents_metadata_not_card_number",
         ),
         ("payment_id", "x" * 5000, "payment_intents_payment_id_nonblank_max_200"),
+        ("amount_minor", 4111111111111111, "payment_intents_amount_minor_max_12_digits"),
         (
             "payment_id",
             "pay\n[INFO] forged line",

@@ -1,7 +1,7 @@
 """TLS: libpq's sslmode / sslrootcert in RELAY_DATABASE_URL reach every connection the relay
 opens, and an amqps:// URL (with its TLS query options) reaches aio-pika unchanged.
 
-The database checks adapt to the server under test: with `ssl = on` they show, from
+The first checks adapt to the server under test: with `ssl = on` they show, from
 pg_stat_ssl, that the relay's connections are encrypted; with `ssl = off` (this machine's
 CI server) they show that `sslmode=require` is honoured by refusing to connect in clear,
 with one readable error and no traceback. Either way a URL whose TLS parameters were
@@ -11,8 +11,10 @@ dropped would connect in clear and fail the test.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relay.config import Settings
 from relay.db import Database
+from relay.migrate import migrate
 from relay.publisher import publisher_from_settings
-from tests.processes import RelayProcess
+from tests.processes import RelayProcess, free_port
 from tests.scrape import wait_for
 
 pytestmark = pytest.mark.integration
@@ -149,3 +152,159 @@ def test_amqps_url_reaches_aio_pika_unchanged(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(Captured):
         anyio.run(publisher._connect_loop)
     assert seen == [url]
+
+
+# -- a TLS PostgreSQL the test owns -----------------------------------------------------------
+# The machine's server runs with ssl = off, so the tests above can only show that TLS is
+# demanded. Here a pgserver cluster gets a certificate from a throw-away CA and listens on
+# localhost with ssl = on: the relay must verify that certificate (verify-full) and encrypt
+# every connection, and must refuse a server its root certificate does not vouch for.
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=120)
+
+
+def _make_ca(directory: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.crt",
+        cwd=directory,
+    )  # fmt: skip
+
+
+def _make_server_cert(directory: Path, ca: str) -> None:
+    (directory / "san.cnf").write_text("subjectAltName = DNS:localhost\n")
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+        "-keyout", "server.key", "-out", "server.csr",
+        cwd=directory,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", "server.crt",
+        cwd=directory,
+    )  # fmt: skip
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    return str(candidates[0]) if candidates else None
+
+
+@pytest.fixture(scope="module")
+def tls_postgres() -> Any:
+    """(URL without TLS parameters, our CA's certificate, another CA's certificate).
+
+    A private cluster of the machine's own PostgreSQL (built with OpenSSL, unlike pgserver's),
+    run as the ``postgres`` user when the tests run as root."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    tools = {"initdb": initdb, "pg_ctl": pg_ctl, "openssl": shutil.which("openssl")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        if os.environ.get("RELAY_TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"a TLS PostgreSQL the test owns needs {', '.join(missing)}")
+        pytest.skip(f"{', '.join(missing)} not installed")
+    assert initdb is not None and pg_ctl is not None
+    workdir = Path(tempfile.mkdtemp(prefix="outbox-relay-tls-"))
+    certs = workdir / "certs"
+    certs.mkdir()
+    _make_ca(certs, "outbox-test-ca")
+    _make_ca(certs, "someone-elses-ca")
+    _make_server_cert(certs, "outbox-test-ca")
+    data = workdir / "data"
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(workdir, user="postgres")
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    for name in ("server.crt", "server.key"):
+        shutil.copy(certs / name, data / name)
+        (data / name).chmod(0o600)
+        if as_user:
+            shutil.chown(data / name, user="postgres")
+    port = free_port()
+    options = f"-p {port} -k {workdir} -c listen_addresses=localhost -c ssl=on"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-l", str(workdir / "log"), "-w", "-o", options,
+         "start"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    try:
+        yield (
+            f"postgresql://postgres@localhost:{port}/postgres",
+            certs / "outbox-test-ca.crt",
+            certs / "someone-elses-ca.crt",
+        )
+    finally:
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=300,
+        )
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_relay_verifies_the_server_and_encrypts_every_connection(
+    tls_postgres: Any, tmp_path: Path
+) -> None:
+    base, ca, _ = tls_postgres
+    url = _with(base, sslmode="verify-full", sslrootcert=str(ca))
+    assert migrate(url) is not None  # the migrations too, over verified TLS
+    relay = RelayProcess(
+        "tls-verified-relay",
+        {
+            "RELAY_DATABASE_URL": url,
+            "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_tls",
+            "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
+            "RELAY_POLL_INTERVAL_SECONDS": "0.1",
+            "RELAY_LOG_FORMAT": "json",
+        },
+        tmp_path,
+    )
+
+    def sessions() -> list[tuple[Any, ...]]:
+        with psycopg.connect(url) as conn:
+            return conn.execute(
+                "SELECT a.application_name, s.ssl, s.version FROM pg_stat_activity AS a"
+                " JOIN pg_stat_ssl AS s ON s.pid = a.pid"
+                " WHERE a.application_name IN ('tls-verified-relay', 'outbox-relay-listen')"
+            ).fetchall()
+
+    try:
+        relay.start()
+        relay.wait_ready()
+        found = wait_for(
+            lambda: (
+                {row[0] for row in sessions()} >= {"tls-verified-relay", "outbox-relay-listen"}
+                and sessions()
+            )
+        )
+        readyz = httpx.get(f"http://127.0.0.1:{relay.http_port}/readyz", timeout=10)
+    finally:
+        exit_code = relay.terminate()
+    assert all(ssl and version.startswith("TLS") for _, ssl, version in found), found
+    assert readyz.status_code == 200
+    assert exit_code == 0
+    assert "Traceback" not in relay.log_path.read_text()
+
+
+def test_a_server_our_root_certificate_does_not_vouch_for_is_refused(tls_postgres: Any) -> None:
+    base, _, other_ca = tls_postgres
+    url = _with(base, sslmode="verify-full", sslrootcert=str(other_ca))
+    result = _cli("status", env={"RELAY_DATABASE_URL": url})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert "certificate verify failed" in lines[0], lines[0]
