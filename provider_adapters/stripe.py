@@ -28,6 +28,7 @@ from provider_adapters.base import (
     SettlementUnavailable,
     Succeeded,
 )
+from provider_adapters.http_pool import ShardedTransport
 from provider_adapters.stripe_errors import (
     classify_connection_error,
     classify_stripe_error,
@@ -104,10 +105,7 @@ class StripeAdapter:
         http_client = stripe.HTTPXClient(timeout=timeout)
         # The lane's own connection pool, sized to its concurrency (bulkhead).
         http_client._client_async = httpx.AsyncClient(
-            timeout=timeout,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
+            timeout=timeout, transport=ShardedTransport(max_connections)
         )
         self._http = http_client
         self._client = stripe.StripeClient(
