@@ -85,6 +85,19 @@ BEGIN
 END;
 $$;
 
+-- Refuse a value holding a card-like number, under the rule <table>_<column>_not_card_number.
+CREATE FUNCTION outbox.refuse_card_number(
+    p_table text, p_column text, p_value text, p_hint text, p_where text DEFAULT ''
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF outbox.contains_card_number(p_value) THEN
+        PERFORM outbox.refuse_input(p_table, p_column, format('%s_%s_not_card_number', p_table, p_column),
+            format('holds a card-like number%s (13 to 19 digits passing the Luhn check)', p_where), p_hint);
+    END IF;
+END;
+$$;
+
 -- 1. payment_intents ---------------------------------------------------------------------
 
 CREATE FUNCTION outbox.payment_intents_hostile_input() RETURNS trigger
@@ -104,31 +117,13 @@ BEGIN
             format('is %s characters long; at most 200', length(NEW.payment_id)));
     END IF;
     -- Card numbers before any rule whose error could show the row.
-    IF outbox.contains_card_number(NEW.payment_id) THEN
-        PERFORM outbox.refuse_input('payment_intents', 'payment_id', 'payment_intents_payment_id_not_card_number',
-            'holds a card-like number (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
-    IF outbox.contains_card_number(NEW.action) THEN
-        PERFORM outbox.refuse_input('payment_intents', 'action', 'payment_intents_action_not_card_number',
-            'holds a card-like number (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
-    IF outbox.contains_card_number(NEW.provider) THEN
-        PERFORM outbox.refuse_input('payment_intents', 'provider', 'payment_intents_provider_not_card_number',
-            'holds a card-like number (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
-    IF outbox.contains_card_number(NEW.currency) THEN
-        PERFORM outbox.refuse_input('payment_intents', 'currency', 'payment_intents_currency_not_card_number',
-            'holds a card-like number (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
-    IF outbox.contains_card_number(NEW.idempotency_key) THEN
-        PERFORM outbox.refuse_input('payment_intents', 'idempotency_key', 'payment_intents_idempotency_key_not_card_number',
-            'holds a card-like number (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
+    PERFORM outbox.refuse_card_number('payment_intents', 'payment_id', NEW.payment_id, card_hint);
+    PERFORM outbox.refuse_card_number('payment_intents', 'action', NEW.action, card_hint);
+    PERFORM outbox.refuse_card_number('payment_intents', 'provider', NEW.provider, card_hint);
+    PERFORM outbox.refuse_card_number('payment_intents', 'currency', NEW.currency, card_hint);
+    PERFORM outbox.refuse_card_number('payment_intents', 'idempotency_key', NEW.idempotency_key, card_hint);
     -- jsonb rendered as text: every key and every string or number value, at any depth.
-    IF outbox.contains_card_number(NEW.metadata::text) THEN
-        PERFORM outbox.refuse_input('payment_intents', 'metadata', 'payment_intents_metadata_not_card_number',
-            'holds a card-like number in a key or value (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
+    PERFORM outbox.refuse_card_number('payment_intents', 'metadata', NEW.metadata::text, card_hint, ' in a key or value');
     IF NEW.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]' THEN
         PERFORM outbox.refuse_input('payment_intents', 'payment_id', 'payment_intents_payment_id_no_control_characters',
             'holds a control character or a bidirectional override',
@@ -172,34 +167,13 @@ BEGIN
         PERFORM outbox.refuse_input('events', 'headers', 'events_headers_max_16kb',
             format('is %s bytes; at most 16384', pg_column_size(NEW.headers)));
     END IF;
-    IF outbox.contains_card_number(NEW.exchange) THEN
-        PERFORM outbox.refuse_input('events', 'exchange', 'events_exchange_not_card_number',
-            'holds a card-like number (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
-    IF outbox.contains_card_number(NEW.routing_key) THEN
-        PERFORM outbox.refuse_input('events', 'routing_key', 'events_routing_key_not_card_number',
-            'holds a card-like number (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
-    IF outbox.contains_card_number(NEW.event_type) THEN
-        PERFORM outbox.refuse_input('events', 'event_type', 'events_event_type_not_card_number',
-            'holds a card-like number (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
-    IF outbox.contains_card_number(NEW.ordering_key) THEN
-        PERFORM outbox.refuse_input('events', 'ordering_key', 'events_ordering_key_not_card_number',
-            'holds a card-like number (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
-    IF outbox.contains_card_number(NEW.payment_id) THEN
-        PERFORM outbox.refuse_input('events', 'payment_id', 'events_payment_id_not_card_number',
-            'holds a card-like number (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
-    IF outbox.contains_card_number(NEW.payload::text) THEN
-        PERFORM outbox.refuse_input('events', 'payload', 'events_payload_not_card_number',
-            'holds a card-like number in a key or value (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
-    IF outbox.contains_card_number(NEW.headers::text) THEN
-        PERFORM outbox.refuse_input('events', 'headers', 'events_headers_not_card_number',
-            'holds a card-like number in a name or value (13 to 19 digits passing the Luhn check)', card_hint);
-    END IF;
+    PERFORM outbox.refuse_card_number('events', 'exchange', NEW.exchange, card_hint);
+    PERFORM outbox.refuse_card_number('events', 'routing_key', NEW.routing_key, card_hint);
+    PERFORM outbox.refuse_card_number('events', 'event_type', NEW.event_type, card_hint);
+    PERFORM outbox.refuse_card_number('events', 'ordering_key', NEW.ordering_key, card_hint);
+    PERFORM outbox.refuse_card_number('events', 'payment_id', NEW.payment_id, card_hint);
+    PERFORM outbox.refuse_card_number('events', 'payload', NEW.payload::text, card_hint, ' in a key or value');
+    PERFORM outbox.refuse_card_number('events', 'headers', NEW.headers::text, card_hint, ' in a name or value');
     IF NEW.ordering_key ~ controls THEN
         PERFORM outbox.refuse_input('events', 'ordering_key', 'events_ordering_key_no_control_characters',
             'holds a control character or a bidirectional override');

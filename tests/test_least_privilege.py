@@ -139,6 +139,8 @@ PUBLIC_HELPERS = {
     "contains_card_number",  # sql/0009, the hostile-input checks on INSERT
     "jsonb_deeper_than",
     "refuse_input",
+    "refuse_card_number",
+    "actor_entitled",  # sql/0012, whose outbox.actor names are kept
 }
 
 # Statements of relay/queries.sql by the role that runs them. A new statement must be added
@@ -949,3 +951,55 @@ def test_operator_changes_intents_only_through_the_sql_api(db_url: str, operator
             (str(dead),),
         ).fetchone()
     assert actor == ("operator:alice",)
+
+
+def test_an_actor_name_is_recorded_only_from_a_role_entitled_to_it(
+    db_url: str, app_url: str, relay_url: str, operator_url: str
+) -> None:
+    """sql/0012: set_config('outbox.actor', ...) names a writer only when its role may."""
+
+    def actors(payment_id: str) -> list[str]:
+        with psycopg.connect(db_url) as admin:
+            rows = admin.execute(
+                "SELECT actor FROM outbox.audit_log WHERE payment_id = %s ORDER BY id",
+                (payment_id,),
+            ).fetchall()
+        return [str(actor) for (actor,) in rows]
+
+    def insert_as(url: str, payment_id: str, actor: str) -> str:
+        with psycopg.connect(url) as conn:
+            conn.execute("SELECT set_config('outbox.actor', %s, true)", (actor,))
+            _insert_intent(conn, payment_id)
+            return str(conn.info.user)
+
+    app_role = insert_as(app_url, "lp-actor-app-relay", "relay:r1")
+    assert actors("lp-actor-app-relay") == [f"db:{app_role}"] * 2
+    insert_as(app_url, "lp-actor-app-operator", "operator:alice")
+    assert actors("lp-actor-app-operator") == [f"db:{app_role}"] * 2
+    insert_as(app_url, "lp-actor-app-db", "db:postgres")
+    assert actors("lp-actor-app-db") == [f"db:{app_role}"] * 2
+
+    # The entitled roles keep their names (the relay role may not insert intents, so its
+    # name shows on an event's audit-free path below and in the real relay's test above).
+    insert_as(operator_url, "lp-actor-operator", "operator:alice")
+    assert actors("lp-actor-operator") == ["operator:alice"] * 2
+    operator_role = insert_as(operator_url, "lp-actor-operator-relay", "relay:r1")
+    assert actors("lp-actor-operator-relay") == [f"db:{operator_role}"] * 2
+
+    # The events guard's exemption for the relay's own result events: an application that
+    # names itself the relay is still refused a card number in an event.
+    card = "4242 4242 4242 4242"
+    with psycopg.connect(app_url) as app:
+        app.execute("SELECT set_config('outbox.actor', 'relay:r1', true)")
+        with pytest.raises(psycopg.errors.CheckViolation) as refused:
+            app.execute(
+                "INSERT INTO outbox.events (routing_key, payload) VALUES ('app.x', %s)",
+                (json.dumps({"note": card}),),
+            )
+    assert refused.value.diag.constraint_name == "events_payload_not_card_number"
+    assert card not in str(refused.value)
+    with psycopg.connect(relay_url) as relay:
+        relay.execute("SELECT set_config('outbox.actor', 'relay:r1', true)")
+        assert relay.execute(
+            "SELECT outbox.actor_entitled('relay:r1'), outbox.actor_entitled('operator:x')"
+        ).fetchone() == (True, False)
