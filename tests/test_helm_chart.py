@@ -1019,3 +1019,25 @@ def test_dockerignore_keeps_the_context_to_the_package() -> None:
         re.findall(r"^COPY (?!--from)(.+) \S+$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
     )
     assert {path.rstrip("/") for line in copied for path in line.split()} <= included
+
+
+def test_migrations_can_log_in_as_the_schema_owner(helm: Helm, fleet: dict[str, Any]) -> None:
+    """Least privilege: the Job mounts its own Secret; the relay's pods never see it."""
+    values = merged(
+        fleet,
+        {
+            # An inline relay URL would otherwise get a hook copy for the Job.
+            "database": {"existingSecret": "", "url": "postgresql://relay@db/payments"},
+            "migrations": {"database": {"existingSecret": "outbox-owner", "secretKey": "dsn"}},
+        },
+    )
+    manifests = helm.render(CHART, values)
+    job_pod = manifests.one("Job")["spec"]["template"]["spec"]
+    job_files = _file_paths(manifests, job_pod, job_pod["containers"][0])
+    assert set(job_files.values()) == {("outbox-owner", "dsn")}
+    relay_pod = manifests.one("Deployment")["spec"]["template"]["spec"]
+    relay_files = _file_paths(manifests, relay_pod, relay_container(relay_pod, "relay"))
+    assert ("outbox-owner", "dsn") not in set(relay_files.values())
+    assert not any(
+        s["metadata"]["name"].endswith("-migrations") for s in manifests.all("Secret")
+    ), "no hook copy of the relay's URL is needed"
