@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import random
+import string
 import sys
 import time
 from collections import Counter
@@ -149,7 +149,9 @@ async def _demo(url: str, args: argparse.Namespace) -> int:
     )
 
     rng = random.Random(args.seed)
-    prefix = f"demo{int(time.time())}{os.getpid() % 1000}"
+    # Letters only: this run's ids must differ from earlier runs' in the same database, and
+    # a long run of digits in an id could take the shape of a card number and be refused.
+    prefix = "demo-" + "".join(random.SystemRandom().choices(string.ascii_lowercase, k=10))
     rows = build_workload(args.payments, rng, prefix)
     await anyio.to_thread.run_sync(_insert, url, rows)
     print(f"inserted {len(rows)} intents for {args.payments} payments")

@@ -37,9 +37,10 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-# -- the card rule, as sql/0009's outbox.contains_card_number states it ------------------
+# -- the card rule, as sql/0013's outbox.contains_card_number states it ------------------
 
 _RUN = re.compile(r"[0-9](?:[ -]?[0-9]){12,}")
+_DIGIT_GROUPS = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
 _HEX_ID = re.compile(
     r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
     r"|[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}"
@@ -47,22 +48,57 @@ _HEX_ID = re.compile(
 )
 
 
-def _runs_card_like(text: str) -> bool:
-    for match in _RUN.finditer(text):
-        digits = re.sub(r"[ -]", "", match.group(0))
-        if 13 <= len(digits) <= 19 and luhn_valid(digits):
-            return True
+def _is_card_number(digits: str) -> bool:
+    """13 to 19 digits, a card network's first digit (2 to 6), Luhn-valid."""
+    return 13 <= len(digits) <= 19 and "2" <= digits[0] <= "6" and luhn_valid(digits)
+
+
+def _holds_card_shape(text: str) -> bool:
+    """A card number, contiguous or grouped as printed, at any digit-group boundary."""
+    for match in _DIGIT_GROUPS.finditer(text):
+        if len(match.group(0)) < 13:
+            continue
+        g = re.split(r"[ -]", match.group(0))
+        n = len(g)
+        for i in range(n):
+            if _is_card_number(g[i]):
+                return True
+            if len(g[i]) != 4 or i + 2 >= n:
+                continue
+            if len(g[i + 1]) == 4 and len(g[i + 2]) == 4 and i + 3 < n:
+                if len(g[i + 3]) <= 4 and _is_card_number("".join(g[i : i + 4])):
+                    return True
+                if (
+                    len(g[i + 3]) == 4
+                    and i + 4 < n
+                    and len(g[i + 4]) <= 3
+                    and _is_card_number("".join(g[i : i + 5]))
+                ):
+                    return True
+            if (
+                len(g[i + 1]) == 6
+                and len(g[i + 2]) in (4, 5)
+                and _is_card_number("".join(g[i : i + 3]))
+            ):
+                return True
     return False
 
 
 def card_like(text: str | None) -> bool:
     """outbox.contains_card_number: formatted hex identifiers are skipped."""
-    return text is not None and _runs_card_like(_HEX_ID.sub("#", text))
+    return text is not None and _holds_card_shape(_HEX_ID.sub("#", text))
 
 
 def payment_method_card_like(text: str | None) -> bool:
-    """outbox.looks_like_card_number (sql/0001), which guards payment_method."""
-    return text is not None and len(text) <= 1024 and _runs_card_like(text)
+    """outbox.looks_like_card_number (sql/0001), which guards payment_method: any run of
+    13 to 19 digits with single spaces or dashes, passing Luhn."""
+    if text is None or len(text) > 1024:
+        return False
+    for match in _RUN.finditer(text):
+        digits = re.sub(r"[ -]", "", match.group(0))
+        if 13 <= len(digits) <= 19 and luhn_valid(digits):
+            return True
+    return False
 
 
 def luhn_number(body: list[int]) -> str:
@@ -77,10 +113,13 @@ def luhn_number(body: list[int]) -> str:
 @st.composite
 def card_numbers(draw: st.DrawFn) -> str:
     length = draw(st.integers(13, 19))
+    first = draw(st.integers(2, 6))
     digits = luhn_number(
-        draw(st.lists(st.integers(0, 9), min_size=length - 1, max_size=length - 1))
+        [first, *draw(st.lists(st.integers(0, 9), min_size=length - 2, max_size=length - 2))]
     )
     separator = draw(st.sampled_from(["", " ", "-"]))
+    if separator and length in (14, 15) and draw(st.booleans()):
+        return separator.join((digits[:4], digits[4:10], digits[10:]))  # 4-6-4, 4-6-5
     if separator:
         digits = separator.join(digits[i : i + 4] for i in range(0, len(digits), 4))
     return digits
@@ -707,11 +746,34 @@ def test_formatted_identifiers_that_happen_to_hold_luhn_digits_are_accepted(
     assert conn.execute("SELECT count(*) FROM outbox.payment_intents").fetchone() == (1,)
 
 
+def test_ids_made_of_timestamps_and_counters_are_accepted_and_printed_cards_refused(
+    conn: psycopg.Connection,
+) -> None:
+    """sql/0013: the rule of 0009 refused one such id in ten (Luhn passes by chance)."""
+    ids = [f"order-17647{n:05d}-{n:05d}" for n in range(40)]
+    ids += [f"17647471{n:05d}" for n in range(40)]  # timestamps in milliseconds
+    ids += [f"invoice 2026-12-03 {n:06d}" for n in range(40)]
+    for payment_id in ids:
+        conn.execute(INSERT_INTENT, {**VALID_INTENT, "payment_id": payment_id})
+    assert conn.execute("SELECT count(*) FROM outbox.payment_intents").fetchone() == (120,)
+    # Under 0009's rule about one in ten of them held a Luhn-valid run of 13 to 19 digits.
+    assert sum(payment_method_card_like(i) for i in ids) >= 5
+    for card in ("4242 4242 4242 4242 12 30", "3782-822463-10005", "ref 5555555555554444"):
+        verdict = attempt(conn, INSERT_INTENT, {**VALID_INTENT, "payment_id": card})
+        assert verdict.rule == "payment_intents_payment_id_not_card_number", card
+
+
 def test_the_sql_card_rule_is_the_oracles(conn: psycopg.Connection) -> None:
     samples = [
         "4111111111111111",
         "x4111-1111-1111-1111y",
-        "12 4111 1111 1111 1111",  # one run of 18 digits: not Luhn-valid, no card
+        "12 4111 1111 1111 1111",  # a card after another number: found at its group
+        "4242 4242 4242 4242 12 30",  # and before one
+        "3782-822463-10005",  # American Express as printed
+        "order-1764747123-00042",  # a timestamp and a counter: not a card's grouping
+        "1764747123456",  # milliseconds: 1 is no card network
+        "9111111111111111",
+        "4111-11111111-1111",
         "11111111-1111-1111-1111-111111111111",
         "abcdef4111111111111111",  # 22 hex characters: an identifier
         "order 6011000990139424 shipped",
