@@ -37,7 +37,7 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-# -- the card rule, as sql/0013's outbox.contains_card_number states it ------------------
+# -- the card rule, as sql/0009's outbox.contains_card_number states it ------------------
 
 _RUN = re.compile(r"[0-9](?:[ -]?[0-9]){12,}")
 _DIGIT_GROUPS = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
@@ -749,7 +749,7 @@ def test_formatted_identifiers_that_happen_to_hold_luhn_digits_are_accepted(
 def test_ids_made_of_timestamps_and_counters_are_accepted_and_printed_cards_refused(
     conn: psycopg.Connection,
 ) -> None:
-    """sql/0013: the rule of 0009 refused one such id in ten (Luhn passes by chance)."""
+    """payment_method's broad rule, tried first for every column, refused one in ten."""
     ids = [f"order-17647{n:05d}-{n:05d}" for n in range(40)]
     ids += [f"17647471{n:05d}" for n in range(40)]  # timestamps in milliseconds
     ids += [f"invoice 2026-12-03 {n:06d}" for n in range(40)]

@@ -137,7 +137,7 @@ PUBLIC_HELPERS = {
     "looks_like_card_number",  # sql/0001
     "idempotency_key_lifetime",  # sql/0005, the key-lifetime guard on UPDATE
     "contains_card_number",  # sql/0009, the hostile-input checks on INSERT
-    "is_card_number",  # sql/0013, the card shape those checks look for
+    "is_card_number",  # the card shape those checks look for
     "jsonb_deeper_than",
     "refuse_input",
     "refuse_card_number",
