@@ -104,7 +104,7 @@ class Completer:
         while True:
             try:
                 with metrics.WRITE_BACK_SECONDS.time():
-                    written = await self._store.complete(batch)
+                    written = await self._store.complete_fenced(batch)
                 break
             except RETRYABLE_DB_ERRORS as exc:
                 if self._give_up_at is not None and anyio.current_time() > self._give_up_at:
@@ -129,7 +129,7 @@ class Completer:
                 return
         self.written += len(written)
         for item in batch:
-            if item.intent_id in written:
+            if (item.intent_id, item.lease_token) in written:
                 metrics.INTENTS_WRITTEN.labels(status=item.status).inc()
                 _count_outcome(item)
             else:
@@ -142,7 +142,7 @@ class Completer:
                 )
         self._on_flushed(len(written))
 
-    async def _write_refused(self, item: WriteBack, exc: psycopg.Error) -> set[int]:
+    async def _write_refused(self, item: WriteBack, exc: psycopg.Error) -> set[tuple[int, int]]:
         """The database refused this outcome: park the intent dead for an operator."""
         sqlstate = getattr(exc, "sqlstate", None)
         log.error("write_back_refused", intent_id=item.intent_id, sqlstate=sqlstate)
@@ -162,7 +162,7 @@ class Completer:
             outcome="refused",
         )
         try:
-            return await self._store.complete([dead])
+            return await self._store.complete_fenced([dead])
         except psycopg.Error:
             log.exception("write_back_refused_twice", intent_id=item.intent_id)
             return set()

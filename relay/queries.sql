@@ -171,7 +171,7 @@ evented AS (
     ORDER BY 'payment:' || w.payment_id
     RETURNING id
 )
-SELECT w.id, (SELECT count(*) FROM promoted) AS promoted FROM written AS w;
+SELECT w.id, (SELECT count(*) FROM promoted) AS promoted, w.lease_token FROM written AS w;
 
 -- name: requeue_expired_leases
 -- Return intents whose relay died (lease expired) to pending, to be retried under the same key.

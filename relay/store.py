@@ -152,13 +152,26 @@ class Store:
         The audit trail's rows name :attr:`actor` and ``reason``; a succeeded intent posts
         its ledger transaction in this same transaction (sql/0005's triggers).
         """
+        return {
+            intent_id for intent_id, _ in await self.complete_fenced(batch, now=now, reason=reason)
+        }
+
+    async def complete_fenced(
+        self, batch: Sequence[WriteBack], *, now: datetime | None = None, reason: str | None = None
+    ) -> set[tuple[int, int]]:
+        """:meth:`complete`, returning (intent id, lease token) for each outcome written.
+
+        A batch may hold a stale and the current outcome of one intent (the first waited
+        for the database while the intent was claimed again); only the token tells which
+        of the two was written.
+        """
         if not batch:
             return set()
         # Pipeline mode sends BEGIN, set_actor, lock_payments and complete_intents without
         # waiting for each reply: two round trips per write-back instead of five, which is
         # what a busy event loop or a distant database makes expensive.
         async with self.db.pool.connection() as conn, conn.pipeline(), conn.transaction():
-            return await self.complete_in(conn, batch, now=now, reason=reason)
+            return await self._complete_rows(conn, batch, now=now, reason=reason)
 
     async def complete_in(
         self,
@@ -170,6 +183,17 @@ class Store:
     ) -> set[int]:
         """:meth:`complete` inside the caller's open transaction on ``conn`` (the janitor
         takes a dead intent back and settles it in one transaction)."""
+        rows = await self._complete_rows(conn, batch, now=now, reason=reason)
+        return {intent_id for intent_id, _ in rows}
+
+    async def _complete_rows(
+        self,
+        conn: AsyncConnection[TupleRow],
+        batch: Sequence[WriteBack],
+        *,
+        now: datetime | None,
+        reason: str | None,
+    ) -> set[tuple[int, int]]:
         params = {
             "ids": [w.intent_id for w in batch],
             "lease_tokens": [w.lease_token for w in batch],
@@ -194,7 +218,7 @@ class Store:
         await conn.execute(QUERIES["lock_payments"], {"payment_ids": payment_ids})
         cur = await conn.execute(QUERIES["complete_intents"], params)
         rows = await cur.fetchall()
-        return {row[0] for row in rows}
+        return {(int(row[0]), int(row[2])) for row in rows}
 
     async def requeue_expired(self, *, limit: int = 1000, now: datetime | None = None) -> int:
         rows = await self._fetch_as_actor("requeue_expired_leases", {"limit": limit, "now": now})
