@@ -19,6 +19,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import psycopg
@@ -57,10 +58,9 @@ def _with_password(url: str, password: str, **overrides: str) -> str:
 def _as_uri(url: str) -> str:
     """The same connection as a postgresql:// URI (the form RELAY_DATABASE_URL documents)."""
     p = conninfo_to_dict(url)
-    return (
-        f"postgresql://{p['user']}:{p['password']}@{p.get('host', '127.0.0.1')}:"
-        f"{p.get('port', '5432')}/{p['dbname']}"
-    )
+    # A socket directory (the embedded server's) is percent-encoded in a URI's host.
+    host = quote(str(p.get("host", "127.0.0.1")), safe="")
+    return f"postgresql://{p['user']}:{p['password']}@{host}:{p.get('port', '5432')}/{p['dbname']}"
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
