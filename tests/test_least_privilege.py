@@ -980,8 +980,9 @@ def test_an_actor_name_is_recorded_only_from_a_role_entitled_to_it(
     insert_as(app_url, "lp-actor-app-db", "db:postgres")
     assert actors("lp-actor-app-db") == [f"db:{app_role}"] * 2
 
-    # The entitled roles keep their names (the relay role may not insert intents, so its
-    # name shows on an event's audit-free path below and in the real relay's test above).
+    # The entitled roles keep their names. The relay role may not insert intents: its
+    # entitlement is checked directly at the end, and its audit rows in the real relay's
+    # test above.
     insert_as(operator_url, "lp-actor-operator", "operator:alice")
     assert actors("lp-actor-operator") == ["operator:alice"] * 2
     operator_role = insert_as(operator_url, "lp-actor-operator-relay", "relay:r1")
