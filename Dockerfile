@@ -2,9 +2,10 @@
 #
 # outbox-relay image: `docker build -t outbox-relay:0.1.0 .` from the repository root.
 # Two stages: the first builds a virtualenv from the project (pip install .), the second
-# copies only that virtualenv onto a fresh slim base, so no compiler, pip, wheel cache or
-# source tree reaches the final image. It runs as an unprivileged user with a numeric UID
-# (Kubernetes' runAsNonRoot can verify it) and works with a read-only root filesystem.
+# copies only that virtualenv onto a fresh slim base, so no compiler, pip, setuptools, wheel
+# cache or source tree reaches the final image. It runs as an unprivileged user with a
+# numeric UID (Kubernetes' runAsNonRoot can verify it) and works with a read-only root
+# filesystem.
 
 ARG PYTHON_VERSION=3.11
 ARG DEBIAN_RELEASE=bookworm
@@ -14,15 +15,17 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-RUN python -m venv /opt/venv
+# --without-pip: `python -m venv` would seed the venv with pip and, before Python 3.12,
+# setuptools (with its distutils hook); the base image's pip installs into the venv instead
+# (--python), so neither is ever in /opt/venv.
+RUN python -m venv --without-pip /opt/venv
 COPY pyproject.toml README.md ./
 COPY relay ./relay
 COPY provider_adapters ./provider_adapters
 COPY sql ./sql
-# pgserver (an embedded PostgreSQL for `demo` and the tests) is of no use in a deployed
-# relay, and pip is not needed at run time.
-RUN /opt/venv/bin/pip install . \
- && /opt/venv/bin/pip uninstall --yes pgserver pip
+# pgserver (an embedded PostgreSQL for `demo` and the tests) is of no use in a deployed relay.
+RUN python -m pip --python /opt/venv/bin/python install . \
+ && python -m pip --python /opt/venv/bin/python uninstall --yes pgserver
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
 LABEL org.opencontainers.image.title="outbox-relay" \

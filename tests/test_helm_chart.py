@@ -1,18 +1,28 @@
 """The Helm chart (helm/outbox-relay), its example application chart, the Dockerfile and the
 monitoring files (deploy/).
 
-Helm's own engine lints and renders the charts: the `helm-python-sdk` package binds Helm
-v4's Go SDK (no `helm` binary, any CPython >= 3.10). It lints with values, so each mode is
-linted as installed, reports lint findings with their text, and renders offline with install
-semantics, so the tests read the manifests Kubernetes would receive and see the chart's
-`fail` refusals (`helm lint` turns `fail` into a log line). It is not a project dependency:
-the first run installs it with pip into a cache directory outside the repository
-($XDG_CACHE_HOME or ~/.cache, then outbox-relay-tests/), keyed by its version, the Python
-version and the machine; later runs reuse it. Helm runs in a child process, so a Go panic
-cannot take pytest down, and one child serves the whole session.
+Helm's own engine (v4's Go library, no `helm` binary) lints and renders the charts, through
+two Python packages, each in a child process (a Go panic cannot take pytest down; one child
+per package serves the whole session):
 
-Where it cannot be installed (no network, no wheel for the platform) the Helm tests skip with
-the reason, except under RELAY_TEST_REQUIRE_SERVICES=1 (CI), where they fail.
+* `helm-sdkpy`, the package the chart's issue names, lints each mode: its `Lint` takes only
+  a chart directory (no values, no strict mode) and reports findings by path and severity
+  without their text, so a mode is linted as a temporary copy of the chart whose
+  values.yaml holds that mode's values. It needs Python >= 3.12: this interpreter, else the
+  oldest pyenv version >= 3.12, else python3.12+ on PATH.
+* `helm-python-sdk` (any CPython >= 3.10) renders offline with install semantics, so the
+  tests read the manifests Kubernetes would receive and see the chart's `fail` refusals
+  (`helm lint` turns `fail` into a log line), and lints with values, reporting findings
+  with their text: the schema tests check which value a finding names, and a failed
+  helm-sdkpy lint shows its findings. helm-sdkpy renders nothing without a cluster.
+
+Neither is a project dependency: the first run installs each with pip into a cache
+directory outside the repository ($XDG_CACHE_HOME or ~/.cache, then outbox-relay-tests/),
+keyed by its version, the Python version and the machine; later runs reuse it.
+
+Where one cannot be installed (no network, no wheel for the platform, no Python >= 3.12) its
+tests skip with the reason, except under RELAY_TEST_REQUIRE_SERVICES=1 (CI), where they
+fail.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -37,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "outbox-relay"
 EXAMPLE = ROOT / "helm" / "examples" / "app-with-sidecar"
 HELM_PYTHON_SDK_VERSION = "0.2.2"
+HELM_SDKPY_VERSION = "0.1.32"
 REQUIRE_SERVICES = os.environ.get("RELAY_TEST_REQUIRE_SERVICES") == "1"
 RELEASE = "rel"
 NAMESPACE = "payments"
@@ -85,21 +96,43 @@ for line in sys.stdin:
 """
 
 
+# Runs in the child process (Python >= 3.12) with helm-sdkpy importable: one chart
+# directory per line in, its lint report (JSON) per line out.
+_LINT_WORKER = r"""
+import asyncio, json, sys
+import helm_sdkpy
+
+lint = helm_sdkpy.Lint(helm_sdkpy.Configuration(namespace=sys.argv[1]))
+for line in sys.stdin:
+    req = json.loads(line)
+    try:
+        if req["op"] == "version":
+            result = helm_sdkpy.get_version()
+        else:
+            result = asyncio.run(lint.run(req["chart"]))
+        answer = {"ok": True, "result": result}
+    except Exception as exc:
+        answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.write(json.dumps(answer, default=str) + "\n")
+    sys.stdout.flush()
+"""
+
+
 class HelmError(Exception):
     """Helm refused: a render error (a template's `fail`, a schema violation) or bad input."""
 
 
-class Helm:
-    """A child process running Helm's engine through helm-python-sdk."""
+class _HelmChild:
+    """A child process running a worker script with a Helm SDK importable."""
 
-    def __init__(self, sdk_dir: Path, home: Path) -> None:
+    def __init__(self, python: str, script: str, sdk_dir: Path, home: Path) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(sdk_dir)
         for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
             env[var] = str(home / var.lower())
         self._stderr = (home / "helm-stderr.log").open("w+")
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER],
+            [python, "-c", script, NAMESPACE],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -128,6 +161,33 @@ class Helm:
         result: str = self._ask(op="version")
         return result
 
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._stderr.close()
+
+
+class HelmLint(_HelmChild):
+    """helm-sdkpy's lint: a chart directory as it stands (its own values.yaml)."""
+
+    def lint(self, chart: Path) -> list[tuple[int, str]]:
+        """Findings of severity warning or error (2, 3) as (severity, path). helm-sdkpy
+        serialises a finding's error as {}, so its text is not available."""
+        report = self._ask(op="lint", chart=str(chart))
+        return [(m["Severity"], m["Path"]) for m in report["Messages"] if m["Severity"] >= 2]
+
+
+class Helm(_HelmChild):
+    """helm-python-sdk: lint with values (findings with their text), render offline."""
+
+    def __init__(self, sdk_dir: Path, home: Path) -> None:
+        super().__init__(sys.executable, _WORKER, sdk_dir, home)
+
     def lint(self, chart: Path, values: dict[str, Any] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = self._ask(
             op="lint", chart=str(chart), values=values, kube_version=KUBE_VERSION
@@ -148,16 +208,6 @@ class Helm:
     def yaml(self, path: Path) -> dict[str, Any]:
         return self.parse(path.read_text())
 
-    def close(self) -> None:
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._stderr.close()
-
 
 class Manifests:
     """Rendered chart: parsed documents by template path, and NOTES.txt."""
@@ -177,14 +227,52 @@ class Manifests:
         return found[0]
 
 
-def _install_sdk() -> Path:
-    """helm-python-sdk in a cache directory outside the repository (installed once)."""
+def _python_version(python: str) -> tuple[int, int] | None:
+    try:
+        done = subprocess.run(
+            [python, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None  # e.g. a pyenv shim for a version that is not selected
+    major, minor = done.stdout.split()
+    return int(major), int(minor)
+
+
+def _python_for_helm_sdkpy() -> tuple[str, tuple[int, int]] | None:
+    """This interpreter if >= 3.12, else the oldest pyenv CPython >= 3.12 (its wheels are
+    the likeliest to exist), else python3.12+ on PATH."""
+    if sys.version_info >= (3, 12):
+        return sys.executable, (sys.version_info.major, sys.version_info.minor)
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    found: list[tuple[tuple[int, int], str]] = []
+    for candidate in sorted(pyenv.glob("*/bin/python3")):
+        if re.fullmatch(r"3\.\d+\.\d+", candidate.parent.parent.name):  # CPython builds only
+            version = _python_version(str(candidate))
+            if version is not None and version >= (3, 12):
+                found.append((version, str(candidate)))
+    for name in ("python3.12", "python3.13", "python3.14"):
+        python_on_path = shutil.which(name)
+        if python_on_path is not None:
+            version = _python_version(python_on_path)
+            if version is not None and version >= (3, 12):
+                found.append((version, python_on_path))
+    if not found:
+        return None
+    version, python = min(found)
+    return python, version
+
+
+def _install(package: str, version: str, python: str, py: tuple[int, int], deps: bool) -> Path:
+    """`package==version` for `python` in a cache directory outside the repository
+    (installed once)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     root = cache / "outbox-relay-tests"
-    key = (
-        f"helm-python-sdk-{HELM_PYTHON_SDK_VERSION}"
-        f"-py{sys.version_info.major}{sys.version_info.minor}-{platform.machine()}"
-    )
+    key = f"{package}-{version}-py{py[0]}{py[1]}-{platform.machine()}"
     target = root / key
     if (target / ".complete").exists():
         return target
@@ -193,17 +281,17 @@ def _install_sdk() -> Path:
     try:
         done = subprocess.run(
             [
-                sys.executable,
+                python,
                 "-m",
                 "pip",
                 "install",
                 "--quiet",
                 "--disable-pip-version-check",
-                "--no-deps",
+                *([] if deps else ["--no-deps"]),
                 "--only-binary=:all:",
                 "--target",
                 str(staging),
-                f"helm-python-sdk=={HELM_PYTHON_SDK_VERSION}",
+                f"{package}=={version}",
             ],
             capture_output=True,
             text=True,
@@ -222,18 +310,50 @@ def _install_sdk() -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _install_sdk() -> Path:
+    """helm-python-sdk for this interpreter (renders, and lints with values)."""
+    py = (sys.version_info.major, sys.version_info.minor)
+    return _install("helm-python-sdk", HELM_PYTHON_SDK_VERSION, sys.executable, py, deps=False)
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} (RELAY_TEST_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Helm]:
     try:
         sdk_dir = _install_sdk()
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
-        reason = f"helm-python-sdk=={HELM_PYTHON_SDK_VERSION} could not be installed: {exc}"
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{reason} (RELAY_TEST_REQUIRE_SERVICES=1)", pytrace=False)
-        pytest.skip(reason)
+        _unavailable(f"helm-python-sdk=={HELM_PYTHON_SDK_VERSION} could not be installed: {exc}")
     engine = Helm(sdk_dir, tmp_path_factory.mktemp("helm-home"))
     try:
         assert engine.version().startswith("v4.")
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="session")
+def helm_lint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HelmLint]:
+    """helm-sdkpy's lint, in a child process running Python >= 3.12."""
+    found = _python_for_helm_sdkpy()
+    if found is None:
+        _unavailable(
+            f"helm-sdkpy=={HELM_SDKPY_VERSION} needs Python >= 3.12; none found (this "
+            f"interpreter is {platform.python_version()}; looked in $PYENV_ROOT or ~/.pyenv "
+            "and for python3.12+ on PATH)"
+        )
+    python, py = found
+    try:
+        sdk_dir = _install("helm-sdkpy", HELM_SDKPY_VERSION, python, py, deps=True)
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        _unavailable(f"helm-sdkpy=={HELM_SDKPY_VERSION} could not be installed for {python}: {exc}")
+    engine = HelmLint(python, _LINT_WORKER, sdk_dir, tmp_path_factory.mktemp("helm-sdkpy-home"))
+    try:
+        assert engine.version() == f"helm-sdkpy-v{HELM_SDKPY_VERSION}"
         yield engine
     finally:
         engine.close()
@@ -295,23 +415,51 @@ def relay_container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def test_lint_fleet_mode_is_clean(helm: Helm, fleet: dict[str, Any]) -> None:
-    assert problems(helm.lint(CHART, fleet)) == []
+def with_values(chart: Path, values: dict[str, Any], where: Path) -> Path:
+    """A copy of `chart` whose values.yaml is `values` (written as JSON, which is YAML):
+    helm-sdkpy lints a chart with its own values.yaml only, so this is how a mode is
+    linted as installed."""
+    copied = where / chart.name
+    shutil.copytree(chart, copied)
+    (copied / "values.yaml").write_text(json.dumps(values, indent=2) + "\n")
+    return copied
 
 
-def test_lint_sidecar_mode_is_clean(helm: Helm, sidecar: dict[str, Any]) -> None:
-    assert problems(helm.lint(CHART, sidecar)) == []
+def test_lint_fleet_mode_is_clean(
+    helm_lint: HelmLint, helm: Helm, defaults: dict[str, Any], fleet: dict[str, Any], tmp_path: Path
+) -> None:
+    chart = with_values(CHART, merged(defaults, fleet), tmp_path)
+    # helm-sdkpy reports no text; helm-python-sdk's lint says what is wrong.
+    assert helm_lint.lint(chart) == [], problems(helm.lint(CHART, fleet))
+
+
+def test_lint_sidecar_mode_is_clean(
+    helm_lint: HelmLint,
+    helm: Helm,
+    defaults: dict[str, Any],
+    sidecar: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    chart = with_values(CHART, merged(defaults, sidecar), tmp_path)
+    assert helm_lint.lint(chart) == [], problems(helm.lint(CHART, sidecar))
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["classic-sidecar", "native-sidecar"])
-def test_lint_example_app_chart_is_clean(helm: Helm, app_chart: Path, native: bool) -> None:
-    report = helm.lint(app_chart, {"outbox-relay": {"sidecar": {"native": native}}})
-    assert problems(report) == []
+def test_lint_example_app_chart_is_clean(
+    helm_lint: HelmLint, helm: Helm, app_chart: Path, native: bool, tmp_path: Path
+) -> None:
+    values = {"outbox-relay": {"sidecar": {"native": native}}}
+    chart = with_values(app_chart, merged(helm.yaml(app_chart / "values.yaml"), values), tmp_path)
+    assert helm_lint.lint(chart) == [], problems(helm.lint(app_chart, values))
 
 
-def test_lint_reports_a_schema_violation(helm: Helm, fleet: dict[str, Any]) -> None:
-    """The lint above would see a bad value: the schema is part of what it checks."""
-    report = helm.lint(CHART, merged(fleet, {"replicaCount": "three"}))
+def test_lint_reports_a_schema_violation(
+    helm_lint: HelmLint, helm: Helm, defaults: dict[str, Any], fleet: dict[str, Any], tmp_path: Path
+) -> None:
+    """The lints above would see a bad value: the schema is part of what they check."""
+    bad = merged(fleet, {"replicaCount": "three"})
+    assert (3, "values.yaml") in helm_lint.lint(with_values(CHART, merged(defaults, bad), tmp_path))
+    report = helm.lint(CHART, bad)
     assert any("/replicaCount" in p for p in problems(report)), report
 
 
@@ -377,6 +525,28 @@ BAD_VALUES = [
         {"podSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
         "/podSecurityContext/seccompProfile/type",
     ),
+    # Localhost without a profile: the kubelet would refuse every pod.
+    (
+        {"podSecurityContext": {"seccompProfile": {"type": "Localhost"}}},
+        "at '/podSecurityContext/seccompProfile': missing property 'localhostProfile'",
+    ),
+    (
+        {"containerSecurityContext": {"seccompProfile": {"type": "Localhost"}}},
+        "at '/containerSecurityContext/seccompProfile': missing property 'localhostProfile'",
+    ),
+    (
+        {"containerSecurityContext": {"seccompProfile": {"localhostProfile": "relay.json"}}},
+        "/containerSecurityContext/seccompProfile",
+    ),
+    # Helm drops a null value, so the schema sees fsGroup missing: the 0440 secret files
+    # would be unreadable by the relay.
+    (
+        {"podSecurityContext": {"fsGroup": None}},
+        "at '/podSecurityContext': missing property 'fsGroup'",
+    ),
+    ({"podSecurityContext": {"fsGroup": 0}}, "/podSecurityContext/fsGroup"),
+    ({"probes": {"readiness": {"enabled": "no"}}}, "/probes/readiness/enabled"),
+    ({"metrics": {"grafanaDashboard": {"enabled": "no"}}}, "/metrics/grafanaDashboard/enabled"),
     ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
     ({"terminationGracePeriodSeconds": 0}, "/terminationGracePeriodSeconds"),
     ({"probes": {"liveness": {"periodSeconds": 0}}}, "/probes/liveness/periodSeconds"),
@@ -457,9 +627,75 @@ REFUSED = [
     (
         "grace-not-above-drain",
         {"terminationGracePeriodSeconds": 30},
-        "terminationGracePeriodSeconds (30) must be above relay.shutdownGraceSeconds (30)",
+        "terminationGracePeriodSeconds (30) must be at least relay.shutdownGraceSeconds (30)"
+        " + 15 = 45",
     ),
-    ("drain-longer-than-grace", {"relay": {"shutdownGraceSeconds": 50}}, "use at least 65"),
+    (
+        # Above the grace but inside the margin the message asks for: refused too.
+        "grace-inside-the-margin",
+        {"terminationGracePeriodSeconds": 44},
+        "terminationGracePeriodSeconds (44) must be at least relay.shutdownGraceSeconds (30)"
+        " + 15 = 45",
+    ),
+    (
+        "drain-longer-than-grace",
+        {"relay": {"shutdownGraceSeconds": 50}},
+        "terminationGracePeriodSeconds (45) must be at least relay.shutdownGraceSeconds (50)"
+        " + 15 = 65",
+    ),
+    (
+        "extra-env-overrides-the-grace",
+        {"relay": {"extraEnv": {"RELAY_SHUTDOWN_GRACE_SECONDS": "300"}}},
+        "relay.extraEnv.RELAY_SHUTDOWN_GRACE_SECONDS would override a variable the chart sets"
+        " (and bypass its checks); set relay.shutdownGraceSeconds instead",
+    ),
+    (
+        "extra-env-overrides-the-port",
+        {"relay": {"extraEnv": {"RELAY_HTTP_PORT": "8080"}}},
+        "relay.extraEnv.RELAY_HTTP_PORT would override a variable the chart sets"
+        " (and bypass its checks); set relay.httpPort instead",
+    ),
+    (
+        "extra-env-overrides-the-database-file",
+        {"relay": {"extraEnv": {"RELAY_DATABASE_URL_FILE": "/tmp/url"}}},
+        "relay.extraEnv.RELAY_DATABASE_URL_FILE would override a variable the chart sets"
+        " (and bypass its checks); set database.existingSecret or database.url",
+    ),
+    (
+        "extra-env-sets-a-provider-field-the-chart-manages",
+        {"relay": {"extraEnv": {"RELAY_PROVIDERS__STRIPE__TIMEOUT_MS": "90000"}}},
+        "relay.extraEnv.RELAY_PROVIDERS__STRIPE__TIMEOUT_MS configures a provider lane, which"
+        " the chart builds from providers.<name> (its API key mounted as a file);"
+        " set providers.stripe.timeoutMs instead",
+    ),
+    (
+        "extra-env-sets-another-provider-field",
+        {"relay": {"extraEnv": {"RELAY_PROVIDERS__STRIPE__RATE_LIMIT_BURST": "5"}}},
+        "set providers.stripe.extraEnv.RATE_LIMIT_BURST instead",
+    ),
+    (
+        "provider-extra-env-overrides-the-timeout",
+        {"providers": {"stripe": {"extraEnv": {"TIMEOUT_MS": "90000"}}}},
+        "providers.stripe.extraEnv.TIMEOUT_MS would override a variable the chart sets"
+        " (and bypass its checks); set providers.stripe.timeoutMs instead",
+    ),
+    (
+        "provider-extra-env-overrides-the-key-file",
+        {"providers": {"stripe": {"extraEnv": {"API_KEY_FILE": "/k"}}}},
+        "set providers.stripe.apiKey.existingSecret or apiKey.value (mounted as a file) instead",
+    ),
+    (
+        # relay/config.py refuses RELAY_PUBLISH_TIMEOUT_SECONDS (15) >= RELAY_LEASE_SECONDS.
+        "publish-timeout-outlasts-lease",
+        {"relay": {"leaseSeconds": 12}},
+        "with amqp.enabled, relay.leaseSeconds (12) must be above the events publish timeout"
+        " (15 s, RELAY_PUBLISH_TIMEOUT_SECONDS), or the relay refuses to start",
+    ),
+    (
+        "raised-publish-timeout-outlasts-lease",
+        {"relay": {"extraEnv": {"RELAY_PUBLISH_TIMEOUT_SECONDS": "60"}}},
+        "relay.leaseSeconds (60) must be above the events publish timeout (60 s",
+    ),
     (
         "amqp-without-url",
         {"amqp": {"enabled": True, "existingSecret": ""}},
@@ -485,6 +721,65 @@ def test_install_refuses_inconsistent_values(
     values = change if case.startswith("bare-") else merged(fleet, change)
     with pytest.raises(HelmError, match=re.escape(message)):
         helm.render(CHART, values)
+
+
+def test_extra_env_cannot_override_any_variable_the_chart_sets(
+    helm: Helm, fleet: dict[str, Any], fleet_manifests: Manifests
+) -> None:
+    """Every RELAY_* the chart renders itself, found in its own output, is refused."""
+    env = fleet_manifests.one("ConfigMap", f"{RELEASE}-outbox-relay")["data"]
+    extra = set(fleet["relay"]["extraEnv"]) | {
+        f"RELAY_PROVIDERS__{name.upper()}__{key}"
+        for name, provider in fleet["providers"].items()
+        for key in provider.get("extraEnv", {})
+    }
+    container = relay_container(
+        fleet_manifests.one("Deployment")["spec"]["template"]["spec"], "relay"
+    )
+    managed = (set(env) - extra) | {item["name"] for item in container["env"]}
+    assert {"RELAY_SHUTDOWN_GRACE_SECONDS", "RELAY_PROVIDERS__STRIPE__TIMEOUT_MS"} <= managed
+    for key in sorted(managed):
+        values = merged(fleet, {"relay": {"extraEnv": {key: "1"}}})
+        with pytest.raises(HelmError, match=rf"relay\.extraEnv\.{key} .*; set \S"):
+            helm.render(CHART, values)
+    prefix = "RELAY_PROVIDERS__STRIPE__"
+    for key in sorted(k.removeprefix(prefix) for k in managed if k.startswith(prefix)):
+        values = merged(fleet, {"providers": {"stripe": {"extraEnv": {key: "1"}}}})
+        with pytest.raises(HelmError, match=rf"providers\.stripe\.extraEnv\.{key} .*; set \S"):
+            helm.render(CHART, values)
+
+
+ACCEPTED = [
+    # (id, values on top of ci/fleet-values.yaml): the limits of the refusals above
+    ("grace-exactly-drain-plus-margin", {"terminationGracePeriodSeconds": 45}),
+    (
+        "short-lease-with-a-shorter-publish-timeout",
+        {"relay": {"leaseSeconds": 12, "extraEnv": {"RELAY_PUBLISH_TIMEOUT_SECONDS": "5"}}},
+    ),
+    ("short-lease-without-amqp", {"relay": {"leaseSeconds": 12}, "amqp": {"enabled": False}}),
+    (
+        "seccomp-localhost-with-a-profile",
+        {
+            "podSecurityContext": {
+                "seccompProfile": {"type": "Localhost", "localhostProfile": "profiles/relay.json"}
+            }
+        },
+    ),
+    (
+        "no-fs-group-with-world-readable-files",
+        {"podSecurityContext": {"fsGroup": None}, "secretFileMode": 0o444},
+    ),
+    ("unmanaged-extra-env", {"relay": {"extraEnv": {"RELAY_HTTP_HOST": "127.0.0.1"}}}),
+]
+
+
+@pytest.mark.parametrize(("case", "change"), ACCEPTED, ids=[a[0] for a in ACCEPTED])
+def test_install_accepts_values_at_the_limits(
+    helm: Helm, fleet: dict[str, Any], case: str, change: dict[str, Any]
+) -> None:
+    values = merged(fleet, change)
+    assert [p for p in problems(helm.lint(CHART, values)) if p.startswith("values.yaml")] == []
+    assert helm.render(CHART, values).one("Deployment")
 
 
 # ---------------------------------------------------------------------------------------
@@ -539,7 +834,7 @@ def test_fleet_probes_and_grace(fleet_manifests: Manifests) -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "relay-http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "relay-http"}
     assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "relay-http"}
-    assert pod["terminationGracePeriodSeconds"] > float(env["RELAY_SHUTDOWN_GRACE_SECONDS"])
+    assert pod["terminationGracePeriodSeconds"] >= float(env["RELAY_SHUTDOWN_GRACE_SECONDS"]) + 15
 
 
 def test_configmap_maps_values_to_relay_variables(fleet_manifests: Manifests) -> None:
@@ -572,7 +867,11 @@ def test_large_numbers_are_not_printed_in_exponent_form(helm: Helm, fleet: dict[
     values = merged(
         fleet,
         {
-            "relay": {"maxInFlight": 1500000, "leaseSeconds": 2.5},
+            "relay": {
+                "maxInFlight": 1500000,
+                "leaseSeconds": 2.5,
+                "extraEnv": {"RELAY_PUBLISH_TIMEOUT_SECONDS": "2"},
+            },
             "providers": {"stripe": {"timeoutMs": 2000, "concurrency": 1000000}},
         },
     )
@@ -739,6 +1038,91 @@ def test_notes_tell_how_to_reach_the_fleet(fleet_manifests: Manifests) -> None:
     assert f"logs job/{RELEASE}-outbox-relay-migrations" in fleet_manifests.notes
 
 
+@pytest.mark.parametrize("mode", ["fleet", "sidecar"])
+def test_notes_mention_the_migration_job_only_when_there_is_one(
+    helm: Helm, fleet: dict[str, Any], sidecar: dict[str, Any], mode: str
+) -> None:
+    base = fleet if mode == "fleet" else sidecar
+    with_job = helm.render(CHART, base)
+    without = helm.render(CHART, merged(base, {"migrations": {"enabled": False}}))
+    assert with_job.all("Job") and not without.all("Job")
+    assert "migration Job" in with_job.notes or "the Job" in with_job.notes
+    assert "Job" not in without.notes
+    assert "migrations.enabled=false" in without.notes
+
+
+@pytest.mark.parametrize(
+    ("mode", "setting", "expected"),
+    [
+        ("fleet", None, True),
+        ("fleet", False, False),
+        ("sidecar", None, False),
+        ("sidecar", True, True),
+    ],
+    ids=["fleet-default", "fleet-off", "sidecar-default", "sidecar-on"],
+)
+def test_readiness_probe_is_on_in_fleet_mode_and_off_in_sidecar_mode_by_default(
+    helm: Helm,
+    app_chart: Path,
+    fleet: dict[str, Any],
+    mode: str,
+    setting: bool | None,
+    expected: bool,
+) -> None:
+    probes = {} if setting is None else {"probes": {"readiness": {"enabled": setting}}}
+    if mode == "fleet":
+        pod = helm.render(CHART, merged(fleet, probes)).one("Deployment")["spec"]["template"][
+            "spec"
+        ]
+        container = relay_container(pod, "relay")
+    else:
+        manifests = helm.render(app_chart, {"outbox-relay": probes})
+        pod = manifests.one("Deployment")["spec"]["template"]["spec"]
+        container = relay_container(pod, "outbox-relay")
+        if not expected:
+            assert (
+                "no readinessProbe"
+                in helm.render(CHART, merged(_sidecar_alone(fleet), probes)).notes
+            )
+    assert ("readinessProbe" in container) is expected
+    if expected:
+        assert container["readinessProbe"] == {
+            "httpGet": {"path": "/readyz", "port": "relay-http"},
+            "initialDelaySeconds": 0,
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 2,
+        }  # the probe's settings, without the chart's `enabled` switch
+    assert "livenessProbe" in container and "startupProbe" in container
+
+
+def _sidecar_alone(fleet: dict[str, Any]) -> dict[str, Any]:
+    """The fleet's values in sidecar mode, with no optional object that needs more."""
+    return {"mode": "sidecar", "database": fleet["database"], "providers": fleet["providers"]}
+
+
+@pytest.mark.parametrize(
+    ("mode", "setting", "expected"),
+    [
+        ("fleet", None, True),
+        ("sidecar", None, False),
+        ("sidecar", True, True),
+        ("fleet", False, False),
+    ],
+    ids=["fleet-default", "sidecar-default", "sidecar-on", "fleet-off"],
+)
+def test_grafana_dashboard_is_on_by_default_only_in_fleet_mode(
+    helm: Helm, fleet: dict[str, Any], mode: str, setting: bool | None, expected: bool
+) -> None:
+    """Every application chart that includes the relay would otherwise ship the same
+    dashboard uid."""
+    values = {k: fleet[k] for k in ("database", "providers")} | {"mode": mode}
+    if setting is not None:
+        values["metrics"] = {"grafanaDashboard": {"enabled": setting}}
+    names = [d["metadata"]["name"] for d in helm.render(CHART, values).all("ConfigMap")]
+    assert (f"{RELEASE}-outbox-relay-dashboard" in names) is expected
+
+
 # ---------------------------------------------------------------------------------------
 # Sidecar mode: the relay chart alone and the example application chart
 # ---------------------------------------------------------------------------------------
@@ -784,10 +1168,12 @@ def test_example_app_runs_the_relay_in_its_pods(
     fleet_relay = relay_container(
         fleet_manifests.one("Deployment")["spec"]["template"]["spec"], "relay"
     )
+    # ... except readiness, off by default here: a relay that is not ready (database away,
+    # schema upgrade, draining) must not take the application's pods out of its Services.
+    assert "readinessProbe" not in relay
     for field in (
         "securityContext",
         "livenessProbe",
-        "readinessProbe",
         "startupProbe",
         "ports",
         "env",
@@ -805,7 +1191,7 @@ def test_example_app_runs_the_relay_in_its_pods(
     assert set(files.values()) == {("app-database", "url"), ("stripe-api-key", "api-key")}
     assert pod["securityContext"]["fsGroup"] == 10001  # lets the relay read its 0440 files
     grace = float(configmap["data"]["RELAY_SHUTDOWN_GRACE_SECONDS"])
-    assert pod["terminationGracePeriodSeconds"] > grace
+    assert pod["terminationGracePeriodSeconds"] == grace + 15  # the margin the chart requires
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert "checksum/outbox-relay-config" in annotations
     assert (
@@ -974,6 +1360,63 @@ def test_alerts_and_dashboard_query_only_known_metrics(helm: Helm) -> None:
     assert CONTRACT_METRICS - {n.removesuffix("_bucket") for n in used} == set()
 
 
+def _alerts(helm: Helm) -> dict[str, dict[str, Any]]:
+    rules = helm.yaml(CHART / "files" / "prometheus" / "alerts.yaml")
+    return {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+
+
+def test_alert_aggregations_keep_each_release_apart(helm: Helm) -> None:
+    """Several releases in one Prometheus: every aggregation keeps namespace and job."""
+    aggregation = re.compile(r"\b(sum|max|min|avg|count)\s*(?:by\s*\(([^)]*)\))?\s*\(")
+    for name, rule in _alerts(helm).items():
+        found = aggregation.findall(rule["expr"])
+        for op, by in found:
+            labels = {label.strip() for label in by.split(",")}
+            assert {"namespace", "job"} <= labels, f"{name}: {op} by ({by})"
+
+
+def test_breaker_alert_holds_through_half_open_probes(helm: Helm) -> None:
+    """The gauge alternates 2 (open) and 1 (half-open, probing) during an outage; the
+    condition must hold at every sample of it, or each probe restarts the `for` timer."""
+    rule = _alerts(helm)["OutboxRelayCircuitOpen"]
+    match = re.fullmatch(
+        r"max by \([^)]*\) \(outbox_relay_breaker_state\) (==|>=|>) (\d+)", rule["expr"].strip()
+    )
+    assert match, rule["expr"]
+    op, threshold = match[1], int(match[2])
+    holds = {"==": int.__eq__, ">=": int.__ge__, ">": int.__gt__}[op]
+    outage = [2, 2, 1, 2, 2, 1, 2]  # open, a failed probe (half-open), open again ...
+    assert all(holds(state, threshold) for state in outage)
+    assert not holds(0, threshold), "closed does not alert"
+    assert rule["for"] == "5m"
+
+
+def _dead_outcomes() -> set[str]:
+    """The `outcome` labels of outbox_relay_intents_finished_total that mean dead, as the
+    counter's help text lists them (`... -> dead.`)."""
+    from relay.metrics import INTENTS_FINISHED
+
+    text = INTENTS_FINISHED._documentation
+    dead = next(part for part in text.split(";") if "-> dead" in part)
+    dead = re.sub(r"\([^)]*\)", "", dead.split("-> dead")[0])
+    return {word.strip() for word in dead.split(",") if word.strip()}
+
+
+def test_new_dead_letter_alert_counts_deaths_not_a_gauge_delta(helm: Helm) -> None:
+    """delta() of the dead-letters gauge nets a retry against a new death; the finished
+    counter with the dead outcomes only goes up."""
+    expr = _alerts(helm)["OutboxRelayNewDeadLetters"]["expr"]
+    assert "delta(" not in expr and "outbox_relay_dead_letters" not in expr
+    selectors = re.findall(r'outbox_relay_intents_finished_total\{outcome=~"([^"]+)"\}', expr)
+    assert selectors and all(set(s.split("|")) == _dead_outcomes() for s in selectors)
+    assert _dead_outcomes() >= {"invalid", "exhausted"}
+    assert re.search(r"increase\(outbox_relay_intents_finished_total\{[^}]*\}\[15m\]\)", expr)
+    # A series born at 1 (the relay's first death of that kind) is invisible to increase().
+    assert re.search(
+        r"\bunless\b[^{]*outbox_relay_intents_finished_total\{[^}]*\} offset 15m", expr
+    )
+
+
 def _stages(dockerfile: str) -> list[list[str]]:
     """Instructions (continuations joined, comments dropped) grouped by FROM."""
     text = re.sub(r"\\\n(\s*#[^\n]*\n)*", " ", dockerfile)
@@ -1003,7 +1446,52 @@ def test_dockerfile_is_multi_stage_slim_non_root() -> None:
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "a numeric non-root UID, so runAsNonRoot can check it"
     assert final[-2:] == ['ENTRYPOINT ["outbox-relay"]', 'CMD ["run"]']
-    assert any(line.startswith("RUN ") and "pip install ." in line for line in stages[0])
+    assert any(
+        line.startswith("RUN ") and re.search(r"pip (--python \S+ )?install \.", line)
+        for line in stages[0]
+    )
+
+
+def test_image_carries_no_pip_or_setuptools() -> None:
+    """`python -m venv` seeds the venv with pip and, before Python 3.12, setuptools (and its
+    distutils hook), and the final stage copies the venv whole: the build must leave them
+    out of it (--without-pip) or remove them, and the final stage removes the base
+    image's own."""
+    stages = _stages((ROOT / "Dockerfile").read_text())
+    build = [
+        command.strip()
+        for stage in stages[:-1]
+        for line in stage
+        if line.startswith("RUN ")
+        for command in line.removeprefix("RUN ").split("&&")
+    ]
+    final = stages[-1]
+
+    def uninstalls(command: str, name: str) -> bool:
+        return bool(re.search(rf"\buninstall\b[^;]*\s{name}(\s|$)", command))
+
+    venvs = [c for c in build if re.search(r"python\S* -m venv ", c)]
+    assert venvs, "the build stage creates the virtualenv"
+    for command in venvs:
+        venv = command.split()[-1]
+        removed = all(
+            any(venv in c and uninstalls(c, name) for c in build) for name in ("pip", "setuptools")
+        )
+        assert "--without-pip" in command or removed, f"{venv} keeps pip and setuptools"
+    for command in build:
+        assert not re.search(r"ensurepip|\binstall\b.*\s(pip|setuptools|wheel)(\s|$)", command)
+    venv = venvs[0].split()[-1]
+    assert [line.split()[-2:] for line in final if line.startswith("COPY --from=")] == [
+        [venv, venv]
+    ], "only the virtualenv comes from the build stage"
+    final_commands = [
+        c
+        for line in final
+        if line.startswith("RUN ")
+        for c in line.removeprefix("RUN ").split("&&")
+    ]
+    for name in ("pip", "setuptools"):
+        assert any(uninstalls(c, name) for c in final_commands), f"the base image keeps {name}"
 
 
 def test_dockerignore_keeps_the_context_to_the_package() -> None:

@@ -85,9 +85,72 @@ app.kubernetes.io/part-of: outbox-relay
 {{/* Where the secret files appear inside the relay container. */}}
 {{- define "outbox-relay.secretsMountPath" -}}/var/run/secrets/outbox-relay{{- end -}}
 
-{{/* Minimum termination grace for a pod that runs a relay: its drain time plus 15 s. */}}
+{{/*
+Seconds a pod's terminationGracePeriodSeconds must leave beyond relay.shutdownGraceSeconds.
+The relay's whole shutdown (stop claiming, drain, release, final flush) ends within its
+grace counted from SIGTERM, the flush getting at least 1 s even when the drain used it
+all; the margin covers that second, closing connections, and the exit itself.
+*/}}
+{{- define "outbox-relay.terminationGraceMarginSeconds" -}}15{{- end -}}
+
+{{/* Minimum termination grace for a pod that runs a relay: its shutdown grace plus the margin. */}}
 {{- define "outbox-relay.minTerminationGracePeriodSeconds" -}}
-{{- add (ceil .Values.relay.shutdownGraceSeconds | int64) 15 -}}
+{{- add (ceil .Values.relay.shutdownGraceSeconds | int64) (include "outbox-relay.terminationGraceMarginSeconds" . | int64) -}}
+{{- end -}}
+
+{{/* "true" when the relay container gets a readinessProbe: probes.readiness.enabled, or by
+mode when it is unset (on in fleet mode; off in sidecar mode, where the probe would make
+the application's pods NotReady whenever the relay's database is away). */}}
+{{- define "outbox-relay.readinessProbeEnabled" -}}
+{{- $enabled := .Values.probes.readiness.enabled -}}
+{{- if kindIs "invalid" $enabled -}}
+{{- $enabled = eq .Values.mode "fleet" -}}
+{{- end -}}
+{{- if $enabled }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when the Grafana dashboard ConfigMap is rendered: metrics.grafanaDashboard.enabled,
+or by mode when it is unset (on in fleet mode; off in sidecar mode, where every application
+chart that includes the relay would ship another copy of the same dashboard uid). */}}
+{{- define "outbox-relay.grafanaDashboardEnabled" -}}
+{{- $enabled := .Values.metrics.grafanaDashboard.enabled -}}
+{{- if kindIs "invalid" $enabled -}}
+{{- $enabled = eq .Values.mode "fleet" -}}
+{{- end -}}
+{{- if $enabled }}true{{ end -}}
+{{- end -}}
+
+{{/*
+RELAY_* variables the chart sets itself, each with the value to set instead. An extraEnv
+entry with one of these names would silently replace the chart's value and bypass its
+checks (grace against terminationGracePeriodSeconds, timeouts against the lease, secrets as
+files), so the validation refuses it.
+*/}}
+{{- define "outbox-relay.managedEnv" -}}
+RELAY_LOG_FORMAT: relay.logFormat
+RELAY_HTTP_PORT: relay.httpPort
+RELAY_BATCH_SIZE: relay.batchSize
+RELAY_MAX_IN_FLIGHT: relay.maxInFlight
+RELAY_LEASE_SECONDS: relay.leaseSeconds
+RELAY_MAX_ATTEMPTS: relay.maxAttempts
+RELAY_SHUTDOWN_GRACE_SECONDS: relay.shutdownGraceSeconds
+RELAY_DB_POOL_SIZE: relay.dbPoolSize
+RELAY_DATABASE_URL: database.existingSecret or database.url (mounted as a file)
+RELAY_DATABASE_URL_FILE: database.existingSecret or database.url (mounted as a file)
+RELAY_AMQP_URL: amqp.enabled with amqp.existingSecret or amqp.url (mounted as a file)
+RELAY_AMQP_URL_FILE: amqp.enabled with amqp.existingSecret or amqp.url (mounted as a file)
+RELAY_INSTANCE_NAME: nothing (the chart names each relay after its pod)
+{{- end -}}
+
+{{/* The same for a provider's RELAY_PROVIDERS__<NAME>__<FIELD>: field -> key under providers.<name>. */}}
+{{- define "outbox-relay.managedProviderEnv" -}}
+KIND: kind
+BASE_URL: baseUrl
+CONCURRENCY: concurrency
+TIMEOUT_MS: timeoutMs
+CONNECT_TIMEOUT_MS: connectTimeoutMs
+API_KEY: apiKey.existingSecret or apiKey.value (mounted as a file)
+API_KEY_FILE: apiKey.existingSecret or apiKey.value (mounted as a file)
 {{- end -}}
 
 {{/*
@@ -117,7 +180,37 @@ a message naming the value to change.
 {{- fail (printf "outbox-relay: providers.%s.timeoutMs (%v) must stay below relay.leaseSeconds (%v s) so that a live call never outlasts its lease" $name $timeoutMs $v.relay.leaseSeconds) -}}
 {{- end -}}
 {{- end -}}
+{{- $managed := include "outbox-relay.managedEnv" . | fromYaml -}}
+{{- $managedProvider := include "outbox-relay.managedProviderEnv" . | fromYaml -}}
+{{- range $key, $_ := $v.relay.extraEnv -}}
+{{- if hasKey $managed $key -}}
+{{- fail (printf "outbox-relay: relay.extraEnv.%s would override a variable the chart sets (and bypass its checks); set %s instead" $key (get $managed $key)) -}}
+{{- end -}}
+{{- if hasPrefix "RELAY_PROVIDERS__" $key -}}
+{{- $parts := splitList "__" $key -}}
+{{- $name := lower (index $parts 1) -}}
+{{- $field := rest (rest $parts) | join "__" -}}
+{{- $instead := printf "providers.%s.extraEnv.%s" $name $field -}}
+{{- if hasKey $managedProvider $field -}}
+{{- $instead = printf "providers.%s.%s" $name (get $managedProvider $field) -}}
+{{- end -}}
+{{- fail (printf "outbox-relay: relay.extraEnv.%s configures a provider lane, which the chart builds from providers.<name> (its API key mounted as a file); set %s instead" $key $instead) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $p := $v.providers -}}
+{{- range $key, $_ := $p.extraEnv -}}
+{{- if hasKey $managedProvider $key -}}
+{{- fail (printf "outbox-relay: providers.%s.extraEnv.%s would override a variable the chart sets (and bypass its checks); set providers.%s.%s instead" $name $key $name (get $managedProvider $key)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if $v.amqp.enabled -}}
+{{- /* The relay refuses to start when an event's publish could outlast its lease
+(relay/config.py); say so at install time instead of in a crash loop. */ -}}
+{{- $publishTimeout := get ($v.relay.extraEnv | default dict) "RELAY_PUBLISH_TIMEOUT_SECONDS" | default "15" -}}
+{{- if ge (float64 $publishTimeout) (float64 $v.relay.leaseSeconds) -}}
+{{- fail (printf "outbox-relay: with amqp.enabled, relay.leaseSeconds (%v) must be above the events publish timeout (%v s, RELAY_PUBLISH_TIMEOUT_SECONDS), or the relay refuses to start; raise relay.leaseSeconds above %v or set relay.extraEnv.RELAY_PUBLISH_TIMEOUT_SECONDS below %v" $v.relay.leaseSeconds $publishTimeout $publishTimeout $v.relay.leaseSeconds) -}}
+{{- end -}}
 {{- if and $v.amqp.existingSecret $v.amqp.url -}}
 {{- fail "outbox-relay: set only one of amqp.existingSecret and amqp.url" -}}
 {{- end -}}
@@ -126,8 +219,11 @@ a message naming the value to change.
 {{- end -}}
 {{- end -}}
 {{- if eq $v.mode "fleet" -}}
-{{- if le (float64 $v.terminationGracePeriodSeconds) (float64 $v.relay.shutdownGraceSeconds) -}}
-{{- fail (printf "outbox-relay: terminationGracePeriodSeconds (%v) must be above relay.shutdownGraceSeconds (%v), or the kubelet kills relays that are still draining; use at least %s" $v.terminationGracePeriodSeconds $v.relay.shutdownGraceSeconds (include "outbox-relay.minTerminationGracePeriodSeconds" .)) -}}
+{{- /* In sidecar mode the application's pod owns terminationGracePeriodSeconds; the
+sidecar template renders exactly this minimum for it. */ -}}
+{{- $minGrace := include "outbox-relay.minTerminationGracePeriodSeconds" . | int64 -}}
+{{- if lt (float64 $v.terminationGracePeriodSeconds) (float64 $minGrace) -}}
+{{- fail (printf "outbox-relay: terminationGracePeriodSeconds (%v) must be at least relay.shutdownGraceSeconds (%v) + %s = %d, or the kubelet kills relays that are still draining or flushing" $v.terminationGracePeriodSeconds $v.relay.shutdownGraceSeconds (include "outbox-relay.terminationGraceMarginSeconds" .) $minGrace) -}}
 {{- end -}}
 {{- if $v.podDisruptionBudget.enabled -}}
 {{- $max := toString $v.podDisruptionBudget.maxUnavailable -}}
@@ -262,11 +358,13 @@ livenessProbe:
     path: /healthz
     port: relay-http
   {{- toYaml .Values.probes.liveness | nindent 2 }}
+{{- if include "outbox-relay.readinessProbeEnabled" . }}
 readinessProbe:
   httpGet:
     path: /readyz
     port: relay-http
-  {{- toYaml .Values.probes.readiness | nindent 2 }}
+  {{- toYaml (omit .Values.probes.readiness "enabled") | nindent 2 }}
+{{- end }}
 {{- with .Values.resources }}
 resources:
   {{- toYaml . | nindent 2 }}
