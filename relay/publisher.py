@@ -47,6 +47,10 @@ log = structlog.get_logger("relay.publisher")
 # What a broker or network failure raises: the connection is renewed after a backoff.
 _AMQP_ERRORS: tuple[type[BaseException], ...] = aio_pika.exceptions.CONNECTION_EXCEPTIONS
 _MAX_MESSAGE = 500
+# A release code: the event's lease would end before its confirm could come; not sent.
+_LEASE_ENDING = "lease_ending"
+# The relay's pool timeout (relay/db.py): the longest one database call waits for a connection.
+_POOL_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +76,12 @@ def publisher_from_settings(settings: Settings, db: Database) -> Publisher | Non
     """The relay's publisher, or None (logged once) when RELAY_AMQP_URL is unset."""
     url = settings.resolved_amqp_url()
     if url is None:
+        source = settings.amqp_url_file
         log.warning(
             "events_publisher_disabled",
-            reason="RELAY_AMQP_URL is not set",
+            reason="RELAY_AMQP_URL is not set"
+            if source is None
+            else f"RELAY_AMQP_URL_FILE {source} is empty",
             remedy="events stay in outbox.events (status pending/blocked), readable in SQL; "
             "set RELAY_AMQP_URL to publish them, in order, from where they stand",
         )
@@ -131,6 +138,7 @@ class Publisher:
         self.published = 0  # marked published or unroutable by this publisher
         self.connections = 0  # successful connects, for tests and logs
         self.connect_failures = 0  # failed connects since start
+        self.links_lost = 0  # established connections that broke (closed, timed out, dead)
         self.finished = anyio.Event()
         self._wake_event = anyio.Event()
         self._stopping = False
@@ -139,11 +147,29 @@ class Publisher:
         self._scope: anyio.CancelScope | None = None
         self._held: dict[int, _Held] = {}
         self._failures = 0
+        self.heartbeat = 0.0  # anyio clock of the last turn of a loop below (liveness)
 
     # -- control -------------------------------------------------------------------------
 
     def wake(self) -> None:
         self._wake_event.set()
+
+    def stale_after_seconds(self) -> float:
+        """How long the publisher may go without a turn before liveness calls it wedged.
+
+        Twice the longest a healthy turn takes: a connect (timeout) and the longest
+        reconnect backoff, or a claim and a mark (each may wait the database pool's 30 s),
+        a round of publishes (a window at a time, each confirm within the timeout) and
+        the final mark and release (each within the timeout), and an idle wait.
+        """
+        rounds = -(-self.options.batch_size // self.options.window)
+        turn = (
+            self.options.timeout_seconds * (rounds + 3)
+            + 2 * _POOL_TIMEOUT_SECONDS
+            + self.options.reconnect_cap_seconds
+            + 1.5 * self.options.poll_max_interval_seconds
+        )
+        return 2 * turn
 
     def start_draining(self) -> None:
         """The process is shutting down: finish within the grace counted from now."""
@@ -163,6 +189,7 @@ class Publisher:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Publish until stopped; never raises for broker or database trouble."""
+        self.heartbeat = anyio.current_time()
         try:
             with anyio.CancelScope() as scope:
                 self._scope = scope
@@ -200,6 +227,10 @@ class Publisher:
     async def _connect_loop(self) -> None:
         host = urlsplit(self.options.amqp_url).hostname
         while True:
+            self.heartbeat = anyio.current_time()
+            # Events the broker confirmed before a link broke are marked without waiting
+            # for a new link (their leases run; the broker may stay away for long).
+            await self._mark_held()
             try:
                 connection = await aio_pika.connect(
                     self.options.amqp_url, timeout=self.options.timeout_seconds
@@ -227,6 +258,7 @@ class Publisher:
                 return  # stopped and flushed
             except _AMQP_ERRORS as exc:
                 self._failures += 1
+                self.links_lost += 1
                 log.warning(
                     "amqp_connection_lost",
                     host=host,
@@ -277,6 +309,7 @@ class Publisher:
         while True:
             if connection.is_closed or channel.is_closed:
                 raise aio_pika.exceptions.AMQPConnectionError("the AMQP connection closed")
+            self.heartbeat = anyio.current_time()
             self._wake_event = anyio.Event()
             await self._mark_held()
             events = await self._claim()
@@ -355,6 +388,11 @@ class Publisher:
                 if broken:
                     releases.append(self._release(event, "amqp_connection_lost", "not sent"))
                     return
+                if anyio.current_time() + self.options.timeout_seconds >= lease_ends:
+                    # Its confirm could come after the lease ends, when another publisher
+                    # may hold the event: hand it back, to be claimed with a fresh lease.
+                    releases.append(self._release(event, _LEASE_ENDING, "not sent"))
+                    return
                 try:
                     outgoing = build_message(event, self.options.exchange)
                     exchange = targets[outgoing.exchange]
@@ -425,6 +463,16 @@ class Publisher:
         async with anyio.create_task_group() as tg:
             for event in events:
                 tg.start_soon(publish, event)
+        unsent = sum(1 for release in releases if release.error_code == _LEASE_ENDING)
+        if unsent:
+            log.warning(
+                "events_lease_ending",
+                events=unsent,
+                published=len(results),
+                reason="the broker confirms too slowly to publish the whole round within "
+                "the lease; the rest is handed back and claimed again",
+                remedy="lower RELAY_PUBLISH_BATCH_SIZE or raise RELAY_LEASE_SECONDS",
+            )
         for result in results:
             self._held[result.event.id] = _Held(result, lease_ends)
         # Confirmed results are recorded even when the round ends in a broken link.
@@ -450,7 +498,7 @@ class Publisher:
             # Not fatal: the leases expire and the events are claimed again.
             log.warning("event_release_failed", events=len(releases), error=type(exc).__name__)
         for release in releases:
-            if release.error_code != "amqp_connection_lost":
+            if release.error_code not in ("amqp_connection_lost", _LEASE_ENDING):
                 log.warning(
                     "event_publish_retry",
                     event_id=release.event.event_id,

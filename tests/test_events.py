@@ -481,6 +481,17 @@ def test_without_amqp_url_there_is_no_publisher_and_one_log_line() -> None:
     assert "RELAY_AMQP_URL" in logs[0]["reason"]
 
 
+def test_an_empty_amqp_url_file_disables_the_publisher_naming_the_file(tmp_path: Path) -> None:
+    secret = tmp_path / "amqp_url"
+    secret.write_text("  \n")  # mounted, but the secret has no value
+    settings = load_settings(amqp_url=None, amqp_url_file=secret)
+    with structlog.testing.capture_logs() as logs:
+        publisher = publisher_from_settings(settings, Database("postgresql://unused"))
+    assert publisher is None
+    assert [entry["event"] for entry in logs] == ["events_publisher_disabled"]
+    assert logs[0]["reason"] == f"RELAY_AMQP_URL_FILE {secret} is empty"
+
+
 def test_amqp_url_from_a_file_builds_a_publisher(tmp_path: Path) -> None:
     secret = tmp_path / "amqp_url"
     secret.write_text("amqp://relay:s3cret@rabbit:5672/payments\n")

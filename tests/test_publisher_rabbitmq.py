@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import anyio
 import psycopg
 import pytest
+import structlog.testing
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -30,6 +33,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from prometheus_client import REGISTRY
 from psycopg.types.json import Jsonb
 
 from provider_adapters.base import Command, Invalid, Outcome, Retryable
@@ -37,8 +41,9 @@ from provider_adapters.memory import MemoryProvider
 from relay.demo import build_workload
 from relay.publisher import Publisher, PublisherOptions
 from relay.runtime import Relay
+from tests.invariants import unfinished
 from tests.processes import RelayProcess
-from tests.relay_harness import insert_intents, make_relay, unfinished
+from tests.relay_harness import insert_intents, make_relay
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -137,27 +142,30 @@ class Broker:
 
 
 def make_publisher(
-    relay: Relay, amqp_url: str, exchange: str, *, instance: str = "pub", seed: int = 3
+    relay: Relay,
+    amqp_url: str,
+    exchange: str,
+    *,
+    instance: str = "pub",
+    seed: int = 3,
+    **overrides: Any,
 ) -> Publisher:
     rng = random.Random(seed)
-    return Publisher(
-        relay.db,
-        PublisherOptions(
-            amqp_url=amqp_url,
-            instance=instance,
-            exchange=exchange,
-            batch_size=40,
-            window=16,
-            timeout_seconds=5.0,
-            lease_seconds=relay.options.lease_seconds,
-            poll_interval_seconds=0.05,
-            poll_max_interval_seconds=0.2,
-            reconnect_base_seconds=0.05,
-            reconnect_cap_seconds=0.5,
-            shutdown_grace_seconds=10.0,
-        ),
-        rng=rng.random,
+    options = PublisherOptions(
+        amqp_url=amqp_url,
+        instance=instance,
+        exchange=exchange,
+        batch_size=40,
+        window=16,
+        timeout_seconds=5.0,
+        lease_seconds=relay.options.lease_seconds,
+        poll_interval_seconds=0.05,
+        poll_max_interval_seconds=0.2,
+        reconnect_base_seconds=0.05,
+        reconnect_cap_seconds=0.5,
+        shutdown_grace_seconds=10.0,
     )
+    return Publisher(relay.db, dataclasses.replace(options, **overrides), rng=rng.random)
 
 
 async def run_system(
@@ -212,6 +220,10 @@ def stored_events(db_url: str) -> dict[str, tuple[Any, ...]]:
             " error_code, attempts FROM outbox.events"
         ).fetchall()
     return {row[0]: row[1:] for row in rows}
+
+
+def unroutable_total() -> float:
+    return REGISTRY.get_sample_value("outbox_relay_events_unroutable_total") or 0.0
 
 
 def assert_complete_and_in_order(broker: Broker, db_url: str) -> dict[str, Received]:
@@ -422,7 +434,10 @@ async def test_application_events_from_sql_are_delivered_with_keys_and_headers(
         async def scenario() -> None:
             await wait_until(settled, "app events delivered, unroutable and missing recorded")
 
-        await run_system([relay], [publisher], scenario)
+        unroutable_before = unroutable_total()
+        with structlog.testing.capture_logs() as logs:
+            await run_system([relay], [publisher], scenario)
+        unroutable_after = unroutable_total()
 
     assert ids[0] == chosen
     unique = broker.unique()
@@ -449,6 +464,13 @@ async def test_application_events_from_sql_are_delivered_with_keys_and_headers(
     assert found.headers["sequence"] == 2, "delivered once its unroutable predecessor resolved"
     stored = stored_events(db_url)
     assert stored[ids[4]][2:] == ("unroutable", "order.lost", None, "no_route", 1)
+    # Returned, not dropped silently: logged and counted, once.
+    returned = [e for e in logs if e["event"] == "event_unroutable"]
+    assert [(e["event_id"], e["exchange"], e["routing_key"]) for e in returned] == [
+        (ids[4], lonely, "order.lost")
+    ]
+    assert returned[0]["reason"] == "312 NO_ROUTE" and returned[0]["log_level"] == "warning"
+    assert unroutable_after - unroutable_before == 1
     stuck = stored[ids[6]]
     assert stuck[2] == "pending" and stuck[5] == "exchange_not_found", "kept, not dropped"
     assert stored[ids[7]][2] == "blocked", "its key waits behind the stuck event"
@@ -574,3 +596,404 @@ async def test_declared_topology_routes_events_to_the_example_quorum_queue(
         await cleanup.exchange_delete(exchange_name)
         await connection.close()
     assert stored_events(db_url)  # still readable in SQL after publishing
+
+
+async def test_broker_nack_leaves_events_unpublished_until_the_broker_takes_them(
+    db_url: str, amqp_url: str
+) -> None:
+    """Publisher confirms: a nacked event is handed back, never marked published.
+
+    The only queue bound is full (``x-max-length=1``, ``x-overflow=reject-publish``), so the
+    broker answers every publish with ``basic.nack``. Without publisher confirms the relay
+    would take the publish as done and mark the events published, although the broker
+    dropped them: this test fails then. Once a queue takes them, they go out in order.
+    """
+    broker = Broker(amqp_url)  # names only; entered (its queue bound) once the limit goes
+    full_queue = f"{broker.queue_name}.full"
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            broker.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        full = await channel.declare_queue(
+            full_queue, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        await full.bind(exchange, routing_key="#")
+        await exchange.publish(aio_pika.Message(b"filler"), routing_key="filler")
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for key in ("nack-a", "nack-b", None):
+                for n in range(1 if key is None else 3):
+                    conn.execute(
+                        "INSERT INTO outbox.events (routing_key, payload, ordering_key)"
+                        " VALUES ('order.nacked', %s, %s)",
+                        (Jsonb({"key": key, "n": n}), key),
+                    )
+        relay = make_relay(db_url, MemoryProvider(), instance="relay-nack")
+        publisher = make_publisher(relay, amqp_url, broker.exchange_name)
+        refused: list[dict[str, Any]] = []
+
+        async def nacked_or_published() -> bool:
+            rows = await db_value(
+                db_url,
+                # Done when each head (both keys' first event, the unkeyed one) was refused
+                # three times, or (confirms ignored) as soon as anything is marked.
+                "SELECT count(*) FILTER (WHERE status NOT IN ('pending', 'blocked'))"
+                " + count(*) FILTER (WHERE status = 'pending' AND error_code = 'broker_nack'"
+                " AND attempts >= 3) FROM outbox.events",
+            )
+            return bool(rows >= 3)
+
+        async def scenario() -> None:
+            with anyio.fail_after(HANG):
+                while not await nacked_or_published():  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            with psycopg.connect(db_url) as conn:
+                refused.extend(
+                    {"status": s, "error_code": c, "attempts": a, "seq": q, "published_at": p}
+                    for s, c, a, q, p in conn.execute(
+                        "SELECT status, error_code, attempts, seq, published_at"
+                        " FROM outbox.events ORDER BY id"
+                    ).fetchall()
+                )
+            assert publisher.published == 0, "nothing the broker refused is marked published"
+            async with broker:  # a queue that takes everything; then the full one goes
+                await full.delete(if_unused=False, if_empty=False)
+                await wait_until(lambda: len(broker.unique()) >= 7, "all 7 events consumed")
+
+        with structlog.testing.capture_logs() as logs:
+            await run_system([relay], [publisher], scenario)
+    finally:
+        cleanup = await connection.channel()
+        await cleanup.queue_delete(full_queue, if_unused=False, if_empty=False)
+        await cleanup.exchange_delete(broker.exchange_name)
+        await connection.close()
+
+    assert [r["status"] for r in refused] == ["pending", "blocked", "blocked"] * 2 + ["pending"]
+    assert all(r["published_at"] is None for r in refused), "never marked published"
+    for head in (refused[0], refused[3], refused[6]):
+        assert head["error_code"] == "broker_nack" and head["attempts"] >= 3
+    assert {(e["event"], e["error_code"]) for e in logs if e["event"] == "event_publish_retry"} == {
+        ("event_publish_retry", "broker_nack")
+    }
+    assert assert_complete_and_in_order(broker, db_url).keys() == set(stored_events(db_url))
+    assert publisher.published == 7
+
+
+def with_heartbeat(url: str, seconds: int) -> str:
+    """The AMQP URL asking for ``seconds`` of heartbeat (aiormq reads it from the query)."""
+    parts = urlsplit(url)
+    query = "&".join(q for q in (parts.query, f"heartbeat={seconds}") if q)
+    return urlunsplit(parts._replace(query=query))
+
+
+@pytest.mark.parametrize(
+    ("to_broker", "to_client"),
+    [(True, True), (False, True)],
+    ids=["both-ways", "confirms-lost"],
+)
+async def test_blackholed_link_mid_round_loses_nothing_with_two_publishers(
+    db_url: str, amqp_url: str, to_broker: bool, to_client: bool
+) -> None:
+    """The path to the broker goes silent (nothing closes) while two publishers publish.
+
+    Publishes in flight wait for confirms that never come: the confirm timeout (or, on an
+    idle link, the heartbeat) tells each publisher the link is dead; they hand their events
+    back and keep reconnecting into the hole. With ``confirms-lost`` only the broker's
+    answers vanish: the messages reach the queue but are published again (duplicates).
+    After the path heals every event arrives, once per message_id, in per-payment order.
+    """
+    rows = workload(60, f"hole{int(to_broker)}", seed=13)
+    by_payment: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_payment[row["payment_id"]].append(row)
+    ids = list(by_payment)
+    before = [r for pid in ids[: len(ids) // 2] for r in by_payment[pid]]
+    during = [r for pid in ids[len(ids) // 2 :] for r in by_payment[pid]]
+    provider = MixedProvider()  # one provider behind both relays
+    relays = [make_relay(db_url, provider, instance=f"relay-hole-{n}", seed=n) for n in range(2)]
+    proxy = TcpProxy(with_heartbeat(amqp_url, 1))
+    in_the_hole: dict[str, int] = {}
+    async with Broker(amqp_url) as broker, anyio.create_task_group() as proxy_tg:
+        await proxy_tg.start(proxy.serve)
+        publishers = [
+            make_publisher(
+                relay,
+                proxy.url,
+                broker.exchange_name,
+                instance=f"pub-hole-{n}",
+                seed=n,
+                timeout_seconds=1.0,
+            )
+            for n, relay in enumerate(relays)
+        ]
+
+        async def scenario() -> None:
+            await anyio.to_thread.run_sync(insert_intents, db_url, before)
+            await wait_until(lambda: len(broker.received) >= 10, "first events consumed")
+            proxy.blackhole(to_broker=to_broker, to_client=to_client)
+            # Payments keep flowing: the publishers claim and publish into the hole.
+            await anyio.to_thread.run_sync(insert_intents, db_url, during)
+            await wait_until(
+                lambda: all(p.links_lost >= 1 and not p.connected for p in publishers),
+                "each publisher detects the dead link",
+            )
+            await wait_until(lambda: unfinished(db_url) == 0, "every intent terminal")
+            failures = [p.connect_failures for p in publishers]
+            await wait_until(
+                lambda: all(
+                    p.connect_failures >= f + 2 for p, f in zip(publishers, failures, strict=True)
+                ),
+                "reconnects keep trying (and time out in the hole)",
+            )
+            in_the_hole["unpublished"] = await db_value(
+                db_url, "SELECT count(*) FROM outbox.events WHERE status <> 'published'"
+            )
+            assert not any(p.connected for p in publishers)
+            proxy.restore()
+            total = await db_value(db_url, "SELECT count(*) FROM outbox.events")
+            await wait_until(lambda: len(broker.unique()) >= total, "backlog published")
+
+        with structlog.testing.capture_logs() as logs:
+            await run_system(relays, publishers, scenario)
+        proxy_tg.cancel_scope.cancel()
+
+    assert in_the_hole["unpublished"] > 0, "events accumulated while the path was dead"
+    # A publish awaiting its confirm when the link died: timed out, its event handed back.
+    lost = [e for e in logs if e["event"] == "amqp_connection_lost"]
+    assert any(e["error"] == "TimeoutError" for e in lost), lost
+    assert all(p.links_lost >= 1 and p.connections >= 2 for p in publishers)
+    unique = assert_complete_and_in_order(broker, db_url)
+    assert len(unique) == len(rows)
+    if not to_broker:
+        assert len(broker.received) > len(unique), "confirms lost: some arrived twice"
+
+
+# -- the README's example consumer, run as written ---------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_consumer() -> dict[str, Any]:
+    """The README's example consumer, executed as a module (not as ``__main__``)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    [code] = [block for block in blocks if "async def consume(" in block]
+    namespace: dict[str, Any] = {"__name__": "readme_consumer"}
+    exec(compile(code, "README.md (example consumer)", "exec"), namespace)
+    return namespace
+
+
+async def queue_exists(connection: aio_pika.abc.AbstractConnection, name: str) -> bool:
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(name, passive=True)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return False
+    await channel.close()
+    return True
+
+
+async def test_readme_consumer_keeps_payment_order_skips_copies_and_parks_poison(
+    db_url: str, amqp_url: str
+) -> None:
+    """The README's consumer against the relay's real messages.
+
+    Payment ``p1``'s second event fails twice, then succeeds: it is retried in place, and
+    its successor waits. ``p2``'s second event always fails: it is parked after the
+    example's ``ATTEMPTS`` tries, and ``p2``'s third event is parked behind it, unhandled.
+    A copy of an applied message (same ``message_id``) is acked without handling it.
+    """
+    consumer = readme_consumer()
+    tag = uuid.uuid4().hex[:10]
+    exchange_name, queue_name = f"outbox-test.{tag}", f"outbox-test.{tag}.readme"
+    consumer.update(
+        AMQP_URL=amqp_url,
+        EXCHANGE=exchange_name,
+        QUEUE=queue_name,
+        PARKED=f"{queue_name}.parked",
+        RETRY_SECONDS=0.01,
+    )
+    tries: dict[tuple[str, int], int] = defaultdict(int)
+    handled: list[tuple[str, int]] = []
+
+    async def handle(event: dict[str, Any]) -> None:
+        step = (event["payment_id"], event["n"])
+        tries[step] += 1
+        if step == ("p2", 1) or (step == ("p1", 1) and tries[step] <= 2):
+            raise RuntimeError(f"cannot handle {step} (try {tries[step]})")
+        handled.append(step)
+
+    consumer["handle"] = handle
+    payments = ["p0", "p1", "p2", "p3"]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for n in range(3):
+            for payment in payments:
+                conn.execute(
+                    "INSERT INTO outbox.events (routing_key, payload, ordering_key, payment_id)"
+                    " VALUES (%s, %s, %s, %s)",
+                    (f"payment.step{n}.succeeded", Jsonb({"payment_id": payment, "n": n}),
+                     f"order:{payment}", payment),
+                )  # fmt: skip
+    relay = make_relay(db_url, MemoryProvider(), instance="relay-readme")
+    publisher = make_publisher(relay, amqp_url, exchange_name)
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    parked: list[tuple[str, int, Any]] = []
+    try:
+        async with anyio.create_task_group() as consumer_tg:
+            consumer_tg.start_soon(consumer["main"])
+            with anyio.fail_after(HANG):
+                while not await queue_exists(connection, queue_name):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+
+            async def scenario() -> None:
+                await wait_until(
+                    lambda: len(handled) >= 10 and tries[("p2", 1)] >= consumer["ATTEMPTS"],
+                    "every event handled but p2's last two",
+                )
+
+            await run_system([relay], [publisher], scenario)
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(exchange_name)
+            first = stored_events(db_url)
+            copy_of = next(eid for eid, row in first.items() if row[:2] == ("order:p0", 1))
+            # A copy of an applied event, then a marker (the queue keeps their order).
+            for message_id, key, seq in ((copy_of, "order:p0", 1), ("marker", "order:m", 1)):
+                await exchange.publish(
+                    aio_pika.Message(
+                        json.dumps({"payment_id": key, "n": 0}).encode(),
+                        message_id=message_id,
+                        headers={"ordering-key": key, "sequence": seq},
+                    ),
+                    routing_key="payment.step0.succeeded",
+                )
+            await wait_until(lambda: ("order:m", 0) in handled, "the marker handled")
+            consumer_tg.cancel_scope.cancel()
+        channel = await connection.channel()
+        parked_queue = await channel.declare_queue(f"{queue_name}.parked", passive=True)
+        while (message := await parked_queue.get(fail=False, timeout=10)) is not None:
+            body = json.loads(message.body)
+            parked.append((body["payment_id"], body["n"], message.headers.get("sequence")))
+            await message.ack()
+    finally:
+        cleanup = await connection.channel()
+        for name in (queue_name, f"{queue_name}.parked"):
+            await cleanup.queue_delete(name, if_unused=False, if_empty=False)
+        await cleanup.exchange_delete(exchange_name)
+        await connection.close()
+
+    by_payment: dict[str, list[int]] = defaultdict(list)
+    for payment, n in handled:
+        by_payment[payment].append(n)
+    assert by_payment == {
+        "p0": [0, 1, 2],
+        "p1": [0, 1, 2],  # its second event retried in place; the third waited for it
+        "p2": [0],  # the second is poison; the third is never handled before it
+        "p3": [0, 1, 2],
+        "order:m": [0],
+    }, "per payment, in order; the copy of p0's first event is not handled again"
+    assert tries[("p1", 1)] == 3 and tries[("p2", 1)] == consumer["ATTEMPTS"]
+    assert parked == [("p2", 1, 2), ("p2", 2, 3)], "poison parked, its successor behind it"
+
+
+async def test_a_confirmed_event_is_marked_while_the_broker_stays_unreachable(
+    db_url: str, amqp_url: str
+) -> None:
+    """A mark held past a lost link is written without waiting for a new link.
+
+    The test holds the event's stream row (as a writer of its key would), so the mark after
+    the broker's confirm is deferred; then the link is cut and stays cut. Once the writer
+    lets go, the publisher, still unable to reconnect, marks the event: its lease is not
+    left to run out into a needless re-publish.
+    """
+    key = f"held-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO outbox.events (routing_key, payload, ordering_key)"
+            " VALUES ('order.held', '{}', %s) RETURNING event_id::text",
+            (key,),
+        ).fetchone()
+    assert row is not None
+    event_id = row[0]
+
+    def status() -> str:
+        return str(stored_events(db_url)[event_id][2])
+
+    relay = make_relay(db_url, MemoryProvider(), instance="relay-held")
+    proxy = TcpProxy(amqp_url)
+    holder = psycopg.connect(db_url)  # holds the stream row, as an open writer would
+    outcome: dict[str, Any] = {}
+    try:
+        holder.execute(
+            "SELECT 1 FROM outbox.event_streams WHERE ordering_key = %s FOR UPDATE", (key,)
+        )
+        async with Broker(amqp_url) as broker, anyio.create_task_group() as proxy_tg:
+            await proxy_tg.start(proxy.serve)
+            publisher = make_publisher(relay, proxy.url, broker.exchange_name, timeout_seconds=1.0)
+
+            async def scenario() -> None:
+                await wait_until(
+                    lambda: any(e["event"] == "events_mark_deferred" for e in logs),
+                    "confirmed, mark deferred",
+                )
+                proxy.cut()
+                await wait_until(lambda: not publisher.connected, "publisher sees the link drop")
+                failures = publisher.connect_failures
+                holder.rollback()  # the writer is done with the key
+                await wait_until(
+                    lambda: status() == "published" or publisher.connect_failures >= failures + 5,
+                    "marked, or five reconnects later",
+                )
+                outcome.update(status=status(), connected=publisher.connected)
+                proxy.restore()
+
+            with structlog.testing.capture_logs() as logs:
+                await run_system([relay], [publisher], scenario)
+            proxy_tg.cancel_scope.cancel()
+    finally:
+        holder.close()
+
+    assert outcome == {"status": "published", "connected": False}, "marked while unreachable"
+    assert [m.message_id for m in broker.received] == [event_id], "published once"
+
+
+async def test_a_slow_broker_never_lets_a_round_outlive_its_lease(
+    db_url: str, amqp_url: str
+) -> None:
+    """Confirms come late, so publishing a whole round would outlast the events' lease.
+
+    The publisher starts no publish whose confirm could come after the lease ends: it hands
+    those events back, to be claimed again with a fresh lease. Otherwise every confirmed
+    mark of the round would be abandoned and each event published again, round after round.
+    """
+    relay = make_relay(db_url, MemoryProvider(), instance="relay-slow", lease_seconds=4.0)
+    proxy = TcpProxy(amqp_url)
+    insert = "INSERT INTO outbox.events (routing_key, payload) VALUES ('order.slow', %s)"
+    async with Broker(amqp_url) as broker, anyio.create_task_group() as proxy_tg:
+        await proxy_tg.start(proxy.serve)
+        publisher = make_publisher(
+            relay, proxy.url, broker.exchange_name, window=1, batch_size=20, timeout_seconds=1.5
+        )
+
+        def settled() -> bool:
+            statuses = [row[2] for row in stored_events(db_url).values()]
+            abandoned = any(e["event"] == "event_mark_abandoned" for e in logs)
+            return abandoned or statuses == ["published"] * 21
+
+        async def scenario() -> None:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                conn.execute(insert, (Jsonb({"n": -1}),))  # the link is up, the exchange known
+            await wait_until(lambda: len(broker.received) == 1, "first event consumed")
+            proxy.slow("to_client", 0.25)  # each confirm takes a quarter of a second
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                for n in range(20):
+                    conn.execute(insert, (Jsonb({"n": n}),))
+            await wait_until(settled, "every event published (or a mark abandoned)")
+
+        with structlog.testing.capture_logs() as logs:
+            await run_system([relay], [publisher], scenario)
+        proxy_tg.cancel_scope.cancel()
+
+    assert not [e for e in logs if e["event"] == "event_mark_abandoned"]
+    assert any(e["event"] == "events_lease_ending" for e in logs), "rounds were cut short"
+    ids = [str(m.message_id) for m in broker.received]
+    assert sorted(ids) == sorted(stored_events(db_url)), "each event published exactly once"
