@@ -8,7 +8,7 @@ taxonomy). Adapters hold no database state and never open a transaction.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -48,6 +48,9 @@ class Command:
     ``payment_reference`` is the provider's id of the payment object (Stripe: ``pi_...``),
     known once the payment was authorised or charged; ``None`` for authorize and charge.
     The ``idempotency_key`` is the same on every attempt of one intent.
+    ``exponent`` is the currency's ISO 4217 exponent from ``outbox.currencies``; an adapter
+    whose provider counts the currency differently (provider_adapters/currency_units.py)
+    converts with it, and refuses the command when it is needed and missing.
     """
 
     intent_id: int
@@ -60,6 +63,7 @@ class Command:
     payment_reference: str | None = None
     attempt: int = 1
     traceparent: str | None = None
+    exponent: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +149,8 @@ class BalanceTransaction:
     """One movement of money in the provider's books (Stripe: a balance transaction).
 
     ``amount_minor`` is signed (a refund is negative), ``fee_minor`` what the provider
-    kept, ``net_minor`` the rest; ``currency`` is upper case. ``source_id`` is the object
+    kept, ``net_minor`` the rest, all in ISO 4217 minor units (the adapter converts from
+    the provider's own units); ``currency`` is upper case. ``source_id`` is the object
     the relay knows the movement by: the payment (``pi_...``) for a charge or capture, the
     refund (``re_...``) for a refund; ``source_status`` is that object's status there.
     """
@@ -166,10 +171,12 @@ class SettlementReports(Protocol):
     """Optional: an adapter that can list the provider's settlement data (reconciliation)."""
 
     def balance_transactions(
-        self, since: datetime, until: datetime
+        self, since: datetime, until: datetime, *, exponents: Mapping[str, int] | None = None
     ) -> AsyncIterator[BalanceTransaction]:
         """Every balance transaction created in [since, until] (whole seconds, inclusive),
-        page by page; raises :class:`SettlementUnavailable` when the provider cannot be read."""
+        page by page, amounts converted to ISO minor units with ``exponents`` (currency
+        code -> ISO 4217 exponent, from outbox.currencies); raises
+        :class:`SettlementUnavailable` when the provider cannot be read or converted."""
         ...
 
 

@@ -4,6 +4,10 @@ The SDK's own network retries are off: the relay owns retries, so every attempt 
 request carrying the intent's idempotency key. Replies are validated (object, id, amount,
 currency, status) before :class:`Succeeded` is returned; anything else is ambiguous and
 the relay settles it with :meth:`StripeAdapter.lookup`. No exception leaves this module.
+
+Amounts cross this boundary in ISO 4217 minor units and are sent in Stripe's units
+(:data:`~provider_adapters.currency_units.STRIPE_UNITS`: ISK x100, MGA /100, three-decimal
+amounts ending in 0); a command Stripe cannot represent is refused before any request.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,11 +28,13 @@ from provider_adapters.base import (
     BalanceTransaction,
     Command,
     Declined,
+    Invalid,
     Outcome,
     Retryable,
     SettlementUnavailable,
     Succeeded,
 )
+from provider_adapters.currency_units import STRIPE_UNITS, AmountNotRepresentable
 from provider_adapters.http_pool import ShardedTransport
 from provider_adapters.stripe_errors import (
     classify_connection_error,
@@ -75,11 +82,25 @@ class _InvalidReply(Exception):
     """The provider answered 2xx with something we cannot trust."""
 
 
+def _search_string(value: str) -> str:
+    """``value`` as a quoted string of Stripe's search query language: a backslash escapes
+    a quote or a backslash inside the quotes. An application's key may hold either (any
+    printable ASCII), and unescaped it ends the string early: the search then fails or
+    matches something else, and an ambiguous outcome of that key is never settled."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"')
+    return f"'{escaped}'"
+
+
 def _field(obj: Any, name: str) -> Any:
     try:
         return obj[name]
     except (KeyError, TypeError, IndexError):
         return None
+
+
+def _stripe_amount(command: Command) -> int:
+    """The command's amount in Stripe's units; AmountNotRepresentable if it has none."""
+    return STRIPE_UNITS.to_provider(command.amount_minor, command.currency, command.exponent)
 
 
 def _int_field(obj: Any, name: str) -> int:
@@ -122,9 +143,14 @@ class StripeAdapter:
 
     def _options(self, command: Command) -> dict[str, Any]:
         options: dict[str, Any] = {"idempotency_key": command.idempotency_key}
-        if command.traceparent:
-            options["headers"] = {"traceparent": command.traceparent}
+        options.update(self._trace_options(command))
         return options
+
+    @staticmethod
+    def _trace_options(command: Command) -> dict[str, Any]:
+        """The intent's trace context as a header, for calls and lookups alike (a lookup
+        settles the same intent, so it belongs to the same trace)."""
+        return {"headers": {"traceparent": command.traceparent}} if command.traceparent else {}
 
     def _metadata(self, command: Command) -> dict[str, str]:
         return {
@@ -136,10 +162,16 @@ class StripeAdapter:
     async def execute(self, command: Command) -> Outcome:
         v1 = self._client.v1
         options: Any = self._options(command)
+        try:
+            amount = _stripe_amount(command)
+        except AmountNotRepresentable as exc:
+            # Our data, not the provider's answer: refused before any request, so the
+            # intent goes dead at once with the reason and nothing happened at Stripe.
+            return Invalid(exc.code, str(exc))
         call: Callable[[], Awaitable[Any]]
         if command.action in (Action.AUTHORIZE, Action.CHARGE):
             params: Any = {
-                "amount": command.amount_minor,
+                "amount": amount,
                 "currency": command.currency.lower(),
                 "payment_method": command.payment_method or "",
                 "confirm": True,
@@ -160,7 +192,7 @@ class StripeAdapter:
 
             def call() -> Awaitable[Any]:
                 return v1.payment_intents.capture_async(
-                    reference, {"amount_to_capture": command.amount_minor}, options
+                    reference, {"amount_to_capture": amount}, options
                 )
         elif command.action is Action.VOID:
             reference = command.payment_reference
@@ -170,7 +202,7 @@ class StripeAdapter:
         else:
             refund_params: Any = {
                 "payment_intent": command.payment_reference,
-                "amount": command.amount_minor,
+                "amount": amount,
                 "metadata": self._metadata(command),
             }
 
@@ -218,14 +250,19 @@ class StripeAdapter:
             Action.VOID: "amount",
             Action.REFUND: "amount",
         }[command.action]
+        # Compared in Stripe's units, the ones the request carried.
+        try:
+            expected = _stripe_amount(command)
+        except AmountNotRepresentable as exc:
+            raise _InvalidReply(str(exc)) from None
         amount = _int_field(reply, amount_field)
-        if amount != command.amount_minor:
-            raise _InvalidReply(f"{amount_field} {amount} differs from {command.amount_minor}")
+        if amount != expected:
+            raise _InvalidReply(f"{amount_field} {amount} differs from {expected}")
         # The payment's own amount is what an authorize or charge asked for (and what a
         # void releases, checked above); only after a capture may it exceed the command's.
         total = _int_field(reply, "amount")
-        if command.action in (Action.AUTHORIZE, Action.CHARGE) and total != command.amount_minor:
-            raise _InvalidReply(f"amount {total} differs from {command.amount_minor}")
+        if command.action in (Action.AUTHORIZE, Action.CHARGE) and total != expected:
+            raise _InvalidReply(f"amount {total} differs from {expected}")
         payment_reference = _field(reply, "payment_intent") if is_refund else object_id
         if not _object_id(payment_reference, "pi_") or (
             is_refund and payment_reference != command.payment_reference
@@ -258,9 +295,17 @@ class StripeAdapter:
     async def _lookup(self, command: Command) -> Outcome:
         v1 = self._client.v1
         not_found = Retryable("not_found", "the provider shows no effect of this key")
+        trace: Any = self._trace_options(command)
+        try:
+            _stripe_amount(command)
+        except AmountNotRepresentable as exc:
+            # execute() refuses such a command before any request: nothing was sent under
+            # this key, so there is nothing to find (and a capture's PaymentIntent found
+            # by reference would belong to another command).
+            return Retryable("not_found", f"never sent: {exc}")
         if command.action in (Action.AUTHORIZE, Action.CHARGE):
-            query = f"metadata['{_KEY_FIELD}']:'{command.idempotency_key}'"
-            result: Any = await v1.payment_intents.search_async({"query": query})
+            query = f"metadata['{_KEY_FIELD}']:{_search_string(command.idempotency_key)}"
+            result: Any = await v1.payment_intents.search_async({"query": query}, trace)
             for pi in _field(result, "data") or []:
                 status = _field(pi, "status")
                 if not isinstance(status, str):
@@ -283,13 +328,13 @@ class StripeAdapter:
             return Ambiguous("missing_payment_reference", "no payment reference to look up")
         if command.action is Action.REFUND:
             refunds: Any = await v1.refunds.list_async(
-                {"payment_intent": command.payment_reference, "limit": 100}
+                {"payment_intent": command.payment_reference, "limit": 100}, trace
             )
             for refund in _field(refunds, "data") or []:
                 if _field(_field(refund, "metadata"), _KEY_FIELD) == command.idempotency_key:
                     return self._verified(command, refund)
             return not_found
-        pi = await v1.payment_intents.retrieve_async(command.payment_reference)
+        pi = await v1.payment_intents.retrieve_async(command.payment_reference, None, trace)
         status = _field(pi, "status")
         if status in _EXPECTED_STATUS[command.action]:
             return self._verified(command, pi)
@@ -298,10 +343,19 @@ class StripeAdapter:
     # -- settlement (reconciliation) -----------------------------------------------------
 
     async def balance_transactions(
-        self, since: datetime, until: datetime, *, page_size: int = 100
+        self,
+        since: datetime,
+        until: datetime,
+        *,
+        exponents: Mapping[str, int] | None = None,
+        page_size: int = 100,
     ) -> AsyncIterator[BalanceTransaction]:
         """Every balance transaction created in [since, until], newest first, 100 a page,
-        each with its source expanded so a charge names its PaymentIntent."""
+        each with its source expanded so a charge names its PaymentIntent.
+
+        Amounts are converted to ISO 4217 minor units with ``exponents`` (code -> exponent,
+        from outbox.currencies); without them, a currency Stripe counts differently from
+        ISO (ISK, MGA) cannot be converted and the listing fails."""
         v1 = self._client.v1
         params: Any = {
             "created": {"gte": math.floor(since.timestamp()), "lte": math.ceil(until.timestamp())},
@@ -317,10 +371,24 @@ class StripeAdapter:
                 ) from None
             data = _field(page, "data") or []
             for txn in data:
-                yield _balance_transaction(txn)
+                yield _in_iso_units(_balance_transaction(txn), exponents or {})
             if not _field(page, "has_more") or not data:
                 return
             params = {**params, "starting_after": _field(data[-1], "id")}
+
+
+def _in_iso_units(txn: BalanceTransaction, exponents: Mapping[str, int]) -> BalanceTransaction:
+    """A balance transaction's amounts, from Stripe's units into ISO minor units."""
+    exponent = exponents.get(txn.currency)
+    try:
+        return replace(
+            txn,
+            amount_minor=STRIPE_UNITS.from_provider(txn.amount_minor, txn.currency, exponent),
+            fee_minor=STRIPE_UNITS.from_provider(txn.fee_minor, txn.currency, exponent),
+            net_minor=STRIPE_UNITS.from_provider(txn.net_minor, txn.currency, exponent),
+        )
+    except AmountNotRepresentable as exc:
+        raise SettlementUnavailable(f"balance transaction {txn.id!r}: {exc}") from None
 
 
 def _balance_transaction(txn: Any) -> BalanceTransaction:

@@ -13,9 +13,11 @@ the first broken link of one chain and says what happened there:
 * ``inserted``: rows sit between two rows that link to each other directly;
 * ``reordered``: a row links to a row that comes after it, or ids run backwards.
 
-:func:`verify_database` walks every chain, then checks that each intent and payment ends
-its chain in its live state, which also catches a deleted tail, a deleted chain, and a
-change made while the audit trigger was off (``tail_mismatch``, ``missing_chain``).
+:func:`verify_database` walks every chain, then checks that every audited row that exists
+(intents hot and archived, payments, janitor checks, reconciliation runs, exceptions and
+actions) ends its chain in its live state, which also catches a deleted tail, a rewritten
+or forged last row, a deleted chain, and a change made while the audit trigger was off
+(``tail_mismatch``, ``missing_chain``).
 """
 
 from __future__ import annotations
@@ -247,7 +249,18 @@ def _break_order(b: Break) -> tuple[bool, int, str, str]:
     return (b.row_id is None, b.row_id or 0, b.entity, b.entity_id)
 
 
-_TAIL_CHECKED = ("intent", "payment")
+# Every audited entity has a live row to compare its chain's end with (queries.sql,
+# audit_live_documents): without it, a chain's last rows could be deleted, or rewritten
+# and re-hashed, or a forged row appended, and every link would still hold. None of these
+# rows is ever deleted (the relay archives intents, which stay compared).
+_TAIL_CHECKED = (
+    "intent",
+    "payment",
+    "janitor_check",
+    "reconciliation_run",
+    "reconciliation_exception",
+    "reconciliation_action",
+)
 
 
 def _chains(rows: Iterable[AuditRow]) -> Iterator[list[AuditRow]]:
@@ -264,7 +277,7 @@ def _chains(rows: Iterable[AuditRow]) -> Iterator[list[AuditRow]]:
 def verify_database(
     conninfo: str, *, progress: Callable[[str], None] = lambda _line: None
 ) -> VerifyReport:
-    """Walk every chain, then compare each intent's and payment's chain with its live row."""
+    """Walk every chain, then compare the end of each audited row's chain with the row."""
     report = VerifyReport()
     tails: dict[tuple[str, str], tuple[AuditRow, bytes] | None] = {}
     with psycopg.connect(conninfo) as conn:
@@ -335,7 +348,7 @@ def print_report(report: VerifyReport, *, as_json: bool = False, out: TextIO = s
         return
     print(
         f"audit trail: {report.rows} rows in {report.chains} chains; "
-        f"{report.live_rows_checked} live intents and payments compared",
+        f"{report.live_rows_checked} live rows compared with their chains' ends",
         file=out,
     )
     first = report.first_break

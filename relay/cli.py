@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -135,6 +136,47 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return result
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a share between 0 and 1 (argparse names the option on error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from {low} to {high}, got {text!r}"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from {low} to {high}, got {text}"
+            )
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, above 0 and finite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox-relay",
@@ -178,25 +220,50 @@ def build_parser() -> argparse.ArgumentParser:
         "RELAY_DATABASE_URL when set, else an embedded PostgreSQL in a temporary directory. "
         "Exit status 0 only if the exactly-once check holds.",
     )
-    demo.add_argument("--payments", type=int, default=300, help="payments to create (default 300)")
-    demo.add_argument("--relays", type=int, default=2, help="relay instances (default 2)")
+    demo.add_argument(
+        "--payments",
+        type=_int_in(1, 1_000_000),
+        default=300,
+        help="payments to create, 1 to 1000000 (default 300)",
+    )
+    demo.add_argument(
+        "--relays", type=_int_in(1, 64), default=2, help="relay instances, 1 to 64 (default 2)"
+    )
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
-    demo.add_argument("--rate-429", type=float, default=0.03, help="share of 429 replies")
-    demo.add_argument("--rate-503", type=float, default=0.02, help="share of 503 replies")
+    demo.add_argument(
+        "--rate-429", type=_fraction, default=0.03, help="share of 429 replies, 0 to 1"
+    )
+    demo.add_argument(
+        "--rate-503", type=_fraction, default=0.02, help="share of 503 replies, 0 to 1"
+    )
     demo.add_argument(
         "--rate-timeout-after-effect",
-        type=float,
+        type=_fraction,
         default=0.02,
-        help="share of calls applied, then left unanswered past the client timeout",
+        help="share of calls applied, then left unanswered past the client timeout, 0 to 1",
     )
     demo.add_argument(
         "--rate-500-after-effect",
-        type=float,
+        type=_fraction,
         default=0.02,
-        help="share of calls applied, then answered 500 (replayed for that key)",
+        help="share of calls applied, then answered 500 (replayed for that key), 0 to 1",
     )
-    demo.add_argument("--rate-malformed", type=float, default=0.01, help="share of bad bodies")
-    demo.add_argument("--latency-ms", type=int, default=5, help="fake provider latency")
+    demo.add_argument(
+        "--rate-malformed", type=_fraction, default=0.01, help="share of bad bodies, 0 to 1"
+    )
+    demo.add_argument(
+        "--latency-ms",
+        type=_int_in(0, 60_000),
+        default=5,
+        help="fake provider latency, 0 to 60000 (default 5)",
+    )
+    demo.add_argument(
+        "--deadline-seconds",
+        type=_seconds,
+        default=300.0,
+        help="give up, exit 1 and name what is stuck, when the workload is not finished "
+        "this long after relaying starts (default 300)",
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     status = commands.add_parser(
@@ -220,6 +287,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        result = _main(argv)
+        sys.stdout.flush()  # here, so that a reader gone away is seen here (below)
+    except BrokenPipeError:
+        return _stdout_closed()
+    return result
+
+
+# What a shell reports for a process killed by SIGPIPE (128 + 13), which is what a
+# command whose reader went away would be without Python's handler for it.
+_EXIT_STDOUT_CLOSED = 141
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``outbox-relay intents show 42 --json | head -1``):
+    stop quietly, as command-line tools do, instead of printing a traceback.
+
+    SIGPIPE is left ignored (Python's default) rather than restored: ``run`` writes to
+    sockets, and a peer closing one must not kill the relay. stdout is pointed at
+    /dev/null so that the interpreter's final flush does not fail a second time.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return _EXIT_STDOUT_CLOSED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     import psycopg
 
     from relay.redaction import redact_text

@@ -9,7 +9,8 @@ when the database is slow, submitters wait, so claims slow down instead of memor
 A database error never drops an outcome: the batch is retried with backoff until it is
 written (if the relay dies meanwhile, the leases expire and the intents are re-driven
 under the same idempotency keys). On close, pending outcomes are flushed in a shielded
-scope bounded by the grace period.
+scope bounded by the shutdown deadline the relay passes (``close(give_up_at=...)``): a
+write still failing or still running then is abandoned.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class Completer:
         self._receives: list[MemoryObjectReceiveStream[WriteBack]] = [r for _, r in streams]
         self._on_flushed = on_flushed
         self._give_up_at: float | None = None
+        # The shielded scopes of writes in progress, so that close() can put the shutdown
+        # deadline on a write that is already waiting for the database.
+        self._flushes: set[anyio.CancelScope] = set()
+        # Start (anyio clock) of each database write in progress, for liveness: a write
+        # that never returns wedges its stream, and a restart is what frees it.
+        self._writing: dict[object, float] = {}
         self.lease_lost = 0
         self.written = 0
 
@@ -63,14 +70,29 @@ class Completer:
         stream = zlib.crc32(write_back.payment_id.encode()) % len(self._sends)
         await self._sends[stream].send(write_back)
 
-    def close(self, *, give_up_after: float | None = None) -> None:
+    def busy_since(self) -> float | None:
+        """When the oldest database write in progress started (anyio clock); None when
+        none runs. Each retry after a database error starts anew: an outage is waited
+        out, only a single write that never returns looks wedged."""
+        return min(self._writing.values(), default=None)
+
+    @property
+    def give_up_at(self) -> float | None:
+        """The instant (anyio clock) after which pending writes are abandoned, once closed."""
+        return self._give_up_at
+
+    def close(self, *, give_up_at: float | None = None) -> None:
         """No more submissions; :meth:`run` flushes what is pending and returns.
 
-        With ``give_up_after``, a write that still fails that many seconds from now is
-        abandoned: its intents stay ``in_flight`` until their leases expire.
+        With ``give_up_at`` (an instant on anyio's clock), a write that still fails or is
+        still running then is abandoned: its intents stay ``in_flight`` until their leases
+        expire and are re-driven under the same keys. The caller passes its shutdown
+        deadline, so the flush cannot add its own grace on top of the drain's.
         """
-        if give_up_after is not None:
-            self._give_up_at = anyio.current_time() + give_up_after
+        if give_up_at is not None:
+            self._give_up_at = give_up_at
+            for scope in self._flushes:
+                scope.deadline = give_up_at
         for send in self._sends:
             send.close()
 
@@ -95,16 +117,35 @@ class Completer:
                             batch.append(await receive.receive())
                         except anyio.EndOfStream:
                             break
-                # A flush in progress finishes even when the relay is being cancelled.
-                with anyio.CancelScope(shield=True):
-                    await self._write(batch)
+                # A flush in progress finishes even when the relay is being cancelled, but
+                # not past the shutdown deadline: a database that does not answer (pool
+                # timeout, a hung connection) must not hold the process beyond it.
+                with anyio.CancelScope(shield=True) as flush:
+                    if self._give_up_at is not None:
+                        flush.deadline = self._give_up_at
+                    self._flushes.add(flush)
+                    try:
+                        await self._write(batch)
+                    finally:
+                        self._flushes.discard(flush)
+                if flush.cancelled_caught:
+                    log.error(
+                        "write_back_abandoned",
+                        rows=len(batch),
+                        remedy="leases expire and the intents are re-driven under the same keys",
+                    )
 
     async def _write(self, batch: Sequence[WriteBack]) -> None:
         delay = 0.05
         while True:
             try:
-                with metrics.WRITE_BACK_SECONDS.time():
-                    written = await self._store.complete_fenced(batch)
+                attempt = object()
+                self._writing[attempt] = anyio.current_time()
+                try:
+                    with metrics.WRITE_BACK_SECONDS.time():
+                        written = await self._store.complete_fenced(batch)
+                finally:
+                    del self._writing[attempt]
                 break
             except RETRYABLE_DB_ERRORS as exc:
                 if self._give_up_at is not None and anyio.current_time() > self._give_up_at:

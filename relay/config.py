@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from relay.redaction import register_secret, url_passwords
+
 __all__ = ["ConfigError", "ProviderSettings", "Settings", "load_settings"]
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -284,6 +286,23 @@ class Settings(BaseSettings):
             return self.database_url_file.read_text().strip()
         return self.database_url.get_secret_value() if self.database_url else None
 
+    def secret_values(self) -> list[str]:
+        """Every configured secret: provider API keys and the database's and broker's
+        passwords. :func:`load_settings` registers them for redaction."""
+        values: list[str] = []
+        for read, is_url in (
+            *((provider.resolved_api_key, False) for provider in self.providers.values()),
+            (self.resolved_database_url, True),
+            (self.resolved_amqp_url, True),
+        ):
+            try:
+                value = read()
+            except (OSError, ValueError):
+                continue  # an unreadable file: start-up reports it, naming the file
+            if value:
+                values.extend(url_passwords(value) if is_url else [value])
+        return values
+
 
 def _variable_name(loc: tuple[int | str, ...]) -> str:
     return "RELAY_" + "__".join(str(part).upper() for part in loc)
@@ -294,8 +313,9 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         secrets_dir = os.environ.get("RELAY_SECRETS_DIR")
         if secrets_dir:
-            return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
-        return Settings(**overrides)
+            settings = Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
+        else:
+            settings = Settings(**overrides)
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
@@ -306,3 +326,7 @@ def load_settings(**overrides: Any) -> Settings:
             message = str(error["msg"]).removeprefix("Value error, ")
             lines.append(f"{_variable_name(loc)}: {message}{shown}" if loc else message)
         raise ConfigError(lines) from None
+    # From now on these exact values are masked in every log line, stored error message,
+    # metric label and CLI error, whatever shape they have and wherever they appear.
+    register_secret(*settings.secret_values())
+    return settings

@@ -31,7 +31,7 @@ from relay.money import Money, format_money
 from relay.operators import acting_as, add_operator_argument, default_operator, parse_age
 from relay.queries import QUERIES
 from relay.redaction import redact_text
-from relay.tables import Progress, format_seconds, render_table
+from relay.tables import Progress, format_seconds, plain_help, render_table
 
 __all__ = ["ActionReport", "Filters", "act", "add_commands", "list_dead"]
 
@@ -258,10 +258,16 @@ def _confirmer(args: argparse.Namespace, verb: str, operator: str) -> Callable[[
                 file=sys.stderr,
             )
             return False
-        answer = input(
+        # The question goes to stderr, like the progress lines: stdout carries only the
+        # result (`--json` piped into jq gets JSON, not a prompt).
+        print(
             f"{verb} {matched} dead intent(s) ({_filters(args).describe()}) as "
-            f"operator:{operator}? [y/N] "
+            f"operator:{operator}? [y/N] ",
+            end="",
+            file=sys.stderr,
+            flush=True,
         )
+        answer = sys.stdin.readline()
         return answer.strip().lower() in ("y", "yes")
 
     return confirm
@@ -422,7 +428,7 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     group = commands.add_parser(
         "dead-letters",
         help="list, retry or cancel dead intents (they wait for an operator)",
-        description=__doc__,
+        description=plain_help(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = group.add_subparsers(dest="dead_letters_command", metavar="ACTION", required=True)

@@ -23,9 +23,11 @@ import anyio
 import httpx
 import psycopg
 
-__all__ = ["build_workload", "run_demo"]
+__all__ = ["build_workload", "run_demo", "wait_for_workload"]
 
-CURRENCIES = [("EUR", 100), ("USD", 100), ("JPY", 1), ("GBP", 100), ("KWD", 1000)]
+# (code, one major unit in minor units, the smallest step Stripe takes: three-decimal
+# currencies only with the last digit 0, see provider_adapters/currency_units.py)
+CURRENCIES = [("EUR", 100, 1), ("USD", 100, 1), ("JPY", 1, 1), ("GBP", 100, 1), ("KWD", 1000, 10)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +39,21 @@ class Row:
     payment_method: str | None = None
 
 
-def build_workload(payments: int, rng: random.Random, prefix: str) -> list[Row]:
-    """A mix a payments team would recognise, including a few invalid commands."""
+def build_workload(
+    payments: int, rng: random.Random, prefix: str, *, min_intents: int = 0
+) -> list[Row]:
+    """A mix a payments team would recognise, including a few invalid commands.
+
+    ``payments`` payments, and more while there are fewer than ``min_intents`` intents: a
+    payment has one to four, so a bare count of payments gives a seed-dependent total.
+    The first ``payments`` payments are the same for one seed whatever ``min_intents`` is.
+    """
     rows: list[Row] = []
-    for n in range(payments):
+    n = 0
+    while n < payments or len(rows) < min_intents:
         pid = f"{prefix}-{n:05d}"
-        currency, unit = rng.choice(CURRENCIES)
+        n += 1
+        currency, unit, step = rng.choice(CURRENCIES)
         amount = rng.randint(5, 500) * unit
         roll = rng.random()
         if roll < 0.35:  # authorize -> capture (sometimes partial) -> partial refund
@@ -50,7 +61,7 @@ def build_workload(payments: int, rng: random.Random, prefix: str) -> list[Row]:
             rows += [
                 Row(pid, "authorize", amount, currency, "pm_card_visa"),
                 Row(pid, "capture", None if captured == amount else captured, currency),
-                Row(pid, "refund", max(captured // 3, 1), currency),
+                Row(pid, "refund", max(captured // 3 // step * step, step), currency),
             ]
         elif roll < 0.60:  # one-step charge, sometimes fully refunded
             rows.append(Row(pid, "charge", amount, currency, "pm_card_mastercard"))
@@ -188,7 +199,9 @@ async def _demo(url: str, args: argparse.Namespace) -> int:
                 await relay.db.open()
                 await tg.start(relay.run)
             print(f"relaying with {len(relays)} relay(s) ...")
-            await _show_progress(url, prefix, len(rows), started)
+            stuck = await wait_for_workload(
+                url, prefix, len(rows), started, deadline_seconds=args.deadline_seconds
+            )
             for relay in relays:
                 relay.stop()
     finally:
@@ -200,6 +213,9 @@ async def _demo(url: str, args: argparse.Namespace) -> int:
     async with httpx.AsyncClient() as client:
         effects = (await client.get(f"{base_url}/_fake/effects")).json()
     await runner.cleanup()
+    if stuck:
+        print(*stuck, sep="\n", file=sys.stderr)
+        return 1
     return await anyio.to_thread.run_sync(_summarise, url, prefix, effects, elapsed, len(rows))
 
 
@@ -213,14 +229,69 @@ def _insert(url: str, rows: list[Row]) -> None:
         )
 
 
+# A blocked intent behind a dead one of its payment waits for an operator, not for the
+# relays: for the demo it is finished, as "stalled".
+_STATUS = """
+    CASE WHEN i.status = 'blocked' AND EXISTS (
+             SELECT 1 FROM outbox.payment_intents AS d
+             WHERE d.payment_id = i.payment_id AND d.status = 'dead'
+               AND d.payment_seq < i.payment_seq)
+         THEN 'stalled' ELSE i.status END
+"""
+_FINISHED = ("succeeded", "failed", "dead", "stalled")
+
+
 def _counts(url: str, prefix: str) -> Counter[str]:
+    """Intents of this run by status, with 'stalled' for those blocked behind a dead one."""
     with psycopg.connect(url) as conn:
         rows = conn.execute(
-            "SELECT status, count(*) FROM outbox.payment_intents WHERE payment_id LIKE %s"
-            " GROUP BY status",
+            f"SELECT {_STATUS} AS status, count(*) FROM outbox.payment_intents AS i"
+            " WHERE i.payment_id LIKE %s GROUP BY 1",
             (prefix + "-%",),
         ).fetchall()
     return Counter({status: count for status, count in rows})
+
+
+def _stuck(url: str, prefix: str, deadline_seconds: float) -> list[str]:
+    """What did not finish: counts by status and the first few intents, to look at."""
+    counts = _counts(url, prefix)
+    waiting = {s: n for s, n in sorted(counts.items()) if s not in _FINISHED}
+    with psycopg.connect(url) as conn:
+        first = conn.execute(
+            f"SELECT i.id, i.payment_id, i.action, i.status, i.attempts, i.error_code"
+            f" FROM outbox.payment_intents AS i WHERE i.payment_id LIKE %s"
+            f" AND {_STATUS} NOT IN ('succeeded', 'failed', 'dead', 'stalled')"
+            " ORDER BY i.id LIMIT 5",
+            (prefix + "-%",),
+        ).fetchall()
+    lines = [
+        f"error: the workload did not finish within --deadline-seconds {deadline_seconds:g}: "
+        f"{sum(waiting.values())} intent(s) unfinished ("
+        + ", ".join(f"{status} {n}" for status, n in waiting.items())
+        + ")"
+    ]
+    lines += [
+        f"  intent {i} ({payment_id}, {action}): {status}, {attempts} attempt(s)"
+        + (f", last error {code}" if code else "")
+        for i, payment_id, action, status, attempts, code in first
+    ]
+    lines.append(
+        "  look at one with `outbox-relay intents show ID`; allow more time with --deadline-seconds"
+    )
+    return lines
+
+
+async def wait_for_workload(
+    url: str, prefix: str, total: int, started: float, *, deadline_seconds: float
+) -> list[str]:
+    """Show progress until every intent of the run is finished (terminal, or blocked behind
+    a dead intent of its payment); return [] then, or, past ``deadline_seconds``, the lines
+    that name what is stuck."""
+    with anyio.move_on_after(deadline_seconds):
+        await _show_progress(url, prefix, total, started)
+        return []
+    print(flush=True)  # end an interactive progress line
+    return await anyio.to_thread.run_sync(_stuck, url, prefix, deadline_seconds)
 
 
 async def _show_progress(url: str, prefix: str, total: int, started: float) -> None:
@@ -228,20 +299,23 @@ async def _show_progress(url: str, prefix: str, total: int, started: float) -> N
     last_print = 0.0
     while True:
         counts = await anyio.to_thread.run_sync(_counts, url, prefix)
+        finished = sum(counts[s] for s in _FINISHED)
         done = counts["succeeded"] + counts["failed"] + counts["dead"]
         now = time.perf_counter()
-        if done >= total or interactive or now - last_print >= 2.0:
+        if finished >= total or interactive or now - last_print >= 2.0:
             rate = done / max(now - started, 1e-9)
             line = (
                 f"  {done:>6}/{total} terminal  succeeded {counts['succeeded']}  "
                 f"failed {counts['failed']}  dead {counts['dead']}  "
                 f"in flight {counts['in_flight']}  {rate:,.0f} intents/s"
             )
+            if counts["stalled"]:
+                line += f"  behind a dead intent {counts['stalled']}"
             print(
                 ("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True
             )
             last_print = now
-        if done >= total:
+        if finished >= total:
             if interactive:
                 print()
             return
@@ -302,7 +376,13 @@ def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float, t
     ]
     if mismatched and mismatched[0]:
         problems.append(f"{mismatched[0]} payments whose amounts differ from their intents")
-    unfinished = sum(1 for _, s, _, _ in intents if s not in statuses)
+    stalled = _counts(url, prefix)["stalled"]
+    if stalled:
+        print(
+            f"{stalled} intent(s) wait behind a dead intent of their payment, as they should: "
+            "an operator resolves the dead one (`outbox-relay dead-letters`)"
+        )
+    unfinished = sum(1 for _, s, _, _ in intents if s not in statuses) - stalled
     if unfinished:
         problems.append(f"{unfinished} intents not terminal")
     succeeded = sum(1 for _, s, _, _ in intents if s == "succeeded")

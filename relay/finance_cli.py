@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -82,11 +82,21 @@ def _cmd_audit_verify(args: argparse.Namespace, url: str) -> int:
 def _cmd_reconcile(args: argparse.Namespace, url: str) -> int:
     import anyio
 
-    from provider_adapters.base import SettlementReports, SettlementUnavailable
+    from provider_adapters.base import (
+        BalanceTransaction,
+        SettlementReports,
+        SettlementUnavailable,
+    )
     from provider_adapters.registry import build_adapter
     from relay.config import ConfigError, load_settings
     from relay.recon_exceptions import ExceptionCommandError, validate_operator
-    from relay.reconcile import FeeSchedule, print_run, run, write_reports
+    from relay.reconcile import (
+        FeeSchedule,
+        currency_exponents,
+        print_run,
+        run,
+        write_reports,
+    )
 
     try:
         settings = load_settings()
@@ -126,12 +136,18 @@ def _cmd_reconcile(args: argparse.Namespace, url: str) -> int:
         tolerance_minor=settings.reconcile_fee_tolerance_minor,
     )
 
+    # The provider's amounts are converted to ISO minor units with the currency table.
+    exponents = currency_exponents(url)
+
+    def transactions(since: datetime, until: datetime) -> AsyncIterator[BalanceTransaction]:
+        return adapter.balance_transactions(since, until, exponents=exponents)
+
     async def go() -> Any:
         try:
             return await run(
                 url,
                 name,
-                adapter.balance_transactions,
+                transactions,
                 since=since,
                 until=until,
                 fees=fees,
@@ -214,14 +230,22 @@ def _refused(exc: Exception) -> int:
     return 1
 
 
+def _operator(args: argparse.Namespace) -> str:
+    """--operator, else RELAY_OPERATOR, else the OS user: as every operator command."""
+    from relay.operators import default_operator
+
+    return str(args.operator or default_operator())
+
+
 def _cmd_exceptions_accept(args: argparse.Namespace, url: str) -> int:
     from relay.recon_exceptions import ExceptionCommandError, accept
 
+    operator = _operator(args)
     try:
-        accept(url, args.id, operator=args.operator, reason=args.reason)
+        accept(url, args.id, operator=operator, reason=args.reason)
     except ExceptionCommandError as exc:
         return _refused(exc)
-    print(f"exception {args.id} accepted by {args.operator}: {args.reason}")
+    print(f"exception {args.id} accepted by {operator}: {args.reason}")
     return 0
 
 
@@ -229,20 +253,22 @@ def _request(action: str) -> Callable[[argparse.Namespace, str], int]:
     def handler(args: argparse.Namespace, url: str) -> int:
         from relay.recon_exceptions import ExceptionCommandError, request_action
 
+        operator = _operator(args)
         try:
             asked = request_action(
                 url,
                 args.id,
                 action,
-                operator=args.operator,
+                operator=operator,
                 reason=args.reason,
                 amount_minor=getattr(args, "amount", None),
             )
         except ExceptionCommandError as exc:
             return _refused(exc)
         print(
-            f"action {asked.action_id} requested by {args.operator}: {asked.describe()}.\n"
-            "It moves money, so it runs only when a second, different operator approves it:\n"
+            f"action {asked.action_id} requested by {operator}: {asked.describe()}.\n"
+            "It moves money, so it runs only when a second, different operator approves it,\n"
+            "from their own database login:\n"
             f"  outbox-relay exceptions approve {asked.action_id} --operator OTHER_NAME"
         )
         return 0
@@ -253,13 +279,14 @@ def _request(action: str) -> Callable[[argparse.Namespace, str], int]:
 def _cmd_exceptions_approve(args: argparse.Namespace, url: str) -> int:
     from relay.recon_exceptions import ExceptionCommandError, approve
 
+    operator = _operator(args)
     try:
-        done = approve(url, args.action_id, operator=args.operator)
+        done = approve(url, args.action_id, operator=operator)
     except ExceptionCommandError as exc:
         return _refused(exc)
     intents = ", ".join(str(i) for i in done.intent_ids)
     print(
-        f"action {done.action_id} ({done.action}) approved by {args.operator} and executed: "
+        f"action {done.action_id} ({done.action}) approved by {operator} and executed: "
         f"intent(s) {intents}; exception {done.exception_id} resolved"
     )
     return 0
@@ -360,7 +387,8 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         description=_wrap(
             "Work the exceptions reconciliation found. accept closes one with a reason; "
             "refund, void and redrive move money, so they only ask, and run when a second, "
-            "different operator approves. Every command names its operator and is audited.\n\n"
+            "different operator approves from their own database login. Every command names its "
+            "operator (--operator, else RELAY_OPERATOR, else your user name) and is audited.\n\n"
             "examples:\n"
             "  outbox-relay exceptions list\n"
             "  outbox-relay exceptions accept 7 --operator alice --reason 'fee dispute filed'\n"
@@ -398,7 +426,11 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
 
     def operator_args(parser: argparse.ArgumentParser, *, reason: bool = True) -> None:
         parser.add_argument(
-            "--operator", required=True, help="your name, recorded in the audit trail"
+            "--operator",
+            default=None,
+            metavar="NAME",
+            help="your name, recorded in the audit trail (default: $RELAY_OPERATOR, else "
+            "your user name)",
         )
         if reason:
             parser.add_argument("--reason", required=True, help="why, recorded with the exception")
@@ -432,7 +464,8 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         "approve",
         help="execute a requested refund, void or re-drive as a second operator",
         description="Execute an action another operator requested. The requester cannot "
-        "approve their own action (the database refuses it too).",
+        "approve their own action: the approver needs another operator name and another "
+        "database login (the database refuses both too).",
     )
     approve.add_argument("action_id", type=_positive, help="action id (printed by the request)")
     operator_args(approve, reason=False)

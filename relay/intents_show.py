@@ -21,7 +21,7 @@ import psycopg
 from relay.money import Money, format_money
 from relay.queries import QUERIES
 from relay.redaction import redact_value
-from relay.tables import render_table
+from relay.tables import plain_help, render_table
 
 __all__ = ["NO_AUDIT_TRAIL", "add_commands", "collect_intent", "history_changes"]
 
@@ -221,7 +221,7 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     show = actions.add_parser(
         "show",
         help="an intent, its payment and its full history (audit trail)",
-        description=__doc__,
+        description=plain_help(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     show.add_argument("id", type=int, metavar="ID", help="the intent's id")

@@ -106,6 +106,7 @@ class _Candidate:
     payment: PaymentSnapshot
     checks: int
     not_found: int
+    exponent: int | None  # ISO 4217, for adapters that convert to their provider's units
 
 
 # Settlement goes through the relay's write-back; this policy is never asked to retry.
@@ -202,6 +203,7 @@ class Janitor:
                 ),
                 checks=r[16],
                 not_found=r[17],
+                exponent=r[18],
             )
             for r in rows
         ]
@@ -230,6 +232,7 @@ class Janitor:
                 payment_method=candidate.payment_method,
                 payment_reference=candidate.payment.provider_reference,
                 attempt=candidate.attempts,
+                exponent=candidate.exponent,
             )
             outcome = await self.lanes[candidate.provider].lookup(command)
             log.info("janitor_lookup", outcome=type(outcome).__name__)

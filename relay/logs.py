@@ -5,18 +5,21 @@ Every event is one line on stdout. Lines logged inside an intent's processing ca
 contextvars by the runtime). Records of libraries that use the standard ``logging``
 module (psycopg's pool, aiohttp, the Stripe SDK) go through the same chain, so they are
 JSON lines too. Every value passes :func:`relay.redaction.redact_processor` before it is
-rendered: secrets and card numbers never reach the output.
+rendered: secrets and card numbers never reach the output. The rendered line then passes
+:func:`relay.redaction.scrub_registered`, so a configured secret (an API key, a password;
+see :func:`relay.config.load_settings`) is masked even where no value rule looks (a key
+of the event, text a renderer adds).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
 
-from relay.redaction import redact_processor
+from relay.redaction import redact_processor, scrub_registered
 
 __all__ = ["configure_logging"]
 
@@ -43,7 +46,7 @@ def configure_logging(
         redact_processor,
     ]
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, renderer, _scrub_line],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
@@ -53,7 +56,11 @@ def configure_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+                _scrub_line,
+            ],
         )
     )
     root = logging.getLogger()
@@ -63,3 +70,8 @@ def configure_logging(
     handler._outbox_relay = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(max(level, logging.WARNING))  # libraries: warnings and errors only
+
+
+def _scrub_line(_logger: object, _method: str, line: Any) -> Any:
+    """Last processor: the rendered line without any registered secret."""
+    return scrub_registered(line) if isinstance(line, str) else line

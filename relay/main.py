@@ -21,7 +21,7 @@ from relay.breaker import CircuitBreaker
 from relay.config import ProviderSettings, Settings
 from relay.db import RETRYABLE_DB_ERRORS, Database
 from relay.depth import DepthSampler
-from relay.health import HealthState, serve_http
+from relay.health import HealthState, Heartbeat, serve_http
 from relay.janitor import Janitor, JanitorOptions
 from relay.lanes import Lane
 from relay.migrate import discover
@@ -111,14 +111,25 @@ def build_janitor(settings: Settings, relay: Relay) -> Janitor:
 async def run_relay(settings: Settings, database_url: str) -> int:
     relay = build_relay(settings, database_url)
     publisher = publisher_from_settings(settings, relay.db)  # None: RELAY_AMQP_URL unset
+    # The loop turns at least every poll interval; a database call may add the pool
+    # timeout (30 s). Anything far beyond is a wedged loop.
+    stale_after = max(120.0, 4 * settings.poll_max_interval_seconds)
+    loops = [Heartbeat("write-back", stale_after, busy_since=relay.completer.busy_since)]
+    if publisher is not None:
+        loops.append(
+            Heartbeat(
+                "event publisher",
+                max(stale_after, publisher.stale_after_seconds()),
+                last_turn=lambda: publisher.heartbeat,
+            )
+        )
     health = HealthState(
         heartbeat=lambda: relay.heartbeat,
         database_ok=lambda: relay.database_ok,
         draining=lambda: relay.stopping,
-        # The loop turns at least every poll interval; a database call may add the pool
-        # timeout (30 s). Anything far beyond is a wedged loop.
-        stale_after_seconds=max(120.0, 4 * settings.poll_max_interval_seconds),
+        stale_after_seconds=stale_after,
         expected_schema=discover()[-1].version,
+        loops=loops,
     )
     await relay.db.open()
     try:

@@ -58,6 +58,14 @@ INTENTS_ARCHIVED = Counter(
     "outbox_relay_intents_archived_total",
     "Finished intents moved to outbox.payment_intents_archive by the retention sweeper.",
 )
+__all__ += ["ORPHANED_BLOCKED_PROMOTED"]
+ORPHANED_BLOCKED_PROMOTED = Counter(
+    "outbox_relay_orphaned_blocked_promoted_total",
+    "Blocked intents promoted by the reaper's sweep because every earlier intent of their "
+    "payment was already resolved (inserted under REPEATABLE READ or SERIALIZABLE with a "
+    "snapshot older than that resolution). Non-zero is harmless; it shows such inserts.",
+    ["provider"],
+)
 
 # Result events (relay/publisher.py).
 __all__ += [
@@ -69,18 +77,19 @@ __all__ += [
 ]
 EVENTS_PUBLISHED = Counter(
     "outbox_relay_events_published_total",
-    "Events the broker confirmed and the relay marked published (routed or unroutable).",
+    "Events the relay marked after the broker's answer: published (confirmed) or "
+    "unroutable (returned).",
 )
 EVENTS_UNROUTABLE = Counter(
     "outbox_relay_events_unroutable_total",
-    "Confirmed events the broker returned because no queue was bound for the routing key.",
+    "Events the broker returned (basic.return) because no queue was bound for the routing key.",
 )
 UNPUBLISHED_EVENTS = Gauge(
     "outbox_relay_unpublished_events", "Events in outbox.events not yet published (all relays)."
 )
 PUBLISH_LAG_SECONDS = Histogram(
     "outbox_relay_publish_lag_seconds",
-    "From the event's commit to the broker's confirm.",
+    "From the event's insert (its transaction's start) to the broker's confirm.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
 )
 AMQP_CONNECTED = Gauge(

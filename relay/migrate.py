@@ -4,6 +4,12 @@ Safe when several replicas start at once: a transaction-scoped advisory lock ser
 runners, and each file is applied and recorded in one transaction, so a crash leaves a
 file either fully applied and recorded or not at all. Re-running applies nothing new.
 A file whose content changed after it was applied is reported, never re-applied.
+
+Migrations are append-only and backward compatible: a new file never changes or removes
+what an earlier release of the relay or an application uses (a removal waits for a later
+``_post_`` file, once nothing uses it). So a relay runs on any schema at or above its own
+latest migration, and /readyz accepts one (relay/health.py): during a rolling upgrade the
+new release migrates first and the old relays keep serving.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@
 -- The audit trail records the claim as 'relay:<instance>' (outbox.actor, set for this statement).
 -- NOTE: an intent already sent longer ago than its provider's idempotency-key lifetime is
 -- parked `dead` by a trigger instead of claimed (sql/0005); the final SELECT leaves it out.
+-- `exponent` (ISO 4217, outbox.currencies) lets an adapter convert to its provider's units.
 WITH actor AS (
     SELECT set_config('outbox.actor', 'relay:' || %(instance)s::text, true) AS actor
 ),
@@ -38,7 +39,8 @@ claimed AS (
 )
 SELECT id, payment_id, action, provider, amount_minor, currency, payment_method,
        idempotency_key, attempts, lease_token, traceparent, payment_state, authorized_minor,
-       captured_minor, refunded_minor, payment_reference
+       captured_minor, refunded_minor, payment_reference,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = claimed.currency) AS exponent
 FROM claimed
 WHERE status = 'in_flight';
 
@@ -158,7 +160,7 @@ evented AS (
                                    'refunded_minor', p.refunded_minor,
                                    'provider_reference', p.provider_reference) END),
            w.payment_id,
-           CASE WHEN i.metadata ->> 'traceparent' ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
+           CASE WHEN outbox.is_valid_traceparent(i.metadata ->> 'traceparent')
                 THEN i.metadata ->> 'traceparent' END
     FROM written AS w
     JOIN outcome AS o ON o.id = w.id AND o.lease_token = w.lease_token
@@ -196,6 +198,50 @@ SET status = 'pending',
 FROM expired
 WHERE i.id = expired.id
 RETURNING i.id;
+
+-- name: lock_orphaned_blocked_payments
+-- Lock (skipping busy ones) payments whose first unresolved intent is blocked: nothing will promote it.
+-- An application inserting under REPEATABLE READ or SERIALIZABLE decides `blocked` from its
+-- snapshot, so an intent resolved after that snapshot still blocks the new one. Found via
+-- payment_intents_depth_idx (blocked rows of these providers) and, per row, one probe of
+-- payment_intents_unresolved_by_payment_idx. SKIP LOCKED: a write-back or insert in
+-- progress owns that payment now; the next sweep looks again.
+SELECT p.payment_id
+FROM outbox.payments AS p
+WHERE p.payment_id IN (
+    SELECT b.payment_id
+    FROM outbox.payment_intents AS b
+    WHERE b.provider = ANY(%(providers)s::text[])
+      AND b.status = 'blocked'
+      AND NOT EXISTS (
+          SELECT 1
+          FROM outbox.payment_intents AS e
+          WHERE e.payment_id = b.payment_id
+            AND e.payment_seq < b.payment_seq
+            AND e.status IN ('blocked', 'pending', 'in_flight', 'dead'))
+    LIMIT %(limit)s)
+ORDER BY p.payment_id
+FOR UPDATE OF p SKIP LOCKED;
+
+-- name: promote_orphaned_blocked
+-- Under the payments' locks (lock_orphaned_blocked_payments), promote each payment's first unresolved intent if it is blocked.
+-- A new statement, so its snapshot sees every write-back and insert that committed before
+-- the locks were granted: the same rule, under the same lock, as complete_intents' promotion.
+UPDATE outbox.payment_intents AS n
+SET status = 'pending',
+    available_at = COALESCE(%(now)s::timestamptz, now()),
+    updated_at = COALESCE(%(now)s::timestamptz, now())
+FROM (
+    SELECT (SELECT u.id
+            FROM outbox.payment_intents AS u
+            WHERE u.payment_id = l.payment_id
+              AND u.status IN ('blocked', 'pending', 'in_flight', 'dead')
+            ORDER BY u.payment_seq
+            LIMIT 1) AS id
+    FROM unnest(%(payment_ids)s::text[]) AS l(payment_id)
+) AS head
+WHERE n.id = head.id AND n.status = 'blocked'
+RETURNING n.id, n.payment_id, n.provider;
 
 -- name: release_leases
 -- Give back claimed intents that never reached the provider (shutdown), fenced by token.
@@ -494,7 +540,8 @@ FROM outbox.audit_log
 ORDER BY entity, entity_id, chain_seq;
 
 -- name: audit_live_documents
--- The audited columns of every live intent (hot and archived) and payment, redacted as the trail stores them.
+-- The audited columns of every live row of every audited table, redacted as the trail stores them.
+-- The colder tables' allow-lists are their audit triggers' (sql/0005, sql/0014): keep them equal.
 SELECT 'intent', i.id::text, outbox.audit_intent_doc(i)
 FROM outbox.payment_intents AS i
 UNION ALL
@@ -503,7 +550,27 @@ SELECT 'intent', a.id::text,
 FROM outbox.payment_intents_archive AS a
 UNION ALL
 SELECT 'payment', p.payment_id, outbox.audit_payment_doc(p)
-FROM outbox.payments AS p;
+FROM outbox.payments AS p
+UNION ALL
+SELECT 'janitor_check', j.intent_id::text, outbox.audit_generic_doc(j,
+       'intent_id,payment_id,provider,checks,not_found,result,detail,settled_at')
+FROM outbox.janitor_checks AS j
+UNION ALL
+SELECT 'reconciliation_run', r.id::text, outbox.audit_generic_doc(r,
+       'id,provider,window_start,window_end,status,run_by,provider_items,internal_items,matched,'
+       'exceptions_found,exceptions_new,exceptions_cleared')
+FROM outbox.reconciliation_runs AS r
+UNION ALL
+SELECT 'reconciliation_exception', x.id::text, outbox.audit_generic_doc(x,
+       'id,provider,kind,match_key,payment_id,ledger_transaction_id,provider_transaction_id,'
+       'currency,internal_amount_minor,provider_amount_minor,fee_minor,expected_fee_minor,'
+       'delta_minor,detail,status,last_run_id,times_seen,resolution,resolution_reason,resolved_by')
+FROM outbox.reconciliation_exceptions AS x
+UNION ALL
+SELECT 'reconciliation_action', a.id::text, outbox.audit_generic_doc(a,
+       'id,exception_id,payment_id,action,amount_minor,reason,requested_by,approved_by,status,'
+       'intent_id,requested_login,approved_login')
+FROM outbox.reconciliation_actions AS a;
 
 -- name: ledger_counts
 -- Ledger transactions, entries and payments, for the check's headline.
@@ -608,7 +675,8 @@ WHERE kind IN ('authorize', 'charge')
 GROUP BY provider, currency;
 
 -- name: janitor_reserve
--- Reserve up to `limit` dead intents due for a lookup (newly dead, or a re-check due), with their payments.
+-- Reserve up to `limit` dead intents due for a lookup (newly dead, or a re-check due), with their payments
+-- and their currency's ISO 4217 exponent.
 WITH due AS (
     SELECT i.id, i.payment_id, i.provider, i.completed_at
     FROM outbox.payment_intents AS i
@@ -640,7 +708,8 @@ reserved AS (
 SELECT i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency, i.payment_method,
        i.idempotency_key, i.attempts, i.completed_at, i.error_code,
        p.state, p.authorized_minor, p.captured_minor, p.refunded_minor, p.provider_reference,
-       r.checks, r.not_found
+       r.checks, r.not_found,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = i.currency) AS exponent
 FROM reserved AS r
 JOIN outbox.payment_intents AS i ON i.id = r.intent_id
 JOIN outbox.payments AS p ON p.payment_id = i.payment_id
@@ -685,6 +754,10 @@ WHERE intent_id = %(intent_id)s::bigint;
 INSERT INTO outbox.reconciliation_runs (provider, window_start, window_end)
 VALUES (%(provider)s::text, %(since)s::timestamptz, %(until)s::timestamptz)
 RETURNING id;
+
+-- name: currency_exponents
+-- Every currency's ISO 4217 exponent, to convert the provider's settlement amounts into minor units.
+SELECT code, exponent FROM outbox.currencies;
 
 -- name: reconcile_internal_items
 -- The ledger's money-moving postings (captures, charges, refunds) of one provider in a time range.
@@ -803,9 +876,11 @@ waiting AS (
 SELECT asked.id FROM asked, waiting;
 
 -- name: action_for_update
--- One requested action with its exception, both locked for the approval.
+-- One requested action with its exception, both locked for the approval; the requester's database
+-- login and this session's (four eyes by login, sql/0014).
 SELECT a.id, a.exception_id, a.payment_id, a.action, a.amount_minor, a.reason, a.requested_by,
-       a.approved_by, a.approved_at, a.status, a.intent_id, x.status
+       a.approved_by, a.approved_at, a.status, a.intent_id, x.status, a.requested_login,
+       session_user
 FROM outbox.reconciliation_actions AS a
 JOIN outbox.reconciliation_exceptions AS x ON x.id = a.exception_id
 WHERE a.id = %(id)s::bigint

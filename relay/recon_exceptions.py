@@ -7,8 +7,11 @@
 * ``approve ACTION`` by a second, different operator executes it: a refund or a void
   becomes an ordinary intent of the payment (the relay sends it exactly once, under its
   own idempotency key), a re-drive sends the payment's dead intents again under their own
-  keys. The database refuses an approval by the requester (a CHECK constraint), so no
-  client can skip the rule.
+  keys. "Different" means a different name *and* a different database login: the name is
+  only what the client says, so the action row also records the login (session_user) of
+  its requester and of its approver, set by a trigger (sql/0014), and the database refuses
+  an approval by the requester's name or from the requester's login (CHECK constraints),
+  so no client can skip the rule.
 
 Every command names its operator; the audit trail records each change as
 ``operator:<name>``. What a command will do is decided before it asks and printed, so the
@@ -229,6 +232,8 @@ def approve(conninfo: str, action_id: int, *, operator: str) -> Executed:
             status,
             _,
             _,
+            requested_login,
+            login,
         ) = row
         if status != "awaiting_approval":
             raise ExceptionCommandError(
@@ -239,6 +244,13 @@ def approve(conninfo: str, action_id: int, *, operator: str) -> Executed:
             raise ExceptionCommandError(
                 f"action {action_id} was requested by {requested_by}; it moves money, so a "
                 "second, different operator must approve it"
+            )
+        if requested_login is not None and requested_login == login:
+            raise ExceptionCommandError(
+                f"action {action_id} was requested from the database login {login!r}, the one "
+                "you are connected as; it moves money, so it must be approved from a different "
+                "login: approve it from your own database login (RELAY_DATABASE_URL naming "
+                "your user, a member of outbox_operator)"
             )
         if action == "redrive":
             dead = [

@@ -47,6 +47,7 @@ __all__ = [
     "InternalItem",
     "MatchResult",
     "RunReport",
+    "currency_exponents",
     "match",
     "print_run",
     "run",
@@ -291,6 +292,16 @@ def _judge(item: InternalItem, txn: BalanceTransaction, fees: FeeSchedule) -> li
 
 
 # -- I/O ---------------------------------------------------------------------------------
+
+
+def currency_exponents(conninfo: str) -> dict[str, int]:
+    """Code -> ISO 4217 exponent from outbox.currencies, for the adapter to convert the
+    provider's settlement amounts into minor units (``balance_transactions(exponents=)``)."""
+    with psycopg.connect(conninfo) as conn:
+        return {
+            str(code): int(exponent)
+            for code, exponent in conn.execute(QUERIES["currency_exponents"])
+        }
 
 
 @dataclass

@@ -8,8 +8,11 @@ One task group owns every task. Guarantees:
 * every attempt of an intent sends the intent's stored idempotency key;
 * an ambiguous reply is settled by a lookup at the provider before anything is written;
 * the loop claims only what free lane slots and the global in-flight cap can take;
-* on stop: claiming stops, in-flight calls get ``shutdown_grace_seconds`` to finish, and
-  pending outcomes are flushed; anything cut off is re-driven after its lease expires.
+* on stop: claiming stops, and the whole shutdown fits one deadline,
+  ``shutdown_grace_seconds`` counted from the first stop (see :func:`flush_reserve_seconds`):
+  in-flight calls get the grace minus a reserve, unstarted intents are released, and the
+  final flush of outcomes gets what remains (at least :data:`SHUTDOWN_FLUSH_MIN_SECONDS`);
+  anything cut off is re-driven under the same key, at once or after its lease expires.
 """
 
 from __future__ import annotations
@@ -38,6 +41,20 @@ from relay.tracing import TraceContext, parse_traceparent
 __all__ = ["Relay", "RelayOptions"]
 
 log = structlog.get_logger("relay")
+
+# The end of the shutdown grace is kept for the final flush of outcomes: in-flight calls
+# are cut off this long before the deadline (at most a quarter of the grace), so the
+# outcomes they produced, and the cut-off calls' hand-backs, are written before it.
+SHUTDOWN_FLUSH_RESERVE_SECONDS = 5.0
+# The final flush gets at least this long even when nothing of the grace is left (a grace
+# of 0, or a drain that overran): enough for one batch against a healthy database.
+SHUTDOWN_FLUSH_MIN_SECONDS = 1.0
+
+
+def flush_reserve_seconds(grace_seconds: float) -> float:
+    """The end of the grace kept for the final flush: ``min(5 s, grace / 4)``. In-flight
+    calls may run for the grace minus this after the first stop."""
+    return min(SHUTDOWN_FLUSH_RESERVE_SECONDS, grace_seconds / 4)
 
 
 class RelayOptions:
@@ -102,6 +119,8 @@ class Relay:
         self.database_ok = False  # the last claim reached the database (readiness)
         self._drained = anyio.Event()
         self.finished = anyio.Event()
+        # Set by the first stop(): the instant (anyio clock) the whole shutdown must end.
+        self.shutdown_deadline: float | None = None
 
     # -- control -------------------------------------------------------------------------
 
@@ -110,6 +129,10 @@ class Relay:
 
     def stop(self) -> None:
         """Stop claiming and drain; :meth:`run` returns when drained or out of grace."""
+        if self.shutdown_deadline is None:
+            # One deadline for drain, releases and flush, counted from the first signal:
+            # the pod's terminationGracePeriodSeconds counts from there too.
+            self.shutdown_deadline = anyio.current_time() + self.options.shutdown_grace_seconds
         self._stopping = True
         self._stop_event.set()
         self.wake()
@@ -117,6 +140,13 @@ class Relay:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    def _deadline(self) -> float:
+        """The shutdown deadline. stop() sets it, and is the only way out of the claim loop;
+        "now" is only a fallback for the type checker."""
+        if self.shutdown_deadline is None:
+            return anyio.current_time()
+        return self.shutdown_deadline
 
     # -- main ----------------------------------------------------------------------------
 
@@ -131,8 +161,10 @@ class Relay:
                 await self._claim_and_dispatch()
                 helpers.cancel_scope.cancel()
             # Workers are done (or cut off): the completer flushes what is pending, then
-            # returns; past the grace it abandons the rest (leases expire, keys are reused).
-            self.completer.close(give_up_after=self.options.shutdown_grace_seconds)
+            # returns; past the shutdown deadline (at least the flush minimum from now) it
+            # abandons the rest (leases expire, keys are reused).
+            flush_until = max(self._deadline(), anyio.current_time() + SHUTDOWN_FLUSH_MIN_SECONDS)
+            self.completer.close(give_up_at=flush_until)
         self.finished.set()
         log.info("relay_stopped", claimed=self.claimed_total, lease_lost=self.completer.lease_lost)
 
@@ -147,10 +179,33 @@ class Relay:
                 requeued = await self.store.requeue_expired()
             except RETRYABLE_DB_ERRORS as exc:
                 log.warning("reaper_db_error", error=type(exc).__name__)
-                continue
+                requeued = 0
             if requeued:
                 log.info("leases_expired_requeued", intents=requeued)
                 self.wake()
+            await self._promote_orphaned_blocked()
+
+    async def _promote_orphaned_blocked(self) -> None:
+        """The safety net for inserts under REPEATABLE READ or SERIALIZABLE: their trigger
+        decides ``blocked`` from a snapshot that may predate the write-back resolving the
+        earlier intent, and nothing else would ever promote such an intent. One reaper
+        interval bounds how long it waits."""
+        try:
+            promoted = await self.store.promote_orphaned_blocked(list(self.lanes))
+        except RETRYABLE_DB_ERRORS as exc:
+            log.warning("orphan_sweep_db_error", error=type(exc).__name__)
+            return
+        if not promoted:
+            return
+        for _intent_id, _payment_id, provider in promoted:
+            metrics.ORPHANED_BLOCKED_PROMOTED.labels(provider=provider).inc()
+        log.warning(
+            "orphaned_blocked_promoted",
+            intents=[intent_id for intent_id, _, _ in promoted],
+            remedy="an application inserts under REPEATABLE READ or SERIALIZABLE; "
+            "READ COMMITTED avoids the wait",
+        )
+        self.wake()
 
     async def _claim_and_dispatch(self) -> None:
         idle = self.options.poll_interval_seconds
@@ -184,8 +239,11 @@ class Relay:
                 if not self._wake_event.is_set() and not hints:
                     idle = min(idle * 2, self.options.poll_max_interval_seconds)
             # Draining: admissions waiting for a token hand their intents back at once;
-            # in-flight calls get their grace, then are cut off.
-            with anyio.move_on_after(self.options.shutdown_grace_seconds) as grace:
+            # in-flight calls get the grace minus the flush reserve, then are cut off.
+            cut_off_at = self._deadline() - flush_reserve_seconds(
+                self.options.shutdown_grace_seconds
+            )
+            with anyio.CancelScope(deadline=cut_off_at) as grace:
                 if self.in_flight:
                     await self._drained.wait()
             if grace.cancelled_caught:
@@ -282,6 +340,7 @@ class Relay:
             payment_reference=intent.payment.provider_reference,
             attempt=intent.attempts,
             traceparent=trace.traceparent if trace else None,
+            exponent=intent.exponent,
         )
         admission.asked = True
         if not await lane.admit(self._stop_event):
@@ -343,8 +402,11 @@ class Relay:
         """Release a claimed intent that never reached the provider; its attempt is not
         consumed. If the database is away, the lease simply expires."""
         reason = "shutdown" if self._stopping else "breaker_open"
+        bound = anyio.current_time() + 5.0
+        if self.shutdown_deadline is not None:
+            bound = min(bound, self.shutdown_deadline)  # a release must not outlast it
         try:
-            with anyio.move_on_after(5.0, shield=True):
+            with anyio.CancelScope(deadline=bound, shield=True):
                 await self.store.release([(intent.id, intent.lease_token)])
         except RETRYABLE_DB_ERRORS as exc:
             log.warning("release_failed", error=type(exc).__name__, remedy="the lease expires")

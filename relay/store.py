@@ -41,6 +41,9 @@ class ClaimedIntent:
     lease_token: int
     traceparent: str | None
     payment: PaymentSnapshot
+    # The currency's ISO 4217 exponent (outbox.currencies), for adapters whose provider
+    # counts the currency differently; None where a caller does not know it.
+    exponent: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,7 @@ class Store:
                 captured,
                 refunded,
                 reference,
+                exponent,
             ) = row
             claimed.append(
                 ClaimedIntent(
@@ -139,6 +143,7 @@ class Store:
                         refunded_minor=refunded,
                         provider_reference=reference,
                     ),
+                    exponent=exponent,
                 )
             )
         claimed.sort(key=lambda intent: intent.id)
@@ -223,6 +228,43 @@ class Store:
     async def requeue_expired(self, *, limit: int = 1000, now: datetime | None = None) -> int:
         rows = await self._fetch_as_actor("requeue_expired_leases", {"limit": limit, "now": now})
         return len(rows)
+
+    async def promote_orphaned_blocked(
+        self, providers: Sequence[str], *, limit: int = 1000, now: datetime | None = None
+    ) -> list[tuple[int, str, str]]:
+        """Promote blocked intents of ``providers`` whose earlier intents are all resolved;
+        return (intent id, payment_id, provider) for each one promoted.
+
+        Nothing else would move them: an application that inserts under REPEATABLE READ or
+        SERIALIZABLE decides ``blocked`` from its snapshot, which may predate the write-back
+        that resolved the earlier intent (and promoted nothing, the new one being invisible
+        to it). The payments are locked first, as a write-back locks them, and payments
+        locked by someone else are skipped for the next sweep: the promotion is decided
+        under the same lock, by the same rule, as complete_intents' own.
+        """
+        if not providers:
+            return []
+        async with self.db.pool.connection() as conn, conn.transaction():
+            if self.actor is not None:
+                await conn.execute(
+                    QUERIES["set_actor"],
+                    {
+                        "actor": self.actor,
+                        "reason": "promoted: every earlier intent of its payment is resolved "
+                        "(it was inserted blocked under an older snapshot)",
+                    },
+                )
+            cur = await conn.execute(
+                QUERIES["lock_orphaned_blocked_payments"],
+                {"providers": list(providers), "limit": limit},
+            )
+            locked = [row[0] for row in await cur.fetchall()]
+            if not locked:
+                return []
+            cur = await conn.execute(
+                QUERIES["promote_orphaned_blocked"], {"payment_ids": locked, "now": now}
+            )
+            return [(int(i), str(p), str(v)) for i, p, v in await cur.fetchall()]
 
     async def release(
         self, leases: Sequence[tuple[int, int]], *, now: datetime | None = None

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-__all__ = ["Progress", "format_seconds", "render_table"]
+__all__ = ["Progress", "format_seconds", "plain_help", "render_table"]
+
+# reStructuredText markup of docstrings: ``literal`` and **strong**.
+_RST_MARKUP = re.compile(r"``(.+?)``|\*\*(.+?)\*\*", re.DOTALL)
+
+
+def plain_help(text: str) -> str:
+    """A docstring as --help prints it: reStructuredText markup taken out, text kept."""
+    return _RST_MARKUP.sub(lambda m: next(g for g in m.groups() if g is not None), text)
 
 
 def _is_number(value: object) -> bool:

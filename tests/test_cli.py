@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
+
+from relay.cli import build_parser
 
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
 
@@ -28,6 +32,23 @@ def test_every_command_has_help(command: str) -> None:
     assert result.returncode == 0
     assert "usage: outbox-relay" in result.stdout
     assert len(result.stdout.splitlines()) > 3
+
+
+def _every_parser(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _every_parser(sub)
+
+
+def test_help_texts_carry_no_markup() -> None:
+    """Descriptions taken from docstrings showed ``literal`` and **strong** as typed."""
+    parsers = list(_every_parser(build_parser()))
+    assert len(parsers) > 15
+    for parser in parsers:
+        text = parser.format_help()
+        assert "``" not in text and "**" not in text, parser.prog
 
 
 def test_bad_configuration_names_each_variable_once() -> None:

@@ -69,7 +69,10 @@ def _wait(predicate: Any, guard_seconds: float = 300.0) -> None:
 
 def test_sigterm_drains_releases_unstarted_and_exits_zero(db_url: str, tmp_path: Path) -> None:
     rows = build_workload(150, random.Random(5), "drain")
-    fake = FakeProviderProcess(tmp_path, "--latency-ms", "150")
+    # Slow calls: a call starts every 0.1 s (the rate limit) and takes 1.5 s, so at the
+    # SIGTERM some call has well over a second left and the drain lasts that long, long
+    # enough for the probes below to see it.
+    fake = FakeProviderProcess(tmp_path, "--latency-ms", "1500")
     # A tight rate limit keeps claimed intents waiting for a token, so a SIGTERM always
     # finds some that never reached the provider: those must be handed back at once.
     env = _relay_env(
@@ -78,6 +81,7 @@ def test_sigterm_drains_releases_unstarted_and_exits_zero(db_url: str, tmp_path:
         RELAY_PROVIDERS__STRIPE__CONCURRENCY="20",
         RELAY_PROVIDERS__STRIPE__RATE_LIMIT_PER_SECOND="10",
         RELAY_PROVIDERS__STRIPE__RATE_LIMIT_BURST="1",
+        RELAY_PROVIDERS__STRIPE__TIMEOUT_MS="10000",  # the latency is no timeout
         RELAY_SHUTDOWN_GRACE_SECONDS="10",
     )
     first = RelayProcess("drain-relay-1", env, tmp_path)
@@ -97,7 +101,19 @@ def test_sigterm_drains_releases_unstarted_and_exits_zero(db_url: str, tmp_path:
         )
         assert first.proc is not None
         first.proc.send_signal(signal.SIGTERM)
-        readiness_while_draining = _probe(first, "/readyz")
+        # Until the process exits: readiness turns 503 "draining", liveness never fails
+        # (the drain has its own deadline; a liveness kill would cut it short).
+        draining_seen = False
+        liveness_while_draining: list[int] = []
+        hang_guard = time.monotonic() + 120  # turns a hang into a failure; no speed limit
+        while first.proc.poll() is None:
+            assert time.monotonic() < hang_guard, "the relay did not exit after SIGTERM"
+            status, problems = _probe_json(first, "/readyz")
+            if status == 503 and "draining" in problems:
+                draining_seen = True
+            if draining_seen:
+                liveness_while_draining.append(_probe(first, "/healthz"))
+            time.sleep(0.02)
         exit_code = first.proc.wait(60)  # a second signal would mean "exit at once"
         left_in_flight = _scalar(
             db_url,
@@ -117,7 +133,10 @@ def test_sigterm_drains_releases_unstarted_and_exits_zero(db_url: str, tmp_path:
         fake.stop()
 
     assert exit_code == 0, "SIGTERM drains and exits 0"
-    assert readiness_while_draining in (503, 0), "not ready while draining (or already gone)"
+    assert draining_seen, "/readyz said 503 draining before the relay exited"
+    assert 200 in liveness_while_draining, "/healthz answered while draining"
+    # 0: the HTTP server closed in the last moments before exit; never a 503.
+    assert set(liveness_while_draining) <= {200, 0}, liveness_while_draining
     assert left_in_flight == 0, "no intent stays in flight under the stopped relay's lease"
     assert '"reason": "shutdown"' in log and "lease_released" in log
     assert_exactly_once(db_url, effects, expected_intents=len(rows))
@@ -152,6 +171,16 @@ def _probe(relay: RelayProcess, path: str) -> int:
         return httpx.get(f"http://127.0.0.1:{relay.http_port}{path}", timeout=5).status_code
     except httpx.HTTPError:
         return 0
+
+
+def _probe_json(relay: RelayProcess, path: str) -> tuple[int, list[str]]:
+    """Status and the problems the probe named (0 and none when it did not answer)."""
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{relay.http_port}{path}", timeout=5)
+        problems = answer.json().get("problems", [])
+    except (httpx.HTTPError, ValueError):
+        return 0, []
+    return answer.status_code, problems
 
 
 def test_postgres_restart_under_load_is_survived_exactly_once(

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from provider_adapters.base import Action, Command, Succeeded
+from provider_adapters.base import Action, Ambiguous, Command, Outcome, Succeeded
 from provider_adapters.stripe import StripeAdapter
 from relay.db import Database
 from relay.janitor import Janitor, JanitorOptions, next_check_delay
@@ -22,6 +22,7 @@ from relay.lanes import Lane
 from relay.store import Store
 from tests.fake_server import API_KEY, FakeServer, running_fake
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
+from tests.relay_harness import insert_intents, make_relay, run_until_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -314,3 +315,88 @@ def test_backoff_doubles_and_is_capped() -> None:
     ]
     assert next_check_delay(1, 60, 3600, lambda: 0.0) == 45
     assert next_check_delay(1, 60, 3600, lambda: 1.0) == 75
+
+
+class _LookupsFail(StripeAdapter):
+    """The relay's own lookups fail (a search index lagging behind, a failing GET), so the
+    relay cannot settle what its ambiguous attempts did and gives up on the intent."""
+
+    async def lookup(self, command: Command) -> Outcome:
+        return Ambiguous("lookup_failed", "lookup failed: the provider did not answer it")
+
+
+@pytest.mark.parametrize(
+    ("fault", "max_attempts"),
+    [
+        # Stripe stores the 500 for the key and replays it: every retry is ambiguous too.
+        ("rate_500_after_effect", 3),
+        # A retry would replay the stored success, so the budget is one attempt.
+        ("rate_timeout_after_effect", 1),
+    ],
+)
+async def test_janitor_settles_a_real_effect_then_failure_to_the_providers_truth(
+    db_url: str, database: Database, fake: FakeServer, fault: str, max_attempts: int
+) -> None:
+    """End to end: the fake provider applies the charge, then answers 500 or never answers
+    in time; the relay's retries and lookups run out and the intent ends dead; the janitor
+    looks it up and settles it as succeeded, with the provider's one effect and no second."""
+    blind = _LookupsFail(
+        name="stripe", api_key=API_KEY, base_url=fake.url, read_timeout_seconds=0.3
+    )
+    real = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
+    try:
+        await fake.configure(**{fault: 1.0}, timeout_seconds=1.0)
+        insert_intents(
+            db_url,
+            [
+                {
+                    "payment_id": "p-fault",
+                    "action": "charge",
+                    "amount_minor": 1234,
+                    "payment_method": "pm_card_visa",
+                }
+            ],
+        )
+        relay = make_relay(db_url, blind, instance="fault-relay", max_attempts=max_attempts)
+        await run_until_settled(db_url, [relay])
+        with psycopg.connect(db_url) as conn:
+            died = conn.execute(
+                "SELECT id, status, attempts, idempotency_key FROM outbox.payment_intents"
+                " WHERE payment_id = 'p-fault'"
+            ).fetchone()
+        assert died is not None
+        intent_id, status, attempts, key = died
+        assert (status, attempts) == ("dead", max_attempts)
+        effects = await fake.effects()
+        assert effects["faults_injected"][fault.removeprefix("rate_")] >= 1
+        assert effects["effects_by_key"][key]["count"] == 1  # the charge did happen
+
+        await fake.configure()  # the provider answers normally again
+        done = await janitor(database, real).run_once()
+        assert done.results == {"settled_succeeded": 1}
+        assert (await janitor(database, real).run_once()).results == {}  # settled once
+
+        with psycopg.connect(db_url) as conn:
+            intent = conn.execute(
+                "SELECT status, amount_applied_minor, provider_reference LIKE 'pi_%%'"
+                " FROM outbox.payment_intents WHERE id = %s",
+                (intent_id,),
+            ).fetchone()
+            payment = conn.execute(
+                "SELECT state, authorized_minor, captured_minor FROM outbox.payments"
+                " WHERE payment_id = 'p-fault'"
+            ).fetchone()
+            check = conn.execute(
+                "SELECT result FROM outbox.janitor_checks WHERE intent_id = %s", (intent_id,)
+            ).fetchone()
+        assert intent == ("succeeded", 1234, True)
+        assert payment == ("captured", 1234, 1234)
+        assert check == ("settled_succeeded",)
+        effects = await fake.effects()
+        assert effects["total_effects"] == 1
+        assert effects["effects_by_key"][key]["kinds"] == ["charge"]
+        assert_ledger_balanced(db_url)
+        assert_audit_intact(db_url)
+    finally:
+        await blind.aclose()
+        await real.aclose()

@@ -58,6 +58,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_app", "payment_intents"): {"SELECT"},
     ("outbox_app", "payment_intents_archive"): {"SELECT"},
     ("outbox_app", "payments"): {"SELECT"},
+    ("outbox_relay", "currencies"): {"SELECT"},  # sql/0014: exponents for the adapters
     ("outbox_relay", "event_streams"): {"SELECT"},
     ("outbox_relay", "events"): {"SELECT"},
     ("outbox_relay", "janitor_checks"): {"SELECT", "INSERT", "UPDATE"},
@@ -128,6 +129,8 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "audit_payment_doc": {"outbox_operator"},
     "audit_redact_text": {"outbox_operator"},
     "audit_actor": {"outbox_operator"},
+    "audit_generic_doc": {"outbox_operator"},  # sql/0014: audit verify's colder tables
+    "audit_redact": {"outbox_operator"},
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -152,6 +155,8 @@ RELAY_STATEMENTS = {
     "lock_payments",
     "complete_intents",
     "requeue_expired_leases",
+    "lock_orphaned_blocked_payments",  # relay/runtime.py: the reaper's sweep
+    "promote_orphaned_blocked",
     "release_leases",
     "archive_terminal_intents",  # relay/retention.py through the store
     "want_wakeups",
@@ -196,6 +201,7 @@ OPERATOR_STATEMENTS = {
     "ledger_payment_totals",
     "ledger_authorized_totals",
     "reconcile_start_run",  # relay/reconcile.py
+    "currency_exponents",
     "reconcile_internal_items",
     "reconcile_record_exception",
     "reconcile_clear_exceptions",
@@ -230,6 +236,7 @@ RELAY_REFUSED = {
 # janitor's and reconciliation's tables) is refused.
 APP_MAY_RUN = {
     "action_dead_intents",
+    "currency_exponents",  # the currency table, which applications read too
     "action_insert_intent",
     "audit_trail_present",
     "dead_letters_by_id",

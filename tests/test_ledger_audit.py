@@ -452,6 +452,122 @@ async def test_a_deleted_tail_or_chain_is_caught_against_the_live_rows(
     }
 
 
+def _colder_rows(conn: psycopg.Connection) -> dict[str, str]:
+    """One row of each colder audited table, each with a chain of two audit rows (its
+    insert and one update): entity -> entity_id."""
+    with conn.transaction():
+        conn.execute("SELECT set_config('outbox.actor', 'operator:alice', true)")
+        run = conn.execute(
+            "INSERT INTO outbox.reconciliation_runs (provider, window_start, window_end)"
+            " VALUES ('stripe', now() - interval '1 hour', now()) RETURNING id"
+        ).fetchone()
+        assert run is not None
+        conn.execute(
+            "UPDATE outbox.reconciliation_runs SET status = 'finished', exceptions_found = 5"
+            " WHERE id = %s",
+            (run[0],),
+        )
+        exception = conn.execute(
+            "INSERT INTO outbox.reconciliation_exceptions (provider, kind, match_key, detail,"
+            " occurred_at, first_run_id, last_run_id)"
+            " VALUES ('stripe', 'amount_mismatch', 'pi_tail', 'x', now(), %s, %s) RETURNING id",
+            (run[0], run[0]),
+        ).fetchone()
+        assert exception is not None
+        conn.execute(
+            "UPDATE outbox.reconciliation_exceptions SET times_seen = 2 WHERE id = %s",
+            (exception[0],),
+        )
+        actions = []
+        for reason in ("delete-last", "rewrite-last", "forged-append", "chain-deleted"):
+            action = conn.execute(
+                "INSERT INTO outbox.reconciliation_actions (exception_id, action, amount_minor,"
+                " reason, requested_by) VALUES (%s, 'refund', 150, %s, 'alice') RETURNING id",
+                (exception[0], reason),
+            ).fetchone()
+            assert action is not None
+            conn.execute(
+                "UPDATE outbox.reconciliation_actions SET reason = reason || ' (checked)'"
+                " WHERE id = %s",
+                (action[0],),
+            )
+            actions.append(str(action[0]))
+        conn.execute(
+            "INSERT INTO outbox.janitor_checks (intent_id, payment_id, provider)"
+            " VALUES (424242, 'p-tail', 'stripe')"
+        )
+        conn.execute(
+            "UPDATE outbox.janitor_checks SET checks = 1, result = 'not_found_yet'"
+            " WHERE intent_id = 424242"
+        )
+    return {
+        "reconciliation_run": str(run[0]),
+        "reconciliation_exception": str(exception[0]),
+        "janitor_check": "424242",
+        **{f"reconciliation_action:{n}": a for n, a in enumerate(actions)},
+    }
+
+
+def _last_audit_row(conn: psycopg.Connection, entity: str, entity_id: str) -> int:
+    row = conn.execute(
+        "SELECT max(id) FROM outbox.audit_log WHERE entity = %s AND entity_id = %s",
+        (entity, entity_id),
+    ).fetchone()
+    assert row is not None and row[0] is not None
+    return int(row[0])
+
+
+def test_the_end_of_every_colder_chain_is_checked_against_its_live_row(
+    db_url: str, superuser: psycopg.Connection
+) -> None:
+    """Janitor checks and reconciliation runs, exceptions and actions: a deleted last row,
+    a last row rewritten and re-hashed, a forged row appended with a valid link, and a
+    whole chain deleted all leave every link intact; only the live row shows them."""
+    rows = _colder_rows(superuser)
+    assert verify_database(db_url).intact
+    action = [rows[f"reconciliation_action:{n}"] for n in range(4)]
+    deleted_tails = [
+        _last_audit_row(superuser, entity, rows[entity])
+        for entity in ("reconciliation_run", "reconciliation_exception", "janitor_check")
+    ] + [_last_audit_row(superuser, "reconciliation_action", action[0])]
+    rewritten = _last_audit_row(superuser, "reconciliation_action", action[1])
+    tamper(
+        superuser,
+        "DELETE FROM outbox.audit_log WHERE id = ANY(%(deleted)s)",
+        # The approval the second operator never gave, re-hashed so the chain still holds.
+        'UPDATE outbox.audit_log SET after = after || \'{"approved_by": "bob"}\''
+        " WHERE id = %(rewritten)s",
+        "UPDATE outbox.audit_log SET hash = sha256(outbox.audit_canonical(id, at, actor,"
+        " entity, entity_id, payment_id, operation, reason, before, after, chain_seq,"
+        " prev_hash)) WHERE id = %(rewritten)s",
+        # A forged row, properly linked to the chain's end by the trail's own function.
+        "SELECT outbox.audit_write('reconciliation_action', %(forged)s, NULL, 'update',"
+        ' \'{"status": "awaiting_approval"}\', \'{"status": "executed"}\','
+        " 'operator:bob')",
+        "DELETE FROM outbox.audit_log WHERE entity = 'reconciliation_action'"
+        " AND entity_id = %(gone)s",
+        params={
+            "deleted": deleted_tails,
+            "rewritten": rewritten,
+            "forged": action[2],
+            "gone": action[3],
+        },
+    )
+    report = verify_database(db_url)
+    assert {(b.kind, b.entity, b.entity_id) for b in report.breaks} == {
+        ("tail_mismatch", "reconciliation_run", rows["reconciliation_run"]),
+        ("tail_mismatch", "reconciliation_exception", rows["reconciliation_exception"]),
+        ("tail_mismatch", "janitor_check", rows["janitor_check"]),
+        ("tail_mismatch", "reconciliation_action", action[0]),
+        ("tail_mismatch", "reconciliation_action", action[1]),
+        ("tail_mismatch", "reconciliation_action", action[2]),
+        ("missing_chain", "reconciliation_action", action[3]),
+    }, [b.describe() for b in report.breaks]
+    result = run_cli("audit", "verify", db_url=db_url)
+    assert result.returncode == 1
+    assert f"reconciliation_action {action[3]} exists but has no audit rows" in result.stdout
+
+
 _CARD = "4111 1111 1111 1111"
 _API_KEY = "sk_live_51HzQexampleSecretKey0000"
 

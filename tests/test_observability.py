@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -21,7 +22,9 @@ import httpx
 import psycopg
 import pytest
 from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
 
+from relay import metrics as relay_metrics
 from relay.db import Database
 from relay.demo import build_workload
 from relay.depth import DepthSampler
@@ -378,6 +381,26 @@ async def test_depth_sampler_sets_every_gauge_from_one_cheap_query(db_url: str) 
         assert _value("outbox_relay_oldest_pending_age_seconds", provider="sampled") == 0
     finally:
         await db.close()
+
+
+def _exposed_name(metric: MetricWrapperBase) -> str:
+    (family,) = metric.describe()
+    # prometheus-client keeps a counter's family name without its `_total` sample suffix.
+    return f"{family.name}_total" if family.type == "counter" else family.name
+
+
+def test_every_metric_is_in_the_readme_table() -> None:
+    registered = {
+        _exposed_name(value)
+        for value in vars(relay_metrics).values()
+        if isinstance(value, MetricWrapperBase)
+    }
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("| metric | meaning |", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"`(outbox_relay_[a-z0-9_]+)", table))
+    assert len(registered) > 20
+    assert registered - listed == set(), "registered in relay/metrics.py, missing in the README"
+    assert listed - registered == set(), "in the README's table, registered nowhere"
 
 
 def test_queue_depth_can_be_answered_from_the_partial_index_alone(conn: psycopg.Connection) -> None:

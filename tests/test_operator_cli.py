@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -532,6 +533,54 @@ def test_intents_show_prints_the_intent_its_payment_and_history(audited_db: str)
 
     missing = cli(db_url, "intents", "show", "999999")
     assert missing.returncode == 1 and "no intent 999999" in missing.stderr
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_output_to_a_reader_that_went_away_ends_quietly(db_url: str, unbuffered: str) -> None:
+    """`outbox-relay intents show ID --json | head -1`: head exits after one line."""
+    (intent,) = insert(db_url, ("pipe-1", "charge", 100, "pm_card_visa"))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: EPIPE on every write
+    try:
+        env = {**BASE_ENV, "RELAY_DATABASE_URL": db_url, "PYTHONUNBUFFERED": unbuffered}
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", "intents", "show", str(intent), "--json"],
+            env=env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == "", "no traceback, no 'Exception ignored'"
+    assert result.returncode == 141, "as a process stopped by SIGPIPE"
+
+
+def test_the_confirmation_question_goes_to_stderr(audited_db: str) -> None:
+    """stdout is the command's result (JSON with --json); the question is not part of it."""
+    (intent,) = insert(audited_db, ("ask-1", "charge", 100, "pm_card_visa"))
+    make_dead(audited_db, [intent])
+    terminal, stdin = pty.openpty()  # the question is asked on a terminal only
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "dead-letters", "retry", "--all", "--json"],
+            env={**BASE_ENV, "RELAY_DATABASE_URL": audited_db, "RELAY_OPERATOR": "dora"},
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.write(terminal, b"y\n")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(stdin)
+        os.close(terminal)
+    assert proc.returncode == 0, err
+    assert "retry 1 dead intent(s)" in err and "[y/N]" in err
+    done = json.loads(out)["done"]  # stdout is JSON and nothing else
+    assert [d["intent_id"] for d in done] == [intent]
+    assert state(audited_db, intent)[0] == "pending"
 
 
 def test_intents_show_without_an_audit_trail_says_so(db_url: str) -> None:

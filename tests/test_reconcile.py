@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,11 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from provider_adapters.base import BalanceTransaction
 from provider_adapters.stripe import StripeAdapter
+from relay.recon_exceptions import ExceptionCommandError, approve, request_action
 from relay.reconcile import (
     EXCEPTION_KINDS,
     FeeSchedule,
@@ -32,6 +34,7 @@ from relay.reconcile import (
 )
 from tests.fake_server import API_KEY, FakeServer, running_fake
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
+from tests.login_roles import login_role
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
 
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
@@ -366,6 +369,46 @@ async def test_exceptions_no_longer_found_are_cleared_and_can_come_back(
     assert back.recorded == [(first.recorded[0][0], False, "open")]
 
 
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_a_clean_run_over_many_small_pages_finds_nothing(
+    db_url: str, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    """Pagination: two transactions a page, far more transactions than a page, every one
+    read once (starting_after), every one matched, no exception."""
+    started = datetime.now(UTC) - timedelta(minutes=1)
+    insert_intents(db_url, WORKLOAD)
+    await run_until_settled(db_url, [make_relay(db_url, adapter, instance="page-relay")])
+    until = datetime.now(UTC) + timedelta(minutes=1)
+    whole = [t async for t in adapter.balance_transactions(started, until)]
+    assert len(whole) >= 8  # captures, charges and refunds of WORKLOAD
+
+    def pages_requested() -> int:
+        return sum(1 for r in fake.seen if r.path == "/v1/balance_transactions")
+
+    before = pages_requested()
+
+    def two_a_page(since: datetime, to: datetime) -> AsyncIterator[BalanceTransaction]:
+        return adapter.balance_transactions(since, to, page_size=2)
+
+    report = await run(
+        db_url,
+        "stripe",
+        two_a_page,
+        since=started,
+        until=until,
+        fees=FAKE_FEES,
+        slack=timedelta(0),
+        actor="reconcile:stripe",
+    )
+    assert pages_requested() - before == (len(whole) + 1) // 2
+    assert report.result.findings == []
+    assert report.result.provider_items == len(whole)
+    assert report.result.matched == report.result.internal_items == len(whole)
+    paged = [t async for t in two_a_page(started, until)]
+    assert [t.id for t in paged] == [t.id for t in whole]
+
+
 # -- the command line and the four-eyes workflow -------------------------------------------
 
 
@@ -379,10 +422,24 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.fixture
+def two_operator_logins(db_url: str) -> Iterator[tuple[str, str]]:
+    """Two database logins of outbox_operator: four eyes means two logins, not two names."""
+    with (
+        login_role(db_url, "outbox_operator", prefix="opa") as first,
+        login_role(db_url, "outbox_operator", prefix="opb") as second,
+    ):
+        yield first, second
+
+
 @pytest.mark.integration
 @pytest.mark.anyio
 async def test_cli_reconciles_and_money_moves_need_a_second_approver(
-    db_url: str, fake: FakeServer, adapter: StripeAdapter, tmp_path: Path
+    db_url: str,
+    fake: FakeServer,
+    adapter: StripeAdapter,
+    tmp_path: Path,
+    two_operator_logins: tuple[str, str],
 ) -> None:
     await relay_then_inject(db_url, fake, adapter)
     env = {
@@ -392,9 +449,15 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
         "RELAY_RECONCILE_FEE_BPS": "290",
         "RELAY_RECONCILE_FEE_FIXED_MINOR": "30",
     }
+    # The requesters (alice, dana) work from one database login, the approvers (bob, erin,
+    # carol) from another.
+    requester_url, approver_url = two_operator_logins
 
-    def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return cli(*args, env=env)
+    def run_cli(*args: str, url: str = requester_url) -> subprocess.CompletedProcess[str]:
+        return cli(*args, env={**env, "RELAY_DATABASE_URL": url})
+
+    def approve_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, url=approver_url)
 
     async def call(*args: str) -> subprocess.CompletedProcess[str]:
         # The fake provider is served by this test's event loop: keep it turning.
@@ -427,17 +490,18 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
     ids = {row["kind"]: row["id"] for row in listed}
     assert set(ids) == set(EXCEPTION_KINDS)
 
-    # Accepting moves no money: one operator, with a reason.
-    fee = run_cli(
+    # Accepting moves no money: one operator, with a reason. The operator's name comes
+    # from RELAY_OPERATOR when --operator is not given, as for every operator command.
+    fee = cli(
         "exceptions",
         "accept",
         str(ids["unexpected_fee"]),
-        "--operator",
-        "alice",
         "--reason",
         "disputed with the provider, ticket 4411",
+        env={**env, "RELAY_DATABASE_URL": requester_url, "RELAY_OPERATOR": "alice"},
     )
     assert fee.returncode == 0, fee.stderr
+    assert "accepted by alice" in fee.stdout
     refused = run_cli(
         "exceptions", "accept", str(ids["unexpected_fee"]), "--operator", "bob", "--reason", "again"
     )
@@ -459,14 +523,18 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
     same = run_cli("exceptions", "approve", action_id, "--operator", "alice")
     assert same.returncode == 1
     assert "second, different operator" in same.stderr
+    # Another name is not another person: the requester's login cannot approve as bob.
+    same_login = run_cli("exceptions", "approve", action_id, "--operator", "bob")
+    assert same_login.returncode == 1
+    assert "approve it from your own database login" in same_login.stderr
     with psycopg.connect(db_url) as conn:
         before = conn.execute(
             "SELECT count(*) FROM outbox.payment_intents WHERE payment_id = 'p-amount'"
         ).fetchone()
     assert before == (1,)  # nothing happened yet
-    approved = run_cli("exceptions", "approve", action_id, "--operator", "bob")
+    approved = approve_cli("exceptions", "approve", action_id, "--operator", "bob")
     assert approved.returncode == 0, approved.stderr
-    twice = run_cli("exceptions", "approve", action_id, "--operator", "carol")
+    twice = approve_cli("exceptions", "approve", action_id, "--operator", "carol")
     assert twice.returncode == 1 and "already executed" in twice.stderr
 
     # A void of the open hold and a re-drive of the dead intent go the same way.
@@ -496,7 +564,7 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
     redrive_action = redrive.stdout.split()[1]
     for action in (void_action, redrive_action):
         assert run_cli("exceptions", "approve", action, "--operator", "dana").returncode == 1
-        ok = run_cli("exceptions", "approve", action, "--operator", "erin")
+        ok = approve_cli("exceptions", "approve", action, "--operator", "erin")
         assert ok.returncode == 0, ok.stderr
 
     with psycopg.connect(db_url) as conn:
@@ -506,8 +574,8 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
             " ORDER BY id"
         ).fetchall()
         actions = conn.execute(
-            "SELECT action, requested_by, approved_by, status FROM outbox.reconciliation_actions"
-            " ORDER BY id"
+            "SELECT action, requested_by, approved_by, status, requested_login, approved_login"
+            " FROM outbox.reconciliation_actions ORDER BY id"
         ).fetchall()
         statuses = dict(
             conn.execute(
@@ -531,10 +599,11 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
         ("p-amount", "refund", 150, "pending", True),  # the relay sends it exactly once
         ("p-hold", "void", None, "pending", True),
     ]
+    requester, approver = (conninfo_to_dict(url)["user"] for url in two_operator_logins)
     assert actions == [
-        ("refund", "alice", "bob", "executed"),
-        ("void", "dana", "erin", "executed"),
-        ("redrive", "dana", "erin", "executed"),
+        ("refund", "alice", "bob", "executed", requester, approver),
+        ("void", "dana", "erin", "executed", requester, approver),
+        ("redrive", "dana", "erin", "executed", requester, approver),
     ]
     assert statuses["amount_mismatch:p-amount"] == "resolved"
     assert statuses["unexpected_fee:p-fee"] == "accepted"
@@ -545,6 +614,74 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
         "operator:dana",
         "operator:erin",
     ]
+    assert_audit_intact(db_url)
+
+
+@pytest.mark.integration
+def test_one_login_cannot_request_and_approve_under_two_names(
+    db_url: str, two_operator_logins: tuple[str, str]
+) -> None:
+    """Four eyes are two database logins: the names an operator types prove nothing."""
+    first, second = two_operator_logins
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute(
+            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+            " currency, payment_method, idempotency_key)"
+            " VALUES ('p-4eyes', 'authorize', 'stripe', 900, 'EUR', 'pm_card_visa', 'k-4eyes')"
+        )
+        run = admin.execute(
+            "INSERT INTO outbox.reconciliation_runs (provider, window_start, window_end)"
+            " VALUES ('stripe', now() - interval '1 hour', now()) RETURNING id"
+        ).fetchone()
+        assert run is not None
+        exception = admin.execute(
+            "INSERT INTO outbox.reconciliation_exceptions (provider, kind, match_key,"
+            " payment_id, detail, occurred_at, first_run_id, last_run_id)"
+            " VALUES ('stripe', 'status_mismatch', 'pi_4eyes', 'p-4eyes', 'test', now(), %s, %s)"
+            " RETURNING id",
+            (run[0], run[0]),
+        ).fetchone()
+        assert exception is not None
+    asked = request_action(first, int(exception[0]), "void", operator="alice", reason="test")
+
+    with pytest.raises(ExceptionCommandError, match="approve it from your own database login"):
+        approve(first, asked.action_id, operator="bob")
+    # The database holds the rule whatever the client: the login is the session's, and an
+    # approval from the requester's login violates reconciliation_actions_second_login.
+    with (
+        psycopg.connect(first) as conn,
+        pytest.raises(psycopg.errors.CheckViolation, match="second_login"),
+    ):
+        conn.execute(
+            "UPDATE outbox.reconciliation_actions SET approved_by = 'bob', approved_at = now(),"
+            " status = 'executed' WHERE id = %s",
+            (asked.action_id,),
+        )
+    with psycopg.connect(first) as conn:
+        forged = conn.execute(
+            "INSERT INTO outbox.reconciliation_actions (exception_id, action, reason,"
+            " requested_by, requested_login) VALUES (%s, 'void', 'x', 'mallory', 'nobody')"
+            " RETURNING requested_login",
+            (exception[0],),
+        ).fetchone()
+        conn.rollback()
+    assert forged == (conninfo_to_dict(first)["user"],)
+
+    done = approve(second, asked.action_id, operator="bob")
+    assert done.action == "void" and len(done.intent_ids) == 1
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT requested_by, approved_by, requested_login, approved_login, status"
+            " FROM outbox.reconciliation_actions WHERE id = %s",
+            (asked.action_id,),
+        ).fetchone()
+    assert row == (
+        "alice",
+        "bob",
+        conninfo_to_dict(first)["user"],
+        conninfo_to_dict(second)["user"],
+        "executed",
+    )
     assert_audit_intact(db_url)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -15,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from relay.config import load_settings
 from relay.redaction import (
     REDACTED,
     REDACTED_CARD,
@@ -22,6 +25,7 @@ from relay.redaction import (
     luhn_valid,
     redact_processor,
     redact_text,
+    register_secret,
     safe_label,
 )
 from tests.processes import RelayProcess
@@ -88,7 +92,8 @@ def test_no_card_number_survives(body: str, separator: str, before: str, after: 
 
 
 @pytest.mark.integration
-def test_the_card_rule_is_the_databases(conn: psycopg.Connection) -> None:
+def test_every_card_the_database_refuses_is_masked(conn: psycopg.Connection) -> None:
+    # The log rule is the database's rule widened (other separators), never narrower.
     samples = [
         "4111111111111111",
         "4111 1111 1111 1111",
@@ -99,11 +104,15 @@ def test_the_card_rule_is_the_databases(conn: psycopg.Connection) -> None:
         "pm_card_visa",
         "x4222222222222y",
         "4111  1111 1111 1111",
+        "4111.1111.1111.1111",
+        "2025-11-25T09:42:00Z",
     ]
     for text in samples:
         row = conn.execute("SELECT outbox.looks_like_card_number(%s)", (text,)).fetchone()
         assert row is not None
-        assert row[0] == (REDACTED_CARD in redact_text(text)), text
+        masked = REDACTED_CARD in redact_text(text)
+        assert masked or not row[0], text
+        assert masked == (row[0] or text in ("4111  1111 1111 1111", "4111.1111.1111.1111")), text
 
 
 @pytest.mark.parametrize(
@@ -150,6 +159,102 @@ def test_the_processor_masks_secret_keys_at_any_depth() -> None:
         "outbox_abc",
     )
     assert out["ratio"] == 0.5 and out["missing_secret"] is None
+
+
+# Secrets in free text that only a name, a scheme or a URL gives away: (text, secret).
+FREE_TEXT_LEAKS = [
+    ("api_key=abcdef123456", "abcdef123456"),
+    ('request failed: {"api_key": "abcdef123456", "amount": 100}', "abcdef123456"),
+    ("body {'password': 'hunter2hunter2'} refused", "hunter2hunter2"),
+    ('payload {\\"api_key\\": \\"abc def 123456\\"}', "def 123456"),
+    ("password=hunter2hunter2", "hunter2hunter2"),
+    ("password: hunter2hunter2", "hunter2hunter2"),
+    ("RELAY_PROVIDERS__ADYEN__API_KEY=AQEyhmfxK4", "AQEyhmfxK4"),
+    ("X-Api-Key: AQEyhmfxK4 sent", "AQEyhmfxK4"),
+    ("Authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA"),
+    ("sent Basic dXNlcjpwYXNzd29yZA== upstream", "dXNlcjpwYXNzd29yZA"),
+    ("Authorization: Bearer eyJhbGciOi.eyJzdWIi.SflKxw", "eyJhbGciOi"),
+    ("Authorization: Token 9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b", "9944b09199c62bcf"),
+    (
+        "OperationalError: connection to postgresql://relay:s3cr3t-pw@db:5432/app failed",
+        "s3cr3t-pw",
+    ),
+]
+
+# Cards with the separators people and systems print them with.
+OTHER_SEPARATOR_CARDS = [
+    "4111.1111.1111.1111",
+    "4111  1111  1111  1111",
+    "4111/1111/1111/1111",
+    "4111_1111_1111_1111",
+    "4111 - 1111 - 1111 - 1111",
+    "4111\t1111\t1111\t1111",
+    "4111\u00a01111\u00a01111\u00a01111",
+    "3782.822463.10005",  # American Express, 4-6-5
+    "3056/930902/5904",  # Diners, 4-6-4
+    "4222.2222.2222.2",  # 13 digits, 4-4-4-1
+]
+
+
+@pytest.mark.parametrize(("text", "secret"), FREE_TEXT_LEAKS)
+def test_secrets_named_in_free_text_are_masked(text: str, secret: str) -> None:
+    out = redact_text(text)
+    assert secret not in out
+    assert REDACTED in out
+
+
+@pytest.mark.parametrize("card", OTHER_SEPARATOR_CARDS)
+def test_cards_with_other_separators_are_masked(card: str) -> None:
+    assert luhn_valid(re.sub(r"\D", "", card))
+    assert redact_text(f"card {card} declined") == f"card {REDACTED_CARD} declined"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "from 10.244.1.23 to 10.244.1.24",
+        "version 1.2.3 build 2025.11.25",
+        "took 0.123456789 s, 4111.11 EUR",
+        "HTTP Basic authentication failed",
+        "lease_token=123456 idempotency_key=outbox_abc attempt=3",
+        "Authorization: Bearer [redacted]",
+    ],
+)
+def test_ordinary_text_is_left_alone(text: str) -> None:
+    assert redact_text(text) == text
+
+
+def test_a_registered_secret_is_masked_whatever_its_shape() -> None:
+    plain = f"Plain{secrets.token_hex(8)}"  # no rule would recognise it
+    odd = f"p@ss w/{secrets.token_hex(4)}\"'"
+    register_secret(plain, odd, None, "short")
+    assert redact_text(f"the key {plain} was refused") == f"the key {REDACTED} was refused"
+    assert plain not in redact_text(f"x{plain}y")
+    url = f"amqp://relay:{quote(odd, safe='')}@rabbit/"
+    assert quote(odd, safe="") not in redact_text(url)
+    assert odd not in redact_text(f"failed for {odd}")
+    assert redact_text("short and sweet") == "short and sweet", "too short to scrub"
+
+
+def test_settings_register_the_configured_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    api_key = f"AQE{secrets.token_hex(8)}"  # not shaped like a Stripe key
+    db_password = f"Db{secrets.token_hex(6)}"
+    amqp_password = f"Mq{secrets.token_hex(6)}"
+    monkeypatch.setenv("RELAY_PROVIDERS__ADYEN__API_KEY", api_key)
+    monkeypatch.setenv("RELAY_DATABASE_URL", f"postgresql://relay:{db_password}@db/app")
+    monkeypatch.setenv("RELAY_AMQP_URL", f"amqp://relay:{amqp_password}@rabbit/")
+    settings = load_settings()
+    assert {api_key, db_password, amqp_password} <= set(settings.secret_values())
+    line = redact_text(f"{api_key} {db_password} {amqp_password}")
+    assert line == f"{REDACTED} {REDACTED} {REDACTED}"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [text for text, _ in FREE_TEXT_LEAKS] + OTHER_SEPARATOR_CARDS,
+)
+def test_labels_from_data_cannot_carry_a_secret(value: str) -> None:
+    assert safe_label(value) == "redacted"
 
 
 def test_labels_from_data_cannot_carry_a_card_number() -> None:
@@ -212,6 +317,59 @@ def test_console_logs_are_redacted_too() -> None:
     assert "attempt" in out and REDACTED_CARD in out
     for secret in ("SECRETSECRET", "PW_SECRET", "4111"):
         assert secret not in out
+
+
+_LEAK_SCRIPT = """
+import json, logging, os, sys
+import structlog
+from relay.config import load_settings
+from relay.logs import configure_logging
+load_settings()  # registers the configured secrets, as every command does at start-up
+configure_logging(sys.argv[1])
+leaks = json.loads(sys.argv[2])
+api_key = os.environ["RELAY_PROVIDERS__ADYEN__API_KEY"]
+log = structlog.get_logger("t")
+for text in leaks:
+    log.info(text)
+    log.info("attempt", error_message=text, nested={"detail": [text], text: 1})
+    logging.getLogger("aiohttp.client").warning("upstream said %s", text)
+    try:
+        raise ValueError(text)
+    except ValueError:
+        log.exception("failed")
+log.info("provider_said", body="unknown key " + api_key, **{api_key: "as a key"})
+log.info("connecting", url=os.environ["RELAY_DATABASE_URL"])
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_free_text_secrets_and_configured_values_never_reach_the_log(
+    fmt: str, tmp_path: Path
+) -> None:
+    api_key = f"AQE{secrets.token_hex(8)}"
+    db_password = f"Db{secrets.token_hex(6)}"
+    texts = [text for text, _ in FREE_TEXT_LEAKS] + [f"card {c}" for c in OTHER_SEPARATOR_CARDS]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env |= {
+        "RELAY_PROVIDERS__ADYEN__API_KEY": api_key,
+        "RELAY_DATABASE_URL": f"host=db user=relay dbname=app password={db_password}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _LEAK_SCRIPT, fmt, json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("attempt") >= len(texts) and "provider_said" in out
+    for secret in [secret for _, secret in FREE_TEXT_LEAKS] + [api_key, db_password]:
+        assert secret not in out, f"{secret!r} in the {fmt} log"
+    # Separators as printed or as JSON escapes them (\t, \u00a0) taken out: no card left.
+    squeezed = re.sub(r"\\t|\\u00a0|[\s./\\_-]", "", out)
+    for card in OTHER_SEPARATOR_CARDS:
+        assert re.sub(r"\D", "", card) not in squeezed, f"{card!r} in the {fmt} log"
 
 
 # -- a real relay process: planted secrets never leave it ----------------------------------------

@@ -166,9 +166,16 @@ def test_card_number_is_never_echoed_back(conn: psycopg.Connection) -> None:
     assert "raw card number" in str(caught.value)
 
 
-def test_digits_failing_luhn_are_not_mistaken_for_cards(conn: psycopg.Connection) -> None:
-    row = insert(conn, payment_method="pm_4242424242424241")
+def test_a_token_holds_fewer_than_13_digits_luhn_or_not(conn: psycopg.Connection) -> None:
+    """sql/0013: testing windows for Luhn would refuse numbers that are no card at random;
+    a provider token never holds 13 digits in a row, so 13 are refused whatever they are."""
+    row = insert(conn, payment_method="pm_424242424242")
     assert row[1] == "pending"
+    with pytest.raises(errors.CheckViolation) as caught:
+        insert(conn, payment_id="order-2", payment_method="pm_4242424242424241")
+    diag = caught.value.diag  # type: ignore[attr-defined]
+    assert diag.constraint_name == "payment_intents_payment_method_not_card_number"
+    assert "4242" not in str(caught.value) and diag.message_detail is None
 
 
 def test_currency_and_provider_must_match_the_payment(conn: psycopg.Connection) -> None:

@@ -226,6 +226,33 @@ async def test_effect_then_500_is_settled_by_lookup(
     assert settled.amount_minor == cmd.amount_minor
 
 
+@pytest.mark.parametrize(
+    "key", ["o'brien-1", "back\\slash-1", 'say-"hi"', "trailing-\\", "\\'\"\\\\"]
+)
+async def test_lookup_settles_a_key_holding_quotes_or_backslashes(
+    fake: FakeServer, adapter: StripeAdapter, key: str
+) -> None:
+    """The key is a quoted string in the search query: unescaped, a quote in it ended the
+    string early and the search failed, so the ambiguous authorize was never settled."""
+    cmd = command(Action.AUTHORIZE, key, 1000)
+    await fake.configure(rate_500_after_effect=1.0)
+    assert isinstance(await adapter.execute(cmd), Ambiguous)
+    await fake.configure()
+    settled = await adapter.lookup(cmd)
+    assert isinstance(settled, Succeeded), settled
+    effect = (await fake.effects())["effects_by_key"][key]
+    assert (effect["count"], settled.provider_reference) == (1, effect["object"])
+
+
+async def test_a_key_cannot_extend_the_search_query(
+    fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    await authorized(adapter, "victim")
+    forged = "victim' OR metadata['outbox_idempotency_key']:'victim"
+    outcome = await adapter.lookup(command(Action.AUTHORIZE, forged))
+    assert isinstance(outcome, Retryable) and outcome.code == "not_found", outcome
+
+
 @pytest.mark.parametrize("action", [Action.AUTHORIZE, Action.CAPTURE, Action.REFUND])
 async def test_effect_then_timeout_is_settled_by_lookup(fake: FakeServer, action: Action) -> None:
     # Read timeout well below the fake's stall: the reply is lost after the effect.
@@ -340,6 +367,28 @@ async def test_traceparent_is_forwarded(fake: FakeServer, adapter: StripeAdapter
     by_key = {r.headers.get("Idempotency-Key"): r.headers for r in fake.posts()}
     assert by_key["tp-auth"].get("traceparent") == TRACEPARENT
     assert "traceparent" not in {h.lower() for h in by_key["tp-cap"]}  # none given, none sent
+
+
+async def test_traceparent_is_forwarded_on_lookups(
+    fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    """A lookup settles the same intent as the call: it belongs to the same trace."""
+    pi = await authorized(adapter, "tpl-auth")
+    await succeeded(adapter, command(Action.CAPTURE, "tpl-cap", 500, reference=pi))
+    await succeeded(adapter, command(Action.REFUND, "tpl-ref", 100, reference=pi))
+    lookups = [
+        command(Action.AUTHORIZE, "tpl-auth", traceparent=TRACEPARENT),  # search
+        command(Action.CAPTURE, "tpl-cap", 500, reference=pi, traceparent=TRACEPARENT),  # get
+        command(Action.REFUND, "tpl-ref", 100, reference=pi, traceparent=TRACEPARENT),  # list
+        command(Action.AUTHORIZE, "tpl-none"),  # no trace context: no header
+    ]
+    for cmd in lookups:
+        before = len(fake.seen)
+        await adapter.lookup(cmd)
+        sent = [r for r in fake.seen[before:] if r.method == "GET"]
+        assert sent, f"{cmd.action} looked up with a GET"
+        expected = cmd.traceparent
+        assert all(r.headers.get("traceparent") == expected for r in sent), (cmd.action, sent)
 
 
 async def test_idempotency_key_is_sent_on_every_post(

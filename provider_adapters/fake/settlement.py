@@ -5,7 +5,9 @@ Pure logic, no I/O. Money that moves creates a balance transaction, as at Stripe
 or a capture (type ``charge``, the captured amount, a fee, the net) and a refund (type
 ``refund``, a negative amount, no fee). An authorisation or a void moves no money and
 creates none. The fee follows ``fees`` (basis points of the amount, half up, plus a fixed
-part), like a Stripe price list.
+part), like a Stripe price list, rounded half up to the currency's grid at Stripe (whole
+krónur for ISK, a last digit 0 for three-decimal currencies), as every amount there is.
+Amounts are in Stripe's units (provider_adapters/currency_units.py).
 
 ``inject`` changes what the provider reports, never what happened, one reconciliation
 exception class at a time (see docs/audit-and-reconciliation.md):
@@ -31,6 +33,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from provider_adapters.currency_units import STRIPE_UNITS
 
 __all__ = ["DISCREPANCIES", "FeeSchedule", "Settlement"]
 
@@ -59,8 +63,10 @@ class FeeSchedule:
     bps: int = 290
     fixed_minor: int = 30
 
-    def fee(self, amount: int) -> int:
-        return (amount * self.bps + 5_000) // 10_000 + self.fixed_minor
+    def fee(self, amount: int, currency: str) -> int:
+        raw = (amount * self.bps + 5_000) // 10_000 + self.fixed_minor
+        step = STRIPE_UNITS.granularity(currency)
+        return (raw + step // 2) // step * step
 
 
 @dataclass
@@ -101,7 +107,7 @@ class Settlement:
                 "currency": currency,
                 "status": "succeeded",
             }
-            self._add("charge", amount, self.fees.fee(amount), currency, charge)
+            self._add("charge", amount, self.fees.fee(amount, currency), currency, charge)
         elif kind == "refund":
             self._add("refund", -amount, 0, currency, object_id)
 
@@ -219,7 +225,7 @@ class Settlement:
                 "currency": currency,
                 "status": "succeeded",
             }
-            txn = self._add("charge", amount, self.fees.fee(amount), currency, charge)
+            txn = self._add("charge", amount, self.fees.fee(amount, currency), currency, charge)
         else:
             source = str(spec.get("source", ""))
             found = self._find(source)
@@ -233,7 +239,7 @@ class Settlement:
                 delta = int(spec.get("delta", 1))
                 txn["amount"] += delta
                 if txn["fee"]:
-                    txn["fee"] = self.fees.fee(abs(txn["amount"]))
+                    txn["fee"] = self.fees.fee(abs(txn["amount"]), txn["currency"])
                 txn["net"] = txn["amount"] - txn["fee"]
             elif kind == "currency_mismatch":
                 txn["currency"] = str(spec.get("currency", "usd")).lower()

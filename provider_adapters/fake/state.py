@@ -3,6 +3,10 @@
 Pure logic, no I/O. Every operation returns ``(http_status, body)`` in Stripe's shapes.
 An *effect* is a change of money state: an authorisation placed, a capture, a charge, a
 refund, or a cancellation that releases a hold. Declines and errors are not effects.
+
+Amounts are in Stripe's units and follow Stripe's rules for them
+(provider_adapters/currency_units.py: ISK in multiples of 100, three-decimal currencies
+with the last digit 0); an amount off that grid is refused with a 400, as at Stripe.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from provider_adapters.currency_units import STRIPE_UNITS
 from provider_adapters.fake.settlement import Settlement
 
 __all__ = ["Effect", "StripeState", "stripe_error"]
@@ -31,7 +36,11 @@ _DECLINES = {
     ),
     "pm_card_chargeDeclinedExpiredCard": ("expired_card", None, "Your card has expired."),
 }
-_SEARCH = re.compile(r"""^metadata\[['"]([^'"]+)['"]\]:['"]([^'"]*)['"]$""")
+# metadata['KEY']:'VALUE' (either quote), where a backslash escapes the next character
+# inside a quoted string, as in Stripe's search query language.
+_QUOTED = r"'((?:[^'\\]|\\.)*)'" + r'|"((?:[^"\\]|\\.)*)"'
+_SEARCH = re.compile(rf"^metadata\[(?:{_QUOTED})\]:(?:{_QUOTED})$", re.DOTALL)
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
 
 def stripe_error(
@@ -132,6 +141,23 @@ class StripeState:
             )
         return value
 
+    @staticmethod
+    def _off_grid(amount: int, currency: str, param: str) -> Reply | None:
+        """Stripe's refusal of an amount its rules for the currency do not allow."""
+        step = STRIPE_UNITS.granularity(currency)
+        if amount % step == 0:
+            return None
+        # The code Stripe documents for ISK (support.stripe.com, "Deprecation of
+        # fractional ISK charges"); the fake uses it for every currency's grid.
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            f"Invalid amount. Amounts in {currency.upper()} must be evenly divisible by "
+            f"{step}. See https://stripe.com/docs/currencies#special-cases.",
+            code="invalid_charge_amount_no_decimal_compatible",
+            param=param,
+        )
+
     # -- payment intents -----------------------------------------------------------------
 
     def create_payment_intent(self, params: dict[str, Any], key: str) -> Reply:
@@ -147,6 +173,10 @@ class StripeState:
                 code="parameter_missing",
                 param="currency",
             )
+        assert amount is not None  # required=True
+        refused = self._off_grid(amount, currency, "amount")
+        if refused is not None:
+            return refused
         capture_method = str(params.get("capture_method") or "automatic")
         if capture_method not in ("automatic", "manual", "automatic_async"):
             return stripe_error(
@@ -251,6 +281,9 @@ class StripeState:
         if isinstance(amount, tuple):
             return amount
         amount = pi["amount_capturable"] if amount is None else amount
+        refused = self._off_grid(amount, pi["currency"], "amount_to_capture")
+        if refused is not None:
+            return refused
         if amount > pi["amount_capturable"]:
             return stripe_error(
                 400,
@@ -295,7 +328,9 @@ class StripeState:
                 code="parameter_invalid_string",
                 param="query",
             )
-        name, value = match.groups()
+        key_single, key_double, value_single, value_double = match.groups()
+        name = _ESCAPED.sub(r"\1", key_single if key_single is not None else key_double)
+        value = _ESCAPED.sub(r"\1", value_single if value_single is not None else value_double)
         data = [dict(pi) for pi in self.intents.values() if pi["metadata"].get(name) == value]
         return 200, {
             "object": "search_result",
@@ -338,6 +373,9 @@ class StripeState:
         if isinstance(amount, tuple):
             return amount
         amount = remaining if amount is None else amount
+        refused = self._off_grid(amount, pi["currency"], "amount")
+        if refused is not None:
+            return refused
         if amount <= 0 or amount > remaining:
             return stripe_error(
                 400,

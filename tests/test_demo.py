@@ -1,0 +1,113 @@
+"""`outbox-relay demo`: option ranges, the end of the wait, and the deadline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import anyio
+import psycopg
+import pytest
+
+from relay.cli import build_parser
+from relay.demo import wait_for_workload
+from tests.relay_harness import insert_intents
+
+BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--rate-429", "1.5"),
+        ("--rate-503", "-0.1"),
+        ("--rate-timeout-after-effect", "nan"),
+        ("--rate-500-after-effect", "lots"),
+        ("--rate-malformed", "2"),
+        ("--payments", "0"),
+        ("--relays", "0"),
+        ("--latency-ms", "-1"),
+        ("--deadline-seconds", "0"),
+        ("--deadline-seconds", "inf"),
+    ],
+)
+def test_an_option_out_of_range_is_a_usage_error_naming_it(
+    capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["demo", option, value])
+    assert exited.value.code == 2
+    assert f"argument {option}: expected" in capsys.readouterr().err
+
+
+def test_a_bad_rate_stops_the_demo_before_it_starts_anything() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "demo", "--rate-429", "1.5"],
+        env={**BASE_ENV, "RELAY_DATABASE_URL": "postgresql://127.0.0.1:1/nowhere"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "argument --rate-429" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _intents(prefix: str) -> list[dict[str, object]]:
+    charge = {"action": "charge", "amount_minor": 100, "payment_method": "pm_card_visa"}
+    return [
+        {"payment_id": f"{prefix}-0", **charge},
+        {"payment_id": f"{prefix}-0", "action": "refund"},
+        {"payment_id": f"{prefix}-0", "action": "refund"},
+        {"payment_id": f"{prefix}-1", **charge},
+    ]
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_the_wait_ends_when_the_rest_waits_behind_a_dead_intent(db_url: str) -> None:
+    insert_intents(db_url, _intents("wait"))
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "UPDATE outbox.payment_intents SET status = 'dead', error_code = 'invalid',"
+            " completed_at = now() WHERE payment_id = 'wait-0' AND action = 'charge'"
+        )
+        conn.execute(
+            "UPDATE outbox.payment_intents SET status = 'failed', error_code = 'card_declined',"
+            " completed_at = now() WHERE payment_id = 'wait-1'"
+        )
+    # The two refunds stay blocked behind the dead charge until an operator acts; without
+    # counting them as finished the wait would run to its deadline.
+    with anyio.fail_after(60):
+        stuck = await wait_for_workload(
+            db_url, "wait", 4, time.perf_counter(), deadline_seconds=3600
+        )
+    assert stuck == []
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_past_the_deadline_the_wait_names_what_is_stuck(db_url: str) -> None:
+    insert_intents(db_url, _intents("late"))  # no relay runs: nothing ever finishes
+    stuck = await wait_for_workload(db_url, "late", 4, time.perf_counter(), deadline_seconds=0.5)
+    assert stuck[0].startswith("error: the workload did not finish within --deadline-seconds")
+    assert "4 intent(s) unfinished (blocked 2, pending 2)" in stuck[0]
+    with psycopg.connect(db_url) as conn:
+        first = conn.execute("SELECT min(id) FROM outbox.payment_intents").fetchone()
+    assert first is not None
+    assert any(f"intent {first[0]} (late-0, charge): pending" in line for line in stuck)
+
+
+@pytest.mark.integration
+def test_a_small_demo_finishes_and_passes_its_check(db_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "demo", "--payments", "15", "--deadline-seconds", "120"],
+        env={**BASE_ENV, "RELAY_DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "exactly-once check passed" in result.stdout
