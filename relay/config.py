@@ -151,7 +151,12 @@ class Settings(BaseSettings):
         description="Queue-depth gauges are sampled from the database this often (jittered); "
         "0: not sampled.",
     )
-    shutdown_grace_seconds: float = Field(30.0, ge=0, description="Drain time on SIGTERM.")
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="The whole shutdown from the first SIGTERM: drain, lease releases and the "
+        "final flush (which keeps the last min(5 s, grace/4)).",
+    )
     log_format: Literal["auto", "json", "console"] = Field("auto", description="Log format.")
     janitor_enabled: bool = Field(
         True, description="Settle dead intents by looking them up at the provider."
