@@ -213,6 +213,11 @@ def tls_postgres() -> Any:
     run as the ``postgres`` user when the tests run as root."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     tools = {"initdb": initdb, "pg_ctl": pg_ctl, "openssl": shutil.which("openssl")}
+    running_as_root = os.geteuid() == 0  # PostgreSQL refuses to run as root
+    if running_as_root:  # sbin is often off a user's PATH (an `env -i` shell)
+        tools["runuser"] = shutil.which("runuser") or shutil.which(
+            "runuser", path="/usr/sbin:/sbin"
+        )
     missing = [name for name, path in tools.items() if path is None]
     if missing:
         if os.environ.get("RELAY_TEST_REQUIRE_SERVICES") == "1":
@@ -227,8 +232,8 @@ def tls_postgres() -> Any:
     _make_server_cert(certs, "outbox-test-ca")
     data = workdir / "data"
     as_user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        as_user = ["runuser", "-u", "postgres", "--"]
+    if running_as_root:
+        as_user = [str(tools["runuser"]), "-u", "postgres", "--"]
         shutil.chown(workdir, user="postgres")
     subprocess.run(
         [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust"],
