@@ -1,4 +1,5 @@
-"""Fixtures: a real PostgreSQL for integration tests.
+"""Fixtures: a real PostgreSQL for integration tests, and the fake provider with a Stripe
+adapter pointed at it (``fake``, ``adapter``; a module may override them, e.g. seeded).
 
 RELAY_TEST_DATABASE_URL points at a server whose user may CREATE DATABASE; without it an
 embedded PostgreSQL is started (pgserver). Each test gets its own database, cloned from a
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from provider_adapters.stripe import StripeAdapter
 from relay.migrate import migrate
+from tests.fake_server import API_KEY, FakeServer, running_fake
 
 REQUIRE_SERVICES = os.environ.get("RELAY_TEST_REQUIRE_SERVICES") == "1"
 
@@ -110,3 +113,18 @@ def amqp_url() -> str:
     except Exception as exc:
         _unavailable(f"RabbitMQ at RELAY_TEST_AMQP_URL is unreachable: {exc!r}")
     return url
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeServer]:
+    async with running_fake() as server:
+        yield server
+
+
+@pytest.fixture
+async def adapter(fake: FakeServer) -> AsyncIterator[StripeAdapter]:
+    stripe_adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
+    try:
+        yield stripe_adapter
+    finally:
+        await stripe_adapter.aclose()

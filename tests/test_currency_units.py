@@ -24,7 +24,7 @@ from provider_adapters.currency_units import (
 )
 from provider_adapters.stripe import StripeAdapter
 from relay.reconcile import FeeSchedule, currency_exponents, run
-from tests.fake_server import API_KEY, FakeServer, running_fake
+from tests.fake_server import API_KEY, FakeServer
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
 
@@ -115,19 +115,6 @@ def test_the_overrides_are_exactly_where_stripe_departs_from_the_currency_table(
 
 
 # -- the whole path, against the fake provider ----------------------------------------------
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeServer]:
-    async with running_fake() as server:
-        yield server
-
-
-@pytest.fixture
-async def adapter(fake: FakeServer) -> AsyncIterator[StripeAdapter]:
-    adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
-    yield adapter
-    await adapter.aclose()
 
 
 def _keys(db_url: str, payment_id: str) -> dict[str, str]:

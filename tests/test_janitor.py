@@ -20,24 +20,11 @@ from relay.db import Database
 from relay.janitor import Janitor, JanitorOptions, next_check_delay
 from relay.lanes import Lane
 from relay.store import Store
-from tests.fake_server import API_KEY, FakeServer, running_fake
+from tests.fake_server import API_KEY, FakeServer
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeServer]:
-    async with running_fake() as server:
-        yield server
-
-
-@pytest.fixture
-async def adapter(fake: FakeServer) -> AsyncIterator[StripeAdapter]:
-    adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
-    yield adapter
-    await adapter.aclose()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from relay.reconcile import (
     run,
     write_reports,
 )
-from tests.fake_server import API_KEY, FakeServer, running_fake
+from tests.fake_server import API_KEY, FakeServer
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.login_roles import login_role
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
@@ -143,19 +143,6 @@ def test_fees_are_checked_against_the_schedule_and_refunds_carry_none() -> None:
 
 
 # -- against the fake provider -------------------------------------------------------------
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeServer]:
-    async with running_fake() as server:
-        yield server
-
-
-@pytest.fixture
-async def adapter(fake: FakeServer) -> AsyncIterator[StripeAdapter]:
-    adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
-    yield adapter
-    await adapter.aclose()
 
 
 WORKLOAD: list[dict[str, Any]] = [
