@@ -41,8 +41,10 @@ claimed AS (
 )
 SELECT c.id, c.payment_id, c.action, c.provider, c.amount_minor, c.currency, c.payment_method,
        c.idempotency_key, c.attempts, c.lease_token, c.traceparent,
-       COALESCE(p.state, 'new') AS payment_state, COALESCE(p.authorized_minor, 0),
-       COALESCE(p.captured_minor, 0), COALESCE(p.refunded_minor, 0),
+       COALESCE(p.state, 'new') AS payment_state,
+       COALESCE(p.authorized_minor, 0) AS authorized_minor,
+       COALESCE(p.captured_minor, 0) AS captured_minor,
+       COALESCE(p.refunded_minor, 0) AS refunded_minor,
        p.provider_reference AS payment_reference,
        (SELECT x.exponent FROM outbox.currencies AS x WHERE x.code = c.currency) AS exponent
 FROM claimed AS c

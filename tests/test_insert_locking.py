@@ -12,7 +12,6 @@ intents of one payment cannot share a position; and that an archived history sti
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -21,7 +20,6 @@ import pytest
 from psycopg import errors
 
 from relay.audit import verify_database
-from relay.db import Database
 from relay.store import Store, WriteBack
 from tests.relay_harness import insert_intents
 
@@ -36,16 +34,6 @@ AUTHORIZE = (
     " payment_method) VALUES (%s, 'authorize', 'stripe', 1000, 'EUR', 'pm_card_visa')"
     " RETURNING id, status, payment_seq"
 )
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    db = Database(db_url, pool_size=2, name="insert-locking")
-    await db.open()
-    try:
-        yield Store(db, actor="relay:insert-locking")
-    finally:
-        await db.close()
 
 
 def statuses(db_url: str, payment_id: str) -> list[tuple[str, int]]:
