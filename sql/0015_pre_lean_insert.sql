@@ -43,6 +43,12 @@
 -- a Python client (docs/performance.md); it was 0.43 to 0.58. The relay pays part of it:
 -- a payment's first claim writes its row and the creation's audit rows.
 --
+-- Older relays: the one break with the rule that a migration never changes what an earlier
+-- release uses. An earlier relay's claim joins the payment's row, so it cannot claim a
+-- payment's first intent inserted after this migration. Such an intent waits, pending, for
+-- a relay of this release; nothing is lost or sent twice (an earlier relay's write-back
+-- locks rows, and an INSERT locks the row whenever one exists). README, "Upgrades".
+--
 -- Isolation: an application inserting under READ COMMITTED (the default) reads the latest
 -- committed intents after the lock is granted. Under REPEATABLE READ or SERIALIZABLE its
 -- snapshot may predate an intent of the same payment committed by another transaction:
