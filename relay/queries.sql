@@ -477,22 +477,23 @@ SELECT intent_id, payment_id, status, promoted_intent_id
 FROM outbox.cancel_dead_intents(%(ids)s::bigint[], %(operator)s::text, %(reason)s::text);
 
 -- name: intent_detail
--- One intent for `intents show`, from the hot table or the archive.
+-- One intent for `intents show`, from the hot table or the archive, with its currency's exponent.
 SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
        idempotency_key, metadata, status, attempts, available_at, lease_expires_at, claimed_by,
        amount_applied_minor, provider_reference, error_code, error_message, created_at,
-       updated_at, completed_at, archived
+       updated_at, completed_at, archived, created_by,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = found.currency) AS exponent
 FROM (
     SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
            idempotency_key, metadata, status, attempts, available_at, lease_expires_at,
            claimed_by, amount_applied_minor, provider_reference, error_code, error_message,
-           created_at, updated_at, completed_at, false AS archived
+           created_at, updated_at, completed_at, false AS archived, created_by
     FROM outbox.payment_intents WHERE id = %(id)s
     UNION ALL
     SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
            idempotency_key, metadata, status, attempts, available_at, lease_expires_at,
            claimed_by, amount_applied_minor, provider_reference, error_code, error_message,
-           created_at, updated_at, completed_at, true AS archived
+           created_at, updated_at, completed_at, true AS archived, created_by
     FROM outbox.payment_intents_archive WHERE id = %(id)s
 ) AS found
 LIMIT 1;

@@ -582,6 +582,19 @@ def test_the_confirmation_question_goes_to_stderr(audited_db: str) -> None:
     assert state(audited_db, intent)[0] == "pending"
 
 
+def test_intents_show_an_intent_no_relay_has_claimed_yet(db_url: str) -> None:
+    """sql/0015: no payment row and no audit rows yet; the page says so and still shows the
+    amount in the currency's units, who inserted it, and its creation."""
+    (intent,) = insert(db_url, ("unclaimed-1", "authorize", 1999, "pm_card_visa"))
+    shown = cli(db_url, "intents", "show", str(intent))
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert "19.99 EUR" in out
+    assert "created by      db:" in out
+    assert "payment unclaimed-1: new (no relay has claimed any of its intents yet)" in out
+    assert "history (1 change(s)):" in out and "created, status pending" in out
+
+
 def test_intents_show_without_an_audit_trail_says_so(db_url: str) -> None:
     (intent,) = insert(db_url, ("noaudit", "charge", 100, "pm_card_visa"))
     with psycopg.connect(db_url) as conn:
