@@ -17,9 +17,7 @@ the first broken link of one chain and says what happened there:
 (intents hot and archived, payments, janitor checks, reconciliation runs, exceptions and
 actions) ends its chain in its live state, which also catches a deleted tail, a rewritten
 or forged last row, a deleted chain, and a change made while the audit trigger was off
-(``tail_mismatch``, ``missing_chain``). An intent that nothing has changed since its INSERT
-has no chain yet (sql/0015: its first change writes its creation); it is accepted only while
-every relay-owned column is as the insert trigger set it.
+(``tail_mismatch``, ``missing_chain``).
 """
 
 from __future__ import annotations
@@ -222,8 +220,6 @@ class VerifyReport:
     rows: int = 0
     chains: int = 0
     live_rows_checked: int = 0
-    # intents exactly as inserted: their creation is written by their first change (sql/0015)
-    not_yet_audited: int = 0
     breaks: list[Break] = field(default_factory=list)
 
     @property
@@ -244,7 +240,6 @@ class VerifyReport:
             "rows": self.rows,
             "chains": self.chains,
             "live_rows_checked": self.live_rows_checked,
-            "not_yet_audited": self.not_yet_audited,
             "first_break": asdict(first) if first else None,
             "breaks": [asdict(b) for b in sorted(self.breaks, key=_break_order)],
         }
@@ -287,72 +282,63 @@ def verify_database(
     tails: dict[tuple[str, str], tuple[AuditRow, bytes] | None] = {}
     with psycopg.connect(conninfo) as conn:
         conn.read_only = True
-        # One snapshot for both walks: an intent claimed (and so given its chain) between
-        # them must not look like a row whose chain was deleted.
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        with conn.transaction():
-            with conn.cursor(name="outbox_audit_verify") as cur:
-                cur.itersize = 5_000
-                cur.execute(QUERIES["audit_rows_by_chain"])
-                rows = (AuditRow(*record) for record in cur)
-                for chain in _chains(rows):
-                    report.chains += 1
-                    report.rows += len(chain)
-                    found = verify_chain(chain)
-                    if found is not None:
-                        report.breaks.append(found)
-                    if chain[0].entity in _TAIL_CHECKED:
-                        # A broken chain's state proves nothing: its break is reported instead.
-                        tails[(chain[0].entity, chain[0].entity_id)] = (
-                            None if found else (chain[-1], _digest(fold(chain)))
+        with conn.transaction(), conn.cursor(name="outbox_audit_verify") as cur:
+            cur.itersize = 5_000
+            cur.execute(QUERIES["audit_rows_by_chain"])
+            rows = (AuditRow(*record) for record in cur)
+            for chain in _chains(rows):
+                report.chains += 1
+                report.rows += len(chain)
+                found = verify_chain(chain)
+                if found is not None:
+                    report.breaks.append(found)
+                if chain[0].entity in _TAIL_CHECKED:
+                    # A broken chain's state proves nothing: its break is reported instead.
+                    tails[(chain[0].entity, chain[0].entity_id)] = (
+                        None if found else (chain[-1], _digest(fold(chain)))
+                    )
+                if report.chains % 10_000 == 0:
+                    progress(f"checked {report.rows} audit rows in {report.chains} chains")
+        progress(f"checked {report.rows} audit rows in {report.chains} chains; comparing live rows")
+        with conn.transaction(), conn.cursor(name="outbox_audit_live") as cur:
+            cur.itersize = 5_000
+            cur.execute(QUERIES["audit_live_documents"])
+            for entity, entity_id, doc in cur:
+                report.live_rows_checked += 1
+                key = (entity, entity_id)
+                if key not in tails:
+                    report.breaks.append(
+                        Break(
+                            "missing_chain",
+                            entity,
+                            entity_id,
+                            None,
+                            None,
+                            f"{entity} {entity_id} exists but has no audit rows: its chain "
+                            "was deleted, or it was written with the audit trigger off",
                         )
-                    if report.chains % 10_000 == 0:
-                        progress(f"checked {report.rows} audit rows in {report.chains} chains")
-            progress(
-                f"checked {report.rows} audit rows in {report.chains} chains; comparing live rows"
-            )
-            with conn.cursor(name="outbox_audit_live") as cur:
-                cur.itersize = 5_000
-                cur.execute(QUERIES["audit_live_documents"])
-                for entity, entity_id, doc, chain_may_be_absent in cur:
-                    report.live_rows_checked += 1
-                    key = (entity, entity_id)
-                    if key not in tails and chain_may_be_absent:
-                        report.not_yet_audited += 1
-                        continue
-                    if key not in tails:
-                        report.breaks.append(
-                            Break(
-                                "missing_chain",
-                                entity,
-                                entity_id,
-                                None,
-                                None,
-                                f"{entity} {entity_id} exists but has no audit rows: its chain "
-                                "was deleted, or it was written with the audit trigger off",
-                            )
+                    )
+                    continue
+                tail = tails.pop(key)
+                if tail is None:
+                    continue
+                last, digest = tail
+                if digest != _digest(doc):
+                    report.breaks.append(
+                        Break(
+                            "tail_mismatch",
+                            entity,
+                            entity_id,
+                            last.id,
+                            last.chain_seq,
+                            f"the chain of {entity} {entity_id} ends at audit row {last.id} "
+                            f"(chain_seq {last.chain_seq}) in a state that differs from the "
+                            "live row: later audit rows were deleted, or the row was changed "
+                            "with the audit trigger off",
                         )
-                        continue
-                    tail = tails.pop(key)
-                    if tail is None:
-                        continue
-                    last, digest = tail
-                    if digest != _digest(doc):
-                        report.breaks.append(
-                            Break(
-                                "tail_mismatch",
-                                entity,
-                                entity_id,
-                                last.id,
-                                last.chain_seq,
-                                f"the chain of {entity} {entity_id} ends at audit row {last.id} "
-                                f"(chain_seq {last.chain_seq}) in a state that differs from the "
-                                "live row: later audit rows were deleted, or the row was changed "
-                                "with the audit trigger off",
-                            )
-                        )
-                    if report.live_rows_checked % 10_000 == 0:
-                        progress(f"compared {report.live_rows_checked} live rows")
+                    )
+                if report.live_rows_checked % 10_000 == 0:
+                    progress(f"compared {report.live_rows_checked} live rows")
     return report
 
 
@@ -365,12 +351,6 @@ def print_report(report: VerifyReport, *, as_json: bool = False, out: TextIO = s
         f"{report.live_rows_checked} live rows compared with their chains' ends",
         file=out,
     )
-    if report.not_yet_audited:
-        print(
-            f"{report.not_yet_audited} intent(s) untouched since their INSERT: their creation "
-            "is written to the trail by their first change (claim, promotion or operator)",
-            file=out,
-        )
     first = report.first_break
     if first is None:
         print("intact: every link holds and every chain ends in its row's live state", file=out)

@@ -100,7 +100,7 @@ def _short(value: object, width: int = 40) -> str:
 def _print(found: dict[str, Any]) -> None:
     intent = found["intent"]
     payment = found["payment"] or {}
-    exponent = intent.get("exponent", payment.get("exponent"))
+    exponent = payment.get("exponent")
     currency = intent["currency"]
     archived = " (archived)" if intent["archived"] else ""
     print(f"intent {intent['id']}{archived}: {intent['action']} on payment {intent['payment_id']}")
@@ -134,7 +134,6 @@ def _print(found: dict[str, Any]) -> None:
             else None,
         ),
         ("created", _when(intent["created_at"])),
-        ("created by", intent.get("created_by")),
         ("updated", _when(intent["updated_at"])),
         ("completed", _when(intent["completed_at"]) if intent["completed_at"] else None),
     ]
@@ -148,11 +147,6 @@ def _print(found: dict[str, Any]) -> None:
             f"{_money(payment['captured_minor'], currency, exponent)}, refunded "
             f"{_money(payment['refunded_minor'], currency, exponent)}"
             + (f", ref {payment['provider_reference']}" if payment["provider_reference"] else "")
-        )
-    else:
-        # sql/0015: the relay's first claim of one of its intents creates the payment's row.
-        print(
-            f"\npayment {intent['payment_id']}: new (no relay has claimed any of its intents yet)"
         )
     siblings = found["payment_intents"]
     print(f"\nintents of the payment, in order ({len(siblings)}):")

@@ -7,10 +7,6 @@
 -- The audit trail records the claim as 'relay:<instance>' (outbox.actor, set for this statement).
 -- NOTE: an intent already sent longer ago than its provider's idempotency-key lifetime is
 -- parked `dead` by a trigger instead of claimed (sql/0005); the final SELECT leaves it out.
--- A payment's first claim creates its row in outbox.payments (sql/0015: the application's
--- INSERT writes only the intent; a trigger at the end of this statement writes it). This
--- statement cannot see that row, and a new payment's state is the row's defaults, so those
--- are what it returns for one.
 -- `exponent` (ISO 4217, outbox.currencies) lets an adapter convert to its provider's units.
 WITH actor AS (
     SELECT set_config('outbox.actor', 'relay:' || %(instance)s::text, true) AS actor
@@ -33,23 +29,20 @@ claimed AS (
         lease_expires_at = COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s),
         claimed_by = %(instance)s,
         updated_at = COALESCE(%(now)s::timestamptz, now())
-    FROM picked, actor
-    WHERE i.id = picked.id
+    FROM picked, outbox.payments AS p, actor
+    WHERE i.id = picked.id AND p.payment_id = i.payment_id
     RETURNING i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency,
               i.payment_method, i.idempotency_key, i.attempts, i.lease_token,
-              i.metadata ->> 'traceparent' AS traceparent, i.status
+              i.metadata ->> 'traceparent' AS traceparent,
+              p.state AS payment_state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+              p.provider_reference AS payment_reference, i.status
 )
-SELECT c.id, c.payment_id, c.action, c.provider, c.amount_minor, c.currency, c.payment_method,
-       c.idempotency_key, c.attempts, c.lease_token, c.traceparent,
-       COALESCE(p.state, 'new') AS payment_state,
-       COALESCE(p.authorized_minor, 0) AS authorized_minor,
-       COALESCE(p.captured_minor, 0) AS captured_minor,
-       COALESCE(p.refunded_minor, 0) AS refunded_minor,
-       p.provider_reference AS payment_reference,
-       (SELECT x.exponent FROM outbox.currencies AS x WHERE x.code = c.currency) AS exponent
-FROM claimed AS c
-LEFT JOIN outbox.payments AS p ON p.payment_id = c.payment_id
-WHERE c.status = 'in_flight';
+SELECT id, payment_id, action, provider, amount_minor, currency, payment_method,
+       idempotency_key, attempts, lease_token, traceparent, payment_state, authorized_minor,
+       captured_minor, refunded_minor, payment_reference,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = claimed.currency) AS exponent
+FROM claimed
+WHERE status = 'in_flight';
 
 -- name: set_actor
 -- Name who writes in this transaction (and why, optionally) for the audit trail's triggers.
@@ -57,8 +50,12 @@ SELECT set_config('outbox.actor', %(actor)s::text, true),
        set_config('outbox.reason', COALESCE(%(reason)s::text, ''), true);
 
 -- name: lock_payments
--- Lock the payments a write-back touches, in key order, before reading blocked intents (sql/0015: the insert trigger takes the same lock).
-SELECT outbox.lock_payments(%(payment_ids)s::text[]);
+-- Lock the payments a write-back touches, in a fixed order, before reading blocked intents.
+SELECT payment_id
+FROM outbox.payments
+WHERE payment_id = ANY(%(payment_ids)s::text[])
+ORDER BY payment_id
+FOR UPDATE;
 
 -- name: complete_intents
 -- Write a batch of outcomes, each fenced by its lease token; promote the next blocked intent;
@@ -207,9 +204,8 @@ RETURNING i.id;
 -- An application inserting under REPEATABLE READ or SERIALIZABLE decides `blocked` from its
 -- snapshot, so an intent resolved after that snapshot still blocks the new one. Found via
 -- payment_intents_depth_idx (blocked rows of these providers) and, per row, one probe of
--- payment_intents_unresolved_by_payment_idx. Both of the write-back's locks (sql/0015), each
--- without waiting: a write-back or insert in progress owns that payment now; the next sweep
--- looks again.
+-- payment_intents_unresolved_by_payment_idx. SKIP LOCKED: a write-back or insert in
+-- progress owns that payment now; the next sweep looks again.
 SELECT p.payment_id
 FROM outbox.payments AS p
 WHERE p.payment_id IN (
@@ -224,7 +220,6 @@ WHERE p.payment_id IN (
             AND e.payment_seq < b.payment_seq
             AND e.status IN ('blocked', 'pending', 'in_flight', 'dead'))
     LIMIT %(limit)s)
-  AND outbox.try_lock_payment(p.payment_id)
 ORDER BY p.payment_id
 FOR UPDATE OF p SKIP LOCKED;
 
@@ -477,23 +472,22 @@ SELECT intent_id, payment_id, status, promoted_intent_id
 FROM outbox.cancel_dead_intents(%(ids)s::bigint[], %(operator)s::text, %(reason)s::text);
 
 -- name: intent_detail
--- One intent for `intents show`, from the hot table or the archive, with its currency's exponent.
+-- One intent for `intents show`, from the hot table or the archive.
 SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
        idempotency_key, metadata, status, attempts, available_at, lease_expires_at, claimed_by,
        amount_applied_minor, provider_reference, error_code, error_message, created_at,
-       updated_at, completed_at, archived, created_by,
-       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = found.currency) AS exponent
+       updated_at, completed_at, archived
 FROM (
     SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
            idempotency_key, metadata, status, attempts, available_at, lease_expires_at,
            claimed_by, amount_applied_minor, provider_reference, error_code, error_message,
-           created_at, updated_at, completed_at, false AS archived, created_by
+           created_at, updated_at, completed_at, false AS archived
     FROM outbox.payment_intents WHERE id = %(id)s
     UNION ALL
     SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
            idempotency_key, metadata, status, attempts, available_at, lease_expires_at,
            claimed_by, amount_applied_minor, provider_reference, error_code, error_message,
-           created_at, updated_at, completed_at, true AS archived, created_by
+           created_at, updated_at, completed_at, true AS archived
     FROM outbox.payment_intents_archive WHERE id = %(id)s
 ) AS found
 LIMIT 1;
@@ -548,39 +542,34 @@ ORDER BY entity, entity_id, chain_seq;
 -- name: audit_live_documents
 -- The audited columns of every live row of every audited table, redacted as the trail stores them.
 -- The colder tables' allow-lists are their audit triggers' (sql/0005, sql/0014): keep them equal.
--- The last column: the row may have no chain yet, being an intent exactly as inserted (sql/0015
--- writes an intent's creation with its first change).
-SELECT 'intent', i.id::text, outbox.audit_intent_doc(i),
-       i.status IN ('pending', 'blocked') AND i.attempts = 0 AND i.lease_token IS NULL
-       AND i.claimed_by IS NULL AND i.error_code IS NULL AND i.completed_at IS NULL
-       AND i.updated_at = i.created_at
+SELECT 'intent', i.id::text, outbox.audit_intent_doc(i)
 FROM outbox.payment_intents AS i
 UNION ALL
 SELECT 'intent', a.id::text,
-       outbox.audit_intent_doc(ROW(a.*)::outbox.payment_intents), false
+       outbox.audit_intent_doc(ROW(a.*)::outbox.payment_intents)
 FROM outbox.payment_intents_archive AS a
 UNION ALL
-SELECT 'payment', p.payment_id, outbox.audit_payment_doc(p), false
+SELECT 'payment', p.payment_id, outbox.audit_payment_doc(p)
 FROM outbox.payments AS p
 UNION ALL
 SELECT 'janitor_check', j.intent_id::text, outbox.audit_generic_doc(j,
-       'intent_id,payment_id,provider,checks,not_found,result,detail,settled_at'), false
+       'intent_id,payment_id,provider,checks,not_found,result,detail,settled_at')
 FROM outbox.janitor_checks AS j
 UNION ALL
 SELECT 'reconciliation_run', r.id::text, outbox.audit_generic_doc(r,
        'id,provider,window_start,window_end,status,run_by,provider_items,internal_items,matched,'
-       'exceptions_found,exceptions_new,exceptions_cleared'), false
+       'exceptions_found,exceptions_new,exceptions_cleared')
 FROM outbox.reconciliation_runs AS r
 UNION ALL
 SELECT 'reconciliation_exception', x.id::text, outbox.audit_generic_doc(x,
        'id,provider,kind,match_key,payment_id,ledger_transaction_id,provider_transaction_id,'
        'currency,internal_amount_minor,provider_amount_minor,fee_minor,expected_fee_minor,'
-       'delta_minor,detail,status,last_run_id,times_seen,resolution,resolution_reason,resolved_by'), false
+       'delta_minor,detail,status,last_run_id,times_seen,resolution,resolution_reason,resolved_by')
 FROM outbox.reconciliation_exceptions AS x
 UNION ALL
 SELECT 'reconciliation_action', a.id::text, outbox.audit_generic_doc(a,
        'id,exception_id,payment_id,action,amount_minor,reason,requested_by,approved_by,status,'
-       'intent_id,requested_login,approved_login'), false
+       'intent_id,requested_login,approved_login')
 FROM outbox.reconciliation_actions AS a;
 
 -- name: ledger_counts
@@ -899,25 +888,12 @@ FOR UPDATE OF a, x;
 
 -- name: action_insert_intent
 -- An approved refund or void becomes an ordinary intent of the payment; the relay sends it exactly once.
--- The payment's provider and currency from its row, or from its latest intent while no claim has
--- created the row yet (sql/0015).
 INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency, metadata)
-SELECT %(payment_id)s::text, %(action)s::text, p.provider, %(amount_minor)s::bigint, p.currency,
+SELECT p.payment_id, %(action)s::text, p.provider, %(amount_minor)s::bigint, p.currency,
        jsonb_build_object('reconciliation_exception', %(exception_id)s::bigint,
                           'reconciliation_action', %(action_id)s::bigint)
-FROM (
-    SELECT provider, currency, 0 AS preference
-    FROM outbox.payments
-    WHERE payment_id = %(payment_id)s::text
-    UNION ALL
-    (SELECT provider, currency, 1
-     FROM outbox.payment_intents
-     WHERE payment_id = %(payment_id)s::text
-     ORDER BY payment_seq DESC
-     LIMIT 1)
-    ORDER BY preference
-    LIMIT 1
-) AS p
+FROM outbox.payments AS p
+WHERE p.payment_id = %(payment_id)s::text
 RETURNING id;
 
 -- name: action_dead_intents

@@ -18,9 +18,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from provider_adapters.stripe import StripeAdapter
-from relay.db import Database
 from relay.migrate import migrate
-from relay.store import Store
 from tests.fake_server import API_KEY, FakeServer, running_fake
 
 REQUIRE_SERVICES = os.environ.get("RELAY_TEST_REQUIRE_SERVICES") == "1"
@@ -130,14 +128,3 @@ async def adapter(fake: FakeServer) -> AsyncIterator[StripeAdapter]:
         yield stripe_adapter
     finally:
         await stripe_adapter.aclose()
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    """The relay's SQL API (relay/store.py) on a small pool, writing as relay:test-store."""
-    db = Database(db_url, pool_size=2, name="test-store")
-    await db.open()
-    try:
-        yield Store(db, actor="relay:test-store")
-    finally:
-        await db.close()

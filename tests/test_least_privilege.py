@@ -131,8 +131,6 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "audit_actor": {"outbox_operator"},
     "audit_generic_doc": {"outbox_operator"},  # sql/0014: audit verify's colder tables
     "audit_redact": {"outbox_operator"},
-    "lock_payments": {"outbox_relay"},  # sql/0015: the write-back's payment locks
-    "try_lock_payment": {"outbox_relay"},  # sql/0015: the orphan sweep
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -588,15 +586,9 @@ def test_application_inserts_intents_and_events_and_reads_outcomes_only(
         assert app.execute(
             "SELECT status, payment_seq FROM outbox.payment_intents WHERE id = %s", (intent_id,)
         ).fetchone() == ("pending", 1)
-        # The INSERT writes only the intents (sql/0015): the payment's row comes with the
-        # relay's first claim, and the intents' positions come from each other.
         assert app.execute(
-            "SELECT count(*) FROM outbox.payments WHERE payment_id = 'lp-app-1'"
-        ).fetchone() == (0,)
-        assert app.execute(
-            "SELECT array_agg(payment_seq ORDER BY id) FROM outbox.payment_intents"
-            " WHERE payment_id = 'lp-app-1'"
-        ).fetchone() == ([1, 2],)
+            "SELECT state, next_seq FROM outbox.payments WHERE payment_id = 'lp-app-1'"
+        ).fetchone() == ("new", 2)
         assert app.execute("SELECT count(*) FROM outbox.events").fetchone() == (1,)
         assert app.execute("SELECT count(*) FROM outbox.payment_intents_archive").fetchone() == (0,)
         assert app.execute(
@@ -675,9 +667,8 @@ def test_application_inserts_intents_and_events_and_reads_outcomes_only(
             "SELECT status, attempts FROM outbox.payment_intents ORDER BY id"
         ).fetchall() == [("pending", 0), ("blocked", 0)], "the refused statements changed nothing"
         actors = admin.execute(
-            "SELECT DISTINCT created_by FROM outbox.payment_intents WHERE payment_id = 'lp-app-1'"
+            "SELECT DISTINCT actor FROM outbox.audit_log WHERE payment_id = 'lp-app-1'"
         ).fetchall()
-    # The intents' first changes write their creation to the trail under this name.
     assert actors == [(f"db:{role}",)], "the audit trail names the application's login role"
 
 
@@ -976,11 +967,9 @@ def test_an_actor_name_is_recorded_only_from_a_role_entitled_to_it(
     """sql/0012: set_config('outbox.actor', ...) names a writer only when its role may."""
 
     def actors(payment_id: str) -> list[str]:
-        # The name the intent's creation is written to the trail under, by its first change
-        # (sql/0015); test_ledger_audit checks that the trail's first row carries it.
         with psycopg.connect(db_url) as admin:
             rows = admin.execute(
-                "SELECT created_by FROM outbox.payment_intents WHERE payment_id = %s ORDER BY id",
+                "SELECT actor FROM outbox.audit_log WHERE payment_id = %s ORDER BY id",
                 (payment_id,),
             ).fetchall()
         return [str(actor) for (actor,) in rows]
@@ -992,19 +981,19 @@ def test_an_actor_name_is_recorded_only_from_a_role_entitled_to_it(
             return str(conn.info.user)
 
     app_role = insert_as(app_url, "lp-actor-app-relay", "relay:r1")
-    assert actors("lp-actor-app-relay") == [f"db:{app_role}"]
+    assert actors("lp-actor-app-relay") == [f"db:{app_role}"] * 2
     insert_as(app_url, "lp-actor-app-operator", "operator:alice")
-    assert actors("lp-actor-app-operator") == [f"db:{app_role}"]
+    assert actors("lp-actor-app-operator") == [f"db:{app_role}"] * 2
     insert_as(app_url, "lp-actor-app-db", "db:postgres")
-    assert actors("lp-actor-app-db") == [f"db:{app_role}"]
+    assert actors("lp-actor-app-db") == [f"db:{app_role}"] * 2
 
     # The entitled roles keep their names. The relay role may not insert intents: its
     # entitlement is checked directly at the end, and its audit rows in the real relay's
     # test above.
     insert_as(operator_url, "lp-actor-operator", "operator:alice")
-    assert actors("lp-actor-operator") == ["operator:alice"]
+    assert actors("lp-actor-operator") == ["operator:alice"] * 2
     operator_role = insert_as(operator_url, "lp-actor-operator-relay", "relay:r1")
-    assert actors("lp-actor-operator-relay") == [f"db:{operator_role}"]
+    assert actors("lp-actor-operator-relay") == [f"db:{operator_role}"] * 2
 
     # The events guard's exemption for the relay's own result events: an application that
     # names itself the relay is still refused a card number in an event.

@@ -12,12 +12,15 @@ lock_orphaned_blocked_payments and promote_orphaned_blocked).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import anyio
 import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
 from provider_adapters.memory import MemoryProvider
+from relay.db import Database
 from relay.store import Store, WriteBack
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
 
@@ -27,6 +30,16 @@ INSERT = (
     "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency,"
     " payment_method) VALUES (%s, 'authorize', 'stripe', 1000, 'EUR', %s) RETURNING id, status"
 )
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    db = Database(db_url, pool_size=2, name="iso")
+    await db.open()
+    try:
+        yield Store(db, actor="relay:iso")
+    finally:
+        await db.close()
 
 
 def statuses(db_url: str, payment_id: str) -> list[str]:
@@ -122,7 +135,7 @@ async def test_the_sweep_waits_for_no_lock_and_promotes_once_the_payment_is_free
             " AND entity_id = %s AND after ->> 'status' = 'pending' AND operation = 'update'",
             (str(second),),
         ).fetchall()
-    assert [actor for actor, _ in audited] == ["relay:test-store"]
+    assert [actor for actor, _ in audited] == ["relay:iso"]
     assert audited[0][1].startswith("promoted:")
 
 

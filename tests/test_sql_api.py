@@ -186,8 +186,7 @@ def test_currency_and_provider_must_match_the_payment(conn: psycopg.Connection) 
     with pytest.raises(errors.CheckViolation) as caught:
         insert(conn, action="capture", provider="adyen", amount_minor=None, payment_method=None)
     assert caught.value.diag.constraint_name == "payment_intents_provider_matches_payment"  # type: ignore[attr-defined]
-    # The INSERT writes only the intent (sql/0015); the payment's row comes with its first claim.
-    assert count_rows(conn) == (1, 0)
+    assert count_rows(conn) == (1, 1)
 
 
 def test_lowercase_currency_is_normalised(conn: psycopg.Connection) -> None:
