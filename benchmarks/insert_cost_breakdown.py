@@ -3,8 +3,9 @@ outbox's triggers switched off.
 
 The same four Python clients as benchmarks/insert_cost.py, one intent for a new payment per
 transaction, against the trigger-less copy of the table and against outbox.payment_intents
-with all triggers, with all but the two audit rows of an insert (the new intent's and the
-new payment's), and with only the core trigger (payment row, order, idempotency key).
+with all triggers, and with all but the two audit rows of an insert (the new intent's and
+the new payment's). Since sql/0015 the rest is one trigger (input guards, payment row,
+order, idempotency key, NOTIFY), so there is no smaller group to switch on alone.
 Rounds are interleaved and the best of each kept; the run-to-run noise on a shared VM is
 large, so read the per-round lines too. Runs in a scratch database (triggers are switched
 off there only).
@@ -27,7 +28,6 @@ from benchmarks.insert_cost import PLAIN, run
 
 TABLES = ("outbox.payment_intents", "outbox.payments")
 INSERT_AUDIT = {"payment_intents_audit_insert", "payments_audit_insert"}
-CORE = {"payment_intents_before_insert"}
 
 
 def triggers(conn: psycopg.Connection, relation: str) -> set[str]:
@@ -65,7 +65,6 @@ def main() -> int:
             ("outbox, all triggers", "outbox.payment_intents", None),
             ("outbox, all but the insert's audit rows", "outbox.payment_intents",
              every - INSERT_AUDIT),
-            ("outbox, only the core trigger", "outbox.payment_intents", CORE),
         ]  # fmt: skip
         run(url, "bench_plain_intents", 2_000, args.clients, "warm")
         best: dict[str, float] = {}

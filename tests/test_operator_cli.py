@@ -499,16 +499,19 @@ def test_intents_show_prints_the_intent_its_payment_and_history(audited_db: str)
         # A row written before sql/0009 refused card numbers in metadata: the CLI still
         # redacts what such a row holds.
         conn.execute(
-            "ALTER TABLE outbox.payment_intents DISABLE TRIGGER payment_intents_0_hostile_input"
+            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+            " currency, payment_method) VALUES ('show-1', 'authorize', 'stripe', 1999,"
+            " 'EUR', 'pm_card_visa')"
         )
         conn.execute(
-            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-            " currency, payment_method, metadata) VALUES ('show-1', 'authorize', 'stripe', 1999,"
-            " 'EUR', 'pm_card_visa', %s)",
+            "ALTER TABLE outbox.payment_intents DISABLE TRIGGER payment_intents_0_input_guard"
+        )
+        conn.execute(
+            "UPDATE outbox.payment_intents SET metadata = %s WHERE payment_id = 'show-1'",
             (json.dumps({"note": "card 4111 1111 1111 1111", "order": 42}),),
         )
         conn.execute(
-            "ALTER TABLE outbox.payment_intents ENABLE TRIGGER payment_intents_0_hostile_input"
+            "ALTER TABLE outbox.payment_intents ENABLE TRIGGER payment_intents_0_input_guard"
         )
     insert(db_url, ("show-1", "capture", None, None), ("show-1", "void", None, None))
     auth = rows(db_url, "SELECT id FROM outbox.payment_intents WHERE action = 'authorize'")[0][0]

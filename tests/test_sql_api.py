@@ -258,3 +258,92 @@ def test_jpy_and_kwd_exponents_come_from_the_currency_table(conn: psycopg.Connec
         ).fetchall()
     )
     assert rows == {"JPY": 0, "EUR": 2, "KWD": 3}
+
+
+def test_a_currency_in_use_is_neither_deleted_nor_renamed(conn: psycopg.Connection) -> None:
+    insert(conn)
+    for statement in (
+        "DELETE FROM outbox.currencies WHERE code = 'EUR'",
+        "UPDATE outbox.currencies SET code = 'EUX' WHERE code = 'EUR'",
+    ):
+        with pytest.raises(errors.ForeignKeyViolation) as caught:
+            conn.execute(statement)
+        assert caught.value.diag.constraint_name == "payments_currency_fkey"  # type: ignore[attr-defined]
+        assert "EUR" in str(caught.value)
+    # A code no payment uses can go; a payment's currency cannot change.
+    conn.execute("DELETE FROM outbox.currencies WHERE code = 'CHF'")
+    with pytest.raises(errors.CheckViolation) as caught:
+        conn.execute("UPDATE outbox.payments SET currency = 'USD' WHERE payment_id = 'order-1'")
+    assert caught.value.diag.constraint_name == "payments_currency_fixed"  # type: ignore[attr-defined]
+    row = conn.execute("SELECT currency FROM outbox.payments").fetchone()
+    assert row == ("EUR",)
+
+
+def test_an_unknown_currency_is_refused_for_a_new_and_an_existing_payment(
+    conn: psycopg.Connection,
+) -> None:
+    insert(conn)
+    for payment_id in ("order-1", "order-2"):
+        with pytest.raises(errors.ForeignKeyViolation) as caught:
+            insert(conn, payment_id=payment_id, currency="XYZ")
+        assert caught.value.diag.constraint_name == "payment_intents_currency_known"  # type: ignore[attr-defined]
+    assert count_rows(conn) == (1, 1)
+    row = conn.execute("SELECT next_seq FROM outbox.payments").fetchone()
+    assert row == (1,)
+
+
+@pytest.mark.parametrize("first_commits", [True, False])
+def test_concurrent_first_intents_of_one_payment_queue_in_commit_order(
+    db_url: str, first_commits: bool
+) -> None:
+    """Two transactions insert a payment's first intent at once: the second waits for the
+    first, then takes the next position (or the first one, if the first rolled back)."""
+    import threading
+
+    first = psycopg.connect(db_url)
+    second = psycopg.connect(db_url, autocommit=True)
+    try:
+        insert(first, payment_id="order-c")
+        result: list[tuple[Any, ...]] = []
+        waiter = threading.Thread(
+            target=lambda: result.append(insert(second, payment_id="order-c", action="charge"))
+        )
+        waiter.start()
+        with psycopg.connect(db_url, autocommit=True) as observer:
+            while not observer.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone():
+                waiter.join(0.05)
+                assert waiter.is_alive(), "the second insert did not wait for the first"
+        if first_commits:
+            first.commit()
+        else:
+            first.rollback()
+        waiter.join()
+        ((_, status, _, payment_seq),) = result
+        assert (status, payment_seq) == (("blocked", 2) if first_commits else ("pending", 1))
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_first_intent_audits_its_payment_then_itself_and_a_manual_payment_is_audited(
+    conn: psycopg.Connection,
+) -> None:
+    insert(conn)
+    insert(conn, action="capture", amount_minor=None, payment_method=None)
+    conn.execute(
+        "INSERT INTO outbox.payments (payment_id, provider, currency) VALUES ('by-hand', 'stripe', 'EUR')"
+    )
+    trail = conn.execute(
+        "SELECT entity, entity_id, operation, chain_seq, after ->> 'state'"
+        " FROM outbox.audit_log ORDER BY id"
+    ).fetchall()
+    ids = [row[0] for row in conn.execute("SELECT id FROM outbox.payment_intents ORDER BY id")]
+    assert trail == [
+        ("payment", "order-1", "insert", 1, "new"),
+        ("intent", str(ids[0]), "insert", 1, None),
+        ("intent", str(ids[1]), "insert", 1, None),
+        ("payment", "by-hand", "insert", 1, "new"),
+    ]
