@@ -7,7 +7,7 @@ lag is reported). Each records, per intent id, the wall clock (time.time()) righ
 COMMIT returned. The relay runs in this process with the production defaults (LISTEN,
 jittered polling, batch 100) and an in-process adapter that answers at once and records
 time.time() when it is called. The outcome's commit time is the relay's clock right
-after its write-back transaction's COMMIT returned (Store.complete wrapped here), the
+after its write-back transaction's COMMIT returned (Store.complete_fenced wrapped here), the
 mirror image of the insert side; the row's completed_at is now() of the write-back
 transaction, which is earlier than its commit, so it is not used. All clocks are the
 same host clock, read in different processes. An intent that had no call or no outcome
@@ -103,16 +103,17 @@ async def measure(
         RelayOptions(instance="bench-latency"),  # production defaults
         rng=random.Random(1).random,
     )
-    complete = relay.store.complete
+    # The completer writes outcomes through complete_fenced (complete wraps it).
+    complete_fenced = relay.store.complete_fenced
 
-    async def timed_complete(batch: Sequence[WriteBack], **kwargs: Any) -> set[int]:
-        ids = await complete(batch, **kwargs)
+    async def timed_complete(batch: Sequence[WriteBack], **kwargs: Any) -> set[tuple[int, int]]:
+        fenced = await complete_fenced(batch, **kwargs)
         now = time.time()
-        for intent_id in ids:
-            written[intent_id] = now
-        return ids
+        for intent_id, _ in fenced:
+            written.setdefault(intent_id, now)
+        return fenced
 
-    relay.store.complete = timed_complete  # type: ignore[method-assign]
+    relay.store.complete_fenced = timed_complete  # type: ignore[method-assign]
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     await relay.db.open()
