@@ -13,7 +13,7 @@ lines, result event). One relay then drains it, in this process, twice:
 
 The relay logs as in production (JSON lines), into /dev/null. Prints intents/s, the
 relay's CPU per intent, and how long the database made each claim and write-back take
-(and how much of the drain the one write-back connection was busy); writes
+(and how busy the write-back connections were together: up to 200 % with two); writes
 benchmarks/results/drain.json. benchmarks/sql_limit.py compares the in-process figure
 with the database's own limit, measured in the same run.
 
@@ -93,10 +93,12 @@ async def drain(
 
         return wrapper
 
-    # Store.claim and Store.complete timed on this instance (the completer and the claim
-    # loop call them through relay.store): how long the database makes each one wait.
+    # Store.claim and Store.complete_fenced timed on this instance (the claim loop and the
+    # completer call them through relay.store): how long the database makes each one wait.
     relay.store.claim = timed("claim", relay.store.claim)  # type: ignore[method-assign]
-    relay.store.complete = timed("write_back", relay.store.complete)  # type: ignore[method-assign]
+    relay.store.complete_fenced = timed(  # type: ignore[method-assign]
+        "write_back", relay.store.complete_fenced
+    )
     profiler = None
     if profile is not None:
         from pyinstrument import Profiler
