@@ -5,13 +5,13 @@ Each application transaction inserts one intent for a new payment and commits, f
 several client connections at once, as an application's request handlers would. Three
 variants on identical data: a trigger-less copy of the table (same columns, constraints and
 indexes); the outbox table while relays are saturated (they asked for no NOTIFY, see
-sql/0007_pre_wakeup.sql); and the outbox table while a relay idles (every statement
+sql/0007_pre_wakeup.sql); and the outbox table while a relay idles (every transaction
 notifies). Every commit waits for the WAL flush, whose latency on a shared VM drifts by
 tens of percent within a minute, so the variants run in many short interleaved rounds
 (in reverse order every other round): each round's ratio compares runs a few seconds
 apart, and the median of those ratios is the figure to read (the best rates are printed
-too). Writes
-benchmarks/results/insert_cost.json.
+too). Writes benchmarks/results/insert_cost.json. benchmarks/insert_cost_breakdown.py
+runs the same rounds with parts of the outbox's work switched off.
 
     python benchmarks/insert_cost.py [--rows 4000] [--rounds 8] [--clients 4]
 """
@@ -23,6 +23,8 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -87,10 +89,88 @@ def run(url: str, target: str, rows: int, clients: int, tag: str) -> float:
     return per_client * clients / elapsed
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One side of the comparison: a table to insert into, and SQL run before each run."""
+
+    name: str
+    target: str
+    setup: str = ""
+
+
+@dataclass
+class Rounds:
+    """Each variant's rate per round, the first variant being the baseline."""
+
+    variants: Sequence[Variant]
+    rates: dict[str, list[float]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        base = self.rates[self.variants[0].name]
+        result: dict[str, dict[str, float]] = {}
+        for variant in self.variants:
+            rates = self.rates[variant.name]
+            per_round = [rate / b for rate, b in zip(rates, base, strict=True)]
+            result[variant.name] = {
+                "best_per_second": max(rates),
+                "median_ratio": statistics.median(per_round),
+                "min_ratio": min(per_round),
+                "max_ratio": max(per_round),
+            }
+        return result
+
+    def table(self) -> str:
+        rows = [("variant", "best intents/s", "median ratio", "ratios (min to max)")]
+        rows += [
+            (
+                name,
+                f"{s['best_per_second']:,.0f}",
+                f"{s['median_ratio']:.2f}",
+                f"{s['min_ratio']:.2f} to {s['max_ratio']:.2f}",
+            )
+            for name, s in self.summary().items()
+        ]
+        return table(rows)
+
+
+def paired_rounds(
+    url: str, variants: Sequence[Variant], rounds: int, rows: int, clients: int
+) -> Rounds:
+    """Run every variant once per round, in reverse order every other round, so that each
+    round's ratios compare runs a few seconds apart and a drift within a round (a
+    checkpoint's burst of full-page writes) favours none of them."""
+    result = Rounds(variants, {v.name: [] for v in variants})
+    run(url, variants[0].target, 2_000, clients, "warm")
+    for round_ in range(rounds):
+        order = list(enumerate(variants))
+        if round_ % 2:
+            order.reverse()
+        for n, variant in order:
+            if variant.setup:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(variant.setup)
+            result.rates[variant.name].append(
+                run(url, variant.target, rows, clients, f"v{n}-{round_}")
+            )
+        line = " ".join(f"{result.rates[v.name][-1]:,.0f}/s" for v in variants)
+        base = result.rates[variants[0].name][-1]
+        ratios = " ".join(f"{result.rates[v.name][-1] / base:.2f}" for v in variants[1:])
+        print(f"  round {round_ + 1}: {line}  ratios {ratios}", flush=True)
+    return result
+
+
 VARIANTS = (
-    ("plain table (no triggers)", "bench_plain_intents", True),
-    ("outbox, relays busy (no NOTIFY)", "outbox.payment_intents", False),
-    ("outbox, a relay idle (NOTIFY)", "outbox.payment_intents", True),
+    Variant("plain table (no triggers)", "bench_plain_intents"),
+    Variant(
+        "outbox, relays busy (no NOTIFY)",
+        "outbox.payment_intents",
+        "UPDATE outbox.relay_wakeup SET wanted = false",
+    ),
+    Variant(
+        "outbox, a relay idle (NOTIFY)",
+        "outbox.payment_intents",
+        "UPDATE outbox.relay_wakeup SET wanted = true",
+    ),
 )
 
 
@@ -102,7 +182,6 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent app connections")
     args = parser.parse_args()
-    rates: dict[str, list[float]] = {name: [] for name, _, _ in VARIANTS}
     with scratch_database("insert") as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(PLAIN)
@@ -110,53 +189,19 @@ def main() -> int:
             f"inserting {args.rows} intents per variant in each of {args.rounds} rounds,"
             f" {args.clients} clients, one intent per transaction"
         )
-        run(url, "bench_plain_intents", 2_000, args.clients, "warm")
-        for round_ in range(args.rounds):
-            # Every other round runs the variants in reverse order, so a drift within a
-            # round (a checkpoint's burst of full-page writes) favours none of them.
-            order = list(enumerate(VARIANTS))
-            if round_ % 2:
-                order.reverse()
-            for variant, (name, target, notify) in order:
-                with psycopg.connect(url, autocommit=True) as conn:
-                    conn.execute("UPDATE outbox.relay_wakeup SET wanted = %s", (notify,))
-                rate = run(url, target, args.rows, args.clients, f"v{variant}-{round_}")
-                rates[name].append(rate)
-            line = [f"{rates[name][-1]:,.0f}/s" for name, _, _ in VARIANTS]
-            plain = rates[VARIANTS[0][0]][-1]
-            ratios = " ".join(f"{rates[name][-1] / plain:.2f}" for name, _, _ in VARIANTS[1:])
-            print(f"  round {round_ + 1}: {' '.join(line)}  ratios {ratios}", flush=True)
-    plain_rates = rates[VARIANTS[0][0]]
-    summary: dict[str, dict[str, float]] = {}
-    for name, _, _ in VARIANTS:
-        per_round = [rate / base for rate, base in zip(rates[name], plain_rates, strict=True)]
-        summary[name] = {
-            "best_per_second": max(rates[name]),
-            "median_ratio": statistics.median(per_round),
-            "min_ratio": min(per_round),
-            "max_ratio": max(per_round),
-        }
-    rows = [("variant", "best intents/s", "median ratio", "ratios (min to max)")]
-    rows += [
-        (
-            name,
-            f"{s['best_per_second']:,.0f}",
-            f"{s['median_ratio']:.2f}",
-            f"{s['min_ratio']:.2f} to {s['max_ratio']:.2f}",
-        )
-        for name, s in summary.items()
-    ]
-    print(table(rows))
+        result = paired_rounds(url, VARIANTS, args.rounds, args.rows, args.clients)
+    print(result.table())
+    summary = result.summary()
     path = write_result(
         "insert_cost",
         {
             "rows_per_round": args.rows,
             "rounds": args.rounds,
             "clients": args.clients,
-            "intents_per_second": rates,
+            "intents_per_second": result.rates,
             "summary": summary,
-            "ratio_outbox_busy_to_plain": summary[VARIANTS[1][0]]["median_ratio"],
-            "ratio_outbox_idle_to_plain": summary[VARIANTS[2][0]]["median_ratio"],
+            "ratio_outbox_busy_to_plain": summary[VARIANTS[1].name]["median_ratio"],
+            "ratio_outbox_idle_to_plain": summary[VARIANTS[2].name]["median_ratio"],
         },
     )
     print(f"written {path}")

@@ -1,16 +1,23 @@
-"""Where the application's INSERT cost goes: insert_cost.py's workload with groups of the
-outbox's triggers switched off.
+"""Where the application's INSERT cost goes, and how low it could go: insert_cost.py's
+workload and paired rounds with parts of the outbox's work switched off.
 
-The same four Python clients as benchmarks/insert_cost.py, one intent for a new payment per
-transaction, against the trigger-less copy of the table and against outbox.payment_intents
-with all triggers, and with all but the two audit rows of an insert (the new intent's and
-the new payment's). Since sql/0015 the rest is one trigger (input guards, payment row,
-order, idempotency key, NOTIFY), so there is no smaller group to switch on alone.
-Rounds are interleaved and the best of each kept; the run-to-run noise on a shared VM is
-large, so read the per-round lines too. Runs in a scratch database (triggers are switched
-off there only).
+The same Python clients as benchmarks/insert_cost.py, one intent for a new payment per
+transaction (relays busy: no NOTIFY), against the trigger-less copy of the table and
+against outbox.payment_intents:
 
-    python benchmarks/insert_cost_breakdown.py [--rows 10000] [--rounds 3]
+* with every trigger (as shipped);
+* without the creation's two audit rows (the intent's and the new payment's);
+* floors, with the outbox's insert triggers off and a stand-in BEFORE INSERT trigger on:
+  one that only sets the relay's columns (what any trigger costs), one that also reads
+  what the checks read (the currency, the archived key, the payment's row and earlier
+  intents), and one that instead writes the payment's row (the upsert that orders a
+  payment's intents), without its audit.
+
+The floors are not the outbox: they show what a trigger, a lookup and a row cost on this
+machine, so what the shipped INSERT costs can be read against them. Runs in a scratch
+database; prints the median per-round ratio of each variant.
+
+    python benchmarks/insert_cost_breakdown.py [--rows 3000] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -23,62 +30,129 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import scratch_database, table
-from benchmarks.insert_cost import PLAIN, run
+from benchmarks._common import scratch_database, write_result
+from benchmarks.insert_cost import PLAIN, Variant, paired_rounds
 
-TABLES = ("outbox.payment_intents", "outbox.payments")
-INSERT_AUDIT = {"payment_intents_audit_insert", "payments_audit_insert"}
+# Stand-in triggers for the floors, created disabled; each variant's setup switches on
+# the triggers it measures and off the rest.
+FLOORS = """
+CREATE FUNCTION outbox.bench_floor_defaults() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    NEW.status := 'pending';
+    NEW.attempts := 0;
+    NEW.payment_seq := 1;
+    RETURN NEW;
+END $$;
+CREATE FUNCTION outbox.bench_floor_reads() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    NEW.status := 'pending';
+    NEW.attempts := 0;
+    NEW.payment_seq := 1;
+    PERFORM FROM outbox.currencies WHERE code = NEW.currency;
+    PERFORM FROM outbox.payment_intents_archive
+    WHERE provider = NEW.provider AND idempotency_key = NEW.idempotency_key;
+    PERFORM FROM outbox.payments WHERE payment_id = NEW.payment_id FOR UPDATE;
+    PERFORM FROM outbox.payment_intents
+    WHERE payment_id = NEW.payment_id AND status IN ('blocked', 'pending', 'in_flight', 'dead');
+    RETURN NEW;
+END $$;
+CREATE FUNCTION outbox.bench_floor_payment_row() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    NEW.status := 'pending';
+    NEW.attempts := 0;
+    NEW.payment_seq := 1;
+    INSERT INTO outbox.payments (payment_id, provider, currency)
+    VALUES (NEW.payment_id, NEW.provider, NEW.currency)
+    ON CONFLICT (payment_id) DO NOTHING;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER bench_floor_defaults BEFORE INSERT ON outbox.payment_intents
+    FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_defaults();
+CREATE TRIGGER bench_floor_reads BEFORE INSERT ON outbox.payment_intents
+    FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_reads();
+CREATE TRIGGER bench_floor_payment_row BEFORE INSERT ON outbox.payment_intents
+    FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_payment_row();
+UPDATE outbox.relay_wakeup SET wanted = false;
+"""
+SHIPPED = ("payment_intents_before_insert", "payment_intents_audit_insert")
+STAND_INS = ("bench_floor_defaults", "bench_floor_reads", "bench_floor_payment_row")
 
 
-def triggers(conn: psycopg.Connection, relation: str) -> set[str]:
-    rows = conn.execute(
-        "SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal",
-        (relation,),
-    ).fetchall()
-    return {name for (name,) in rows}
+def only(*enabled: str) -> str:
+    """SQL that enables the named insert triggers of payment_intents and disables the rest
+    of the shipped and stand-in ones (payments' own audit trigger is off for the floors)."""
+    statements = [
+        f"ALTER TABLE outbox.payment_intents {'ENABLE' if name in enabled else 'DISABLE'}"
+        f" TRIGGER {name}"
+        for name in (*SHIPPED, *STAND_INS)
+    ]
+    audit = "ENABLE" if "payment_intents_before_insert" in enabled else "DISABLE"
+    statements.append(f"ALTER TABLE outbox.payments {audit} TRIGGER payments_audit_insert")
+    return ";\n".join(statements)
 
 
-def enable_only(url: str, keep: set[str] | None) -> None:
-    """Enable the named triggers of both tables and disable the rest (None: enable all)."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        for relation in TABLES:
-            for name in triggers(conn, relation):
-                state = "ENABLE" if keep is None or name in keep else "DISABLE"
-                conn.execute(f'ALTER TABLE {relation} {state} TRIGGER "{name}"')
+VARIANTS = (
+    Variant("plain table (no triggers)", "bench_plain_intents"),
+    Variant("outbox, as shipped", "outbox.payment_intents", only(*SHIPPED)),
+    Variant(
+        "outbox without the creation's audit rows",
+        "outbox.payment_intents",
+        only("payment_intents_before_insert"),
+    ),
+    Variant(
+        "floor: a trigger that sets columns",
+        "outbox.payment_intents",
+        only("bench_floor_defaults"),
+    ),
+    Variant(
+        "floor: ... and reads what the checks read",
+        "outbox.payment_intents",
+        only("bench_floor_reads"),
+    ),
+    Variant(
+        "floor: ... and writes the payment's row",
+        "outbox.payment_intents",
+        only("bench_floor_payment_row"),
+    ),
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, default=10_000, help="intents per variant and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best kept)")
+    parser.add_argument("--rows", type=int, default=3_000, help="intents per variant and round")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent app connections")
     args = parser.parse_args()
     with scratch_database("insert_breakdown") as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(PLAIN)
-            conn.execute("UPDATE outbox.relay_wakeup SET wanted = false")  # relays busy
-            every = triggers(conn, TABLES[0]) | triggers(conn, TABLES[1])
-        variants: list[tuple[str, str, set[str] | None]] = [
-            ("plain table (no triggers)", "bench_plain_intents", None),
-            ("outbox, all triggers", "outbox.payment_intents", None),
-            ("outbox, all but the insert's audit rows", "outbox.payment_intents",
-             every - INSERT_AUDIT),
-        ]  # fmt: skip
-        run(url, "bench_plain_intents", 2_000, args.clients, "warm")
-        best: dict[str, float] = {}
-        for round_ in range(args.rounds):
-            for n, (name, target, keep) in enumerate(variants):
-                enable_only(url, keep)
-                rate = run(url, target, args.rows, args.clients, f"b{n}-{round_}")
-                best[name] = max(best.get(name, 0.0), rate)
-                print(f"  round {round_ + 1}: {name}: {rate:,.0f}/s", flush=True)
-        enable_only(url, None)
-    base = best[variants[0][0]]
-    rows: list[tuple[str, ...]] = [("variant", "best intents/s", "ratio to plain")]
-    rows += [(name, f"{rate:,.0f}", f"{rate / base:.2f}") for name, rate in best.items()]
-    print(table(rows))
+            conn.execute(FLOORS)
+        print(
+            f"inserting {args.rows} intents per variant in each of {args.rounds} rounds,"
+            f" {args.clients} clients, one intent per transaction; variants in this order:"
+        )
+        for n, variant in enumerate(VARIANTS, 1):
+            print(f"  {n}. {variant.name}")
+        result = paired_rounds(url, VARIANTS, args.rounds, args.rows, args.clients)
+    print(result.table())
+    path = write_result(
+        "insert_cost_breakdown",
+        {
+            "rows_per_round": args.rows,
+            "rounds": args.rounds,
+            "clients": args.clients,
+            "intents_per_second": result.rates,
+            "summary": result.summary(),
+        },
+    )
+    print(f"written {path}")
     return 0
 
 
