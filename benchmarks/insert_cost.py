@@ -119,7 +119,7 @@ class Rounds:
             }
         return result
 
-    def table(self) -> str:
+    def report(self) -> str:
         rows = [("variant", "best intents/s", "median ratio", "ratios (min to max)")]
         rows += [
             (
@@ -190,7 +190,7 @@ def main() -> int:
             f" {args.clients} clients, one intent per transaction"
         )
         result = paired_rounds(url, VARIANTS, args.rounds, args.rows, args.clients)
-    print(result.table())
+    print(result.report())
     summary = result.summary()
     path = write_result(
         "insert_cost",

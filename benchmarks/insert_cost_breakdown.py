@@ -141,7 +141,7 @@ def main() -> int:
         for n, variant in enumerate(VARIANTS, 1):
             print(f"  {n}. {variant.name}")
         result = paired_rounds(url, VARIANTS, args.rounds, args.rows, args.clients)
-    print(result.table())
+    print(result.report())
     path = write_result(
         "insert_cost_breakdown",
         {

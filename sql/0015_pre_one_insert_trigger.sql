@@ -10,14 +10,16 @@
 --
 -- * payment_intents_before_insert is the one BEFORE INSERT trigger. In this order, as the
 --   triggers' name order had it: the input guards of sql/0009, 0011, 0013 and the
---   traceparent rule (outbox.payment_intents_check_input, each entered only when a cheap
---   test says the row may break it), the archived-key rule, then the core (the payment's
+--   traceparent rule (outbox.payment_intents_check_input, entered only when the old WHEN
+--   clauses, now outbox.payment_intents_may_break_input_rules, say the row may break
+--   one), the archived-key rule, then the core (the payment's
 --   row and position, the order, the key) and the wake-up NOTIFY. PostgreSQL delivers one
 --   notification per transaction for identical ones, so notifying per row still wakes a
 --   relay once per committing transaction (it was once per statement). Its statements run
 --   with generic plans: a custom plan per row cost about 50 us.
--- * An UPDATE of a checked column runs the same guards through payment_intents_0_input_guard
---   (the relay never updates those columns: its write-backs do not fire it).
+-- * An UPDATE of a checked column runs the same guards, behind the same test, through
+--   payment_intents_0_input_guard (the relay cannot update those columns: its write-backs
+--   never fire it).
 -- * The currency's existence is checked in the payments upsert's own statement, which
 --   replaces the foreign key payments.currency -> currencies.code: the key took a KEY SHARE
 --   lock on the currency's row at every new payment, and concurrent payments in one
@@ -57,10 +59,30 @@ ALTER TABLE outbox.events
 
 -- 2. The input guards as one function of the row --------------------------------------------
 
+-- True when a row may break an input rule: the old guard triggers' WHEN clauses in one
+-- expression, a superset of what the refusals below refuse (cheap enough for every row,
+-- which the refusals are not). SQL, so the planner inlines it into the insert trigger's
+-- test and the UPDATE trigger's WHEN clause.
+CREATE FUNCTION outbox.payment_intents_may_break_input_rules(i outbox.payment_intents) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT i.amount_minor >= 1000000000000
+        OR pg_column_size(i.metadata) > 16384
+        OR length(i.payment_id) > 200
+        OR concat_ws(E'\x01', i.payment_id, i.action, i.provider, i.currency,
+                     i.idempotency_key, i.metadata::text) ~ '[0-9](?:[ -]?[0-9]){12}'
+        OR i.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
+        OR jsonb_path_exists(i.metadata, 'strict $.**{33}')
+        OR NOT (i.payment_method ~ '^[A-Za-z0-9_]+$' AND length(i.payment_method) BETWEEN 3 AND 255)
+        OR translate(i.payment_method, '_', '') ~ '[0-9]{13}'
+        OR (i.metadata ? 'traceparent'
+            AND NOT (jsonb_typeof(i.metadata -> 'traceparent') = 'string'
+                     AND outbox.is_valid_traceparent(i.metadata ->> 'traceparent')))
+$$;
+REVOKE ALL ON FUNCTION outbox.payment_intents_may_break_input_rules(outbox.payment_intents) FROM PUBLIC;
+
 -- Every rule an application's column values must pass, in the order the guard triggers
 -- fired: amount, hostile input (sizes, card numbers, control characters, depth),
--- payment_method, traceparent. Each test before THEN is the old trigger's WHEN clause: the
--- refusing function is entered only for a row that may break its rule.
+-- payment_method, traceparent. Called only for a row that may break one.
 CREATE FUNCTION outbox.payment_intents_check_input(i outbox.payment_intents) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -73,18 +95,8 @@ BEGIN
                       'units below 1,000,000,000,000 (the value was not stored)',
             HINT = 'Send the amount in minor units of the currency, e.g. 1999 for EUR 19.99.';
     END IF;
-    IF pg_column_size(i.metadata) > 16384
-       OR length(i.payment_id) > 200
-       OR concat_ws(E'\x01', i.payment_id, i.action, i.provider, i.currency,
-                    i.idempotency_key, i.metadata::text) ~ '[0-9](?:[ -]?[0-9]){12}'
-       OR i.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
-       OR jsonb_path_exists(i.metadata, 'strict $.**{33}') THEN
-        PERFORM outbox.payment_intents_refuse_hostile_input(i);
-    END IF;
-    IF NOT (i.payment_method ~ '^[A-Za-z0-9_]+$' AND length(i.payment_method) BETWEEN 3 AND 255)
-       OR translate(i.payment_method, '_', '') ~ '[0-9]{13}' THEN
-        PERFORM outbox.payment_intents_refuse_payment_method(i);
-    END IF;
+    PERFORM outbox.payment_intents_refuse_hostile_input(i);
+    PERFORM outbox.payment_intents_refuse_payment_method(i);
     IF jsonb_typeof(i.metadata) = 'object' AND i.metadata ? 'traceparent' AND NOT (
         jsonb_typeof(i.metadata -> 'traceparent') = 'string'
         AND outbox.is_valid_traceparent(i.metadata ->> 'traceparent')
@@ -187,9 +199,29 @@ CREATE TRIGGER payment_intents_0_input_guard
                      metadata, payment_method
     ON outbox.payment_intents
     FOR EACH ROW
+    WHEN (outbox.payment_intents_may_break_input_rules(NEW))
     EXECUTE FUNCTION outbox.payment_intents_input_guard();
 
 -- 3. The one insert trigger ---------------------------------------------------------------
+
+-- sql/0001's unknown-currency refusal, for the insert trigger's paths that find no
+-- currency row (its common path reads the currency in the payment insert itself).
+CREATE FUNCTION outbox.payment_intents_refuse_unknown_currency(p_code text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM outbox.currencies AS c WHERE c.code = p_code) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'foreign_key_violation',
+            SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'currency',
+            CONSTRAINT = 'payment_intents_currency_known',
+            MESSAGE = format('payment_intents.currency %s is not an ISO 4217 code with minor units',
+                             CASE WHEN p_code ~ '^[A-Z]{1,8}$' THEN quote_literal(p_code)
+                                  ELSE '(value withheld)' END),
+            HINT = 'Use a three-letter code listed in outbox.currencies, such as EUR, USD or JPY.';
+    END IF;
+END;
+$$;
+REVOKE ALL ON FUNCTION outbox.payment_intents_refuse_unknown_currency(text) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION outbox.payment_intents_before_insert() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -199,21 +231,8 @@ DECLARE
     pay       outbox.payments%ROWTYPE;
     install   uuid;
 BEGIN
-    -- Checked first, so no later error can echo a card number back in its DETAIL. The
-    -- test is outbox.payment_intents_check_input's tests in one expression: the function
-    -- (a call with the row) runs only for a row that may break a rule.
-    IF NEW.amount_minor >= 1000000000000
-       OR pg_column_size(NEW.metadata) > 16384
-       OR length(NEW.payment_id) > 200
-       OR concat_ws(E'\x01', NEW.payment_id, NEW.action, NEW.provider, NEW.currency,
-                    NEW.idempotency_key, NEW.metadata::text) ~ '[0-9](?:[ -]?[0-9]){12}'
-       OR NEW.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
-       OR jsonb_path_exists(NEW.metadata, 'strict $.**{33}')
-       OR NOT (NEW.payment_method ~ '^[A-Za-z0-9_]+$' AND length(NEW.payment_method) BETWEEN 3 AND 255)
-       OR translate(NEW.payment_method, '_', '') ~ '[0-9]{13}'
-       OR (NEW.metadata ? 'traceparent'
-           AND NOT (jsonb_typeof(NEW.metadata -> 'traceparent') = 'string'
-                    AND outbox.is_valid_traceparent(NEW.metadata ->> 'traceparent'))) THEN
+    -- Checked first, so no later error can echo a card number back in its DETAIL.
+    IF outbox.payment_intents_may_break_input_rules(NEW) THEN
         PERFORM outbox.payment_intents_check_input(NEW);
     END IF;
     -- (sql/0001's Luhn scan of payment_method is gone: sql/0013's rule, checked above,
@@ -267,29 +286,17 @@ BEGIN
         ON CONFLICT (payment_id) DO NOTHING
         RETURNING * INTO pay;
         EXIT WHEN FOUND;
+        -- Nothing inserted: the payment exists, or the currency is unknown.
         UPDATE outbox.payments AS p SET next_seq = p.next_seq + 1, updated_at = now()
         WHERE p.payment_id = NEW.payment_id
         RETURNING * INTO pay;
-        IF NOT FOUND AND NOT EXISTS (SELECT 1 FROM outbox.currencies WHERE code = NEW.currency) THEN
-            pay.currency := NULL;
-            EXIT;
-        END IF;
         EXIT WHEN FOUND;
+        PERFORM outbox.payment_intents_refuse_unknown_currency(NEW.currency);
         -- The row was deleted between the two statements (by hand): insert it again.
     END LOOP;
 
-    IF pay.currency IS NULL OR (pay.currency <> NEW.currency
-                                AND NOT EXISTS (SELECT 1 FROM outbox.currencies WHERE code = NEW.currency)) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = 'foreign_key_violation',
-            SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'currency',
-            CONSTRAINT = 'payment_intents_currency_known',
-            MESSAGE = format('payment_intents.currency %s is not an ISO 4217 code with minor units',
-                             CASE WHEN NEW.currency ~ '^[A-Z]{1,8}$' THEN quote_literal(NEW.currency)
-                                  ELSE '(value withheld)' END),
-            HINT = 'Use a three-letter code listed in outbox.currencies, such as EUR, USD or JPY.';
-    END IF;
     IF pay.currency <> NEW.currency THEN
+        PERFORM outbox.payment_intents_refuse_unknown_currency(NEW.currency);
         RAISE EXCEPTION USING
             ERRCODE = 'check_violation',
             SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'currency',
@@ -349,12 +356,10 @@ DECLARE
     v_actor     text := outbox.audit_actor();
     v_at        timestamptz := clock_timestamp();
     v_reason    text := nullif(current_setting('outbox.reason', true), '');
-    v_intent    jsonb := outbox.audit_intent_doc(NEW);
     v_payment   jsonb;
     v_pay_id    bigint;
     v_pay_seq   bigint;
     v_pay_prev  bytea;
-    v_id        bigint;
 BEGIN
     IF NEW.payment_seq = 1 THEN
         SELECT outbox.audit_payment_doc(p) INTO v_payment FROM outbox.payments AS p WHERE p.payment_id = NEW.payment_id;
@@ -364,30 +369,21 @@ BEGIN
         ORDER BY a.chain_seq DESC LIMIT 1;
         v_pay_seq := coalesce(v_pay_seq, 0) + 1;
         v_pay_id := nextval('outbox.audit_log_id_seq');
-        v_id := nextval('outbox.audit_log_id_seq');
-        INSERT INTO outbox.audit_log
-            (id, at, actor, entity, entity_id, payment_id, operation, reason, before, after,
-             chain_seq, prev_hash, hash)
-        VALUES
-            (v_pay_id, v_at, v_actor, 'payment', NEW.payment_id, NEW.payment_id, 'insert', v_reason, NULL, v_payment,
-             v_pay_seq, v_pay_prev,
-             sha256(outbox.audit_canonical(v_pay_id, v_at, v_actor, 'payment', NEW.payment_id, NEW.payment_id,
-                                           'insert', v_reason, NULL, v_payment, v_pay_seq, v_pay_prev))),
-            (v_id, v_at, v_actor, 'intent', NEW.id::text, NEW.payment_id, 'insert', v_reason, NULL, v_intent,
-             1, NULL,
-             sha256(outbox.audit_canonical(v_id, v_at, v_actor, 'intent', NEW.id::text, NEW.payment_id,
-                                           'insert', v_reason, NULL, v_intent, 1, NULL)));
-    ELSE
-        v_id := nextval('outbox.audit_log_id_seq');
-        INSERT INTO outbox.audit_log
-            (id, at, actor, entity, entity_id, payment_id, operation, reason, before, after,
-             chain_seq, prev_hash, hash)
-        VALUES
-            (v_id, v_at, v_actor, 'intent', NEW.id::text, NEW.payment_id, 'insert', v_reason, NULL, v_intent,
-             1, NULL,
-             sha256(outbox.audit_canonical(v_id, v_at, v_actor, 'intent', NEW.id::text, NEW.payment_id,
-                                           'insert', v_reason, NULL, v_intent, 1, NULL)));
     END IF;
+    -- The intent's id is drawn after the payment's, so the payment's row comes first.
+    INSERT INTO outbox.audit_log
+        (id, at, actor, entity, entity_id, payment_id, operation, reason, before, after,
+         chain_seq, prev_hash, hash)
+    SELECT e.id, v_at, v_actor, e.entity, e.entity_id, NEW.payment_id, 'insert', v_reason,
+           NULL, e.after, e.chain_seq, e.prev_hash,
+           sha256(outbox.audit_canonical(e.id, v_at, v_actor, e.entity, e.entity_id,
+                                         NEW.payment_id, 'insert', v_reason, NULL, e.after,
+                                         e.chain_seq, e.prev_hash))
+    FROM (VALUES
+        (v_pay_id, 'payment', NEW.payment_id, v_payment, v_pay_seq, v_pay_prev),
+        (nextval('outbox.audit_log_id_seq'), 'intent', NEW.id::text, outbox.audit_intent_doc(NEW), 1::bigint, NULL::bytea)
+    ) AS e(id, entity, entity_id, after, chain_seq, prev_hash)
+    WHERE e.id IS NOT NULL;
     RETURN NULL;
 END;
 $$;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
@@ -298,8 +299,6 @@ def test_concurrent_first_intents_of_one_payment_queue_in_commit_order(
 ) -> None:
     """Two transactions insert a payment's first intent at once: the second waits for the
     first, then takes the next position (or the first one, if the first rolled back)."""
-    import threading
-
     first = psycopg.connect(db_url)
     second = psycopg.connect(db_url, autocommit=True)
     try:
