@@ -23,7 +23,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from provider_adapters.base import Command, Outcome, Succeeded
-from relay.migrate import migrate
+from relay.infra.migrate import migrate
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,7 +42,7 @@ def scratch_database(label: str) -> Iterator[str]:
     """A fresh migrated database on RELAY_DATABASE_URL's server (or an embedded one)."""
     admin = os.environ.get("RELAY_DATABASE_URL") or os.environ.get("RELAY_TEST_DATABASE_URL")
     if not admin:
-        from relay.embedded_pg import embedded_postgres
+        from relay.infra.embedded_pg import embedded_postgres
 
         with embedded_postgres() as url:
             migrate(url)
@@ -68,7 +68,7 @@ def code_version() -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for path in sorted(
-        [*root.glob("sql/*.sql"), root / "relay" / "queries.sql", *root.glob("relay/*.py")]
+        [*root.glob("sql/*.sql"), *root.glob("relay/**/*.sql"), *root.glob("relay/**/*.py")]
     ):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     try:
@@ -223,7 +223,7 @@ def status_counts(url: str) -> dict[str, int]:
 def quiet_relay_logging() -> None:
     """Log as `outbox-relay run` does in production (JSON lines), into /dev/null: the
     relay pays for its logging, the terminal shows only the benchmark's table."""
-    from relay.logs import configure_logging
+    from relay.infra.logs import configure_logging
 
     configure_logging("json", stream=open(os.devnull, "w"))  # noqa: SIM115 - lives for the run
 

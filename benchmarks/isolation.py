@@ -24,11 +24,11 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import FakeProvider, scratch_database, table, write_result
-from relay.config import ProviderSettings
-from relay.db import Database
-from relay.main import build_lane
-from relay.retry_policy import RetryPolicy
-from relay.runtime import Relay, RelayOptions
+from relay.core.runtime import Relay, RelayOptions
+from relay.domain.retry_policy import RetryPolicy
+from relay.infra.config import ProviderSettings
+from relay.infra.db import Database
+from relay.service.main import build_lane
 
 
 def insert(url: str, provider: str, count: int, prefix: str) -> None:

@@ -49,11 +49,11 @@ from benchmarks._common import (
     write_result,
 )
 from provider_adapters.base import Command
-from relay.db import Database
-from relay.lanes import Lane
-from relay.retry_policy import RetryPolicy
-from relay.runtime import Relay, RelayOptions
-from relay.store import WriteBack
+from relay.core.lanes import Lane
+from relay.core.runtime import Relay, RelayOptions
+from relay.core.store import WriteBack
+from relay.domain.retry_policy import RetryPolicy
+from relay.infra.db import Database
 
 INSERT = (
     "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency,"

@@ -41,12 +41,12 @@ from benchmarks._common import (
     table,
     write_result,
 )
-from relay.config import ProviderSettings
-from relay.db import Database
-from relay.lanes import Lane
-from relay.main import build_lane
-from relay.retry_policy import RetryPolicy
-from relay.runtime import Relay, RelayOptions
+from relay.core.lanes import Lane
+from relay.core.runtime import Relay, RelayOptions
+from relay.domain.retry_policy import RetryPolicy
+from relay.infra.config import ProviderSettings
+from relay.infra.db import Database
+from relay.service.main import build_lane
 
 
 async def steady_rate(url: str, lane: Lane, intents: int) -> float:

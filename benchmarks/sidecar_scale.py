@@ -58,7 +58,7 @@ from benchmarks._common import (
     terminal_count,
     write_result,
 )
-from relay.migrate import migrate
+from relay.infra.migrate import migrate
 
 # -- the database --------------------------------------------------------------------------
 
@@ -233,7 +233,7 @@ def idle_cost(
             time.sleep(1)
         print(f"  {relays} relays connected (load {load_average()}); letting polling back off")
         # Polling backs off 1 s -> 2 s -> 4 s -> the 5 s ceiling, and each pool gives back
-        # what start-up grew it to, one connection per 20 s idle (relay/db.py).
+        # what start-up grew it to, one connection per 20 s idle (relay/infra/db.py).
         time.sleep(settle)
         pg = postgres_pids(url, data)
         pg_cpu0 = sum(cpu_seconds(p) for p in pg)

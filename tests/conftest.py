@@ -18,7 +18,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from provider_adapters.stripe import StripeAdapter
-from relay.migrate import migrate
+from relay.infra.migrate import migrate
 from tests.fake_server import API_KEY, FakeServer, running_fake
 
 REQUIRE_SERVICES = os.environ.get("RELAY_TEST_REQUIRE_SERVICES") == "1"
@@ -51,7 +51,7 @@ def pg_admin_url() -> Iterator[str]:
             _unavailable(f"PostgreSQL at RELAY_TEST_DATABASE_URL is unreachable: {exc}")
         yield url
         return
-    from relay.embedded_pg import EmbeddedPostgresUnavailable, embedded_postgres
+    from relay.infra.embedded_pg import EmbeddedPostgresUnavailable, embedded_postgres
 
     try:
         with embedded_postgres() as embedded:

@@ -1,7 +1,7 @@
 """The fake Stripe-compatible provider served in-process for a test, on a free port.
 
 The server is the shipped one (``provider_adapters.fake.create_app``), bound to port 0 as
-``relay/demo.py`` does so two tests never race for a port. The only addition is a
+``relay/cli/demo.py`` does so two tests never race for a port. The only addition is a
 recording middleware, appended from here, so tests can see the headers each request
 carried (``traceparent``, ``Idempotency-Key``) without changing the server.
 """

@@ -3,7 +3,7 @@
 One campaign owns a PostgreSQL (pgserver, so it can restart it), runs three relay processes
 that publish through a TCP proxy in front of the real RabbitMQ (a vhost of its own, an
 exchange and a quorum queue bound with '#', a consumer on it), and the fake Stripe-compatible
-provider with every fault class it has. Intents arrive in waves (relay.demo.build_workload)
+provider with every fault class it has. Intents arrive in waves (relay.cli.demo.build_workload)
 while a schedule drawn from the seed injects, one after the other:
 
 * ``kill``     SIGKILL a random relay (mid-call or mid-write-back) and start it again;
@@ -53,8 +53,8 @@ from aio_pika.abc import AbstractIncomingMessage
 from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from relay.demo import Row, build_workload
-from relay.migrate import migrate
+from relay.cli.demo import Row, build_workload
+from relay.infra.migrate import migrate
 from tests.invariants import (
     TERMINAL,
     assert_audit_intact,

@@ -64,8 +64,8 @@ def assert_exactly_once(db_url: str, effects: dict[str, Any], *, expected_intent
 
 def assert_ledger_balanced(db_url: str) -> None:
     """Every ledger transaction balances per currency, every succeeded intent has exactly
-    one posting, and every payment's amounts equal its ledger (relay/ledger.py)."""
-    from relay.ledger import check_ledger
+    one posting, and every payment's amounts equal its ledger (relay/finance/ledger.py)."""
+    from relay.finance.ledger import check_ledger
 
     report = check_ledger(db_url)
     assert report.problems == [], "ledger balances and equals the payments"
@@ -78,8 +78,8 @@ def assert_ledger_balanced(db_url: str) -> None:
 
 
 def assert_audit_intact(db_url: str) -> None:
-    """Every audit chain links and hashes, and ends in its row's live state (relay/audit.py)."""
-    from relay.audit import verify_database
+    """Every audit chain links and hashes, and ends in its row's live state (relay/finance/audit.py)."""
+    from relay.finance.audit import verify_database
 
     report = verify_database(db_url)
     assert report.breaks == [], "the audit trail is intact"

@@ -10,11 +10,11 @@ from typing import Any
 import anyio
 import psycopg
 
-from relay.config import ProviderSettings
-from relay.db import Database
-from relay.main import build_lane
-from relay.retry_policy import RetryPolicy
-from relay.runtime import Relay, RelayOptions
+from relay.core.runtime import Relay, RelayOptions
+from relay.domain.retry_policy import RetryPolicy
+from relay.infra.config import ProviderSettings
+from relay.infra.db import Database
+from relay.service.main import build_lane
 
 
 def provider(url: str, **settings: Any) -> ProviderSettings:

@@ -10,10 +10,10 @@ import anyio
 import psycopg
 
 from provider_adapters.base import ProviderAdapter
-from relay.db import Database
-from relay.lanes import Lane
-from relay.retry_policy import RetryPolicy
-from relay.runtime import Relay, RelayOptions
+from relay.core.lanes import Lane
+from relay.core.runtime import Relay, RelayOptions
+from relay.domain.retry_policy import RetryPolicy
+from relay.infra.db import Database
 from tests.invariants import unfinished
 
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.breaker import BreakerState, CircuitBreaker
-from relay.rate_limit import TokenBucket
+from relay.domain.breaker import BreakerState, CircuitBreaker
+from relay.domain.rate_limit import TokenBucket
 
 
 class Clock:

@@ -10,8 +10,8 @@ import psycopg
 import pytest
 
 from provider_adapters.fake import FaultConfig
-from relay.breaker import BreakerState
-from relay.runtime import Relay
+from relay.core.runtime import Relay
+from relay.domain.breaker import BreakerState
 from tests.fake_server import running_fake
 from tests.lane_harness import (
     count_status,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay.cli import build_parser
+from relay.cli.main import build_parser
 
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
 

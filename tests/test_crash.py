@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from relay.demo import build_workload
+from relay.cli.demo import build_workload
 from tests.invariants import (
     assert_audit_intact,
     assert_exactly_once,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from relay.demo import build_workload
+from relay.cli.demo import build_workload
 from tests.test_crash import MIN_INTENTS, MIN_PAYMENTS, PAYMENTS, chaos_seconds
 
 

@@ -23,7 +23,7 @@ from provider_adapters.currency_units import (
     AmountNotRepresentable,
 )
 from provider_adapters.stripe import StripeAdapter
-from relay.reconcile import FeeSchedule, currency_exponents, run
+from relay.finance.reconcile import FeeSchedule, currency_exponents, run
 from tests.fake_server import API_KEY, FakeServer
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.relay_harness import insert_intents, make_relay, run_until_settled

@@ -11,8 +11,8 @@ import anyio
 import psycopg
 import pytest
 
-from relay.cli import build_parser
-from relay.demo import wait_for_workload
+from relay.cli.demo import wait_for_workload
+from relay.cli.main import build_parser
 from tests.relay_harness import insert_intents
 
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}

@@ -16,8 +16,8 @@ import httpx
 import psycopg
 import pytest
 
-from relay.demo import build_workload
-from relay.migrate import migrate
+from relay.cli.demo import build_workload
+from relay.infra.migrate import migrate
 from tests.conftest import REQUIRE_SERVICES
 from tests.invariants import assert_exactly_once, unfinished
 from tests.processes import FakeProviderProcess, RelayProcess

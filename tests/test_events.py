@@ -23,12 +23,12 @@ from psycopg.types.json import Jsonb
 
 from provider_adapters.base import Command, Invalid, Outcome
 from provider_adapters.memory import MemoryProvider
-from relay.config import ConfigError, load_settings
-from relay.db import Database
-from relay.event_messages import ClaimedEvent, build_message, payment_routing_key
-from relay.event_store import EventResult, EventStore, Release
-from relay.publisher import publisher_from_settings
-from relay.store import Store, WriteBack
+from relay.core.store import Store, WriteBack
+from relay.events.messages import ClaimedEvent, build_message, payment_routing_key
+from relay.events.publisher import publisher_from_settings
+from relay.events.store import EventResult, EventStore, Release
+from relay.infra.config import ConfigError, load_settings
+from relay.infra.db import Database
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
 
 pytestmark = pytest.mark.integration

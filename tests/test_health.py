@@ -12,10 +12,10 @@ import anyio
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from relay.completer import Completer
-from relay.health import HealthState, Heartbeat, build_app
-from relay.migrate import discover
-from relay.store import WriteBack
+from relay.core.completer import Completer
+from relay.core.store import WriteBack
+from relay.infra.migrate import discover
+from relay.service.health import HealthState, Heartbeat, build_app
 
 STALE = 120.0
 LATEST = discover()[-1].version

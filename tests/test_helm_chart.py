@@ -685,7 +685,7 @@ REFUSED = [
         "set providers.stripe.apiKey.existingSecret or apiKey.value (mounted as a file) instead",
     ),
     (
-        # relay/config.py refuses RELAY_PUBLISH_TIMEOUT_SECONDS (15) >= RELAY_LEASE_SECONDS.
+        # relay/infra/config.py refuses RELAY_PUBLISH_TIMEOUT_SECONDS (15) >= RELAY_LEASE_SECONDS.
         "publish-timeout-outlasts-lease",
         {"relay": {"leaseSeconds": 12}},
         "with amqp.enabled, relay.leaseSeconds (12) must be above the events publish timeout"
@@ -1334,7 +1334,7 @@ CONTRACT_METRICS = {
 
 def _known_metrics() -> set[str]:
     declared = set(
-        re.findall(r'"(outbox_relay_[a-z0-9_]+)"', (ROOT / "relay" / "metrics.py").read_text())
+        re.findall(r'"(outbox_relay_[a-z0-9_]+)"', (ROOT / "relay" / "infra" / "metrics.py").read_text())
     )
     names = CONTRACT_METRICS | declared
     return names | {f"{n}_{suffix}" for n in names for suffix in ("bucket", "sum", "count")}
@@ -1394,7 +1394,7 @@ def test_breaker_alert_holds_through_half_open_probes(helm: Helm) -> None:
 def _dead_outcomes() -> set[str]:
     """The `outcome` labels of outbox_relay_intents_finished_total that mean dead, as the
     counter's help text lists them (`... -> dead.`)."""
-    from relay.metrics import INTENTS_FINISHED
+    from relay.infra.metrics import INTENTS_FINISHED
 
     text = INTENTS_FINISHED._documentation
     dead = next(part for part in text.split(";") if "-> dead" in part)

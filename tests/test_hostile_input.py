@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
-from relay.redaction import luhn_valid
+from relay.infra.redaction import luhn_valid
 
 pytestmark = pytest.mark.integration
 

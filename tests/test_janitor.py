@@ -16,10 +16,10 @@ import pytest
 
 from provider_adapters.base import Action, Ambiguous, Command, Outcome, Succeeded
 from provider_adapters.stripe import StripeAdapter
-from relay.db import Database
-from relay.janitor import Janitor, JanitorOptions, next_check_delay
-from relay.lanes import Lane
-from relay.store import Store
+from relay.core.janitor import Janitor, JanitorOptions, next_check_delay
+from relay.core.lanes import Lane
+from relay.core.store import Store
+from relay.infra.db import Database
 from tests.fake_server import API_KEY, FakeServer
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.relay_harness import insert_intents, make_relay, run_until_settled

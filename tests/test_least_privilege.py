@@ -3,7 +3,7 @@ and what is refused.
 
 * the exact grants of outbox_app, outbox_relay and outbox_operator, and nothing for PUBLIC;
 * the application inserts intents and events and reads outcomes, and nothing else;
-* every statement of relay/queries.sql passes the privilege check as the role that runs it;
+* every statement of relay/infra/queries.sql passes the privilege check as the role that runs it;
 * the real relay, logged in as an outbox_relay member, takes a workload to the end (claims,
   write-backs, promotions, the publisher, the janitor, the depth sampler, /readyz), the
   retention sweeper archives as that role, and audit verify and ledger check pass as an
@@ -28,10 +28,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from relay.audit import verify_database
-from relay.ledger import check_ledger
-from relay.migrate import migrate, sql_dir
-from relay.queries import QUERIES
+from relay.finance.audit import verify_database
+from relay.finance.ledger import check_ledger
+from relay.infra.migrate import migrate, sql_dir
+from relay.infra.queries import QUERIES
 from tests.conftest import with_dbname
 from tests.login_roles import GROUP_ROLES, login_role
 from tests.processes import FakeProviderProcess, RelayProcess
@@ -147,39 +147,39 @@ PUBLIC_HELPERS = {
     "actor_entitled",  # sql/0012, whose outbox.actor names are kept
 }
 
-# Statements of relay/queries.sql by the role that runs them. A new statement must be added
+# Statements of relay/infra/queries.sql by the role that runs them. A new statement must be added
 # to one of these (and granted in a migration), or this file fails.
 RELAY_STATEMENTS = {
-    "claim_intents",  # relay/store.py
+    "claim_intents",  # relay/core/store.py
     "set_actor",
     "lock_payments",
     "complete_intents",
     "requeue_expired_leases",
-    "lock_orphaned_blocked_payments",  # relay/runtime.py: the reaper's sweep
+    "lock_orphaned_blocked_payments",  # relay/core/runtime.py: the reaper's sweep
     "promote_orphaned_blocked",
     "release_leases",
-    "archive_terminal_intents",  # relay/retention.py through the store
+    "archive_terminal_intents",  # relay/service/retention.py through the store
     "want_wakeups",
     "skip_wakeups",
-    "schema_version",  # relay/main.py: /readyz
-    "claim_events",  # relay/event_store.py: the publisher
+    "schema_version",  # relay/service/main.py: /readyz
+    "claim_events",  # relay/events/store.py: the publisher
     "lock_event_streams",
     "mark_events",
     "release_events",
-    "unpublished_events",  # relay/depth.py
+    "unpublished_events",  # relay/service/depth.py
     "queue_depth",
     "reconciliation_open",
-    "janitor_reserve",  # relay/janitor.py
+    "janitor_reserve",  # relay/core/janitor.py
     "janitor_take",
     "janitor_record",
 }
 OPERATOR_STATEMENTS = {
-    "status_counts",  # relay/status.py
+    "status_counts",  # relay/operations/status.py
     "schema_version",
     "queue_depth",
     "unpublished_events",
     "set_actor",
-    "set_operator_actor",  # relay/dead_letters.py, relay/intents_show.py
+    "set_operator_actor",  # relay/operations/dead_letters.py, relay/operations/intents.py
     "dead_letters_count",
     "dead_letters_list",
     "dead_letters_page",
@@ -191,22 +191,22 @@ OPERATOR_STATEMENTS = {
     "payment_intents_in_order",
     "audit_trail_present",
     "intent_history",
-    "audit_rows_by_chain",  # relay/audit.py
+    "audit_rows_by_chain",  # relay/finance/audit.py
     "audit_live_documents",
-    "ledger_counts",  # relay/ledger.py
+    "ledger_counts",  # relay/finance/ledger.py
     "ledger_unbalanced",
     "ledger_posting_mismatches",
     "ledger_payment_mismatches",
     "ledger_account_balances",
     "ledger_payment_totals",
     "ledger_authorized_totals",
-    "reconcile_start_run",  # relay/reconcile.py
+    "reconcile_start_run",  # relay/finance/reconcile.py
     "currency_exponents",
     "reconcile_internal_items",
     "reconcile_record_exception",
     "reconcile_clear_exceptions",
     "reconcile_finish_run",
-    "exceptions_list",  # relay/recon_exceptions.py
+    "exceptions_list",  # relay/finance/exceptions.py
     "exception_for_update",
     "exception_accept",
     "action_request",
@@ -512,7 +512,7 @@ def test_audit_trail_and_ledger_are_append_only_for_every_role(db_url: str) -> N
 
 def test_every_relay_statement_is_assigned_to_the_role_that_runs_it() -> None:
     assert set(QUERIES) == RELAY_STATEMENTS | OPERATOR_STATEMENTS, (
-        "a statement of relay/queries.sql is run by which role? add it to RELAY_STATEMENTS or "
+        "a statement of relay/infra/queries.sql is run by which role? add it to RELAY_STATEMENTS or "
         "OPERATOR_STATEMENTS here and grant what it needs in a migration"
     )
     assert RELAY_REFUSED <= OPERATOR_STATEMENTS - RELAY_STATEMENTS

@@ -21,8 +21,8 @@ import pytest
 
 from provider_adapters.base import Command, Invalid, Outcome
 from provider_adapters.memory import MemoryProvider
-from relay.audit import verify_database
-from relay.ledger import check_ledger
+from relay.finance.audit import verify_database
+from relay.finance.ledger import check_ledger
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
 
@@ -649,7 +649,7 @@ async def test_no_card_like_value_or_api_key_reaches_the_audit_trail(db_url: str
 def test_rows_from_before_the_migration_get_a_baseline_and_their_postings(
     pg_admin_url: str, tmp_path: Any
 ) -> None:
-    from relay.migrate import discover, migrate
+    from relay.infra.migrate import discover, migrate
     from tests.conftest import with_dbname
 
     early = tmp_path / "early"

@@ -33,8 +33,8 @@ from hypothesis import strategies as st
 from provider_adapters.base import Action, Ambiguous, Command, Succeeded
 from provider_adapters.fake import FaultConfig, create_app
 from provider_adapters.stripe import StripeAdapter
-from relay.breaker import CircuitBreaker
-from relay.redaction import luhn_valid
+from relay.domain.breaker import CircuitBreaker
+from relay.infra.redaction import luhn_valid
 from tests.fake_server import API_KEY
 from tests.invariants import intents
 from tests.relay_harness import make_relay, run_until_settled

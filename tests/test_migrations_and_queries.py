@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from relay.migrate import discover, migrate
-from relay.queries import QUERIES, parse_queries
+from relay.infra.migrate import discover, migrate
+from relay.infra.queries import QUERIES, parse_queries
 from tests.conftest import with_dbname
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.money import CurrencyMismatch, Money, format_money, parse_major
+from relay.domain.money import CurrencyMismatch, Money, format_money, parse_major
 
 
 def test_formats_by_exponent() -> None:

@@ -24,12 +24,12 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
-from relay import metrics as relay_metrics
-from relay.db import Database
-from relay.demo import build_workload
-from relay.depth import DepthSampler
-from relay.queries import QUERIES
-from relay.tracing import parse_traceparent
+from relay.cli.demo import build_workload
+from relay.infra import metrics as relay_metrics
+from relay.infra.db import Database
+from relay.infra.queries import QUERIES
+from relay.infra.tracing import parse_traceparent
+from relay.service.depth import DepthSampler
 from tests.processes import FakeProviderProcess, RelayProcess, free_port
 from tests.scrape import scrape, wait_for
 
@@ -399,7 +399,9 @@ def test_every_metric_is_in_the_readme_table() -> None:
     table = readme.split("| metric | meaning |", 1)[1].split("\n\n", 1)[0]
     listed = set(re.findall(r"`(outbox_relay_[a-z0-9_]+)", table))
     assert len(registered) > 20
-    assert registered - listed == set(), "registered in relay/metrics.py, missing in the README"
+    assert registered - listed == set(), (
+        "registered in relay/infra/metrics.py, missing in the README"
+    )
     assert listed - registered == set(), "in the README's table, registered nowhere"
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from provider_adapters.base import Action, Ambiguous, Declined, Invalid, Retryable, Succeeded
-from relay.outcome_mapping import from_outcome, from_rejection
-from relay.retry_policy import RetryPolicy
-from relay.state_machine import PaymentSnapshot, PaymentState, Rejection
-from relay.store import ClaimedIntent
+from relay.core.store import ClaimedIntent
+from relay.domain.outcome_mapping import from_outcome, from_rejection
+from relay.domain.retry_policy import RetryPolicy
+from relay.domain.state_machine import PaymentSnapshot, PaymentState, Rejection
 
 POLICY = RetryPolicy(base_seconds=1.0, cap_seconds=60.0, max_attempts=3)
 

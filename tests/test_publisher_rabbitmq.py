@@ -38,9 +38,9 @@ from psycopg.types.json import Jsonb
 
 from provider_adapters.base import Command, Invalid, Outcome, Retryable
 from provider_adapters.memory import MemoryProvider
-from relay.demo import build_workload
-from relay.publisher import Publisher, PublisherOptions
-from relay.runtime import Relay
+from relay.cli.demo import build_workload
+from relay.core.runtime import Relay
+from relay.events.publisher import Publisher, PublisherOptions
 from tests.invariants import unfinished
 from tests.processes import RelayProcess
 from tests.relay_harness import insert_intents, make_relay

@@ -23,8 +23,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from provider_adapters.base import BalanceTransaction
 from provider_adapters.stripe import StripeAdapter
-from relay.recon_exceptions import ExceptionCommandError, approve, request_action
-from relay.reconcile import (
+from relay.finance.exceptions import ExceptionCommandError, approve, request_action
+from relay.finance.reconcile import (
     EXCEPTION_KINDS,
     FeeSchedule,
     InternalItem,

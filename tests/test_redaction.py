@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from relay.config import load_settings
-from relay.redaction import (
+from relay.infra.config import load_settings
+from relay.infra.redaction import (
     REDACTED,
     REDACTED_CARD,
     describe_conninfo,
@@ -274,7 +274,7 @@ def test_a_database_url_is_described_without_its_password() -> None:
 _LOG_SCRIPT = """
 import logging, sys
 import structlog
-from relay.logs import configure_logging
+from relay.infra.logs import configure_logging
 configure_logging(sys.argv[1])
 log = structlog.get_logger("t")
 with structlog.contextvars.bound_contextvars(intent_id=7, trace_id="4bf92f3577b34da6a3ce929d0e0e4736"):
@@ -322,8 +322,8 @@ def test_console_logs_are_redacted_too() -> None:
 _LEAK_SCRIPT = """
 import json, logging, os, sys
 import structlog
-from relay.config import load_settings
-from relay.logs import configure_logging
+from relay.infra.config import load_settings
+from relay.infra.logs import configure_logging
 load_settings()  # registers the configured secrets, as every command does at start-up
 configure_logging(sys.argv[1])
 leaks = json.loads(sys.argv[2])

@@ -11,8 +11,8 @@ import pytest
 
 from provider_adapters.base import Command, Outcome, Retryable
 from provider_adapters.memory import MemoryProvider
-from relay.db import Database
-from relay.store import Store, WriteBack
+from relay.core.store import Store, WriteBack
+from relay.infra.db import Database
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.retry_policy import IDEMPOTENCY_KEY_LIFETIME_SECONDS, RetryPolicy
+from relay.domain.retry_policy import IDEMPOTENCY_KEY_LIFETIME_SECONDS, RetryPolicy
 
 POLICY = RetryPolicy(base_seconds=1.0, cap_seconds=300.0, max_attempts=8)
 

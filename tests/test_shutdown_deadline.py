@@ -16,17 +16,17 @@ import psycopg
 import pytest
 
 from provider_adapters.base import Command, Outcome, Retryable
-from relay.completer import Completer
-from relay.db import Database
-from relay.lanes import Lane
-from relay.retry_policy import RetryPolicy
-from relay.runtime import (
+from relay.core.completer import Completer
+from relay.core.lanes import Lane
+from relay.core.runtime import (
     SHUTDOWN_FLUSH_MIN_SECONDS,
     Relay,
     RelayOptions,
     flush_reserve_seconds,
 )
-from relay.store import WriteBack
+from relay.core.store import WriteBack
+from relay.domain.retry_policy import RetryPolicy
+from relay.infra.db import Database
 from tests.relay_harness import insert_intents
 
 pytestmark = pytest.mark.anyio

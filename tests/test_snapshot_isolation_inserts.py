@@ -6,7 +6,7 @@ COMMITTED the payment's row lock makes that snapshot current. Under REPEATABLE R
 SERIALIZABLE it may predate a write-back that resolved the earlier intent without touching
 the payment's row (a decline, a refused command): the new intent is stored ``blocked``,
 and that write-back, which could not see it, promoted nothing. The relay's reaper sweeps
-for such orphaned blocked heads and promotes them (relay/queries.sql,
+for such orphaned blocked heads and promotes them (relay/infra/queries.sql,
 lock_orphaned_blocked_payments and promote_orphaned_blocked).
 """
 
@@ -20,8 +20,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from provider_adapters.memory import MemoryProvider
-from relay.db import Database
-from relay.store import Store, WriteBack
+from relay.core.store import Store, WriteBack
+from relay.infra.db import Database
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from provider_adapters.base import Action
-from relay.state_machine import (
+from relay.domain.state_machine import (
     Dispatch,
     PaymentSnapshot,
     PaymentState,

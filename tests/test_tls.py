@@ -24,10 +24,10 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from relay.config import Settings
-from relay.db import Database
-from relay.migrate import migrate
-from relay.publisher import publisher_from_settings
+from relay.events.publisher import publisher_from_settings
+from relay.infra.config import Settings
+from relay.infra.db import Database
+from relay.infra.migrate import migrate
 from tests.processes import RelayProcess, free_port
 from tests.scrape import wait_for
 
@@ -153,9 +153,9 @@ def test_amqps_url_reaches_aio_pika_unchanged(monkeypatch: pytest.MonkeyPatch) -
         seen.append(given)
         raise Captured
 
-    import relay.publisher
+    import relay.events.publisher
 
-    monkeypatch.setattr(relay.publisher.aio_pika, "connect", connect)
+    monkeypatch.setattr(relay.events.publisher.aio_pika, "connect", connect)
     settings = Settings(amqp_url=url, providers={})  # type: ignore[arg-type]
     publisher = publisher_from_settings(settings, Database("dbname=unused"))
     assert publisher is not None

@@ -4,7 +4,7 @@ A relay whose write-back waits on a lock past its lease (a zombie relay paused i
 own write-back transaction holds the payment's row) re-claims the same intent, calls the
 provider again (a replay, no second effect) and buffers another outcome for it. Once the
 lock goes, one batch can hold several outcomes of one intent with different lease tokens.
-The fence lets only the current one through; `complete_intents` (relay/queries.sql) used
+The fence lets only the current one through; `complete_intents` (relay/infra/queries.sql) used
 to join the batch's outcomes to the written rows by intent id alone, so the batch either
 inserted one result event per buffered outcome (seen in the campaign: seven events, seven
 message_ids, for one succeeded intent) or failed on `events_event_id_unique` and was
@@ -17,9 +17,9 @@ import anyio
 import psycopg
 import pytest
 
-from relay.completer import Completer
-from relay.db import RETRYABLE_DB_ERRORS, Database
-from relay.store import Store, WriteBack
+from relay.core.completer import Completer
+from relay.core.store import Store, WriteBack
+from relay.infra.db import RETRYABLE_DB_ERRORS, Database
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

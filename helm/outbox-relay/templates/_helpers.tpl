@@ -206,7 +206,7 @@ a message naming the value to change.
 {{- end -}}
 {{- if $v.amqp.enabled -}}
 {{- /* The relay refuses to start when an event's publish could outlast its lease
-(relay/config.py); say so at install time instead of in a crash loop. */ -}}
+(relay/infra/config.py); say so at install time instead of in a crash loop. */ -}}
 {{- $publishTimeout := get ($v.relay.extraEnv | default dict) "RELAY_PUBLISH_TIMEOUT_SECONDS" | default "15" -}}
 {{- if ge (float64 $publishTimeout) (float64 $v.relay.leaseSeconds) -}}
 {{- fail (printf "outbox-relay: with amqp.enabled, relay.leaseSeconds (%v) must be above the events publish timeout (%v s, RELAY_PUBLISH_TIMEOUT_SECONDS), or the relay refuses to start; raise relay.leaseSeconds above %v or set relay.extraEnv.RELAY_PUBLISH_TIMEOUT_SECONDS below %v" $v.relay.leaseSeconds $publishTimeout $publishTimeout $v.relay.leaseSeconds) -}}

@@ -1,0 +1,398 @@
+"""`outbox-relay demo`: the whole path on one machine, with faults on, checked at the end.
+
+Starts (or uses) PostgreSQL, migrates, serves the fake Stripe-compatible provider, inserts
+a realistic mixed workload, runs relays until every intent is terminal while showing
+progress, then prints a summary and checks exactly-once against the provider's own
+effect counts. Exit status 0 only if every check holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import string
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+import psycopg
+
+__all__ = ["build_workload", "run_demo", "wait_for_workload"]
+
+# (code, one major unit in minor units, the smallest step Stripe takes: three-decimal
+# currencies only with the last digit 0, see provider_adapters/currency_units.py)
+CURRENCIES = [("EUR", 100, 1), ("USD", 100, 1), ("JPY", 1, 1), ("GBP", 100, 1), ("KWD", 1000, 10)]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    payment_id: str
+    action: str
+    amount_minor: int | None
+    currency: str
+    payment_method: str | None = None
+
+
+def build_workload(
+    payments: int, rng: random.Random, prefix: str, *, min_intents: int = 0
+) -> list[Row]:
+    """A mix a payments team would recognise, including a few invalid commands.
+
+    ``payments`` payments, and more while there are fewer than ``min_intents`` intents: a
+    payment has one to four, so a bare count of payments gives a seed-dependent total.
+    The first ``payments`` payments are the same for one seed whatever ``min_intents`` is.
+    """
+    rows: list[Row] = []
+    n = 0
+    while n < payments or len(rows) < min_intents:
+        pid = f"{prefix}-{n:05d}"
+        n += 1
+        currency, unit, step = rng.choice(CURRENCIES)
+        amount = rng.randint(5, 500) * unit
+        roll = rng.random()
+        if roll < 0.35:  # authorize -> capture (sometimes partial) -> partial refund
+            captured = amount if rng.random() < 0.6 else amount - unit
+            rows += [
+                Row(pid, "authorize", amount, currency, "pm_card_visa"),
+                Row(pid, "capture", None if captured == amount else captured, currency),
+                Row(pid, "refund", max(captured // 3 // step * step, step), currency),
+            ]
+        elif roll < 0.60:  # one-step charge, sometimes fully refunded
+            rows.append(Row(pid, "charge", amount, currency, "pm_card_mastercard"))
+            if rng.random() < 0.4:
+                rows.append(Row(pid, "refund", None, currency))
+        elif roll < 0.72:  # authorize then void
+            rows += [
+                Row(pid, "authorize", amount, currency, "pm_card_visa"),
+                Row(pid, "void", None, currency),
+            ]
+        elif roll < 0.84:  # declines
+            card = rng.choice(["pm_card_chargeDeclined", "pm_card_chargeDeclinedInsufficientFunds"])
+            rows.append(Row(pid, rng.choice(["charge", "authorize"]), amount, currency, card))
+        elif roll < 0.92:  # invalid: refund above the captured amount
+            rows += [
+                Row(pid, "charge", amount, currency, "pm_card_visa"),
+                Row(pid, "refund", amount + unit, currency),
+            ]
+        else:  # invalid: capture before authorize, capture after void
+            rows += [
+                Row(pid, "capture", amount, currency),
+                Row(pid, "authorize", amount, currency, "pm_card_amex"),
+                Row(pid, "void", None, currency),
+                Row(pid, "capture", None, currency),
+            ]
+    return rows
+
+
+@contextlib.contextmanager
+def _database(explicit: str | None) -> Iterator[str]:
+    if explicit:
+        yield explicit
+        return
+    from relay.infra.embedded_pg import embedded_postgres
+
+    print("starting an embedded PostgreSQL (RELAY_DATABASE_URL is unset) ...", flush=True)
+    with embedded_postgres() as url:
+        yield url
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from relay.infra.config import ConfigError, load_settings
+
+    try:
+        explicit = load_settings().resolved_database_url()
+    except ConfigError as exc:
+        print("error: invalid configuration:", *exc.lines, sep="\n  ", file=sys.stderr)
+        return 2
+    from relay.infra.embedded_pg import EmbeddedPostgresUnavailable
+
+    try:
+        with _database(explicit) as url:
+            return anyio.run(_demo, url, args)
+    except EmbeddedPostgresUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _demo(url: str, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from provider_adapters.fake import FaultConfig, create_app
+    from provider_adapters.stripe import StripeAdapter
+    from relay.core.lanes import Lane
+    from relay.core.runtime import Relay, RelayOptions
+    from relay.domain.retry_policy import RetryPolicy
+    from relay.infra.db import Database
+    from relay.infra.logs import configure_logging
+    from relay.infra.migrate import migrate
+
+    configure_logging("console", level=40)  # errors only: the demo prints its own progress
+    applied = await anyio.to_thread.run_sync(lambda: migrate(url))
+    print(f"schema ready ({len(applied)} migration(s) applied)")
+
+    faults = FaultConfig(
+        latency_ms=args.latency_ms,
+        rate_429=args.rate_429,
+        rate_503=args.rate_503,
+        rate_timeout_after_effect=args.rate_timeout_after_effect,
+        rate_500_after_effect=args.rate_500_after_effect,
+        rate_malformed=args.rate_malformed,
+        timeout_seconds=2.0,
+        seed=args.seed,
+    )
+    runner = web.AppRunner(create_app(faults))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    base_url = f"http://127.0.0.1:{port}"
+    print(
+        f"fake provider on {base_url} with faults: 429 {args.rate_429:.0%}, "
+        f"503 {args.rate_503:.0%}, effect-then-timeout {args.rate_timeout_after_effect:.0%}, "
+        f"effect-then-500 {args.rate_500_after_effect:.0%}, "
+        f"malformed {args.rate_malformed:.0%}"
+    )
+
+    rng = random.Random(args.seed)
+    # Letters only: this run's ids must differ from earlier runs' in the same database, and
+    # a long run of digits in an id could take the shape of a card number and be refused.
+    prefix = "demo-" + "".join(random.SystemRandom().choices(string.ascii_lowercase, k=10))
+    rows = build_workload(args.payments, rng, prefix)
+    await anyio.to_thread.run_sync(_insert, url, rows)
+    print(f"inserted {len(rows)} intents for {args.payments} payments")
+
+    relays = []
+    for n in range(args.relays):
+        adapter = StripeAdapter(
+            name="stripe",
+            api_key="sk_test_demo",
+            base_url=base_url,
+            connect_timeout_seconds=1.0,
+            read_timeout_seconds=1.0,
+            max_connections=32,
+        )
+        relays.append(
+            Relay(
+                Database(url, pool_size=3, name=f"demo-relay-{n}"),
+                {"stripe": Lane("stripe", adapter, concurrency=32, timeout_seconds=2.0)},
+                RetryPolicy(base_seconds=0.05, cap_seconds=1.0, max_attempts=10),
+                RelayOptions(
+                    instance=f"demo-relay-{n}",
+                    lease_seconds=10.0,
+                    poll_interval_seconds=0.1,
+                    poll_max_interval_seconds=0.5,
+                    shutdown_grace_seconds=5.0,
+                ),
+                rng=random.Random(args.seed + n).random,
+            )
+        )
+    started = time.perf_counter()
+    try:
+        async with anyio.create_task_group() as tg:
+            for relay in relays:
+                await relay.db.open()
+                await tg.start(relay.run)
+            print(f"relaying with {len(relays)} relay(s) ...")
+            stuck = await wait_for_workload(
+                url, prefix, len(rows), started, deadline_seconds=args.deadline_seconds
+            )
+            for relay in relays:
+                relay.stop()
+    finally:
+        for relay in relays:
+            await relay.db.close()
+            for lane in relay.lanes.values():
+                await lane.adapter.aclose()
+    elapsed = time.perf_counter() - started
+    async with httpx.AsyncClient() as client:
+        effects = (await client.get(f"{base_url}/_fake/effects")).json()
+    await runner.cleanup()
+    if stuck:
+        print(*stuck, sep="\n", file=sys.stderr)
+        return 1
+    return await anyio.to_thread.run_sync(_summarise, url, prefix, effects, elapsed, len(rows))
+
+
+def _insert(url: str, rows: list[Row]) -> None:
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+            " currency, payment_method, metadata) VALUES (%s, %s, 'stripe', %s, %s, %s,"
+            ' \'{"source": "demo"}\')',
+            [(r.payment_id, r.action, r.amount_minor, r.currency, r.payment_method) for r in rows],
+        )
+
+
+# A blocked intent behind a dead one of its payment waits for an operator, not for the
+# relays: for the demo it is finished, as "stalled".
+_STATUS = """
+    CASE WHEN i.status = 'blocked' AND EXISTS (
+             SELECT 1 FROM outbox.payment_intents AS d
+             WHERE d.payment_id = i.payment_id AND d.status = 'dead'
+               AND d.payment_seq < i.payment_seq)
+         THEN 'stalled' ELSE i.status END
+"""
+_FINISHED = ("succeeded", "failed", "dead", "stalled")
+
+
+def _counts(url: str, prefix: str) -> Counter[str]:
+    """Intents of this run by status, with 'stalled' for those blocked behind a dead one."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            f"SELECT {_STATUS} AS status, count(*) FROM outbox.payment_intents AS i"
+            " WHERE i.payment_id LIKE %s GROUP BY 1",
+            (prefix + "-%",),
+        ).fetchall()
+    return Counter({status: count for status, count in rows})
+
+
+def _stuck(url: str, prefix: str, deadline_seconds: float) -> list[str]:
+    """What did not finish: counts by status and the first few intents, to look at."""
+    counts = _counts(url, prefix)
+    waiting = {s: n for s, n in sorted(counts.items()) if s not in _FINISHED}
+    with psycopg.connect(url) as conn:
+        first = conn.execute(
+            f"SELECT i.id, i.payment_id, i.action, i.status, i.attempts, i.error_code"
+            f" FROM outbox.payment_intents AS i WHERE i.payment_id LIKE %s"
+            f" AND {_STATUS} NOT IN ('succeeded', 'failed', 'dead', 'stalled')"
+            " ORDER BY i.id LIMIT 5",
+            (prefix + "-%",),
+        ).fetchall()
+    lines = [
+        f"error: the workload did not finish within --deadline-seconds {deadline_seconds:g}: "
+        f"{sum(waiting.values())} intent(s) unfinished ("
+        + ", ".join(f"{status} {n}" for status, n in waiting.items())
+        + ")"
+    ]
+    lines += [
+        f"  intent {i} ({payment_id}, {action}): {status}, {attempts} attempt(s)"
+        + (f", last error {code}" if code else "")
+        for i, payment_id, action, status, attempts, code in first
+    ]
+    lines.append(
+        "  look at one with `outbox-relay intents show ID`; allow more time with --deadline-seconds"
+    )
+    return lines
+
+
+async def wait_for_workload(
+    url: str, prefix: str, total: int, started: float, *, deadline_seconds: float
+) -> list[str]:
+    """Show progress until every intent of the run is finished (terminal, or blocked behind
+    a dead intent of its payment); return [] then, or, past ``deadline_seconds``, the lines
+    that name what is stuck."""
+    with anyio.move_on_after(deadline_seconds):
+        await _show_progress(url, prefix, total, started)
+        return []
+    print(flush=True)  # end an interactive progress line
+    return await anyio.to_thread.run_sync(_stuck, url, prefix, deadline_seconds)
+
+
+async def _show_progress(url: str, prefix: str, total: int, started: float) -> None:
+    interactive = sys.stdout.isatty()
+    last_print = 0.0
+    while True:
+        counts = await anyio.to_thread.run_sync(_counts, url, prefix)
+        finished = sum(counts[s] for s in _FINISHED)
+        done = counts["succeeded"] + counts["failed"] + counts["dead"]
+        now = time.perf_counter()
+        if finished >= total or interactive or now - last_print >= 2.0:
+            rate = done / max(now - started, 1e-9)
+            line = (
+                f"  {done:>6}/{total} terminal  succeeded {counts['succeeded']}  "
+                f"failed {counts['failed']}  dead {counts['dead']}  "
+                f"in flight {counts['in_flight']}  {rate:,.0f} intents/s"
+            )
+            if counts["stalled"]:
+                line += f"  behind a dead intent {counts['stalled']}"
+            print(
+                ("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True
+            )
+            last_print = now
+        if finished >= total:
+            if interactive:
+                print()
+            return
+        await anyio.sleep(0.25)
+
+
+def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float, total: int) -> int:
+    by_key: dict[str, Any] = effects.get("effects_by_key", {})
+    with psycopg.connect(url) as conn:
+        intents = conn.execute(
+            "SELECT action, status, idempotency_key, error_code FROM outbox.payment_intents"
+            " WHERE payment_id LIKE %s",
+            (prefix + "-%",),
+        ).fetchall()
+        mismatched = conn.execute(
+            """
+            SELECT count(*) FROM outbox.payments p
+            JOIN LATERAL (
+                SELECT coalesce(sum(amount_applied_minor) FILTER (WHERE action IN ('authorize','charge')), 0) AS a,
+                       coalesce(sum(amount_applied_minor) FILTER (WHERE action IN ('capture','charge')), 0) AS c,
+                       coalesce(sum(amount_applied_minor) FILTER (WHERE action = 'refund'), 0) AS r
+                FROM outbox.payment_intents i
+                WHERE i.payment_id = p.payment_id AND i.status = 'succeeded'
+            ) s ON true
+            WHERE p.payment_id LIKE %s
+              AND (p.authorized_minor, p.captured_minor, p.refunded_minor) <> (s.a, s.c, s.r)
+            """,
+            (prefix + "-%",),
+        ).fetchone()
+    table: Counter[tuple[str, str]] = Counter((a, s) for a, s, _, _ in intents)
+    actions = ["authorize", "capture", "charge", "void", "refund"]
+    statuses = ["succeeded", "failed", "dead"]
+    print()
+    print(f"{'action':<11}" + "".join(f"{s:>11}" for s in statuses))
+    for action in actions:
+        print(f"{action:<11}" + "".join(f"{table[(action, s)]:>11}" for s in statuses))
+    errors = Counter(code for _, status, _, code in intents if status != "succeeded" and code)
+    print("failures by error_code: " + ", ".join(f"{c} {n}" for c, n in errors.most_common()))
+    print(
+        f"{total} intents in {elapsed:.1f} s: {total / elapsed:,.0f} intents/s "
+        f"(fake provider latency and injected faults included)"
+    )
+    faults = effects.get("faults_injected", {})
+    print("faults injected: " + ", ".join(f"{k} {v}" for k, v in faults.items()))
+
+    problems = []
+    for action, status, key, _ in intents:
+        count = by_key.get(key, {}).get("count", 0)
+        if status == "succeeded" and count != 1:
+            problems.append(f"succeeded {action} {key} has {count} effects at the provider")
+        if status != "succeeded" and count != 0:
+            problems.append(f"{status} {action} {key} has {count} effects at the provider")
+    ours = {key for _, _, key, _ in intents}
+    problems += [
+        f"key {k} applied {v['count']} times"
+        for k, v in by_key.items()
+        if k in ours and v["count"] > 1
+    ]
+    if mismatched and mismatched[0]:
+        problems.append(f"{mismatched[0]} payments whose amounts differ from their intents")
+    stalled = _counts(url, prefix)["stalled"]
+    if stalled:
+        print(
+            f"{stalled} intent(s) wait behind a dead intent of their payment, as they should: "
+            "an operator resolves the dead one (`outbox-relay dead-letters`)"
+        )
+    unfinished = sum(1 for _, s, _, _ in intents if s not in statuses) - stalled
+    if unfinished:
+        problems.append(f"{unfinished} intents not terminal")
+    succeeded = sum(1 for _, s, _, _ in intents if s == "succeeded")
+    if problems:
+        print(f"EXACTLY-ONCE CHECK FAILED ({len(problems)} problem(s)):")
+        for line in problems[:20]:
+            print(f"  {line}")
+        return 1
+    print(
+        f"exactly-once check passed: {succeeded} succeeded intents, each with exactly one "
+        f"effect at the provider; no key applied twice; payment amounts match their intents"
+    )
+    return 0

@@ -1,0 +1,146 @@
+"""A lane per provider: the bulkhead around one provider.
+
+Each lane has its own adapter (and so its own HTTP connection pool), slot count, call
+deadline, circuit breaker and token-bucket rate limit. The claim loop asks
+:meth:`Lane.claimable` before claiming, so a slow or failing provider fills or closes its
+own lane and no other, and intents of a provider whose breaker is open stay unclaimed with
+their attempts untouched.
+
+Every provider call runs under a deadline a little above the adapter's own timeouts;
+hitting it counts as ambiguous (the request may have been sent), never as failure.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+
+from provider_adapters.base import Ambiguous, Command, Outcome, ProviderAdapter, Retryable
+from relay.domain.breaker import BreakerState, CircuitBreaker
+from relay.domain.rate_limit import TokenBucket
+from relay.infra import metrics
+
+__all__ = ["Lane"]
+
+# Claims are sized to the tokens a lane gets within this horizon, so claimed intents do
+# not sit on their leases waiting for the rate limit.
+CLAIM_HORIZON_SECONDS = 1.0
+
+
+class Lane:
+    def __init__(
+        self,
+        provider: str,
+        adapter: ProviderAdapter,
+        *,
+        concurrency: int,
+        timeout_seconds: float,
+        breaker: CircuitBreaker | None = None,
+        bucket: TokenBucket | None = None,
+    ) -> None:
+        self.provider = provider
+        self.adapter = adapter
+        self.concurrency = concurrency
+        self.timeout_seconds = timeout_seconds
+        self.breaker = breaker or CircuitBreaker(
+            failure_threshold=5, cooldown_seconds=30.0, half_open_probes=1, clock=time.monotonic
+        )
+        self.bucket = bucket
+        self.in_flight = 0  # claimed and not yet finished
+        self.waiting = 0  # claimed, not yet admitted to the provider
+        self._report_breaker()
+
+    # -- capacity ------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return max(self.concurrency - self.in_flight, 0)
+
+    def claimable(self) -> int:
+        """How many intents the claim loop may claim for this lane right now."""
+        room = self.free_slots
+        allowance = self.breaker.allowance()
+        self._report_breaker()
+        if allowance is not None:
+            room = min(room, allowance - self.waiting)
+        if self.bucket is not None:
+            room = min(room, self.bucket.obtainable_within(CLAIM_HORIZON_SECONDS) - self.waiting)
+        return max(room, 0)
+
+    def seconds_until_capacity(self) -> float | None:
+        """When a lane blocked by its breaker or rate limit may take work again."""
+        if self.free_slots == 0:
+            return None  # a finishing call wakes the loop
+        if self.breaker.state is BreakerState.OPEN:
+            return self.breaker.seconds_until_half_open()
+        if self.bucket is not None:
+            return self.bucket.seconds_until_token()
+        return None
+
+    def acquire(self) -> None:
+        self.in_flight += 1
+        self.waiting += 1
+        metrics.IN_FLIGHT.labels(provider=self.provider).set(self.in_flight)
+
+    def release(self, *, admission_asked: bool) -> None:
+        """A claimed intent is done; ``admission_asked``: :meth:`admit` ran for it."""
+        self.in_flight -= 1
+        if not admission_asked:
+            self.waiting -= 1
+        metrics.IN_FLIGHT.labels(provider=self.provider).set(self.in_flight)
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def admit(self, stop: anyio.Event) -> bool:
+        """Wait for a rate-limit token, then pass the breaker; False: do not call.
+
+        False when the relay is stopping or the breaker refuses; the caller hands the
+        intent back without consuming its attempt.
+        """
+        try:
+            if self.bucket is not None:
+                while not self.bucket.try_take():
+                    with anyio.move_on_after(self.bucket.seconds_until_token()):
+                        await stop.wait()
+                    if stop.is_set():
+                        return False
+            if stop.is_set():
+                return False
+            admitted = self.breaker.try_start()
+            self._report_breaker()
+            return admitted
+        finally:
+            self.waiting -= 1
+
+    async def execute(self, command: Command) -> Outcome:
+        outcome = await self._guarded(command, lookup=False)
+        if isinstance(outcome, Retryable | Ambiguous):
+            self.breaker.record_failure()
+        else:
+            self.breaker.record_success()
+        self._report_breaker()
+        return outcome
+
+    async def lookup(self, command: Command) -> Outcome:
+        return await self._guarded(command, lookup=True)
+
+    def cancel_admission(self) -> None:
+        self.breaker.cancel_start()
+
+    async def _guarded(self, command: Command, *, lookup: bool) -> Outcome:
+        started = time.perf_counter()
+        call = self.adapter.lookup if lookup else self.adapter.execute
+        outcome: Outcome = Ambiguous(
+            "provider_timeout",
+            f"no answer within the lane deadline of {self.timeout_seconds:g} s",
+        )
+        with anyio.move_on_after(self.timeout_seconds + 1.0):
+            outcome = await call(command)
+        metrics.PROVIDER_CALL_SECONDS.labels(
+            provider=self.provider, action=str(command.action)
+        ).observe(time.perf_counter() - started)
+        return outcome
+
+    def _report_breaker(self) -> None:
+        metrics.BREAKER_STATE.labels(provider=self.provider).set(int(self.breaker.state))

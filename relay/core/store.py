@@ -1,0 +1,293 @@
+"""Domain operations on the outbox tables: claim, complete, requeue, release.
+
+Every statement comes from queries.sql. Guarantees:
+
+* :meth:`Store.claim` commits before returning: no transaction or lock outlives it.
+* :meth:`Store.complete` writes a whole batch in one transaction; each row is fenced by
+  its lease token, so an outcome from a relay whose lease expired is not written (its id is
+  missing from the returned set). The payments of the batch are locked first, in
+  payment_id order, so promotion of the next blocked intent sees every committed insert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+
+from provider_adapters.base import Action
+from relay.domain.state_machine import PaymentSnapshot, PaymentState
+from relay.infra.db import Database
+from relay.infra.queries import QUERIES
+
+__all__ = ["ClaimedIntent", "Store", "WriteBack"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedIntent:
+    id: int
+    payment_id: str
+    action: Action
+    provider: str
+    amount_minor: int | None
+    currency: str
+    payment_method: str | None
+    idempotency_key: str
+    attempts: int
+    lease_token: int
+    traceparent: str | None
+    payment: PaymentSnapshot
+    # The currency's ISO 4217 exponent (outbox.currencies), for adapters whose provider
+    # counts the currency differently; None where a caller does not know it.
+    exponent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBack:
+    """One outcome to record. ``payment`` is the payment's new state, or None if unchanged."""
+
+    intent_id: int
+    lease_token: int
+    payment_id: str
+    status: str  # succeeded | failed | dead | pending (retry)
+    retry_delay_seconds: float = 0.0
+    provider_reference: str | None = None
+    amount_applied_minor: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    payment: PaymentSnapshot | None = None
+    # Metric labels only (never written): counted by the completer once the row commits.
+    provider: str = ""
+    action: str = ""
+    outcome: str = ""  # why it ended: succeeded, declined, rejected, invalid, exhausted...
+
+
+class Store:
+    def __init__(self, db: Database, *, actor: str | None = None) -> None:
+        self.db = db
+        # Who the audit trail names for this store's writes ('relay:<instance>',
+        # 'janitor:<instance>'); claims always name 'relay:<instance>' themselves.
+        self.actor = actor
+
+    async def _fetch_as_actor(self, name: str, params: Mapping[str, Any]) -> list[TupleRow]:
+        """Run one statement in a transaction that names :attr:`actor` to the audit trail."""
+        if self.actor is None:
+            return await self.db.fetch_all(name, params)
+        async with self.db.pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": None})
+            cur = await conn.execute(QUERIES[name], params)
+            return await cur.fetchall()
+
+    async def claim(
+        self,
+        provider: str,
+        limit: int,
+        *,
+        lease_seconds: float,
+        instance: str,
+        now: datetime | None = None,
+    ) -> list[ClaimedIntent]:
+        rows = await self.db.fetch_all(
+            "claim_intents",
+            {
+                "provider": provider,
+                "limit": limit,
+                "lease_seconds": lease_seconds,
+                "instance": instance,
+                "now": now,
+            },
+        )
+        claimed = []
+        for row in rows:
+            (
+                intent_id,
+                payment_id,
+                action,
+                provider_name,
+                amount,
+                currency,
+                method,
+                key,
+                attempts,
+                token,
+                traceparent,
+                state,
+                authorized,
+                captured,
+                refunded,
+                reference,
+                exponent,
+            ) = row
+            claimed.append(
+                ClaimedIntent(
+                    id=intent_id,
+                    payment_id=payment_id,
+                    action=Action(action),
+                    provider=provider_name,
+                    amount_minor=amount,
+                    currency=currency,
+                    payment_method=method,
+                    idempotency_key=key,
+                    attempts=attempts,
+                    lease_token=token,
+                    traceparent=traceparent,
+                    payment=PaymentSnapshot(
+                        state=PaymentState(state),
+                        currency=currency,
+                        authorized_minor=authorized,
+                        captured_minor=captured,
+                        refunded_minor=refunded,
+                        provider_reference=reference,
+                    ),
+                    exponent=exponent,
+                )
+            )
+        claimed.sort(key=lambda intent: intent.id)
+        return claimed
+
+    async def complete(
+        self, batch: Sequence[WriteBack], *, now: datetime | None = None, reason: str | None = None
+    ) -> set[int]:
+        """Record ``batch`` in one transaction; return the ids whose fence held.
+
+        The audit trail's rows name :attr:`actor` and ``reason``; a succeeded intent posts
+        its ledger transaction in this same transaction (sql/0005's triggers).
+        """
+        return {
+            intent_id for intent_id, _ in await self.complete_fenced(batch, now=now, reason=reason)
+        }
+
+    async def complete_fenced(
+        self, batch: Sequence[WriteBack], *, now: datetime | None = None, reason: str | None = None
+    ) -> set[tuple[int, int]]:
+        """:meth:`complete`, returning (intent id, lease token) for each outcome written.
+
+        A batch may hold a stale and the current outcome of one intent (the first waited
+        for the database while the intent was claimed again); only the token tells which
+        of the two was written.
+        """
+        if not batch:
+            return set()
+        # Pipeline mode sends BEGIN, set_actor, lock_payments and complete_intents without
+        # waiting for each reply: two round trips per write-back instead of five, which is
+        # what a busy event loop or a distant database makes expensive.
+        async with self.db.pool.connection() as conn, conn.pipeline(), conn.transaction():
+            return await self._complete_rows(conn, batch, now=now, reason=reason)
+
+    async def complete_in(
+        self,
+        conn: AsyncConnection[TupleRow],
+        batch: Sequence[WriteBack],
+        *,
+        now: datetime | None = None,
+        reason: str | None = None,
+    ) -> set[int]:
+        """:meth:`complete` inside the caller's open transaction on ``conn`` (the janitor
+        takes a dead intent back and settles it in one transaction)."""
+        rows = await self._complete_rows(conn, batch, now=now, reason=reason)
+        return {intent_id for intent_id, _ in rows}
+
+    async def _complete_rows(
+        self,
+        conn: AsyncConnection[TupleRow],
+        batch: Sequence[WriteBack],
+        *,
+        now: datetime | None,
+        reason: str | None,
+    ) -> set[tuple[int, int]]:
+        params = {
+            "ids": [w.intent_id for w in batch],
+            "lease_tokens": [w.lease_token for w in batch],
+            "statuses": [w.status for w in batch],
+            "retry_delays": [w.retry_delay_seconds for w in batch],
+            "provider_references": [w.provider_reference for w in batch],
+            "amounts_applied": [w.amount_applied_minor for w in batch],
+            "error_codes": [w.error_code for w in batch],
+            "error_messages": [w.error_message for w in batch],
+            "payment_states": [str(w.payment.state) if w.payment else None for w in batch],
+            "authorized": [w.payment.authorized_minor if w.payment else None for w in batch],
+            "captured": [w.payment.captured_minor if w.payment else None for w in batch],
+            "refunded": [w.payment.refunded_minor if w.payment else None for w in batch],
+            "payment_references": [
+                w.payment.provider_reference if w.payment else None for w in batch
+            ],
+            "now": now,
+        }
+        payment_ids = sorted({w.payment_id for w in batch})
+        if self.actor is not None:
+            await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": reason})
+        await conn.execute(QUERIES["lock_payments"], {"payment_ids": payment_ids})
+        cur = await conn.execute(QUERIES["complete_intents"], params)
+        rows = await cur.fetchall()
+        return {(int(row[0]), int(row[2])) for row in rows}
+
+    async def requeue_expired(self, *, limit: int = 1000, now: datetime | None = None) -> int:
+        rows = await self._fetch_as_actor("requeue_expired_leases", {"limit": limit, "now": now})
+        return len(rows)
+
+    async def promote_orphaned_blocked(
+        self, providers: Sequence[str], *, limit: int = 1000, now: datetime | None = None
+    ) -> list[tuple[int, str, str]]:
+        """Promote blocked intents of ``providers`` whose earlier intents are all resolved;
+        return (intent id, payment_id, provider) for each one promoted.
+
+        Nothing else would move them: an application that inserts under REPEATABLE READ or
+        SERIALIZABLE decides ``blocked`` from its snapshot, which may predate the write-back
+        that resolved the earlier intent (and promoted nothing, the new one being invisible
+        to it). The payments are locked first, as a write-back locks them, and payments
+        locked by someone else are skipped for the next sweep: the promotion is decided
+        under the same lock, by the same rule, as complete_intents' own.
+        """
+        if not providers:
+            return []
+        async with self.db.pool.connection() as conn, conn.transaction():
+            if self.actor is not None:
+                await conn.execute(
+                    QUERIES["set_actor"],
+                    {
+                        "actor": self.actor,
+                        "reason": "promoted: every earlier intent of its payment is resolved "
+                        "(it was inserted blocked under an older snapshot)",
+                    },
+                )
+            cur = await conn.execute(
+                QUERIES["lock_orphaned_blocked_payments"],
+                {"providers": list(providers), "limit": limit},
+            )
+            locked = [row[0] for row in await cur.fetchall()]
+            if not locked:
+                return []
+            cur = await conn.execute(
+                QUERIES["promote_orphaned_blocked"], {"payment_ids": locked, "now": now}
+            )
+            return [(int(i), str(p), str(v)) for i, p, v in await cur.fetchall()]
+
+    async def release(
+        self, leases: Sequence[tuple[int, int]], *, now: datetime | None = None
+    ) -> int:
+        """Hand back claimed intents that never reached the provider."""
+        if not leases:
+            return 0
+        rows = await self._fetch_as_actor(
+            "release_leases",
+            {"ids": [i for i, _ in leases], "lease_tokens": [t for _, t in leases], "now": now},
+        )
+        return len(rows)
+
+    async def archive_terminal(
+        self, *, older_than_seconds: float, limit: int, now: datetime | None = None
+    ) -> int:
+        """Move up to ``limit`` long-finished intents to the archive; return how many."""
+        rows = await self.db.fetch_all(
+            "archive_terminal_intents",
+            {"older_than_seconds": older_than_seconds, "limit": limit, "now": now},
+        )
+        return len(rows)
+
+    async def set_wakeups(self, *, wanted: bool) -> None:
+        """Ask inserts to NOTIFY (this relay goes idle) or not (it is saturated)."""
+        await self.db.fetch_all("want_wakeups" if wanted else "skip_wakeups")

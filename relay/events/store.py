@@ -1,0 +1,144 @@
+"""Domain operations on outbox.events: claim, mark, release. Every statement is in queries.sql.
+
+Guarantees:
+
+* :meth:`EventStore.claim` commits before returning: no transaction or lock is held while
+  a publisher talks to the broker. Only publishable events are claimed: the head of each
+  ordering key (``pending``) or unkeyed events; the lease is ``available_at``.
+* :meth:`EventStore.mark` records broker results in one transaction, each fenced by its
+  lease token. It first locks the ordering keys' stream rows with ``SKIP LOCKED``: a key a
+  writer holds right now is left for the next attempt (its event stays held, and is
+  re-published if the lease runs out), so the mark never waits and never deadlocks. Under
+  the lock it advances the key's ``done_seq`` and promotes its next (``seq + 1``)
+  ``blocked`` event, which a writer of that key can only have inserted before the lock was
+  taken (and so is visible) or will insert after this commit (and then reads the new
+  ``done_seq`` and is ``pending`` at once).
+* :meth:`EventStore.release` hands held events back, fenced, to be claimed again after
+  ``delay`` seconds (a nack, a lost connection, a missing exchange): nothing is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from relay.events.messages import ClaimedEvent
+from relay.infra.db import Database
+from relay.infra.queries import QUERIES
+
+__all__ = ["EventResult", "EventStore", "MarkReport", "Release"]
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    """The broker's answer for one held event: ``published`` or ``unroutable``."""
+
+    event: ClaimedEvent
+    status: str
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    event: ClaimedEvent
+    delay_seconds: float
+    error_code: str
+    error_message: str
+
+
+@dataclass(frozen=True, slots=True)
+class MarkReport:
+    marked: set[int]  # ids recorded (fence held)
+    deferred: list[EventResult]  # stream held by a writer: try again
+    lost: list[EventResult]  # fence failed: another publisher holds the event now
+
+
+class EventStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def claim(
+        self,
+        limit: int,
+        *,
+        lease_seconds: float,
+        instance: str,
+        now: datetime | None = None,
+    ) -> list[ClaimedEvent]:
+        rows = await self.db.fetch_all(
+            "claim_events",
+            {"limit": limit, "lease_seconds": lease_seconds, "instance": instance, "now": now},
+        )
+        events = [
+            ClaimedEvent(
+                id=row[0],
+                event_id=str(row[1]),
+                lease_token=row[2],
+                ordering_key=row[3],
+                seq=row[4],
+                exchange=row[5],
+                routing_key=row[6],
+                event_type=row[7],
+                payload=row[8],
+                headers=dict(row[9] or {}),
+                payment_id=row[10],
+                schema_version=row[11],
+                traceparent=row[12],
+                created_at=row[13],
+                attempts=row[14],
+            )
+            for row in rows
+        ]
+        events.sort(key=lambda event: event.id)
+        return events
+
+    async def mark(
+        self, results: Sequence[EventResult], *, now: datetime | None = None
+    ) -> MarkReport:
+        if not results:
+            return MarkReport(set(), [], [])
+        keys = sorted({r.event.ordering_key for r in results if r.event.ordering_key is not None})
+        async with self.db.pool.connection() as conn, conn.transaction():
+            locked: set[str] = set()
+            if keys:
+                cur = await conn.execute(QUERIES["lock_event_streams"], {"ordering_keys": keys})
+                locked = {row[0] for row in await cur.fetchall()}
+            ready = [
+                r for r in results if r.event.ordering_key is None or r.event.ordering_key in locked
+            ]
+            marked: set[int] = set()
+            if ready:
+                cur = await conn.execute(
+                    QUERIES["mark_events"],
+                    {
+                        "ids": [r.event.id for r in ready],
+                        "lease_tokens": [r.event.lease_token for r in ready],
+                        "statuses": [r.status for r in ready],
+                        "error_codes": [r.error_code for r in ready],
+                        "error_messages": [r.error_message for r in ready],
+                        "now": now,
+                    },
+                )
+                marked = {row[0] for row in await cur.fetchall()}
+        ready_ids = {r.event.id for r in ready}
+        deferred = [r for r in results if r.event.id not in ready_ids]
+        lost = [r for r in ready if r.event.id not in marked]
+        return MarkReport(marked, deferred, lost)
+
+    async def release(self, releases: Sequence[Release], *, now: datetime | None = None) -> int:
+        if not releases:
+            return 0
+        rows = await self.db.fetch_all(
+            "release_events",
+            {
+                "ids": [r.event.id for r in releases],
+                "lease_tokens": [r.event.lease_token for r in releases],
+                "delays": [r.delay_seconds for r in releases],
+                "error_codes": [r.error_code for r in releases],
+                "error_messages": [r.error_message for r in releases],
+                "now": now,
+            },
+        )
+        return len(rows)

@@ -1,0 +1,370 @@
+"""The audit trail's hash chains: how a row is hashed, and `outbox-relay audit verify`.
+
+The rows are written by database triggers (sql/0005_pre_ledger_audit.sql); this module
+only reads them. Each entity row (an intent, a payment, a janitor check, a reconciliation
+exception...) has its own chain: its audit rows are numbered ``chain_seq`` 1, 2, 3... and
+each carries ``prev_hash``, the hash of the chain's previous row, and ``hash``, the
+SHA-256 of :func:`canonical` over its own fields. :func:`verify_chain` is pure: it names
+the first broken link of one chain and says what happened there:
+
+* ``edited``: a row's fields no longer match its hash (or a row was changed and rehashed,
+  which the next row's link shows);
+* ``deleted``: a row links to a row that is not there, and positions are missing;
+* ``inserted``: rows sit between two rows that link to each other directly;
+* ``reordered``: a row links to a row that comes after it, or ids run backwards.
+
+:func:`verify_database` walks every chain, then checks that every audited row that exists
+(intents hot and archived, payments, janitor checks, reconciliation runs, exceptions and
+actions) ends its chain in its live state, which also catches a deleted tail, a rewritten
+or forged last row, a deleted chain, and a change made while the audit trigger was off
+(``tail_mismatch``, ``missing_chain``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TextIO
+
+import psycopg
+
+from relay.cli.tables import render_table
+from relay.infra.queries import QUERIES
+
+__all__ = [
+    "AuditRow",
+    "Break",
+    "VerifyReport",
+    "canonical",
+    "fold",
+    "print_report",
+    "row_hash",
+    "verify_chain",
+    "verify_database",
+]
+
+FORMAT_VERSION = "outbox-audit-v1"
+
+BreakKind = Literal["edited", "deleted", "inserted", "reordered", "tail_mismatch", "missing_chain"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One row of outbox.audit_log; ``before``/``after`` are the jsonb as PostgreSQL renders it."""
+
+    id: int
+    at: datetime
+    actor: str
+    entity: str
+    entity_id: str
+    payment_id: str | None
+    operation: str
+    reason: str | None
+    before: str | None
+    after: str | None
+    chain_seq: int
+    prev_hash: bytes | None
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    kind: BreakKind
+    entity: str
+    entity_id: str
+    row_id: int | None  # the audit row named; None when the whole chain is missing
+    chain_seq: int | None
+    message: str
+
+    def describe(self) -> str:
+        """``audit row 45 (payment a0, chain_seq 3) edited: ...``"""
+        if self.row_id is None:
+            return f"{self.entity} {self.entity_id} {self.kind}: {self.message}"
+        return (
+            f"audit row {self.row_id} ({self.entity} {self.entity_id}, chain_seq "
+            f"{self.chain_seq}) {self.kind}: {self.message}"
+        )
+
+
+def _timestamp(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical(row: AuditRow) -> bytes:
+    """The bytes a row's hash is taken over; outbox.audit_canonical builds the same."""
+    fields = (
+        str(row.id),
+        _timestamp(row.at),
+        row.actor,
+        row.entity,
+        row.entity_id,
+        row.payment_id,
+        row.operation,
+        row.reason,
+        row.before,
+        row.after,
+        str(row.chain_seq),
+        row.prev_hash.hex() if row.prev_hash is not None else None,
+    )
+    lines = ["-" if f is None else f"{len(f)}:{f}" for f in fields]
+    return (FORMAT_VERSION + "".join("\n" + line for line in lines)).encode("utf-8")
+
+
+def row_hash(row: AuditRow) -> bytes:
+    return hashlib.sha256(canonical(row)).digest()
+
+
+def _where(row: AuditRow) -> str:
+    return f"audit row {row.id} ({row.entity} {row.entity_id}, chain_seq {row.chain_seq})"
+
+
+def verify_chain(rows: Sequence[AuditRow]) -> Break | None:
+    """The first broken link of one chain (its rows in chain_seq order), or None.
+
+    Links are checked before contents, so an inserted row that was hashed correctly is
+    named as inserted rather than blamed on the row after it.
+    """
+    if not rows:
+        return None
+    position = {row.hash: k for k, row in enumerate(rows)}
+    for k, row in enumerate(rows):
+        previous = rows[k - 1] if k else None
+        expected_prev = previous.hash if previous else None
+        expected_seq = previous.chain_seq + 1 if previous else 1
+        if row.prev_hash != expected_prev:
+            j = position.get(row.prev_hash) if row.prev_hash is not None else None
+            if j is not None and j < k - 1:
+                first, last = rows[j + 1], rows[k - 1]
+                span = f"audit row {first.id}" + (f" to {last.id}" if last is not first else "")
+                return _break(
+                    "inserted",
+                    first,
+                    f"{span} sit(s) between audit rows {rows[j].id} and {row.id}, which link "
+                    "to each other directly: inserted after the fact",
+                )
+            if j is not None and j >= k:
+                return _break(
+                    "reordered",
+                    row,
+                    f"{_where(row)} links to audit row {rows[j].id}, which comes after it: "
+                    "rows were reordered",
+                )
+            if row.chain_seq > expected_seq:
+                missing = (
+                    f"chain_seq {expected_seq}"
+                    if row.chain_seq == expected_seq + 1
+                    else f"chain_seq {expected_seq} to {row.chain_seq - 1}"
+                )
+                return _break(
+                    "deleted",
+                    row,
+                    f"{_where(row)} links to a row that is not there; {missing} is missing: "
+                    "deleted",
+                )
+            if previous is not None and row_hash(previous) != previous.hash:
+                return _break(
+                    "edited", previous, f"{_where(previous)} does not match its hash: edited"
+                )
+            if previous is not None:
+                return _break(
+                    "edited",
+                    previous,
+                    f"{_where(previous)} was changed and given a new hash: {_where(row)} "
+                    "still links to its original hash",
+                )
+            return _break(
+                "edited", row, f"{_where(row)} starts the chain but links to a previous row"
+            )
+        if previous is not None and row.id < previous.id:
+            return _break(
+                "reordered",
+                row,
+                f"{_where(row)} has a smaller id than the row before it ({previous.id}): "
+                "rows were reordered",
+            )
+        if row.chain_seq != expected_seq:
+            return _break(
+                "edited", row, f"{_where(row)} should be at chain_seq {expected_seq}: edited"
+            )
+        if row_hash(row) != row.hash:
+            return _break("edited", row, f"{_where(row)}: its fields do not match its hash: edited")
+    return None
+
+
+def _break(kind: BreakKind, row: AuditRow, message: str) -> Break:
+    return Break(kind, row.entity, row.entity_id, row.id, row.chain_seq, message)
+
+
+def fold(rows: Iterable[AuditRow]) -> dict[str, Any]:
+    """The audited columns as the chain says they are now: each row's ``after`` applied."""
+    state: dict[str, Any] = {}
+    for row in rows:
+        if row.after is not None:
+            state.update(json.loads(row.after))
+    return state
+
+
+def _digest(doc: dict[str, Any]) -> bytes:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()
+
+
+# -- the database walk -----------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    rows: int = 0
+    chains: int = 0
+    live_rows_checked: int = 0
+    breaks: list[Break] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        return not self.breaks
+
+    @property
+    def first_break(self) -> Break | None:
+        """The break with the lowest audit row id: where the trail first went wrong."""
+        if not self.breaks:
+            return None
+        return min(self.breaks, key=lambda b: (b.row_id is None, b.row_id or 0))
+
+    def to_json(self) -> dict[str, Any]:
+        first = self.first_break
+        return {
+            "intact": self.intact,
+            "rows": self.rows,
+            "chains": self.chains,
+            "live_rows_checked": self.live_rows_checked,
+            "first_break": asdict(first) if first else None,
+            "breaks": [asdict(b) for b in sorted(self.breaks, key=_break_order)],
+        }
+
+
+def _break_order(b: Break) -> tuple[bool, int, str, str]:
+    return (b.row_id is None, b.row_id or 0, b.entity, b.entity_id)
+
+
+# Every audited entity has a live row to compare its chain's end with (queries.sql,
+# audit_live_documents): without it, a chain's last rows could be deleted, or rewritten
+# and re-hashed, or a forged row appended, and every link would still hold. None of these
+# rows is ever deleted (the relay archives intents, which stay compared).
+_TAIL_CHECKED = (
+    "intent",
+    "payment",
+    "janitor_check",
+    "reconciliation_run",
+    "reconciliation_exception",
+    "reconciliation_action",
+)
+
+
+def _chains(rows: Iterable[AuditRow]) -> Iterator[list[AuditRow]]:
+    chain: list[AuditRow] = []
+    for row in rows:
+        if chain and (row.entity, row.entity_id) != (chain[0].entity, chain[0].entity_id):
+            yield chain
+            chain = []
+        chain.append(row)
+    if chain:
+        yield chain
+
+
+def verify_database(
+    conninfo: str, *, progress: Callable[[str], None] = lambda _line: None
+) -> VerifyReport:
+    """Walk every chain, then compare the end of each audited row's chain with the row."""
+    report = VerifyReport()
+    tails: dict[tuple[str, str], tuple[AuditRow, bytes] | None] = {}
+    with psycopg.connect(conninfo) as conn:
+        conn.read_only = True
+        with conn.transaction(), conn.cursor(name="outbox_audit_verify") as cur:
+            cur.itersize = 5_000
+            cur.execute(QUERIES["audit_rows_by_chain"])
+            rows = (AuditRow(*record) for record in cur)
+            for chain in _chains(rows):
+                report.chains += 1
+                report.rows += len(chain)
+                found = verify_chain(chain)
+                if found is not None:
+                    report.breaks.append(found)
+                if chain[0].entity in _TAIL_CHECKED:
+                    # A broken chain's state proves nothing: its break is reported instead.
+                    tails[(chain[0].entity, chain[0].entity_id)] = (
+                        None if found else (chain[-1], _digest(fold(chain)))
+                    )
+                if report.chains % 10_000 == 0:
+                    progress(f"checked {report.rows} audit rows in {report.chains} chains")
+        progress(f"checked {report.rows} audit rows in {report.chains} chains; comparing live rows")
+        with conn.transaction(), conn.cursor(name="outbox_audit_live") as cur:
+            cur.itersize = 5_000
+            cur.execute(QUERIES["audit_live_documents"])
+            for entity, entity_id, doc in cur:
+                report.live_rows_checked += 1
+                key = (entity, entity_id)
+                if key not in tails:
+                    report.breaks.append(
+                        Break(
+                            "missing_chain",
+                            entity,
+                            entity_id,
+                            None,
+                            None,
+                            f"{entity} {entity_id} exists but has no audit rows: its chain "
+                            "was deleted, or it was written with the audit trigger off",
+                        )
+                    )
+                    continue
+                tail = tails.pop(key)
+                if tail is None:
+                    continue
+                last, digest = tail
+                if digest != _digest(doc):
+                    report.breaks.append(
+                        Break(
+                            "tail_mismatch",
+                            entity,
+                            entity_id,
+                            last.id,
+                            last.chain_seq,
+                            f"the chain of {entity} {entity_id} ends at audit row {last.id} "
+                            f"(chain_seq {last.chain_seq}) in a state that differs from the "
+                            "live row: later audit rows were deleted, or the row was changed "
+                            "with the audit trigger off",
+                        )
+                    )
+                if report.live_rows_checked % 10_000 == 0:
+                    progress(f"compared {report.live_rows_checked} live rows")
+    return report
+
+
+def print_report(report: VerifyReport, *, as_json: bool = False, out: TextIO = sys.stdout) -> None:
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2), file=out)
+        return
+    print(
+        f"audit trail: {report.rows} rows in {report.chains} chains; "
+        f"{report.live_rows_checked} live rows compared with their chains' ends",
+        file=out,
+    )
+    first = report.first_break
+    if first is None:
+        print("intact: every link holds and every chain ends in its row's live state", file=out)
+        return
+    print(f"BROKEN: {len(report.breaks)} chain(s) broken", file=out)
+    print(f"first broken link: {first.describe()}", file=out)
+    print(file=out)
+    shown = sorted(report.breaks, key=_break_order)[:50]
+    print(
+        render_table(
+            ["audit row", "kind", "entity", "id", "detail"],
+            [[b.row_id, b.kind, b.entity, b.entity_id, b.message] for b in shown],
+        ),
+        file=out,
+    )
+    if len(report.breaks) > len(shown):
+        print(f"... and {len(report.breaks) - len(shown)} more (use --json for all)", file=out)

@@ -1,0 +1,246 @@
+"""`outbox-relay ledger check`: prove the ledger balances and agrees with the payments.
+
+The ledger is written by a database trigger (sql/0005_pre_ledger_audit.sql) in the same
+transaction as each succeeded intent. This module only reads it and checks, with every
+amount an integer in minor units:
+
+1. every ledger transaction balances: its entries sum to zero in its currency, it has
+   entries, and none of them is in another currency;
+2. every succeeded intent (hot or archived) has exactly one ledger transaction of its
+   action, and no other intent has one;
+3. every payment's amounts equal its ledger: authorised = the authorize/charge postings,
+   the open hold = the ``holds`` balance, captured, refunded and the receivable
+   (captured - refunded) = their account balances.
+
+The totals per provider and currency are printed beside the payments' sums.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+import psycopg
+
+from relay.cli.tables import render_table
+from relay.infra.queries import QUERIES
+
+__all__ = ["AccountBalance", "LedgerReport", "Problem", "check_ledger", "print_report"]
+
+# The accounts each provider has in every currency, in the order a reader meets them.
+ACCOUNTS = ("holds", "authorizations", "receivable", "captured", "refunded")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    kind: str  # unbalanced | posting | payment_mismatch
+    subject: str  # "ledger transaction 12", "intent 40", "payment p-1"
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class AccountBalance:
+    account: str
+    currency: str
+    debits: int
+    credits: int
+    transactions: int
+
+    @property
+    def balance(self) -> int:
+        return self.debits - self.credits
+
+
+@dataclass
+class LedgerReport:
+    transactions: int = 0
+    entries: int = 0
+    payments: int = 0
+    accounts: list[AccountBalance] = field(default_factory=list)
+    # (provider, currency) -> figure -> (from payments, from the ledger)
+    totals: dict[tuple[str, str], dict[str, tuple[int, int]]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "transactions": self.transactions,
+            "entries": self.entries,
+            "payments": self.payments,
+            "accounts": [{**asdict(a), "balance": a.balance} for a in self.accounts],
+            "totals": [
+                {
+                    "provider": provider,
+                    "currency": currency,
+                    **{
+                        name: {"payments": pair[0], "ledger": pair[1]}
+                        for name, pair in figures.items()
+                    },
+                }
+                for (provider, currency), figures in sorted(self.totals.items())
+            ],
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def _totals(
+    accounts: list[AccountBalance],
+    payment_sums: list[tuple[Any, ...]],
+    authorized_posted: dict[tuple[str, str], int],
+) -> dict[tuple[str, str], dict[str, tuple[int, int]]]:
+    """Pure: the payments' sums beside the ledger's balances, per provider and currency."""
+    ledger: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for a in accounts:
+        provider, _, name = a.account.rpartition(":")
+        ledger[(provider, a.currency)][name] += a.balance
+    totals: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
+    keys = {(str(r[0]), str(r[1])) for r in payment_sums} | set(ledger) | set(authorized_posted)
+    by_key = {(str(r[0]), str(r[1])): r for r in payment_sums}
+    for key in sorted(keys):
+        row = by_key.get(key)
+        authorized, captured, refunded, open_holds = (
+            (int(row[2]), int(row[3]), int(row[4]), int(row[5])) if row else (0, 0, 0, 0)
+        )
+        books = ledger.get(key, {})
+        totals[key] = {
+            "authorized": (authorized, authorized_posted.get(key, 0)),
+            "open_holds": (open_holds, books.get("holds", 0)),
+            "captured": (captured, -books.get("captured", 0)),
+            "refunded": (refunded, books.get("refunded", 0)),
+            "receivable": (captured - refunded, books.get("receivable", 0)),
+        }
+    return totals
+
+
+def check_ledger(conninfo: str) -> LedgerReport:
+    report = LedgerReport()
+    with psycopg.connect(conninfo) as conn, conn.transaction():
+        # One snapshot for every query: the checks see the same moment.
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        counts = conn.execute(QUERIES["ledger_counts"]).fetchone()
+        assert counts is not None
+        report.transactions, report.entries, report.payments = (int(c) for c in counts)
+        for txn_id, payment_id, kind, currency, txn_currency, imbalance, entries in conn.execute(
+            QUERIES["ledger_unbalanced"]
+        ):
+            if entries == 0:
+                message = (
+                    f"ledger transaction {txn_id} ({kind} of payment {payment_id}) has no entries"
+                )
+            elif currency != txn_currency:
+                message = (
+                    f"ledger transaction {txn_id} ({kind} of payment {payment_id}) has entries in "
+                    f"{currency}, but it is a {txn_currency} transaction"
+                )
+            else:
+                message = (
+                    f"ledger transaction {txn_id} ({kind} of payment {payment_id}) does not "
+                    f"balance in {currency}: entries sum to {imbalance:+d}"
+                )
+            report.problems.append(Problem("unbalanced", f"ledger transaction {txn_id}", message))
+        for intent_id, payment_id, action, status, txn_id, txn_kind, postings in conn.execute(
+            QUERIES["ledger_posting_mismatches"]
+        ):
+            if txn_id is None:
+                message = f"intent {intent_id} ({action} of payment {payment_id}) succeeded but has no ledger transaction"
+            elif intent_id is None:
+                message = f"ledger transaction {txn_id} ({txn_kind} of payment {payment_id}) belongs to no known intent"
+            elif status != "succeeded":
+                message = f"intent {intent_id} is {status} but has ledger transaction {txn_id}"
+            elif postings > 1:
+                message = f"intent {intent_id} has {postings} ledger transactions"
+            else:
+                message = f"intent {intent_id} is a {action} but ledger transaction {txn_id} is a {txn_kind}"
+            subject = (
+                f"intent {intent_id}" if intent_id is not None else f"ledger transaction {txn_id}"
+            )
+            report.problems.append(Problem("posting", subject, message))
+        for row in conn.execute(QUERIES["ledger_payment_mismatches"]):
+            payment_id, currency, state, wrong_currency = row[0], row[1], row[2], row[3]
+            pairs = {
+                "authorized": (row[4], row[5]),
+                "open hold": (row[6], row[7]),
+                "captured": (row[8], row[9]),
+                "refunded": (row[10], row[11]),
+                "receivable": (row[12], row[13]),
+            }
+            differences = [
+                f"{name} {ours} in the payment vs {books} in the ledger"
+                for name, (ours, books) in pairs.items()
+                if ours != books
+            ]
+            if wrong_currency:
+                differences.append(f"{wrong_currency} ledger transaction(s) not in {currency}")
+            report.problems.append(
+                Problem(
+                    "payment_mismatch",
+                    f"payment {payment_id}",
+                    f"payment {payment_id} ({state}, {currency}): " + "; ".join(differences),
+                )
+            )
+        report.accounts = [
+            AccountBalance(account, currency, int(debits), int(credits), int(txns))
+            for account, currency, debits, credits, txns in conn.execute(
+                QUERIES["ledger_account_balances"]
+            )
+        ]
+        sums = conn.execute(QUERIES["ledger_payment_totals"]).fetchall()
+        authorized_posted = {
+            (str(p), str(c)): int(a)
+            for p, c, a in conn.execute(QUERIES["ledger_authorized_totals"])
+        }
+    report.totals = _totals(report.accounts, sums, authorized_posted)
+    return report
+
+
+def print_report(report: LedgerReport, *, as_json: bool = False, out: TextIO = sys.stdout) -> None:
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2), file=out)
+        return
+    print(
+        f"ledger: {report.transactions} transactions, {report.entries} entries, "
+        f"{report.payments} payments (amounts in minor units)",
+        file=out,
+    )
+    if report.accounts:
+        print(file=out)
+        print(
+            render_table(
+                ["account", "currency", "debits", "credits", "balance", "transactions"],
+                [
+                    [a.account, a.currency, a.debits, a.credits, a.balance, a.transactions]
+                    for a in report.accounts
+                ],
+            ),
+            file=out,
+        )
+    if report.totals:
+        print(file=out)
+        rows: list[list[object]] = [
+            [provider, currency, name, ours, books, "ok" if ours == books else "DIFFERS"]
+            for (provider, currency), figures in sorted(report.totals.items())
+            for name, (ours, books) in figures.items()
+        ]
+        print(
+            render_table(["provider", "currency", "figure", "payments", "ledger", "check"], rows),
+            file=out,
+        )
+    print(file=out)
+    if report.ok:
+        print(
+            "OK: every transaction balances per currency and the ledger equals the payments' amounts",
+            file=out,
+        )
+        return
+    print(f"PROBLEMS: {len(report.problems)}", file=out)
+    for problem in report.problems[:100]:
+        print(f"  {problem.kind:<17} {problem.message}", file=out)
+    if len(report.problems) > 100:
+        print(f"  ... and {len(report.problems) - 100} more (use --json for all)", file=out)

@@ -1,0 +1,337 @@
+"""Settings from the environment (prefix ``RELAY_``, nested keys with ``__``) and files.
+
+A bad value stops start-up with one line per bad variable, naming it
+(:func:`load_settings` raises :class:`ConfigError`). Secrets can come from files: any
+``*_FILE`` setting, or a ``secrets_dir`` (Kubernetes secret mounts) via
+``RELAY_SECRETS_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from relay.infra.redaction import register_secret, url_passwords
+
+__all__ = ["ConfigError", "ProviderSettings", "Settings", "load_settings"]
+
+PositiveInt = Annotated[int, Field(ge=1)]
+# AMQP exchange and queue names the relay declares or publishes to.
+_AMQP_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
+
+
+class ConfigError(ValueError):
+    """Configuration is invalid; ``lines`` has one entry per bad variable."""
+
+    code = "invalid_configuration"
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("invalid configuration:\n" + "\n".join(lines))
+
+
+class ProviderSettings(BaseModel):
+    """One provider lane: ``RELAY_PROVIDERS__<NAME>__<FIELD>``."""
+
+    kind: Literal["stripe"] = Field("stripe", description="Adapter: stripe (also for the fake).")
+    base_url: str = Field("https://api.stripe.com", description="Provider API address.")
+    api_key: SecretStr | None = Field(None, description="API key (prefer api_key_file).")
+    api_key_file: Path | None = Field(None, description="File holding the API key.")
+    concurrency: PositiveInt = Field(32, description="Calls in flight at once on this lane.")
+    connect_timeout_ms: PositiveInt = Field(3_000, description="TCP/TLS connect timeout.")
+    timeout_ms: PositiveInt = Field(10_000, description="Read timeout of one provider call.")
+    rate_limit_per_second: float | None = Field(
+        None, gt=0, description="Calls per second on this lane (token bucket); unset: no limit."
+    )
+    rate_limit_burst: PositiveInt = Field(
+        10, description="Calls that may start at once after a quiet spell (bucket size)."
+    )
+    breaker_failure_threshold: PositiveInt = Field(
+        5, description="Consecutive retryable/ambiguous outcomes that open the breaker."
+    )
+    breaker_cooldown_seconds: float = Field(
+        30.0, gt=0, description="How long an open breaker stops calls before probing."
+    )
+    breaker_half_open_probes: PositiveInt = Field(
+        1, description="Calls let through at once while half-open."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ProviderSettings:
+        if self.api_key is None and self.api_key_file is None:
+            raise ValueError("set __API_KEY or __API_KEY_FILE (a mounted secret)")
+        if self.api_key_file is not None and not self.api_key_file.is_file():
+            raise ValueError(f"API_KEY_FILE {self.api_key_file} is not a readable file")
+        return self
+
+    def resolved_api_key(self) -> str:
+        if self.api_key_file is not None:
+            return self.api_key_file.read_text().strip()
+        assert self.api_key is not None
+        return self.api_key.get_secret_value()
+
+
+class Settings(BaseSettings):
+    """Every knob of the relay; the README's configuration table mirrors this class."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="ignore",
+    )
+
+    database_url: SecretStr | None = Field(
+        None, description="PostgreSQL URL (libpq). Unset: only `demo` starts its own database."
+    )
+    database_url_file: Path | None = Field(None, description="File holding the database URL.")
+    instance_name: str = Field(
+        default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}",
+        description="Who this relay is in claimed_by and logs.",
+    )
+    batch_size: PositiveInt = Field(100, le=5_000, description="Most intents per claim.")
+    max_in_flight: PositiveInt = Field(256, description="Claimed intents held at once, all lanes.")
+    lease_seconds: float = Field(60.0, gt=0, description="Lease of a claim before re-drive.")
+    max_attempts: PositiveInt = Field(8, description="Attempts before an intent is dead.")
+    backoff_base_seconds: float = Field(1.0, gt=0, description="First retry delay bound.")
+    backoff_cap_seconds: float = Field(300.0, gt=0, description="Largest retry delay.")
+    poll_interval_seconds: float = Field(
+        1.0, gt=0, description="Polling fallback when no NOTIFY arrives (jittered)."
+    )
+    poll_max_interval_seconds: float = Field(
+        5.0, gt=0, description="Idle polling backs off up to this interval."
+    )
+    completer_batch_size: PositiveInt = Field(500, description="Most outcomes per write-back.")
+    completer_flush_ms: PositiveInt = Field(10, description="Longest wait to fill a write-back.")
+    completer_writers: PositiveInt = Field(
+        2,
+        le=8,
+        description="Write-back transactions in flight at once (one pool connection each; "
+        "at most RELAY_DB_POOL_SIZE - 1, so claims keep a connection).",
+    )
+
+    db_pool_size: PositiveInt = Field(4, description="Connections in the relay's pool.")
+    http_host: str = Field("0.0.0.0", description="Address of /metrics, /healthz, /readyz.")
+    http_port: int = Field(
+        9108, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0: off."
+    )
+    retention_hours: float = Field(
+        168.0,
+        ge=24.0,
+        description="Terminal intents older than this move to outbox.payment_intents_archive.",
+    )
+    retention_batch_size: PositiveInt = Field(
+        1_000, le=100_000, description="Rows moved per archive statement."
+    )
+    retention_interval_seconds: float = Field(
+        60.0, gt=0, description="Pause between archive sweeps when nothing is due."
+    )
+    depth_interval_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="Queue-depth gauges are sampled from the database this often (jittered); "
+        "0: not sampled.",
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="The whole shutdown from the first SIGTERM: drain, lease releases and the "
+        "final flush (which keeps the last min(5 s, grace/4)).",
+    )
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="Log format.")
+    janitor_enabled: bool = Field(
+        True, description="Settle dead intents by looking them up at the provider."
+    )
+    janitor_interval_seconds: float = Field(
+        60.0, gt=0, description="Pause between janitor passes when nothing is due (jittered)."
+    )
+    janitor_batch_size: PositiveInt = Field(
+        50, le=1_000, description="Dead intents looked up per janitor pass."
+    )
+    janitor_backoff_base_seconds: float = Field(
+        60.0, gt=0, description="Delay before the second lookup of an intent; doubles each time."
+    )
+    janitor_backoff_cap_seconds: float = Field(
+        21_600.0, gt=0, description="Longest delay between two lookups of one intent."
+    )
+    janitor_not_found_confirmations: PositiveInt = Field(
+        3, description="Lookups without a trace before an intent is recorded as no_effect."
+    )
+    reconcile_fee_bps: int | None = Field(
+        None,
+        ge=0,
+        le=10_000,
+        description="Expected provider fee on captured funds, in basis points; unset: only "
+        "refunds (which carry no fee) are checked for fees.",
+    )
+    reconcile_fee_fixed_minor: int = Field(
+        0, ge=0, description="Expected fixed fee per capture, in the capture's minor units."
+    )
+    reconcile_fee_tolerance_minor: int = Field(
+        0, ge=0, description="Fee difference tolerated before it is an unexpected_fee."
+    )
+    reconcile_slack_seconds: float = Field(
+        3_600.0,
+        ge=0,
+        description="Reconciliation also reads this far either side of its window, so an "
+        "item booked just across the boundary is matched, not reported missing.",
+    )
+    providers: dict[str, ProviderSettings] = Field(default_factory=dict)
+    amqp_url: SecretStr | None = Field(
+        None, description="RabbitMQ URL (amqp:// or amqps://). Unset: no publisher."
+    )
+    amqp_url_file: Path | None = Field(None, description="File holding the RabbitMQ URL.")
+    events_exchange: str = Field(
+        "outbox.events", description="Topic exchange for events without their own exchange."
+    )
+    events_declare_topology: bool = Field(
+        False, description="Declare the events exchange (durable topic) at connect."
+    )
+    events_example_queue: str | None = Field(
+        None, description="Also declare this quorum queue, bound to the exchange with '#'."
+    )
+    publish_batch_size: PositiveInt = Field(
+        500, le=5_000, description="Most events claimed and marked per publish round."
+    )
+    publish_window: PositiveInt = Field(
+        100, le=5_000, description="Most publishes awaiting a broker confirm at once."
+    )
+    publish_timeout_seconds: float = Field(
+        15.0, gt=0, description="Connect and confirm timeout; past it the connection is renewed."
+    )
+    amqp_reconnect_base_seconds: float = Field(
+        0.5, gt=0, description="First reconnect delay bound (full jitter)."
+    )
+    amqp_reconnect_cap_seconds: float = Field(30.0, gt=0, description="Largest reconnect delay.")
+
+    def effective_completer_writers(self) -> int:
+        """Writers the relay runs: claims keep one pool connection for themselves."""
+        return max(1, min(self.completer_writers, self.db_pool_size - 1))
+
+    @field_validator("events_exchange", "events_example_queue")
+    @classmethod
+    def _amqp_name(cls, value: str | None) -> str | None:
+        if value is not None and not _AMQP_NAME.fullmatch(value):
+            raise ValueError("must be 1-255 characters of letters, digits, '-', '_', '.', ':'")
+        return value
+
+    @model_validator(mode="after")
+    def _events_coherent(self) -> Settings:
+        if self.events_example_queue and not self.events_declare_topology:
+            raise ValueError(
+                "RELAY_EVENTS_EXAMPLE_QUEUE needs RELAY_EVENTS_DECLARE_TOPOLOGY=true "
+                "(the queue is bound to the exchange the relay declares)"
+            )
+        if self.amqp_reconnect_cap_seconds < self.amqp_reconnect_base_seconds:
+            raise ValueError(
+                "RELAY_AMQP_RECONNECT_CAP_SECONDS must be >= RELAY_AMQP_RECONNECT_BASE_SECONDS"
+            )
+        publishing = self.amqp_url is not None or self.amqp_url_file is not None
+        if publishing and self.publish_timeout_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"RELAY_PUBLISH_TIMEOUT_SECONDS ({self.publish_timeout_seconds:g}) must stay "
+                f"below RELAY_LEASE_SECONDS ({self.lease_seconds:g} s), the lease on a held event"
+            )
+        url = self.resolved_amqp_url()
+        if url is not None and not url.startswith(("amqp://", "amqps://")):
+            raise ValueError("RELAY_AMQP_URL must start with amqp:// or amqps://")
+        return self
+
+    def resolved_amqp_url(self) -> str | None:
+        if self.amqp_url_file is not None:
+            if not self.amqp_url_file.is_file():
+                raise ValueError(f"RELAY_AMQP_URL_FILE {self.amqp_url_file} is not a readable file")
+            return self.amqp_url_file.read_text().strip() or None
+        return self.amqp_url.get_secret_value() if self.amqp_url else None
+
+    @field_validator("providers")
+    @classmethod
+    def _lowercase_names(cls, value: dict[str, ProviderSettings]) -> dict[str, ProviderSettings]:
+        return {name.lower(): settings for name, settings in value.items()}
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.backoff_cap_seconds < self.backoff_base_seconds:
+            raise ValueError("RELAY_BACKOFF_CAP_SECONDS must be >= RELAY_BACKOFF_BASE_SECONDS")
+        if self.janitor_backoff_cap_seconds < self.janitor_backoff_base_seconds:
+            raise ValueError(
+                "RELAY_JANITOR_BACKOFF_CAP_SECONDS must be >= RELAY_JANITOR_BACKOFF_BASE_SECONDS"
+            )
+        for name, provider in self.providers.items():
+            if provider.timeout_ms / 1000 >= self.lease_seconds:
+                raise ValueError(
+                    f"RELAY_PROVIDERS__{name.upper()}__TIMEOUT_MS ({provider.timeout_ms}) "
+                    f"must stay below RELAY_LEASE_SECONDS ({self.lease_seconds:g} s) "
+                    "so a live call never "
+                    "outlasts its lease"
+                )
+        return self
+
+    def resolved_database_url(self) -> str | None:
+        if self.database_url_file is not None:
+            return self.database_url_file.read_text().strip()
+        return self.database_url.get_secret_value() if self.database_url else None
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret: provider API keys and the database's and broker's
+        passwords. :func:`load_settings` registers them for redaction."""
+        values: list[str] = []
+        for read, is_url in (
+            *((provider.resolved_api_key, False) for provider in self.providers.values()),
+            (self.resolved_database_url, True),
+            (self.resolved_amqp_url, True),
+        ):
+            try:
+                value = read()
+            except (OSError, ValueError):
+                continue  # an unreadable file: start-up reports it, naming the file
+            if value:
+                values.extend(url_passwords(value) if is_url else [value])
+        return values
+
+
+def _variable_name(loc: tuple[int | str, ...]) -> str:
+    return "RELAY_" + "__".join(str(part).upper() for part in loc)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings; raise :class:`ConfigError` naming each bad variable."""
+    try:
+        secrets_dir = os.environ.get("RELAY_SECRETS_DIR")
+        if secrets_dir:
+            settings = Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
+        else:
+            settings = Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            given = error.get("input")
+            secret = any("key" in str(p).lower() or "url" in str(p).lower() for p in loc)
+            shown = "" if secret or isinstance(given, dict) else f" (got {given!r})"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            lines.append(f"{_variable_name(loc)}: {message}{shown}" if loc else message)
+        raise ConfigError(lines) from None
+    # From now on these exact values are masked in every log line, stored error message,
+    # metric label and CLI error, whatever shape they have and wherever they appear.
+    register_secret(*settings.secret_values())
+    return settings

@@ -1,0 +1,119 @@
+"""Transport: the connection pool, statement execution and LISTEN. No domain meaning here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import psycopg
+import structlog
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from relay.infra.queries import QUERIES
+
+__all__ = [
+    "EVENTS_NOTIFY_CHANNEL",
+    "NOTIFY_CHANNEL",
+    "RETRYABLE_DB_ERRORS",
+    "Database",
+    "listen_forever",
+]
+
+NOTIFY_CHANNEL = "outbox_payment_intents"
+MAX_IDLE_SECONDS = 20.0
+EVENTS_NOTIFY_CHANNEL = "outbox_events"  # sql/0004_pre_events.sql notifies here
+log = structlog.get_logger("relay.infra.db")
+
+# Errors after which the same work can simply be tried again on a fresh connection.
+RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CannotConnectNow,
+    psycopg.errors.IdleInTransactionSessionTimeout,  # we were frozen mid-transaction
+    PoolTimeout,
+)
+
+
+class Database:
+    """A small async pool and named-statement helpers."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        pool_size: int = 4,
+        name: str = "outbox-relay",
+        idle_in_transaction_seconds: float | None = None,
+    ) -> None:
+        self.conninfo = conninfo
+        self._idle_in_transaction_ms = (
+            None if idle_in_transaction_seconds is None else int(idle_in_transaction_seconds * 1000)
+        )
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            kwargs={"application_name": name, "autocommit": True},
+            timeout=30.0,
+            reconnect_timeout=0,  # never give up: the relay waits for the database to return
+            # An idle relay gives back what a burst grew its pool to (one connection per
+            # MAX_IDLE_SECONDS), so 50 idle sidecars hold ~2 connections each, not 5.
+            max_idle=MAX_IDLE_SECONDS,
+            configure=self._configure,
+        )
+
+    async def _configure(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
+        # A relay frozen inside a transaction (SIGSTOP, a paused VM) would hold its row
+        # locks until it resumes; the server ends such a session instead, releasing them,
+        # and its intents are re-driven like a killed relay's (docs/reliability.md).
+        if self._idle_in_transaction_ms is not None:
+            await conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(self._idle_in_transaction_ms),),
+            )
+
+    async def open(self) -> None:
+        await self.pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def fetch_all(self, name: str, params: Mapping[str, Any] | None = None) -> list[TupleRow]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(QUERIES[name], params)
+            return await cur.fetchall()
+
+
+async def listen_forever(
+    conninfo: str,
+    on_notify: Callable[[], None],
+    *,
+    on_connected: Callable[[], None] = lambda: None,
+    retry_seconds: float = 1.0,
+    channel: str = NOTIFY_CHANNEL,
+) -> None:
+    """LISTEN on ``channel`` (default: intents), calling ``on_notify`` per notification.
+
+    Polling stays correct on its own; this only shortens pickup latency, so a broken
+    listener logs and retries instead of failing the relay.
+    """
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                conninfo, autocommit=True, application_name="outbox-relay-listen"
+            )
+            async with conn:
+                await conn.execute(f"LISTEN {channel}")
+                on_connected()
+                on_notify()  # anything committed while we were not listening
+                async for _ in conn.notifies():
+                    on_notify()
+        except psycopg.Error as exc:
+            log.warning("listen_connection_lost", error=type(exc).__name__, retry_in=retry_seconds)
+        await anyio.sleep(retry_seconds)

@@ -1,0 +1,167 @@
+"""Prometheus metrics (prometheus-client). Names follow Prometheus conventions."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "BREAKER_STATE",
+    "CLAIM_BATCH",
+    "INTENTS_ARCHIVED",
+    "INTENTS_FINISHED",
+    "INTENTS_WRITTEN",
+    "IN_FLIGHT",
+    "LEASES_RELEASED",
+    "LEASE_LOST",
+    "PROVIDER_CALL_SECONDS",
+    "WRITE_BACK_SECONDS",
+]
+
+INTENTS_FINISHED = Counter(
+    "outbox_relay_intents_finished_total",
+    "Intents that ended (terminal status), counted once when the write-back commits. "
+    "outcome: succeeded; declined, rejected (state machine; no call) -> failed; invalid, "
+    "exhausted (max attempts), amount_mismatch, refused (database) -> dead.",
+    ["provider", "action", "outcome"],
+)
+INTENTS_WRITTEN = Counter(
+    "outbox_relay_write_backs_total", "Outcomes written to the database, by new status.", ["status"]
+)
+LEASE_LOST = Counter(
+    "outbox_relay_lease_lost_total", "Outcomes not written because a newer claim exists."
+)
+PROVIDER_CALL_SECONDS = Histogram(
+    "outbox_relay_provider_call_seconds", "Provider call latency.", ["provider", "action"]
+)
+WRITE_BACK_SECONDS = Histogram(
+    "outbox_relay_write_back_seconds", "Latency of one batched write-back transaction."
+)
+CLAIM_BATCH = Histogram(
+    "outbox_relay_claim_batch_size",
+    "Intents per claim.",
+    buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+IN_FLIGHT = Gauge(
+    "outbox_relay_in_flight", "Claimed intents being processed, by lane.", ["provider"]
+)
+BREAKER_STATE = Gauge(
+    "outbox_relay_breaker_state",
+    "Circuit breaker per provider lane: 0 closed, 1 half-open, 2 open.",
+    ["provider"],
+)
+LEASES_RELEASED = Counter(
+    "outbox_relay_leases_released_total",
+    "Claimed intents handed back without a provider call (shutdown, breaker open).",
+    ["provider", "reason"],
+)
+INTENTS_ARCHIVED = Counter(
+    "outbox_relay_intents_archived_total",
+    "Finished intents moved to outbox.payment_intents_archive by the retention sweeper.",
+)
+__all__ += ["ORPHANED_BLOCKED_PROMOTED"]
+ORPHANED_BLOCKED_PROMOTED = Counter(
+    "outbox_relay_orphaned_blocked_promoted_total",
+    "Blocked intents promoted by the reaper's sweep because every earlier intent of their "
+    "payment was already resolved (inserted under REPEATABLE READ or SERIALIZABLE with a "
+    "snapshot older than that resolution). Non-zero is harmless; it shows such inserts.",
+    ["provider"],
+)
+
+# Result events (relay/events/publisher.py).
+__all__ += [
+    "AMQP_CONNECTED",
+    "EVENTS_PUBLISHED",
+    "EVENTS_UNROUTABLE",
+    "PUBLISH_LAG_SECONDS",
+    "UNPUBLISHED_EVENTS",
+]
+EVENTS_PUBLISHED = Counter(
+    "outbox_relay_events_published_total",
+    "Events the relay marked after the broker's answer: published (confirmed) or "
+    "unroutable (returned).",
+)
+EVENTS_UNROUTABLE = Counter(
+    "outbox_relay_events_unroutable_total",
+    "Events the broker returned (basic.return) because no queue was bound for the routing key.",
+)
+UNPUBLISHED_EVENTS = Gauge(
+    "outbox_relay_unpublished_events", "Events in outbox.events not yet published (all relays)."
+)
+PUBLISH_LAG_SECONDS = Histogram(
+    "outbox_relay_publish_lag_seconds",
+    "From the event's insert (its transaction's start) to the broker's confirm.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+)
+AMQP_CONNECTED = Gauge(
+    "outbox_relay_amqp_connected", "1 while the publisher holds a confirmed AMQP channel."
+)
+
+# Observability (relay/service/depth.py, relay/core/completer.py, relay/core/runtime.py). Label values come
+# from closed sets (status, action, outcome) or validated identifiers (provider, through
+# relay.infra.redaction.safe_label where they are read from data): never free text.
+__all__ += [
+    "ATTEMPTS",
+    "DEAD_LETTERS",
+    "DEPTH_SAMPLED_AT",
+    "OLDEST_PENDING_AGE_SECONDS",
+    "OLDEST_UNPUBLISHED_AGE_SECONDS",
+    "QUEUE_DEPTH",
+    "RECONCILIATION_OPEN_DELTA_MINOR",
+    "RECONCILIATION_OPEN_EXCEPTIONS",
+    "RETRIES",
+]
+ATTEMPTS = Counter(
+    "outbox_relay_attempts_total",
+    "Provider attempts by provider, action and outcome class (succeeded, declined, "
+    "retryable, ambiguous, invalid; an ambiguous one settled by lookup counts as settled).",
+    ["provider", "action", "outcome"],
+)
+RETRIES = Counter(
+    "outbox_relay_retries_total",
+    "Attempts whose write-back scheduled another attempt under the same key.",
+    ["provider", "action"],
+)
+QUEUE_DEPTH = Gauge(
+    "outbox_relay_queue_depth",
+    "Unresolved intents in the database by provider and status (blocked, pending, "
+    "in_flight, dead); sampled every RELAY_DEPTH_INTERVAL_SECONDS, same value on every relay.",
+    ["provider", "status"],
+)
+OLDEST_PENDING_AGE_SECONDS = Gauge(
+    "outbox_relay_oldest_pending_age_seconds",
+    "How long the oldest due pending intent has waited for a claim (now - available_at).",
+    ["provider"],
+)
+DEAD_LETTERS = Gauge(
+    "outbox_relay_dead_letters",
+    "Dead intents waiting for an operator (outbox-relay dead-letters list).",
+    ["provider"],
+)
+OLDEST_UNPUBLISHED_AGE_SECONDS = Gauge(
+    "outbox_relay_oldest_unpublished_event_age_seconds",
+    "Age of the oldest result event not yet published (0 when none waits).",
+)
+DEPTH_SAMPLED_AT = Gauge(
+    "outbox_relay_queue_depth_sampled_timestamp_seconds",
+    "Unix time of the last successful queue-depth sample (staleness of the depth gauges).",
+)
+RECONCILIATION_OPEN_DELTA_MINOR = Gauge(
+    "outbox_relay_reconciliation_open_delta_minor",
+    "Open reconciliation exceptions' absolute deltas (provider vs ledger), summed, in minor "
+    "units, by provider and currency ('-' when an exception has none).",
+    ["provider", "currency"],
+)
+RECONCILIATION_OPEN_EXCEPTIONS = Gauge(
+    "outbox_relay_reconciliation_open_exceptions",
+    "Reconciliation exceptions open or awaiting approval, by provider.",
+    ["provider"],
+)
+
+# The janitor (relay/core/janitor.py).
+__all__ += ["JANITOR_RESULTS"]
+JANITOR_RESULTS = Counter(
+    "outbox_relay_janitor_results_total",
+    "Dead intents the janitor looked up at the provider, by result (settled_succeeded, "
+    "settled_failed, no_effect, not_found_yet, lookup_failed, not_settleable, skipped).",
+    ["provider", "result"],
+)

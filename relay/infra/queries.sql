@@ -1,0 +1,923 @@
+-- Every statement the relay runs, one `-- name: X` block each, with a one-line purpose.
+-- Loaded once by relay/infra/queries.py; tests PREPARE each one against the migrated schema.
+-- `now` is an optional parameter (NULL = the server's clock) so tests own time.
+
+-- name: claim_intents
+-- Lease up to `limit` eligible intents of one provider; commit before any provider call.
+-- The audit trail records the claim as 'relay:<instance>' (outbox.actor, set for this statement).
+-- NOTE: an intent already sent longer ago than its provider's idempotency-key lifetime is
+-- parked `dead` by a trigger instead of claimed (sql/0005); the final SELECT leaves it out.
+-- `exponent` (ISO 4217, outbox.currencies) lets an adapter convert to its provider's units.
+WITH actor AS (
+    SELECT set_config('outbox.actor', 'relay:' || %(instance)s::text, true) AS actor
+),
+picked AS (
+    SELECT id
+    FROM outbox.payment_intents
+    WHERE status = 'pending'
+      AND provider = %(provider)s
+      AND available_at <= COALESCE(%(now)s::timestamptz, now())
+    ORDER BY available_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE outbox.payment_intents AS i
+    SET status = 'in_flight',
+        attempts = i.attempts + 1,
+        lease_token = nextval('outbox.lease_token_seq'),
+        lease_expires_at = COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s),
+        claimed_by = %(instance)s,
+        updated_at = COALESCE(%(now)s::timestamptz, now())
+    FROM picked, outbox.payments AS p, actor
+    WHERE i.id = picked.id AND p.payment_id = i.payment_id
+    RETURNING i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency,
+              i.payment_method, i.idempotency_key, i.attempts, i.lease_token,
+              i.metadata ->> 'traceparent' AS traceparent,
+              p.state AS payment_state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+              p.provider_reference AS payment_reference, i.status
+)
+SELECT id, payment_id, action, provider, amount_minor, currency, payment_method,
+       idempotency_key, attempts, lease_token, traceparent, payment_state, authorized_minor,
+       captured_minor, refunded_minor, payment_reference,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = claimed.currency) AS exponent
+FROM claimed
+WHERE status = 'in_flight';
+
+-- name: set_actor
+-- Name who writes in this transaction (and why, optionally) for the audit trail's triggers.
+SELECT set_config('outbox.actor', %(actor)s::text, true),
+       set_config('outbox.reason', COALESCE(%(reason)s::text, ''), true);
+
+-- name: lock_payments
+-- Lock the payments a write-back touches, in a fixed order, before reading blocked intents.
+SELECT payment_id
+FROM outbox.payments
+WHERE payment_id = ANY(%(payment_ids)s::text[])
+ORDER BY payment_id
+FOR UPDATE;
+
+-- name: complete_intents
+-- Write a batch of outcomes, each fenced by its lease token; promote the next blocked intent;
+-- record one result event per terminal outcome (ordered per payment by the events trigger).
+WITH outcome AS (
+    SELECT *
+    FROM unnest(
+        %(ids)s::bigint[], %(lease_tokens)s::bigint[], %(statuses)s::text[],
+        %(retry_delays)s::float8[], %(provider_references)s::text[],
+        %(amounts_applied)s::bigint[], %(error_codes)s::text[], %(error_messages)s::text[],
+        %(payment_states)s::text[], %(authorized)s::bigint[], %(captured)s::bigint[],
+        %(refunded)s::bigint[], %(payment_references)s::text[]
+    ) AS o(id, lease_token, status, retry_delay, provider_reference, amount_applied_minor,
+           error_code, error_message, payment_state, authorized_minor, captured_minor,
+           refunded_minor, payment_reference)
+),
+written AS (
+    UPDATE outbox.payment_intents AS i
+    SET status = o.status,
+        available_at = CASE WHEN o.status = 'pending'
+                            THEN COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => o.retry_delay)
+                            ELSE i.available_at END,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        claimed_by = NULL,
+        provider_reference = COALESCE(o.provider_reference, i.provider_reference),
+        amount_applied_minor = o.amount_applied_minor,
+        error_code = o.error_code,
+        error_message = o.error_message,
+        completed_at = CASE WHEN o.status IN ('succeeded', 'failed', 'dead')
+                            THEN COALESCE(%(now)s::timestamptz, now()) END,
+        updated_at = COALESCE(%(now)s::timestamptz, now())
+    FROM outcome AS o
+    WHERE i.id = o.id AND i.lease_token = o.lease_token AND i.status = 'in_flight'
+    -- The token too: a batch may hold a stale outcome of the same intent (its lease
+    -- expired and it was claimed again while the first outcome waited for the database);
+    -- only the outcome whose fence held may update the payment or emit an event.
+    RETURNING i.id, i.payment_id, i.status, o.lease_token
+),
+paid AS (
+    UPDATE outbox.payments AS p
+    SET state = o.payment_state,
+        authorized_minor = o.authorized_minor,
+        captured_minor = o.captured_minor,
+        refunded_minor = o.refunded_minor,
+        provider_reference = COALESCE(o.payment_reference, p.provider_reference),
+        updated_at = COALESCE(%(now)s::timestamptz, now())
+    FROM outcome AS o JOIN written AS w ON w.id = o.id AND w.lease_token = o.lease_token
+    WHERE p.payment_id = w.payment_id AND o.payment_state IS NOT NULL
+    RETURNING p.payment_id
+),
+promoted AS (
+    UPDATE outbox.payment_intents AS n
+    SET status = 'pending',
+        available_at = COALESCE(%(now)s::timestamptz, now()),
+        updated_at = COALESCE(%(now)s::timestamptz, now())
+    WHERE n.id IN (
+        SELECT (SELECT b.id
+                FROM outbox.payment_intents AS b
+                WHERE b.payment_id = w.payment_id AND b.status = 'blocked'
+                ORDER BY b.payment_seq
+                LIMIT 1)
+        FROM written AS w
+        WHERE w.status IN ('succeeded', 'failed')
+    )
+    RETURNING n.id
+),
+evented AS (
+    -- Rows in ordering-key order: streams are locked in the same order by every write-back.
+    INSERT INTO outbox.events
+        (event_id, ordering_key, routing_key, event_type, payload, payment_id, traceparent)
+    SELECT e.event_id, 'payment:' || w.payment_id, e.event_type, e.event_type,
+           jsonb_build_object(
+               'event_id', e.event_id,
+               'event_type', e.event_type,
+               'occurred_at', COALESCE(%(now)s::timestamptz, now()),
+               'payment_id', w.payment_id,
+               'intent', jsonb_build_object(
+                   'id', w.id,
+                   'action', i.action,
+                   'status', w.status,
+                   'provider', i.provider,
+                   'currency', i.currency,
+                   'amount_minor', i.amount_minor,
+                   'amount_applied_minor', o.amount_applied_minor,
+                   'provider_reference', COALESCE(o.provider_reference, i.provider_reference),
+                   'idempotency_key', i.idempotency_key,
+                   'attempts', i.attempts,
+                   'error_code', o.error_code,
+                   'error_message', o.error_message,
+                   'metadata', i.metadata),
+               'payment', CASE WHEN o.payment_state IS NOT NULL THEN jsonb_build_object(
+                                   'state', o.payment_state,
+                                   'authorized_minor', o.authorized_minor,
+                                   'captured_minor', o.captured_minor,
+                                   'refunded_minor', o.refunded_minor,
+                                   'provider_reference', COALESCE(o.payment_reference, p.provider_reference))
+                               ELSE jsonb_build_object(
+                                   'state', p.state,
+                                   'authorized_minor', p.authorized_minor,
+                                   'captured_minor', p.captured_minor,
+                                   'refunded_minor', p.refunded_minor,
+                                   'provider_reference', p.provider_reference) END),
+           w.payment_id,
+           CASE WHEN outbox.is_valid_traceparent(i.metadata ->> 'traceparent')
+                THEN i.metadata ->> 'traceparent' END
+    FROM written AS w
+    JOIN outcome AS o ON o.id = w.id AND o.lease_token = w.lease_token
+    JOIN outbox.payment_intents AS i ON i.id = w.id
+    JOIN outbox.payments AS p ON p.payment_id = w.payment_id
+    CROSS JOIN LATERAL (
+        SELECT gen_random_uuid() AS event_id, 'payment.' || i.action || '.' || w.status AS event_type
+    ) AS e
+    WHERE w.status IN ('succeeded', 'failed', 'dead')
+    ORDER BY 'payment:' || w.payment_id
+    RETURNING id
+)
+SELECT w.id, (SELECT count(*) FROM promoted) AS promoted, w.lease_token FROM written AS w;
+
+-- name: requeue_expired_leases
+-- Return intents whose relay died (lease expired) to pending, to be retried under the same key.
+WITH expired AS (
+    SELECT id
+    FROM outbox.payment_intents
+    WHERE status = 'in_flight' AND lease_expires_at < COALESCE(%(now)s::timestamptz, now())
+    ORDER BY lease_expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox.payment_intents AS i
+SET status = 'pending',
+    lease_token = NULL,
+    lease_expires_at = NULL,
+    claimed_by = NULL,
+    available_at = COALESCE(%(now)s::timestamptz, now()),
+    error_code = 'lease_expired',
+    error_message = 'the relay holding this intent stopped before writing an outcome; '
+                    'it is retried with the same idempotency key',
+    updated_at = COALESCE(%(now)s::timestamptz, now())
+FROM expired
+WHERE i.id = expired.id
+RETURNING i.id;
+
+-- name: lock_orphaned_blocked_payments
+-- Lock (skipping busy ones) payments whose first unresolved intent is blocked: nothing will promote it.
+-- An application inserting under REPEATABLE READ or SERIALIZABLE decides `blocked` from its
+-- snapshot, so an intent resolved after that snapshot still blocks the new one. Found via
+-- payment_intents_depth_idx (blocked rows of these providers) and, per row, one probe of
+-- payment_intents_unresolved_by_payment_idx. SKIP LOCKED: a write-back or insert in
+-- progress owns that payment now; the next sweep looks again.
+SELECT p.payment_id
+FROM outbox.payments AS p
+WHERE p.payment_id IN (
+    SELECT b.payment_id
+    FROM outbox.payment_intents AS b
+    WHERE b.provider = ANY(%(providers)s::text[])
+      AND b.status = 'blocked'
+      AND NOT EXISTS (
+          SELECT 1
+          FROM outbox.payment_intents AS e
+          WHERE e.payment_id = b.payment_id
+            AND e.payment_seq < b.payment_seq
+            AND e.status IN ('blocked', 'pending', 'in_flight', 'dead'))
+    LIMIT %(limit)s)
+ORDER BY p.payment_id
+FOR UPDATE OF p SKIP LOCKED;
+
+-- name: promote_orphaned_blocked
+-- Under the payments' locks (lock_orphaned_blocked_payments), promote each payment's first unresolved intent if it is blocked.
+-- A new statement, so its snapshot sees every write-back and insert that committed before
+-- the locks were granted: the same rule, under the same lock, as complete_intents' promotion.
+UPDATE outbox.payment_intents AS n
+SET status = 'pending',
+    available_at = COALESCE(%(now)s::timestamptz, now()),
+    updated_at = COALESCE(%(now)s::timestamptz, now())
+FROM (
+    SELECT (SELECT u.id
+            FROM outbox.payment_intents AS u
+            WHERE u.payment_id = l.payment_id
+              AND u.status IN ('blocked', 'pending', 'in_flight', 'dead')
+            ORDER BY u.payment_seq
+            LIMIT 1) AS id
+    FROM unnest(%(payment_ids)s::text[]) AS l(payment_id)
+) AS head
+WHERE n.id = head.id AND n.status = 'blocked'
+RETURNING n.id, n.payment_id, n.provider;
+
+-- name: release_leases
+-- Give back claimed intents that never reached the provider (shutdown), fenced by token.
+UPDATE outbox.payment_intents AS i
+SET status = 'pending',
+    attempts = greatest(i.attempts - 1, 0),
+    lease_token = NULL,
+    lease_expires_at = NULL,
+    claimed_by = NULL,
+    available_at = COALESCE(%(now)s::timestamptz, now()),
+    updated_at = COALESCE(%(now)s::timestamptz, now())
+FROM unnest(%(ids)s::bigint[], %(lease_tokens)s::bigint[]) AS r(id, lease_token)
+WHERE i.id = r.id AND i.lease_token = r.lease_token AND i.status = 'in_flight'
+RETURNING i.id;
+
+-- name: archive_terminal_intents
+-- Move up to `limit` intents that ended more than `older_than_seconds` ago to the archive.
+-- Dead intents stay: an operator still has to work them.
+WITH due AS (
+    SELECT id
+    FROM outbox.payment_intents
+    WHERE status IN ('succeeded', 'failed')
+      AND completed_at < COALESCE(%(now)s::timestamptz, now()) - make_interval(secs => %(older_than_seconds)s)
+    ORDER BY completed_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+moved AS (
+    DELETE FROM outbox.payment_intents AS i
+    USING due
+    WHERE i.id = due.id
+    RETURNING i.*
+)
+INSERT INTO outbox.payment_intents_archive
+SELECT * FROM moved
+RETURNING id;
+
+-- name: want_wakeups
+-- This relay is going idle: ask inserts to NOTIFY (no write when already asked).
+UPDATE outbox.relay_wakeup SET wanted = true, updated_at = now() WHERE NOT wanted RETURNING wanted;
+
+-- name: skip_wakeups
+-- This relay is saturated and comes back on its own: inserts need not NOTIFY.
+UPDATE outbox.relay_wakeup SET wanted = false, updated_at = now() WHERE wanted RETURNING wanted;
+
+-- name: status_counts
+-- Queue depth by provider and status, for `outbox-relay status` and the demo.
+SELECT provider, status, count(*) AS intents,
+       min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending
+FROM outbox.payment_intents
+GROUP BY provider, status
+ORDER BY provider, status;
+
+-- name: schema_version
+-- The latest applied migration, for readiness and `status`.
+SELECT max(version) FROM outbox.schema_migrations;
+
+-- name: claim_events
+-- Lease up to `limit` publishable events (heads of their ordering key, or unkeyed); commit before publishing.
+WITH picked AS (
+    SELECT id
+    FROM outbox.events
+    WHERE status = 'pending'
+      AND available_at <= COALESCE(%(now)s::timestamptz, now())
+    ORDER BY available_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox.events AS e
+SET available_at = COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s),
+    lease_token = nextval('outbox.lease_token_seq'),
+    claimed_by = %(instance)s,
+    attempts = e.attempts + 1
+FROM picked
+WHERE e.id = picked.id
+RETURNING e.id, e.event_id, e.lease_token, e.ordering_key, e.seq, e.exchange, e.routing_key,
+          e.event_type, e.payload::text AS payload, e.headers, e.payment_id, e.schema_version,
+          e.traceparent, e.created_at, e.attempts;
+
+-- name: lock_event_streams
+-- Inside the mark transaction: lock the streams of confirmed events, skipping any a writer holds.
+SELECT ordering_key
+FROM outbox.event_streams
+WHERE ordering_key = ANY(%(ordering_keys)s::text[])
+ORDER BY ordering_key
+FOR UPDATE SKIP LOCKED;
+
+-- name: mark_events
+-- Record broker results (published / unroutable), fenced by lease token; promote each key's next event.
+WITH result AS (
+    SELECT *
+    FROM unnest(
+        %(ids)s::bigint[], %(lease_tokens)s::bigint[], %(statuses)s::text[],
+        %(error_codes)s::text[], %(error_messages)s::text[]
+    ) AS r(id, lease_token, status, error_code, error_message)
+),
+marked AS (
+    UPDATE outbox.events AS e
+    SET status = r.status,
+        published_at = COALESCE(%(now)s::timestamptz, now()),
+        available_at = COALESCE(%(now)s::timestamptz, now()),
+        lease_token = NULL,
+        claimed_by = NULL,
+        error_code = r.error_code,
+        error_message = r.error_message
+    FROM result AS r
+    WHERE e.id = r.id AND e.lease_token = r.lease_token AND e.status = 'pending'
+    RETURNING e.id, e.ordering_key, e.seq
+),
+advanced AS (
+    -- The caller holds these stream rows (lock_event_streams, same transaction).
+    UPDATE outbox.event_streams AS s
+    SET done_seq = greatest(s.done_seq, m.seq)
+    FROM marked AS m
+    WHERE s.ordering_key = m.ordering_key
+    RETURNING s.ordering_key
+),
+promoted AS (
+    UPDATE outbox.events AS n
+    SET status = 'pending',
+        available_at = COALESCE(%(now)s::timestamptz, now())
+    FROM marked AS m
+    WHERE n.ordering_key = m.ordering_key AND n.seq = m.seq + 1 AND n.status = 'blocked'
+    RETURNING n.id
+)
+SELECT m.id, (SELECT count(*) FROM promoted) AS promoted FROM marked AS m;
+
+-- name: release_events
+-- Hand back held events that were not confirmed (nack, lost connection, missing exchange), fenced by token.
+UPDATE outbox.events AS e
+SET available_at = COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => r.delay),
+    lease_token = NULL,
+    claimed_by = NULL,
+    error_code = r.error_code,
+    error_message = r.error_message
+FROM unnest(
+    %(ids)s::bigint[], %(lease_tokens)s::bigint[], %(delays)s::float8[],
+    %(error_codes)s::text[], %(error_messages)s::text[]
+) AS r(id, lease_token, delay, error_code, error_message)
+WHERE e.id = r.id AND e.lease_token = r.lease_token AND e.status = 'pending'
+RETURNING e.id;
+
+-- name: unpublished_events
+-- Events not yet published (blocked or pending) and the age of the oldest, for metrics.
+SELECT count(*) AS events,
+       COALESCE(extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - min(created_at)), 0)::float8
+           AS oldest_seconds
+FROM outbox.events
+WHERE status IN ('blocked', 'pending');
+
+-- Observability and operator tooling (relay/service/depth.py, relay/operations/status.py,
+-- relay/operations/dead_letters.py, relay/operations/intents.py); the functions come from sql/0006.
+
+-- name: queue_depth
+-- Unresolved intents by provider and status, and the wait of the oldest due pending one, from payment_intents_depth_idx.
+SELECT provider, status, count(*) AS intents,
+       COALESCE(extract(epoch FROM COALESCE(%(now)s::timestamptz, now())
+                - min(available_at) FILTER (
+                      WHERE status = 'pending'
+                        AND available_at <= COALESCE(%(now)s::timestamptz, now()))), 0)::float8
+           AS oldest_pending_seconds
+FROM outbox.payment_intents
+WHERE status IN ('blocked', 'pending', 'in_flight', 'dead')
+GROUP BY provider, status
+ORDER BY provider, status;
+
+-- name: set_operator_actor
+-- First statement of every operator transaction: the audit trail records 'operator:<name>'.
+SELECT set_config('outbox.actor', 'operator:' || %(operator)s::text, true);
+
+-- name: dead_letters_count
+-- How many dead intents match the operator's filters (NULL filter = any).
+SELECT count(*)
+FROM outbox.payment_intents
+WHERE status = 'dead'
+  AND (%(provider)s::text IS NULL OR provider = %(provider)s::text)
+  AND (%(error_code)s::text IS NULL OR error_code = %(error_code)s::text)
+  AND (%(older_than_seconds)s::float8 IS NULL
+       OR COALESCE(completed_at, updated_at)
+          <= COALESCE(%(now)s::timestamptz, now()) - make_interval(secs => %(older_than_seconds)s::float8));
+
+-- name: dead_letters_list
+-- Dead intents matching the filters, longest dead first, for `dead-letters list`.
+SELECT i.id, i.payment_id, i.provider, i.action, i.amount_minor, i.currency, c.exponent,
+       i.attempts, i.error_code, i.error_message, i.idempotency_key, i.created_at,
+       extract(epoch FROM COALESCE(%(now)s::timestamptz, now())
+               - COALESCE(i.completed_at, i.updated_at))::float8 AS dead_seconds
+FROM outbox.payment_intents AS i
+JOIN outbox.currencies AS c ON c.code = i.currency
+WHERE i.status = 'dead'
+  AND (%(provider)s::text IS NULL OR i.provider = %(provider)s::text)
+  AND (%(error_code)s::text IS NULL OR i.error_code = %(error_code)s::text)
+  AND (%(older_than_seconds)s::float8 IS NULL
+       OR COALESCE(i.completed_at, i.updated_at)
+          <= COALESCE(%(now)s::timestamptz, now()) - make_interval(secs => %(older_than_seconds)s::float8))
+ORDER BY COALESCE(i.completed_at, i.updated_at), i.id
+LIMIT %(limit)s;
+
+-- name: dead_letters_page
+-- The next `limit` matching dead intent ids after `after_id` (keyset), for bulk retry/cancel.
+SELECT id
+FROM outbox.payment_intents
+WHERE status = 'dead'
+  AND id > %(after_id)s
+  AND (%(provider)s::text IS NULL OR provider = %(provider)s::text)
+  AND (%(error_code)s::text IS NULL OR error_code = %(error_code)s::text)
+  AND (%(older_than_seconds)s::float8 IS NULL
+       OR COALESCE(completed_at, updated_at)
+          <= COALESCE(%(now)s::timestamptz, now()) - make_interval(secs => %(older_than_seconds)s::float8))
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: dead_letters_by_id
+-- The named intents' status, to report ids that are missing or not dead before acting.
+SELECT id, status
+FROM outbox.payment_intents
+WHERE id = ANY(%(ids)s::bigint[])
+ORDER BY id;
+
+-- name: retry_dead_intents
+-- Re-drive dead intents under their own keys; keys past their lifetime stay dead unless allowed (sql/0006).
+SELECT intent_id, payment_id, status, note
+FROM outbox.retry_dead_intents(%(ids)s::bigint[], %(operator)s::text, %(past_key_lifetime)s::boolean);
+
+-- name: cancel_dead_intents
+-- End dead intents as failed 'cancelled_by_operator' and promote each payment's next intent.
+SELECT intent_id, payment_id, status, promoted_intent_id
+FROM outbox.cancel_dead_intents(%(ids)s::bigint[], %(operator)s::text, %(reason)s::text);
+
+-- name: intent_detail
+-- One intent for `intents show`, from the hot table or the archive.
+SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
+       idempotency_key, metadata, status, attempts, available_at, lease_expires_at, claimed_by,
+       amount_applied_minor, provider_reference, error_code, error_message, created_at,
+       updated_at, completed_at, archived
+FROM (
+    SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
+           idempotency_key, metadata, status, attempts, available_at, lease_expires_at,
+           claimed_by, amount_applied_minor, provider_reference, error_code, error_message,
+           created_at, updated_at, completed_at, false AS archived
+    FROM outbox.payment_intents WHERE id = %(id)s
+    UNION ALL
+    SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
+           idempotency_key, metadata, status, attempts, available_at, lease_expires_at,
+           claimed_by, amount_applied_minor, provider_reference, error_code, error_message,
+           created_at, updated_at, completed_at, true AS archived
+    FROM outbox.payment_intents_archive WHERE id = %(id)s
+) AS found
+LIMIT 1;
+
+-- name: intent_payment
+-- The payment an intent belongs to, with its currency's exponent.
+SELECT p.payment_id, p.provider, p.currency, c.exponent, p.state, p.authorized_minor,
+       p.captured_minor, p.refunded_minor, p.provider_reference, p.created_at, p.updated_at
+FROM outbox.payments AS p
+JOIN outbox.currencies AS c ON c.code = p.currency
+WHERE p.payment_id = %(payment_id)s;
+
+-- name: payment_intents_in_order
+-- Every intent of one payment (hot and archived), in dispatch order.
+SELECT id, payment_seq, action, status, amount_minor, attempts, error_code, created_at
+FROM (
+    SELECT id, payment_seq, action, status, amount_minor, attempts, error_code, created_at
+    FROM outbox.payment_intents WHERE payment_id = %(payment_id)s
+    UNION ALL
+    SELECT id, payment_seq, action, status, amount_minor, attempts, error_code, created_at
+    FROM outbox.payment_intents_archive WHERE payment_id = %(payment_id)s
+) AS all_intents
+ORDER BY payment_seq, id;
+
+-- name: audit_trail_present
+-- Whether sql/0005's audit trail is installed.
+SELECT to_regclass('outbox.audit_log') IS NOT NULL;
+
+-- name: intent_history
+-- The intent's audit trail rows, oldest first (sql/0006: outbox.intent_history).
+SELECT at, actor, operation, reason, before, after
+FROM outbox.intent_history(%(id)s::bigint);
+
+-- name: reconciliation_open
+-- Open reconciliation exceptions and their absolute deltas by provider and currency (sql/0005's view), for the gauges.
+SELECT provider, currency, sum(exceptions)::bigint AS exceptions, sum(delta_minor)::bigint AS delta_minor
+FROM outbox.reconciliation_open_delta
+GROUP BY provider, currency
+ORDER BY provider, currency;
+
+-- ------------------------------------------------------------------------------------------
+-- Audit trail and ledger checks (sql/0005; relay/finance/audit.py, relay/finance/ledger.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: audit_rows_by_chain
+-- Every audit row, chain by chain in chain order, jsonb as the text that was hashed.
+SELECT id, at, actor, entity, entity_id, payment_id, operation, reason,
+       before::text, after::text, chain_seq, prev_hash, hash
+FROM outbox.audit_log
+ORDER BY entity, entity_id, chain_seq;
+
+-- name: audit_live_documents
+-- The audited columns of every live row of every audited table, redacted as the trail stores them.
+-- The colder tables' allow-lists are their audit triggers' (sql/0005, sql/0014): keep them equal.
+SELECT 'intent', i.id::text, outbox.audit_intent_doc(i)
+FROM outbox.payment_intents AS i
+UNION ALL
+SELECT 'intent', a.id::text,
+       outbox.audit_intent_doc(ROW(a.*)::outbox.payment_intents)
+FROM outbox.payment_intents_archive AS a
+UNION ALL
+SELECT 'payment', p.payment_id, outbox.audit_payment_doc(p)
+FROM outbox.payments AS p
+UNION ALL
+SELECT 'janitor_check', j.intent_id::text, outbox.audit_generic_doc(j,
+       'intent_id,payment_id,provider,checks,not_found,result,detail,settled_at')
+FROM outbox.janitor_checks AS j
+UNION ALL
+SELECT 'reconciliation_run', r.id::text, outbox.audit_generic_doc(r,
+       'id,provider,window_start,window_end,status,run_by,provider_items,internal_items,matched,'
+       'exceptions_found,exceptions_new,exceptions_cleared')
+FROM outbox.reconciliation_runs AS r
+UNION ALL
+SELECT 'reconciliation_exception', x.id::text, outbox.audit_generic_doc(x,
+       'id,provider,kind,match_key,payment_id,ledger_transaction_id,provider_transaction_id,'
+       'currency,internal_amount_minor,provider_amount_minor,fee_minor,expected_fee_minor,'
+       'delta_minor,detail,status,last_run_id,times_seen,resolution,resolution_reason,resolved_by')
+FROM outbox.reconciliation_exceptions AS x
+UNION ALL
+SELECT 'reconciliation_action', a.id::text, outbox.audit_generic_doc(a,
+       'id,exception_id,payment_id,action,amount_minor,reason,requested_by,approved_by,status,'
+       'intent_id,requested_login,approved_login')
+FROM outbox.reconciliation_actions AS a;
+
+-- name: ledger_counts
+-- Ledger transactions, entries and payments, for the check's headline.
+SELECT (SELECT count(*) FROM outbox.ledger_transactions),
+       (SELECT count(*) FROM outbox.ledger_entries),
+       (SELECT count(*) FROM outbox.payments);
+
+-- name: ledger_unbalanced
+-- Ledger transactions that do not sum to zero per currency, have no entries, or mix currencies.
+SELECT t.id, t.payment_id, t.kind, COALESCE(e.currency, t.currency) AS currency, t.currency,
+       COALESCE(sum(e.amount_minor), 0)::bigint AS imbalance, count(e.id) AS entries
+FROM outbox.ledger_transactions AS t
+LEFT JOIN outbox.ledger_entries AS e ON e.transaction_id = t.id
+GROUP BY t.id, t.payment_id, t.kind, COALESCE(e.currency, t.currency), t.currency
+HAVING COALESCE(sum(e.amount_minor), 0) <> 0 OR count(e.id) = 0
+    OR COALESCE(e.currency, t.currency) <> t.currency
+ORDER BY t.id;
+
+-- name: ledger_posting_mismatches
+-- Succeeded intents without exactly one posting of their action, and postings without a succeeded intent.
+WITH intents AS (
+    SELECT id, payment_id, action, status FROM outbox.payment_intents
+    UNION ALL
+    SELECT id, payment_id, action, status FROM outbox.payment_intents_archive
+),
+postings AS (
+    SELECT t.*, count(*) OVER (PARTITION BY t.intent_id) AS postings
+    FROM outbox.ledger_transactions AS t
+)
+SELECT i.id, COALESCE(i.payment_id, t.payment_id), i.action, i.status, t.id, t.kind,
+       COALESCE(t.postings, 0)
+FROM intents AS i
+FULL JOIN postings AS t ON t.intent_id = i.id
+WHERE (i.status = 'succeeded' AND t.id IS NULL)
+   OR (t.id IS NOT NULL AND (i.id IS NULL OR i.status <> 'succeeded'
+                             OR t.kind <> i.action OR t.postings > 1))
+ORDER BY COALESCE(i.id, t.intent_id), t.id;
+
+-- name: ledger_payment_mismatches
+-- Payments whose amounts differ from their ledger: authorised, open hold, captured, refunded, receivable.
+WITH postings AS (
+    SELECT payment_id,
+           sum(amount_minor) FILTER (WHERE kind IN ('authorize', 'charge'))::bigint AS authorized,
+           count(*) FILTER (WHERE currency <> (SELECT p.currency FROM outbox.payments AS p
+                                               WHERE p.payment_id = t.payment_id)) AS wrong_currency
+    FROM outbox.ledger_transactions AS t
+    GROUP BY payment_id
+),
+balances AS (
+    SELECT t.payment_id,
+           sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':holds')::bigint AS holds,
+           (-sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':captured'))::bigint AS captured,
+           sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':refunded')::bigint AS refunded,
+           sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':receivable')::bigint AS receivable
+    FROM outbox.ledger_transactions AS t
+    JOIN outbox.ledger_entries AS e ON e.transaction_id = t.id
+    GROUP BY t.payment_id
+),
+compared AS (
+    SELECT p.payment_id, p.currency, p.state, COALESCE(po.wrong_currency, 0) AS wrong_currency,
+           p.authorized_minor, COALESCE(po.authorized, 0) AS ledger_authorized,
+           CASE WHEN p.state = 'authorized' THEN p.authorized_minor ELSE 0 END AS open_hold,
+           COALESCE(b.holds, 0) AS ledger_holds,
+           p.captured_minor, COALESCE(b.captured, 0) AS ledger_captured,
+           p.refunded_minor, COALESCE(b.refunded, 0) AS ledger_refunded,
+           p.captured_minor - p.refunded_minor AS receivable, COALESCE(b.receivable, 0) AS ledger_receivable
+    FROM outbox.payments AS p
+    LEFT JOIN postings AS po ON po.payment_id = p.payment_id
+    LEFT JOIN balances AS b ON b.payment_id = p.payment_id
+)
+SELECT * FROM compared
+WHERE wrong_currency > 0
+   OR (authorized_minor, open_hold, captured_minor, refunded_minor, receivable)
+      IS DISTINCT FROM
+      (ledger_authorized, ledger_holds, ledger_captured, ledger_refunded, ledger_receivable)
+ORDER BY payment_id;
+
+-- name: ledger_account_balances
+-- Debits, credits and transactions per account and currency.
+SELECT account, currency,
+       COALESCE(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0)::bigint AS debits,
+       COALESCE(-sum(amount_minor) FILTER (WHERE amount_minor < 0), 0)::bigint AS credits,
+       count(DISTINCT transaction_id) AS transactions
+FROM outbox.ledger_entries
+GROUP BY account, currency
+ORDER BY account, currency;
+
+-- name: ledger_payment_totals
+-- The payments' amounts summed per provider and currency, beside which the ledger's totals are shown.
+SELECT provider, currency, sum(authorized_minor)::bigint, sum(captured_minor)::bigint,
+       sum(refunded_minor)::bigint,
+       sum(CASE WHEN state = 'authorized' THEN authorized_minor ELSE 0 END)::bigint
+FROM outbox.payments
+GROUP BY provider, currency
+ORDER BY provider, currency;
+
+-- name: ledger_authorized_totals
+-- Authorised amounts posted (authorize and charge transactions) per provider and currency.
+SELECT provider, currency, sum(amount_minor)::bigint
+FROM outbox.ledger_transactions
+WHERE kind IN ('authorize', 'charge')
+GROUP BY provider, currency;
+
+-- name: janitor_reserve
+-- Reserve up to `limit` dead intents due for a lookup (newly dead, or a re-check due), with their payments
+-- and their currency's ISO 4217 exponent.
+WITH due AS (
+    SELECT i.id, i.payment_id, i.provider, i.completed_at
+    FROM outbox.payment_intents AS i
+    LEFT JOIN outbox.janitor_checks AS j ON j.intent_id = i.id
+    WHERE i.status = 'dead'
+      AND i.provider = ANY(%(providers)s::text[])
+      AND (j.intent_id IS NULL
+           OR j.dead_at IS DISTINCT FROM i.completed_at
+           OR (j.settled_at IS NULL AND j.next_check_at <= COALESCE(%(now)s::timestamptz, now())))
+    ORDER BY i.id
+    LIMIT %(limit)s
+    FOR UPDATE OF i SKIP LOCKED
+),
+reserved AS (
+    INSERT INTO outbox.janitor_checks AS j (intent_id, payment_id, provider, dead_at, next_check_at)
+    SELECT id, payment_id, provider, completed_at,
+           COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => %(reservation_seconds)s::float8)
+    FROM due
+    ON CONFLICT (intent_id) DO UPDATE
+    SET next_check_at = EXCLUDED.next_check_at,
+        -- a new death (the intent was re-driven and died again) starts a new cycle
+        checks = CASE WHEN j.dead_at IS DISTINCT FROM EXCLUDED.dead_at THEN 0 ELSE j.checks END,
+        not_found = CASE WHEN j.dead_at IS DISTINCT FROM EXCLUDED.dead_at THEN 0 ELSE j.not_found END,
+        result = CASE WHEN j.dead_at IS DISTINCT FROM EXCLUDED.dead_at THEN NULL ELSE j.result END,
+        settled_at = CASE WHEN j.dead_at IS DISTINCT FROM EXCLUDED.dead_at THEN NULL ELSE j.settled_at END,
+        dead_at = EXCLUDED.dead_at
+    RETURNING j.intent_id, j.checks, j.not_found
+)
+SELECT i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency, i.payment_method,
+       i.idempotency_key, i.attempts, i.completed_at, i.error_code,
+       p.state, p.authorized_minor, p.captured_minor, p.refunded_minor, p.provider_reference,
+       r.checks, r.not_found,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = i.currency) AS exponent
+FROM reserved AS r
+JOIN outbox.payment_intents AS i ON i.id = r.intent_id
+JOIN outbox.payments AS p ON p.payment_id = i.payment_id
+ORDER BY i.id;
+
+-- name: janitor_take
+-- Take one dead intent back under a janitor lease to write its settled outcome; no row if it changed meanwhile.
+WITH taken AS (
+    UPDATE outbox.payment_intents AS i
+    SET status = 'in_flight',
+        lease_token = nextval('outbox.lease_token_seq'),
+        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s::float8),
+        claimed_by = %(instance)s::text,
+        updated_at = now()
+    WHERE i.id = %(id)s::bigint AND i.status = 'dead'
+      AND i.completed_at IS NOT DISTINCT FROM %(dead_at)s::timestamptz
+    RETURNING i.lease_token, i.payment_id
+)
+SELECT t.lease_token, p.state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+       p.provider_reference
+FROM taken AS t
+JOIN outbox.payments AS p ON p.payment_id = t.payment_id;
+
+-- name: janitor_record
+-- Record one lookup's result and when the intent is due again (settled: never).
+UPDATE outbox.janitor_checks
+SET checks = %(checks)s::integer,
+    not_found = %(not_found)s::integer,
+    result = %(result)s::text,
+    detail = %(detail)s::text,
+    last_checked_at = now(),
+    next_check_at = now() + make_interval(secs => %(next_check_seconds)s::float8),
+    settled_at = CASE WHEN %(settled)s::boolean THEN now() END
+WHERE intent_id = %(intent_id)s::bigint;
+
+-- ------------------------------------------------------------------------------------------
+-- Reconciliation (relay/finance/reconcile.py) and its exception workflow (relay/finance/exceptions.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: reconcile_start_run
+-- Record a reconciliation run as started; the audit trail names who ran it.
+INSERT INTO outbox.reconciliation_runs (provider, window_start, window_end)
+VALUES (%(provider)s::text, %(since)s::timestamptz, %(until)s::timestamptz)
+RETURNING id;
+
+-- name: currency_exponents
+-- Every currency's ISO 4217 exponent, to convert the provider's settlement amounts into minor units.
+SELECT code, exponent FROM outbox.currencies;
+
+-- name: reconcile_internal_items
+-- The ledger's money-moving postings (captures, charges, refunds) of one provider in a time range.
+SELECT id, payment_id, kind, provider_reference, amount_minor, currency, posted_at
+FROM outbox.ledger_transactions
+WHERE provider = %(provider)s::text
+  AND kind IN ('capture', 'charge', 'refund')
+  AND posted_at >= %(since)s::timestamptz AND posted_at < %(until)s::timestamptz
+ORDER BY id;
+
+-- name: reconcile_record_exception
+-- Record a finding; found again, the same exception is updated (never a second copy), a cleared one reopens.
+INSERT INTO outbox.reconciliation_exceptions AS x
+    (provider, kind, match_key, payment_id, ledger_transaction_id, provider_transaction_id,
+     currency, internal_amount_minor, provider_amount_minor, fee_minor, expected_fee_minor,
+     delta_minor, detail, occurred_at, first_run_id, last_run_id)
+VALUES (%(provider)s::text, %(kind)s::text, %(match_key)s::text, %(payment_id)s::text,
+        %(ledger_transaction_id)s::bigint, %(provider_transaction_id)s::text, %(currency)s::text,
+        %(internal_amount_minor)s::bigint, %(provider_amount_minor)s::bigint, %(fee_minor)s::bigint,
+        %(expected_fee_minor)s::bigint, %(delta_minor)s::bigint, %(detail)s::text,
+        %(occurred_at)s::timestamptz, %(run_id)s::bigint, %(run_id)s::bigint)
+ON CONFLICT ON CONSTRAINT reconciliation_exceptions_once DO UPDATE
+SET last_run_id = EXCLUDED.last_run_id,
+    times_seen = x.times_seen + 1,
+    payment_id = EXCLUDED.payment_id,
+    ledger_transaction_id = EXCLUDED.ledger_transaction_id,
+    provider_transaction_id = EXCLUDED.provider_transaction_id,
+    currency = EXCLUDED.currency,
+    internal_amount_minor = EXCLUDED.internal_amount_minor,
+    provider_amount_minor = EXCLUDED.provider_amount_minor,
+    fee_minor = EXCLUDED.fee_minor,
+    expected_fee_minor = EXCLUDED.expected_fee_minor,
+    delta_minor = EXCLUDED.delta_minor,
+    detail = EXCLUDED.detail,
+    status = CASE WHEN x.status = 'cleared' THEN 'open' ELSE x.status END,
+    resolution = CASE WHEN x.status = 'cleared' THEN NULL ELSE x.resolution END,
+    resolution_reason = CASE WHEN x.status = 'cleared' THEN NULL ELSE x.resolution_reason END,
+    resolved_by = CASE WHEN x.status = 'cleared' THEN NULL ELSE x.resolved_by END,
+    resolved_at = CASE WHEN x.status = 'cleared' THEN NULL ELSE x.resolved_at END
+RETURNING x.id, (x.xmax = 0) AS inserted, x.status;
+
+-- name: reconcile_clear_exceptions
+-- Open exceptions of the window that this run no longer finds: the two sides agree now.
+UPDATE outbox.reconciliation_exceptions
+SET status = 'cleared',
+    resolution = 'cleared',
+    resolution_reason = 'not found again by reconciliation run ' || %(run_id)s::bigint,
+    resolved_by = outbox.audit_actor(),
+    resolved_at = now(),
+    last_run_id = %(run_id)s::bigint
+WHERE provider = %(provider)s::text
+  AND status = 'open'
+  AND occurred_at >= %(since)s::timestamptz AND occurred_at < %(until)s::timestamptz
+  AND id <> ALL(%(seen)s::bigint[])
+RETURNING id;
+
+-- name: reconcile_finish_run
+-- Close a run with its counts (or as failed).
+UPDATE outbox.reconciliation_runs
+SET status = %(status)s::text,
+    finished_at = now(),
+    provider_items = %(provider_items)s::integer,
+    internal_items = %(internal_items)s::integer,
+    matched = %(matched)s::integer,
+    exceptions_found = %(found)s::integer,
+    exceptions_new = %(new)s::integer,
+    exceptions_cleared = %(cleared)s::integer
+WHERE id = %(run_id)s::bigint;
+
+-- name: exceptions_list
+-- Reconciliation exceptions, filtered by status, provider and kind (NULL: any), oldest first.
+SELECT x.id, x.provider, x.kind, x.status, x.payment_id, x.match_key, x.currency,
+       x.internal_amount_minor, x.provider_amount_minor, x.fee_minor, x.expected_fee_minor,
+       x.delta_minor, x.times_seen, x.occurred_at, x.detail, x.resolution, x.resolution_reason,
+       x.resolved_by, x.resolved_at,
+       (SELECT a.id FROM outbox.reconciliation_actions AS a
+        WHERE a.exception_id = x.id AND a.status = 'awaiting_approval'
+        ORDER BY a.id DESC LIMIT 1) AS pending_action
+FROM outbox.reconciliation_exceptions AS x
+WHERE (%(statuses)s::text[] IS NULL OR x.status = ANY(%(statuses)s::text[]))
+  AND (%(provider)s::text IS NULL OR x.provider = %(provider)s::text)
+  AND (%(kind)s::text IS NULL OR x.kind = %(kind)s::text)
+ORDER BY x.id
+LIMIT %(limit)s::integer;
+
+-- name: exception_for_update
+-- One exception, locked for an operator's command.
+SELECT id, provider, kind, status, payment_id, delta_minor, currency
+FROM outbox.reconciliation_exceptions
+WHERE id = %(id)s::bigint
+FOR UPDATE;
+
+-- name: exception_accept
+-- Accept an open exception with a reason (no money moves).
+UPDATE outbox.reconciliation_exceptions
+SET status = 'accepted', resolution = 'accepted', resolution_reason = %(reason)s::text,
+    resolved_by = %(operator)s::text, resolved_at = now()
+WHERE id = %(id)s::bigint AND status = 'open'
+RETURNING id;
+
+-- name: action_request
+-- Ask for a money-moving command on an exception; it waits for a second operator.
+WITH asked AS (
+    INSERT INTO outbox.reconciliation_actions
+        (exception_id, payment_id, action, amount_minor, reason, requested_by)
+    VALUES (%(exception_id)s::bigint, %(payment_id)s::text, %(action)s::text,
+            %(amount_minor)s::bigint, %(reason)s::text, %(operator)s::text)
+    RETURNING id
+),
+waiting AS (
+    UPDATE outbox.reconciliation_exceptions
+    SET status = 'awaiting_approval'
+    WHERE id = %(exception_id)s::bigint
+    RETURNING id
+)
+SELECT asked.id FROM asked, waiting;
+
+-- name: action_for_update
+-- One requested action with its exception, both locked for the approval; the requester's database
+-- login and this session's (four eyes by login, sql/0014).
+SELECT a.id, a.exception_id, a.payment_id, a.action, a.amount_minor, a.reason, a.requested_by,
+       a.approved_by, a.approved_at, a.status, a.intent_id, x.status, a.requested_login,
+       session_user
+FROM outbox.reconciliation_actions AS a
+JOIN outbox.reconciliation_exceptions AS x ON x.id = a.exception_id
+WHERE a.id = %(id)s::bigint
+FOR UPDATE OF a, x;
+
+-- name: action_insert_intent
+-- An approved refund or void becomes an ordinary intent of the payment; the relay sends it exactly once.
+INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency, metadata)
+SELECT p.payment_id, %(action)s::text, p.provider, %(amount_minor)s::bigint, p.currency,
+       jsonb_build_object('reconciliation_exception', %(exception_id)s::bigint,
+                          'reconciliation_action', %(action_id)s::bigint)
+FROM outbox.payments AS p
+WHERE p.payment_id = %(payment_id)s::text
+RETURNING id;
+
+-- name: action_dead_intents
+-- The dead intents of a payment, the ones a re-drive would send again.
+SELECT id FROM outbox.payment_intents
+WHERE payment_id = %(payment_id)s::text AND status = 'dead'
+ORDER BY payment_seq;
+
+-- name: action_redrive
+-- Re-drive a payment's dead intents under their own keys (sql/0006: outbox.retry_dead_intents).
+SELECT intent_id FROM outbox.retry_dead_intents(%(ids)s::bigint[], %(operator)s::text);
+
+-- name: action_executed
+-- Mark an approved action executed, by whom, and the intent it created or re-drove.
+UPDATE outbox.reconciliation_actions
+SET status = 'executed', approved_by = %(operator)s::text, approved_at = now(),
+    intent_id = %(intent_id)s::bigint
+WHERE id = %(id)s::bigint AND status = 'awaiting_approval'
+RETURNING id;
+
+-- name: exception_resolve
+-- Resolve an exception by an executed action.
+UPDATE outbox.reconciliation_exceptions
+SET status = 'resolved', resolution = %(resolution)s::text,
+    resolution_reason = %(reason)s::text, resolved_by = %(operator)s::text, resolved_at = now()
+WHERE id = %(id)s::bigint
+RETURNING id;

@@ -1,0 +1,149 @@
+"""Queue-depth gauges, sampled in the background: never a database query per scrape.
+
+One :class:`DepthSampler` per relay process counts the unresolved intents by provider and
+status (``blocked``, ``pending``, ``in_flight``, ``dead``), the wait of the oldest due
+pending intent and the unpublished result events, every ``interval_seconds`` (jittered so
+replicas do not query in step), and sets the gauges. The count reads only
+``payment_intents_depth_idx`` (sql/0006), a partial index over unresolved rows: its cost
+follows the backlog, not the table.
+
+Guarantees, each tested:
+
+* after a sample, ``outbox_relay_queue_depth{provider,status}`` equals the database's count
+  for every provider seen since start (0 once its rows are gone: no stale series);
+* ``outbox_relay_dead_letters{provider}`` equals the ``dead`` depth;
+* ``outbox_relay_oldest_pending_age_seconds{provider}`` is ``now - min(available_at)`` over
+  due pending intents, 0 when none is due;
+* ``outbox_relay_reconciliation_open_exceptions{provider}`` and
+  ``outbox_relay_reconciliation_open_delta_minor{provider,currency}`` follow the open
+  exceptions of sql/0005 (``outbox.reconciliation_open_delta``), 0 once they are resolved;
+* a failed sample (database away) leaves the gauges as they were and is retried next
+  interval; ``outbox_relay_queue_depth_sampled_timestamp_seconds`` tells how old they are.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+
+import anyio
+import psycopg
+import structlog
+
+from relay.infra import metrics
+from relay.infra.db import RETRYABLE_DB_ERRORS, Database
+from relay.infra.redaction import safe_label
+
+__all__ = ["UNRESOLVED_STATUSES", "DepthSample", "DepthSampler"]
+
+log = structlog.get_logger("relay.service.depth")
+
+UNRESOLVED_STATUSES = ("blocked", "pending", "in_flight", "dead")
+
+
+class DepthSample:
+    """One sample: counts per (provider, status), oldest due pending wait per provider."""
+
+    __slots__ = (
+        "counts",
+        "oldest_pending_seconds",
+        "oldest_unpublished_seconds",
+        "reconciliation_delta_minor",
+        "reconciliation_exceptions",
+        "unpublished",
+    )
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.oldest_pending_seconds: dict[str, float] = {}
+        self.unpublished = 0
+        self.oldest_unpublished_seconds = 0.0
+        self.reconciliation_exceptions: dict[str, int] = {}
+        self.reconciliation_delta_minor: dict[tuple[str, str], int] = {}
+
+
+class DepthSampler:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        interval_seconds: float = 5.0,
+        providers: Iterable[str] = (),
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.db = db
+        self.interval_seconds = interval_seconds
+        self.rng = rng
+        # Every provider ever reported: its series drop to 0 rather than go stale.
+        self.known: set[str] = {safe_label(p) for p in providers}
+        self.known_deltas: set[tuple[str, str]] = set()
+        self.samples = 0
+
+    async def sample(self, *, now: datetime | None = None) -> DepthSample:
+        """Query the database once and set the gauges; raises on a database error."""
+        result = DepthSample()
+        for provider, status, count, oldest in await self.db.fetch_all("queue_depth", {"now": now}):
+            key = (safe_label(provider), status)
+            result.counts[key] = result.counts.get(key, 0) + int(count)
+            if status == "pending":
+                previous = result.oldest_pending_seconds.get(key[0], 0.0)
+                result.oldest_pending_seconds[key[0]] = max(previous, float(oldest))
+        (count, oldest), *_ = await self.db.fetch_all("unpublished_events", {"now": now})
+        result.unpublished, result.oldest_unpublished_seconds = int(count), float(oldest)
+        for provider, currency, exceptions, delta in await self.db.fetch_all("reconciliation_open"):
+            label = safe_label(provider)
+            result.reconciliation_exceptions[label] = result.reconciliation_exceptions.get(
+                label, 0
+            ) + int(exceptions)
+            key = (label, safe_label(currency))
+            result.reconciliation_delta_minor[key] = result.reconciliation_delta_minor.get(
+                key, 0
+            ) + int(delta)
+        self._publish(result)
+        return result
+
+    def _publish(self, result: DepthSample) -> None:
+        self.known.update(provider for provider, _ in result.counts)
+        self.known.update(result.reconciliation_exceptions)
+        self.known_deltas.update(result.reconciliation_delta_minor)
+        for provider, currency in self.known_deltas:
+            metrics.RECONCILIATION_OPEN_DELTA_MINOR.labels(
+                provider=provider, currency=currency
+            ).set(result.reconciliation_delta_minor.get((provider, currency), 0))
+        for provider in self.known:
+            metrics.RECONCILIATION_OPEN_EXCEPTIONS.labels(provider=provider).set(
+                result.reconciliation_exceptions.get(provider, 0)
+            )
+            for status in UNRESOLVED_STATUSES:
+                metrics.QUEUE_DEPTH.labels(provider=provider, status=status).set(
+                    result.counts.get((provider, status), 0)
+                )
+            metrics.DEAD_LETTERS.labels(provider=provider).set(
+                result.counts.get((provider, "dead"), 0)
+            )
+            metrics.OLDEST_PENDING_AGE_SECONDS.labels(provider=provider).set(
+                result.oldest_pending_seconds.get(provider, 0.0)
+            )
+        metrics.UNPUBLISHED_EVENTS.set(result.unpublished)
+        metrics.OLDEST_UNPUBLISHED_AGE_SECONDS.set(result.oldest_unpublished_seconds)
+        metrics.DEPTH_SAMPLED_AT.set(time.time())
+        self.samples += 1
+
+    async def run(self) -> None:
+        """Sample every ``interval_seconds`` (x0.75-1.25 jitter) until cancelled."""
+        while True:
+            try:
+                await self.sample()
+            except RETRYABLE_DB_ERRORS as exc:
+                log.debug("depth_sample_db_error", error=type(exc).__name__)
+            except psycopg.Error as exc:
+                # Schema behind the relay (migration not applied yet): say so, keep going.
+                log.warning(
+                    "depth_sample_failed",
+                    error=type(exc).__name__,
+                    sqlstate=getattr(exc, "sqlstate", None),
+                    remedy="run `outbox-relay migrate`",
+                )
+            await anyio.sleep(self.interval_seconds * (0.75 + self.rng() / 2))

@@ -1,0 +1,220 @@
+"""`outbox-relay run`: wire settings into a relay and own its lifetime.
+
+One task group owns everything. SIGTERM or SIGINT stops claiming and drains within
+RELAY_SHUTDOWN_GRACE_SECONDS, then exits 0; a second signal exits at once (leases then
+expire normally and other replicas re-drive the intents under the same keys).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from functools import partial
+
+import anyio
+import psycopg
+import structlog
+from anyio.abc import TaskStatus
+
+from provider_adapters.registry import build_adapter
+from relay.core.janitor import Janitor, JanitorOptions
+from relay.core.lanes import Lane
+from relay.core.runtime import Relay, RelayOptions
+from relay.domain.breaker import CircuitBreaker
+from relay.domain.rate_limit import TokenBucket
+from relay.domain.retry_policy import RetryPolicy
+from relay.events.publisher import Publisher, publisher_from_settings
+from relay.infra.config import ProviderSettings, Settings
+from relay.infra.db import RETRYABLE_DB_ERRORS, Database
+from relay.infra.migrate import discover
+from relay.infra.redaction import describe_conninfo
+from relay.service.depth import DepthSampler
+from relay.service.health import HealthState, Heartbeat, serve_http
+from relay.service.retention import sweep_forever
+
+__all__ = ["build_janitor", "build_relay", "run_relay"]
+
+log = structlog.get_logger("relay.service.main")
+
+
+def build_lane(name: str, provider: ProviderSettings) -> Lane:
+    return Lane(
+        name,
+        build_adapter(name, provider),
+        concurrency=provider.concurrency,
+        timeout_seconds=(provider.connect_timeout_ms + provider.timeout_ms) / 1000,
+        breaker=CircuitBreaker(
+            failure_threshold=provider.breaker_failure_threshold,
+            cooldown_seconds=provider.breaker_cooldown_seconds,
+            half_open_probes=provider.breaker_half_open_probes,
+            clock=anyio.current_time,
+        ),
+        bucket=(
+            TokenBucket(
+                rate=provider.rate_limit_per_second,
+                burst=provider.rate_limit_burst,
+                clock=anyio.current_time,
+            )
+            if provider.rate_limit_per_second
+            else None
+        ),
+    )
+
+
+def build_relay(settings: Settings, database_url: str) -> Relay:
+    lanes = {name: build_lane(name, provider) for name, provider in settings.providers.items()}
+    policy = RetryPolicy(
+        base_seconds=settings.backoff_base_seconds,
+        cap_seconds=settings.backoff_cap_seconds,
+        max_attempts=settings.max_attempts,
+    )
+    options = RelayOptions(
+        instance=settings.instance_name,
+        batch_size=settings.batch_size,
+        max_in_flight=settings.max_in_flight,
+        lease_seconds=settings.lease_seconds,
+        poll_interval_seconds=settings.poll_interval_seconds,
+        poll_max_interval_seconds=settings.poll_max_interval_seconds,
+        completer_batch_size=settings.completer_batch_size,
+        completer_flush_seconds=settings.completer_flush_ms / 1000,
+        completer_writers=settings.effective_completer_writers(),
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
+    )
+    db = Database(
+        database_url,
+        pool_size=settings.db_pool_size,
+        name=settings.instance_name,
+        # Twice the lease: by then the intents it holds are being re-driven anyway.
+        idle_in_transaction_seconds=2 * settings.lease_seconds,
+    )
+    return Relay(db, lanes, policy, options)
+
+
+def build_janitor(settings: Settings, relay: Relay) -> Janitor:
+    """The janitor shares the relay's pool and lanes (and so each provider's bulkhead)."""
+    return Janitor(
+        relay.db,
+        relay.lanes,
+        JanitorOptions(
+            instance=settings.instance_name,
+            interval_seconds=settings.janitor_interval_seconds,
+            batch_size=settings.janitor_batch_size,
+            backoff_base_seconds=settings.janitor_backoff_base_seconds,
+            backoff_cap_seconds=settings.janitor_backoff_cap_seconds,
+            not_found_confirmations=settings.janitor_not_found_confirmations,
+            lease_seconds=settings.lease_seconds,
+        ),
+        stopping=lambda: relay.stopping,
+    )
+
+
+async def run_relay(settings: Settings, database_url: str) -> int:
+    relay = build_relay(settings, database_url)
+    publisher = publisher_from_settings(settings, relay.db)  # None: RELAY_AMQP_URL unset
+    # The loop turns at least every poll interval; a database call may add the pool
+    # timeout (30 s). Anything far beyond is a wedged loop.
+    stale_after = max(120.0, 4 * settings.poll_max_interval_seconds)
+    loops = [Heartbeat("write-back", stale_after, busy_since=relay.completer.busy_since)]
+    if publisher is not None:
+        loops.append(
+            Heartbeat(
+                "event publisher",
+                max(stale_after, publisher.stale_after_seconds()),
+                last_turn=lambda: publisher.heartbeat,
+            )
+        )
+    health = HealthState(
+        heartbeat=lambda: relay.heartbeat,
+        database_ok=lambda: relay.database_ok,
+        draining=lambda: relay.stopping,
+        stale_after_seconds=stale_after,
+        expected_schema=discover()[-1].version,
+        loops=loops,
+    )
+    await relay.db.open()
+    try:
+        async with anyio.create_task_group() as tg:
+            if settings.http_port:
+                await tg.start(serve_http, settings.http_host, settings.http_port, health)
+            tg.start_soon(_watch_schema, relay, health)
+            tg.start_soon(
+                partial(
+                    sweep_forever,
+                    relay.store,
+                    older_than_seconds=settings.retention_hours * 3600,
+                    batch_size=settings.retention_batch_size,
+                    interval_seconds=settings.retention_interval_seconds,
+                )
+            )
+            if settings.janitor_enabled:
+                tg.start_soon(build_janitor(settings, relay).run_forever)
+            if settings.depth_interval_seconds:
+                sampler = DepthSampler(
+                    relay.db,
+                    interval_seconds=settings.depth_interval_seconds,
+                    providers=relay.lanes,
+                )
+                tg.start_soon(sampler.run)
+            await tg.start(_watch_signals, relay, publisher)
+            if publisher is not None:
+                await tg.start(publisher.run)
+            await tg.start(relay.run)
+            health.started = True
+            log.info(
+                "relay_ready",
+                instance=settings.instance_name,
+                providers=sorted(relay.lanes),
+                lease_seconds=settings.lease_seconds,
+                database=describe_conninfo(database_url),
+            )
+            await relay.finished.wait()
+            if publisher is not None:
+                publisher.stop()  # final flush of what the drain wrote, within the grace
+                await publisher.finished.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        for lane in relay.lanes.values():
+            with anyio.CancelScope(shield=True):
+                await lane.adapter.aclose()
+        await relay.db.close()
+    return 0
+
+
+_SCHEMA_UNKNOWN: tuple[type[Exception], ...] = (
+    *RETRYABLE_DB_ERRORS,
+    psycopg.errors.UndefinedTable,
+)
+
+
+async def _watch_schema(relay: Relay, health: HealthState) -> None:
+    """Keep readiness's view of the schema version current (a migration may run later)."""
+    while True:
+        try:
+            rows = await relay.db.fetch_all("schema_version")
+            health.schema_version = rows[0][0] if rows else None
+        except _SCHEMA_UNKNOWN:
+            health.schema_version = None
+        await anyio.sleep(10.0)
+
+
+async def _watch_signals(
+    relay: Relay,
+    publisher: Publisher | None = None,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            if relay.stopping:
+                log.warning("second_signal_exit_now", signal=signal.Signals(signum).name)
+                os._exit(1)
+            log.info(
+                "draining",
+                signal=signal.Signals(signum).name,
+                in_flight=relay.in_flight,
+                grace_seconds=relay.options.shutdown_grace_seconds,
+            )
+            relay.stop()
+            if publisher is not None:
+                publisher.start_draining()
