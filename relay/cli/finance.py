@@ -17,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from relay.cli.operator_args import operator_of
+
 __all__ = ["add_commands"]
 
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -61,18 +63,20 @@ def _positive(text: str) -> int:
 
 
 def _cmd_ledger_check(args: argparse.Namespace, url: str) -> int:
-    from relay.finance.ledger import check_ledger, print_report
+    from relay.cli.finance_reports import print_ledger_report
+    from relay.finance.ledger import check_ledger
 
     report = check_ledger(url)
-    print_report(report, as_json=args.json)
+    print_ledger_report(report, as_json=args.json)
     return 0 if report.ok else 1
 
 
 def _cmd_audit_verify(args: argparse.Namespace, url: str) -> int:
-    from relay.finance.audit import print_report, verify_database
+    from relay.cli.finance_reports import print_audit_report
+    from relay.finance.audit import verify_database
 
     report = verify_database(url, progress=_progress)
-    print_report(report, as_json=args.json)
+    print_audit_report(report, as_json=args.json)
     return 0 if report.intact else 1
 
 
@@ -88,14 +92,9 @@ def _cmd_reconcile(args: argparse.Namespace, url: str) -> int:
         SettlementUnavailable,
     )
     from provider_adapters.registry import build_adapter
+    from relay.cli.finance_reports import print_run
     from relay.finance.exceptions import ExceptionCommandError, validate_operator
-    from relay.finance.reconcile import (
-        FeeSchedule,
-        currency_exponents,
-        print_run,
-        run,
-        write_reports,
-    )
+    from relay.finance.reconcile import FeeSchedule, currency_exponents, run, write_reports
     from relay.infra.config import ConfigError, load_settings
 
     try:
@@ -176,7 +175,7 @@ def _cmd_reconcile(args: argparse.Namespace, url: str) -> int:
 
 
 def _cmd_exceptions_list(args: argparse.Namespace, url: str) -> int:
-    from relay.cli.tables import render_table
+    from relay.cli.finance_reports import print_exceptions
     from relay.finance.exceptions import list_exceptions
 
     statuses = None if args.status == "all" else [args.status]
@@ -189,39 +188,7 @@ def _cmd_exceptions_list(args: argparse.Namespace, url: str) -> int:
     if not rows:
         print(f"no {'' if args.status == 'all' else args.status + ' '}reconciliation exceptions")
         return 0
-    print(
-        render_table(
-            [
-                "id",
-                "provider",
-                "kind",
-                "status",
-                "payment",
-                "reference",
-                "currency",
-                "delta",
-                "seen",
-                "action",
-                "detail",
-            ],
-            [
-                [
-                    r["id"],
-                    r["provider"],
-                    r["kind"],
-                    r["status"],
-                    r["payment_id"],
-                    r["match_key"],
-                    r["currency"],
-                    r["delta_minor"],
-                    r["times_seen"],
-                    r["pending_action"],
-                    (r["detail"] or "")[:80],
-                ]
-                for r in rows
-            ],
-        )
-    )
+    print_exceptions(rows)
     return 0
 
 
@@ -230,17 +197,10 @@ def _refused(exc: Exception) -> int:
     return 1
 
 
-def _operator(args: argparse.Namespace) -> str:
-    """--operator, else RELAY_OPERATOR, else the OS user: as every operator command."""
-    from relay.operations.operators import default_operator
-
-    return str(args.operator or default_operator())
-
-
 def _cmd_exceptions_accept(args: argparse.Namespace, url: str) -> int:
     from relay.finance.exceptions import ExceptionCommandError, accept
 
-    operator = _operator(args)
+    operator = operator_of(args)
     try:
         accept(url, args.id, operator=operator, reason=args.reason)
     except ExceptionCommandError as exc:
@@ -253,7 +213,7 @@ def _request(action: str) -> Callable[[argparse.Namespace, str], int]:
     def handler(args: argparse.Namespace, url: str) -> int:
         from relay.finance.exceptions import ExceptionCommandError, request_action
 
-        operator = _operator(args)
+        operator = operator_of(args)
         try:
             asked = request_action(
                 url,
@@ -279,7 +239,7 @@ def _request(action: str) -> Callable[[argparse.Namespace, str], int]:
 def _cmd_exceptions_approve(args: argparse.Namespace, url: str) -> int:
     from relay.finance.exceptions import ExceptionCommandError, approve
 
-    operator = _operator(args)
+    operator = operator_of(args)
     try:
         done = approve(url, args.action_id, operator=operator)
     except ExceptionCommandError as exc:

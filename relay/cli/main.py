@@ -130,7 +130,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from relay.operations.status import print_status
+    from relay.cli.status import print_status
 
     result: int = print_status(_database_url_or_exit(), as_json=args.json)
     return result
@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_cmd_status)
 
-    from relay.operations import dead_letters
-    from relay.operations import intents as intents_show
+    from relay.cli import dead_letters
+    from relay.cli import intents as intents_show
 
     intents_show.add_commands(commands, _database_url_or_exit)
     dead_letters.add_commands(commands, _database_url_or_exit)

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import psycopg
 
-from relay.cli.tables import render_table
 from relay.infra.queries import QUERIES
 
 __all__ = [
@@ -41,7 +39,6 @@ __all__ = [
     "VerifyReport",
     "canonical",
     "fold",
-    "print_report",
     "row_hash",
     "verify_chain",
     "verify_database",
@@ -241,8 +238,12 @@ class VerifyReport:
             "chains": self.chains,
             "live_rows_checked": self.live_rows_checked,
             "first_break": asdict(first) if first else None,
-            "breaks": [asdict(b) for b in sorted(self.breaks, key=_break_order)],
+            "breaks": [asdict(b) for b in self.ordered_breaks()],
         }
+
+    def ordered_breaks(self) -> list[Break]:
+        """Every break by audit row id, rowless breaks (missing chains) last."""
+        return sorted(self.breaks, key=_break_order)
 
 
 def _break_order(b: Break) -> tuple[bool, int, str, str]:
@@ -340,31 +341,3 @@ def verify_database(
                 if report.live_rows_checked % 10_000 == 0:
                     progress(f"compared {report.live_rows_checked} live rows")
     return report
-
-
-def print_report(report: VerifyReport, *, as_json: bool = False, out: TextIO = sys.stdout) -> None:
-    if as_json:
-        print(json.dumps(report.to_json(), indent=2), file=out)
-        return
-    print(
-        f"audit trail: {report.rows} rows in {report.chains} chains; "
-        f"{report.live_rows_checked} live rows compared with their chains' ends",
-        file=out,
-    )
-    first = report.first_break
-    if first is None:
-        print("intact: every link holds and every chain ends in its row's live state", file=out)
-        return
-    print(f"BROKEN: {len(report.breaks)} chain(s) broken", file=out)
-    print(f"first broken link: {first.describe()}", file=out)
-    print(file=out)
-    shown = sorted(report.breaks, key=_break_order)[:50]
-    print(
-        render_table(
-            ["audit row", "kind", "entity", "id", "detail"],
-            [[b.row_id, b.kind, b.entity, b.entity_id, b.message] for b in shown],
-        ),
-        file=out,
-    )
-    if len(report.breaks) > len(shown):
-        print(f"... and {len(report.breaks) - len(shown)} more (use --json for all)", file=out)

@@ -12,23 +12,21 @@ amount an integer in minor units:
    the open hold = the ``holds`` balance, captured, refunded and the receivable
    (captured - refunded) = their account balances.
 
-The totals per provider and currency are printed beside the payments' sums.
+The report carries the totals per provider and currency beside the payments' sums;
+relay/cli/finance_reports.py prints it.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import psycopg
 
-from relay.cli.tables import render_table
 from relay.infra.queries import QUERIES
 
-__all__ = ["AccountBalance", "LedgerReport", "Problem", "check_ledger", "print_report"]
+__all__ = ["AccountBalance", "LedgerReport", "Problem", "check_ledger"]
 
 # The accounts each provider has in every currency, in the order a reader meets them.
 ACCOUNTS = ("holds", "authorizations", "receivable", "captured", "refunded")
@@ -198,49 +196,3 @@ def check_ledger(conninfo: str) -> LedgerReport:
         }
     report.totals = _totals(report.accounts, sums, authorized_posted)
     return report
-
-
-def print_report(report: LedgerReport, *, as_json: bool = False, out: TextIO = sys.stdout) -> None:
-    if as_json:
-        print(json.dumps(report.to_json(), indent=2), file=out)
-        return
-    print(
-        f"ledger: {report.transactions} transactions, {report.entries} entries, "
-        f"{report.payments} payments (amounts in minor units)",
-        file=out,
-    )
-    if report.accounts:
-        print(file=out)
-        print(
-            render_table(
-                ["account", "currency", "debits", "credits", "balance", "transactions"],
-                [
-                    [a.account, a.currency, a.debits, a.credits, a.balance, a.transactions]
-                    for a in report.accounts
-                ],
-            ),
-            file=out,
-        )
-    if report.totals:
-        print(file=out)
-        rows: list[list[object]] = [
-            [provider, currency, name, ours, books, "ok" if ours == books else "DIFFERS"]
-            for (provider, currency), figures in sorted(report.totals.items())
-            for name, (ours, books) in figures.items()
-        ]
-        print(
-            render_table(["provider", "currency", "figure", "payments", "ledger", "check"], rows),
-            file=out,
-        )
-    print(file=out)
-    if report.ok:
-        print(
-            "OK: every transaction balances per currency and the ledger equals the payments' amounts",
-            file=out,
-        )
-        return
-    print(f"PROBLEMS: {len(report.problems)}", file=out)
-    for problem in report.problems[:100]:
-        print(f"  {problem.kind:<17} {problem.message}", file=out)
-    if len(report.problems) > 100:
-        print(f"  ... and {len(report.problems) - 100} more (use --json for all)", file=out)

@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import psycopg
 
 from provider_adapters.base import BalanceTransaction
-from relay.cli.tables import render_table
 from relay.infra.queries import QUERIES
 
 __all__ = [
@@ -49,7 +47,6 @@ __all__ = [
     "RunReport",
     "currency_exponents",
     "match",
-    "print_run",
     "run",
     "write_reports",
 ]
@@ -470,52 +467,3 @@ def write_reports(report: RunReport, directory: Path) -> tuple[Path, Path]:
         writer.writerows(report.rows())
     json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return csv_path, json_path
-
-
-def print_run(report: RunReport, out: TextIO = sys.stdout) -> None:
-    r = report.result
-    print(
-        f"reconciliation run {report.run_id}: {report.provider} "
-        f"{report.window_start.isoformat()} .. {report.window_end.isoformat()}",
-        file=out,
-    )
-    print(
-        f"provider items {r.provider_items}, ledger items {r.internal_items}, matched "
-        f"{r.matched}, ignored {r.ignored} (no payment's money); exceptions "
-        f"{len(r.findings)} ({report.new} new), cleared {len(report.cleared)}",
-        file=out,
-    )
-    if not r.findings:
-        print("no exceptions: the provider and the ledger agree", file=out)
-        return
-    print(file=out)
-    print(
-        render_table(
-            [
-                "id",
-                "kind",
-                "payment",
-                "reference",
-                "currency",
-                "ledger",
-                "provider",
-                "delta",
-                "seen",
-            ],
-            [
-                [
-                    row["exception_id"],
-                    row["kind"],
-                    row["payment_id"],
-                    row["match_key"],
-                    row["currency"],
-                    row["internal_amount_minor"],
-                    row["provider_amount_minor"],
-                    row["delta_minor"],
-                    "new" if row["new"] else "again",
-                ]
-                for row in report.rows()
-            ],
-        ),
-        file=out,
-    )

@@ -1,29 +1,22 @@
-"""`outbox-relay intents show ID`: one intent, its payment, and its full history.
+"""One intent as an operator inspects it: the intent, its payment, the payment's intents
+in order, and the intent's history from the audit trail.
 
-The history is the intent's audit trail (sql/0005's ``outbox.audit_log``, read through
-``outbox.intent_history``): every change of the row, when and by whom (a relay instance,
-an operator, a database role), with the fields that changed. Where the audit trail is not
-installed the command says so and shows the rest. Card numbers and secrets in the
-intent's metadata or messages are masked in the output.
+The history is read through ``outbox.intent_history`` (sql/0005's ``outbox.audit_log``):
+every change of the row, when and by whom, with the fields that changed. Where the audit
+trail is not installed the history is None and ``history_note`` says why. Card numbers and
+secrets in the result are masked. The command line is relay/cli/intents.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import psycopg
 
-from relay.cli.tables import plain_help, render_table
-from relay.domain.money import Money, format_money
 from relay.infra.queries import QUERIES
 from relay.infra.redaction import redact_value
 
-__all__ = ["NO_AUDIT_TRAIL", "add_commands", "collect_intent", "history_changes"]
+__all__ = ["NO_AUDIT_TRAIL", "collect_intent", "find_intent", "history_changes"]
 
 NO_AUDIT_TRAIL = "no audit trail (migration 0005 not applied)"
 # Columns whose change is noise in a history line.
@@ -78,152 +71,10 @@ def collect_intent(conn: psycopg.Connection, intent_id: int) -> dict[str, Any] |
     return shown
 
 
-def _when(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat(sep=" ", timespec="seconds")
-    return "-" if value is None else str(value)
+def find_intent(conninfo: str, intent_id: int) -> dict[str, Any] | None:
+    """:func:`collect_intent` on a connection of its own; None when there is no such intent.
 
-
-def _money(amount: int | None, currency: str, exponent: int | None) -> str:
-    if amount is None:
-        return "-"
-    if exponent is None:
-        return f"{amount} {currency} (minor units)"
-    return format_money(Money(amount, currency), exponent)
-
-
-def _short(value: object, width: int = 40) -> str:
-    text = "∅" if value is None else (value if isinstance(value, str) else json.dumps(value))
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _print(found: dict[str, Any]) -> None:
-    intent = found["intent"]
-    payment = found["payment"] or {}
-    exponent = payment.get("exponent")
-    currency = intent["currency"]
-    archived = " (archived)" if intent["archived"] else ""
-    print(f"intent {intent['id']}{archived}: {intent['action']} on payment {intent['payment_id']}")
-    fields = [
-        ("status", intent["status"]),
-        ("provider", intent["provider"]),
-        (
-            "amount",
-            _money(intent["amount_minor"], currency, exponent)
-            if intent["amount_minor"] is not None
-            else f"all that remains ({currency})",
-        ),
-        ("applied", _money(intent["amount_applied_minor"], currency, exponent)),
-        ("attempts", intent["attempts"]),
-        ("idempotency key", intent["idempotency_key"]),
-        ("payment method", intent["payment_method"]),
-        ("provider ref", intent["provider_reference"]),
-        (
-            "error",
-            f"{intent['error_code']}: {intent['error_message'] or ''}".rstrip(": ")
-            if intent["error_code"]
-            else None,
-        ),
-        ("traceparent", (intent["metadata"] or {}).get("traceparent")),
-        ("metadata", json.dumps(intent["metadata"]) if intent["metadata"] else None),
-        ("available at", _when(intent["available_at"])),
-        (
-            "lease",
-            f"{intent['claimed_by']} until {_when(intent['lease_expires_at'])}"
-            if intent["claimed_by"]
-            else None,
-        ),
-        ("created", _when(intent["created_at"])),
-        ("updated", _when(intent["updated_at"])),
-        ("completed", _when(intent["completed_at"]) if intent["completed_at"] else None),
-    ]
-    for label, value in fields:
-        if value is not None:
-            print(f"  {label:<16}{value}")
-    if payment:
-        print(
-            f"\npayment {payment['payment_id']}: {payment['state']}, authorized "
-            f"{_money(payment['authorized_minor'], currency, exponent)}, captured "
-            f"{_money(payment['captured_minor'], currency, exponent)}, refunded "
-            f"{_money(payment['refunded_minor'], currency, exponent)}"
-            + (f", ref {payment['provider_reference']}" if payment["provider_reference"] else "")
-        )
-    siblings = found["payment_intents"]
-    print(f"\nintents of the payment, in order ({len(siblings)}):")
-    print(
-        render_table(
-            ["", "seq", "id", "action", "status", "amount", "attempts", "error_code"],
-            [
-                (
-                    "→" if s["id"] == intent["id"] else "",
-                    s["payment_seq"],
-                    s["id"],
-                    s["action"],
-                    s["status"],
-                    _money(s["amount_minor"], currency, exponent),
-                    s["attempts"],
-                    s["error_code"],
-                )
-                for s in siblings
-            ],
-        )
-    )
-    history = found["history"]
-    if history is None:
-        print(f"\nhistory: {found['history_note']}")
-        return
-    print(f"\nhistory ({len(history)} change(s)):")
-    table = []
-    for row in history:
-        changes = row["changes"]
-        if changes and all(old is None for old, _ in changes.values()) and "status" in changes:
-            summary = f"created, status {changes['status'][1]}"  # the fields are shown above
-        else:
-            summary = "; ".join(
-                f"{k}: {_short(old, 24)} → {_short(new)}" for k, (old, new) in changes.items()
-            )
-        if row.get("reason"):
-            summary += f" (reason: {_short(row['reason'], 80)})"
-        table.append((_when(row["at"]), row["actor"], row["operation"], summary or "-"))
-    print(render_table(["at", "actor", "operation", "changes"], table))
-
-
-def _cmd_show(args: argparse.Namespace, conninfo: str) -> int:
-    try:
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            found = collect_intent(conn, args.id)
-    except psycopg.errors.UndefinedTable:
-        print(
-            "error: the outbox schema is missing; run `outbox-relay migrate` first", file=sys.stderr
-        )
-        return 1
-    if found is None:
-        print(
-            f"error: no intent {args.id} in outbox.payment_intents or its archive",
-            file=sys.stderr,
-        )
-        return 1
-    if args.json:
-        print(json.dumps(found, indent=2, default=str))
-    else:
-        _print(found)
-    return 0
-
-
-def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
-    """Register ``intents show`` on the CLI's subparsers."""
-    group = commands.add_parser(
-        "intents",
-        help="look at one intent and its history",
-        description="Inspect payment intents.",
-    )
-    actions = group.add_subparsers(dest="intents_command", metavar="ACTION", required=True)
-    show = actions.add_parser(
-        "show",
-        help="an intent, its payment and its full history (audit trail)",
-        description=plain_help(__doc__ or ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    show.add_argument("id", type=int, metavar="ID", help="the intent's id")
-    show.add_argument("--json", action="store_true", help="print JSON")
-    show.set_defaults(handler=lambda args: _cmd_show(args, database_url()))
+    Raises psycopg.errors.UndefinedTable when the outbox schema is missing.
+    """
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        return collect_intent(conn, intent_id)

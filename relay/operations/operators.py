@@ -7,7 +7,6 @@ to ``operator:<name>``, so the audit trail (sql/0005) records who did it.
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import os
 import re
@@ -18,7 +17,7 @@ import psycopg
 
 from relay.infra.queries import QUERIES
 
-__all__ = ["acting_as", "add_operator_argument", "default_operator", "parse_age"]
+__all__ = ["acting_as", "check_operator_name", "default_operator", "parse_age"]
 
 _OPERATOR = re.compile(r"\S[^\x00-\x1f\x7f]{0,199}")
 _AGE_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -36,34 +35,20 @@ def default_operator() -> str:
         return f"uid:{os.getuid()}"
 
 
-def _operator(value: str) -> str:
+def check_operator_name(value: str) -> str:
+    """``value`` stripped; ValueError unless it is 1 to 200 printable characters."""
     value = value.strip()
     if not _OPERATOR.fullmatch(value):
-        raise argparse.ArgumentTypeError(
-            "must name who acts: 1 to 200 printable characters, e.g. --operator alice"
-        )
+        raise ValueError("must name who acts: 1 to 200 printable characters, e.g. --operator alice")
     return value
 
 
-def add_operator_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--operator",
-        type=_operator,
-        default=None,
-        metavar="NAME",
-        help="who acts, recorded in the audit trail (default: $RELAY_OPERATOR, else your "
-        "user name)",
-    )
-
-
 def parse_age(text: str) -> float:
-    """``'2h'`` -> 7200.0; ``'1h30m'``, ``'45s'``, ``'3d'``, ``'1w'``; argparse-friendly."""
+    """``'2h'`` -> 7200.0; ``'1h30m'``, ``'45s'``, ``'3d'``, ``'1w'``; ValueError otherwise."""
     value = text.strip().lower()
     parts = _AGE_PART.findall(value)
     if not value or "".join(n + u for n, u in parts) != value:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an age like 45s, 30m, 2h, 1h30m, 3d or 1w"
-        )
+        raise ValueError(f"{text!r} is not an age like 45s, 30m, 2h, 1h30m, 3d or 1w")
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
 
 

@@ -1,0 +1,52 @@
+"""`outbox-relay status`: the figures of relay/operations/status.py, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+
+from relay.cli.tables import format_seconds, render_table
+from relay.operations.status import Status, collect_status
+
+__all__ = ["print_status", "render_status"]
+
+_COLUMNS = ["blocked", "pending", "in_flight", "succeeded", "failed", "dead"]
+
+
+def render_status(status: Status) -> str:
+    """The status as the text ``outbox-relay status`` prints (no trailing newline)."""
+    table = []
+    for provider, entry in sorted(status.providers.items()):
+        oldest = entry.oldest_pending_seconds
+        age = None if oldest is None else format_seconds(oldest)
+        table.append([provider, *(entry.counts.get(c, 0) for c in _COLUMNS), age])
+    dead = status.dead_letters
+    unpublished = status.unpublished_events
+    oldest_event = status.oldest_unpublished_event_seconds
+    return "\n".join(
+        [
+            f"schema version {status.schema_version}",
+            render_table(["provider", *_COLUMNS, "oldest pending"], table)
+            if table
+            else "no intents yet",
+            f"\ndead intents: {dead}"
+            + (" (they block their payments: `outbox-relay dead-letters list`)" if dead else ""),
+            f"unpublished events: {unpublished}"
+            + (f" (oldest {format_seconds(oldest_event)})" if unpublished else ""),
+        ]
+    )
+
+
+def print_status(conninfo: str, *, as_json: bool = False) -> int:
+    """Print the status; exit status 0, or 1 when the outbox schema is missing."""
+    try:
+        status = collect_status(conninfo)
+    except psycopg.errors.UndefinedTable:
+        print("error: the outbox schema is missing; run `outbox-relay migrate` first")
+        return 1
+    if as_json:
+        print(json.dumps(status.to_json(), indent=2))
+        return 0
+    print(render_status(status))
+    return 0
