@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from provider_adapters.base import Action, Ambiguous, Declined, Invalid, Retryable, Succeeded
-from relay.core.store import ClaimedIntent
+from relay.domain.intents import IntentRow
 from relay.domain.outcome_mapping import from_outcome, from_rejection
 from relay.domain.retry_policy import RetryPolicy
 from relay.domain.state_machine import PaymentSnapshot, PaymentState, Rejection
@@ -11,8 +11,8 @@ from relay.domain.state_machine import PaymentSnapshot, PaymentState, Rejection
 POLICY = RetryPolicy(base_seconds=1.0, cap_seconds=60.0, max_attempts=3)
 
 
-def intent(action: Action = Action.AUTHORIZE, attempts: int = 1) -> ClaimedIntent:
-    return ClaimedIntent(
+def intent(action: Action = Action.AUTHORIZE, attempts: int = 1) -> IntentRow:
+    return IntentRow(
         id=7,
         payment_id="p",
         action=action,
