@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from provider_adapters.base import Action, Ambiguous, Declined, Invalid, Retryable, Succeeded
 from relay.domain.intents import IntentRow
 from relay.domain.outcome_mapping import from_outcome, from_rejection
@@ -78,3 +82,11 @@ def test_rejection_fails_without_payment_change() -> None:
 def test_long_messages_are_clipped() -> None:
     wb = from_outcome(intent(), 1000, Invalid("x", "m" * 5000), POLICY, lambda: 0.5)
     assert wb.error_message is not None and len(wb.error_message) == 500
+
+
+def test_an_intent_read_without_a_lease_is_never_written_back() -> None:
+    unleased = dataclasses.replace(intent(), lease_token=None)
+    with pytest.raises(ValueError, match="without a lease"):
+        from_outcome(unleased, 1000, Succeeded("pi_1", "pi_1", 1000, "EUR"), POLICY, lambda: 0.5)
+    with pytest.raises(ValueError, match="without a lease"):
+        from_rejection(unleased, Rejection("nothing_to_capture", "no authorization"))
