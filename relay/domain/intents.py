@@ -1,8 +1,9 @@
 """The rows the relay reads about a payment intent and the outcome rows it writes back.
 
-Pure types, no I/O: the claim (``claim_intents``), the janitor (``janitor_reserve``) and
-the tools that read intents all build one :class:`IntentRow`; :mod:`relay.domain.outcome_mapping`
-turns one into a :class:`WriteBack`. Guarantees, each tested:
+Pure types, no I/O: the claim (``claim_intents``) and the janitor (``janitor_reserve``)
+build the same :class:`IntentRow`, as can any tool that reads an intent with its payment;
+:mod:`relay.domain.outcome_mapping` turns one into a :class:`WriteBack`. Guarantees, each
+tested:
 
 * :meth:`IntentRow.from_columns` takes each column as the parameter of its name in
   queries.sql (``payment_state`` and ``payment_reference`` for the payment's ``state`` and
