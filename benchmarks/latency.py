@@ -51,7 +51,7 @@ from benchmarks._common import (
 from provider_adapters.base import Command
 from relay.core.lanes import Lane
 from relay.core.runtime import Relay, RelayOptions
-from relay.core.store import WriteBack
+from relay.domain.intents import WriteBack
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra.db import Database
 

@@ -23,7 +23,8 @@ from psycopg.types.json import Jsonb
 
 from provider_adapters.base import Command, Invalid, Outcome
 from provider_adapters.memory import MemoryProvider
-from relay.core.store import Store, WriteBack
+from relay.core.store import Store
+from relay.domain.intents import WriteBack
 from relay.events.messages import ClaimedEvent, build_message, payment_routing_key
 from relay.events.publisher import publisher_from_settings
 from relay.events.store import EventResult, EventStore, Release

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from relay.core.completer import Completer
-from relay.core.store import WriteBack
+from relay.domain.intents import WriteBack
 from relay.infra.migrate import discover
 from relay.service.health import HealthState, Heartbeat, build_app
 

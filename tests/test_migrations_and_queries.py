@@ -82,3 +82,54 @@ def test_every_relay_statement_prepares(conn: psycopg.Connection) -> None:
 def test_query_file_rejects_duplicate_names() -> None:
     with pytest.raises(ValueError, match="twice"):
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
+
+
+# The columns the relay reads by name from each statement (relay/core/store.py,
+# relay/core/janitor.py, relay/events/store.py, relay/service/*): an alias in queries.sql
+# that drifts from its reader fails here, not on the first claim of a deployed relay.
+_INTENT = {
+    "id", "payment_id", "action", "provider", "amount_minor", "currency", "payment_method",
+    "idempotency_key", "attempts", "payment_state", "authorized_minor", "captured_minor",
+    "refunded_minor", "payment_reference", "exponent",
+}  # fmt: skip
+READ_BY_NAME = {
+    "claim_intents": _INTENT | {"lease_token", "traceparent"},
+    "complete_intents": {"id", "lease_token"},
+    "lock_orphaned_blocked_payments": {"payment_id"},
+    "promote_orphaned_blocked": {"id", "payment_id", "provider"},
+    "janitor_reserve": _INTENT | {"dead_at", "error_code", "checks", "not_found"},
+    "janitor_take": {"lease_token", "payment_state", "authorized_minor", "captured_minor",
+                     "refunded_minor", "payment_reference"},
+    "claim_events": {
+        "id", "event_id", "lease_token", "ordering_key", "seq", "exchange", "routing_key",
+        "event_type", "payload", "headers", "payment_id", "schema_version", "traceparent",
+        "created_at", "attempts",
+    },
+    "lock_event_streams": {"ordering_key"},
+    "mark_events": {"id"},
+    "queue_depth": {"provider", "status", "intents", "oldest_pending_seconds"},
+    "unpublished_events": {"events", "oldest_seconds"},
+    "reconciliation_open": {"provider", "currency", "exceptions", "delta_minor"},
+    "schema_version": {"version"},
+}  # fmt: skip
+
+
+def _output_columns(conn: psycopg.Connection, name: str) -> list[str]:
+    text = re.sub(r"%\((\w+)\)s", lambda m: "NULL", QUERIES[name])
+    conn.execute(f"PREPARE q_{name} AS {text}")  # type: ignore[arg-type]
+    try:
+        described = conn.pgconn.describe_prepared(f"q_{name}".encode())
+        return [(described.fname(i) or b"").decode() for i in range(described.nfields)]
+    finally:
+        conn.execute(f"DEALLOCATE q_{name}")  # type: ignore[arg-type]
+
+
+def test_every_column_read_by_name_is_returned_by_its_statement(
+    conn: psycopg.Connection,
+) -> None:
+    for name, read in READ_BY_NAME.items():
+        columns = _output_columns(conn, name)
+        assert len(columns) == len(set(columns)), f"{name} returns a column twice: {columns}"
+        assert read <= set(columns), f"{name} lacks {sorted(read - set(columns))}: {columns}"
+    # The claim is read whole into IntentRow.from_columns: nothing more, nothing less.
+    assert set(_output_columns(conn, "claim_intents")) == READ_BY_NAME["claim_intents"]

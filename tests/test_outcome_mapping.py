@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from provider_adapters.base import Action, Ambiguous, Declined, Invalid, Retryable, Succeeded
-from relay.core.store import ClaimedIntent
+from relay.domain.intents import IntentRow
 from relay.domain.outcome_mapping import from_outcome, from_rejection
 from relay.domain.retry_policy import RetryPolicy
 from relay.domain.state_machine import PaymentSnapshot, PaymentState, Rejection
@@ -11,8 +15,8 @@ from relay.domain.state_machine import PaymentSnapshot, PaymentState, Rejection
 POLICY = RetryPolicy(base_seconds=1.0, cap_seconds=60.0, max_attempts=3)
 
 
-def intent(action: Action = Action.AUTHORIZE, attempts: int = 1) -> ClaimedIntent:
-    return ClaimedIntent(
+def intent(action: Action = Action.AUTHORIZE, attempts: int = 1) -> IntentRow:
+    return IntentRow(
         id=7,
         payment_id="p",
         action=action,
@@ -78,3 +82,11 @@ def test_rejection_fails_without_payment_change() -> None:
 def test_long_messages_are_clipped() -> None:
     wb = from_outcome(intent(), 1000, Invalid("x", "m" * 5000), POLICY, lambda: 0.5)
     assert wb.error_message is not None and len(wb.error_message) == 500
+
+
+def test_an_intent_read_without_a_lease_is_never_written_back() -> None:
+    unleased = dataclasses.replace(intent(), lease_token=None)
+    with pytest.raises(ValueError, match="without a lease"):
+        from_outcome(unleased, 1000, Succeeded("pi_1", "pi_1", 1000, "EUR"), POLICY, lambda: 0.5)
+    with pytest.raises(ValueError, match="without a lease"):
+        from_rejection(unleased, Rejection("nothing_to_capture", "no authorization"))

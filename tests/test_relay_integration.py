@@ -11,7 +11,8 @@ import pytest
 
 from provider_adapters.base import Command, Outcome, Retryable
 from provider_adapters.memory import MemoryProvider
-from relay.core.store import Store, WriteBack
+from relay.core.store import Store
+from relay.domain.intents import WriteBack
 from relay.infra.db import Database
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
 

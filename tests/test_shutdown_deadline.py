@@ -24,7 +24,7 @@ from relay.core.runtime import (
     RelayOptions,
     flush_reserve_seconds,
 )
-from relay.core.store import WriteBack
+from relay.domain.intents import WriteBack
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra.db import Database
 from tests.relay_harness import insert_intents

@@ -20,7 +20,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from provider_adapters.memory import MemoryProvider
-from relay.core.store import Store, WriteBack
+from relay.core.store import Store
+from relay.domain.intents import WriteBack
 from relay.infra.db import Database
 from tests.relay_harness import insert_intents, make_relay, run_until_settled
 

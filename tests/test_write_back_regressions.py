@@ -18,7 +18,8 @@ import psycopg
 import pytest
 
 from relay.core.completer import Completer
-from relay.core.store import Store, WriteBack
+from relay.core.store import Store
+from relay.domain.intents import WriteBack
 from relay.infra.db import RETRYABLE_DB_ERRORS, Database
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -24,7 +24,8 @@ import structlog
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from relay.core.store import Store, WriteBack
+from relay.core.store import Store
+from relay.domain.intents import WriteBack
 from relay.infra import metrics
 from relay.infra.db import RETRYABLE_DB_ERRORS
 

@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import structlog
+from psycopg.rows import dict_row
 
 from provider_adapters.base import (
-    Action,
     Command,
     Declined,
     Invalid,
@@ -45,13 +45,15 @@ from provider_adapters.base import (
     Succeeded,
 )
 from relay.core.lanes import Lane
-from relay.core.store import ClaimedIntent, Store, WriteBack
+from relay.core.store import Store
+from relay.domain.intents import IntentRow, payment_from_columns
 from relay.domain.outcome_mapping import from_outcome
 from relay.domain.retry_policy import RetryPolicy
-from relay.domain.state_machine import PaymentSnapshot, PaymentState, Rejection, decide
+from relay.domain.state_machine import Rejection, decide
 from relay.infra import metrics
-from relay.infra.db import RETRYABLE_DB_ERRORS, Database
+from relay.infra.db import RETRYABLE_DB_ERRORS, Database, fetch
 from relay.infra.queries import QUERIES
+from relay.infra.rows import columns_row
 
 __all__ = ["Janitor", "JanitorOptions", "JanitorPass", "next_check_delay"]
 
@@ -92,21 +94,39 @@ def next_check_delay(
 
 @dataclass(frozen=True, slots=True)
 class _Candidate:
-    intent_id: int
-    payment_id: str
-    action: Action
-    provider: str
-    amount_minor: int | None
-    currency: str
-    payment_method: str | None
-    idempotency_key: str
-    attempts: int
-    dead_at: datetime | None
+    """A dead intent reserved for a lookup (a janitor_reserve row), read without a lease."""
+
+    intent: IntentRow
+    dead_at: datetime | None  # the intent's completed_at: which death this check is about
     error_code: str | None
-    payment: PaymentSnapshot
     checks: int
     not_found: int
-    exponent: int | None  # ISO 4217, for adapters that convert to their provider's units
+
+
+def _candidate(
+    dead_at: datetime | None,
+    error_code: str | None,
+    checks: int,
+    not_found: int,
+    **intent_columns: Any,
+) -> _Candidate:
+    """janitor_reserve's row: the janitor_checks columns by name, the rest are the intent's."""
+    return _Candidate(
+        intent=IntentRow.from_columns(**intent_columns),
+        dead_at=dead_at,
+        error_code=error_code,
+        checks=checks,
+        not_found=not_found,
+    )
+
+
+_CANDIDATES = columns_row(_candidate)
+
+
+def _taken_back(intent: IntentRow, lease_token: int, **payment_columns: Any) -> IntentRow:
+    """The intent under the lease janitor_take gave it, with its payment as locked now."""
+    payment = payment_from_columns(intent.currency, **payment_columns)
+    return replace(intent, lease_token=lease_token, payment=payment)
 
 
 # Settlement goes through the relay's write-back; this policy is never asked to retry.
@@ -160,7 +180,7 @@ class Janitor:
             async with limiter:
                 result = await self._examine(candidate)
             done.count(result)
-            metrics.JANITOR_RESULTS.labels(provider=candidate.provider, result=result).inc()
+            metrics.JANITOR_RESULTS.labels(provider=candidate.intent.provider, result=result).inc()
 
         async with anyio.create_task_group() as tg:
             for candidate in candidates:
@@ -178,63 +198,36 @@ class Janitor:
         }
         async with self.db.pool.connection() as conn, conn.transaction():
             await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": None})
-            cur = await conn.execute(QUERIES["janitor_reserve"], params)
-            rows = await cur.fetchall()
-        return [
-            _Candidate(
-                intent_id=r[0],
-                payment_id=r[1],
-                action=Action(r[2]),
-                provider=r[3],
-                amount_minor=r[4],
-                currency=r[5],
-                payment_method=r[6],
-                idempotency_key=r[7],
-                attempts=r[8],
-                dead_at=r[9],
-                error_code=r[10],
-                payment=PaymentSnapshot(
-                    state=PaymentState(r[11]),
-                    currency=r[5],
-                    authorized_minor=r[12],
-                    captured_minor=r[13],
-                    refunded_minor=r[14],
-                    provider_reference=r[15],
-                ),
-                checks=r[16],
-                not_found=r[17],
-                exponent=r[18],
-            )
-            for r in rows
-        ]
+            return await fetch(conn, "janitor_reserve", params, row=_CANDIDATES)
 
     async def _examine(self, candidate: _Candidate) -> str:
+        intent = candidate.intent
         with structlog.contextvars.bound_contextvars(
-            intent_id=candidate.intent_id, payment_id=candidate.payment_id
+            intent_id=intent.id, payment_id=intent.payment_id
         ):
-            decision = decide(candidate.action, candidate.amount_minor, candidate.payment)
+            decision = decide(intent.action, intent.amount_minor, intent.payment)
             if isinstance(decision, Rejection):
                 await self._record(
                     candidate,
                     "not_settleable",
-                    f"the payment ({candidate.payment.state}) no longer allows this "
-                    f"{candidate.action}: {decision.error_code}; an operator decides",
+                    f"the payment ({intent.payment.state}) no longer allows this "
+                    f"{intent.action}: {decision.error_code}; an operator decides",
                     settled=True,
                 )
                 return "not_settleable"
             command = Command(
-                intent_id=candidate.intent_id,
-                payment_id=candidate.payment_id,
-                action=candidate.action,
-                idempotency_key=candidate.idempotency_key,
+                intent_id=intent.id,
+                payment_id=intent.payment_id,
+                action=intent.action,
+                idempotency_key=intent.idempotency_key,
                 amount_minor=decision.amount_minor,
-                currency=candidate.currency,
-                payment_method=candidate.payment_method,
-                payment_reference=candidate.payment.provider_reference,
-                attempt=candidate.attempts,
-                exponent=candidate.exponent,
+                currency=intent.currency,
+                payment_method=intent.payment_method,
+                payment_reference=intent.payment.provider_reference,
+                attempt=intent.attempts,
+                exponent=intent.exponent,
             )
-            outcome = await self.lanes[candidate.provider].lookup(command)
+            outcome = await self.lanes[intent.provider].lookup(command)
             log.info("janitor_lookup", outcome=type(outcome).__name__)
             if isinstance(outcome, Succeeded | Declined):
                 return await self._settle(candidate, decision.amount_minor, outcome)
@@ -251,7 +244,7 @@ class Janitor:
         the intent in flight. Shielded, so a stop cannot cut it in half."""
         if isinstance(outcome, Succeeded):
             evidence = (
-                f"janitor lookup: the provider shows the {candidate.action} applied "
+                f"janitor lookup: the provider shows the {candidate.intent.action} applied "
                 f"({outcome.provider_reference}, {outcome.amount_minor} {outcome.currency})"
             )
         else:
@@ -260,23 +253,26 @@ class Janitor:
             async with self.db.pool.connection() as conn, conn.transaction():
                 await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": evidence})
                 await conn.execute(
-                    QUERIES["lock_payments"], {"payment_ids": [candidate.payment_id]}
+                    QUERIES["lock_payments"], {"payment_ids": [candidate.intent.payment_id]}
                 )
-                cur = await conn.execute(
-                    QUERIES["janitor_take"],
+                taken = await fetch(
+                    conn,
+                    "janitor_take",
                     {
-                        "id": candidate.intent_id,
+                        "id": candidate.intent.id,
                         "dead_at": candidate.dead_at,
                         "lease_seconds": self.options.lease_seconds,
                         "instance": self.actor,
                     },
+                    row=dict_row,
                 )
-                taken = await cur.fetchone()
-                if taken is None:
+                if not taken:
                     return "skipped"  # re-driven or cancelled meanwhile: not ours to settle
-                write_back = self._write_back(candidate, amount_minor, outcome, taken)
+                (lease,) = taken
+                intent = _taken_back(candidate.intent, **lease)
+                write_back = from_outcome(intent, amount_minor, outcome, _NO_RETRY, self.rng)
                 written = await self.store.complete_in(conn, [write_back], reason=evidence)
-            if candidate.intent_id not in written:
+            if candidate.intent.id not in written:
                 return "skipped"
             result = {"succeeded": "settled_succeeded", "failed": "settled_failed"}.get(
                 write_back.status, "not_settleable"
@@ -287,44 +283,13 @@ class Janitor:
             return result
         return "skipped"
 
-    def _write_back(
-        self,
-        candidate: _Candidate,
-        amount_minor: int,
-        outcome: Succeeded | Declined,
-        taken: tuple[Any, ...],
-    ) -> WriteBack:
-        lease_token, state, authorized, captured, refunded, reference = taken
-        intent = ClaimedIntent(
-            id=candidate.intent_id,
-            payment_id=candidate.payment_id,
-            action=candidate.action,
-            provider=candidate.provider,
-            amount_minor=candidate.amount_minor,
-            currency=candidate.currency,
-            payment_method=candidate.payment_method,
-            idempotency_key=candidate.idempotency_key,
-            attempts=candidate.attempts,
-            lease_token=lease_token,
-            traceparent=None,
-            payment=PaymentSnapshot(
-                state=PaymentState(state),
-                currency=candidate.currency,
-                authorized_minor=authorized,
-                captured_minor=captured,
-                refunded_minor=refunded,
-                provider_reference=reference,
-            ),
-        )
-        return from_outcome(intent, amount_minor, outcome, _NO_RETRY, self.rng)
-
     async def _not_found(self, candidate: _Candidate, outcome: Retryable | Invalid) -> str:
         seen = candidate.not_found + 1
         if seen >= self.options.not_found_confirmations:
             await self._record(
                 candidate,
                 "no_effect",
-                f"{seen} lookups found no trace of this {candidate.action} at the provider "
+                f"{seen} lookups found no trace of this {candidate.intent.action} at the provider "
                 f"(last: {outcome.code}); it is safe to re-drive",
                 settled=True,
                 not_found=seen,
@@ -364,7 +329,7 @@ class Janitor:
             await conn.execute(
                 QUERIES["janitor_record"],
                 {
-                    "intent_id": candidate.intent_id,
+                    "intent_id": candidate.intent.id,
                     "checks": checks,
                     "not_found": candidate.not_found if not_found is None else not_found,
                     "result": result,

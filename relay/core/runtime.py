@@ -29,7 +29,8 @@ from anyio.abc import TaskGroup, TaskStatus
 from provider_adapters.base import Ambiguous, Command, Declined, Succeeded
 from relay.core.completer import Completer
 from relay.core.lanes import Lane
-from relay.core.store import ClaimedIntent, Store, WriteBack
+from relay.core.store import Store
+from relay.domain.intents import IntentRow, WriteBack
 from relay.domain.outcome_mapping import from_outcome, from_rejection
 from relay.domain.retry_policy import RetryPolicy
 from relay.domain.state_machine import Rejection, decide
@@ -296,7 +297,7 @@ class Relay:
         )
         return total, full
 
-    async def _process(self, lane: Lane, intent: ClaimedIntent) -> None:
+    async def _process(self, lane: Lane, intent: IntentRow) -> None:
         admission = _Admission()
         trace = parse_traceparent(intent.traceparent)
         try:
@@ -318,7 +319,7 @@ class Relay:
     async def _dispatch(
         self,
         lane: Lane,
-        intent: ClaimedIntent,
+        intent: IntentRow,
         admission: _Admission,
         trace: TraceContext | None,  # None for an invalid one, which is never forwarded
     ) -> None:
@@ -368,7 +369,7 @@ class Relay:
                 await self.completer.submit(
                     WriteBack(
                         intent_id=intent.id,
-                        lease_token=intent.lease_token,
+                        lease_token=intent.require_lease(),
                         payment_id=intent.payment_id,
                         status="pending",
                         error_code="shutdown_cut_off",
@@ -398,7 +399,7 @@ class Relay:
         )
         await self.completer.submit(write_back)
 
-    async def _hand_back(self, lane: Lane, intent: ClaimedIntent) -> None:
+    async def _hand_back(self, lane: Lane, intent: IntentRow) -> None:
         """Release a claimed intent that never reached the provider; its attempt is not
         consumed. If the database is away, the lease simply expires."""
         reason = "shutdown" if self._stopping else "breaker_open"
@@ -407,7 +408,7 @@ class Relay:
             bound = min(bound, self.shutdown_deadline)  # a release must not outlast it
         try:
             with anyio.CancelScope(deadline=bound, shield=True):
-                await self.store.release([(intent.id, intent.lease_token)])
+                await self.store.release([(intent.id, intent.require_lease())])
         except RETRYABLE_DB_ERRORS as exc:
             log.warning("release_failed", error=type(exc).__name__, remedy="the lease expires")
             return
@@ -427,7 +428,7 @@ class _Admission:
 _DEAD_BECAUSE = {"invalid": "invalid", "succeeded": "amount_mismatch"}
 
 
-def _labelled(write_back: WriteBack, intent: ClaimedIntent, *, outcome: str) -> WriteBack:
+def _labelled(write_back: WriteBack, intent: IntentRow, *, outcome: str) -> WriteBack:
     """Attach the metric labels the completer counts by, and redact the stored message.
 
     ``outcome`` is the attempt's class (or ``rejected``); the label says why the intent

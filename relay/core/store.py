@@ -12,58 +12,29 @@ Every statement comes from queries.sql. Guarantees:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.rows import TupleRow
+from psycopg.rows import TupleRow, dict_row
 
-from provider_adapters.base import Action
-from relay.domain.state_machine import PaymentSnapshot, PaymentState
-from relay.infra.db import Database
+from relay.domain.intents import IntentRow, WriteBack
+from relay.infra.db import Database, fetch
 from relay.infra.queries import QUERIES
+from relay.infra.rows import columns_row
 
-__all__ = ["ClaimedIntent", "Store", "WriteBack"]
+__all__ = ["Store"]
 
-
-@dataclass(frozen=True, slots=True)
-class ClaimedIntent:
-    id: int
-    payment_id: str
-    action: Action
-    provider: str
-    amount_minor: int | None
-    currency: str
-    payment_method: str | None
-    idempotency_key: str
-    attempts: int
-    lease_token: int
-    traceparent: str | None
-    payment: PaymentSnapshot
-    # The currency's ISO 4217 exponent (outbox.currencies), for adapters whose provider
-    # counts the currency differently; None where a caller does not know it.
-    exponent: int | None = None
+# Built once: psycopg calls a row factory per result, its row maker per row.
+_CLAIMED = columns_row(IntentRow.from_columns)
 
 
-@dataclass(frozen=True, slots=True)
-class WriteBack:
-    """One outcome to record. ``payment`` is the payment's new state, or None if unchanged."""
+def _fence(id: int, lease_token: int) -> tuple[int, int]:
+    """complete_intents' row: the intent whose outcome was written, with its lease token."""
+    return id, lease_token
 
-    intent_id: int
-    lease_token: int
-    payment_id: str
-    status: str  # succeeded | failed | dead | pending (retry)
-    retry_delay_seconds: float = 0.0
-    provider_reference: str | None = None
-    amount_applied_minor: int | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    payment: PaymentSnapshot | None = None
-    # Metric labels only (never written): counted by the completer once the row commits.
-    provider: str = ""
-    action: str = ""
-    outcome: str = ""  # why it ended: succeeded, declined, rejected, invalid, exhausted...
+
+_FENCES = columns_row(_fence)
 
 
 class Store:
@@ -90,8 +61,10 @@ class Store:
         lease_seconds: float,
         instance: str,
         now: datetime | None = None,
-    ) -> list[ClaimedIntent]:
-        rows = await self.db.fetch_all(
+    ) -> list[IntentRow]:
+        """Lease up to ``limit`` due intents of ``provider``, in id order, each with its
+        ``lease_token`` set."""
+        claimed = await self.db.fetch_all(
             "claim_intents",
             {
                 "provider": provider,
@@ -100,52 +73,8 @@ class Store:
                 "instance": instance,
                 "now": now,
             },
+            row=_CLAIMED,
         )
-        claimed = []
-        for row in rows:
-            (
-                intent_id,
-                payment_id,
-                action,
-                provider_name,
-                amount,
-                currency,
-                method,
-                key,
-                attempts,
-                token,
-                traceparent,
-                state,
-                authorized,
-                captured,
-                refunded,
-                reference,
-                exponent,
-            ) = row
-            claimed.append(
-                ClaimedIntent(
-                    id=intent_id,
-                    payment_id=payment_id,
-                    action=Action(action),
-                    provider=provider_name,
-                    amount_minor=amount,
-                    currency=currency,
-                    payment_method=method,
-                    idempotency_key=key,
-                    attempts=attempts,
-                    lease_token=token,
-                    traceparent=traceparent,
-                    payment=PaymentSnapshot(
-                        state=PaymentState(state),
-                        currency=currency,
-                        authorized_minor=authorized,
-                        captured_minor=captured,
-                        refunded_minor=refunded,
-                        provider_reference=reference,
-                    ),
-                    exponent=exponent,
-                )
-            )
         claimed.sort(key=lambda intent: intent.id)
         return claimed
 
@@ -221,9 +150,7 @@ class Store:
         if self.actor is not None:
             await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": reason})
         await conn.execute(QUERIES["lock_payments"], {"payment_ids": payment_ids})
-        cur = await conn.execute(QUERIES["complete_intents"], params)
-        rows = await cur.fetchall()
-        return {(int(row[0]), int(row[2])) for row in rows}
+        return set(await fetch(conn, "complete_intents", params, row=_FENCES))
 
     async def requeue_expired(self, *, limit: int = 1000, now: datetime | None = None) -> int:
         rows = await self._fetch_as_actor("requeue_expired_leases", {"limit": limit, "now": now})
@@ -254,17 +181,23 @@ class Store:
                         "(it was inserted blocked under an older snapshot)",
                     },
                 )
-            cur = await conn.execute(
-                QUERIES["lock_orphaned_blocked_payments"],
+            locked = await fetch(
+                conn,
+                "lock_orphaned_blocked_payments",
                 {"providers": list(providers), "limit": limit},
+                row=dict_row,
             )
-            locked = [row[0] for row in await cur.fetchall()]
             if not locked:
                 return []
-            cur = await conn.execute(
-                QUERIES["promote_orphaned_blocked"], {"payment_ids": locked, "now": now}
+            promoted = await fetch(
+                conn,
+                "promote_orphaned_blocked",
+                {"payment_ids": [row["payment_id"] for row in locked], "now": now},
+                row=dict_row,
             )
-            return [(int(i), str(p), str(v)) for i, p, v in await cur.fetchall()]
+            return [
+                (int(row["id"]), str(row["payment_id"]), str(row["provider"])) for row in promoted
+            ]
 
     async def release(
         self, leases: Sequence[tuple[int, int]], *, now: datetime | None = None

@@ -24,7 +24,7 @@ from provider_adapters.base import (
     Retryable,
     Succeeded,
 )
-from relay.core.store import ClaimedIntent, WriteBack
+from relay.domain.intents import IntentRow, WriteBack
 from relay.domain.retry_policy import RetryPolicy
 from relay.domain.state_machine import Rejection, apply_decline, apply_success
 
@@ -37,10 +37,10 @@ def _clip(message: str) -> str:
     return message if len(message) <= _MAX_MESSAGE else message[: _MAX_MESSAGE - 1] + "…"
 
 
-def from_rejection(intent: ClaimedIntent, rejection: Rejection) -> WriteBack:
+def from_rejection(intent: IntentRow, rejection: Rejection) -> WriteBack:
     return WriteBack(
         intent_id=intent.id,
-        lease_token=intent.lease_token,
+        lease_token=intent.require_lease(),
         payment_id=intent.payment_id,
         status="failed",
         error_code=rejection.error_code,
@@ -49,7 +49,7 @@ def from_rejection(intent: ClaimedIntent, rejection: Rejection) -> WriteBack:
 
 
 def from_outcome(
-    intent: ClaimedIntent,
+    intent: IntentRow,
     amount_minor: int,
     outcome: Outcome,
     policy: RetryPolicy,
@@ -57,7 +57,7 @@ def from_outcome(
 ) -> WriteBack:
     base = {
         "intent_id": intent.id,
-        "lease_token": intent.lease_token,
+        "lease_token": intent.require_lease(),
         "payment_id": intent.payment_id,
     }
     match outcome:

@@ -22,10 +22,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from psycopg.rows import dict_row
 
 from relay.events.messages import ClaimedEvent
-from relay.infra.db import Database
-from relay.infra.queries import QUERIES
+from relay.infra.db import Database, fetch
+from relay.infra.rows import columns_row
 
 __all__ = ["EventResult", "EventStore", "MarkReport", "Release"]
 
@@ -55,6 +59,46 @@ class MarkReport:
     lost: list[EventResult]  # fence failed: another publisher holds the event now
 
 
+def _claimed_event(
+    id: int,
+    event_id: UUID,
+    lease_token: int,
+    ordering_key: str | None,
+    seq: int | None,
+    exchange: str | None,
+    routing_key: str,
+    event_type: str,
+    payload: str,
+    headers: dict[str, Any] | None,
+    payment_id: str | None,
+    schema_version: int,
+    traceparent: str | None,
+    created_at: datetime,
+    attempts: int,
+) -> ClaimedEvent:
+    """claim_events' row, each parameter the column of its name."""
+    return ClaimedEvent(
+        id=id,
+        event_id=str(event_id),
+        lease_token=lease_token,
+        ordering_key=ordering_key,
+        seq=seq,
+        exchange=exchange,
+        routing_key=routing_key,
+        event_type=event_type,
+        payload=payload,
+        headers=dict(headers or {}),
+        payment_id=payment_id,
+        schema_version=schema_version,
+        traceparent=traceparent,
+        created_at=created_at,
+        attempts=attempts,
+    )
+
+
+_CLAIMED = columns_row(_claimed_event)
+
+
 class EventStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -67,30 +111,11 @@ class EventStore:
         instance: str,
         now: datetime | None = None,
     ) -> list[ClaimedEvent]:
-        rows = await self.db.fetch_all(
+        events = await self.db.fetch_all(
             "claim_events",
             {"limit": limit, "lease_seconds": lease_seconds, "instance": instance, "now": now},
+            row=_CLAIMED,
         )
-        events = [
-            ClaimedEvent(
-                id=row[0],
-                event_id=str(row[1]),
-                lease_token=row[2],
-                ordering_key=row[3],
-                seq=row[4],
-                exchange=row[5],
-                routing_key=row[6],
-                event_type=row[7],
-                payload=row[8],
-                headers=dict(row[9] or {}),
-                payment_id=row[10],
-                schema_version=row[11],
-                traceparent=row[12],
-                created_at=row[13],
-                attempts=row[14],
-            )
-            for row in rows
-        ]
         events.sort(key=lambda event: event.id)
         return events
 
@@ -103,15 +128,18 @@ class EventStore:
         async with self.db.pool.connection() as conn, conn.transaction():
             locked: set[str] = set()
             if keys:
-                cur = await conn.execute(QUERIES["lock_event_streams"], {"ordering_keys": keys})
-                locked = {row[0] for row in await cur.fetchall()}
+                streams = await fetch(
+                    conn, "lock_event_streams", {"ordering_keys": keys}, row=dict_row
+                )
+                locked = {row["ordering_key"] for row in streams}
             ready = [
                 r for r in results if r.event.ordering_key is None or r.event.ordering_key in locked
             ]
             marked: set[int] = set()
             if ready:
-                cur = await conn.execute(
-                    QUERIES["mark_events"],
+                rows = await fetch(
+                    conn,
+                    "mark_events",
                     {
                         "ids": [r.event.id for r in ready],
                         "lease_tokens": [r.event.lease_token for r in ready],
@@ -120,8 +148,9 @@ class EventStore:
                         "error_messages": [r.error_message for r in ready],
                         "now": now,
                     },
+                    row=dict_row,
                 )
-                marked = {row[0] for row in await cur.fetchall()}
+                marked = {row["id"] for row in rows}
         ready_ids = {r.event.id for r in ready}
         deferred = [r for r in results if r.event.id not in ready_ids]
         lost = [r for r in ready if r.event.id not in marked]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import anyio
 import psycopg
 import structlog
-from psycopg.rows import TupleRow
+from psycopg.rows import AsyncRowFactory, TupleRow, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from relay.infra.queries import QUERIES
@@ -18,8 +18,11 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "RETRYABLE_DB_ERRORS",
     "Database",
+    "fetch",
     "listen_forever",
 ]
+
+R = TypeVar("R")
 
 NOTIFY_CHANNEL = "outbox_payment_intents"
 MAX_IDLE_SECONDS = 20.0
@@ -84,10 +87,41 @@ class Database:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def fetch_all(self, name: str, params: Mapping[str, Any] | None = None) -> list[TupleRow]:
+    @overload
+    async def fetch_all(
+        self, name: str, params: Mapping[str, Any] | None = None
+    ) -> list[TupleRow]: ...
+
+    @overload
+    async def fetch_all(
+        self, name: str, params: Mapping[str, Any] | None = None, *, row: AsyncRowFactory[R]
+    ) -> list[R]: ...
+
+    async def fetch_all(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        row: AsyncRowFactory[Any] = tuple_row,
+    ) -> list[Any]:
+        """Run the named statement on a pooled connection (autocommit); its rows as ``row``
+        builds them (``class_row(X)``, ``dict_row``, ``columns_row(f)``), tuples by default."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute(QUERIES[name], params)
-            return await cur.fetchall()
+            return await fetch(conn, name, params, row=row)
+
+
+async def fetch(
+    conn: psycopg.AsyncConnection[Any],
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    row: AsyncRowFactory[R],
+) -> list[R]:
+    """Run the named statement on ``conn``, inside its open transaction or pipeline if any;
+    its rows as ``row`` builds them."""
+    cur = conn.cursor(row_factory=row)
+    await cur.execute(QUERIES[name], params)
+    return await cur.fetchall()
 
 
 async def listen_forever(

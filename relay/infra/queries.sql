@@ -297,7 +297,7 @@ ORDER BY provider, status;
 
 -- name: schema_version
 -- The latest applied migration, for readiness and `status`.
-SELECT max(version) FROM outbox.schema_migrations;
+SELECT max(version) AS version FROM outbox.schema_migrations;
 
 -- name: claim_events
 -- Lease up to `limit` publishable events (heads of their ordering key, or unkeyed); commit before publishing.
@@ -706,8 +706,9 @@ reserved AS (
     RETURNING j.intent_id, j.checks, j.not_found
 )
 SELECT i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency, i.payment_method,
-       i.idempotency_key, i.attempts, i.completed_at, i.error_code,
-       p.state, p.authorized_minor, p.captured_minor, p.refunded_minor, p.provider_reference,
+       i.idempotency_key, i.attempts, i.completed_at AS dead_at, i.error_code,
+       p.state AS payment_state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+       p.provider_reference AS payment_reference,
        r.checks, r.not_found,
        (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = i.currency) AS exponent
 FROM reserved AS r
@@ -728,8 +729,8 @@ WITH taken AS (
       AND i.completed_at IS NOT DISTINCT FROM %(dead_at)s::timestamptz
     RETURNING i.lease_token, i.payment_id
 )
-SELECT t.lease_token, p.state, p.authorized_minor, p.captured_minor, p.refunded_minor,
-       p.provider_reference
+SELECT t.lease_token, p.state AS payment_state, p.authorized_minor, p.captured_minor,
+       p.refunded_minor, p.provider_reference AS payment_reference
 FROM taken AS t
 JOIN outbox.payments AS p ON p.payment_id = t.payment_id;
 

@@ -31,6 +31,7 @@ from datetime import datetime
 import anyio
 import psycopg
 import structlog
+from psycopg.rows import dict_row
 
 from relay.infra import metrics
 from relay.infra.db import RETRYABLE_DB_ERRORS, Database
@@ -84,23 +85,25 @@ class DepthSampler:
     async def sample(self, *, now: datetime | None = None) -> DepthSample:
         """Query the database once and set the gauges; raises on a database error."""
         result = DepthSample()
-        for provider, status, count, oldest in await self.db.fetch_all("queue_depth", {"now": now}):
-            key = (safe_label(provider), status)
-            result.counts[key] = result.counts.get(key, 0) + int(count)
-            if status == "pending":
+        for row in await self.db.fetch_all("queue_depth", {"now": now}, row=dict_row):
+            key = (safe_label(row["provider"]), row["status"])
+            result.counts[key] = result.counts.get(key, 0) + int(row["intents"])
+            if row["status"] == "pending":
                 previous = result.oldest_pending_seconds.get(key[0], 0.0)
-                result.oldest_pending_seconds[key[0]] = max(previous, float(oldest))
-        (count, oldest), *_ = await self.db.fetch_all("unpublished_events", {"now": now})
-        result.unpublished, result.oldest_unpublished_seconds = int(count), float(oldest)
-        for provider, currency, exceptions, delta in await self.db.fetch_all("reconciliation_open"):
-            label = safe_label(provider)
+                oldest = float(row["oldest_pending_seconds"])
+                result.oldest_pending_seconds[key[0]] = max(previous, oldest)
+        events, *_ = await self.db.fetch_all("unpublished_events", {"now": now}, row=dict_row)
+        result.unpublished = int(events["events"])
+        result.oldest_unpublished_seconds = float(events["oldest_seconds"])
+        for row in await self.db.fetch_all("reconciliation_open", row=dict_row):
+            label = safe_label(row["provider"])
             result.reconciliation_exceptions[label] = result.reconciliation_exceptions.get(
                 label, 0
-            ) + int(exceptions)
-            key = (label, safe_label(currency))
+            ) + int(row["exceptions"])
+            key = (label, safe_label(row["currency"]))
             result.reconciliation_delta_minor[key] = result.reconciliation_delta_minor.get(
                 key, 0
-            ) + int(delta)
+            ) + int(row["delta_minor"])
         self._publish(result)
         return result
 

@@ -15,6 +15,7 @@ import anyio
 import psycopg
 import structlog
 from anyio.abc import TaskStatus
+from psycopg.rows import dict_row
 
 from provider_adapters.registry import build_adapter
 from relay.core.janitor import Janitor, JanitorOptions
@@ -190,8 +191,8 @@ async def _watch_schema(relay: Relay, health: HealthState) -> None:
     """Keep readiness's view of the schema version current (a migration may run later)."""
     while True:
         try:
-            rows = await relay.db.fetch_all("schema_version")
-            health.schema_version = rows[0][0] if rows else None
+            rows = await relay.db.fetch_all("schema_version", row=dict_row)
+            health.schema_version = rows[0]["version"] if rows else None
         except _SCHEMA_UNKNOWN:
             health.schema_version = None
         await anyio.sleep(10.0)
