@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from relay.infra.queries import QUERIES
 
@@ -90,7 +91,7 @@ class LedgerReport:
 
 def _totals(
     accounts: list[AccountBalance],
-    payment_sums: list[tuple[Any, ...]],
+    payment_sums: list[dict[str, Any]],
     authorized_posted: dict[tuple[str, str], int],
 ) -> dict[tuple[str, str], dict[str, tuple[int, int]]]:
     """Pure: the payments' sums beside the ledger's balances, per provider and currency."""
@@ -99,12 +100,18 @@ def _totals(
         provider, _, name = a.account.rpartition(":")
         ledger[(provider, a.currency)][name] += a.balance
     totals: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
-    keys = {(str(r[0]), str(r[1])) for r in payment_sums} | set(ledger) | set(authorized_posted)
-    by_key = {(str(r[0]), str(r[1])): r for r in payment_sums}
-    for key in sorted(keys):
+    by_key = {(str(r["provider"]), str(r["currency"])): r for r in payment_sums}
+    for key in sorted(set(by_key) | set(ledger) | set(authorized_posted)):
         row = by_key.get(key)
         authorized, captured, refunded, open_holds = (
-            (int(row[2]), int(row[3]), int(row[4]), int(row[5])) if row else (0, 0, 0, 0)
+            (
+                int(row["authorized"]),
+                int(row["captured"]),
+                int(row["refunded"]),
+                int(row["open_holds"]),
+            )
+            if row
+            else (0, 0, 0, 0)
         )
         books = ledger.get(key, {})
         totals[key] = {
@@ -160,14 +167,16 @@ def check_ledger(conninfo: str) -> LedgerReport:
                 f"intent {intent_id}" if intent_id is not None else f"ledger transaction {txn_id}"
             )
             report.problems.append(Problem("posting", subject, message))
-        for row in conn.execute(QUERIES["ledger_payment_mismatches"]):
-            payment_id, currency, state, wrong_currency = row[0], row[1], row[2], row[3]
+        mismatches = conn.cursor(row_factory=dict_row).execute(QUERIES["ledger_payment_mismatches"])
+        for row in mismatches:
+            payment_id, currency, state = row["payment_id"], row["currency"], row["state"]
+            wrong_currency = row["wrong_currency"]
             pairs = {
-                "authorized": (row[4], row[5]),
-                "open hold": (row[6], row[7]),
-                "captured": (row[8], row[9]),
-                "refunded": (row[10], row[11]),
-                "receivable": (row[12], row[13]),
+                "authorized": (row["authorized_minor"], row["ledger_authorized"]),
+                "open hold": (row["open_hold"], row["ledger_holds"]),
+                "captured": (row["captured_minor"], row["ledger_captured"]),
+                "refunded": (row["refunded_minor"], row["ledger_refunded"]),
+                "receivable": (row["receivable"], row["ledger_receivable"]),
             }
             differences = [
                 f"{name} {ours} in the payment vs {books} in the ledger"
@@ -189,10 +198,11 @@ def check_ledger(conninfo: str) -> LedgerReport:
                 QUERIES["ledger_account_balances"]
             )
         ]
-        sums = conn.execute(QUERIES["ledger_payment_totals"]).fetchall()
+        by_name = conn.cursor(row_factory=dict_row)
+        sums = by_name.execute(QUERIES["ledger_payment_totals"]).fetchall()
         authorized_posted = {
-            (str(p), str(c)): int(a)
-            for p, c, a in conn.execute(QUERIES["ledger_authorized_totals"])
+            (str(r["provider"]), str(r["currency"])): int(r["authorized"])
+            for r in by_name.execute(QUERIES["ledger_authorized_totals"])
         }
     report.totals = _totals(report.accounts, sums, authorized_posted)
     return report

@@ -660,16 +660,16 @@ ORDER BY account, currency;
 
 -- name: ledger_payment_totals
 -- The payments' amounts summed per provider and currency, beside which the ledger's totals are shown.
-SELECT provider, currency, sum(authorized_minor)::bigint, sum(captured_minor)::bigint,
-       sum(refunded_minor)::bigint,
-       sum(CASE WHEN state = 'authorized' THEN authorized_minor ELSE 0 END)::bigint
+SELECT provider, currency, sum(authorized_minor)::bigint AS authorized,
+       sum(captured_minor)::bigint AS captured, sum(refunded_minor)::bigint AS refunded,
+       sum(CASE WHEN state = 'authorized' THEN authorized_minor ELSE 0 END)::bigint AS open_holds
 FROM outbox.payments
 GROUP BY provider, currency
 ORDER BY provider, currency;
 
 -- name: ledger_authorized_totals
 -- Authorised amounts posted (authorize and charge transactions) per provider and currency.
-SELECT provider, currency, sum(amount_minor)::bigint
+SELECT provider, currency, sum(amount_minor)::bigint AS authorized
 FROM outbox.ledger_transactions
 WHERE kind IN ('authorize', 'charge')
 GROUP BY provider, currency;
