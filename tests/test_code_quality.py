@@ -214,3 +214,23 @@ def test_the_import_walk_sees_every_kind_of_import(tmp_path: Path) -> None:
     )
     found = {(i.module, i.optional) for i in _imports(module)}
     assert found == {("aiormq", False), ("stripe", False), ("httpx", False), ("pgserver", True)}
+
+
+@pytest.mark.parametrize(
+    "argv", [["demo"], ["demo", "--payments", "5"], ["fake-provider", "--port", "0"]]
+)
+def test_without_the_demo_distribution_the_cli_says_what_to_install(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A production install (`pip install .`) has no provider_adapters.fake: `demo` and
+    `fake-provider` exit 2 naming the install command; the other commands still parse."""
+    from relay.cli.main import build_parser, main
+
+    monkeypatch.setitem(sys.modules, "provider_adapters.fake", None)  # as if not installed
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"`outbox-relay {argv[0]}` needs the fake providers" in error
+    assert "pip install '.[demo]' ./demo" in error
+    listing = " ".join(build_parser().format_help().split())  # unwrapped, whatever the width
+    assert listing.count("; needs the demo extra") == 2  # fake-provider and demo
+    assert build_parser().parse_args(["status", "--json"]).json is True
