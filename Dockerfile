@@ -23,9 +23,9 @@ COPY pyproject.toml README.md ./
 COPY relay ./relay
 COPY provider_adapters ./provider_adapters
 COPY sql ./sql
-# pgserver (an embedded PostgreSQL for `demo` and the tests) is of no use in a deployed relay.
-RUN python -m pip --python /opt/venv/bin/python install . \
- && python -m pip --python /opt/venv/bin/python uninstall --yes pgserver
+# The production package only: the fake providers and the embedded PostgreSQL (pgserver)
+# come with the `demo` extra (outbox-relay-demo), which a deployed relay has no use for.
+RUN python -m pip --python /opt/venv/bin/python install .
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
 LABEL org.opencontainers.image.title="outbox-relay" \

@@ -1,4 +1,4 @@
-"""The Stripe adapter, on the official SDK's async client (HTTPX).
+"""The Stripe adapter, on the official SDK's async API over the lane's own HTTPX pool.
 
 The SDK's own network retries are off: the relay owns retries, so every attempt is one
 request carrying the intent's idempotency key. Replies are validated (object, id, amount,
@@ -41,6 +41,7 @@ from provider_adapters.stripe_errors import (
     classify_stripe_error,
     safe_code,
 )
+from provider_adapters.stripe_http import PooledStripeHTTPClient
 
 __all__ = ["StripeAdapter"]
 
@@ -123,10 +124,9 @@ class StripeAdapter:
     ) -> None:
         self.name = name
         timeout = httpx.Timeout(read_timeout_seconds, connect=connect_timeout_seconds)
-        http_client = stripe.HTTPXClient(timeout=timeout)
         # The lane's own connection pool, sized to its concurrency (bulkhead).
-        http_client._client_async = httpx.AsyncClient(
-            timeout=timeout, transport=ShardedTransport(max_connections)
+        http_client = PooledStripeHTTPClient(
+            httpx.AsyncClient(timeout=timeout, transport=ShardedTransport(max_connections))
         )
         self._http = http_client
         self._client = stripe.StripeClient(
@@ -137,7 +137,7 @@ class StripeAdapter:
         )
 
     async def aclose(self) -> None:
-        await self._http.close_async()  # type: ignore[no-untyped-call]
+        await self._http.close_async()
 
     # -- execute -------------------------------------------------------------------------
 

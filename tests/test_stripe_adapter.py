@@ -13,6 +13,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
+import httpx
 import pytest
 
 from provider_adapters.base import (
@@ -26,6 +27,7 @@ from provider_adapters.base import (
     Succeeded,
 )
 from provider_adapters.fake import FaultConfig
+from provider_adapters.http_pool import ShardedTransport
 from provider_adapters.memory import MemoryProvider
 from provider_adapters.stripe import StripeAdapter
 from tests.fake_server import API_KEY, FakeServer, running_fake
@@ -411,6 +413,39 @@ async def test_idempotency_key_is_sent_on_every_post(
         ("/v1/payment_intents", "ik-ch"),
         ("/v1/payment_intents", "ik-decl"),
     ]
+
+
+async def test_every_request_goes_through_the_lanes_pool(
+    fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK reaches the provider only through the lane's ShardedTransport (its bulkhead),
+    plugged in through the SDK's public HTTPClient API; closing the adapter closes it."""
+    through_pool: list[tuple[str, str]] = []
+    closed: list[ShardedTransport] = []
+    original_handle = ShardedTransport.handle_async_request
+    original_close = ShardedTransport.aclose
+
+    async def counting_handle(self: ShardedTransport, request: httpx.Request) -> httpx.Response:
+        through_pool.append((request.method, request.url.path))
+        return await original_handle(self, request)
+
+    async def recording_close(self: ShardedTransport) -> None:
+        closed.append(self)
+        await original_close(self)
+
+    monkeypatch.setattr(ShardedTransport, "handle_async_request", counting_handle)
+    monkeypatch.setattr(ShardedTransport, "aclose", recording_close)
+    pooled = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url, max_connections=4)
+    try:
+        pi = await authorized(pooled, "pool-auth")
+        await succeeded(pooled, command(Action.CAPTURE, "pool-cap", reference=pi))
+        await pooled.lookup(command(Action.AUTHORIZE, "pool-auth"))
+    finally:
+        await pooled.aclose()
+    seen_by_provider = [(r.method, r.path) for r in fake.seen if r.path.startswith("/v1/")]
+    assert len(seen_by_provider) == 3
+    assert through_pool == seen_by_provider
+    assert len(closed) == 1
 
 
 # -- one contract, two implementations ---------------------------------------------------

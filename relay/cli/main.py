@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -122,7 +123,27 @@ def _cmd_fake_provider(args: argparse.Namespace) -> int:
     return result
 
 
+# The fake providers ship in outbox-relay-demo (demo/pyproject.toml), which the production
+# package does not depend on: without them, `demo` and `fake-provider` say what to install.
+_DEMO_MISSING = (
+    "error: `outbox-relay {command}` needs the fake providers, which are not installed "
+    "(they ship in outbox-relay-demo, not in the production package); from a clone of the "
+    "repository: pip install '.[demo]' ./demo"
+)
+
+
+def _demo_installed() -> bool:
+    return importlib.util.find_spec("provider_adapters.fake") is not None
+
+
+def _cmd_demo_missing(args: argparse.Namespace) -> int:
+    print(_DEMO_MISSING.format(command=args.command), file=sys.stderr)
+    return 2
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if not _demo_installed():
+        return _cmd_demo_missing(args)
     from relay.cli.demo import run_demo
 
     result: int = run_demo(args)
@@ -201,20 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--migrate", action="store_true", help="apply migrations before starting")
     run.set_defaults(handler=_cmd_run)
 
-    fake = commands.add_parser(
-        "fake-provider",
-        help="serve the fake Stripe-compatible provider (tests, demos)",
-        description="A Stripe-compatible fake with idempotency, test cards and fault injection. "
-        "GET /_fake/effects shows the effects applied per idempotency key.",
+    fake_help = "serve the fake Stripe-compatible provider (tests, demos)"
+    fake_description = (
+        "A Stripe-compatible fake with idempotency, test cards and fault injection. "
+        "GET /_fake/effects shows the effects applied per idempotency key."
     )
-    from provider_adapters.fake import add_cli_arguments
+    if _demo_installed():
+        fake = commands.add_parser("fake-provider", help=fake_help, description=fake_description)
+        from provider_adapters.fake import add_cli_arguments
 
-    add_cli_arguments(fake)
-    fake.set_defaults(handler=_cmd_fake_provider)
+        add_cli_arguments(fake)
+        fake.set_defaults(handler=_cmd_fake_provider)
+    else:
+        # Any arguments (even --help, hence no option prefix at all) lead to what to install.
+        absent = commands.add_parser(
+            "fake-provider",
+            help=fake_help + "; needs the demo extra",
+            add_help=False,
+            prefix_chars="\0",
+        )
+        absent.add_argument("ignored", nargs="*")
+        absent.set_defaults(handler=_cmd_demo_missing)
 
     demo = commands.add_parser(
         "demo",
-        help="run a self-contained demo (embedded PostgreSQL, fake provider, faults on)",
+        help="run a self-contained demo (embedded PostgreSQL, fake provider, faults on)"
+        + ("" if _demo_installed() else "; needs the demo extra"),
         description="Migrates, starts the fake provider, inserts a mixed workload, relays it "
         "to the end and checks exactly-once against the provider's effect counts. Uses "
         "RELAY_DATABASE_URL when set, else an embedded PostgreSQL in a temporary directory. "

@@ -1,8 +1,9 @@
 """A throw-away PostgreSQL for the demo and for tests on a bare machine.
 
-Uses the `pgserver` package (wheels for CPython 3.11 and 3.12); where it is missing,
-falls back to PostgreSQL's own `initdb` and `pg_ctl` on PATH. Neither present: a clear
-error telling the user to set RELAY_DATABASE_URL.
+Uses the `pgserver` package (wheels for CPython 3.11 and 3.12; installed by the `demo` and
+`test` extras, never by the production package); where it is missing, falls back to
+PostgreSQL's own `initdb` and `pg_ctl` on PATH. Neither present: a clear error telling the
+user to set RELAY_DATABASE_URL.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def _initdb_cluster(workdir: Path) -> Iterator[str]:
                 break
     if not (initdb and pg_ctl):
         raise EmbeddedPostgresUnavailable(
-            "no embedded PostgreSQL: the pgserver package is not installed for this Python "
-            "and initdb/pg_ctl are not on PATH; set RELAY_DATABASE_URL to a PostgreSQL you run"
+            "no embedded PostgreSQL: the pgserver package (in the demo and test extras, "
+            "CPython 3.11 and 3.12 only) is not installed for this Python and initdb/pg_ctl "
+            "are not on PATH; set RELAY_DATABASE_URL to a PostgreSQL you run"
         )
     data = workdir / "data"
     port = _free_port()
