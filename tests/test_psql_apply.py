@@ -13,10 +13,12 @@ How the two paths relate, honestly:
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -25,6 +27,8 @@ from relay.infra.migrate import MigrationError, discover, migrate
 from tests.conftest import REQUIRE_SERVICES, with_dbname
 
 pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "generate_schema.py"
 
 
 @pytest.fixture
@@ -60,18 +64,12 @@ def apply_with_psql(psql: str, url: str) -> None:
 
 
 def schema_dump(url: str) -> str:
-    """The outbox schema as pg_dump prints it, without its comments and session settings."""
-    pg_dump = shutil.which("pg_dump")
-    if pg_dump is None:
-        pytest.fail("pg_dump is not on PATH", pytrace=False)
-    text = subprocess.run(
-        [pg_dump, "--schema-only", "--schema=outbox", "--no-owner", "-d", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    noise = ("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict", "\\unrestrict")
-    return "\n".join(line for line in text.splitlines() if not line.startswith(noise))
+    """The outbox schema as sql/schema.sql shows it (scripts/generate_schema.py's dump)."""
+    spec = importlib.util.spec_from_file_location("generate_schema", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    return str(generator.dump_schema(url))
 
 
 def test_psql_builds_the_schema_migrate_builds(psql: str, empty_db: str, db_url: str) -> None:
