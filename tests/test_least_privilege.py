@@ -131,6 +131,9 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "audit_actor": {"outbox_operator"},
     "audit_generic_doc": {"outbox_operator"},  # sql/0014: audit verify's colder tables
     "audit_redact": {"outbox_operator"},
+    # sql/0016: the write-back's and the sweep's promotion (cancel_dead_intents calls it as
+    # the owner, so the operator needs no EXECUTE)
+    "promote_next_blocked_v1": {"outbox_relay"},
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):

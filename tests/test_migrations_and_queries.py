@@ -6,6 +6,7 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -32,7 +33,26 @@ def empty_db(pg_admin_url: str) -> Iterator[str]:
 def test_migrations_are_numbered_and_ordered() -> None:
     migrations = discover()
     assert [m.version for m in migrations] == sorted(m.version for m in migrations)
-    assert migrations[0].name == "0001_pre_core"
+    assert [m.name for m in migrations[:2]] == ["0000_pre_bookkeeping", "0001_pre_core"]
+
+
+def test_a_database_migrated_before_0000_gets_it_as_a_no_op(empty_db: str, tmp_path: Path) -> None:
+    # What a deployed database looks like: migrated by a release whose files began at 0001
+    # (its bootstrap created the bookkeeping table exactly as sql/0000 does).
+    before_0000 = tmp_path / "before_0000"
+    before_0000.mkdir()
+    for migration in discover():
+        if "0001" <= migration.version <= "0015":
+            (before_0000 / migration.path.name).write_bytes(migration.path.read_bytes())
+    migrate(empty_db, directory=before_0000)
+    reported: list[str] = []
+    applied = migrate(empty_db, report=reported.append)
+    assert applied == [m.name for m in discover() if not "0001" <= m.version <= "0015"]
+    assert applied[0] == "0000_pre_bookkeeping"
+    assert [line for line in reported if line.startswith("warning")] == []
+    with psycopg.connect(empty_db) as conn:
+        rows = conn.execute("SELECT version FROM outbox.schema_migrations ORDER BY 1").fetchall()
+    assert [r[0] for r in rows] == [m.version for m in discover()]
 
 
 def test_concurrent_replicas_apply_each_file_once(empty_db: str) -> None:

@@ -5,6 +5,13 @@ runners, and each file is applied and recorded in one transaction, so a crash le
 file either fully applied and recorded or not at all. Re-running applies nothing new.
 A file whose content changed after it was applied is reported, never re-applied.
 
+The bookkeeping table (outbox.schema_migrations) is defined by sql/0000_pre_bookkeeping.sql
+alone: that file's statements run at the start of every file's transaction, right after
+the lock, and the file is then applied and recorded as version 0000 (a no-op by then). A
+database migrated before 0000 existed records 0001 and later; 0000 is applied to it once,
+changing nothing but its record. Applying the files with `psql -f` in order builds the same
+schema but records nothing (tests/test_psql_apply.py).
+
 Migrations are append-only and backward compatible: a new file never changes or removes
 what an earlier release of the relay or an application uses (a removal waits for a later
 ``_post_`` file, once nothing uses it). So a relay runs on any schema at or above its own
@@ -22,7 +29,15 @@ from pathlib import Path
 
 import psycopg
 
-__all__ = ["Migration", "MigrationError", "applied_versions", "discover", "migrate", "sql_dir"]
+__all__ = [
+    "BOOTSTRAP_FILE",
+    "Migration",
+    "MigrationError",
+    "applied_versions",
+    "discover",
+    "migrate",
+    "sql_dir",
+]
 
 # Any fixed 64-bit number; it only has to be the same in every replica.
 _ADVISORY_LOCK_KEY = 0x6F7574626F78  # "outbox"
@@ -67,15 +82,15 @@ def discover(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-_BOOTSTRAP = """
-CREATE SCHEMA IF NOT EXISTS outbox;
-CREATE TABLE IF NOT EXISTS outbox.schema_migrations (
-    version     text PRIMARY KEY,
-    name        text NOT NULL,
-    checksum    text NOT NULL,
-    applied_at  timestamptz NOT NULL DEFAULT now()
-);
-"""
+# The bookkeeping table's one definition. It runs before every file (whatever `directory`
+# a caller passes), since the versions are read and recorded in each file's transaction;
+# discovered as migration 0000 it is then also applied and recorded like any other file:
+# a no-op, every statement being IF NOT EXISTS.
+BOOTSTRAP_FILE = "0000_pre_bookkeeping.sql"
+
+
+def _bootstrap_sql() -> str:
+    return (sql_dir() / BOOTSTRAP_FILE).read_text()
 
 
 def applied_versions(conn: psycopg.Connection) -> dict[str, str]:
@@ -102,6 +117,7 @@ def migrate(
 ) -> list[str]:
     """Apply pending migrations; return the names applied (empty when up to date)."""
     migrations = discover(directory)
+    bootstrap = _bootstrap_sql()
     applied: list[str] = []
     with psycopg.connect(conninfo, autocommit=True) as conn:
         # Up to date: nothing to lock or create, so a role without CREATE (the relay's
@@ -111,7 +127,7 @@ def migrate(
         for migration in migrations:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_LOCK_KEY,))
-                conn.execute(_BOOTSTRAP)
+                conn.execute(bootstrap)  # type: ignore[arg-type]
                 done = applied_versions(conn)
                 if migration.version in done:
                     if done[migration.version] != migration.checksum:

@@ -108,20 +108,12 @@ paid AS (
     RETURNING p.payment_id
 ),
 promoted AS (
-    UPDATE outbox.payment_intents AS n
-    SET status = 'pending',
-        available_at = COALESCE(%(now)s::timestamptz, now()),
-        updated_at = COALESCE(%(now)s::timestamptz, now())
-    WHERE n.id IN (
-        SELECT (SELECT b.id
-                FROM outbox.payment_intents AS b
-                WHERE b.payment_id = w.payment_id AND b.status = 'blocked'
-                ORDER BY b.payment_seq
-                LIMIT 1)
-        FROM written AS w
-        WHERE w.status IN ('succeeded', 'failed')
-    )
-    RETURNING n.id
+    -- sql/0016's rule, once per batch. Its argument reads `written` to the end first, so the
+    -- function's UPDATE (a new snapshot, VOLATILE) sees these intents already finished.
+    SELECT n.intent_id
+    FROM outbox.promote_next_blocked_v1(
+        ARRAY(SELECT w.payment_id FROM written AS w WHERE w.status IN ('succeeded', 'failed')),
+        %(now)s::timestamptz) AS n
 ),
 evented AS (
     -- Rows in ordering-key order: streams are locked in the same order by every write-back.
@@ -226,22 +218,9 @@ FOR UPDATE OF p SKIP LOCKED;
 -- name: promote_orphaned_blocked
 -- Under the payments' locks (lock_orphaned_blocked_payments), promote each payment's first unresolved intent if it is blocked.
 -- A new statement, so its snapshot sees every write-back and insert that committed before
--- the locks were granted: the same rule, under the same lock, as complete_intents' promotion.
-UPDATE outbox.payment_intents AS n
-SET status = 'pending',
-    available_at = COALESCE(%(now)s::timestamptz, now()),
-    updated_at = COALESCE(%(now)s::timestamptz, now())
-FROM (
-    SELECT (SELECT u.id
-            FROM outbox.payment_intents AS u
-            WHERE u.payment_id = l.payment_id
-              AND u.status IN ('blocked', 'pending', 'in_flight', 'dead')
-            ORDER BY u.payment_seq
-            LIMIT 1) AS id
-    FROM unnest(%(payment_ids)s::text[]) AS l(payment_id)
-) AS head
-WHERE n.id = head.id AND n.status = 'blocked'
-RETURNING n.id, n.payment_id, n.provider;
+-- the locks were granted: the same rule (sql/0016), under the same lock, as complete_intents.
+SELECT intent_id AS id, payment_id, provider
+FROM outbox.promote_next_blocked_v1(%(payment_ids)s::text[], %(now)s::timestamptz);
 
 -- name: release_leases
 -- Give back claimed intents that never reached the provider (shutdown), fenced by token.

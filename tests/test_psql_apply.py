@@ -1,0 +1,100 @@
+"""The migrations apply with plain `psql -f`, one file after another, into an empty database.
+
+How the two paths relate, honestly:
+
+* `psql -v ON_ERROR_STOP=1 -f` of every sql/NNNN file in order succeeds, and builds exactly
+  the schema `relay.infra.migrate.migrate` builds (sql/0000_pre_bookkeeping.sql creates the
+  bookkeeping table that sql/0008 grants on, as migrate.py's bootstrap does).
+* psql records nothing: outbox.schema_migrations stays empty, so `migrate` takes such a
+  database for an empty one and fails on the first file whose objects already exist.
+* Recording each file as migrate.py would (version, name, SHA-256 of the file's bytes)
+  hands the database over: `migrate` then applies nothing and reports nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from relay.infra.migrate import MigrationError, discover, migrate
+from tests.conftest import REQUIRE_SERVICES, with_dbname
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "generate_schema.py"
+
+
+@pytest.fixture
+def psql() -> str:
+    found = shutil.which("psql")
+    if found is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("psql is not on PATH (RELAY_TEST_REQUIRE_SERVICES=1)", pytrace=False)
+        pytest.skip("psql is not on PATH")
+    return found
+
+
+@pytest.fixture
+def empty_db(pg_admin_url: str) -> Iterator[str]:
+    name = f"outbox_relay_psql_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    try:
+        yield with_dbname(pg_admin_url, name)
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+
+
+def apply_with_psql(psql: str, url: str) -> None:
+    for migration in discover():
+        result = subprocess.run(
+            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-f", str(migration.path)],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, f"{migration.path.name}: {result.stderr}"
+
+
+def schema_dump(url: str) -> str:
+    """The outbox schema as sql/schema.sql shows it (scripts/generate_schema.py's dump)."""
+    spec = importlib.util.spec_from_file_location("generate_schema", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    return str(generator.dump_schema(url))
+
+
+def test_psql_builds_the_schema_migrate_builds(psql: str, empty_db: str, db_url: str) -> None:
+    apply_with_psql(psql, empty_db)
+    assert schema_dump(empty_db) == schema_dump(db_url)  # db_url: a clone of a migrate run
+
+
+def test_a_psql_built_database_is_handed_to_migrate_by_recording_the_files(
+    psql: str, empty_db: str
+) -> None:
+    apply_with_psql(psql, empty_db)
+    with psycopg.connect(empty_db) as conn:
+        recorded = conn.execute("SELECT count(*) FROM outbox.schema_migrations").fetchone()
+    assert recorded == (0,), "psql records nothing"
+    with pytest.raises(MigrationError, match=r"0001_pre_core\.sql failed"):
+        migrate(empty_db)  # 0000 is a no-op; 0001's tables already exist
+
+    with psycopg.connect(empty_db) as conn:
+        conn.execute("DELETE FROM outbox.schema_migrations")  # the 0000 that migrate recorded
+        for migration in discover():
+            conn.execute(
+                "INSERT INTO outbox.schema_migrations (version, name, checksum)"
+                " VALUES (%s, %s, %s)",
+                (migration.version, migration.name, migration.checksum),
+            )
+    reported: list[str] = []
+    assert migrate(empty_db, report=reported.append) == []
+    assert reported == []
