@@ -14,11 +14,11 @@ How the two paths relate, honestly:
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -32,13 +32,14 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "generate_schema.p
 
 
 @pytest.fixture
-def psql() -> str:
-    found = shutil.which("psql")
-    if found is None:
+def psql(pg_admin_url: str) -> str:
+    generator = _generator()
+    try:
+        return str(generator.find_client("psql", generator.server_major(pg_admin_url)))
+    except SystemExit as exc:
         if REQUIRE_SERVICES:
-            pytest.fail("psql is not on PATH (RELAY_TEST_REQUIRE_SERVICES=1)", pytrace=False)
-        pytest.skip("psql is not on PATH")
-    return found
+            pytest.fail(f"{exc} (RELAY_TEST_REQUIRE_SERVICES=1)", pytrace=False)
+        pytest.skip(str(exc))
 
 
 @pytest.fixture
@@ -63,13 +64,18 @@ def apply_with_psql(psql: str, url: str) -> None:
         assert result.returncode == 0, f"{migration.path.name}: {result.stderr}"
 
 
-def schema_dump(url: str) -> str:
-    """The outbox schema as sql/schema.sql shows it (scripts/generate_schema.py's dump)."""
+def _generator() -> Any:
+    """scripts/generate_schema.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location("generate_schema", SCRIPT)
     assert spec is not None and spec.loader is not None
     generator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generator)
-    return str(generator.dump_schema(url))
+    return generator
+
+
+def schema_dump(url: str) -> str:
+    """The outbox schema as sql/schema.sql shows it (scripts/generate_schema.py's dump)."""
+    return str(_generator().dump_schema(url))
 
 
 def test_psql_builds_the_schema_migrate_builds(psql: str, empty_db: str, db_url: str) -> None:

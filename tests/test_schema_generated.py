@@ -35,6 +35,8 @@ def test_committed_schema_matches_a_fresh_migrate(pg_admin_url: str) -> None:
         capture_output=True,
         text=True,
     )
+    if result.returncode == 3:  # scripts/generate_schema.py's VERSION_DIFFERS
+        pytest.skip(result.stderr.strip())
     assert result.returncode == 0, (
         "sql/schema.sql disagrees with the migrations; run scripts/generate_schema.py\n"
         + result.stdout
