@@ -19,7 +19,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from provider_adapters.stripe import StripeAdapter
 from relay.infra.migrate import migrate
-from tests.fake_server import API_KEY, FakeServer, running_fake
+from tests.support.fake_server import FakeServer, running_fake
+from tests.support.providers import stripe_adapter
 
 REQUIRE_SERVICES = os.environ.get("RELAY_TEST_REQUIRE_SERVICES") == "1"
 
@@ -123,8 +124,5 @@ async def fake() -> AsyncIterator[FakeServer]:
 
 @pytest.fixture
 async def adapter(fake: FakeServer) -> AsyncIterator[StripeAdapter]:
-    stripe_adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
-    try:
-        yield stripe_adapter
-    finally:
-        await stripe_adapter.aclose()
+    async with stripe_adapter(fake.url) as pointed_at_fake:
+        yield pointed_at_fake

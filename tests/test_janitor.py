@@ -20,9 +20,10 @@ from relay.core.janitor import Janitor, JanitorOptions, next_check_delay
 from relay.core.lanes import Lane
 from relay.core.store import Store
 from relay.infra.db import Database
-from tests.fake_server import API_KEY, FakeServer
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
-from tests.relay_harness import insert_intents, make_relay, run_until_settled
+from tests.support.fake_server import API_KEY, FakeServer
+from tests.support.intents import insert_intents
+from tests.support.relays import make_relay, run_until_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

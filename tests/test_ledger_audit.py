@@ -24,7 +24,8 @@ from provider_adapters.memory import MemoryProvider
 from relay.finance.audit import verify_database
 from relay.finance.ledger import check_ledger
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
-from tests.relay_harness import insert_intents, make_relay, run_until_settled
+from tests.support.intents import insert_intents
+from tests.support.relays import make_relay, run_until_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

@@ -35,9 +35,9 @@ from provider_adapters.fake import FaultConfig, create_app
 from provider_adapters.stripe import StripeAdapter
 from relay.domain.breaker import CircuitBreaker
 from relay.infra.redaction import luhn_valid
-from tests.fake_server import API_KEY
 from tests.invariants import intents
-from tests.relay_harness import make_relay, run_until_settled
+from tests.support.fake_server import API_KEY
+from tests.support.relays import make_relay, run_until_settled
 
 CARD = "4111 1111 1111 1111"
 

@@ -43,7 +43,8 @@ from relay.core.runtime import Relay
 from relay.events.publisher import Publisher, PublisherOptions
 from tests.invariants import unfinished
 from tests.processes import RelayProcess
-from tests.relay_harness import insert_intents, make_relay
+from tests.support.intents import insert_intents
+from tests.support.relays import make_relay
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -28,7 +28,7 @@ from provider_adapters.base import (
 from provider_adapters.fake import FaultConfig
 from provider_adapters.memory import MemoryProvider
 from provider_adapters.stripe import StripeAdapter
-from tests.fake_server import API_KEY, FakeServer, running_fake
+from tests.support.fake_server import API_KEY, FakeServer, running_fake
 
 pytestmark = pytest.mark.anyio
 

@@ -1,23 +1,73 @@
-"""In-process relays wired to fake providers (tests/fake_server.py), and what to check."""
+"""In-process relays against a test database: built around one adapter (``make_relay``)
+or from provider settings, one lane each (``relay_for``); run in the background
+(``running``) or until every intent is finished (``run_until_settled``)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import psycopg
 
+from provider_adapters.base import ProviderAdapter
+from relay.core.clock import SYSTEM_CLOCK, Clock
+from relay.core.lanes import Lane
 from relay.core.runtime import Relay, RelayOptions
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra.config import ProviderSettings
 from relay.infra.db import Database
 from relay.service.main import build_lane
+from tests.invariants import unfinished
+from tests.support.waiting import wait_until
+
+__all__ = [
+    "count_status",
+    "make_relay",
+    "max_concurrency",
+    "provider",
+    "relay_for",
+    "run_until_settled",
+    "running",
+]
+
+
+def make_relay(
+    db_url: str,
+    adapter: ProviderAdapter,
+    *,
+    provider: str = "stripe",
+    instance: str = "test-relay",
+    lease_seconds: float = 30.0,
+    max_attempts: int = 5,
+    concurrency: int = 16,
+    batch_size: int = 50,
+    seed: int = 1,
+    **options: Any,
+) -> Relay:
+    lane = Lane(provider, adapter, concurrency=concurrency, timeout_seconds=5.0)
+    rng = random.Random(seed)
+    return Relay(
+        Database(db_url, pool_size=3, name=instance),
+        {provider: lane},
+        RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=max_attempts),
+        RelayOptions(
+            instance=instance,
+            batch_size=batch_size,
+            lease_seconds=lease_seconds,
+            poll_interval_seconds=0.05,
+            poll_max_interval_seconds=0.2,
+            shutdown_grace_seconds=5.0,
+            **options,
+        ),
+        rng=rng.random,
+    )
 
 
 def provider(url: str, **settings: Any) -> ProviderSettings:
+    """Settings for a provider served at ``url`` (a fake); ``settings`` override."""
     return ProviderSettings(base_url=url, api_key="sk_test_bulkheads", **settings)
 
 
@@ -27,9 +77,11 @@ def relay_for(
     *,
     max_attempts: int = 50,
     seed: int = 7,
+    clock: Clock = SYSTEM_CLOCK,
     **options: Any,
 ) -> Relay:
-    lanes = {name: build_lane(name, spec) for name, spec in providers.items()}
+    """A relay with a lane per provider as production builds it, on ``clock``."""
+    lanes = {name: build_lane(name, spec, clock=clock) for name, spec in providers.items()}
     defaults: dict[str, Any] = {
         "batch_size": 50,
         "lease_seconds": 30.0,
@@ -62,22 +114,27 @@ async def running(relay: Relay) -> AsyncIterator[Relay]:
         await relay.db.close()
 
 
-async def wait_until(
-    check: Callable[[], Awaitable[bool]], *, guard_seconds: float = 180.0, every: float = 0.05
+async def run_until_settled(
+    db_url: str, relays: Iterable[Relay], *, deadline: float = 120.0
 ) -> None:
-    """Poll ``check``; the guard only turns a hang into a failure, it is no speed limit."""
-    with anyio.fail_after(guard_seconds):
-        while not await check():  # noqa: ASYNC110 - the condition lives in the database
-            await anyio.sleep(every)
+    """Run the relays until no intent is left unfinished; fail after ``deadline`` (a hang)."""
+    relays = list(relays)
+    for relay in relays:
+        await relay.db.open()
+    try:
+        async with anyio.create_task_group() as tg:
+            for relay in relays:
+                await tg.start(relay.run)
 
+            async def settled() -> bool:
+                return await anyio.to_thread.run_sync(unfinished, db_url) == 0
 
-def insert_charges(db_url: str, provider_name: str, count: int, prefix: str) -> None:
-    with psycopg.connect(db_url) as conn, conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-            " currency, payment_method) VALUES (%s, 'charge', %s, %s, 'EUR', 'pm_card_visa')",
-            [(f"{prefix}-{n}", provider_name, 1000 + n) for n in range(count)],
-        )
+            await wait_until(settled, "every intent finished", guard_seconds=deadline)
+            for relay in relays:
+                relay.stop()
+    finally:
+        for relay in relays:
+            await relay.db.close()
 
 
 async def count_status(db_url: str, provider_name: str, statuses: tuple[str, ...]) -> int:
