@@ -4,6 +4,7 @@ on a hand-driven clock (tests/support/clock.py): no test waits for real time to 
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -154,7 +155,7 @@ async def test_lane_waits_for_a_token_on_its_clock() -> None:
         tg.start_soon(admit_next)
         await wait_until(lambda: clock.sleepers == 1, "the admission to sleep on the lane clock")
         clock.advance(0.2)
-        await anyio.sleep(0)  # the woken admission looks at the clock, and sleeps on
+        await anyio.lowlevel.checkpoint()  # the woken admission sees the clock, sleeps on
         assert admitted == [], "no token before 1/rate has passed on the lane's clock"
         clock.advance(0.05)
     assert admitted == [True]

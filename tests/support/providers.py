@@ -19,9 +19,12 @@ __all__ = ["stripe_adapter", "stripe_on_fake"]
 
 
 @asynccontextmanager
-async def stripe_adapter(base_url: str, **options: Any) -> AsyncIterator[StripeAdapter]:
-    """An adapter named ``stripe`` with the fake's API key; ``options`` go to the adapter."""
-    adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=base_url, **options)
+async def stripe_adapter(
+    base_url: str, *, api_key: str = API_KEY, **options: Any
+) -> AsyncIterator[StripeAdapter]:
+    """An adapter named ``stripe``, by default with the fake's API key; ``options`` (e.g.
+    ``read_timeout_seconds``) go to :class:`StripeAdapter`."""
+    adapter = StripeAdapter(name="stripe", api_key=api_key, base_url=base_url, **options)
     try:
         yield adapter
     finally:
