@@ -35,7 +35,8 @@ from relay.infra.queries import QUERIES
 from tests.conftest import with_dbname
 from tests.login_roles import GROUP_ROLES, login_role
 from tests.processes import FakeProviderProcess, RelayProcess
-from tests.scrape import scrape, wait_for
+from tests.scrape import scrape
+from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.integration
 
@@ -753,13 +754,13 @@ def test_real_relay_as_relay_role_finishes_a_workload(
         relay.start()
         relay.wait_ready()
         # Every intent settles; every event is published; the janitor looked up the dead one.
-        wait_for(lambda: _unsettled(db_url) == (0, 0, 1))
+        block_until(lambda: _unsettled(db_url) == (0, 0, 1))
 
         readyz = f"http://127.0.0.1:{relay.http_port}/readyz"
         # /readyz: the database answers and the schema version (read as the relay) is current.
-        wait_for(lambda: httpx.get(readyz, timeout=10).status_code == 200)
+        block_until(lambda: httpx.get(readyz, timeout=10).status_code == 200)
         # The depth sampler reads the queue as the relay: the dead intent shows.
-        wait_for(
+        block_until(
             lambda: (
                 scrape(relay.http_port).value("outbox_relay_dead_letters", provider="stripe") == 1
             )

@@ -9,12 +9,21 @@ in that order.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-__all__ = ["DEFAULTS", "insert_charges", "insert_intent", "insert_intents"]
+from relay.cli.demo import Row
+
+__all__ = [
+    "DEFAULTS",
+    "insert_charges",
+    "insert_intent",
+    "insert_intents",
+    "insert_workload",
+]
 
 DEFAULTS: Mapping[str, Any] = {
     "provider": "stripe",
@@ -61,18 +70,29 @@ def insert_charges(
     )
 
 
+def insert_workload(db_url: str, rows: Iterable[Row]) -> list[int]:
+    """The rows of ``relay.cli.demo.build_workload``, for the ``stripe`` provider."""
+    return insert_intents(db_url, (asdict(row) for row in rows))
+
+
 def _insert(conn: psycopg.Connection[Any], rows: Iterable[Mapping[str, Any]]) -> list[int]:
+    complete = [{**DEFAULTS, **row} for row in rows]
+    if not complete:
+        return []
+    columns = list(complete[0])
+    if any(list(row) != columns for row in complete):  # different columns: row by row
+        return [_insert(conn, [row])[0] for row in complete]
+    statement = sql.SQL("INSERT INTO outbox.payment_intents ({}) VALUES ({}) RETURNING id").format(
+        sql.SQL(", ").join(map(sql.Identifier, columns)),
+        sql.SQL(", ").join(sql.Placeholder(column) for column in columns),
+    )
     ids = []
-    for row in rows:
-        values = {**DEFAULTS, **row}
-        statement = sql.SQL("INSERT INTO outbox.payment_intents ({}) VALUES ({}) RETURNING id")
-        inserted = conn.execute(
-            statement.format(
-                sql.SQL(", ").join(map(sql.Identifier, values)),
-                sql.SQL(", ").join(sql.Placeholder() * len(values)),
-            ),
-            list(values.values()),
-        ).fetchone()
-        assert inserted is not None
-        ids.append(int(inserted[0]))
+    with conn.cursor() as cur:
+        cur.executemany(statement, complete, returning=True)
+        while True:
+            inserted = cur.fetchone()
+            assert inserted is not None
+            ids.append(int(inserted[0]))
+            if not cur.nextset():
+                break
     return ids

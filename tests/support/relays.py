@@ -14,7 +14,7 @@ import psycopg
 
 from provider_adapters.base import ProviderAdapter
 from relay.core.clock import SYSTEM_CLOCK, Clock
-from relay.core.lanes import Lane
+from relay.core.lanes import BreakerSettings, Lane
 from relay.core.runtime import Relay, RelayOptions
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra.config import ProviderSettings
@@ -33,6 +33,8 @@ __all__ = [
     "running",
 ]
 
+PRODUCTION_BREAKER = BreakerSettings()
+
 
 def make_relay(
     db_url: str,
@@ -45,9 +47,10 @@ def make_relay(
     concurrency: int = 16,
     batch_size: int = 50,
     seed: int = 1,
+    breaker: BreakerSettings = PRODUCTION_BREAKER,
     **options: Any,
 ) -> Relay:
-    lane = Lane(provider, adapter, concurrency=concurrency, timeout_seconds=5.0)
+    lane = Lane(provider, adapter, concurrency=concurrency, timeout_seconds=5.0, breaker=breaker)
     rng = random.Random(seed)
     return Relay(
         Database(db_url, pool_size=3, name=instance),
