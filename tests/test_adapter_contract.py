@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import get_args
 
 import pytest
 
@@ -28,6 +27,8 @@ from provider_adapters.base import (
     Succeeded,
 )
 from provider_adapters.memory import MemoryProvider
+from tests.support.commands import authorized, charged, command, outcome_of
+from tests.support.commands import succeeded as succeeded_on
 from tests.support.providers import stripe_on_fake
 
 pytestmark = pytest.mark.anyio
@@ -98,48 +99,22 @@ async def provider(request: pytest.FixtureRequest) -> AsyncIterator[ProviderUnde
 # -- helpers -----------------------------------------------------------------------------
 
 
-def command(
-    action: Action,
-    key: str,
-    amount: int = 1000,
-    *,
-    reference: str | None = None,
-    method: str | None = "pm_card_visa",
-) -> Command:
-    return Command(
-        intent_id=abs(hash(key)) % 10_000,
-        payment_id=f"pay-{key}",
-        action=action,
-        idempotency_key=key,
-        amount_minor=amount,
-        currency="EUR",
-        payment_method=method if action in (Action.AUTHORIZE, Action.CHARGE) else None,
-        payment_reference=reference,
-    )
-
-
 async def execute(provider: ProviderUnderTest, cmd: Command) -> Outcome:
-    """``execute``, checked to answer with exactly one outcome of the taxonomy."""
-    outcome = await provider.adapter.execute(cmd)
-    assert isinstance(outcome, get_args(Outcome)), outcome
-    return outcome
+    return outcome_of(await provider.adapter.execute(cmd))
 
 
 async def lookup(provider: ProviderUnderTest, cmd: Command) -> Outcome:
-    outcome = await provider.adapter.lookup(cmd)
-    assert isinstance(outcome, get_args(Outcome)), outcome
-    return outcome
+    return outcome_of(await provider.adapter.lookup(cmd))
 
 
 async def succeeded(provider: ProviderUnderTest, cmd: Command) -> Succeeded:
-    outcome = await execute(provider, cmd)
-    assert isinstance(outcome, Succeeded), outcome
-    return outcome
+    return await succeeded_on(provider.adapter, cmd)
 
 
 async def paid(provider: ProviderUnderTest, action: Action, key: str, amount: int = 1000) -> str:
     """The payment reference of an authorized or charged payment."""
-    return (await succeeded(provider, command(action, key, amount))).payment_reference
+    pay = authorized if action is Action.AUTHORIZE else charged
+    return await pay(provider.adapter, key, amount)
 
 
 # -- the adapter and its outcomes --------------------------------------------------------

@@ -29,11 +29,12 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provider_adapters.base import Action, Ambiguous, Command, Succeeded
+from provider_adapters.base import Action, Ambiguous, Succeeded
 from provider_adapters.fake import FaultConfig, create_app
 from relay.core.lanes import BreakerSettings
 from relay.infra.redaction import luhn_valid
 from tests.invariants import intents
+from tests.support.commands import command
 from tests.support.intents import insert_intents
 from tests.support.providers import stripe_adapter
 from tests.support.relays import make_relay, run_until_settled
@@ -149,25 +150,12 @@ async def mangling_fake(mangler: Mangler) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def _command(action: Action, key: str, reference: str | None = None) -> Command:
-    return Command(
-        intent_id=1,
-        payment_id=f"pay-{key}",
-        action=action,
-        idempotency_key=key,
-        amount_minor=1000,
-        currency="EUR",
-        payment_method="pm_card_visa" if action is Action.AUTHORIZE else None,
-        payment_reference=reference,
-    )
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("scenario", sorted(MANGLERS))
 async def test_the_adapter_never_calls_a_malformed_reply_a_success(scenario: str) -> None:
     mangler = Mangler(scenario_by_key={f"a-{scenario}": scenario, f"c-{scenario}": scenario})
     async with mangling_fake(mangler) as url, stripe_adapter(url) as adapter:
-        auth = _command(Action.AUTHORIZE, f"a-{scenario}")
+        auth = command(Action.AUTHORIZE, f"a-{scenario}")
         first = await adapter.execute(auth)
         assert isinstance(first, Ambiguous), first
         assert first.code == "invalid_provider_reply", first
@@ -178,7 +166,7 @@ async def test_the_adapter_never_calls_a_malformed_reply_a_success(scenario: str
         assert (settled.amount_minor, settled.currency) == (1000, "EUR")
         assert re.fullmatch(r"pi_[A-Za-z0-9]+", settled.provider_reference)
 
-        capture = _command(Action.CAPTURE, f"c-{scenario}", settled.payment_reference)
+        capture = command(Action.CAPTURE, f"c-{scenario}", reference=settled.payment_reference)
         captured = await adapter.execute(capture)
         assert isinstance(captured, Ambiguous), captured
         by_lookup = await adapter.lookup(capture)
@@ -284,7 +272,7 @@ def test_any_reply_is_success_only_when_it_verifies(
 
     async def once() -> Any:
         async with stripe_adapter(scripted.url) as adapter:
-            return await adapter.execute(_command(Action.AUTHORIZE, "prop-key"))
+            return await adapter.execute(command(Action.AUTHORIZE, "prop-key"))
 
     outcome = anyio.run(once)
     if _trustworthy(body):

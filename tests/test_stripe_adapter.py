@@ -22,12 +22,12 @@ from provider_adapters.base import (
     Command,
     Declined,
     Invalid,
-    ProviderAdapter,
     Retryable,
     Succeeded,
 )
 from provider_adapters.fake import FaultConfig
 from provider_adapters.stripe import StripeAdapter
+from tests.support.commands import authorized, charged, command, succeeded
 from tests.support.fake_server import FakeServer, running_fake
 from tests.support.providers import stripe_adapter
 
@@ -40,42 +40,6 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 async def fake() -> AsyncIterator[FakeServer]:
     async with running_fake(FaultConfig(seed=11)) as server:
         yield server
-
-
-def command(
-    action: Action,
-    key: str,
-    amount: int = 1000,
-    *,
-    reference: str | None = None,
-    method: str | None = "pm_card_visa",
-    traceparent: str | None = None,
-) -> Command:
-    return Command(
-        intent_id=abs(hash(key)) % 10_000,
-        payment_id=f"pay-{key}",
-        action=action,
-        idempotency_key=key,
-        amount_minor=amount,
-        currency="EUR",
-        payment_method=method if action in (Action.AUTHORIZE, Action.CHARGE) else None,
-        payment_reference=reference,
-        traceparent=traceparent,
-    )
-
-
-async def succeeded(adapter: ProviderAdapter, cmd: Command) -> Succeeded:
-    outcome = await adapter.execute(cmd)
-    assert isinstance(outcome, Succeeded), outcome
-    return outcome
-
-
-async def authorized(adapter: ProviderAdapter, key: str, amount: int = 1000) -> str:
-    return (await succeeded(adapter, command(Action.AUTHORIZE, key, amount))).payment_reference
-
-
-async def charged(adapter: ProviderAdapter, key: str, amount: int = 1000) -> str:
-    return (await succeeded(adapter, command(Action.CHARGE, key, amount))).payment_reference
 
 
 def closed_port() -> int:
