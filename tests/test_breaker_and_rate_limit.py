@@ -3,6 +3,9 @@ on a hand-driven clock (tests/support/clock.py): no test waits for real time to 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import anyio
 import anyio.lowlevel
 import pytest
@@ -138,14 +141,15 @@ def make_lane(clock: Clock, **settings: object) -> Lane:
     )
 
 
-@pytest.mark.anyio
-async def test_lane_waits_for_a_token_on_its_clock() -> None:
-    clock = Clock()
-    lane = make_lane(clock, rate_limit=RateLimit(per_second=4.0, burst=1))
-    stop = anyio.Event()
+@asynccontextmanager
+async def waiting_for_a_token(
+    clock: Clock, per_second: float, stop: anyio.Event, admitted: list[bool]
+) -> AsyncIterator[Lane]:
+    """A lane whose burst of one token is spent, with a second admission asleep on its
+    clock for the block's duration; what that admission returns lands in ``admitted``."""
+    lane = make_lane(clock, rate_limit=RateLimit(per_second=per_second, burst=1))
     lane.acquire()
     assert await lane.admit(stop), "the burst's one token"
-    admitted: list[bool] = []
 
     async def admit_next() -> None:
         lane.acquire()
@@ -154,6 +158,13 @@ async def test_lane_waits_for_a_token_on_its_clock() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(admit_next)
         await wait_until(lambda: clock.sleepers == 1, "the admission to sleep on the lane clock")
+        yield lane
+
+
+@pytest.mark.anyio
+async def test_lane_waits_for_a_token_on_its_clock() -> None:
+    clock, stop, admitted = Clock(), anyio.Event(), []
+    async with waiting_for_a_token(clock, 4.0, stop, admitted) as lane:
         clock.advance(0.2)
         await anyio.lowlevel.checkpoint()  # the woken admission sees the clock, sleeps on
         assert admitted == [], "no token before 1/rate has passed on the lane's clock"
@@ -164,20 +175,8 @@ async def test_lane_waits_for_a_token_on_its_clock() -> None:
 
 @pytest.mark.anyio
 async def test_a_stop_ends_the_wait_for_a_token_without_admitting() -> None:
-    clock = Clock()
-    lane = make_lane(clock, rate_limit=RateLimit(per_second=1.0, burst=1))
-    stop = anyio.Event()
-    lane.acquire()
-    assert await lane.admit(stop)
-    admitted: list[bool] = []
-
-    async def admit_next() -> None:
-        lane.acquire()
-        admitted.append(await lane.admit(stop))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(admit_next)
-        await wait_until(lambda: clock.sleepers == 1, "the admission to sleep on the lane clock")
+    clock, stop, admitted = Clock(), anyio.Event(), []
+    async with waiting_for_a_token(clock, 1.0, stop, admitted) as lane:
         stop.set()
     assert admitted == [False]
     assert clock.sleepers == 0 and lane.waiting == 0
