@@ -10,16 +10,17 @@ missing server fails the run instead of skipping.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from provider_adapters.stripe import StripeAdapter
 from relay.infra.migrate import migrate
-from tests.fake_server import API_KEY, FakeServer, running_fake
+from tests.support.databases import scratch_database
+from tests.support.fake_server import FakeServer, running_fake
+from tests.support.providers import stripe_adapter
 
 REQUIRE_SERVICES = os.environ.get("RELAY_TEST_REQUIRE_SERVICES") == "1"
 
@@ -28,12 +29,6 @@ def _unavailable(reason: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{reason} (RELAY_TEST_REQUIRE_SERVICES=1)", pytrace=False)
     pytest.skip(reason)
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
 
 
 @pytest.fixture(scope="session")
@@ -62,28 +57,16 @@ def pg_admin_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def template_db(pg_admin_url: str) -> Iterator[str]:
-    name = f"outbox_relay_tmpl_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        migrate(with_dbname(pg_admin_url, name))
-        yield name
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(pg_admin_url, "outbox_relay_tmpl", hex_digits=10) as url:
+        migrate(url)
+        yield str(conninfo_to_dict(url)["dbname"])
 
 
 @pytest.fixture
 def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
-    name = f"outbox_relay_t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    try:
-        yield with_dbname(pg_admin_url, name)
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(pg_admin_url, "outbox_relay_t", template=template_db) as url:
+        yield url
 
 
 @pytest.fixture
@@ -123,8 +106,5 @@ async def fake() -> AsyncIterator[FakeServer]:
 
 @pytest.fixture
 async def adapter(fake: FakeServer) -> AsyncIterator[StripeAdapter]:
-    stripe_adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
-    try:
-        yield stripe_adapter
-    finally:
-        await stripe_adapter.aclose()
+    async with stripe_adapter(fake.url) as pointed_at_fake:
+        yield pointed_at_fake

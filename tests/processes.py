@@ -7,10 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+
+from tests.support.waiting import block_until
 
 
 def free_port() -> int:
@@ -30,16 +31,16 @@ class FakeProviderProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{self.url}/_fake/effects", timeout=1).raise_for_status()
-                return
-            except httpx.HTTPError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("fake provider exited at start; see its log") from None
-                time.sleep(0.1)
-        raise RuntimeError("fake provider did not start within 30 s")
+        block_until(self._answers, "the fake provider to answer", guard_seconds=30)
+
+    def _answers(self) -> bool:
+        try:
+            httpx.get(f"{self.url}/_fake/effects", timeout=1).raise_for_status()
+        except httpx.HTTPError:
+            if self.proc.poll() is not None:
+                raise RuntimeError("fake provider exited at start; see its log") from None
+            return False
+        return True
 
     def effects(self) -> dict[str, object]:
         response = httpx.get(f"{self.url}/_fake/effects", timeout=30)
@@ -86,14 +87,15 @@ class RelayProcess:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Wait for this start's `relay_ready` log line (signal handlers are installed)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if b"relay_ready" in self.log_path.read_bytes()[self._log_offset :]:
-                return
+                return True
             if not self.running:
                 raise RuntimeError(f"{self.name} exited; see {self.log_path}")
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not ready after {timeout} s")
+            return False
+
+        block_until(ready, f"{self.name} to log relay_ready", guard_seconds=timeout, every=0.05)
 
     @property
     def running(self) -> bool:

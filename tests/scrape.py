@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any
-
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,15 +37,3 @@ def scrape(port: int) -> Scrape:
     response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
     response.raise_for_status()
     return Scrape(response.text)
-
-
-def wait_for(predicate: Callable[[], Any], guard_seconds: float = 300.0) -> Any:
-    """Poll until ``predicate()`` is truthy and return it; the guard turns a hang into a
-    failure and is no speed limit."""
-    deadline = time.monotonic() + guard_seconds
-    while True:
-        result = predicate()
-        if result:
-            return result
-        assert time.monotonic() < deadline, "gave up waiting (hang guard)"
-        time.sleep(0.1)

@@ -1,21 +1,23 @@
-"""Unit tests of the pure circuit breaker and token bucket, on a hand-driven clock."""
+"""Unit tests of the pure circuit breaker and token bucket, and of a lane built on them,
+on a hand-driven clock (tests/support/clock.py): no test waits for real time to pass."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from provider_adapters.memory import MemoryProvider
+from relay.core.lanes import BreakerSettings, Lane, RateLimit
 from relay.domain.breaker import BreakerState, CircuitBreaker
 from relay.domain.rate_limit import TokenBucket
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import ManualClock as Clock
+from tests.support.waiting import wait_until
 
 
 def make_breaker(clock: Clock, threshold: int = 3, probes: int = 2) -> CircuitBreaker:
@@ -123,3 +125,69 @@ def test_bucket_never_exceeds_burst_plus_rate_times_elapsed(
         while bucket.try_take():
             taken += 1
         assert taken <= burst + rate * (clock.now - start) + 1e-9
+
+
+# -- a lane reads and waits on the clock it is given ------------------------------------
+
+
+def make_lane(clock: Clock, **settings: object) -> Lane:
+    return Lane(
+        "memory",
+        MemoryProvider(),
+        concurrency=8,
+        timeout_seconds=5.0,
+        clock=clock.lane_clock,
+        **settings,  # type: ignore[arg-type]
+    )
+
+
+@asynccontextmanager
+async def waiting_for_a_token(
+    clock: Clock, per_second: float, stop: anyio.Event, admitted: list[bool]
+) -> AsyncIterator[Lane]:
+    """A lane whose burst of one token is spent, with a second admission asleep on its
+    clock for the block's duration; what that admission returns lands in ``admitted``."""
+    lane = make_lane(clock, rate_limit=RateLimit(per_second=per_second, burst=1))
+    lane.acquire()
+    assert await lane.admit(stop), "the burst's one token"
+
+    async def admit_next() -> None:
+        lane.acquire()
+        admitted.append(await lane.admit(stop))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(admit_next)
+        await wait_until(lambda: clock.sleepers == 1, "the admission to sleep on the lane clock")
+        yield lane
+
+
+@pytest.mark.anyio
+async def test_lane_waits_for_a_token_on_its_clock() -> None:
+    clock, stop, admitted = Clock(), anyio.Event(), []
+    async with waiting_for_a_token(clock, 4.0, stop, admitted) as lane:
+        clock.advance(0.2)
+        await anyio.lowlevel.checkpoint()  # the woken admission sees the clock, sleeps on
+        assert admitted == [], "no token before 1/rate has passed on the lane's clock"
+        clock.advance(0.05)
+    assert admitted == [True]
+    assert lane.seconds_until_capacity() == pytest.approx(0.25)
+
+
+@pytest.mark.anyio
+async def test_a_stop_ends_the_wait_for_a_token_without_admitting() -> None:
+    clock, stop, admitted = Clock(), anyio.Event(), []
+    async with waiting_for_a_token(clock, 1.0, stop, admitted) as lane:
+        stop.set()
+    assert admitted == [False]
+    assert clock.sleepers == 0 and lane.waiting == 0
+
+
+def test_lane_breaker_cools_down_on_the_lane_clock() -> None:
+    clock = Clock()
+    lane = make_lane(clock, breaker=BreakerSettings(failure_threshold=1, cooldown_seconds=10.0))
+    lane.breaker.record_failure()
+    assert lane.claimable() == 0
+    assert lane.seconds_until_capacity() == pytest.approx(10.0)
+    clock.advance(10.0)
+    assert lane.breaker.state is BreakerState.HALF_OPEN
+    assert lane.claimable() == 1, "one half-open probe by default"

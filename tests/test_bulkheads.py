@@ -1,34 +1,31 @@
 """Bulkheads: a sick provider's lane, its circuit breaker and its rate limit, seen from the
-provider's side (the fake provider's request log), never from wall-clock limits."""
+provider's side (the fake provider's request log), never from wall-clock limits.
+
+The breaker and the rate limit run on a hand-driven clock (tests/support/clock.py): time in
+the lanes passes only when a test advances it, so each check is exact. The sick provider
+is real latency holding real slots, waited for on the database.
+"""
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import psycopg
 import pytest
 
 from provider_adapters.fake import FaultConfig
+from relay.core.lanes import Lane
 from relay.core.runtime import Relay
 from relay.domain.breaker import BreakerState
-from tests.fake_server import running_fake
-from tests.lane_harness import (
-    count_status,
-    insert_charges,
-    max_concurrency,
-    provider,
-    relay_for,
-    running,
-    wait_until,
-)
+from tests.support.clock import ManualClock
+from tests.support.fake_server import FakeServer, running_fake
+from tests.support.intents import insert_charges
+from tests.support.relays import count_status, max_concurrency, provider, relay_for, running
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 TERMINAL = ("succeeded", "failed", "dead")
-# Server-side timestamps trail the relay's decisions by the loopback hop and event-loop
-# scheduling; this much slack keeps the checks about the relay, not about the machine.
-SLACK = 0.2
 
 
 async def test_sick_provider_fills_only_its_own_lane(db_url: str) -> None:
@@ -48,7 +45,7 @@ async def test_sick_provider_fills_only_its_own_lane(db_url: str) -> None:
             async def healthy_done() -> bool:
                 return await count_status(db_url, "healthy", TERMINAL) == 300
 
-            await wait_until(healthy_done)
+            await wait_until(healthy_done, "every healthy intent finished")
             sick_unfinished = 30 - await count_status(db_url, "sick", TERMINAL)
             sick_log = await sick.request_log()
 
@@ -58,7 +55,9 @@ async def test_sick_provider_fills_only_its_own_lane(db_url: str) -> None:
 
 
 async def test_breaker_opens_stops_calls_probes_and_closes(db_url: str) -> None:
-    threshold, cooldown, probes, concurrency = 3, 1.0, 2, 4
+    threshold, cooldown, probes, concurrency = 3, 30.0, 2, 4
+    clock = ManualClock()
+    opened_at = clock.now
     async with running_fake(FaultConfig(rate_503=1.0)) as fake:
         relay = relay_for(
             db_url,
@@ -71,47 +70,63 @@ async def test_breaker_opens_stops_calls_probes_and_closes(db_url: str) -> None:
                     breaker_half_open_probes=probes,
                 )
             },
+            clock=clock.lane_clock,
         )
-        breaker = relay.lanes["flaky"].breaker
+        lane = relay.lanes["flaky"]
+        breaker = lane.breaker
         insert_charges(db_url, "flaky", 20, "flaky")
         async with running(relay):
+            await wait_until(lambda: breaker.times_opened == 1, "the breaker to open")
+            before_open = await _calls_once_idle(fake, lane)
+            assert threshold <= before_open <= threshold + concurrency - 1
 
-            async def reopened() -> bool:
-                return breaker.times_opened >= 2
+            clock.advance(cooldown - 0.5)
+            await _claim_loop_turned(relay)
+            assert breaker.state is BreakerState.OPEN
+            assert await _calls_once_idle(fake, lane) == before_open, "a call while open"
 
-            await wait_until(reopened)  # open, a failed half-open probe, open again
+            clock.advance(0.5)  # half-open: the probes fail and open the breaker again
+            await wait_until(lambda: breaker.times_opened == 2, "the breaker to re-open")
+            probes_made = await _calls_once_idle(fake, lane) - before_open
+            assert 1 <= probes_made <= probes, "half-open lets only the configured probes through"
+
+            clock.advance(cooldown - 0.5)
+            await _claim_loop_turned(relay)
+            assert breaker.state is BreakerState.OPEN
+            assert await _calls_once_idle(fake, lane) == before_open + probes_made
+
             await fake.configure(rate_503=0.0)
+            clock.advance(0.5)  # half-open again: a probe succeeds and closes the breaker
 
             async def all_done() -> bool:
                 return await count_status(db_url, "flaky", TERMINAL) == 20
 
-            await wait_until(all_done)
+            await wait_until(all_done, "every flaky intent finished")
             log = await fake.request_log()
 
     assert await count_status(db_url, "flaky", ("succeeded",)) == 20
-    transitions = list(breaker.transitions)
-    states = [state for _, state in transitions]
-    assert states[:4] == [
-        BreakerState.OPEN,
-        BreakerState.HALF_OPEN,
-        BreakerState.OPEN,
-        BreakerState.HALF_OPEN,
+    assert list(breaker.transitions)[:4] == [
+        (opened_at, BreakerState.OPEN),
+        (opened_at + cooldown, BreakerState.HALF_OPEN),
+        (opened_at + cooldown, BreakerState.OPEN),
+        (opened_at + 2 * cooldown, BreakerState.HALF_OPEN),
     ]
-    assert states[-1] is BreakerState.CLOSED
-
-    starts = sorted(entry["started"] for entry in log)
-    first_open = transitions[0][0]
-    assert sum(1 for t in starts if t < first_open) <= threshold + concurrency - 1
-    for (at, state), (until, next_state) in itertools.pairwise(transitions):
-        during = [t for t in starts if at + SLACK < t < until]
-        if state is BreakerState.OPEN:
-            assert during == [], f"calls while the breaker was open: {len(during)}"
-        if state is BreakerState.HALF_OPEN:
-            # After a close, calls flow at once: only a re-open window gets the slack.
-            end = until + SLACK if next_state is BreakerState.OPEN else until
-            window = [t for t in starts if at - SLACK <= t <= end]
-            assert 1 <= len(window) <= probes, "half-open lets only the configured probes through"
+    assert breaker.transitions[-1] == (opened_at + 2 * cooldown, BreakerState.CLOSED)
     await _assert_attempts_match_calls(db_url, "flaky", log)
+
+
+async def _calls_once_idle(fake: FakeServer, lane: Lane) -> int:
+    """Calls the provider has received, once the lane has none claimed or running."""
+    await wait_until(lambda: lane.in_flight == 0, f"lane {lane.provider} to go idle")
+    return len(await fake.request_log())
+
+
+async def _claim_loop_turned(relay: Relay) -> None:
+    """Return once a whole turn of the claim loop began after this call: it has asked
+    every lane what it may claim on the clock as it is now, and dispatched what it got."""
+    for _ in range(2):
+        seen = relay.heartbeat
+        await wait_until(lambda seen=seen: relay.heartbeat > seen, "a turn of the claim loop")
 
 
 async def _assert_attempts_match_calls(
@@ -129,32 +144,45 @@ async def _assert_attempts_match_calls(
 
 
 async def test_rate_limit_holds_calls_per_second_and_burst(db_url: str) -> None:
-    rate, burst = 25.0, 5
-    async with running_fake() as fake:
-        relay: Relay = relay_for(
+    # One token every 1/16 s: steps of a binary fraction keep the clock's sums exact.
+    rate, burst, total = 16.0, 5, 60
+    clock = ManualClock()
+    start = clock.now
+    async with running_fake(clock=clock) as fake:
+        relay = relay_for(
             db_url,
             {
                 "limited": provider(
                     fake.url, concurrency=16, rate_limit_per_second=rate, rate_limit_burst=burst
                 )
             },
+            clock=clock.lane_clock,
         )
-        insert_charges(db_url, "limited", 60, "limited")
+        insert_charges(db_url, "limited", total, "limited")
         async with running(relay):
+            while True:
+                allowed = min(total, burst + int(rate * (clock.now - start)))
+                await wait_until(
+                    lambda allowed=allowed: len(fake.posts()) >= allowed,
+                    f"{allowed} calls by {clock.now - start:g} s",
+                    every=0.01,
+                )
+                if allowed == total:
+                    break
+                clock.advance(1 / rate)
 
             async def all_done() -> bool:
-                return await count_status(db_url, "limited", TERMINAL) == 60
+                return await count_status(db_url, "limited", TERMINAL) == total
 
-            await wait_until(all_done)
+            await wait_until(all_done, "every limited intent finished")
             log = await fake.request_log()
 
-    assert await count_status(db_url, "limited", ("succeeded",)) == 60
-    starts = sorted(entry["started"] for entry in log)
-    assert len(starts) == 60
-    worst = 0.0
+    assert await count_status(db_url, "limited", ("succeeded",)) == total
+    starts = sorted(request.at for request in fake.posts())
+    assert len(starts) == total
     for i, first in enumerate(starts):
         for j in range(i, len(starts)):
-            allowed = burst + rate * (starts[j] - first + SLACK)
-            worst = max(worst, (j - i + 1) - allowed)
-    assert worst <= 0, f"{worst:.1f} calls above burst + rate x interval"
+            calls, interval = j - i + 1, starts[j] - first
+            assert calls <= burst + rate * interval, f"{calls} calls in {interval:g} s"
+    assert starts[-1] - start == (total - burst) / rate, "the limit is no slower than its rate"
     await _assert_attempts_match_calls(db_url, "limited", log)

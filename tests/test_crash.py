@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from relay.cli.demo import build_workload
@@ -28,6 +27,8 @@ from tests.invariants import (
 )
 from tests.invariants import intents as all_intents
 from tests.processes import FakeProviderProcess, RelayProcess
+from tests.support.intents import insert_workload
+from tests.support.waiting import block_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -51,15 +52,6 @@ CHAOS_SECONDS = chaos_seconds(os.environ)
 # The chaos goes on until both hold: a loaded machine makes each round slower, and the
 # test is about the kills, so it counts them instead of trusting the clock.
 MIN_KILLS = 15
-
-
-def _insert(db_url: str, rows: list[Any]) -> None:
-    with psycopg.connect(db_url) as conn, conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-            " currency, payment_method) VALUES (%s, %s, 'stripe', %s, %s, %s)",
-            [(r.payment_id, r.action, r.amount_minor, r.currency, r.payment_method) for r in rows],
-        )
 
 
 def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_path: Path) -> None:
@@ -124,7 +116,7 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
         ) and time.monotonic() - chaos_started < CHAOS_SECONDS * 10:
             if waves and time.monotonic() >= next_wave:
                 wave = waves.pop(0)
-                _insert(db_url, wave)
+                insert_workload(db_url, wave)
                 inserted += len(wave)
                 next_wave += wave_every
             victim = rng.choice(relays)
@@ -133,16 +125,13 @@ def test_sigkilled_relays_lose_nothing_and_duplicate_nothing(db_url: str, tmp_pa
             victim.start()
             time.sleep(rng.uniform(0.1, 0.8))
         for wave in waves:
-            _insert(db_url, wave)
+            insert_workload(db_url, wave)
             inserted += len(wave)
         assert inserted == len(rows)
         for relay in relays:
             if not relay.running:
                 relay.start()
-        # Not a speed limit: a guard so a hang fails instead of blocking CI forever.
-        deadline = time.monotonic() + 300
-        while unfinished(db_url) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        block_until(lambda: unfinished(db_url) == 0, "every intent finished", every=0.5)
         for relay in relays:
             relay.wait_ready()
         exit_codes = [relay.terminate() for relay in relays]

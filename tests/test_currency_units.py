@@ -24,9 +24,10 @@ from provider_adapters.currency_units import (
 )
 from provider_adapters.stripe import StripeAdapter
 from relay.finance.reconcile import FeeSchedule, currency_exponents, run
-from tests.fake_server import API_KEY, FakeServer
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
-from tests.relay_harness import insert_intents, make_relay, run_until_settled
+from tests.support.fake_server import API_KEY, FakeServer
+from tests.support.intents import insert_intents
+from tests.support.relays import make_relay, run_until_settled
 
 # -- conversions (pure) ------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 
 from relay.cli.demo import wait_for_workload
 from relay.cli.main import build_parser
-from tests.relay_harness import insert_intents
+from tests.support.intents import insert_intents
 
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
 

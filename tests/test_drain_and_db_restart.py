@@ -21,6 +21,8 @@ from relay.infra.migrate import migrate
 from tests.conftest import REQUIRE_SERVICES
 from tests.invariants import assert_exactly_once, unfinished
 from tests.processes import FakeProviderProcess, RelayProcess
+from tests.support.intents import insert_workload
+from tests.support.waiting import block_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,28 +45,11 @@ def _relay_env(db_url: str, fake: FakeProviderProcess, **extra: str) -> dict[str
     }
 
 
-def _insert(db_url: str, rows: list[Any]) -> None:
-    with psycopg.connect(db_url) as conn, conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-            " currency, payment_method) VALUES (%s, %s, 'stripe', %s, %s, %s)",
-            [(r.payment_id, r.action, r.amount_minor, r.currency, r.payment_method) for r in rows],
-        )
-
-
 def _scalar(db_url: str, sql: str, *params: object) -> Any:
     with psycopg.connect(db_url) as conn:
         row = conn.execute(sql, params).fetchone()
     assert row is not None
     return row[0]
-
-
-def _wait(predicate: Any, guard_seconds: float = 300.0) -> None:
-    """Poll; the guard turns a hang into a failure and is no speed limit."""
-    deadline = time.monotonic() + guard_seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "gave up waiting (hang guard)"
-        time.sleep(0.1)
 
 
 def test_sigterm_drains_releases_unstarted_and_exits_zero(db_url: str, tmp_path: Path) -> None:
@@ -87,11 +72,11 @@ def test_sigterm_drains_releases_unstarted_and_exits_zero(db_url: str, tmp_path:
     first = RelayProcess("drain-relay-1", env, tmp_path)
     second = RelayProcess("drain-relay-2", env, tmp_path)
     try:
-        _insert(db_url, rows)
+        insert_workload(db_url, rows)
         first.start()
         first.wait_ready()
-        _wait(lambda: _probe(first, "/readyz") == 200, guard_seconds=60)
-        _wait(
+        block_until(lambda: _probe(first, "/readyz") == 200, guard_seconds=60)
+        block_until(
             lambda: (
                 _scalar(
                     db_url, "SELECT count(*) FROM outbox.payment_intents WHERE status = 'succeeded'"
@@ -123,7 +108,7 @@ def test_sigterm_drains_releases_unstarted_and_exits_zero(db_url: str, tmp_path:
         )
         log = first.log_path.read_text()
         second.start()
-        _wait(lambda: unfinished(db_url) == 0)
+        block_until(lambda: unfinished(db_url) == 0)
         second.wait_ready()
         assert second.terminate(timeout=60) == 0
         effects = fake.effects()
@@ -204,10 +189,10 @@ def test_postgres_restart_under_load_is_survived_exactly_once(
         tmp_path,
     )
     try:
-        _insert(db_url, before)
+        insert_workload(db_url, before)
         relay.start()
         relay.wait_ready()
-        _wait(
+        block_until(
             lambda: (
                 _scalar(
                     db_url, "SELECT count(*) FROM outbox.payment_intents WHERE status = 'succeeded'"
@@ -217,17 +202,17 @@ def test_postgres_restart_under_load_is_survived_exactly_once(
         )
         assert _probe(relay, "/readyz") == 200
         _stop(server)
-        _wait(lambda: _probe(relay, "/readyz") == 503, guard_seconds=60)
+        block_until(lambda: _probe(relay, "/readyz") == 503, guard_seconds=60)
         assert _probe(relay, "/healthz") == 200, "liveness does not fail for the database"
         time.sleep(2.0)
         server.ensure_postgres_running()
-        _wait(lambda: _probe(relay, "/readyz") == 200, guard_seconds=120)
+        block_until(lambda: _probe(relay, "/readyz") == 200, guard_seconds=120)
         assert relay.running, "the relay survives the database going away"
-        _insert(db_url, after)
+        insert_workload(db_url, after)
         _stop(server)
         time.sleep(1.0)
         server.ensure_postgres_running()
-        _wait(lambda: unfinished(db_url) == 0)
+        block_until(lambda: unfinished(db_url) == 0)
         assert relay.running
         assert relay.terminate(timeout=60) == 0
         effects = fake.effects()

@@ -30,7 +30,8 @@ from relay.events.publisher import publisher_from_settings
 from relay.events.store import EventResult, EventStore, Release
 from relay.infra.config import ConfigError, load_settings
 from relay.infra.db import Database
-from tests.relay_harness import insert_intents, make_relay, run_until_settled
+from tests.support.intents import insert_intents
+from tests.support.relays import make_relay, run_until_settled
 
 pytestmark = pytest.mark.integration
 

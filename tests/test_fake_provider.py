@@ -18,7 +18,7 @@ import pytest
 import stripe
 
 from provider_adapters.fake import FaultConfig
-from tests.fake_server import API_KEY, FakeServer, running_fake, stripe_client
+from tests.support.fake_server import API_KEY, FakeServer, running_fake, stripe_client
 
 pytestmark = pytest.mark.anyio
 

@@ -20,9 +20,12 @@ from relay.core.janitor import Janitor, JanitorOptions, next_check_delay
 from relay.core.lanes import Lane
 from relay.core.store import Store
 from relay.infra.db import Database
-from tests.fake_server import API_KEY, FakeServer
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
-from tests.relay_harness import insert_intents, make_relay, run_until_settled
+from tests.support.fake_server import API_KEY, FakeServer
+from tests.support.intents import insert_intent as insert_one
+from tests.support.intents import insert_intents
+from tests.support.providers import stripe_adapter
+from tests.support.relays import make_relay, run_until_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -48,13 +51,14 @@ def janitor(db: Database, adapter: StripeAdapter, **options: Any) -> Janitor:
 def insert_intent(
     conn: psycopg.Connection, payment_id: str, action: str, key: str, **extra: Any
 ) -> int:
-    row = conn.execute(
-        "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency,"
-        " payment_method, idempotency_key) VALUES (%s, %s, 'stripe', %s, 'EUR', %s, %s) RETURNING id",
-        (payment_id, action, extra.get("amount", 1000), extra.get("method", "pm_card_visa"), key),
-    ).fetchone()
-    assert row is not None
-    return int(row[0])
+    return insert_one(
+        conn,
+        payment_id=payment_id,
+        action=action,
+        amount_minor=extra.get("amount", 1000),
+        payment_method=extra.get("method", "pm_card_visa"),
+        idempotency_key=key,
+    )
 
 
 def make_dead(conn: psycopg.Connection, intent_id: int, code: str = "provider_timeout") -> None:
@@ -183,8 +187,7 @@ async def test_no_trace_is_confirmed_on_the_backoff_schedule_then_recorded(
 
 
 async def test_a_lookup_that_fails_is_retried_later(db_url: str, database: Database) -> None:
-    unreachable = StripeAdapter(name="stripe", api_key=API_KEY, base_url="http://127.0.0.1:9")
-    try:
+    async with stripe_adapter("http://127.0.0.1:9") as unreachable:
         with psycopg.connect(db_url, autocommit=True) as conn:
             intent_id = insert_intent(conn, "p-fail", "charge", "key-fail")
             make_dead(conn, intent_id)
@@ -200,8 +203,6 @@ async def test_a_lookup_that_fails_is_retried_later(db_url: str, database: Datab
         assert (await jan.run_once()).examined == 0  # not before its backoff
         later = datetime.now(UTC) + timedelta(minutes=5)
         assert (await jan.run_once(now=later)).results == {"lookup_failed": 1}
-    finally:
-        await unreachable.aclose()
 
 
 async def test_intent_past_the_key_lifetime_is_never_resent_and_the_janitor_settles_it(

@@ -32,10 +32,11 @@ from relay.finance.audit import verify_database
 from relay.finance.ledger import check_ledger
 from relay.infra.migrate import migrate, sql_dir
 from relay.infra.queries import QUERIES
-from tests.conftest import with_dbname
 from tests.login_roles import GROUP_ROLES, login_role
 from tests.processes import FakeProviderProcess, RelayProcess
-from tests.scrape import scrape, wait_for
+from tests.scrape import scrape
+from tests.support.databases import scratch_database
+from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.integration
 
@@ -325,19 +326,10 @@ def test_group_roles_exist_cannot_log_in_and_migrate_reruns(db_url: str, pg_admi
     # Re-running is a no-op, and a database migrated while the roles already exist (they
     # do: the template database created them) gets every grant.
     assert migrate(db_url) == []
-    name = f"outbox_relay_roles_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        fresh = with_dbname(pg_admin_url, name)
+    with scratch_database(pg_admin_url, "outbox_relay_roles", hex_digits=10) as fresh:
         assert "0008_pre_roles" in migrate(fresh)
         assert _grants(fresh) == _grants(db_url)
         assert migrate(fresh) == []
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def test_relay_role_starts_with_migrate_on_an_up_to_date_schema(
@@ -756,13 +748,13 @@ def test_real_relay_as_relay_role_finishes_a_workload(
         relay.start()
         relay.wait_ready()
         # Every intent settles; every event is published; the janitor looked up the dead one.
-        wait_for(lambda: _unsettled(db_url) == (0, 0, 1))
+        block_until(lambda: _unsettled(db_url) == (0, 0, 1))
 
         readyz = f"http://127.0.0.1:{relay.http_port}/readyz"
         # /readyz: the database answers and the schema version (read as the relay) is current.
-        wait_for(lambda: httpx.get(readyz, timeout=10).status_code == 200)
+        block_until(lambda: httpx.get(readyz, timeout=10).status_code == 200)
         # The depth sampler reads the queue as the relay: the dead intent shows.
-        wait_for(
+        block_until(
             lambda: (
                 scrape(relay.http_port).value("outbox_relay_dead_letters", provider="stripe") == 1
             )

@@ -24,7 +24,8 @@ from provider_adapters.memory import MemoryProvider
 from relay.finance.audit import verify_database
 from relay.finance.ledger import check_ledger
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
-from tests.relay_harness import insert_intents, make_relay, run_until_settled
+from tests.support.intents import insert_intents
+from tests.support.relays import make_relay, run_until_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -650,18 +651,14 @@ def test_rows_from_before_the_migration_get_a_baseline_and_their_postings(
     pg_admin_url: str, tmp_path: Any
 ) -> None:
     from relay.infra.migrate import discover, migrate
-    from tests.conftest import with_dbname
+    from tests.support.databases import scratch_database
 
     early = tmp_path / "early"
     early.mkdir()
     for migration in discover():
         if migration.version < "0005":
             (early / migration.path.name).write_text(migration.path.read_text())
-    name = f"outbox_relay_b_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-    url = with_dbname(pg_admin_url, name)
-    try:
+    with scratch_database(pg_admin_url, "outbox_relay_b") as url:
         migrate(url, directory=early)
         with psycopg.connect(url) as conn:
             conn.execute(
@@ -686,6 +683,3 @@ def test_rows_from_before_the_migration_get_a_baseline_and_their_postings(
         with psycopg.connect(url) as conn:
             baseline = conn.execute("SELECT DISTINCT operation FROM outbox.audit_log").fetchall()
         assert baseline == [("baseline",)]
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,14 +29,15 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provider_adapters.base import Action, Ambiguous, Command, Succeeded
+from provider_adapters.base import Action, Ambiguous, Succeeded
 from provider_adapters.fake import FaultConfig, create_app
-from provider_adapters.stripe import StripeAdapter
-from relay.domain.breaker import CircuitBreaker
+from relay.core.lanes import BreakerSettings
 from relay.infra.redaction import luhn_valid
-from tests.fake_server import API_KEY
 from tests.invariants import intents
-from tests.relay_harness import make_relay, run_until_settled
+from tests.support.commands import command
+from tests.support.intents import insert_intents
+from tests.support.providers import stripe_adapter
+from tests.support.relays import make_relay, run_until_settled
 
 CARD = "4111 1111 1111 1111"
 
@@ -150,44 +150,27 @@ async def mangling_fake(mangler: Mangler) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def _command(action: Action, key: str, reference: str | None = None) -> Command:
-    return Command(
-        intent_id=1,
-        payment_id=f"pay-{key}",
-        action=action,
-        idempotency_key=key,
-        amount_minor=1000,
-        currency="EUR",
-        payment_method="pm_card_visa" if action is Action.AUTHORIZE else None,
-        payment_reference=reference,
-    )
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("scenario", sorted(MANGLERS))
 async def test_the_adapter_never_calls_a_malformed_reply_a_success(scenario: str) -> None:
     mangler = Mangler(scenario_by_key={f"a-{scenario}": scenario, f"c-{scenario}": scenario})
-    async with mangling_fake(mangler) as url:
-        adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=url)
-        try:
-            auth = _command(Action.AUTHORIZE, f"a-{scenario}")
-            first = await adapter.execute(auth)
-            assert isinstance(first, Ambiguous), first
-            assert first.code == "invalid_provider_reply", first
-            assert CARD.replace(" ", "") not in first.message and CARD not in first.message
-            # The lookup finds what the provider really did, verified like any reply.
-            settled = await adapter.lookup(auth)
-            assert isinstance(settled, Succeeded), settled
-            assert (settled.amount_minor, settled.currency) == (1000, "EUR")
-            assert re.fullmatch(r"pi_[A-Za-z0-9]+", settled.provider_reference)
+    async with mangling_fake(mangler) as url, stripe_adapter(url) as adapter:
+        auth = command(Action.AUTHORIZE, f"a-{scenario}")
+        first = await adapter.execute(auth)
+        assert isinstance(first, Ambiguous), first
+        assert first.code == "invalid_provider_reply", first
+        assert CARD.replace(" ", "") not in first.message and CARD not in first.message
+        # The lookup finds what the provider really did, verified like any reply.
+        settled = await adapter.lookup(auth)
+        assert isinstance(settled, Succeeded), settled
+        assert (settled.amount_minor, settled.currency) == (1000, "EUR")
+        assert re.fullmatch(r"pi_[A-Za-z0-9]+", settled.provider_reference)
 
-            capture = _command(Action.CAPTURE, f"c-{scenario}", settled.payment_reference)
-            captured = await adapter.execute(capture)
-            assert isinstance(captured, Ambiguous), captured
-            by_lookup = await adapter.lookup(capture)
-            assert isinstance(by_lookup, Succeeded) and by_lookup.amount_minor == 1000
-        finally:
-            await adapter.aclose()
+        capture = command(Action.CAPTURE, f"c-{scenario}", reference=settled.payment_reference)
+        captured = await adapter.execute(capture)
+        assert isinstance(captured, Ambiguous), captured
+        by_lookup = await adapter.lookup(capture)
+        assert isinstance(by_lookup, Succeeded) and by_lookup.amount_minor == 1000
 
 
 # -- any reply at all: property over mutations of a valid one ------------------------------
@@ -288,11 +271,8 @@ def test_any_reply_is_success_only_when_it_verifies(
     scripted.body = json.dumps(body).encode()
 
     async def once() -> Any:
-        adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=scripted.url)
-        try:
-            return await adapter.execute(_command(Action.AUTHORIZE, "prop-key"))
-        finally:
-            await adapter.aclose()
+        async with stripe_adapter(scripted.url) as adapter:
+            return await adapter.execute(command(Action.AUTHORIZE, "prop-key"))
 
     outcome = anyio.run(once)
     if _trustworthy(body):
@@ -325,27 +305,26 @@ async def test_the_relay_settles_malformed_replies_by_lookup_and_never_trusts_th
         mangler.scenario_by_key[key] = scenario
         mangler.always.add(key)
         rows.append((f"always-{scenario}", "authorize", key, 1000, "pm_card_visa"))
-    with psycopg.connect(db_url) as conn:
-        for payment_id, action, key, amount, method in rows:
-            conn.execute(
-                "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-                " currency, payment_method, idempotency_key) VALUES (%s, %s, 'stripe', %s, 'EUR',"
-                " %s, %s)",
-                (payment_id, action, amount, method or None, key),
-            )
+    insert_intents(
+        db_url,
+        [
+            {
+                "payment_id": payment_id,
+                "action": action,
+                "amount_minor": amount,
+                "payment_method": method or None,
+                "idempotency_key": key,
+            }
+            for payment_id, action, key, amount, method in rows
+        ],
+    )
 
-    async with mangling_fake(mangler) as url:
-        adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=url)
-        relay = make_relay(db_url, adapter, max_attempts=3)
+    async with mangling_fake(mangler) as url, stripe_adapter(url) as adapter:
         # Garbage replies count as failures and would open the breaker for 30 s (as they
         # should in production); here the point is each reply's outcome, not the pause.
-        relay.lanes["stripe"].breaker = CircuitBreaker(
-            failure_threshold=1000, cooldown_seconds=0.1, half_open_probes=1, clock=time.monotonic
-        )
-        try:
-            await run_until_settled(db_url, [relay], deadline=120)
-        finally:
-            await adapter.aclose()
+        breaker = BreakerSettings(failure_threshold=1000, cooldown_seconds=0.1)
+        relay = make_relay(db_url, adapter, max_attempts=3, breaker=breaker)
+        await run_until_settled(db_url, [relay], deadline=120)
 
     by_key = {row[4]: row for row in intents(db_url)}
     with psycopg.connect(db_url) as conn:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,21 +12,15 @@ import pytest
 
 from relay.infra.migrate import discover, migrate
 from relay.infra.queries import QUERIES, parse_queries
-from tests.conftest import with_dbname
+from tests.support.databases import scratch_database
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def empty_db(pg_admin_url: str) -> Iterator[str]:
-    name = f"outbox_relay_m_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_dbname(pg_admin_url, name)
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(pg_admin_url, "outbox_relay_m") as url:
+        yield url
 
 
 def test_migrations_are_numbered_and_ordered() -> None:

@@ -31,7 +31,8 @@ from relay.infra.queries import QUERIES
 from relay.infra.tracing import parse_traceparent
 from relay.service.depth import DepthSampler
 from tests.processes import FakeProviderProcess, RelayProcess, free_port
-from tests.scrape import scrape, wait_for
+from tests.scrape import scrape
+from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +133,7 @@ def test_metrics_agree_with_the_database_during_and_after_a_run(
         port = relay.http_port
 
         # -- during the run: counters never run ahead of the database ------------------------
-        wait_for(
+        block_until(
             lambda: (
                 _scalar(
                     db_url, "SELECT count(*) FROM outbox.payment_intents WHERE status = 'succeeded'"
@@ -154,7 +155,7 @@ def test_metrics_agree_with_the_database_during_and_after_a_run(
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
 
         # -- after the run: everything the stripe lane can finish is finished ----------------
-        wait_for(
+        block_until(
             lambda: (
                 _scalar(
                     db_url,
@@ -170,17 +171,17 @@ def test_metrics_agree_with_the_database_during_and_after_a_run(
                 == 0
             )
         )
-        wait_for(lambda: scrape(port).value("outbox_relay_breaker_state", provider="flaky") == 2)
+        block_until(lambda: scrape(port).value("outbox_relay_breaker_state", provider="flaky") == 2)
         done_at = time.time()
         # Two samples after the database settled: the second one's query began after it.
-        first = wait_for(
+        first = block_until(
             lambda: (
                 (v := scrape(port).value("outbox_relay_queue_depth_sampled_timestamp_seconds"))
                 and v > done_at
                 and v
             )
         )
-        wait_for(
+        block_until(
             lambda: (
                 (scrape(port).value("outbox_relay_queue_depth_sampled_timestamp_seconds") or 0)
                 > first

@@ -21,7 +21,8 @@ import pytest
 
 from tests.invariants import assert_exactly_once
 from tests.processes import FakeProviderProcess, RelayProcess
-from tests.scrape import wait_for
+from tests.support.intents import insert_intents
+from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.integration
 
@@ -57,17 +58,19 @@ def rows(db_url: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
 
 def insert(db_url: str, *intents: tuple[Any, ...]) -> list[int]:
     """(payment_id, action, amount_minor, payment_method[, provider]) -> ids."""
-    ids = []
-    with psycopg.connect(db_url) as conn:
-        for payment_id, action, amount, method, *provider in intents:
-            row = conn.execute(
-                "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-                " currency, payment_method) VALUES (%s, %s, %s, %s, 'EUR', %s) RETURNING id",
-                (payment_id, action, provider[0] if provider else "stripe", amount, method),
-            ).fetchone()
-            assert row is not None
-            ids.append(row[0])
-    return ids
+    return insert_intents(
+        db_url,
+        [
+            {
+                "payment_id": payment_id,
+                "action": action,
+                "amount_minor": amount,
+                "payment_method": method,
+                "provider": provider[0] if provider else "stripe",
+            }
+            for payment_id, action, amount, method, *provider in intents
+        ],
+    )
 
 
 def make_dead(
@@ -177,7 +180,7 @@ def test_retry_redrives_dead_intents_under_their_keys_in_payment_order(
     try:
         relay.wait_ready()
         # Every 503 is retried once, then the intent is dead; the captures wait behind.
-        wait_for(
+        block_until(
             lambda: (
                 rows(
                     db_url,
@@ -215,7 +218,7 @@ def test_retry_redrives_dead_intents_under_their_keys_in_payment_order(
         assert retried.returncode == 0, retried.stderr
         assert "retried 3 intent(s) as operator:alice" in retried.stdout
         assert "retry: 3/3 (100%)" in retried.stderr
-        wait_for(
+        block_until(
             lambda: (
                 rows(db_url, "SELECT DISTINCT status FROM outbox.payment_intents")
                 == [("succeeded",)]

@@ -43,7 +43,9 @@ from relay.core.runtime import Relay
 from relay.events.publisher import Publisher, PublisherOptions
 from tests.invariants import unfinished
 from tests.processes import RelayProcess
-from tests.relay_harness import insert_intents, make_relay
+from tests.support.intents import insert_intents
+from tests.support.relays import make_relay
+from tests.support.waiting import wait_until
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -194,14 +196,6 @@ async def run_system(
     finally:
         for relay in relays:
             await relay.db.close()
-
-
-async def wait_until(check: Callable[[], bool], what: str, *, deadline: float = HANG) -> None:
-    with anyio.move_on_after(deadline) as scope:
-        while not check():  # noqa: ASYNC110
-            await anyio.sleep(0.05)
-    if scope.cancelled_caught:
-        pytest.fail(f"not reached within {deadline:g} s (a hang): {what}")
 
 
 async def db_value(db_url: str, query: str) -> Any:

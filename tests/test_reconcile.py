@@ -32,10 +32,11 @@ from relay.finance.reconcile import (
     run,
     write_reports,
 )
-from tests.fake_server import API_KEY, FakeServer
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.login_roles import login_role
-from tests.relay_harness import insert_intents, make_relay, run_until_settled
+from tests.support.fake_server import API_KEY, FakeServer
+from tests.support.intents import insert_intents
+from tests.support.relays import make_relay, run_until_settled
 
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

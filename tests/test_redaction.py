@@ -29,8 +29,9 @@ from relay.infra.redaction import (
     safe_label,
 )
 from tests.processes import RelayProcess
-from tests.scrape import Scrape, scrape, wait_for
+from tests.scrape import Scrape, scrape
 from tests.stub_provider import LeakyProvider
+from tests.support.waiting import block_until
 
 # -- pure rules ------------------------------------------------------------------------------------
 
@@ -429,8 +430,8 @@ def test_planted_key_password_and_card_numbers_never_reach_logs_or_metrics(
     relay.start()
     try:
         relay.wait_ready()
-        wait_for(lambda: _status(db_url, row[0]) == "dead")
-        wait_for(
+        block_until(lambda: _status(db_url, row[0]) == "dead")
+        block_until(
             lambda: (
                 scrape(relay.http_port).value("outbox_relay_dead_letters", provider="stripe") == 1
             )

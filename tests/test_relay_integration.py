@@ -14,7 +14,8 @@ from provider_adapters.memory import MemoryProvider
 from relay.core.store import Store
 from relay.domain.intents import WriteBack
 from relay.infra.db import Database
-from tests.relay_harness import insert_intents, make_relay, run_until_settled
+from tests.support.intents import insert_intents
+from tests.support.relays import make_relay, run_until_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

@@ -28,7 +28,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.login_roles import login_role
 from tests.processes import FakeProviderProcess, RelayProcess, free_port
-from tests.scrape import wait_for
+from tests.support.intents import insert_intents
+from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.integration
 
@@ -136,13 +137,21 @@ def test_running_relay_never_prints_or_exports_a_secret(
     key_file = tmp_path / "stripe-api-key"
     key_file.write_text(API_KEY + "\n")
     with psycopg.connect(db_url) as conn:
-        for n, method in enumerate(["pm_card_visa", "pm_card_chargeDeclined", "pm_card_visa"]):
-            conn.execute(
-                "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-                " currency, payment_method, metadata) VALUES (%s, 'charge', 'stripe', 1000, 'EUR',"
-                " %s, %s)",
-                (f"sec-{n}", method, '{"note": "no secret here"}'),
-            )
+        insert_intents(
+            conn,
+            [
+                {
+                    "payment_id": f"sec-{n}",
+                    "action": "charge",
+                    "amount_minor": 1000,
+                    "payment_method": method,
+                    "metadata": '{"note": "no secret here"}',
+                }
+                for n, method in enumerate(
+                    ["pm_card_visa", "pm_card_chargeDeclined", "pm_card_visa"]
+                )
+            ],
+        )
     fake = FakeProviderProcess(tmp_path)
     broker_port = free_port()  # nothing listens there: the publisher's error path runs
     relay = RelayProcess(
@@ -173,12 +182,12 @@ def test_running_relay_never_prints_or_exports_a_secret(
                 ).fetchone()
             return row is not None and row[0] == row[1] == 3
 
-        wait_for(finished)
+        block_until(finished)
         # The provider accepted the key (the fake answers 401 to a key without sk_test_).
         effects = httpx.get(f"{fake.url}/_fake/effects", timeout=10).json()
         assert sum(v["count"] for v in effects["effects_by_key"].values()) == 2
         # The publisher has tried the unreachable broker at least twice by now.
-        wait_for(lambda: relay.log_path.read_text().count("amqp_connect_failed") >= 2)
+        block_until(lambda: relay.log_path.read_text().count("amqp_connect_failed") >= 2)
         base = f"http://127.0.0.1:{relay.http_port}"
         pages = {
             path: httpx.get(base + path, timeout=10) for path in ("/metrics", "/healthz", "/readyz")
@@ -217,7 +226,7 @@ def test_unreachable_database_error_path_never_prints_the_password(
     try:
         relay.start()
         # The pool reports its failed connections (naming host and port, not the password).
-        wait_for(lambda: str(dead_port) in relay.log_path.read_text())
+        block_until(lambda: str(dead_port) in relay.log_path.read_text())
         health = httpx.get(f"http://127.0.0.1:{relay.http_port}/readyz", timeout=10)
     finally:
         relay.terminate()

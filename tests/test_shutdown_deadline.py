@@ -27,7 +27,7 @@ from relay.core.runtime import (
 from relay.domain.intents import WriteBack
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra.db import Database
-from tests.relay_harness import insert_intents
+from tests.support.intents import insert_intents
 
 pytestmark = pytest.mark.anyio
 

@@ -2,16 +2,17 @@
 
 The adapter must turn every reply into exactly one outcome, never claim success for a reply
 it cannot trust, settle an ambiguous attempt by looking it up (never by a new key), and
-send the intent's idempotency key and trace context on every POST. The last test runs one
-scripted payment against StripeAdapter+fake and MemoryProvider and asserts they behave the
-same, so relay tests on the in-memory provider stay meaningful.
+send the intent's idempotency key and trace context on every POST. What every adapter
+promises (StripeAdapter and MemoryProvider alike) is in tests/test_adapter_contract.py;
+this module checks what is Stripe's own: the fake's record of each effect, decline codes,
+each way a reply can break, transport, credentials and headers.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -22,15 +23,15 @@ from provider_adapters.base import (
     Command,
     Declined,
     Invalid,
-    ProviderAdapter,
     Retryable,
     Succeeded,
 )
 from provider_adapters.fake import FaultConfig
 from provider_adapters.http_pool import ShardedTransport
-from provider_adapters.memory import MemoryProvider
 from provider_adapters.stripe import StripeAdapter
-from tests.fake_server import API_KEY, FakeServer, running_fake
+from tests.support.commands import authorized, charged, command, succeeded
+from tests.support.fake_server import FakeServer, running_fake
+from tests.support.providers import stripe_adapter
 
 pytestmark = pytest.mark.anyio
 
@@ -41,51 +42,6 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 async def fake() -> AsyncIterator[FakeServer]:
     async with running_fake(FaultConfig(seed=11)) as server:
         yield server
-
-
-@pytest.fixture
-async def adapter(fake: FakeServer) -> AsyncIterator[StripeAdapter]:
-    stripe_adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
-    try:
-        yield stripe_adapter
-    finally:
-        await stripe_adapter.aclose()
-
-
-def command(
-    action: Action,
-    key: str,
-    amount: int = 1000,
-    *,
-    reference: str | None = None,
-    method: str | None = "pm_card_visa",
-    traceparent: str | None = None,
-) -> Command:
-    return Command(
-        intent_id=abs(hash(key)) % 10_000,
-        payment_id=f"pay-{key}",
-        action=action,
-        idempotency_key=key,
-        amount_minor=amount,
-        currency="EUR",
-        payment_method=method if action in (Action.AUTHORIZE, Action.CHARGE) else None,
-        payment_reference=reference,
-        traceparent=traceparent,
-    )
-
-
-async def succeeded(adapter: ProviderAdapter, cmd: Command) -> Succeeded:
-    outcome = await adapter.execute(cmd)
-    assert isinstance(outcome, Succeeded), outcome
-    return outcome
-
-
-async def authorized(adapter: ProviderAdapter, key: str, amount: int = 1000) -> str:
-    return (await succeeded(adapter, command(Action.AUTHORIZE, key, amount))).payment_reference
-
-
-async def charged(adapter: ProviderAdapter, key: str, amount: int = 1000) -> str:
-    return (await succeeded(adapter, command(Action.CHARGE, key, amount))).payment_reference
 
 
 def closed_port() -> int:
@@ -153,16 +109,6 @@ async def test_refund_partial_then_full(fake: FakeServer, adapter: StripeAdapter
     by_key = (await fake.effects())["effects_by_key"]
     assert [by_key[k]["amount"] for k in ("r-1", "r-2")] == [300, 700]
     assert "r-3" not in by_key
-
-
-async def test_repeated_key_is_replayed_not_reapplied(
-    fake: FakeServer, adapter: StripeAdapter
-) -> None:
-    cmd = command(Action.AUTHORIZE, "rep-1")
-    first = await succeeded(adapter, cmd)
-    again = await succeeded(adapter, replace(cmd, attempt=2))
-    assert again == replace(first, replayed=True)
-    assert await fake.effect_count("rep-1") == 1
 
 
 # -- declines ----------------------------------------------------------------------------
@@ -258,20 +204,16 @@ async def test_a_key_cannot_extend_the_search_query(
 @pytest.mark.parametrize("action", [Action.AUTHORIZE, Action.CAPTURE, Action.REFUND])
 async def test_effect_then_timeout_is_settled_by_lookup(fake: FakeServer, action: Action) -> None:
     # Read timeout well below the fake's stall: the reply is lost after the effect.
-    patient = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
-    impatient = StripeAdapter(
-        name="stripe", api_key=API_KEY, base_url=fake.url, read_timeout_seconds=0.15
-    )
-    try:
+    async with (
+        stripe_adapter(fake.url) as patient,
+        stripe_adapter(fake.url, read_timeout_seconds=0.15) as impatient,
+    ):
         cmd = await _prepare(patient, action, f"ambto-{action}")
         await fake.configure(rate_timeout_after_effect=1.0, timeout_seconds=0.5)
         outcome = await impatient.execute(cmd)
         assert isinstance(outcome, Ambiguous) and outcome.code == "provider_timeout"
         await fake.configure()
         settled = await patient.lookup(cmd)
-    finally:
-        await impatient.aclose()
-        await patient.aclose()
     assert isinstance(settled, Succeeded), settled
     effect = (await fake.effects())["effects_by_key"][cmd.idempotency_key]
     assert (effect["count"], settled.provider_reference) == (1, effect["object"])
@@ -297,18 +239,6 @@ async def test_malformed_body_is_ambiguous_never_succeeded(
     assert (await fake.effects())["faults_injected"]["malformed"] == 10
 
 
-async def test_lookup_finds_nothing_when_nothing_happened(adapter: StripeAdapter) -> None:
-    pi = await authorized(adapter, "nf-auth")
-    for cmd in (
-        command(Action.AUTHORIZE, "nf-never"),
-        command(Action.CAPTURE, "nf-cap", 500, reference=pi),
-        command(Action.VOID, "nf-void", reference=pi),
-        command(Action.REFUND, "nf-ref", 100, reference=pi),
-    ):
-        outcome = await adapter.lookup(cmd)
-        assert isinstance(outcome, Retryable) and outcome.code == "not_found", (cmd, outcome)
-
-
 async def test_missing_payment_reference_never_reaches_the_provider(
     fake: FakeServer, adapter: StripeAdapter
 ) -> None:
@@ -322,25 +252,17 @@ async def test_missing_payment_reference_never_reaches_the_provider(
 
 
 async def test_connection_refused_is_retryable() -> None:
-    closed = StripeAdapter(
-        name="stripe", api_key=API_KEY, base_url=f"http://127.0.0.1:{closed_port()}"
-    )
-    try:
+    async with stripe_adapter(f"http://127.0.0.1:{closed_port()}") as closed:
         outcome = await closed.execute(command(Action.AUTHORIZE, "refused"))
         looked_up = await closed.lookup(command(Action.AUTHORIZE, "refused"))
-    finally:
-        await closed.aclose()
     assert isinstance(outcome, Retryable) and outcome.code == "provider_unreachable"
     assert isinstance(looked_up, Ambiguous) and looked_up.code == "lookup_failed"
 
 
 async def test_wrong_api_key_is_invalid_and_not_echoed(fake: FakeServer) -> None:
     wrong_key = "sk_live_definitely_wrong_123"
-    wrong = StripeAdapter(name="stripe", api_key=wrong_key, base_url=fake.url)
-    try:
+    async with stripe_adapter(fake.url, api_key=wrong_key) as wrong:
         outcome = await wrong.execute(command(Action.AUTHORIZE, "auth-x"))
-    finally:
-        await wrong.aclose()
     assert isinstance(outcome, Invalid) and outcome.code == "authentication_failed"
     assert wrong_key not in outcome.message
     assert await fake.effect_count("auth-x") == 0
@@ -435,86 +357,11 @@ async def test_every_request_goes_through_the_lanes_pool(
 
     monkeypatch.setattr(ShardedTransport, "handle_async_request", counting_handle)
     monkeypatch.setattr(ShardedTransport, "aclose", recording_close)
-    pooled = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url, max_connections=4)
-    try:
+    async with stripe_adapter(fake.url, max_connections=4) as pooled:
         pi = await authorized(pooled, "pool-auth")
         await succeeded(pooled, command(Action.CAPTURE, "pool-cap", reference=pi))
         await pooled.lookup(command(Action.AUTHORIZE, "pool-auth"))
-    finally:
-        await pooled.aclose()
     seen_by_provider = [(r.method, r.path) for r in fake.seen if r.path.startswith("/v1/")]
     assert len(seen_by_provider) == 3
     assert through_pool == seen_by_provider
     assert len(closed) == 1
-
-
-# -- one contract, two implementations ---------------------------------------------------
-
-
-@dataclass
-class Provider:
-    adapter: ProviderAdapter
-    effects: Callable[[], Awaitable[dict[str, int]]]
-
-
-@pytest.fixture(params=["stripe+fake", "memory"])
-async def provider(request: pytest.FixtureRequest) -> AsyncIterator[Provider]:
-    if request.param == "memory":
-        memory = MemoryProvider()
-
-        async def memory_effects() -> dict[str, int]:
-            return dict(memory.effects)
-
-        yield Provider(memory, memory_effects)
-        return
-    async with running_fake() as server:
-        stripe_adapter = StripeAdapter(name="stripe", api_key=API_KEY, base_url=server.url)
-
-        async def fake_effects() -> dict[str, int]:
-            by_key = (await server.effects())["effects_by_key"]
-            return {key: entry["count"] for key, entry in by_key.items()}
-
-        try:
-            yield Provider(stripe_adapter, fake_effects)
-        finally:
-            await stripe_adapter.aclose()
-
-
-async def test_same_contract_for_stripe_and_memory(provider: Provider) -> None:
-    adapter = provider.adapter
-    auth = await succeeded(adapter, command(Action.AUTHORIZE, "s-auth", 1000))
-    pi = auth.payment_reference
-    assert (auth.provider_reference, auth.amount_minor, auth.currency) == (pi, 1000, "EUR")
-    assert not auth.replayed
-
-    capture = await succeeded(adapter, command(Action.CAPTURE, "s-cap", 600, reference=pi))
-    assert (capture.provider_reference, capture.payment_reference) == (pi, pi)
-    assert capture.amount_minor == 600
-
-    refund_cmd = command(Action.REFUND, "s-ref", 250, reference=pi)
-    refund = await succeeded(adapter, refund_cmd)
-    assert refund.provider_reference not in (pi, "")
-    assert (refund.payment_reference, refund.amount_minor) == (pi, 250)
-
-    # Replays: the same key gives the same result, marked replayed, and no second effect.
-    assert await succeeded(adapter, replace(refund_cmd, attempt=2)) == replace(
-        refund, replayed=True
-    )
-    auth_again = await succeeded(adapter, command(Action.AUTHORIZE, "s-auth", 1000))
-    assert auth_again == replace(auth, replayed=True)
-
-    # A refund above what is left (600 - 250) and a second capture are refused, no effect.
-    over = await adapter.execute(command(Action.REFUND, "s-ref-over", 351, reference=pi))
-    assert isinstance(over, Invalid) and over.code == "amount_too_large"
-    twice = await adapter.execute(command(Action.CAPTURE, "s-cap-2", 100, reference=pi))
-    assert isinstance(twice, Invalid) and twice.code == "payment_intent_unexpected_state"
-    # A declined card: no effect. Only the type is compared: MemoryProvider says
-    # card_declined where Stripe reports the decline_code (generic_decline).
-    declined = await adapter.execute(
-        command(Action.CHARGE, "s-decl", method="pm_card_chargeDeclined")
-    )
-    assert isinstance(declined, Declined)
-
-    assert await provider.effects() == {"s-auth": 1, "s-cap": 1, "s-ref": 1}
-    # What lookup says about a settled key matches what execute said.
-    assert await adapter.lookup(refund_cmd) in (refund, replace(refund, replayed=True))

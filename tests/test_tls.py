@@ -29,7 +29,7 @@ from relay.infra.config import Settings
 from relay.infra.db import Database
 from relay.infra.migrate import migrate
 from tests.processes import RelayProcess, free_port
-from tests.scrape import wait_for
+from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.integration
 
@@ -95,12 +95,12 @@ def test_relay_connections_honour_sslmode_require(db_url: str, tmp_path: Path) -
                     ).fetchall()
 
             # The pool's connections and the LISTEN connection, every one over TLS.
-            found = wait_for(
+            found = block_until(
                 lambda: {name for name, _ in sessions()} >= {"tls-relay"} and sessions()
             )
             assert all(ssl for _, ssl in found), found
         else:
-            wait_for(lambda: "server does not support SSL" in relay.log_path.read_text())
+            block_until(lambda: "server does not support SSL" in relay.log_path.read_text())
             readyz = httpx.get(f"http://127.0.0.1:{relay.http_port}/readyz", timeout=10)
             assert readyz.status_code == 503 and "database unreachable" in readyz.text
     finally:
@@ -299,7 +299,7 @@ def test_relay_verifies_the_server_and_encrypts_every_connection(
     try:
         relay.start()
         relay.wait_ready()
-        found = wait_for(
+        found = block_until(
             lambda: (
                 {row[0] for row in sessions()} >= {"tls-verified-relay", "outbox-relay-listen"}
                 and sessions()

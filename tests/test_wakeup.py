@@ -8,8 +8,9 @@ import pytest
 
 from provider_adapters.base import Command, Outcome
 from provider_adapters.memory import MemoryProvider
-from tests.lane_harness import running, wait_until
-from tests.relay_harness import insert_intents, make_relay
+from tests.support.intents import insert_intent, insert_intents
+from tests.support.relays import count_status, make_relay, running
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -17,10 +18,12 @@ pytestmark = pytest.mark.integration
 def _notified_after_insert(db_url: str, payment_id: str) -> bool:
     with psycopg.connect(db_url, autocommit=True) as listener, psycopg.connect(db_url) as app:
         listener.execute("LISTEN outbox_payment_intents")
-        app.execute(
-            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-            " currency, payment_method) VALUES (%s, 'charge', 'stripe', 100, 'EUR', 'pm_card_visa')",
-            (payment_id,),
+        insert_intent(
+            app,
+            payment_id=payment_id,
+            action="charge",
+            amount_minor=100,
+            payment_method="pm_card_visa",
         )
         app.commit()
         # Bounded wait for a notification that may (correctly) never come.
@@ -61,12 +64,16 @@ class GatedProvider(MemoryProvider):
 async def test_saturated_relay_stops_wakeups_and_asks_again_when_idle(db_url: str) -> None:
     provider = GatedProvider()
     relay = make_relay(db_url, provider, concurrency=2)
+    lane = relay.lanes["stripe"]
+
+    async def wanted() -> bool:
+        return await anyio.to_thread.run_sync(_wanted, db_url)
+
+    async def not_wanted() -> bool:
+        return not await wanted()
+
     async with running(relay):
-
-        async def idle_asked() -> bool:
-            return await anyio.to_thread.run_sync(_wanted, db_url)
-
-        await wait_until(idle_asked)  # idle: inserts should wake it
+        await wait_until(wanted, "the idle relay to want wake-ups")
         await anyio.to_thread.run_sync(
             insert_intents,
             db_url,
@@ -80,14 +87,20 @@ async def test_saturated_relay_stops_wakeups_and_asks_again_when_idle(db_url: st
                 for n in range(5)
             ],
         )
+        await wait_until(lambda: lane.in_flight == 2, "both slots held by gated calls")
+        await wait_until(not_wanted, "the saturated relay to stop wake-ups")
+        assert lane.in_flight == 2 and lane.free_slots == 0, "stopped because it is full"
+        assert provider.effects == {}, "no call has finished: the relay is still saturated"
 
-        async def saturated() -> bool:
-            return not await anyio.to_thread.run_sync(_wanted, db_url)
-
-        await wait_until(saturated)  # both slots held: no NOTIFY needed
         provider.gate.set()
 
-        async def all_done_and_idle() -> bool:
-            return relay.completer.written >= 5 and await idle_asked()
+        async def all_done() -> bool:
+            return relay.completer.written >= 5
 
-        await wait_until(all_done_and_idle)
+        await wait_until(all_done, "the five intents written back")
+        # Only the relay itself turned wake-ups off above: wanting them again is its doing.
+        await wait_until(wanted, "the relay, idle again, to ask for wake-ups")
+        assert lane.in_flight == 0
+
+    assert await count_status(db_url, "stripe", ("succeeded",)) == 5
+    assert provider.effects == {key: 1 for key in provider.effects} and len(provider.effects) == 5

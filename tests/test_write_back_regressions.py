@@ -21,6 +21,7 @@ from relay.core.completer import Completer
 from relay.core.store import Store
 from relay.domain.intents import WriteBack
 from relay.infra.db import RETRYABLE_DB_ERRORS, Database
+from tests.support.intents import insert_intent
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -29,13 +30,13 @@ async def test_a_batch_with_a_stale_and_the_current_outcome_records_one_event(
     db_url: str,
 ) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute(
-            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-            " currency, payment_method) VALUES ('regress-1', 'charge', 'stripe', 500, 'EUR',"
-            " 'pm_card_visa') RETURNING id"
-        ).fetchone()
-        assert row is not None
-        intent_id = int(row[0])
+        intent_id = insert_intent(
+            conn,
+            payment_id="regress-1",
+            action="charge",
+            amount_minor=500,
+            payment_method="pm_card_visa",
+        )
         # Claimed twice: the first claim (token 1000) expired, the second (1001) is current.
         conn.execute(
             "UPDATE outbox.payment_intents SET status = 'in_flight', lease_token = 1001,"

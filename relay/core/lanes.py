@@ -8,24 +8,47 @@ their attempts untouched.
 
 Every provider call runs under a deadline a little above the adapter's own timeouts;
 hitting it counts as ambiguous (the request may have been sent), never as failure.
+
+The breaker's cool-down and the bucket's refill are read from the lane's :class:`Clock`,
+and a call waiting for a token sleeps on it, so a test that injects a clock decides when
+time passes. The call deadline stays on the event loop's clock: it bounds real I/O.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import anyio
 
 from provider_adapters.base import Ambiguous, Command, Outcome, ProviderAdapter, Retryable
+from relay.core.clock import SYSTEM_CLOCK, Clock
 from relay.domain.breaker import BreakerState, CircuitBreaker
 from relay.domain.rate_limit import TokenBucket
 from relay.infra import metrics
 
-__all__ = ["Lane"]
+__all__ = ["BreakerSettings", "Lane", "RateLimit"]
 
 # Claims are sized to the tokens a lane gets within this horizon, so claimed intents do
 # not sit on their leases waiting for the rate limit.
 CLAIM_HORIZON_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    """The lane's circuit breaker (relay/domain/breaker.py); defaults as in production."""
+
+    failure_threshold: int = 5
+    cooldown_seconds: float = 30.0
+    half_open_probes: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``burst + per_second * t`` calls start in any interval of length t."""
+
+    per_second: float
+    burst: int
 
 
 class Lane:
@@ -36,17 +59,26 @@ class Lane:
         *,
         concurrency: int,
         timeout_seconds: float,
-        breaker: CircuitBreaker | None = None,
-        bucket: TokenBucket | None = None,
+        breaker: BreakerSettings = BreakerSettings(),
+        rate_limit: RateLimit | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.provider = provider
         self.adapter = adapter
         self.concurrency = concurrency
         self.timeout_seconds = timeout_seconds
-        self.breaker = breaker or CircuitBreaker(
-            failure_threshold=5, cooldown_seconds=30.0, half_open_probes=1, clock=time.monotonic
+        self.clock = clock
+        self.breaker = CircuitBreaker(
+            failure_threshold=breaker.failure_threshold,
+            cooldown_seconds=breaker.cooldown_seconds,
+            half_open_probes=breaker.half_open_probes,
+            clock=clock.now,
         )
-        self.bucket = bucket
+        self.bucket = (
+            None
+            if rate_limit is None
+            else TokenBucket(rate=rate_limit.per_second, burst=rate_limit.burst, clock=clock.now)
+        )
         self.in_flight = 0  # claimed and not yet finished
         self.waiting = 0  # claimed, not yet admitted to the provider
         self._report_breaker()
@@ -101,8 +133,7 @@ class Lane:
         try:
             if self.bucket is not None:
                 while not self.bucket.try_take():
-                    with anyio.move_on_after(self.bucket.seconds_until_token()):
-                        await stop.wait()
+                    await self._sleep_unless_stopped(self.bucket.seconds_until_token(), stop)
                     if stop.is_set():
                         return False
             if stop.is_set():
@@ -127,6 +158,18 @@ class Lane:
 
     def cancel_admission(self) -> None:
         self.breaker.cancel_start()
+
+    async def _sleep_unless_stopped(self, seconds: float, stop: anyio.Event) -> None:
+        """Return after ``seconds`` on the lane's clock, or as soon as ``stop`` is set."""
+        async with anyio.create_task_group() as waits:
+
+            async def sleep_then_end() -> None:
+                await self.clock.sleep(seconds)
+                waits.cancel_scope.cancel()
+
+            waits.start_soon(sleep_then_end)
+            await stop.wait()
+            waits.cancel_scope.cancel()
 
     async def _guarded(self, command: Command, *, lookup: bool) -> Outcome:
         started = time.perf_counter()

@@ -18,11 +18,10 @@ from anyio.abc import TaskStatus
 from psycopg.rows import dict_row
 
 from provider_adapters.registry import build_adapter
+from relay.core.clock import SYSTEM_CLOCK, Clock
 from relay.core.janitor import Janitor, JanitorOptions
-from relay.core.lanes import Lane
+from relay.core.lanes import BreakerSettings, Lane, RateLimit
 from relay.core.runtime import Relay, RelayOptions
-from relay.domain.breaker import CircuitBreaker
-from relay.domain.rate_limit import TokenBucket
 from relay.domain.retry_policy import RetryPolicy
 from relay.events.publisher import Publisher, publisher_from_settings
 from relay.infra.config import ProviderSettings, Settings
@@ -38,27 +37,24 @@ __all__ = ["build_janitor", "build_relay", "run_relay"]
 log = structlog.get_logger("relay.service.main")
 
 
-def build_lane(name: str, provider: ProviderSettings) -> Lane:
+def build_lane(name: str, provider: ProviderSettings, *, clock: Clock = SYSTEM_CLOCK) -> Lane:
+    """The lane for one configured provider; ``clock`` drives its breaker and rate limit."""
     return Lane(
         name,
         build_adapter(name, provider),
         concurrency=provider.concurrency,
         timeout_seconds=(provider.connect_timeout_ms + provider.timeout_ms) / 1000,
-        breaker=CircuitBreaker(
+        breaker=BreakerSettings(
             failure_threshold=provider.breaker_failure_threshold,
             cooldown_seconds=provider.breaker_cooldown_seconds,
             half_open_probes=provider.breaker_half_open_probes,
-            clock=anyio.current_time,
         ),
-        bucket=(
-            TokenBucket(
-                rate=provider.rate_limit_per_second,
-                burst=provider.rate_limit_burst,
-                clock=anyio.current_time,
-            )
+        rate_limit=(
+            RateLimit(per_second=provider.rate_limit_per_second, burst=provider.rate_limit_burst)
             if provider.rate_limit_per_second
             else None
         ),
+        clock=clock,
     )
 
 

@@ -3,7 +3,8 @@
 The server is the shipped one (``provider_adapters.fake.create_app``), bound to port 0 as
 ``relay/cli/demo.py`` does so two tests never race for a port. The only addition is a
 recording middleware, appended from here, so tests can see the headers each request
-carried (``traceparent``, ``Idempotency-Key``) without changing the server.
+carried (``traceparent``, ``Idempotency-Key``) without changing the server, and when it
+arrived on a clock of the test's choosing (``running_fake(clock=...)``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class SeenRequest:
     method: str
     path: str
     headers: dict[str, str]
+    at: float = 0.0  # the clock given to running_fake when the request arrived (else 0)
 
 
 @dataclass
@@ -72,7 +74,9 @@ def stripe_client(
 
 
 @asynccontextmanager
-async def running_fake(faults: FaultConfig | None = None) -> AsyncIterator[FakeServer]:
+async def running_fake(
+    faults: FaultConfig | None = None, *, clock: Callable[[], float] | None = None
+) -> AsyncIterator[FakeServer]:
     app = create_app(faults)
     seen: list[SeenRequest] = []
 
@@ -80,7 +84,8 @@ async def running_fake(faults: FaultConfig | None = None) -> AsyncIterator[FakeS
     async def record(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        seen.append(SeenRequest(request.method, request.path, dict(request.headers)))
+        at = 0.0 if clock is None else clock()
+        seen.append(SeenRequest(request.method, request.path, dict(request.headers), at))
         return await handler(request)
 
     app.middlewares.append(record)
