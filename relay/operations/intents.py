@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from relay.infra.queries import QUERIES
 from relay.infra.redaction import redact_value
@@ -21,11 +22,6 @@ __all__ = ["NO_AUDIT_TRAIL", "collect_intent", "find_intent", "history_changes"]
 NO_AUDIT_TRAIL = "no audit trail (migration 0005 not applied)"
 # Columns whose change is noise in a history line.
 _QUIET = {"updated_at"}
-
-
-def _rows(cur: psycopg.Cursor[Any]) -> list[dict[str, Any]]:
-    names = [d.name for d in cur.description or []]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def history_changes(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
@@ -43,26 +39,26 @@ def history_changes(before: dict[str, Any] | None, after: dict[str, Any] | None)
 
 def collect_intent(conn: psycopg.Connection, intent_id: int) -> dict[str, Any] | None:
     """The intent, its payment, the payment's intents in order, and the audit history."""
-    found = _rows(conn.execute(QUERIES["intent_detail"], {"id": intent_id}))
-    if not found:
+    by_name = conn.cursor(row_factory=dict_row)
+    intent = by_name.execute(QUERIES["intent_detail"], {"id": intent_id}).fetchone()
+    if intent is None:
         return None
-    intent = found[0]
-    payment_rows = _rows(
-        conn.execute(QUERIES["intent_payment"], {"payment_id": intent["payment_id"]})
-    )
-    siblings = _rows(
-        conn.execute(QUERIES["payment_intents_in_order"], {"payment_id": intent["payment_id"]})
-    )
+    payment = by_name.execute(
+        QUERIES["intent_payment"], {"payment_id": intent["payment_id"]}
+    ).fetchone()
+    siblings = by_name.execute(
+        QUERIES["payment_intents_in_order"], {"payment_id": intent["payment_id"]}
+    ).fetchall()
     present = conn.execute(QUERIES["audit_trail_present"]).fetchone()
     history: list[dict[str, Any]] | None = None
     if present and present[0]:
-        history = _rows(conn.execute(QUERIES["intent_history"], {"id": intent_id}))
+        history = by_name.execute(QUERIES["intent_history"], {"id": intent_id}).fetchall()
         for row in history:
             row["changes"] = history_changes(row.pop("before"), row.pop("after"))
     shown: dict[str, Any] = redact_value(
         {
             "intent": intent,
-            "payment": payment_rows[0] if payment_rows else None,
+            "payment": payment,
             "payment_intents": siblings,
             "history": history,
             "history_note": None if history is not None else NO_AUDIT_TRAIL,
