@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from provider_adapters.base import Action
+from provider_adapters.base import Action, Command
 from relay.domain.intents import IntentRow, payment_from_columns
 from relay.domain.state_machine import PaymentSnapshot, PaymentState
 
@@ -56,6 +56,28 @@ def test_an_intent_is_built_from_its_columns_by_name() -> None:
     )
     assert intent.action is Action.CAPTURE and intent.payment.state is PaymentState.AUTHORIZED
     assert intent.require_lease() == 41
+
+
+def test_the_command_carries_the_stored_key_the_reference_and_the_resolved_amount() -> None:
+    """Every attempt of an intent asks the provider with the intent's own stored key."""
+    intent = IntentRow.from_columns(**CLAIMED)
+    command = intent.command(1000, traceparent=CLAIMED["traceparent"])
+    assert command == Command(
+        intent_id=7,
+        payment_id="p",
+        action=Action.CAPTURE,
+        idempotency_key="k",
+        amount_minor=1000,
+        currency="EUR",
+        payment_method=None,
+        payment_reference="pi_1",
+        attempt=2,
+        traceparent=CLAIMED["traceparent"],
+        exponent=2,
+    )
+    retried = IntentRow.from_columns(**{**CLAIMED, "attempts": 5, "lease_token": 99})
+    assert retried.command(1000).idempotency_key == command.idempotency_key
+    assert retried.command(1000).traceparent is None
 
 
 def test_an_intent_read_without_a_lease_has_none_and_refuses_a_fence() -> None:

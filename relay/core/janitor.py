@@ -37,7 +37,6 @@ import structlog
 from psycopg.rows import dict_row
 
 from provider_adapters.base import (
-    Command,
     Declined,
     Invalid,
     Outcome,
@@ -215,18 +214,7 @@ class Janitor:
                     settled=True,
                 )
                 return "not_settleable"
-            command = Command(
-                intent_id=intent.id,
-                payment_id=intent.payment_id,
-                action=intent.action,
-                idempotency_key=intent.idempotency_key,
-                amount_minor=decision.amount_minor,
-                currency=intent.currency,
-                payment_method=intent.payment_method,
-                payment_reference=intent.payment.provider_reference,
-                attempt=intent.attempts,
-                exponent=intent.exponent,
-            )
+            command = intent.command(decision.amount_minor)
             outcome = await self.lanes[intent.provider].lookup(command)
             log.info("janitor_lookup", outcome=type(outcome).__name__)
             if isinstance(outcome, Succeeded | Declined):

@@ -26,7 +26,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from provider_adapters.base import Ambiguous, Command, Declined, Succeeded
+from provider_adapters.base import Ambiguous, Declined, Succeeded
 from relay.core.completer import Completer
 from relay.core.lanes import Lane
 from relay.core.store import Store
@@ -330,18 +330,8 @@ class Relay:
                 _labelled(from_rejection(intent, decision), intent, outcome="rejected")
             )
             return
-        command = Command(
-            intent_id=intent.id,
-            payment_id=intent.payment_id,
-            action=intent.action,
-            idempotency_key=intent.idempotency_key,
-            amount_minor=decision.amount_minor,
-            currency=intent.currency,
-            payment_method=intent.payment_method,
-            payment_reference=intent.payment.provider_reference,
-            attempt=intent.attempts,
-            traceparent=trace.traceparent if trace else None,
-            exponent=intent.exponent,
+        command = intent.command(
+            decision.amount_minor, traceparent=trace.traceparent if trace else None
         )
         admission.asked = True
         if not await lane.admit(self._stop_event):

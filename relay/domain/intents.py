@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from provider_adapters.base import Action
+from provider_adapters.base import Action, Command
 from relay.domain.state_machine import PaymentSnapshot, PaymentState
 
 __all__ = ["IntentRow", "WriteBack", "payment_from_columns"]
@@ -112,6 +112,24 @@ class IntentRow:
                 payment_reference,
             ),
             exponent=exponent,
+        )
+
+    def command(self, amount_minor: int, *, traceparent: str | None = None) -> Command:
+        """What the adapter is asked to do for this intent: its stored idempotency key (the
+        same on every attempt), the payment's provider reference, and ``amount_minor`` as
+        the state machine resolved it (a NULL capture or refund becomes what remains)."""
+        return Command(
+            intent_id=self.id,
+            payment_id=self.payment_id,
+            action=self.action,
+            idempotency_key=self.idempotency_key,
+            amount_minor=amount_minor,
+            currency=self.currency,
+            payment_method=self.payment_method,
+            payment_reference=self.payment.provider_reference,
+            attempt=self.attempts,
+            traceparent=traceparent,
+            exponent=self.exponent,
         )
 
     def require_lease(self) -> int:
