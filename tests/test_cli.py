@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from relay.cli.main import build_parser
-
-BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        env={**BASE_ENV, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from tests.support.cli import run_cli
 
 
 @pytest.mark.parametrize("command", ["migrate", "run", "demo", "status", "fake-provider"])

@@ -21,12 +21,11 @@ import pytest
 
 from tests.invariants import assert_exactly_once
 from tests.processes import FakeProviderProcess, RelayProcess
+from tests.support.cli import BASE_ENV, run_cli
 from tests.support.intents import insert_intents
 from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.integration
-
-BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
 
 
 @pytest.fixture
@@ -41,14 +40,7 @@ def audited_db(db_url: str) -> str:
 def cli(
     db_url: str, *args: str, stdin: str | None = None, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        env={**BASE_ENV, "RELAY_DATABASE_URL": db_url, **env},
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, env={"RELAY_DATABASE_URL": db_url, **env}, stdin=stdin)
 
 
 def rows(db_url: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
@@ -125,13 +117,7 @@ def history(db_url: str, intent_id: int) -> list[tuple[str, str]]:
     ],
 )
 def test_every_operator_command_has_help(command: list[str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", *command, "--help"],
-        env=BASE_ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(*command, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith("usage: outbox-relay " + " ".join(command))
     assert len(result.stdout.splitlines()) > 5

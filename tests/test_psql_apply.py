@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ import psycopg
 import pytest
 
 from relay.infra.migrate import MigrationError, discover, migrate
-from tests.conftest import REQUIRE_SERVICES, with_dbname
+from tests.conftest import REQUIRE_SERVICES
+from tests.support.databases import scratch_database
 
 pytestmark = pytest.mark.integration
 
@@ -44,14 +44,8 @@ def psql(pg_admin_url: str) -> str:
 
 @pytest.fixture
 def empty_db(pg_admin_url: str) -> Iterator[str]:
-    name = f"outbox_relay_psql_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-    try:
-        yield with_dbname(pg_admin_url, name)
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+    with scratch_database(pg_admin_url, "outbox_relay_psql") as url:
+        yield url
 
 
 def apply_with_psql(psql: str, url: str) -> None:

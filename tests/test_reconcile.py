@@ -10,7 +10,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,11 +33,11 @@ from relay.finance.reconcile import (
 )
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.login_roles import login_role
+from tests.support.cli import run_cli
 from tests.support.fake_server import API_KEY, FakeServer
 from tests.support.intents import insert_intents
 from tests.support.relays import make_relay, run_until_settled
 
-BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 FAKE_FEES = FeeSchedule(bps=290, fixed_minor=30)  # the fake's default price list
 
@@ -400,16 +399,6 @@ async def test_a_clean_run_over_many_small_pages_finds_nothing(
 # -- the command line and the four-eyes workflow -------------------------------------------
 
 
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        env={**BASE_ENV, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 @pytest.fixture
 def two_operator_logins(db_url: str) -> Iterator[tuple[str, str]]:
     """Two database logins of outbox_operator: four eyes means two logins, not two names."""
@@ -441,15 +430,15 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
     # carol) from another.
     requester_url, approver_url = two_operator_logins
 
-    def run_cli(*args: str, url: str = requester_url) -> subprocess.CompletedProcess[str]:
-        return cli(*args, env={**env, "RELAY_DATABASE_URL": url})
+    def as_requester(*args: str, url: str = requester_url) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, env={**env, "RELAY_DATABASE_URL": url})
 
     def approve_cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args, url=approver_url)
+        return as_requester(*args, url=approver_url)
 
     async def call(*args: str) -> subprocess.CompletedProcess[str]:
         # The fake provider is served by this test's event loop: keep it turning.
-        return await anyio.to_thread.run_sync(lambda: run_cli(*args))
+        return await anyio.to_thread.run_sync(lambda: as_requester(*args))
 
     since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
     done = await call(
@@ -474,13 +463,13 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
     report = json.loads(again.stdout)
     assert report["exceptions_found"] == 6 and report["exceptions_new"] == 0
 
-    listed = json.loads(run_cli("exceptions", "list", "--json").stdout)
+    listed = json.loads(as_requester("exceptions", "list", "--json").stdout)
     ids = {row["kind"]: row["id"] for row in listed}
     assert set(ids) == set(EXCEPTION_KINDS)
 
     # Accepting moves no money: one operator, with a reason. The operator's name comes
     # from RELAY_OPERATOR when --operator is not given, as for every operator command.
-    fee = cli(
+    fee = run_cli(
         "exceptions",
         "accept",
         str(ids["unexpected_fee"]),
@@ -490,13 +479,13 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
     )
     assert fee.returncode == 0, fee.stderr
     assert "accepted by alice" in fee.stdout
-    refused = run_cli(
+    refused = as_requester(
         "exceptions", "accept", str(ids["unexpected_fee"]), "--operator", "bob", "--reason", "again"
     )
     assert refused.returncode == 1 and "only an open exception" in refused.stderr
 
     # The provider took 150 too much: refund the excess (the default amount), four eyes.
-    asked = run_cli(
+    asked = as_requester(
         "exceptions",
         "refund",
         str(ids["amount_mismatch"]),
@@ -508,11 +497,11 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
     assert asked.returncode == 0, asked.stderr
     assert "refund 150 EUR of payment p-amount" in asked.stdout
     action_id = asked.stdout.split()[1]
-    same = run_cli("exceptions", "approve", action_id, "--operator", "alice")
+    same = as_requester("exceptions", "approve", action_id, "--operator", "alice")
     assert same.returncode == 1
     assert "second, different operator" in same.stderr
     # Another name is not another person: the requester's login cannot approve as bob.
-    same_login = run_cli("exceptions", "approve", action_id, "--operator", "bob")
+    same_login = as_requester("exceptions", "approve", action_id, "--operator", "bob")
     assert same_login.returncode == 1
     assert "approve it from your own database login" in same_login.stderr
     with psycopg.connect(db_url) as conn:
@@ -539,19 +528,21 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
                 " VALUES ('stripe', 'status_mismatch', %s, %s, 'test', now(), %s, %s)",
                 (key, payment_id, row[0], row[0]),
             )
-    listed = json.loads(run_cli("exceptions", "list", "--json").stdout)
+    listed = json.loads(as_requester("exceptions", "list", "--json").stdout)
     hold = next(r["id"] for r in listed if r["payment_id"] == "p-hold")
     dead = next(r["id"] for r in listed if r["payment_id"] == "p-dead")
-    with_amount = run_cli("exceptions", "void", str(hold), "--operator", "dana", "--reason", "x")
+    with_amount = as_requester(
+        "exceptions", "void", str(hold), "--operator", "dana", "--reason", "x"
+    )
     assert with_amount.returncode == 0, with_amount.stderr
     void_action = with_amount.stdout.split()[1]
-    redrive = run_cli(
+    redrive = as_requester(
         "exceptions", "redrive", str(dead), "--operator", "dana", "--reason", "card fixed"
     )
     assert redrive.returncode == 0, redrive.stderr
     redrive_action = redrive.stdout.split()[1]
     for action in (void_action, redrive_action):
-        assert run_cli("exceptions", "approve", action, "--operator", "dana").returncode == 1
+        assert as_requester("exceptions", "approve", action, "--operator", "dana").returncode == 1
         ok = approve_cli("exceptions", "approve", action, "--operator", "erin")
         assert ok.returncode == 0, ok.stderr
 
@@ -685,7 +676,7 @@ def test_every_money_command_has_help() -> None:
         ("exceptions", "redrive"),
         ("exceptions", "approve"),
     ):
-        result = cli(*args, "--help", env={})
+        result = run_cli(*args, "--help", env={})
         assert result.returncode == 0, args
         assert "usage: outbox-relay" in result.stdout
         assert len(result.stdout.splitlines()) > 3

@@ -13,9 +13,7 @@ see the key (in its Authorization header): that is where it belongs.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.login_roles import login_role
 from tests.processes import FakeProviderProcess, RelayProcess, free_port
+from tests.support.cli import run_cli
 from tests.support.intents import insert_intents
 from tests.support.waiting import block_until
 
@@ -64,17 +63,6 @@ def _as_uri(url: str) -> str:
     return f"postgresql://{p['user']}:{p['password']}@{host}:{p.get('port', '5432')}/{p['dbname']}"
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,  # a hang guard, not a speed limit
-    )
-
-
 @pytest.fixture
 def relay_uri(db_url: str) -> Iterator[str]:
     """A URI with a planted password, for a LOGIN role in outbox_relay."""
@@ -87,15 +75,15 @@ def test_cli_commands_never_print_the_database_password(db_url: str, relay_uri: 
     dead_port = str(free_port())
     unreachable = _as_uri(_with_password(db_url, PASSWORD, port=dead_port))
     outputs: dict[str, subprocess.CompletedProcess[str]] = {
-        "migrate": _cli("migrate", env={"RELAY_DATABASE_URL": owner}),
-        "status": _cli("status", env={"RELAY_DATABASE_URL": relay_uri}),
-        "status --json": _cli("status", "--json", env={"RELAY_DATABASE_URL": relay_uri}),
-        "migrate, unreachable": _cli("migrate", env={"RELAY_DATABASE_URL": unreachable}),
-        "status, unreachable": _cli("status", env={"RELAY_DATABASE_URL": unreachable}),
-        "migrate, bad port": _cli(
+        "migrate": run_cli("migrate", env={"RELAY_DATABASE_URL": owner}),
+        "status": run_cli("status", env={"RELAY_DATABASE_URL": relay_uri}),
+        "status --json": run_cli("status", "--json", env={"RELAY_DATABASE_URL": relay_uri}),
+        "migrate, unreachable": run_cli("migrate", env={"RELAY_DATABASE_URL": unreachable}),
+        "status, unreachable": run_cli("status", env={"RELAY_DATABASE_URL": unreachable}),
+        "migrate, bad port": run_cli(
             "migrate", env={"RELAY_DATABASE_URL": owner.replace("5432", "notaport")}
         ),
-        "run, invalid configuration": _cli(
+        "run, invalid configuration": run_cli(
             "run",
             env={
                 "RELAY_DATABASE_URL": relay_uri,
@@ -105,7 +93,7 @@ def test_cli_commands_never_print_the_database_password(db_url: str, relay_uri: 
                 "RELAY_BATCH_SIZE": "0",
             },
         ),
-        "migrate, URL from a missing file": _cli(
+        "migrate, URL from a missing file": run_cli(
             "migrate", env={"RELAY_DATABASE_URL_FILE": "/nonexistent/database-url"}
         ),
     }

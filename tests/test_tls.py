@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from relay.infra.config import Settings
 from relay.infra.db import Database
 from relay.infra.migrate import migrate
 from tests.processes import RelayProcess, free_port
+from tests.support.cli import run_cli
 from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.integration
@@ -52,17 +52,6 @@ def _server_ssl(db_url: str) -> bool:
     with psycopg.connect(db_url) as conn:
         row = conn.execute("SHOW ssl").fetchone()
     return row is not None and row[0] == "on"
-
-
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,  # a hang guard, not a speed limit
-    )
 
 
 def test_relay_connections_honour_sslmode_require(db_url: str, tmp_path: Path) -> None:
@@ -127,7 +116,7 @@ def test_cli_verify_full_with_a_wrong_root_certificate_fails_clearly(
         "-----BEGIN CERTIFICATE-----\nMIIBnotarealcertificate\n-----END CERTIFICATE-----\n"
     )
     url = _with(db_url, sslmode="verify-full", sslrootcert=str(wrong_root))
-    result = _cli("status", env={"RELAY_DATABASE_URL": url})
+    result = run_cli("status", env={"RELAY_DATABASE_URL": url})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -317,7 +306,7 @@ def test_relay_verifies_the_server_and_encrypts_every_connection(
 def test_a_server_our_root_certificate_does_not_vouch_for_is_refused(tls_postgres: Any) -> None:
     base, _, other_ca = tls_postgres
     url = _with(base, sslmode="verify-full", sslrootcert=str(other_ca))
-    result = _cli("status", env={"RELAY_DATABASE_URL": url})
+    result = run_cli("status", env={"RELAY_DATABASE_URL": url})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
