@@ -1334,7 +1334,9 @@ CONTRACT_METRICS = {
 
 def _known_metrics() -> set[str]:
     declared = set(
-        re.findall(r'"(outbox_relay_[a-z0-9_]+)"', (ROOT / "relay" / "infra" / "metrics.py").read_text())
+        re.findall(
+            r'"(outbox_relay_[a-z0-9_]+)"', (ROOT / "relay" / "infra" / "metrics.py").read_text()
+        )
     )
     names = CONTRACT_METRICS | declared
     return names | {f"{n}_{suffix}" for n in names for suffix in ("bucket", "sum", "count")}
