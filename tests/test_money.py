@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.domain.money import CurrencyMismatch, Money, format_money, parse_major
+from relay.domain.money import CurrencyMismatch, Money, format_minor, format_money, parse_major
 
 
 def test_formats_by_exponent() -> None:
@@ -12,6 +12,30 @@ def test_formats_by_exponent() -> None:
     assert format_money(Money(1999, "JPY"), 0) == "1999 JPY"
     assert format_money(Money(1999, "KWD"), 3) == "1.999 KWD"
     assert format_money(Money(-5, "EUR"), 2) == "-0.05 EUR"
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "exponent", "shown"),
+    [
+        (1999, "JPY", 0, "1999 JPY"),
+        (-42, "JPY", 0, "-42 JPY"),
+        (100, "EUR", 2, "1.00 EUR"),
+        (4200, "EUR", 2, "42.00 EUR"),
+        (7, "EUR", 2, "0.07 EUR"),
+        (1999, "KWD", 3, "1.999 KWD"),
+        (-1, "KWD", 3, "-0.001 KWD"),
+        (1999, "CLF", 4, "0.1999 CLF"),
+        (123_4567, "UYW", 4, "123.4567 UYW"),
+    ],
+)
+def test_format_minor_per_exponent(amount: int, currency: str, exponent: int, shown: str) -> None:
+    assert format_minor(amount, currency, exponent) == shown
+
+
+def test_format_minor_without_an_exponent_names_the_unit() -> None:
+    # A currency outbox.currencies does not know: never a bare number read as major units.
+    assert format_minor(4200, "XYZ", None) == "4200 minor units of XYZ"
+    assert format_minor(4200, "eur", 2) == "4200 minor units of eur"
 
 
 def test_parse_refuses_too_many_fraction_digits() -> None:

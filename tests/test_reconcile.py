@@ -35,7 +35,7 @@ from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.login_roles import login_role
 from tests.support.cli import run_cli
 from tests.support.fake_server import API_KEY, FakeServer
-from tests.support.intents import insert_intents
+from tests.support.intents import insert_intent, insert_intents
 from tests.support.relays import make_relay, run_until_settled
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -104,6 +104,37 @@ def test_each_discrepancy_is_one_finding_of_its_class() -> None:
     }
     assert sorted(f.kind for f in result.findings) == sorted(EXCEPTION_KINDS)
     assert (result.matched, result.ignored) == (2, 1)
+
+
+def test_details_show_amounts_in_currency_units() -> None:
+    provider = [
+        bt("txn_amt", "charge", 2099, "pi_amt"),
+        bt("txn_fee", "charge", 4200, "pi_fee", fee=999),
+        bt("txn_phantom", "charge", 4200, "pi_nobody"),
+        bt("txn_yen", "charge", 1999, "pi_yen", currency="JPY"),
+        bt("txn_xyz", "charge", 55, "pi_xyz", currency="XYZ"),
+    ]
+    internal = [
+        item(1, "capture", "pi_amt", 1999),
+        item(2, "charge", "pi_fee", 4200),
+        item(3, "charge", "pi_lost", 100),
+    ]
+    result = match(
+        provider,
+        internal,
+        window_start=T0 - timedelta(hours=1),
+        window_end=T0 + timedelta(hours=1),
+        fees=FAKE_FEES,
+        exponents={"EUR": 2, "JPY": 0},
+    )
+    details = {f.match_key: f.detail for f in result.findings}
+    assert details["pi_amt"] == "capture pi_amt: the ledger says 19.99 EUR, the provider 20.99 EUR"
+    assert details["pi_fee"] == "charge pi_fee: fee 9.99 EUR, expected 1.52 EUR"
+    assert details["txn_phantom"].startswith("the provider shows a charge of 42.00 EUR (")
+    assert details["pi_lost"].startswith("the ledger records a charge of 1.00 EUR (")
+    assert details["txn_yen"].startswith("the provider shows a charge of 1999 JPY (")
+    # A currency outbox.currencies does not know is not guessed: its unit is named.
+    assert details["txn_xyz"].startswith("the provider shows a charge of 55 minor units of XYZ (")
 
 
 def test_only_items_dated_inside_the_window_are_judged() -> None:
@@ -495,7 +526,7 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
         "over-captured by 150",
     )
     assert asked.returncode == 0, asked.stderr
-    assert "refund 150 EUR of payment p-amount" in asked.stdout
+    assert "refund 1.50 EUR of payment p-amount" in asked.stdout
     action_id = asked.stdout.split()[1]
     same = as_requester("exceptions", "approve", action_id, "--operator", "alice")
     assert same.returncode == 1
@@ -594,6 +625,105 @@ async def test_cli_reconciles_and_money_moves_need_a_second_approver(
         "operator:erin",
     ]
     assert_audit_intact(db_url)
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_stored_details_take_the_exponent_from_the_currency_table(db_url: str) -> None:
+    """Exponents 0, 2, 3 and 4 (JPY, EUR, KWD, CLF) as outbox.currencies has them."""
+    at = datetime.now(UTC)
+    charges = [
+        bt(f"txn_{code}", "charge", 1999, f"pi_{code}", currency=code, at=at)
+        for code in ("JPY", "EUR", "KWD", "CLF")
+    ]
+
+    async def provider(_since: datetime, _until: datetime) -> AsyncIterator[BalanceTransaction]:
+        for txn in charges:
+            yield txn
+
+    report = await run(
+        db_url,
+        "stripe",
+        provider,
+        since=at - timedelta(minutes=1),
+        until=at + timedelta(minutes=1),
+        fees=FeeSchedule(),
+        slack=timedelta(0),
+        actor="reconcile:stripe",
+    )
+    with psycopg.connect(db_url) as conn:
+        stored = dict(
+            conn.execute("SELECT currency, detail FROM outbox.reconciliation_exceptions").fetchall()
+        )
+    shown = {code: text.split(" (")[0] for code, text in stored.items()}
+    assert shown == {
+        "JPY": "the provider shows a charge of 1999 JPY",
+        "EUR": "the provider shows a charge of 19.99 EUR",
+        "KWD": "the provider shows a charge of 1.999 KWD",
+        "CLF": "the provider shows a charge of 0.1999 CLF",
+    }
+    assert report.exponents["CLF"] == 4
+
+
+@pytest.mark.integration
+def test_exceptions_list_shows_money_and_what_waits_for_approval(
+    db_url: str, two_operator_logins: tuple[str, str]
+) -> None:
+    """A requested refund shows in the default list, amounts in currency units, a long
+    detail cut with an ellipsis."""
+    requester, _ = two_operator_logins
+    long_detail = "the provider took more than the ledger records " + "and more " * 12 + "END"
+    insert_intent(
+        db_url,
+        payment_id="p-kwd",
+        action="charge",
+        amount_minor=1999,
+        currency="KWD",
+        payment_method="pm_card_visa",
+    )
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        run_row = admin.execute(
+            "INSERT INTO outbox.reconciliation_runs (provider, window_start, window_end)"
+            " VALUES ('stripe', now() - interval '1 hour', now()) RETURNING id"
+        ).fetchone()
+        assert run_row is not None
+        exception = admin.execute(
+            "INSERT INTO outbox.reconciliation_exceptions (provider, kind, match_key,"
+            " payment_id, currency, delta_minor, detail, occurred_at, first_run_id, last_run_id)"
+            " VALUES ('stripe', 'amount_mismatch', 'pi_kwd', 'p-kwd', 'KWD', 1500, %s, now(),"
+            " %s, %s) RETURNING id",
+            (long_detail, run_row[0], run_row[0]),
+        ).fetchone()
+        assert exception is not None
+    env = {"RELAY_DATABASE_URL": requester}
+    asked = run_cli(
+        "exceptions",
+        "refund",
+        str(exception[0]),
+        "--amount",
+        "100",
+        "--operator",
+        "alice",
+        "--reason",
+        "over-captured",
+        env=env,
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert "refund 0.100 KWD of payment p-kwd" in asked.stdout
+
+    listed = run_cli("exceptions", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line for line in listed.stdout.splitlines() if "pi_kwd" in line]
+    assert len(rows) == 1, (
+        f"the default list hides the refund waiting for approval:\n{listed.stdout}"
+    )
+    row = rows[0]
+    assert "awaiting_approval" in row
+    assert "1.500 KWD" in row
+    assert row.endswith("…") and "END" not in row
+    assert len(row.split("  ")[-1].strip()) <= 80
+    only_open = run_cli("exceptions", "list", "--status", "open", env=env)
+    assert "pi_kwd" not in only_open.stdout
 
 
 @pytest.mark.integration

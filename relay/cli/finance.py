@@ -176,9 +176,12 @@ def _cmd_reconcile(args: argparse.Namespace, url: str) -> int:
 
 def _cmd_exceptions_list(args: argparse.Namespace, url: str) -> int:
     from relay.cli.finance_reports import print_exceptions
-    from relay.finance.exceptions import list_exceptions
+    from relay.finance.exceptions import AWAITING_A_PERSON, list_exceptions
 
-    statuses = None if args.status == "all" else [args.status]
+    if args.status is None:
+        statuses: list[str] | None = list(AWAITING_A_PERSON)
+    else:
+        statuses = None if args.status == "all" else [args.status]
     rows = list_exceptions(
         url, statuses=statuses, provider=args.provider, kind=args.kind, limit=args.limit
     )
@@ -186,7 +189,8 @@ def _cmd_exceptions_list(args: argparse.Namespace, url: str) -> int:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     if not rows:
-        print(f"no {'' if args.status == 'all' else args.status + ' '}reconciliation exceptions")
+        which = " or ".join(statuses or ()) or "any"
+        print(f"no reconciliation exceptions ({which}); --status all lists every one")
         return 0
     print_exceptions(rows)
     return 0
@@ -360,12 +364,16 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     actions = exceptions.add_subparsers(dest="exceptions_command", metavar="ACTION", required=True)
     listing = actions.add_parser(
         "list",
-        help="exceptions, oldest first",
-        description="Reconciliation exceptions with their delta (provider minus ledger, minor "
-        "units) and any action awaiting approval.",
+        help="exceptions waiting for someone (open, awaiting approval), oldest first",
+        description="Reconciliation exceptions with their delta (provider minus ledger, in "
+        "currency units) and any action awaiting approval. By default the ones that wait for "
+        "someone: open, and awaiting_approval (a money move waiting for a second operator).",
     )
     listing.add_argument(
-        "--status", choices=(*_STATUSES, "all"), default="open", help="default: open"
+        "--status",
+        choices=(*_STATUSES, "all"),
+        default=None,
+        help="only this status (default: open and awaiting_approval)",
     )
     listing.add_argument("--provider", help="only this provider")
     listing.add_argument(

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from relay.cli.tables import render_table
+from relay.cli.tables import clip, render_table
+from relay.domain.money import format_minor
 from relay.finance.audit import VerifyReport
 from relay.finance.ledger import LedgerReport
 from relay.finance.reconcile import RunReport
@@ -18,6 +19,15 @@ __all__ = ["print_audit_report", "print_exceptions", "print_ledger_report", "pri
 # Problems and breaks shown as text; --json lists them all.
 _PROBLEMS_SHOWN = 100
 _BREAKS_SHOWN = 50
+# The detail column of `exceptions list`; --json has the whole text.
+_DETAIL_WIDTH = 80
+
+
+def _amount(amount_minor: int | None, currency: str | None, exponent: int | None) -> str | None:
+    """Minor units as currency units (``1.00 EUR``); None stays None (printed ``-``)."""
+    if amount_minor is None:
+        return None
+    return format_minor(amount_minor, currency or "?", exponent)
 
 
 def print_ledger_report(
@@ -118,29 +128,27 @@ def print_run(report: RunReport, out: TextIO = sys.stdout) -> None:
         print("no exceptions: the provider and the ledger agree", file=out)
         return
     print(file=out)
+
+    def money(row: dict[str, Any], column: str) -> str | None:
+        if column == "provider_amount_minor" and row["kind"] == "currency_mismatch":
+            # In the provider's currency, which the row does not record: the detail names it.
+            amount = row[column]
+            return None if amount is None else f"{amount} minor units of another currency"
+        currency = row["currency"]
+        return _amount(row[column], currency, report.exponents.get(currency or ""))
+
     print(
         render_table(
-            [
-                "id",
-                "kind",
-                "payment",
-                "reference",
-                "currency",
-                "ledger",
-                "provider",
-                "delta",
-                "seen",
-            ],
+            ["id", "kind", "payment", "reference", "ledger", "provider", "delta", "seen"],
             [
                 [
                     row["exception_id"],
                     row["kind"],
                     row["payment_id"],
                     row["match_key"],
-                    row["currency"],
-                    row["internal_amount_minor"],
-                    row["provider_amount_minor"],
-                    row["delta_minor"],
+                    money(row, "internal_amount_minor"),
+                    money(row, "provider_amount_minor"),
+                    money(row, "delta_minor"),
                     "new" if row["new"] else "again",
                 ]
                 for row in report.rows()
@@ -151,7 +159,8 @@ def print_run(report: RunReport, out: TextIO = sys.stdout) -> None:
 
 
 def print_exceptions(rows: Sequence[dict[str, Any]], out: TextIO = sys.stdout) -> None:
-    """Reconciliation exceptions as a table, the detail cut to 80 characters."""
+    """Reconciliation exceptions as a table: the delta in currency units, the detail cut
+    to 80 characters with an ellipsis where it was cut (--json has all of it)."""
     print(
         render_table(
             [
@@ -161,7 +170,6 @@ def print_exceptions(rows: Sequence[dict[str, Any]], out: TextIO = sys.stdout) -
                 "status",
                 "payment",
                 "reference",
-                "currency",
                 "delta",
                 "seen",
                 "action",
@@ -175,11 +183,10 @@ def print_exceptions(rows: Sequence[dict[str, Any]], out: TextIO = sys.stdout) -
                     r["status"],
                     r["payment_id"],
                     r["match_key"],
-                    r["currency"],
-                    r["delta_minor"],
+                    _amount(r["delta_minor"], r["currency"], r.get("exponent")),
                     r["times_seen"],
                     r["pending_action"],
-                    (r["detail"] or "")[:80],
+                    clip(r["detail"] or "", _DETAIL_WIDTH),
                 ]
                 for r in rows
             ],

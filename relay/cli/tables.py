@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-__all__ = ["Progress", "format_seconds", "plain_help", "render_table"]
+__all__ = ["Progress", "clip", "format_seconds", "plain_help", "render_table"]
 
 # reStructuredText markup of docstrings: ``literal`` and **strong**.
 _RST_MARKUP = re.compile(r"``(.+?)``|\*\*(.+?)\*\*", re.DOTALL)
@@ -41,6 +41,18 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
         return "  ".join(parts).rstrip()
 
     return "\n".join([line(headers), *(line(row) for row in cells)])
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters; a cut one ends in ``…`` so a reader knows
+    there is more, after the last whole word when one ends in the second half."""
+    if len(text) <= width:
+        return text
+    head = text[: width - 1]
+    space = head.rfind(" ")
+    if space > width // 2:
+        head = head[:space]
+    return head.rstrip(" ,;:") + "…"
 
 
 def format_seconds(seconds: float | None) -> str:

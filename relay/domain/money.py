@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["CurrencyMismatch", "Money", "format_money", "parse_major"]
+__all__ = ["CurrencyMismatch", "Money", "format_minor", "format_money", "parse_major"]
 
 _CODE = re.compile(r"^[A-Z]{3}$")
 _MAJOR = re.compile(r"^(-?)(\d+)(?:\.(\d+))?$")
@@ -55,7 +55,9 @@ class Money:
 
 
 def format_money(money: Money, exponent: int) -> str:
-    """``Money(1999, 'EUR'), 2`` -> ``'19.99 EUR'``; JPY (0) -> ``'1999 JPY'``."""
+    """``Money(1999, 'EUR'), 2`` -> ``'19.99 EUR'``; JPY (0) -> ``'1999 JPY'``; KWD (3)
+    -> ``'1.999 KWD'``; CLF (4) -> ``'0.1999 CLF'``. Every amount a person reads goes
+    through here (or :func:`format_minor`), so an approver sees what will move."""
     if exponent < 0:
         raise ValueError(f"exponent must be >= 0, got {exponent}")
     sign = "-" if money.amount_minor < 0 else ""
@@ -79,3 +81,13 @@ def parse_major(text: str, exponent: int) -> int:
         )
     minor: int = int(whole) * 10**exponent + (int(fraction.ljust(exponent, "0")) if exponent else 0)
     return -minor if sign else minor
+
+
+def format_minor(amount_minor: int, currency: str, exponent: int | None) -> str:
+    """An amount in minor units as a person reads it: :func:`format_money` when the
+    currency's exponent is known, else the minor units named as such (a currency missing
+    from outbox.currencies, or a code that is not one), never a bare number that could be
+    misread by a factor of 100."""
+    if exponent is None or not _CODE.match(currency):
+        return f"{amount_minor} minor units of {currency}"
+    return format_money(Money(amount_minor, currency), exponent)

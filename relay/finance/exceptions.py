@@ -26,9 +26,11 @@ from typing import Any
 
 import psycopg
 
+from relay.domain.money import format_minor
 from relay.infra.queries import QUERIES
 
 __all__ = [
+    "AWAITING_A_PERSON",
     "ExceptionCommandError",
     "accept",
     "approve",
@@ -39,6 +41,9 @@ __all__ = [
 
 _OPERATOR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
 MONEY_MOVING = ("refund", "void", "redrive")
+# What `exceptions list` shows by default: every exception that waits for someone, the
+# ones to work and the ones whose money move waits for a second operator's approval.
+AWAITING_A_PERSON = ("open", "awaiting_approval")
 
 
 class ExceptionCommandError(Exception):
@@ -82,6 +87,7 @@ COLUMNS = (
     "resolved_by",
     "resolved_at",
     "pending_action",
+    "exponent",
 )
 
 
@@ -131,10 +137,12 @@ class Requested:
     payment_id: str
     amount_minor: int | None
     currency: str | None
+    exponent: int | None = None  # the currency's, from outbox.currencies
 
     def describe(self) -> str:
-        if self.action == "refund":
-            return f"refund {self.amount_minor} {self.currency} of payment {self.payment_id}"
+        if self.action == "refund" and self.amount_minor is not None:
+            amount = format_minor(self.amount_minor, self.currency or "?", self.exponent)
+            return f"refund {amount} of payment {self.payment_id}"
         if self.action == "void":
             return f"void the open authorisation of payment {self.payment_id}"
         return f"re-drive the dead intents of payment {self.payment_id} under their own keys"
@@ -161,7 +169,9 @@ def request_action(
     with psycopg.connect(conninfo) as conn, conn.transaction():
         name = validate_operator(operator)
         _as_operator(conn, name)
-        _, _, kind, status, payment_id, delta, currency = _locked_exception(conn, exception_id)
+        _, _, kind, status, payment_id, delta, currency, exponent = _locked_exception(
+            conn, exception_id
+        )
         if status != "open":
             raise ExceptionCommandError(
                 f"exception {exception_id} is {status}; commands apply to open exceptions"
@@ -200,7 +210,9 @@ def request_action(
             },
         ).fetchone()
     assert row is not None
-    return Requested(int(row[0]), exception_id, action, str(payment_id), amount_minor, currency)
+    return Requested(
+        int(row[0]), exception_id, action, str(payment_id), amount_minor, currency, exponent
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any, Literal
 import psycopg
 
 from provider_adapters.base import BalanceTransaction
+from relay.domain.money import format_minor
 from relay.infra.queries import QUERIES
 
 __all__ = [
@@ -153,8 +154,18 @@ def match(
     window_start: datetime,
     window_end: datetime,
     fees: FeeSchedule = FeeSchedule(),
+    exponents: Mapping[str, int] | None = None,
 ) -> MatchResult:
-    """Pair both sides and judge the pairs and leftovers dated inside the window."""
+    """Pair both sides and judge the pairs and leftovers dated inside the window.
+
+    ``exponents`` (code -> ISO 4217 exponent, from outbox.currencies) writes the findings'
+    details in currency units (``42.00 EUR``); a currency without one is shown in minor
+    units, named as such."""
+    known: Mapping[str, int] = exponents or {}
+
+    def money(amount_minor: int, currency: str) -> str:
+        return format_minor(amount_minor, currency, known.get(currency))
+
     result = MatchResult()
     relevant: list[BalanceTransaction] = []
     for txn in provider:
@@ -179,8 +190,9 @@ def match(
                         kind="missing_at_provider",
                         match_key=item.reference or f"ledger:{item.ledger_transaction_id}",
                         occurred_at=item.at,
-                        detail=f"the ledger records a {item.kind} of {item.amount_minor} "
-                        f"{item.currency} ({item.reference}) that the provider does not show",
+                        detail=f"the ledger records a {item.kind} of "
+                        f"{money(item.amount_minor, item.currency)} ({item.reference}) "
+                        "that the provider does not show",
                         payment_id=item.payment_id,
                         ledger_transaction_id=item.ledger_transaction_id,
                         currency=item.currency,
@@ -194,7 +206,7 @@ def match(
             continue
         result.internal_items += 1
         result.provider_items += 1
-        findings = _judge(item, paired, fees)
+        findings = _judge(item, paired, fees, money)
         if not findings:
             result.matched += 1
         result.findings.extend(findings)
@@ -207,7 +219,8 @@ def match(
                 kind="missing_internal",
                 match_key=txn.id,
                 occurred_at=txn.created,
-                detail=f"the provider shows a {txn.type} of {txn.amount_minor} {txn.currency} "
+                detail=f"the provider shows a {txn.type} of "
+                f"{money(txn.amount_minor, txn.currency)} "
                 f"({txn.source_id or 'no source'}) that the ledger does not know",
                 provider_transaction_id=txn.id,
                 currency=txn.currency,
@@ -220,7 +233,12 @@ def match(
     return result
 
 
-def _judge(item: InternalItem, txn: BalanceTransaction, fees: FeeSchedule) -> list[Finding]:
+def _judge(
+    item: InternalItem,
+    txn: BalanceTransaction,
+    fees: FeeSchedule,
+    money: Callable[[int, str], str],
+) -> list[Finding]:
     key = item.reference or f"ledger:{item.ledger_transaction_id}"
     common: dict[str, Any] = {
         "match_key": key,
@@ -265,8 +283,9 @@ def _judge(item: InternalItem, txn: BalanceTransaction, fees: FeeSchedule) -> li
         findings.append(
             Finding(
                 kind="amount_mismatch",
-                detail=f"{item.kind} {key}: the ledger says {item.expected_provider_amount}, "
-                f"the provider {txn.amount_minor} {txn.currency}",
+                detail=f"{item.kind} {key}: the ledger says "
+                f"{money(item.expected_provider_amount, item.currency)}, "
+                f"the provider {money(txn.amount_minor, txn.currency)}",
                 currency=item.currency,
                 delta_minor=txn.amount_minor - item.expected_provider_amount,
                 **common,
@@ -277,8 +296,8 @@ def _judge(item: InternalItem, txn: BalanceTransaction, fees: FeeSchedule) -> li
         findings.append(
             Finding(
                 kind="unexpected_fee",
-                detail=f"{item.kind} {key}: fee {txn.fee_minor} {txn.currency}, "
-                f"expected {expected_fee}",
+                detail=f"{item.kind} {key}: fee {money(txn.fee_minor, txn.currency)}, "
+                f"expected {money(expected_fee, txn.currency)}",
                 currency=item.currency,
                 expected_fee_minor=expected_fee,
                 delta_minor=txn.fee_minor - expected_fee,
@@ -295,10 +314,13 @@ def currency_exponents(conninfo: str) -> dict[str, int]:
     """Code -> ISO 4217 exponent from outbox.currencies, for the adapter to convert the
     provider's settlement amounts into minor units (``balance_transactions(exponents=)``)."""
     with psycopg.connect(conninfo) as conn:
-        return {
-            str(code): int(exponent)
-            for code, exponent in conn.execute(QUERIES["currency_exponents"])
-        }
+        return _exponents(conn)
+
+
+def _exponents(conn: psycopg.Connection) -> dict[str, int]:
+    return {
+        str(code): int(exponent) for code, exponent in conn.execute(QUERIES["currency_exponents"])
+    }
 
 
 @dataclass
@@ -308,6 +330,8 @@ class RunReport:
     window_start: datetime
     window_end: datetime
     result: MatchResult
+    # code -> ISO 4217 exponent (outbox.currencies), to print the amounts in currency units
+    exponents: dict[str, int] = field(default_factory=dict)
     # (exception id, new?, status) per finding, in the findings' order
     recorded: list[tuple[int, bool, str]] = field(default_factory=list)
     cleared: list[int] = field(default_factory=list)
@@ -380,8 +404,16 @@ async def run(
                 )
             ]
             progress(f"read {len(internal)} ledger postings that move money")
-            result = match(fetched, internal, window_start=since, window_end=until, fees=fees)
-            report = RunReport(run_id, provider, since, until, result)
+            exponents = _exponents(conn)
+            result = match(
+                fetched,
+                internal,
+                window_start=since,
+                window_end=until,
+                fees=fees,
+                exponents=exponents,
+            )
+            report = RunReport(run_id, provider, since, until, result, exponents)
             with conn.transaction():
                 conn.execute(QUERIES["set_actor"], {"actor": actor, "reason": None})
                 for finding in result.findings:

@@ -808,14 +808,16 @@ SET status = %(status)s::text,
 WHERE id = %(run_id)s::bigint;
 
 -- name: exceptions_list
--- Reconciliation exceptions, filtered by status, provider and kind (NULL: any), oldest first.
+-- Reconciliation exceptions, filtered by status, provider and kind (NULL: any), oldest first, with
+-- their currency's exponent (outbox.currencies) to print amounts in currency units.
 SELECT x.id, x.provider, x.kind, x.status, x.payment_id, x.match_key, x.currency,
        x.internal_amount_minor, x.provider_amount_minor, x.fee_minor, x.expected_fee_minor,
        x.delta_minor, x.times_seen, x.occurred_at, x.detail, x.resolution, x.resolution_reason,
        x.resolved_by, x.resolved_at,
        (SELECT a.id FROM outbox.reconciliation_actions AS a
         WHERE a.exception_id = x.id AND a.status = 'awaiting_approval'
-        ORDER BY a.id DESC LIMIT 1) AS pending_action
+        ORDER BY a.id DESC LIMIT 1) AS pending_action,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = x.currency) AS exponent
 FROM outbox.reconciliation_exceptions AS x
 WHERE (%(statuses)s::text[] IS NULL OR x.status = ANY(%(statuses)s::text[]))
   AND (%(provider)s::text IS NULL OR x.provider = %(provider)s::text)
@@ -824,11 +826,12 @@ ORDER BY x.id
 LIMIT %(limit)s::integer;
 
 -- name: exception_for_update
--- One exception, locked for an operator's command.
-SELECT id, provider, kind, status, payment_id, delta_minor, currency
-FROM outbox.reconciliation_exceptions
-WHERE id = %(id)s::bigint
-FOR UPDATE;
+-- One exception, locked for an operator's command, with its currency's exponent (to print amounts).
+SELECT x.id, x.provider, x.kind, x.status, x.payment_id, x.delta_minor, x.currency,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = x.currency) AS exponent
+FROM outbox.reconciliation_exceptions AS x
+WHERE x.id = %(id)s::bigint
+FOR UPDATE OF x;
 
 -- name: exception_accept
 -- Accept an open exception with a reason (no money moves).
