@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from relay.cli.main import build_parser
+from relay.infra.config import load_settings, unknown_variables
 from tests.support.cli import run_cli
 
 
@@ -95,3 +97,94 @@ def test_migrate_then_status(db_url: str) -> None:
     assert row.split()[1:3] == ["1", "1"]  # blocked 1, pending 1
     as_json = json.loads(run_cli("status", "--json", env=env).stdout)
     assert as_json["providers"]["stripe"]["counts"] == {"blocked": 1, "pending": 1}
+
+
+def _settings_env(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+    """Exactly ``values`` as the RELAY_* environment of an in-process load_settings."""
+    for name in list(os.environ):
+        if name.startswith("RELAY_"):
+            monkeypatch.delenv(name)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_every_broken_rule_between_settings_is_reported_in_one_run() -> None:
+    result = run_cli(
+        "run",
+        env={
+            "RELAY_DATABASE_URL": "postgresql://nowhere/x",
+            "RELAY_AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/",
+            "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_x",
+            "RELAY_LEASE_SECONDS": "5",
+            "RELAY_BACKOFF_CAP_SECONDS": "0.5",
+        },
+    )
+    assert result.returncode == 2
+    assert "invalid configuration (3 problem(s))" in result.stderr
+    lines = [line.strip() for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert [line.split(" ")[0] for line in lines] == [
+        "RELAY_PUBLISH_TIMEOUT_SECONDS",
+        "RELAY_BACKOFF_CAP_SECONDS",
+        "RELAY_PROVIDERS__STRIPE__TIMEOUT_MS",
+    ]
+
+
+def test_an_empty_variable_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    _settings_env(
+        monkeypatch,
+        RELAY_LEASE_SECONDS="5",
+        RELAY_AMQP_URL="",  # no broker, so the publish timeout has no lease to outlast
+        RELAY_AMQP_URL_FILE="",
+        RELAY_EVENTS_EXAMPLE_QUEUE="",  # would need RELAY_EVENTS_DECLARE_TOPOLOGY
+        RELAY_PROVIDERS__STRIPE__API_KEY="sk_test_x",
+        RELAY_PROVIDERS__STRIPE__API_KEY_FILE="",  # would be "not a readable file"
+        RELAY_PROVIDERS__STRIPE__TIMEOUT_MS="3000",
+        RELAY_BATCH_SIZE="",  # the default
+    )
+    settings = load_settings()
+    assert settings.amqp_url is None and settings.resolved_amqp_url() is None
+    assert settings.events_example_queue is None
+    assert settings.providers["stripe"].api_key_file is None
+    assert settings.batch_size == 100
+
+
+def test_unknown_relay_variables_are_named_with_the_nearest_known_one() -> None:
+    warnings = unknown_variables(
+        {
+            "RELAY_BATCHSIZE": "5",
+            "RELAY_PROVIDERS__STRIPE__TIMEOUTMS": "3000",
+            "RELAY_XYZZY": "1",
+            # known: settings, *_FILE variants, nested provider keys, the test suite's own,
+            # the ones read outside Settings, and anything not RELAY_*
+            "RELAY_BATCH_SIZE": "5",
+            "relay_lease_seconds": "30",
+            "RELAY_DATABASE_URL_FILE": "/run/secrets/db",
+            "RELAY_PROVIDERS__STRIPE__API_KEY_FILE": "/run/secrets/stripe",
+            "RELAY_PROVIDERS__ADYEN__TIMEOUT_MS": "3000",
+            "RELAY_TEST_DATABASE_URL": "postgresql://x/y",
+            "RELAY_OPERATOR": "alice",
+            "RELAY_SECRETS_DIR": "/run/secrets",
+            "HOME": "/root",
+        }
+    )
+    assert warnings == [
+        "warning: RELAY_BATCHSIZE is not a setting of the relay and is ignored; "
+        "did you mean RELAY_BATCH_SIZE?",
+        "warning: RELAY_PROVIDERS__STRIPE__TIMEOUTMS is not a setting of the relay and is "
+        "ignored; did you mean RELAY_PROVIDERS__STRIPE__TIMEOUT_MS?",
+        "warning: RELAY_XYZZY is not a setting of the relay and is ignored; see the README's "
+        "configuration table",
+    ]
+
+
+@pytest.mark.parametrize("command", [("run",), ("status",), ("reconcile", "--provider", "stripe")])
+def test_commands_warn_once_about_a_misspelt_variable(command: tuple[str, ...]) -> None:
+    # No database configured: each command stops with an error after the warning.
+    result = run_cli(*command, env={"RELAY_BATCHSIZE": "5", "RELAY_TEST_ANYTHING": "1"})
+    assert result.returncode == 2
+    warning = (
+        "warning: RELAY_BATCHSIZE is not a setting of the relay and is ignored; "
+        "did you mean RELAY_BATCH_SIZE?"
+    )
+    assert result.stderr.count(warning) == 1, result.stderr
+    assert "RELAY_TEST_ANYTHING" not in result.stderr

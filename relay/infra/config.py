@@ -1,15 +1,22 @@
 """Settings from the environment (prefix ``RELAY_``, nested keys with ``__``) and files.
 
 A bad value stops start-up with one line per bad variable, naming it
-(:func:`load_settings` raises :class:`ConfigError`). Secrets can come from files: any
-``*_FILE`` setting, or a ``secrets_dir`` (Kubernetes secret mounts) via
+(:func:`load_settings` raises :class:`ConfigError`): every rule between settings is
+checked and each one broken is a line, so one run shows every problem. An empty variable
+counts as unset (``RELAY_AMQP_URL=`` is no broker), the environment's usual convention. A
+``RELAY_*`` variable the relay does not know (a typo like ``RELAY_BATCHSIZE``) is logged
+as a warning naming the nearest known one (:func:`unknown_variables`). Secrets can come
+from files: any ``*_FILE`` setting, or a ``secrets_dir`` (Kubernetes secret mounts) via
 ``RELAY_SECRETS_DIR``.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +32,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from relay.infra.redaction import register_secret, url_passwords
 
-__all__ = ["ConfigError", "ProviderSettings", "Settings", "load_settings"]
+__all__ = ["ConfigError", "ProviderSettings", "Settings", "load_settings", "unknown_variables"]
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # AMQP exchange and queue names the relay declares or publishes to.
@@ -40,6 +47,15 @@ class ConfigError(ValueError):
     def __init__(self, lines: list[str]) -> None:
         self.lines = lines
         super().__init__("invalid configuration:\n" + "\n".join(lines))
+
+
+class _BrokenRules(ValueError):
+    """Every cross-field rule the settings break, one line each (pydantic reports one
+    error per validator; :func:`load_settings` unpacks this one into its lines)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("; ".join(lines))
 
 
 class ProviderSettings(BaseModel):
@@ -98,6 +114,8 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         case_sensitive=False,
         extra="ignore",
+        # RELAY_X= means unset, as everywhere else in the environment's conventions.
+        env_ignore_empty=True,
     )
 
     database_url: SecretStr | None = Field(
@@ -235,26 +253,38 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _events_coherent(self) -> Settings:
+    def _rules_between_settings(self) -> Settings:
+        """Check every rule; report all that are broken together, not the first only."""
+        broken = [*self._event_rules(), *self._retry_and_lease_rules()]
+        if broken:
+            raise _BrokenRules(broken)
+        return self
+
+    def _event_rules(self) -> list[str]:
+        broken: list[str] = []
         if self.events_example_queue and not self.events_declare_topology:
-            raise ValueError(
+            broken.append(
                 "RELAY_EVENTS_EXAMPLE_QUEUE needs RELAY_EVENTS_DECLARE_TOPOLOGY=true "
                 "(the queue is bound to the exchange the relay declares)"
             )
         if self.amqp_reconnect_cap_seconds < self.amqp_reconnect_base_seconds:
-            raise ValueError(
+            broken.append(
                 "RELAY_AMQP_RECONNECT_CAP_SECONDS must be >= RELAY_AMQP_RECONNECT_BASE_SECONDS"
             )
         publishing = self.amqp_url is not None or self.amqp_url_file is not None
         if publishing and self.publish_timeout_seconds >= self.lease_seconds:
-            raise ValueError(
+            broken.append(
                 f"RELAY_PUBLISH_TIMEOUT_SECONDS ({self.publish_timeout_seconds:g}) must stay "
                 f"below RELAY_LEASE_SECONDS ({self.lease_seconds:g} s), the lease on a held event"
             )
-        url = self.resolved_amqp_url()
-        if url is not None and not url.startswith(("amqp://", "amqps://")):
-            raise ValueError("RELAY_AMQP_URL must start with amqp:// or amqps://")
-        return self
+        try:
+            url = self.resolved_amqp_url()
+        except ValueError as exc:
+            broken.append(str(exc))
+        else:
+            if url is not None and not url.startswith(("amqp://", "amqps://")):
+                broken.append("RELAY_AMQP_URL must start with amqp:// or amqps://")
+        return broken
 
     def resolved_amqp_url(self) -> str | None:
         if self.amqp_url_file is not None:
@@ -268,23 +298,22 @@ class Settings(BaseSettings):
     def _lowercase_names(cls, value: dict[str, ProviderSettings]) -> dict[str, ProviderSettings]:
         return {name.lower(): settings for name, settings in value.items()}
 
-    @model_validator(mode="after")
-    def _coherent(self) -> Settings:
+    def _retry_and_lease_rules(self) -> list[str]:
+        broken: list[str] = []
         if self.backoff_cap_seconds < self.backoff_base_seconds:
-            raise ValueError("RELAY_BACKOFF_CAP_SECONDS must be >= RELAY_BACKOFF_BASE_SECONDS")
+            broken.append("RELAY_BACKOFF_CAP_SECONDS must be >= RELAY_BACKOFF_BASE_SECONDS")
         if self.janitor_backoff_cap_seconds < self.janitor_backoff_base_seconds:
-            raise ValueError(
+            broken.append(
                 "RELAY_JANITOR_BACKOFF_CAP_SECONDS must be >= RELAY_JANITOR_BACKOFF_BASE_SECONDS"
             )
         for name, provider in self.providers.items():
             if provider.timeout_ms / 1000 >= self.lease_seconds:
-                raise ValueError(
+                broken.append(
                     f"RELAY_PROVIDERS__{name.upper()}__TIMEOUT_MS ({provider.timeout_ms}) "
                     f"must stay below RELAY_LEASE_SECONDS ({self.lease_seconds:g} s) "
-                    "so a live call never "
-                    "outlasts its lease"
+                    "so a live call never outlasts its lease"
                 )
-        return self
+        return broken
 
     def resolved_database_url(self) -> str | None:
         if self.database_url_file is not None:
@@ -313,8 +342,65 @@ def _variable_name(loc: tuple[int | str, ...]) -> str:
     return "RELAY_" + "__".join(str(part).upper() for part in loc)
 
 
+_PREFIX = "RELAY_"
+_PROVIDERS = f"{_PREFIX}PROVIDERS"
+# Read by the relay outside Settings: the secrets mount and the operator's name.
+_READ_ELSEWHERE = frozenset({"RELAY_SECRETS_DIR", "RELAY_OPERATOR"})
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _known_names() -> frozenset[str]:
+    names = {_PREFIX + name.upper() for name in Settings.model_fields if name != "providers"}
+    return frozenset(names | _READ_ELSEWHERE | {_PROVIDERS})
+
+
+def _unknown(name: str, known: frozenset[str]) -> str | None:
+    """The warning for one RELAY_* variable, or None when the relay reads it."""
+    upper = name.upper()
+    if upper.startswith(f"{_PREFIX}TEST_"):
+        return None  # the test suite's own settings
+    if upper in known or (upper.endswith("_FILE") and upper.removesuffix("_FILE") in known):
+        return None
+    parts = upper.split("__")
+    if parts[0] == _PROVIDERS and len(parts) in (2, 3):
+        if len(parts) == 2:
+            return None  # RELAY_PROVIDERS__<NAME>: one provider as JSON
+        keys = {key.upper() for key in ProviderSettings.model_fields}
+        if parts[2] in keys:
+            return None
+        prefix = f"{parts[0]}__{parts[1]}__"
+        candidates = [prefix + key for key in sorted(keys)]
+    else:
+        candidates = sorted(known)
+    nearest = difflib.get_close_matches(upper, candidates, n=1)
+    hint = f"did you mean {nearest[0]}?" if nearest else "see the README's configuration table"
+    return f"warning: {name} is not a setting of the relay and is ignored; {hint}"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning line per ``RELAY_*`` variable the relay does not read, naming the nearest
+    known one: a misspelt setting is otherwise silently ignored. Nested provider keys
+    (``RELAY_PROVIDERS__<NAME>__<KEY>``) are checked by their key, ``*_FILE`` variants of
+    known settings and ``RELAY_TEST_*`` are known."""
+    known = _known_names()
+    lines = (_unknown(name, known) for name in sorted(environ) if name.upper().startswith(_PREFIX))
+    return [line for line in lines if line is not None]
+
+
+def _warn_unknown_variables() -> None:
+    # Logged, once per process: before logging is set up, Python prints a warning's bare
+    # text on stderr, so every command shows it above its output.
+    for line in unknown_variables(os.environ):
+        if line not in _warned:
+            _warned.add(line)
+            _log.warning(line)
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read settings; raise :class:`ConfigError` naming each bad variable."""
+    """Read settings; raise :class:`ConfigError` naming each bad variable, after warning
+    about every RELAY_* variable the relay does not know."""
+    _warn_unknown_variables()
     try:
         secrets_dir = os.environ.get("RELAY_SECRETS_DIR")
         if secrets_dir:
@@ -324,6 +410,10 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
+            broken = error.get("ctx", {}).get("error")
+            if isinstance(broken, _BrokenRules):
+                lines.extend(broken.lines)
+                continue
             loc = tuple(error["loc"])
             given = error.get("input")
             secret = any("key" in str(p).lower() or "url" in str(p).lower() for p in loc)
