@@ -17,7 +17,13 @@ import pytest
 from relay.cli.dead_letters import describe_filters
 from relay.cli.operator_args import age, operator_name
 from relay.cli.status import render_status
-from relay.operations.dead_letters import Filters, act_on_database, list_dead_in_database
+from relay.operations.dead_letters import (
+    Action,
+    Filters,
+    act_on_database,
+    list_dead_in_database,
+    natural_key,
+)
 from relay.operations.intents import find_intent
 from relay.operations.operators import check_operator_name, parse_age
 from relay.operations.status import ProviderDepth, Status, collect_status
@@ -143,6 +149,40 @@ def test_dead_intents_are_listed_and_retried_by_plain_calls(db_url: str) -> None
     assert steps == [(1, 2), (2, 2)]
     assert [state(db_url, i)[0] for i in ids] == ["pending", "pending"]
     assert history(db_url, ids[0])[-1] == ("operator:alice", "pending")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("action", ["retry", "cancel"])
+def test_bulk_results_are_in_numeric_order_of_their_payments(db_url: str, action: Action) -> None:
+    numbers = (100, 2, 10, 1, 20)
+    ids = insert(db_url, *[(f"bulk-{n}", "charge", 100, "pm_card_visa") for n in numbers])
+    make_dead(db_url, ids)
+    by_ids = act_on_database(db_url, action, operator="alice", ids=ids)
+    assert [row["payment_id"] for row in by_ids.done] == [
+        "bulk-1",
+        "bulk-2",
+        "bulk-10",
+        "bulk-20",
+        "bulk-100",
+    ]
+
+
+def test_natural_order_compares_numbers_as_numbers() -> None:
+    rows = [
+        {"payment_id": "bulk-10", "intent_id": 3},
+        {"payment_id": "bulk-9", "intent_id": 9},
+        {"payment_id": "bulk-9", "intent_id": 2},
+        {"payment_id": "abc", "intent_id": 1},
+        {"payment_id": "bulk-1b", "intent_id": 4},
+    ]
+    ordered = [(r["payment_id"], r["intent_id"]) for r in sorted(rows, key=natural_key)]
+    assert ordered == [
+        ("abc", 1),
+        ("bulk-1b", 4),
+        ("bulk-9", 2),
+        ("bulk-9", 9),
+        ("bulk-10", 3),
+    ]
 
 
 @pytest.mark.integration

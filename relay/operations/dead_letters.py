@@ -18,6 +18,7 @@ The command line is relay/cli/dead_letters.py.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,6 +40,18 @@ __all__ = [
 ]
 
 Action = Literal["retry", "cancel"]
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(row: dict[str, Any]) -> tuple[tuple[tuple[int, int | str], ...], int]:
+    """Order result rows as a person counts: ``bulk-2`` before ``bulk-10``, then by intent.
+
+    The SQL functions return rows in payment-id order as text (their lock order, which
+    must stay fixed to avoid deadlocks), so the report sorts them again for reading."""
+    parts = _DIGITS.split(str(row.get("payment_id") or ""))
+    key = tuple((1, int(part)) if part.isdigit() else (0, part) for part in parts)
+    return key, int(row.get("intent_id") or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +183,7 @@ def act(
         report.matched = len(wanted)
         if wanted and confirm(len(wanted)):
             apply(wanted)
-        return report
+        return _sorted(report)
 
     selection = filters or Filters()
     row = conn.execute(QUERIES["dead_letters_count"], selection.params()).fetchone()
@@ -189,6 +202,12 @@ def act(
         apply([intent_id for (intent_id,) in page])
         handled = len(report.done) + len(report.kept)
         progress(handled, max(report.matched, handled))
+    return _sorted(report)
+
+
+def _sorted(report: ActionReport) -> ActionReport:
+    report.done.sort(key=natural_key)
+    report.kept.sort(key=natural_key)
     return report
 
 
