@@ -150,6 +150,11 @@ async def test_relay_run_posts_a_balanced_ledger_equal_to_the_payments(db_url: s
     result = run_cli("ledger", "check", db_url=db_url)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK: every transaction balances" in result.stdout
+    # Amounts in currency units, the exponent from outbox.currencies: never bare minor units.
+    captured = next(
+        line for line in result.stdout.splitlines() if line.split()[:2] == ["stripe", "captured"]
+    )
+    assert captured.split()[2].count(".") == 1 and captured.split()[3] == "EUR", captured
     as_json = json.loads(run_cli("ledger", "check", "--json", db_url=db_url).stdout)
     assert as_json["ok"] is True and as_json["transactions"] == 45
 
@@ -175,7 +180,7 @@ async def test_ledger_check_detects_a_planted_imbalance(
     assert kinds == ["payment_mismatch", "unbalanced"]
     unbalanced = [p for p in report.problems if p.kind == "unbalanced"]
     assert [p.subject for p in unbalanced] == [f"ledger transaction {txn_id}"]
-    assert "entries sum to +1" in unbalanced[0].message
+    assert "entries sum to +0.01 EUR" in unbalanced[0].message
 
     result = run_cli("ledger", "check", db_url=db_url)
     assert result.returncode == 1
@@ -190,7 +195,9 @@ async def test_ledger_check_detects_a_payment_changed_behind_its_back(
     tamper(superuser, "UPDATE outbox.payments SET captured_minor = 950 WHERE payment_id = 'a0'")
     report = check_ledger(db_url)
     assert [(p.kind, p.subject) for p in report.problems] == [("payment_mismatch", "payment a0")]
-    assert "captured 950 in the payment vs 900 in the ledger" in report.problems[0].message
+    assert (
+        "captured 9.50 EUR in the payment vs 9.00 EUR in the ledger" in report.problems[0].message
+    )
     # The audit trail sees it too: the payment's chain no longer ends in its live state.
     audit = verify_database(db_url)
     assert [(b.kind, b.entity, b.entity_id) for b in audit.breaks] == [

@@ -38,16 +38,23 @@ def print_ledger_report(
         return
     print(
         f"ledger: {report.transactions} transactions, {report.entries} entries, "
-        f"{report.payments} payments (amounts in minor units)",
+        f"{report.payments} payments",
         file=out,
     )
+    money = report.money
     if report.accounts:
         print(file=out)
         print(
             render_table(
-                ["account", "currency", "debits", "credits", "balance", "transactions"],
+                ["account", "debits", "credits", "balance", "transactions"],
                 [
-                    [a.account, a.currency, a.debits, a.credits, a.balance, a.transactions]
+                    [
+                        a.account,
+                        money(a.debits, a.currency),
+                        money(a.credits, a.currency),
+                        money(a.balance, a.currency),
+                        a.transactions,
+                    ]
                     for a in report.accounts
                 ],
             ),
@@ -56,12 +63,18 @@ def print_ledger_report(
     if report.totals:
         print(file=out)
         rows: list[list[object]] = [
-            [provider, currency, name, ours, books, "ok" if ours == books else "DIFFERS"]
+            [
+                provider,
+                name,
+                money(ours, currency),
+                money(books, currency),
+                "ok" if ours == books else "DIFFERS",
+            ]
             for (provider, currency), figures in sorted(report.totals.items())
             for name, (ours, books) in figures.items()
         ]
         print(
-            render_table(["provider", "currency", "figure", "payments", "ledger", "check"], rows),
+            render_table(["provider", "figure", "payments", "ledger", "check"], rows),
             file=out,
         )
     print(file=out)

@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from relay.domain.money import format_minor
 from relay.infra.queries import QUERIES
 
 __all__ = ["AccountBalance", "LedgerReport", "Problem", "check_ledger"]
@@ -62,10 +63,16 @@ class LedgerReport:
     # (provider, currency) -> figure -> (from payments, from the ledger)
     totals: dict[tuple[str, str], dict[str, tuple[int, int]]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    # code -> ISO 4217 exponent (outbox.currencies), to print amounts in currency units
+    exponents: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def money(self, amount_minor: int, currency: str) -> str:
+        """``1999, 'EUR'`` -> ``'19.99 EUR'`` with the currency table's exponent."""
+        return format_minor(amount_minor, currency, self.exponents.get(currency))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +139,10 @@ def check_ledger(conninfo: str) -> LedgerReport:
         counts = conn.execute(QUERIES["ledger_counts"]).fetchone()
         assert counts is not None
         report.transactions, report.entries, report.payments = (int(c) for c in counts)
+        report.exponents = {
+            str(code): int(exponent)
+            for code, exponent in conn.execute(QUERIES["currency_exponents"])
+        }
         for txn_id, payment_id, kind, currency, txn_currency, imbalance, entries in conn.execute(
             QUERIES["ledger_unbalanced"]
         ):
@@ -147,7 +158,8 @@ def check_ledger(conninfo: str) -> LedgerReport:
             else:
                 message = (
                     f"ledger transaction {txn_id} ({kind} of payment {payment_id}) does not "
-                    f"balance in {currency}: entries sum to {imbalance:+d}"
+                    f"balance in {currency}: entries sum to "
+                    f"{'+' if imbalance > 0 else ''}{report.money(int(imbalance), currency)}"
                 )
             report.problems.append(Problem("unbalanced", f"ledger transaction {txn_id}", message))
         for intent_id, payment_id, action, status, txn_id, txn_kind, postings in conn.execute(
@@ -179,7 +191,8 @@ def check_ledger(conninfo: str) -> LedgerReport:
                 "receivable": (row["receivable"], row["ledger_receivable"]),
             }
             differences = [
-                f"{name} {ours} in the payment vs {books} in the ledger"
+                f"{name} {report.money(int(ours), currency)} in the payment vs "
+                f"{report.money(int(books), currency)} in the ledger"
                 for name, (ours, books) in pairs.items()
                 if ours != books
             ]
