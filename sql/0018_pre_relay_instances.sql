@@ -16,8 +16,7 @@
 
 CREATE TABLE outbox.relay_instances (
     instance                    text PRIMARY KEY
-                                CONSTRAINT relay_instances_instance_length
-                                CHECK (length(instance) BETWEEN 1 AND 200),
+                                CONSTRAINT relay_instances_instance_named CHECK (instance <> ''),
     providers                   text[] NOT NULL,
     heartbeat_interval_seconds  float8 NOT NULL
                                 CONSTRAINT relay_instances_interval_positive

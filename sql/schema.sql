@@ -2092,7 +2092,7 @@ CREATE TABLE outbox.relay_instances (
     heartbeat_interval_seconds double precision NOT NULL,
     started_at timestamp with time zone DEFAULT now() NOT NULL,
     heartbeat_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT relay_instances_instance_length CHECK (((length(instance) >= 1) AND (length(instance) <= 200))),
+    CONSTRAINT relay_instances_instance_named CHECK ((instance <> ''::text)),
     CONSTRAINT relay_instances_interval_positive CHECK ((heartbeat_interval_seconds > (0)::double precision))
 );
 

@@ -93,7 +93,7 @@ class DepthSampler:
         self.rng = rng
         # What this relay reports in outbox.relay_instances: the providers it claims for,
         # under its instance name (the pool's application_name unless given).
-        self.instance = instance or db.name
+        self.instance = instance or db.name or "outbox-relay"
         self.serves = sorted(set(providers))
         # Every provider ever reported: its series drop to 0 rather than go stale.
         self.known: set[str] = {safe_label(p) for p in self.serves}
