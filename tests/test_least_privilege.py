@@ -69,6 +69,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_relay", "payments"): {"SELECT"},
     ("outbox_relay", "provider_policies"): {"SELECT"},
     ("outbox_relay", "reconciliation_open_delta"): {"SELECT"},
+    ("outbox_relay", "relay_instances"): {"SELECT", "INSERT", "DELETE"},  # sql/0018
     ("outbox_relay", "relay_wakeup"): {"SELECT"},
     ("outbox_relay", "schema_migrations"): {"SELECT"},
     **{
@@ -87,6 +88,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "payments",
             "provider_policies",
             "reconciliation_open_delta",
+            "relay_instances",
             "relay_wakeup",
             "schema_migrations",
         )
@@ -119,6 +121,11 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
         "state,authorized_minor,captured_minor,refunded_minor,provider_reference,updated_at"
     ),
     ("outbox_relay", "relay_wakeup", "UPDATE"): "wanted,updated_at",
+    (
+        "outbox_relay",
+        "relay_instances",
+        "UPDATE",
+    ): "providers,heartbeat_interval_seconds,heartbeat_at",
 }
 
 # function -> the group roles that may EXECUTE it
@@ -173,6 +180,8 @@ RELAY_STATEMENTS = {
     "unpublished_events",  # relay/service/depth.py
     "queue_depth",
     "reconciliation_open",
+    "relay_heartbeat",  # sql/0018: the sampler reports what this relay serves
+    "relay_instances",
     "janitor_reserve",  # relay/core/janitor.py
     "janitor_take",
     "janitor_record",
@@ -182,6 +191,7 @@ OPERATOR_STATEMENTS = {
     "schema_version",
     "queue_depth",
     "unpublished_events",
+    "relay_instances",  # sql/0018: which providers no running relay serves
     "set_actor",
     "set_operator_actor",  # relay/operations/dead_letters.py, relay/operations/intents.py
     "dead_letters_count",

@@ -290,6 +290,12 @@ def test_metrics_agree_with_the_database_during_and_after_a_run(
     assert acme_age is not None
     assert abs(acme_age - (sampled_at - oldest_acme)) < 1.0
     assert after.value("outbox_relay_oldest_pending_age_seconds", provider="stripe") == 0
+    # acme has no lane on any relay: its waiting intents are unserved. A lane whose breaker
+    # is open still serves its provider.
+    assert after.value("outbox_relay_unserved_intents", provider="acme") == 5
+    assert after.value("outbox_relay_unserved_intents", provider="stripe") == 0
+    assert after.value("outbox_relay_unserved_intents", provider="flaky") == 0
+    assert _rows(db_url, "SELECT providers FROM outbox.relay_instances") == [(["flaky", "stripe"],)]
     assert after.value("outbox_relay_unpublished_events") == unpublished > 0
     assert after.value("outbox_relay_in_flight", provider="stripe") == 0
     assert after.value("outbox_relay_breaker_state", provider="flaky") == 2
@@ -380,6 +386,52 @@ async def test_depth_sampler_sets_every_gauge_from_one_cheap_query(db_url: str) 
         for status in ("blocked", "pending", "in_flight", "dead"):
             assert _value("outbox_relay_queue_depth", provider="sampled", status=status) == 0
         assert _value("outbox_relay_oldest_pending_age_seconds", provider="sampled") == 0
+    finally:
+        await db.close()
+
+
+@pytest.mark.anyio
+async def test_unserved_intents_count_providers_no_live_relay_serves(db_url: str) -> None:
+    """Each sample upserts this relay's row of outbox.relay_instances; a provider none of
+    the live rows serves has its blocked, pending and in-flight intents counted as unserved
+    (dead ones wait for an operator, not a relay). A row is gone after max(3 intervals, 30 s)
+    without a heartbeat, and pruned after a day."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for n in range(2):
+            conn.execute(INSERT, (f"pp-{n}", "charge", "paypal", 100, "EUR", "pm_card_visa", "{}"))
+        conn.execute(INSERT, ("pp-0", "refund", "paypal", None, "EUR", None, "{}"))  # blocked
+        conn.execute(INSERT, ("pp-dead", "charge", "paypal", 100, "EUR", "pm_card_visa", "{}"))
+        conn.execute(INSERT, ("st-0", "charge", "stripe", 100, "EUR", "pm_card_visa", "{}"))
+        conn.execute(
+            "UPDATE outbox.payment_intents SET status = 'dead', completed_at = now()"
+            " WHERE payment_id = 'pp-dead'"
+        )
+    db = Database(db_url, pool_size=1)
+    await db.open()
+    try:
+        stripe_only = DepthSampler(db, providers=["stripe"], instance="relay-a", interval_seconds=5)
+        paypal_too = DepthSampler(db, providers=["paypal"], instance="relay-b", interval_seconds=5)
+        now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+        sample = await stripe_only.sample(now=now)
+        assert sample.unserved == {"paypal": 3}
+        assert _value("outbox_relay_unserved_intents", provider="paypal") == 3
+        assert _value("outbox_relay_unserved_intents", provider="stripe") == 0
+
+        await paypal_too.sample(now=now)  # a relay for paypal starts
+        sample = await stripe_only.sample(now=now + timedelta(seconds=29))
+        assert sample.unserved == {}
+        assert _value("outbox_relay_unserved_intents", provider="paypal") == 0
+
+        # relay-b stopped reporting 31 s ago (> 3 x 5 s, > 30 s): gone.
+        sample = await stripe_only.sample(now=now + timedelta(seconds=31))
+        assert sample.unserved == {"paypal": 3}
+        assert _value("outbox_relay_unserved_intents", provider="paypal") == 3
+        rows = "SELECT instance, providers FROM outbox.relay_instances ORDER BY instance"
+        assert _rows(db_url, rows) == [("relay-a", ["stripe"]), ("relay-b", ["paypal"])]
+
+        await stripe_only.sample(now=now + timedelta(days=1, seconds=1))
+        assert _rows(db_url, rows) == [("relay-a", ["stripe"])]  # relay-b pruned
     finally:
         await db.close()
 

@@ -26,7 +26,7 @@ from relay.operations.dead_letters import (
 )
 from relay.operations.intents import find_intent
 from relay.operations.operators import check_operator_name, parse_age
-from relay.operations.status import ProviderDepth, Status, collect_status
+from relay.operations.status import ProviderDepth, RelayInstance, Status, collect_status
 from tests.test_operator_cli import history, insert, make_dead, state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,12 +92,41 @@ def test_status_renders_from_its_typed_result() -> None:
     )
     text = render_status(status).splitlines()
     assert text[0] == "schema version 0015"
-    assert text[2].split() == ["stripe", "0", "2", "0", "0", "0", "1", "1m", "15s"]
-    assert "dead intents: 1 (they block their payments" in text[4]
-    assert text[5] == "unpublished events: 0"
+    assert text[2].split() == ["stripe", "0", "2", "0", "0", "0", "1", "0", "1m", "15s"]
+    assert text[3].startswith("running relays: none reported")
+    assert "dead intents: 1 (they block their payments" in text[5]
+    assert text[6] == "unpublished events: 0"
     assert status.to_json()["providers"] == {
-        "stripe": {"counts": {"pending": 2, "dead": 1}, "oldest_pending_seconds": 75.0}
+        "stripe": {"counts": {"pending": 2, "dead": 1}, "oldest_pending_seconds": 75.0, "relays": 0}
     }
+
+
+def test_status_names_the_providers_no_running_relay_serves() -> None:
+    status = Status(
+        schema_version="0018",
+        providers={
+            "paypal": ProviderDepth({"pending": 2, "blocked": 1}, 5.0, relays=0),
+            "stripe": ProviderDepth({"pending": 1}, 1.0, relays=2),
+        },
+        dead_letters=0,
+        unpublished_events=0,
+        oldest_unpublished_event_seconds=0.0,
+        relays=[
+            RelayInstance("a:1", ["stripe"], 2.0, live=True),
+            RelayInstance("b:2", ["stripe"], 3.0, live=True),
+            RelayInstance("c:3", ["paypal"], 600.0, live=False),
+        ],
+        unserved_providers=["paypal"],
+    )
+    text = render_status(status).splitlines()
+    assert text[2].split()[7] == "0" and text[3].split()[7] == "2"
+    assert text[4] == (
+        "UNSERVED paypal: no running relay serves it; its 3 waiting intent(s) stay pending"
+        ' until one does (configure RELAY_PROVIDERS__PAYPAL__KIND on a relay; README "Providers'
+        ' no relay serves")'
+    )
+    assert text[5] == "running relays: 2 (serving stripe)"
+    assert status.to_json()["unserved_providers"] == ["paypal"]
 
 
 @pytest.mark.integration

@@ -611,13 +611,47 @@ def test_status_shows_depth_dead_intents_and_unpublished_events(db_url: str) -> 
         "succeeded",
         "failed",
         "dead",
+        "relays",
         "oldest",
         "pending",
     ]
     stripe = next(line for line in lines if line.startswith("stripe")).split()
-    assert stripe[1:7] == ["1", "0", "0", "0", "0", "1"]
+    assert stripe[1:8] == ["1", "0", "0", "0", "0", "1", "0"]
     assert "dead intents: 1" in table.stdout and "unpublished events: 2" in table.stdout
     as_json = json.loads(cli(db_url, "status", "--json").stdout)
     assert as_json["dead_letters"] == 1 and as_json["unpublished_events"] == 2
     assert as_json["providers"]["adyen"]["counts"] == {"pending": 1}
     assert as_json["providers"]["adyen"]["oldest_pending_seconds"] >= 0
+
+
+def test_status_marks_providers_no_running_relay_serves(db_url: str) -> None:
+    """A relay's heartbeat row (sql/0018) serves its providers while it is fresh; waiting
+    intents of any other provider are UNSERVED: nobody will ever claim them."""
+    insert(
+        db_url,
+        ("us-1", "charge", 100, "pm_card_visa", "stripe"),
+        ("us-2", "charge", 100, "pm_card_visa", "paypal"),
+    )
+    rows(
+        db_url,
+        "INSERT INTO outbox.relay_instances (instance, providers, heartbeat_interval_seconds,"
+        " heartbeat_at) VALUES ('live:1', '{stripe}', 5, now()),"
+        " ('gone:2', '{paypal}', 5, now() - interval '31 seconds') RETURNING instance",
+    )
+    table = cli(db_url, "status")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert next(line for line in lines if line.startswith("stripe")).split()[7] == "1"
+    assert next(line for line in lines if line.startswith("paypal")).split()[7] == "0"
+    assert [line for line in lines if line.startswith("UNSERVED")] == [
+        "UNSERVED paypal: no running relay serves it; its 1 waiting intent(s) stay pending"
+        ' until one does (configure RELAY_PROVIDERS__PAYPAL__KIND on a relay; README "Providers'
+        ' no relay serves")'
+    ]
+    assert "running relays: 1 (serving stripe)" in lines
+    as_json = json.loads(cli(db_url, "status", "--json").stdout)
+    assert as_json["unserved_providers"] == ["paypal"]
+    assert [(r["instance"], r["live"]) for r in as_json["relays"]] == [
+        ("live:1", True),
+        ("gone:2", False),
+    ]

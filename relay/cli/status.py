@@ -20,22 +20,40 @@ def render_status(status: Status) -> str:
     for provider, entry in sorted(status.providers.items()):
         oldest = entry.oldest_pending_seconds
         age = None if oldest is None else format_seconds(oldest)
-        table.append([provider, *(entry.counts.get(c, 0) for c in _COLUMNS), age])
+        table.append([provider, *(entry.counts.get(c, 0) for c in _COLUMNS), entry.relays, age])
     dead = status.dead_letters
     unpublished = status.unpublished_events
     oldest_event = status.oldest_unpublished_event_seconds
     return "\n".join(
         [
             f"schema version {status.schema_version}",
-            render_table(["provider", *_COLUMNS, "oldest pending"], table)
+            render_table(["provider", *_COLUMNS, "relays", "oldest pending"], table)
             if table
             else "no intents yet",
+            *(_unserved_line(p, status.providers[p].waiting) for p in status.unserved_providers),
+            _relays_line(status),
             f"\ndead intents: {dead}"
             + (" (they block their payments: `outbox-relay dead-letters list`)" if dead else ""),
             f"unpublished events: {unpublished}"
             + (f" (oldest {format_seconds(oldest_event)})" if unpublished else ""),
         ]
     )
+
+
+def _unserved_line(provider: str, waiting: int) -> str:
+    return (
+        f"UNSERVED {provider}: no running relay serves it; its {waiting} waiting intent(s) "
+        f"stay pending until one does (configure RELAY_PROVIDERS__{provider.upper()}__KIND on "
+        'a relay; README "Providers no relay serves")'
+    )
+
+
+def _relays_line(status: Status) -> str:
+    live = [relay for relay in status.relays if relay.live]
+    if not live:
+        return "running relays: none reported (a relay reports every RELAY_DEPTH_INTERVAL_SECONDS)"
+    served = sorted({provider for relay in live for provider in relay.providers})
+    return f"running relays: {len(live)} (serving {', '.join(served) or 'no provider'})"
 
 
 def print_status(conninfo: str, *, as_json: bool = False) -> int:

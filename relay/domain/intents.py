@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from provider_adapters.base import Action, Command
 from relay.domain.state_machine import PaymentSnapshot, PaymentState
 
-__all__ = ["IntentRow", "WriteBack", "payment_from_columns"]
+__all__ = ["WAITING_STATUSES", "IntentRow", "WriteBack", "payment_from_columns"]
+
+# Statuses of an intent that waits for a relay of its provider to claim it, or to finish
+# the claim (a dead one waits for an operator instead): with no live relay serving the
+# provider, such an intent waits forever (outbox_relay_unserved_intents, `status`).
+WAITING_STATUSES = ("blocked", "pending", "in_flight")
 
 
 def payment_from_columns(

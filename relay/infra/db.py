@@ -54,6 +54,7 @@ class Database:
         idle_in_transaction_seconds: float | None = None,
     ) -> None:
         self.conninfo = conninfo
+        self.name = name  # the relay's instance name (application_name, relay_instances)
         self._idle_in_transaction_ms = (
             None if idle_in_transaction_seconds is None else int(idle_in_transaction_seconds * 1000)
         )

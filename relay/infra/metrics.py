@@ -109,6 +109,7 @@ __all__ += [
     "RECONCILIATION_OPEN_DELTA_MINOR",
     "RECONCILIATION_OPEN_EXCEPTIONS",
     "RETRIES",
+    "UNSERVED_INTENTS",
 ]
 ATTEMPTS = Counter(
     "outbox_relay_attempts_total",
@@ -154,6 +155,13 @@ RECONCILIATION_OPEN_DELTA_MINOR = Gauge(
 RECONCILIATION_OPEN_EXCEPTIONS = Gauge(
     "outbox_relay_reconciliation_open_exceptions",
     "Reconciliation exceptions open or awaiting approval, by provider.",
+    ["provider"],
+)
+UNSERVED_INTENTS = Gauge(
+    "outbox_relay_unserved_intents",
+    "Intents waiting (blocked, pending, in_flight) for a provider no live relay serves "
+    "(outbox.relay_instances, sql/0018): nobody will claim them until a relay is configured "
+    "for it. 0 for a served provider; same value on every relay.",
     ["provider"],
 )
 

@@ -507,6 +507,40 @@ FROM outbox.reconciliation_open_delta
 GROUP BY provider, currency
 ORDER BY provider, currency;
 
+-- name: relay_heartbeat
+-- This relay is alive and serves `providers` (sql/0018): upsert its row, prune rows unseen for a day.
+-- Pruning skips rows another relay is pruning (SKIP LOCKED): two relays never wait on each other.
+WITH stale AS (
+    SELECT instance
+    FROM outbox.relay_instances
+    WHERE heartbeat_at < COALESCE(%(now)s::timestamptz, now()) - interval '1 day'
+      AND instance <> %(instance)s::text
+    FOR UPDATE SKIP LOCKED
+),
+pruned AS (
+    DELETE FROM outbox.relay_instances AS r USING stale WHERE r.instance = stale.instance
+)
+INSERT INTO outbox.relay_instances AS r
+    (instance, providers, heartbeat_interval_seconds, started_at, heartbeat_at)
+VALUES (%(instance)s::text, %(providers)s::text[], %(interval_seconds)s::float8,
+        COALESCE(%(now)s::timestamptz, now()), COALESCE(%(now)s::timestamptz, now()))
+ON CONFLICT (instance) DO UPDATE
+SET providers = EXCLUDED.providers,
+    heartbeat_interval_seconds = EXCLUDED.heartbeat_interval_seconds,
+    heartbeat_at = EXCLUDED.heartbeat_at
+RETURNING r.instance;
+
+-- name: relay_instances
+-- Every reported relay, live first: live while its heartbeat is within max(3 of its intervals, 30 s).
+-- The one place of that rule; the depth sampler's unserved gauge and `status` both read it.
+SELECT instance, providers, heartbeat_at,
+       extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - heartbeat_at)::float8
+           AS heartbeat_age_seconds,
+       heartbeat_at >= COALESCE(%(now)s::timestamptz, now())
+           - make_interval(secs => greatest(3 * heartbeat_interval_seconds, 30)) AS live
+FROM outbox.relay_instances
+ORDER BY live DESC, instance;
+
 -- ------------------------------------------------------------------------------------------
 -- Audit trail and ledger checks (sql/0005; relay/finance/audit.py, relay/finance/ledger.py)
 -- ------------------------------------------------------------------------------------------

@@ -1,9 +1,14 @@
 """The relay's state at a glance: queue depth by provider and status, oldest pending age,
-dead intents and unpublished result events.
+the running relays and which providers none of them serves, dead intents and unpublished
+result events.
 
 "oldest pending" is how long the oldest due pending intent has waited for a claim
 (``now - available_at``, by the database's clock): the same figure as the
-``outbox_relay_oldest_pending_age_seconds`` gauge. The command line is relay/cli/status.py.
+``outbox_relay_oldest_pending_age_seconds`` gauge. A provider is *unserved* when it has
+waiting intents (blocked, pending, in flight) and no live relay reports serving it
+(``outbox.relay_instances``, sql/0018, statement ``relay_instances``): nobody will claim
+them; the ``outbox_relay_unserved_intents`` gauge counts the same intents. The command
+line is relay/cli/status.py.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from typing import Any
 
 import psycopg
 
+from relay.domain.intents import WAITING_STATUSES
 from relay.infra.queries import QUERIES
 
-__all__ = ["ProviderDepth", "Status", "collect_status"]
+__all__ = ["ProviderDepth", "RelayInstance", "Status", "collect_status"]
 
 
 @dataclass
@@ -24,6 +30,22 @@ class ProviderDepth:
 
     counts: dict[str, int] = field(default_factory=dict)
     oldest_pending_seconds: float | None = None
+    relays: int = 0  # live relays that serve this provider
+
+    @property
+    def waiting(self) -> int:
+        """Intents that wait for a relay of this provider (blocked, pending, in flight)."""
+        return sum(self.counts.get(status, 0) for status in WAITING_STATUSES)
+
+
+@dataclass
+class RelayInstance:
+    """One relay as it last reported itself (its depth sampler's heartbeat)."""
+
+    instance: str
+    providers: list[str]
+    heartbeat_age_seconds: float
+    live: bool  # heartbeat within max(3 of its intervals, 30 s)
 
 
 @dataclass
@@ -33,6 +55,9 @@ class Status:
     dead_letters: int
     unpublished_events: int
     oldest_unpublished_event_seconds: float
+    relays: list[RelayInstance] = field(default_factory=list)
+    # Providers with waiting intents that no live relay serves, by name.
+    unserved_providers: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON types, in declaration order (``status --json``)."""
@@ -46,6 +71,7 @@ def collect_status(conninfo: str) -> Status:
         rows = conn.execute(QUERIES["status_counts"]).fetchall()
         depth = conn.execute(QUERIES["queue_depth"], {"now": None}).fetchall()
         events = conn.execute(QUERIES["unpublished_events"], {"now": None}).fetchone()
+        reported = conn.execute(QUERIES["relay_instances"], {"now": None}).fetchall()
     providers: dict[str, ProviderDepth] = {}
     for provider, status, count, _created in rows:
         providers.setdefault(provider, ProviderDepth()).counts[status] = count
@@ -56,6 +82,15 @@ def collect_status(conninfo: str) -> Status:
             entry.oldest_pending_seconds = round(float(oldest), 1)
         if status == "dead":
             dead += int(count)
+    relays = [
+        RelayInstance(instance, list(served), round(float(age), 1), bool(live))
+        for instance, served, _at, age, live in reported
+    ]
+    for relay in relays:
+        for provider in relay.providers if relay.live else ():
+            if provider in providers:
+                providers[provider].relays += 1
+    unserved = sorted(p for p, entry in providers.items() if entry.waiting and not entry.relays)
     unpublished, oldest_event = events if events else (0, 0.0)
     return Status(
         schema_version=version[0] if version else None,
@@ -63,4 +98,6 @@ def collect_status(conninfo: str) -> Status:
         dead_letters=dead,
         unpublished_events=int(unpublished),
         oldest_unpublished_event_seconds=round(float(oldest_event), 1),
+        relays=relays,
+        unserved_providers=unserved,
     )
