@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
 from relay.infra.redaction import luhn_valid
+from tests.login_roles import login_role
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +38,37 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-# -- the card rule, as sql/0009's outbox.contains_card_number states it ------------------
+# -- the card rule, as sql/0017's outbox.contains_card_number states it ------------------
 
-_RUN = re.compile(r"[0-9](?:[ -]?[0-9]){12,}")
-_DIGIT_GROUPS = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
+# Removed before the scan: Unicode format characters (Cf) and other invisible ones.
+INVISIBLE_CLASS = r"\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f\u034f\u115f\u1160\u17b4-\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef"
+# A run of these between two digit groups counts as one separator.
+SEPARATOR_CLASS = r"\x01-\x1f\x7f-\x9f\u0020\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a-\u2e3b\u2e40\u2e5d\u301c\u3030\u30a0\ufe31-\ufe32\ufe58\ufe63\uff0d\U00010ead\u2212\u002e\u005f\u002f\u005c\u00b7\u2022\u2024\u2219\uff0e\uff0f\uff3f"
+_INVISIBLE = re.compile(f"[{INVISIBLE_CLASS}]+")
+_SEPARATORS = re.compile(f"[{SEPARATOR_CLASS}]+")
+_JSON_CONTROL_ESCAPE = re.compile(r"\\(?:[bfnrt]|u00[01][0-9A-Fa-f])")
+_DIGIT_GROUPS = re.compile(r"[0-9]+(?: [0-9]+)*")
 _HEX_ID = re.compile(
     r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
     r"|[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}"
     r"|[0-9A-Fa-f]{20,}"
 )
+_LOOSE_RUN = re.compile(
+    f"[0-9](?:(?:[{SEPARATOR_CLASS}{INVISIBLE_CLASS}]|{_JSON_CONTROL_ESCAPE.pattern})*[0-9]){{12,}}"
+)
+
+
+def card_scan_text(text: str) -> str:
+    """outbox.card_scan_text: invisible characters removed, jsonb's control escapes read as
+    separators, hex identifiers replaced, each run of separators one space."""
+    text = _JSON_CONTROL_ESCAPE.sub(" ", _INVISIBLE.sub("", text))
+    return _SEPARATORS.sub(" ", _HEX_ID.sub("#", text))
+
+
+def loose_digit_runs(text: str) -> list[str]:
+    """Every run of 13 or more digits with only separators, invisible characters or jsonb
+    control escapes between them, as its digits: what may be card data, card or not."""
+    return [re.sub(r"[^0-9]", "", m.group(0)) for m in _LOOSE_RUN.finditer(text)]
 
 
 def _is_card_number(digits: str) -> bool:
@@ -58,7 +81,7 @@ def _holds_card_shape(text: str) -> bool:
     for match in _DIGIT_GROUPS.finditer(text):
         if len(match.group(0)) < 13:
             continue
-        g = re.split(r"[ -]", match.group(0))
+        g = match.group(0).split(" ")
         n = len(g)
         for i in range(n):
             if _is_card_number(g[i]):
@@ -85,8 +108,9 @@ def _holds_card_shape(text: str) -> bool:
 
 
 def card_like(text: str | None) -> bool:
-    """outbox.contains_card_number: formatted hex identifiers are skipped."""
-    return text is not None and _holds_card_shape(_HEX_ID.sub("#", text))
+    """outbox.contains_card_number: invisible characters and separator runs ignored,
+    formatted hex identifiers skipped."""
+    return text is not None and _holds_card_shape(card_scan_text(text))
 
 
 def payment_method_card_like(text: str | None) -> bool:
@@ -95,6 +119,9 @@ def payment_method_card_like(text: str | None) -> bool:
     return (
         text is not None and re.search(r"[0-9]{13}", re.sub(r"[^A-Za-z0-9]+", "", text)) is not None
     )
+
+
+_RUN = re.compile(r"[0-9](?:[ -]?[0-9]){12,}")
 
 
 def luhn_run_like(text: str | None) -> bool:
@@ -900,4 +927,280 @@ def test_values_of_the_wrong_type_are_refused_by_type_input_or_a_rule(
     )
     check_verdict(
         Verdict(outcome == "accepted", None if outcome == "accepted" else outcome, ""), broken, []
+    )
+
+
+# -- sql/0017: one card rule everywhere, and no refusal shows a row that may hold a card ----
+
+# Every character the rule ignores between two digits, and every separator it reads as one.
+_CLASS_RANGE = re.compile(r"(\\[xuU][0-9a-fA-F]+)(?:-(\\[xuU][0-9a-fA-F]+))?")
+
+
+def _class_characters(char_class: str) -> list[str]:
+    found: list[str] = []
+    for match in _CLASS_RANGE.finditer(char_class):
+        first = int(match.group(1)[2:], 16)
+        last = int(match.group(2)[2:], 16) if match.group(2) else first
+        found.extend(chr(c) for c in range(first, last + 1))
+    return found
+
+
+INVISIBLE_CHARACTERS = _class_characters(INVISIBLE_CLASS)
+SEPARATOR_CHARACTERS = _class_characters(SEPARATOR_CLASS)
+JSON_CONTROL_CHARACTERS = [chr(c) for c in range(1, 32)]
+
+
+@st.composite
+def disguised_cards(draw: st.DrawFn) -> str:
+    """A card number as people paste it: groups parted by runs of any separator, and
+    invisible or formatting characters anywhere between (and around) its digits."""
+    digits = draw(card_numbers()).replace(" ", "").replace("-", "")
+    sizes = (
+        [4, 6, len(digits) - 10]
+        if len(digits) in (14, 15) and draw(st.booleans())
+        else [4] * (len(digits) // 4) + ([len(digits) % 4] if len(digits) % 4 else [])
+    )
+    groups, at = [], 0
+    for size in sizes:
+        groups.append(digits[at : at + size])
+        at += size
+    separators = st.lists(st.sampled_from(SEPARATOR_CHARACTERS), min_size=1, max_size=3).map(
+        "".join
+    )
+    text = groups[0]
+    for group in groups[1:]:
+        text += (draw(separators) if draw(st.booleans()) else "") + group
+    invisible = st.lists(st.sampled_from(INVISIBLE_CHARACTERS), max_size=3).map("".join)
+    out = "".join(c + (draw(invisible) if draw(st.integers(0, 3)) == 0 else "") for c in text)
+    return draw(invisible) + out
+
+
+hostile_pieces = st.one_of(
+    disguised_cards(),
+    st.tuples(
+        st.sampled_from(["", "key-", "order ", "'; ", "pay:"]),
+        disguised_cards(),
+        st.sampled_from(["", " exp 12/30", "!", "\n"]),
+    ).map("".join),
+    st.sampled_from(SPECIAL[:13] + SPECIAL[15:]),  # no NUL, no lone surrogate
+    st.text(
+        alphabet=st.one_of(
+            st.characters(codec="utf-8", exclude_characters="\x00"),
+            st.sampled_from(INVISIBLE_CHARACTERS + SEPARATOR_CHARACTERS + list("0123456789")),
+        ),
+        max_size=60,
+    ),
+    st.integers(201, 20_000).map(lambda n: "x" * n),
+    st.from_regex(r"(?:pay|order|invoice)[- ][0-9]{6,14}(?:[- ][0-9]{1,6})?", fullmatch=True),
+)
+hostile_json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    hostile_pieces,
+    st.builds(
+        lambda card, glue: glue.join(card), disguised_cards(), st.sampled_from(["\n", "\t", "\x1f"])
+    ),
+)
+hostile_docs = st.one_of(
+    st.recursive(
+        hostile_json_scalars,
+        lambda children: st.one_of(
+            st.lists(children, max_size=4),
+            st.dictionaries(st.one_of(hostile_pieces, st.just("k")), children, max_size=4),
+        ),
+        max_leaves=15,
+    ),
+    st.integers(30, 70).map(lambda n: {"deep": deep(n)}),
+    st.integers(1, 30).map(lambda n: {"big": "x" * (n * 10_000)}),
+)
+
+
+def hostile_or(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(valid, hostile_pieces, st.none())
+
+
+def error_texts(exc: psycopg.Error) -> list[str]:
+    """Everything psycopg's error exposes: each diagnostic field and str(exc)."""
+    fields = [
+        "column_name",
+        "constraint_name",
+        "context",
+        "datatype_name",
+        "internal_position",
+        "internal_query",
+        "message_detail",
+        "message_hint",
+        "message_primary",
+        "schema_name",
+        "severity",
+        "severity_nonlocalized",
+        "source_file",
+        "source_function",
+        "source_line",
+        "sqlstate",
+        "statement_position",
+        "table_name",
+    ]
+    return [str(exc)] + [str(getattr(exc.diag, f)) for f in fields if getattr(exc.diag, f)]
+
+
+def input_digit_runs(value: Any) -> list[str]:
+    """loose_digit_runs of a parameter (jsonb as JSON text, non-ASCII unescaped)."""
+    if isinstance(value, Jsonb):
+        value = json.dumps(value.obj, ensure_ascii=False)
+    return loose_digit_runs(value if isinstance(value, str) else json.dumps(value))
+
+
+def assert_nothing_echoes_card_data(said: list[str], inputs: list[Any]) -> None:
+    text = " ".join(said)
+    assert not card_like(text), f"the error holds a card number: {text}"
+    digits_said = re.sub(r"[^0-9]", "", text)
+    for value in inputs:
+        for run in input_digit_runs(value):
+            assert run not in digits_said, f"the error echoes digits of the row: {text}"
+
+
+def run_as_application(
+    conn: psycopg.Connection, sql: str, params: dict[str, Any], tables: tuple[str, ...]
+) -> str | None:
+    """The rule that refused the row (None: accepted). An accepted row is read back, as
+    the application may, and no stored value may hold a card; always rolled back."""
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute(sql, params)
+            for table in tables:
+                for (doc,) in conn.execute(f"SELECT to_jsonb(t)::text FROM outbox.{table} AS t"):
+                    assert not card_like(doc), f"card stored in outbox.{table}: {doc}"
+    except psycopg.Error as exc:
+        assert_nothing_echoes_card_data(error_texts(exc), list(params.values()))
+        assert "Failing row" not in str(exc) or not any(
+            input_digit_runs(v) for v in params.values()
+        ), exc
+        if exc.diag.constraint_name:
+            return exc.diag.constraint_name
+        assert exc.diag.sqlstate == "23502" and exc.diag.column_name, (
+            f"refused by no named rule: {exc.diag.sqlstate} {exc}"
+        )
+        return f"not_null:{exc.diag.column_name}"
+    return None
+
+
+@pytest.fixture
+def app_conn(db_url: str) -> Iterator[psycopg.Connection]:
+    """Connected as an application (a member of outbox_app), as INSERTs arrive in production."""
+    with (
+        login_role(db_url, "outbox_app", prefix="app") as url,
+        psycopg.connect(url, autocommit=True) as connection,
+    ):
+        yield connection
+
+
+@settings(SETTINGS, max_examples=250)
+@given(
+    row=st.fixed_dictionaries(
+        {
+            "payment_id": hostile_or(st.from_regex(r"pay-[a-z0-9]{1,12}", fullmatch=True)),
+            "action": hostile_or(st.sampled_from(ACTIONS)),
+            "provider": hostile_or(st.just("stripe")),
+            "amount_minor": st.one_of(
+                st.integers(1, 10**9), st.integers(-(2**63), 2**63 - 1), st.none()
+            ),
+            "currency": hostile_or(st.sampled_from(["EUR", "usd"])),
+            "payment_method": hostile_or(st.sampled_from(["pm_card_visa", "tok_x9"])),
+            "idempotency_key": hostile_or(st.from_regex(r"key-[a-z0-9]{1,20}", fullmatch=True)),
+            "metadata": st.one_of(st.just({"order_id": 42}), hostile_docs, st.none()),
+        }
+    )
+)
+def test_no_intent_refusal_or_stored_value_holds_card_data(
+    app_conn: psycopg.Connection, row: dict[str, Any]
+) -> None:
+    params = {**row, "metadata": None if row["metadata"] is None else Jsonb(row["metadata"])}
+    rule = run_as_application(app_conn, INSERT_INTENT, params, ("payment_intents", "payments"))
+    if any(isinstance(v, str) and card_like(v) for v in row.values()):
+        assert rule is not None
+
+
+@settings(SETTINGS, max_examples=150)
+@given(
+    row=st.fixed_dictionaries(
+        {
+            "exchange": hostile_or(st.just("app.events")),
+            "routing_key": hostile_or(st.just("order.placed")),
+            "event_type": hostile_or(st.just("order.placed")),
+            "ordering_key": hostile_or(st.from_regex(r"order:[0-9]{1,6}", fullmatch=True)),
+            "payment_id": hostile_or(st.from_regex(r"pay-[a-z0-9]{1,12}", fullmatch=True)),
+            "traceparent": hostile_or(
+                st.just("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            ),
+            "payload": st.one_of(st.just({"order_id": 42}), hostile_docs, st.none()),
+            "headers": st.one_of(
+                st.just({"x-app": "shop"}),
+                st.dictionaries(hostile_pieces, hostile_json_scalars, max_size=3),
+                hostile_docs,
+            ),
+        }
+    )
+)
+def test_no_event_refusal_or_stored_value_holds_card_data(
+    app_conn: psycopg.Connection, row: dict[str, Any]
+) -> None:
+    params = {
+        **row,
+        "payload": None if row["payload"] is None else Jsonb(row["payload"]),
+        "headers": None if row["headers"] is None else Jsonb(row["headers"]),
+    }
+    sql = INSERT_EVENT.replace(", headers)", ", headers, traceparent)").replace(
+        "%(headers)s)", "%(headers)s, %(traceparent)s)"
+    )
+    rule = run_as_application(app_conn, sql, params, ("events",))
+    if any(isinstance(v, str) and card_like(v) for v in row.values()):
+        assert rule is not None
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "\u202e\u200b\ufeff3056.9300.0902.0004",  # issue 17: reached the CHECK, echoed
+        "3056\u00a09300\u2013\u200b0902 0004",
+        "4111/1111/1111/1111",
+        "4111 \u2014 1111 \u2014 1111 \u2014 1111",
+        "4\u200d1\u200d1\u200d1111111111111",
+    ],
+)
+def test_a_disguised_card_is_refused_by_the_card_rule(
+    app_conn: psycopg.Connection, key: str
+) -> None:
+    params = {**VALID_INTENT, "idempotency_key": key}
+    rule = run_as_application(app_conn, INSERT_INTENT, params, ())
+    assert rule == "payment_intents_idempotency_key_not_card_number"
+
+
+def test_a_row_that_may_hold_card_data_is_refused_without_the_row(
+    app_conn: psycopg.Connection,
+) -> None:
+    """Digits the rule does not call a card (a 1 first) still never reach a CHECK's DETAIL."""
+    may_hold = "1234 5678 9012 3456"
+    cases = [
+        ({"action": "bogus", "payment_id": may_hold}, "payment_intents_action_valid"),
+        ({"idempotency_key": "k " + may_hold}, "payment_intents_idempotency_key_printable_max_255"),
+        ({"provider": None, "metadata": Jsonb({"n": may_hold})}, "not_null:provider"),
+        ({"metadata": Jsonb([may_hold])}, "payment_intents_metadata_is_object"),
+        ({"amount_minor": -1, "payment_id": may_hold}, "payment_intents_amount_minor_positive"),
+    ]
+    for change, expected in cases:
+        params = {**VALID_INTENT, **change}
+        assert run_as_application(app_conn, INSERT_INTENT, params, ()) == expected
+    event = {
+        "exchange": None,
+        "routing_key": "bad key " + may_hold,
+        "event_type": None,
+        "ordering_key": None,
+        "payment_id": None,
+        "payload": Jsonb({}),
+        "headers": Jsonb({}),
+    }
+    assert run_as_application(app_conn, INSERT_EVENT, event, ()) == (
+        "events_routing_key_dotted_words"
     )

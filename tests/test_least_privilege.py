@@ -152,6 +152,9 @@ PUBLIC_HELPERS = {
     "idempotency_key_lifetime",  # sql/0005, the key-lifetime guard on UPDATE
     "contains_card_number",  # sql/0009, the hostile-input checks on INSERT
     "is_card_number",  # the card shape those checks look for
+    "may_hold_card_number",  # sql/0017, their pre-filter
+    "card_scan_text",  # sql/0017, the text they scan
+    "refuse_null",  # sql/0017, a NOT NULL refusal that shows no row
     "jsonb_deeper_than",
     "refuse_input",
     "refuse_card_number",
