@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Iterator
+from importlib.metadata import version
 
 import pytest
 
@@ -37,6 +39,29 @@ def test_help_texts_carry_no_markup() -> None:
     for parser in parsers:
         text = parser.format_help()
         assert "``" not in text and "**" not in text, parser.prog
+
+
+def test_every_option_says_what_it_does() -> None:
+    """`fake-provider --host` had no help at all."""
+    for parser in _every_parser(build_parser()):
+        for action in parser._actions:
+            if action.option_strings:
+                assert action.help, f"{parser.prog} {'/'.join(action.option_strings)}"
+
+
+def test_version_is_the_installed_distribution_s() -> None:
+    result = run_cli("--version")
+    assert (result.returncode, result.stdout) == (0, f"outbox-relay {version('outbox-relay')}\n")
+
+
+def test_demo_help_shows_every_default() -> None:
+    result = run_cli("demo", "--help")
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())  # argparse wraps lines anywhere
+    for rate in ("--rate-429", "--rate-503", "--rate-malformed"):
+        assert re.search(rf"{rate} \S+ share of .*? \(default 0\.0[1-3]\)", help_text), rate
+    assert "past the client timeout, 0 to 1 (default 0.02)" in help_text
+    assert "(replayed for that key), 0 to 1 (default 0.02)" in help_text
 
 
 def test_bad_configuration_names_each_variable_once() -> None:

@@ -82,7 +82,7 @@ async def test_the_wait_ends_when_the_rest_waits_behind_a_dead_intent(db_url: st
     # counting them as finished the wait would run to its deadline.
     with anyio.fail_after(60):
         stuck = await wait_for_workload(
-            db_url, "wait", 4, time.perf_counter(), deadline_seconds=3600
+            db_url, "wait", 4, time.perf_counter(), deadline_seconds=3600, database_kept=True
         )
     assert stuck == []
 
@@ -91,13 +91,66 @@ async def test_the_wait_ends_when_the_rest_waits_behind_a_dead_intent(db_url: st
 @pytest.mark.anyio
 async def test_past_the_deadline_the_wait_names_what_is_stuck(db_url: str) -> None:
     insert_intents(db_url, _intents("late"))  # no relay runs: nothing ever finishes
-    stuck = await wait_for_workload(db_url, "late", 4, time.perf_counter(), deadline_seconds=0.5)
+    stuck = await wait_for_workload(
+        db_url, "late", 4, time.perf_counter(), deadline_seconds=0.5, database_kept=True
+    )
     assert stuck[0].startswith("error: the workload did not finish within --deadline-seconds")
     assert "4 intent(s) unfinished (blocked 2, pending 2)" in stuck[0]
     with psycopg.connect(db_url) as conn:
         first = conn.execute("SELECT min(id) FROM outbox.payment_intents").fetchone()
     assert first is not None
     assert any(f"intent {first[0]} (late-0, charge): pending" in line for line in stuck)
+    assert not any(line.startswith("  ... and") for line in stuck), "all four are named"
+    # The database is the user's: the command it suggests reads it after the demo.
+    assert "`outbox-relay intents show ID` (same RELAY_DATABASE_URL)" in stuck[-1]
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_past_the_deadline_an_embedded_database_s_intents_are_shown_in_full(
+    db_url: str,
+) -> None:
+    """The embedded database is deleted as the demo exits: `intents show` cannot work
+    afterwards, so the lines carry the details and say how many were left unnamed."""
+    insert_intents(db_url, _intents("gone-a") + _intents("gone-b") + _intents("gone-c"))
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "UPDATE outbox.payment_intents SET attempts = 2, error_code = 'rate_limited',"
+            " error_message = 'Too many requests', available_at = now() + interval '1 hour'"
+            " WHERE payment_id = 'gone-a-0' AND action = 'charge'"
+        )
+    stuck = await wait_for_workload(
+        db_url, "gone", 12, time.perf_counter(), deadline_seconds=0.5, database_kept=False
+    )
+    assert "12 intent(s) unfinished" in stuck[0]
+    named = [line for line in stuck if line.startswith("  intent ")]
+    assert len(named) == 5
+    assert stuck[len(named) + 1] == "  ... and 7 more"
+    assert "(gone-a-0, charge): pending, 2 attempt(s), last error rate_limited" in named[0]
+    assert "(Too many requests), next attempt in" in named[0]
+    assert "embedded PostgreSQL is deleted as the demo exits" in stuck[-1]
+    assert "(same RELAY_DATABASE_URL)" not in stuck[-1]
+
+
+def test_no_runtime_dir_warning_when_the_embedded_postgresql_starts() -> None:
+    """pgserver asks platformdirs for a runtime directory when imported; without
+    XDG_RUNTIME_DIR (containers, root shells) that printed a RuntimeDirWarning."""
+    script = (
+        "from relay.infra.embedded_pg import embedded_postgres\n"
+        "with embedded_postgres() as url:\n"
+        "    print('started')\n"
+    )
+    env = {k: v for k, v in BASE_ENV.items() if k != "XDG_RUNTIME_DIR"}
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hang guard
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "started\n"
+    assert "Warning" not in result.stderr, result.stderr
 
 
 @pytest.mark.integration

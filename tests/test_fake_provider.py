@@ -9,7 +9,9 @@ used only where the SDK cannot express the request (no Authorization header at a
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,6 +20,8 @@ import pytest
 import stripe
 
 from provider_adapters.fake import FaultConfig
+from provider_adapters.fake.cards import TEST_CARDS, cards_markdown
+from tests.support.cli import run_cli
 from tests.support.fake_server import API_KEY, FakeServer, running_fake, stripe_client
 
 pytestmark = pytest.mark.anyio
@@ -457,6 +461,32 @@ async def test_declining_test_cards(
         )
     assert again.value.headers["Idempotent-Replayed"] == "true"  # type: ignore[index]
     assert await fake.effect_count(key) == 0
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+_README_CARDS = re.compile(
+    r"<!-- test cards: [^\n]*-->\n(.*?)\n<!-- end of test cards -->", flags=re.DOTALL
+)
+
+
+def test_the_readme_lists_the_fake_s_own_test_cards() -> None:
+    [block] = _README_CARDS.findall(README.read_text())
+    listed = set(re.findall(r"^\| `(pm_\w+)` \|", block, flags=re.MULTILINE))
+    assert listed == {card.payment_method for card in TEST_CARDS}
+    assert block == cards_markdown(), (
+        "README.md's test-card table differs from provider_adapters/fake/cards.py; "
+        "replace it with:\n" + cards_markdown()
+    )
+
+
+def test_fake_provider_help_lists_every_test_card_and_what_it_does() -> None:
+    result = run_cli("fake-provider", "--help")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for card in TEST_CARDS:
+        [line] = [line for line in lines if line.split()[:1] == [card.payment_method]]
+        assert line.endswith(card.outcome()), line
+    assert "pm_card_chargeDeclined" in result.stdout and "generic_decline" in result.stdout
 
 
 async def test_unknown_payment_method_is_invalid(

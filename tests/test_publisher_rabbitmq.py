@@ -763,6 +763,47 @@ async def test_blackholed_link_mid_round_loses_nothing_with_two_publishers(
         assert len(broker.received) > len(unique), "confirms lost: some arrived twice"
 
 
+async def test_a_link_found_dead_while_a_channel_opens_is_a_lost_link_not_a_stop(
+    db_url: str, amqp_url: str
+) -> None:
+    """aiormq fails every pending operation of a connection it finds stuck (no frame
+    within the heartbeat grace) with a CancelledError. A channel open waiting in a silent
+    path got it; the publisher let it through as if it were cancelled itself, its task
+    ended 'cancelled', and anyio cancelled the task group around it: the relay (here the
+    scenario) stopped without an error. That made the test above fail now and then with
+    KeyError 'unpublished'. Here the path goes silent before the publisher's first round,
+    so that round's exchange check opens its channel into the hole."""
+    rows = workload(10, "stuck", seed=5)
+    relay = make_relay(db_url, MixedProvider(), instance="relay-stuck")
+    proxy = TcpProxy(with_heartbeat(amqp_url, 1))
+    reached: list[str] = []
+    async with Broker(amqp_url) as broker, anyio.create_task_group() as proxy_tg:
+        await proxy_tg.start(proxy.serve)
+        publisher = make_publisher(
+            relay, proxy.url, broker.exchange_name, instance="pub-stuck", timeout_seconds=1.0
+        )
+
+        async def scenario() -> None:
+            await wait_until(lambda: publisher.connected, "publisher connected")
+            proxy.blackhole()  # both ways, before any event: no exchange checked yet
+            await anyio.to_thread.run_sync(insert_intents, db_url, rows)
+            await wait_until(lambda: publisher.links_lost >= 1, "the dead link noticed")
+            reached.append("link lost")
+            proxy.restore()
+            total = await db_value(db_url, "SELECT count(*) FROM outbox.events")
+            await wait_until(lambda: len(broker.unique()) >= total, "every event published")
+            reached.append("published")
+
+        with structlog.testing.capture_logs() as logs:
+            await run_system([relay], [publisher], scenario)
+        proxy_tg.cancel_scope.cancel()
+
+    assert reached == ["link lost", "published"], "the scenario was cut short"
+    lost = [e for e in logs if e["event"] == "amqp_connection_lost"]
+    assert any("heartbeat grace" in e["detail"] for e in lost), lost
+    assert_complete_and_in_order(broker, db_url)
+
+
 # -- the README's example consumer, run as written ---------------------------------------
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -13,6 +13,7 @@ import os
 import anyio
 from aiohttp import web
 
+from provider_adapters.fake.cards import cards_help
 from provider_adapters.fake.faults import FaultConfig
 from provider_adapters.fake.server import create_app
 
@@ -34,15 +35,34 @@ async def serve(host: str, port: int, faults: FaultConfig) -> None:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fake's options, and its test cards (from cards.TEST_CARDS) under them in --help.
+
+    The parser's description and epilog are printed as written (the card table is
+    aligned in columns): pass a description wrapped by hand.
+    """
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = cards_help()
     env = FaultConfig.from_env()
-    parser.add_argument("--host", default=os.environ.get("FAKE_PROVIDER_HOST", "127.0.0.1"))
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("FAKE_PROVIDER_HOST", "127.0.0.1"),
+        help="address to listen on; 0.0.0.0 for every interface, e.g. in a container "
+        "(default %(default)s, or FAKE_PROVIDER_HOST)",
+    )
     parser.add_argument(
         "--port",
         type=int,
         default=int(os.environ.get("FAKE_PROVIDER_PORT", "12111")),
-        help="port to listen on (default 12111)",
+        help="port to listen on (default %(default)s, or FAKE_PROVIDER_PORT)",
     )
-    parser.add_argument("--seed", type=int, default=env.seed, help="seed for reproducible faults")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=env.seed,
+        help="seed for reproducible faults (default: "
+        + ("random" if env.seed is None else "%(default)s")
+        + ")",
+    )
     parser.add_argument(
         "--latency-ms",
         type=int,
@@ -59,31 +79,33 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate-429",
         type=float,
         default=env.rate_429,
-        help="share of POSTs answered 429 with Retry-After, nothing applied",
+        help="share of POSTs answered 429 with Retry-After, nothing applied (default %(default)s)",
     )
     parser.add_argument(
         "--rate-503",
         type=float,
         default=env.rate_503,
-        help="share of POSTs answered 503, nothing applied",
+        help="share of POSTs answered 503, nothing applied (default %(default)s)",
     )
     parser.add_argument(
         "--rate-timeout-after-effect",
         type=float,
         default=env.rate_timeout_after_effect,
-        help="share of effects applied, then answered only after --timeout-seconds",
+        help="share of effects applied, then answered only after --timeout-seconds "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--rate-500-after-effect",
         type=float,
         default=env.rate_500_after_effect,
-        help="share of effects applied, then answered 500 (stored, replayed)",
+        help="share of effects applied, then answered 500, stored and replayed "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--rate-malformed",
         type=float,
         default=env.rate_malformed,
-        help="share of effects applied, then answered with a malformed body",
+        help="share of effects applied, then answered with a malformed body (default %(default)s)",
     )
     parser.add_argument(
         "--timeout-seconds",

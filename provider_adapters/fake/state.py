@@ -20,22 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from provider_adapters.currency_units import STRIPE_UNITS
+from provider_adapters.fake.cards import card
 from provider_adapters.fake.settlement import Settlement
 
 __all__ = ["Effect", "StripeState", "stripe_error"]
 
 Reply = tuple[int, dict[str, Any]]
 
-_GOOD_CARDS = {"pm_card_visa", "pm_card_mastercard", "pm_card_amex", "pm_card_visa_debit"}
-_DECLINES = {
-    "pm_card_chargeDeclined": ("card_declined", "generic_decline", "Your card was declined."),
-    "pm_card_chargeDeclinedInsufficientFunds": (
-        "card_declined",
-        "insufficient_funds",
-        "Your card has insufficient funds.",
-    ),
-    "pm_card_chargeDeclinedExpiredCard": ("expired_card", None, "Your card has expired."),
-}
 # metadata['KEY']:'VALUE' (either quote), where a backslash escapes the next character
 # inside a quoted string, as in Stripe's search query language.
 _QUOTED = r"'((?:[^'\\]|\\.)*)'" + r'|"((?:[^"\\]|\\.)*)"'
@@ -241,16 +232,8 @@ class StripeState:
             )
         method = str(method)
         pi["payment_method"] = method
-        if method in _DECLINES:
-            code, decline_code, message = _DECLINES[method]
-            error: dict[str, Any] = {"type": "card_error", "code": code, "message": message}
-            if decline_code:
-                error["decline_code"] = decline_code
-            pi["status"] = "requires_payment_method"
-            pi["last_payment_error"] = dict(error)
-            error["payment_intent"] = dict(pi)
-            return 402, {"error": error}
-        if method not in _GOOD_CARDS:
+        test_card = card(method)
+        if test_card is None:
             return stripe_error(
                 400,
                 "invalid_request_error",
@@ -258,6 +241,18 @@ class StripeState:
                 code="resource_missing",
                 param="payment_method",
             )
+        if test_card.declines:
+            error: dict[str, Any] = {
+                "type": "card_error",
+                "code": test_card.code,
+                "message": test_card.message,
+            }
+            if test_card.decline_code:
+                error["decline_code"] = test_card.decline_code
+            pi["status"] = "requires_payment_method"
+            pi["last_payment_error"] = dict(error)
+            error["payment_intent"] = dict(pi)
+            return 402, {"error": error}
         charge_id = self._id("ch")
         pi["latest_charge"] = charge_id
         pi["last_payment_error"] = None

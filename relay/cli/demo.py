@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import random
 import string
 import sys
@@ -114,13 +115,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
     try:
         with _database(explicit) as url:
-            return anyio.run(_demo, url, args)
+            return anyio.run(_demo, url, args, explicit is not None)
     except EmbeddedPostgresUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-async def _demo(url: str, args: argparse.Namespace) -> int:
+async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
     from aiohttp import web
 
     from provider_adapters.fake import FaultConfig, create_app
@@ -200,7 +201,12 @@ async def _demo(url: str, args: argparse.Namespace) -> int:
                 await tg.start(relay.run)
             print(f"relaying with {len(relays)} relay(s) ...")
             stuck = await wait_for_workload(
-                url, prefix, len(rows), started, deadline_seconds=args.deadline_seconds
+                url,
+                prefix,
+                len(rows),
+                started,
+                deadline_seconds=args.deadline_seconds,
+                database_kept=database_kept,
             )
             for relay in relays:
                 relay.stop()
@@ -252,46 +258,86 @@ def _counts(url: str, prefix: str) -> Counter[str]:
     return Counter({status: count for status, count in rows})
 
 
-def _stuck(url: str, prefix: str, deadline_seconds: float) -> list[str]:
-    """What did not finish: counts by status and the first few intents, to look at."""
+# Unfinished intents named one by one past the deadline; the rest are counted.
+_SHOWN = 5
+_MESSAGE_CHARS = 120
+
+
+def _stuck(url: str, prefix: str, deadline_seconds: float, *, database_kept: bool) -> list[str]:
+    """What did not finish: counts by status and the first few intents in detail (the
+    embedded database is deleted as the demo exits: these lines are all that is left)."""
     counts = _counts(url, prefix)
     waiting = {s: n for s, n in sorted(counts.items()) if s not in _FINISHED}
+    unfinished = sum(waiting.values())
     with psycopg.connect(url) as conn:
         first = conn.execute(
-            f"SELECT i.id, i.payment_id, i.action, i.status, i.attempts, i.error_code"
+            f"SELECT i.id, i.payment_id, i.action, i.status, i.attempts, i.error_code,"
+            f" i.error_message, i.claimed_by,"
+            f" extract(epoch FROM i.available_at - clock_timestamp())::float8"
             f" FROM outbox.payment_intents AS i WHERE i.payment_id LIKE %s"
             f" AND {_STATUS} NOT IN ('succeeded', 'failed', 'dead', 'stalled')"
-            " ORDER BY i.id LIMIT 5",
-            (prefix + "-%",),
+            " ORDER BY i.id LIMIT %s",
+            (prefix + "-%", _SHOWN),
         ).fetchall()
     lines = [
         f"error: the workload did not finish within --deadline-seconds {deadline_seconds:g}: "
-        f"{sum(waiting.values())} intent(s) unfinished ("
+        f"{unfinished} intent(s) unfinished ("
         + ", ".join(f"{status} {n}" for status, n in waiting.items())
         + ")"
     ]
-    lines += [
-        f"  intent {i} ({payment_id}, {action}): {status}, {attempts} attempt(s)"
-        + (f", last error {code}" if code else "")
-        for i, payment_id, action, status, attempts, code in first
-    ]
-    lines.append(
-        "  look at one with `outbox-relay intents show ID`; allow more time with --deadline-seconds"
-    )
+    for i, payment_id, action, status, attempts, code, message, holder, due_in in first:
+        line = f"  intent {i} ({payment_id}, {action}): {status}, {attempts} attempt(s)"
+        if code:
+            line += f", last error {code}"
+            if message:
+                clipped = (
+                    message
+                    if len(message) <= _MESSAGE_CHARS
+                    else message[: _MESSAGE_CHARS - 1] + "…"
+                )
+                line += f" ({clipped})"
+        if status == "in_flight" and holder:
+            line += f", held by {holder}"
+        elif status == "pending" and due_in is not None and due_in > 0:
+            line += f", next attempt in {due_in:.1f} s"
+        lines.append(line)
+    if unfinished > len(first):
+        lines.append(f"  ... and {unfinished - len(first)} more")
+    if database_kept:
+        lines.append(
+            "  look at one with `outbox-relay intents show ID` (same RELAY_DATABASE_URL); "
+            "allow more time with --deadline-seconds"
+        )
+    else:
+        lines.append(
+            "  the embedded PostgreSQL is deleted as the demo exits, so the lines above are "
+            "all that is left of them; to look further with `outbox-relay intents show ID`, "
+            "run the demo against a PostgreSQL of yours (RELAY_DATABASE_URL); allow more "
+            "time with --deadline-seconds"
+        )
     return lines
 
 
 async def wait_for_workload(
-    url: str, prefix: str, total: int, started: float, *, deadline_seconds: float
+    url: str,
+    prefix: str,
+    total: int,
+    started: float,
+    *,
+    deadline_seconds: float,
+    database_kept: bool,
 ) -> list[str]:
     """Show progress until every intent of the run is finished (terminal, or blocked behind
     a dead intent of its payment); return [] then, or, past ``deadline_seconds``, the lines
-    that name what is stuck."""
+    that name what is stuck. ``database_kept``: the database outlives the demo (a
+    RELAY_DATABASE_URL), so the lines may point at commands that read it afterwards."""
     with anyio.move_on_after(deadline_seconds):
         await _show_progress(url, prefix, total, started)
         return []
     print(flush=True)  # end an interactive progress line
-    return await anyio.to_thread.run_sync(_stuck, url, prefix, deadline_seconds)
+    return await anyio.to_thread.run_sync(
+        functools.partial(_stuck, url, prefix, deadline_seconds, database_kept=database_kept)
+    )
 
 
 async def _show_progress(url: str, prefix: str, total: int, started: float) -> None:
@@ -320,6 +366,9 @@ async def _show_progress(url: str, prefix: str, total: int, started: float) -> N
                 print()
             return
         await anyio.sleep(0.25)
+
+
+_PROBLEMS_SHOWN = 20
 
 
 def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float, total: int) -> int:
@@ -388,8 +437,10 @@ def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float, t
     succeeded = sum(1 for _, s, _, _ in intents if s == "succeeded")
     if problems:
         print(f"EXACTLY-ONCE CHECK FAILED ({len(problems)} problem(s)):")
-        for line in problems[:20]:
+        for line in problems[:_PROBLEMS_SHOWN]:
             print(f"  {line}")
+        if len(problems) > _PROBLEMS_SHOWN:
+            print(f"  ... and {len(problems) - _PROBLEMS_SHOWN} more")
         return 1
     print(
         f"exactly-once check passed: {succeeded} succeeded intents, each with exactly one "

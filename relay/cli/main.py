@@ -198,11 +198,27 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _installed_version() -> str:
+    """The installed distribution's version, as pip shows it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("outbox-relay")
+    except PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "(version unknown: not installed; pip install . from the repository)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox-relay",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {_installed_version()}",
+        help="print the installed version and exit",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -223,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_cmd_run)
 
     fake_help = "serve the fake Stripe-compatible provider (tests, demos)"
+    # Printed as written (the test-card table under the options is aligned): wrapped here.
     fake_description = (
-        "A Stripe-compatible fake with idempotency, test cards and fault injection. "
+        "A Stripe-compatible fake with idempotency, test cards and fault injection.\n"
         "GET /_fake/effects shows the effects applied per idempotency key."
     )
     if _demo_installed():
@@ -264,25 +281,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     demo.add_argument(
-        "--rate-429", type=_fraction, default=0.03, help="share of 429 replies, 0 to 1"
+        "--rate-429",
+        type=_fraction,
+        default=0.03,
+        help="share of 429 replies, 0 to 1 (default %(default)s)",
     )
     demo.add_argument(
-        "--rate-503", type=_fraction, default=0.02, help="share of 503 replies, 0 to 1"
+        "--rate-503",
+        type=_fraction,
+        default=0.02,
+        help="share of 503 replies, 0 to 1 (default %(default)s)",
     )
     demo.add_argument(
         "--rate-timeout-after-effect",
         type=_fraction,
         default=0.02,
-        help="share of calls applied, then left unanswered past the client timeout, 0 to 1",
+        help="share of calls applied, then left unanswered past the client timeout, 0 to 1 "
+        "(default %(default)s)",
     )
     demo.add_argument(
         "--rate-500-after-effect",
         type=_fraction,
         default=0.02,
-        help="share of calls applied, then answered 500 (replayed for that key), 0 to 1",
+        help="share of calls applied, then answered 500 (replayed for that key), 0 to 1 "
+        "(default %(default)s)",
     )
     demo.add_argument(
-        "--rate-malformed", type=_fraction, default=0.01, help="share of bad bodies, 0 to 1"
+        "--rate-malformed",
+        type=_fraction,
+        default=0.01,
+        help="share of bad bodies, 0 to 1 (default %(default)s)",
     )
     demo.add_argument(
         "--latency-ms",

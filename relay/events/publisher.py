@@ -20,8 +20,10 @@ One task, owned by the relay's task group. Guarantees:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -51,6 +53,30 @@ _MAX_MESSAGE = 500
 _LEASE_ENDING = "lease_ending"
 # The relay's pool timeout (relay/infra/db.py): the longest one database call waits for a connection.
 _POOL_TIMEOUT_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def _stray_cancel_is_a_lost_link() -> Iterator[None]:
+    """Turn aiormq's way of failing a dead connection into a lost link.
+
+    When aiormq finds a connection stuck (no frame within the heartbeat grace, e.g. a
+    path that went silent) it cancels its reader and closes the connection with that
+    CancelledError as the reason, failing every pending operation (a connect, a channel
+    open, a confirm) with a CancelledError (aiormq FutureStore.reject_all). That is no
+    cancellation of this task; let through, it would end the task as cancelled, and anyio
+    then cancels the task group that owns the publisher: the relay would stop without an
+    error. Raised while nothing cancels this task, it is a lost link: reconnect.
+    """
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # a real cancellation (shutdown, a deadline): let it through
+        raise aio_pika.exceptions.AMQPConnectionError(
+            "the AMQP client closed the connection as dead (no frame from the broker "
+            "within the heartbeat grace)"
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +258,10 @@ class Publisher:
             # for a new link (their leases run; the broker may stay away for long).
             await self._mark_held()
             try:
-                connection = await aio_pika.connect(
-                    self.options.amqp_url, timeout=self.options.timeout_seconds
-                )
+                with _stray_cancel_is_a_lost_link():
+                    connection = await aio_pika.connect(
+                        self.options.amqp_url, timeout=self.options.timeout_seconds
+                    )
             except Exception as exc:  # unreachable, refused, bad credentials, bad URL...
                 if self._stopping:
                     log.warning("publisher_stopping_broker_unreachable", error=type(exc).__name__)
@@ -253,8 +280,9 @@ class Publisher:
                 await self._sleep(delay)
                 continue
             try:
-                async with connection:
-                    await self._session(connection)
+                with _stray_cancel_is_a_lost_link():
+                    async with connection:
+                        await self._session(connection)
                 return  # stopped and flushed
             except _AMQP_ERRORS as exc:
                 self._failures += 1
@@ -374,8 +402,9 @@ class Publisher:
         limiter = anyio.CapacityLimiter(self.options.window)
         targets: dict[str, AbstractExchange | None] = {}
         try:
-            for name in sorted({e.exchange or self.options.exchange for e in events}):
-                targets[name] = await exchanges.get(name)
+            with _stray_cancel_is_a_lost_link():
+                for name in sorted({e.exchange or self.options.exchange for e in events}):
+                    targets[name] = await exchanges.get(name)
         except _AMQP_ERRORS:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.options.timeout_seconds):
                 await self._release_all(
@@ -407,12 +436,13 @@ class Publisher:
                             )
                         )
                         return
-                    confirm = await exchange.publish(
-                        outgoing.message,
-                        outgoing.routing_key,
-                        mandatory=True,
-                        timeout=self.options.timeout_seconds,
-                    )
+                    with _stray_cancel_is_a_lost_link():
+                        confirm = await exchange.publish(
+                            outgoing.message,
+                            outgoing.routing_key,
+                            mandatory=True,
+                            timeout=self.options.timeout_seconds,
+                        )
                 except aio_pika.exceptions.DeliveryError as exc:
                     releases.append(
                         self._release(event, "broker_nack", f"the broker refused: {exc}", True)

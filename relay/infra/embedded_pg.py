@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 __all__ = ["EmbeddedPostgresUnavailable", "embedded_postgres"]
 
@@ -29,25 +30,39 @@ def embedded_postgres() -> Iterator[str]:
     """Start a temporary cluster; yield its URL; stop and delete it on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="outbox-relay-pg-"))
     try:
-        try:
-            import pgserver
-        except ImportError:
+        server = _start_pgserver(workdir / "pgdata")
+        if server is None:
             with _initdb_cluster(workdir) as url:
                 yield url
             return
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver
-            # then uses /tmp, which is what we want anyway.
-            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-            server = pgserver.get_server(  # type: ignore[attr-defined]
-                workdir / "pgdata", cleanup_mode="stop"
-            )
         try:
             yield str(server.get_uri())
         finally:
             server.cleanup()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_pgserver(pgdata: Path) -> Any | None:
+    """pgserver's server for ``pgdata``, started; None when pgserver is not installed."""
+    with _runtime_dir_warning_ignored():
+        try:
+            import pgserver
+        except ImportError:
+            return None
+        return pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _runtime_dir_warning_ignored() -> Iterator[None]:
+    """Without XDG_RUNTIME_DIR (containers, CI, root shells) platformdirs warns
+    (RuntimeDirWarning) that it falls back to /tmp/runtime-UID, which is what pgserver
+    should use for its lock file anyway. pgserver asks for that directory in a class body,
+    so the warning comes at ``import pgserver``: the import and the start run under this
+    one filter, matched by the warning's own text; nothing else is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        yield
 
 
 def _free_port() -> int:
