@@ -124,12 +124,17 @@ class Broker:
         tb: TracebackType | None,
     ) -> None:
         with anyio.CancelScope(shield=True):
-            if self._queue is not None:
-                await self._queue.delete(if_unused=False, if_empty=False)
-            for exchange in self._exchanges:
-                await exchange.delete()
-            if self._connection is not None:
-                await self._connection.close()
+            try:
+                if self._queue is not None:
+                    await self._queue.delete(if_unused=False, if_empty=False)
+                for exchange in self._exchanges:
+                    await exchange.delete()
+            finally:
+                # Always: a robust connection left open reconnects on its own and its close
+                # callback then fires after this test's event loop is gone, failing a later
+                # test with "Event loop is closed".
+                if self._connection is not None:
+                    await self._connection.close()
 
     def unique(self) -> dict[str, Received]:
         """The first delivery of each message_id, in arrival order (consumer-side dedup)."""
