@@ -20,6 +20,7 @@ import anyio
 import anyio.from_thread
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from provider_adapters.base import Command, Outcome, Retryable
 from relay.core.completer import Completer
@@ -180,7 +181,14 @@ async def test_drain_and_flush_share_one_deadline_from_the_stop(db_url: str) -> 
 PROCESS_GRACE_SECONDS = 2.0
 PROMISED_EXIT_SECONDS = PROCESS_GRACE_SECONDS + SHUTDOWN_FLUSH_MIN_SECONDS
 BOOKKEEPING_SECONDS = 4.0  # signal delivery, interpreter exit, wait() on a busy machine
-POSTGRES = "postgresql://127.0.0.1:5432"  # the proxy's upstream: host and port only
+
+
+def _server_of(db_url: str) -> str:
+    """The proxy's upstream: the test database's host and port, as a URL."""
+    params = conninfo_to_dict(db_url)
+    if str(params.get("host", "")).startswith("/"):
+        pytest.skip("the test PostgreSQL listens on a Unix socket; the TCP proxy needs TCP")
+    return f"postgresql://{params.get('host', '127.0.0.1')}:{params.get('port', '5432')}"
 
 
 def _process_env(db_url: str, provider_url: str, **extra: str) -> dict[str, str]:
@@ -232,7 +240,7 @@ def test_the_process_exits_within_the_grace_whatever_is_down(
     the database and the broker, and a call that never ends for the provider."""
     fake = FakeProviderProcess(tmp_path, "--latency-ms", "60000" if down == "provider" else "0")
     with anyio.from_thread.start_blocking_portal() as portal:
-        db_proxy, broker_proxy = TcpProxy(POSTGRES), TcpProxy(amqp_url)
+        db_proxy, broker_proxy = TcpProxy(_server_of(db_url)), TcpProxy(amqp_url)
         serving = [portal.start_task_soon(p.serve) for p in (db_proxy, broker_proxy)]
         block_until(lambda: db_proxy.port and broker_proxy.port, "the proxies to listen")
         relay = RelayProcess(
