@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from importlib.metadata import version
 
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from relay.cli.main import build_parser
 from relay.infra.config import load_settings, unknown_variables
 from tests.support.cli import run_cli
+from tests.support.databases import scratch_database
 
 
 @pytest.mark.parametrize("command", ["migrate", "run", "demo", "status", "fake-provider"])
@@ -213,3 +215,68 @@ def test_commands_warn_once_about_a_misspelt_variable(command: tuple[str, ...]) 
     )
     assert result.stderr.count(warning) == 1, result.stderr
     assert "RELAY_TEST_ANYTHING" not in result.stderr
+
+
+_RUN_ENV = {
+    "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_cli",
+    "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
+    "RELAY_HTTP_PORT": "0",
+}
+
+
+@pytest.fixture
+def unmigrated_url(pg_admin_url: str) -> Iterator[str]:
+    with scratch_database(pg_admin_url, "outbox_relay_empty") as url:
+        yield url
+
+
+@pytest.mark.integration
+def test_run_on_an_unmigrated_database_says_migrate_and_exits_2(unmigrated_url: str) -> None:
+    result = run_cli("run", env={**_RUN_ENV, "RELAY_DATABASE_URL": unmigrated_url})
+    assert result.returncode == 2
+    assert "run 'outbox-relay migrate' first" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "relay_ready" not in result.stderr + result.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"dbname": "outbox_relay_no_such_db"}, "database_missing"),
+        ({"user": "outbox_relay_no_such_role"}, "database_login_refused"),
+        (None, "database_url_malformed"),
+    ],
+)
+def test_run_stops_at_once_on_what_waiting_cannot_heal(
+    pg_admin_url: str, change: dict[str, str] | None, code: str
+) -> None:
+    url = "not a url" if change is None else make_conninfo(pg_admin_url, **change)
+    result = run_cli("run", env={**_RUN_ENV, "RELAY_DATABASE_URL": url})
+    assert result.returncode == 2, result.stderr
+    assert f"(code {code})" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "relay_ready" not in result.stderr + result.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["dead-letters", "list"],
+        ["ledger", "check"],
+        ["audit", "verify"],
+        ["exceptions", "list"],
+        ["reconcile", "--provider", "stripe"],
+        ["status"],
+        ["intents", "show", "1"],
+    ],
+)
+def test_every_command_says_migrate_on_an_unmigrated_database(
+    unmigrated_url: str, command: list[str]
+) -> None:
+    result = run_cli(*command, env={**_RUN_ENV, "RELAY_DATABASE_URL": unmigrated_url})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: the outbox schema is missing; run 'outbox-relay migrate' first"
+    )

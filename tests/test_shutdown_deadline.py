@@ -9,11 +9,18 @@ signal too, so a flush that began its own grace after the drain could be SIGKILL
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.from_thread
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from provider_adapters.base import Command, Outcome, Retryable
 from relay.core.completer import Completer
@@ -27,7 +34,11 @@ from relay.core.runtime import (
 from relay.domain.intents import WriteBack
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra.db import Database
+from tests.processes import FakeProviderProcess, RelayProcess
+from tests.support.databases import with_port
 from tests.support.intents import insert_intents
+from tests.support.waiting import block_until
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -156,3 +167,130 @@ async def test_drain_and_flush_share_one_deadline_from_the_stop(db_url: str) -> 
             "SELECT status, error_code, claimed_by FROM outbox.payment_intents"
         ).fetchone()
     assert row == ("pending", "shutdown_cut_off", None), "handed back, written before exit"
+
+
+# -- the promise, with a real relay process ---------------------------------------------
+#
+# The README promises that `outbox-relay run` exits at most the grace plus one second (the
+# final flush's minimum) after SIGTERM or SIGINT, whatever is down: Kubernetes SIGKILLs a
+# pod at terminationGracePeriodSeconds, and the chart sizes that from this promise. The
+# bound below is that promise plus a few seconds for the test's own process bookkeeping on
+# a loaded machine, not a speed target: before the fix a relay whose database stopped
+# answering took about a minute with this grace.
+
+PROCESS_GRACE_SECONDS = 2.0
+PROMISED_EXIT_SECONDS = PROCESS_GRACE_SECONDS + SHUTDOWN_FLUSH_MIN_SECONDS
+BOOKKEEPING_SECONDS = 4.0  # signal delivery, interpreter exit, wait() on a busy machine
+
+
+def _server_of(db_url: str) -> str:
+    """The proxy's upstream: the test database's host and port, as a URL."""
+    params = conninfo_to_dict(db_url)
+    if str(params.get("host", "")).startswith("/"):
+        pytest.skip("the test PostgreSQL listens on a Unix socket; the TCP proxy needs TCP")
+    return f"postgresql://{params.get('host', '127.0.0.1')}:{params.get('port', '5432')}"
+
+
+def _process_env(db_url: str, provider_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "RELAY_DATABASE_URL": db_url,
+        "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_deadline",
+        "RELAY_PROVIDERS__STRIPE__BASE_URL": provider_url,
+        "RELAY_SHUTDOWN_GRACE_SECONDS": str(PROCESS_GRACE_SECONDS),
+        "RELAY_POLL_INTERVAL_SECONDS": "0.1",
+        "RELAY_POLL_MAX_INTERVAL_SECONDS": "0.5",
+        "RELAY_LOG_FORMAT": "json",
+        **extra,
+    }
+
+
+def _exit_seconds(relay: RelayProcess, signum: signal.Signals) -> tuple[int, float]:
+    assert relay.proc is not None and relay.running
+    sent = time.monotonic()
+    relay.proc.send_signal(signum)
+    try:
+        code = relay.proc.wait(HANG_GUARD_SECONDS)
+    except subprocess.TimeoutExpired:
+        relay.kill()
+        pytest.fail(f"the relay did not exit {HANG_GUARD_SECONDS:.0f} s after {signum.name}")
+    return code, time.monotonic() - sent
+
+
+def _scalar(db_url: str, sql: str) -> Any:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(sql).fetchone()
+    return None if row is None else row[0]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("down", "signum"),
+    [
+        ("database", signal.SIGTERM),
+        ("database", signal.SIGINT),
+        ("broker", signal.SIGTERM),
+        ("provider", signal.SIGTERM),
+    ],
+)
+def test_the_process_exits_within_the_grace_whatever_is_down(
+    db_url: str, amqp_url: str, tmp_path: Path, down: str, signum: signal.Signals
+) -> None:
+    """Down means blackholed (nothing answers, nothing is closed: only deadlines help) for
+    the database and the broker, and a call that never ends for the provider."""
+    fake = FakeProviderProcess(tmp_path, "--latency-ms", "60000" if down == "provider" else "0")
+    with anyio.from_thread.start_blocking_portal() as portal:
+        db_proxy, broker_proxy = TcpProxy(_server_of(db_url)), TcpProxy(amqp_url)
+        serving = [portal.start_task_soon(p.serve) for p in (db_proxy, broker_proxy)]
+        block_until(lambda: db_proxy.port and broker_proxy.port, "the proxies to listen")
+        relay = RelayProcess(
+            f"deadline-{down}",
+            _process_env(
+                with_port(db_url, db_proxy.port),
+                fake.url,
+                RELAY_AMQP_URL=broker_proxy.url,
+                RELAY_PROVIDERS__STRIPE__TIMEOUT_MS="50000",
+            ),
+            tmp_path,
+        )
+        try:
+            relay.start()
+            relay.wait_ready()
+            insert_intents(db_url, [_authorize("p-deadline")])
+            if down == "provider":
+                block_until(
+                    lambda: _scalar(
+                        db_url,
+                        "SELECT count(*) FROM outbox.payment_intents WHERE status = 'in_flight'",
+                    ),
+                    "the call to be in flight",
+                )
+            else:
+                block_until(
+                    lambda: _scalar(db_url, "SELECT count(*) FROM outbox.events"),
+                    "the result event to be written",
+                )
+                proxy = db_proxy if down == "database" else broker_proxy
+                portal.call(proxy.blackhole)
+                insert_intents(db_url, [_authorize("p-deadline-2")])
+                time.sleep(1.0)  # the relay is now waiting on what is down
+            code, took = _exit_seconds(relay, signum)
+        finally:
+            relay.kill()
+            for future in serving:
+                future.cancel()  # the portal waits for its tasks when it closes
+            fake.stop()
+    assert code == 0, f"a drain cut short by the deadline still exits 0; see {relay.log_path}"
+    assert took <= PROMISED_EXIT_SECONDS + BOOKKEEPING_SECONDS, (
+        f"{signum.name} with the {down} down: exit after {took:.1f} s, promised at most "
+        f"{PROMISED_EXIT_SECONDS:.0f} s (grace {PROCESS_GRACE_SECONDS:.0f} s + 1 s)"
+    )
+
+
+def _authorize(payment_id: str) -> dict[str, Any]:
+    return {
+        "payment_id": payment_id,
+        "action": "authorize",
+        "amount_minor": 1000,
+        "payment_method": "pm_card_visa",
+    }

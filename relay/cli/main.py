@@ -78,6 +78,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
     from relay.infra.config import ConfigError, load_settings
+    from relay.infra.db_startup import StartupRefused
     from relay.infra.logs import configure_logging
     from relay.service.health import HttpPortUnavailable
     from relay.service.main import run_relay
@@ -106,14 +107,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         return anyio.run(run_relay, settings, url)
     except BaseExceptionGroup as group:
-        port_errors, _ = group.split(HttpPortUnavailable)
-        if port_errors is None:
+        # What stops start-up for good, raised inside the task group: one line, exit 2.
+        refused, _ = group.split((HttpPortUnavailable, StartupRefused))
+        if refused is None:
             raise
-        print(f"error: {port_errors.exceptions[0]}", file=sys.stderr)
+        print(f"error: {_first_leaf(refused)}", file=sys.stderr)
         return 2
-    except HttpPortUnavailable as exc:
+    except (HttpPortUnavailable, StartupRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of a (possibly nested) exception group."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _cmd_fake_provider(args: argparse.Namespace) -> int:
@@ -378,6 +386,9 @@ def _stdout_closed() -> int:
     return _EXIT_STDOUT_CLOSED
 
 
+SCHEMA_MISSING_MESSAGE = "the outbox schema is missing; run 'outbox-relay migrate' first"
+
+
 def _main(argv: Sequence[str] | None) -> int:
     import psycopg
 
@@ -392,6 +403,11 @@ def _main(argv: Sequence[str] | None) -> int:
         # text is redacted anyway in case a future message quotes the URL.
         print(f"error: {redact_text(str(exc).strip())}", file=sys.stderr)
         print("hint: check RELAY_DATABASE_URL (or RELAY_DATABASE_URL_FILE)", file=sys.stderr)
+        return 1
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        # Any command reading the outbox on a database never migrated (a table, or the
+        # schema "outbox" itself, not found): said here once for every command.
+        print(f"error: {SCHEMA_MISSING_MESSAGE}", file=sys.stderr)
         return 1
     return result
 

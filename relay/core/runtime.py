@@ -115,6 +115,7 @@ class Relay:
         self._wake_event = anyio.Event()
         self._stop_event = anyio.Event()
         self._stopping = False
+        self._turn_scope = anyio.CancelScope()  # the claim loop's turn, cut short by stop()
         self._wakeups_wanted: bool | None = None  # what this relay last asked inserts
         self.heartbeat = 0.0  # anyio clock of the claim loop's last turn (liveness)
         self.database_ok = False  # the last claim reached the database (readiness)
@@ -136,11 +137,16 @@ class Relay:
             self.shutdown_deadline = anyio.current_time() + self.options.shutdown_grace_seconds
         self._stopping = True
         self._stop_event.set()
+        self._turn_scope.cancel()
         self.wake()
 
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`stop` has been called."""
+        await self._stop_event.wait()
 
     def _deadline(self) -> float:
         """The shutdown deadline. stop() sets it, and is the only way out of the claim loop;
@@ -212,33 +218,12 @@ class Relay:
         idle = self.options.poll_interval_seconds
         async with anyio.create_task_group() as workers:
             while not self._stopping:
-                self.heartbeat = anyio.current_time()
-                self._wake_event = anyio.Event()
-                try:
-                    claimed, full = await self._claim_once(workers)
-                    self.database_ok = True
-                except RETRYABLE_DB_ERRORS as exc:
-                    self.database_ok = False
-                    log.warning("claim_db_error", error=type(exc).__name__, retry_in=idle)
-                    claimed, full = 0, False
-                if claimed and not full:
-                    idle = self.options.poll_interval_seconds
-                    continue  # there may be more right away
-                if full:
-                    await self._ask_for_wakeups(False)
-                elif not claimed and await self._ask_for_wakeups(True):
-                    continue  # once more: inserts committed before the flag did not notify
-                if claimed:
-                    idle = self.options.poll_interval_seconds
-                wait = idle * (0.5 + self.rng())  # jitter: replicas don't poll in step
-                hints = [h for lane in self.lanes.values() if (h := lane.seconds_until_capacity())]
-                if hints:
-                    # A breaker about to turn half-open or a rate limit about to refill.
-                    wait = min(wait, max(min(hints), 0.001))
-                with anyio.move_on_after(wait):
-                    await self._wake_event.wait()
-                if not self._wake_event.is_set() and not hints:
-                    idle = min(idle * 2, self.options.poll_max_interval_seconds)
+                # stop() cancels the turn: a claim or flag write waiting on a database that
+                # does not answer must not hold the loop past the shutdown deadline (what
+                # such a claim took is re-driven when its lease expires).
+                self._turn_scope = anyio.CancelScope()
+                with self._turn_scope:
+                    idle = await self._turn(workers, idle)
             # Draining: admissions waiting for a token hand their intents back at once;
             # in-flight calls get the grace minus the flush reserve, then are cut off.
             cut_off_at = self._deadline() - flush_reserve_seconds(
@@ -250,6 +235,37 @@ class Relay:
             if grace.cancelled_caught:
                 log.warning("shutdown_grace_exceeded", in_flight=self.in_flight)
                 workers.cancel_scope.cancel()
+
+    async def _turn(self, workers: TaskGroup, idle: float) -> float:
+        """One turn of the claim loop: claim what fits, else wait for a wake-up or the
+        poll interval; the next poll interval (it doubles while nothing comes)."""
+        self.heartbeat = anyio.current_time()
+        self._wake_event = anyio.Event()
+        try:
+            claimed, full = await self._claim_once(workers)
+            self.database_ok = True
+        except RETRYABLE_DB_ERRORS as exc:
+            self.database_ok = False
+            log.warning("claim_db_error", error=type(exc).__name__, retry_in=idle)
+            claimed, full = 0, False
+        if claimed and not full:
+            return self.options.poll_interval_seconds  # there may be more right away
+        if full:
+            await self._ask_for_wakeups(False)
+        elif not claimed and await self._ask_for_wakeups(True):
+            return idle  # once more: inserts committed before the flag did not notify
+        if claimed:
+            idle = self.options.poll_interval_seconds
+        wait = idle * (0.5 + self.rng())  # jitter: replicas don't poll in step
+        hints = [h for lane in self.lanes.values() if (h := lane.seconds_until_capacity())]
+        if hints:
+            # A breaker about to turn half-open or a rate limit about to refill.
+            wait = min(wait, max(min(hints), 0.001))
+        with anyio.move_on_after(wait):
+            await self._wake_event.wait()
+        if not self._wake_event.is_set() and not hints:
+            idle = min(idle * 2, self.options.poll_max_interval_seconds)
+        return idle
 
     async def _ask_for_wakeups(self, wanted: bool) -> bool:
         """Tell inserts whether to NOTIFY; True when this changed what we had asked.

@@ -85,8 +85,9 @@ class Database:
     async def open(self) -> None:
         await self.pool.open(wait=False)
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, wait_seconds: float = 5.0) -> None:
+        """Close the pool; its tasks still connecting get ``wait_seconds`` to stop."""
+        await self.pool.close(timeout=wait_seconds)
 
     @overload
     async def fetch_all(

@@ -71,6 +71,7 @@ class HealthState:
     expected_schema: str  # the relay's own latest migration: the oldest schema it runs on
     schema_version: str | None = None
     started: bool = False
+    # Readiness reasons of the moment beyond the above (start-up's wait for the database).
     extra_problems: list[str] = field(default_factory=list)
     # Other loops liveness watches (the write-back, the publisher), besides the claim loop.
     loops: list[Heartbeat] = field(default_factory=list)
@@ -95,6 +96,7 @@ class HealthState:
             problems.append("draining")
         if not self.database_ok():
             problems.append("database unreachable")
+        problems.extend(self.extra_problems)
         if self.schema_version is None:
             problems.append(
                 f"schema not found (no migration applied), relay needs "

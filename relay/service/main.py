@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from functools import partial
 
 import anyio
@@ -21,11 +22,12 @@ from provider_adapters.registry import build_adapter
 from relay.core.clock import SYSTEM_CLOCK, Clock
 from relay.core.janitor import Janitor, JanitorOptions
 from relay.core.lanes import BreakerSettings, Lane, RateLimit
-from relay.core.runtime import Relay, RelayOptions
+from relay.core.runtime import SHUTDOWN_FLUSH_MIN_SECONDS, Relay, RelayOptions
 from relay.domain.retry_policy import RetryPolicy
 from relay.events.publisher import Publisher, publisher_from_settings
 from relay.infra.config import ProviderSettings, Settings
 from relay.infra.db import RETRYABLE_DB_ERRORS, Database
+from relay.infra.db_startup import DatabaseNotYet, check_conninfo, probe_database
 from relay.infra.migrate import discover
 from relay.infra.redaction import describe_conninfo
 from relay.service.depth import DepthSampler
@@ -106,6 +108,9 @@ def build_janitor(settings: Settings, relay: Relay) -> Janitor:
 
 
 async def run_relay(settings: Settings, database_url: str) -> int:
+    """Run until stopped; 0 after a drain. Raises StartupRefused when the database cannot
+    be used and waiting would not change that (malformed URL, login refused, no schema)."""
+    check_conninfo(database_url)
     relay = build_relay(settings, database_url)
     publisher = publisher_from_settings(settings, relay.db)  # None: RELAY_AMQP_URL unset
     # The loop turns at least every poll interval; a database call may add the pool
@@ -128,11 +133,17 @@ async def run_relay(settings: Settings, database_url: str) -> int:
         expected_schema=discover()[-1].version,
         loops=loops,
     )
-    await relay.db.open()
     try:
         async with anyio.create_task_group() as tg:
             if settings.http_port:
                 await tg.start(serve_http, settings.http_host, settings.http_port, health)
+            await tg.start(_watch_signals, relay, publisher, tg.cancel_scope)
+            # Nothing that needs the database starts before it answers with the schema:
+            # a refusal that waiting cannot heal ends start-up (StartupRefused).
+            if not await _wait_for_database(database_url, relay, health):
+                tg.cancel_scope.cancel()  # stopped while waiting: nothing to drain
+                return 0
+            await relay.db.open()
             tg.start_soon(_watch_schema, relay, health)
             tg.start_soon(
                 partial(
@@ -152,7 +163,6 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                     providers=relay.lanes,
                 )
                 tg.start_soon(sampler.run)
-            await tg.start(_watch_signals, relay, publisher)
             if publisher is not None:
                 await tg.start(publisher.run)
             await tg.start(relay.run)
@@ -170,10 +180,7 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 await publisher.finished.wait()
             tg.cancel_scope.cancel()
     finally:
-        for lane in relay.lanes.values():
-            with anyio.CancelScope(shield=True):
-                await lane.adapter.aclose()
-        await relay.db.close()
+        await _close(relay)
     return 0
 
 
@@ -181,6 +188,53 @@ _SCHEMA_UNKNOWN: tuple[type[Exception], ...] = (
     *RETRYABLE_DB_ERRORS,
     psycopg.errors.UndefinedTable,
 )
+
+
+# Start-up waits for a database that may heal: 0.5 s, doubling, at most 30 s (jittered).
+STARTUP_BACKOFF_BASE_SECONDS = 0.5
+STARTUP_BACKOFF_CAP_SECONDS = 30.0
+# After the shutdown deadline (grace + the final flush's minimum), closing the pool and
+# the provider clients may take this long before the process gives up on them.
+CLOSE_SECONDS = 0.5
+
+
+async def _wait_for_database(database_url: str, relay: Relay, health: HealthState) -> bool:
+    """Probe until the database answers with the schema (True) or the relay is stopped
+    (False); one log line and one /readyz reason per backoff step."""
+    failures = 0
+    while not relay.stopping:
+        try:
+            health.schema_version = await probe_database(database_url)
+        except DatabaseNotYet as exc:
+            failures += 1
+            ceiling = min(
+                STARTUP_BACKOFF_CAP_SECONDS, STARTUP_BACKOFF_BASE_SECONDS * 2 ** min(failures, 16)
+            )
+            delay = ceiling * (0.5 + relay.rng() / 2)
+            health.extra_problems[:] = [f"waiting for the database: {exc.reason}"]
+            log.warning(
+                "database_not_ready",
+                reason=exc.reason,
+                attempt=failures,
+                retry_in=round(delay, 3),
+                database=describe_conninfo(database_url),
+            )
+            with anyio.move_on_after(delay):
+                await relay.wait_stopped()
+            continue
+        health.extra_problems.clear()
+        return True
+    return False
+
+
+async def _close(relay: Relay) -> None:
+    """Close the provider clients and the pool, within CLOSE_SECONDS if stopping: a
+    database or provider that does not answer must not hold the exit."""
+    bound = None if relay.shutdown_deadline is None else CLOSE_SECONDS
+    with anyio.CancelScope(shield=True), anyio.move_on_after(bound if bound else float("inf")):
+        for lane in relay.lanes.values():
+            await lane.adapter.aclose()
+    await relay.db.close(wait_seconds=bound if bound else 5.0)
 
 
 async def _watch_schema(relay: Relay, health: HealthState) -> None:
@@ -197,6 +251,7 @@ async def _watch_schema(relay: Relay, health: HealthState) -> None:
 async def _watch_signals(
     relay: Relay,
     publisher: Publisher | None = None,
+    everything: anyio.CancelScope | None = None,
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -215,3 +270,24 @@ async def _watch_signals(
             relay.stop()
             if publisher is not None:
                 publisher.start_draining()
+            deadline = relay.shutdown_deadline
+            if everything is not None and deadline is not None:
+                # The one deadline holds whatever is down: a task still waiting on the
+                # database, the broker or a provider then is cancelled (the drain and the
+                # final flush end by it on their own when those answer).
+                everything.deadline = deadline + SHUTDOWN_FLUSH_MIN_SECONDS
+                _exit_if_still_running(deadline + SHUTDOWN_FLUSH_MIN_SECONDS + 2 * CLOSE_SECONDS)
+
+
+def _exit_if_still_running(deadline: float) -> None:
+    """A last resort: if a shielded cleanup somewhere still holds the process at
+    ``deadline`` (anyio clock), exit without it rather than break the promised bound."""
+    delay = max(deadline - anyio.current_time(), 0.0)
+
+    def exit_now() -> None:
+        log.error("shutdown_deadline_exceeded_exit_now", remedy="leases expire; re-driven")
+        os._exit(1)
+
+    timer = threading.Timer(delay, exit_now)
+    timer.daemon = True  # a normal exit does not wait for it
+    timer.start()
