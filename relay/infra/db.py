@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import random
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, overload
 
 import anyio
@@ -132,13 +133,20 @@ async def listen_forever(
     *,
     on_connected: Callable[[], None] = lambda: None,
     retry_seconds: float = 1.0,
+    max_retry_seconds: float = 30.0,
     channel: str = NOTIFY_CHANNEL,
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    jitter: Callable[[], float] = random.random,
 ) -> None:
     """LISTEN on ``channel`` (default: intents), calling ``on_notify`` per notification.
 
     Polling stays correct on its own; this only shortens pickup latency, so a broken
-    listener logs and retries instead of failing the relay.
+    listener logs and retries instead of failing the relay. Consecutive failures back off
+    from ``retry_seconds``, doubling up to ``max_retry_seconds``, each wait jittered to
+    between half and all of it (so sidecars do not reconnect in step after a database
+    restart), with one log line per wait; a connection that LISTENed resets the backoff.
     """
+    failures = 0
     while True:
         try:
             conn = await psycopg.AsyncConnection.connect(
@@ -146,10 +154,21 @@ async def listen_forever(
             )
             async with conn:
                 await conn.execute(f"LISTEN {channel}")
+                failures = 0
                 on_connected()
                 on_notify()  # anything committed while we were not listening
                 async for _ in conn.notifies():
                     on_notify()
         except psycopg.Error as exc:
-            log.warning("listen_connection_lost", error=type(exc).__name__, retry_in=retry_seconds)
-        await anyio.sleep(retry_seconds)
+            failures += 1
+            bound = min(max_retry_seconds, retry_seconds * 2 ** (failures - 1))
+            delay = bound * (0.5 + jitter() / 2)
+            log.warning(
+                "listen_connection_lost",
+                error=type(exc).__name__,
+                failures=failures,
+                retry_in=round(delay, 2),
+            )
+            await sleep(delay)
+            continue
+        await sleep(retry_seconds)  # the server ended the connection cleanly
