@@ -1,0 +1,63 @@
+"""A database that may come back is waited for, visibly (issue 17): `run` against a server
+that refuses connections backs off with one `database_not_ready` line per step, reports the
+reason on /readyz, never logs `relay_ready`, and still stops at once on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.processes import RelayProcess, free_port
+from tests.support.waiting import block_until
+
+pytestmark = pytest.mark.slow
+
+
+def _events(path: Path, name: str) -> list[dict[str, object]]:
+    found = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("event") == name:
+                found.append(entry)
+    return found
+
+
+def test_run_waits_for_a_database_that_refuses_connections(tmp_path: Path) -> None:
+    relay = RelayProcess(
+        "waiting-relay",
+        {
+            # Nothing listens on this port: every login is refused, which can heal.
+            "RELAY_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+            "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_waiting",
+            "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
+            "RELAY_LOG_FORMAT": "json",
+            "RELAY_SHUTDOWN_GRACE_SECONDS": "2",
+        },
+        tmp_path,
+    )
+    relay.start()
+    try:
+        block_until(
+            lambda: len(_events(relay.log_path, "database_not_ready")) >= 3 or not relay.running,
+            "three database_not_ready steps",
+        )
+        assert relay.running, relay.log_path.read_text()
+        readyz = httpx.get(f"http://127.0.0.1:{relay.http_port}/readyz", timeout=10)
+    finally:
+        exit_code = relay.terminate()
+
+    assert readyz.status_code == 503
+    assert "waiting for the database" in readyz.text
+    steps = _events(relay.log_path, "database_not_ready")
+    assert [step["attempt"] for step in steps[:3]] == [1, 2, 3]
+    # Each wait lies between half and all of a bound that doubles per step, so the third
+    # (half of 4 bounds at least) is at least twice the first (a whole bound at most).
+    delays = [float(str(step["retry_in"])) for step in steps[:3]]
+    assert delays[0] > 0
+    assert delays[2] >= 2 * delays[0]
+    assert _events(relay.log_path, "relay_ready") == []
+    assert exit_code == 0, relay.log_path.read_text()
