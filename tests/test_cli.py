@@ -246,6 +246,7 @@ def test_run_on_an_unmigrated_database_says_migrate_and_exits_2(unmigrated_url: 
         ({"dbname": "outbox_relay_no_such_db"}, "database_missing"),
         ({"user": "outbox_relay_no_such_role"}, "database_login_refused"),
         (None, "database_url_malformed"),
+        ({"port": "abc"}, "database_url_malformed"),
     ],
 )
 def test_run_stops_at_once_on_what_waiting_cannot_heal(

@@ -26,12 +26,27 @@ def _events(path: Path, name: str) -> list[dict[str, object]]:
     return found
 
 
-def test_run_waits_for_a_database_that_refuses_connections(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "where",
+    [
+        # Nothing listens on this port: every login is refused, which can heal.
+        "tcp",
+        # A server that is not running on its Unix socket (no socket file): libpq fails
+        # that connect before any exchange, which must not read as a malformed URL (the
+        # fault campaign's restarted relays did, and exited 2 during a database restart).
+        "unix-socket",
+    ],
+)
+def test_run_waits_for_a_database_that_refuses_connections(tmp_path: Path, where: str) -> None:
+    url = (
+        f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+        if where == "tcp"
+        else f"postgresql://postgres@/postgres?host={tmp_path / 'no-server-here'}"
+    )
     relay = RelayProcess(
         "waiting-relay",
         {
-            # Nothing listens on this port: every login is refused, which can heal.
-            "RELAY_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+            "RELAY_DATABASE_URL": url,
             "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_waiting",
             "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
             "RELAY_LOG_FORMAT": "json",

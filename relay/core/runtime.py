@@ -137,7 +137,13 @@ class Relay:
             self.shutdown_deadline = anyio.current_time() + self.options.shutdown_grace_seconds
         self._stopping = True
         self._stop_event.set()
-        self._turn_scope.cancel()
+        # A turn in progress may finish: a claim that committed must reach its workers, or
+        # its intents would sit in flight until their lease expires. Only a turn that hangs
+        # (a database that does not answer) is cut short, when in-flight calls are.
+        self._turn_scope.deadline = min(
+            self._turn_scope.deadline,
+            self._deadline() - flush_reserve_seconds(self.options.shutdown_grace_seconds),
+        )
         self.wake()
 
     @property
@@ -218,9 +224,9 @@ class Relay:
         idle = self.options.poll_interval_seconds
         async with anyio.create_task_group() as workers:
             while not self._stopping:
-                # stop() cancels the turn: a claim or flag write waiting on a database that
-                # does not answer must not hold the loop past the shutdown deadline (what
-                # such a claim took is re-driven when its lease expires).
+                # stop() gives the turn a deadline: a claim or flag write waiting on a
+                # database that does not answer must not hold the loop past the shutdown
+                # deadline (what such a claim took is re-driven when its lease expires).
                 self._turn_scope = anyio.CancelScope()
                 with self._turn_scope:
                     idle = await self._turn(workers, idle)

@@ -76,15 +76,23 @@ class DatabaseNotYet(Exception):
 
 
 def check_conninfo(conninfo: str) -> None:
-    """Refuse a URL libpq cannot even parse (psycopg.ProgrammingError), before any I/O."""
+    """Refuse a URL libpq cannot even parse (psycopg.ProgrammingError), or whose port is
+    not a number (libpq refuses that only when it connects), before any I/O."""
     try:
-        conninfo_to_dict(conninfo)
+        params = conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError as exc:
         raise StartupRefused(
             "database_url_malformed",
             f"RELAY_DATABASE_URL is not a valid PostgreSQL URL ({redact_text(str(exc).strip())})",
             "write it as postgresql://USER:PASSWORD@HOST:5432/DATABASE",
         ) from None
+    ports = str(params.get("port") or "").split(",")
+    if any(port and not port.strip().isdigit() for port in ports):
+        raise StartupRefused(
+            "database_url_malformed",
+            f"RELAY_DATABASE_URL's port {params['port']!r} is not a number",
+            "write it as postgresql://USER:PASSWORD@HOST:5432/DATABASE",
+        )
 
 
 async def probe_database(conninfo: str) -> str:

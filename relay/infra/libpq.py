@@ -23,6 +23,7 @@ from collections.abc import Callable
 import anyio
 import psycopg
 from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
 
 __all__ = ["login_sqlstate"]
 
@@ -63,6 +64,12 @@ def _set_verbosity() -> Callable[[int], None] | None:
     return set_verbose
 
 
+def _on_unix_socket(conninfo: str) -> bool:
+    host = str(conninfo_to_dict(conninfo).get("host") or "")
+    # No host: libpq's default socket directory; a path or "@name": a socket.
+    return host == "" or host.startswith(("/", "@"))
+
+
 async def login_sqlstate(conninfo: str, timeout_seconds: float) -> str | None:
     """Log in once more with verbose errors; the SQLSTATE the server refused it with,
     ``""`` when libpq refuses the options before any I/O (e.g. ``port=abc``), or None:
@@ -71,7 +78,10 @@ async def login_sqlstate(conninfo: str, timeout_seconds: float) -> str | None:
     conn = pq.PGconn.connect_start(conninfo.encode())
     try:
         if conn.status == pq.ConnStatus.BAD:
-            return ""
+            # Before any I/O libpq refused the options (e.g. port=abc): "". Except that on
+            # a Unix socket the connect itself is synchronous, so a server that is not
+            # running (no socket file) is BAD here too, and may well heal: unknown.
+            return None if _on_unix_socket(conninfo) else ""
         set_verbose = _set_verbosity()
         pointer: int | None = conn.pgconn_ptr  # type: ignore[attr-defined]
         if set_verbose is not None and pointer:
