@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["IDEMPOTENCY_KEY_LIFETIME_SECONDS", "RetryPolicy"]
+__all__ = ["IDEMPOTENCY_KEY_LIFETIME_SECONDS", "RetryPolicy", "capped_doubling", "half_jitter"]
 
 IDEMPOTENCY_KEY_LIFETIME_SECONDS = 24 * 3600
 _RETRY_AFTER_CEILING = 3600.0
@@ -40,8 +40,7 @@ class RetryPolicy:
 
     def ceiling_seconds(self, attempt: int) -> float:
         """Largest delay after failed attempt ``attempt`` (1-based), before Retry-After."""
-        exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
-        return min(self.cap_seconds, self.base_seconds * float(2**exponent))
+        return capped_doubling(self.base_seconds, self.cap_seconds, attempt)
 
     def backoff_seconds(
         self,
@@ -60,3 +59,17 @@ class RetryPolicy:
     def worst_case_total_seconds(self) -> float:
         """Sum of the delay ceilings between the first and the last attempt."""
         return sum(self.ceiling_seconds(n) for n in range(1, self.max_attempts))
+
+
+def capped_doubling(base_seconds: float, cap_seconds: float, attempt: int) -> float:
+    """The bound of the wait after failure ``attempt`` (1-based): ``base``, doubling per
+    failure, at most ``cap``. Every backoff of the relay (retries, reconnects, start-up)
+    uses it."""
+    exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
+    return min(cap_seconds, base_seconds * float(2**exponent))
+
+
+def half_jitter(bound_seconds: float, rng: Callable[[], float]) -> float:
+    """A wait between half of ``bound`` and all of it: replicas spread out, yet none
+    retries much sooner than the bound says."""
+    return bound_seconds * (0.5 + rng() / 2)

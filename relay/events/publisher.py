@@ -36,6 +36,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aiormq.abc import DeliveredMessage
 from anyio.abc import TaskStatus
 
+from relay.domain.retry_policy import capped_doubling
 from relay.events.messages import ClaimedEvent, build_message
 from relay.events.store import EventResult, EventStore, Release
 from relay.infra import metrics
@@ -243,10 +244,8 @@ class Publisher:
         await listen_forever(self.db.conninfo, self.wake, channel=EVENTS_NOTIFY_CHANNEL)
 
     def _backoff(self, failures: int) -> float:
-        exponent = min(max(failures - 1, 0), 30)
-        ceiling: float = min(
-            self.options.reconnect_cap_seconds,
-            self.options.reconnect_base_seconds * float(2**exponent),
+        ceiling = capped_doubling(
+            self.options.reconnect_base_seconds, self.options.reconnect_cap_seconds, failures
         )
         return ceiling * self.rng()  # full jitter
 

@@ -12,6 +12,7 @@ import structlog
 from psycopg.rows import AsyncRowFactory, TupleRow, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from relay.domain.retry_policy import capped_doubling, half_jitter
 from relay.infra.queries import QUERIES
 
 __all__ = [
@@ -161,8 +162,7 @@ async def listen_forever(
                     on_notify()
         except psycopg.Error as exc:
             failures += 1
-            bound = min(max_retry_seconds, retry_seconds * 2 ** (failures - 1))
-            delay = bound * (0.5 + jitter() / 2)
+            delay = half_jitter(capped_doubling(retry_seconds, max_retry_seconds, failures), jitter)
             log.warning(
                 "listen_connection_lost",
                 error=type(exc).__name__,

@@ -23,7 +23,7 @@ from relay.core.clock import SYSTEM_CLOCK, Clock
 from relay.core.janitor import Janitor, JanitorOptions
 from relay.core.lanes import BreakerSettings, Lane, RateLimit
 from relay.core.runtime import SHUTDOWN_FLUSH_MIN_SECONDS, Relay, RelayOptions
-from relay.domain.retry_policy import RetryPolicy
+from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
 from relay.events.publisher import Publisher, publisher_from_settings
 from relay.infra.config import ProviderSettings, Settings
 from relay.infra.db import RETRYABLE_DB_ERRORS, Database
@@ -207,10 +207,12 @@ async def _wait_for_database(database_url: str, relay: Relay, health: HealthStat
             health.schema_version = await probe_database(database_url)
         except DatabaseNotYet as exc:
             failures += 1
-            ceiling = min(
-                STARTUP_BACKOFF_CAP_SECONDS, STARTUP_BACKOFF_BASE_SECONDS * 2 ** min(failures, 16)
+            delay = half_jitter(
+                capped_doubling(
+                    STARTUP_BACKOFF_BASE_SECONDS, STARTUP_BACKOFF_CAP_SECONDS, failures
+                ),
+                relay.rng,
             )
-            delay = ceiling * (0.5 + relay.rng() / 2)
             health.extra_problems[:] = [f"waiting for the database: {exc.reason}"]
             log.warning(
                 "database_not_ready",
