@@ -14,7 +14,7 @@ sent" from "maybe applied". The SDK's retries stay the SDK's: the adapter turns 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Awaitable, Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 import httpx
@@ -66,28 +66,6 @@ class PooledStripeHTTPClient(stripe.HTTPClient):
 
     def sleep_async(self, secs: float) -> Awaitable[None]:
         return anyio.sleep(secs)
-
-    def request(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str] | None,
-        post_data: Any = None,
-        *,
-        _usage: list[str] | None = None,
-    ) -> NoReturn:
-        raise RuntimeError("PooledStripeHTTPClient is async only: use the SDK's *_async methods")
-
-    def request_stream(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str] | None,
-        post_data: Any = None,
-        *,
-        _usage: list[str] | None = None,
-    ) -> NoReturn:
-        raise RuntimeError("PooledStripeHTTPClient is async only: use the SDK's *_async methods")
 
     def close(self) -> None:
         """Nothing synchronous to close; ``close_async`` closes the pool."""

@@ -75,24 +75,25 @@ class DatabaseNotYet(Exception):
         return self.reason
 
 
+_URL_REMEDY = "write it as postgresql://USER:PASSWORD@HOST:5432/DATABASE"
+
+
+def _malformed(message: str) -> StartupRefused:
+    return StartupRefused("database_url_malformed", message, _URL_REMEDY)
+
+
 def check_conninfo(conninfo: str) -> None:
     """Refuse a URL libpq cannot even parse (psycopg.ProgrammingError), or whose port is
     not a number (libpq refuses that only when it connects), before any I/O."""
     try:
         params = conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError as exc:
-        raise StartupRefused(
-            "database_url_malformed",
-            f"RELAY_DATABASE_URL is not a valid PostgreSQL URL ({redact_text(str(exc).strip())})",
-            "write it as postgresql://USER:PASSWORD@HOST:5432/DATABASE",
+        raise _malformed(
+            f"RELAY_DATABASE_URL is not a valid PostgreSQL URL ({redact_text(str(exc).strip())})"
         ) from None
     ports = str(params.get("port") or "").split(",")
     if any(port and not port.strip().isdigit() for port in ports):
-        raise StartupRefused(
-            "database_url_malformed",
-            f"RELAY_DATABASE_URL's port {params['port']!r} is not a number",
-            "write it as postgresql://USER:PASSWORD@HOST:5432/DATABASE",
-        )
+        raise _malformed(f"RELAY_DATABASE_URL's port {params['port']!r} is not a number")
 
 
 async def probe_database(conninfo: str) -> str:
@@ -110,10 +111,8 @@ async def probe_database(conninfo: str) -> str:
             f"no answer from {where} within {CONNECT_TIMEOUT_SECONDS:.0f} s"
         ) from None
     except psycopg.ProgrammingError as exc:  # conninfo accepted by the parser, not by libpq
-        raise StartupRefused(
-            "database_url_malformed",
-            f"RELAY_DATABASE_URL is not usable ({redact_text(str(exc).strip())})",
-            "write it as postgresql://USER:PASSWORD@HOST:5432/DATABASE",
+        raise _malformed(
+            f"RELAY_DATABASE_URL is not usable ({redact_text(str(exc).strip())})"
         ) from None
     except psycopg.OperationalError as exc:
         await _raise_classified(conninfo, exc)
@@ -156,11 +155,7 @@ async def _raise_classified(conninfo: str, exc: psycopg.OperationalError) -> Non
             raise DatabaseNotYet(detail) from None
         state = await login_sqlstate(make_conninfo("", **attempts[0]), CONNECT_TIMEOUT_SECONDS)
     if state == "":  # libpq refused the options before any I/O (e.g. port=abc)
-        raise StartupRefused(
-            "database_url_malformed",
-            f"RELAY_DATABASE_URL is not usable ({detail})",
-            "write it as postgresql://USER:PASSWORD@HOST:5432/DATABASE",
-        ) from None
+        raise _malformed(f"RELAY_DATABASE_URL is not usable ({detail})") from None
     if state in _FATAL_LOGIN:
         code, remedy = _FATAL_LOGIN[state]
         raise StartupRefused(code, f"{detail} (SQLSTATE {state})", remedy) from None
