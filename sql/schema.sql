@@ -1547,9 +1547,15 @@ $$;
 --
 
 CREATE FUNCTION outbox.promote_next_blocked_v1(payment_ids text[], due_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS TABLE(intent_id bigint, payment_id text, provider text)
-    LANGUAGE sql
+    LANGUAGE plpgsql
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
+#variable_conflict use_column
+BEGIN
+    IF cardinality(payment_ids) IS NULL OR cardinality(payment_ids) = 0 THEN
+        RETURN;  -- a batch of retries finishes no payment
+    END IF;
+    RETURN QUERY
     UPDATE outbox.payment_intents AS n
     SET status = 'pending',
         available_at = COALESCE(due_at, now()),
@@ -1565,6 +1571,7 @@ CREATE FUNCTION outbox.promote_next_blocked_v1(payment_ids text[], due_at timest
     ) AS head
     WHERE n.id = head.id AND n.status = 'blocked'
     RETURNING n.id, n.payment_id, n.provider;
+END;
 $$;
 
 --
