@@ -10,7 +10,7 @@
 -- Each relay's queue-depth sampler (relay/service/depth.py) upserts its own row every
 -- sample (RELAY_DEPTH_INTERVAL_SECONDS, jittered), never on the claim path. A row whose
 -- heartbeat is older than three of its own intervals (at least 30 s) is a relay that is gone:
--- the statement served_providers (relay/infra/queries.sql) holds that rule. Rows gone for a
+-- the statement relay_instances (relay/infra/queries.sql) holds that rule. Rows gone for a
 -- day are pruned by the heartbeat statement, so restarts (a new instance name each) do not
 -- pile up.
 

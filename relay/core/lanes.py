@@ -161,6 +161,12 @@ class Lane:
 
     async def _sleep_unless_stopped(self, seconds: float, stop: anyio.Event) -> None:
         """Return after ``seconds`` on the lane's clock, or as soon as ``stop`` is set."""
+        if self.clock.sleep is anyio.sleep:
+            # The event loop's own clock (every production lane): a deadline on the stop
+            # wait, without a task per token wait.
+            with anyio.move_on_after(seconds):
+                await stop.wait()
+            return
         async with anyio.create_task_group() as waits:
 
             async def sleep_then_end() -> None:

@@ -108,7 +108,7 @@ class DepthSampler:
             {
                 "instance": self.instance,
                 "providers": self.serves,
-                "interval_seconds": self.interval_seconds or 1.0,
+                "interval_seconds": self.interval_seconds,
                 "now": now,
             },
         )
