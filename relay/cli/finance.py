@@ -152,6 +152,7 @@ def _cmd_reconcile(args: argparse.Namespace, url: str) -> int:
                 fees=fees,
                 slack=timedelta(seconds=settings.reconcile_slack_seconds),
                 actor=actor,
+                exponents=exponents,
                 progress=_progress,
             )
         finally:

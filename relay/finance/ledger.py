@@ -26,6 +26,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from relay.domain.money import format_minor
+from relay.finance.reconcile import exponents_in
 from relay.infra.queries import QUERIES
 
 __all__ = ["AccountBalance", "LedgerReport", "Problem", "check_ledger"]
@@ -139,10 +140,7 @@ def check_ledger(conninfo: str) -> LedgerReport:
         counts = conn.execute(QUERIES["ledger_counts"]).fetchone()
         assert counts is not None
         report.transactions, report.entries, report.payments = (int(c) for c in counts)
-        report.exponents = {
-            str(code): int(exponent)
-            for code, exponent in conn.execute(QUERIES["currency_exponents"])
-        }
+        report.exponents = exponents_in(conn)
         for txn_id, payment_id, kind, currency, txn_currency, imbalance, entries in conn.execute(
             QUERIES["ledger_unbalanced"]
         ):

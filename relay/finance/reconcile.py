@@ -47,6 +47,7 @@ __all__ = [
     "MatchResult",
     "RunReport",
     "currency_exponents",
+    "exponents_in",
     "match",
     "run",
     "write_reports",
@@ -314,10 +315,10 @@ def currency_exponents(conninfo: str) -> dict[str, int]:
     """Code -> ISO 4217 exponent from outbox.currencies, for the adapter to convert the
     provider's settlement amounts into minor units (``balance_transactions(exponents=)``)."""
     with psycopg.connect(conninfo) as conn:
-        return _exponents(conn)
+        return exponents_in(conn)
 
 
-def _exponents(conn: psycopg.Connection) -> dict[str, int]:
+def exponents_in(conn: psycopg.Connection) -> dict[str, int]:
     return {
         str(code): int(exponent) for code, exponent in conn.execute(QUERIES["currency_exponents"])
     }
@@ -377,9 +378,11 @@ async def run(
     fees: FeeSchedule,
     slack: timedelta,
     actor: str,
+    exponents: Mapping[str, int] | None = None,
     progress: Callable[[str], None] = lambda _line: None,
 ) -> RunReport:
-    """Read both sides, match, record the run and its exceptions; one transaction records."""
+    """Read both sides, match, record the run and its exceptions; one transaction records.
+    ``exponents`` is the currency table when the caller has already read it."""
     with psycopg.connect(conninfo) as conn:
         with conn.transaction():
             conn.execute(QUERIES["set_actor"], {"actor": actor, "reason": None})
@@ -404,7 +407,8 @@ async def run(
                 )
             ]
             progress(f"read {len(internal)} ledger postings that move money")
-            exponents = _exponents(conn)
+            if exponents is None:
+                exponents = exponents_in(conn)
             result = match(
                 fetched,
                 internal,
@@ -413,7 +417,7 @@ async def run(
                 fees=fees,
                 exponents=exponents,
             )
-            report = RunReport(run_id, provider, since, until, result, exponents)
+            report = RunReport(run_id, provider, since, until, result, dict(exponents))
             with conn.transaction():
                 conn.execute(QUERIES["set_actor"], {"actor": actor, "reason": None})
                 for finding in result.findings:
