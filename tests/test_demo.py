@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -13,9 +12,8 @@ import pytest
 
 from relay.cli.demo import wait_for_workload
 from relay.cli.main import build_parser
+from tests.support.cli import BASE_ENV, run_cli
 from tests.support.intents import insert_intents
-
-BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
 
 
 @pytest.mark.parametrize(
@@ -43,12 +41,8 @@ def test_an_option_out_of_range_is_a_usage_error_naming_it(
 
 
 def test_a_bad_rate_stops_the_demo_before_it_starts_anything() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "demo", "--rate-429", "1.5"],
-        env={**BASE_ENV, "RELAY_DATABASE_URL": "postgresql://127.0.0.1:1/nowhere"},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_cli(
+        "demo", "--rate-429", "1.5", env={"RELAY_DATABASE_URL": "postgresql://127.0.0.1:1/nowhere"}
     )
     assert result.returncode == 2
     assert "argument --rate-429" in result.stderr
@@ -155,12 +149,8 @@ def test_no_runtime_dir_warning_when_the_embedded_postgresql_starts() -> None:
 
 @pytest.mark.integration
 def test_a_small_demo_finishes_and_passes_its_check(db_url: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "demo", "--payments", "15", "--deadline-seconds", "120"],
-        env={**BASE_ENV, "RELAY_DATABASE_URL": db_url},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_cli(
+        "demo", "--payments", "15", "--deadline-seconds", "120", env={"RELAY_DATABASE_URL": db_url}
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "exactly-once check passed" in result.stdout

@@ -8,10 +8,8 @@ checks exist for.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -24,12 +22,11 @@ from provider_adapters.memory import MemoryProvider
 from relay.finance.audit import verify_database
 from relay.finance.ledger import check_ledger
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
+from tests.support import cli as support_cli
 from tests.support.intents import insert_intents
 from tests.support.relays import make_relay, run_until_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
 
 
 def workload(n: int) -> list[dict[str, Any]]:
@@ -106,13 +103,7 @@ def tamper(conn: psycopg.Connection, *statements: str, params: Any = None) -> No
 
 
 def run_cli(*args: str, db_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        env={**BASE_ENV, "RELAY_DATABASE_URL": db_url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return support_cli.run_cli(*args, env={"RELAY_DATABASE_URL": db_url})
 
 
 # -- ledger --------------------------------------------------------------------------------

@@ -541,9 +541,7 @@ async def test_relay_killed_between_confirm_and_mark_redelivers_same_message_id(
                 )
                 return bool(status == "published")
 
-            with anyio.fail_after(HANG):
-                while not await published():  # noqa: ASYNC110
-                    await anyio.sleep(0.05)
+            await wait_until(published, "the event published", guard_seconds=HANG)
             exit_code = await anyio.to_thread.run_sync(relay.terminate)
         finally:
             holder.close()
@@ -644,9 +642,9 @@ async def test_broker_nack_leaves_events_unpublished_until_the_broker_takes_them
             return bool(rows >= 3)
 
         async def scenario() -> None:
-            with anyio.fail_after(HANG):
-                while not await nacked_or_published():  # noqa: ASYNC110
-                    await anyio.sleep(0.05)
+            await wait_until(
+                nacked_or_published, "the event nacked or published", guard_seconds=HANG
+            )
             with psycopg.connect(db_url) as conn:
                 refused.extend(
                     {"status": s, "error_code": c, "attempts": a, "seq": q, "published_at": p}
@@ -881,9 +879,11 @@ async def test_readme_consumer_keeps_payment_order_skips_copies_and_parks_poison
     try:
         async with anyio.create_task_group() as consumer_tg:
             consumer_tg.start_soon(consumer["main"])
-            with anyio.fail_after(HANG):
-                while not await queue_exists(connection, queue_name):  # noqa: ASYNC110
-                    await anyio.sleep(0.05)
+            await wait_until(
+                lambda: queue_exists(connection, queue_name),
+                "the queue declared",
+                guard_seconds=HANG,
+            )
 
             async def scenario() -> None:
                 await wait_until(

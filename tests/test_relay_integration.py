@@ -16,6 +16,7 @@ from relay.domain.intents import WriteBack
 from relay.infra.db import Database
 from tests.support.intents import insert_intents
 from tests.support.relays import make_relay, run_until_settled
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -230,17 +231,17 @@ async def test_dead_intent_stalls_only_its_own_payment(db_url: str) -> None:
     await relay.db.open()
     async with anyio.create_task_group() as tg:
         await tg.start(relay.run)
-        with anyio.fail_after(60):
-            while True:
-                with psycopg.connect(db_url) as conn:
-                    rows = dict(
-                        conn.execute(
-                            "SELECT payment_id || ':' || action, status FROM outbox.payment_intents"
-                        ).fetchall()
-                    )
-                if rows["x:charge"] == "dead" and rows["y:charge"] == "succeeded":
-                    break
-                await anyio.sleep(0.05)
+
+        def settled() -> bool:
+            with psycopg.connect(db_url) as conn:
+                rows = dict(
+                    conn.execute(
+                        "SELECT payment_id || ':' || action, status FROM outbox.payment_intents"
+                    ).fetchall()
+                )
+            return rows["x:charge"] == "dead" and rows["y:charge"] == "succeeded"
+
+        await wait_until(settled, "x's charge dead and y's succeeded")
         await anyio.sleep(0.3)  # several poll rounds: the blocked refund must stay blocked
         relay.stop()
     await relay.db.close()
