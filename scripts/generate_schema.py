@@ -118,9 +118,10 @@ def generated_on(text: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def dump_schema(conninfo: str) -> str:
-    """The normalised schema of a migrated database."""
-    pg_dump = find_client("pg_dump", server_major(conninfo))
+def dump_schema(conninfo: str, major: int | None = None) -> str:
+    """The normalised schema of a migrated database (``major``: its server's version,
+    when the caller knows it)."""
+    pg_dump = find_client("pg_dump", major if major is not None else server_major(conninfo))
     dumped = subprocess.run(
         [pg_dump, "--schema-only", "--schema=outbox", "--no-owner", "-d", conninfo],
         capture_output=True,
@@ -150,7 +151,7 @@ def server_url(explicit: str | None) -> Iterator[str]:
         yield embedded
 
 
-def render(admin_url: str) -> str:
+def render(admin_url: str, major: int) -> str:
     """The file's text, from a fresh `migrate` of a scratch database on admin_url's server."""
     name = f"outbox_schema_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
@@ -158,7 +159,7 @@ def render(admin_url: str) -> str:
     url = make_conninfo(admin_url, dbname=name)
     try:
         migrate(url)
-        return header(server_major(url)) + "\n" + dump_schema(url)
+        return header(major) + "\n" + dump_schema(url, major)
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
@@ -186,7 +187,7 @@ def main() -> int:
                 file=sys.stderr,
             )
             return VERSION_DIFFERS
-        text = render(url)
+        text = render(url, major)
     if args.check:
         if committed != text:
             sys.stdout.writelines(
