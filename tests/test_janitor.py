@@ -323,7 +323,12 @@ class _LookupsFail(StripeAdapter):
     ],
 )
 async def test_janitor_settles_a_real_effect_then_failure_to_the_providers_truth(
-    db_url: str, database: Database, fake: FakeServer, fault: str, max_attempts: int
+    db_url: str,
+    database: Database,
+    fake: FakeServer,
+    adapter: StripeAdapter,
+    fault: str,
+    max_attempts: int,
 ) -> None:
     """End to end: the fake provider applies the charge, then answers 500 or never answers
     in time; the relay's retries and lookups run out and the intent ends dead; the janitor
@@ -331,7 +336,7 @@ async def test_janitor_settles_a_real_effect_then_failure_to_the_providers_truth
     blind = _LookupsFail(
         name="stripe", api_key=API_KEY, base_url=fake.url, read_timeout_seconds=0.3
     )
-    real = StripeAdapter(name="stripe", api_key=API_KEY, base_url=fake.url)
+    real = adapter
     try:
         await fake.configure(**{fault: 1.0}, timeout_seconds=1.0)
         insert_intents(
@@ -387,4 +392,3 @@ async def test_janitor_settles_a_real_effect_then_failure_to_the_providers_truth
         assert_audit_intact(db_url)
     finally:
         await blind.aclose()
-        await real.aclose()

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
+from tests.support.intents import insert_intents
+
 pytestmark = pytest.mark.integration
 
 PROMOTE = (
@@ -20,20 +22,22 @@ PROMOTE = (
 
 def add_payment(conn: psycopg.Connection, payment_id: str, first_status: str) -> list[int]:
     """Authorize, capture, refund of one payment; the authorize is then set to first_status."""
-    ids = []
-    for action, amount, method in (
-        ("authorize", 1000, "pm_card_visa"),
-        ("capture", None, None),
-        ("refund", 300, None),
-    ):
-        row = conn.execute(
-            "INSERT INTO outbox.payment_intents"
-            " (payment_id, action, provider, amount_minor, currency, payment_method)"
-            " VALUES (%s, %s, 'stripe', %s, 'EUR', %s) RETURNING id",
-            (payment_id, action, amount, method),
-        ).fetchone()
-        assert row is not None
-        ids.append(int(row[0]))
+    ids = insert_intents(
+        conn,
+        [
+            {
+                "payment_id": payment_id,
+                "action": action,
+                "amount_minor": amount,
+                "payment_method": method,
+            }
+            for action, amount, method in (
+                ("authorize", 1000, "pm_card_visa"),
+                ("capture", None, None),
+                ("refund", 300, None),
+            )
+        ],
+    )
     conn.execute(
         "UPDATE outbox.payment_intents SET status = %(status)s,"
         " amount_applied_minor = CASE WHEN %(status)s = 'succeeded' THEN amount_minor END,"
