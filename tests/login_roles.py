@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 GROUP_ROLES = ("outbox_app", "outbox_relay", "outbox_operator")
 
@@ -33,12 +33,9 @@ def login_role(
             admin.execute(
                 sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(name))
             )
-    params = conninfo_to_dict(db_url)
-    params["user"] = name
-    if password is not None:
-        params["password"] = password
+    login = {"user": name} if password is None else {"user": name, "password": password}
     try:
-        yield make_conninfo(**params)
+        yield make_conninfo(db_url, **login)
     finally:
         with psycopg.connect(db_url, autocommit=True) as admin:
             admin.execute(

@@ -393,9 +393,8 @@ def test_planted_key_password_and_card_numbers_never_reach_logs_or_metrics(
     provider_card = "4000 0566 5566 5556"
     metadata_card = "4242-4242-4242-4242"
     leaky = LeakyProvider(provider_card)
-    params = conninfo_to_dict(db_url)
-    params["password"] = db_password  # the test server trusts local users: ignored, but planted
-    url_with_password = make_conninfo(**params)
+    # The test server trusts local users: the password is ignored, but planted.
+    url_with_password = make_conninfo(db_url, password=db_password)
     with psycopg.connect(db_url) as conn:
         # A card in metadata is refused at INSERT (sql/0009), naming the rule, not the card.
         with pytest.raises(psycopg.errors.CheckViolation) as refused:
@@ -453,7 +452,7 @@ def test_planted_key_password_and_card_numbers_never_reach_logs_or_metrics(
     assert attempted and REDACTED_CARD in attempted[0]["error_message"]
     assert attempted[0]["error_message"].endswith("Bearer " + REDACTED)
     ready = next(json.loads(line) for line in log.splitlines() if '"relay_ready"' in line)
-    assert params["dbname"] in ready["database"]
+    assert conninfo_to_dict(db_url)["dbname"] in ready["database"]
     assert stored is not None and REDACTED_CARD in stored[0]
 
     # ... and never came out.

@@ -50,9 +50,7 @@ def assert_no_secret(text: str, where: str) -> None:
 
 
 def _with_password(url: str, password: str, **overrides: str) -> str:
-    params = conninfo_to_dict(url)
-    params.update(password=password, **overrides)
-    return make_conninfo(**params)
+    return make_conninfo(url, password=password, **overrides)
 
 
 def _as_uri(url: str) -> str:

@@ -35,9 +35,7 @@ pytestmark = pytest.mark.integration
 
 
 def _with(url: str, **params: str) -> str:
-    merged = conninfo_to_dict(url)
-    merged.update(params)
-    return make_conninfo(**merged)
+    return make_conninfo(url, **params)
 
 
 def _over_tcp(db_url: str) -> None:

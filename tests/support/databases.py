@@ -12,23 +12,19 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 __all__ = ["scratch_database", "with_dbname", "with_port"]
 
 
 def with_dbname(url: str, dbname: str) -> str:
     """``url`` with its database name replaced."""
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
+    return make_conninfo(url, dbname=dbname)
 
 
 def with_port(url: str, port: int) -> str:
     """``url`` pointed at ``port`` on 127.0.0.1 (a proxy in front of the server)."""
-    params = conninfo_to_dict(url)
-    params.update(host="127.0.0.1", port=str(port))
-    return make_conninfo(**params)
+    return make_conninfo(url, host="127.0.0.1", port=str(port))
 
 
 @contextmanager
