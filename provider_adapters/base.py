@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Action",
@@ -20,13 +20,22 @@ __all__ = [
     "BalanceTransaction",
     "Command",
     "Declined",
+    "DisputeOpened",
+    "Fact",
     "Invalid",
+    "Notification",
+    "NotificationReader",
+    "NotificationRejected",
     "Outcome",
+    "PaymentSettled",
     "ProviderAdapter",
+    "RefundsReported",
+    "ReportedRefund",
     "Retryable",
     "SettlementReports",
     "SettlementUnavailable",
     "Succeeded",
+    "Unhandled",
 ]
 
 
@@ -184,3 +193,98 @@ class SettlementUnavailable(Exception):
     """The provider's settlement data could not be read (network, auth, a bad reply)."""
 
     code = "settlement_unavailable"
+
+
+# -- notifications (webhooks) -----------------------------------------------------------------
+
+
+class NotificationRejected(Exception):
+    """A notification that is not trusted. ``reason`` is a stable label (the receiver's
+    metric and its 4xx body): missing_signature, bad_signature, stale_timestamp,
+    invalid_utf8, malformed_json, too_deep, not_an_event."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A verified notification: its provider's event identity, type and time, and the
+    parsed body (a JSON object)."""
+
+    event_id: str
+    event_type: str
+    created: datetime | None
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentSettled:
+    """The provider says how one of our calls ended (Stripe: payment_intent.succeeded or
+    .payment_failed). ``idempotency_key`` is the key our call carried, when the object
+    names it; the relay settles that intent through :meth:`NotificationReader.settle`."""
+
+    payment_reference: str
+    idempotency_key: str | None
+    succeeded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedRefund:
+    refund_id: str
+    amount: int  # provider units
+    idempotency_key: str | None  # ours when the refund carries our key
+
+
+@dataclass(frozen=True, slots=True)
+class RefundsReported:
+    """The provider's totals of a payment after a refund (ours or not); provider units."""
+
+    payment_reference: str
+    currency: str
+    captured_total: int
+    refunded_total: int
+    refunds: tuple[ReportedRefund, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DisputeOpened:
+    payment_reference: str
+    dispute_id: str
+    amount: int  # provider units
+    currency: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unhandled:
+    why: str
+
+
+Fact = PaymentSettled | RefundsReported | DisputeOpened | Unhandled
+
+
+@runtime_checkable
+class NotificationReader(Protocol):
+    """One provider's notifications: verify a delivery, read what it says. Pure apart
+    from the clock (the signature's tolerance); never touches the network."""
+
+    name: str
+
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> Notification:
+        """The verified notification, or :class:`NotificationRejected` with its reason."""
+        ...
+
+    def read(self, body: Mapping[str, Any]) -> Fact:
+        """What a stored (verified) body says, in the relay's words."""
+        ...
+
+    def settle(self, command: Command, body: Mapping[str, Any]) -> Outcome:
+        """The outcome of ``command`` as this body shows it, exactly as a lookup would
+        map the same object (Succeeded, Declined, or Retryable ``not_found``)."""
+        ...
+
+    def minor_units(self, amount: int, currency: str, exponent: int | None) -> int:
+        """The provider's units of ``currency`` as ISO 4217 minor units."""
+        ...

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
-from provider_adapters.base import ProviderAdapter
+from provider_adapters.base import NotificationReader, ProviderAdapter
 
-__all__ = ["AdapterSpec", "build_adapter"]
+__all__ = ["AdapterSpec", "build_adapter", "build_notification_reader"]
 
 
 class AdapterSpec(Protocol):
@@ -37,3 +38,15 @@ def build_adapter(name: str, spec: AdapterSpec) -> ProviderAdapter:
             max_connections=spec.concurrency,
         )
     raise ValueError(f"unknown provider kind {spec.kind!r}; expected 'stripe'")
+
+
+def build_notification_reader(
+    name: str, kind: str, secrets: Sequence[str] = (), *, tolerance_seconds: int = 300
+) -> NotificationReader:
+    """The notification reader of a provider kind: it verifies deliveries with ``secrets``
+    (the receiver) and reads stored ones (the relays, which need no secret)."""
+    if kind == "stripe":
+        from provider_adapters.stripe_webhooks import StripeNotifications
+
+        return StripeNotifications(name, secrets, tolerance_seconds=tolerance_seconds)
+    raise ValueError(f"unknown provider kind {kind!r}; expected 'stripe'")

@@ -43,7 +43,7 @@ from provider_adapters.stripe_errors import (
 )
 from provider_adapters.stripe_http import PooledStripeHTTPClient
 
-__all__ = ["StripeAdapter"]
+__all__ = ["StripeAdapter", "payment_intent_outcome", "verified_outcome"]
 
 _KEY_FIELD = "outbox_idempotency_key"
 _EXPECTED_STATUS = {
@@ -109,6 +109,86 @@ def _int_field(obj: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _InvalidReply(f"{name} is {type(value).__name__}, expected an integer")
     return value
+
+
+def verified_outcome(command: Command, reply: Any) -> Outcome:
+    try:
+        return _verify(command, reply)
+    except _InvalidReply as exc:
+        return Ambiguous("invalid_provider_reply", str(exc))
+    except Exception as exc:  # a reply shaped beyond anything checked above
+        return Ambiguous("invalid_provider_reply", f"unreadable reply ({type(exc).__name__})")
+
+
+def _verify(command: Command, reply: Any) -> Succeeded:
+    is_refund = command.action is Action.REFUND
+    expected_object, prefix = ("refund", "re_") if is_refund else ("payment_intent", "pi_")
+    if _field(reply, "object") != expected_object:
+        raise _InvalidReply(f"object is {_field(reply, 'object')!r}, expected {expected_object}")
+    object_id = _field(reply, "id")
+    if not _object_id(object_id, prefix):
+        raise _InvalidReply(f"id ({type(object_id).__name__}) is not a {expected_object} id")
+    currency = _field(reply, "currency")
+    if not isinstance(currency, str) or currency.upper() != command.currency.upper():
+        raise _InvalidReply(f"currency {currency!r} differs from {command.currency}")
+    status = _field(reply, "status")
+    if not isinstance(status, str) or status not in _EXPECTED_STATUS[command.action]:
+        raise _InvalidReply(f"status {status!r} is not what {command.action} leads to")
+    amount_field = {
+        Action.AUTHORIZE: "amount_capturable",
+        Action.CHARGE: "amount_received",
+        Action.CAPTURE: "amount_received",
+        Action.VOID: "amount",
+        Action.REFUND: "amount",
+    }[command.action]
+    # Compared in Stripe's units, the ones the request carried.
+    try:
+        expected = _stripe_amount(command)
+    except AmountNotRepresentable as exc:
+        raise _InvalidReply(str(exc)) from None
+    amount = _int_field(reply, amount_field)
+    if amount != expected:
+        raise _InvalidReply(f"{amount_field} {amount} differs from {expected}")
+    # The payment's own amount is what an authorize or charge asked for (and what a
+    # void releases, checked above); only after a capture may it exceed the command's.
+    total = _int_field(reply, "amount")
+    if command.action in (Action.AUTHORIZE, Action.CHARGE) and total != expected:
+        raise _InvalidReply(f"amount {total} differs from {expected}")
+    payment_reference = _field(reply, "payment_intent") if is_refund else object_id
+    if not _object_id(payment_reference, "pi_") or (
+        is_refund and payment_reference != command.payment_reference
+    ):
+        raise _InvalidReply("the refund names no payment_intent, or another one")
+    headers: Mapping[str, str] = getattr(getattr(reply, "last_response", None), "headers", {}) or {}
+    replayed = str(headers.get("idempotent-replayed", headers.get("Idempotent-Replayed", "")))
+    return Succeeded(
+        provider_reference=object_id,
+        payment_reference=payment_reference,
+        amount_minor=command.amount_minor,
+        currency=command.currency,
+        replayed=replayed.lower() == "true",
+    )
+
+
+def payment_intent_outcome(command: Command, pi: Any) -> Outcome | None:
+    """What a PaymentIntent shows about an authorize or charge ``command``: the effect
+    (verified as a reply would be), a decline, or None (no outcome yet). The lookup and
+    the webhook inbox read a PaymentIntent through this one function."""
+    status = _field(pi, "status")
+    if not isinstance(status, str):
+        return None
+    if status in _EXPECTED_STATUS[command.action] or (
+        command.action is Action.AUTHORIZE
+        and status in ("succeeded", "canceled")
+        and _field(pi, "amount_capturable") == 0
+        and status == "canceled"
+    ):
+        return verified_outcome(command, pi)
+    error = _field(pi, "last_payment_error")
+    if status == "requires_payment_method" and error:
+        code = safe_code(_field(error, "decline_code") or _field(error, "code"), "card_declined")
+        return Declined(code, str(_field(error, "message") or "declined")[:300])
+    return None
 
 
 class StripeAdapter:
@@ -217,68 +297,7 @@ class StripeAdapter:
             return classify_connection_error(exc)
         except Exception as exc:  # never let a provider surprise cross the boundary
             return Ambiguous("invalid_provider_reply", f"unexpected {type(exc).__name__}")
-        return self._verified(command, reply)
-
-    def _verified(self, command: Command, reply: Any) -> Outcome:
-        try:
-            return self._verify(command, reply)
-        except _InvalidReply as exc:
-            return Ambiguous("invalid_provider_reply", str(exc))
-        except Exception as exc:  # a reply shaped beyond anything checked above
-            return Ambiguous("invalid_provider_reply", f"unreadable reply ({type(exc).__name__})")
-
-    def _verify(self, command: Command, reply: Any) -> Succeeded:
-        is_refund = command.action is Action.REFUND
-        expected_object, prefix = ("refund", "re_") if is_refund else ("payment_intent", "pi_")
-        if _field(reply, "object") != expected_object:
-            raise _InvalidReply(
-                f"object is {_field(reply, 'object')!r}, expected {expected_object}"
-            )
-        object_id = _field(reply, "id")
-        if not _object_id(object_id, prefix):
-            raise _InvalidReply(f"id ({type(object_id).__name__}) is not a {expected_object} id")
-        currency = _field(reply, "currency")
-        if not isinstance(currency, str) or currency.upper() != command.currency.upper():
-            raise _InvalidReply(f"currency {currency!r} differs from {command.currency}")
-        status = _field(reply, "status")
-        if not isinstance(status, str) or status not in _EXPECTED_STATUS[command.action]:
-            raise _InvalidReply(f"status {status!r} is not what {command.action} leads to")
-        amount_field = {
-            Action.AUTHORIZE: "amount_capturable",
-            Action.CHARGE: "amount_received",
-            Action.CAPTURE: "amount_received",
-            Action.VOID: "amount",
-            Action.REFUND: "amount",
-        }[command.action]
-        # Compared in Stripe's units, the ones the request carried.
-        try:
-            expected = _stripe_amount(command)
-        except AmountNotRepresentable as exc:
-            raise _InvalidReply(str(exc)) from None
-        amount = _int_field(reply, amount_field)
-        if amount != expected:
-            raise _InvalidReply(f"{amount_field} {amount} differs from {expected}")
-        # The payment's own amount is what an authorize or charge asked for (and what a
-        # void releases, checked above); only after a capture may it exceed the command's.
-        total = _int_field(reply, "amount")
-        if command.action in (Action.AUTHORIZE, Action.CHARGE) and total != expected:
-            raise _InvalidReply(f"amount {total} differs from {expected}")
-        payment_reference = _field(reply, "payment_intent") if is_refund else object_id
-        if not _object_id(payment_reference, "pi_") or (
-            is_refund and payment_reference != command.payment_reference
-        ):
-            raise _InvalidReply("the refund names no payment_intent, or another one")
-        headers: Mapping[str, str] = (
-            getattr(getattr(reply, "last_response", None), "headers", {}) or {}
-        )
-        replayed = str(headers.get("idempotent-replayed", headers.get("Idempotent-Replayed", "")))
-        return Succeeded(
-            provider_reference=object_id,
-            payment_reference=payment_reference,
-            amount_minor=command.amount_minor,
-            currency=command.currency,
-            replayed=replayed.lower() == "true",
-        )
+        return verified_outcome(command, reply)
 
     # -- lookup --------------------------------------------------------------------------
 
@@ -307,22 +326,9 @@ class StripeAdapter:
             query = f"metadata['{_KEY_FIELD}']:{_search_string(command.idempotency_key)}"
             result: Any = await v1.payment_intents.search_async({"query": query}, trace)
             for pi in _field(result, "data") or []:
-                status = _field(pi, "status")
-                if not isinstance(status, str):
-                    continue
-                if status in _EXPECTED_STATUS[command.action] or (
-                    command.action is Action.AUTHORIZE
-                    and status in ("succeeded", "canceled")
-                    and _field(pi, "amount_capturable") == 0
-                    and status == "canceled"
-                ):
-                    return self._verified(command, pi)
-                error = _field(pi, "last_payment_error")
-                if status == "requires_payment_method" and error:
-                    code = safe_code(
-                        _field(error, "decline_code") or _field(error, "code"), "card_declined"
-                    )
-                    return Declined(code, str(_field(error, "message") or "declined")[:300])
+                found = payment_intent_outcome(command, pi)
+                if found is not None:
+                    return found
             return not_found
         if command.payment_reference is None:
             return Ambiguous("missing_payment_reference", "no payment reference to look up")
@@ -332,12 +338,12 @@ class StripeAdapter:
             )
             for refund in _field(refunds, "data") or []:
                 if _field(_field(refund, "metadata"), _KEY_FIELD) == command.idempotency_key:
-                    return self._verified(command, refund)
+                    return verified_outcome(command, refund)
             return not_found
         pi = await v1.payment_intents.retrieve_async(command.payment_reference, None, trace)
         status = _field(pi, "status")
         if status in _EXPECTED_STATUS[command.action]:
-            return self._verified(command, pi)
+            return verified_outcome(command, pi)
         return not_found
 
     # -- settlement (reconciliation) -----------------------------------------------------

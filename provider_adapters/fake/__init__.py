@@ -16,13 +16,23 @@ from aiohttp import web
 from provider_adapters.fake.cards import cards_help
 from provider_adapters.fake.faults import FaultConfig
 from provider_adapters.fake.server import create_app
+from provider_adapters.fake.webhooks import WebhookConfig
 
-__all__ = ["FaultConfig", "add_cli_arguments", "create_app", "run_from_args", "serve"]
+__all__ = [
+    "FaultConfig",
+    "WebhookConfig",
+    "add_cli_arguments",
+    "create_app",
+    "run_from_args",
+    "serve",
+]
 
 
-async def serve(host: str, port: int, faults: FaultConfig) -> None:
+async def serve(
+    host: str, port: int, faults: FaultConfig, webhooks: WebhookConfig | None = None
+) -> None:
     """Serve until cancelled."""
-    runner = web.AppRunner(create_app(faults), access_log=None)
+    runner = web.AppRunner(create_app(faults, webhooks=webhooks), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -113,6 +123,43 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=env.timeout_seconds,
         help="how long a timeout fault holds the reply (default %(default)s)",
     )
+    hooks = parser.add_argument_group(
+        "webhooks",
+        "Stripe-shaped events for every change (payment_intent.succeeded, charge.refunded, "
+        "charge.dispute.created, ...), signed like Stripe, retried with backoff until 2xx. "
+        "POST /_fake/dashboard/refund or /_fake/dashboard/dispute with "
+        '{"payment_intent": "pi_...", "amount": N} makes a change outside the API.',
+    )
+    hooks.add_argument(
+        "--webhook-url", help="deliver events here, e.g. http://127.0.0.1:9110/webhooks/stripe"
+    )
+    hooks.add_argument(
+        "--webhook-secret",
+        default=os.environ.get("FAKE_PROVIDER_WEBHOOK_SECRET", "whsec_fake"),
+        help="the endpoint's signing secret (default whsec_fake, or FAKE_PROVIDER_WEBHOOK_SECRET)",
+    )
+    hooks.add_argument(
+        "--webhook-delay-ms", type=int, default=0, help="delay before the first attempt"
+    )
+    hooks.add_argument("--webhook-duplicates", type=int, default=1, help="deliveries of each event")
+    hooks.add_argument(
+        "--webhook-reorder-ms",
+        type=int,
+        default=0,
+        help="random extra delay per delivery, up to this",
+    )
+    hooks.add_argument(
+        "--webhook-retry-base-ms", type=int, default=200, help="first retry delay; doubles"
+    )
+    hooks.add_argument(
+        "--webhook-retry-cap-ms", type=int, default=10_000, help="longest retry delay"
+    )
+    hooks.add_argument(
+        "--webhook-bad-signature-rate",
+        type=float,
+        default=0.0,
+        help="share of attempts signed with a wrong secret (fault switch)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -127,12 +174,23 @@ def run_from_args(args: argparse.Namespace) -> int:
         timeout_seconds=args.timeout_seconds,
         seed=args.seed,
     )
+    webhooks = WebhookConfig(
+        url=args.webhook_url,
+        secret=args.webhook_secret,
+        delay_ms=args.webhook_delay_ms,
+        duplicates=args.webhook_duplicates,
+        reorder_ms=args.webhook_reorder_ms,
+        retry_base_ms=args.webhook_retry_base_ms,
+        retry_cap_ms=args.webhook_retry_cap_ms,
+        bad_signature_rate=args.webhook_bad_signature_rate,
+        seed=args.seed,
+    )
 
     async def main() -> None:
         import signal
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(serve, args.host, args.port, faults)
+            tg.start_soon(serve, args.host, args.port, faults, webhooks)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     tg.cancel_scope.cancel()

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from provider_adapters.fake.faults import FaultConfig, FaultRoller
 from provider_adapters.fake.state import Reply, StripeState, stripe_error
+from provider_adapters.fake.webhooks import WebhookConfig, WebhookSender, add_routes
 
 __all__ = ["create_app"]
 
@@ -67,8 +68,11 @@ def _json(
 
 
 class _Fake:
-    def __init__(self, faults: FaultConfig, api_key_prefix: str) -> None:
-        self.state = StripeState()
+    def __init__(
+        self, faults: FaultConfig, api_key_prefix: str, webhooks: WebhookConfig | None = None
+    ) -> None:
+        self.webhooks = WebhookSender(webhooks)
+        self.state = StripeState(notify=self.webhooks.event)
         self.roller = FaultRoller(faults)
         self.api_key_prefix = api_key_prefix
         self.stored: dict[str, tuple[str, int, bytes, dict[str, str]]] = {}
@@ -80,7 +84,7 @@ class _Fake:
         self.request_log: deque[dict[str, Any]] = deque(maxlen=100_000)
 
     def reset(self) -> None:
-        self.state = StripeState()
+        self.state = StripeState(notify=self.webhooks.event)
         self.stored.clear()
         self.in_use.clear()
         self.requests = 0
@@ -214,10 +218,30 @@ class _Fake:
 
 
 def create_app(
-    faults: FaultConfig | None = None, api_key_prefix: str = "sk_test_"
+    faults: FaultConfig | None = None,
+    api_key_prefix: str = "sk_test_",
+    webhooks: WebhookConfig | None = None,
 ) -> web.Application:
-    fake = _Fake(faults or FaultConfig(), api_key_prefix)
+    fake = _Fake(faults or FaultConfig(), api_key_prefix, webhooks)
     app = web.Application()
+    add_routes(app, fake.webhooks)
+
+    async def dashboard(request: web.Request) -> web.Response:
+        """POST /_fake/dashboard/{refund,dispute} {"payment_intent": ..., "amount": ...}:
+        a change made outside the API (an operator's dashboard refund, a card holder's
+        dispute), reported only by webhook."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return _json(*stripe_error(400, "invalid_request_error", "body must be JSON"))
+        if not isinstance(body, dict):
+            return _json(*stripe_error(400, "invalid_request_error", "body must be an object"))
+        params = {k: str(v) for k, v in body.items()}
+        if request.match_info["change"] == "refund":
+            return _json(*fake.state.dashboard_refund(params))
+        return _json(*fake.state.open_dispute(params))
+
+    app.router.add_post("/_fake/dashboard/{change:refund|dispute}", dashboard)
 
     def post(
         handler: Callable[[web.Request], Handler],

@@ -16,6 +16,7 @@ import re
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,10 @@ class StripeState:
     _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     # Balance transactions for reconciliation (settlement.py), fed by every effect.
     settlement: Settlement = field(init=False)
+    disputes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Called with (event type, object, idempotency key) for every change a Stripe webhook
+    # reports (webhooks.py queues and delivers them); None: no webhooks.
+    notify: Callable[[str, dict[str, Any], str | None], Any] | None = None
 
     def __post_init__(self) -> None:
         self.settlement = Settlement(self.refunds)
@@ -85,6 +90,31 @@ class StripeState:
         self.effects.append(Effect(key, kind, obj, pi, amount, currency))
         charge = self.intents.get(pi, {}).get("latest_charge")
         self.settlement.record(kind, obj, pi, amount, currency, charge)
+
+    def _emit(self, event_type: str, obj: dict[str, Any], key: str | None) -> None:
+        if self.notify is not None:
+            self.notify(event_type, dict(obj), key or None)
+
+    def charge_object(self, pi: dict[str, Any]) -> dict[str, Any]:
+        """The PaymentIntent's latest charge as Stripe shows it, with its refunds."""
+        refunds = [dict(r) for r in self.refunds.values() if r["payment_intent"] == pi["id"]]
+        refunds.reverse()  # newest first
+        refunded = sum(r["amount"] for r in refunds if r["status"] == "succeeded")
+        return {
+            "id": pi["latest_charge"],
+            "object": "charge",
+            "amount": pi["amount"],
+            "amount_captured": pi["amount_received"],
+            "amount_refunded": refunded,
+            "currency": pi["currency"],
+            "payment_intent": pi["id"],
+            "captured": pi["amount_received"] > 0,
+            "refunded": refunded >= pi["amount_received"] > 0,
+            "disputed": any(d["payment_intent"] == pi["id"] for d in self.disputes.values()),
+            "metadata": dict(pi["metadata"]),
+            "refunds": {"object": "list", "data": refunds, "has_more": False},
+            "created": pi["created"],
+        }
 
     def effects_by_key(self) -> dict[str, dict[str, Any]]:
         grouped: dict[str, dict[str, Any]] = defaultdict(
@@ -252,6 +282,7 @@ class StripeState:
             pi["status"] = "requires_payment_method"
             pi["last_payment_error"] = dict(error)
             error["payment_intent"] = dict(pi)
+            self._emit("payment_intent.payment_failed", pi, key)
             return 402, {"error": error}
         charge_id = self._id("ch")
         pi["latest_charge"] = charge_id
@@ -260,10 +291,12 @@ class StripeState:
             pi["status"] = "requires_capture"
             pi["amount_capturable"] = pi["amount"]
             self._effect(key, "authorize", pi["id"], pi["id"], pi["amount"], pi["currency"])
+            self._emit("payment_intent.amount_capturable_updated", pi, key)
         else:
             pi["status"] = "succeeded"
             pi["amount_received"] = pi["amount"]
             self._effect(key, "charge", pi["id"], pi["id"], pi["amount"], pi["currency"])
+            self._emit("payment_intent.succeeded", pi, key)
         return 200, dict(pi)
 
     def capture_payment_intent(self, pi_id: str, params: dict[str, Any], key: str) -> Reply:
@@ -291,6 +324,7 @@ class StripeState:
         pi["amount_received"] = amount
         pi["amount_capturable"] = 0
         self._effect(key, "capture", pi["id"], pi["id"], amount, pi["currency"])
+        self._emit("payment_intent.succeeded", pi, key)
         return 200, dict(pi)
 
     def cancel_payment_intent(self, pi_id: str, params: dict[str, Any], key: str) -> Reply:
@@ -307,6 +341,7 @@ class StripeState:
         pi["cancellation_reason"] = params.get("cancellation_reason") or "requested_by_customer"
         if released:
             self._effect(key, "void", pi["id"], pi["id"], held, pi["currency"])
+        self._emit("payment_intent.canceled", pi, key)
         return 200, dict(pi)
 
     def retrieve_payment_intent(self, pi_id: str) -> Reply:
@@ -394,7 +429,41 @@ class StripeState:
         }
         self.refunds[refund["id"]] = refund
         self._effect(key, "refund", refund["id"], pi["id"], amount, pi["currency"])
+        self._emit("charge.refunded", self.charge_object(pi), key)
         return 200, dict(refund)
+
+    # -- changes outside the API (the dashboard, the card network) -----------------------
+
+    def dashboard_refund(self, params: dict[str, Any]) -> Reply:
+        """A refund an operator makes in the provider's dashboard: no idempotency key of
+        ours, none of our metadata; reported by charge.refunded like any refund."""
+        key = f"dashboard_{secrets.token_hex(6)}"
+        return self.create_refund({k: v for k, v in params.items() if k != "metadata"}, key)
+
+    def open_dispute(self, params: dict[str, Any]) -> Reply:
+        """The card holder disputes a charge (charge.dispute.created)."""
+        pi = self.intents.get(str(params.get("payment_intent") or ""))
+        if pi is None or not pi.get("latest_charge") or pi["amount_received"] <= 0:
+            return stripe_error(
+                400, "invalid_request_error", "payment_intent must name a captured payment"
+            )
+        amount = self._int(params, "amount", required=False)
+        if isinstance(amount, tuple):
+            return amount
+        dispute = {
+            "id": self._id("dp"),
+            "object": "dispute",
+            "amount": pi["amount_received"] if amount is None else amount,
+            "currency": pi["currency"],
+            "charge": pi["latest_charge"],
+            "payment_intent": pi["id"],
+            "reason": str(params.get("reason") or "fraudulent"),
+            "status": "needs_response",
+            "created": int(time.time()),
+        }
+        self.disputes[dispute["id"]] = dispute
+        self._emit("charge.dispute.created", dispute, None)
+        return 200, dict(dispute)
 
     def retrieve_refund(self, re_id: str) -> Reply:
         refund = self.refunds.get(re_id)

@@ -114,6 +114,25 @@ def print_intent(found: dict[str, Any]) -> None:
             ],
         )
     )
+    notifications = found.get("notifications")
+    if notifications:
+        print(f"\nwebhook notifications of the payment ({len(notifications)}):")
+        print(
+            render_table(
+                ["id", "event", "type", "status", "received", "result"],
+                [
+                    (
+                        n["id"],
+                        n["event_id"],
+                        n["event_type"],
+                        n["status"],
+                        _when(n["received_at"]),
+                        _short(n["result"], 70),
+                    )
+                    for n in notifications
+                ],
+            )
+        )
     history = found["history"]
     if history is None:
         print(f"\nhistory: {found['history_note']}")

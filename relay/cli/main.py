@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     dead_letters.add_commands(commands, _database_url_or_exit)
 
     from relay.cli import finance as finance_cli  # ledger check, audit verify, reconcile...
+    from relay.cli import webhooks as webhooks_cli
+
+    webhooks_cli.add_commands(commands, _database_url_or_exit)
 
     finance_cli.add_commands(commands, _database_url_or_exit)
     return parser

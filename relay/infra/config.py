@@ -12,6 +12,7 @@ from files: any ``*_FILE`` setting, or a ``secrets_dir`` (Kubernetes secret moun
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -32,7 +33,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from relay.infra.redaction import register_secret, url_passwords
 
-__all__ = ["ConfigError", "ProviderSettings", "Settings", "load_settings", "unknown_variables"]
+__all__ = [
+    "ConfigError",
+    "ProviderSettings",
+    "Settings",
+    "WebhookEndpointSettings",
+    "load_settings",
+    "unknown_variables",
+]
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # AMQP exchange and queue names the relay declares or publishes to.
@@ -104,6 +112,40 @@ class ProviderSettings(BaseModel):
             return self.api_key_file.read_text().strip()
         assert self.api_key is not None
         return self.api_key.get_secret_value()
+
+
+class WebhookEndpointSettings(BaseModel):
+    """One receiving route, ``/webhooks/<name>``: ``RELAY_WEBHOOKS__<NAME>__<FIELD>``. The
+    name is the provider instance whose payments its notifications touch."""
+
+    kind: Literal["stripe"] = Field("stripe", description="Notification format: stripe.")
+    secrets: list[SecretStr] = Field(
+        default_factory=list,
+        description="Active signing secrets (whsec_...), JSON list; prefer secrets_file.",
+    )
+    secrets_file: Path | None = Field(
+        None,
+        description="File with one active signing secret per line: two lines while a "
+        "secret is rolled.",
+    )
+
+    @model_validator(mode="after")
+    def _some_secret(self) -> WebhookEndpointSettings:
+        if self.secrets_file is not None and not self.secrets_file.is_file():
+            raise ValueError(f"SECRETS_FILE {self.secrets_file} is not a readable file")
+        if not self.secrets and self.secrets_file is None:
+            raise ValueError("set __SECRETS_FILE (a mounted secret) or __SECRETS")
+        return self
+
+    def resolved_secrets(self) -> list[str]:
+        """Every active secret, the file's lines first; blank lines and ``#`` comments skipped."""
+        found: list[str] = []
+        if self.secrets_file is not None:
+            for line in self.secrets_file.read_text().splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    found.append(line.strip())
+        found.extend(s.get_secret_value() for s in self.secrets)
+        return found
 
 
 class Settings(BaseSettings):
@@ -214,6 +256,32 @@ class Settings(BaseSettings):
         "item booked just across the boundary is matched, not reported missing.",
     )
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
+    webhooks: dict[str, WebhookEndpointSettings] = Field(default_factory=dict)
+    webhooks_host: str = Field("0.0.0.0", description="Address `webhooks serve` listens on.")
+    webhooks_port: int = Field(
+        9110, ge=1, le=65535, description="Port of /webhooks/<name>, /metrics, /healthz, /readyz."
+    )
+    webhooks_max_body_bytes: PositiveInt = Field(
+        262_144,
+        le=4_194_304,
+        description="Largest notification body accepted; a larger one is refused with 413.",
+    )
+    webhooks_tolerance_seconds: PositiveInt = Field(
+        300, le=86_400, description="Oldest signature timestamp accepted (Stripe's default)."
+    )
+    webhooks_apply: bool = Field(
+        True, description="Relays apply the inbox's notifications of the providers they serve."
+    )
+    webhooks_apply_batch_size: PositiveInt = Field(
+        50, le=1_000, description="Notifications claimed per apply round."
+    )
+    webhooks_retention_hours: float = Field(
+        744.0,
+        ge=72.0,
+        description="Applied notifications are deleted this long after applying; longer than "
+        "the providers' retry windows (Stripe 3 days, Adyen 30) so a late duplicate is "
+        "still recognised.",
+    )
     amqp_url: SecretStr | None = Field(
         None, description="RabbitMQ URL (amqp:// or amqps://). Unset: no publisher."
     )
@@ -298,6 +366,17 @@ class Settings(BaseSettings):
     def _lowercase_names(cls, value: dict[str, ProviderSettings]) -> dict[str, ProviderSettings]:
         return {name.lower(): settings for name, settings in value.items()}
 
+    @field_validator("webhooks")
+    @classmethod
+    def _route_names(
+        cls, value: dict[str, WebhookEndpointSettings]
+    ) -> dict[str, WebhookEndpointSettings]:
+        lowered = {name.lower(): endpoint for name, endpoint in value.items()}
+        for name in lowered:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
+                raise ValueError(f"{name!r} is not a lower-case identifier (it names a route)")
+        return lowered
+
     def _retry_and_lease_rules(self) -> list[str]:
         broken: list[str] = []
         if self.backoff_cap_seconds < self.backoff_base_seconds:
@@ -324,6 +403,9 @@ class Settings(BaseSettings):
         """Every configured secret: provider API keys and the database's and broker's
         passwords. :func:`load_settings` registers them for redaction."""
         values: list[str] = []
+        for endpoint in self.webhooks.values():
+            with contextlib.suppress(OSError):
+                values.extend(endpoint.resolved_secrets())
         for read, is_url in (
             *((provider.resolved_api_key, False) for provider in self.providers.values()),
             (self.resolved_database_url, True),
@@ -344,6 +426,7 @@ def _variable_name(loc: tuple[int | str, ...]) -> str:
 
 _PREFIX = "RELAY_"
 _PROVIDERS = f"{_PREFIX}PROVIDERS"
+_WEBHOOKS = f"{_PREFIX}WEBHOOKS"
 # Read by the relay outside Settings: the secrets mount and the operator's name.
 _READ_ELSEWHERE = frozenset({"RELAY_SECRETS_DIR", "RELAY_OPERATOR"})
 _log = logging.getLogger(__name__)
@@ -351,8 +434,9 @@ _warned: set[str] = set()
 
 
 def _known_names() -> frozenset[str]:
-    names = {_PREFIX + name.upper() for name in Settings.model_fields if name != "providers"}
-    return frozenset(names | _READ_ELSEWHERE | {_PROVIDERS})
+    nested = ("providers", "webhooks")
+    names = {_PREFIX + name.upper() for name in Settings.model_fields if name not in nested}
+    return frozenset(names | _READ_ELSEWHERE | {_PROVIDERS, _WEBHOOKS})
 
 
 def _unknown(name: str, known: frozenset[str]) -> str | None:
@@ -363,10 +447,11 @@ def _unknown(name: str, known: frozenset[str]) -> str | None:
     if upper in known or (upper.endswith("_FILE") and upper.removesuffix("_FILE") in known):
         return None
     parts = upper.split("__")
-    if parts[0] == _PROVIDERS and len(parts) in (2, 3):
+    if parts[0] in (_PROVIDERS, _WEBHOOKS) and len(parts) in (2, 3):
         if len(parts) == 2:
             return None  # RELAY_PROVIDERS__<NAME>: one provider as JSON
-        keys = {key.upper() for key in ProviderSettings.model_fields}
+        model = ProviderSettings if parts[0] == _PROVIDERS else WebhookEndpointSettings
+        keys = {key.upper() for key in model.model_fields}
         if parts[2] in keys:
             return None
         prefix = f"{parts[0]}__{parts[1]}__"

@@ -14,6 +14,11 @@ __all__ = [
     "LEASES_RELEASED",
     "LEASE_LOST",
     "PROVIDER_CALL_SECONDS",
+    "WEBHOOKS_APPLIED",
+    "WEBHOOKS_DUPLICATES",
+    "WEBHOOKS_RECEIVED",
+    "WEBHOOKS_REJECTED",
+    "WEBHOOK_APPLY_LAG",
     "WRITE_BACK_SECONDS",
 ]
 
@@ -172,4 +177,37 @@ JANITOR_RESULTS = Counter(
     "Dead intents the janitor looked up at the provider, by result (settled_succeeded, "
     "settled_failed, no_effect, not_found_yet, lookup_failed, not_settleable, skipped).",
     ["provider", "result"],
+)
+
+# -- the webhook inbox (relay/service/webhooks.py receives, relay/core/inbox.py applies) ------
+
+WEBHOOKS_RECEIVED = Counter(
+    "outbox_relay_webhooks_received_total",
+    "Verified notifications stored in the inbox (committed before the 2xx answer).",
+    ["provider"],
+)
+WEBHOOKS_DUPLICATES = Counter(
+    "outbox_relay_webhooks_duplicates_total",
+    "Verified notifications already in the inbox (same provider event id): acknowledged, "
+    "not stored again.",
+    ["provider"],
+)
+WEBHOOKS_REJECTED = Counter(
+    "outbox_relay_webhooks_rejected_total",
+    "Deliveries refused with a 4xx and never stored, by reason: missing_signature, "
+    "bad_signature, stale_timestamp, invalid_utf8, malformed_json, too_deep, not_an_event, "
+    "too_large, unknown_route, unstorable.",
+    ["provider", "reason"],
+)
+WEBHOOKS_APPLIED = Counter(
+    "outbox_relay_webhooks_applied_total",
+    "Notifications applied (status applied) or set aside (ignored: a type the relay does "
+    "not handle), counted when the transaction commits.",
+    ["provider", "status"],
+)
+WEBHOOK_APPLY_LAG = Histogram(
+    "outbox_relay_webhook_apply_lag_seconds",
+    "From the provider's event time to the notification's applying transaction committed.",
+    ["provider"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400),
 )

@@ -612,6 +612,8 @@ WITH intents AS (
 postings AS (
     SELECT t.*, count(*) OVER (PARTITION BY t.intent_id) AS postings
     FROM outbox.ledger_transactions AS t
+    -- a change a notification reported (sql/0023) has no intent to match
+    WHERE t.intent_id IS NOT NULL
 )
 SELECT i.id, COALESCE(i.payment_id, t.payment_id), i.action, i.status, t.id, t.kind,
        COALESCE(t.postings, 0)
@@ -824,6 +826,8 @@ SET status = 'cleared',
     last_run_id = %(run_id)s::bigint
 WHERE provider = %(provider)s::text
   AND status = 'open'
+  -- found by a notification (sql/0023), not by a run: a run cannot clear it
+  AND inbox_id IS NULL
   AND occurred_at >= %(since)s::timestamptz AND occurred_at < %(until)s::timestamptz
   AND id <> ALL(%(seen)s::bigint[])
 RETURNING id;
@@ -938,3 +942,202 @@ SET status = 'resolved', resolution = %(resolution)s::text,
     resolution_reason = %(reason)s::text, resolved_by = %(operator)s::text, resolved_at = now()
 WHERE id = %(id)s::bigint
 RETURNING id;
+
+-- ------------------------------------------------------------------------------------------
+-- The webhook inbox (sql/0023): the receiver (relay/service/webhooks.py) stores, relays
+-- apply (relay/core/inbox.py), operators read (relay/operations/webhooks.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: inbox_insert
+-- Store one verified notification; a duplicate of (provider, event_id) inserts nothing and returns no row.
+INSERT INTO outbox.webhook_inbox (provider, event_id, event_type, event_created_at, payload)
+VALUES (%(provider)s::text, %(event_id)s::text, %(event_type)s::text,
+        %(event_created_at)s::timestamptz, %(payload)s::jsonb)
+ON CONFLICT ON CONSTRAINT webhook_inbox_event_once DO NOTHING
+RETURNING id;
+
+-- name: inbox_claim
+-- Lease up to `limit` received notifications of these providers (available_at becomes the lease's end); commit before applying.
+WITH picked AS (
+    SELECT id
+    FROM outbox.webhook_inbox
+    WHERE status = 'received'
+      AND provider = ANY(%(providers)s::text[])
+      AND available_at <= COALESCE(%(now)s::timestamptz, now())
+    ORDER BY available_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox.webhook_inbox AS w
+SET available_at = COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8),
+    lease_token = nextval('outbox.lease_token_seq'),
+    claimed_by = %(instance)s::text,
+    attempts = w.attempts + 1
+FROM picked
+WHERE w.id = picked.id
+RETURNING w.id, w.provider, w.event_id, w.event_type, w.event_created_at, w.received_at,
+          w.payload, w.lease_token, w.attempts;
+
+-- name: inbox_take
+-- Inside the apply transaction: lock a claimed notification if this lease still holds it (the fence).
+SELECT id
+FROM outbox.webhook_inbox
+WHERE id = %(id)s::bigint AND lease_token = %(lease_token)s::bigint AND status = 'received'
+FOR UPDATE;
+
+-- name: inbox_finish
+-- Mark a notification applied or ignored with what it did, fenced by its lease token.
+UPDATE outbox.webhook_inbox
+SET status = %(status)s::text,
+    applied_at = now(),
+    result = %(result)s::text,
+    payment_id = COALESCE(%(payment_id)s::text, payment_id),
+    lease_token = NULL,
+    claimed_by = NULL,
+    last_error = NULL
+WHERE id = %(id)s::bigint AND lease_token = %(lease_token)s::bigint AND status = 'received'
+RETURNING id, received_at, event_created_at, applied_at;
+
+-- name: inbox_retry
+-- Hand a notification back to be applied again after `delay_seconds` (apply failed, or it waits for an intent in flight), fenced.
+UPDATE outbox.webhook_inbox
+SET available_at = now() + make_interval(secs => %(delay_seconds)s::float8),
+    lease_token = NULL,
+    claimed_by = NULL,
+    payment_id = COALESCE(%(payment_id)s::text, payment_id),
+    last_error = %(error)s::text
+WHERE id = %(id)s::bigint AND lease_token = %(lease_token)s::bigint AND status = 'received'
+RETURNING id;
+
+-- name: inbox_intent_payment
+-- The payment of the intent our call carried `idempotency_key` for (to lock it first, as a write-back does).
+SELECT payment_id
+FROM outbox.payment_intents
+WHERE provider = %(provider)s::text AND idempotency_key = %(idempotency_key)s::text;
+
+-- name: inbox_intent_by_key
+-- The intent of one idempotency key with its payment (locked by the caller) and currency exponent.
+SELECT i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency, i.payment_method,
+       i.idempotency_key, i.attempts, i.status, i.completed_at, i.lease_expires_at,
+       p.state AS payment_state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+       p.provider_reference AS payment_reference,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = i.currency) AS exponent
+FROM outbox.payment_intents AS i
+JOIN outbox.payments AS p ON p.payment_id = i.payment_id
+WHERE i.provider = %(provider)s::text AND i.idempotency_key = %(idempotency_key)s::text;
+
+-- name: inbox_take_intent
+-- Take an intent whose outcome is unknown (dead, or pending a retry after an ambiguous reply) under a lease, to write what the notification shows.
+UPDATE outbox.payment_intents AS i
+SET status = 'in_flight',
+    lease_token = nextval('outbox.lease_token_seq'),
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s::float8),
+    claimed_by = %(instance)s::text,
+    updated_at = now()
+WHERE i.id = %(id)s::bigint
+  AND (i.status = 'dead' OR (i.status = 'pending' AND i.attempts > 0))
+RETURNING i.lease_token, i.status;
+
+-- name: inbox_payment_by_reference
+-- A payment of this provider by its provider reference (Stripe: the PaymentIntent), locked, with its currency's exponent and unresolved intents.
+SELECT p.payment_id, p.currency, p.state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+       p.provider_reference,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = p.currency) AS exponent,
+       (SELECT count(*) FROM outbox.payment_intents AS i
+        WHERE i.payment_id = p.payment_id
+          AND i.status IN ('blocked', 'pending', 'in_flight', 'dead')) AS unresolved
+FROM outbox.payments AS p
+WHERE p.provider = %(provider)s::text AND p.provider_reference = %(reference)s::text
+ORDER BY p.payment_id
+LIMIT 1
+FOR UPDATE OF p;
+
+-- name: inbox_record_refund
+-- A refund made outside the relay, as a notification reported it: the payment's refunded total and state.
+UPDATE outbox.payments
+SET refunded_minor = %(refunded_minor)s::bigint,
+    state = %(state)s::text,
+    updated_at = now()
+WHERE payment_id = %(payment_id)s::text
+RETURNING payment_id, state, authorized_minor, captured_minor, refunded_minor, provider_reference;
+
+-- name: inbox_post_ledger
+-- Post a change a notification reported to the ledger (sql/0023: once per notification and kind).
+SELECT outbox.post_notified_change_v1(%(inbox_id)s::bigint, %(payment_id)s::text, %(kind)s::text,
+                                      %(amount_minor)s::bigint, %(reference)s::text);
+
+-- name: inbox_open_exception
+-- Open, or find again, the reconciliation exception a notification revealed.
+SELECT outbox.open_notified_exception_v1(
+    %(inbox_id)s::bigint, %(provider)s::text, %(kind)s::text, %(match_key)s::text,
+    %(payment_id)s::text, %(currency)s::text, %(internal_minor)s::bigint,
+    %(provider_minor)s::bigint, %(detail)s::text, %(occurred_at)s::timestamptz);
+
+-- name: inbox_event
+-- The result event of an applied notification, in its payment's stream.
+INSERT INTO outbox.events (event_id, ordering_key, routing_key, event_type, payload, payment_id)
+SELECT e.event_id, 'payment:' || %(payment_id)s::text, %(event_type)s::text, %(event_type)s::text,
+       %(payload)s::jsonb || jsonb_build_object('event_id', e.event_id,
+                                                'event_type', %(event_type)s::text,
+                                                'occurred_at', now(),
+                                                'payment_id', %(payment_id)s::text),
+       %(payment_id)s::text
+FROM (SELECT gen_random_uuid() AS event_id) AS e
+RETURNING id;
+
+-- name: inbox_ledger_totals
+-- The ledger's captured and refunded totals of one payment, to compare a notification's amounts with at once.
+SELECT COALESCE(sum(amount_minor) FILTER (WHERE kind IN ('capture', 'charge')), 0)::bigint AS captured,
+       COALESCE(sum(amount_minor) FILTER (WHERE kind = 'refund'), 0)::bigint AS refunded
+FROM outbox.ledger_transactions
+WHERE payment_id = %(payment_id)s::text;
+
+-- name: inbox_retention
+-- Delete up to `limit` applied or ignored notifications finished more than `older_than_seconds` ago.
+WITH due AS (
+    SELECT id
+    FROM outbox.webhook_inbox
+    WHERE status IN ('applied', 'ignored')
+      AND applied_at < COALESCE(%(now)s::timestamptz, now()) - make_interval(secs => %(older_than_seconds)s::float8)
+    ORDER BY applied_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM outbox.webhook_inbox AS w
+USING due
+WHERE w.id = due.id
+RETURNING w.id;
+
+-- name: webhooks_summary
+-- Notifications by provider, type and status, for `outbox-relay webhooks list`.
+SELECT provider, event_type, status, count(*) AS notifications, max(received_at) AS last_received
+FROM outbox.webhook_inbox
+GROUP BY provider, event_type, status
+ORDER BY provider, event_type, status;
+
+-- name: webhooks_list
+-- The latest notifications, filtered by provider, status and type (NULL: any).
+SELECT id, provider, event_id, event_type, status, event_created_at, received_at, applied_at,
+       attempts, payment_id, result, last_error
+FROM outbox.webhook_inbox
+WHERE (%(provider)s::text IS NULL OR provider = %(provider)s::text)
+  AND (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(event_type)s::text IS NULL OR event_type = %(event_type)s::text)
+ORDER BY id DESC
+LIMIT %(limit)s::integer;
+
+-- name: webhook_show
+-- One notification by id or by provider event id, with its stored (redacted) payload.
+SELECT id, provider, event_id, event_type, status, event_created_at, received_at, applied_at,
+       attempts, claimed_by, payment_id, result, last_error, payload
+FROM outbox.webhook_inbox
+WHERE id::text = %(ref)s::text OR event_id = %(ref)s::text
+ORDER BY id
+LIMIT 1;
+
+-- name: webhooks_for_payment
+-- The notifications that touched one payment, for `intents show`.
+SELECT id, provider, event_id, event_type, status, received_at, applied_at, result
+FROM outbox.webhook_inbox
+WHERE payment_id = %(payment_id)s::text
+ORDER BY id;

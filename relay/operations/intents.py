@@ -49,6 +49,12 @@ def collect_intent(conn: psycopg.Connection, intent_id: int) -> dict[str, Any] |
     siblings = by_name.execute(
         QUERIES["payment_intents_in_order"], {"payment_id": intent["payment_id"]}
     ).fetchall()
+    try:
+        notifications: list[dict[str, Any]] | None = by_name.execute(
+            QUERIES["webhooks_for_payment"], {"payment_id": intent["payment_id"]}
+        ).fetchall()
+    except psycopg.errors.UndefinedTable:
+        notifications = None  # a schema before sql/0023: no inbox
     present = conn.execute(QUERIES["audit_trail_present"]).fetchone()
     history: list[dict[str, Any]] | None = None
     if present and present[0]:
@@ -60,6 +66,7 @@ def collect_intent(conn: psycopg.Connection, intent_id: int) -> dict[str, Any] |
             "intent": intent,
             "payment": payment,
             "payment_intents": siblings,
+            "notifications": notifications,
             "history": history,
             "history_note": None if history is not None else NO_AUDIT_TRAIL,
         }

@@ -18,23 +18,24 @@ import structlog
 from anyio.abc import TaskStatus
 from psycopg.rows import dict_row
 
-from provider_adapters.registry import build_adapter
+from provider_adapters.registry import build_adapter, build_notification_reader
 from relay.core.clock import SYSTEM_CLOCK, Clock
+from relay.core.inbox import InboxApplier, InboxOptions
 from relay.core.janitor import Janitor, JanitorOptions
 from relay.core.lanes import BreakerSettings, Lane, RateLimit
 from relay.core.runtime import SHUTDOWN_FLUSH_MIN_SECONDS, Relay, RelayOptions
 from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
 from relay.events.publisher import Publisher, publisher_from_settings
 from relay.infra.config import ProviderSettings, Settings
-from relay.infra.db import RETRYABLE_DB_ERRORS, Database
+from relay.infra.db import RETRYABLE_DB_ERRORS, Database, listen_forever
 from relay.infra.db_startup import DatabaseNotYet, check_conninfo, probe_database
 from relay.infra.migrate import discover
 from relay.infra.redaction import describe_conninfo
 from relay.service.depth import DepthSampler
 from relay.service.health import HealthState, Heartbeat, serve_http
-from relay.service.retention import sweep_forever
+from relay.service.retention import sweep_forever, sweep_inbox_forever
 
-__all__ = ["build_janitor", "build_relay", "run_relay"]
+__all__ = ["build_inbox_applier", "build_janitor", "build_relay", "run_relay"]
 
 log = structlog.get_logger("relay.service.main")
 
@@ -107,6 +108,26 @@ def build_janitor(settings: Settings, relay: Relay) -> Janitor:
     )
 
 
+def build_inbox_applier(settings: Settings, relay: Relay) -> InboxApplier:
+    """Applies the inbox rows of the providers this relay serves, on the relay's pool.
+    Reading a stored notification needs no signing secret (the receiver verified it)."""
+    readers = {
+        name: build_notification_reader(name, provider.kind)
+        for name, provider in settings.providers.items()
+    }
+    return InboxApplier(
+        relay.db,
+        readers,
+        InboxOptions(
+            instance=settings.instance_name,
+            batch_size=settings.webhooks_apply_batch_size,
+            lease_seconds=settings.lease_seconds,
+            poll_interval_seconds=settings.poll_max_interval_seconds,
+        ),
+        stopping=lambda: relay.stopping,
+    )
+
+
 async def run_relay(settings: Settings, database_url: str) -> int:
     """Run until stopped; 0 after a drain. Raises StartupRefused when the database cannot
     be used and waiting would not change that (malformed URL, login refused, no schema)."""
@@ -156,6 +177,26 @@ async def run_relay(settings: Settings, database_url: str) -> int:
             )
             if settings.janitor_enabled:
                 tg.start_soon(build_janitor(settings, relay).run_forever)
+            if settings.webhooks_apply:
+                applier = build_inbox_applier(settings, relay)
+                tg.start_soon(applier.run_forever)
+                tg.start_soon(
+                    partial(
+                        listen_forever,
+                        database_url,
+                        applier.wake,
+                        channel="outbox_webhook_inbox",
+                    )
+                )
+                tg.start_soon(
+                    partial(
+                        sweep_inbox_forever,
+                        relay.db,
+                        older_than_seconds=settings.webhooks_retention_hours * 3600,
+                        batch_size=settings.retention_batch_size,
+                        interval_seconds=settings.retention_interval_seconds,
+                    )
+                )
             if settings.depth_interval_seconds:
                 sampler = DepthSampler(
                     relay.db,

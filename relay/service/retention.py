@@ -15,11 +15,12 @@ import anyio
 import anyio.lowlevel
 import structlog
 
+from relay.core.inbox import purge_applied
 from relay.core.store import Store
 from relay.infra import metrics
-from relay.infra.db import RETRYABLE_DB_ERRORS
+from relay.infra.db import RETRYABLE_DB_ERRORS, Database
 
-__all__ = ["sweep_forever"]
+__all__ = ["sweep_forever", "sweep_inbox_forever"]
 
 log = structlog.get_logger("relay.service.retention")
 
@@ -47,3 +48,29 @@ async def sweep_forever(
             await anyio.sleep(interval_seconds * (0.5 + rng()))
         else:
             await anyio.lowlevel.checkpoint()  # a backlog: next batch now, but let other tasks run
+
+
+async def sweep_inbox_forever(
+    db: Database,
+    *,
+    older_than_seconds: float,
+    batch_size: int,
+    interval_seconds: float,
+    rng: Callable[[], float] = random.random,
+) -> None:
+    """Delete applied notifications past RELAY_WEBHOOKS_RETENTION_HOURS, which outlasts
+    the providers' retry windows: until then a late duplicate still meets its key."""
+    while True:
+        try:
+            deleted = await purge_applied(
+                db, older_than_seconds=older_than_seconds, limit=batch_size
+            )
+        except RETRYABLE_DB_ERRORS as exc:
+            log.warning("inbox_retention_db_error", error=type(exc).__name__)
+            deleted = 0
+        if deleted:
+            log.info("notifications_deleted", notifications=deleted)
+        if deleted < batch_size:
+            await anyio.sleep(interval_seconds * (0.5 + rng()))
+        else:
+            await anyio.lowlevel.checkpoint()

@@ -1,0 +1,694 @@
+"""Apply the webhook inbox exactly once: claim, then one transaction per notification.
+
+Relays claim received notifications like intents (``inbox_claim``: SKIP LOCKED, a lease
+carried by ``available_at``, a fencing token) and commit the claim; each notification is
+then applied in ONE transaction that first re-locks its row under the same token
+(``inbox_take``; a lease that expired and was claimed again writes nothing), writes its
+effects and marks it applied. A relay killed mid-apply rolls that transaction back; the
+row is claimable again when the lease ends and is applied once by whoever claims it.
+
+What applying means (Stripe's facts, :mod:`provider_adapters.stripe_webhooks`):
+
+* :class:`PaymentSettled` for an intent whose outcome we do not know (``dead``, or
+  ``pending`` a retry after an ambiguous reply): the notification's PaymentIntent is read
+  exactly as the janitor's lookup reads it (``NotificationReader.settle``) and written
+  through the relay's own fenced write-back (``Store.complete_in``: intent, payment,
+  ledger, result event, promotion), so the janitor has nothing left to do. An intent in
+  flight is left to its relay: the notification is looked at again after that lease. An
+  intent already finished changes nothing, and the row says so.
+* :class:`RefundsReported`: a refund we did not make (the provider's totals exceed what
+  the payment and our own refunds in flight explain) is recorded: payment total and
+  state, ledger posting, ``payment.refund.external`` event; when the payment's state
+  cannot take it, a reconciliation exception instead. Totals at or below what the payment
+  knows are an older or repeated notification: nothing changes, and the row says why.
+* :class:`DisputeOpened`: a ``dispute`` exception for an operator and a
+  ``payment.dispute.opened`` event.
+* Near-real-time reconciliation: after a notification carrying totals is applied, the
+  provider's captured and refunded totals are compared with the payment's ledger in the
+  same transaction; a difference opens an ``amount_mismatch`` exception at once (unless
+  an intent of the payment is still unresolved: its own write-back is the next change).
+* :class:`Unhandled`: marked ``ignored`` with the reason, never an error.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import psycopg
+import structlog
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow, dict_row
+from psycopg.types.json import Jsonb
+
+from provider_adapters.base import (
+    Declined,
+    DisputeOpened,
+    NotificationReader,
+    PaymentSettled,
+    RefundsReported,
+    Succeeded,
+    Unhandled,
+)
+from provider_adapters.currency_units import AmountNotRepresentable
+from relay.core.store import Store
+from relay.domain.intents import IntentRow
+from relay.domain.outcome_mapping import from_outcome
+from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
+from relay.domain.state_machine import Rejection, decide
+from relay.infra import metrics
+from relay.infra.db import RETRYABLE_DB_ERRORS, Database, fetch
+from relay.infra.queries import QUERIES
+
+__all__ = [
+    "Applied",
+    "InboxApplier",
+    "InboxOptions",
+    "purge_applied",
+    "refund_state",
+    "store_notification",
+]
+
+log = structlog.get_logger("relay.core.inbox")
+
+# The write-back of a settled intent never retries (it is a decided outcome).
+_NO_RETRY = RetryPolicy(base_seconds=1.0, cap_seconds=1.0, max_attempts=1)
+
+
+@dataclass(frozen=True, slots=True)
+class InboxOptions:
+    instance: str
+    batch_size: int = 50
+    lease_seconds: float = 30.0
+    poll_interval_seconds: float = 0.5
+    retry_base_seconds: float = 1.0
+    retry_cap_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What applying one notification did: ``status`` applied, ignored, retry (handed
+    back) or lease_lost; ``result`` is the operator-facing sentence."""
+
+    status: str
+    result: str
+    payment_id: str | None = None
+    retry_in: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    id: int
+    provider: str
+    event_id: str
+    event_type: str
+    event_created_at: datetime | None
+    received_at: datetime
+    payload: dict[str, Any]
+    lease_token: int
+    attempts: int
+
+
+def refund_state(captured_minor: int, refunded_minor: int) -> str:
+    """The payment's state once ``refunded_minor`` of ``captured_minor`` is refunded."""
+    return "refunded" if refunded_minor >= captured_minor else "partially_refunded"
+
+
+class _Retry(Exception):
+    def __init__(self, result: str, delay: float, payment_id: str | None) -> None:
+        super().__init__(result)
+        self.result, self.delay, self.payment_id = result, delay, payment_id
+
+
+class InboxApplier:
+    """Applies the inbox rows of the providers in ``readers`` (one reader per provider
+    instance name, the name of its receiving route)."""
+
+    def __init__(
+        self,
+        db: Database,
+        readers: Mapping[str, NotificationReader],
+        options: InboxOptions,
+        *,
+        rng: Callable[[], float] = random.random,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.db = db
+        self.readers = dict(readers)
+        self.options = options
+        self.rng = rng
+        self.stopping = stopping
+        self.actor = f"relay:{options.instance}"
+        self.store = Store(db, actor=self.actor)
+        self._wake = anyio.Event()
+
+    def wake(self) -> None:
+        """A notification arrived (LISTEN): claim now instead of at the next poll."""
+        self._wake.set()
+
+    async def run_forever(self) -> None:
+        """Claim and apply until the relay drains; a full batch means more is due."""
+        while not self.stopping():
+            try:
+                done = await self.run_once()
+            except RETRYABLE_DB_ERRORS as exc:
+                log.warning("inbox_db_error", error=type(exc).__name__)
+                done = 0
+            if done < self.options.batch_size:
+                with anyio.move_on_after(self.options.poll_interval_seconds * (0.5 + self.rng())):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+
+    async def run_once(self, *, now: datetime | None = None) -> int:
+        """Claim one batch and apply each notification; return how many were claimed."""
+        if not self.readers:
+            return 0
+        claimed = await self._claim(now)
+        for row in claimed:
+            with anyio.CancelScope(shield=True):
+                await self._apply_one(row)
+        return len(claimed)
+
+    async def _claim(self, now: datetime | None) -> list[_Claimed]:
+        rows = await self.db.fetch_all(
+            "inbox_claim",
+            {
+                "providers": sorted(self.readers),
+                "limit": self.options.batch_size,
+                "lease_seconds": self.options.lease_seconds,
+                "instance": self.options.instance,
+                "now": now,
+            },
+            row=dict_row,
+        )
+        return [_Claimed(**row) for row in rows]
+
+    async def _apply_one(self, row: _Claimed) -> Applied:
+        with structlog.contextvars.bound_contextvars(
+            inbox_id=row.id, event_id=row.event_id, event_type=row.event_type
+        ):
+            try:
+                done = await self._apply(row)
+            except RETRYABLE_DB_ERRORS:
+                raise  # the lease expires; the row is applied again then
+            except (psycopg.Error, AmountNotRepresentable, ValueError, KeyError) as exc:
+                # A row the database or our reading refuses must not stop the loop; it is
+                # retried with backoff and shows its error in `webhooks show`.
+                delay = half_jitter(
+                    capped_doubling(
+                        self.options.retry_base_seconds,
+                        self.options.retry_cap_seconds,
+                        row.attempts,
+                    ),
+                    self.rng,
+                )
+                message = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log.error("inbox_apply_failed", error=message, retry_in=round(delay, 2))
+                await self._hand_back(row, delay, message, None)
+                return Applied("retry", message, retry_in=delay)
+            if done.status in ("applied", "ignored"):
+                metrics.WEBHOOKS_APPLIED.labels(provider=row.provider, status=done.status).inc()
+                if row.event_created_at is not None:
+                    lag = (datetime.now(UTC) - row.event_created_at).total_seconds()
+                    metrics.WEBHOOK_APPLY_LAG.labels(provider=row.provider).observe(max(lag, 0.0))
+            log.info("inbox_applied", status=done.status, result=done.result)
+            return done
+
+    async def _hand_back(
+        self, row: _Claimed, delay: float, error: str, payment_id: str | None
+    ) -> None:
+        async with self.db.pool.connection() as conn:
+            await fetch(
+                conn,
+                "inbox_retry",
+                {
+                    "id": row.id,
+                    "lease_token": row.lease_token,
+                    "delay_seconds": delay,
+                    "error": error[:500],
+                    "payment_id": payment_id,
+                },
+                row=dict_row,
+            )
+
+    async def _apply(self, row: _Claimed) -> Applied:
+        reader = self.readers[row.provider]
+        fact = reader.read(row.payload)
+        reason = f"webhook {row.provider} {row.event_id} ({row.event_type})"
+        try:
+            async with self.db.pool.connection() as conn, conn.transaction():
+                await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": reason})
+                if not await fetch(
+                    conn,
+                    "inbox_take",
+                    {"id": row.id, "lease_token": row.lease_token},
+                    row=dict_row,
+                ):
+                    return Applied("lease_lost", "a newer claim holds this notification")
+                if isinstance(fact, Unhandled):
+                    done = Applied("ignored", fact.why)
+                elif isinstance(fact, PaymentSettled):
+                    done = await self._settle(conn, row, reader, fact, reason)
+                elif isinstance(fact, RefundsReported):
+                    done = await self._refunds(conn, row, reader, fact)
+                else:
+                    done = await self._dispute(conn, row, reader, fact)
+                await fetch(
+                    conn,
+                    "inbox_finish",
+                    {
+                        "id": row.id,
+                        "lease_token": row.lease_token,
+                        "status": done.status,
+                        "result": done.result[:1000],
+                        "payment_id": done.payment_id,
+                    },
+                    row=dict_row,
+                )
+                return done
+        except _Retry as retry:
+            await self._hand_back(row, retry.delay, retry.result, retry.payment_id)
+            return Applied("retry", retry.result, retry.payment_id, retry.delay)
+
+    # -- payment_intent.succeeded / payment_failed --------------------------------------
+
+    async def _settle(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        reader: NotificationReader,
+        fact: PaymentSettled,
+        reason: str,
+    ) -> Applied:
+        key = fact.idempotency_key
+        if key is None:
+            return Applied(
+                "applied",
+                f"{fact.payment_reference} carries no idempotency key of ours; nothing changed",
+            )
+        params = {"provider": row.provider, "idempotency_key": key}
+        owners = await fetch(conn, "inbox_intent_payment", params, row=dict_row)
+        if not owners:
+            return Applied("applied", "no intent of ours carries this key; nothing changed")
+        payment_id = str(owners[0]["payment_id"])
+        await conn.execute(QUERIES["lock_payments"], {"payment_ids": [payment_id]})
+        (found,) = await fetch(conn, "inbox_intent_by_key", params, row=dict_row)
+        status = found.pop("status")
+        found.pop("completed_at")
+        lease_expires_at = found.pop("lease_expires_at")
+        intent = IntentRow.from_columns(**found)
+        if status in ("succeeded", "failed"):
+            return Applied(
+                "applied",
+                f"intent {intent.id} is already {status}: older than what the payment knows; "
+                "nothing changed",
+                payment_id,
+            )
+        if status == "in_flight":
+            wait = 1.0
+            if lease_expires_at is not None:
+                wait = max((lease_expires_at - datetime.now(UTC)).total_seconds(), 0.0) + 1.0
+            raise _Retry(
+                f"intent {intent.id} is in flight; looked at again after its lease",
+                wait,
+                payment_id,
+            )
+        if status == "blocked" or (status == "pending" and intent.attempts == 0):
+            return Applied(
+                "applied",
+                f"intent {intent.id} was never sent ({status}); nothing changed",
+                payment_id,
+            )
+        decision = decide(intent.action, intent.amount_minor, intent.payment)
+        if isinstance(decision, Rejection):
+            return Applied(
+                "applied",
+                f"the payment ({intent.payment.state}) no longer allows intent {intent.id}'s "
+                f"{intent.action} ({decision.error_code}); nothing changed",
+                payment_id,
+            )
+        outcome = reader.settle(intent.command(decision.amount_minor), row.payload)
+        if not isinstance(outcome, Succeeded | Declined):
+            return Applied(
+                "applied",
+                f"the notification shows no outcome of intent {intent.id} "
+                f"({getattr(outcome, 'code', type(outcome).__name__)}); nothing changed",
+                payment_id,
+            )
+        taken = await fetch(
+            conn,
+            "inbox_take_intent",
+            {
+                "id": intent.id,
+                "lease_seconds": self.options.lease_seconds,
+                "instance": self.options.instance,
+            },
+            row=dict_row,
+        )
+        if not taken or taken[0]["status"] != "in_flight":
+            return Applied(
+                "applied", f"intent {intent.id} could not be taken; nothing changed", payment_id
+            )
+        leased = replace(intent, lease_token=int(taken[0]["lease_token"]))
+        write_back = from_outcome(leased, decision.amount_minor, outcome, _NO_RETRY, self.rng)
+        if isinstance(outcome, Succeeded):
+            evidence = (
+                f"{reason}: the provider shows the {intent.action} applied "
+                f"({outcome.provider_reference}, {outcome.amount_minor} {outcome.currency})"
+            )
+        else:
+            evidence = f"{reason}: the provider shows a decline ({outcome.code})"
+        written = await self.store.complete_in(conn, [write_back], reason=evidence)
+        if intent.id not in written:
+            return Applied("applied", f"intent {intent.id} was not written; nothing changed")
+        return Applied(
+            "applied",
+            f"settled intent {intent.id} ({status} before) as {write_back.status}",
+            payment_id,
+        )
+
+    # -- refunds ------------------------------------------------------------------------
+
+    async def _payment(
+        self, conn: AsyncConnection[TupleRow], provider: str, reference: str
+    ) -> dict[str, Any] | None:
+        rows = await fetch(
+            conn,
+            "inbox_payment_by_reference",
+            {"provider": provider, "reference": reference},
+            row=dict_row,
+        )
+        return rows[0] if rows else None
+
+    async def _refunds(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        reader: NotificationReader,
+        fact: RefundsReported,
+    ) -> Applied:
+        payment = await self._payment(conn, row.provider, fact.payment_reference)
+        if payment is None:
+            return Applied(
+                "applied", f"no payment of ours is {fact.payment_reference}; nothing changed"
+            )
+        payment_id = str(payment["payment_id"])
+        exponent = payment["exponent"]
+        currency = str(payment["currency"])
+        if fact.currency != currency:
+            exception = await self._exception(
+                conn,
+                row,
+                "currency_mismatch",
+                f"webhook:{fact.payment_reference}:currency",
+                payment,
+                None,
+                None,
+                f"the provider reports refunds in {fact.currency}, the payment is in {currency}",
+            )
+            return Applied("applied", f"currency differs; exception {exception}", payment_id)
+        provider_refunded = reader.minor_units(fact.refunded_total, currency, exponent)
+        provider_captured = reader.minor_units(fact.captured_total, currency, exponent)
+        # Our own refunds the payment does not show yet: their intents' write-backs record
+        # them (in flight now, or settled by the janitor or their own notification).
+        ours_pending = await self._our_unrecorded_refunds(
+            conn, row, reader, fact, currency, exponent
+        )
+        known = int(payment["refunded_minor"])
+        external = provider_refunded - known - ours_pending
+        if external <= 0:
+            result = (
+                f"the provider shows {provider_refunded} refunded, the payment {known}"
+                + (f" and {ours_pending} of ours in flight" if ours_pending else "")
+                + ": older than what the payment knows; nothing changed"
+            )
+            mismatch = await self._compare_with_ledger(
+                conn, row, payment, provider_captured, provider_refunded - ours_pending
+            )
+            return Applied("applied", result + mismatch, payment_id)
+        captured = int(payment["captured_minor"])
+        if (
+            payment["state"] not in ("captured", "partially_refunded")
+            or known + external > captured
+        ):
+            exception = await self._exception(
+                conn,
+                row,
+                "external_change",
+                f"webhook:{fact.payment_reference}:refund",
+                payment,
+                known,
+                provider_refunded,
+                f"the provider shows {provider_refunded} {currency} refunded, which the payment "
+                f"({payment['state']}, {captured} captured, {known} refunded) cannot take: "
+                "a change made outside the relay",
+            )
+            return Applied(
+                "applied",
+                f"a refund of {external} made outside the relay contradicts the payment "
+                f"({payment['state']}); exception {exception} opened",
+                payment_id,
+            )
+        refunded = known + external
+        state = refund_state(captured, refunded)
+        (updated,) = await fetch(
+            conn,
+            "inbox_record_refund",
+            {"payment_id": payment_id, "refunded_minor": refunded, "state": state},
+            row=dict_row,
+        )
+        new_refund = next((r.refund_id for r in fact.refunds if r.idempotency_key is None), None)
+        await conn.execute(
+            QUERIES["inbox_post_ledger"],
+            {
+                "inbox_id": row.id,
+                "payment_id": payment_id,
+                "kind": "refund",
+                "amount_minor": external,
+                "reference": new_refund,
+            },
+        )
+        await self._event(
+            conn,
+            row,
+            payment_id,
+            "payment.refund.external",
+            updated,
+            currency,
+            {"amount_minor": external, "refund": new_refund},
+        )
+        mismatch = await self._compare_with_ledger(
+            conn, row, payment, provider_captured, provider_refunded - ours_pending
+        )
+        return Applied(
+            "applied",
+            f"recorded a refund of {external} {currency} made outside the relay; the payment "
+            f"is {state} ({refunded} of {captured} refunded)" + mismatch,
+            payment_id,
+        )
+
+    async def _our_unrecorded_refunds(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        reader: NotificationReader,
+        fact: RefundsReported,
+        currency: str,
+        exponent: int | None,
+    ) -> int:
+        total = 0
+        for refund in fact.refunds:
+            if refund.idempotency_key is None:
+                continue
+            found = await fetch(
+                conn,
+                "inbox_intent_by_key",
+                {"provider": row.provider, "idempotency_key": refund.idempotency_key},
+                row=dict_row,
+            )
+            if found and found[0]["status"] != "succeeded":
+                total += reader.minor_units(refund.amount, currency, exponent)
+        return total
+
+    # -- disputes -----------------------------------------------------------------------
+
+    async def _dispute(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        reader: NotificationReader,
+        fact: DisputeOpened,
+    ) -> Applied:
+        payment = await self._payment(conn, row.provider, fact.payment_reference)
+        if payment is None:
+            return Applied(
+                "applied", f"no payment of ours is {fact.payment_reference}; nothing changed"
+            )
+        payment_id = str(payment["payment_id"])
+        currency = str(payment["currency"])
+        amount = reader.minor_units(fact.amount, fact.currency, payment["exponent"])
+        exception = await self._exception(
+            conn,
+            row,
+            "dispute",
+            f"dispute:{fact.dispute_id}",
+            payment,
+            int(payment["captured_minor"]) - int(payment["refunded_minor"]),
+            amount,
+            f"the customer disputes {amount} {fact.currency} of {fact.payment_reference} "
+            f"({fact.reason}); answer it at the provider before its deadline",
+        )
+        await self._event(
+            conn,
+            row,
+            payment_id,
+            "payment.dispute.opened",
+            payment,
+            currency,
+            {
+                "dispute": fact.dispute_id,
+                "amount_minor": amount,
+                "reason": fact.reason,
+                "exception_id": exception,
+            },
+        )
+        return Applied(
+            "applied", f"dispute {fact.dispute_id} of {amount}; exception {exception}", payment_id
+        )
+
+    # -- shared effects -----------------------------------------------------------------
+
+    async def _compare_with_ledger(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        payment: Mapping[str, Any],
+        provider_captured: int,
+        provider_refunded: int,
+    ) -> str:
+        """The notification's totals against the payment's ledger, now; an exception on a
+        difference. Skipped while an intent of the payment is unresolved (its write-back
+        is the next change, and would make any difference a false alarm)."""
+        if int(payment["unresolved"]):
+            return ""
+        (ledger,) = await fetch(
+            conn, "inbox_ledger_totals", {"payment_id": payment["payment_id"]}, row=dict_row
+        )
+        ours = (int(ledger["captured"]), int(ledger["refunded"]))
+        theirs = (provider_captured, provider_refunded)
+        if ours == theirs:
+            return ""
+        exception = await self._exception(
+            conn,
+            row,
+            "amount_mismatch",
+            f"webhook:{payment['provider_reference']}:totals",
+            payment,
+            ours[0] - ours[1],
+            theirs[0] - theirs[1],
+            f"the provider shows {theirs[0]} captured and {theirs[1]} refunded, the ledger "
+            f"{ours[0]} and {ours[1]}",
+        )
+        return f"; the ledger differs from the provider: exception {exception}"
+
+    async def _exception(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        kind: str,
+        match_key: str,
+        payment: Mapping[str, Any],
+        internal: int | None,
+        theirs: int | None,
+        detail: str,
+    ) -> int:
+        cur = await conn.execute(
+            QUERIES["inbox_open_exception"],
+            {
+                "inbox_id": row.id,
+                "provider": row.provider,
+                "kind": kind,
+                "match_key": match_key[:255],
+                "payment_id": payment["payment_id"],
+                "currency": payment["currency"],
+                "internal_minor": internal,
+                "provider_minor": theirs,
+                "detail": detail[:1000],
+                "occurred_at": row.event_created_at or row.received_at,
+            },
+        )
+        found = await cur.fetchone()
+        assert found is not None
+        log.warning("inbox_exception", kind=kind, exception_id=found[0])
+        return int(found[0])
+
+    async def _event(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        payment_id: str,
+        event_type: str,
+        payment: Mapping[str, Any],
+        currency: str,
+        change: Mapping[str, Any],
+    ) -> None:
+        payload = {
+            "notification": {
+                "provider": row.provider,
+                "event_id": row.event_id,
+                "type": row.event_type,
+                "created": row.event_created_at.isoformat() if row.event_created_at else None,
+            },
+            "payment": {
+                "state": payment["state"],
+                "currency": currency,
+                "authorized_minor": payment["authorized_minor"],
+                "captured_minor": payment["captured_minor"],
+                "refunded_minor": payment["refunded_minor"],
+                "provider_reference": payment["provider_reference"],
+            },
+            "change": dict(change),
+        }
+        await conn.execute(
+            QUERIES["inbox_event"],
+            {"payment_id": payment_id, "event_type": event_type, "payload": Jsonb(payload)},
+        )
+
+
+async def store_notification(
+    db: Database,
+    provider: str,
+    event_id: str,
+    event_type: str,
+    created: datetime | None,
+    body_text: str,
+) -> bool:
+    """Insert one verified notification (the raw verified text, parsed by PostgreSQL, so
+    what is stored is what was signed, redacted of card numbers by the table's trigger);
+    committed when this returns. False: a duplicate, already stored."""
+    rows = await db.fetch_all(
+        "inbox_insert",
+        {
+            "provider": provider,
+            "event_id": event_id,
+            "event_type": event_type,
+            "event_created_at": created,
+            "payload": body_text,
+        },
+    )
+    return bool(rows)
+
+
+async def purge_applied(
+    db: Database, *, older_than_seconds: float, limit: int, now: datetime | None = None
+) -> int:
+    """Delete up to ``limit`` applied or ignored notifications older than the retention;
+    return how many. Received ones are never deleted."""
+    rows = await db.fetch_all(
+        "inbox_retention", {"older_than_seconds": older_than_seconds, "limit": limit, "now": now}
+    )
+    return len(rows)
