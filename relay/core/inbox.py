@@ -309,11 +309,14 @@ class InboxApplier:
                 payment_id,
             )
         if status == "in_flight":
+            # Its write-back usually commits within milliseconds; a relay that died holding
+            # it is found again when the lease ends. Look again soon, never later than that.
             wait = 1.0
             if lease_expires_at is not None:
-                wait = max((lease_expires_at - datetime.now(UTC)).total_seconds(), 0.0) + 1.0
+                remaining = (lease_expires_at - datetime.now(UTC)).total_seconds()
+                wait = min(max(remaining, 0.0) + 0.2, 1.0)
             raise _Retry(
-                f"intent {intent.id} is in flight; looked at again after its lease",
+                f"intent {intent.id} is in flight; looked at again shortly",
                 wait,
                 payment_id,
             )
@@ -426,9 +429,12 @@ class InboxApplier:
                 + (f" and {ours_pending} of ours in flight" if ours_pending else "")
                 + ": older than what the payment knows; nothing changed"
             )
-            mismatch = await self._compare_with_ledger(
-                conn, row, payment, provider_captured, provider_refunded - ours_pending
-            )
+            mismatch = ""
+            if external == 0:
+                # Current, not older: comparable with the ledger as it stands.
+                mismatch = await self._compare_with_ledger(
+                    conn, row, payment, provider_captured, provider_refunded - ours_pending
+                )
             return Applied("applied", result + mismatch, payment_id)
         captured = int(payment["captured_minor"])
         if (

@@ -1,0 +1,432 @@
+"""Applying the inbox exactly once, end to end: the fake provider sends signed webhooks to a
+real receiver, a real relay makes the calls, the inbox applier applies what arrives.
+
+* every event delivered twice and out of order is stored once and applied once; the
+  payments end as the provider shows them, the ledger balances, and types the relay does
+  not handle are stored, acknowledged and marked ignored;
+* a refund from the provider's dashboard and a dispute show up as payment state, ledger
+  lines, result events and (for the dispute) a reconciliation exception;
+* a webhook settles an intent left ambiguous before the janitor's first lookup, through
+  the same write-back, and the janitor then has nothing to do;
+* a notification whose totals disagree with the ledger opens an exception at once;
+* a notification older than what the payment knows changes nothing and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from provider_adapters.base import Ambiguous, Command, Outcome
+from provider_adapters.stripe import StripeAdapter
+from relay.core.janitor import Janitor, JanitorOptions
+from relay.core.lanes import Lane
+from relay.finance.ledger import check_ledger
+from relay.infra.db import Database
+from tests.support.fake_server import API_KEY, FakeServer
+from tests.support.intents import insert_intents
+from tests.support.relays import make_relay, running
+from tests.support.waiting import wait_until
+from tests.support.webhooks import SECRET, applier, inbox_rows, running_receiver
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+
+@pytest.fixture
+async def database(db_url: str) -> AsyncIterator[Database]:
+    db = Database(db_url, pool_size=3, name="inbox-test")
+    await db.open()
+    yield db
+    await db.close()
+
+
+def rows(db_url: str, query: str, *params: Any) -> list[dict[str, Any]]:
+    with psycopg.connect(db_url) as conn:
+        return conn.cursor(row_factory=dict_row).execute(query, params).fetchall()
+
+
+async def deliveries_done(fake: FakeServer) -> bool:
+    state = (await fake.control.get("/_fake/webhooks")).json()
+    return bool(state["pending"] == 0 and state["sent"] > 0)
+
+
+def all_finished(db_url: str) -> bool:
+    found = inbox_rows(db_url)
+    return bool(found) and all(r["status"] != "received" for r in found)
+
+
+async def settled_inbox(fake: FakeServer, db_url: str) -> None:
+    await wait_until(lambda: deliveries_done(fake), "the fake delivered every webhook")
+    await wait_until(lambda: all_finished(db_url), "every notification applied or ignored")
+
+
+def assert_ledger_clean(db_url: str) -> None:
+    report = check_ledger(db_url)
+    assert report.problems == [], "ledger balances and equals the payments"
+
+
+async def test_duplicates_and_reordering_are_applied_once(
+    db_url: str, database: Database, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    async with running_receiver(db_url) as receiver:
+        await fake.control.post(
+            "/_fake/webhooks/config",
+            json={
+                "url": receiver.stripe_url,
+                "secret": SECRET,
+                "duplicates": 2,
+                "reorder_ms": 400,
+                "seed": 11,
+            },
+        )
+        charges = [
+            {
+                "payment_id": f"pay-{n}",
+                "action": "charge",
+                "amount_minor": 1000 + n,
+                "payment_method": "pm_card_visa",
+            }
+            for n in range(4)
+        ]
+        authorize = {
+            "payment_id": "pay-auth",
+            "action": "authorize",
+            "amount_minor": 700,
+            "payment_method": "pm_card_visa",
+        }
+        insert_intents(db_url, [*charges, authorize])
+        insert_intents(db_url, [{"payment_id": "pay-0", "action": "refund", "amount_minor": 300}])
+        relay = make_relay(db_url, adapter, instance="apply-relay")
+        inbox = applier(database)
+        async with running(relay), anyio.create_task_group() as tg:
+            tg.start_soon(inbox.run_forever)
+            await wait_until(
+                lambda: (
+                    rows(
+                        db_url,
+                        "SELECT 1 FROM outbox.payment_intents WHERE status <> 'succeeded'",
+                    )
+                    == []
+                ),
+                "every intent succeeded",
+            )
+            (pi_1,) = rows(
+                db_url,
+                "SELECT provider_reference FROM outbox.payments WHERE payment_id = 'pay-1'",
+            )
+            refund = await fake.control.post(
+                "/_fake/dashboard/refund",
+                json={"payment_intent": pi_1["provider_reference"], "amount": 200},
+            )
+            assert refund.status_code == 200
+            second = await fake.control.post(
+                "/_fake/dashboard/refund",
+                json={"payment_intent": pi_1["provider_reference"], "amount": 100},
+            )
+            assert second.status_code == 200
+            await settled_inbox(fake, db_url)
+            tg.cancel_scope.cancel()
+
+    found = inbox_rows(db_url)
+    log = (await fake.control.get("/_fake/webhooks")).json()
+    assert len(found) == len(log["events"]), "every event stored once"
+    assert len({r["event_id"] for r in found}) == len(found)
+    assert log["sent"] >= 2 * len(found), "each event was delivered twice"
+    by_type: dict[str, set[str]] = {}
+    for r in found:
+        by_type.setdefault(r["event_type"], set()).add(r["status"])
+    assert by_type["payment_intent.amount_capturable_updated"] == {"ignored"}
+    assert by_type["payment_intent.succeeded"] == {"applied"}
+    assert by_type["charge.refunded"] == {"applied"}
+
+    # The payments are what the provider shows: pay-0 refunded 300 by our intent, pay-1
+    # 300 by two dashboard refunds (recorded once each, whatever the order).
+    payments = {
+        p["payment_id"]: p
+        for p in rows(db_url, "SELECT payment_id, state, refunded_minor FROM outbox.payments")
+    }
+    assert (payments["pay-0"]["state"], payments["pay-0"]["refunded_minor"]) == (
+        "partially_refunded",
+        300,
+    )
+    assert (payments["pay-1"]["state"], payments["pay-1"]["refunded_minor"]) == (
+        "partially_refunded",
+        300,
+    )
+    external = rows(
+        db_url,
+        "SELECT payment_id, amount_minor FROM outbox.ledger_transactions"
+        " WHERE inbox_id IS NOT NULL ORDER BY id",
+    )
+    assert sum(t["amount_minor"] for t in external) == 300
+    assert {t["payment_id"] for t in external} == {"pay-1"}
+    events = rows(
+        db_url,
+        "SELECT payload FROM outbox.events WHERE event_type = 'payment.refund.external'",
+    )
+    assert sum(e["payload"]["change"]["amount_minor"] for e in events) == 300
+    assert rows(db_url, "SELECT id FROM outbox.reconciliation_exceptions") == []
+    effects = await fake.effects()
+    assert all(entry["count"] == 1 for entry in effects["effects_by_key"].values())
+    assert_ledger_clean(db_url)
+
+
+async def test_dashboard_refund_and_dispute_are_recorded(
+    db_url: str, database: Database, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    async with running_receiver(db_url) as receiver:
+        await fake.control.post(
+            "/_fake/webhooks/config", json={"url": receiver.stripe_url, "secret": SECRET}
+        )
+        insert_intents(
+            db_url,
+            [
+                {
+                    "payment_id": "pay-d",
+                    "action": "charge",
+                    "amount_minor": 5000,
+                    "payment_method": "pm_card_visa",
+                }
+            ],
+        )
+        relay = make_relay(db_url, adapter, instance="dispute-relay")
+        inbox = applier(database)
+        async with running(relay), anyio.create_task_group() as tg:
+            tg.start_soon(inbox.run_forever)
+            await wait_until(
+                lambda: rows(
+                    db_url,
+                    "SELECT provider_reference FROM outbox.payments"
+                    " WHERE payment_id = 'pay-d' AND state = 'captured'",
+                ),
+                "the charge succeeded",
+            )
+            (payment,) = rows(
+                db_url,
+                "SELECT provider_reference FROM outbox.payments WHERE payment_id = 'pay-d'",
+            )
+            reference = payment["provider_reference"]
+            await fake.control.post(
+                "/_fake/dashboard/refund", json={"payment_intent": reference, "amount": 1500}
+            )
+            await fake.control.post(
+                "/_fake/dashboard/dispute",
+                json={"payment_intent": reference, "amount": 3500, "reason": "fraudulent"},
+            )
+            await settled_inbox(fake, db_url)
+            tg.cancel_scope.cancel()
+
+    (state,) = rows(
+        db_url,
+        "SELECT state, captured_minor, refunded_minor FROM outbox.payments"
+        " WHERE payment_id = 'pay-d'",
+    )
+    assert state == {"state": "partially_refunded", "captured_minor": 5000, "refunded_minor": 1500}
+    lines = rows(
+        db_url,
+        "SELECT e.account, e.amount_minor FROM outbox.ledger_entries AS e"
+        " JOIN outbox.ledger_transactions AS t ON t.id = e.transaction_id"
+        " WHERE t.inbox_id IS NOT NULL ORDER BY e.id",
+    )
+    assert lines == [
+        {"account": "stripe:refunded", "amount_minor": 1500},
+        {"account": "stripe:receivable", "amount_minor": -1500},
+    ]
+    types = [
+        e["event_type"]
+        for e in rows(
+            db_url, "SELECT event_type FROM outbox.events WHERE payment_id = 'pay-d' ORDER BY seq"
+        )
+    ]
+    assert types == [
+        "payment.charge.succeeded",
+        "payment.refund.external",
+        "payment.dispute.opened",
+    ]
+    (exception,) = rows(
+        db_url,
+        "SELECT kind, status, payment_id, provider_amount_minor, inbox_id IS NOT NULL AS by_webhook"
+        " FROM outbox.reconciliation_exceptions",
+    )
+    assert exception == {
+        "kind": "dispute",
+        "status": "open",
+        "payment_id": "pay-d",
+        "provider_amount_minor": 3500,
+        "by_webhook": True,
+    }
+    assert_ledger_clean(db_url)
+
+
+class _LookupsFail(StripeAdapter):
+    """Stripe whose search has not indexed the payment yet: the relay's own lookup after
+    the ambiguous attempt finds nothing to settle by."""
+
+    async def lookup(self, command: Command) -> Outcome:
+        return Ambiguous("lookup_failed", "lookup failed: the search index lags")
+
+
+async def test_a_webhook_settles_an_ambiguous_intent_before_the_janitor(
+    db_url: str, database: Database, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    """The charge happens at the provider, the reply never arrives in time, the relay's
+    one attempt ends the intent dead; payment_intent.succeeded settles it with the
+    effects a lookup would have had, and the janitor finds nothing left to do."""
+    impatient = _LookupsFail(
+        name="stripe", api_key=API_KEY, base_url=fake.url, read_timeout_seconds=0.3
+    )
+    try:
+        async with running_receiver(db_url) as receiver:
+            await fake.configure(rate_timeout_after_effect=1.0, timeout_seconds=2.0)
+            await fake.control.post(
+                "/_fake/webhooks/config",
+                json={"url": receiver.stripe_url, "secret": SECRET, "delay_ms": 500},
+            )
+            insert_intents(
+                db_url,
+                [
+                    {
+                        "payment_id": "pay-amb",
+                        "action": "charge",
+                        "amount_minor": 1234,
+                        "payment_method": "pm_card_visa",
+                    }
+                ],
+            )
+            relay = make_relay(db_url, impatient, instance="amb-relay", max_attempts=1)
+            inbox = applier(database)
+            async with running(relay), anyio.create_task_group() as tg:
+                tg.start_soon(inbox.run_forever)
+                await settled_inbox(fake, db_url)
+                tg.cancel_scope.cancel()
+    finally:
+        await impatient.aclose()
+
+    (intent,) = rows(
+        db_url,
+        "SELECT id, status, amount_applied_minor, provider_reference LIKE 'pi_%%' AS ref,"
+        " idempotency_key FROM outbox.payment_intents WHERE payment_id = 'pay-amb'",
+    )
+    assert (intent["status"], intent["amount_applied_minor"], intent["ref"]) == (
+        "succeeded",
+        1234,
+        True,
+    )
+    (payment,) = rows(
+        db_url, "SELECT state, captured_minor FROM outbox.payments WHERE payment_id = 'pay-amb'"
+    )
+    assert payment == {"state": "captured", "captured_minor": 1234}
+    (row,) = [r for r in inbox_rows(db_url) if r["event_type"] == "payment_intent.succeeded"]
+    assert row["status"] == "applied" and row["result"].startswith(f"settled intent {intent['id']}")
+    reasons = rows(
+        db_url,
+        "SELECT reason FROM outbox.audit_log WHERE entity = 'intent' AND entity_id = %s"
+        " AND reason LIKE 'webhook%%'",
+        str(intent["id"]),
+    )
+    assert reasons, "the audit trail names the webhook as the evidence"
+    assert rows(db_url, "SELECT 1 FROM outbox.janitor_checks") == []
+    await fake.configure()
+    lane = Lane("stripe", adapter, concurrency=2, timeout_seconds=5.0)
+    janitor = Janitor(
+        database, {"stripe": lane}, JanitorOptions(instance="jan"), rng=random.Random(1).random
+    )
+    assert (await janitor.run_once()).examined == 0, "nothing left for the janitor"
+    effects = await fake.effects()
+    assert effects["effects_by_key"][intent["idempotency_key"]]["count"] == 1
+    assert_ledger_clean(db_url)
+
+
+def signed_post(url: str, body: dict[str, Any]) -> httpx.Response:
+    from provider_adapters.fake.webhooks import signature_header
+
+    text = json.dumps(body)
+    header = signature_header(text, SECRET, int(time.time()))
+    return httpx.post(url, content=text, headers={"Stripe-Signature": header}, timeout=10)
+
+
+def charge_refunded(event_id: str, reference: str, captured: int, refunded: int) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "object": "event",
+        "type": "charge.refunded",
+        "created": int(time.time()),
+        "data": {
+            "object": {
+                "id": "ch_x",
+                "object": "charge",
+                "payment_intent": reference,
+                "currency": "eur",
+                "amount_captured": captured,
+                "amount_refunded": refunded,
+                "refunds": {"object": "list", "data": []},
+            }
+        },
+    }
+
+
+async def test_an_old_notification_changes_nothing_and_a_mismatch_opens_an_exception(
+    db_url: str, database: Database, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    insert_intents(
+        db_url,
+        [
+            {
+                "payment_id": "pay-m",
+                "action": "charge",
+                "amount_minor": 2000,
+                "payment_method": "pm_card_visa",
+            },
+            {"payment_id": "pay-m", "action": "refund", "amount_minor": 500},
+        ],
+    )
+    relay = make_relay(db_url, adapter, instance="mismatch-relay")
+    async with running(relay):
+        await wait_until(
+            lambda: rows(
+                db_url,
+                "SELECT 1 FROM outbox.payments WHERE payment_id = 'pay-m' AND refunded_minor = 500",
+            ),
+            "charge and refund written",
+        )
+    (payment,) = rows(
+        db_url, "SELECT provider_reference FROM outbox.payments WHERE payment_id = 'pay-m'"
+    )
+    reference = payment["provider_reference"]
+    async with running_receiver(db_url) as receiver:
+        # Older than what the payment knows: 0 refunded then (the ledger agrees on 2000).
+        old = charge_refunded("evt_old", reference, 2000, 0)
+        # The provider shows 2100 captured: the ledger says 2000.
+        odd = charge_refunded("evt_odd", reference, 2100, 500)
+        for body in (old, odd):
+            assert (
+                await anyio.to_thread.run_sync(signed_post, receiver.stripe_url, body)
+            ).status_code == 200
+    inbox = applier(database)
+    assert await inbox.run_once() == 2
+    results = {r["event_id"]: r for r in inbox_rows(db_url)}
+    assert results["evt_old"]["status"] == "applied"
+    assert "older than what the payment knows; nothing changed" in results["evt_old"]["result"]
+    assert "exception" in results["evt_odd"]["result"]
+    (exception,) = rows(
+        db_url,
+        "SELECT kind, internal_amount_minor, provider_amount_minor FROM"
+        " outbox.reconciliation_exceptions",
+    )
+    assert exception == {
+        "kind": "amount_mismatch",
+        "internal_amount_minor": 1500,
+        "provider_amount_minor": 1600,
+    }
+    (state,) = rows(db_url, "SELECT refunded_minor FROM outbox.payments WHERE payment_id = 'pay-m'")
+    assert state == {"refunded_minor": 500}
+    assert_ledger_clean(db_url)
