@@ -1,0 +1,282 @@
+"""Crashes around the inbox, with real processes killed by SIGKILL.
+
+* The receiver dies between the commit and its answer: the provider saw no answer and
+  retries; the next receiver finds the row stored, acknowledges the duplicate, and the
+  notification is applied once.
+* A relay dies in the middle of applying (its transaction holds the notification and waits
+  for the payment's lock): nothing of it stays; after the lease another relay applies the
+  notification once.
+
+The receiver's death is caused by RELAY_TEST_WEBHOOKS_SIGKILL_AFTER_COMMIT, which makes the
+process send itself SIGKILL right after the commit: a real kill of a real process at the
+one instant a test cannot otherwise hit.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from relay.infra.db import Database
+from tests.processes import FakeProviderProcess, RelayProcess, free_port
+from tests.support.cli import BASE_ENV
+from tests.support.fake_server import API_KEY
+from tests.support.intents import insert_intents
+from tests.support.providers import stripe_adapter
+from tests.support.relays import make_relay, run_until_settled
+from tests.support.waiting import block_until
+from tests.support.webhooks import SECRET, applier, inbox_rows
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+class ReceiverProcess:
+    def __init__(self, db_url: str, port: int, log_dir: Path, *, kill_after_commit: bool) -> None:
+        env = {
+            **BASE_ENV,
+            "RELAY_DATABASE_URL": db_url,
+            "RELAY_WEBHOOKS__STRIPE__SECRETS": json.dumps([SECRET]),
+            "RELAY_LOG_FORMAT": "json",
+        }
+        if kill_after_commit:
+            env["RELAY_TEST_WEBHOOKS_SIGKILL_AFTER_COMMIT"] = "1"
+        self.port = port
+        self.log_path = log_dir / f"receiver-{port}-{int(kill_after_commit)}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "relay",
+                    "webhooks",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        block_until(self._listening, "the receiver to listen", guard_seconds=60)
+
+    def _listening(self) -> bool:
+        if b"webhooks listening" in self.log_path.read_bytes():
+            return True
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"receiver exited at start; see {self.log_path}")
+        return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+def test_receiver_killed_between_commit_and_answer(db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    fake = FakeProviderProcess(tmp_path)
+    first = second = None
+    try:
+        httpx.post(
+            f"{fake.url}/_fake/webhooks/config",
+            json={
+                "url": f"http://127.0.0.1:{port}/webhooks/stripe",
+                "secret": SECRET,
+                "retry_base_ms": 200,
+                "retry_cap_ms": 1000,
+            },
+            timeout=10,
+        ).raise_for_status()
+        first = ReceiverProcess(db_url, port, tmp_path, kill_after_commit=True)
+        created = httpx.post(
+            f"{fake.url}/v1/payment_intents",
+            data={
+                "amount": "1500",
+                "currency": "eur",
+                "payment_method": "pm_card_visa",
+                "confirm": "true",
+            },
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=10,
+        )
+        assert created.status_code == 200
+        assert first.proc.wait(120) == -signal.SIGKILL, "the receiver killed itself after commit"
+        assert len(inbox_rows(db_url)) == 1, "the row committed before the kill"
+
+        second = ReceiverProcess(db_url, port, tmp_path, kill_after_commit=False)
+
+        def acknowledged() -> dict[str, Any] | None:
+            log = httpx.get(f"{fake.url}/_fake/webhooks", timeout=10).json()
+            done = [e for e in log["events"].values() if 200 in e["statuses"]]
+            return done[0] if done else None
+
+        event = block_until(acknowledged, "the fake's retry to be acknowledged")
+        assert event["statuses"][0] is None, "the first attempt got no answer"
+        assert event["statuses"][-1] == 200
+        (row,) = inbox_rows(db_url)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert 'outbox_relay_webhooks_duplicates_total{provider="stripe"} 1.0' in metrics
+
+        async def apply() -> int:
+            db = Database(db_url, pool_size=2, name="crash-apply")
+            await db.open()
+            try:
+                inbox = applier(db)
+                return await inbox.run_once() + await inbox.run_once()
+            finally:
+                await db.close()
+
+        assert anyio.run(apply) == 1, "one notification, applied once"
+        (row,) = inbox_rows(db_url)
+        assert row["status"] == "applied"
+    finally:
+        for receiver in (first, second):
+            if receiver is not None:
+                receiver.stop()
+        fake.stop()
+
+
+def _captured_payment(db_url: str, fake_url: str) -> str:
+    async def run() -> None:
+        insert_intents(
+            db_url,
+            [
+                {
+                    "payment_id": "pay-k",
+                    "action": "charge",
+                    "amount_minor": 4000,
+                    "payment_method": "pm_card_visa",
+                }
+            ],
+        )
+        async with stripe_adapter(fake_url) as adapter:
+            await run_until_settled(db_url, [make_relay(db_url, adapter, instance="setup")])
+
+    anyio.run(run)
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT provider_reference FROM outbox.payments WHERE payment_id = 'pay-k'"
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_relay_killed_mid_apply_applies_once_after_the_lease(db_url: str, tmp_path: Path) -> None:
+    fake = FakeProviderProcess(tmp_path)
+    try:
+        reference = _captured_payment(db_url, fake.url)
+        body = json.dumps(
+            {
+                "id": "evt_dashboard_refund",
+                "object": "event",
+                "type": "charge.refunded",
+                "created": int(time.time()),
+                "data": {
+                    "object": {
+                        "id": "ch_k",
+                        "object": "charge",
+                        "payment_intent": reference,
+                        "currency": "eur",
+                        "amount_captured": 4000,
+                        "amount_refunded": 700,
+                        "refunds": {
+                            "object": "list",
+                            "data": [
+                                {
+                                    "id": "re_dash",
+                                    "amount": 700,
+                                    "status": "succeeded",
+                                    "metadata": {},
+                                }
+                            ],
+                        },
+                    }
+                },
+            }
+        )
+        # Stored as the receiver stores it (its own crash is the test above).
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO outbox.webhook_inbox (provider, event_id, event_type, payload)"
+                " VALUES ('stripe', 'evt_dashboard_refund', 'charge.refunded', %s)",
+                (body,),
+            )
+        env = {
+            **BASE_ENV,
+            "RELAY_DATABASE_URL": db_url,
+            "RELAY_PROVIDERS__STRIPE__API_KEY": API_KEY,
+            "RELAY_PROVIDERS__STRIPE__BASE_URL": fake.url,
+            "RELAY_PROVIDERS__STRIPE__TIMEOUT_MS": "2000",
+            "RELAY_LEASE_SECONDS": "3",
+            "RELAY_JANITOR_ENABLED": "false",
+            "RELAY_LOG_FORMAT": "json",
+        }
+        relay = RelayProcess("inbox-relay-1", env, tmp_path)
+        holder = psycopg.connect(db_url)
+        try:
+            # Hold the payment's lock: the relay's apply transaction takes the notification
+            # (inbox_take) and then waits here, in the middle of applying.
+            holder.execute("SELECT 1 FROM outbox.payments WHERE payment_id = 'pay-k' FOR UPDATE")
+            relay.start()
+
+            def waiting_mid_apply() -> bool:
+                with psycopg.connect(db_url, autocommit=True) as conn:
+                    row = conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                        " 'inbox-relay-1' AND wait_event_type = 'Lock'"
+                    ).fetchone()
+                return bool(row and row[0])
+
+            block_until(waiting_mid_apply, "the relay to wait inside its apply transaction")
+            relay.kill()
+        finally:
+            holder.rollback()
+            holder.close()
+        (row,) = inbox_rows(db_url)
+        assert row["status"] == "received" and row["attempts"] == 1
+        with psycopg.connect(db_url) as conn:
+            refunded = conn.execute(
+                "SELECT refunded_minor FROM outbox.payments WHERE payment_id = 'pay-k'"
+            ).fetchone()
+        assert refunded == (0,), "nothing of the killed apply stayed"
+
+        second = RelayProcess("inbox-relay-2", env, tmp_path)
+        second.start()
+        try:
+            block_until(
+                lambda: inbox_rows(db_url)[0]["status"] == "applied",
+                "the second relay to apply the notification after the lease",
+            )
+        finally:
+            second.terminate()
+        (row,) = inbox_rows(db_url)
+        assert row["attempts"] == 2
+        with psycopg.connect(db_url) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            payment = cur.execute(
+                "SELECT state, refunded_minor FROM outbox.payments WHERE payment_id = 'pay-k'"
+            ).fetchone()
+            postings = cur.execute(
+                "SELECT amount_minor FROM outbox.ledger_transactions WHERE inbox_id IS NOT NULL"
+            ).fetchall()
+            events = cur.execute(
+                "SELECT count(*) AS n FROM outbox.events WHERE event_type = 'payment.refund.external'"
+            ).fetchone()
+        assert payment == {"state": "partially_refunded", "refunded_minor": 700}
+        assert postings == [{"amount_minor": 700}]
+        assert events == {"n": 1}
+    finally:
+        fake.stop()
