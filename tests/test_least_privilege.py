@@ -72,6 +72,10 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_relay", "relay_instances"): {"SELECT", "INSERT", "DELETE"},  # sql/0018
     ("outbox_relay", "relay_wakeup"): {"SELECT"},
     ("outbox_relay", "schema_migrations"): {"SELECT"},
+    # sql/0023: the receiver stores notifications, relays apply and retention deletes them;
+    # the near-real-time comparison reads the payment's ledger
+    ("outbox_relay", "webhook_inbox"): {"SELECT", "DELETE"},
+    ("outbox_relay", "ledger_transactions"): {"SELECT"},
     **{
         ("outbox_operator", table): {"SELECT"}
         for table in (
@@ -91,6 +95,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "relay_instances",
             "relay_wakeup",
             "schema_migrations",
+            "webhook_inbox",
         )
     },
     **{
@@ -121,6 +126,13 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
         "state,authorized_minor,captured_minor,refunded_minor,provider_reference,updated_at"
     ),
     ("outbox_relay", "relay_wakeup", "UPDATE"): "wanted,updated_at",
+    ("outbox_relay", "webhook_inbox", "INSERT"): (
+        "provider,event_id,event_type,event_created_at,payload,payment_id"
+    ),
+    ("outbox_relay", "webhook_inbox", "UPDATE"): (
+        "status,available_at,attempts,lease_token,claimed_by,payment_id,applied_at,result,"
+        "last_error"
+    ),
     (
         "outbox_relay",
         "relay_instances",
@@ -142,6 +154,9 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     # sql/0016: the write-back's and the sweep's promotion (cancel_dead_intents calls it as
     # the owner, so the operator needs no EXECUTE)
     "promote_next_blocked_v1": {"outbox_relay"},
+    # sql/0023: a change a notification reported, posted and raised as the owner
+    "post_notified_change_v1": {"outbox_relay"},
+    "open_notified_exception_v1": {"outbox_relay"},
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -159,6 +174,7 @@ PUBLIC_HELPERS = {
     "refuse_input",
     "refuse_card_number",
     "actor_entitled",  # sql/0012, whose outbox.actor names are kept
+    "jsonb_redact_card_numbers",  # sql/0023, the inbox's insert trigger
 }
 
 # Statements of relay/infra/queries.sql by the role that runs them. A new statement must be added
@@ -188,6 +204,21 @@ RELAY_STATEMENTS = {
     "janitor_reserve",  # relay/core/janitor.py
     "janitor_take",
     "janitor_record",
+    "inbox_insert",  # relay/service/webhooks.py: the receiver
+    "inbox_claim",  # relay/core/inbox.py: relays apply the inbox
+    "inbox_take",
+    "inbox_finish",
+    "inbox_retry",
+    "inbox_intent_payment",
+    "inbox_intent_by_key",
+    "inbox_take_intent",
+    "inbox_payment_by_reference",
+    "inbox_record_refund",
+    "inbox_post_ledger",
+    "inbox_open_exception",
+    "inbox_event",
+    "inbox_ledger_totals",
+    "inbox_retention",  # relay/service/retention.py
 }
 OPERATOR_STATEMENTS = {
     "status_counts",  # relay/operations/status.py
@@ -233,6 +264,10 @@ OPERATOR_STATEMENTS = {
     "action_redrive",
     "action_executed",
     "exception_resolve",
+    "webhooks_summary",  # relay/operations/webhooks.py
+    "webhooks_list",
+    "webhook_show",
+    "webhooks_for_payment",  # relay/operations/intents.py
 }
 # Operator statements the relay role must not be able to run at all.
 RELAY_REFUSED = {
@@ -253,6 +288,11 @@ RELAY_REFUSED = {
 # janitor's and reconciliation's tables) is refused.
 APP_MAY_RUN = {
     "action_dead_intents",
+    # sql/0023's inbox statements that touch only what applications read or write anyway:
+    # an intent by its key with its payment, and a result event (the writer's columns)
+    "inbox_event",
+    "inbox_intent_by_key",
+    "inbox_intent_payment",
     "currency_exponents",  # the currency table, which applications read too
     "action_insert_intent",
     "audit_trail_present",
