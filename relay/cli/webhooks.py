@@ -205,7 +205,9 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         "list", help="counts by provider, type and status; the latest notifications"
     )
     listing.add_argument("--provider", help="only this provider instance")
-    listing.add_argument("--status", choices=["received", "applied", "ignored"])
+    listing.add_argument(
+        "--status", choices=["received", "applied", "ignored"], help="only this status"
+    )
     listing.add_argument("--type", help="only this event type, e.g. charge.refunded")
     listing.add_argument("--limit", type=int, default=50, help="rows (default %(default)s)")
     listing.add_argument("--json", action="store_true", help="print JSON")
