@@ -27,6 +27,7 @@ fail.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -710,6 +711,22 @@ REFUSED = [
         "sidecar-podmonitor-without-selector",
         {"mode": "sidecar", "metrics": {"podMonitor": {"enabled": True}}},
         "in sidecar mode metrics.podMonitor.selector must name the application's pod labels",
+    ),
+    (
+        "webhooks-without-endpoint",
+        {"webhooks": {"enabled": True}},
+        "webhooks.enabled needs at least one entry under webhooks.endpoints",
+    ),
+    (
+        "webhooks-ingress-without-host",
+        {
+            "webhooks": {
+                "enabled": True,
+                "endpoints": {"stripe": {"existingSecret": "s"}},
+                "ingress": {"enabled": True},
+            }
+        },
+        "webhooks.ingress.enabled needs webhooks.ingress.host",
     ),
 ]
 
@@ -1531,3 +1548,94 @@ def test_migrations_can_log_in_as_the_schema_owner(helm: Helm, fleet: dict[str, 
     assert not any(
         s["metadata"]["name"].endswith("-migrations") for s in manifests.all("Secret")
     ), "no hook copy of the relay's URL is needed"
+
+
+# ---------------------------------------------------------------------------------------
+# The webhook receiver (`outbox-relay webhooks serve`): its own Deployment, Service, Ingress
+# ---------------------------------------------------------------------------------------
+
+WEBHOOKS = {
+    "webhooks": {
+        "enabled": True,
+        "endpoints": {"stripe": {"existingSecret": "stripe-webhook", "secretKey": "secrets"}},
+        "ingress": {"enabled": True, "host": "hooks.example.com", "className": "nginx"},
+    }
+}
+
+
+def test_webhook_receiver_runs_as_its_own_deployment_service_and_ingress(
+    helm: Helm, fleet: dict[str, Any]
+) -> None:
+    manifests = helm.render(CHART, merged(fleet, WEBHOOKS))
+    name = f"{RELEASE}-outbox-relay-webhooks"
+    deployment = manifests.one("Deployment", name)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["webhooks", "serve"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RELAY_WEBHOOKS_PORT"] == "9110"
+    assert env["RELAY_WEBHOOKS__STRIPE__KIND"] == "stripe"
+    secrets_file = env["RELAY_WEBHOOKS__STRIPE__SECRETS_FILE"]
+    assert secrets_file == "/var/run/secrets/outbox-relay/webhooks/stripe/secrets"
+    sources = pod["volumes"][0]["projected"]["sources"]
+    assert {
+        "secret": {
+            "name": "stripe-webhook",
+            "items": [{"key": "secrets", "path": "webhooks/stripe/secrets"}],
+        }
+    } in sources
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The relay Deployment and its Service do not select the receiver, nor it them.
+    service = manifests.one("Service", name)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    relay_labels = manifests.one("Deployment", f"{RELEASE}-outbox-relay")["spec"]["template"][
+        "metadata"
+    ]["labels"]
+    assert not service["spec"]["selector"].items() <= relay_labels.items()
+    assert (
+        not manifests.one("Service", f"{RELEASE}-outbox-relay")["spec"]["selector"].items()
+        <= labels.items()
+    )
+    ingress = manifests.one("Ingress", name)["spec"]
+    assert ingress["ingressClassName"] == "nginx"
+    (rule,) = ingress["rules"]
+    assert rule["host"] == "hooks.example.com"
+    (path,) = rule["http"]["paths"]
+    assert path["path"] == "/webhooks/"  # /metrics stays inside the cluster
+    assert path["backend"]["service"] == {"name": name, "port": {"name": "webhooks"}}
+
+
+def test_webhook_receiver_is_off_by_default(helm: Helm, fleet: dict[str, Any]) -> None:
+    assert not any(
+        d["metadata"]["name"].endswith("-webhooks") for d in helm.render(CHART, fleet).docs
+    )
+
+
+def test_inline_webhook_secrets_go_into_the_created_secret(
+    helm: Helm, sidecar: dict[str, Any]
+) -> None:
+    values = merged(
+        sidecar,
+        {
+            "webhooks": {
+                "enabled": True,
+                "endpoints": {"stripe": {"secrets": ["whsec_a", "whsec_b"]}},
+            }
+        },
+    )
+    manifests = helm.render(CHART, values)
+    secret = manifests.one("Secret", f"{RELEASE}-outbox-relay")
+
+    assert base64.b64decode(secret["data"]["webhook-stripe-secrets"]).decode() == "whsec_a\nwhsec_b"
+    pod = manifests.one("Deployment", f"{RELEASE}-outbox-relay-webhooks")["spec"]["template"][
+        "spec"
+    ]
+    sources = pod["volumes"][0]["projected"]["sources"]
+    assert {
+        "secret": {
+            "name": secret["metadata"]["name"],
+            "items": [{"key": "webhook-stripe-secrets", "path": "webhooks/stripe/secrets"}],
+        }
+    } in sources

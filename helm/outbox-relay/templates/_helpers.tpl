@@ -79,6 +79,13 @@ app.kubernetes.io/part-of: outbox-relay
 {{- $creates = true -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.webhooks.enabled -}}
+{{- range $name, $endpoint := .Values.webhooks.endpoints -}}
+{{- if and (not $endpoint.existingSecret) $endpoint.secrets -}}
+{{- $creates = true -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if $creates }}true{{ end -}}
 {{- end -}}
 
@@ -404,4 +411,22 @@ amqp-url: {{ $v.amqp.url | b64enc | quote }}
 provider-{{ $name }}-api-key: {{ $p.apiKey.value | b64enc | quote }}
 {{- end }}
 {{- end }}
+{{- if $v.webhooks.enabled }}
+{{- range $name, $e := $v.webhooks.endpoints }}
+{{- if and (not $e.existingSecret) $e.secrets }}
+webhook-{{ $name }}-secrets: {{ join "\n" $e.secrets | b64enc | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+
+{{/* The webhook receiver's pods (`outbox-relay webhooks serve`): its Deployment and Service. */}}
+{{- define "outbox-relay.webhooksSelectorLabels" -}}
+{{ include "outbox-relay.selectorLabels" . }}
+app.kubernetes.io/component: webhooks
+{{- end -}}
+
+{{- define "outbox-relay.webhooksFullname" -}}
+{{- printf "%s-webhooks" (include "outbox-relay.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
