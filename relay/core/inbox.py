@@ -87,6 +87,10 @@ class InboxOptions:
     poll_interval_seconds: float = 0.5
     retry_base_seconds: float = 1.0
     retry_cap_seconds: float = 300.0
+    # Notifications applied at once, each in its own transaction on its own connection
+    # (two of one payment queue on the payment's lock). The relay's pool is shared with
+    # claims and write-backs: keep this below RELAY_DB_POOL_SIZE.
+    concurrency: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +172,17 @@ class InboxApplier:
         if not self.readers:
             return 0
         claimed = await self._claim(now)
-        for row in claimed:
-            with anyio.CancelScope(shield=True):
-                await self._apply_one(row)
+        limiter = anyio.CapacityLimiter(self.options.concurrency)
+
+        async def one(row: _Claimed) -> None:
+            async with limiter:
+                # A stop waits for an apply in progress (one short transaction).
+                with anyio.CancelScope(shield=True):
+                    await self._apply_one(row)
+
+        async with anyio.create_task_group() as tg:
+            for row in claimed:
+                tg.start_soon(one, row)
         return len(claimed)
 
     async def _claim(self, now: datetime | None) -> list[_Claimed]:

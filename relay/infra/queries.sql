@@ -989,7 +989,8 @@ FOR UPDATE;
 -- Mark a notification applied or ignored with what it did, fenced by its lease token.
 UPDATE outbox.webhook_inbox
 SET status = %(status)s::text,
-    applied_at = now(),
+    -- the moment of applying, not the transaction's start: receipt-to-applied lag reads it
+    applied_at = clock_timestamp(),
     result = %(result)s::text,
     payment_id = COALESCE(%(payment_id)s::text, payment_id),
     lease_token = NULL,
