@@ -39,7 +39,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-import psycopg
 import structlog
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, dict_row
@@ -54,7 +53,6 @@ from provider_adapters.base import (
     Succeeded,
     Unhandled,
 )
-from provider_adapters.currency_units import AmountNotRepresentable
 from relay.core.store import Store
 from relay.domain.intents import IntentRow
 from relay.domain.outcome_mapping import from_outcome
@@ -207,9 +205,10 @@ class InboxApplier:
                 done = await self._apply(row)
             except RETRYABLE_DB_ERRORS:
                 raise  # the lease expires; the row is applied again then
-            except (psycopg.Error, AmountNotRepresentable, ValueError, KeyError) as exc:
-                # A row the database or our reading refuses must not stop the loop; it is
-                # retried with backoff and shows its error in `webhooks show`.
+            except Exception as exc:
+                # A row the database refuses, or a body shaped beyond what the reader
+                # checks, must not stop the loop: it is retried with backoff and shows its
+                # error in `webhooks show` (cancellation is not an Exception: it passes).
                 delay = half_jitter(
                     capped_doubling(
                         self.options.retry_base_seconds,
