@@ -430,3 +430,50 @@ async def test_an_old_notification_changes_nothing_and_a_mismatch_opens_an_excep
     (state,) = rows(db_url, "SELECT refunded_minor FROM outbox.payments WHERE payment_id = 'pay-m'")
     assert state == {"refunded_minor": 500}
     assert_ledger_clean(db_url)
+
+
+async def test_a_notification_that_fails_to_apply_is_retried_and_stops_nothing(
+    db_url: str, database: Database, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    """A verified but absurd body (a refunded total beyond any bigint) fails its own
+    transaction: the row stays received with the error and a backoff, and the other
+    notification of the same batch is applied."""
+    insert_intents(
+        db_url,
+        [
+            {
+                "payment_id": "pay-h",
+                "action": "charge",
+                "amount_minor": 800,
+                "payment_method": "pm_card_visa",
+            }
+        ],
+    )
+    async with running(make_relay(db_url, adapter, instance="hostile-relay")):
+        await wait_until(
+            lambda: rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'captured'"),
+            "the charge written",
+        )
+    (payment,) = rows(db_url, "SELECT provider_reference FROM outbox.payments")
+    reference = payment["provider_reference"]
+    async with running_receiver(db_url) as receiver:
+        absurd = charge_refunded("evt_absurd", reference, 800, 10**20)
+        fine = charge_refunded("evt_fine", reference, 800, 100)
+        for body in (absurd, fine):
+            answer = await anyio.to_thread.run_sync(signed_post, receiver.stripe_url, body)
+            assert answer.status_code == 200
+    inbox = applier(database)
+    assert await inbox.run_once() == 2
+    results = {r["event_id"]: r for r in inbox_rows(db_url)}
+    assert results["evt_fine"]["status"] == "applied"
+    assert results["evt_absurd"]["status"] == "received"
+    (failed,) = rows(
+        db_url,
+        "SELECT last_error, available_at > now() AS later, lease_token FROM outbox.webhook_inbox"
+        " WHERE event_id = 'evt_absurd'",
+    )
+    assert failed["last_error"] and failed["later"] and failed["lease_token"] is None
+    assert await inbox.run_once() == 0, "not claimed again before its backoff"
+    (state,) = rows(db_url, "SELECT refunded_minor FROM outbox.payments")
+    assert state == {"refunded_minor": 100}
+    assert_ledger_clean(db_url)
