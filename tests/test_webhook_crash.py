@@ -260,6 +260,14 @@ def test_relay_killed_mid_apply_applies_once_after_the_lease(db_url: str, tmp_pa
                 lambda: inbox_rows(db_url)[0]["status"] == "applied",
                 "the second relay to apply the notification after the lease",
             )
+            # The applier is woken through the relay's own LISTEN connection: the inbox
+            # costs a relay no connection of its own (sidecars count them).
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                listening = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE application_name = 'outbox-relay-listen' AND datname = current_database()"
+                ).fetchone()
+            assert listening == (1,)
         finally:
             second.terminate()
         (row,) = inbox_rows(db_url)

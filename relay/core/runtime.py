@@ -123,6 +123,9 @@ class Relay:
         self.finished = anyio.Event()
         # Set by the first stop(): the instant (anyio clock) the whole shutdown must end.
         self.shutdown_deadline: float | None = None
+        # Further NOTIFY channels and whom they wake, listened to on the relay's own LISTEN
+        # connection (the inbox applier's): set before run().
+        self.also_wake: dict[str, Callable[[], None]] = {}
 
     # -- control -------------------------------------------------------------------------
 
@@ -182,7 +185,7 @@ class Relay:
         log.info("relay_stopped", claimed=self.claimed_total, lease_lost=self.completer.lease_lost)
 
     async def _listen(self) -> None:
-        await listen_forever(self.db.conninfo, self.wake)
+        await listen_forever(self.db.conninfo, self.wake, also=self.also_wake)
 
     async def _reaper(self) -> None:
         interval = min(max(self.options.lease_seconds / 4, 0.5), 15.0)

@@ -17,6 +17,7 @@ from relay.infra.queries import QUERIES
 
 __all__ = [
     "EVENTS_NOTIFY_CHANNEL",
+    "INBOX_NOTIFY_CHANNEL",
     "NOTIFY_CHANNEL",
     "RETRYABLE_DB_ERRORS",
     "Database",
@@ -29,6 +30,7 @@ R = TypeVar("R")
 NOTIFY_CHANNEL = "outbox_payment_intents"
 MAX_IDLE_SECONDS = 20.0
 EVENTS_NOTIFY_CHANNEL = "outbox_events"  # sql/0004_pre_events.sql notifies here
+INBOX_NOTIFY_CHANNEL = "outbox_webhook_inbox"  # sql/0023_pre_webhook_inbox.sql notifies here
 log = structlog.get_logger("relay.infra.db")
 
 # Errors after which the same work can simply be tried again on a fresh connection.
@@ -138,6 +140,7 @@ async def listen_forever(
     channel: str = NOTIFY_CHANNEL,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     jitter: Callable[[], float] = random.random,
+    also: Mapping[str, Callable[[], None]] | None = None,
 ) -> None:
     """LISTEN on ``channel`` (default: intents), calling ``on_notify`` per notification.
 
@@ -146,7 +149,10 @@ async def listen_forever(
     from ``retry_seconds``, doubling up to ``max_retry_seconds``, each wait jittered to
     between half and all of it (so sidecars do not reconnect in step after a database
     restart), with one log line per wait; a connection that LISTENed resets the backoff.
+    ``also`` maps further channels to their callbacks, LISTENed on the same connection (a
+    relay wakes its inbox applier without a connection of its own).
     """
+    others = dict(also or {})
     failures = 0
     while True:
         try:
@@ -155,11 +161,15 @@ async def listen_forever(
             )
             async with conn:
                 await conn.execute(f"LISTEN {channel}")
+                for other in others:
+                    await conn.execute(f"LISTEN {other}")
                 failures = 0
                 on_connected()
                 on_notify()  # anything committed while we were not listening
-                async for _ in conn.notifies():
-                    on_notify()
+                for wake in others.values():
+                    wake()
+                async for notification in conn.notifies():
+                    others.get(notification.channel, on_notify)()
         except psycopg.Error as exc:
             failures += 1
             delay = half_jitter(capped_doubling(retry_seconds, max_retry_seconds, failures), jitter)

@@ -27,7 +27,7 @@ from relay.core.runtime import SHUTDOWN_FLUSH_MIN_SECONDS, Relay, RelayOptions
 from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
 from relay.events.publisher import Publisher, publisher_from_settings
 from relay.infra.config import ProviderSettings, Settings
-from relay.infra.db import RETRYABLE_DB_ERRORS, Database, listen_forever
+from relay.infra.db import INBOX_NOTIFY_CHANNEL, RETRYABLE_DB_ERRORS, Database
 from relay.infra.db_startup import DatabaseNotYet, check_conninfo, probe_database
 from relay.infra.migrate import discover
 from relay.infra.redaction import describe_conninfo
@@ -179,15 +179,9 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 tg.start_soon(build_janitor(settings, relay).run_forever)
             if settings.webhooks_apply:
                 applier = build_inbox_applier(settings, relay)
+                # Woken through the relay's own LISTEN connection: no connection of its own.
+                relay.also_wake[INBOX_NOTIFY_CHANNEL] = applier.wake
                 tg.start_soon(applier.run_forever)
-                tg.start_soon(
-                    partial(
-                        listen_forever,
-                        database_url,
-                        applier.wake,
-                        channel="outbox_webhook_inbox",
-                    )
-                )
                 tg.start_soon(
                     partial(
                         sweep_inbox_forever,
