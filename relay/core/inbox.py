@@ -174,8 +174,13 @@ class InboxApplier:
 
         async def one(row: _Claimed) -> None:
             async with limiter:
-                # A stop waits for an apply in progress (one short transaction).
-                with anyio.CancelScope(shield=True):
+                if self.stopping():
+                    return  # claimed, not started: its lease ends and another relay applies it
+                # A stop waits for an apply in progress (one short transaction), but not
+                # past the lease: by then the row is claimable again, and a transaction cut
+                # short rolls back whole.
+                with anyio.CancelScope(shield=True) as scope:
+                    scope.deadline = anyio.current_time() + self.options.lease_seconds
                     await self._apply_one(row)
 
         async with anyio.create_task_group() as tg:
