@@ -369,8 +369,10 @@ class InboxApplier:
             row=dict_row,
         )
         if not taken or taken[0]["status"] != "in_flight":
-            return Applied(
-                "applied", f"intent {intent.id} could not be taken; nothing changed", payment_id
+            # A relay claimed it (or the key-lifetime guard parked it) since it was read:
+            # look again once that settles, rather than call the notification applied.
+            raise _Retry(
+                f"intent {intent.id} changed meanwhile; looked at again shortly", 1.0, payment_id
             )
         leased = replace(intent, lease_token=int(taken[0]["lease_token"]))
         write_back = from_outcome(leased, decision.amount_minor, outcome, _NO_RETRY, self.rng)
