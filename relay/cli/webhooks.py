@@ -78,11 +78,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         readers,
         max_body_bytes=settings.webhooks_max_body_bytes,
     )
+    host = args.host or settings.webhooks_host
+
+    async def serve() -> None:
+        async with anyio.create_task_group() as tg:
+            bound = await tg.start(serve_webhooks, receiver, host, port)
+            # Tests and scripts that pass --port 0 read the bound port from this line.
+            print(f"webhooks listening on http://{host}:{bound}", flush=True)
+
     try:
-        anyio.run(serve_webhooks, receiver, args.host or settings.webhooks_host, port)
-    except OSError as exc:
+        anyio.run(serve)
+    except BaseExceptionGroup as group:
+        # Binding the port fails inside the task group: one line, exit 2.
+        refused, _ = group.split(OSError)
+        if refused is None:
+            raise
+        first: BaseException = refused
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        reason = getattr(first, "strerror", None) or str(first)
         print(
-            f"error: cannot listen on port {port} ({exc.strerror}); set RELAY_WEBHOOKS_PORT",
+            f"error: cannot listen on {host}:{port} ({reason}); choose a free port with "
+            "RELAY_WEBHOOKS_PORT or --port",
             file=sys.stderr,
         )
         return 2

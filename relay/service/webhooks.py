@@ -211,8 +211,6 @@ async def serve_webhooks(
             routes=[f"/webhooks/{name}" for name in sorted(receiver.readers)],
             database=describe_conninfo(receiver.db.conninfo),
         )
-        # Tests and scripts that pass port 0 read the bound port from this line.
-        print(f"webhooks listening on http://{host}:{bound}", flush=True)
         task_status.started(bound)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
