@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -126,3 +127,27 @@ async def test_retention_deletes_only_finished_notifications_past_their_age(db_u
         ).fetchall()
     assert left == ["evt_recent", "evt_waiting"]
     assert duplicate == []
+
+
+def test_webhooks_serve_refuses_to_start_without_an_endpoint_or_a_free_port(db_url: str) -> None:
+    bare = run_cli("webhooks", "serve", env={"RELAY_DATABASE_URL": db_url})
+    assert bare.returncode == 2
+    assert "RELAY_WEBHOOKS__STRIPE__SECRETS_FILE" in bare.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = run_cli(
+            "webhooks",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            env={"RELAY_DATABASE_URL": db_url, "RELAY_WEBHOOKS__STRIPE__SECRETS": '["whsec_x"]'},
+        )
+    assert busy.returncode == 2
+    assert (
+        busy.stderr.startswith("error: cannot listen on 127.0.0.1:")
+        and "Traceback" not in busy.stderr
+    )
