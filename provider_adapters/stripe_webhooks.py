@@ -13,7 +13,8 @@ Guarantees, each tested:
   trusted;
 * payment_intent.succeeded / .payment_failed become :class:`PaymentSettled` and
   :meth:`settle` maps the PaymentIntent exactly as the adapter's lookup does
-  (:func:`provider_adapters.stripe.payment_intent_outcome`);
+  (:func:`provider_adapters.stripe.payment_intent_outcome`); for a refund command it
+  finds our refund in the charge's refunds by its key and verifies it as the lookup does;
 * charge.refunded and charge.refund.updated become :class:`RefundsReported` with the
   charge's totals; charge.dispute.created becomes :class:`DisputeOpened`; any other type is
   :class:`Unhandled` (stored, acknowledged, visible).
@@ -43,7 +44,7 @@ from provider_adapters.base import (
     Unhandled,
 )
 from provider_adapters.currency_units import STRIPE_UNITS
-from provider_adapters.stripe import payment_intent_outcome
+from provider_adapters.stripe import payment_intent_outcome, verified_outcome
 
 __all__ = ["StripeNotifications", "json_depth"]
 
@@ -210,7 +211,15 @@ class StripeNotifications:
     def settle(self, command: Command, body: Mapping[str, Any]) -> Outcome:
         pi = _get(body, "data", "object")
         not_found = Retryable("not_found", "the notification shows no outcome of this intent")
-        if command.action not in (Action.AUTHORIZE, Action.CHARGE) or not isinstance(pi, Mapping):
+        if not isinstance(pi, Mapping):
+            return not_found
+        if command.action is Action.REFUND:
+            # The charge's refunds, as the lookup reads the refunds list: ours by its key.
+            for refund in _get(pi, "refunds", "data") or []:
+                if _get(refund, "metadata", _KEY_FIELD) == command.idempotency_key:
+                    return verified_outcome(command, refund)
+            return not_found
+        if command.action not in (Action.AUTHORIZE, Action.CHARGE):
             return not_found
         if _get(pi, "metadata", _KEY_FIELD) != command.idempotency_key:
             return not_found

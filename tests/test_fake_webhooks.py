@@ -233,3 +233,30 @@ def test_webhook_secrets_come_from_a_file_one_per_line(
     assert any(
         "RELAY_WEBHOOKS__STRIPE" in line and "missing" in line for line in refused.value.lines
     )
+
+
+def test_settle_finds_our_refund_in_the_charge_by_its_key() -> None:
+    command = Command(
+        intent_id=2,
+        payment_id="pay-1",
+        action=Action.REFUND,
+        idempotency_key="key-r",
+        amount_minor=300,
+        currency="EUR",
+        payment_reference="pi_1x",
+        exponent=2,
+    )
+    refund = {
+        "id": "re_1x",
+        "object": "refund",
+        "amount": 300,
+        "currency": "eur",
+        "status": "succeeded",
+        "payment_intent": "pi_1x",
+        "metadata": {"outbox_idempotency_key": "key-r"},
+    }
+    charge = {"object": "charge", "payment_intent": "pi_1x", "refunds": {"data": [refund]}}
+    settled = READER.settle(command, _event("charge.refunded", charge))
+    assert isinstance(settled, Succeeded) and settled.provider_reference == "re_1x"
+    others = {**charge, "refunds": {"data": [{**refund, "metadata": {}}]}}
+    assert isinstance(READER.settle(command, _event("charge.refunded", others)), Retryable)

@@ -477,3 +477,62 @@ async def test_a_notification_that_fails_to_apply_is_retried_and_stops_nothing(
     (state,) = rows(db_url, "SELECT refunded_minor FROM outbox.payments")
     assert state == {"refunded_minor": 100}
     assert_ledger_clean(db_url)
+
+
+async def test_a_refund_left_ambiguous_is_settled_by_charge_refunded(
+    db_url: str, database: Database, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    """Our refund happens at the provider but its reply never arrives; the relay's one
+    attempt ends it dead. charge.refunded lists it under our key: it is settled through
+    the write-back (payment refunded, the intent's own ledger posting), not recorded as a
+    refund made outside the relay."""
+    insert_intents(
+        db_url,
+        [
+            {
+                "payment_id": "pay-r",
+                "action": "charge",
+                "amount_minor": 3000,
+                "payment_method": "pm_card_visa",
+            }
+        ],
+    )
+    async with running(make_relay(db_url, adapter, instance="charge-relay")):
+        await wait_until(
+            lambda: rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'captured'"),
+            "the charge written",
+        )
+    impatient = _LookupsFail(
+        name="stripe", api_key=API_KEY, base_url=fake.url, read_timeout_seconds=0.3
+    )
+    try:
+        async with running_receiver(db_url) as receiver:
+            await fake.configure(rate_timeout_after_effect=1.0, timeout_seconds=2.0)
+            await fake.control.post(
+                "/_fake/webhooks/config",
+                json={"url": receiver.stripe_url, "secret": SECRET, "delay_ms": 300},
+            )
+            insert_intents(
+                db_url, [{"payment_id": "pay-r", "action": "refund", "amount_minor": 1200}]
+            )
+            relay = make_relay(db_url, impatient, instance="refund-relay", max_attempts=1)
+            inbox = applier(database)
+            async with running(relay), anyio.create_task_group() as tg:
+                tg.start_soon(inbox.run_forever)
+                await settled_inbox(fake, db_url)
+                tg.cancel_scope.cancel()
+    finally:
+        await impatient.aclose()
+    (refund,) = rows(
+        db_url,
+        "SELECT id, status, amount_applied_minor FROM outbox.payment_intents"
+        " WHERE action = 'refund'",
+    )
+    assert (refund["status"], refund["amount_applied_minor"]) == ("succeeded", 1200)
+    (payment,) = rows(db_url, "SELECT state, refunded_minor FROM outbox.payments")
+    assert payment == {"state": "partially_refunded", "refunded_minor": 1200}
+    (row,) = [r for r in inbox_rows(db_url) if r["event_type"] == "charge.refunded"]
+    assert f"settled intent {refund['id']}" in row["result"]
+    assert rows(db_url, "SELECT 1 FROM outbox.ledger_transactions WHERE inbox_id IS NOT NULL") == []
+    assert rows(db_url, "SELECT 1 FROM outbox.reconciliation_exceptions") == []
+    assert_ledger_clean(db_url)

@@ -306,6 +306,18 @@ class InboxApplier:
                 "applied",
                 f"{fact.payment_reference} carries no idempotency key of ours; nothing changed",
             )
+        return await self._settle_key(conn, row, reader, key, reason)
+
+    async def _settle_key(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        reader: NotificationReader,
+        key: str,
+        reason: str,
+    ) -> Applied:
+        """Settle the intent our call carried ``key`` for, if its outcome is unknown, by
+        what the notification shows, through the relay's own write-back."""
         params = {"provider": row.provider, "idempotency_key": key}
         owners = await fetch(conn, "inbox_intent_payment", params, row=dict_row)
         if not owners:
@@ -418,6 +430,13 @@ class InboxApplier:
                 "applied", f"no payment of ours is {fact.payment_reference}; nothing changed"
             )
         payment_id = str(payment["payment_id"])
+        # Our own refunds whose outcome we do not know (dead, or pending a retry after an
+        # ambiguous reply) are settled first, exactly as a PaymentIntent notification
+        # settles a charge; then the totals say what is left to explain.
+        settled = await self._settle_our_refunds(conn, row, reader, fact)
+        if settled:
+            payment = await self._payment(conn, row.provider, fact.payment_reference)
+            assert payment is not None  # locked by this transaction
         exponent = payment["exponent"]
         currency = str(payment["currency"])
         if fact.currency != currency:
@@ -443,7 +462,8 @@ class InboxApplier:
         external = provider_refunded - known - ours_pending
         if external <= 0:
             result = (
-                f"the provider shows {provider_refunded} refunded, the payment {known}"
+                "".join(f"{note}; " for note in settled)
+                + f"the provider shows {provider_refunded} refunded, the payment {known}"
                 + (f" and {ours_pending} of ours in flight" if ours_pending else "")
                 + ": older than what the payment knows; nothing changed"
             )
@@ -514,6 +534,41 @@ class InboxApplier:
             f"is {state} ({refunded} of {captured} refunded)" + mismatch,
             payment_id,
         )
+
+    async def _settle_our_refunds(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        reader: NotificationReader,
+        fact: RefundsReported,
+    ) -> list[str]:
+        notes: list[str] = []
+        reason = f"webhook {row.provider} {row.event_id} ({row.event_type})"
+        for refund in fact.refunds:
+            if refund.idempotency_key is None:
+                continue
+            found = await fetch(
+                conn,
+                "inbox_intent_by_key",
+                {"provider": row.provider, "idempotency_key": refund.idempotency_key},
+                row=dict_row,
+            )
+            if not found:
+                continue
+            status, attempts = found[0]["status"], found[0]["attempts"]
+            if status == "in_flight":
+                # Its relay writes it within moments (or its lease ends): the totals are
+                # read again then, so this refund is neither missed nor counted twice.
+                raise _Retry(
+                    f"our refund intent {found[0]['id']} is in flight; looked at again shortly",
+                    1.0,
+                    str(found[0]["payment_id"]),
+                )
+            if status == "dead" or (status == "pending" and attempts > 0):
+                done = await self._settle_key(conn, row, reader, refund.idempotency_key, reason)
+                if done.result.startswith("settled"):
+                    notes.append(done.result)
+        return notes
 
     async def _our_unrecorded_refunds(
         self,
