@@ -219,6 +219,7 @@ RELAY_STATEMENTS = {
     "inbox_event",
     "inbox_ledger_totals",
     "inbox_retention",  # relay/service/retention.py
+    "inbox_waiting",  # relay/service/depth.py
 }
 OPERATOR_STATEMENTS = {
     "status_counts",  # relay/operations/status.py

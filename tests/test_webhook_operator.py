@@ -151,3 +151,29 @@ def test_webhooks_serve_refuses_to_start_without_an_endpoint_or_a_free_port(db_u
         busy.stderr.startswith("error: cannot listen on 127.0.0.1:")
         and "Traceback" not in busy.stderr
     )
+
+
+@pytest.mark.anyio
+async def test_the_depth_sampler_reports_notifications_nobody_applied(db_url: str) -> None:
+    from prometheus_client import REGISTRY
+
+    from relay.service.depth import DepthSampler
+
+    waiting = _store(db_url, "evt_wait", "charge.refunded", {"id": "evt_wait"})
+    done = _store(db_url, "evt_done", "charge.refunded", {"id": "evt_done"})
+    _finish(db_url, done, "applied", None, timedelta(seconds=1))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE outbox.webhook_inbox SET received_at = now() - interval '10 minutes'"
+            " WHERE id = %s",
+            (waiting,),
+        )
+    db = Database(db_url, pool_size=1, name="depth-test")
+    await db.open()
+    try:
+        sample = await DepthSampler(db, providers=["stripe"]).sample()
+    finally:
+        await db.close()
+    assert sample.webhooks_waiting == {"stripe": 1}
+    assert 590 <= sample.webhooks_oldest_seconds["stripe"] <= 3600
+    assert REGISTRY.get_sample_value("outbox_relay_webhooks_waiting", {"provider": "stripe"}) == 1

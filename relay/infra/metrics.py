@@ -13,11 +13,13 @@ __all__ = [
     "IN_FLIGHT",
     "LEASES_RELEASED",
     "LEASE_LOST",
+    "OLDEST_WEBHOOK_WAITING_AGE_SECONDS",
     "PROVIDER_CALL_SECONDS",
     "WEBHOOKS_APPLIED",
     "WEBHOOKS_DUPLICATES",
     "WEBHOOKS_RECEIVED",
     "WEBHOOKS_REJECTED",
+    "WEBHOOKS_WAITING",
     "WEBHOOK_APPLY_LAG",
     "WRITE_BACK_SECONDS",
 ]
@@ -204,6 +206,17 @@ WEBHOOKS_APPLIED = Counter(
     "Notifications applied (status applied) or set aside (ignored: a type the relay does "
     "not handle), counted when the transaction commits.",
     ["provider", "status"],
+)
+WEBHOOKS_WAITING = Gauge(
+    "outbox_relay_webhooks_waiting",
+    "Stored notifications not yet applied (status received), sampled from the database.",
+    ["provider"],
+)
+OLDEST_WEBHOOK_WAITING_AGE_SECONDS = Gauge(
+    "outbox_relay_webhooks_oldest_waiting_age_seconds",
+    "Age of the oldest stored notification not yet applied, sampled from the database: "
+    "grows when no relay applies the provider's notifications or one keeps failing.",
+    ["provider"],
 )
 WEBHOOK_APPLY_LAG = Histogram(
     "outbox_relay_webhook_apply_lag_seconds",

@@ -1109,6 +1109,16 @@ USING due
 WHERE w.id = due.id
 RETURNING w.id;
 
+-- name: inbox_waiting
+-- Received notifications not yet applied, per provider, and the age of the oldest, for the depth gauges (webhook_inbox_claimable_idx).
+SELECT provider, count(*) AS notifications,
+       COALESCE(extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - min(received_at)), 0)::float8
+           AS oldest_seconds
+FROM outbox.webhook_inbox
+WHERE status = 'received'
+GROUP BY provider
+ORDER BY provider;
+
 -- name: webhooks_summary
 -- Notifications by provider, type and status, for `outbox-relay webhooks list`.
 SELECT provider, event_type, status, count(*) AS notifications, max(received_at) AS last_received

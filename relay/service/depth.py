@@ -64,6 +64,8 @@ class DepthSample:
         "served",
         "unpublished",
         "unserved",
+        "webhooks_oldest_seconds",
+        "webhooks_waiting",
     )
 
     def __init__(self) -> None:
@@ -76,6 +78,9 @@ class DepthSample:
         # Providers some live relay serves (raw names); waiting intents of any other one.
         self.served: set[str] = set()
         self.unserved: dict[str, int] = {}
+        # Stored notifications not yet applied, per provider (sql/0023's inbox).
+        self.webhooks_waiting: dict[str, int] = {}
+        self.webhooks_oldest_seconds: dict[str, float] = {}
 
 
 class DepthSampler:
@@ -137,12 +142,17 @@ class DepthSampler:
             result.reconciliation_delta_minor[key] = result.reconciliation_delta_minor.get(
                 key, 0
             ) + int(row["delta_minor"])
+        for row in await self.db.fetch_all("inbox_waiting", {"now": now}, row=dict_row):
+            label = safe_label(row["provider"])
+            result.webhooks_waiting[label] = int(row["notifications"])
+            result.webhooks_oldest_seconds[label] = float(row["oldest_seconds"])
         self._publish(result)
         return result
 
     def _publish(self, result: DepthSample) -> None:
         self.known.update(provider for provider, _ in result.counts)
         self.known.update(result.reconciliation_exceptions)
+        self.known.update(result.webhooks_waiting)
         self.known_deltas.update(result.reconciliation_delta_minor)
         for provider, currency in self.known_deltas:
             metrics.RECONCILIATION_OPEN_DELTA_MINOR.labels(
@@ -163,6 +173,12 @@ class DepthSampler:
                 result.oldest_pending_seconds.get(provider, 0.0)
             )
             metrics.UNSERVED_INTENTS.labels(provider=provider).set(result.unserved.get(provider, 0))
+            metrics.WEBHOOKS_WAITING.labels(provider=provider).set(
+                result.webhooks_waiting.get(provider, 0)
+            )
+            metrics.OLDEST_WEBHOOK_WAITING_AGE_SECONDS.labels(provider=provider).set(
+                result.webhooks_oldest_seconds.get(provider, 0.0)
+            )
         metrics.UNPUBLISHED_EVENTS.set(result.unpublished)
         metrics.OLDEST_UNPUBLISHED_AGE_SECONDS.set(result.oldest_unpublished_seconds)
         metrics.DEPTH_SAMPLED_AT.set(time.time())
