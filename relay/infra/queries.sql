@@ -455,18 +455,31 @@ FROM outbox.cancel_dead_intents(%(ids)s::bigint[], %(operator)s::text, %(reason)
 SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
        idempotency_key, metadata, status, attempts, available_at, lease_expires_at, claimed_by,
        amount_applied_minor, provider_reference, error_code, error_message, created_at,
-       updated_at, completed_at, archived
+       updated_at, completed_at, archived, original_amount_minor, original_currency,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = original_currency)
+           AS original_exponent,
+       fx_rate_id, fx_via_rate_id,
+       (SELECT jsonb_build_object('base', r.base, 'quote', r.quote, 'rate', r.rate::text,
+                                  'source_kind', r.source_kind, 'source_name', r.source_name,
+                                  'published_at', r.published_at)
+        FROM outbox.fx_rates AS r WHERE r.id = fx_rate_id) AS fx_rate,
+       (SELECT jsonb_build_object('base', r.base, 'quote', r.quote, 'rate', r.rate::text,
+                                  'source_kind', r.source_kind, 'source_name', r.source_name,
+                                  'published_at', r.published_at)
+        FROM outbox.fx_rates AS r WHERE r.id = fx_via_rate_id) AS fx_via_rate
 FROM (
     SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
            idempotency_key, metadata, status, attempts, available_at, lease_expires_at,
            claimed_by, amount_applied_minor, provider_reference, error_code, error_message,
-           created_at, updated_at, completed_at, false AS archived
+           created_at, updated_at, completed_at, false AS archived, original_amount_minor,
+           original_currency, fx_rate_id, fx_via_rate_id
     FROM outbox.payment_intents WHERE id = %(id)s
     UNION ALL
     SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
            idempotency_key, metadata, status, attempts, available_at, lease_expires_at,
            claimed_by, amount_applied_minor, provider_reference, error_code, error_message,
-           created_at, updated_at, completed_at, true AS archived
+           created_at, updated_at, completed_at, true AS archived, original_amount_minor,
+           original_currency, fx_rate_id, fx_via_rate_id
     FROM outbox.payment_intents_archive WHERE id = %(id)s
 ) AS found
 LIMIT 1;
@@ -583,7 +596,10 @@ UNION ALL
 SELECT 'reconciliation_action', a.id::text, outbox.audit_generic_doc(a,
        'id,exception_id,payment_id,action,amount_minor,reason,requested_by,approved_by,status,'
        'intent_id,requested_login,approved_login')
-FROM outbox.reconciliation_actions AS a;
+FROM outbox.reconciliation_actions AS a
+UNION ALL
+SELECT 'fx_rate', r.id::text, outbox.audit_fx_rate_doc(r)
+FROM outbox.fx_rates AS r;
 
 -- name: ledger_counts
 -- Ledger transactions, entries and payments, for the check's headline.
@@ -938,3 +954,87 @@ SET status = 'resolved', resolution = %(resolution)s::text,
     resolution_reason = %(reason)s::text, resolved_by = %(operator)s::text, resolved_at = now()
 WHERE id = %(id)s::bigint
 RETURNING id;
+
+-- ------------------------------------------------------------------------------------------
+-- Exchange rates (sql/0027; relay/finance/fx.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: fx_insert_rates
+-- Insert a document's rates; one already recorded (same pair, source, valid_from and rate) is skipped.
+INSERT INTO outbox.fx_rates
+    (base, quote, rate, source_kind, source_name, source_url, source_sha256, operator,
+     published_at, fetched_at, valid_from, valid_until)
+SELECT r.base, r.quote, r.rate, %(source_kind)s::text, %(source_name)s::text,
+       %(source_url)s::text, %(source_sha256)s::bytea, %(operator)s::text, r.published_at,
+       COALESCE(%(fetched_at)s::timestamptz, now()), r.valid_from, r.valid_until
+FROM unnest(%(bases)s::text[], %(quotes)s::text[], %(rates)s::numeric[],
+            %(published)s::timestamptz[], %(valid_from)s::timestamptz[],
+            %(valid_until)s::timestamptz[])
+     AS r(base, quote, rate, published_at, valid_from, valid_until)
+ON CONFLICT (base, quote, source_kind, source_name, valid_from, rate) DO NOTHING
+RETURNING id;
+
+-- name: fx_insert_rates_as_relay
+-- The relay's periodic ECB fetch: as fx_insert_rates, without an operator (outbox_relay may not name one).
+INSERT INTO outbox.fx_rates
+    (base, quote, rate, source_kind, source_name, source_url, source_sha256,
+     published_at, fetched_at, valid_from, valid_until)
+SELECT r.base, r.quote, r.rate, %(source_kind)s::text, %(source_name)s::text,
+       %(source_url)s::text, %(source_sha256)s::bytea, r.published_at,
+       COALESCE(%(fetched_at)s::timestamptz, now()), r.valid_from, r.valid_until
+FROM unnest(%(bases)s::text[], %(quotes)s::text[], %(rates)s::numeric[],
+            %(published)s::timestamptz[], %(valid_from)s::timestamptz[],
+            %(valid_until)s::timestamptz[])
+     AS r(base, quote, rate, published_at, valid_from, valid_until)
+ON CONFLICT (base, quote, source_kind, source_name, valid_from, rate) DO NOTHING
+RETURNING id;
+
+-- name: fx_current_rates
+-- The rate of every pair valid at `at` (NULL: now), with its source, age and the policy's limit.
+SELECT r.id, r.base, r.quote, r.rate::text AS rate, r.source_kind, r.source_name, r.operator,
+       r.published_at, r.fetched_at, r.valid_from, r.valid_until,
+       COALESCE(%(at)s::timestamptz, now()) - r.published_at AS age,
+       COALESCE(%(at)s::timestamptz, now()) - r.published_at > p.max_rate_age AS stale,
+       p.max_rate_age
+FROM (
+    SELECT DISTINCT ON (f.base, f.quote) f.*
+    FROM outbox.fx_rates AS f
+    WHERE f.valid_from <= COALESCE(%(at)s::timestamptz, now())
+      AND (f.valid_until IS NULL OR f.valid_until > COALESCE(%(at)s::timestamptz, now()))
+    ORDER BY f.base, f.quote, f.valid_from DESC, f.id DESC
+) AS r
+CROSS JOIN outbox.fx_policy AS p
+ORDER BY r.base, r.quote;
+
+-- name: fx_rate_history
+-- Every recorded rate of a pair (either direction), newest first, with who recorded it.
+SELECT r.id, r.base, r.quote, r.rate::text AS rate, r.source_kind, r.source_name,
+       r.source_url, encode(r.source_sha256, 'hex') AS source_sha256, r.operator,
+       r.published_at, r.fetched_at, r.valid_from, r.valid_until, r.recorded_by, r.recorded_at
+FROM outbox.fx_rates AS r
+WHERE (r.base = %(base)s::text AND r.quote = %(quote)s::text)
+   OR (r.base = %(quote)s::text AND r.quote = %(base)s::text)
+ORDER BY r.valid_from DESC, r.id DESC
+LIMIT %(limit)s::integer;
+
+-- name: fx_convert
+-- outbox.convert_v1 (sql/0027) with both currencies' exponents, for `fx convert`.
+SELECT c.converted_minor, c.currency, c.rate::text AS rate, c.rate_id, c.via_rate_id,
+       c.rate_published_at, c.rate_age,
+       (SELECT exponent FROM outbox.currencies WHERE code = upper(%(from_ccy)s::text)) AS from_exponent,
+       (SELECT exponent FROM outbox.currencies WHERE code = c.currency) AS to_exponent
+FROM outbox.convert_v1(%(amount_minor)s::bigint, %(from_ccy)s::text, %(to_ccy)s::text,
+                       COALESCE(%(at)s::timestamptz, now())) AS c;
+
+-- name: fx_currency_exponent
+-- One currency's ISO 4217 exponent (NULL row when unknown), to read an amount given in major units.
+SELECT exponent FROM outbox.currencies WHERE code = upper(%(code)s::text);
+
+-- name: fx_rate_ages
+-- Age in seconds of the newest published rate of every pair and source, for the gauge and its alert.
+SELECT base, quote, source_kind,
+       extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - max(published_at))::float8
+           AS age_seconds
+FROM outbox.fx_rates
+GROUP BY base, quote, source_kind
+ORDER BY base, quote, source_kind;
