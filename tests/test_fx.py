@@ -572,3 +572,59 @@ def test_fx_convert_names_a_stale_rate(conn: psycopg.Connection, db_url: str) ->
     result = run_cli("fx", "convert", "10", "EUR", "USD", env={"RELAY_DATABASE_URL": db_url})
     assert result.returncode == 1
     assert "fx_rate_stale" in result.stderr and "EUR/USD" in result.stderr
+
+
+# -- the relay's periodic fetch and the rate-age gauge --------------------------------------
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels)
+
+
+@pytest.mark.anyio
+async def test_periodic_ecb_fetch_records_once_survives_failures_and_feeds_the_age_gauge(
+    db_url: str, conn: psycopg.Connection
+) -> None:
+    import anyio
+    import httpx
+
+    from relay.infra.db import Database
+    from relay.service.depth import DepthSampler
+    from relay.service.fx_fetch import EcbFetcher
+    from tests.support.waiting import wait_until
+
+    day = (datetime.now(UTC) - timedelta(days=2)).date()
+    db = Database(db_url, pool_size=2, name="relay-fx")
+    await db.open()
+    try:
+        with FakeRateServer(day.isoformat(), {"USD": "1.0876", "JPY": "161.23"}) as fake:
+            fetcher = EcbFetcher(db, fake.url, interval_seconds=3_600)
+            async with httpx.AsyncClient() as client:
+                first = await fetcher.fetch_once(client)
+                second = await fetcher.fetch_once(client)  # another relay of the fleet
+            assert (first.inserted, second.inserted) == (2, 0)
+            actors = conn.execute("SELECT DISTINCT recorded_by FROM outbox.fx_rates").fetchall()
+            assert actors == [("relay:relay-fx",)]
+
+            failed_before = _sample("outbox_relay_fx_fetches_total", result="failed") or 0.0
+            fake.fail_status = 503
+            fetcher = EcbFetcher(db, fake.url, interval_seconds=0.01)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fetcher.run)
+                await wait_until(
+                    lambda: (
+                        (_sample("outbox_relay_fx_fetches_total", result="failed") or 0)
+                        >= failed_before + 2
+                    ),
+                    "two failed fetches counted, the loop still running",
+                )
+                tg.cancel_scope.cancel()
+
+        now = datetime.now(UTC)
+        await DepthSampler(db, providers=["stripe"]).sample(now=now)
+        age = _sample("outbox_relay_fx_rate_age_seconds", base="EUR", quote="USD", source="ecb")
+        assert age == (now - ecb_publication_time(day)).total_seconds()
+    finally:
+        await db.close()

@@ -47,6 +47,12 @@ Denied = psycopg.errors.InsufficientPrivilege
 APP_COLUMNS = (
     "payment_id,action,provider,amount_minor,currency,payment_method,idempotency_key,metadata"
 )
+# sql/0027: a converted intent's original amount and rate(s), beside what it charges.
+APP_FX_COLUMNS = "original_amount_minor,original_currency,fx_rate_id,fx_via_rate_id"
+RATE_COLUMNS = (
+    "base,quote,rate,source_kind,source_name,source_url,source_sha256,{operator}published_at,"
+    "fetched_at,valid_from,valid_until"
+)
 EVENT_WRITER_COLUMNS = (
     "event_id,exchange,routing_key,event_type,payload,headers,ordering_key,payment_id,"
     "schema_version,traceparent"
@@ -55,6 +61,10 @@ EVENT_WRITER_COLUMNS = (
 # (role, relation) -> table-level privileges
 TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_app", "currencies"): {"SELECT"},
+    ("outbox_app", "fx_rates"): {"SELECT"},  # sql/0027: convert in the app's transaction
+    ("outbox_app", "fx_policy"): {"SELECT"},
+    ("outbox_relay", "fx_rates"): {"SELECT"},  # the periodic ECB fetch and the rate-age gauge
+    ("outbox_relay", "fx_policy"): {"SELECT"},
     ("outbox_app", "events"): {"SELECT"},
     ("outbox_app", "payment_intents"): {"SELECT"},
     ("outbox_app", "payment_intents_archive"): {"SELECT"},
@@ -79,6 +89,8 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "currencies",
             "event_streams",
             "events",
+            "fx_policy",
+            "fx_rates",
             "installation",
             "janitor_checks",
             "ledger_entries",
@@ -105,7 +117,9 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
 
 # (role, relation, privilege) -> columns
 COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
-    ("outbox_app", "payment_intents", "INSERT"): APP_COLUMNS,
+    ("outbox_app", "payment_intents", "INSERT"): f"{APP_COLUMNS},{APP_FX_COLUMNS}",
+    ("outbox_relay", "fx_rates", "INSERT"): RATE_COLUMNS.format(operator=""),
+    ("outbox_operator", "fx_rates", "INSERT"): RATE_COLUMNS.format(operator="operator,"),
     ("outbox_app", "events", "INSERT"): EVENT_WRITER_COLUMNS,
     ("outbox_operator", "payment_intents", "INSERT"): APP_COLUMNS,
     ("outbox_relay", "events", "INSERT"): EVENT_WRITER_COLUMNS,
@@ -142,6 +156,10 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     # sql/0016: the write-back's and the sweep's promotion (cancel_dead_intents calls it as
     # the owner, so the operator needs no EXECUTE)
     "promote_next_blocked_v1": {"outbox_relay"},
+    # sql/0027: conversion, for applications in their transaction, the relay and `fx convert`
+    "convert_v1": {"outbox_app", "outbox_relay", "outbox_operator"},
+    "convert_at_rates_v1": {"outbox_app", "outbox_relay", "outbox_operator"},
+    "audit_fx_rate_doc": {"outbox_operator"},  # audit verify compares each rate row
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -188,6 +206,8 @@ RELAY_STATEMENTS = {
     "janitor_reserve",  # relay/core/janitor.py
     "janitor_take",
     "janitor_record",
+    "fx_insert_rates_as_relay",  # relay/service/fx_fetch.py: the opt-in ECB fetch
+    "fx_rate_ages",  # relay/service/depth.py: the rate-age gauge
 }
 OPERATOR_STATEMENTS = {
     "status_counts",  # relay/operations/status.py
@@ -233,6 +253,11 @@ OPERATOR_STATEMENTS = {
     "action_redrive",
     "action_executed",
     "exception_resolve",
+    "fx_insert_rates",  # relay/finance/fx.py: `fx import`
+    "fx_current_rates",
+    "fx_rate_history",
+    "fx_convert",
+    "fx_currency_exponent",
 }
 # Operator statements the relay role must not be able to run at all.
 RELAY_REFUSED = {
@@ -260,6 +285,11 @@ APP_MAY_RUN = {
     "dead_letters_count",
     "dead_letters_list",
     "dead_letters_page",
+    "fx_convert",  # sql/0027: applications read rates and convert
+    "fx_currency_exponent",
+    "fx_current_rates",
+    "fx_rate_ages",
+    "fx_rate_history",
     "intent_detail",
     "intent_payment",
     "ledger_payment_totals",  # sums over outbox.payments only

@@ -207,6 +207,14 @@ class Settings(BaseSettings):
     reconcile_fee_tolerance_minor: int = Field(
         0, ge=0, description="Fee difference tolerated before it is an unexpected_fee."
     )
+    fx_ecb_url: str | None = Field(
+        None,
+        description="Fetch the ECB's daily reference rates (eurofxref-daily.xml format) from "
+        "this URL every fx_ecb_interval_seconds into outbox.fx_rates; unset: no fetch.",
+    )
+    fx_ecb_interval_seconds: float = Field(
+        3_600.0, ge=60, description="Pause between two fetches of RELAY_FX_ECB_URL (jittered)."
+    )
     reconcile_slack_seconds: float = Field(
         3_600.0,
         ge=0,

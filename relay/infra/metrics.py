@@ -173,3 +173,20 @@ JANITOR_RESULTS = Counter(
     "settled_failed, no_effect, not_found_yet, lookup_failed, not_settleable, skipped).",
     ["provider", "result"],
 )
+
+# sql/0027: exchange rates. The age of the newest rate of each pair and source kind, from
+# its publication time: the alert OutboxFxRateStale fires before convert_v1 refuses it.
+FX_RATE_AGE_SECONDS = Gauge(
+    "outbox_relay_fx_rate_age_seconds",
+    "Seconds since the newest rate of the pair (base/quote) from this source kind was published.",
+    ["base", "quote", "source"],
+)
+FX_FETCHES = Counter(
+    "outbox_relay_fx_fetches_total",
+    "Periodic ECB rate fetches (RELAY_FX_ECB_URL) by result: imported, failed.",
+    ["result"],
+)
+FX_RATES_IMPORTED = Counter(
+    "outbox_relay_fx_rates_imported_total",
+    "Rates recorded by the periodic ECB fetch (a rate already recorded is not counted).",
+)

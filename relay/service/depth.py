@@ -24,6 +24,9 @@ Guarantees, each tested:
   intents of a provider that no live relay serves (statement ``relay_instances``: a row
   is live within max(3 of its intervals, 30 s)), 0 for a served one: such intents wait
   forever, and the alert OutboxRelayUnservedIntents names the provider;
+* ``outbox_relay_fx_rate_age_seconds{base,quote,source}`` is the age of the newest rate
+  of each pair and source kind (sql/0027), for the alert OutboxFxRateStale; a pair's rates
+  are never deleted, so its series never goes stale;
 * a failed sample (database away) leaves the gauges as they were and is retried next
   interval; ``outbox_relay_queue_depth_sampled_timestamp_seconds`` tells how old they are.
 """
@@ -57,6 +60,7 @@ class DepthSample:
 
     __slots__ = (
         "counts",
+        "fx_rate_age_seconds",
         "oldest_pending_seconds",
         "oldest_unpublished_seconds",
         "reconciliation_delta_minor",
@@ -76,6 +80,8 @@ class DepthSample:
         # Providers some live relay serves (raw names); waiting intents of any other one.
         self.served: set[str] = set()
         self.unserved: dict[str, int] = {}
+        # (base, quote, source kind) -> seconds since its newest rate was published.
+        self.fx_rate_age_seconds: dict[tuple[str, str, str], float] = {}
 
 
 class DepthSampler:
@@ -137,6 +143,13 @@ class DepthSampler:
             result.reconciliation_delta_minor[key] = result.reconciliation_delta_minor.get(
                 key, 0
             ) + int(row["delta_minor"])
+        for row in await self.db.fetch_all("fx_rate_ages", {"now": now}, row=dict_row):
+            pair = (
+                safe_label(row["base"]),
+                safe_label(row["quote"]),
+                safe_label(row["source_kind"]),
+            )
+            result.fx_rate_age_seconds[pair] = float(row["age_seconds"])
         self._publish(result)
         return result
 
@@ -163,6 +176,8 @@ class DepthSampler:
                 result.oldest_pending_seconds.get(provider, 0.0)
             )
             metrics.UNSERVED_INTENTS.labels(provider=provider).set(result.unserved.get(provider, 0))
+        for (base, quote, source), age in result.fx_rate_age_seconds.items():
+            metrics.FX_RATE_AGE_SECONDS.labels(base=base, quote=quote, source=source).set(age)
         metrics.UNPUBLISHED_EVENTS.set(result.unpublished)
         metrics.OLDEST_UNPUBLISHED_AGE_SECONDS.set(result.oldest_unpublished_seconds)
         metrics.DEPTH_SAMPLED_AT.set(time.time())
