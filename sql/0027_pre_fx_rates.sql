@@ -229,6 +229,41 @@ LANGUAGE sql STABLE AS $$
     LIMIT 1
 $$;
 
+-- The rate rows that convert p_from to p_to at p_at, by the rule of convert_v1: a rate of
+-- from/to, else of to/from, else a cross rate through a base both are quoted against (EUR
+-- first, then the others in code order: leg1 base/from, leg2 base/to). NULL legs when
+-- nothing connects them. No age check here: convert_v1 applies it.
+CREATE FUNCTION outbox.fx_legs_at(p_from text, p_to text, p_at timestamptz,
+                                  OUT leg1 outbox.fx_rates, OUT leg2 outbox.fx_rates)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_base text;
+BEGIN
+    leg1 := outbox.fx_rate_at(p_from, p_to, p_at);
+    IF leg1.id IS NOT NULL THEN
+        RETURN;
+    END IF;
+    leg1 := outbox.fx_rate_at(p_to, p_from, p_at);
+    IF leg1.id IS NOT NULL THEN
+        RETURN;
+    END IF;
+    SELECT f.base INTO v_base
+    FROM outbox.fx_rates AS f
+    JOIN outbox.fx_rates AS t ON t.base = f.base AND t.quote = p_to AND t.valid_from <= p_at
+    WHERE f.quote = p_from AND f.valid_from <= p_at
+    ORDER BY f.base <> 'EUR', f.base
+    LIMIT 1;
+    IF v_base IS NOT NULL THEN
+        leg1 := outbox.fx_rate_at(v_base, p_from, p_at);
+        leg2 := outbox.fx_rate_at(v_base, p_to, p_at);
+        IF leg1.id IS NULL OR leg2.id IS NULL THEN
+            leg1 := NULL;
+            leg2 := NULL;
+        END IF;
+    END IF;
+END;
+$$;
+
 CREATE FUNCTION outbox.fx_exponent(p_code text, p_argument text) RETURNS integer
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -311,9 +346,9 @@ DECLARE
     v_to    text := upper(to_ccy);
     v_at    timestamptz := coalesce(at, now());
     v_max   interval;
+    legs    record;
     leg1    outbox.fx_rates;
     leg2    outbox.fx_rates;
-    v_base  text;
     stale   outbox.fx_rates;
     v_rate  numeric;
 BEGIN
@@ -331,37 +366,19 @@ BEGIN
     v_max := coalesce(max_age, (SELECT p.max_rate_age FROM outbox.fx_policy AS p),
                       interval '5 days');
 
-    leg1 := outbox.fx_rate_at(v_from, v_to, v_at);
-    IF leg1.id IS NOT NULL THEN
-        v_rate := leg1.rate;
-    ELSE
-        leg1 := outbox.fx_rate_at(v_to, v_from, v_at);
-        IF leg1.id IS NOT NULL THEN
-            v_rate := round(1 / leg1.rate, 12);
-        ELSE
-            -- A cross rate through a base both currencies are quoted against, EUR first
-            -- (the ECB's), then the others in code order.
-            SELECT f.base INTO v_base
-            FROM outbox.fx_rates AS f
-            JOIN outbox.fx_rates AS t ON t.base = f.base AND t.quote = v_to
-                                     AND t.valid_from <= v_at
-            WHERE f.quote = v_from AND f.valid_from <= v_at
-            ORDER BY f.base <> 'EUR', f.base
-            LIMIT 1;
-            IF v_base IS NOT NULL THEN
-                leg1 := outbox.fx_rate_at(v_base, v_from, v_at);
-                leg2 := outbox.fx_rate_at(v_base, v_to, v_at);
-            END IF;
-            IF leg1.id IS NULL OR leg2.id IS NULL THEN
-                RAISE EXCEPTION USING ERRCODE = 'no_data_found', CONSTRAINT = 'fx_rate_missing',
-                    MESSAGE = format('fx_rate_missing: no rate converts %s to %s at %s (no %s/%s, '
-                                     'no %s/%s, no common base)', v_from, v_to, v_at,
-                                     v_from, v_to, v_to, v_from),
-                    HINT = 'Import rates (outbox-relay fx import ecb|csv) or record a manual one.';
-            END IF;
-            v_rate := round(leg2.rate / leg1.rate, 12);
-        END IF;
+    legs := outbox.fx_legs_at(v_from, v_to, v_at);
+    leg1 := legs.leg1;
+    leg2 := legs.leg2;
+    IF leg1.id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'no_data_found', CONSTRAINT = 'fx_rate_missing',
+            MESSAGE = format('fx_rate_missing: no rate converts %s to %s at %s (no %s/%s, '
+                             'no %s/%s, no common base)', v_from, v_to, v_at,
+                             v_from, v_to, v_to, v_from),
+            HINT = 'Import rates (outbox-relay fx import ecb|csv) or record a manual one.';
     END IF;
+    v_rate := CASE WHEN leg2.id IS NOT NULL THEN round(leg2.rate / leg1.rate, 12)
+                   WHEN leg1.base = v_from THEN leg1.rate
+                   ELSE round(1 / leg1.rate, 12) END;
 
     -- The older leg decides: a cross rate is as stale as its staler half.
     stale := CASE WHEN leg2.id IS NOT NULL AND leg2.published_at < leg1.published_at
@@ -556,6 +573,7 @@ REVOKE ALL ON FUNCTION outbox.fx_rates_before_insert(), outbox.fx_rates_refuse_c
     outbox.audit_fx_rate_doc(outbox.fx_rates), outbox.fx_rates_audit(),
     outbox.fx_div_half_even(numeric, numeric), outbox.fx_rate_at(text, text, timestamptz),
     outbox.fx_exponent(text, text),
+    outbox.fx_legs_at(text, text, timestamptz),
     outbox.fx_convert_with(bigint, text, text, outbox.fx_rates, outbox.fx_rates),
     outbox.convert_v1(bigint, text, text, timestamptz, interval),
     outbox.convert_at_rates_v1(bigint, text, text, bigint, bigint),

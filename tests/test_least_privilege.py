@@ -65,6 +65,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_app", "fx_policy"): {"SELECT"},
     ("outbox_relay", "fx_rates"): {"SELECT"},  # the periodic ECB fetch and the rate-age gauge
     ("outbox_relay", "fx_policy"): {"SELECT"},
+    ("outbox_relay", "fx_postings"): {"SELECT"},  # sql/0029: the FX difference gauge
     ("outbox_app", "events"): {"SELECT"},
     ("outbox_app", "payment_intents"): {"SELECT"},
     ("outbox_app", "payment_intents_archive"): {"SELECT"},
@@ -89,7 +90,9 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "currencies",
             "event_streams",
             "events",
+            "fx_ledger_entries",  # sql/0029
             "fx_policy",
+            "fx_postings",
             "fx_rates",
             "installation",
             "janitor_checks",
@@ -120,6 +123,12 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
     ("outbox_app", "payment_intents", "INSERT"): f"{APP_COLUMNS},{APP_FX_COLUMNS}",
     ("outbox_relay", "fx_rates", "INSERT"): RATE_COLUMNS.format(operator=""),
     ("outbox_operator", "fx_rates", "INSERT"): RATE_COLUMNS.format(operator="operator,"),
+    # sql/0029: reconciliation posts a settlement's FX difference
+    ("outbox_operator", "fx_postings", "INSERT"): (
+        "kind,payment_id,intent_id,provider,provider_reference,source_currency,"
+        "source_amount_minor,currency,expected_minor,actual_minor,our_rate_id,our_via_rate_id,"
+        "compared_rate_id,compared_via_rate_id,provider_rate"
+    ),
     ("outbox_app", "events", "INSERT"): EVENT_WRITER_COLUMNS,
     ("outbox_operator", "payment_intents", "INSERT"): APP_COLUMNS,
     ("outbox_relay", "events", "INSERT"): EVENT_WRITER_COLUMNS,
@@ -208,6 +217,7 @@ RELAY_STATEMENTS = {
     "janitor_record",
     "fx_insert_rates_as_relay",  # relay/service/fx_fetch.py: the opt-in ECB fetch
     "fx_rate_ages",  # relay/service/depth.py: the rate-age gauge
+    "fx_difference_totals",  # and the FX difference gauge
 }
 OPERATOR_STATEMENTS = {
     "status_counts",  # relay/operations/status.py
@@ -258,6 +268,9 @@ OPERATOR_STATEMENTS = {
     "fx_rate_history",
     "fx_convert",
     "fx_currency_exponent",
+    "fx_postings_list",  # `fx differences`
+    "reconcile_convert",  # sql/0029: a settlement in another currency
+    "reconcile_post_settlement",
 }
 # Operator statements the relay role must not be able to run at all.
 RELAY_REFUSED = {
@@ -291,6 +304,7 @@ APP_MAY_RUN = {
     "fx_rate_ages",
     "fx_rate_history",
     "intent_detail",
+    "reconcile_convert",  # outbox.convert_v1 only, which applications call
     "intent_payment",
     "ledger_payment_totals",  # sums over outbox.payments only
     "payment_intents_in_order",

@@ -11,6 +11,8 @@ or deleted; a newer one supersedes. Applications convert in their own transactio
   fx show [--at TIME]                     every pair's rate in force, its source and its age
   fx convert AMOUNT FROM TO [--at TIME]   what outbox.convert_v1 answers, with the rate used
   fx history BASE QUOTE                   every rate recorded for a pair, newest first
+  fx differences [--payment ID]           the FX difference journal: refunds at the charge's
+                                          rate, settlements in another currency
 
 Amounts are given and printed in major units with the currency's ISO 4217 exponent
 (``100.00 EUR``: exponent 2, 10000 minor units; ``150 JPY``: exponent 0; ``1.500 KWD``:
@@ -27,7 +29,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -35,7 +37,9 @@ from relay.cli.operator_args import add_operator_argument, operator_of
 from relay.cli.tables import plain_help, render_table
 from relay.domain.fx import FxDocumentError, RateDocument, parse_ecb_xml, parse_rates_csv
 from relay.domain.money import format_minor, parse_major
-from relay.finance import fx
+
+if TYPE_CHECKING:
+    from relay.finance.fx import ImportReport
 
 __all__ = ["add_commands"]
 
@@ -74,13 +78,15 @@ def _with_exponent(amount_minor: int, currency: str, exponent: int | None) -> st
 
 
 def _document(args: argparse.Namespace) -> tuple[bytes, str | None]:
+    from relay.finance import fx  # httpx and the database only when a command runs
+
     if args.file is not None:
         return Path(args.file).read_bytes(), None
     url = args.url or ECB_DAILY_URL
     return fx.fetch_document(url), url
 
 
-def _print_import(report: fx.ImportReport, document: RateDocument) -> None:
+def _print_import(report: ImportReport, document: RateDocument) -> None:
     days = sorted({r.published_at for r in document.rates})
     print(
         f"{report.source_kind} {report.source_name}: {report.rates_in_document} rate(s) "
@@ -92,6 +98,8 @@ def _print_import(report: fx.ImportReport, document: RateDocument) -> None:
 
 
 def _cmd_import(args: argparse.Namespace, conninfo: str) -> int:
+    from relay.finance import fx  # httpx and the database only when a command runs
+
     try:
         if args.kind == "ecb":
             data, url = _document(args)
@@ -134,6 +142,8 @@ def _cmd_import(args: argparse.Namespace, conninfo: str) -> int:
 
 
 def _cmd_show(args: argparse.Namespace, conninfo: str) -> int:
+    from relay.finance import fx  # httpx and the database only when a command runs
+
     with psycopg.connect(conninfo, autocommit=True) as conn:
         rows = fx.current_rates(conn, args.at)
     if args.json:
@@ -164,6 +174,8 @@ def _cmd_show(args: argparse.Namespace, conninfo: str) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace, conninfo: str) -> int:
+    from relay.finance import fx  # httpx and the database only when a command runs
+
     with psycopg.connect(conninfo, autocommit=True) as conn:
         exponent = fx.currency_exponent(conn, args.from_ccy)
         if exponent is None:
@@ -207,6 +219,8 @@ def _cmd_convert(args: argparse.Namespace, conninfo: str) -> int:
 
 
 def _cmd_history(args: argparse.Namespace, conninfo: str) -> int:
+    from relay.finance import fx  # httpx and the database only when a command runs
+
     with psycopg.connect(conninfo, autocommit=True) as conn:
         rows = fx.rate_history(conn, args.base, args.quote, args.limit)
     if args.json:
@@ -247,6 +261,61 @@ def _cmd_history(args: argparse.Namespace, conninfo: str) -> int:
                 for r in rows
             ],
         )
+    )
+    return 0
+
+
+def _cmd_differences(args: argparse.Namespace, conninfo: str) -> int:
+    from relay.finance import fx  # httpx and the database only when a command runs
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        rows = fx.differences(conn, args.payment, args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no FX differences posted")
+        return 0
+    print(
+        render_table(
+            [
+                "id",
+                "kind",
+                "payment",
+                "moved",
+                "expected (ours)",
+                "actual",
+                "difference",
+                "rates",
+                "posted",
+            ],
+            [
+                (
+                    r["id"],
+                    r["kind"],
+                    r["payment_id"],
+                    format_minor(
+                        r["source_amount_minor"], r["source_currency"], r["source_exponent"]
+                    ),
+                    format_minor(r["expected_minor"], r["currency"], r["exponent"]),
+                    format_minor(r["actual_minor"], r["currency"], r["exponent"]),
+                    format_minor(r["difference_minor"], r["currency"], r["exponent"]),
+                    f"ours {r['our_rate_id']}"
+                    + (f"+{r['our_via_rate_id']}" if r["our_via_rate_id"] else "")
+                    + (
+                        f", provider {r['provider_rate']}"
+                        if r["provider_rate"]
+                        else f", now {r['compared_rate_id']}"
+                    ),
+                    _when(r["posted_at"]),
+                )
+                for r in rows
+            ],
+        )
+    )
+    print(
+        "difference = actual - expected; for a refund, a negative one is what the refund "
+        "costs less today than at the charge's rate"
     )
     return 0
 
@@ -337,3 +406,18 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     history.add_argument("--limit", type=int, default=50, help="rows (default %(default)s)")
     history.add_argument("--json", action="store_true", help="print JSON")
     history.set_defaults(handler=lambda args: _cmd_history(args, database_url()))
+
+    diffs = actions.add_parser(
+        "differences",
+        help="the FX difference journal (refunds at the charge's rate, settlements)",
+        description="outbox.fx_postings: for each refund of a converted charge, its worth at "
+        "the charge's rate (expected) against the rate in force when it succeeded (actual), "
+        "in the charge's original currency; for each charge the provider settled in another "
+        "currency, our conversion (expected) against the provider's settled amount (actual), "
+        "in the account's currency. Each is a balanced double entry "
+        "(outbox.fx_ledger_entries).",
+    )
+    diffs.add_argument("--payment", metavar="ID", help="one payment's postings")
+    diffs.add_argument("--limit", type=int, default=50, help="rows (default %(default)s)")
+    diffs.add_argument("--json", action="store_true", help="print JSON")
+    diffs.set_defaults(handler=lambda args: _cmd_differences(args, database_url()))

@@ -64,10 +64,14 @@ def _conversion(intent: dict[str, Any], currency: str, exponent: int | None) -> 
     if intent.get("fx_via_rate_id") is not None:
         legs += f"; cross rate via {_rate_text(via, intent['fx_via_rate_id'])}"
     legs += ")"
-    return (
-        f"{original} at rate {first.get('rate', '?')} {legs} = "
-        f"{_money(intent['amount_minor'], currency, exponent)}, rounded half to even"
-    )
+    charged = _money(intent["amount_minor"], currency, exponent)
+    if intent["action"] == "refund":
+        # A refund gives back what was paid; its worth in the charge's currency follows.
+        return (
+            f"{charged} is worth {original} at the charge's rate {first.get('rate', '?')} "
+            f"{legs}, rounded half to even"
+        )
+    return f"{original} at rate {first.get('rate', '?')} {legs} = {charged}, rounded half to even"
 
 
 def print_intent(found: dict[str, Any]) -> None:
@@ -87,7 +91,10 @@ def print_intent(found: dict[str, Any]) -> None:
             if intent["amount_minor"] is not None
             else f"all that remains ({currency})",
         ),
-        ("converted from", _conversion(intent, currency, exponent)),
+        (
+            "at charge rate" if intent["action"] == "refund" else "converted from",
+            _conversion(intent, currency, exponent),
+        ),
         ("applied", _money(intent["amount_applied_minor"], currency, exponent)),
         ("attempts", intent["attempts"]),
         ("idempotency key", intent["idempotency_key"]),

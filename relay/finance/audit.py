@@ -262,10 +262,11 @@ _TAIL_CHECKED = (
     "reconciliation_exception",
     "reconciliation_action",
     "fx_rate",
+    "fx_posting",
 )
 # Rows that are never deleted by anyone (sql/0027 refuses it): a chain of one of these
 # entities without its live row means the row was removed behind the trigger's back.
-_NEVER_DELETED = ("fx_rate",)
+_NEVER_DELETED = ("fx_rate", "fx_posting")
 
 
 def _chains(rows: Iterable[AuditRow]) -> Iterator[list[AuditRow]]:

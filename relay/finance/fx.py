@@ -36,6 +36,7 @@ __all__ = [
     "convert",
     "currency_exponent",
     "current_rates",
+    "differences",
     "fetch_document",
     "fetch_document_async",
     "import_document",
@@ -216,3 +217,14 @@ def convert(
     if row is None:  # pragma: no cover - convert_v1 returns a row or raises
         raise FxDocumentError("convert_v1 returned nothing")
     return row
+
+
+def differences(
+    conn: psycopg.Connection, payment_id: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    """The FX difference journal (outbox.fx_postings), newest first, with exponents."""
+    return (
+        conn.cursor(row_factory=dict_row)
+        .execute(QUERIES["fx_postings_list"], {"payment_id": payment_id, "limit": limit})
+        .fetchall()
+    )

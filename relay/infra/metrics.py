@@ -175,7 +175,7 @@ JANITOR_RESULTS = Counter(
 )
 
 # sql/0027: exchange rates. The age of the newest rate of each pair and source kind, from
-# its publication time: the alert OutboxFxRateStale fires before convert_v1 refuses it.
+# its publication time: the alert OutboxRelayFxRateStale fires before convert_v1 refuses it.
 FX_RATE_AGE_SECONDS = Gauge(
     "outbox_relay_fx_rate_age_seconds",
     "Seconds since the newest rate of the pair (base/quote) from this source kind was published.",
@@ -189,4 +189,10 @@ FX_FETCHES = Counter(
 FX_RATES_IMPORTED = Counter(
     "outbox_relay_fx_rates_imported_total",
     "Rates recorded by the periodic ECB fetch (a rate already recorded is not counted).",
+)
+FX_DIFFERENCE_MINOR = Gauge(
+    "outbox_relay_fx_difference_minor",
+    "Sum of the FX difference journal (outbox.fx_postings: actual - expected) in minor units, "
+    "by provider, currency and kind (refund_at_charge_rate, settlement).",
+    ["provider", "currency", "kind"],
 )

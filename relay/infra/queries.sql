@@ -599,7 +599,13 @@ SELECT 'reconciliation_action', a.id::text, outbox.audit_generic_doc(a,
 FROM outbox.reconciliation_actions AS a
 UNION ALL
 SELECT 'fx_rate', r.id::text, outbox.audit_fx_rate_doc(r)
-FROM outbox.fx_rates AS r;
+FROM outbox.fx_rates AS r
+UNION ALL
+SELECT 'fx_posting', p.id::text, outbox.audit_generic_doc(p,
+       'id,kind,payment_id,intent_id,provider,provider_reference,source_currency,'
+       'source_amount_minor,currency,expected_minor,actual_minor,difference_minor,our_rate_id,'
+       'our_via_rate_id,compared_rate_id,compared_via_rate_id,provider_rate,posted_at,posted_by')
+FROM outbox.fx_postings AS p;
 
 -- name: ledger_counts
 -- Ledger transactions, entries and payments, for the check's headline.
@@ -1038,3 +1044,43 @@ SELECT base, quote, source_kind,
 FROM outbox.fx_rates
 GROUP BY base, quote, source_kind
 ORDER BY base, quote, source_kind;
+
+-- name: reconcile_convert
+-- Our conversion of a ledger amount into the currency the provider settled it in, at the rate in force
+-- at the settlement (outbox.convert_v1 with no age limit: a past settlement is judged by the rate then).
+SELECT converted_minor, currency, rate::text, rate_id, via_rate_id
+FROM outbox.convert_v1(%(amount_minor)s::bigint, %(from_ccy)s::text, %(to_ccy)s::text,
+                       %(at)s::timestamptz, interval '100 years');
+
+-- name: reconcile_post_settlement
+-- Post a settled charge's FX difference (provider's amount against ours) to the journal, once per transaction.
+INSERT INTO outbox.fx_postings
+    (kind, payment_id, provider, provider_reference, source_currency, source_amount_minor,
+     currency, expected_minor, actual_minor, our_rate_id, our_via_rate_id, provider_rate)
+VALUES ('settlement', %(payment_id)s::text, %(provider)s::text, %(provider_reference)s::text,
+        %(source_currency)s::text, %(source_amount_minor)s::bigint, %(currency)s::text,
+        %(expected_minor)s::bigint, %(actual_minor)s::bigint, %(rate_id)s::bigint,
+        %(via_rate_id)s::bigint, %(provider_rate)s::text)
+ON CONFLICT (provider, provider_reference) WHERE kind = 'settlement' DO NOTHING
+RETURNING id;
+
+-- name: fx_postings_list
+-- The FX difference journal (sql/0029), newest first, with both currencies' exponents.
+SELECT p.id, p.kind, p.payment_id, p.intent_id, p.provider, p.provider_reference,
+       p.source_currency, p.source_amount_minor, p.currency, p.expected_minor, p.actual_minor,
+       p.difference_minor, p.our_rate_id, p.our_via_rate_id, p.compared_rate_id,
+       p.compared_via_rate_id, p.provider_rate, p.posted_at, p.posted_by,
+       (SELECT exponent FROM outbox.currencies WHERE code = p.source_currency) AS source_exponent,
+       (SELECT exponent FROM outbox.currencies WHERE code = p.currency) AS exponent
+FROM outbox.fx_postings AS p
+WHERE (%(payment_id)s::text IS NULL OR p.payment_id = %(payment_id)s::text)
+ORDER BY p.id DESC
+LIMIT %(limit)s::integer;
+
+-- name: fx_difference_totals
+-- The FX difference journal summed by provider, currency and kind, for the gauge and the dashboard.
+SELECT provider, currency, kind, sum(difference_minor)::bigint AS difference_minor,
+       count(*) AS postings
+FROM outbox.fx_postings
+GROUP BY provider, currency, kind
+ORDER BY provider, currency, kind;

@@ -25,8 +25,10 @@ Guarantees, each tested:
   is live within max(3 of its intervals, 30 s)), 0 for a served one: such intents wait
   forever, and the alert OutboxRelayUnservedIntents names the provider;
 * ``outbox_relay_fx_rate_age_seconds{base,quote,source}`` is the age of the newest rate
-  of each pair and source kind (sql/0027), for the alert OutboxFxRateStale; a pair's rates
+  of each pair and source kind (sql/0027), for the alert OutboxRelayFxRateStale; a pair's rates
   are never deleted, so its series never goes stale;
+* ``outbox_relay_fx_difference_minor{provider,currency,kind}`` sums the FX difference
+  journal (sql/0029), whose rows are never deleted either;
 * a failed sample (database away) leaves the gauges as they were and is retried next
   interval; ``outbox_relay_queue_depth_sampled_timestamp_seconds`` tells how old they are.
 """
@@ -60,6 +62,7 @@ class DepthSample:
 
     __slots__ = (
         "counts",
+        "fx_difference_minor",
         "fx_rate_age_seconds",
         "oldest_pending_seconds",
         "oldest_unpublished_seconds",
@@ -82,6 +85,8 @@ class DepthSample:
         self.unserved: dict[str, int] = {}
         # (base, quote, source kind) -> seconds since its newest rate was published.
         self.fx_rate_age_seconds: dict[tuple[str, str, str], float] = {}
+        # (provider, currency, kind) -> sum of the FX difference journal, minor units.
+        self.fx_difference_minor: dict[tuple[str, str, str], int] = {}
 
 
 class DepthSampler:
@@ -150,6 +155,9 @@ class DepthSampler:
                 safe_label(row["source_kind"]),
             )
             result.fx_rate_age_seconds[pair] = float(row["age_seconds"])
+        for row in await self.db.fetch_all("fx_difference_totals", row=dict_row):
+            kind = (safe_label(row["provider"]), safe_label(row["currency"]), str(row["kind"]))
+            result.fx_difference_minor[kind] = int(row["difference_minor"])
         self._publish(result)
         return result
 
@@ -178,6 +186,10 @@ class DepthSampler:
             metrics.UNSERVED_INTENTS.labels(provider=provider).set(result.unserved.get(provider, 0))
         for (base, quote, source), age in result.fx_rate_age_seconds.items():
             metrics.FX_RATE_AGE_SECONDS.labels(base=base, quote=quote, source=source).set(age)
+        for (provider, currency, kind), total in result.fx_difference_minor.items():
+            metrics.FX_DIFFERENCE_MINOR.labels(provider=provider, currency=currency, kind=kind).set(
+                total
+            )
         metrics.UNPUBLISHED_EVENTS.set(result.unpublished)
         metrics.OLDEST_UNPUBLISHED_AGE_SECONDS.set(result.oldest_unpublished_seconds)
         metrics.DEPTH_SAMPLED_AT.set(time.time())

@@ -10,7 +10,7 @@ unique index, so N relays record each rate once.
 A failed fetch, a document that does not parse, or a database error is logged with what
 to do and counted (``outbox_relay_fx_fetches_total{result="failed"}``); the loop goes on
 and the relay's other work is never touched. Staleness is watched by the rate-age gauge
-(relay/service/depth.py) and the alert OutboxFxRateStale, not by this loop.
+(relay/service/depth.py) and the alert OutboxRelayFxRateStale, not by this loop.
 """
 
 from __future__ import annotations
