@@ -628,3 +628,29 @@ async def test_periodic_ecb_fetch_records_once_survives_failures_and_feeds_the_a
         assert age == (now - ecb_publication_time(day)).total_seconds()
     finally:
         await db.close()
+
+
+def test_ledger_check_names_an_fx_posting_without_a_succeeded_refund(
+    conn: psycopg.Connection, db_url: str
+) -> None:
+    from relay.finance.ledger import check_ledger
+
+    rid = add_rate(conn, "EUR", "USD", "1.0876")
+    intent = insert_converted(
+        conn,
+        "pay-fx-x",
+        amount_minor=10876,
+        original_amount_minor=10000,
+        original_currency="EUR",
+        fx_rate_id=rid,
+    )
+    assert check_ledger(db_url).problems == []
+    conn.execute(
+        "INSERT INTO outbox.fx_postings (kind, payment_id, intent_id, provider, source_currency, "
+        "source_amount_minor, currency, expected_minor, actual_minor, our_rate_id) VALUES "
+        "('refund_at_charge_rate', 'pay-fx-x', %s, 'stripe', 'USD', 10876, 'EUR', 10000, 9000, %s)",
+        (intent, rid),
+    )
+    problems = check_ledger(db_url).problems
+    assert [(p.kind, p.subject) for p in problems] == [("fx_posting", "FX posting 1")]
+    assert f"names intent {intent}, which is a pending charge" in problems[0].message

@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 
 from provider_adapters.stripe import StripeAdapter
 from relay.finance.audit import verify_database
+from relay.finance.ledger import check_ledger
 from relay.finance.reconcile import FeeSchedule, run
 from relay.infra.db import Database
 from relay.service.depth import DepthSampler
@@ -147,6 +148,7 @@ async def test_refund_takes_the_charge_rate_and_books_the_difference(
     ]
     assert sum(amount for _, _, amount in entries) == 0
     assert verify_database(db_url).intact
+    assert check_ledger(db_url).problems == []
     db = Database(db_url, pool_size=1)
     await db.open()
     try:

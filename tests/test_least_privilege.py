@@ -269,6 +269,7 @@ OPERATOR_STATEMENTS = {
     "fx_convert",
     "fx_currency_exponent",
     "fx_postings_list",  # `fx differences`
+    "ledger_fx_problems",  # `ledger check`
     "reconcile_convert",  # sql/0029: a settlement in another currency
     "reconcile_post_settlement",
 }

@@ -1084,3 +1084,25 @@ SELECT provider, currency, kind, sum(difference_minor)::bigint AS difference_min
 FROM outbox.fx_postings
 GROUP BY provider, currency, kind
 ORDER BY provider, currency, kind;
+
+-- name: ledger_fx_problems
+-- FX difference postings (sql/0029) whose entries do not balance, or whose refund is not a succeeded refund.
+WITH intents AS (
+    SELECT id, action, status FROM outbox.payment_intents
+    UNION ALL
+    SELECT id, action, status FROM outbox.payment_intents_archive
+),
+sums AS (
+    SELECT posting_id, sum(amount_minor)::bigint AS imbalance
+    FROM outbox.fx_ledger_entries
+    GROUP BY posting_id
+)
+SELECT p.id, p.kind, p.payment_id, p.intent_id, p.currency, COALESCE(s.imbalance, 0) AS imbalance,
+       i.action, i.status
+FROM outbox.fx_postings AS p
+LEFT JOIN sums AS s ON s.posting_id = p.id
+LEFT JOIN intents AS i ON i.id = p.intent_id
+WHERE COALESCE(s.imbalance, 0) <> 0
+   OR (p.kind = 'refund_at_charge_rate'
+       AND (i.id IS NULL OR i.action <> 'refund' OR i.status <> 'succeeded'))
+ORDER BY p.id;
