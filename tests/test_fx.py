@@ -225,9 +225,7 @@ def test_sql_conversion_equals_the_exact_rule_direct_and_inverse(
 def test_cross_rate_through_eur_is_exact(
     conn: psycopg.Connection, r_from: Decimal, r_to: Decimal, e_from: int, e_to: int, amount: int
 ) -> None:
-    src, dst = BY_EXPONENT[e_from][2], BY_EXPONENT[e_to][1] if e_to != 2 else "GBP"
-    if src == dst:
-        return
+    src, dst = BY_EXPONENT[e_from][2], BY_EXPONENT[e_to][1]  # never EUR, never equal
     published = NOW - timedelta(minutes=5) + tick()
     a = add_rate(conn, "EUR", src, r_from, published=published)
     b = add_rate(conn, "EUR", dst, r_to, published=published)
@@ -654,3 +652,18 @@ def test_ledger_check_names_an_fx_posting_without_a_succeeded_refund(
     problems = check_ledger(db_url).problems
     assert [(p.kind, p.subject) for p in problems] == [("fx_posting", "FX posting 1")]
     assert f"names intent {intent}, which is a pending charge" in problems[0].message
+
+
+def test_fx_record_a_manual_rate_names_its_operator(conn: psycopg.Connection, db_url: str) -> None:
+    env = {"RELAY_DATABASE_URL": db_url}
+    done = run_cli("fx", "record", "eur", "usd", "1.0901", "--operator", "alice", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "1 EUR = 1.0901 USD" in done.stdout and "by operator alice" in done.stdout
+    row = conn.execute(
+        "SELECT source_kind, operator, recorded_by, rate::text, length(source_sha256) "
+        "FROM outbox.fx_rates"
+    ).fetchone()
+    assert row == ("manual", "alice", "operator:alice", "1.0901", 32)
+    assert convert_sql(conn, 10000, "EUR", "USD")[0] == 10901
+    bad = run_cli("fx", "record", "EUR", "USD", "1,09", "--operator", "alice", env=env)
+    assert bad.returncode == 1 and "is not a positive decimal" in bad.stderr

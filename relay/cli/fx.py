@@ -8,6 +8,7 @@ or deleted; a newer one supersedes. Applications convert in their own transactio
 
   fx import ecb --url URL | --file PATH   the ECB's daily reference rates (eurofxref-daily.xml)
   fx import csv --file PATH               base,quote,rate,published_at[,valid_until] lines
+  fx record BASE QUOTE RATE --operator N  one rate entered by hand, by a named operator
   fx show [--at TIME]                     every pair's rate in force, its source and its age
   fx convert AMOUNT FROM TO [--at TIME]   what outbox.convert_v1 answers, with the rate used
   fx history BASE QUOTE                   every rate recorded for a pair, newest first
@@ -35,7 +36,13 @@ import psycopg
 
 from relay.cli.operator_args import add_operator_argument, operator_of
 from relay.cli.tables import plain_help, render_table
-from relay.domain.fx import FxDocumentError, RateDocument, parse_ecb_xml, parse_rates_csv
+from relay.domain.fx import (
+    FxDocumentError,
+    RateDocument,
+    manual_rate,
+    parse_ecb_xml,
+    parse_rates_csv,
+)
 from relay.domain.money import format_minor, parse_major
 
 if TYPE_CHECKING:
@@ -138,6 +145,53 @@ def _cmd_import(args: argparse.Namespace, conninfo: str) -> int:
         )
         return 1
     _print_import(report, document)
+    return 0
+
+
+def _cmd_record(args: argparse.Namespace, conninfo: str) -> int:
+    from datetime import UTC
+
+    from relay.finance import fx  # httpx and the database only when a command runs
+
+    operator = operator_of(args)
+    try:
+        document = manual_rate(
+            args.base,
+            args.quote,
+            args.rate,
+            operator,
+            args.valid_from or datetime.now(UTC),
+            args.valid_until,
+        )
+    except FxDocumentError as exc:
+        print(f"error: {exc}; nothing recorded", file=sys.stderr)
+        return 1
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        try:
+            report = fx.import_document(
+                conn,
+                document,
+                source_kind="manual",
+                source_name=args.source_name,
+                operator=operator,
+            )
+        except psycopg.errors.ForeignKeyViolation:
+            print(
+                f"error: {args.base.upper()} or {args.quote.upper()} is not in "
+                "outbox.currencies; nothing recorded",
+                file=sys.stderr,
+            )
+            return 1
+    rate = document.rates[0]
+    if report.inserted:
+        print(
+            f"recorded rate {report.rate_ids[0]}: 1 {rate.base} = {rate.rate} {rate.quote}, "
+            f"valid from {_when(rate.valid_from)}"
+            + (f" until {_when(rate.valid_until)}" if rate.valid_until else "")
+            + f", by operator {operator} (audited)"
+        )
+    else:
+        print("this rate was already recorded with the same validity; nothing new")
     return 0
 
 
@@ -367,6 +421,25 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     add_operator_argument(csv_parser)
     for parser in (ecb, csv_parser):
         parser.set_defaults(handler=lambda args: _cmd_import(args, database_url()))
+
+    record = actions.add_parser(
+        "record",
+        help="record one rate by hand (source manual, your operator name)",
+        description="Record 1 BASE = RATE QUOTE as a manual rate: the operator is named "
+        "(--operator, else RELAY_OPERATOR, else your user name) and the entry is in the "
+        "audit trail. It is in force from --valid-from (default now) until the next rate "
+        "of the pair (or --valid-until), and supersedes older ones for new conversions.",
+    )
+    record.add_argument("base", metavar="BASE", help="ISO 4217 code, e.g. EUR")
+    record.add_argument("quote", metavar="QUOTE", help="ISO 4217 code, e.g. USD")
+    record.add_argument("rate", metavar="RATE", help="units of QUOTE per BASE, e.g. 1.0876")
+    record.add_argument("--valid-from", type=_timestamp, help="ISO 8601 time (default now)")
+    record.add_argument("--valid-until", type=_timestamp, help="ISO 8601 time (default open)")
+    record.add_argument(
+        "--source-name", default="manual entry", help="source name (default %(default)s)"
+    )
+    add_operator_argument(record)
+    record.set_defaults(handler=lambda args: _cmd_record(args, database_url()))
 
     show = actions.add_parser(
         "show",

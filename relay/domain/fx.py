@@ -39,6 +39,7 @@ __all__ = [
     "convert_minor",
     "ecb_publication_time",
     "half_even",
+    "manual_rate",
     "parse_ecb_xml",
     "parse_rate",
     "parse_rates_csv",
@@ -241,3 +242,41 @@ def convert_minor(
         raise TypeError(f"rate must be a Decimal or a Fraction, got {type(rate).__name__}")
     exact = Fraction(amount_minor) * Fraction(rate) * Fraction(10) ** (to_exponent - from_exponent)
     return half_even(exact)
+
+
+def manual_rate(
+    base: str,
+    quote: str,
+    rate: str,
+    operator: str,
+    valid_from: datetime,
+    valid_until: datetime | None = None,
+) -> RateDocument:
+    """One rate an operator enters by hand, as a document: its hash is over the entry's
+    canonical text (pair, rate, validity, operator), so the record says what was entered."""
+    where = "manual rate"
+    base_code = _code(base, where, "base")
+    quote_code = _code(quote, where, "quote")
+    if base_code == quote_code:
+        raise FxDocumentError(f"{where}: base and quote are both {base_code}")
+    value = parse_rate(rate, where)
+    if valid_from.tzinfo is None:
+        raise FxDocumentError(f"{where}: valid_from has no time zone")
+    start = valid_from.astimezone(UTC)
+    end = valid_until.astimezone(UTC) if valid_until is not None else None
+    if end is not None and end <= start:
+        raise FxDocumentError(f"{where}: valid_until is not after valid_from")
+    canonical = "|".join(
+        (
+            base_code,
+            quote_code,
+            str(value),
+            start.isoformat(),
+            end.isoformat() if end else "",
+            operator,
+        )
+    )
+    return RateDocument(
+        (Rate(base_code, quote_code, value, start, start, end),),
+        hashlib.sha256(canonical.encode("utf-8")).digest(),
+    )
