@@ -667,3 +667,26 @@ def test_fx_record_a_manual_rate_names_its_operator(conn: psycopg.Connection, db
     assert convert_sql(conn, 10000, "EUR", "USD")[0] == 10901
     bad = run_cli("fx", "record", "EUR", "USD", "1,09", "--operator", "alice", env=env)
     assert bad.returncode == 1 and "is not a positive decimal" in bad.stderr
+
+
+def test_an_fx_posting_changed_behind_the_trigger_is_caught_by_audit_verify(
+    conn: psycopg.Connection, db_url: str
+) -> None:
+    rid = add_rate(conn, "EUR", "USD", "1.0876")
+    conn.execute(
+        "INSERT INTO outbox.fx_postings (kind, payment_id, provider, provider_reference, "
+        "source_currency, source_amount_minor, currency, expected_minor, actual_minor, "
+        "our_rate_id, provider_rate) VALUES ('settlement', 'pay-s', 'stripe', 'txn_1', 'USD', "
+        "10876, 'EUR', 10000, 9720, %s, '0.8937')",
+        (rid,),
+    )
+    assert verify_database(db_url).intact
+    with conn.transaction():
+        conn.execute("ALTER TABLE outbox.fx_postings DISABLE TRIGGER fx_postings_append_only")
+        conn.execute("GRANT UPDATE ON outbox.fx_postings TO CURRENT_USER")
+        conn.execute("UPDATE outbox.fx_postings SET actual_minor = 10000")
+        conn.execute("ALTER TABLE outbox.fx_postings ENABLE TRIGGER fx_postings_append_only")
+    breaks = verify_database(db_url).breaks
+    assert [(b.entity, b.entity_id, b.kind) for b in breaks] == [
+        ("fx_posting", "1", "tail_mismatch")
+    ]
