@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
@@ -173,6 +174,10 @@ class BalanceTransaction:
     source_id: str | None
     source_status: str | None
     created: datetime
+    # Settled in another currency than the source's: the rate the provider used (amount
+    # of the source's currency x exchange_rate = ``amount_minor``), exact; None: no
+    # conversion.
+    exchange_rate: Decimal | None = None
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -421,6 +422,27 @@ def _balance_transaction(txn: Any) -> BalanceTransaction:
             source_id=source_id if isinstance(source_id, str) else None,
             source_status=source_status if isinstance(source_status, str) else None,
             created=datetime.fromtimestamp(_int_field(txn, "created"), UTC),
+            exchange_rate=_exchange_rate(txn),
         )
     except _InvalidReply as exc:
         raise SettlementUnavailable(f"balance transaction {_field(txn, 'id')!r}: {exc}") from None
+
+
+def _exchange_rate(txn: Any) -> Decimal | None:
+    """The balance transaction's ``exchange_rate``, exact.
+
+    Stripe sends a JSON number and the SDK hands it over as a float; its shortest repr
+    is the decimal the JSON carried (a rate has far fewer than 15 significant digits),
+    so the float goes no further than this line."""
+    value = _field(txn, "exchange_rate")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _InvalidReply(f"exchange_rate is {type(value).__name__}, not a number")
+    try:
+        rate = Decimal(repr(value) if not isinstance(value, str) else value)
+    except ArithmeticError:
+        raise _InvalidReply(f"exchange_rate {value!r} is not a number") from None
+    if not rate.is_finite() or rate <= 0:
+        raise _InvalidReply(f"exchange_rate {value!r} is not a positive number")
+    return rate

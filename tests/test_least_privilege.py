@@ -47,6 +47,12 @@ Denied = psycopg.errors.InsufficientPrivilege
 APP_COLUMNS = (
     "payment_id,action,provider,amount_minor,currency,payment_method,idempotency_key,metadata"
 )
+# sql/0027: a converted intent's original amount and rate(s), beside what it charges.
+APP_FX_COLUMNS = "original_amount_minor,original_currency,fx_rate_id,fx_via_rate_id"
+RATE_COLUMNS = (
+    "base,quote,rate,source_kind,source_name,source_url,source_sha256,{operator}published_at,"
+    "fetched_at,valid_from,valid_until"
+)
 EVENT_WRITER_COLUMNS = (
     "event_id,exchange,routing_key,event_type,payload,headers,ordering_key,payment_id,"
     "schema_version,traceparent"
@@ -55,6 +61,11 @@ EVENT_WRITER_COLUMNS = (
 # (role, relation) -> table-level privileges
 TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_app", "currencies"): {"SELECT"},
+    ("outbox_app", "fx_rates"): {"SELECT"},  # sql/0027: convert in the app's transaction
+    ("outbox_app", "fx_policy"): {"SELECT"},
+    ("outbox_relay", "fx_rates"): {"SELECT"},  # the periodic ECB fetch and the rate-age gauge
+    ("outbox_relay", "fx_policy"): {"SELECT"},
+    ("outbox_relay", "fx_postings"): {"SELECT"},  # sql/0029: the FX difference gauge
     ("outbox_app", "events"): {"SELECT"},
     ("outbox_app", "payment_intents"): {"SELECT"},
     ("outbox_app", "payment_intents_archive"): {"SELECT"},
@@ -83,6 +94,10 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "currencies",
             "event_streams",
             "events",
+            "fx_ledger_entries",  # sql/0029
+            "fx_policy",
+            "fx_postings",
+            "fx_rates",
             "installation",
             "janitor_checks",
             "ledger_entries",
@@ -110,7 +125,15 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
 
 # (role, relation, privilege) -> columns
 COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
-    ("outbox_app", "payment_intents", "INSERT"): APP_COLUMNS,
+    ("outbox_app", "payment_intents", "INSERT"): f"{APP_COLUMNS},{APP_FX_COLUMNS}",
+    ("outbox_relay", "fx_rates", "INSERT"): RATE_COLUMNS.format(operator=""),
+    ("outbox_operator", "fx_rates", "INSERT"): RATE_COLUMNS.format(operator="operator,"),
+    # sql/0029: reconciliation posts a settlement's FX difference
+    ("outbox_operator", "fx_postings", "INSERT"): (
+        "kind,payment_id,intent_id,provider,provider_reference,source_currency,"
+        "source_amount_minor,currency,expected_minor,actual_minor,our_rate_id,our_via_rate_id,"
+        "compared_rate_id,compared_via_rate_id,provider_rate"
+    ),
     ("outbox_app", "events", "INSERT"): EVENT_WRITER_COLUMNS,
     ("outbox_operator", "payment_intents", "INSERT"): APP_COLUMNS,
     ("outbox_relay", "events", "INSERT"): EVENT_WRITER_COLUMNS,
@@ -157,6 +180,10 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     # sql/0023: a change a notification reported, posted and raised as the owner
     "post_notified_change_v1": {"outbox_relay"},
     "open_notified_exception_v1": {"outbox_relay"},
+    # sql/0027: conversion, for applications in their transaction, the relay and `fx convert`
+    "convert_v1": {"outbox_app", "outbox_relay", "outbox_operator"},
+    "convert_at_rates_v1": {"outbox_app", "outbox_relay", "outbox_operator"},
+    "audit_fx_rate_doc": {"outbox_operator"},  # audit verify compares each rate row
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -220,6 +247,9 @@ RELAY_STATEMENTS = {
     "inbox_ledger_totals",
     "inbox_retention",  # relay/service/retention.py
     "inbox_waiting",  # relay/service/depth.py
+    "fx_insert_rates_as_relay",  # relay/service/fx_fetch.py: the opt-in ECB fetch
+    "fx_rate_ages",  # relay/service/depth.py: the rate-age gauge
+    "fx_difference_totals",  # and the FX difference gauge
 }
 OPERATOR_STATEMENTS = {
     "status_counts",  # relay/operations/status.py
@@ -269,6 +299,15 @@ OPERATOR_STATEMENTS = {
     "webhooks_list",
     "webhook_show",
     "webhooks_for_payment",  # relay/operations/intents.py
+    "fx_insert_rates",  # relay/finance/fx.py: `fx import`
+    "fx_current_rates",
+    "fx_rate_history",
+    "fx_convert",
+    "fx_currency_exponent",
+    "fx_postings_list",  # `fx differences`
+    "ledger_fx_problems",  # `ledger check`
+    "reconcile_convert",  # sql/0029: a settlement in another currency
+    "reconcile_post_settlement",
 }
 # Operator statements the relay role must not be able to run at all.
 RELAY_REFUSED = {
@@ -301,7 +340,13 @@ APP_MAY_RUN = {
     "dead_letters_count",
     "dead_letters_list",
     "dead_letters_page",
+    "fx_convert",  # sql/0027: applications read rates and convert
+    "fx_currency_exponent",
+    "fx_current_rates",
+    "fx_rate_ages",
+    "fx_rate_history",
     "intent_detail",
+    "reconcile_convert",  # outbox.convert_v1 only, which applications call
     "intent_payment",
     "ledger_payment_totals",  # sums over outbox.payments only
     "payment_intents_in_order",

@@ -330,6 +330,22 @@ def create_app(
                 )
         return _json(200, {"bps": schedule.bps, "fixed_minor": schedule.fixed_minor})
 
+    async def settlement_currency(request: web.Request) -> web.Response:
+        """POST {"currency": "eur", "rates": {"usd": "0.9123"}}: settle in another currency."""
+        settlement = fake.state.settlement
+        if request.method == "POST":
+            try:
+                spec = await request.json()
+            except ValueError:
+                return _json(*stripe_error(400, "invalid_request_error", "body must be JSON"))
+            if not isinstance(spec, dict):
+                return _json(*stripe_error(400, "invalid_request_error", "body must be an object"))
+            return _json(*settlement.settle_in(spec))
+        return _json(
+            200, {"currency": settlement.account_currency, "rates": settlement.exchange_rates}
+        )
+
+    app.router.add_route("*", "/_fake/settlement_currency", settlement_currency)
     app.router.add_route("*", "/_fake/discrepancies", discrepancies)
     app.router.add_route("*", "/_fake/fees", fees)
 

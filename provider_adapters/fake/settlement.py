@@ -21,6 +21,15 @@ status_mismatch      its source object (charge or refund) reports ``failed``
 unexpected_fee       its fee becomes ``fee``
 ==================== ======================================================================
 
+**Settlement in another currency.** ``account_currency`` set (``POST
+/_fake/settlement_currency {"currency": "eur", "rates": {"usd": "0.9123"}}``), a charge or
+refund in another currency settles converted, as at Stripe: the balance transaction's
+``amount`` is in the account's currency (the charge's amount times ``exchange_rate``,
+rounded half up to the account currency's grid; Stripe does not document its rounding),
+its ``fee`` and ``net`` too, and ``exchange_rate`` is the rate used (a JSON number, as
+Stripe sends it; ``null`` when nothing was converted). ``rates`` maps the charge's
+currency to units of the account currency per unit.
+
 ``source`` names what the relay knows: a PaymentIntent (``pi_...``, its charge's
 transaction), a refund (``re_...``), a charge (``ch_...``) or a transaction (``txn_...``).
 """
@@ -32,6 +41,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from provider_adapters.currency_units import STRIPE_UNITS
@@ -48,6 +58,36 @@ DISCREPANCIES = (
     "status_mismatch",
     "unexpected_fee",
 )
+
+
+# Stripe's decimal places where they are not 2 (its "zero-decimal" and "three-decimal"
+# currency lists), for the conversion of a settled amount between two currencies' units.
+_ZERO_DECIMAL = frozenset(
+    [
+        "bif",
+        "clp",
+        "djf",
+        "gnf",
+        "jpy",
+        "kmf",
+        "krw",
+        "mga",
+        "pyg",
+        "rwf",
+        "ugx",
+        "vnd",
+        "vuv",
+        "xaf",
+        "xof",
+        "xpf",
+    ]
+)
+_THREE_DECIMAL = frozenset(["bhd", "jod", "kwd", "omr", "tnd"])
+
+
+def _stripe_exponent(currency: str) -> int:
+    code = currency.lower()
+    return 0 if code in _ZERO_DECIMAL else 3 if code in _THREE_DECIMAL else 2
 
 
 def _error(status: int, message: str, param: str | None = None) -> Reply:
@@ -77,6 +117,10 @@ class Settlement:
     transactions: list[dict[str, Any]] = field(default_factory=list)
     charges: dict[str, dict[str, Any]] = field(default_factory=dict)
     injected: list[dict[str, Any]] = field(default_factory=list)
+    # Settlement in another currency: the account's currency (lower case) and, per charge
+    # currency, units of it per unit (decimal strings). None: every charge settles as is.
+    account_currency: str | None = None
+    exchange_rates: dict[str, str] = field(default_factory=dict)
     _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def _id(self, prefix: str) -> str:
@@ -107,11 +151,57 @@ class Settlement:
                 "currency": currency,
                 "status": "succeeded",
             }
-            self._add("charge", amount, self.fees.fee(amount, currency), currency, charge)
+            settled, settled_currency, rate = self._settled(amount, currency)
+            self._add(
+                "charge",
+                settled,
+                self.fees.fee(settled, settled_currency),
+                settled_currency,
+                charge,
+                rate,
+            )
         elif kind == "refund":
-            self._add("refund", -amount, 0, currency, object_id)
+            settled, settled_currency, rate = self._settled(amount, currency)
+            self._add("refund", -settled, 0, settled_currency, object_id, rate)
 
-    def _add(self, type_: str, amount: int, fee: int, currency: str, source: str) -> dict[str, Any]:
+    def _settled(self, amount: int, currency: str) -> tuple[int, str, str | None]:
+        """The amount in the account's currency (Stripe units), and the rate used."""
+        account = self.account_currency
+        if account is None or account == currency or currency not in self.exchange_rates:
+            return amount, currency, None
+        rate = self.exchange_rates[currency]
+        # Stripe units of both currencies: their exponents as Stripe counts them.
+        scale = Decimal(10) ** (_stripe_exponent(account) - _stripe_exponent(currency))
+        exact = Decimal(amount) * Decimal(rate) * scale
+        step = STRIPE_UNITS.granularity(account)
+        settled = int((exact / step).quantize(Decimal(1), rounding=ROUND_HALF_UP)) * step
+        return settled, account, rate
+
+    def settle_in(self, spec: Mapping[str, Any]) -> Reply:
+        """``{"currency": "eur", "rates": {"usd": "0.9123"}}``; ``{"currency": null}``: off."""
+        currency = spec.get("currency")
+        rates = spec.get("rates", {})
+        if currency is not None and not (isinstance(currency, str) and len(currency) == 3):
+            return _error(400, "currency must be a three-letter code or null", "currency")
+        if not isinstance(rates, dict):
+            return _error(400, "rates must map currencies to decimal strings", "rates")
+        try:
+            parsed = {str(k).lower(): str(Decimal(str(v))) for k, v in rates.items()}
+        except ArithmeticError:
+            return _error(400, 'every rate must be a decimal string such as "0.9123"', "rates")
+        self.account_currency = currency.lower() if isinstance(currency, str) else None
+        self.exchange_rates = parsed
+        return 200, {"currency": self.account_currency, "rates": self.exchange_rates}
+
+    def _add(
+        self,
+        type_: str,
+        amount: int,
+        fee: int,
+        currency: str,
+        source: str,
+        exchange_rate: str | None = None,
+    ) -> dict[str, Any]:
         created = int(self.clock())
         txn = {
             "id": self._id("txn"),
@@ -127,6 +217,8 @@ class Settlement:
             "created": created,
             "available_on": created + 2 * 86_400,
             "description": None,
+            # A JSON number at Stripe; the decimal's shortest float is what its JSON shows.
+            "exchange_rate": None if exchange_rate is None else float(exchange_rate),
             "fee_details": (
                 [
                     {

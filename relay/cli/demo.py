@@ -160,6 +160,8 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
         f"malformed {args.rate_malformed:.0%}"
     )
 
+    await anyio.to_thread.run_sync(_exchange_rates, url)
+
     rng = random.Random(args.seed)
     # Letters only: this run's ids must differ from earlier runs' in the same database, and
     # a long run of digits in an id could take the shape of a card number and be refused.
@@ -223,6 +225,36 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
         print(*stuck, sep="\n", file=sys.stderr)
         return 1
     return await anyio.to_thread.run_sync(_summarise, url, prefix, effects, elapsed, len(rows))
+
+
+def _exchange_rates(url: str) -> None:
+    """The fake ECB rate server, yesterday's rates imported, one conversion shown."""
+    from datetime import UTC, datetime, timedelta
+
+    from provider_adapters.fake.rates import FakeRateServer
+    from relay.domain.fx import parse_ecb_xml
+    from relay.domain.money import format_minor
+    from relay.finance import fx
+
+    yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+    with FakeRateServer(yesterday) as server:
+        document = parse_ecb_xml(fx.fetch_document(server.url))
+    with psycopg.connect(url, autocommit=True) as conn:
+        report = fx.import_document(
+            conn,
+            document,
+            source_kind="ecb",
+            source_name="fake ECB",
+            operator="demo",
+            source_url=server.url,
+        )
+        converted = fx.convert(conn, 10000, "EUR", "USD")
+    print(
+        f"exchange rates: {report.rates_in_document} ECB reference rates from a fake rate "
+        f"server ({report.inserted} new); 100.00 EUR = "
+        f"{format_minor(converted['converted_minor'], 'USD', converted['to_exponent'])} at rate "
+        f"{converted['rate_id']} (outbox-relay fx show)"
+    )
 
 
 def _insert(url: str, rows: list[Row]) -> None:

@@ -133,6 +133,7 @@ def _cmd_reconcile(args: argparse.Namespace, url: str) -> int:
         bps=settings.reconcile_fee_bps,
         fixed_minor=settings.reconcile_fee_fixed_minor,
         tolerance_minor=settings.reconcile_fee_tolerance_minor,
+        fx_tolerance_bps=settings.reconcile_fx_tolerance_bps,
     )
 
     # The provider's amounts are converted to ISO minor units with the currency table.
@@ -386,6 +387,7 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
             "currency_mismatch",
             "status_mismatch",
             "unexpected_fee",
+            "fx_rate_drift",  # sql/0029
         ),
         help="only this class",
     )

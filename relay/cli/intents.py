@@ -42,6 +42,38 @@ def _short(value: object, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _rate_text(rate: dict[str, Any] | None, rate_id: int) -> str:
+    if not rate:
+        return f"rate {rate_id}"
+    return (
+        f"rate {rate_id}: 1 {rate['base']} = {rate['rate']} {rate['quote']}, "
+        f"{rate['source_kind']} {rate['source_name']}, published {rate['published_at']}"
+    )
+
+
+def _conversion(intent: dict[str, Any], currency: str, exponent: int | None) -> str | None:
+    """Why this amount: the original amount, the rate(s) it was converted at, the result."""
+    if intent.get("fx_rate_id") is None:
+        return None
+    original = _money(
+        intent["original_amount_minor"], intent["original_currency"], intent["original_exponent"]
+    )
+    first = intent.get("fx_rate") or {}
+    via = intent.get("fx_via_rate")
+    legs = f"({_rate_text(first, intent['fx_rate_id'])}"
+    if intent.get("fx_via_rate_id") is not None:
+        legs += f"; cross rate via {_rate_text(via, intent['fx_via_rate_id'])}"
+    legs += ")"
+    charged = _money(intent["amount_minor"], currency, exponent)
+    if intent["action"] == "refund":
+        # A refund gives back what was paid; its worth in the charge's currency follows.
+        return (
+            f"{charged} is worth {original} at the charge's rate {first.get('rate', '?')} "
+            f"{legs}, rounded half to even"
+        )
+    return f"{original} at rate {first.get('rate', '?')} {legs} = {charged}, rounded half to even"
+
+
 def print_intent(found: dict[str, Any]) -> None:
     """What :func:`relay.operations.intents.collect_intent` found, as text on stdout."""
     intent = found["intent"]
@@ -58,6 +90,10 @@ def print_intent(found: dict[str, Any]) -> None:
             _money(intent["amount_minor"], currency, exponent)
             if intent["amount_minor"] is not None
             else f"all that remains ({currency})",
+        ),
+        (
+            "at charge rate" if intent["action"] == "refund" else "converted from",
+            _conversion(intent, currency, exponent),
         ),
         ("applied", _money(intent["amount_applied_minor"], currency, exponent)),
         ("attempts", intent["attempts"]),

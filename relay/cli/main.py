@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     webhooks_cli.add_commands(commands, _database_url_or_exit)
 
     finance_cli.add_commands(commands, _database_url_or_exit)
+
+    from relay.cli import fx as fx_cli  # fx import|show|convert|history
+
+    fx_cli.add_commands(commands, _database_url_or_exit)
     return parser
 
 

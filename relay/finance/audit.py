@@ -15,7 +15,7 @@ the first broken link of one chain and says what happened there:
 
 :func:`verify_database` walks every chain, then checks that every audited row that exists
 (intents hot and archived, payments, janitor checks, reconciliation runs, exceptions and
-actions) ends its chain in its live state, which also catches a deleted tail, a rewritten
+actions, exchange rates) ends its chain in its live state, which also catches a deleted tail, a rewritten
 or forged last row, a deleted chain, and a change made while the audit trigger was off
 (``tail_mismatch``, ``missing_chain``).
 """
@@ -261,7 +261,12 @@ _TAIL_CHECKED = (
     "reconciliation_run",
     "reconciliation_exception",
     "reconciliation_action",
+    "fx_rate",
+    "fx_posting",
 )
+# Rows that are never deleted by anyone (sql/0027 refuses it): a chain of one of these
+# entities without its live row means the row was removed behind the trigger's back.
+_NEVER_DELETED = ("fx_rate", "fx_posting")
 
 
 def _chains(rows: Iterable[AuditRow]) -> Iterator[list[AuditRow]]:
@@ -340,4 +345,18 @@ def verify_database(
                     )
                 if report.live_rows_checked % 10_000 == 0:
                     progress(f"compared {report.live_rows_checked} live rows")
+    for (entity, entity_id), tail in sorted(tails.items()):
+        if entity in _NEVER_DELETED and tail is not None:
+            last = tail[0]
+            report.breaks.append(
+                Break(
+                    "tail_mismatch",
+                    entity,
+                    entity_id,
+                    last.id,
+                    last.chain_seq,
+                    f"the chain of {entity} {entity_id} ends at audit row {last.id} but the "
+                    "row itself is gone: it was deleted with its triggers off",
+                )
+            )
     return report

@@ -10,7 +10,9 @@ amount an integer in minor units:
    action, and no other intent has one;
 3. every payment's amounts equal its ledger: authorised = the authorize/charge postings,
    the open hold = the ``holds`` balance, captured, refunded and the receivable
-   (captured - refunded) = their account balances.
+   (captured - refunded) = their account balances;
+4. every posting of the FX difference journal (outbox.fx_postings, sql/0029) balances in
+   its currency, and a refund's posting names a succeeded refund.
 
 The report carries the totals per provider and currency beside the payments' sums;
 relay/cli/finance_reports.py prints it.
@@ -37,7 +39,7 @@ ACCOUNTS = ("holds", "authorizations", "receivable", "captured", "refunded")
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    kind: str  # unbalanced | posting | payment_mismatch
+    kind: str  # unbalanced | posting | payment_mismatch | fx_posting
     subject: str  # "ledger transaction 12", "intent 40", "payment p-1"
     message: str
 
@@ -203,6 +205,33 @@ def check_ledger(conninfo: str) -> LedgerReport:
                     f"payment {payment_id} ({state}, {currency}): " + "; ".join(differences),
                 )
             )
+        # sql/0029: the FX difference journal beside the ledger.
+        for (
+            posting_id,
+            kind,
+            payment_id,
+            intent_id,
+            currency,
+            imbalance,
+            action,
+            status,
+        ) in conn.execute(QUERIES["ledger_fx_problems"]):
+            if imbalance:
+                message = (
+                    f"FX posting {posting_id} ({kind} of payment {payment_id}) does not balance "
+                    f"in {currency}: entries sum to {report.money(int(imbalance), currency)}"
+                )
+            else:
+                message = (
+                    f"FX posting {posting_id} ({kind} of payment {payment_id}) names intent "
+                    f"{intent_id}, which is "
+                    + (
+                        "missing"
+                        if action is None
+                        else f"a {status} {action}, not a succeeded refund"
+                    )
+                )
+            report.problems.append(Problem("fx_posting", f"FX posting {posting_id}", message))
         report.accounts = [
             AccountBalance(account, currency, int(debits), int(credits), int(txns))
             for account, currency, debits, credits, txns in conn.execute(

@@ -13,7 +13,15 @@ currency_mismatch    both know it, the currencies differ
 status_mismatch      the provider reports the source failed or cancelled, or the movement
                      is of another type than the ledger's (a charge for a refund...)
 unexpected_fee       the fee differs from the schedule (a refund carries none)
+fx_rate_drift        the provider settled a charge or refund in another currency (its
+                     balance transaction carries an ``exchange_rate``) and the amount is
+                     further from ours, at our rate (outbox.convert_v1 at the settlement's
+                     time), than the tolerance in basis points allows
 ==================== =====================================================================
+
+A settlement in another currency is not a currency_mismatch: it is compared in the
+account's currency, and every settled charge's difference (within the tolerance or not)
+is posted to the FX difference journal (outbox.fx_postings, sql/0029) by :func:`run`.
 
 Only items dated inside the window are judged; both sides are read ``slack`` further on
 either side so that an item booked just across the boundary is matched, not reported
@@ -60,6 +68,7 @@ ExceptionKind = Literal[
     "currency_mismatch",
     "status_mismatch",
     "unexpected_fee",
+    "fx_rate_drift",
 ]
 EXCEPTION_KINDS: tuple[ExceptionKind, ...] = (
     "missing_internal",
@@ -68,7 +77,11 @@ EXCEPTION_KINDS: tuple[ExceptionKind, ...] = (
     "currency_mismatch",
     "status_mismatch",
     "unexpected_fee",
+    "fx_rate_drift",
 )
+# Stripe adds about 1-2 % to its conversions (its currency conversion fee): a drift within
+# that is what the account agreed to, not an exception.
+DEFAULT_FX_TOLERANCE_BPS = 200
 
 # Provider transaction types that move a payment's money, by the ledger kind they match.
 _CHARGE_TYPES = frozenset({"charge", "payment"})
@@ -109,6 +122,9 @@ class FeeSchedule:
     bps: int | None = None
     fixed_minor: int = 0
     tolerance_minor: int = 0
+    # A settlement in another currency may differ from our conversion by this many basis
+    # points of ours before it is an fx_rate_drift.
+    fx_tolerance_bps: int = DEFAULT_FX_TOLERANCE_BPS
 
     def expected(self, *, refund: bool, amount_minor: int) -> int | None:
         if refund:
@@ -135,6 +151,26 @@ class Finding:
     delta_minor: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    """What our rate makes of an amount in another currency (outbox.convert_v1)."""
+
+    amount_minor: int
+    currency: str
+    rate: str  # informative, as the database renders it
+    rate_id: int | None
+    via_rate_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """A charge the provider settled in another currency, paired with our conversion."""
+
+    item: InternalItem
+    transaction: BalanceTransaction
+    ours: Conversion
+
+
 @dataclass
 class MatchResult:
     findings: list[Finding] = field(default_factory=list)
@@ -142,6 +178,7 @@ class MatchResult:
     internal_items: int = 0
     matched: int = 0
     ignored: int = 0  # provider transactions that move no payment's money (payouts, fees...)
+    settlements: list[Settlement] = field(default_factory=list)  # converted, judged charges
 
 
 def _in(at: datetime, start: datetime, end: datetime) -> bool:
@@ -156,8 +193,13 @@ def match(
     window_end: datetime,
     fees: FeeSchedule = FeeSchedule(),
     exponents: Mapping[str, int] | None = None,
+    conversions: Mapping[tuple[int, str], Conversion] | None = None,
 ) -> MatchResult:
     """Pair both sides and judge the pairs and leftovers dated inside the window.
+
+    ``conversions`` holds our conversion of each ledger item (by ledger transaction id and
+    provider transaction id) that the provider settled in another currency; without one,
+    such an item is a currency_mismatch (we hold no rate to check the provider's).
 
     ``exponents`` (code -> ISO 4217 exponent, from outbox.currencies) writes the findings'
     details in currency units (``42.00 EUR``); a currency without one is shown in minor
@@ -207,9 +249,12 @@ def match(
             continue
         result.internal_items += 1
         result.provider_items += 1
-        findings = _judge(item, paired, fees, money)
+        ours = (conversions or {}).get((item.ledger_transaction_id, paired.id))
+        findings = _judge(item, paired, fees, money, ours)
         if not findings:
             result.matched += 1
+        if ours is not None and not item.is_refund and paired.currency != item.currency:
+            result.settlements.append(Settlement(item, paired, ours))
         result.findings.extend(findings)
     for txn in relevant:
         if txn.id in used or not _in(txn.created, window_start, window_end):
@@ -239,6 +284,7 @@ def _judge(
     txn: BalanceTransaction,
     fees: FeeSchedule,
     money: Callable[[int, str], str],
+    ours: Conversion | None = None,
 ) -> list[Finding]:
     key = item.reference or f"ledger:{item.ledger_transaction_id}"
     common: dict[str, Any] = {
@@ -268,19 +314,27 @@ def _judge(
                 **common,
             )
         )
-    if txn.currency != item.currency:
+    if txn.currency != item.currency and txn.exchange_rate is not None and ours is not None:
+        findings.extend(_judge_settlement(item, txn, fees, money, ours, common, key))
+    elif txn.currency != item.currency:
         findings.append(
             Finding(
                 kind="currency_mismatch",
                 detail=f"the ledger records {item.kind} {key} in {item.currency}, "
-                f"the provider in {txn.currency}",
+                f"the provider in {txn.currency}"
+                + (
+                    f" at its rate {txn.exchange_rate}; we hold no {item.currency}/"
+                    f"{txn.currency} rate to check it"
+                    if txn.exchange_rate is not None
+                    else ""
+                ),
                 currency=item.currency,
                 delta_minor=0,
                 **common,
             )
         )
         return findings  # amounts in different currencies cannot be compared
-    if txn.amount_minor != item.expected_provider_amount:
+    elif txn.amount_minor != item.expected_provider_amount:
         findings.append(
             Finding(
                 kind="amount_mismatch",
@@ -299,13 +353,45 @@ def _judge(
                 kind="unexpected_fee",
                 detail=f"{item.kind} {key}: fee {money(txn.fee_minor, txn.currency)}, "
                 f"expected {money(expected_fee, txn.currency)}",
-                currency=item.currency,
+                currency=txn.currency,
                 expected_fee_minor=expected_fee,
                 delta_minor=txn.fee_minor - expected_fee,
                 **common,
             )
         )
     return findings
+
+
+def _judge_settlement(
+    item: InternalItem,
+    txn: BalanceTransaction,
+    fees: FeeSchedule,
+    money: Callable[[int, str], str],
+    ours: Conversion,
+    common: dict[str, Any],
+    key: str,
+) -> list[Finding]:
+    """A movement settled in another currency: its amount against ours at our rate."""
+    expected = -ours.amount_minor if item.is_refund else ours.amount_minor
+    gap = txn.amount_minor - expected
+    # |gap| / |expected| > bps / 10 000, in integers.
+    if abs(gap) * 10_000 <= fees.fx_tolerance_bps * abs(expected):
+        return []
+    bps = abs(gap) * 10_000 // max(abs(expected), 1)
+    legs = f"rate {ours.rate_id}" + (f" via {ours.via_rate_id}" if ours.via_rate_id else "")
+    return [
+        Finding(
+            kind="fx_rate_drift",
+            detail=f"{item.kind} {key} of {money(item.expected_provider_amount, item.currency)} "
+            f"settled as {money(txn.amount_minor, txn.currency)} at the provider's rate "
+            f"{txn.exchange_rate}; our rate {ours.rate} ({legs}) gives "
+            f"{money(expected, txn.currency)}: {money(gap, txn.currency)} apart "
+            f"({bps} bps), over the tolerance of {fees.fx_tolerance_bps} bps",
+            currency=txn.currency,
+            delta_minor=gap,
+            **{**common, "internal_amount_minor": expected},
+        )
+    ]
 
 
 # -- I/O ---------------------------------------------------------------------------------
@@ -336,6 +422,7 @@ class RunReport:
     # (exception id, new?, status) per finding, in the findings' order
     recorded: list[tuple[int, bool, str]] = field(default_factory=list)
     cleared: list[int] = field(default_factory=list)
+    fx_postings: list[int] = field(default_factory=list)  # outbox.fx_postings ids, new ones
 
     @property
     def new(self) -> int:
@@ -364,8 +451,45 @@ class RunReport:
             "exceptions_found": len(self.result.findings),
             "exceptions_new": self.new,
             "exceptions_cleared": self.cleared,
+            "fx_postings": self.fx_postings,
             "exceptions": self.rows(),
         }
+
+
+def _our_conversions(
+    conn: psycopg.Connection,
+    provider: Sequence[BalanceTransaction],
+    internal: Sequence[InternalItem],
+) -> dict[tuple[int, str], Conversion]:
+    """Our conversion of each ledger item the provider settled in another currency, at the
+    rate in force when it settled; an item we hold no rate for is left out."""
+    by_reference: dict[str, list[BalanceTransaction]] = defaultdict(list)
+    for txn in provider:
+        if txn.exchange_rate is not None and txn.source_id is not None:
+            by_reference[txn.source_id].append(txn)
+    found: dict[tuple[int, str], Conversion] = {}
+    for item in internal:
+        for txn in by_reference.get(item.reference or "", []):
+            if txn.currency == item.currency:
+                continue
+            try:
+                with conn.transaction():  # a savepoint: a missing rate spoils nothing
+                    row = conn.execute(
+                        QUERIES["reconcile_convert"],
+                        {
+                            "amount_minor": item.amount_minor,
+                            "from_ccy": item.currency,
+                            "to_ccy": txn.currency,
+                            "at": txn.created,
+                        },
+                    ).fetchone()
+            except (psycopg.errors.NoDataFound, psycopg.errors.ForeignKeyViolation):
+                continue
+            if row is not None:
+                found[(item.ledger_transaction_id, txn.id)] = Conversion(
+                    int(row[0]), str(row[1]), str(row[2]), row[3], row[4]
+                )
+    return found
 
 
 async def run(
@@ -409,6 +533,7 @@ async def run(
             progress(f"read {len(internal)} ledger postings that move money")
             if exponents is None:
                 exponents = exponents_in(conn)
+            conversions = _our_conversions(conn, fetched, internal)
             result = match(
                 fetched,
                 internal,
@@ -416,6 +541,7 @@ async def run(
                 window_end=until,
                 fees=fees,
                 exponents=exponents,
+                conversions=conversions,
             )
             report = RunReport(run_id, provider, since, until, result, dict(exponents))
             with conn.transaction():
@@ -426,6 +552,25 @@ async def run(
                         {"provider": provider, "run_id": run_id, **asdict(finding)},
                     ).fetchone()
                     report.recorded.append((int(exception_id), bool(is_new), str(status)))
+                for settled in result.settlements:
+                    posted = conn.execute(
+                        QUERIES["reconcile_post_settlement"],
+                        {
+                            "payment_id": settled.item.payment_id,
+                            "provider": provider,
+                            "provider_reference": settled.transaction.id,
+                            "source_currency": settled.item.currency,
+                            "source_amount_minor": settled.item.amount_minor,
+                            "currency": settled.transaction.currency,
+                            "expected_minor": settled.ours.amount_minor,
+                            "actual_minor": settled.transaction.amount_minor,
+                            "rate_id": settled.ours.rate_id,
+                            "via_rate_id": settled.ours.via_rate_id,
+                            "provider_rate": str(settled.transaction.exchange_rate),
+                        },
+                    ).fetchone()
+                    if posted is not None:
+                        report.fx_postings.append(int(posted[0]))
                 report.cleared = [
                     int(r[0])
                     for r in conn.execute(

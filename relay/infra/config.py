@@ -249,6 +249,22 @@ class Settings(BaseSettings):
     reconcile_fee_tolerance_minor: int = Field(
         0, ge=0, description="Fee difference tolerated before it is an unexpected_fee."
     )
+    fx_ecb_url: str | None = Field(
+        None,
+        description="Fetch the ECB's daily reference rates (eurofxref-daily.xml format) from "
+        "this URL every fx_ecb_interval_seconds into outbox.fx_rates; unset: no fetch.",
+    )
+    fx_ecb_interval_seconds: float = Field(
+        3_600.0, ge=60, description="Pause between two fetches of RELAY_FX_ECB_URL (jittered)."
+    )
+    reconcile_fx_tolerance_bps: int = Field(
+        200,
+        ge=0,
+        le=10_000,
+        description="A charge settled in another currency may differ from our conversion "
+        "by this many basis points before it is an fx_rate_drift exception (Stripe adds "
+        "1-2 % to its conversions).",
+    )
     reconcile_slack_seconds: float = Field(
         3_600.0,
         ge=0,

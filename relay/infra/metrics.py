@@ -224,3 +224,25 @@ WEBHOOK_APPLY_LAG = Histogram(
     ["provider"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400),
 )
+# sql/0027: exchange rates. The age of the newest rate of each pair and source kind, from
+# its publication time: the alert OutboxRelayFxRateStale fires before convert_v1 refuses it.
+FX_RATE_AGE_SECONDS = Gauge(
+    "outbox_relay_fx_rate_age_seconds",
+    "Seconds since the newest rate of the pair (base/quote) from this source kind was published.",
+    ["base", "quote", "source"],
+)
+FX_FETCHES = Counter(
+    "outbox_relay_fx_fetches_total",
+    "Periodic ECB rate fetches (RELAY_FX_ECB_URL) by result: imported, failed.",
+    ["result"],
+)
+FX_RATES_IMPORTED = Counter(
+    "outbox_relay_fx_rates_imported_total",
+    "Rates recorded by the periodic ECB fetch (a rate already recorded is not counted).",
+)
+FX_DIFFERENCE_MINOR = Gauge(
+    "outbox_relay_fx_difference_minor",
+    "Sum of the FX difference journal (outbox.fx_postings: actual - expected) in minor units, "
+    "by provider, currency and kind (refund_at_charge_rate, settlement).",
+    ["provider", "currency", "kind"],
+)

@@ -455,18 +455,31 @@ FROM outbox.cancel_dead_intents(%(ids)s::bigint[], %(operator)s::text, %(reason)
 SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
        idempotency_key, metadata, status, attempts, available_at, lease_expires_at, claimed_by,
        amount_applied_minor, provider_reference, error_code, error_message, created_at,
-       updated_at, completed_at, archived
+       updated_at, completed_at, archived, original_amount_minor, original_currency,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = original_currency)
+           AS original_exponent,
+       fx_rate_id, fx_via_rate_id,
+       (SELECT jsonb_build_object('base', r.base, 'quote', r.quote, 'rate', r.rate::text,
+                                  'source_kind', r.source_kind, 'source_name', r.source_name,
+                                  'published_at', r.published_at)
+        FROM outbox.fx_rates AS r WHERE r.id = fx_rate_id) AS fx_rate,
+       (SELECT jsonb_build_object('base', r.base, 'quote', r.quote, 'rate', r.rate::text,
+                                  'source_kind', r.source_kind, 'source_name', r.source_name,
+                                  'published_at', r.published_at)
+        FROM outbox.fx_rates AS r WHERE r.id = fx_via_rate_id) AS fx_via_rate
 FROM (
     SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
            idempotency_key, metadata, status, attempts, available_at, lease_expires_at,
            claimed_by, amount_applied_minor, provider_reference, error_code, error_message,
-           created_at, updated_at, completed_at, false AS archived
+           created_at, updated_at, completed_at, false AS archived, original_amount_minor,
+           original_currency, fx_rate_id, fx_via_rate_id
     FROM outbox.payment_intents WHERE id = %(id)s
     UNION ALL
     SELECT id, payment_id, payment_seq, action, provider, amount_minor, currency, payment_method,
            idempotency_key, metadata, status, attempts, available_at, lease_expires_at,
            claimed_by, amount_applied_minor, provider_reference, error_code, error_message,
-           created_at, updated_at, completed_at, true AS archived
+           created_at, updated_at, completed_at, true AS archived, original_amount_minor,
+           original_currency, fx_rate_id, fx_via_rate_id
     FROM outbox.payment_intents_archive WHERE id = %(id)s
 ) AS found
 LIMIT 1;
@@ -583,7 +596,16 @@ UNION ALL
 SELECT 'reconciliation_action', a.id::text, outbox.audit_generic_doc(a,
        'id,exception_id,payment_id,action,amount_minor,reason,requested_by,approved_by,status,'
        'intent_id,requested_login,approved_login')
-FROM outbox.reconciliation_actions AS a;
+FROM outbox.reconciliation_actions AS a
+UNION ALL
+SELECT 'fx_rate', r.id::text, outbox.audit_fx_rate_doc(r)
+FROM outbox.fx_rates AS r
+UNION ALL
+SELECT 'fx_posting', p.id::text, outbox.audit_generic_doc(p,
+       'id,kind,payment_id,intent_id,provider,provider_reference,source_currency,'
+       'source_amount_minor,currency,expected_minor,actual_minor,difference_minor,our_rate_id,'
+       'our_via_rate_id,compared_rate_id,compared_via_rate_id,provider_rate,posted_at,posted_by')
+FROM outbox.fx_postings AS p;
 
 -- name: ledger_counts
 -- Ledger transactions, entries and payments, for the check's headline.
@@ -1152,3 +1174,148 @@ SELECT id, provider, event_id, event_type, status, received_at, applied_at, resu
 FROM outbox.webhook_inbox
 WHERE payment_id = %(payment_id)s::text
 ORDER BY id;
+
+-- Exchange rates (sql/0027; relay/finance/fx.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: fx_insert_rates
+-- Insert a document's rates; one already recorded (same pair, source, valid_from and rate) is skipped.
+INSERT INTO outbox.fx_rates
+    (base, quote, rate, source_kind, source_name, source_url, source_sha256, operator,
+     published_at, fetched_at, valid_from, valid_until)
+SELECT r.base, r.quote, r.rate, %(source_kind)s::text, %(source_name)s::text,
+       %(source_url)s::text, %(source_sha256)s::bytea, %(operator)s::text, r.published_at,
+       COALESCE(%(fetched_at)s::timestamptz, now()), r.valid_from, r.valid_until
+FROM unnest(%(bases)s::text[], %(quotes)s::text[], %(rates)s::numeric[],
+            %(published)s::timestamptz[], %(valid_from)s::timestamptz[],
+            %(valid_until)s::timestamptz[])
+     AS r(base, quote, rate, published_at, valid_from, valid_until)
+ON CONFLICT (base, quote, source_kind, source_name, valid_from, rate) DO NOTHING
+RETURNING id;
+
+-- name: fx_insert_rates_as_relay
+-- The relay's periodic ECB fetch: as fx_insert_rates, without an operator (outbox_relay may not name one).
+INSERT INTO outbox.fx_rates
+    (base, quote, rate, source_kind, source_name, source_url, source_sha256,
+     published_at, fetched_at, valid_from, valid_until)
+SELECT r.base, r.quote, r.rate, %(source_kind)s::text, %(source_name)s::text,
+       %(source_url)s::text, %(source_sha256)s::bytea, r.published_at,
+       COALESCE(%(fetched_at)s::timestamptz, now()), r.valid_from, r.valid_until
+FROM unnest(%(bases)s::text[], %(quotes)s::text[], %(rates)s::numeric[],
+            %(published)s::timestamptz[], %(valid_from)s::timestamptz[],
+            %(valid_until)s::timestamptz[])
+     AS r(base, quote, rate, published_at, valid_from, valid_until)
+ON CONFLICT (base, quote, source_kind, source_name, valid_from, rate) DO NOTHING
+RETURNING id;
+
+-- name: fx_current_rates
+-- The rate of every pair valid at `at` (NULL: now), with its source, age and the policy's limit.
+SELECT r.id, r.base, r.quote, r.rate::text AS rate, r.source_kind, r.source_name, r.operator,
+       r.published_at, r.fetched_at, r.valid_from, r.valid_until,
+       COALESCE(%(at)s::timestamptz, now()) - r.published_at AS age,
+       COALESCE(%(at)s::timestamptz, now()) - r.published_at > p.max_rate_age AS stale,
+       p.max_rate_age
+FROM (
+    SELECT DISTINCT ON (f.base, f.quote) f.*
+    FROM outbox.fx_rates AS f
+    WHERE f.valid_from <= COALESCE(%(at)s::timestamptz, now())
+      AND (f.valid_until IS NULL OR f.valid_until > COALESCE(%(at)s::timestamptz, now()))
+    ORDER BY f.base, f.quote, f.valid_from DESC, f.id DESC
+) AS r
+CROSS JOIN outbox.fx_policy AS p
+ORDER BY r.base, r.quote;
+
+-- name: fx_rate_history
+-- Every recorded rate of a pair (either direction), newest first, with who recorded it.
+SELECT r.id, r.base, r.quote, r.rate::text AS rate, r.source_kind, r.source_name,
+       r.source_url, encode(r.source_sha256, 'hex') AS source_sha256, r.operator,
+       r.published_at, r.fetched_at, r.valid_from, r.valid_until, r.recorded_by, r.recorded_at
+FROM outbox.fx_rates AS r
+WHERE (r.base = %(base)s::text AND r.quote = %(quote)s::text)
+   OR (r.base = %(quote)s::text AND r.quote = %(base)s::text)
+ORDER BY r.valid_from DESC, r.id DESC
+LIMIT %(limit)s::integer;
+
+-- name: fx_convert
+-- outbox.convert_v1 (sql/0027) with both currencies' exponents, for `fx convert`.
+SELECT c.converted_minor, c.currency, c.rate::text AS rate, c.rate_id, c.via_rate_id,
+       c.rate_published_at, c.rate_age,
+       (SELECT exponent FROM outbox.currencies WHERE code = upper(%(from_ccy)s::text)) AS from_exponent,
+       (SELECT exponent FROM outbox.currencies WHERE code = c.currency) AS to_exponent
+FROM outbox.convert_v1(%(amount_minor)s::bigint, %(from_ccy)s::text, %(to_ccy)s::text,
+                       COALESCE(%(at)s::timestamptz, now())) AS c;
+
+-- name: fx_currency_exponent
+-- One currency's ISO 4217 exponent (NULL row when unknown), to read an amount given in major units.
+SELECT exponent FROM outbox.currencies WHERE code = upper(%(code)s::text);
+
+-- name: fx_rate_ages
+-- Age in seconds of the newest published rate of every pair and source, for the gauge and its alert.
+SELECT base, quote, source_kind,
+       extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - max(published_at))::float8
+           AS age_seconds
+FROM outbox.fx_rates
+GROUP BY base, quote, source_kind
+ORDER BY base, quote, source_kind;
+
+-- name: reconcile_convert
+-- Our conversion of a ledger amount into the currency the provider settled it in, at the rate in force
+-- at the settlement (outbox.convert_v1 with no age limit: a past settlement is judged by the rate then).
+SELECT converted_minor, currency, rate::text, rate_id, via_rate_id
+FROM outbox.convert_v1(%(amount_minor)s::bigint, %(from_ccy)s::text, %(to_ccy)s::text,
+                       %(at)s::timestamptz, interval '100 years');
+
+-- name: reconcile_post_settlement
+-- Post a settled charge's FX difference (provider's amount against ours) to the journal, once per transaction.
+INSERT INTO outbox.fx_postings
+    (kind, payment_id, provider, provider_reference, source_currency, source_amount_minor,
+     currency, expected_minor, actual_minor, our_rate_id, our_via_rate_id, provider_rate)
+VALUES ('settlement', %(payment_id)s::text, %(provider)s::text, %(provider_reference)s::text,
+        %(source_currency)s::text, %(source_amount_minor)s::bigint, %(currency)s::text,
+        %(expected_minor)s::bigint, %(actual_minor)s::bigint, %(rate_id)s::bigint,
+        %(via_rate_id)s::bigint, %(provider_rate)s::text)
+ON CONFLICT (provider, provider_reference) WHERE kind = 'settlement' DO NOTHING
+RETURNING id;
+
+-- name: fx_postings_list
+-- The FX difference journal (sql/0029), newest first, with both currencies' exponents.
+SELECT p.id, p.kind, p.payment_id, p.intent_id, p.provider, p.provider_reference,
+       p.source_currency, p.source_amount_minor, p.currency, p.expected_minor, p.actual_minor,
+       p.difference_minor, p.our_rate_id, p.our_via_rate_id, p.compared_rate_id,
+       p.compared_via_rate_id, p.provider_rate, p.posted_at, p.posted_by,
+       (SELECT exponent FROM outbox.currencies WHERE code = p.source_currency) AS source_exponent,
+       (SELECT exponent FROM outbox.currencies WHERE code = p.currency) AS exponent
+FROM outbox.fx_postings AS p
+WHERE (%(payment_id)s::text IS NULL OR p.payment_id = %(payment_id)s::text)
+ORDER BY p.id DESC
+LIMIT %(limit)s::integer;
+
+-- name: fx_difference_totals
+-- The FX difference journal summed by provider, currency and kind, for the gauge and the dashboard.
+SELECT provider, currency, kind, sum(difference_minor)::bigint AS difference_minor,
+       count(*) AS postings
+FROM outbox.fx_postings
+GROUP BY provider, currency, kind
+ORDER BY provider, currency, kind;
+
+-- name: ledger_fx_problems
+-- FX difference postings (sql/0029) whose entries do not balance, or whose refund is not a succeeded refund.
+WITH intents AS (
+    SELECT id, action, status FROM outbox.payment_intents
+    UNION ALL
+    SELECT id, action, status FROM outbox.payment_intents_archive
+),
+sums AS (
+    SELECT posting_id, sum(amount_minor)::bigint AS imbalance
+    FROM outbox.fx_ledger_entries
+    GROUP BY posting_id
+)
+SELECT p.id, p.kind, p.payment_id, p.intent_id, p.currency, COALESCE(s.imbalance, 0) AS imbalance,
+       i.action, i.status
+FROM outbox.fx_postings AS p
+LEFT JOIN sums AS s ON s.posting_id = p.id
+LEFT JOIN intents AS i ON i.id = p.intent_id
+WHERE COALESCE(s.imbalance, 0) <> 0
+   OR (p.kind = 'refund_at_charge_rate'
+       AND (i.id IS NULL OR i.action <> 'refund' OR i.status <> 'succeeded'))
+ORDER BY p.id;

@@ -24,6 +24,11 @@ Guarantees, each tested:
   intents of a provider that no live relay serves (statement ``relay_instances``: a row
   is live within max(3 of its intervals, 30 s)), 0 for a served one: such intents wait
   forever, and the alert OutboxRelayUnservedIntents names the provider;
+* ``outbox_relay_fx_rate_age_seconds{base,quote,source}`` is the age of the newest rate
+  of each pair and source kind (sql/0027), for the alert OutboxRelayFxRateStale; a pair's rates
+  are never deleted, so its series never goes stale;
+* ``outbox_relay_fx_difference_minor{provider,currency,kind}`` sums the FX difference
+  journal (sql/0029), whose rows are never deleted either;
 * a failed sample (database away) leaves the gauges as they were and is retried next
   interval; ``outbox_relay_queue_depth_sampled_timestamp_seconds`` tells how old they are.
 """
@@ -57,6 +62,8 @@ class DepthSample:
 
     __slots__ = (
         "counts",
+        "fx_difference_minor",
+        "fx_rate_age_seconds",
         "oldest_pending_seconds",
         "oldest_unpublished_seconds",
         "reconciliation_delta_minor",
@@ -81,6 +88,10 @@ class DepthSample:
         # Stored notifications not yet applied, per provider (sql/0023's inbox).
         self.webhooks_waiting: dict[str, int] = {}
         self.webhooks_oldest_seconds: dict[str, float] = {}
+        # (base, quote, source kind) -> seconds since its newest rate was published.
+        self.fx_rate_age_seconds: dict[tuple[str, str, str], float] = {}
+        # (provider, currency, kind) -> sum of the FX difference journal, minor units.
+        self.fx_difference_minor: dict[tuple[str, str, str], int] = {}
 
 
 class DepthSampler:
@@ -146,6 +157,16 @@ class DepthSampler:
             label = safe_label(row["provider"])
             result.webhooks_waiting[label] = int(row["notifications"])
             result.webhooks_oldest_seconds[label] = float(row["oldest_seconds"])
+        for row in await self.db.fetch_all("fx_rate_ages", {"now": now}, row=dict_row):
+            pair = (
+                safe_label(row["base"]),
+                safe_label(row["quote"]),
+                safe_label(row["source_kind"]),
+            )
+            result.fx_rate_age_seconds[pair] = float(row["age_seconds"])
+        for row in await self.db.fetch_all("fx_difference_totals", row=dict_row):
+            kind = (safe_label(row["provider"]), safe_label(row["currency"]), str(row["kind"]))
+            result.fx_difference_minor[kind] = int(row["difference_minor"])
         self._publish(result)
         return result
 
@@ -178,6 +199,12 @@ class DepthSampler:
             )
             metrics.OLDEST_WEBHOOK_WAITING_AGE_SECONDS.labels(provider=provider).set(
                 result.webhooks_oldest_seconds.get(provider, 0.0)
+            )
+        for (base, quote, source), age in result.fx_rate_age_seconds.items():
+            metrics.FX_RATE_AGE_SECONDS.labels(base=base, quote=quote, source=source).set(age)
+        for (provider, currency, kind), total in result.fx_difference_minor.items():
+            metrics.FX_DIFFERENCE_MINOR.labels(provider=provider, currency=currency, kind=kind).set(
+                total
             )
         metrics.UNPUBLISHED_EVENTS.set(result.unpublished)
         metrics.OLDEST_UNPUBLISHED_AGE_SECONDS.set(result.oldest_unpublished_seconds)

@@ -32,6 +32,7 @@ from relay.infra.db_startup import DatabaseNotYet, check_conninfo, probe_databas
 from relay.infra.migrate import discover
 from relay.infra.redaction import describe_conninfo
 from relay.service.depth import DepthSampler
+from relay.service.fx_fetch import EcbFetcher
 from relay.service.health import HealthState, Heartbeat, serve_http
 from relay.service.retention import sweep_forever, sweep_inbox_forever
 
@@ -198,6 +199,11 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                     providers=relay.lanes,
                 )
                 tg.start_soon(sampler.run)
+            if settings.fx_ecb_url:
+                fetcher = EcbFetcher(
+                    relay.db, settings.fx_ecb_url, interval_seconds=settings.fx_ecb_interval_seconds
+                )
+                tg.start_soon(fetcher.run)
             if publisher is not None:
                 await tg.start(publisher.run)
             await tg.start(relay.run)
