@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,7 +33,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from relay.infra.redaction import register_secret, url_passwords
 
-__all__ = ["ConfigError", "ProviderSettings", "Settings", "load_settings", "unknown_variables"]
+__all__ = [
+    "ConfigError",
+    "ProviderSettings",
+    "Settings",
+    "UnknownVariable",
+    "find_unknown_variables",
+    "load_settings",
+    "unknown_variables",
+]
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # AMQP exchange and queue names the relay declares or publishes to.
@@ -355,8 +364,25 @@ def _known_names() -> frozenset[str]:
     return frozenset(names | _READ_ELSEWHERE | {_PROVIDERS})
 
 
-def _unknown(name: str, known: frozenset[str]) -> str | None:
-    """The warning for one RELAY_* variable, or None when the relay reads it."""
+@dataclass(frozen=True)
+class UnknownVariable:
+    """A ``RELAY_*`` variable the relay does not read, and the known name nearest to it."""
+
+    name: str
+    nearest: str | None
+
+    def line(self) -> str:
+        """The warning as one plain line (the CLI commands print it on stderr)."""
+        hint = (
+            f"did you mean {self.nearest}?"
+            if self.nearest
+            else "see the README's configuration table"
+        )
+        return f"warning: {self.name} is not a setting of the relay and is ignored; {hint}"
+
+
+def _unknown(name: str, known: frozenset[str]) -> UnknownVariable | None:
+    """The unknown variable ``name``, or None when the relay reads it."""
     upper = name.upper()
     if upper.startswith(f"{_PREFIX}TEST_"):
         return None  # the test suite's own settings
@@ -374,18 +400,22 @@ def _unknown(name: str, known: frozenset[str]) -> str | None:
     else:
         candidates = sorted(known)
     nearest = difflib.get_close_matches(upper, candidates, n=1)
-    hint = f"did you mean {nearest[0]}?" if nearest else "see the README's configuration table"
-    return f"warning: {name} is not a setting of the relay and is ignored; {hint}"
+    return UnknownVariable(name, nearest[0] if nearest else None)
 
 
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """A warning line per ``RELAY_*`` variable the relay does not read, naming the nearest
+def find_unknown_variables(environ: Mapping[str, str]) -> list[UnknownVariable]:
+    """Every ``RELAY_*`` variable the relay does not read, by name, each with the nearest
     known one: a misspelt setting is otherwise silently ignored. Nested provider keys
     (``RELAY_PROVIDERS__<NAME>__<KEY>``) are checked by their key, ``*_FILE`` variants of
     known settings and ``RELAY_TEST_*`` are known."""
     known = _known_names()
-    lines = (_unknown(name, known) for name in sorted(environ) if name.upper().startswith(_PREFIX))
-    return [line for line in lines if line is not None]
+    found = (_unknown(name, known) for name in sorted(environ) if name.upper().startswith(_PREFIX))
+    return [unknown for unknown in found if unknown is not None]
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """:func:`find_unknown_variables` as plain warning lines."""
+    return [unknown.line() for unknown in find_unknown_variables(environ)]
 
 
 def _warn_unknown_variables() -> None:
@@ -397,10 +427,12 @@ def _warn_unknown_variables() -> None:
             _log.warning(line)
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(*, warn_unknown: bool = True, **overrides: Any) -> Settings:
     """Read settings; raise :class:`ConfigError` naming each bad variable, after warning
-    about every RELAY_* variable the relay does not know."""
-    _warn_unknown_variables()
+    (plain lines on stderr) about every RELAY_* variable the relay does not know, unless
+    ``warn_unknown`` is false: `run` logs them itself once its log format is known."""
+    if warn_unknown:
+        _warn_unknown_variables()
     try:
         secrets_dir = os.environ.get("RELAY_SECRETS_DIR")
         if secrets_dir:

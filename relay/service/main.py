@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Mapping
 from functools import partial
 
 import anyio
@@ -25,7 +26,7 @@ from relay.core.lanes import BreakerSettings, Lane, RateLimit
 from relay.core.runtime import SHUTDOWN_FLUSH_MIN_SECONDS, Relay, RelayOptions
 from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
 from relay.events.publisher import Publisher, publisher_from_settings
-from relay.infra.config import ProviderSettings, Settings
+from relay.infra.config import ProviderSettings, Settings, find_unknown_variables
 from relay.infra.db import RETRYABLE_DB_ERRORS, Database
 from relay.infra.db_startup import DatabaseNotYet, check_conninfo, probe_database
 from relay.infra.migrate import discover
@@ -34,9 +35,22 @@ from relay.service.depth import DepthSampler
 from relay.service.health import HealthState, Heartbeat, serve_http
 from relay.service.retention import sweep_forever
 
-__all__ = ["build_janitor", "build_relay", "run_relay"]
+__all__ = ["build_janitor", "build_relay", "log_unknown_variables", "run_relay"]
 
 log = structlog.get_logger("relay.service.main")
+
+
+def log_unknown_variables(environ: Mapping[str, str]) -> None:
+    """One warning log line per ``RELAY_*`` variable the relay does not read, with the
+    nearest known name: under `run` a misspelt setting shows in the log like any other
+    event (JSON in production), not as a bare line on stderr."""
+    for unknown in find_unknown_variables(environ):
+        log.warning(
+            "unknown_setting_ignored",
+            variable=unknown.name,
+            did_you_mean=unknown.nearest,
+            remedy="fix the name, or see the README's configuration table",
+        )
 
 
 def build_lane(name: str, provider: ProviderSettings, *, clock: Clock = SYSTEM_CLOCK) -> Lane:
