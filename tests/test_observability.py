@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import psycopg
 import pytest
@@ -30,9 +31,10 @@ from relay.infra.db import Database
 from relay.infra.queries import QUERIES
 from relay.infra.tracing import parse_traceparent
 from relay.service.depth import DepthSampler
+from relay.service.instances import InstanceHeartbeat
 from tests.processes import FakeProviderProcess, RelayProcess, free_port
 from tests.scrape import scrape
-from tests.support.waiting import block_until
+from tests.support.waiting import block_until, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -392,10 +394,11 @@ async def test_depth_sampler_sets_every_gauge_from_one_cheap_query(db_url: str) 
 
 @pytest.mark.anyio
 async def test_unserved_intents_count_providers_no_live_relay_serves(db_url: str) -> None:
-    """Each sample upserts this relay's row of outbox.relay_instances; a provider none of
-    the live rows serves has its blocked, pending and in-flight intents counted as unserved
-    (dead ones wait for an operator, not a relay). A row is gone after max(3 intervals, 30 s)
-    without a heartbeat, and pruned after a day."""
+    """Each relay's heartbeat (relay/service/instances.py) upserts its row of
+    outbox.relay_instances; a provider none of the live rows (nor the sampling relay)
+    serves has its blocked, pending and in-flight intents counted as unserved (dead ones
+    wait for an operator, not a relay). A row is gone after max(3 intervals, 30 s) without
+    a heartbeat, pruned after a day, and deleted at once when its relay withdraws."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         for n in range(2):
             conn.execute(INSERT, (f"pp-{n}", "charge", "paypal", 100, "EUR", "pm_card_visa", "{}"))
@@ -409,29 +412,64 @@ async def test_unserved_intents_count_providers_no_live_relay_serves(db_url: str
     db = Database(db_url, pool_size=1)
     await db.open()
     try:
-        stripe_only = DepthSampler(db, providers=["stripe"], instance="relay-a", interval_seconds=5)
-        paypal_too = DepthSampler(db, providers=["paypal"], instance="relay-b", interval_seconds=5)
+        # The sampler of a stripe relay that has not reported yet: it serves stripe anyway.
+        sampler = DepthSampler(db, providers=["stripe"], interval_seconds=5)
+        paypal_relay = InstanceHeartbeat(
+            db, instance="relay-b", providers=["paypal"], interval_seconds=5
+        )
         now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
-        sample = await stripe_only.sample(now=now)
+        sample = await sampler.sample(now=now)
         assert sample.unserved == {"paypal": 3}
         assert _value("outbox_relay_unserved_intents", provider="paypal") == 3
         assert _value("outbox_relay_unserved_intents", provider="stripe") == 0
 
-        await paypal_too.sample(now=now)  # a relay for paypal starts
-        sample = await stripe_only.sample(now=now + timedelta(seconds=29))
+        await paypal_relay.beat(now=now)  # a relay for paypal starts
+        sample = await sampler.sample(now=now + timedelta(seconds=29))
         assert sample.unserved == {}
         assert _value("outbox_relay_unserved_intents", provider="paypal") == 0
 
         # relay-b stopped reporting 31 s ago (> 3 x 5 s, > 30 s): gone.
-        sample = await stripe_only.sample(now=now + timedelta(seconds=31))
+        sample = await sampler.sample(now=now + timedelta(seconds=31))
         assert sample.unserved == {"paypal": 3}
         assert _value("outbox_relay_unserved_intents", provider="paypal") == 3
         rows = "SELECT instance, providers FROM outbox.relay_instances ORDER BY instance"
-        assert _rows(db_url, rows) == [("relay-a", ["stripe"]), ("relay-b", ["paypal"])]
+        assert _rows(db_url, rows) == [("relay-b", ["paypal"])]
 
-        await stripe_only.sample(now=now + timedelta(days=1, seconds=1))
+        stripe_relay = InstanceHeartbeat(
+            db, instance="relay-a", providers=["stripe"], interval_seconds=5
+        )
+        await stripe_relay.beat(now=now + timedelta(days=1, seconds=1))
         assert _rows(db_url, rows) == [("relay-a", ["stripe"])]  # relay-b pruned
+
+        await paypal_relay.beat(now=now + timedelta(days=1, seconds=2))
+        await paypal_relay.withdraw()  # a clean stop: its row is gone at once
+        assert _rows(db_url, rows) == [("relay-a", ["stripe"])]
+    finally:
+        await db.close()
+
+
+@pytest.mark.anyio
+async def test_the_heartbeat_beats_on_its_own_until_withdrawn(db_url: str) -> None:
+    """run() reports before it says started, beats every interval on its own (no sampler),
+    and withdraw() stops it and deletes the row."""
+    db = Database(db_url, pool_size=2)
+    await db.open()
+    rows = "SELECT instance, providers FROM outbox.relay_instances"
+    try:
+        heartbeat = InstanceHeartbeat(
+            db, instance="relay-own", providers=["stripe", "adyen"], interval_seconds=0.05
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(heartbeat.run)
+            assert _rows(db_url, rows) == [("relay-own", ["adyen", "stripe"])]
+            await wait_until(lambda: heartbeat.beats >= 3, "three beats")
+            await heartbeat.withdraw()
+        assert _rows(db_url, rows) == []
+        beats = heartbeat.beats
+        await anyio.sleep(0.2)  # four intervals: a beat would have come by now
+        assert heartbeat.beats == beats
+        assert _rows(db_url, rows) == []
     finally:
         await db.close()
 

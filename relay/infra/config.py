@@ -178,6 +178,14 @@ class Settings(BaseSettings):
         description="Queue-depth gauges are sampled from the database this often (jittered); "
         "0: not sampled.",
     )
+    heartbeat_interval_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="This relay reports the providers it serves (outbox.relay_instances) this "
+        "often (jittered); always on: `status` and the unserved gauge read it, and a report "
+        "older than max(3 intervals, 30 s) counts as a relay that is gone.",
+    )
     shutdown_grace_seconds: float = Field(
         30.0,
         ge=0,

@@ -33,6 +33,7 @@ from relay.infra.migrate import discover
 from relay.infra.redaction import describe_conninfo
 from relay.service.depth import DepthSampler
 from relay.service.health import HealthState, Heartbeat, serve_http
+from relay.service.instances import InstanceHeartbeat
 from relay.service.retention import sweep_forever
 
 __all__ = ["build_janitor", "build_relay", "log_unknown_variables", "run_relay"]
@@ -158,6 +159,16 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 tg.cancel_scope.cancel()  # stopped while waiting: nothing to drain
                 return 0
             await relay.db.open()
+            # What this relay serves, reported before it claims (and before the sampler
+            # counts unserved intents), and withdrawn when it stops cleanly.
+            serving = InstanceHeartbeat(
+                relay.db,
+                instance=settings.instance_name,
+                providers=relay.lanes,
+                interval_seconds=settings.heartbeat_interval_seconds,
+                rng=relay.rng,
+            )
+            await tg.start(serving.run)
             tg.start_soon(_watch_schema, relay, health)
             tg.start_soon(
                 partial(
@@ -192,6 +203,8 @@ async def run_relay(settings: Settings, database_url: str) -> int:
             if publisher is not None:
                 publisher.stop()  # final flush of what the drain wrote, within the grace
                 await publisher.finished.wait()
+            # Within the same deadline: past it, this is cancelled and the row ages out.
+            await _withdraw(serving)
             tg.cancel_scope.cancel()
     finally:
         await _close(relay)
@@ -241,6 +254,16 @@ async def _wait_for_database(database_url: str, relay: Relay, health: HealthStat
         health.extra_problems.clear()
         return True
     return False
+
+
+async def _withdraw(serving: InstanceHeartbeat) -> None:
+    """Delete this relay's row; a database that does not answer leaves it to age out."""
+    try:
+        await serving.withdraw()
+    except psycopg.Error as exc:
+        log.warning("relay_withdraw_failed", error=type(exc).__name__, remedy="the row ages out")
+    else:
+        log.info("relay_withdrawn", instance=serving.instance)
 
 
 async def _close(relay: Relay) -> None:
