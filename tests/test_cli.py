@@ -13,6 +13,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from relay.cli.main import build_parser
+from relay.cli.tables import clip
 from relay.infra.config import load_settings, unknown_variables
 from tests.support.cli import run_cli
 from tests.support.databases import scratch_database
@@ -306,3 +307,13 @@ def test_every_command_says_migrate_on_an_unmigrated_database(
     assert result.stderr.strip() == (
         "error: the outbox schema is missing; run 'outbox-relay migrate' first"
     )
+
+
+def test_clip_cuts_with_an_ellipsis_after_a_whole_word() -> None:
+    # The one clip every command uses (tables, dead letters, intent history, the demo).
+    assert clip("short", 10) == "short"
+    assert clip("exactly10!", 10) == "exactly10!"
+    assert clip("the ledger says 19.99 EUR, the provider 20.99 EUR", 30) == (
+        "the ledger says 19.99 EUR…"
+    )
+    assert len(clip("x" * 100, 12)) == 12 and clip("x" * 100, 12).endswith("…")

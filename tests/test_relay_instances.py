@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from relay.infra.queries import QUERIES
-from tests.processes import RelayProcess
+from tests.processes import UNREACHABLE_PROVIDER, RelayProcess, idle_relay_env
 from tests.support.cli import run_cli
 from tests.support.intents import insert_charges
 from tests.support.waiting import block_until
@@ -45,16 +45,13 @@ def test_a_relay_without_a_depth_sampler_still_reports_and_withdraws_on_a_clean_
     insert_charges(db_url, "paypal", 2, "unserved")  # no relay serves paypal
     relay = RelayProcess(
         "serving-relay",
-        {
-            "RELAY_DATABASE_URL": db_url,
-            "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_serving",
-            "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
-            "RELAY_PROVIDERS__ADYEN__KIND": "stripe",
-            "RELAY_PROVIDERS__ADYEN__API_KEY": "sk_test_serving",
-            "RELAY_PROVIDERS__ADYEN__BASE_URL": "http://127.0.0.1:9",
-            "RELAY_DEPTH_INTERVAL_SECONDS": "0",  # the sampler is off
-            "RELAY_LOG_FORMAT": "json",
-        },
+        idle_relay_env(
+            db_url,
+            RELAY_PROVIDERS__ADYEN__KIND="stripe",
+            RELAY_PROVIDERS__ADYEN__API_KEY="sk_test_serving",
+            RELAY_PROVIDERS__ADYEN__BASE_URL=UNREACHABLE_PROVIDER,
+            RELAY_DEPTH_INTERVAL_SECONDS="0",  # the sampler is off
+        ),
         tmp_path,
     )
     relay.start()
@@ -76,13 +73,7 @@ def test_a_relay_without_a_depth_sampler_still_reports_and_withdraws_on_a_clean_
 def test_a_killed_relay_s_report_ages_out(db_url: str, tmp_path: Path) -> None:
     relay = RelayProcess(
         "killed-relay",
-        {
-            "RELAY_DATABASE_URL": db_url,
-            "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_killed",
-            "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
-            "RELAY_HEARTBEAT_INTERVAL_SECONDS": "5",
-            "RELAY_LOG_FORMAT": "json",
-        },
+        idle_relay_env(db_url, RELAY_HEARTBEAT_INTERVAL_SECONDS="5"),
         tmp_path,
     )
     relay.start()

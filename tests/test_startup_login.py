@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.processes import RelayProcess
+from tests.processes import RelayProcess, idle_relay_env
 from tests.support.password_server import password_server
 from tests.support.waiting import block_until
 
@@ -43,13 +43,8 @@ def _run_until_it_exits_or_waits(tmp_path: Path, url: str) -> tuple[int | None, 
     logs a backoff step instead (it treats the failure as one that may heal)."""
     relay = RelayProcess(
         "login-relay",
-        {
-            "RELAY_DATABASE_URL": url,
-            "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_login",
-            "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
-            "RELAY_LOG_FORMAT": "json",
-            "PGPASSFILE": str(tmp_path / "no-pgpass"),  # no password from ~/.pgpass
-        },
+        # No password from ~/.pgpass either.
+        idle_relay_env(url, PGPASSFILE=str(tmp_path / "no-pgpass")),
         tmp_path,
     )
     relay.start()

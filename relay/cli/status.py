@@ -50,8 +50,7 @@ def _relays_line(status: Status) -> str:
     live = [relay for relay in status.relays if relay.live]
     if not live:
         return (
-            "running relays: none reported (a relay reports every "
-            "RELAY_HEARTBEAT_INTERVAL_SECONDS)"
+            "running relays: none reported (a relay reports every RELAY_HEARTBEAT_INTERVAL_SECONDS)"
         )
     served = sorted({provider for relay in live for provider in relay.providers})
     return f"running relays: {len(live)} (serving {', '.join(served) or 'no provider'})"

@@ -208,6 +208,9 @@ async def run_relay(settings: Settings, database_url: str) -> int:
             tg.cancel_scope.cancel()
     finally:
         await _close(relay)
+    # The process's last line: with the `draining` line's timestamp it shows how long the
+    # shutdown took (the README promises at most the grace + 1 s).
+    log.info("relay_exit", exit_code=0)
     return 0
 
 
@@ -257,11 +260,16 @@ async def _wait_for_database(database_url: str, relay: Relay, health: HealthStat
 
 
 async def _withdraw(serving: InstanceHeartbeat) -> None:
-    """Delete this relay's row; a database that does not answer leaves it to age out."""
-    try:
-        await serving.withdraw()
-    except psycopg.Error as exc:
-        log.warning("relay_withdraw_failed", error=type(exc).__name__, remedy="the row ages out")
+    """Delete this relay's row, within CLOSE_SECONDS: a database that does not answer
+    must not hold the exit, and the row then ages out."""
+    with anyio.move_on_after(CLOSE_SECONDS) as scope:
+        try:
+            await serving.withdraw()
+        except psycopg.Error as exc:
+            log.warning("relay_withdraw_failed", error=type(exc).__name__, remedy="it ages out")
+            return
+    if scope.cancelled_caught:
+        log.warning("relay_withdraw_failed", error="no answer", remedy="it ages out")
     else:
         log.info("relay_withdrawn", instance=serving.instance)
 
@@ -314,7 +322,9 @@ async def _watch_signals(
                 # The one deadline holds whatever is down: a task still waiting on the
                 # database, the broker or a provider then is cancelled (the drain and the
                 # final flush end by it on their own when those answer).
-                everything.deadline = deadline + SHUTDOWN_FLUSH_MIN_SECONDS
+                # Closing the pool and the clients after it (CLOSE_SECONDS) fits in the
+                # promised grace + 1 s too: the tasks are cancelled that much earlier.
+                everything.deadline = deadline + SHUTDOWN_FLUSH_MIN_SECONDS - CLOSE_SECONDS
                 _exit_if_still_running(deadline + SHUTDOWN_FLUSH_MIN_SECONDS + 2 * CLOSE_SECONDS)
 
 
