@@ -178,12 +178,17 @@ async def test_drain_and_flush_share_one_deadline_from_the_stop(db_url: str) -> 
 # pod at terminationGracePeriodSeconds, and the chart sizes that from this promise. The
 # time is measured by the relay itself, from its `draining` line (the signal received) to
 # its `relay_exit` line (pool and clients closed), so a loaded machine's signal delivery
-# and process bookkeeping do not count and no margin is needed: before the fix a relay
-# whose database stopped answering took about a minute with this grace. The wall clock
-# only guards against a hang.
+# and process bookkeeping do not count. The one allowance, LOG_SKEW_SECONDS, is for what
+# brackets the span inside the process: `draining` is logged before the deadline is taken,
+# `relay_exit` after the last close step, and on a loaded 2-core machine the event loop
+# wakes its timers late by up to this much. It is far below what a broken deadline costs
+# (before the fix a relay whose database stopped answering took about a minute with this
+# grace; one close step too many would add 0.2 s, a missed cancellation a second or more).
+# The wall clock only guards against a hang.
 
 PROCESS_GRACE_SECONDS = 2.0
 PROMISED_EXIT_SECONDS = PROCESS_GRACE_SECONDS + SHUTDOWN_FLUSH_MIN_SECONDS
+LOG_SKEW_SECONDS = 0.15
 
 
 def _server_of(db_url: str) -> str:
@@ -299,7 +304,7 @@ def test_the_process_exits_within_the_grace_whatever_is_down(
     took = (
         _logged_at(relay.log_path, "relay_exit") - _logged_at(relay.log_path, "draining")
     ).total_seconds()
-    assert 0 <= took <= PROMISED_EXIT_SECONDS, (
+    assert 0 <= took <= PROMISED_EXIT_SECONDS + LOG_SKEW_SECONDS, (
         f"{signum.name} with the {down} down: exit after {took:.1f} s, promised at most "
         f"{PROMISED_EXIT_SECONDS:.0f} s (grace {PROCESS_GRACE_SECONDS:.0f} s + 1 s)"
     )

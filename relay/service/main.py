@@ -223,9 +223,11 @@ _SCHEMA_UNKNOWN: tuple[type[Exception], ...] = (
 # Start-up waits for a database that may heal: 0.5 s, doubling, at most 30 s (jittered).
 STARTUP_BACKOFF_BASE_SECONDS = 0.5
 STARTUP_BACKOFF_CAP_SECONDS = 30.0
-# After the shutdown deadline (grace + the final flush's minimum), closing the pool and
-# the provider clients may take this long before the process gives up on them.
+# The last part of the promised grace + 1 s: the tasks are cancelled this long before it
+# ends, then the provider clients and the pool get CLOSE_STEP_SECONDS each, and the rest
+# is left for the last log line and the interpreter's exit.
 CLOSE_SECONDS = 0.5
+CLOSE_STEP_SECONDS = 0.2
 
 
 async def _wait_for_database(database_url: str, relay: Relay, health: HealthState) -> bool:
@@ -275,9 +277,9 @@ async def _withdraw(serving: InstanceHeartbeat) -> None:
 
 
 async def _close(relay: Relay) -> None:
-    """Close the provider clients and the pool, within CLOSE_SECONDS if stopping: a
-    database or provider that does not answer must not hold the exit."""
-    bound = None if relay.shutdown_deadline is None else CLOSE_SECONDS
+    """Close the provider clients and the pool, within CLOSE_STEP_SECONDS each if
+    stopping: a database or provider that does not answer must not hold the exit."""
+    bound = None if relay.shutdown_deadline is None else CLOSE_STEP_SECONDS
     with anyio.CancelScope(shield=True), anyio.move_on_after(bound if bound else float("inf")):
         for lane in relay.lanes.values():
             await lane.adapter.aclose()
@@ -322,8 +324,8 @@ async def _watch_signals(
                 # The one deadline holds whatever is down: a task still waiting on the
                 # database, the broker or a provider then is cancelled (the drain and the
                 # final flush end by it on their own when those answer).
-                # Closing the pool and the clients after it (CLOSE_SECONDS) fits in the
-                # promised grace + 1 s too: the tasks are cancelled that much earlier.
+                # Closing the clients and the pool after it fits in the promised
+                # grace + 1 s too: the tasks are cancelled CLOSE_SECONDS earlier.
                 everything.deadline = deadline + SHUTDOWN_FLUSH_MIN_SECONDS - CLOSE_SECONDS
                 _exit_if_still_running(deadline + SHUTDOWN_FLUSH_MIN_SECONDS + 2 * CLOSE_SECONDS)
 
