@@ -22,12 +22,13 @@ import anyio
 import httpx
 import psycopg
 import pytest
+import structlog
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from relay.cli.demo import build_workload
 from relay.infra import metrics as relay_metrics
-from relay.infra.db import Database
+from relay.infra.db import Database, again_next_interval
 from relay.infra.queries import QUERIES
 from relay.infra.tracing import parse_traceparent
 from relay.service.depth import DepthSampler
@@ -635,3 +636,21 @@ def test_a_valid_traceparent_is_stored_and_parsed(conn: psycopg.Connection) -> N
             'UPDATE outbox.payment_intents SET metadata = \'{"traceparent": "nope"}\''
             " WHERE payment_id = 'tp-none'"
         )
+
+
+def test_a_background_job_s_database_error_ends_its_turn_not_the_relay() -> None:
+    """again_next_interval (the depth sampler's and the heartbeat's turn): an error that may
+    heal is a debug line, any other database error a warning that says to migrate, and
+    anything that is not a database error goes through."""
+    with structlog.testing.capture_logs() as logged:
+        with again_next_interval("job"):
+            raise psycopg.OperationalError("connection lost")
+        with again_next_interval("job"):
+            raise psycopg.errors.UndefinedTable("relation outbox.relay_instances")
+    assert [(e["event"], e["log_level"]) for e in logged] == [
+        ("job_db_error", "debug"),
+        ("job_failed", "warning"),
+    ]
+    assert logged[1]["remedy"] == "run `outbox-relay migrate`"
+    with pytest.raises(ValueError), again_next_interval("job"):
+        raise ValueError("a bug, not the database")

@@ -34,18 +34,15 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 
 import anyio
-import psycopg
-import structlog
 from psycopg.rows import dict_row
 
 from relay.domain.serving import unserved_intents
 from relay.infra import metrics
-from relay.infra.db import RETRYABLE_DB_ERRORS, Database
+from relay.infra.db import Database, again_next_interval
 from relay.infra.redaction import safe_label
 
 __all__ = ["UNRESOLVED_STATUSES", "DepthSample", "DepthSampler"]
 
-log = structlog.get_logger("relay.service.depth")
 
 UNRESOLVED_STATUSES = ("blocked", "pending", "in_flight", "dead")
 
@@ -161,16 +158,6 @@ class DepthSampler:
     async def run(self) -> None:
         """Sample every ``interval_seconds`` (x0.75-1.25 jitter) until cancelled."""
         while True:
-            try:
+            with again_next_interval("depth_sample"):
                 await self.sample()
-            except RETRYABLE_DB_ERRORS as exc:
-                log.debug("depth_sample_db_error", error=type(exc).__name__)
-            except psycopg.Error as exc:
-                # Schema behind the relay (migration not applied yet): say so, keep going.
-                log.warning(
-                    "depth_sample_failed",
-                    error=type(exc).__name__,
-                    sqlstate=getattr(exc, "sqlstate", None),
-                    remedy="run `outbox-relay migrate`",
-                )
             await anyio.sleep(self.interval_seconds * (0.75 + self.rng() / 2))

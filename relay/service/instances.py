@@ -24,15 +24,11 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 
 import anyio
-import psycopg
-import structlog
 from anyio.abc import TaskStatus
 
-from relay.infra.db import RETRYABLE_DB_ERRORS, Database
+from relay.infra.db import Database, again_next_interval
 
 __all__ = ["InstanceHeartbeat"]
-
-log = structlog.get_logger("relay.service.instances")
 
 
 class InstanceHeartbeat:
@@ -71,17 +67,8 @@ class InstanceHeartbeat:
         """Beat until :meth:`withdraw`; started after the first attempt."""
         try:
             while not self._stop.is_set():
-                try:
+                with again_next_interval("relay_heartbeat"):
                     await self.beat()
-                except RETRYABLE_DB_ERRORS as exc:
-                    log.debug("relay_heartbeat_db_error", error=type(exc).__name__)
-                except psycopg.Error as exc:
-                    log.warning(
-                        "relay_heartbeat_failed",
-                        error=type(exc).__name__,
-                        sqlstate=getattr(exc, "sqlstate", None),
-                        remedy="run `outbox-relay migrate`",
-                    )
                 task_status.started()
                 task_status = anyio.TASK_STATUS_IGNORED
                 with anyio.move_on_after(self.interval_seconds * (0.75 + self.rng() / 2)):
