@@ -48,7 +48,7 @@ class InstanceHeartbeat:
         self.rng = rng
         self.beats = 0
         self._stop = anyio.Event()
-        self._stopped = anyio.Event()
+        self._stopped: anyio.Event | None = None  # set by run() when it ends
 
     async def beat(self, *, now: datetime | None = None) -> None:
         """Upsert this relay's row once; raises on a database error."""
@@ -65,6 +65,7 @@ class InstanceHeartbeat:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Beat until :meth:`withdraw`; started after the first attempt."""
+        self._stopped = stopped = anyio.Event()
         try:
             while not self._stop.is_set():
                 with again_next_interval("relay_heartbeat"):
@@ -74,11 +75,12 @@ class InstanceHeartbeat:
                 with anyio.move_on_after(self.interval_seconds * (0.75 + self.rng() / 2)):
                     await self._stop.wait()
         finally:
-            self._stopped.set()
+            stopped.set()
 
     async def withdraw(self) -> None:
         """Clean shutdown: no more beats, then this relay's row deleted. A beat in progress
         ends first, so it cannot write the row back after the delete."""
         self._stop.set()
-        await self._stopped.wait()
+        if self._stopped is not None:
+            await self._stopped.wait()
         await self.db.fetch_all("relay_withdraw", {"instance": self.instance})
