@@ -13,6 +13,22 @@ import httpx
 
 from tests.support.waiting import block_until
 
+# Nothing listens on port 9 (discard): a provider that never answers.
+UNREACHABLE_PROVIDER = "http://127.0.0.1:9"
+
+
+def idle_relay_env(database_url: str, **extra: str) -> dict[str, str]:
+    """`run`'s environment for a relay with one Stripe lane whose provider never answers,
+    logging JSON: for tests of start-up, shutdown and what the relay reports, not of
+    payments. ``extra`` adds or overrides variables."""
+    return {
+        "RELAY_DATABASE_URL": database_url,
+        "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_idle_relay",
+        "RELAY_PROVIDERS__STRIPE__BASE_URL": UNREACHABLE_PROVIDER,
+        "RELAY_LOG_FORMAT": "json",
+        **extra,
+    }
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -13,6 +13,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from relay.cli.main import build_parser
+from relay.cli.tables import clip
 from relay.infra.config import load_settings, unknown_variables
 from tests.support.cli import run_cli
 from tests.support.databases import scratch_database
@@ -204,17 +205,42 @@ def test_unknown_relay_variables_are_named_with_the_nearest_known_one() -> None:
     ]
 
 
-@pytest.mark.parametrize("command", [("run",), ("status",), ("reconcile", "--provider", "stripe")])
+_MISSPELT_WARNING = (
+    "warning: RELAY_BATCHSIZE is not a setting of the relay and is ignored; "
+    "did you mean RELAY_BATCH_SIZE?"
+)
+
+
+@pytest.mark.parametrize("command", [("status",), ("reconcile", "--provider", "stripe")])
 def test_commands_warn_once_about_a_misspelt_variable(command: tuple[str, ...]) -> None:
     # No database configured: each command stops with an error after the warning.
     result = run_cli(*command, env={"RELAY_BATCHSIZE": "5", "RELAY_TEST_ANYTHING": "1"})
     assert result.returncode == 2
-    warning = (
-        "warning: RELAY_BATCHSIZE is not a setting of the relay and is ignored; "
-        "did you mean RELAY_BATCH_SIZE?"
-    )
-    assert result.stderr.count(warning) == 1, result.stderr
+    assert result.stderr.count(_MISSPELT_WARNING) == 1, result.stderr
     assert "RELAY_TEST_ANYTHING" not in result.stderr
+
+
+def test_run_logs_a_misspelt_variable_as_a_json_line_like_every_other() -> None:
+    # Default log format, output not a terminal: JSON lines on stdout.
+    result = run_cli("run", env={"RELAY_BATCHSIZE": "5", "RELAY_TEST_ANYTHING": "1"})
+    assert result.returncode == 2  # no database configured
+    assert "RELAY_BATCHSIZE" not in result.stderr, result.stderr
+    logged = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [
+        (entry["event"], entry["level"], entry["variable"], entry["did_you_mean"])
+        for entry in logged
+    ] == [("unknown_setting_ignored", "warning", "RELAY_BATCHSIZE", "RELAY_BATCH_SIZE")]
+    assert "timestamp" in logged[0]
+
+
+def test_run_with_a_bad_setting_prints_the_warning_plainly_beside_the_error() -> None:
+    # The log format itself may be what is wrong: no log line, plain lines on stderr.
+    result = run_cli("run", env={"RELAY_BATCHSIZE": "5", "RELAY_BATCH_SIZE": "0"})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == _MISSPELT_WARNING
+    assert lines[1] == "error: invalid configuration (1 problem(s)):"
 
 
 _RUN_ENV = {
@@ -281,3 +307,13 @@ def test_every_command_says_migrate_on_an_unmigrated_database(
     assert result.stderr.strip() == (
         "error: the outbox schema is missing; run 'outbox-relay migrate' first"
     )
+
+
+def test_clip_cuts_with_an_ellipsis_after_a_whole_word() -> None:
+    # The one clip every command uses (tables, dead letters, intent history, the demo).
+    assert clip("short", 10) == "short"
+    assert clip("exactly10!", 10) == "exactly10!"
+    assert clip("the ledger says 19.99 EUR, the provider 20.99 EUR", 30) == (
+        "the ledger says 19.99 EUR…"
+    )
+    assert len(clip("x" * 100, 12)) == 12 and clip("x" * 100, 12).endswith("…")

@@ -226,7 +226,8 @@ RELAY_STATEMENTS = {
     "unpublished_events",  # relay/service/depth.py
     "queue_depth",
     "reconciliation_open",
-    "relay_heartbeat",  # sql/0018: the sampler reports what this relay serves
+    "relay_heartbeat",  # sql/0018: relay/service/instances.py reports what this relay serves
+    "relay_withdraw",
     "relay_instances",
     "janitor_reserve",  # relay/core/janitor.py
     "janitor_take",

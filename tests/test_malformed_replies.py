@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,11 +30,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from provider_adapters.base import Action, Ambiguous, Succeeded
-from provider_adapters.fake import FaultConfig, create_app
+from provider_adapters.fake import FaultConfig
 from relay.core.lanes import BreakerSettings
 from relay.infra.redaction import luhn_valid
 from tests.invariants import intents
 from tests.support.commands import command
+from tests.support.fake_server import Handler, running_fake
 from tests.support.intents import insert_intents
 from tests.support.providers import stripe_adapter
 from tests.support.relays import make_relay, run_until_settled
@@ -108,13 +109,10 @@ class Mangler:
 
 @asynccontextmanager
 async def mangling_fake(mangler: Mangler) -> AsyncIterator[str]:
-    app = create_app(FaultConfig(seed=5))
+    """The fake provider, its replies mangled by ``mangler``'s scenarios."""
 
     @web.middleware
-    async def mangle(
-        request: web.Request,
-        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-    ) -> web.StreamResponse:
+    async def mangle(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
         if not request.path.startswith("/v1/") or not isinstance(response, web.Response):
             return response
@@ -139,15 +137,8 @@ async def mangling_fake(mangler: Mangler) -> AsyncIterator[str]:
             return web.Response(body=_json({**doc, "data": data}), content_type="application/json")
         return web.Response(body=MANGLERS[scenario](body, raw), content_type="application/json")
 
-    app.middlewares.append(mangle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with running_fake(FaultConfig(seed=5), middlewares=[mangle]) as server:
+        yield server.url
 
 
 @pytest.mark.anyio

@@ -18,21 +18,24 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import psycopg
 import pytest
+import structlog
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from relay.cli.demo import build_workload
 from relay.infra import metrics as relay_metrics
-from relay.infra.db import Database
+from relay.infra.db import Database, again_next_interval
 from relay.infra.queries import QUERIES
 from relay.infra.tracing import parse_traceparent
 from relay.service.depth import DepthSampler
+from relay.service.instances import InstanceHeartbeat
 from tests.processes import FakeProviderProcess, RelayProcess, free_port
 from tests.scrape import scrape
-from tests.support.waiting import block_until
+from tests.support.waiting import block_until, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -220,6 +223,7 @@ def test_metrics_agree_with_the_database_during_and_after_a_run(
         unpublished = _scalar(
             db_url, "SELECT count(*) FROM outbox.events WHERE status IN ('blocked', 'pending')"
         )
+        reported = _rows(db_url, "SELECT providers FROM outbox.relay_instances")
     finally:
         relay.terminate()
         relay.kill()
@@ -295,7 +299,9 @@ def test_metrics_agree_with_the_database_during_and_after_a_run(
     assert after.value("outbox_relay_unserved_intents", provider="acme") == 5
     assert after.value("outbox_relay_unserved_intents", provider="stripe") == 0
     assert after.value("outbox_relay_unserved_intents", provider="flaky") == 0
-    assert _rows(db_url, "SELECT providers FROM outbox.relay_instances") == [(["flaky", "stripe"],)]
+    assert reported == [(["flaky", "stripe"],)]
+    # A clean stop took the report back.
+    assert _rows(db_url, "SELECT providers FROM outbox.relay_instances") == []
     assert after.value("outbox_relay_unpublished_events") == unpublished > 0
     assert after.value("outbox_relay_in_flight", provider="stripe") == 0
     assert after.value("outbox_relay_breaker_state", provider="flaky") == 2
@@ -392,10 +398,11 @@ async def test_depth_sampler_sets_every_gauge_from_one_cheap_query(db_url: str) 
 
 @pytest.mark.anyio
 async def test_unserved_intents_count_providers_no_live_relay_serves(db_url: str) -> None:
-    """Each sample upserts this relay's row of outbox.relay_instances; a provider none of
-    the live rows serves has its blocked, pending and in-flight intents counted as unserved
-    (dead ones wait for an operator, not a relay). A row is gone after max(3 intervals, 30 s)
-    without a heartbeat, and pruned after a day."""
+    """Each relay's heartbeat (relay/service/instances.py) upserts its row of
+    outbox.relay_instances; a provider none of the live rows (nor the sampling relay)
+    serves has its blocked, pending and in-flight intents counted as unserved (dead ones
+    wait for an operator, not a relay). A row is gone after max(3 intervals, 30 s) without
+    a heartbeat, pruned after a day, and deleted at once when its relay withdraws."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         for n in range(2):
             conn.execute(INSERT, (f"pp-{n}", "charge", "paypal", 100, "EUR", "pm_card_visa", "{}"))
@@ -409,29 +416,64 @@ async def test_unserved_intents_count_providers_no_live_relay_serves(db_url: str
     db = Database(db_url, pool_size=1)
     await db.open()
     try:
-        stripe_only = DepthSampler(db, providers=["stripe"], instance="relay-a", interval_seconds=5)
-        paypal_too = DepthSampler(db, providers=["paypal"], instance="relay-b", interval_seconds=5)
+        # The sampler of a stripe relay that has not reported yet: it serves stripe anyway.
+        sampler = DepthSampler(db, providers=["stripe"], interval_seconds=5)
+        paypal_relay = InstanceHeartbeat(
+            db, instance="relay-b", providers=["paypal"], interval_seconds=5
+        )
         now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
-        sample = await stripe_only.sample(now=now)
+        sample = await sampler.sample(now=now)
         assert sample.unserved == {"paypal": 3}
         assert _value("outbox_relay_unserved_intents", provider="paypal") == 3
         assert _value("outbox_relay_unserved_intents", provider="stripe") == 0
 
-        await paypal_too.sample(now=now)  # a relay for paypal starts
-        sample = await stripe_only.sample(now=now + timedelta(seconds=29))
+        await paypal_relay.beat(now=now)  # a relay for paypal starts
+        sample = await sampler.sample(now=now + timedelta(seconds=29))
         assert sample.unserved == {}
         assert _value("outbox_relay_unserved_intents", provider="paypal") == 0
 
         # relay-b stopped reporting 31 s ago (> 3 x 5 s, > 30 s): gone.
-        sample = await stripe_only.sample(now=now + timedelta(seconds=31))
+        sample = await sampler.sample(now=now + timedelta(seconds=31))
         assert sample.unserved == {"paypal": 3}
         assert _value("outbox_relay_unserved_intents", provider="paypal") == 3
         rows = "SELECT instance, providers FROM outbox.relay_instances ORDER BY instance"
-        assert _rows(db_url, rows) == [("relay-a", ["stripe"]), ("relay-b", ["paypal"])]
+        assert _rows(db_url, rows) == [("relay-b", ["paypal"])]
 
-        await stripe_only.sample(now=now + timedelta(days=1, seconds=1))
+        stripe_relay = InstanceHeartbeat(
+            db, instance="relay-a", providers=["stripe"], interval_seconds=5
+        )
+        await stripe_relay.beat(now=now + timedelta(days=1, seconds=1))
         assert _rows(db_url, rows) == [("relay-a", ["stripe"])]  # relay-b pruned
+
+        await paypal_relay.beat(now=now + timedelta(days=1, seconds=2))
+        await paypal_relay.withdraw()  # a clean stop: its row is gone at once
+        assert _rows(db_url, rows) == [("relay-a", ["stripe"])]
+    finally:
+        await db.close()
+
+
+@pytest.mark.anyio
+async def test_the_heartbeat_beats_on_its_own_until_withdrawn(db_url: str) -> None:
+    """run() reports before it says started, beats every interval on its own (no sampler),
+    and withdraw() stops it and deletes the row."""
+    db = Database(db_url, pool_size=2)
+    await db.open()
+    rows = "SELECT instance, providers FROM outbox.relay_instances"
+    try:
+        heartbeat = InstanceHeartbeat(
+            db, instance="relay-own", providers=["stripe", "adyen"], interval_seconds=0.05
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(heartbeat.run)
+            assert _rows(db_url, rows) == [("relay-own", ["adyen", "stripe"])]
+            await wait_until(lambda: heartbeat.beats >= 3, "three beats")
+            await heartbeat.withdraw()
+        assert _rows(db_url, rows) == []
+        beats = heartbeat.beats
+        await anyio.sleep(0.2)  # four intervals: a beat would have come by now
+        assert heartbeat.beats == beats
+        assert _rows(db_url, rows) == []
     finally:
         await db.close()
 
@@ -597,3 +639,21 @@ def test_a_valid_traceparent_is_stored_and_parsed(conn: psycopg.Connection) -> N
             'UPDATE outbox.payment_intents SET metadata = \'{"traceparent": "nope"}\''
             " WHERE payment_id = 'tp-none'"
         )
+
+
+def test_a_background_job_s_database_error_ends_its_turn_not_the_relay() -> None:
+    """again_next_interval (the depth sampler's and the heartbeat's turn): an error that may
+    heal is a debug line, any other database error a warning that says to migrate, and
+    anything that is not a database error goes through."""
+    with structlog.testing.capture_logs() as logged:
+        with again_next_interval("job"):
+            raise psycopg.OperationalError("connection lost")
+        with again_next_interval("job"):
+            raise psycopg.errors.UndefinedTable("relation outbox.relay_instances")
+    assert [(e["event"], e["log_level"]) for e in logged] == [
+        ("job_db_error", "debug"),
+        ("job_failed", "warning"),
+    ]
+    assert logged[1]["remedy"] == "run `outbox-relay migrate`"
+    with pytest.raises(ValueError), again_next_interval("job"):
+        raise ValueError("a bug, not the database")

@@ -8,11 +8,13 @@ signal too, so a flush that began its own grace after the drain could be SIGKILL
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -174,13 +176,19 @@ async def test_drain_and_flush_share_one_deadline_from_the_stop(db_url: str) -> 
 # The README promises that `outbox-relay run` exits at most the grace plus one second (the
 # final flush's minimum) after SIGTERM or SIGINT, whatever is down: Kubernetes SIGKILLs a
 # pod at terminationGracePeriodSeconds, and the chart sizes that from this promise. The
-# bound below is that promise plus a few seconds for the test's own process bookkeeping on
-# a loaded machine, not a speed target: before the fix a relay whose database stopped
-# answering took about a minute with this grace.
+# time is measured by the relay itself, from its `draining` line (the signal received) to
+# its `relay_exit` line (pool and clients closed), so a loaded machine's signal delivery
+# and process bookkeeping do not count. The one allowance, LOG_SKEW_SECONDS, is for what
+# brackets the span inside the process: `draining` is logged before the deadline is taken,
+# `relay_exit` after the last close step, and on a loaded 2-core machine the event loop
+# wakes its timers late by up to this much. It is far below what a broken deadline costs
+# (before the fix a relay whose database stopped answering took about a minute with this
+# grace; one close step too many would add 0.2 s, a missed cancellation a second or more).
+# The wall clock only guards against a hang.
 
 PROCESS_GRACE_SECONDS = 2.0
 PROMISED_EXIT_SECONDS = PROCESS_GRACE_SECONDS + SHUTDOWN_FLUSH_MIN_SECONDS
-BOOKKEEPING_SECONDS = 4.0  # signal delivery, interpreter exit, wait() on a busy machine
+LOG_SKEW_SECONDS = 0.15
 
 
 def _server_of(db_url: str) -> str:
@@ -204,16 +212,28 @@ def _process_env(db_url: str, provider_url: str, **extra: str) -> dict[str, str]
     }
 
 
-def _exit_seconds(relay: RelayProcess, signum: signal.Signals) -> tuple[int, float]:
+def _stop(relay: RelayProcess, signum: signal.Signals) -> int:
+    """Send ``signum``; the exit code (a hang fails the test)."""
     assert relay.proc is not None and relay.running
-    sent = time.monotonic()
     relay.proc.send_signal(signum)
     try:
-        code = relay.proc.wait(HANG_GUARD_SECONDS)
+        return relay.proc.wait(HANG_GUARD_SECONDS)
     except subprocess.TimeoutExpired:
         relay.kill()
         pytest.fail(f"the relay did not exit {HANG_GUARD_SECONDS:.0f} s after {signum.name}")
-    return code, time.monotonic() - sent
+
+
+def _logged_at(log_path: Path, event: str) -> datetime:
+    """When the relay logged ``event`` (its last such line), by its own timestamp."""
+    stamps = [
+        entry["timestamp"]
+        for entry in (
+            json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")
+        )
+        if entry.get("event") == event
+    ]
+    assert stamps, f"no {event} line in {log_path}"
+    return datetime.fromisoformat(stamps[-1])
 
 
 def _scalar(db_url: str, sql: str) -> Any:
@@ -274,14 +294,17 @@ def test_the_process_exits_within_the_grace_whatever_is_down(
                 portal.call(proxy.blackhole)
                 insert_intents(db_url, [_authorize("p-deadline-2")])
                 time.sleep(1.0)  # the relay is now waiting on what is down
-            code, took = _exit_seconds(relay, signum)
+            code = _stop(relay, signum)
         finally:
             relay.kill()
             for future in serving:
                 future.cancel()  # the portal waits for its tasks when it closes
             fake.stop()
     assert code == 0, f"a drain cut short by the deadline still exits 0; see {relay.log_path}"
-    assert took <= PROMISED_EXIT_SECONDS + BOOKKEEPING_SECONDS, (
+    took = (
+        _logged_at(relay.log_path, "relay_exit") - _logged_at(relay.log_path, "draining")
+    ).total_seconds()
+    assert 0 <= took <= PROMISED_EXIT_SECONDS + LOG_SKEW_SECONDS, (
         f"{signum.name} with the {down} down: exit after {took:.1f} s, promised at most "
         f"{PROMISED_EXIT_SECONDS:.0f} s (grace {PROCESS_GRACE_SECONDS:.0f} s + 1 s)"
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import RelayProcess, free_port
+from tests.processes import RelayProcess, free_port, idle_relay_env
 from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.slow
@@ -45,13 +45,7 @@ def test_run_waits_for_a_database_that_refuses_connections(tmp_path: Path, where
     )
     relay = RelayProcess(
         "waiting-relay",
-        {
-            "RELAY_DATABASE_URL": url,
-            "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_waiting",
-            "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
-            "RELAY_LOG_FORMAT": "json",
-            "RELAY_SHUTDOWN_GRACE_SECONDS": "2",
-        },
+        idle_relay_env(url, RELAY_SHUTDOWN_GRACE_SECONDS="2"),
         tmp_path,
     )
     relay.start()

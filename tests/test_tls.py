@@ -27,7 +27,7 @@ from relay.events.publisher import publisher_from_settings
 from relay.infra.config import Settings
 from relay.infra.db import Database
 from relay.infra.migrate import migrate
-from tests.processes import RelayProcess, free_port
+from tests.processes import RelayProcess, free_port, idle_relay_env
 from tests.support.cli import run_cli
 from tests.support.waiting import block_until
 
@@ -57,13 +57,7 @@ def test_relay_connections_honour_sslmode_require(db_url: str, tmp_path: Path) -
     url = _with(db_url, sslmode="require")
     relay = RelayProcess(
         "tls-relay",
-        {
-            "RELAY_DATABASE_URL": url,
-            "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_tls",
-            "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
-            "RELAY_POLL_INTERVAL_SECONDS": "0.1",
-            "RELAY_LOG_FORMAT": "json",
-        },
+        idle_relay_env(url, RELAY_POLL_INTERVAL_SECONDS="0.1"),
         tmp_path,
     )
     encrypted = _server_ssl(db_url)
@@ -265,13 +259,7 @@ def test_relay_verifies_the_server_and_encrypts_every_connection(
     assert migrate(url) is not None  # the migrations too, over verified TLS
     relay = RelayProcess(
         "tls-verified-relay",
-        {
-            "RELAY_DATABASE_URL": url,
-            "RELAY_PROVIDERS__STRIPE__API_KEY": "sk_test_tls",
-            "RELAY_PROVIDERS__STRIPE__BASE_URL": "http://127.0.0.1:9",
-            "RELAY_POLL_INTERVAL_SECONDS": "0.1",
-            "RELAY_LOG_FORMAT": "json",
-        },
+        idle_relay_env(url, RELAY_POLL_INTERVAL_SECONDS="0.1"),
         tmp_path,
     )
 

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 
 from relay.cli.operator_args import add_operator_argument, age, operator_of
-from relay.cli.tables import Progress, format_seconds, plain_help, render_table
+from relay.cli.tables import Progress, clip, format_seconds, plain_help, render_table
 from relay.domain.money import Money, format_money
 from relay.operations.dead_letters import (
     Action,
@@ -80,7 +80,7 @@ def _cmd_list(args: argparse.Namespace, conninfo: str) -> int:
             r["attempts"],
             r["error_code"],
             format_seconds(r["dead_seconds"]),
-            _clip(r["error_message"] or "", 60),
+            clip(r["error_message"] or "", 60),
         )
         for r in rows
     ]
@@ -103,10 +103,6 @@ def _cmd_list(args: argparse.Namespace, conninfo: str) -> int:
     if len(rows) == args.limit:
         print(f"(first {args.limit}; --limit shows more)")
     return 0
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _confirmer(args: argparse.Namespace, verb: str, operator: str) -> Callable[[int], bool]:

@@ -24,6 +24,8 @@ import anyio
 import httpx
 import psycopg
 
+from relay.cli.tables import clip
+
 __all__ = ["build_workload", "run_demo", "wait_for_workload"]
 
 # (code, one major unit in minor units, the smallest step Stripe takes: three-decimal
@@ -322,12 +324,7 @@ def _stuck(url: str, prefix: str, deadline_seconds: float, *, database_kept: boo
         if code:
             line += f", last error {code}"
             if message:
-                clipped = (
-                    message
-                    if len(message) <= _MESSAGE_CHARS
-                    else message[: _MESSAGE_CHARS - 1] + "…"
-                )
-                line += f" ({clipped})"
+                line += f" ({clip(message, _MESSAGE_CHARS)})"
         if status == "in_flight" and holder:
             line += f", held by {holder}"
         elif status == "pending" and due_in is not None and due_in > 0:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from relay.cli.tables import plain_help, render_table
+from relay.cli.tables import clip, plain_help, render_table
 from relay.domain.money import Money, format_money
 from relay.operations.intents import find_intent
 
@@ -39,7 +39,7 @@ def _money(amount: int | None, currency: str, exponent: int | None) -> str:
 
 def _short(value: object, width: int = 40) -> str:
     text = "∅" if value is None else (value if isinstance(value, str) else json.dumps(value))
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return clip(text, width)
 
 
 def _rate_text(rate: dict[str, Any] | None, rate_id: int) -> str:

@@ -77,17 +77,23 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
-    from relay.infra.config import ConfigError, load_settings
+    from relay.infra.config import ConfigError, load_settings, unknown_variables
     from relay.infra.db_startup import StartupRefused
     from relay.infra.logs import configure_logging
     from relay.service.health import HttpPortUnavailable
-    from relay.service.main import run_relay
+    from relay.service.main import log_unknown_variables, run_relay
 
     try:
-        settings = load_settings()
+        settings = load_settings(warn_unknown=False)
     except ConfigError as exc:
+        # No log format to log in: the warnings go as plain lines, like the error.
+        for line in unknown_variables(os.environ):
+            print(line, file=sys.stderr)
         _print_config_error(exc)
         return 2
+    # From here every line `run` writes about itself is a log line (JSON in production).
+    configure_logging(settings.log_format)
+    log_unknown_variables(os.environ)
     url = _resolved_database_url(settings)
     if not url:
         print("error: RELAY_DATABASE_URL is not set", file=sys.stderr)
@@ -99,7 +105,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    configure_logging(settings.log_format)
     if args.migrate:
         from relay.infra.migrate import migrate
 

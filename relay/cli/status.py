@@ -49,7 +49,9 @@ def _unserved_line(provider: str, waiting: int) -> str:
 def _relays_line(status: Status) -> str:
     live = [relay for relay in status.relays if relay.live]
     if not live:
-        return "running relays: none reported (a relay reports every RELAY_DEPTH_INTERVAL_SECONDS)"
+        return (
+            "running relays: none reported (a relay reports every RELAY_HEARTBEAT_INTERVAL_SECONDS)"
+        )
     served = sorted({provider for relay in live for provider in relay.providers})
     return f"running relays: {len(live)} (serving {', '.join(served) or 'no provider'})"
 

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,7 +38,9 @@ __all__ = [
     "ConfigError",
     "ProviderSettings",
     "Settings",
+    "UnknownVariable",
     "WebhookEndpointSettings",
+    "find_unknown_variables",
     "load_settings",
     "unknown_variables",
 ]
@@ -210,6 +213,14 @@ class Settings(BaseSettings):
         ge=0,
         description="Queue-depth gauges are sampled from the database this often (jittered); "
         "0: not sampled.",
+    )
+    heartbeat_interval_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="This relay reports the providers it serves (outbox.relay_instances) this "
+        "often (jittered); always on: `status` and the unserved gauge read it, and a report "
+        "older than max(3 intervals, 30 s) counts as a relay that is gone.",
     )
     shutdown_grace_seconds: float = Field(
         30.0,
@@ -455,8 +466,25 @@ def _known_names() -> frozenset[str]:
     return frozenset(names | _READ_ELSEWHERE | {_PROVIDERS, _WEBHOOKS})
 
 
-def _unknown(name: str, known: frozenset[str]) -> str | None:
-    """The warning for one RELAY_* variable, or None when the relay reads it."""
+@dataclass(frozen=True)
+class UnknownVariable:
+    """A ``RELAY_*`` variable the relay does not read, and the known name nearest to it."""
+
+    name: str
+    nearest: str | None
+
+    def line(self) -> str:
+        """The warning as one plain line (the CLI commands print it on stderr)."""
+        hint = (
+            f"did you mean {self.nearest}?"
+            if self.nearest
+            else "see the README's configuration table"
+        )
+        return f"warning: {self.name} is not a setting of the relay and is ignored; {hint}"
+
+
+def _unknown(name: str, known: frozenset[str]) -> UnknownVariable | None:
+    """The unknown variable ``name``, or None when the relay reads it."""
     upper = name.upper()
     if upper.startswith(f"{_PREFIX}TEST_"):
         return None  # the test suite's own settings
@@ -475,18 +503,22 @@ def _unknown(name: str, known: frozenset[str]) -> str | None:
     else:
         candidates = sorted(known)
     nearest = difflib.get_close_matches(upper, candidates, n=1)
-    hint = f"did you mean {nearest[0]}?" if nearest else "see the README's configuration table"
-    return f"warning: {name} is not a setting of the relay and is ignored; {hint}"
+    return UnknownVariable(name, nearest[0] if nearest else None)
 
 
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """A warning line per ``RELAY_*`` variable the relay does not read, naming the nearest
+def find_unknown_variables(environ: Mapping[str, str]) -> list[UnknownVariable]:
+    """Every ``RELAY_*`` variable the relay does not read, by name, each with the nearest
     known one: a misspelt setting is otherwise silently ignored. Nested provider keys
     (``RELAY_PROVIDERS__<NAME>__<KEY>``) are checked by their key, ``*_FILE`` variants of
     known settings and ``RELAY_TEST_*`` are known."""
     known = _known_names()
-    lines = (_unknown(name, known) for name in sorted(environ) if name.upper().startswith(_PREFIX))
-    return [line for line in lines if line is not None]
+    found = (_unknown(name, known) for name in sorted(environ) if name.upper().startswith(_PREFIX))
+    return [unknown for unknown in found if unknown is not None]
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """:func:`find_unknown_variables` as plain warning lines."""
+    return [unknown.line() for unknown in find_unknown_variables(environ)]
 
 
 def _warn_unknown_variables() -> None:
@@ -498,10 +530,12 @@ def _warn_unknown_variables() -> None:
             _log.warning(line)
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(*, warn_unknown: bool = True, **overrides: Any) -> Settings:
     """Read settings; raise :class:`ConfigError` naming each bad variable, after warning
-    about every RELAY_* variable the relay does not know."""
-    _warn_unknown_variables()
+    (plain lines on stderr) about every RELAY_* variable the relay does not know, unless
+    ``warn_unknown`` is false: `run` logs them itself once its log format is known."""
+    if warn_unknown:
+        _warn_unknown_variables()
     try:
         secrets_dir = os.environ.get("RELAY_SECRETS_DIR")
         if secrets_dir:

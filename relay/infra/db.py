@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar, overload
 
 import anyio
@@ -21,6 +22,7 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "RETRYABLE_DB_ERRORS",
     "Database",
+    "again_next_interval",
     "fetch",
     "listen_forever",
 ]
@@ -44,6 +46,25 @@ RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
     psycopg.errors.IdleInTransactionSessionTimeout,  # we were frozen mid-transaction
     PoolTimeout,
 )
+
+
+@contextmanager
+def again_next_interval(job: str) -> Iterator[None]:
+    """For a background job that runs again next interval: a database error ends this
+    turn, never the relay. One that may heal (RETRYABLE_DB_ERRORS) is a debug line
+    ``{job}_db_error``; any other (the schema behind the relay) a warning ``{job}_failed``
+    that says to migrate."""
+    try:
+        yield
+    except RETRYABLE_DB_ERRORS as exc:
+        log.debug(f"{job}_db_error", error=type(exc).__name__)
+    except psycopg.Error as exc:
+        log.warning(
+            f"{job}_failed",
+            error=type(exc).__name__,
+            sqlstate=getattr(exc, "sqlstate", None),
+            remedy="run `outbox-relay migrate`",
+        )
 
 
 class Database:

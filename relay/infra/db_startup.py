@@ -139,7 +139,9 @@ async def probe_database(conninfo: str) -> str:
 async def _raise_classified(conninfo: str, exc: psycopg.OperationalError) -> None:
     detail = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
     pgconn = exc.pgconn
-    if pgconn is not None and pgconn.needs_password and not pgconn.used_password:
+    # PQconnectionNeedsPassword: the server asked for a password and none was available
+    # (used_password cannot tell: newer libpq sets it whenever the server asks for one).
+    if pgconn is not None and pgconn.needs_password:
         raise StartupRefused(
             "database_password_missing",
             f"the database asks for a password and none is given ({detail})",

@@ -543,9 +543,14 @@ SET providers = EXCLUDED.providers,
     heartbeat_at = EXCLUDED.heartbeat_at
 RETURNING r.instance;
 
+-- name: relay_withdraw
+-- This relay stops cleanly (sql/0018): delete its row, so its providers show unserved at once.
+DELETE FROM outbox.relay_instances WHERE instance = %(instance)s::text
+RETURNING instance;
+
 -- name: relay_instances
 -- Every reported relay, live first: live while its heartbeat is within max(3 of its intervals, 30 s).
--- The one place of that rule; the depth sampler's unserved gauge and `status` both read it.
+-- The one place of that rule; relay/domain/serving.py reads it for the unserved gauge and `status`.
 SELECT instance, providers, heartbeat_at,
        extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - heartbeat_at)::float8
            AS heartbeat_age_seconds,

@@ -7,7 +7,8 @@ result events.
 ``outbox_relay_oldest_pending_age_seconds`` gauge. A provider is *unserved* when it has
 waiting intents (blocked, pending, in flight) and no live relay reports serving it
 (``outbox.relay_instances``, sql/0018, statement ``relay_instances``): nobody will claim
-them; the ``outbox_relay_unserved_intents`` gauge counts the same intents. The command
+them. The rule is :func:`relay.domain.serving.unserved_intents`, which the
+``outbox_relay_unserved_intents`` gauge applies too. The command
 line is relay/cli/status.py.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 import psycopg
 
 from relay.domain.intents import WAITING_STATUSES
+from relay.domain.serving import unserved_intents
 from relay.infra.queries import QUERIES
 
 __all__ = ["ProviderDepth", "RelayInstance", "Status", "collect_status"]
@@ -40,7 +42,7 @@ class ProviderDepth:
 
 @dataclass
 class RelayInstance:
-    """One relay as it last reported itself (its depth sampler's heartbeat)."""
+    """One relay as it last reported itself (relay/service/instances.py)."""
 
     instance: str
     providers: list[str]
@@ -90,7 +92,12 @@ def collect_status(conninfo: str) -> Status:
         for provider in relay.providers if relay.live else ():
             if provider in providers:
                 providers[provider].relays += 1
-    unserved = sorted(p for p, entry in providers.items() if entry.waiting and not entry.relays)
+    unserved = sorted(
+        unserved_intents(
+            ((provider, status, count) for provider, status, count, _created in rows),
+            ((relay.providers, relay.live) for relay in relays),
+        )
+    )
     unpublished, oldest_event = events if events else (0, 0.0)
     return Status(
         schema_version=version[0] if version else None,

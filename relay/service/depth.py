@@ -17,13 +17,11 @@ Guarantees, each tested:
 * ``outbox_relay_reconciliation_open_exceptions{provider}`` and
   ``outbox_relay_reconciliation_open_delta_minor{provider,currency}`` follow the open
   exceptions of sql/0005 (``outbox.reconciliation_open_delta``), 0 once they are resolved;
-* each sample first upserts this relay's row of ``outbox.relay_instances`` (sql/0018: its
-  instance name, the providers it serves, its interval), so the relays' heartbeats cost
-  one small write per interval and nothing on the claim path;
 * ``outbox_relay_unserved_intents{provider}`` counts the blocked, pending and in-flight
-  intents of a provider that no live relay serves (statement ``relay_instances``: a row
-  is live within max(3 of its intervals, 30 s)), 0 for a served one: such intents wait
-  forever, and the alert OutboxRelayUnservedIntents names the provider;
+  intents of a provider that neither this relay nor any live relay of
+  ``outbox.relay_instances`` serves (the rule: :func:`relay.domain.serving.unserved_intents`;
+  the rows: relay/service/instances.py, its own task), 0 for a served one: such intents
+  wait forever, and the alert OutboxRelayUnservedIntents names the provider;
 * ``outbox_relay_fx_rate_age_seconds{base,quote,source}`` is the age of the newest rate
   of each pair and source kind (sql/0027), for the alert OutboxRelayFxRateStale; a pair's rates
   are never deleted, so its series never goes stale;
@@ -41,18 +39,15 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 
 import anyio
-import psycopg
-import structlog
 from psycopg.rows import dict_row
 
-from relay.domain.intents import WAITING_STATUSES
+from relay.domain.serving import unserved_intents
 from relay.infra import metrics
-from relay.infra.db import RETRYABLE_DB_ERRORS, Database
+from relay.infra.db import Database, again_next_interval
 from relay.infra.redaction import safe_label
 
 __all__ = ["UNRESOLVED_STATUSES", "DepthSample", "DepthSampler"]
 
-log = structlog.get_logger("relay.service.depth")
 
 UNRESOLVED_STATUSES = ("blocked", "pending", "in_flight", "dead")
 
@@ -68,7 +63,6 @@ class DepthSample:
         "oldest_unpublished_seconds",
         "reconciliation_delta_minor",
         "reconciliation_exceptions",
-        "served",
         "unpublished",
         "unserved",
         "webhooks_oldest_seconds",
@@ -82,8 +76,7 @@ class DepthSample:
         self.oldest_unpublished_seconds = 0.0
         self.reconciliation_exceptions: dict[str, int] = {}
         self.reconciliation_delta_minor: dict[tuple[str, str], int] = {}
-        # Providers some live relay serves (raw names); waiting intents of any other one.
-        self.served: set[str] = set()
+        # Waiting intents of the providers no live relay serves (by label).
         self.unserved: dict[str, int] = {}
         # Stored notifications not yet applied, per provider (sql/0023's inbox).
         self.webhooks_waiting: dict[str, int] = {}
@@ -101,15 +94,12 @@ class DepthSampler:
         *,
         interval_seconds: float = 5.0,
         providers: Iterable[str] = (),
-        instance: str | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.db = db
         self.interval_seconds = interval_seconds
         self.rng = rng
-        # What this relay reports in outbox.relay_instances: the providers it claims for,
-        # under its instance name (the pool's application_name unless given).
-        self.instance = instance or db.name or "outbox-relay"
+        # The providers this relay claims for: served, whatever the table says.
         self.serves = sorted(set(providers))
         # Every provider ever reported: its series drop to 0 rather than go stale.
         self.known: set[str] = {safe_label(p) for p in self.serves}
@@ -119,24 +109,21 @@ class DepthSampler:
     async def sample(self, *, now: datetime | None = None) -> DepthSample:
         """Query the database once and set the gauges; raises on a database error."""
         result = DepthSample()
-        await self.db.fetch_all(
-            "relay_heartbeat",
-            {
-                "instance": self.instance,
-                "providers": self.serves,
-                "interval_seconds": self.interval_seconds,
-                "now": now,
-            },
+        relays = [
+            (relay["providers"], relay["live"])
+            for relay in await self.db.fetch_all("relay_instances", {"now": now}, row=dict_row)
+        ]
+        depth = await self.db.fetch_all("queue_depth", {"now": now}, row=dict_row)
+        unserved = unserved_intents(
+            ((row["provider"], row["status"], row["intents"]) for row in depth),
+            [*relays, (self.serves, True)],
         )
-        result.served.update(self.serves)
-        for relay in await self.db.fetch_all("relay_instances", {"now": now}, row=dict_row):
-            if relay["live"]:
-                result.served.update(relay["providers"])
-        for row in await self.db.fetch_all("queue_depth", {"now": now}, row=dict_row):
+        for provider, intents in unserved.items():
+            label = safe_label(provider)
+            result.unserved[label] = result.unserved.get(label, 0) + intents
+        for row in depth:
             key = (safe_label(row["provider"]), row["status"])
             result.counts[key] = result.counts.get(key, 0) + int(row["intents"])
-            if row["status"] in WAITING_STATUSES and row["provider"] not in result.served:
-                result.unserved[key[0]] = result.unserved.get(key[0], 0) + int(row["intents"])
             if row["status"] == "pending":
                 previous = result.oldest_pending_seconds.get(key[0], 0.0)
                 oldest = float(row["oldest_pending_seconds"])
@@ -214,16 +201,6 @@ class DepthSampler:
     async def run(self) -> None:
         """Sample every ``interval_seconds`` (x0.75-1.25 jitter) until cancelled."""
         while True:
-            try:
+            with again_next_interval("depth_sample"):
                 await self.sample()
-            except RETRYABLE_DB_ERRORS as exc:
-                log.debug("depth_sample_db_error", error=type(exc).__name__)
-            except psycopg.Error as exc:
-                # Schema behind the relay (migration not applied yet): say so, keep going.
-                log.warning(
-                    "depth_sample_failed",
-                    error=type(exc).__name__,
-                    sqlstate=getattr(exc, "sqlstate", None),
-                    remedy="run `outbox-relay migrate`",
-                )
             await anyio.sleep(self.interval_seconds * (0.75 + self.rng() / 2))

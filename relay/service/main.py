@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Mapping
 from functools import partial
 
 import anyio
@@ -26,7 +27,7 @@ from relay.core.lanes import BreakerSettings, Lane, RateLimit
 from relay.core.runtime import SHUTDOWN_FLUSH_MIN_SECONDS, Relay, RelayOptions
 from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
 from relay.events.publisher import Publisher, publisher_from_settings
-from relay.infra.config import ProviderSettings, Settings
+from relay.infra.config import ProviderSettings, Settings, find_unknown_variables
 from relay.infra.db import INBOX_NOTIFY_CHANNEL, RETRYABLE_DB_ERRORS, Database
 from relay.infra.db_startup import DatabaseNotYet, check_conninfo, probe_database
 from relay.infra.migrate import discover
@@ -34,11 +35,31 @@ from relay.infra.redaction import describe_conninfo
 from relay.service.depth import DepthSampler
 from relay.service.fx_fetch import EcbFetcher
 from relay.service.health import HealthState, Heartbeat, serve_http
+from relay.service.instances import InstanceHeartbeat
 from relay.service.retention import sweep_forever, sweep_inbox_forever
 
-__all__ = ["build_inbox_applier", "build_janitor", "build_relay", "run_relay"]
+__all__ = [
+    "build_inbox_applier",
+    "build_janitor",
+    "build_relay",
+    "log_unknown_variables",
+    "run_relay",
+]
 
 log = structlog.get_logger("relay.service.main")
+
+
+def log_unknown_variables(environ: Mapping[str, str]) -> None:
+    """One warning log line per ``RELAY_*`` variable the relay does not read, with the
+    nearest known name: under `run` a misspelt setting shows in the log like any other
+    event (JSON in production), not as a bare line on stderr."""
+    for unknown in find_unknown_variables(environ):
+        log.warning(
+            "unknown_setting_ignored",
+            variable=unknown.name,
+            did_you_mean=unknown.nearest,
+            remedy="fix the name, or see the README's configuration table",
+        )
 
 
 def build_lane(name: str, provider: ProviderSettings, *, clock: Clock = SYSTEM_CLOCK) -> Lane:
@@ -166,6 +187,16 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 tg.cancel_scope.cancel()  # stopped while waiting: nothing to drain
                 return 0
             await relay.db.open()
+            # What this relay serves, reported before it claims (and before the sampler
+            # counts unserved intents), and withdrawn when it stops cleanly.
+            serving = InstanceHeartbeat(
+                relay.db,
+                instance=settings.instance_name,
+                providers=relay.lanes,
+                interval_seconds=settings.heartbeat_interval_seconds,
+                rng=relay.rng,
+            )
+            await tg.start(serving.run)
             tg.start_soon(_watch_schema, relay, health)
             tg.start_soon(
                 partial(
@@ -219,9 +250,14 @@ async def run_relay(settings: Settings, database_url: str) -> int:
             if publisher is not None:
                 publisher.stop()  # final flush of what the drain wrote, within the grace
                 await publisher.finished.wait()
+            # Within the same deadline: past it, this is cancelled and the row ages out.
+            await _withdraw(serving)
             tg.cancel_scope.cancel()
     finally:
         await _close(relay)
+    # The process's last line: with the `draining` line's timestamp it shows how long the
+    # shutdown took (the README promises at most the grace + 1 s).
+    log.info("relay_exit", exit_code=0)
     return 0
 
 
@@ -234,9 +270,11 @@ _SCHEMA_UNKNOWN: tuple[type[Exception], ...] = (
 # Start-up waits for a database that may heal: 0.5 s, doubling, at most 30 s (jittered).
 STARTUP_BACKOFF_BASE_SECONDS = 0.5
 STARTUP_BACKOFF_CAP_SECONDS = 30.0
-# After the shutdown deadline (grace + the final flush's minimum), closing the pool and
-# the provider clients may take this long before the process gives up on them.
+# The last part of the promised grace + 1 s: the tasks are cancelled this long before it
+# ends, then the provider clients and the pool get CLOSE_STEP_SECONDS each, and the rest
+# is left for the last log line and the interpreter's exit.
 CLOSE_SECONDS = 0.5
+CLOSE_STEP_SECONDS = 0.2
 
 
 async def _wait_for_database(database_url: str, relay: Relay, health: HealthState) -> bool:
@@ -270,10 +308,25 @@ async def _wait_for_database(database_url: str, relay: Relay, health: HealthStat
     return False
 
 
+async def _withdraw(serving: InstanceHeartbeat) -> None:
+    """Delete this relay's row, within CLOSE_SECONDS: a database that does not answer
+    must not hold the exit, and the row then ages out."""
+    with anyio.move_on_after(CLOSE_SECONDS) as scope:
+        try:
+            await serving.withdraw()
+        except psycopg.Error as exc:
+            log.warning("relay_withdraw_failed", error=type(exc).__name__, remedy="it ages out")
+            return
+    if scope.cancelled_caught:
+        log.warning("relay_withdraw_failed", error="no answer", remedy="it ages out")
+    else:
+        log.info("relay_withdrawn", instance=serving.instance)
+
+
 async def _close(relay: Relay) -> None:
-    """Close the provider clients and the pool, within CLOSE_SECONDS if stopping: a
-    database or provider that does not answer must not hold the exit."""
-    bound = None if relay.shutdown_deadline is None else CLOSE_SECONDS
+    """Close the provider clients and the pool, within CLOSE_STEP_SECONDS each if
+    stopping: a database or provider that does not answer must not hold the exit."""
+    bound = None if relay.shutdown_deadline is None else CLOSE_STEP_SECONDS
     with anyio.CancelScope(shield=True), anyio.move_on_after(bound if bound else float("inf")):
         for lane in relay.lanes.values():
             await lane.adapter.aclose()
@@ -318,7 +371,9 @@ async def _watch_signals(
                 # The one deadline holds whatever is down: a task still waiting on the
                 # database, the broker or a provider then is cancelled (the drain and the
                 # final flush end by it on their own when those answer).
-                everything.deadline = deadline + SHUTDOWN_FLUSH_MIN_SECONDS
+                # Closing the clients and the pool after it fits in the promised
+                # grace + 1 s too: the tasks are cancelled CLOSE_SECONDS earlier.
+                everything.deadline = deadline + SHUTDOWN_FLUSH_MIN_SECONDS - CLOSE_SECONDS
                 _exit_if_still_running(deadline + SHUTDOWN_FLUSH_MIN_SECONDS + 2 * CLOSE_SECONDS)
 
 

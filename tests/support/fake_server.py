@@ -4,12 +4,13 @@ The server is the shipped one (``provider_adapters.fake.create_app``), bound to 
 ``relay/cli/demo.py`` does so two tests never race for a port. The only addition is a
 recording middleware, appended from here, so tests can see the headers each request
 carried (``traceparent``, ``Idempotency-Key``) without changing the server, and when it
-arrived on a clock of the test's choosing (``running_fake(clock=...)``).
+arrived on a clock of the test's choosing (``running_fake(clock=...)``); a test may add its
+own middlewares inside it (``running_fake(middlewares=...)``: replies mangled on the way out).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,9 @@ from aiohttp import web
 from provider_adapters.fake import FaultConfig, create_app
 
 API_KEY = "sk_test_outbox_relay"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -75,20 +79,24 @@ def stripe_client(
 
 @asynccontextmanager
 async def running_fake(
-    faults: FaultConfig | None = None, *, clock: Callable[[], float] | None = None
+    faults: FaultConfig | None = None,
+    *,
+    clock: Callable[[], float] | None = None,
+    middlewares: Iterable[Middleware] = (),
 ) -> AsyncIterator[FakeServer]:
+    """The fake provider on a free port of 127.0.0.1, recording every request it sees;
+    ``middlewares`` wrap its handlers inside the recorder (e.g. to mangle its replies)."""
     app = create_app(faults)
     seen: list[SeenRequest] = []
 
     @web.middleware
-    async def record(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
         at = 0.0 if clock is None else clock()
         seen.append(SeenRequest(request.method, request.path, dict(request.headers), at))
         return await handler(request)
 
     app.middlewares.append(record)
+    app.middlewares.extend(middlewares)
     # A held "timeout after effect" reply must not keep the test waiting at shutdown.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()

@@ -34,6 +34,33 @@ __all__ = [
 ]
 
 PRODUCTION_BREAKER = BreakerSettings()
+# Fast polling and retries for tests; the lease and grace of a short production run.
+_TEST_OPTIONS: dict[str, Any] = {
+    "batch_size": 50,
+    "lease_seconds": 30.0,
+    "poll_interval_seconds": 0.05,
+    "poll_max_interval_seconds": 0.2,
+}
+
+
+def _relay(
+    db_url: str,
+    lanes: dict[str, Lane],
+    *,
+    instance: str,
+    pool_size: int,
+    max_attempts: int,
+    seed: int,
+    options: dict[str, Any],
+) -> Relay:
+    """The one builder behind :func:`make_relay` and :func:`relay_for`."""
+    return Relay(
+        Database(db_url, pool_size=pool_size, name=instance),
+        lanes,
+        RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=max_attempts),
+        RelayOptions(instance=instance, **{**_TEST_OPTIONS, **options}),
+        rng=random.Random(seed).random,
+    )
 
 
 def make_relay(
@@ -42,30 +69,22 @@ def make_relay(
     *,
     provider: str = "stripe",
     instance: str = "test-relay",
-    lease_seconds: float = 30.0,
     max_attempts: int = 5,
     concurrency: int = 16,
-    batch_size: int = 50,
     seed: int = 1,
     breaker: BreakerSettings = PRODUCTION_BREAKER,
     **options: Any,
 ) -> Relay:
+    """A relay with one lane around ``adapter`` (a 5 s call timeout)."""
     lane = Lane(provider, adapter, concurrency=concurrency, timeout_seconds=5.0, breaker=breaker)
-    rng = random.Random(seed)
-    return Relay(
-        Database(db_url, pool_size=3, name=instance),
+    return _relay(
+        db_url,
         {provider: lane},
-        RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=max_attempts),
-        RelayOptions(
-            instance=instance,
-            batch_size=batch_size,
-            lease_seconds=lease_seconds,
-            poll_interval_seconds=0.05,
-            poll_max_interval_seconds=0.2,
-            shutdown_grace_seconds=5.0,
-            **options,
-        ),
-        rng=rng.random,
+        instance=instance,
+        pool_size=3,
+        max_attempts=max_attempts,
+        seed=seed,
+        options={"shutdown_grace_seconds": 5.0, **options},
     )
 
 
@@ -84,20 +103,14 @@ def relay_for(
     **options: Any,
 ) -> Relay:
     """A relay with a lane per provider as production builds it, on ``clock``."""
-    lanes = {name: build_lane(name, spec, clock=clock) for name, spec in providers.items()}
-    defaults: dict[str, Any] = {
-        "batch_size": 50,
-        "lease_seconds": 30.0,
-        "poll_interval_seconds": 0.05,
-        "poll_max_interval_seconds": 0.2,
-        "shutdown_grace_seconds": 10.0,
-    }
-    return Relay(
-        Database(db_url, pool_size=4, name="bulkhead-test"),
-        lanes,
-        RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=max_attempts),
-        RelayOptions(instance="bulkhead-test", **{**defaults, **options}),
-        rng=random.Random(seed).random,
+    return _relay(
+        db_url,
+        {name: build_lane(name, spec, clock=clock) for name, spec in providers.items()},
+        instance="bulkhead-test",
+        pool_size=4,
+        max_attempts=max_attempts,
+        seed=seed,
+        options={"shutdown_grace_seconds": 10.0, **options},
     )
 
 
