@@ -235,10 +235,13 @@ def test_derived_idempotency_keys_are_stable_and_distinct(conn: psycopg.Connecti
     assert a[2].startswith("outbox_") and len(a[2]) <= 255
     # Same inputs -> same key: the derivation is a pure function of the intent.
     recomputed = conn.execute(
-        "SELECT 'outbox_' || left(encode(sha256(convert_to(installation_id::text || '/order-1/1/authorize',"
-        " 'UTF8')), 'hex'), 48) FROM outbox.installation"
+        "SELECT 'outbox_' || translate(left(encode(sha256(convert_to(installation_id::text"
+        " || '/order-1/1/authorize', 'UTF8')), 'hex'), 48), '0123456789', 'ghijklmnop')"
+        " FROM outbox.installation"
     ).fetchone()
     assert recomputed == (a[2],)
+    # No digit at all (sql/0019): a derived key never holds a run the card rule refuses.
+    assert a[2][len("outbox_") :].isalpha() and len(a[2]) == len("outbox_") + 48
     # The relay never changes it: attempts reuse the stored value (see test_relay_integration).
     conn.execute("UPDATE outbox.payment_intents SET attempts = 3")
     again = conn.execute(

@@ -555,34 +555,40 @@ ORDER BY entity, entity_id, chain_seq;
 -- name: audit_live_documents
 -- The audited columns of every live row of every audited table, redacted as the trail stores them.
 -- The colder tables' allow-lists are their audit triggers' (sql/0005, sql/0014): keep them equal.
-SELECT 'intent', i.id::text, outbox.audit_intent_doc(i)
+-- An intent's and its new payment's creation rows are written by the first relay transaction
+-- that touches the intent (sql/0019): `created_at` says when the row was inserted, `young`
+-- whether that was less than `creation_grace_seconds` ago by the server's clock.
+SELECT 'intent', i.id::text, outbox.audit_intent_doc(i), i.created_at,
+       i.created_at > now() - make_interval(secs => %(creation_grace_seconds)s) AS young
 FROM outbox.payment_intents AS i
 UNION ALL
 SELECT 'intent', a.id::text,
-       outbox.audit_intent_doc(ROW(a.*)::outbox.payment_intents)
+       outbox.audit_intent_doc(ROW(a.*)::outbox.payment_intents), a.created_at, false
 FROM outbox.payment_intents_archive AS a
 UNION ALL
-SELECT 'payment', p.payment_id, outbox.audit_payment_doc(p)
+SELECT 'payment', p.payment_id, outbox.audit_payment_doc(p), p.created_at,
+       p.created_at > now() - make_interval(secs => %(creation_grace_seconds)s)
 FROM outbox.payments AS p
 UNION ALL
 SELECT 'janitor_check', j.intent_id::text, outbox.audit_generic_doc(j,
-       'intent_id,payment_id,provider,checks,not_found,result,detail,settled_at')
+       'intent_id,payment_id,provider,checks,not_found,result,detail,settled_at'), NULL, false
 FROM outbox.janitor_checks AS j
 UNION ALL
 SELECT 'reconciliation_run', r.id::text, outbox.audit_generic_doc(r,
        'id,provider,window_start,window_end,status,run_by,provider_items,internal_items,matched,'
-       'exceptions_found,exceptions_new,exceptions_cleared')
+       'exceptions_found,exceptions_new,exceptions_cleared'), NULL, false
 FROM outbox.reconciliation_runs AS r
 UNION ALL
 SELECT 'reconciliation_exception', x.id::text, outbox.audit_generic_doc(x,
        'id,provider,kind,match_key,payment_id,ledger_transaction_id,provider_transaction_id,'
        'currency,internal_amount_minor,provider_amount_minor,fee_minor,expected_fee_minor,'
-       'delta_minor,detail,status,last_run_id,times_seen,resolution,resolution_reason,resolved_by')
+       'delta_minor,detail,status,last_run_id,times_seen,resolution,resolution_reason,resolved_by'),
+       NULL, false
 FROM outbox.reconciliation_exceptions AS x
 UNION ALL
 SELECT 'reconciliation_action', a.id::text, outbox.audit_generic_doc(a,
        'id,exception_id,payment_id,action,amount_minor,reason,requested_by,approved_by,status,'
-       'intent_id,requested_login,approved_login')
+       'intent_id,requested_login,approved_login'), NULL, false
 FROM outbox.reconciliation_actions AS a;
 
 -- name: ledger_counts
