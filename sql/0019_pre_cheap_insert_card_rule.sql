@@ -267,22 +267,6 @@ BEGIN
         PERFORM outbox.payment_intents_check_input(NEW);
     END IF;
 
-    -- One statement for the two lookups every row needs: whether a relay asked to be woken
-    -- (sql/0007) and whether the key was used by an archived intent.
-    SELECT coalesce((SELECT w.wanted FROM outbox.relay_wakeup AS w), true),
-           NEW.idempotency_key IS NOT NULL AND EXISTS (
-               SELECT 1 FROM outbox.payment_intents_archive AS a
-               WHERE a.provider = NEW.provider AND a.idempotency_key = NEW.idempotency_key)
-    INTO wanted, archived;
-    IF archived THEN
-        RAISE EXCEPTION USING
-            ERRCODE = 'unique_violation',
-            SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'idempotency_key',
-            CONSTRAINT = 'payment_intents_idempotency_key_unique',
-            MESSAGE = 'payment_intents.idempotency_key was already used by an archived intent of this provider',
-            HINT = 'Use a new idempotency key for a new intent, or omit it to have one derived.';
-    END IF;
-
     -- The relay owns these columns; whatever the application sent is replaced.
     NEW.status := 'pending';
     NEW.attempts := 0;
@@ -308,19 +292,44 @@ BEGIN
     -- The payment's row gives each intent its position (payment_seq) in commit order (see
     -- sql/0015): concurrent inserts for one payment queue on its row, or for its first
     -- intents on the primary key. The currency is looked up in the insert's own statement.
-    LOOP
+    -- The same statement reads the two facts every row needs: whether a relay asked to be
+    -- woken (sql/0007), and whether the key was used by an archived intent.
+    WITH created AS (
         INSERT INTO outbox.payments (payment_id, provider, currency, created_by)
         SELECT NEW.payment_id, NEW.provider, c.code, NEW.created_by
         FROM outbox.currencies AS c
         WHERE c.code = NEW.currency
         ON CONFLICT (payment_id) DO NOTHING
-        RETURNING * INTO pay;
-        EXIT WHEN FOUND;
+        RETURNING next_seq, provider, currency
+    )
+    SELECT created.next_seq, created.provider, created.currency,
+           coalesce((SELECT w.wanted FROM outbox.relay_wakeup AS w), true),
+           NEW.idempotency_key IS NOT NULL AND EXISTS (
+               SELECT 1 FROM outbox.payment_intents_archive AS a
+               WHERE a.provider = NEW.provider AND a.idempotency_key = NEW.idempotency_key)
+    INTO pay.next_seq, pay.provider, pay.currency, wanted, archived
+    FROM (VALUES (1)) AS one
+    LEFT JOIN created ON true;
+    IF archived THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'unique_violation',
+            SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'idempotency_key',
+            CONSTRAINT = 'payment_intents_idempotency_key_unique',
+            MESSAGE = 'payment_intents.idempotency_key was already used by an archived intent of this provider',
+            HINT = 'Use a new idempotency key for a new intent, or omit it to have one derived.';
+    END IF;
+    WHILE pay.next_seq IS NULL LOOP
+        -- Nothing inserted: the payment exists, or the currency is unknown.
         UPDATE outbox.payments AS p SET next_seq = p.next_seq + 1, updated_at = now()
         WHERE p.payment_id = NEW.payment_id
-        RETURNING * INTO pay;
+        RETURNING p.next_seq, p.provider, p.currency INTO pay.next_seq, pay.provider, pay.currency;
         EXIT WHEN FOUND;
         PERFORM outbox.payment_intents_refuse_unknown_currency(NEW.currency);
+        -- The row was deleted between the two statements (by hand): insert it again.
+        INSERT INTO outbox.payments (payment_id, provider, currency, created_by)
+        VALUES (NEW.payment_id, NEW.provider, NEW.currency, NEW.created_by)
+        ON CONFLICT (payment_id) DO NOTHING
+        RETURNING next_seq, provider, currency INTO pay.next_seq, pay.provider, pay.currency;
     END LOOP;
 
     IF pay.currency <> NEW.currency THEN

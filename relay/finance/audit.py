@@ -24,7 +24,9 @@ written by the first relay transaction that touches the intent, its claim or its
 (sql/0019), keeping who inserted it and when. Until then the intent has no audit row: an
 intent or payment inserted less than ``creation_grace_seconds`` ago (server clock) without
 one is counted as awaiting its creation rows; an older one, or a chain that does not start
-with its ``insert`` row, is a ``missing_creation`` break.
+with its ``insert`` row, is a ``missing_creation`` break. An intent a relay has touched
+(claimed, promoted) has its creation rows whatever its age: without any audit row it is a
+``missing_chain`` break, as for every other audited row.
 """
 
 from __future__ import annotations
@@ -303,9 +305,11 @@ def _chains(rows: Iterable[AuditRow]) -> Iterator[list[AuditRow]]:
 
 
 def _missing_creation(chain: Sequence[AuditRow]) -> Break | None:
-    """An intent's or payment's chain must start with its creation (``insert``) row."""
+    """An intent's or payment's chain must start with its creation (``insert``) row, or
+    with the baseline of a row older than the trail."""
     first = chain[0]
-    if first.entity not in _CREATED_BY_RELAY or first.operation == "insert":
+    # 'baseline': sql/0005's first row of a row that existed before the trail did.
+    if first.entity not in _CREATED_BY_RELAY or first.operation in ("insert", "baseline"):
         return None
     return _break(
         "missing_creation",
@@ -374,9 +378,15 @@ def verify_database(
                     QUERIES["audit_live_documents"],
                     {"creation_grace_seconds": creation_grace_seconds},
                 )
-                for entity, entity_id, doc, created_at, young in cur:
+                for entity, entity_id, doc, created_at, untouched, young in cur:
                     report.live_rows_checked += 1
-                    _compare_live_row(report, tails, entity, entity_id, doc, created_at, young)
+                    key = (entity, entity_id)
+                    if key in tails or not untouched:
+                        _compare_live_row(report, tails, entity, entity_id, doc)
+                    elif young:
+                        report.awaiting_creation += 1
+                    else:
+                        report.breaks.append(_no_creation_rows(entity, entity_id, created_at))
                     if report.live_rows_checked % 10_000 == 0:
                         progress(f"compared {report.live_rows_checked} live rows")
     return report
@@ -388,27 +398,20 @@ def _compare_live_row(
     entity: str,
     entity_id: str,
     doc: dict[str, Any],
-    created_at: datetime | None,
-    young: bool,
 ) -> None:
     key = (entity, entity_id)
     if key not in tails:
-        if entity in _CREATED_BY_RELAY and young:
-            report.awaiting_creation += 1
-        elif entity in _CREATED_BY_RELAY:
-            report.breaks.append(_no_creation_rows(entity, entity_id, created_at))
-        else:
-            report.breaks.append(
-                Break(
-                    "missing_chain",
-                    entity,
-                    entity_id,
-                    None,
-                    None,
-                    f"{entity} {entity_id} exists but has no audit rows: its chain "
-                    "was deleted, or it was written with the audit trigger off",
-                )
+        report.breaks.append(
+            Break(
+                "missing_chain",
+                entity,
+                entity_id,
+                None,
+                None,
+                f"{entity} {entity_id} exists but has no audit rows: its chain "
+                "was deleted, or it was written with the audit trigger off",
             )
+        )
         return
     tail = tails.pop(key)
     if tail is None:
