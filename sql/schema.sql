@@ -906,11 +906,7 @@ CREATE FUNCTION outbox.events_event_id() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    IF NEW.event_id IS NULL THEN
-        NEW.event_id := outbox.new_event_id();
-    END IF;
-    PERFORM outbox.refuse_card_number('events', 'event_id', NEW.event_id::text,
-        'A card number must never be stored or published.');
+    NEW.event_id := outbox.new_event_id();
     RETURN NEW;
 END;
 $$;
@@ -2740,13 +2736,13 @@ CREATE TRIGGER currencies_used_code BEFORE DELETE OR UPDATE OF code ON outbox.cu
 -- Name: events events_0_event_id; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
-CREATE TRIGGER events_0_event_id BEFORE INSERT OR UPDATE OF event_id ON outbox.events FOR EACH ROW WHEN ((((new.event_id IS NULL) OR ((new.event_id)::text ~ '[0-9](?:-?[0-9]){12}'::text)) AND (NOT ((COALESCE(current_setting('outbox.actor'::text, true), ''::text) ~~ 'relay:%'::text) AND pg_has_role(SESSION_USER, 'outbox_relay'::name, 'MEMBER'::text))))) EXECUTE FUNCTION outbox.events_event_id();
+CREATE TRIGGER events_0_event_id BEFORE INSERT ON outbox.events FOR EACH ROW WHEN ((new.event_id IS NULL)) EXECUTE FUNCTION outbox.events_event_id();
 
 --
 -- Name: events events_0_hostile_input; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
-CREATE TRIGGER events_0_hostile_input BEFORE INSERT OR UPDATE OF exchange, routing_key, event_type, ordering_key, payment_id, payload, headers, traceparent ON outbox.events FOR EACH ROW WHEN (((NOT ((COALESCE(current_setting('outbox.actor'::text, true), ''::text) ~~ 'relay:%'::text) AND pg_has_role(SESSION_USER, 'outbox_relay'::name, 'MEMBER'::text))) AND ((pg_column_size(new.payload) > 262144) OR (pg_column_size(new.headers) > 16384) OR outbox.may_hold_card_number(concat_ws('|'::text, new.exchange, new.routing_key, new.event_type, new.ordering_key, new.payment_id, new.traceparent, (new.payload)::text, (new.headers)::text)) OR (new.ordering_key ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'::text) OR (new.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'::text) OR jsonb_path_exists(new.payload, 'strict $.**{65}'::jsonpath)))) EXECUTE FUNCTION outbox.events_hostile_input();
+CREATE TRIGGER events_0_hostile_input BEFORE INSERT OR UPDATE OF exchange, routing_key, event_type, ordering_key, payment_id, payload, headers, traceparent, event_id ON outbox.events FOR EACH ROW WHEN (((NOT ((COALESCE(current_setting('outbox.actor'::text, true), ''::text) ~~ 'relay:%'::text) AND pg_has_role(SESSION_USER, 'outbox_relay'::name, 'MEMBER'::text))) AND ((pg_column_size(new.payload) > 262144) OR (pg_column_size(new.headers) > 16384) OR outbox.may_hold_card_number(concat_ws('|'::text, new.exchange, new.routing_key, new.event_type, new.ordering_key, new.payment_id, new.traceparent, (new.payload)::text, (new.headers)::text, (new.event_id)::text)) OR (new.ordering_key ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'::text) OR (new.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'::text) OR jsonb_path_exists(new.payload, 'strict $.**{65}'::jsonpath)))) EXECUTE FUNCTION outbox.events_hostile_input();
 
 --
 -- Name: events events_before_insert; Type: TRIGGER; Schema: outbox; Owner: -

@@ -1070,8 +1070,8 @@ def run_as_application(
         with conn.transaction(force_rollback=True):
             conn.execute(sql, params)
             for table in tables:
-                # events.event_id is the server's random UUID (gen_random_uuid), not a value
-                # the application wrote; every other column is.
+                # events.event_id is a uuid the server drew (sql/0019: without a 13-digit
+                # run), not a text or JSON value the application wrote; every other is.
                 query = f"SELECT (to_jsonb(t) - 'event_id')::text FROM outbox.{table} AS t"
                 for (doc,) in conn.execute(query):
                     assert not card_like(doc), f"card stored in outbox.{table}: {doc}"
@@ -1208,3 +1208,43 @@ def test_a_row_that_may_hold_card_data_is_refused_without_the_row(
     assert run_as_application(app_conn, INSERT_EVENT, event, ()) == (
         "events_routing_key_dotted_words"
     )
+
+
+def test_event_ids_the_server_draws_hold_no_digit_run(conn: psycopg.Connection) -> None:
+    """About one random UUID in 140 holds a Luhn-valid 13 to 19 digit run across its dashes
+    (sql/0019): the ids the outbox draws, as the column's default or for an explicit NULL,
+    hold no 13-digit run at all."""
+    conn.execute(
+        "INSERT INTO outbox.events (routing_key, payload) SELECT 'order.placed', '{}'"
+        " FROM generate_series(1, 3000)"
+    )
+    conn.execute(
+        "INSERT INTO outbox.events (routing_key, payload, event_id) SELECT 'order.placed',"
+        " '{}', NULL FROM generate_series(1, 1000)"
+    )
+    ids = [str(r[0]) for r in conn.execute("SELECT event_id FROM outbox.events")]
+    assert len(ids) == len(set(ids)) == 4000
+    assert [i for i in ids if loose_digit_runs(i)] == []
+
+
+def test_an_event_id_that_may_hold_card_digits_is_never_shown_in_a_refusal(
+    app_conn: psycopg.Connection,
+) -> None:
+    """An application's own event_id is a uuid, stored as sent; when it holds card digits,
+    a refusal of its row names the rule without the row."""
+    sql = INSERT_EVENT.replace(", headers)", ", headers, event_id)").replace(
+        "%(headers)s)", "%(headers)s, %(event_id)s)"
+    )
+    event_id = "41111111-1111-1111-1111-111111111111"  # 4111 1111 1111 1111 across dashes
+    assert card_like(event_id)
+    row = {
+        "exchange": None,
+        "routing_key": "bad key",
+        "event_type": None,
+        "ordering_key": None,
+        "payment_id": None,
+        "payload": Jsonb({}),
+        "headers": Jsonb({}),
+        "event_id": event_id,
+    }
+    assert run_as_application(app_conn, sql, row, ()) == "events_routing_key_dotted_words"
