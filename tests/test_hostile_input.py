@@ -1,8 +1,9 @@
 """Hostile input at INSERT: every row an application writes is accepted or refused by a
 named rule, and a card-like number never lands in any table nor comes back in an error.
 
-The oracle (:func:`intent_rules`, :func:`event_rules`) restates each rule of sql/0001,
-0004, 0006 and 0009 in Python and says which rules a generated row breaks; the database
+The card rule is issue 17's definition (:func:`card_like`, sql/0019). The oracle
+(:func:`intent_rules`, :func:`event_rules`) restates each rule of sql/0001, 0004, 0006,
+0009 and 0019 in Python and says which rules a generated row breaks; the database
 must refuse exactly such rows, naming one of those rules (``diag.constraint_name``, or
 the column of a NOT NULL violation), and accept every other row. A few inputs cannot
 reach a rule because PostgreSQL's type input refuses them first (a NUL or a lone
@@ -1119,6 +1120,10 @@ def app_conn(db_url: str) -> Iterator[psycopg.Connection]:
 def test_no_intent_refusal_or_stored_value_holds_card_data(
     app_conn: psycopg.Connection, row: dict[str, Any]
 ) -> None:
+    """Issue 17's property, for each INSERT as the application: it is accepted or refused by
+    a named rule, and neither any error text nor any stored value holds a Luhn-valid run of
+    13 to 19 digits once separators and invisible or formatting characters between digits
+    are removed (:func:`card_like`); a row holding one is refused."""
     params = {**row, "metadata": None if row["metadata"] is None else Jsonb(row["metadata"])}
     rule = run_as_application(app_conn, INSERT_INTENT, params, ("payment_intents", "payments"))
     if any(holds_card(v) for v in params.values()):
