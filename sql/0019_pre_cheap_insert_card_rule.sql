@@ -102,10 +102,13 @@ COMMENT ON FUNCTION outbox.card_scan_text(text) IS
 -- 13 to 19 consecutive digits is tested with Luhn's checksum, in O(length) through two
 -- prefix sums: Luhn leaves the rightmost digit j as is and doubles every second digit
 -- leftwards, so digits i..j sum to even[j] - even[i - 1] when j is even (odd[...] when odd).
+-- Linear: 16,000 digits in a row take about 0.1 s here, a 256 kB payload of digits about a
+-- second (only a row that is refused anyway, or holds such a run, gets this far).
 CREATE OR REPLACE FUNCTION outbox.contains_card_number(candidate text) RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 DECLARE
     run     text;
+    bytes   bytea;  -- the run as bytes: get_byte is O(1), substr on text is O(position)
     n       int;
     d       int;
     j       int;
@@ -122,12 +125,13 @@ BEGIN
         SELECT m[1] FROM regexp_matches(outbox.card_scan_text(candidate), '([0-9]{13,})', 'g') AS m
     LOOP
         n := length(run);
+        bytes := convert_to(run, 'UTF8');
         even := array_fill(0, ARRAY[n + 1], ARRAY[0]);
         odd := array_fill(0, ARRAY[n + 1], ARRAY[0]);
         s0 := 0;
         s1 := 0;
         FOR j IN 1 .. n LOOP
-            d := ascii(substr(run, j, 1)) - 48;
+            d := get_byte(bytes, j - 1) - 48;
             IF j % 2 = 0 THEN
                 s0 := s0 + d;
                 s1 := s1 + CASE WHEN d > 4 THEN 2 * d - 9 ELSE 2 * d END;

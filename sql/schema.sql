@@ -766,6 +766,7 @@ CREATE FUNCTION outbox.contains_card_number(candidate text) RETURNS boolean
     AS $$
 DECLARE
     run     text;
+    bytes   bytea;  -- the run as bytes: get_byte is O(1), substr on text is O(position)
     n       int;
     d       int;
     j       int;
@@ -782,12 +783,13 @@ BEGIN
         SELECT m[1] FROM regexp_matches(outbox.card_scan_text(candidate), '([0-9]{13,})', 'g') AS m
     LOOP
         n := length(run);
+        bytes := convert_to(run, 'UTF8');
         even := array_fill(0, ARRAY[n + 1], ARRAY[0]);
         odd := array_fill(0, ARRAY[n + 1], ARRAY[0]);
         s0 := 0;
         s1 := 0;
         FOR j IN 1 .. n LOOP
-            d := ascii(substr(run, j, 1)) - 48;
+            d := get_byte(bytes, j - 1) - 48;
             IF j % 2 = 0 THEN
                 s0 := s0 + d;
                 s1 := s1 + CASE WHEN d > 4 THEN 2 * d - 9 ELSE 2 * d END;
