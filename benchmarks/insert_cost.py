@@ -2,11 +2,14 @@
 table without the outbox's triggers.
 
 Each application transaction inserts one intent for a new payment and commits, from
-several client connections at once, as an application's request handlers would. Three
+several client connections at once, as an application's request handlers would. Four
 variants on identical data: a trigger-less copy of the table (same columns, constraints and
 indexes); the outbox table while relays are saturated (they asked for no NOTIFY, see
-sql/0007_pre_wakeup.sql); and the outbox table while a relay idles (every transaction
-notifies). Every commit waits for the WAL flush, whose latency on a shared VM drifts by
+sql/0007_pre_wakeup.sql); the outbox table while a relay idles (every transaction
+notifies); and, as the yardstick a team would otherwise pick, procrastinate's job INSERT
+into ``procrastinate_jobs`` with its triggers (NOTIFY of the queue, a status event row per
+job), as ``../shared/bench/insert_cost_peer.py`` does it. procrastinate is a benchmark-only
+dependency (``pip install -e '.[bench]'``); its schema is applied to the scratch database. Every commit waits for the WAL flush, whose latency on a shared VM drifts by
 tens of percent within a minute, so the variants run in many short interleaved rounds
 (in reverse order every other round): each round's ratio compares runs a few seconds
 apart, and the median of those ratios is the figure to read (the best rates are printed
@@ -14,6 +17,9 @@ too). Writes benchmarks/results/insert_cost.json. benchmarks/insert_cost_breakdo
 runs the same rounds with parts of the outbox's work switched off.
 
     python benchmarks/insert_cost.py [--rows 4000] [--rounds 8] [--clients 4]
+
+The goals (issue 23): the outbox (relays busy) at 0.80 or more of the plain table, and at
+0.95 or more of procrastinate's job INSERT; both ratios are medians of per-round ratios.
 """
 
 from __future__ import annotations
@@ -50,10 +56,25 @@ INSERT = (
     "INSERT INTO {table} (payment_id, action, provider, amount_minor, currency, payment_method,"
     " idempotency_key) VALUES (%s, 'charge', 'stripe', %s, 'EUR', 'pm_card_visa', %s)"
 )
+# procrastinate's job INSERT as the yardstick makes it (a job per payment, its lock the key).
+PROCRASTINATE = "procrastinate_jobs"
+PROCRASTINATE_INSERT = (
+    "INSERT INTO procrastinate_jobs (queue_name, task_name, lock, queueing_lock, args)"
+    " VALUES ('payments', 'charge', %s, NULL,"
+    " jsonb_build_object('amount_minor', %s, 'key', %s::text))"
+)
+
+
+def apply_procrastinate_schema(url: str) -> None:
+    """procrastinate's own schema.sql, as ``procrastinate schema --apply`` runs it."""
+    from procrastinate.schema import SchemaManager
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SchemaManager.get_schema())
 
 
 def run(url: str, target: str, rows: int, clients: int, tag: str) -> float:
-    sql = INSERT.format(table=target)
+    sql = PROCRASTINATE_INSERT if target == PROCRASTINATE else INSERT.format(table=target)
     per_client = rows // clients
     barrier = threading.Barrier(clients + 1)
 
@@ -119,6 +140,11 @@ class Rounds:
             }
         return result
 
+    def median_ratio(self, name: str, baseline: str) -> float:
+        """The median over rounds of ``name``'s rate over ``baseline``'s in the same round."""
+        pairs = zip(self.rates[name], self.rates[baseline], strict=True)
+        return statistics.median(rate / base for rate, base in pairs)
+
     def report(self) -> str:
         rows = [("variant", "best intents/s", "median ratio", "ratios (min to max)")]
         rows += [
@@ -171,7 +197,9 @@ VARIANTS = (
         "outbox.payment_intents",
         "UPDATE outbox.relay_wakeup SET wanted = true",
     ),
+    Variant("procrastinate job INSERT (its triggers)", PROCRASTINATE),
 )
+BUSY, PEER = VARIANTS[1].name, VARIANTS[3].name
 
 
 def main() -> int:
@@ -185,6 +213,7 @@ def main() -> int:
     with scratch_database("insert") as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(PLAIN)
+        apply_procrastinate_schema(url)
         print(
             f"inserting {args.rows} intents per variant in each of {args.rounds} rounds,"
             f" {args.clients} clients, one intent per transaction"
@@ -192,6 +221,12 @@ def main() -> int:
         result = paired_rounds(url, VARIANTS, args.rounds, args.rows, args.clients)
     print(result.report())
     summary = result.summary()
+    to_peer = result.median_ratio(BUSY, PEER)
+    print(
+        f"outbox (relays busy) / plain table: {summary[BUSY]['median_ratio']:.2f} (goal 0.80);"
+        f" outbox / procrastinate: {to_peer:.2f} (goal 0.95);"
+        f" procrastinate / plain table: {summary[PEER]['median_ratio']:.2f}"
+    )
     path = write_result(
         "insert_cost",
         {
@@ -202,6 +237,8 @@ def main() -> int:
             "summary": summary,
             "ratio_outbox_busy_to_plain": summary[VARIANTS[1].name]["median_ratio"],
             "ratio_outbox_idle_to_plain": summary[VARIANTS[2].name]["median_ratio"],
+            "ratio_procrastinate_to_plain": summary[PEER]["median_ratio"],
+            "ratio_outbox_busy_to_procrastinate": to_peer,
         },
     )
     print(f"written {path}")

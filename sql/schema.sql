@@ -229,6 +229,7 @@ CREATE TABLE outbox.payment_intents (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     completed_at timestamp with time zone,
+    created_by text,
     original_amount_minor bigint,
     original_currency text,
     fx_rate_id bigint,
@@ -256,6 +257,12 @@ WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.02', autovacuum_vacuum_
 --
 
 COMMENT ON COLUMN outbox.payment_intents.status IS 'blocked: waits for an earlier intent of the same payment (the write-back that ends it promotes this one); pending: claimable once available_at has passed (a relay claims it); in_flight: a relay holds the lease (its write-back, or lease expiry, moves it on); succeeded / failed: terminal; dead: gave up or invalid, waits for an operator, and blocks later intents of its payment.';
+
+--
+-- Name: COLUMN payment_intents.created_by; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.payment_intents.created_by IS 'Who inserted the intent, as the audit trail names actors (db:<login role>, or the operator or relay the session is entitled to name): the actor of its creation audit row, which the relay writes in the first transaction that touches the intent.';
 
 --
 -- Name: COLUMN payment_intents.original_amount_minor; Type: COMMENT; Schema: outbox; Owner: -
@@ -321,6 +328,51 @@ CREATE FUNCTION outbox.audit_intent_changes(o outbox.payment_intents, n outbox.p
 $$;
 
 --
+-- Name: audit_intent_creations(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.audit_intent_creations() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    SET jit TO 'off'
+    AS $$
+BEGIN
+    INSERT INTO outbox.audit_log
+        (id, at, actor, entity, entity_id, payment_id, operation, reason, before, after,
+         chain_seq, prev_hash, hash)
+    SELECT c.id, c.at, c.actor, c.entity, c.entity_id, c.payment_id, 'insert', NULL, NULL, c.after,
+           1, NULL,
+           sha256(outbox.audit_canonical(c.id, c.at, c.actor, c.entity, c.entity_id, c.payment_id,
+                                         'insert', NULL, NULL, c.after, 1, NULL))
+    FROM (
+        SELECT nextval('outbox.audit_log_id_seq') AS id, e.*
+        FROM (
+            SELECT 0 AS kind, p.payment_id AS payment_id, 0::bigint AS intent_id,
+                   p.created_at AS at, coalesce(p.created_by, 'db:unknown') AS actor,
+                   'payment'::text AS entity, p.payment_id AS entity_id,
+                   outbox.audit_payment_doc(p) AS after
+            FROM outbox.payments AS p
+            WHERE p.payment_id IN (SELECT o.payment_id FROM old_rows AS o WHERE o.attempts = 0)
+              AND NOT EXISTS (
+                  SELECT 1 FROM outbox.audit_log AS a
+                  WHERE a.entity = 'payment' AND a.entity_id = p.payment_id AND a.chain_seq = 1)
+            UNION ALL
+            SELECT 1, o.payment_id, o.id, o.created_at, coalesce(o.created_by, 'db:unknown'),
+                   'intent', o.id::text, outbox.audit_intent_doc(o)
+            FROM old_rows AS o
+            WHERE o.attempts = 0
+              AND NOT EXISTS (
+                  SELECT 1 FROM outbox.audit_log AS a
+                  WHERE a.entity = 'intent' AND a.entity_id = o.id::text AND a.chain_seq = 1)
+            ORDER BY 2, 1, 3
+        ) AS e
+    ) AS c
+    ON CONFLICT (entity, entity_id, chain_seq) DO NOTHING;
+    RETURN NULL;
+END;
+$$;
+
+--
 -- Name: audit_intent_doc(outbox.payment_intents); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -359,12 +411,19 @@ CREATE TABLE outbox.payments (
     next_seq bigint DEFAULT 1 NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    created_by text,
     CONSTRAINT payments_authorized_not_negative CHECK ((authorized_minor >= 0)),
     CONSTRAINT payments_captured_within_authorized CHECK (((captured_minor >= 0) AND (captured_minor <= authorized_minor))),
     CONSTRAINT payments_refunded_within_captured CHECK (((refunded_minor >= 0) AND (refunded_minor <= captured_minor))),
     CONSTRAINT payments_state_valid CHECK ((state = ANY (ARRAY['new'::text, 'authorized'::text, 'captured'::text, 'partially_refunded'::text, 'refunded'::text, 'voided'::text, 'failed'::text])))
 )
 WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.05', autovacuum_vacuum_cost_delay='0');
+
+--
+-- Name: COLUMN payments.created_by; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.payments.created_by IS 'Who inserted the intent that created the payment: the actor of its creation audit row.';
 
 --
 -- Name: audit_payment_changes(outbox.payments, outbox.payments, integer); Type: FUNCTION; Schema: outbox; Owner: -
@@ -755,21 +814,50 @@ END;
 $$;
 
 --
+-- Name: card_gap(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.card_gap() RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT '(?:[' || outbox.card_separator_characters() || outbox.card_invisible_characters()
+           || ']|\\(?:[bfnrt]|u00[01][0-9A-Fa-f]))'
+$$;
+
+--
+-- Name: card_invisible_characters(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.card_invisible_characters() RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT '\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f\u034f\u115f\u1160\u17b4-\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef'::text
+$$;
+
+--
 -- Name: card_scan_text(text); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
 CREATE FUNCTION outbox.card_scan_text(candidate text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
-    SELECT regexp_replace(
-        regexp_replace(
-            regexp_replace(
-                regexp_replace(candidate, '[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f\u034f\u115f\u1160\u17b4-\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef]+', '', 'g'),
-                '\\(?:[bfnrt]|u00[01][0-9A-Fa-f])', ' ', 'g'),
-            '[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}'
-            '|[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}'
-            '|[0-9A-Fa-f]{20,}', '#', 'g'),
-        '[\x01-\x1f\x7f-\x9f\u0020\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a-\u2e3b\u2e40\u2e5d\u301c\u3030\u30a0\ufe31-\ufe32\ufe58\ufe63\uff0d\U00010ead\u2212\u002e\u005f\u002f\u005c\u00b7\u2022\u2024\u2219\uff0e\uff0f\uff3f]+', ' ', 'g')
+    SELECT regexp_replace(candidate, '([0-9])' || outbox.card_gap() || '+(?=[0-9])', '\1', 'g')
+$$;
+
+--
+-- Name: FUNCTION card_scan_text(candidate text); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.card_scan_text(candidate text) IS 'The text as the card rule reads it: every run of separators, invisible characters and jsonb control escapes between two digits removed, so each digit run is contiguous.';
+
+--
+-- Name: card_separator_characters(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.card_separator_characters() RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT '\x01-\x1f\x7f-\x9f\u0020\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a-\u2e3b\u2e40\u2e5d\u301c\u3030\u30a0\ufe31-\ufe32\ufe58\ufe63\uff0d\U00010ead\u2212\u002e\u005f\u002f\u005c\u00b7\u2022\u2024\u2219\uff0e\uff0f\uff3f'::text
 $$;
 
 --
@@ -781,37 +869,47 @@ CREATE FUNCTION outbox.contains_card_number(candidate text) RETURNS boolean
     AS $$
 DECLARE
     run     text;
-    g       text[];
+    bytes   bytea;  -- the run as bytes: get_byte is O(1), substr on text is O(position)
     n       int;
-    i       int;
+    d       int;
+    j       int;
+    len     int;
+    even    int[];  -- even[k]: digits 1..k, digit p as is when p is even, else doubled
+    odd     int[];  -- odd[k]: digits 1..k, digit p as is when p is odd, else doubled
+    s0      int := 0;
+    s1      int := 0;
 BEGIN
     IF candidate IS NULL OR NOT outbox.may_hold_card_number(candidate) THEN
         RETURN false;
     END IF;
-    candidate := outbox.card_scan_text(candidate);
-    FOR run IN SELECT m[1] FROM regexp_matches(candidate, '([0-9]+(?: [0-9]+)*)', 'g') AS m LOOP
-        CONTINUE WHEN length(run) < 13;
-        g := string_to_array(run, ' ');
-        n := cardinality(g);
-        FOR i IN 1 .. n LOOP
-            IF outbox.is_card_number(g[i]) THEN
-                RETURN true;
+    FOR run IN
+        SELECT m[1] FROM regexp_matches(outbox.card_scan_text(candidate), '([0-9]{13,})', 'g') AS m
+    LOOP
+        n := length(run);
+        bytes := convert_to(run, 'UTF8');
+        even := array_fill(0, ARRAY[n + 1], ARRAY[0]);
+        odd := array_fill(0, ARRAY[n + 1], ARRAY[0]);
+        s0 := 0;
+        s1 := 0;
+        FOR j IN 1 .. n LOOP
+            d := get_byte(bytes, j - 1) - 48;
+            IF j % 2 = 0 THEN
+                s0 := s0 + d;
+                s1 := s1 + CASE WHEN d > 4 THEN 2 * d - 9 ELSE 2 * d END;
+            ELSE
+                s1 := s1 + d;
+                s0 := s0 + CASE WHEN d > 4 THEN 2 * d - 9 ELSE 2 * d END;
             END IF;
-            CONTINUE WHEN length(g[i]) <> 4 OR i + 2 > n;
-            IF length(g[i + 1]) = 4 AND length(g[i + 2]) = 4 AND i + 3 <= n THEN
-                IF length(g[i + 3]) <= 4
-                   AND outbox.is_card_number(g[i] || g[i + 1] || g[i + 2] || g[i + 3]) THEN
+            even[j] := s0;
+            odd[j] := s1;
+            CONTINUE WHEN j < 13;
+            FOR len IN 13 .. least(19, j) LOOP
+                IF j % 2 = 0 THEN
+                    IF (even[j] - even[j - len]) % 10 = 0 THEN RETURN true; END IF;
+                ELSIF (odd[j] - odd[j - len]) % 10 = 0 THEN
                     RETURN true;
                 END IF;
-                IF length(g[i + 3]) = 4 AND i + 4 <= n AND length(g[i + 4]) <= 3
-                   AND outbox.is_card_number(g[i] || g[i + 1] || g[i + 2] || g[i + 3] || g[i + 4]) THEN
-                    RETURN true;
-                END IF;
-            END IF;
-            IF length(g[i + 1]) = 6 AND length(g[i + 2]) IN (4, 5)
-               AND outbox.is_card_number(g[i] || g[i + 1] || g[i + 2]) THEN
-                RETURN true;
-            END IF;
+            END LOOP;
         END LOOP;
     END LOOP;
     RETURN false;
@@ -822,7 +920,7 @@ $$;
 -- Name: FUNCTION contains_card_number(candidate text); Type: COMMENT; Schema: outbox; Owner: -
 --
 
-COMMENT ON FUNCTION outbox.contains_card_number(candidate text) IS 'True when the text holds a card number: 13 to 19 digits beginning with 2 to 6 and passing the Luhn check, contiguous or grouped as printed (4-4-4-4, 4-4-4-4-3, 4-6-5, 4-6-4), where invisible and formatting characters are ignored and any run of separators (spaces, controls, dashes, . _ / \, jsonb control escapes) parts two groups; outside UUIDs, W3C traceparents and hex runs of 20+ characters.';
+COMMENT ON FUNCTION outbox.contains_card_number(candidate text) IS 'True when the text holds 13 to 19 consecutive digits passing the Luhn check, where any separators (spaces, controls, dashes, . _ / \, bullets), invisible or formatting characters and jsonb control escapes between two digits are ignored (issue 17).';
 
 --
 -- Name: convert_at_rates_v1(bigint, text, text, bigint, bigint); Type: FUNCTION; Schema: outbox; Owner: -
@@ -1013,6 +1111,19 @@ BEGIN
     RETURN NEW;
 END;
 $_$;
+
+--
+-- Name: events_event_id(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.events_event_id() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    NEW.event_id := outbox.new_event_id();
+    RETURN NEW;
+END;
+$$;
 
 --
 -- Name: events_hostile_input(); Type: FUNCTION; Schema: outbox; Owner: -
@@ -1610,9 +1721,10 @@ $$;
 CREATE FUNCTION outbox.may_hold_card_number(candidate text) RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
-    SELECT candidate ~ '[0-9](?:[\x01-\x1f\x7f-\x9f\u0020\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a-\u2e3b\u2e40\u2e5d\u301c\u3030\u30a0\ufe31-\ufe32\ufe58\ufe63\uff0d\U00010ead\u2212\u002e\u005f\u002f\u005c\u00b7\u2022\u2024\u2219\uff0e\uff0f\uff3f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f\u034f\u115f\u1160\u17b4-\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef]*[0-9]){12}'
+    SELECT candidate ~ ('[0-9](?:[' || outbox.card_separator_characters()
+                        || outbox.card_invisible_characters() || ']*[0-9]){12}')
         OR (strpos(candidate, '\') > 0
-            AND candidate ~ '[0-9](?:(?:[\x01-\x1f\x7f-\x9f\u0020\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a-\u2e3b\u2e40\u2e5d\u301c\u3030\u30a0\ufe31-\ufe32\ufe58\ufe63\uff0d\U00010ead\u2212\u002e\u005f\u002f\u005c\u00b7\u2022\u2024\u2219\uff0e\uff0f\uff3f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f\u034f\u115f\u1160\u17b4-\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef]|\\(?:[bfnrt]|u00[01][0-9A-Fa-f]))*[0-9]){12}')
+            AND candidate ~ ('[0-9](?:' || outbox.card_gap() || '*[0-9]){12}'))
 $$;
 
 --
@@ -1620,6 +1732,24 @@ $$;
 --
 
 COMMENT ON FUNCTION outbox.may_hold_card_number(candidate text) IS 'True when the text holds 13 digits with only separators, invisible characters or jsonb control escapes between them: a superset of contains_card_number, for pre-filters.';
+
+--
+-- Name: new_event_id(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.new_event_id() RETURNS uuid
+    LANGUAGE plpgsql PARALLEL SAFE
+    AS $$
+DECLARE
+    id uuid;
+BEGIN
+    LOOP
+        id := gen_random_uuid();
+        EXIT WHEN id::text !~ '[0-9](?:-?[0-9]){12}';
+    END LOOP;
+    RETURN id;
+END;
+$$;
 
 --
 -- Name: open_notified_exception_v1(bigint, text, text, text, text, text, bigint, bigint, text, timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
@@ -1659,28 +1789,33 @@ CREATE FUNCTION outbox.payment_intents_before_insert() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_generic_plan'
-    AS $$
+    AS $_$
 DECLARE
     pay       outbox.payments%ROWTYPE;
+    meta      text := NEW.metadata::text;
+    wanted    boolean;
+    archived  boolean;
     install   uuid;
 BEGIN
-    -- Checked first, so no later error can echo a card number back in its DETAIL.
-    IF outbox.payment_intents_may_break_input_rules(NEW) THEN
+    -- Every rule that must refuse at INSERT, on the row's text built once. A row that may
+    -- break one (or may hold card data) is checked rule by rule, each refusal named and
+    -- showing no value, before any table constraint could echo the row in its DETAIL.
+    -- (A document nested 33 deep renders at least 66 characters: the depth test runs only
+    -- for such text. '|' is no separator: digits of two columns never join.)
+    IF NEW.amount_minor >= 1000000000000
+       OR pg_column_size(NEW.metadata) > 16384
+       OR length(NEW.payment_id) > 200
+       OR outbox.may_hold_card_number(concat_ws('|', NEW.payment_id, NEW.action, NEW.provider,
+                                                NEW.currency, NEW.idempotency_key, meta))
+       OR NEW.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
+       OR (length(meta) > 65 AND jsonb_path_exists(NEW.metadata, 'strict $.**{33}'))
+       OR NOT (NEW.payment_method ~ '^[A-Za-z0-9_]+$' AND length(NEW.payment_method) BETWEEN 3 AND 255)
+       OR translate(NEW.payment_method, '_', '') ~ '[0-9]{13}'
+       OR (NEW.metadata ? 'traceparent'
+           AND NOT (jsonb_typeof(NEW.metadata -> 'traceparent') = 'string'
+                    AND outbox.is_valid_traceparent(NEW.metadata ->> 'traceparent')))
+    THEN
         PERFORM outbox.payment_intents_check_input(NEW);
-    END IF;
-    -- (sql/0001's Luhn scan of payment_method is gone: sql/0013's rule, checked above,
-    -- refuses every value that scan could find.)
-
-    IF NEW.idempotency_key IS NOT NULL AND EXISTS (
-        SELECT 1 FROM outbox.payment_intents_archive
-        WHERE provider = NEW.provider AND idempotency_key = NEW.idempotency_key
-    ) THEN
-        RAISE EXCEPTION USING
-            ERRCODE = 'unique_violation',
-            SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'idempotency_key',
-            CONSTRAINT = 'payment_intents_idempotency_key_unique',
-            MESSAGE = 'payment_intents.idempotency_key was already used by an archived intent of this provider',
-            HINT = 'Use a new idempotency key for a new intent, or omit it to have one derived.';
     END IF;
 
     -- The relay owns these columns; whatever the application sent is replaced.
@@ -1697,6 +1832,7 @@ BEGIN
     NEW.created_at := now();
     NEW.updated_at := now();
     NEW.completed_at := NULL;
+    NEW.created_by := outbox.audit_actor();
 
     -- NULLs and malformed values are left to the column constraints, which name them.
     IF NEW.payment_id IS NULL OR NEW.provider IS NULL OR NEW.currency IS NULL OR NEW.action IS NULL THEN
@@ -1704,28 +1840,47 @@ BEGIN
     END IF;
 
     NEW.currency := upper(NEW.currency);
-    -- The payment's row gives each intent its position (payment_seq) in commit order:
-    -- concurrent inserts for one payment queue on its row (or, for its first intents, on
-    -- the primary key: ON CONFLICT waits for the other insert and then finds its row).
-    -- Not one upsert: INSERT ... ON CONFLICT DO UPDATE fires payments' statement-level
-    -- UPDATE trigger (the audit) even when it inserts. The currency is looked up in the
-    -- insert's own statement, which takes its snapshot after the table lock that a
-    -- currency's deletion waits for (outbox.currencies_refuse_used_code).
-    LOOP
-        INSERT INTO outbox.payments (payment_id, provider, currency)
-        SELECT NEW.payment_id, NEW.provider, c.code
+    -- The payment's row gives each intent its position (payment_seq) in commit order (see
+    -- sql/0015): concurrent inserts for one payment queue on its row, or for its first
+    -- intents on the primary key. The currency is looked up in the insert's own statement.
+    -- The same statement reads the two facts every row needs: whether a relay asked to be
+    -- woken (sql/0007), and whether the key was used by an archived intent.
+    WITH created AS (
+        INSERT INTO outbox.payments (payment_id, provider, currency, created_by)
+        SELECT NEW.payment_id, NEW.provider, c.code, NEW.created_by
         FROM outbox.currencies AS c
         WHERE c.code = NEW.currency
         ON CONFLICT (payment_id) DO NOTHING
-        RETURNING * INTO pay;
-        EXIT WHEN FOUND;
+        RETURNING next_seq, provider, currency
+    )
+    SELECT created.next_seq, created.provider, created.currency,
+           coalesce((SELECT w.wanted FROM outbox.relay_wakeup AS w), true),
+           NEW.idempotency_key IS NOT NULL AND EXISTS (
+               SELECT 1 FROM outbox.payment_intents_archive AS a
+               WHERE a.provider = NEW.provider AND a.idempotency_key = NEW.idempotency_key)
+    INTO pay.next_seq, pay.provider, pay.currency, wanted, archived
+    FROM (VALUES (1)) AS one
+    LEFT JOIN created ON true;
+    IF archived THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'unique_violation',
+            SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'idempotency_key',
+            CONSTRAINT = 'payment_intents_idempotency_key_unique',
+            MESSAGE = 'payment_intents.idempotency_key was already used by an archived intent of this provider',
+            HINT = 'Use a new idempotency key for a new intent, or omit it to have one derived.';
+    END IF;
+    WHILE pay.next_seq IS NULL LOOP
         -- Nothing inserted: the payment exists, or the currency is unknown.
         UPDATE outbox.payments AS p SET next_seq = p.next_seq + 1, updated_at = now()
         WHERE p.payment_id = NEW.payment_id
-        RETURNING * INTO pay;
+        RETURNING p.next_seq, p.provider, p.currency INTO pay.next_seq, pay.provider, pay.currency;
         EXIT WHEN FOUND;
         PERFORM outbox.payment_intents_refuse_unknown_currency(NEW.currency);
         -- The row was deleted between the two statements (by hand): insert it again.
+        INSERT INTO outbox.payments (payment_id, provider, currency, created_by)
+        VALUES (NEW.payment_id, NEW.provider, NEW.currency, NEW.created_by)
+        ON CONFLICT (payment_id) DO NOTHING
+        RETURNING next_seq, provider, currency INTO pay.next_seq, pay.provider, pay.currency;
     END LOOP;
 
     IF pay.currency <> NEW.currency THEN
@@ -1749,9 +1904,8 @@ BEGIN
     END IF;
 
     NEW.payment_seq := pay.next_seq;
-    -- Per-payment order: wait behind any unresolved earlier intent (dead ones included,
-    -- so a dead intent stalls its own payment until an operator resolves it). A payment's
-    -- first intent (its row was just created) has none.
+    -- Per-payment order: wait behind any unresolved earlier intent (dead ones included).
+    -- A payment's first intent (its row was just created) has none.
     IF pay.next_seq > 1 AND EXISTS (
         SELECT 1 FROM outbox.payment_intents
         WHERE payment_id = NEW.payment_id AND status IN ('blocked', 'pending', 'in_flight', 'dead')
@@ -1759,20 +1913,24 @@ BEGIN
         NEW.status := 'blocked';
     END IF;
 
+    -- A derived key spells the digest's hex digits as letters (0-9 as g-p): a hex digest
+    -- holds 13 decimal digits in a row about once in twelve keys, and the card rule would
+    -- then find a Luhn-valid run in a value the relay stores and sends (sql/0001's form,
+    -- hex, stays on the intents that have it).
     IF NEW.idempotency_key IS NULL THEN
         SELECT installation_id INTO install FROM outbox.installation;
-        NEW.idempotency_key := 'outbox_' || left(encode(sha256(convert_to(
+        NEW.idempotency_key := 'outbox_' || translate(left(encode(sha256(convert_to(
             install::text || '/' || NEW.payment_id || '/' || NEW.payment_seq::text || '/' || NEW.action,
-            'UTF8')), 'hex'), 48);
+            'UTF8')), 'hex'), 48), '0123456789', 'ghijklmnop');
     END IF;
 
     -- sql/0007: wake an idle relay; identical notifications of a transaction are one.
-    IF coalesce((SELECT wanted FROM outbox.relay_wakeup), true) THEN
+    IF wanted THEN
         PERFORM pg_notify('outbox_payment_intents', '');
     END IF;
     RETURN NEW;
 END;
-$$;
+$_$;
 
 --
 -- Name: payment_intents_check_input(outbox.payment_intents); Type: FUNCTION; Schema: outbox; Owner: -
@@ -2350,7 +2508,10 @@ CREATE FUNCTION outbox.refuse_card_number(p_table text, p_column text, p_value t
 BEGIN
     IF outbox.contains_card_number(p_value) THEN
         PERFORM outbox.refuse_input(p_table, p_column, format('%s_%s_not_card_number', p_table, p_column),
-            format('holds a card-like number%s (13 to 19 digits passing the Luhn check)', p_where), p_hint);
+            format('holds a card-like number%s: 13 to 19 digits in a row passing the Luhn check, '
+                   'separators and invisible characters between digits ignored', p_where),
+            p_hint || ' If it is an id or a key, not a card: put a letter or a '':'' between its '
+                      'numbers, so that no 13 of its digits follow each other.');
     END IF;
 END;
 $$;
@@ -2632,7 +2793,7 @@ COMMENT ON TABLE outbox.event_streams IS 'One row per ordering key: the sequence
 
 CREATE TABLE outbox.events (
     id bigint NOT NULL,
-    event_id uuid DEFAULT gen_random_uuid() NOT NULL,
+    event_id uuid DEFAULT outbox.new_event_id() NOT NULL,
     exchange text,
     routing_key text NOT NULL,
     event_type text,
@@ -2956,6 +3117,7 @@ CREATE TABLE outbox.payment_intents_archive (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     completed_at timestamp with time zone,
+    created_by text,
     original_amount_minor bigint,
     original_currency text,
     fx_rate_id bigint,
@@ -3645,10 +3807,16 @@ CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON outbox.audit_log FOR EAC
 CREATE TRIGGER currencies_used_code BEFORE DELETE OR UPDATE OF code ON outbox.currencies FOR EACH ROW EXECUTE FUNCTION outbox.currencies_refuse_used_code();
 
 --
+-- Name: events events_0_event_id; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER events_0_event_id BEFORE INSERT ON outbox.events FOR EACH ROW WHEN ((new.event_id IS NULL)) EXECUTE FUNCTION outbox.events_event_id();
+
+--
 -- Name: events events_0_hostile_input; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
-CREATE TRIGGER events_0_hostile_input BEFORE INSERT OR UPDATE OF exchange, routing_key, event_type, ordering_key, payment_id, payload, headers, traceparent ON outbox.events FOR EACH ROW WHEN (((NOT ((COALESCE(current_setting('outbox.actor'::text, true), ''::text) ~~ 'relay:%'::text) AND pg_has_role(SESSION_USER, 'outbox_relay'::name, 'MEMBER'::text))) AND ((pg_column_size(new.payload) > 262144) OR (pg_column_size(new.headers) > 16384) OR outbox.may_hold_card_number(concat_ws('|'::text, new.exchange, new.routing_key, new.event_type, new.ordering_key, new.payment_id, new.traceparent, (new.payload)::text, (new.headers)::text)) OR (new.ordering_key ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'::text) OR (new.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'::text) OR jsonb_path_exists(new.payload, 'strict $.**{65}'::jsonpath)))) EXECUTE FUNCTION outbox.events_hostile_input();
+CREATE TRIGGER events_0_hostile_input BEFORE INSERT OR UPDATE OF exchange, routing_key, event_type, ordering_key, payment_id, payload, headers, traceparent, event_id ON outbox.events FOR EACH ROW WHEN (((NOT ((COALESCE(current_setting('outbox.actor'::text, true), ''::text) ~~ 'relay:%'::text) AND pg_has_role(SESSION_USER, 'outbox_relay'::name, 'MEMBER'::text))) AND ((pg_column_size(new.payload) > 262144) OR (pg_column_size(new.headers) > 16384) OR outbox.may_hold_card_number(concat_ws('|'::text, new.exchange, new.routing_key, new.event_type, new.ordering_key, new.payment_id, new.traceparent, (new.payload)::text, (new.headers)::text, (new.event_id)::text)) OR (new.ordering_key ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'::text) OR (new.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'::text) OR jsonb_path_exists(new.payload, 'strict $.**{65}'::jsonpath)))) EXECUTE FUNCTION outbox.events_hostile_input();
 
 --
 -- Name: events events_before_insert; Type: TRIGGER; Schema: outbox; Owner: -
@@ -3753,10 +3921,10 @@ CREATE TRIGGER ledger_transactions_no_truncate BEFORE TRUNCATE ON outbox.ledger_
 CREATE TRIGGER payment_intents_0_input_guard BEFORE UPDATE OF amount_minor, payment_id, action, provider, currency, idempotency_key, metadata, payment_method ON outbox.payment_intents FOR EACH ROW WHEN (outbox.payment_intents_may_break_input_rules(new.*)) EXECUTE FUNCTION outbox.payment_intents_input_guard();
 
 --
--- Name: payment_intents payment_intents_audit_insert; Type: TRIGGER; Schema: outbox; Owner: -
+-- Name: payment_intents payment_intents_audit_0_creation; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
-CREATE TRIGGER payment_intents_audit_insert AFTER INSERT ON outbox.payment_intents FOR EACH ROW EXECUTE FUNCTION outbox.audit_payment_intent_inserted();
+CREATE TRIGGER payment_intents_audit_0_creation AFTER UPDATE ON outbox.payment_intents REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox.audit_intent_creations();
 
 --
 -- Name: payment_intents payment_intents_audit_update; Type: TRIGGER; Schema: outbox; Owner: -

@@ -46,6 +46,7 @@ from relay.domain.fx import (
     parse_rates_csv,
 )
 from relay.finance.audit import verify_database
+from relay.infra.queries import QUERIES
 from tests.login_roles import login_role
 from tests.support.cli import run_cli
 
@@ -476,6 +477,11 @@ def test_app_converts_in_its_transaction_and_the_intent_keeps_its_rate(
     assert recorded == (10876, 10000, "EUR", first, 10876)
     # The refund of what the customer paid, at the charge's rate: the original amount back.
     assert at_rates(conn, 10876, "USD", "EUR", first) == 10000
+    # The relay's first transaction on the intent (its claim) writes the creation rows.
+    conn.execute(
+        QUERIES["claim_intents"],
+        {"instance": "r1", "provider": "stripe", "now": None, "limit": 10, "lease_seconds": 30},
+    )
     audit = conn.execute(
         "SELECT after ->> 'fx_rate_id', after ->> 'original_amount_minor' FROM outbox.audit_log "
         "WHERE entity = 'intent' AND entity_id = %s AND operation = 'insert'",

@@ -202,6 +202,10 @@ PUBLIC_HELPERS = {
     "refuse_card_number",
     "actor_entitled",  # sql/0012, whose outbox.actor names are kept
     "jsonb_redact_card_numbers",  # sql/0023, the inbox's insert trigger
+    "card_invisible_characters",  # sql/0019, the card rule's character classes, one place
+    "card_separator_characters",
+    "card_gap",
+    "new_event_id",  # sql/0019, events.event_id's default, evaluated as the inserting role
 }
 
 # Statements of relay/infra/queries.sql by the role that runs them. A new statement must be added
@@ -761,9 +765,17 @@ def test_application_inserts_intents_and_events_and_reads_outcomes_only(
         assert admin.execute(
             "SELECT status, attempts FROM outbox.payment_intents ORDER BY id"
         ).fetchall() == [("pending", 0), ("blocked", 0)], "the refused statements changed nothing"
+        created_by = admin.execute(
+            "SELECT DISTINCT created_by FROM outbox.payment_intents WHERE payment_id = 'lp-app-1'"
+        ).fetchall()
+        # The relay's first transaction on the intents writes their creation rows (sql/0019),
+        # naming the role that inserted them, not the relay.
+        admin.execute("UPDATE outbox.payment_intents SET updated_at = now()")
         actors = admin.execute(
             "SELECT DISTINCT actor FROM outbox.audit_log WHERE payment_id = 'lp-app-1'"
+            " AND operation = 'insert'"
         ).fetchall()
+    assert created_by == [(f"db:{role}",)], "the intent names the application's login role"
     assert actors == [(f"db:{role}",)], "the audit trail names the application's login role"
 
 
@@ -1062,9 +1074,16 @@ def test_an_actor_name_is_recorded_only_from_a_role_entitled_to_it(
     """sql/0012: set_config('outbox.actor', ...) names a writer only when its role may."""
 
     def actors(payment_id: str) -> list[str]:
+        """The creation rows' actors (the payment's, the intent's), written by the intent's
+        first UPDATE from what the INSERT recorded (sql/0019)."""
         with psycopg.connect(db_url) as admin:
+            admin.execute(
+                "UPDATE outbox.payment_intents SET updated_at = now() WHERE payment_id = %s",
+                (payment_id,),
+            )
             rows = admin.execute(
-                "SELECT actor FROM outbox.audit_log WHERE payment_id = %s ORDER BY id",
+                "SELECT actor FROM outbox.audit_log WHERE payment_id = %s"
+                " AND operation = 'insert' ORDER BY id",
                 (payment_id,),
             ).fetchall()
         return [str(actor) for (actor,) in rows]

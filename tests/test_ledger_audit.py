@@ -21,6 +21,7 @@ from provider_adapters.base import Command, Invalid, Outcome
 from provider_adapters.memory import MemoryProvider
 from relay.finance.audit import verify_database
 from relay.finance.ledger import check_ledger
+from relay.infra.queries import QUERIES
 from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.support import cli as support_cli
 from tests.support.intents import insert_intents
@@ -313,10 +314,25 @@ async def test_audit_rows_cannot_be_updated_or_deleted(
             ):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
                     app.execute(statement)  # type: ignore[arg-type]
-        actors = superuser.execute(
-            "SELECT DISTINCT actor FROM outbox.audit_log WHERE payment_id = 'by-app'"
+        # The INSERT records who inserted; the relay's claim writes the creation rows with
+        # that actor and the INSERT's time (sql/0019), before its own row.
+        assert superuser.execute(
+            "SELECT count(*) FROM outbox.audit_log WHERE payment_id = 'by-app'"
+        ).fetchone() == (0,)
+        claim = {"instance": "r1", "provider": "stripe", "now": None, "limit": 10}
+        superuser.execute(QUERIES["claim_intents"], {**claim, "lease_seconds": 30})
+        rows = superuser.execute(
+            "SELECT a.entity, a.operation, a.actor, a.at = coalesce(i.created_at, p.created_at)"
+            " FROM outbox.audit_log AS a"
+            " LEFT JOIN outbox.payment_intents AS i ON a.entity = 'intent' AND i.id::text = a.entity_id"
+            " LEFT JOIN outbox.payments AS p ON a.entity = 'payment' AND p.payment_id = a.entity_id"
+            " WHERE a.payment_id = 'by-app' ORDER BY a.id"
         ).fetchall()
-        assert actors == [(f"db:{role}",)]
+        assert rows == [
+            ("payment", "insert", f"db:{role}", True),
+            ("intent", "insert", f"db:{role}", True),
+            ("intent", "update", "relay:r1", False),
+        ]
     finally:
         superuser.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")  # type: ignore[arg-type]
     assert verify_database(db_url).intact
@@ -449,6 +465,83 @@ async def test_a_deleted_tail_or_chain_is_caught_against_the_live_rows(
         ("tail_mismatch", "payment", "a0"),
         ("missing_chain", "intent", str(intent[0])),
     }
+
+
+async def test_an_intent_without_its_creation_rows_past_the_grace_is_reported(
+    db_url: str, superuser: psycopg.Connection
+) -> None:
+    """Issue 23: the relay writes an intent's creation rows at its first claim or promotion,
+    so a new intent has none yet; `audit verify` counts it as awaiting them while it is
+    younger than --creation-grace, and reports it (missing_creation) once older."""
+    await settled_run(db_url, n=1)
+    superuser.execute(
+        "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+        " currency, payment_method) VALUES ('waiting', 'charge', 'nobody', 10, 'EUR',"
+        " 'pm_card_visa')"
+    )
+    row = superuser.execute(
+        "SELECT id FROM outbox.payment_intents WHERE payment_id = 'waiting'"
+    ).fetchone()
+    assert row is not None
+    waiting = str(row[0])
+    fresh = verify_database(db_url)
+    assert fresh.intact and fresh.awaiting_creation == 2  # the intent and its new payment
+    result = run_cli("audit", "verify", db_url=db_url)
+    assert result.returncode == 0 and "2 intent(s) and payment(s) inserted less than 300 s" in (
+        result.stdout
+    )
+
+    # Ten minutes later, still unclaimed (no relay serves provider 'nobody').
+    tamper(
+        superuser,
+        "UPDATE outbox.payment_intents SET created_at = created_at - interval '10 minutes'"
+        " WHERE payment_id = 'waiting'",
+        "UPDATE outbox.payments SET created_at = created_at - interval '10 minutes'"
+        " WHERE payment_id = 'waiting'",
+    )
+    report = verify_database(db_url)
+    assert {(b.kind, b.entity, b.entity_id) for b in report.breaks} == {
+        ("missing_creation", "intent", waiting),
+        ("missing_creation", "payment", "waiting"),
+    }
+    result = run_cli("audit", "verify", db_url=db_url)
+    assert result.returncode == 1
+    assert f"intent {waiting} was inserted at" in result.stdout
+    assert "no relay has claimed it yet" in result.stdout
+    # A longer grace waits for it.
+    result = run_cli("audit", "verify", "--creation-grace", "900", db_url=db_url)
+    assert result.returncode == 0, result.stdout
+    assert verify_database(db_url, creation_grace_seconds=900).awaiting_creation == 2
+    bad = run_cli("audit", "verify", "--creation-grace", "soon", db_url=db_url)
+    assert bad.returncode == 2 and "--creation-grace" in bad.stderr
+
+    # Its first UPDATE (here a claim) writes them, with the INSERT's actor and time.
+    superuser.execute(
+        QUERIES["claim_intents"],
+        {"instance": "r9", "provider": "nobody", "now": None, "limit": 5, "lease_seconds": 30},
+    )
+    assert verify_database(db_url).intact
+    first = superuser.execute(
+        "SELECT a.operation, a.actor, a.at = i.created_at FROM outbox.audit_log AS a"
+        " JOIN outbox.payment_intents AS i ON i.id::text = a.entity_id"
+        " WHERE a.entity = 'intent' AND a.entity_id = %s AND a.chain_seq = 1",
+        (waiting,),
+    ).fetchone()
+    assert first == ("insert", "db:" + superuser.info.user, True)
+
+    # A chain whose creation row was deleted starts with an update: reported too.
+    tamper(
+        superuser,
+        "DELETE FROM outbox.audit_log WHERE entity = 'intent' AND entity_id = %(id)s"
+        " AND chain_seq = 1",
+        "UPDATE outbox.audit_log SET chain_seq = 1, prev_hash = NULL,"
+        " hash = sha256(outbox.audit_canonical(id, at, actor, entity, entity_id, payment_id,"
+        " operation, reason, before, after, 1, NULL))"
+        " WHERE entity = 'intent' AND entity_id = %(id)s",
+        params={"id": waiting},
+    )
+    kinds = {(b.kind, b.entity_id) for b in verify_database(db_url).breaks}
+    assert ("missing_creation", waiting) in kinds
 
 
 def _colder_rows(conn: psycopg.Connection) -> dict[str, str]:

@@ -655,3 +655,13 @@ def test_status_marks_providers_no_running_relay_serves(db_url: str) -> None:
         ("live:1", True),
         ("gone:2", False),
     ]
+
+
+def test_intents_show_says_when_a_new_intent_is_recorded_in_the_trail(audited_db: str) -> None:
+    """sql/0019: an intent no relay has touched has no audit row yet; `intents show` says so
+    and when it will have one, instead of an empty history."""
+    (intent,) = insert(audited_db, ("new-1", "authorize", 1000, "pm_card_visa"))
+    shown = cli(audited_db, "intents", "show", str(intent))
+    assert shown.returncode == 0, shown.stderr
+    assert "history: none yet; inserted at" in shown.stdout
+    assert "recorded when a relay first claims it" in shown.stdout

@@ -235,10 +235,13 @@ def test_derived_idempotency_keys_are_stable_and_distinct(conn: psycopg.Connecti
     assert a[2].startswith("outbox_") and len(a[2]) <= 255
     # Same inputs -> same key: the derivation is a pure function of the intent.
     recomputed = conn.execute(
-        "SELECT 'outbox_' || left(encode(sha256(convert_to(installation_id::text || '/order-1/1/authorize',"
-        " 'UTF8')), 'hex'), 48) FROM outbox.installation"
+        "SELECT 'outbox_' || translate(left(encode(sha256(convert_to(installation_id::text"
+        " || '/order-1/1/authorize', 'UTF8')), 'hex'), 48), '0123456789', 'ghijklmnop')"
+        " FROM outbox.installation"
     ).fetchone()
     assert recomputed == (a[2],)
+    # No digit at all (sql/0019): a derived key never holds a run the card rule refuses.
+    assert a[2][len("outbox_") :].isalpha() and len(a[2]) == len("outbox_") + 48
     # The relay never changes it: attempts reuse the stored value (see test_relay_integration).
     conn.execute("UPDATE outbox.payment_intents SET attempts = 3")
     again = conn.execute(
@@ -327,22 +330,47 @@ def test_concurrent_first_intents_of_one_payment_queue_in_commit_order(
         second.close()
 
 
-def test_a_first_intent_audits_its_payment_then_itself_and_a_manual_payment_is_audited(
+def test_the_first_update_of_an_intent_audits_its_creation_and_a_manual_payment_is_audited(
     conn: psycopg.Connection,
 ) -> None:
+    """sql/0019: the INSERT writes no audit row; the intent's first UPDATE (a claim, a
+    promotion) writes its creation rows first: the payment's when the intent created it, then
+    the intent's, as the INSERT left them, with its actor and time. A payment inserted by
+    hand is audited at once."""
     insert(conn)
     insert(conn, action="capture", amount_minor=None, payment_method=None)
     conn.execute(
         "INSERT INTO outbox.payments (payment_id, provider, currency) VALUES ('by-hand', 'stripe', 'EUR')"
     )
-    trail = conn.execute(
-        "SELECT entity, entity_id, operation, chain_seq, after ->> 'state'"
-        " FROM outbox.audit_log ORDER BY id"
-    ).fetchall()
     ids = [row[0] for row in conn.execute("SELECT id FROM outbox.payment_intents ORDER BY id")]
-    assert trail == [
-        ("payment", "order-1", "insert", 1, "new"),
-        ("intent", str(ids[0]), "insert", 1, None),
-        ("intent", str(ids[1]), "insert", 1, None),
+
+    def trail() -> list[tuple[Any, ...]]:
+        return conn.execute(
+            "SELECT entity, entity_id, operation, chain_seq, coalesce(after ->> 'state',"
+            " after ->> 'status') FROM outbox.audit_log ORDER BY id"
+        ).fetchall()
+
+    assert trail() == [("payment", "by-hand", "insert", 1, "new")]
+    conn.execute(
+        "UPDATE outbox.payment_intents SET status = 'in_flight', attempts = 1, lease_token = 1,"
+        " lease_expires_at = now() + interval '1 minute' WHERE id = %s",
+        (ids[0],),
+    )
+    conn.execute("UPDATE outbox.payment_intents SET status = 'pending' WHERE id = %s", (ids[1],))
+    assert trail() == [
         ("payment", "by-hand", "insert", 1, "new"),
+        ("payment", "order-1", "insert", 1, "new"),
+        ("intent", str(ids[0]), "insert", 1, "pending"),
+        ("intent", str(ids[0]), "update", 2, "in_flight"),
+        ("intent", str(ids[1]), "insert", 1, "blocked"),
+        ("intent", str(ids[1]), "update", 2, "pending"),
     ]
+    # Later updates find the creation rows and write none again.
+    conn.execute("UPDATE outbox.payment_intents SET status = 'blocked' WHERE id = %s", (ids[1],))
+    assert len(trail()) == 7
+    same = conn.execute(
+        "SELECT count(*) FROM outbox.audit_log AS a JOIN outbox.payment_intents AS i"
+        " ON a.entity = 'intent' AND a.entity_id = i.id::text AND a.operation = 'insert'"
+        " WHERE a.at = i.created_at AND a.actor = i.created_by"
+    ).fetchone()
+    assert same == (2,)

@@ -222,7 +222,7 @@ async def test_a_card_number_in_free_text_is_stored_redacted(db_url: str) -> Non
     body = event_body(
         "evt_card",
         description="customer wrote 4242 4242 4242 4242 in the note",
-        metadata={"memo": "4000-0566-5566-5556", "order": "order-1764747123-00042"},
+        metadata={"memo": "4000-0566-5566-5556", "order": "order-1764747123:00042"},
     )
     async with running_receiver(db_url) as server, httpx.AsyncClient() as client:
         answer = await client.post(server.stripe_url, content=body, headers=signed(body))
@@ -232,7 +232,7 @@ async def test_a_card_number_in_free_text_is_stored_redacted(db_url: str) -> Non
     assert stored["description"] == "[card number redacted]"
     assert stored["metadata"] == {
         "memo": "[card number redacted]",
-        "order": "order-1764747123-00042",
+        "order": "order-1764747123:00042",
     }
     with psycopg.connect(db_url) as conn:
         text = conn.execute("SELECT payload::text FROM outbox.webhook_inbox").fetchone()

@@ -49,6 +49,16 @@ def _timestamp(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds, 0 or more")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -75,7 +85,8 @@ def _cmd_audit_verify(args: argparse.Namespace, url: str) -> int:
     from relay.cli.finance_reports import print_audit_report
     from relay.finance.audit import verify_database
 
-    report = verify_database(url, progress=_progress)
+    grace = {} if args.creation_grace is None else {"creation_grace_seconds": args.creation_grace}
+    report = verify_database(url, progress=_progress, **grace)
     print_audit_report(report, as_json=args.json)
     return 0 if report.intact else 1
 
@@ -303,11 +314,22 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
             "whether a row was edited, deleted, inserted or reordered, then checks that every "
             "intent and payment ends its chain in its live state (a deleted tail, or a change "
             "made with the trigger off). Progress goes to stderr.\n\n"
+            "An intent's creation rows (and its new payment's) are written by the first relay "
+            "transaction that touches it, its claim or its promotion, with the inserting role "
+            "and the INSERT's time: an intent or payment older than --creation-grace without "
+            "them is reported (missing_creation); younger ones are counted as awaiting them.\n\n"
             "exit status: 0 intact, 1 broken."
         ),
         formatter_class=_RAW,
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument(
+        "--creation-grace",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how long a new intent may wait for a relay to write its creation rows before "
+        "it is reported (default: 300, relay.finance.audit.DEFAULT_CREATION_GRACE_SECONDS)",
+    )
     verify.set_defaults(handler=bind(_cmd_audit_verify))
 
     reconcile = commands.add_parser(

@@ -105,6 +105,13 @@ def print_audit_report(
         f"{report.live_rows_checked} live rows compared with their chains' ends",
         file=out,
     )
+    if report.awaiting_creation:
+        print(
+            f"{report.awaiting_creation} intent(s) and payment(s) inserted less than "
+            f"{report.creation_grace_seconds:g} s ago await their creation rows (written by "
+            "the relay's first transaction that touches each intent)",
+            file=out,
+        )
     first = report.first_break
     if first is None:
         print("intact: every link holds and every chain ends in its row's live state", file=out)

@@ -173,6 +173,13 @@ def print_intent(found: dict[str, Any]) -> None:
     if history is None:
         print(f"\nhistory: {found['history_note']}")
         return
+    if not history:
+        # sql/0019: the relay's first transaction on the intent writes its creation rows.
+        print(
+            f"\nhistory: none yet; inserted at {_when(found['intent']['created_at'])}, its "
+            "creation is recorded when a relay first claims it (or promotes it from blocked)"
+        )
+        return
     print(f"\nhistory ({len(history)} change(s)):")
     table = []
     for row in history:

@@ -18,6 +18,15 @@ the first broken link of one chain and says what happened there:
 actions, exchange rates) ends its chain in its live state, which also catches a deleted tail, a rewritten
 or forged last row, a deleted chain, and a change made while the audit trigger was off
 (``tail_mismatch``, ``missing_chain``).
+
+An intent's creation rows (the intent's, and its payment's when the intent created it) are
+written by the first relay transaction that touches the intent, its claim or its promotion
+(sql/0019), keeping who inserted it and when. Until then the intent has no audit row: an
+intent or payment inserted less than ``creation_grace_seconds`` ago (server clock) without
+one is counted as awaiting its creation rows; an older one, or a chain that does not start
+with its ``insert`` row, is a ``missing_creation`` break. An intent a relay has touched
+(claimed, promoted) has its creation rows whatever its age: without any audit row it is a
+``missing_chain`` break, as for every other audited row.
 """
 
 from __future__ import annotations
@@ -46,7 +55,23 @@ __all__ = [
 
 FORMAT_VERSION = "outbox-audit-v1"
 
-BreakKind = Literal["edited", "deleted", "inserted", "reordered", "tail_mismatch", "missing_chain"]
+BreakKind = Literal[
+    "edited",
+    "deleted",
+    "inserted",
+    "reordered",
+    "tail_mismatch",
+    "missing_chain",
+    "missing_creation",
+]
+
+# How long an intent may wait for the relay to write its creation rows before `audit verify`
+# calls it missing: a relay claims a new intent within milliseconds to seconds (longer when
+# a backlog or an open circuit holds it, hence minutes).
+DEFAULT_CREATION_GRACE_SECONDS = 300.0
+
+# The entities whose first audit rows the relay writes (sql/0019).
+_CREATED_BY_RELAY = ("intent", "payment")
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +242,8 @@ class VerifyReport:
     rows: int = 0
     chains: int = 0
     live_rows_checked: int = 0
+    awaiting_creation: int = 0  # younger than the grace, no creation rows yet
+    creation_grace_seconds: float = DEFAULT_CREATION_GRACE_SECONDS
     breaks: list[Break] = field(default_factory=list)
 
     @property
@@ -237,6 +264,8 @@ class VerifyReport:
             "rows": self.rows,
             "chains": self.chains,
             "live_rows_checked": self.live_rows_checked,
+            "awaiting_creation": self.awaiting_creation,
+            "creation_grace_seconds": self.creation_grace_seconds,
             "first_break": asdict(first) if first else None,
             "breaks": [asdict(b) for b in self.ordered_breaks()],
         }
@@ -280,71 +309,91 @@ def _chains(rows: Iterable[AuditRow]) -> Iterator[list[AuditRow]]:
         yield chain
 
 
+def _missing_creation(chain: Sequence[AuditRow]) -> Break | None:
+    """An intent's or payment's chain must start with its creation (``insert``) row, or
+    with the baseline of a row older than the trail."""
+    first = chain[0]
+    # 'baseline': sql/0005's first row of a row that existed before the trail did.
+    if first.entity not in _CREATED_BY_RELAY or first.operation in ("insert", "baseline"):
+        return None
+    return _break(
+        "missing_creation",
+        first,
+        f"the chain of {first.entity} {first.entity_id} starts with a {first.operation!r} row, "
+        "not its creation row: the creation rows were deleted, or it was changed before any "
+        "relay or audit trigger saw it",
+    )
+
+
+def _no_creation_rows(entity: str, entity_id: str, created_at: datetime | None) -> Break:
+    when = f"inserted at {_timestamp(created_at)}" if created_at is not None else "inserted"
+    return Break(
+        "missing_creation",
+        entity,
+        entity_id,
+        None,
+        None,
+        f"{entity} {entity_id} was {when}, longer ago than the creation grace, and has no "
+        "audit rows: the relay writes them in its first transaction that touches the intent "
+        "(claim or promotion), so no relay has claimed it yet (is a relay serving its "
+        "provider running? `outbox-relay status`), or its chain was deleted",
+    )
+
+
 def verify_database(
-    conninfo: str, *, progress: Callable[[str], None] = lambda _line: None
+    conninfo: str,
+    *,
+    creation_grace_seconds: float = DEFAULT_CREATION_GRACE_SECONDS,
+    progress: Callable[[str], None] = lambda _line: None,
 ) -> VerifyReport:
-    """Walk every chain, then compare the end of each audited row's chain with the row."""
-    report = VerifyReport()
+    """Walk every chain, then compare the end of each audited row's chain with the row.
+
+    Both walks read one snapshot (REPEATABLE READ), so a claim committing in between cannot
+    show a live row whose new audit rows the first walk did not see.
+    """
+    report = VerifyReport(creation_grace_seconds=creation_grace_seconds)
     tails: dict[tuple[str, str], tuple[AuditRow, bytes] | None] = {}
     with psycopg.connect(conninfo) as conn:
         conn.read_only = True
-        with conn.transaction(), conn.cursor(name="outbox_audit_verify") as cur:
-            cur.itersize = 5_000
-            cur.execute(QUERIES["audit_rows_by_chain"])
-            rows = (AuditRow(*record) for record in cur)
-            for chain in _chains(rows):
-                report.chains += 1
-                report.rows += len(chain)
-                found = verify_chain(chain)
-                if found is not None:
-                    report.breaks.append(found)
-                if chain[0].entity in _TAIL_CHECKED:
-                    # A broken chain's state proves nothing: its break is reported instead.
-                    tails[(chain[0].entity, chain[0].entity_id)] = (
-                        None if found else (chain[-1], _digest(fold(chain)))
-                    )
-                if report.chains % 10_000 == 0:
-                    progress(f"checked {report.rows} audit rows in {report.chains} chains")
-        progress(f"checked {report.rows} audit rows in {report.chains} chains; comparing live rows")
-        with conn.transaction(), conn.cursor(name="outbox_audit_live") as cur:
-            cur.itersize = 5_000
-            cur.execute(QUERIES["audit_live_documents"])
-            for entity, entity_id, doc in cur:
-                report.live_rows_checked += 1
-                key = (entity, entity_id)
-                if key not in tails:
-                    report.breaks.append(
-                        Break(
-                            "missing_chain",
-                            entity,
-                            entity_id,
-                            None,
-                            None,
-                            f"{entity} {entity_id} exists but has no audit rows: its chain "
-                            "was deleted, or it was written with the audit trigger off",
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            with conn.cursor(name="outbox_audit_verify") as cur:
+                cur.itersize = 5_000
+                cur.execute(QUERIES["audit_rows_by_chain"])
+                rows = (AuditRow(*record) for record in cur)
+                for chain in _chains(rows):
+                    report.chains += 1
+                    report.rows += len(chain)
+                    found = verify_chain(chain) or _missing_creation(chain)
+                    if found is not None:
+                        report.breaks.append(found)
+                    if chain[0].entity in _TAIL_CHECKED:
+                        # A broken chain's state proves nothing: its break is reported instead.
+                        tails[(chain[0].entity, chain[0].entity_id)] = (
+                            None if found else (chain[-1], _digest(fold(chain)))
                         )
-                    )
-                    continue
-                tail = tails.pop(key)
-                if tail is None:
-                    continue
-                last, digest = tail
-                if digest != _digest(doc):
-                    report.breaks.append(
-                        Break(
-                            "tail_mismatch",
-                            entity,
-                            entity_id,
-                            last.id,
-                            last.chain_seq,
-                            f"the chain of {entity} {entity_id} ends at audit row {last.id} "
-                            f"(chain_seq {last.chain_seq}) in a state that differs from the "
-                            "live row: later audit rows were deleted, or the row was changed "
-                            "with the audit trigger off",
-                        )
-                    )
-                if report.live_rows_checked % 10_000 == 0:
-                    progress(f"compared {report.live_rows_checked} live rows")
+                    if report.chains % 10_000 == 0:
+                        progress(f"checked {report.rows} audit rows in {report.chains} chains")
+            progress(
+                f"checked {report.rows} audit rows in {report.chains} chains; comparing live rows"
+            )
+            with conn.cursor(name="outbox_audit_live") as cur:
+                cur.itersize = 5_000
+                cur.execute(
+                    QUERIES["audit_live_documents"],
+                    {"creation_grace_seconds": creation_grace_seconds},
+                )
+                for entity, entity_id, doc, created_at, untouched, young in cur:
+                    report.live_rows_checked += 1
+                    key = (entity, entity_id)
+                    if key in tails or not untouched:
+                        _compare_live_row(report, tails, entity, entity_id, doc)
+                    elif young:
+                        report.awaiting_creation += 1
+                    else:
+                        report.breaks.append(_no_creation_rows(entity, entity_id, created_at))
+                    if report.live_rows_checked % 10_000 == 0:
+                        progress(f"compared {report.live_rows_checked} live rows")
     for (entity, entity_id), tail in sorted(tails.items()):
         if entity in _NEVER_DELETED and tail is not None:
             last = tail[0]
@@ -360,3 +409,44 @@ def verify_database(
                 )
             )
     return report
+
+
+def _compare_live_row(
+    report: VerifyReport,
+    tails: dict[tuple[str, str], tuple[AuditRow, bytes] | None],
+    entity: str,
+    entity_id: str,
+    doc: dict[str, Any],
+) -> None:
+    key = (entity, entity_id)
+    if key not in tails:
+        report.breaks.append(
+            Break(
+                "missing_chain",
+                entity,
+                entity_id,
+                None,
+                None,
+                f"{entity} {entity_id} exists but has no audit rows: its chain "
+                "was deleted, or it was written with the audit trigger off",
+            )
+        )
+        return
+    tail = tails.pop(key)
+    if tail is None:
+        return
+    last, digest = tail
+    if digest != _digest(doc):
+        report.breaks.append(
+            Break(
+                "tail_mismatch",
+                entity,
+                entity_id,
+                last.id,
+                last.chain_seq,
+                f"the chain of {entity} {entity_id} ends at audit row {last.id} "
+                f"(chain_seq {last.chain_seq}) in a state that differs from the "
+                "live row: later audit rows were deleted, or the row was changed "
+                "with the audit trigger off",
+            )
+        )

@@ -159,7 +159,8 @@ evented AS (
     JOIN outbox.payment_intents AS i ON i.id = w.id
     JOIN outbox.payments AS p ON p.payment_id = w.payment_id
     CROSS JOIN LATERAL (
-        SELECT gen_random_uuid() AS event_id, 'payment.' || i.action || '.' || w.status AS event_type
+        -- sql/0019: an event id with no 13-digit run, which the card rule would call a card
+        SELECT outbox.new_event_id() AS event_id, 'payment.' || i.action || '.' || w.status AS event_type
     ) AS e
     WHERE w.status IN ('succeeded', 'failed', 'dead')
     ORDER BY 'payment:' || w.payment_id
@@ -573,43 +574,57 @@ ORDER BY entity, entity_id, chain_seq;
 -- name: audit_live_documents
 -- The audited columns of every live row of every audited table, redacted as the trail stores them.
 -- The colder tables' allow-lists are their audit triggers' (sql/0005, sql/0014): keep them equal.
-SELECT 'intent', i.id::text, outbox.audit_intent_doc(i)
+-- An intent's and its new payment's creation rows are written by the first relay transaction
+-- that touches the intent (sql/0019): `created_at` says when the row was inserted,
+-- `untouched` whether no UPDATE can have reached it yet (an intent still as inserted; a
+-- payment still new whose intents all are), `young` whether it was inserted less than
+-- `creation_grace_seconds` ago by the server's clock.
+SELECT 'intent', i.id::text, outbox.audit_intent_doc(i), i.created_at,
+       i.status IN ('pending', 'blocked') AND i.attempts = 0 AS untouched,
+       i.created_at > now() - make_interval(secs => %(creation_grace_seconds)s) AS young
 FROM outbox.payment_intents AS i
 UNION ALL
 SELECT 'intent', a.id::text,
-       outbox.audit_intent_doc(ROW(a.*)::outbox.payment_intents)
+       outbox.audit_intent_doc(ROW(a.*)::outbox.payment_intents), a.created_at, false, false
 FROM outbox.payment_intents_archive AS a
 UNION ALL
-SELECT 'payment', p.payment_id, outbox.audit_payment_doc(p)
+SELECT 'payment', p.payment_id, outbox.audit_payment_doc(p), p.created_at,
+       p.state = 'new' AND NOT EXISTS (
+           SELECT 1 FROM outbox.payment_intents AS i
+           WHERE i.payment_id = p.payment_id
+             AND (i.status NOT IN ('pending', 'blocked') OR i.attempts > 0)),
+       p.created_at > now() - make_interval(secs => %(creation_grace_seconds)s)
 FROM outbox.payments AS p
 UNION ALL
 SELECT 'janitor_check', j.intent_id::text, outbox.audit_generic_doc(j,
-       'intent_id,payment_id,provider,checks,not_found,result,detail,settled_at')
+       'intent_id,payment_id,provider,checks,not_found,result,detail,settled_at'), NULL, false, false
 FROM outbox.janitor_checks AS j
 UNION ALL
 SELECT 'reconciliation_run', r.id::text, outbox.audit_generic_doc(r,
        'id,provider,window_start,window_end,status,run_by,provider_items,internal_items,matched,'
-       'exceptions_found,exceptions_new,exceptions_cleared')
+       'exceptions_found,exceptions_new,exceptions_cleared'), NULL, false, false
 FROM outbox.reconciliation_runs AS r
 UNION ALL
 SELECT 'reconciliation_exception', x.id::text, outbox.audit_generic_doc(x,
        'id,provider,kind,match_key,payment_id,ledger_transaction_id,provider_transaction_id,'
        'currency,internal_amount_minor,provider_amount_minor,fee_minor,expected_fee_minor,'
-       'delta_minor,detail,status,last_run_id,times_seen,resolution,resolution_reason,resolved_by')
+       'delta_minor,detail,status,last_run_id,times_seen,resolution,resolution_reason,resolved_by'),
+       NULL, false, false
 FROM outbox.reconciliation_exceptions AS x
 UNION ALL
 SELECT 'reconciliation_action', a.id::text, outbox.audit_generic_doc(a,
        'id,exception_id,payment_id,action,amount_minor,reason,requested_by,approved_by,status,'
-       'intent_id,requested_login,approved_login')
+       'intent_id,requested_login,approved_login'), NULL, false, false
 FROM outbox.reconciliation_actions AS a
 UNION ALL
-SELECT 'fx_rate', r.id::text, outbox.audit_fx_rate_doc(r)
+SELECT 'fx_rate', r.id::text, outbox.audit_fx_rate_doc(r), NULL, false, false
 FROM outbox.fx_rates AS r
 UNION ALL
 SELECT 'fx_posting', p.id::text, outbox.audit_generic_doc(p,
        'id,kind,payment_id,intent_id,provider,provider_reference,source_currency,'
        'source_amount_minor,currency,expected_minor,actual_minor,difference_minor,our_rate_id,'
-       'our_via_rate_id,compared_rate_id,compared_via_rate_id,provider_rate,posted_at,posted_by')
+       'our_via_rate_id,compared_rate_id,compared_via_rate_id,provider_rate,posted_at,posted_by'),
+       NULL, false, false
 FROM outbox.fx_postings AS p;
 
 -- name: ledger_counts
