@@ -40,6 +40,7 @@ from benchmarks._common import (
     RESULTS,
     FakeProvider,
     ZeroLatencyProvider,
+    cpu_seconds,
     insert_backlog,
     load_average,
     quiet_relay_logging,
@@ -172,8 +173,10 @@ def run_variant(
     pool_size: int = 4,
     writers: int = 2,
     profile: Path | None = None,
+    provider_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Fill a scratch database with ``intents`` and drain it with one relay."""
+    """Fill a scratch database with ``intents`` and drain it with one relay; with
+    ``provider_pid``, also the CPU that process (the fake provider) used meanwhile."""
     with scratch_database("drain") as url:
         started = time.perf_counter()
         insert_backlog(url, intents)
@@ -183,6 +186,7 @@ def run_variant(
             flush=True,
         )
         lane = lane_factory()
+        provider_cpu0 = cpu_seconds(provider_pid) if provider_pid else 0.0
         result = anyio.run(
             lambda: drain(
                 url,
@@ -195,14 +199,24 @@ def run_variant(
                 profile=profile,
             )
         )
+        if provider_pid:
+            provider_cpu = cpu_seconds(provider_pid) - provider_cpu0
+            result["provider_cpu_ms_per_intent"] = provider_cpu / intents * 1000
+            result["provider_cpu_share"] = provider_cpu / result["seconds"]
         counts = status_counts(url)
     result["statuses"] = counts
     result["load_average_after"] = load_average()
     if counts.get("succeeded", 0) != intents:
         raise SystemExit(f"{label}: not every intent succeeded: {counts}")
+    provider = (
+        f"; fake provider {result['provider_cpu_share'] * 100:.0f} % of a core"
+        if provider_pid
+        else ""
+    )
     print(
         f"  {label}: {result['intents_per_second']:,.0f} intents/s"
-        f" ({result['relay_cpu_ms_per_intent']:.2f} ms relay CPU per intent; first fifth"
+        f" ({result['relay_cpu_ms_per_intent']:.2f} ms relay CPU per intent, relay at"
+        f" {result['relay_cpu_share'] * 100:.0f} % of a core{provider}; first fifth"
         f" {result['intents_per_second_first_fifth']:,.0f}/s, last fifth"
         f" {result['intents_per_second_last_fifth']:,.0f}/s)",
         flush=True,
@@ -217,6 +231,28 @@ def run_variant(
         flush=True,
     )
     return result
+
+
+IN_PROCESS = "in-process adapter"
+HTTP = "fake provider over HTTP"
+HTTPX = "fake provider over HTTP, SDK on httpx (sharded pool)"
+
+
+def _httpx_lane(provider: ProviderSettings) -> Lane:
+    """The lane build_lane makes, with the Stripe adapter on the SDK's httpx client."""
+    from provider_adapters.stripe import StripeAdapter
+
+    lane = build_lane("stripe", provider)
+    lane.adapter = StripeAdapter(
+        name="stripe",
+        api_key=provider.resolved_api_key(),
+        base_url=provider.base_url,
+        connect_timeout_seconds=provider.connect_timeout_ms / 1000,
+        read_timeout_seconds=provider.timeout_ms / 1000,
+        max_connections=provider.concurrency,
+        http_stack="httpx",
+    )
+    return lane
 
 
 def zero_latency_lane(concurrency: int = 100) -> Lane:
@@ -248,6 +284,11 @@ def main() -> int:
     parser.add_argument(
         "--http-concurrency", type=int, default=32, help="lane concurrency over HTTP (32)"
     )
+    parser.add_argument(
+        "--compare-httpx",
+        action="store_true",
+        help="also drain over HTTP with the SDK on its httpx client (the earlier stack)",
+    )
     parser.add_argument("--quick", action="store_true", help="5,000 and 1,000 intents")
     parser.add_argument(
         "--profile",
@@ -276,8 +317,8 @@ def main() -> int:
         "writers": args.writers,
     }
     if args.intents:
-        results["in-process adapter"] = run_variant(
-            "in-process adapter",
+        results[IN_PROCESS] = run_variant(
+            IN_PROCESS,
             args.intents,
             lambda: zero_latency_lane(args.concurrency),
             profile=profile,
@@ -285,22 +326,33 @@ def main() -> int:
         )
     if http_intents:
         fake = FakeProvider()
+        http_settings = ProviderSettings(
+            base_url=fake.url, api_key=BENCH_API_KEY, concurrency=args.http_concurrency
+        )
         try:
-            results["fake provider over HTTP"] = run_variant(
-                "fake provider over HTTP",
+            results[HTTP] = run_variant(
+                HTTP,
                 http_intents,
-                lambda: build_lane(
-                    "stripe",
-                    ProviderSettings(
-                        base_url=fake.url,
-                        api_key=BENCH_API_KEY,
-                        concurrency=args.http_concurrency,
-                    ),
-                ),
+                lambda: build_lane("stripe", http_settings),
+                provider_pid=fake.proc.pid,
                 **settings,
             )
+            if args.compare_httpx:
+                results[HTTPX] = run_variant(
+                    HTTPX,
+                    http_intents,
+                    lambda: _httpx_lane(http_settings),
+                    provider_pid=fake.proc.pid,
+                    **settings,
+                )
         finally:
             fake.stop()
+    in_process = results.get(IN_PROCESS, {}).get("intents_per_second")
+    ratios = {
+        label: r["intents_per_second"] / in_process
+        for label, r in results.items()
+        if in_process and label != IN_PROCESS
+    }
     rows = [
         (
             "relay drain",
@@ -310,6 +362,7 @@ def main() -> int:
             "last 1/5",
             "relay CPU ms/intent",
             "write-back busy",
+            "ratio to in-process",
         )
     ]
     rows += [
@@ -321,6 +374,7 @@ def main() -> int:
             f"{r['intents_per_second_last_fifth']:,.0f}",
             f"{r['relay_cpu_ms_per_intent']:.2f}",
             f"{r['write_backs']['busy_share'] * 100:.0f} %",
+            f"{ratios[label]:.2f}" if label in ratios else ("1.00" if label == IN_PROCESS else ""),
         )
         for label, r in results.items()
     ]
@@ -337,9 +391,8 @@ def main() -> int:
             "http_concurrency": args.http_concurrency,
             "quick": args.quick,
             "runs": results,
-            "in_process_intents_per_second": results.get("in-process adapter", {}).get(
-                "intents_per_second"
-            ),
+            "in_process_intents_per_second": in_process,
+            "ratios_to_in_process": ratios,
         },
     )
     print(f"written {path}" + (f" and {profile}" if profile else ""))

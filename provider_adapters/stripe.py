@@ -1,4 +1,4 @@
-"""The Stripe adapter, on the official SDK's async API over the lane's own HTTPX pool.
+"""The Stripe adapter, on the official SDK's async API over the lane's own aiohttp session.
 
 The SDK's own network retries are off: the relay owns retries, so every attempt is one
 request carrying the intent's idempotency key. Replies are validated (object, id, amount,
@@ -19,6 +19,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import httpx
 import stripe
 
@@ -35,13 +36,12 @@ from provider_adapters.base import (
     Succeeded,
 )
 from provider_adapters.currency_units import STRIPE_UNITS, AmountNotRepresentable
-from provider_adapters.http_pool import ShardedTransport
 from provider_adapters.stripe_errors import (
     classify_connection_error,
     classify_stripe_error,
     safe_code,
 )
-from provider_adapters.stripe_http import PooledStripeHTTPClient
+from provider_adapters.stripe_http import LaneSession
 
 __all__ = ["StripeAdapter"]
 
@@ -121,23 +121,48 @@ class StripeAdapter:
         connect_timeout_seconds: float = 3.0,
         read_timeout_seconds: float = 10.0,
         max_connections: int = 20,
+        http_stack: str = "aiohttp",
     ) -> None:
         self.name = name
-        timeout = httpx.Timeout(read_timeout_seconds, connect=connect_timeout_seconds)
-        # The lane's own connection pool, sized to its concurrency (bulkhead).
-        http_client = PooledStripeHTTPClient(
-            httpx.AsyncClient(timeout=timeout, transport=ShardedTransport(max_connections))
+        self._api_key = api_key
+        self._base_url = base_url
+        self._http_stack = http_stack
+        # The lane's own connections, sized to its concurrency (bulkhead), opened on the
+        # first call in the running loop (stripe_http.py says why).
+        self._session = LaneSession(
+            max_connections=max_connections,
+            connect_timeout_seconds=connect_timeout_seconds,
+            read_timeout_seconds=read_timeout_seconds,
         )
-        self._http = http_client
-        self._client = stripe.StripeClient(
-            api_key,
-            base_addresses={"api": base_url},
-            http_client=http_client,
-            max_network_retries=0,
-        )
+        self._httpx: Any = None
+        if http_stack == "httpx":
+            from provider_adapters.http_pool import ShardedTransport
+            from provider_adapters.stripe_httpx import PooledStripeHTTPClient
+
+            timeout = httpx.Timeout(read_timeout_seconds, connect=connect_timeout_seconds)
+            self._httpx = PooledStripeHTTPClient(
+                httpx.AsyncClient(timeout=timeout, transport=ShardedTransport(max_connections))
+            )
+        self._sdk: stripe.StripeClient | None = None
+
+    @property
+    def _client(self) -> stripe.StripeClient:
+        sdk = self._sdk
+        if sdk is None:
+            http_client = self._httpx if self._httpx is not None else self._session.http_client()
+            sdk = self._sdk = stripe.StripeClient(
+                self._api_key,
+                base_addresses={"api": self._base_url},
+                http_client=http_client,
+                max_network_retries=0,
+            )
+        return sdk
 
     async def aclose(self) -> None:
-        await self._http.close_async()
+        self._sdk = None
+        if self._httpx is not None:
+            await self._httpx.close_async()
+        await self._session.aclose()
 
     # -- execute -------------------------------------------------------------------------
 
@@ -213,7 +238,7 @@ class StripeAdapter:
             reply = await call()
         except stripe.StripeError as exc:
             return classify_stripe_error(exc)
-        except (httpx.HTTPError, OSError) as exc:
+        except (aiohttp.ClientError, httpx.HTTPError, OSError) as exc:
             return classify_connection_error(exc)
         except Exception as exc:  # never let a provider surprise cross the boundary
             return Ambiguous("invalid_provider_reply", f"unexpected {type(exc).__name__}")
@@ -365,7 +390,7 @@ class StripeAdapter:
         while True:
             try:
                 page: Any = await v1.balance_transactions.list_async(params)
-            except (stripe.StripeError, httpx.HTTPError, OSError) as exc:
+            except (stripe.StripeError, aiohttp.ClientError, httpx.HTTPError, OSError) as exc:
                 raise SettlementUnavailable(
                     f"listing balance transactions failed: {type(exc).__name__}"
                 ) from None
