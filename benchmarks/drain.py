@@ -235,24 +235,6 @@ def run_variant(
 
 IN_PROCESS = "in-process adapter"
 HTTP = "fake provider over HTTP"
-HTTPX = "fake provider over HTTP, SDK on httpx (sharded pool)"
-
-
-def _httpx_lane(provider: ProviderSettings) -> Lane:
-    """The lane build_lane makes, with the Stripe adapter on the SDK's httpx client."""
-    from provider_adapters.stripe import StripeAdapter
-
-    lane = build_lane("stripe", provider)
-    lane.adapter = StripeAdapter(
-        name="stripe",
-        api_key=provider.resolved_api_key(),
-        base_url=provider.base_url,
-        connect_timeout_seconds=provider.connect_timeout_ms / 1000,
-        read_timeout_seconds=provider.timeout_ms / 1000,
-        max_connections=provider.concurrency,
-        http_stack="httpx",
-    )
-    return lane
 
 
 def zero_latency_lane(concurrency: int = 100) -> Lane:
@@ -283,11 +265,6 @@ def main() -> int:
     )
     parser.add_argument(
         "--http-concurrency", type=int, default=32, help="lane concurrency over HTTP (32)"
-    )
-    parser.add_argument(
-        "--compare-httpx",
-        action="store_true",
-        help="also drain over HTTP with the SDK on its httpx client (the earlier stack)",
     )
     parser.add_argument("--quick", action="store_true", help="5,000 and 1,000 intents")
     parser.add_argument(
@@ -337,14 +314,6 @@ def main() -> int:
                 provider_pid=fake.proc.pid,
                 **settings,
             )
-            if args.compare_httpx:
-                results[HTTPX] = run_variant(
-                    HTTPX,
-                    http_intents,
-                    lambda: _httpx_lane(http_settings),
-                    provider_pid=fake.proc.pid,
-                    **settings,
-                )
         finally:
             fake.stop()
     in_process = results.get(IN_PROCESS, {}).get("intents_per_second")

@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-import httpx
 import stripe
 
 from provider_adapters.base import (
@@ -121,12 +120,10 @@ class StripeAdapter:
         connect_timeout_seconds: float = 3.0,
         read_timeout_seconds: float = 10.0,
         max_connections: int = 20,
-        http_stack: str = "aiohttp",
     ) -> None:
         self.name = name
         self._api_key = api_key
         self._base_url = base_url
-        self._http_stack = http_stack
         # The lane's own connections, sized to its concurrency (bulkhead), opened on the
         # first call in the running loop (stripe_http.py says why).
         self._session = LaneSession(
@@ -134,34 +131,24 @@ class StripeAdapter:
             connect_timeout_seconds=connect_timeout_seconds,
             read_timeout_seconds=read_timeout_seconds,
         )
-        self._httpx: Any = None
-        if http_stack == "httpx":
-            from provider_adapters.http_pool import ShardedTransport
-            from provider_adapters.stripe_httpx import PooledStripeHTTPClient
-
-            timeout = httpx.Timeout(read_timeout_seconds, connect=connect_timeout_seconds)
-            self._httpx = PooledStripeHTTPClient(
-                httpx.AsyncClient(timeout=timeout, transport=ShardedTransport(max_connections))
-            )
         self._sdk: stripe.StripeClient | None = None
 
     @property
     def _client(self) -> stripe.StripeClient:
+        """The SDK on the lane's session, built at the first call (in the running loop)."""
         sdk = self._sdk
         if sdk is None:
-            http_client = self._httpx if self._httpx is not None else self._session.http_client()
             sdk = self._sdk = stripe.StripeClient(
                 self._api_key,
                 base_addresses={"api": self._base_url},
-                http_client=http_client,
+                http_client=self._session.http_client(),
                 max_network_retries=0,
             )
         return sdk
 
     async def aclose(self) -> None:
+        """Close the lane's connections; awaited by the lane's owner, in its own task."""
         self._sdk = None
-        if self._httpx is not None:
-            await self._httpx.close_async()
         await self._session.aclose()
 
     # -- execute -------------------------------------------------------------------------
@@ -238,7 +225,7 @@ class StripeAdapter:
             reply = await call()
         except stripe.StripeError as exc:
             return classify_stripe_error(exc)
-        except (aiohttp.ClientError, httpx.HTTPError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             return classify_connection_error(exc)
         except Exception as exc:  # never let a provider surprise cross the boundary
             return Ambiguous("invalid_provider_reply", f"unexpected {type(exc).__name__}")
@@ -390,7 +377,7 @@ class StripeAdapter:
         while True:
             try:
                 page: Any = await v1.balance_transactions.list_async(params)
-            except (stripe.StripeError, aiohttp.ClientError, httpx.HTTPError, OSError) as exc:
+            except (stripe.StripeError, aiohttp.ClientError, OSError) as exc:
                 raise SettlementUnavailable(
                     f"listing balance transactions failed: {type(exc).__name__}"
                 ) from None

@@ -27,7 +27,6 @@ import re
 from typing import Any
 
 import aiohttp
-import httpx
 import stripe
 
 from provider_adapters.base import Ambiguous, Declined, Invalid, Outcome, Retryable
@@ -48,10 +47,6 @@ _NOT_SENT: tuple[type[BaseException], ...] = (
     aiohttp.ConnectionTimeoutError,
     aiohttp.InvalidURL,
     aiohttp.NonHttpUrlClientError,
-    httpx.ConnectError,
-    httpx.ConnectTimeout,
-    httpx.PoolTimeout,
-    httpx.UnsupportedProtocol,
 )
 
 

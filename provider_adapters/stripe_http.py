@@ -48,7 +48,16 @@ class _AIOHTTPClient(stripe.AIOHTTPClient):
             raise
         except (aiohttp.ClientError, OSError) as exc:
             # TimeoutError is an OSError: a read timeout while the body arrives lands here.
-            self._handle_request_error(exc)
+            raise _connection_error(exc) from exc
+
+
+def _connection_error(exc: BaseException) -> stripe.APIConnectionError:
+    # Worded as the SDK words its own; the SDK leaves this constructor unannotated.
+    return stripe.APIConnectionError(  # type: ignore[no-untyped-call]
+        "Unexpected error communicating with Stripe: the reply broke off "
+        f"(Network error: A {type(exc).__name__} was raised)",
+        should_retry=True,
+    )
 
 
 class LaneSession:
