@@ -57,13 +57,15 @@ def make_relay(
         {provider: lane},
         RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=max_attempts),
         RelayOptions(
-            instance=instance,
-            batch_size=batch_size,
-            lease_seconds=lease_seconds,
-            poll_interval_seconds=0.05,
-            poll_max_interval_seconds=0.2,
-            shutdown_grace_seconds=5.0,
-            **options,
+            **{
+                "instance": instance,
+                "batch_size": batch_size,
+                "lease_seconds": lease_seconds,
+                "poll_interval_seconds": 0.05,
+                "poll_max_interval_seconds": 0.2,
+                "shutdown_grace_seconds": 5.0,
+                **options,
+            }
         ),
         rng=rng.random,
     )
