@@ -82,13 +82,17 @@ async def drain(
         ),
         rng=random.Random(1).random,
     )
-    timings: dict[str, list[tuple[float, int]]] = {"claim": [], "write_back": []}
+    timings: dict[str, list[tuple[float, int]]] = {
+        "claim": [],
+        "write_back": [],
+        "wakeup_flag_write": [],
+    }
 
     def timed(name: str, call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             result = await call(*args, **kwargs)
-            size = len(result) if name == "claim" else len(args[0])
+            size = len(result) if name == "claim" else len(args[0]) if args else 0
             timings[name].append((time.perf_counter() - t0, size))
             return result
 
@@ -99,6 +103,10 @@ async def drain(
     relay.store.claim = timed("claim", relay.store.claim)  # type: ignore[method-assign]
     relay.store.complete_fenced = timed(  # type: ignore[method-assign]
         "write_back", relay.store.complete_fenced
+    )
+    # What asking for wake-ups per relay (sql/0031) costs the relay: how often and how long.
+    relay.store.set_wakeups = timed(  # type: ignore[method-assign]
+        "wakeup_flag_write", relay.store.set_wakeups
     )
     profiler = None
     if profile is not None:
@@ -227,7 +235,9 @@ def run_variant(
         f" {claims['mean_ms']:.0f} ms mean, {claims['max_ms']:.0f} ms max;"
         f" write-backs: {writes['count']:,} of {writes['mean_rows']:.0f} rows,"
         f" {writes['mean_ms']:.0f} ms mean, {writes['max_ms']:.0f} ms max,"
-        f" busy {writes['busy_share'] * 100:.0f} % of the drain",
+        f" busy {writes['busy_share'] * 100:.0f} % of the drain;"
+        f" wake-up flag writes: {result['wakeup_flag_writes']['count']},"
+        f" {result['wakeup_flag_writes']['mean_ms']:.1f} ms mean",
         flush=True,
     )
     return result
