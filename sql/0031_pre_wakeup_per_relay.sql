@@ -10,9 +10,10 @@
 -- trigger is unchanged: it still reads the one flag row, so an INSERT costs exactly what it
 -- cost before (nothing per relay, no scan). The relays' statements want_wakeups and
 -- skip_wakeups (relay/infra/queries.sql) keep the flag equal to "some live relay waits":
--- skip_wakeups locks the flag row before it reads this table, and want_wakeups writes the
--- flag row after its own row, so the two serialise on the flag row and neither can undo
--- the other's wish.
+-- skip_wakeups locks the flag row before it reads this table (in a later statement, so its
+-- snapshot sees every wish committed before the lock), and want_wakeups always updates the
+-- flag row, waiting for a skip's lock and then setting the flag: the two serialise on the
+-- flag row and a skip cannot undo a wish.
 --
 -- A relay that died while idle leaves its row: it stops counting once its heartbeat in
 -- outbox.relay_instances is stale (the rule of sql/0018), and a relay that reports no

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import anyio
 import psycopg
 import pytest
@@ -201,3 +204,35 @@ async def test_an_idle_relay_is_still_woken_after_another_became_saturated(db_ur
             await wait_until(lambda: len(served.effects) == 1, "relay-idle to charge it")
             gated.gate.set()
             await wait_until(lambda: busy.completer.written >= 2, "relay-busy's two written")
+
+
+def test_a_wish_made_while_a_skip_decides_is_never_undone(db_url: str) -> None:
+    """The race the two statements are written for: relay-a, saturated, holds the flag's
+    lock and decides; relay-b asks for wake-ups meanwhile and commits only after relay-a
+    has decided. relay-b's request waits for relay-a and then sets the flag, so inserts
+    notify again (a want_wakeups that skipped an already-true flag would leave it off)."""
+    from relay.infra.queries import QUERIES
+
+    decided = threading.Event()
+    errors: list[BaseException] = []
+
+    def relay_b() -> None:
+        try:
+            with psycopg.connect(db_url) as conn:  # one transaction, committed on exit
+                conn.execute(QUERIES["want_wakeups"], {"instance": "relay-b"})
+                decided.wait(timeout=30)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    with psycopg.connect(db_url) as relay_a:
+        relay_a.execute(QUERIES["lock_wakeup_flag"])
+        wisher = threading.Thread(target=relay_b)
+        wisher.start()
+        time.sleep(0.5)  # relay-b's statement is under way (waiting, or done uncommitted)
+        relay_a.execute(QUERIES["skip_wakeups"], {"instance": "relay-a"})
+        relay_a.commit()
+        decided.set()
+        wisher.join(timeout=30)
+    assert not wisher.is_alive() and errors == []
+    assert _wishes(db_url) == ["relay-b"]
+    assert _wanted(db_url), "relay-b waits: inserts must notify"

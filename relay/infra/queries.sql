@@ -259,13 +259,16 @@ SELECT * FROM moved
 RETURNING id;
 
 -- name: want_wakeups
--- This relay is going idle: record its wish (sql/0031), then ask inserts to NOTIFY. The flag
--- row is written after the wish, so a skip_wakeups holding that row's lock sees the wish.
+-- This relay is going idle: record its wish (sql/0031) and ask inserts to NOTIFY. The flag row
+-- is updated even when already true: the update waits for a skip_wakeups holding that row's
+-- lock and then sets the flag over whatever it decided, so no skip can undo this wish.
 WITH wish AS (
     INSERT INTO outbox.relay_wakeup_wants (instance) VALUES (%(instance)s::text)
     ON CONFLICT (instance) DO NOTHING
 )
-UPDATE outbox.relay_wakeup SET wanted = true, updated_at = now() WHERE NOT wanted RETURNING wanted;
+UPDATE outbox.relay_wakeup
+SET wanted = true, updated_at = CASE WHEN wanted THEN updated_at ELSE now() END
+RETURNING wanted;
 
 -- name: lock_wakeup_flag
 -- skip_wakeups' first statement, in its transaction: wait for any wish being recorded, so the
