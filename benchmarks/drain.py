@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -276,6 +277,13 @@ def main() -> int:
     parser.add_argument(
         "--http-concurrency", type=int, default=32, help="lane concurrency over HTTP (32)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate the two runs this many times, each on a fresh backlog, and print the"
+        " median of the per-round ratios (for a machine whose speed drifts)",
+    )
     parser.add_argument("--quick", action="store_true", help="5,000 and 1,000 intents")
     parser.add_argument(
         "--profile",
@@ -303,35 +311,59 @@ def main() -> int:
         "pool_size": args.pool_size,
         "writers": args.writers,
     }
-    if args.intents:
-        results[IN_PROCESS] = run_variant(
-            IN_PROCESS,
-            args.intents,
-            lambda: zero_latency_lane(args.concurrency),
-            profile=profile,
-            **settings,
-        )
-    if http_intents:
-        fake = FakeProvider()
-        http_settings = ProviderSettings(
-            base_url=fake.url, api_key=BENCH_API_KEY, concurrency=args.http_concurrency
-        )
-        try:
-            results[HTTP] = run_variant(
+    fake = FakeProvider() if http_intents else None
+    rounds: list[dict[str, dict[str, Any]]] = []
+    try:
+
+        def run(label: str) -> dict[str, Any]:
+            if label == IN_PROCESS:
+                return run_variant(
+                    IN_PROCESS,
+                    args.intents,
+                    lambda: zero_latency_lane(args.concurrency),
+                    profile=profile,
+                    **settings,
+                )
+            assert fake is not None
+            http_settings = ProviderSettings(
+                base_url=fake.url, api_key=BENCH_API_KEY, concurrency=args.http_concurrency
+            )
+            return run_variant(
                 HTTP,
                 http_intents,
                 lambda: build_lane("stripe", http_settings),
                 provider_pid=fake.proc.pid,
                 **settings,
             )
-        finally:
+
+        labels = [label for label, n in ((IN_PROCESS, args.intents), (HTTP, http_intents)) if n]
+        for number in range(args.rounds):
+            if args.rounds > 1:
+                print(f" round {number + 1} of {args.rounds}", flush=True)
+            # Reversed every other round: a machine that slows down or speeds up during the
+            # run moves both sides of the ratio alike.
+            order = labels if number % 2 == 0 else labels[::-1]
+            rounds.append({label: run(label) for label in order})
+    finally:
+        if fake is not None:
             fake.stop()
+    round_ratios = [
+        r[HTTP]["intents_per_second"] / r[IN_PROCESS]["intents_per_second"]
+        for r in rounds
+        if HTTP in r and IN_PROCESS in r
+    ]
+    results = rounds[-1]
     in_process = results.get(IN_PROCESS, {}).get("intents_per_second")
     ratios = {
         label: r["intents_per_second"] / in_process
         for label, r in results.items()
         if in_process and label != IN_PROCESS
     }
+    if len(round_ratios) > 1:
+        print(
+            f"HTTP / in-process per round: {', '.join(f'{x:.2f}' for x in round_ratios)};"
+            f" median {statistics.median(round_ratios):.2f} (the table shows the last round)"
+        )
     rows = [
         (
             "relay drain",
@@ -372,6 +404,11 @@ def main() -> int:
             "runs": results,
             "in_process_intents_per_second": in_process,
             "ratios_to_in_process": ratios,
+            "http_to_in_process_per_round": round_ratios,
+            "http_to_in_process_median": (
+                statistics.median(round_ratios) if round_ratios else None
+            ),
+            "rounds": rounds,
         },
     )
     print(f"written {path}" + (f" and {profile}" if profile else ""))
