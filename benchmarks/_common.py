@@ -63,8 +63,8 @@ def scratch_database(label: str) -> Iterator[str]:
 
 
 def code_version() -> dict[str, Any]:
-    """The commit, and a fingerprint of the SQL and relay code actually measured (the
-    working tree may differ from the commit)."""
+    """The commit, and fingerprints of the SQL and relay code and of the provider adapters
+    actually measured (the working tree may differ from the commit)."""
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for path in sorted(
@@ -77,7 +77,15 @@ def code_version() -> dict[str, Any]:
         ).stdout.strip()
     except OSError:
         head = ""
-    return {"git_head": head or None, "sql_and_relay_sha256": digest.hexdigest()[:12]}
+    # The provider adapters apart, so the relay's fingerprint keeps its meaning across runs.
+    adapters = hashlib.sha256()
+    for path in sorted(root.glob("provider_adapters/**/*.py")):
+        adapters.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return {
+        "git_head": head or None,
+        "sql_and_relay_sha256": digest.hexdigest()[:12],
+        "provider_adapters_sha256": adapters.hexdigest()[:12],
+    }
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from benchmarks._common import (
     RESULTS,
     FakeProvider,
     ZeroLatencyProvider,
+    cpu_seconds,
     insert_backlog,
     load_average,
     quiet_relay_logging,
@@ -81,13 +83,17 @@ async def drain(
         ),
         rng=random.Random(1).random,
     )
-    timings: dict[str, list[tuple[float, int]]] = {"claim": [], "write_back": []}
+    timings: dict[str, list[tuple[float, int]]] = {
+        "claim": [],
+        "write_back": [],
+        "wakeup_flag_write": [],
+    }
 
     def timed(name: str, call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             result = await call(*args, **kwargs)
-            size = len(result) if name == "claim" else len(args[0])
+            size = len(result) if name == "claim" else len(args[0]) if args else 0
             timings[name].append((time.perf_counter() - t0, size))
             return result
 
@@ -98,6 +104,10 @@ async def drain(
     relay.store.claim = timed("claim", relay.store.claim)  # type: ignore[method-assign]
     relay.store.complete_fenced = timed(  # type: ignore[method-assign]
         "write_back", relay.store.complete_fenced
+    )
+    # What asking for wake-ups per relay (sql/0031) costs the relay: how often and how long.
+    relay.store.set_wakeups = timed(  # type: ignore[method-assign]
+        "wakeup_flag_write", relay.store.set_wakeups
     )
     profiler = None
     if profile is not None:
@@ -172,8 +182,10 @@ def run_variant(
     pool_size: int = 4,
     writers: int = 2,
     profile: Path | None = None,
+    provider_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Fill a scratch database with ``intents`` and drain it with one relay."""
+    """Fill a scratch database with ``intents`` and drain it with one relay; with
+    ``provider_pid``, also the CPU that process (the fake provider) used meanwhile."""
     with scratch_database("drain") as url:
         started = time.perf_counter()
         insert_backlog(url, intents)
@@ -183,6 +195,7 @@ def run_variant(
             flush=True,
         )
         lane = lane_factory()
+        provider_cpu0 = cpu_seconds(provider_pid) if provider_pid else 0.0
         result = anyio.run(
             lambda: drain(
                 url,
@@ -195,14 +208,24 @@ def run_variant(
                 profile=profile,
             )
         )
+        if provider_pid:
+            provider_cpu = cpu_seconds(provider_pid) - provider_cpu0
+            result["provider_cpu_ms_per_intent"] = provider_cpu / intents * 1000
+            result["provider_cpu_share"] = provider_cpu / result["seconds"]
         counts = status_counts(url)
     result["statuses"] = counts
     result["load_average_after"] = load_average()
     if counts.get("succeeded", 0) != intents:
         raise SystemExit(f"{label}: not every intent succeeded: {counts}")
+    provider = (
+        f"; fake provider {result['provider_cpu_share'] * 100:.0f} % of a core"
+        if provider_pid
+        else ""
+    )
     print(
         f"  {label}: {result['intents_per_second']:,.0f} intents/s"
-        f" ({result['relay_cpu_ms_per_intent']:.2f} ms relay CPU per intent; first fifth"
+        f" ({result['relay_cpu_ms_per_intent']:.2f} ms relay CPU per intent, relay at"
+        f" {result['relay_cpu_share'] * 100:.0f} % of a core{provider}; first fifth"
         f" {result['intents_per_second_first_fifth']:,.0f}/s, last fifth"
         f" {result['intents_per_second_last_fifth']:,.0f}/s)",
         flush=True,
@@ -213,10 +236,16 @@ def run_variant(
         f" {claims['mean_ms']:.0f} ms mean, {claims['max_ms']:.0f} ms max;"
         f" write-backs: {writes['count']:,} of {writes['mean_rows']:.0f} rows,"
         f" {writes['mean_ms']:.0f} ms mean, {writes['max_ms']:.0f} ms max,"
-        f" busy {writes['busy_share'] * 100:.0f} % of the drain",
+        f" busy {writes['busy_share'] * 100:.0f} % of the drain;"
+        f" wake-up flag writes: {result['wakeup_flag_writes']['count']},"
+        f" {result['wakeup_flag_writes']['mean_ms']:.1f} ms mean",
         flush=True,
     )
     return result
+
+
+IN_PROCESS = "in-process adapter"
+HTTP = "fake provider over HTTP"
 
 
 def zero_latency_lane(concurrency: int = 100) -> Lane:
@@ -248,6 +277,13 @@ def main() -> int:
     parser.add_argument(
         "--http-concurrency", type=int, default=32, help="lane concurrency over HTTP (32)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate the two runs this many times, each on a fresh backlog, and print the"
+        " median of the per-round ratios (for a machine whose speed drifts)",
+    )
     parser.add_argument("--quick", action="store_true", help="5,000 and 1,000 intents")
     parser.add_argument(
         "--profile",
@@ -275,32 +311,59 @@ def main() -> int:
         "pool_size": args.pool_size,
         "writers": args.writers,
     }
-    if args.intents:
-        results["in-process adapter"] = run_variant(
-            "in-process adapter",
-            args.intents,
-            lambda: zero_latency_lane(args.concurrency),
-            profile=profile,
-            **settings,
-        )
-    if http_intents:
-        fake = FakeProvider()
-        try:
-            results["fake provider over HTTP"] = run_variant(
-                "fake provider over HTTP",
+    fake = FakeProvider() if http_intents else None
+    rounds: list[dict[str, dict[str, Any]]] = []
+    try:
+
+        def run(label: str) -> dict[str, Any]:
+            if label == IN_PROCESS:
+                return run_variant(
+                    IN_PROCESS,
+                    args.intents,
+                    lambda: zero_latency_lane(args.concurrency),
+                    profile=profile,
+                    **settings,
+                )
+            assert fake is not None
+            http_settings = ProviderSettings(
+                base_url=fake.url, api_key=BENCH_API_KEY, concurrency=args.http_concurrency
+            )
+            return run_variant(
+                HTTP,
                 http_intents,
-                lambda: build_lane(
-                    "stripe",
-                    ProviderSettings(
-                        base_url=fake.url,
-                        api_key=BENCH_API_KEY,
-                        concurrency=args.http_concurrency,
-                    ),
-                ),
+                lambda: build_lane("stripe", http_settings),
+                provider_pid=fake.proc.pid,
                 **settings,
             )
-        finally:
+
+        labels = [label for label, n in ((IN_PROCESS, args.intents), (HTTP, http_intents)) if n]
+        for number in range(args.rounds):
+            if args.rounds > 1:
+                print(f" round {number + 1} of {args.rounds}", flush=True)
+            # Reversed every other round: a machine that slows down or speeds up during the
+            # run moves both sides of the ratio alike.
+            order = labels if number % 2 == 0 else labels[::-1]
+            rounds.append({label: run(label) for label in order})
+    finally:
+        if fake is not None:
             fake.stop()
+    round_ratios = [
+        r[HTTP]["intents_per_second"] / r[IN_PROCESS]["intents_per_second"]
+        for r in rounds
+        if HTTP in r and IN_PROCESS in r
+    ]
+    results = rounds[-1]
+    in_process = results.get(IN_PROCESS, {}).get("intents_per_second")
+    ratios = {
+        label: r["intents_per_second"] / in_process
+        for label, r in results.items()
+        if in_process and label != IN_PROCESS
+    }
+    if len(round_ratios) > 1:
+        print(
+            f"HTTP / in-process per round: {', '.join(f'{x:.2f}' for x in round_ratios)};"
+            f" median {statistics.median(round_ratios):.2f} (the table shows the last round)"
+        )
     rows = [
         (
             "relay drain",
@@ -310,6 +373,7 @@ def main() -> int:
             "last 1/5",
             "relay CPU ms/intent",
             "write-back busy",
+            "ratio to in-process",
         )
     ]
     rows += [
@@ -321,6 +385,7 @@ def main() -> int:
             f"{r['intents_per_second_last_fifth']:,.0f}",
             f"{r['relay_cpu_ms_per_intent']:.2f}",
             f"{r['write_backs']['busy_share'] * 100:.0f} %",
+            f"{ratios[label]:.2f}" if label in ratios else ("1.00" if label == IN_PROCESS else ""),
         )
         for label, r in results.items()
     ]
@@ -337,9 +402,13 @@ def main() -> int:
             "http_concurrency": args.http_concurrency,
             "quick": args.quick,
             "runs": results,
-            "in_process_intents_per_second": results.get("in-process adapter", {}).get(
-                "intents_per_second"
+            "in_process_intents_per_second": in_process,
+            "ratios_to_in_process": ratios,
+            "http_to_in_process_per_round": round_ratios,
+            "http_to_in_process_median": (
+                statistics.median(round_ratios) if round_ratios else None
             ),
+            "rounds": rounds,
         },
     )
     print(f"written {path}" + (f" and {profile}" if profile else ""))

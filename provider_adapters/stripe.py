@@ -1,4 +1,4 @@
-"""The Stripe adapter, on the official SDK's async API over the lane's own HTTPX pool.
+"""The Stripe adapter, on the official SDK's async API over the lane's own aiohttp session.
 
 The SDK's own network retries are off: the relay owns retries, so every attempt is one
 request carrying the intent's idempotency key. Replies are validated (object, id, amount,
@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import httpx
+import aiohttp
 import stripe
 
 from provider_adapters.base import (
@@ -36,13 +36,12 @@ from provider_adapters.base import (
     Succeeded,
 )
 from provider_adapters.currency_units import STRIPE_UNITS, AmountNotRepresentable
-from provider_adapters.http_pool import ShardedTransport
 from provider_adapters.stripe_errors import (
     classify_connection_error,
     classify_stripe_error,
     safe_code,
 )
-from provider_adapters.stripe_http import PooledStripeHTTPClient
+from provider_adapters.stripe_http import LaneSession
 
 __all__ = ["StripeAdapter", "payment_intent_outcome", "verified_outcome"]
 
@@ -204,21 +203,34 @@ class StripeAdapter:
         max_connections: int = 20,
     ) -> None:
         self.name = name
-        timeout = httpx.Timeout(read_timeout_seconds, connect=connect_timeout_seconds)
-        # The lane's own connection pool, sized to its concurrency (bulkhead).
-        http_client = PooledStripeHTTPClient(
-            httpx.AsyncClient(timeout=timeout, transport=ShardedTransport(max_connections))
+        self._api_key = api_key
+        self._base_url = base_url
+        # The lane's own connections, sized to its concurrency (bulkhead), opened on the
+        # first call in the running loop (stripe_http.py says why).
+        self._session = LaneSession(
+            max_connections=max_connections,
+            connect_timeout_seconds=connect_timeout_seconds,
+            read_timeout_seconds=read_timeout_seconds,
         )
-        self._http = http_client
-        self._client = stripe.StripeClient(
-            api_key,
-            base_addresses={"api": base_url},
-            http_client=http_client,
-            max_network_retries=0,
-        )
+        self._sdk: stripe.StripeClient | None = None
+
+    @property
+    def _client(self) -> stripe.StripeClient:
+        """The SDK on the lane's session, built at the first call (in the running loop)."""
+        sdk = self._sdk
+        if sdk is None:
+            sdk = self._sdk = stripe.StripeClient(
+                self._api_key,
+                base_addresses={"api": self._base_url},
+                http_client=self._session.http_client(),
+                max_network_retries=0,
+            )
+        return sdk
 
     async def aclose(self) -> None:
-        await self._http.close_async()
+        """Close the lane's connections; awaited by the lane's owner, in its own task."""
+        self._sdk = None
+        await self._session.aclose()
 
     # -- execute -------------------------------------------------------------------------
 
@@ -294,7 +306,7 @@ class StripeAdapter:
             reply = await call()
         except stripe.StripeError as exc:
             return classify_stripe_error(exc)
-        except (httpx.HTTPError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             return classify_connection_error(exc)
         except Exception as exc:  # never let a provider surprise cross the boundary
             return Ambiguous("invalid_provider_reply", f"unexpected {type(exc).__name__}")
@@ -372,7 +384,7 @@ class StripeAdapter:
         while True:
             try:
                 page: Any = await v1.balance_transactions.list_async(params)
-            except (stripe.StripeError, httpx.HTTPError, OSError) as exc:
+            except (stripe.StripeError, aiohttp.ClientError, OSError) as exc:
                 raise SettlementUnavailable(
                     f"listing balance transactions failed: {type(exc).__name__}"
                 ) from None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import httpx
+import aiohttp
 import stripe
 
 from provider_adapters.base import Ambiguous, Declined, Invalid, Outcome, Retryable
@@ -37,8 +37,17 @@ __all__ = ["classify_connection_error", "classify_stripe_error", "retry_after_se
 # only a short snake_case word is taken as it is (never a card number, a newline or 1 MB).
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
-# httpx errors raised before any byte of the request could reach the provider.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+# aiohttp errors raised before any byte of the request could reach the provider: no
+# connection (refused, DNS, TLS handshake: ClientConnectorError and its subclasses), no
+# connection within the connect timeout (which also bounds the wait for a free pooled
+# connection), or a URL that cannot be requested. A reset, a disconnect or a read timeout
+# on an open connection may follow a request the provider applied: ambiguous.
+_NOT_SENT: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ConnectionTimeoutError,
+    aiohttp.InvalidURL,
+    aiohttp.NonHttpUrlClientError,
+)
 
 
 def _header(headers: Any, name: str) -> str | None:

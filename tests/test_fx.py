@@ -592,8 +592,8 @@ def _sample(name: str, **labels: str) -> float | None:
 async def test_periodic_ecb_fetch_records_once_survives_failures_and_feeds_the_age_gauge(
     db_url: str, conn: psycopg.Connection
 ) -> None:
+    import aiohttp
     import anyio
-    import httpx
 
     from relay.infra.db import Database
     from relay.service.depth import DepthSampler
@@ -606,9 +606,9 @@ async def test_periodic_ecb_fetch_records_once_survives_failures_and_feeds_the_a
     try:
         with FakeRateServer(day.isoformat(), {"USD": "1.0876", "JPY": "161.23"}) as fake:
             fetcher = EcbFetcher(db, fake.url, interval_seconds=3_600)
-            async with httpx.AsyncClient() as client:
-                first = await fetcher.fetch_once(client)
-                second = await fetcher.fetch_once(client)  # another relay of the fleet
+            async with aiohttp.ClientSession() as session:
+                first = await fetcher.fetch_once(session)
+                second = await fetcher.fetch_once(session)  # another relay of the fleet
             assert (first.inserted, second.inserted) == (2, 0)
             actors = conn.execute("SELECT DISTINCT recorded_by FROM outbox.fx_rates").fetchall()
             assert actors == [("relay:relay-fx",)]

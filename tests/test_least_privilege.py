@@ -82,6 +82,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_relay", "reconciliation_open_delta"): {"SELECT"},
     ("outbox_relay", "relay_instances"): {"SELECT", "INSERT", "DELETE"},  # sql/0018
     ("outbox_relay", "relay_wakeup"): {"SELECT"},
+    ("outbox_relay", "relay_wakeup_wants"): {"SELECT", "INSERT", "DELETE"},  # sql/0031
     ("outbox_relay", "schema_migrations"): {"SELECT"},
     # sql/0023: the receiver stores notifications, relays apply and retention deletes them;
     # the near-real-time comparison reads the payment's ledger
@@ -109,6 +110,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "reconciliation_open_delta",
             "relay_instances",
             "relay_wakeup",
+            "relay_wakeup_wants",
             "schema_migrations",
             "webhook_inbox",
         )
@@ -221,6 +223,7 @@ RELAY_STATEMENTS = {
     "release_leases",
     "archive_terminal_intents",  # relay/service/retention.py through the store
     "want_wakeups",
+    "lock_wakeup_flag",  # sql/0031: skip_wakeups' first statement
     "skip_wakeups",
     "schema_version",  # relay/service/main.py: /readyz
     "claim_events",  # relay/events/store.py: the publisher

@@ -14,8 +14,11 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-import httpx
+import aiohttp
+import anyio
+import anyio.abc
 import pytest
+import stripe
 
 from provider_adapters.base import (
     Action,
@@ -27,11 +30,11 @@ from provider_adapters.base import (
     Succeeded,
 )
 from provider_adapters.fake import FaultConfig
-from provider_adapters.http_pool import ShardedTransport
 from provider_adapters.stripe import StripeAdapter
 from tests.support.commands import authorized, charged, command, succeeded
 from tests.support.fake_server import FakeServer, running_fake
 from tests.support.providers import stripe_adapter
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -337,31 +340,68 @@ async def test_idempotency_key_is_sent_on_every_post(
     ]
 
 
-async def test_every_request_goes_through_the_lanes_pool(
-    fake: FakeServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The SDK reaches the provider only through the lane's ShardedTransport (its bulkhead),
-    plugged in through the SDK's public HTTPClient API; closing the adapter closes it."""
-    through_pool: list[tuple[str, str]] = []
-    closed: list[ShardedTransport] = []
-    original_handle = ShardedTransport.handle_async_request
-    original_close = ShardedTransport.aclose
+async def test_the_lanes_session_bounds_its_connections_and_closes(fake: FakeServer) -> None:
+    """The SDK reaches the provider only through the lane's own aiohttp session, whose
+    connector holds at most ``max_connections`` connections (the lane's bulkhead): with 3
+    allowed and 9 calls at once against a provider taking 150 ms, the provider sees exactly
+    3 requests in flight at its busiest. Closing the adapter closes the session."""
+    await fake.configure(latency_ms=150)
+    async with stripe_adapter(fake.url, max_connections=3) as bounded:
+        async with anyio.create_task_group() as tg:
+            for n in range(9):
+                tg.start_soon(succeeded, bounded, command(Action.CHARGE, f"bound-{n}"))
+        session = bounded._session.session
+        assert session is not None and not session.closed
+        assert session.connector is not None and session.connector.limit == 3
+    assert session.closed
+    entries = [e for e in await fake.request_log() if e["idempotency_key"].startswith("bound-")]
+    assert len(entries) == 9
+    busiest = max(
+        sum(1 for other in entries if other["started"] <= e["started"] < other["finished"])
+        for e in entries
+    )
+    assert busiest == 3
 
-    async def counting_handle(self: ShardedTransport, request: httpx.Request) -> httpx.Response:
-        through_pool.append((request.method, request.url.path))
-        return await original_handle(self, request)
 
-    async def recording_close(self: ShardedTransport) -> None:
-        closed.append(self)
-        await original_close(self)
+async def _serve_truncated_reply(port_ready: list[int], stop: anyio.Event) -> None:
+    """An HTTP server that sends a 200 with Content-Length 1000, ten bytes of body, and
+    closes the connection: a reply cut off after the provider may have applied it."""
 
-    monkeypatch.setattr(ShardedTransport, "handle_async_request", counting_handle)
-    monkeypatch.setattr(ShardedTransport, "aclose", recording_close)
-    async with stripe_adapter(fake.url, max_connections=4) as pooled:
-        pi = await authorized(pooled, "pool-auth")
-        await succeeded(pooled, command(Action.CAPTURE, "pool-cap", reference=pi))
-        await pooled.lookup(command(Action.AUTHORIZE, "pool-auth"))
-    seen_by_provider = [(r.method, r.path) for r in fake.seen if r.path.startswith("/v1/")]
-    assert len(seen_by_provider) == 3
-    assert through_pool == seen_by_provider
-    assert len(closed) == 1
+    async def reply(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive()
+            await stream.send(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n" + b'{"id": "pi'
+            )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port_ready.append(listener.extra(anyio.abc.SocketAttribute.local_port))
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, reply)
+        await stop.wait()
+        tg.cancel_scope.cancel()
+
+
+async def test_a_reply_cut_off_mid_body_is_a_connection_error_and_ambiguous() -> None:
+    """The SDK's aiohttp client reads the body outside its own error handling; the lane's
+    client raises what a failure before the headers raises (``APIConnectionError`` from
+    the aiohttp error), and the adapter calls it ambiguous (it may have been applied)."""
+    port: list[int] = []
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_serve_truncated_reply, port, stop)
+        await wait_until(lambda: bool(port), "the truncating server to listen")
+        try:
+            async with stripe_adapter(f"http://127.0.0.1:{port[0]}") as cut:
+                outcome = await cut.execute(command(Action.CHARGE, "cut-off"))
+                with pytest.raises(stripe.APIConnectionError) as caught:
+                    await cut._client.v1.payment_intents.create_async(
+                        {"amount": 1000, "currency": "eur"}, {"idempotency_key": "cut-off"}
+                    )
+        finally:
+            stop.set()
+    assert isinstance(caught.value.__cause__, aiohttp.ClientPayloadError)
+    assert isinstance(outcome, Ambiguous) and outcome.code == "provider_timeout", outcome

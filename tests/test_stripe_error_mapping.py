@@ -2,20 +2,25 @@
 
 Every exception here is built the way stripe-python 16 builds it from an HTTP reply
 (``_APIRequestor.specific_v1_api_error``: which class for which status, which positional
-arguments) or from a transport failure (``HTTPXClient._handle_request_error``: an
-``APIConnectionError`` raised *from* the httpx error), so the mapping is tested against
-what the adapter really receives, not against hand-made look-alikes.
+arguments) or from a transport failure (``AIOHTTPClient._handle_request_error``: an
+``APIConnectionError`` raised *from* the aiohttp error, built here as aiohttp builds it),
+so the mapping is tested against what the adapter really receives, not against hand-made
+look-alikes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import socket
+import ssl
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 import stripe
+from aiohttp.client_reqrep import ConnectionKey
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from provider_adapters.base import (
     Action,
@@ -67,7 +72,7 @@ def sdk_error(
 
 
 def connection_error(cause: BaseException) -> stripe.APIConnectionError:
-    """What ``HTTPXClient._handle_request_error`` raises: the httpx error is ``__cause__``."""
+    """What ``AIOHTTPClient._handle_request_error`` raises: the aiohttp error is ``__cause__``."""
     try:
         raise stripe.APIConnectionError(
             "Unexpected error communicating with Stripe.", should_retry=True
@@ -278,20 +283,28 @@ def test_every_stripe_error_class_the_adapter_can_receive_is_covered() -> None:
 
 # -- transport failures: was anything sent? ----------------------------------------------
 
-REQUEST = httpx.Request("POST", "https://api.stripe.com/v1/payment_intents")
+# As aiohttp's connector names the connection it could not open.
+KEY = ConnectionKey("api.stripe.com", 443, True, True, None, None, None, None)
 
 NOT_SENT: list[BaseException] = [
-    httpx.ConnectError("[Errno 111] Connection refused", request=REQUEST),
-    httpx.ConnectTimeout("timed out while connecting", request=REQUEST),
-    httpx.PoolTimeout("no connection available", request=REQUEST),
-    httpx.UnsupportedProtocol("Request URL has an unsupported protocol 'htp://'"),
+    aiohttp.ClientConnectorError(KEY, ConnectionRefusedError(111, "Connection refused")),
+    aiohttp.ClientConnectorDNSError(KEY, socket.gaierror(-2, "Name or service not known")),
+    aiohttp.ClientConnectorCertificateError(
+        KEY, ssl.SSLCertVerificationError(1, "certificate verify failed")
+    ),
+    # The connect timeout, which also bounds the wait for a free connection in the pool.
+    aiohttp.ConnectionTimeoutError("Connection timeout to host https://api.stripe.com"),
+    aiohttp.InvalidURL("htp//api.stripe.com/v1/payment_intents"),
+    aiohttp.NonHttpUrlClientError("htp://api.stripe.com/v1/payment_intents"),
 ]
 MAYBE_SENT: list[BaseException] = [
-    httpx.ReadTimeout("timed out", request=REQUEST),
-    httpx.WriteTimeout("timed out", request=REQUEST),
-    httpx.ReadError("connection reset by peer", request=REQUEST),
-    httpx.RemoteProtocolError("Server disconnected without sending a response.", request=REQUEST),
+    aiohttp.SocketTimeoutError("Timeout on reading data from socket"),
+    aiohttp.ServerDisconnectedError(),
+    aiohttp.ClientOSError(104, "Connection reset by peer"),
+    aiohttp.ClientPayloadError("Response payload is not completed"),
+    aiohttp.ClientConnectionResetError("Cannot write to closing transport"),
     ConnectionResetError(104, "Connection reset by peer"),
+    TimeoutError(),
 ]
 
 
@@ -299,7 +312,7 @@ MAYBE_SENT: list[BaseException] = [
 def test_connection_failure_before_sending_is_retryable(cause: BaseException) -> None:
     for outcome in (
         classify_stripe_error(connection_error(cause)),  # through the SDK
-        classify_connection_error(cause),  # a raw httpx error escaping the SDK
+        classify_connection_error(cause),  # a raw aiohttp error escaping the SDK
     ):
         assert isinstance(outcome, Retryable)
         assert outcome.code == "provider_unreachable"
@@ -362,9 +375,9 @@ def test_should_retry_header_name_is_case_insensitive(name: str) -> None:
     assert isinstance(classify_stripe_error(exc), Retryable)
 
 
-def test_should_retry_in_httpx_headers_as_the_sdk_passes_them() -> None:
-    """The SDK hands the adapter ``httpx.Headers``, not a dict."""
-    headers = httpx.Headers({"Stripe-Should-Retry": "true", "Retry-After": "7"})
+def test_should_retry_in_aiohttp_headers_as_the_sdk_passes_them() -> None:
+    """The SDK hands the adapter aiohttp's headers (a case-insensitive multidict proxy)."""
+    headers = CIMultiDictProxy(CIMultiDict({"stripe-should-retry": "true", "Retry-After": "7"}))
     exc = sdk_error(503, {"type": "api_error", "message": "down"}, headers)  # type: ignore[arg-type]
     assert classify_stripe_error(exc) == Retryable("provider_unavailable", "down", 7.0)
 
@@ -474,5 +487,5 @@ async def test_both_adapters_satisfy_the_protocol() -> None:
     try:
         assert isinstance(adapter, ProviderAdapter)
     finally:
-        await adapter.aclose()  # no request was made; this only releases the pool
+        await adapter.aclose()  # no request was made: no session was opened
     assert isinstance(MemoryProvider(), ProviderAdapter)

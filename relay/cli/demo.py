@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
 import psycopg
 
 from relay.cli.tables import clip
@@ -220,8 +220,11 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
             for lane in relay.lanes.values():
                 await lane.adapter.aclose()
     elapsed = time.perf_counter() - started
-    async with httpx.AsyncClient() as client:
-        effects = (await client.get(f"{base_url}/_fake/effects")).json()
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{base_url}/_fake/effects") as reply,
+    ):
+        effects = await reply.json()
     await runner.cleanup()
     if stuck:
         print(*stuck, sep="\n", file=sys.stderr)

@@ -282,12 +282,13 @@ class Relay:
         Only an idle relay needs a NOTIFY; a saturated one comes back when a call ends.
         Skipping NOTIFY under load keeps the application's commits from queueing on the
         notification lock. What we asked last is remembered, so this writes only on a
-        change; another relay's change is harmless (polling covers a missed wake-up).
+        change. Each relay's wish counts on its own (sql/0031): a saturated relay stops
+        the notifications only when no other live relay waits for them.
         """
         if not self.options.listen or self._wakeups_wanted is wanted:
             return False
         try:
-            await self.store.set_wakeups(wanted=wanted)
+            await self.store.set_wakeups(wanted=wanted, instance=self.options.instance)
         except RETRYABLE_DB_ERRORS:
             return False
         self._wakeups_wanted = wanted

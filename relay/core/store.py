@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.rows import TupleRow, dict_row
+from psycopg.rows import TupleRow, dict_row, tuple_row
 
 from relay.domain.intents import IntentRow, WriteBack
 from relay.infra.db import Database, fetch
@@ -221,6 +221,16 @@ class Store:
         )
         return len(rows)
 
-    async def set_wakeups(self, *, wanted: bool) -> None:
-        """Ask inserts to NOTIFY (this relay goes idle) or not (it is saturated)."""
-        await self.db.fetch_all("want_wakeups" if wanted else "skip_wakeups")
+    async def set_wakeups(self, *, wanted: bool, instance: str) -> None:
+        """Ask inserts to NOTIFY (relay ``instance`` goes idle) or tell them it needs no
+        NOTIFY (it is saturated); they stop notifying only when no live relay waits."""
+        params = {"instance": instance}
+        if wanted:
+            await self.db.fetch_all("want_wakeups", params)
+            return
+        # Two statements: the check must run in a snapshot taken after the flag's lock was
+        # granted, so that it sees every wish committed meanwhile. Rare: a relay skips
+        # only when it turns from idle to saturated.
+        async with self.db.pool.connection() as conn, conn.transaction():
+            await fetch(conn, "lock_wakeup_flag", row=tuple_row)
+            await fetch(conn, "skip_wakeups", params, row=tuple_row)

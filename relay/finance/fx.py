@@ -18,11 +18,13 @@ the other exactly. Rates read back for display are the database's own text.
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-import httpx
+import aiohttp
 import psycopg
 from psycopg.rows import dict_row
 
@@ -76,21 +78,26 @@ def _checked(url: str, status: int, body: bytes) -> bytes:
 
 
 def fetch_document(url: str, *, timeout: int = FETCH_TIMEOUT_SECONDS) -> bytes:
-    """The document at ``url``, as bytes (for the command line)."""
+    """The document at ``url``, as bytes (for the command line, which has no event loop)."""
     try:
-        response = httpx.get(url, timeout=timeout, follow_redirects=True)
-    except httpx.HTTPError as exc:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return _checked(url, response.status, response.read(MAX_DOCUMENT_BYTES + 1))
+    except urllib.error.HTTPError as exc:
+        return _checked(url, exc.code, b"")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         raise FetchError(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
-    return _checked(url, response.status_code, response.content)
 
 
-async def fetch_document_async(client: httpx.AsyncClient, url: str) -> bytes:
+async def fetch_document_async(session: aiohttp.ClientSession, url: str) -> bytes:
     """The document at ``url``, as bytes (for the relay's periodic fetch)."""
     try:
-        response = await client.get(url, timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=True)
-    except httpx.HTTPError as exc:
+        async with session.get(
+            url, timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
+        ) as response:
+            body = await response.content.read(MAX_DOCUMENT_BYTES + 1)
+            return _checked(url, response.status, body)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise FetchError(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
-    return _checked(url, response.status_code, response.content)
 
 
 def _parameters(

@@ -260,12 +260,44 @@ SELECT * FROM moved
 RETURNING id;
 
 -- name: want_wakeups
--- This relay is going idle: ask inserts to NOTIFY (no write when already asked).
-UPDATE outbox.relay_wakeup SET wanted = true, updated_at = now() WHERE NOT wanted RETURNING wanted;
+-- This relay is going idle: record its wish (sql/0031) and ask inserts to NOTIFY. The flag row
+-- is updated even when already true: the update waits for a skip_wakeups holding that row's
+-- lock and then sets the flag over whatever it decided, so no skip can undo this wish.
+WITH wish AS (
+    INSERT INTO outbox.relay_wakeup_wants (instance) VALUES (%(instance)s::text)
+    ON CONFLICT (instance) DO NOTHING
+)
+UPDATE outbox.relay_wakeup
+SET wanted = true, updated_at = CASE WHEN wanted THEN updated_at ELSE now() END
+RETURNING wanted;
+
+-- name: lock_wakeup_flag
+-- skip_wakeups' first statement, in its transaction: wait for any wish being recorded, so the
+-- next statement's snapshot sees it (sql/0031).
+SELECT wanted FROM outbox.relay_wakeup FOR UPDATE;
 
 -- name: skip_wakeups
--- This relay is saturated and comes back on its own: inserts need not NOTIFY.
-UPDATE outbox.relay_wakeup SET wanted = false, updated_at = now() WHERE wanted RETURNING wanted;
+-- This relay is saturated and comes back on its own: withdraw its wish and the wishes of gone
+-- relays; inserts stop notifying only when no other live relay waits (sql/0031). A relay is
+-- gone by the rule of the statement relay_instances; one that reports no heartbeat counts.
+WITH gone AS (
+    SELECT w.instance
+    FROM outbox.relay_wakeup_wants AS w
+    JOIN outbox.relay_instances AS r USING (instance)
+    WHERE r.heartbeat_at < now() - make_interval(secs => greatest(3 * r.heartbeat_interval_seconds, 30))
+),
+withdrawn AS (
+    DELETE FROM outbox.relay_wakeup_wants AS w
+    WHERE w.instance = %(instance)s::text OR w.instance IN (SELECT instance FROM gone)
+)
+UPDATE outbox.relay_wakeup SET wanted = false, updated_at = now()
+WHERE wanted
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox.relay_wakeup_wants AS w
+      WHERE w.instance <> %(instance)s::text
+        AND w.instance NOT IN (SELECT instance FROM gone)
+  )
+RETURNING wanted;
 
 -- name: status_counts
 -- Queue depth by provider and status, for `outbox-relay status` and the demo.

@@ -18,8 +18,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import aiohttp
 import anyio
-import httpx
 import psycopg
 import structlog
 
@@ -55,9 +55,9 @@ class EcbFetcher:
         self.rng = rng
         self.actor = f"relay:{db.name or 'outbox-relay'}"
 
-    async def fetch_once(self, client: httpx.AsyncClient) -> ImportReport:
+    async def fetch_once(self, session: aiohttp.ClientSession) -> ImportReport:
         """Fetch, parse and record once; raises FetchError, FxDocumentError, psycopg.Error."""
-        document = parse_ecb_xml(await fetch_document_async(client, self.url))
+        document = parse_ecb_xml(await fetch_document_async(session, self.url))
         async with self.db.pool.connection() as conn:
             report = await import_document_as_relay(
                 conn, document, actor=self.actor, source_name=ECB_SOURCE_NAME, source_url=self.url
@@ -74,10 +74,10 @@ class EcbFetcher:
 
     async def run(self) -> None:
         """Fetch at once, then every interval, until cancelled."""
-        async with httpx.AsyncClient() as client:
+        async with aiohttp.ClientSession() as session:
             while True:
                 try:
-                    await self.fetch_once(client)
+                    await self.fetch_once(session)
                 except (FetchError, FxDocumentError, psycopg.Error) as exc:
                     metrics.FX_FETCHES.labels(result="failed").inc()
                     log.warning(
