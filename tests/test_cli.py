@@ -14,7 +14,7 @@ from psycopg.conninfo import make_conninfo
 
 from relay.cli.main import build_parser
 from relay.cli.tables import clip
-from relay.infra.config import load_settings, unknown_variables
+from relay.infra.config import ConfigError, load_settings, unknown_variables
 from tests.support.cli import run_cli
 from tests.support.databases import scratch_database
 
@@ -154,6 +154,33 @@ def test_every_broken_rule_between_settings_is_reported_in_one_run() -> None:
         "RELAY_PUBLISH_TIMEOUT_SECONDS",
         "RELAY_BACKOFF_CAP_SECONDS",
         "RELAY_PROVIDERS__STRIPE__TIMEOUT_MS",
+    ]
+
+
+def test_a_bad_value_does_not_hide_the_rules_between_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RELAY_BATCH_SIZE=0 fails its own check; the lease conflicts are still reported beside
+    it, and a rule naming the bad variable is not guessed at with its default."""
+    _settings_env(
+        monkeypatch,
+        RELAY_BATCH_SIZE="0",
+        RELAY_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/",
+        RELAY_PROVIDERS__STRIPE__API_KEY="sk_test_x",
+        RELAY_LEASE_SECONDS="5",
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_settings(warn_unknown=False)
+    assert [line.split(" ")[0].rstrip(":") for line in refused.value.lines] == [
+        "RELAY_BATCH_SIZE",
+        "RELAY_PUBLISH_TIMEOUT_SECONDS",
+        "RELAY_PROVIDERS__STRIPE__TIMEOUT_MS",
+    ]
+    _settings_env(monkeypatch, RELAY_LEASE_SECONDS="0", RELAY_AMQP_URL="amqp://h/")
+    with pytest.raises(ConfigError) as refused:
+        load_settings(warn_unknown=False)
+    assert [line.split(" ")[0].rstrip(":") for line in refused.value.lines] == [
+        "RELAY_LEASE_SECONDS"
     ]
 
 

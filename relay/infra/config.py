@@ -530,6 +530,33 @@ def _warn_unknown_variables() -> None:
             _log.warning(line)
 
 
+def _settings(**overrides: Any) -> Settings:
+    secrets_dir = os.environ.get("RELAY_SECRETS_DIR")
+    if secrets_dir:
+        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
+    return Settings(**overrides)
+
+
+def _problems(exc: ValidationError) -> tuple[list[str], set[str]]:
+    """One line per problem, and the top-level settings whose own value is bad."""
+    lines: list[str] = []
+    failed: set[str] = set()
+    for error in exc.errors():
+        broken = error.get("ctx", {}).get("error")
+        if isinstance(broken, _BrokenRules):
+            lines.extend(broken.lines)
+            continue
+        loc = tuple(error["loc"])
+        if loc:
+            failed.add(str(loc[0]))
+        given = error.get("input")
+        secret = any("key" in str(p).lower() or "url" in str(p).lower() for p in loc)
+        shown = "" if secret or isinstance(given, dict) else f" (got {given!r})"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{_variable_name(loc)}: {message}{shown}" if loc else message)
+    return lines, failed
+
+
 def load_settings(*, warn_unknown: bool = True, **overrides: Any) -> Settings:
     """Read settings; raise :class:`ConfigError` naming each bad variable, after warning
     (plain lines on stderr) about every RELAY_* variable the relay does not know, unless
@@ -537,24 +564,27 @@ def load_settings(*, warn_unknown: bool = True, **overrides: Any) -> Settings:
     if warn_unknown:
         _warn_unknown_variables()
     try:
-        secrets_dir = os.environ.get("RELAY_SECRETS_DIR")
-        if secrets_dir:
-            settings = Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
-        else:
-            settings = Settings(**overrides)
+        settings = _settings(**overrides)
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            broken = error.get("ctx", {}).get("error")
-            if isinstance(broken, _BrokenRules):
-                lines.extend(broken.lines)
-                continue
-            loc = tuple(error["loc"])
-            given = error.get("input")
-            secret = any("key" in str(p).lower() or "url" in str(p).lower() for p in loc)
-            shown = "" if secret or isinstance(given, dict) else f" (got {given!r})"
-            message = str(error["msg"]).removeprefix("Value error, ")
-            lines.append(f"{_variable_name(loc)}: {message}{shown}" if loc else message)
+        lines, failed = _problems(exc)
+        if failed:
+            # Pydantic checks rules between settings only once every value is valid, so a
+            # bad value would hide them until it is fixed. Check them again with the bad
+            # values at their defaults, keeping only the rules that name none of them.
+            defaults = {
+                name: Settings.model_fields[name].get_default(call_default_factory=True)
+                for name in failed
+                if name in Settings.model_fields
+            }
+            try:
+                _settings(**{**overrides, **defaults})
+            except ValidationError as again:
+                bad_names = {_variable_name((name,)) for name in failed}
+                lines.extend(
+                    line
+                    for line in _problems(again)[0]
+                    if line not in lines and not any(name in line for name in bad_names)
+                )
         raise ConfigError(lines) from None
     # From now on these exact values are masked in every log line, stored error message,
     # metric label and CLI error, whatever shape they have and wherever they appear.
