@@ -103,10 +103,16 @@ class Retryable:
 
 @dataclass(frozen=True, slots=True)
 class Ambiguous:
-    """The effect may or may not have happened; settle it with :meth:`lookup`."""
+    """The effect may or may not have happened; settle it with :meth:`lookup`.
+
+    ``provider_reference``, when set, names what the provider holds for this attempt
+    (Adyen: the modification's pspReference of a request it answered ``received``, whose
+    outcome comes later by webhook), so that the confirmation can be matched to it.
+    """
 
     code: str
     message: str
+    provider_reference: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
