@@ -166,7 +166,6 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
     config = faults or AdyenFaults()
     state = _State(config, random.Random(config.seed))
     app = web.Application()
-    app["adyen_state"] = state
 
     def roll(rate: float) -> bool:
         return rate > 0 and state.rng.random() < rate
