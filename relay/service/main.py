@@ -41,9 +41,17 @@ log = structlog.get_logger("relay.service.main")
 
 def build_lane(name: str, provider: ProviderSettings, *, clock: Clock = SYSTEM_CLOCK) -> Lane:
     """The lane for one configured provider; ``clock`` drives its breaker and rate limit."""
+    adapter = build_adapter(name, provider)
+    if getattr(adapter, "untested_version", False):
+        # Allowed only by an explicit override (config refuses it otherwise): say so.
+        log.warning(
+            "provider_api_version_untested",
+            provider=name,
+            api_version=getattr(adapter, "api_version", None),
+        )
     return Lane(
         name,
-        build_adapter(name, provider),
+        adapter,
         concurrency=provider.concurrency,
         timeout_seconds=(provider.connect_timeout_ms + provider.timeout_ms) / 1000,
         breaker=BreakerSettings(
