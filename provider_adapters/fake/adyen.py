@@ -442,3 +442,58 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
     app.router.add_post("/_fake/advance", advance)
     app.router.add_get("/_fake/webhooks", webhooks)
     return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m provider_adapters.fake.adyen --port N [--webhook-url URL ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m provider_adapters.fake.adyen",
+        description="Serve the fake Adyen Checkout API (v71 paths) with faults on demand; "
+        f"API key {API_KEY}, merchant account {MERCHANT_ACCOUNT}.",
+        epilog="test cards (storedPaymentMethodId): "
+        + ", ".join(f"{k} -> {v[0]} {v[1]}".rstrip() for k, v in CARDS.items()),
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address (default %(default)s)")
+    parser.add_argument("--port", type=int, default=12112, help="port (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible faults")
+    parser.add_argument("--latency-ms", type=int, default=0, help="delay added to every POST")
+    for name in ("429", "503", "500-after-effect", "drop-after-effect", "malformed-after-effect"):
+        parser.add_argument(f"--rate-{name}", type=float, default=0.0, help="0..1")
+    parser.add_argument("--webhook-url", default=None, help="POST signed notifications here")
+    parser.add_argument("--webhook-delay-ms", type=int, default=0, help="delay each delivery")
+    parser.add_argument(
+        "--webhook-duplicate", action="store_true", help="deliver every notification twice"
+    )
+    parser.add_argument(
+        "--webhook-reorder", action="store_true", help="random extra delay: out of order"
+    )
+    parser.add_argument(
+        "--mismatch-error",
+        action="store_true",
+        help="a reused key with another body is a 422 (default: replay; Adyen's answer is "
+        "unconfirmed)",
+    )
+    args = parser.parse_args(argv)
+    faults = AdyenFaults(
+        seed=args.seed,
+        latency_ms=args.latency_ms,
+        rate_429=args.rate_429,
+        rate_503=args.rate_503,
+        rate_500_after_effect=args.rate_500_after_effect,
+        rate_drop_after_effect=args.rate_drop_after_effect,
+        rate_malformed_after_effect=args.rate_malformed_after_effect,
+        webhook_url=args.webhook_url,
+        webhook_delay_ms=args.webhook_delay_ms,
+        webhook_duplicate=args.webhook_duplicate,
+        webhook_reorder=args.webhook_reorder,
+        mismatch_error=args.mismatch_error,
+    )
+    print(f"fake Adyen listening on http://{args.host}:{args.port}", flush=True)
+    web.run_app(create_adyen_app(faults), host=args.host, port=args.port, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
