@@ -147,6 +147,8 @@ def _safe(value: Any, fallback: str) -> str:
 
 
 class AdyenAdapter:
+    kind = "adyen"  # the error catalogue's provider column
+
     def __init__(
         self,
         *,
@@ -343,7 +345,7 @@ class AdyenAdapter:
         if result == "Error":
             code = _safe(reply.get("refusalReasonCode"), "")
             return Declined(
-                f"adyen_error_{code}" if code else "adyen_error",
+                _REFUSALS.get(code, "adyen_error"),
                 _clip(str(reply.get("refusalReason") or "Adyen answered Error")),
             )
         if result == "Cancelled":

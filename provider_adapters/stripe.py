@@ -111,6 +111,8 @@ def _int_field(obj: Any, name: str) -> int:
 
 
 class StripeAdapter:
+    kind = "stripe"  # the error catalogue's provider column
+
     def __init__(
         self,
         *,

@@ -263,7 +263,7 @@ async def test_the_adapter_maps_each_fault() -> None:
         ("adyen_fraud", "fraud"),
         ("adyen_cvc_declined", "cvc_declined"),
         ("adyen_blocked", "blocked_card"),
-        ("adyen_error", "adyen_error_4"),
+        ("adyen_error", "acquirer_error"),
     ],
 )
 async def test_refusals_by_test_card(method: str, code: str) -> None:

@@ -353,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.cli import finance as finance_cli  # ledger check, audit verify, reconcile...
 
     finance_cli.add_commands(commands, _database_url_or_exit)
+
+    from relay.cli import errors as errors_cli
+
+    errors_cli.add_commands(commands)
     return parser
 
 
