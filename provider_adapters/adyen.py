@@ -46,6 +46,7 @@ from typing import Any
 import aiohttp
 
 from provider_adapters.base import (
+    AWAITING_CONFIRMATION,
     Action,
     Ambiguous,
     Command,
@@ -352,7 +353,7 @@ class AdyenAdapter:
             return Declined("cancelled", "Adyen answered Cancelled")
         if result in ("Pending", "Received"):
             return Ambiguous(
-                "awaiting_confirmation",
+                AWAITING_CONFIRMATION,
                 f"Adyen answered {result}: the outcome comes by AUTHORISATION webhook",
                 psp if isinstance(psp, str) and _PSP.fullmatch(psp) else None,
             )
@@ -384,7 +385,7 @@ class AdyenAdapter:
         if command.action is not Action.VOID:
             self._check_amount(reply, command, amount)
         return Ambiguous(
-            "awaiting_confirmation",
+            AWAITING_CONFIRMATION,
             f"Adyen received the {command.action} as {psp}; its outcome comes by webhook "
             "(not final until then)",
             psp,

@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 __all__ = [
+    "AWAITING_CONFIRMATION",
     "Action",
     "Ambiguous",
     "BalanceTransaction",
@@ -99,6 +100,12 @@ class Retryable:
     code: str
     message: str
     retry_after_seconds: float | None = None
+
+
+# The code of an Ambiguous outcome for a request the provider accepted and will confirm
+# later (Adyen's "received"): the provider answered, so it is healthy (the lane's breaker
+# counts it as a success), but the effect is not final.
+AWAITING_CONFIRMATION = "awaiting_confirmation"
 
 
 @dataclass(frozen=True, slots=True)

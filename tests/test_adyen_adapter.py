@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import anyio
 import psycopg
 import pytest
 
@@ -23,7 +24,8 @@ from tests.invariants import assert_audit_intact, assert_ledger_balanced
 from tests.support.adyen import adyen_adapter, adyen_on_fake
 from tests.support.commands import command
 from tests.support.intents import insert_intents
-from tests.support.relays import make_relay, run_until_settled
+from tests.support.relays import make_relay, run_until_settled, running
+from tests.support.waiting import wait_until
 
 # -- idempotency keys --------------------------------------------------------------------
 
@@ -244,3 +246,88 @@ async def test_clp_and_idr_reach_adyen_in_its_units_and_sql_keeps_iso_minor_unit
     assert payments == [("p-clp", 5000, 0), ("p-idr", 1_500_000, 1_500_000)]
     assert_ledger_balanced(db_url)
     assert_audit_intact(db_url)
+
+
+# -- "received" through the relay (until the webhook inbox finishes such intents) --------
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_a_received_capture_books_nothing_goes_dead_for_an_operator_and_keeps_the_breaker_closed(
+    db_url: str,
+) -> None:
+    payments = [f"p-rcv-{i}" for i in range(7)]  # more than the breaker's threshold (5)
+    rows: list[dict[str, object]] = []
+    for payment_id in payments:
+        rows.append(
+            {
+                "payment_id": payment_id,
+                "provider": "adyen",
+                "action": "authorize",
+                "amount_minor": 1000,
+                "currency": "EUR",
+                "payment_method": "stored_visa",
+            }
+        )
+        rows.append(
+            {
+                "payment_id": payment_id,
+                "provider": "adyen",
+                "action": "capture",
+                "amount_minor": 1000,
+                "currency": "EUR",
+            }
+        )
+        rows.append(
+            {
+                "payment_id": payment_id,
+                "provider": "adyen",
+                "action": "refund",
+                "amount_minor": 100,
+                "currency": "EUR",
+            }
+        )
+    insert_intents(db_url, rows)
+    async with adyen_on_fake() as (fake, adapter):
+        relay = make_relay(db_url, adapter, provider="adyen", instance="rcv", max_attempts=3)
+
+        def captures_dead() -> bool:
+            with psycopg.connect(db_url) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM outbox.payment_intents"
+                    " WHERE action = 'capture' AND status = 'dead'"
+                ).fetchone()
+            return row is not None and row[0] == len(payments)
+
+        async with running(relay):
+            await wait_until(lambda: anyio.to_thread.run_sync(captures_dead), "every capture dead")
+        lane = relay.lanes["adyen"]
+        assert lane.breaker.state.name == "CLOSED", "accepted answers are healthy answers"
+        effects = await fake.effects()
+        notes = await fake.notifications()
+    with psycopg.connect(db_url) as conn:
+        intents = conn.execute(
+            "SELECT action, status, attempts, error_code, idempotency_key"
+            " FROM outbox.payment_intents ORDER BY payment_id, payment_seq"
+        ).fetchall()
+        amounts = conn.execute(
+            "SELECT DISTINCT state, authorized_minor, captured_minor FROM outbox.payments"
+        ).fetchall()
+        booked = conn.execute(
+            "SELECT DISTINCT kind FROM outbox.ledger_transactions ORDER BY kind"
+        ).fetchall()
+    for action, status, attempts, error_code, key in intents:
+        if action == "authorize":
+            assert status == "succeeded"
+        elif action == "capture":
+            # Retried under the same key (Adyen replays "received"), then dead for an
+            # operator; one capture at Adyen, confirmed by its CAPTURE webhook.
+            assert (status, attempts, error_code) == ("dead", 3, "awaiting_confirmation")
+            assert effects[key] == 1
+        else:
+            assert status == "blocked", "the refund waits behind the unconfirmed capture"
+            assert key not in effects
+    assert amounts == [("authorized", 1000, 0)], "no captured money is booked"
+    assert booked == [("authorize",)]
+    assert sum(1 for n in notes if n["eventCode"] == "CAPTURE") == len(payments)
+    assert_ledger_balanced(db_url)
