@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "AWAITING_CONFIRMATION",
     "Action",
     "Ambiguous",
     "BalanceTransaction",
@@ -111,12 +112,24 @@ class Retryable:
     retry_after_seconds: float | None = None
 
 
+# The code of an Ambiguous outcome for a request the provider accepted and will confirm
+# later (Adyen's "received"): the provider answered, so it is healthy (the lane's breaker
+# counts it as a success), but the effect is not final.
+AWAITING_CONFIRMATION = "awaiting_confirmation"
+
+
 @dataclass(frozen=True, slots=True)
 class Ambiguous:
-    """The effect may or may not have happened; settle it with :meth:`lookup`."""
+    """The effect may or may not have happened; settle it with :meth:`lookup`.
+
+    ``provider_reference``, when set, names what the provider holds for this attempt
+    (Adyen: the modification's pspReference of a request it answered ``received``, whose
+    outcome comes later by webhook), so that the confirmation can be matched to it.
+    """
 
     code: str
     message: str
+    provider_reference: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ADYEN_UNITS",
     "STRIPE_THREE_DECIMAL",
     "STRIPE_UNITS",
     "STRIPE_ZERO_DECIMAL",
@@ -204,3 +205,22 @@ _STRIPE_OVERRIDES: dict[str, UnitRule] = {
 }
 
 STRIPE_UNITS = ProviderUnits("stripe", _STRIPE_OVERRIDES)
+
+
+# -- Adyen (docs.adyen.com/development-resources/currency-codes) ----------------------------
+#
+# Adyen counts amounts in minor units by its own table, which departs from ISO 4217 in four
+# currencies (../shared/PROVIDERS.md, "Minor units"): CLP and ISK with two decimals (ISO:
+# none), CVE and IDR with none (ISO: two). Every other currency is counted as ISO counts it,
+# the three-decimal ones (BHD, JOD, KWD, OMR, TND) included, with no grid of their own.
+# An amount with cents in CVE or IDR has no Adyen equivalent and is refused before any
+# request, naming the nearest whole amounts.
+
+_ADYEN_OVERRIDES: dict[str, UnitRule] = {
+    "CLP": UnitRule(exponent=2, why="Adyen counts CLP with two decimals"),
+    "ISK": UnitRule(exponent=2, why="Adyen counts ISK with two decimals"),
+    "CVE": UnitRule(exponent=0, why="Adyen counts CVE in whole escudos (no decimals)"),
+    "IDR": UnitRule(exponent=0, why="Adyen counts IDR in whole rupiah (no decimals)"),
+}
+
+ADYEN_UNITS = ProviderUnits("adyen", _ADYEN_OVERRIDES)

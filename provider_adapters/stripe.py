@@ -192,6 +192,8 @@ def payment_intent_outcome(command: Command, pi: Any) -> Outcome | None:
 
 
 class StripeAdapter:
+    kind = "stripe"  # the error catalogue's provider column
+
     def __init__(
         self,
         *,

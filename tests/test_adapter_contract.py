@@ -1,9 +1,24 @@
 """The adapter contract (provider_adapters/base.py), checked for every adapter against
-its fake: StripeAdapter against the fake Stripe server over HTTP, and MemoryProvider.
+its fake: StripeAdapter against the fake Stripe server over HTTP, AdyenAdapter against the
+fake Adyen Checkout API over HTTP, and MemoryProvider.
 
-Each test runs once per provider in :data:`PROVIDERS`. What only some fakes can be driven
-to do (an outage before any effect, a reply lost after the effect) runs for exactly those
-providers that declare it: no provider is skipped, none is claimed to do what it cannot.
+Each test runs once per provider in :data:`PROVIDERS`. What only some providers do runs
+for exactly those that declare it, and its counterpart for the others: no provider is
+skipped, none is claimed to do what it cannot. The declared features:
+
+* ``outage`` / ``lost_reply``: its fake can fail every call before any effect, or lose
+  every reply after the effect;
+* ``final_modifications``: capture, void and refund answer final (Succeeded); the other
+  kind, ``received_modifications`` (Adyen), answers ``Ambiguous("awaiting_confirmation")``
+  naming the modification, with the effect applied once and replayed under the same key;
+* ``lookup``: :meth:`lookup` can settle an attempt (Adyen's Checkout API has none: its
+  lookup answers ``Ambiguous("lookup_unavailable")`` and a lost reply is settled by the
+  same key's replay instead, ``settles_by_replay``);
+* ``sync_validation``: a refund above the captured amount or a second capture is refused
+  in the reply (Adyen accepts both and fails them by webhook; the state machine refuses
+  them before any provider call in any case);
+* ``reports_replay``: a replayed answer is marked ``replayed`` (Adyen sends no marker).
+
 A new adapter joins by adding one entry to :data:`PROVIDERS`.
 """
 
@@ -27,6 +42,7 @@ from provider_adapters.base import (
     Succeeded,
 )
 from provider_adapters.memory import MemoryProvider
+from tests.support.adyen import adyen_on_fake
 from tests.support.commands import authorized, charged, command, outcome_of
 from tests.support.commands import succeeded as succeeded_on
 from tests.support.providers import stripe_on_fake
@@ -44,6 +60,7 @@ class ProviderUnderTest:
     outage: Callable[[bool], Awaitable[None]] | None = None
     # Make every call lose its reply after the effect (True) or heal it; None: cannot.
     lost_reply: Callable[[bool], Awaitable[None]] | None = None
+    name: str = ""  # the PROVIDERS entry, set by the fixture
 
 
 @asynccontextmanager
@@ -64,6 +81,19 @@ async def stripe_against_fake() -> AsyncIterator[ProviderUnderTest]:
 
 
 @asynccontextmanager
+async def adyen_against_fake() -> AsyncIterator[ProviderUnderTest]:
+    async with adyen_on_fake() as (fake, adapter):
+
+        async def outage(on: bool) -> None:
+            await fake.configure(rate_503=1.0 if on else 0.0)
+
+        async def lost_reply(on: bool) -> None:
+            await fake.configure(rate_drop_after_effect=1.0 if on else 0.0)
+
+        yield ProviderUnderTest(adapter, fake.effects, outage=outage, lost_reply=lost_reply)
+
+
+@asynccontextmanager
 async def in_memory() -> AsyncIterator[ProviderUnderTest]:
     memory = MemoryProvider()
 
@@ -76,23 +106,34 @@ async def in_memory() -> AsyncIterator[ProviderUnderTest]:
 @dataclass(frozen=True)
 class Entry:
     start: Callable[[], AbstractAsyncContextManager[ProviderUnderTest]]
-    faults: frozenset[str] = frozenset()  # "outage", "lost_reply": what its fake can inject
+    faults: frozenset[str] = frozenset()  # the features of the module docstring
 
+
+_SYNCHRONOUS = frozenset({"final_modifications", "lookup", "sync_validation", "reports_replay"})
 
 PROVIDERS: dict[str, Entry] = {
-    "stripe+fake": Entry(stripe_against_fake, frozenset({"outage", "lost_reply"})),
-    "memory": Entry(in_memory),
+    "stripe+fake": Entry(stripe_against_fake, _SYNCHRONOUS | {"outage", "lost_reply"}),
+    "adyen+fake": Entry(
+        adyen_against_fake,
+        frozenset({"outage", "lost_reply", "received_modifications", "settles_by_replay"}),
+    ),
+    "memory": Entry(in_memory, _SYNCHRONOUS),
 }
 
 
 def able_to(fault: str) -> list[str]:
-    """The providers whose fake can be driven to ``fault``."""
+    """The providers that declare ``fault`` (a feature of the module docstring)."""
     return [name for name, entry in PROVIDERS.items() if fault in entry.faults]
+
+
+def has(provider: ProviderUnderTest, feature: str) -> bool:
+    return feature in PROVIDERS[provider.name].faults
 
 
 @pytest.fixture(params=list(PROVIDERS))
 async def provider(request: pytest.FixtureRequest) -> AsyncIterator[ProviderUnderTest]:
     async with PROVIDERS[request.param].start() as under_test:
+        under_test.name = request.param
         yield under_test
 
 
@@ -135,6 +176,7 @@ async def test_authorize_and_charge_succeed_once_on_a_new_payment(
     assert await provider.effects() == {f"new-{action}": 1}
 
 
+@pytest.mark.parametrize("provider", able_to("final_modifications"), indirect=True)
 @pytest.mark.parametrize("amount", [1000, 400], ids=["full", "partial"])
 async def test_capture_succeeds_on_the_authorized_payment(
     provider: ProviderUnderTest, amount: int
@@ -146,6 +188,7 @@ async def test_capture_succeeds_on_the_authorized_payment(
     assert await provider.effects() == {"cap-auth": 1, "cap": 1}
 
 
+@pytest.mark.parametrize("provider", able_to("final_modifications"), indirect=True)
 async def test_void_succeeds_on_the_authorized_payment(provider: ProviderUnderTest) -> None:
     pi = await paid(provider, Action.AUTHORIZE, "void-auth", 700)
     outcome = await succeeded(provider, command(Action.VOID, "void", 700, reference=pi))
@@ -154,6 +197,7 @@ async def test_void_succeeds_on_the_authorized_payment(provider: ProviderUnderTe
     assert await provider.effects() == {"void-auth": 1, "void": 1}
 
 
+@pytest.mark.parametrize("provider", able_to("final_modifications"), indirect=True)
 async def test_refunds_succeed_up_to_the_captured_amount_each_its_own_object(
     provider: ProviderUnderTest,
 ) -> None:
@@ -175,10 +219,14 @@ async def test_a_declined_card_is_declined_without_effect_and_lookup_agrees(
     outcome = await execute(provider, cmd)
     # Only the class is the contract: the code is the provider's (Stripe's decline_code).
     assert isinstance(outcome, Declined) and outcome.code and outcome.message
-    assert isinstance(await lookup(provider, cmd), Declined)
+    if has(provider, "lookup"):
+        assert isinstance(await lookup(provider, cmd), Declined)
+    else:  # the same key replays the refusal
+        assert await execute(provider, replace(cmd, attempt=2)) == outcome
     assert await provider.effects() == {}
 
 
+@pytest.mark.parametrize("provider", able_to("sync_validation"), indirect=True)
 async def test_more_than_is_left_to_refund_or_a_second_capture_is_invalid(
     provider: ProviderUnderTest,
 ) -> None:
@@ -195,6 +243,7 @@ async def test_more_than_is_left_to_refund_or_a_second_capture_is_invalid(
 # -- idempotency -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("provider", able_to("final_modifications"), indirect=True)
 @pytest.mark.parametrize("action", list(Action))
 async def test_the_same_key_replays_the_result_with_one_effect(
     provider: ProviderUnderTest, action: Action
@@ -214,6 +263,7 @@ async def test_the_same_key_replays_the_result_with_one_effect(
 # -- lookups -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("provider", able_to("lookup"), indirect=True)
 async def test_lookup_finds_nothing_when_nothing_happened(provider: ProviderUnderTest) -> None:
     pi = await paid(provider, Action.AUTHORIZE, "nf-auth")
     for cmd in (
@@ -227,6 +277,7 @@ async def test_lookup_finds_nothing_when_nothing_happened(provider: ProviderUnde
         assert isinstance(outcome, Retryable) and outcome.code == "not_found", (cmd, outcome)
 
 
+@pytest.mark.parametrize("provider", able_to("lookup"), indirect=True)
 async def test_lookup_of_a_settled_key_says_what_execute_said(
     provider: ProviderUnderTest,
 ) -> None:
@@ -256,7 +307,9 @@ async def test_an_outage_is_retryable_and_the_retry_applies_once(
     assert await provider.effects() == {"out-1": 1}
 
 
-@pytest.mark.parametrize("provider", able_to("lost_reply"), indirect=True)
+@pytest.mark.parametrize(
+    "provider", sorted(set(able_to("lost_reply")) & set(able_to("lookup"))), indirect=True
+)
 async def test_a_reply_lost_after_the_effect_is_ambiguous_and_lookup_settles_it(
     provider: ProviderUnderTest,
 ) -> None:
@@ -270,3 +323,68 @@ async def test_a_reply_lost_after_the_effect_is_ambiguous_and_lookup_settles_it(
     assert isinstance(settled, Succeeded), settled
     assert (settled.amount_minor, settled.currency) == (800, "EUR")
     assert await provider.effects() == {"lost-1": 1}
+
+
+@pytest.mark.parametrize(
+    "provider",
+    sorted(set(able_to("lost_reply")) & set(able_to("settles_by_replay"))),
+    indirect=True,
+)
+async def test_a_reply_lost_after_the_effect_is_ambiguous_and_the_same_key_settles_it(
+    provider: ProviderUnderTest,
+) -> None:
+    assert provider.lost_reply is not None
+    cmd = command(Action.CHARGE, "lost-2", 800)
+    await provider.lost_reply(True)
+    assert isinstance(await execute(provider, cmd), Ambiguous)
+    await provider.lost_reply(False)
+    settled = await succeeded(provider, replace(cmd, attempt=2))
+    assert (settled.amount_minor, settled.currency) == (800, "EUR")
+    assert await provider.effects() == {"lost-2": 1}
+
+
+# -- providers that confirm modifications later (Adyen: 201 "received", then a webhook) ----
+
+
+async def received(provider: ProviderUnderTest, cmd: Command) -> str:
+    """The modification's reference: the answer is accepted-not-final, never Succeeded."""
+    outcome = await execute(provider, cmd)
+    assert isinstance(outcome, Ambiguous), outcome
+    assert outcome.code == "awaiting_confirmation" and outcome.provider_reference, outcome
+    return outcome.provider_reference
+
+
+@pytest.mark.parametrize("provider", able_to("received_modifications"), indirect=True)
+@pytest.mark.parametrize("action", [Action.CAPTURE, Action.VOID, Action.REFUND])
+async def test_a_received_modification_is_not_final_and_its_key_replays_once(
+    provider: ProviderUnderTest, action: Action
+) -> None:
+    before = Action.CHARGE if action is Action.REFUND else Action.AUTHORIZE
+    pi = await paid(provider, before, "rcv-pre")
+    cmd = command(action, "rcv", 1000 if action is Action.VOID else 400, reference=pi)
+    first = await received(provider, cmd)
+    assert first != pi, "the modification has its own reference"
+    assert await received(provider, replace(cmd, attempt=2)) == first
+    assert await provider.effects() == {"rcv-pre": 1, "rcv": 1}
+
+
+@pytest.mark.parametrize("provider", able_to("received_modifications"), indirect=True)
+async def test_received_refunds_are_each_their_own_modification(
+    provider: ProviderUnderTest,
+) -> None:
+    pi = await paid(provider, Action.CHARGE, "rref-ch", 1000)
+    one = await received(provider, command(Action.REFUND, "rref-1", 300, reference=pi))
+    two = await received(provider, command(Action.REFUND, "rref-2", 700, reference=pi))
+    assert len({one, two, pi}) == 3
+    assert await provider.effects() == {"rref-ch": 1, "rref-1": 1, "rref-2": 1}
+
+
+async def test_lookup_never_invents_an_answer(provider: ProviderUnderTest) -> None:
+    """Without a lookup, the answer is Ambiguous (never not_found, which would let the
+    janitor record "no effect" for something the provider may hold)."""
+    pi = await paid(provider, Action.AUTHORIZE, "lk-any")
+    outcome = await lookup(provider, command(Action.CAPTURE, "lk-any-cap", 500, reference=pi))
+    if has(provider, "lookup"):
+        assert isinstance(outcome, Retryable) and outcome.code == "not_found"
+    else:
+        assert isinstance(outcome, Ambiguous) and outcome.code == "lookup_unavailable"

@@ -365,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.cli import fx as fx_cli  # fx import|show|convert|history
 
     fx_cli.add_commands(commands, _database_url_or_exit)
+
+    from relay.cli import errors as errors_cli
+
+    errors_cli.add_commands(commands)
     return parser
 
 

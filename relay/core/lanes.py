@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 import anyio
 
-from provider_adapters.base import Ambiguous, Command, Outcome, ProviderAdapter, Retryable
+from provider_adapters.base import (
+    AWAITING_CONFIRMATION,
+    Ambiguous,
+    Command,
+    Outcome,
+    ProviderAdapter,
+    Retryable,
+)
 from relay.core.clock import SYSTEM_CLOCK, Clock
 from relay.domain.breaker import BreakerState, CircuitBreaker
 from relay.domain.rate_limit import TokenBucket
@@ -146,7 +153,10 @@ class Lane:
 
     async def execute(self, command: Command) -> Outcome:
         outcome = await self._guarded(command, lookup=False)
-        if isinstance(outcome, Retryable | Ambiguous):
+        # A request the provider accepted for later confirmation is a healthy answer: it
+        # must not open the breaker (every Adyen capture would count as a failure).
+        accepted = isinstance(outcome, Ambiguous) and outcome.code == AWAITING_CONFIRMATION
+        if isinstance(outcome, Retryable | Ambiguous) and not accepted:
             self.breaker.record_failure()
         else:
             self.breaker.record_success()

@@ -26,6 +26,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
+from provider_adapters import error_catalogue
 from provider_adapters.base import Ambiguous, Declined, Succeeded
 from relay.core.completer import Completer
 from relay.core.lanes import Lane
@@ -401,6 +402,7 @@ class Relay:
         metrics.ATTEMPTS.labels(
             provider=intent.provider, action=str(intent.action), outcome=kind
         ).inc()
+        _count_uncatalogued(lane, intent, outcome)
         write_back = _labelled(
             from_outcome(intent, decision.amount_minor, outcome, self.policy, self.rng),
             intent,
@@ -466,3 +468,15 @@ def _labelled(write_back: WriteBack, intent: IntentRow, *, outcome: str) -> Writ
         outcome=ended,
         error_message=redact_text(message) if message else message,
     )
+
+
+def _count_uncatalogued(lane: Lane, intent: IntentRow, outcome: object) -> None:
+    """Count and log a provider code the error catalogue has no row for (it is handled by
+    the adapter's class all the same; the count says which row to add)."""
+    code = getattr(outcome, "code", None)
+    if not isinstance(code, str) or isinstance(outcome, Succeeded):
+        return
+    provider_kind = str(getattr(lane.adapter, "kind", intent.provider))
+    if error_catalogue.lookup(provider_kind, code) is None:
+        metrics.UNCATALOGUED_CODES.labels(provider=intent.provider, code=code[:64]).inc()
+        log.warning("uncatalogued_provider_code", provider_kind=provider_kind, code=code[:64])

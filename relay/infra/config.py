@@ -72,10 +72,34 @@ class _BrokenRules(ValueError):
 class ProviderSettings(BaseModel):
     """One provider lane: ``RELAY_PROVIDERS__<NAME>__<FIELD>``."""
 
-    kind: Literal["stripe"] = Field("stripe", description="Adapter: stripe (also for the fake).")
-    base_url: str = Field("https://api.stripe.com", description="Provider API address.")
+    kind: Literal["stripe", "adyen"] = Field(
+        "stripe", description="Adapter: stripe or adyen (each also drives its fake)."
+    )
+    base_url: str = Field(
+        "https://api.stripe.com",
+        description="Provider API address (Adyen: required, e.g. https://checkout-test.adyen.com "
+        "or your live prefix URL; the API version is appended).",
+    )
     api_key: SecretStr | None = Field(None, description="API key (prefer api_key_file).")
     api_key_file: Path | None = Field(None, description="File holding the API key.")
+    merchant_account: str | None = Field(
+        None, description="Adyen: the merchant account every request names (required)."
+    )
+    api_version: str | None = Field(
+        None, description="Adyen: the Checkout API version in the path; unset: v71 (tested)."
+    )
+    allow_untested_api_version: bool = Field(
+        False, description="Start with an api_version the adapter was not tested against."
+    )
+    return_url: str = Field(
+        "https://outbox-relay.invalid/return",
+        description="Adyen: the returnUrl /payments requires (no shopper is redirected).",
+    )
+    hmac_keys_file: Path | None = Field(
+        None,
+        description="Adyen webhooks: file with the active HMAC keys, hex, one per line (two "
+        "while a key is rotated).",
+    )
     concurrency: PositiveInt = Field(32, description="Calls in flight at once on this lane.")
     connect_timeout_ms: PositiveInt = Field(3_000, description="TCP/TLS connect timeout.")
     timeout_ms: PositiveInt = Field(10_000, description="Read timeout of one provider call.")
@@ -109,6 +133,45 @@ class ProviderSettings(BaseModel):
         if self.api_key_file is not None and not self.api_key_file.is_file():
             raise ValueError(f"API_KEY_FILE {self.api_key_file} is not a readable file")
         return self
+
+    @model_validator(mode="after")
+    def _adyen_needs(self) -> ProviderSettings:
+        if self.kind != "adyen":
+            return self
+        if "base_url" not in self.model_fields_set:
+            raise ValueError(
+                "set __BASE_URL for an adyen provider (https://checkout-test.adyen.com for "
+                "test, the live URL with your prefix for live)"
+            )
+        if not self.merchant_account:
+            raise ValueError("set __MERCHANT_ACCOUNT for an adyen provider")
+        if self.api_version is not None:
+            from provider_adapters.adyen import TESTED_API_VERSIONS
+
+            if not re.fullmatch(r"v[0-9]{1,3}", self.api_version):
+                raise ValueError(f"API_VERSION {self.api_version!r} is not like v71")
+            if self.api_version not in TESTED_API_VERSIONS and not self.allow_untested_api_version:
+                raise ValueError(
+                    f"API_VERSION {self.api_version} was not tested with the adyen adapter "
+                    f"(tested: {', '.join(TESTED_API_VERSIONS)}); set "
+                    "__ALLOW_UNTESTED_API_VERSION=true to start anyway"
+                )
+        if self.hmac_keys_file is not None:
+            if not self.hmac_keys_file.is_file():
+                raise ValueError(f"HMAC_KEYS_FILE {self.hmac_keys_file} is not a readable file")
+            keys = self.resolved_hmac_keys()
+            if not keys or not all(re.fullmatch(r"(?:[0-9A-Fa-f]{2}){16,}", k) for k in keys):
+                raise ValueError(
+                    f"HMAC_KEYS_FILE {self.hmac_keys_file} must hold hex keys, one per line"
+                )
+        return self
+
+    def resolved_hmac_keys(self) -> list[str]:
+        """The active Adyen HMAC keys (hex), from ``hmac_keys_file``; empty when unset."""
+        if self.hmac_keys_file is None:
+            return []
+        lines = self.hmac_keys_file.read_text().splitlines()
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
     def resolved_api_key(self) -> str:
         if self.api_key_file is not None:

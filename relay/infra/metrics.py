@@ -116,6 +116,7 @@ __all__ += [
     "RECONCILIATION_OPEN_DELTA_MINOR",
     "RECONCILIATION_OPEN_EXCEPTIONS",
     "RETRIES",
+    "UNCATALOGUED_CODES",
     "UNSERVED_INTENTS",
 ]
 ATTEMPTS = Counter(
@@ -123,6 +124,12 @@ ATTEMPTS = Counter(
     "Provider attempts by provider, action and outcome class (succeeded, declined, "
     "retryable, ambiguous, invalid; an ambiguous one settled by lookup counts as settled).",
     ["provider", "action", "outcome"],
+)
+UNCATALOGUED_CODES = Counter(
+    "outbox_relay_uncatalogued_codes_total",
+    "Provider codes with no row in provider_adapters/error_catalogue.csv, by provider and "
+    "code (the adapter's own sanitised code): handled by the adapter's class, add a row.",
+    ["provider", "code"],
 )
 RETRIES = Counter(
     "outbox_relay_retries_total",

@@ -19,7 +19,11 @@ import structlog
 from anyio.abc import TaskStatus
 from psycopg.rows import dict_row
 
-from provider_adapters.registry import build_adapter, build_notification_reader
+from provider_adapters.registry import (
+    NOTIFICATION_KINDS,
+    build_adapter,
+    build_notification_reader,
+)
 from relay.core.clock import SYSTEM_CLOCK, Clock
 from relay.core.inbox import InboxApplier, InboxOptions
 from relay.core.janitor import Janitor, JanitorOptions
@@ -64,9 +68,17 @@ def log_unknown_variables(environ: Mapping[str, str]) -> None:
 
 def build_lane(name: str, provider: ProviderSettings, *, clock: Clock = SYSTEM_CLOCK) -> Lane:
     """The lane for one configured provider; ``clock`` drives its breaker and rate limit."""
+    adapter = build_adapter(name, provider)
+    if getattr(adapter, "untested_version", False):
+        # Allowed only by an explicit override (config refuses it otherwise): say so.
+        log.warning(
+            "provider_api_version_untested",
+            provider=name,
+            api_version=getattr(adapter, "api_version", None),
+        )
     return Lane(
         name,
-        build_adapter(name, provider),
+        adapter,
         concurrency=provider.concurrency,
         timeout_seconds=(provider.connect_timeout_ms + provider.timeout_ms) / 1000,
         breaker=BreakerSettings(
@@ -136,6 +148,7 @@ def build_inbox_applier(settings: Settings, relay: Relay) -> InboxApplier:
     readers = {
         name: build_notification_reader(name, provider.kind)
         for name, provider in settings.providers.items()
+        if provider.kind in NOTIFICATION_KINDS
     }
     return InboxApplier(
         relay.db,

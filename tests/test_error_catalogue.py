@@ -1,0 +1,185 @@
+"""The error catalogue (provider_adapters/error_catalogue.csv): every code either fake can
+make its adapter report has a row of the same class; docs/errors.md is generated from it;
+an uncatalogued code is counted by code."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from provider_adapters.base import Action, Outcome, ProviderAdapter, Succeeded
+from provider_adapters.error_catalogue import CLASSES, _parse, catalogue, lookup
+from provider_adapters.fake.adyen import CARDS
+from provider_adapters.fake.cards import TEST_CARDS
+from relay.cli.errors import markdown
+from tests.support.adyen import adyen_adapter, adyen_on_fake
+from tests.support.commands import command
+from tests.support.providers import stripe_adapter, stripe_on_fake
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Seen:
+    """The (class, code) pairs an adapter reported."""
+
+    def __init__(self, adapter: ProviderAdapter) -> None:
+        self.adapter = adapter
+        self.pairs: set[tuple[str, str]] = set()
+
+    def add(self, outcome: Outcome) -> Outcome:
+        if not isinstance(outcome, Succeeded):
+            self.pairs.add((type(outcome).__name__.lower(), outcome.code))
+        return outcome
+
+    async def run(self, action: Action, key: str, amount: int = 1000, **kw: object) -> Outcome:
+        return self.add(await self.adapter.execute(command(action, key, amount, **kw)))  # type: ignore[arg-type]
+
+
+def assert_catalogued(kind: str, pairs: set[tuple[str, str]]) -> None:
+    missing = sorted(f"{kind} {code} ({klass})" for klass, code in pairs if not lookup(kind, code))
+    assert missing == [], f"add rows to provider_adapters/error_catalogue.csv: {missing}"
+    wrong = sorted(
+        f"{code}: adapter says {klass}, catalogue {entry.klass}"
+        for klass, code in pairs
+        if (entry := lookup(kind, code)) and entry.klass != klass
+    )
+    assert wrong == []
+
+
+@pytest.mark.anyio
+async def test_every_code_the_stripe_fake_can_emit_is_catalogued() -> None:
+    async with stripe_on_fake() as (fake, adapter):
+        seen = Seen(adapter)
+        for card in TEST_CARDS:
+            await seen.run(
+                Action.AUTHORIZE, f"card-{card.payment_method}", method=card.payment_method
+            )
+        await seen.run(Action.AUTHORIZE, "no-such-card", method="pm_card_nosuch")
+        pi = (await adapter.execute(command(Action.AUTHORIZE, "a"))).payment_reference  # type: ignore[union-attr]
+        await seen.run(Action.CAPTURE, "cap", 600, reference=pi)
+        await seen.run(Action.CAPTURE, "cap-2", 100, reference=pi)
+        await seen.run(Action.REFUND, "over", 601, reference=pi)
+        await seen.run(Action.CAPTURE, "missing", 100, reference=None)
+        first = command(Action.AUTHORIZE, "reused", 1000)
+        await adapter.execute(first)
+        seen.add(await adapter.execute(replace(first, amount_minor=2000)))
+        seen.add(
+            await adapter.execute(
+                replace(command(Action.CHARGE, "isk", 150), currency="ISK", exponent=0)
+            )
+        )
+        seen.add(await adapter.execute(replace(command(Action.CHARGE, "isk-x", 1), currency="ISK")))
+        for fault in ("rate_429", "rate_503", "rate_500_after_effect", "rate_malformed"):
+            await fake.configure(**{fault: 1.0})
+            await seen.run(Action.AUTHORIZE, f"fault-{fault}")
+            await fake.configure(**{fault: 0.0})
+        await fake.configure(rate_timeout_after_effect=1.0, timeout_seconds=2.0)
+        async with stripe_adapter(fake.url, read_timeout_seconds=0.2) as slow:
+            seen.add(await slow.execute(command(Action.AUTHORIZE, "timeout")))
+            seen.add(await slow.lookup(command(Action.AUTHORIZE, "never-sent")))
+        await fake.configure(rate_timeout_after_effect=0.0)
+        async with stripe_adapter(fake.url, api_key="sk_test_wrong") as wrong:
+            seen.add(await wrong.execute(command(Action.AUTHORIZE, "wrong-key")))
+        async with stripe_adapter("http://127.0.0.1:9") as down:
+            seen.add(await down.execute(command(Action.AUTHORIZE, "down")))
+    assert len(seen.pairs) >= 12, seen.pairs
+    assert_catalogued("stripe", seen.pairs)
+
+
+@pytest.mark.anyio
+async def test_every_code_the_adyen_fake_can_emit_is_catalogued() -> None:
+    async with adyen_on_fake() as (fake, adapter):
+        seen = Seen(adapter)
+        for method in CARDS:
+            await seen.run(Action.AUTHORIZE, f"card-{method}", method=method)
+        pi = (await adapter.execute(command(Action.AUTHORIZE, "a"))).payment_reference  # type: ignore[union-attr]
+        for action in (Action.CAPTURE, Action.VOID, Action.REFUND):
+            await seen.run(action, f"mod-{action}", 100, reference=pi)
+        await seen.run(Action.CAPTURE, "unknown-psp", 100, reference="0000000000000000")
+        await seen.run(Action.CAPTURE, "no-psp", 100, reference=None)
+        seen.add(await adapter.lookup(command(Action.CAPTURE, "lk", reference=pi)))
+        seen.add(
+            await adapter.execute(
+                replace(command(Action.CHARGE, "idr", 12_345), currency="IDR", exponent=2)
+            )
+        )
+        seen.add(await adapter.execute(replace(command(Action.CHARGE, "clp", 1), currency="CLP")))
+        for fault in (
+            "rate_429",
+            "rate_503",
+            "rate_500_after_effect",
+            "rate_drop_after_effect",
+            "rate_malformed_after_effect",
+        ):
+            await fake.configure(**{fault: 1.0})
+            await seen.run(Action.AUTHORIZE, f"fault-{fault}")
+            await fake.configure(**{fault: 0.0})
+        await fake.configure(latency_ms=300)
+        async with adyen_adapter(fake.url) as other:
+            import anyio
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(seen.run, Action.AUTHORIZE, "busy")
+                await anyio.sleep(0.1)
+                seen.add(await other.execute(command(Action.AUTHORIZE, "busy")))
+        await fake.configure(latency_ms=0)
+        async with adyen_adapter(fake.url, api_key="wrong") as wrong:
+            seen.add(await wrong.execute(command(Action.AUTHORIZE, "k")))
+        async with adyen_adapter(fake.url, merchant_account="Other") as other_account:
+            seen.add(await other_account.execute(command(Action.AUTHORIZE, "m")))
+        async with adyen_adapter("http://127.0.0.1:9") as down:
+            seen.add(await down.execute(command(Action.AUTHORIZE, "down")))
+    codes = {code for _, code in seen.pairs}
+    assert {"idempotency_in_progress", "adyen_167", "awaiting_confirmation"} <= codes, codes
+    assert_catalogued("adyen", seen.pairs)
+
+
+def test_the_catalogue_is_well_formed_and_its_rules_are_enforced() -> None:
+    entries = catalogue()
+    assert {e.klass for e in entries} == set(CLASSES)
+    assert all(e.customer_message for e in entries)
+    header = (
+        "provider,code,unified_code,class,other_card_may_succeed,remediation,customer_message\n"
+    )
+    with pytest.raises(ValueError, match="class 'fatal'"):
+        _parse(header + "adyen,x,x,fatal,,fix,msg\n")
+    with pytest.raises(ValueError, match="appears twice"):
+        _parse(header + "adyen,x,x,invalid,,fix,msg\nadyen,x,x,invalid,,fix,msg\n")
+    # The same meaning has the same unified code across providers.
+    stripe_funds = lookup("stripe", "insufficient_funds")
+    adyen_funds = lookup("adyen", "not_enough_balance")
+    assert stripe_funds and adyen_funds
+    assert stripe_funds.unified_code == adyen_funds.unified_code == "insufficient_funds"
+    assert lookup("adyen", "rate_limited") is not None, "shared rows apply to every provider"
+    assert lookup("adyen", "generic_decline") is None, "Stripe's rows are Stripe's"
+
+
+def test_docs_errors_md_is_generated_from_the_catalogue() -> None:
+    text = (ROOT / "docs" / "errors.md").read_text(encoding="utf-8")
+    assert text.endswith(markdown()), (
+        "docs/errors.md is stale: regenerate its table with `outbox-relay errors --markdown`"
+    )
+
+
+def test_an_uncatalogued_code_is_counted_by_code() -> None:
+    from types import SimpleNamespace
+
+    from provider_adapters.base import Declined
+    from relay.core.runtime import _count_uncatalogued
+
+    def count(code: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "outbox_relay_uncatalogued_codes_total", {"provider": "adyen-eu", "code": code}
+        )
+        return value or 0.0
+
+    lane = SimpleNamespace(adapter=SimpleNamespace(kind="adyen"))
+    intent = SimpleNamespace(provider="adyen-eu")
+    before_new, before_known = count("refused_99"), count("fraud")
+    _count_uncatalogued(lane, intent, Declined("refused_99", "x"))  # type: ignore[arg-type]
+    _count_uncatalogued(lane, intent, Declined("fraud", "x"))  # type: ignore[arg-type]
+    assert count("refused_99") == before_new + 1
+    assert count("fraud") == before_known, "a catalogued code is not counted"
