@@ -252,9 +252,19 @@ async def test_every_transition_is_audited_with_its_actor(db_url: str) -> None:
     assert trail == [
         ("db:postgres", "insert", None, "blocked", 1),
         ("relay:ledger-relay", "update", "blocked", "pending", 2),  # promoted by the write-back
-        ("relay:ledger-relay", "update", "pending", "in_flight", 3),  # the claim
-        ("relay:ledger-relay", "update", "in_flight", "succeeded", 4),
+        # The claim writes no row (sql/0021): the outcome's row records it, its before
+        # names the state it left (in flight, held by this relay, the attempt).
+        ("relay:ledger-relay", "update", "in_flight", "succeeded", 3),
     ]
+    with psycopg.connect(db_url) as conn:
+        outcome = conn.execute(
+            "SELECT before, after FROM outbox.audit_log"
+            " WHERE entity = 'intent' AND entity_id = %s AND chain_seq = 3",
+            (str(intent_id[0]),),
+        ).fetchone()
+    assert outcome is not None
+    assert outcome[0]["claimed_by"] == "ledger-relay"
+    assert outcome[0]["attempts"] == outcome[1]["attempts"] == 1
     assert payment == [
         ("db:postgres", "new"),
         ("relay:ledger-relay", "authorized"),
