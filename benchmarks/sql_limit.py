@@ -17,9 +17,13 @@ Runs pgbench -M prepared (psycopg prepares repeated statements too) with 2 clien
 100 intents per batch by default. So that the ratio comes from one run on a machine whose
 load moves, each round replays the SQL on a fresh backlog and then drains an identical
 backlog with the relay (benchmarks/drain.py's in-process, zero-latency run); the best of
---rounds (2) of each is kept. Prints intents/s of both and relay / limit (goal >= 0.5);
-writes benchmarks/results/sql_limit.json. --no-relay takes the relay's figure from
-benchmarks/results/drain.json instead.
+--rounds (2) of each is kept. Each round also runs the yardstick first
+(benchmarks/standin_limit/: the same amount of writing per intent done set-based, no
+triggers, no hash chain, pgbench -c 2 -t 600 as ../shared/bench/standin_limit/run.sh).
+Prints intents/s of all three, SQL limit / yardstick (goal >= 0.5) and relay / SQL limit
+(goal >= 0.6); writes benchmarks/results/sql_limit.json with the code's fingerprint.
+--no-relay takes the relay's figure from benchmarks/results/drain.json instead;
+--standin-transactions 0 leaves the yardstick out.
 
     python benchmarks/sql_limit.py [--intents 20000] [--rounds 2] [--diagnose] [--quick]
 """
@@ -252,6 +256,13 @@ def measure(
                     print(f"  (no trigger {trigger} on {table_name} in this schema: left out)")
                     continue
                 conn.execute(f"ALTER TABLE {table_name} DISABLE TRIGGER {trigger}")
+            # No publisher runs here; one that keeps up with this rate claims full batches
+            # and so has asked event inserts not to NOTIFY (sql/0021). Older schemas have
+            # no such flag and notify on every write-back.
+            conn.execute(
+                "DO $$ BEGIN IF to_regclass('outbox.events_wakeup') IS NOT NULL THEN"
+                " UPDATE outbox.events_wakeup SET wanted = false; END IF; END $$"
+            )
             conn.execute("ANALYZE outbox.payment_intents")
         print(
             f"  replaying: {args.clients} clients x {transactions} batches of {args.batch}"
