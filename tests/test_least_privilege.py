@@ -71,6 +71,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_relay", "reconciliation_open_delta"): {"SELECT"},
     ("outbox_relay", "relay_instances"): {"SELECT", "INSERT", "DELETE"},  # sql/0018
     ("outbox_relay", "relay_wakeup"): {"SELECT"},
+    ("outbox_relay", "events_wakeup"): {"SELECT"},  # sql/0021: the publisher's NOTIFY flag
     ("outbox_relay", "schema_migrations"): {"SELECT"},
     **{
         ("outbox_operator", table): {"SELECT"}
@@ -79,6 +80,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "currencies",
             "event_streams",
             "events",
+            "events_wakeup",
             "installation",
             "janitor_checks",
             "ledger_entries",
@@ -121,6 +123,7 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
         "state,authorized_minor,captured_minor,refunded_minor,provider_reference,updated_at"
     ),
     ("outbox_relay", "relay_wakeup", "UPDATE"): "wanted,updated_at",
+    ("outbox_relay", "events_wakeup", "UPDATE"): "wanted,updated_at",
     (
         "outbox_relay",
         "relay_instances",
@@ -180,6 +183,8 @@ RELAY_STATEMENTS = {
     "lock_event_streams",
     "mark_events",
     "release_events",
+    "want_event_wakeups",  # sql/0021
+    "skip_event_wakeups",
     "unpublished_events",  # relay/service/depth.py
     "queue_depth",
     "reconciliation_open",
@@ -212,6 +217,7 @@ OPERATOR_STATEMENTS = {
     "audit_live_documents",
     "ledger_counts",  # relay/finance/ledger.py
     "ledger_unbalanced",
+    "ledger_orphan_entries",  # sql/0022
     "ledger_posting_mismatches",
     "ledger_payment_mismatches",
     "ledger_account_balances",
@@ -644,6 +650,7 @@ def test_application_inserts_intents_and_events_and_reads_outcomes_only(
             ("SELECT * FROM outbox.ledger_entries", "ledger_entries"),
             ("DELETE FROM outbox.ledger_transactions", "ledger_transactions"),
             ("UPDATE outbox.relay_wakeup SET wanted = false", "relay_wakeup"),
+            ("UPDATE outbox.events_wakeup SET wanted = false", "events_wakeup"),
             (
                 "UPDATE outbox.provider_policies SET idempotency_key_lifetime = '1 year'",
                 "provider_policies",
