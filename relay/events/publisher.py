@@ -35,6 +35,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aiormq.abc import DeliveredMessage
 from anyio.abc import TaskStatus
+from psycopg_pool import PoolTimeout
 
 from relay.domain.retry_policy import capped_doubling
 from relay.events.messages import ClaimedEvent, build_message
@@ -175,6 +176,7 @@ class Publisher:
         self._held: dict[int, _Held] = {}
         self._failures = 0
         self._wakeups_wanted: bool | None = None  # what this publisher last asked event inserts
+        self._claimed_ok = False
         self.heartbeat = 0.0  # anyio clock of the last turn of a loop below (liveness)
 
     # -- control -------------------------------------------------------------------------
@@ -351,7 +353,7 @@ class Publisher:
                     # More may be waiting; or, without wake-ups, find out now whether
                     # this publisher is idle and must ask for them before it sleeps.
                     continue
-            elif not self._stopping and await self._ask_for_wakeups(True):
+            elif self._claimed_ok and not self._stopping and await self._ask_for_wakeups(True):
                 continue  # once more: events committed before the flag did not notify
             if self._stopping:
                 if not events and not self._held:
@@ -377,7 +379,7 @@ class Publisher:
             return False
         try:
             await self.store.set_wakeups(wanted=wanted)
-        except psycopg.Error as exc:
+        except (psycopg.Error, PoolTimeout) as exc:
             log.warning("event_wakeups_not_set", wanted=wanted, error=type(exc).__name__)
             return False
         self._wakeups_wanted = wanted
@@ -405,12 +407,17 @@ class Publisher:
         )
 
     async def _claim(self) -> list[ClaimedEvent]:
+        # Whether the last claim reached the database: an empty answer from a database
+        # that is down says nothing about being idle, so no wake-ups are asked for then.
+        self._claimed_ok = False
         try:
-            return await self.store.claim(
+            events = await self.store.claim(
                 self.options.batch_size,
                 lease_seconds=self.options.lease_seconds,
                 instance=self.options.instance,
             )
+            self._claimed_ok = True
+            return events
         except RETRYABLE_DB_ERRORS as exc:
             log.warning("event_claim_db_error", error=type(exc).__name__)
         except psycopg.Error:
