@@ -17,9 +17,13 @@ Runs pgbench -M prepared (psycopg prepares repeated statements too) with 2 clien
 100 intents per batch by default. So that the ratio comes from one run on a machine whose
 load moves, each round replays the SQL on a fresh backlog and then drains an identical
 backlog with the relay (benchmarks/drain.py's in-process, zero-latency run); the best of
---rounds (2) of each is kept. Prints intents/s of both and relay / limit (goal >= 0.5);
-writes benchmarks/results/sql_limit.json. --no-relay takes the relay's figure from
-benchmarks/results/drain.json instead.
+--rounds (2) of each is kept. Each round also runs the yardstick first
+(benchmarks/standin_limit/: the same amount of writing per intent done set-based, no
+triggers, no hash chain, pgbench -c 2 -t 600 as ../shared/bench/standin_limit/run.sh).
+Prints intents/s of all three, SQL limit / yardstick (goal >= 0.5) and relay / SQL limit
+(goal >= 0.6); writes benchmarks/results/sql_limit.json with the code's fingerprint.
+--no-relay takes the relay's figure from benchmarks/results/drain.json instead;
+--standin-transactions 0 leaves the yardstick out.
 
     python benchmarks/sql_limit.py [--intents 20000] [--rounds 2] [--diagnose] [--quick]
 """
@@ -172,6 +176,41 @@ def replay(url: str, script: str, *, clients: int, transactions: int, batch: int
     return elapsed
 
 
+STANDIN = Path(__file__).resolve().parent / "standin_limit"
+
+
+def standin(clients: int, transactions: int) -> dict[str, Any]:
+    """The yardstick: the same amount of writing per intent as a write-back (intent and
+    payment updates, one audit row, one event, two ledger lines), done set-based with no
+    triggers, hash chain or per-payment order (benchmarks/standin_limit/, a copy of the
+    project's ../shared/bench/standin_limit). pgbench -c clients -t transactions, 100
+    intents per transaction, as run.sh runs it."""
+    with scratch_database("standin") as url, psycopg.connect(url, autocommit=True) as conn:
+        for name in ("schema.sql", "fill.sql"):
+            conn.execute((STANDIN / name).read_text().encode())
+        conn.execute("VACUUM ANALYZE")
+        print(
+            f"  yardstick: {clients} clients x {transactions} batches of 100"
+            f" (load {load_average()})",
+            flush=True,
+        )
+        command = [
+            pgbench_binary(),
+            "--no-vacuum",
+            f"--file={STANDIN / 'cycle.sql'}",
+            f"--client={clients}",
+            f"--jobs={clients}",
+            f"--transactions={transactions}",
+            url,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+    tps = re.search(r"tps = ([0-9.]+)", done.stdout)
+    if done.returncode != 0 or tps is None:
+        print(done.stdout, done.stderr, sep="\n", file=sys.stderr)
+        raise SystemExit(f"pgbench (yardstick) failed (exit {done.returncode})")
+    return {"intents_per_second": float(tps.group(1)) * 100, "load_average_after": load_average()}
+
+
 def check(url: str) -> dict[str, int]:
     """What the replay wrote: the same bookkeeping as the relay's write-back."""
     with psycopg.connect(url, autocommit=True) as conn:
@@ -217,6 +256,13 @@ def measure(
                     print(f"  (no trigger {trigger} on {table_name} in this schema: left out)")
                     continue
                 conn.execute(f"ALTER TABLE {table_name} DISABLE TRIGGER {trigger}")
+            # No publisher runs here; one that keeps up with this rate claims full batches
+            # and so has asked event inserts not to NOTIFY (sql/0021). Older schemas have
+            # no such flag and notify on every write-back.
+            conn.execute(
+                "DO $$ BEGIN IF to_regclass('outbox.events_wakeup') IS NOT NULL THEN"
+                " UPDATE outbox.events_wakeup SET wanted = false; END IF; END $$"
+            )
             conn.execute("ANALYZE outbox.payment_intents")
         print(
             f"  replaying: {args.clients} clients x {transactions} batches of {args.batch}"
@@ -344,6 +390,12 @@ def main() -> int:
         help="also replay with the audit (and ledger) triggers off, and time each statement"
         " and trigger per intent with EXPLAIN ANALYZE",
     )
+    parser.add_argument(
+        "--standin-transactions",
+        type=int,
+        default=600,
+        help="yardstick batches per client (600, as run.sh); 0 leaves the yardstick out",
+    )
     parser.add_argument("--print-script", action="store_true", help="show the pgbench script")
     args = parser.parse_args()
     if args.quick:
@@ -359,7 +411,11 @@ def main() -> int:
         quiet_relay_logging()
     limits: list[dict[str, Any]] = []
     relays: list[dict[str, Any]] = []
+    standins: list[dict[str, Any]] = []
     for _ in range(args.rounds):
+        if args.standin_transactions:
+            standins.append(standin(args.clients, args.standin_transactions))
+            print(f"  yardstick: {standins[-1]['intents_per_second']:,.0f} intents/s", flush=True)
         limits.append(measure(args, script, []))
         print(f"  limit: {limits[-1]['intents_per_second']:,.0f} intents/s", flush=True)
         if not args.no_relay:
@@ -374,6 +430,18 @@ def main() -> int:
         relay = json.loads((RESULTS / "drain.json").read_text())["runs"].get("in-process adapter")
         source = "drain.json"
     rows = [("measure", "intents", "intents/s", "ratio to limit")]
+    yardstick = max(standins, key=lambda r: r["intents_per_second"]) if standins else None
+    limit_to_yardstick = None
+    if yardstick is not None:
+        limit_to_yardstick = rate / yardstick["intents_per_second"]
+        rows.append(
+            (
+                "yardstick: the same writing set-based (standin_limit)",
+                f"{2 * args.standin_transactions * 100:,}",
+                f"{yardstick['intents_per_second']:,.0f}",
+                f"{yardstick['intents_per_second'] / rate:.2f}",
+            )
+        )
     rows.append(
         ("SQL limit (pgbench, full bookkeeping)", f"{limit['succeeded']:,}", f"{rate:,.0f}", "1.00")
     )
@@ -401,6 +469,10 @@ def main() -> int:
                 )
             )
     print(table(rows))
+    if limit_to_yardstick is not None:
+        print(f"SQL limit / yardstick: {limit_to_yardstick:.2f} (goal >= 0.5)")
+    if ratio is not None:
+        print(f"relay / SQL limit: {ratio:.2f} (goal >= 0.6)")
     explained: dict[str, dict[str, float]] = {}
     if args.diagnose:
         explained = explain_batches(5, args.batch)
@@ -416,6 +488,11 @@ def main() -> int:
             + (
                 "; relay " + ", ".join(f"{r['intents_per_second']:,.0f}" for r in relays)
                 if relays
+                else ""
+            )
+            + (
+                "; yardstick " + ", ".join(f"{r['intents_per_second']:,.0f}" for r in standins)
+                if standins
                 else ""
             )
             + " intents/s (best kept)"
@@ -441,6 +518,9 @@ def main() -> int:
             "relay_intents_per_second": relay["intents_per_second"] if relay else None,
             "relay_intents": relay["intents"] if relay else None,
             "ratio_relay_to_limit": ratio,
+            "yardstick_rounds": [r["intents_per_second"] for r in standins],
+            "yardstick_intents_per_second": yardstick["intents_per_second"] if yardstick else None,
+            "ratio_limit_to_yardstick": limit_to_yardstick,
             "diagnostics": diagnostics,
             "explain_ms_per_intent": explained,
             "script": script,

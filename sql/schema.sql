@@ -396,6 +396,29 @@ CREATE FUNCTION outbox.audit_intent_doc(i outbox.payment_intents) RETURNS jsonb
 $$;
 
 --
+-- Name: audit_intent_is_claim(outbox.payment_intents, outbox.payment_intents); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.audit_intent_is_claim(o outbox.payment_intents, n outbox.payment_intents) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT o.status = 'pending' AND n.status = 'in_flight' AND n.attempts = o.attempts + 1
+       AND (o.payment_id, o.action, o.provider, o.amount_minor, o.currency, o.idempotency_key,
+            o.payment_seq, o.amount_applied_minor, o.provider_reference, o.error_code,
+            o.error_message)
+           IS NOT DISTINCT FROM
+           (n.payment_id, n.action, n.provider, n.amount_minor, n.currency, n.idempotency_key,
+            n.payment_seq, n.amount_applied_minor, n.provider_reference, n.error_code,
+            n.error_message)
+$$;
+
+--
+-- Name: FUNCTION audit_intent_is_claim(o outbox.payment_intents, n outbox.payment_intents); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.audit_intent_is_claim(o outbox.payment_intents, n outbox.payment_intents) IS 'True when an UPDATE of an intent is a claim and nothing else: such a change gets no audit row; the row that ends the claim records it (sql/0021).';
+
+--
 -- Name: payments; Type: TABLE; Schema: outbox; Owner: -
 --
 
@@ -565,6 +588,78 @@ END;
 $$;
 
 --
+-- Name: audit_payment_intents_v2(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.audit_payment_intents_v2() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    SET jit TO 'off'
+    AS $$
+DECLARE
+    v_actor  text;
+    v_reason text;
+BEGIN
+    -- A claim-only statement (every claim the relay makes) leaves here without a write.
+    IF NOT EXISTS (
+        SELECT 1
+        FROM old_rows AS o JOIN new_rows AS n ON n.id = o.id
+        WHERE NOT outbox.audit_intent_is_claim(o, n)
+    ) THEN
+        RETURN NULL;
+    END IF;
+    v_actor := outbox.audit_actor();
+    v_reason := nullif(current_setting('outbox.reason', true), '');
+    WITH change AS MATERIALIZED (
+        SELECT n.id, n.payment_id,
+               outbox.audit_intent_changes(o, n, 0) AS before,
+               outbox.audit_intent_changes(o, n, 1) AS after,
+               o.status = 'in_flight' AND n.status <> 'in_flight' AS ends_claim, o.attempts AS old_attempts,
+               n.attempts AS new_attempts
+        FROM old_rows AS o
+        JOIN new_rows AS n ON n.id = o.id
+        WHERE NOT outbox.audit_intent_is_claim(o, n)
+    ),
+    doc AS MATERIALIZED (
+        -- Leaving a claim: attempts on both sides, so the chain has the claim's count.
+        SELECT c.id, c.payment_id,
+               CASE WHEN c.ends_claim THEN c.before || jsonb_build_object('attempts', c.old_attempts)
+                    ELSE c.before END AS before,
+               CASE WHEN c.ends_claim THEN c.after || jsonb_build_object('attempts', c.new_attempts)
+                    ELSE c.after END AS after
+        FROM change AS c
+        WHERE c.after <> '{}' OR c.ends_claim
+        ORDER BY c.id
+    ),
+    linked AS MATERIALIZED (
+        SELECT nextval('outbox.audit_log_id_seq') AS id, clock_timestamp() AS at,
+               d.id::text AS entity_id, d.payment_id, d.before, d.after,
+               coalesce(t.chain_seq, 0) + 1 AS chain_seq, t.hash AS prev_hash
+        FROM doc AS d
+        LEFT JOIN LATERAL (
+            SELECT a.chain_seq, a.hash
+            FROM outbox.audit_log AS a
+            WHERE a.entity = 'intent' AND a.entity_id = d.id::text
+            ORDER BY a.chain_seq DESC
+            LIMIT 1
+        ) AS t ON true
+        ORDER BY d.id
+    )
+    INSERT INTO outbox.audit_log
+        (id, at, actor, entity, entity_id, payment_id, operation, reason, before, after,
+         chain_seq, prev_hash, hash)
+    SELECT l.id, l.at, v_actor, 'intent', l.entity_id, l.payment_id, 'update', v_reason,
+           l.before, l.after, l.chain_seq, l.prev_hash,
+           sha256(outbox.audit_canonical(l.id, l.at, v_actor, 'intent', l.entity_id,
+                                         l.payment_id, 'update', v_reason, l.before, l.after,
+                                         l.chain_seq, l.prev_hash))
+    FROM linked AS l
+    ORDER BY l.id;
+    RETURN NULL;
+END;
+$$;
+
+--
 -- Name: audit_payments(); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -595,6 +690,54 @@ BEGIN
             WHERE c.after <> '{}'))
         WHERE EXISTS (SELECT 1 FROM new_rows);
     END IF;
+    RETURN NULL;
+END;
+$$;
+
+--
+-- Name: audit_payments_v2(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.audit_payments_v2() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    SET jit TO 'off'
+    AS $$
+DECLARE
+    v_actor  text := outbox.audit_actor();
+    v_reason text := nullif(current_setting('outbox.reason', true), '');
+BEGIN
+    WITH change AS MATERIALIZED (
+        SELECT n.payment_id,
+               outbox.audit_payment_changes(o, n, 0) AS before,
+               outbox.audit_payment_changes(o, n, 1) AS after
+        FROM old_rows AS o
+        JOIN new_rows AS n ON n.payment_id = o.payment_id
+    ),
+    linked AS MATERIALIZED (
+        SELECT nextval('outbox.audit_log_id_seq') AS id, clock_timestamp() AS at,
+               c.payment_id, c.before, c.after,
+               coalesce(t.chain_seq, 0) + 1 AS chain_seq, t.hash AS prev_hash
+        FROM (SELECT * FROM change WHERE after <> '{}' ORDER BY payment_id) AS c
+        LEFT JOIN LATERAL (
+            SELECT a.chain_seq, a.hash
+            FROM outbox.audit_log AS a
+            WHERE a.entity = 'payment' AND a.entity_id = c.payment_id
+            ORDER BY a.chain_seq DESC
+            LIMIT 1
+        ) AS t ON true
+        ORDER BY c.payment_id
+    )
+    INSERT INTO outbox.audit_log
+        (id, at, actor, entity, entity_id, payment_id, operation, reason, before, after,
+         chain_seq, prev_hash, hash)
+    SELECT l.id, l.at, v_actor, 'payment', l.payment_id, l.payment_id, 'update', v_reason,
+           l.before, l.after, l.chain_seq, l.prev_hash,
+           sha256(outbox.audit_canonical(l.id, l.at, v_actor, 'payment', l.payment_id,
+                                         l.payment_id, 'update', v_reason, l.before, l.after,
+                                         l.chain_seq, l.prev_hash))
+    FROM linked AS l
+    ORDER BY l.id;
     RETURN NULL;
 END;
 $$;
@@ -1224,6 +1367,23 @@ CREATE FUNCTION outbox.events_notify() RETURNS trigger
     AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM inserted) THEN
+        PERFORM pg_notify('outbox_events', '');
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+--
+-- Name: events_notify_v2(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.events_notify_v2() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM inserted)
+       AND coalesce((SELECT wanted FROM outbox.events_wakeup), true) THEN
         PERFORM pg_notify('outbox_events', '');
     END IF;
     RETURN NULL;
@@ -2249,6 +2409,59 @@ END;
 $$;
 
 --
+-- Name: payment_intents_post_ledger_v2(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.payment_intents_post_ledger_v2() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    SET jit TO 'off'
+    AS $$
+DECLARE
+    bad record;
+BEGIN
+    -- Most statements (claims, retries, promotions) succeed nothing: one cheap probe.
+    IF NOT EXISTS (
+        SELECT 1 FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id
+        WHERE n.status = 'succeeded' AND o.status IS DISTINCT FROM 'succeeded'
+    ) THEN
+        RETURN NULL;
+    END IF;
+    SELECT n.id, n.amount_applied_minor AS amount INTO bad
+    FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id
+    WHERE n.status = 'succeeded' AND o.status IS DISTINCT FROM 'succeeded'
+      AND coalesce(n.amount_applied_minor, 0) <= 0
+    ORDER BY n.id
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'check_violation',
+            MESSAGE = format('intent %s succeeded without a positive amount_applied_minor (%s); '
+                             'nothing can be posted to the ledger', bad.id, bad.amount),
+            HINT = 'Set amount_applied_minor to what the provider confirmed in the same UPDATE.';
+    END IF;
+    WITH posted AS (
+        INSERT INTO outbox.ledger_transactions
+            (intent_id, payment_id, provider, currency, kind, amount_minor, provider_reference,
+             posted_by)
+        SELECT n.id, n.payment_id, n.provider, n.currency, n.action, n.amount_applied_minor,
+               n.provider_reference, outbox.audit_actor()
+        FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id
+        WHERE n.status = 'succeeded' AND o.status IS DISTINCT FROM 'succeeded'
+        ORDER BY n.id
+        RETURNING id, payment_id, provider, currency, kind, amount_minor
+    )
+    INSERT INTO outbox.ledger_entries (transaction_id, account, currency, amount_minor)
+    SELECT t.id, t.provider || ':' || l.account, t.currency, l.amount_minor
+    FROM posted AS t
+    LEFT JOIN outbox.payments AS p ON p.payment_id = t.payment_id
+    CROSS JOIN LATERAL outbox.ledger_lines(t.kind, t.amount_minor, p.authorized_minor) AS l
+    ORDER BY t.id;
+    RETURN NULL;
+END;
+$$;
+
+--
 -- Name: payment_intents_refuse_hostile_input(outbox.payment_intents); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -2848,6 +3061,23 @@ ALTER TABLE outbox.events ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     NO MAXVALUE
     CACHE 1
 );
+
+--
+-- Name: events_wakeup; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.events_wakeup (
+    singleton boolean DEFAULT true NOT NULL,
+    wanted boolean DEFAULT true NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT events_wakeup_single_row CHECK (singleton)
+);
+
+--
+-- Name: TABLE events_wakeup; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON TABLE outbox.events_wakeup IS 'wanted: some publisher is idle and waits for a NOTIFY on outbox_events; publishers set and clear it, the events insert trigger reads it.';
 
 --
 -- Name: fx_postings; Type: TABLE; Schema: outbox; Owner: -
@@ -3457,6 +3687,13 @@ ALTER TABLE ONLY outbox.events
     ADD CONSTRAINT events_pkey PRIMARY KEY (id);
 
 --
+-- Name: events_wakeup events_wakeup_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.events_wakeup
+    ADD CONSTRAINT events_wakeup_pkey PRIMARY KEY (singleton);
+
+--
 -- Name: fx_policy fx_policy_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
 --
 
@@ -3851,7 +4088,7 @@ CREATE TRIGGER events_before_insert BEFORE INSERT ON outbox.events FOR EACH ROW 
 -- Name: events events_notify; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
-CREATE TRIGGER events_notify AFTER INSERT ON outbox.events REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION outbox.events_notify();
+CREATE TRIGGER events_notify AFTER INSERT ON outbox.events REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION outbox.events_notify_v2();
 
 --
 -- Name: fx_policy fx_policy_audit; Type: TRIGGER; Schema: outbox; Owner: -
@@ -3953,7 +4190,7 @@ CREATE TRIGGER payment_intents_audit_0_creation AFTER UPDATE ON outbox.payment_i
 -- Name: payment_intents payment_intents_audit_update; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
-CREATE TRIGGER payment_intents_audit_update AFTER UPDATE ON outbox.payment_intents REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox.audit_payment_intents();
+CREATE TRIGGER payment_intents_audit_update AFTER UPDATE ON outbox.payment_intents REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox.audit_payment_intents_v2();
 
 --
 -- Name: payment_intents payment_intents_before_insert; Type: TRIGGER; Schema: outbox; Owner: -
@@ -3995,7 +4232,7 @@ CREATE TRIGGER payment_intents_key_lifetime BEFORE UPDATE OF status ON outbox.pa
 -- Name: payment_intents payment_intents_ledger; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
-CREATE TRIGGER payment_intents_ledger AFTER UPDATE ON outbox.payment_intents REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox.payment_intents_post_ledger();
+CREATE TRIGGER payment_intents_ledger AFTER UPDATE ON outbox.payment_intents REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox.payment_intents_post_ledger_v2();
 
 --
 -- Name: payments payments_audit_insert; Type: TRIGGER; Schema: outbox; Owner: -
@@ -4007,7 +4244,7 @@ CREATE TRIGGER payments_audit_insert AFTER INSERT ON outbox.payments FOR EACH RO
 -- Name: payments payments_audit_update; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
-CREATE TRIGGER payments_audit_update AFTER UPDATE ON outbox.payments REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox.audit_payments();
+CREATE TRIGGER payments_audit_update AFTER UPDATE ON outbox.payments REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox.audit_payments_v2();
 
 --
 -- Name: payments payments_currency_fixed; Type: TRIGGER; Schema: outbox; Owner: -
@@ -4106,27 +4343,6 @@ ALTER TABLE ONLY outbox.fx_rates
 
 ALTER TABLE ONLY outbox.fx_rates
     ADD CONSTRAINT fx_rates_quote_fkey FOREIGN KEY (quote) REFERENCES outbox.currencies(code);
-
---
--- Name: ledger_entries ledger_entries_currency_fkey; Type: FK CONSTRAINT; Schema: outbox; Owner: -
---
-
-ALTER TABLE ONLY outbox.ledger_entries
-    ADD CONSTRAINT ledger_entries_currency_fkey FOREIGN KEY (currency) REFERENCES outbox.currencies(code);
-
---
--- Name: ledger_entries ledger_entries_transaction_id_fkey; Type: FK CONSTRAINT; Schema: outbox; Owner: -
---
-
-ALTER TABLE ONLY outbox.ledger_entries
-    ADD CONSTRAINT ledger_entries_transaction_id_fkey FOREIGN KEY (transaction_id) REFERENCES outbox.ledger_transactions(id);
-
---
--- Name: ledger_transactions ledger_transactions_currency_fkey; Type: FK CONSTRAINT; Schema: outbox; Owner: -
---
-
-ALTER TABLE ONLY outbox.ledger_transactions
-    ADD CONSTRAINT ledger_transactions_currency_fkey FOREIGN KEY (currency) REFERENCES outbox.currencies(code);
 
 --
 -- Name: payment_intents payment_intents_fx_rate_id_fkey; Type: FK CONSTRAINT; Schema: outbox; Owner: -
@@ -4477,6 +4693,12 @@ REVOKE ALL ON FUNCTION outbox.audit_intent_doc(i outbox.payment_intents) FROM PU
 GRANT ALL ON FUNCTION outbox.audit_intent_doc(i outbox.payment_intents) TO outbox_operator;
 
 --
+-- Name: FUNCTION audit_intent_is_claim(o outbox.payment_intents, n outbox.payment_intents); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.audit_intent_is_claim(o outbox.payment_intents, n outbox.payment_intents) FROM PUBLIC;
+
+--
 -- Name: TABLE payments; Type: ACL; Schema: outbox; Owner: -
 --
 
@@ -4552,10 +4774,22 @@ REVOKE ALL ON FUNCTION outbox.audit_payment_intent_inserted() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.audit_payment_intents() FROM PUBLIC;
 
 --
+-- Name: FUNCTION audit_payment_intents_v2(); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.audit_payment_intents_v2() FROM PUBLIC;
+
+--
 -- Name: FUNCTION audit_payments(); Type: ACL; Schema: outbox; Owner: -
 --
 
 REVOKE ALL ON FUNCTION outbox.audit_payments() FROM PUBLIC;
+
+--
+-- Name: FUNCTION audit_payments_v2(); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.audit_payments_v2() FROM PUBLIC;
 
 --
 -- Name: FUNCTION audit_redact(doc jsonb); Type: ACL; Schema: outbox; Owner: -
@@ -4625,6 +4859,12 @@ REVOKE ALL ON FUNCTION outbox.events_before_insert() FROM PUBLIC;
 --
 
 REVOKE ALL ON FUNCTION outbox.events_notify() FROM PUBLIC;
+
+--
+-- Name: FUNCTION events_notify_v2(); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.events_notify_v2() FROM PUBLIC;
 
 --
 -- Name: FUNCTION fx_back_at_charge_rate(p_amount bigint, p_currency text, p_original text, p_rate_id bigint, p_via_rate_id bigint); Type: ACL; Schema: outbox; Owner: -
@@ -4777,6 +5017,12 @@ REVOKE ALL ON FUNCTION outbox.payment_intents_may_break_input_rules(i outbox.pay
 --
 
 REVOKE ALL ON FUNCTION outbox.payment_intents_post_ledger() FROM PUBLIC;
+
+--
+-- Name: FUNCTION payment_intents_post_ledger_v2(); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.payment_intents_post_ledger_v2() FROM PUBLIC;
 
 --
 -- Name: FUNCTION payment_intents_refuse_hostile_input(i outbox.payment_intents); Type: ACL; Schema: outbox; Owner: -
@@ -5001,6 +5247,25 @@ GRANT UPDATE(error_message) ON TABLE outbox.events TO outbox_relay;
 --
 
 GRANT UPDATE(published_at) ON TABLE outbox.events TO outbox_relay;
+
+--
+-- Name: TABLE events_wakeup; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT SELECT ON TABLE outbox.events_wakeup TO outbox_relay;
+GRANT SELECT ON TABLE outbox.events_wakeup TO outbox_operator;
+
+--
+-- Name: COLUMN events_wakeup.wanted; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT UPDATE(wanted) ON TABLE outbox.events_wakeup TO outbox_relay;
+
+--
+-- Name: COLUMN events_wakeup.updated_at; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT UPDATE(updated_at) ON TABLE outbox.events_wakeup TO outbox_relay;
 
 --
 -- Name: TABLE fx_postings; Type: ACL; Schema: outbox; Owner: -

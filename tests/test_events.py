@@ -539,3 +539,28 @@ def test_publish_timeout_only_matters_when_publishing() -> None:
     # that does not run.
     settings = load_settings(lease_seconds=3.0)
     assert settings.resolved_amqp_url() is None
+
+
+# -- debounced NOTIFY (sql/0021) ------------------------------------------------------------
+
+
+def _event_notified(db_url: str) -> bool:
+    with psycopg.connect(db_url, autocommit=True) as listener, psycopg.connect(db_url) as app:
+        listener.execute("LISTEN outbox_events")
+        insert_event(app)
+        app.commit()
+        # Bounded wait for a notification that may (correctly) never come.
+        return any(True for _ in listener.notifies(timeout=1.0, stop_after=1))
+
+
+def test_event_inserts_notify_only_while_a_publisher_wants_it(db_url: str) -> None:
+    assert _event_notified(db_url), "a fresh installation notifies"
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE outbox.events_wakeup SET wanted = false")
+    assert not _event_notified(db_url), "a saturated publisher polls: no NOTIFY"
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE outbox.events_wakeup SET wanted = true")
+    assert _event_notified(db_url)
+    with psycopg.connect(db_url) as conn:
+        conn.execute("DELETE FROM outbox.events_wakeup")
+    assert _event_notified(db_url), "no flag row: notify, the safe default"

@@ -83,6 +83,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_relay", "relay_instances"): {"SELECT", "INSERT", "DELETE"},  # sql/0018
     ("outbox_relay", "relay_wakeup"): {"SELECT"},
     ("outbox_relay", "relay_wakeup_wants"): {"SELECT", "INSERT", "DELETE"},  # sql/0031
+    ("outbox_relay", "events_wakeup"): {"SELECT"},  # sql/0021: the publisher's NOTIFY flag
     ("outbox_relay", "schema_migrations"): {"SELECT"},
     # sql/0023: the receiver stores notifications, relays apply and retention deletes them;
     # the near-real-time comparison reads the payment's ledger
@@ -99,6 +100,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "fx_policy",
             "fx_postings",
             "fx_rates",
+            "events_wakeup",
             "installation",
             "janitor_checks",
             "ledger_entries",
@@ -158,6 +160,7 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
         "status,available_at,attempts,lease_token,claimed_by,payment_id,applied_at,result,"
         "last_error"
     ),
+    ("outbox_relay", "events_wakeup", "UPDATE"): "wanted,updated_at",
     (
         "outbox_relay",
         "relay_instances",
@@ -230,6 +233,8 @@ RELAY_STATEMENTS = {
     "lock_event_streams",
     "mark_events",
     "release_events",
+    "want_event_wakeups",  # sql/0021
+    "skip_event_wakeups",
     "unpublished_events",  # relay/service/depth.py
     "queue_depth",
     "reconciliation_open",
@@ -282,6 +287,7 @@ OPERATOR_STATEMENTS = {
     "audit_live_documents",
     "ledger_counts",  # relay/finance/ledger.py
     "ledger_unbalanced",
+    "ledger_orphan_entries",  # sql/0022
     "ledger_posting_mismatches",
     "ledger_payment_mismatches",
     "ledger_account_balances",
@@ -738,6 +744,7 @@ def test_application_inserts_intents_and_events_and_reads_outcomes_only(
             ("SELECT * FROM outbox.ledger_entries", "ledger_entries"),
             ("DELETE FROM outbox.ledger_transactions", "ledger_transactions"),
             ("UPDATE outbox.relay_wakeup SET wanted = false", "relay_wakeup"),
+            ("UPDATE outbox.events_wakeup SET wanted = false", "events_wakeup"),
             (
                 "UPDATE outbox.provider_policies SET idempotency_key_lifetime = '1 year'",
                 "provider_policies",

@@ -253,9 +253,19 @@ async def test_every_transition_is_audited_with_its_actor(db_url: str) -> None:
     assert trail == [
         ("db:postgres", "insert", None, "blocked", 1),
         ("relay:ledger-relay", "update", "blocked", "pending", 2),  # promoted by the write-back
-        ("relay:ledger-relay", "update", "pending", "in_flight", 3),  # the claim
-        ("relay:ledger-relay", "update", "in_flight", "succeeded", 4),
+        # The claim writes no row (sql/0021): the outcome's row records it, its before
+        # names the state it left (in flight, held by this relay, the attempt).
+        ("relay:ledger-relay", "update", "in_flight", "succeeded", 3),
     ]
+    with psycopg.connect(db_url) as conn:
+        outcome = conn.execute(
+            "SELECT before, after FROM outbox.audit_log"
+            " WHERE entity = 'intent' AND entity_id = %s AND chain_seq = 3",
+            (str(intent_id[0]),),
+        ).fetchone()
+    assert outcome is not None
+    assert outcome[0]["claimed_by"] == "ledger-relay"
+    assert outcome[0]["attempts"] == outcome[1]["attempts"] == 1
     assert payment == [
         ("db:postgres", "new"),
         ("relay:ledger-relay", "authorized"),
@@ -315,7 +325,7 @@ async def test_audit_rows_cannot_be_updated_or_deleted(
                 with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
                     app.execute(statement)  # type: ignore[arg-type]
         # The INSERT records who inserted; the relay's claim writes the creation rows with
-        # that actor and the INSERT's time (sql/0019), before its own row.
+        # that actor and the INSERT's time (sql/0019), and no row of its own (sql/0021).
         assert superuser.execute(
             "SELECT count(*) FROM outbox.audit_log WHERE payment_id = 'by-app'"
         ).fetchone() == (0,)
@@ -331,7 +341,6 @@ async def test_audit_rows_cannot_be_updated_or_deleted(
         assert rows == [
             ("payment", "insert", f"db:{role}", True),
             ("intent", "insert", f"db:{role}", True),
-            ("intent", "update", "relay:r1", False),
         ]
     finally:
         superuser.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")  # type: ignore[arg-type]
@@ -529,7 +538,12 @@ async def test_an_intent_without_its_creation_rows_past_the_grace_is_reported(
     ).fetchone()
     assert first == ("insert", "db:" + superuser.info.user, True)
 
-    # A chain whose creation row was deleted starts with an update: reported too.
+    # A chain whose creation row was deleted starts with an update: reported too. (The
+    # claim wrote no row of its own, sql/0021; a change that is not a claim writes one.)
+    superuser.execute(
+        "UPDATE outbox.payment_intents SET error_message = 'looked at' WHERE id = %s",
+        (int(waiting),),
+    )
     tamper(
         superuser,
         "DELETE FROM outbox.audit_log WHERE entity = 'intent' AND entity_id = %(id)s"
@@ -774,3 +788,103 @@ def test_rows_from_before_the_migration_get_a_baseline_and_their_postings(
         with psycopg.connect(url) as conn:
             baseline = conn.execute("SELECT DISTINCT operation FROM outbox.audit_log").fetchall()
         assert baseline == [("baseline",)]
+
+
+# -- sql/0021: claims write no row, the outcome's row records them ---------------------------
+
+
+def _claim(db_url: str, instance: str, limit: int) -> list[int]:
+    from relay.infra.queries import QUERIES
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = conn.execute(
+            QUERIES["claim_intents"],
+            {"provider": "stripe", "limit": limit, "lease_seconds": 60, "instance": instance,
+             "now": None},
+        ).fetchall()  # fmt: skip
+    return [int(r[0]) for r in rows]
+
+
+def test_an_open_claim_verifies_and_nothing_else_beside_it_does(
+    db_url: str, superuser: psycopg.Connection
+) -> None:
+    insert_intents(db_url, workload(2))
+    claimed = _claim(db_url, "claimer", 5)
+    assert len(claimed) == 5
+    # The first claim writes the intents' creation rows (sql/0019), and no row of its own.
+    written = superuser.execute(
+        "SELECT operation, count(*) FROM outbox.audit_log WHERE entity = 'intent'"
+        " GROUP BY operation"
+    ).fetchall()
+    assert written == [("insert", 5)], "a claim writes no update row"
+    report = verify_database(db_url)
+    assert report.intact, [b.describe() for b in report.breaks]
+
+    # One claim ahead is all the chain allows: a second attempt slipped in with the audit
+    # trigger off, or a claimed intent's amount changed, is a tail mismatch.
+    tamper(
+        superuser,
+        "UPDATE outbox.payment_intents SET attempts = attempts + 1 WHERE id = %(a)s",
+        "UPDATE outbox.payment_intents SET amount_minor = amount_minor + 1 WHERE id = %(b)s",
+        params={"a": claimed[0], "b": claimed[1]},
+    )
+    report = verify_database(db_url)
+    assert {(b.kind, b.entity_id) for b in report.breaks} == {
+        ("tail_mismatch", str(claimed[0])),
+        ("tail_mismatch", str(claimed[1])),
+    }
+
+
+async def test_concurrent_write_backs_leave_verifiable_chains_without_claim_rows(
+    db_url: str,
+) -> None:
+    """Two relays, two write-back streams each: the statement-level audit writes every
+    outcome's row, in order, with each chain linked to its tail under concurrency."""
+    insert_intents(db_url, workload(12))
+    provider = MemoryProvider()
+    relays = [
+        make_relay(db_url, provider, instance=f"chain-{n}", seed=n, batch_size=7) for n in range(2)
+    ]
+    await run_until_settled(db_url, relays)
+    assert_audit_intact(db_url)
+    report = verify_database(db_url)
+    assert report.intact and report.live_rows_checked > 0
+    with psycopg.connect(db_url) as conn:
+        claims = conn.execute(
+            "SELECT count(*) FROM outbox.audit_log WHERE entity = 'intent'"
+            " AND after ->> 'status' = 'in_flight'"
+        ).fetchone()
+        unrecorded = conn.execute(
+            "SELECT count(*) FROM outbox.payment_intents AS i"
+            " WHERE i.attempts > 0 AND NOT EXISTS (SELECT 1 FROM outbox.audit_log AS a"
+            "   WHERE a.entity = 'intent' AND a.entity_id = i.id::text"
+            "     AND a.before ->> 'status' = 'in_flight' AND a.before ? 'claimed_by'"
+            "     AND (a.after ->> 'attempts')::int = i.attempts)"
+        ).fetchone()
+        ids_in_order = conn.execute(
+            "SELECT bool_and(ok) FROM (SELECT id > lag(id) OVER w AND chain_seq = lag(chain_seq)"
+            " OVER w + 1 AS ok FROM outbox.audit_log WINDOW w AS (PARTITION BY entity, entity_id"
+            " ORDER BY chain_seq)) AS x WHERE ok IS NOT NULL"
+        ).fetchone()
+    assert claims == (0,), "no row for a claim"
+    assert unrecorded == (0,), "every claim's end records the relay and the attempt"
+    assert ids_in_order == (True,)
+
+
+async def test_an_orphan_ledger_entry_is_reported(
+    db_url: str, superuser: psycopg.Connection
+) -> None:
+    await settled_run(db_url, n=1)
+    assert check_ledger(db_url).problems == []
+    tamper(
+        superuser,
+        "INSERT INTO outbox.ledger_entries (transaction_id, account, currency, amount_minor)"
+        " VALUES (987654, 'stripe:holds', 'EUR', 5), (987654, 'stripe:authorizations', 'EUR', -5)",
+    )
+    problems = check_ledger(db_url).problems
+    assert [(p.subject, p.message) for p in problems] == [
+        (
+            "ledger transaction 987654",
+            "2 ledger entries belong to ledger transaction 987654, which does not exist",
+        )
+    ]

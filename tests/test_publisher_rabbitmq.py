@@ -1037,3 +1037,54 @@ async def test_a_slow_broker_never_lets_a_round_outlive_its_lease(
     assert any(e["event"] == "events_lease_ending" for e in logs), "rounds were cut short"
     ids = [str(m.message_id) for m in broker.received]
     assert sorted(ids) == sorted(stored_events(db_url)), "each event published exactly once"
+
+
+async def test_debounced_notify_still_wakes_an_idle_publisher(db_url: str, amqp_url: str) -> None:
+    """sql/0021: event inserts NOTIFY only while a publisher asked for it. The publisher
+    here never polls within the test (an hour between polls), so each delivery below
+    can only come from a NOTIFY; it asks for them when idle and stops asking while it
+    claims full batches."""
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE outbox.events_wakeup SET wanted = false")
+    insert = "INSERT INTO outbox.events (routing_key, payload) SELECT 'order.tick', %s FROM generate_series(1, %s)"
+    async with Broker(amqp_url) as broker:
+        relay = make_relay(db_url, MemoryProvider(), instance="relay-notify")
+        publisher = make_publisher(
+            relay,
+            amqp_url,
+            broker.exchange_name,
+            poll_interval_seconds=3600.0,
+            poll_max_interval_seconds=3600.0,
+        )
+        asked: list[bool] = []
+        set_wakeups = publisher.store.set_wakeups
+
+        async def recording(*, wanted: bool) -> None:
+            asked.append(wanted)
+            await set_wakeups(wanted=wanted)
+
+        publisher.store.set_wakeups = recording  # type: ignore[method-assign]
+
+        async def wanted() -> bool:
+            return bool(await db_value(db_url, "SELECT wanted FROM outbox.events_wakeup"))
+
+        async def scenario() -> None:
+            await wait_until(wanted, "the idle publisher to ask for wake-ups")
+
+            def insert_events(n: int) -> None:
+                with psycopg.connect(db_url, autocommit=True) as conn:
+                    conn.execute(insert, (Jsonb({"n": n}), n))  # type: ignore[arg-type]
+
+            await anyio.to_thread.run_sync(insert_events, 1)
+            await wait_until(lambda: len(broker.unique()) >= 1, "the event woken by NOTIFY")
+            # More than a batch (40) in one commit: the publisher claims full batches,
+            # stops asking, then asks again once it finds nothing.
+            await anyio.to_thread.run_sync(insert_events, 100)
+            await wait_until(lambda: len(broker.unique()) >= 101, "every event published")
+            await wait_until(wanted, "the publisher, idle again, to ask for wake-ups")
+
+        await run_system([relay], [publisher], scenario)
+    assert asked[:1] == [True]
+    assert False in asked, "a full batch stops the wake-ups"
+    assert asked[-1] is True
+    assert {row[2] for row in stored_events(db_url).values()} == {"published"}

@@ -35,6 +35,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aiormq.abc import DeliveredMessage
 from anyio.abc import TaskStatus
+from psycopg_pool import PoolTimeout
 
 from relay.domain.retry_policy import capped_doubling
 from relay.events.messages import ClaimedEvent, build_message
@@ -174,6 +175,8 @@ class Publisher:
         self._scope: anyio.CancelScope | None = None
         self._held: dict[int, _Held] = {}
         self._failures = 0
+        self._wakeups_wanted: bool | None = None  # what this publisher last asked event inserts
+        self._claimed_ok = False
         self.heartbeat = 0.0  # anyio clock of the last turn of a loop below (liveness)
 
     # -- control -------------------------------------------------------------------------
@@ -341,10 +344,17 @@ class Publisher:
             await self._mark_held()
             events = await self._claim()
             if events:
+                full = len(events) == self.options.batch_size
+                if full:
+                    await self._ask_for_wakeups(False)
                 await self._publish_round(exchanges, events)
                 idle = self.options.poll_interval_seconds
-                if len(events) == self.options.batch_size:
-                    continue  # more may be waiting
+                if full or self._wakeups_wanted is False:
+                    # More may be waiting; or, without wake-ups, find out now whether
+                    # this publisher is idle and must ask for them before it sleeps.
+                    continue
+            elif self._claimed_ok and not self._stopping and await self._ask_for_wakeups(True):
+                continue  # once more: events committed before the flag did not notify
             if self._stopping:
                 if not events and not self._held:
                     log.info("publisher_flushed")
@@ -356,6 +366,24 @@ class Publisher:
                 await self._wake_event.wait()
             if not self._wake_event.is_set():
                 idle = min(idle * 2, self.options.poll_max_interval_seconds)
+
+    async def _ask_for_wakeups(self, wanted: bool) -> bool:
+        """Tell event inserts whether to NOTIFY; True when this changed what we had asked.
+
+        As the relay's claim loop does for intents (sql/0007): only an idle publisher
+        needs a NOTIFY, and a write-back that notifies queues its commit on the
+        cluster-wide notification lock. What we asked last is remembered, so this writes
+        only on a change; polling covers a wake-up lost to a race.
+        """
+        if not self.options.listen or self._wakeups_wanted is wanted:
+            return False
+        try:
+            await self.store.set_wakeups(wanted=wanted)
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.warning("event_wakeups_not_set", wanted=wanted, error=type(exc).__name__)
+            return False
+        self._wakeups_wanted = wanted
+        return True
 
     async def _declare_topology(self, channel: AbstractChannel) -> None:
         exchange = await channel.declare_exchange(
@@ -379,12 +407,17 @@ class Publisher:
         )
 
     async def _claim(self) -> list[ClaimedEvent]:
+        # Whether the last claim reached the database: an empty answer from a database
+        # that is down says nothing about being idle, so no wake-ups are asked for then.
+        self._claimed_ok = False
         try:
-            return await self.store.claim(
+            events = await self.store.claim(
                 self.options.batch_size,
                 lease_seconds=self.options.lease_seconds,
                 instance=self.options.instance,
             )
+            self._claimed_ok = True
+            return events
         except RETRYABLE_DB_ERRORS as exc:
             log.warning("event_claim_db_error", error=type(exc).__name__)
         except psycopg.Error:

@@ -168,6 +168,10 @@ class EventStore:
         lost = [r for r in ready if r.event.id not in marked]
         return MarkReport(marked, deferred, lost)
 
+    async def set_wakeups(self, *, wanted: bool) -> None:
+        """Ask event inserts to NOTIFY (this publisher goes idle) or not (it is saturated)."""
+        await self.db.fetch_all("want_event_wakeups" if wanted else "skip_event_wakeups")
+
     async def release(self, releases: Sequence[Release], *, now: datetime | None = None) -> int:
         if not releases:
             return 0

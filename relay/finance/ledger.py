@@ -162,6 +162,15 @@ def check_ledger(conninfo: str) -> LedgerReport:
                     f"{'+' if imbalance > 0 else ''}{report.money(int(imbalance), currency)}"
                 )
             report.problems.append(Problem("unbalanced", f"ledger transaction {txn_id}", message))
+        for txn_id, entries in conn.execute(QUERIES["ledger_orphan_entries"]):
+            report.problems.append(
+                Problem(
+                    "unbalanced",
+                    f"ledger transaction {txn_id}",
+                    f"{entries} ledger entr{'y' if entries == 1 else 'ies'} belong to ledger "
+                    f"transaction {txn_id}, which does not exist",
+                )
+            )
         for intent_id, payment_id, action, status, txn_id, txn_kind, postings in conn.execute(
             QUERIES["ledger_posting_mismatches"]
         ):

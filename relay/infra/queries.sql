@@ -299,6 +299,14 @@ WHERE wanted
   )
 RETURNING wanted;
 
+-- name: want_event_wakeups
+-- This publisher is going idle: ask event inserts to NOTIFY (sql/0021; no write when already asked).
+UPDATE outbox.events_wakeup SET wanted = true, updated_at = now() WHERE NOT wanted RETURNING wanted;
+
+-- name: skip_event_wakeups
+-- This publisher claimed a full batch and comes back on its own: event inserts need not NOTIFY.
+UPDATE outbox.events_wakeup SET wanted = false, updated_at = now() WHERE wanted RETURNING wanted;
+
 -- name: status_counts
 -- Queue depth by provider and status, for `outbox-relay status` and the demo.
 SELECT provider, status, count(*) AS intents,
@@ -675,6 +683,14 @@ GROUP BY t.id, t.payment_id, t.kind, COALESCE(e.currency, t.currency), t.currenc
 HAVING COALESCE(sum(e.amount_minor), 0) <> 0 OR count(e.id) = 0
     OR COALESCE(e.currency, t.currency) <> t.currency
 ORDER BY t.id;
+
+-- name: ledger_orphan_entries
+-- Ledger entries whose transaction does not exist (sql/0022: no foreign key; append-only and one writer keep it so).
+SELECT e.transaction_id, count(*) AS entries
+FROM outbox.ledger_entries AS e
+WHERE NOT EXISTS (SELECT 1 FROM outbox.ledger_transactions AS t WHERE t.id = e.transaction_id)
+GROUP BY e.transaction_id
+ORDER BY e.transaction_id;
 
 -- name: ledger_posting_mismatches
 -- Succeeded intents without exactly one posting of their action, and postings without a succeeded intent.
