@@ -147,6 +147,18 @@ class InboxApplier:
         self.actor = f"relay:{options.instance}"
         self.store = Store(db, actor=self.actor)
         self._wake = anyio.Event()
+        # Applies in progress, and the instant (anyio clock) the relay's shutdown cuts them
+        # off: set by cut_off(), which Relay.stop() calls with its in-flight cut-off.
+        self._applying: set[anyio.CancelScope] = set()
+        self._cut_off_at: float | None = None
+
+    def cut_off(self, at: float) -> None:
+        """The shutdown's in-flight cut-off (anyio clock): an apply still running then is
+        cancelled. Its transaction rolls back whole (nothing is half-applied) and its row,
+        still claimed, is applied by a relay that claims it after the lease."""
+        self._cut_off_at = at if self._cut_off_at is None else min(self._cut_off_at, at)
+        for scope in self._applying:
+            scope.deadline = min(scope.deadline, at)
 
     def wake(self) -> None:
         """A notification arrived (LISTEN): claim now instead of at the next poll."""
@@ -177,11 +189,29 @@ class InboxApplier:
                 if self.stopping():
                     return  # claimed, not started: its lease ends and another relay applies it
                 # A stop waits for an apply in progress (one short transaction), but not
-                # past the lease: by then the row is claimable again, and a transaction cut
-                # short rolls back whole.
-                with anyio.CancelScope(shield=True) as scope:
-                    scope.deadline = anyio.current_time() + self.options.lease_seconds
-                    await self._apply_one(row)
+                # past the shutdown's in-flight cut-off (cut_off()) nor past the lease (by
+                # then the row is claimable again); a transaction cut short rolls back whole.
+                started = anyio.current_time()
+                deadline = started + self.options.lease_seconds
+                if self._cut_off_at is not None:
+                    deadline = min(deadline, self._cut_off_at)
+                with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+                    self._applying.add(scope)
+                    try:
+                        await self._apply_one(row)
+                    finally:
+                        self._applying.discard(scope)
+                if scope.cancelled_caught:
+                    reason = "shutdown" if self.stopping() else "lease"
+                    log.warning(
+                        "inbox_apply_cut_off",
+                        inbox_id=row.id,
+                        event_id=row.event_id,
+                        reason=reason,
+                        after_seconds=round(anyio.current_time() - started, 3),
+                        remedy="rolled back; applied after the lease by the relay that "
+                        "claims it next",
+                    )
 
         async with anyio.create_task_group() as tg:
             for row in claimed:

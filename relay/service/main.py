@@ -182,6 +182,8 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 applier = build_inbox_applier(settings, relay)
                 # Woken through the relay's own LISTEN connection: no connection of its own.
                 relay.also_wake[INBOX_NOTIFY_CHANNEL] = applier.wake
+                # An apply obeys the relay's shutdown deadline like a provider call.
+                relay.also_cut_off.append(applier.cut_off)
                 tg.start_soon(applier.run_forever)
                 tg.start_soon(
                     partial(
@@ -222,6 +224,8 @@ async def run_relay(settings: Settings, database_url: str) -> int:
             tg.cancel_scope.cancel()
     finally:
         await _close(relay)
+    # The last line of a clean exit: what the shutdown promise is measured against.
+    log.info("relay_exited", draining=relay.stopping)
     return 0
 
 
