@@ -21,6 +21,7 @@ __all__ = [
     "BalanceTransaction",
     "Command",
     "Declined",
+    "DisputeClosed",
     "DisputeOpened",
     "Fact",
     "Invalid",
@@ -255,11 +256,28 @@ class RefundsReported:
 
 @dataclass(frozen=True, slots=True)
 class DisputeOpened:
+    """A card holder disputed a payment: the provider withdraws ``amount``, except for an
+    inquiry (``inquiry``: Stripe's ``warning_*`` statuses), which withdraws nothing."""
+
     payment_reference: str
     dispute_id: str
     amount: int  # provider units
     currency: str
     reason: str
+    inquiry: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DisputeClosed:
+    """A dispute's outcome: ``won`` returns the withdrawn funds, ``lost`` keeps them for
+    good; ``inquiry`` closes an inquiry that withdrew nothing."""
+
+    payment_reference: str
+    dispute_id: str
+    amount: int  # provider units
+    currency: str
+    reason: str
+    outcome: str  # won | lost | inquiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +285,7 @@ class Unhandled:
     why: str
 
 
-Fact = PaymentSettled | RefundsReported | DisputeOpened | Unhandled
+Fact = PaymentSettled | RefundsReported | DisputeOpened | DisputeClosed | Unhandled
 
 
 @runtime_checkable

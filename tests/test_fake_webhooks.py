@@ -22,6 +22,7 @@ from provider_adapters.base import (
     Action,
     Command,
     Declined,
+    DisputeClosed,
     DisputeOpened,
     PaymentSettled,
     RefundsReported,
@@ -110,6 +111,53 @@ async def test_a_delay_holds_the_first_attempt_back(db_url: str, fake: FakeServe
         assert time.monotonic() - sent_at >= 1.5
 
 
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_the_fake_opens_and_closes_a_dispute_out_of_band(
+    db_url: str, fake: FakeServer
+) -> None:
+    async with running_receiver(db_url) as receiver:
+        await fake.control.post(
+            "/_fake/webhooks/config", json={"url": receiver.stripe_url, "secret": SECRET}
+        )
+        answer = await fake.control.post(
+            "/v1/payment_intents",
+            data={
+                "amount": "900",
+                "currency": "eur",
+                "payment_method": "pm_card_visa",
+                "confirm": "true",
+            },
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
+        reference = answer.json()["id"]
+        opened = await fake.control.post(
+            "/_fake/dashboard/dispute", json={"payment_intent": reference, "amount": 400}
+        )
+        assert opened.status_code == 200
+        dispute = opened.json()["id"]
+        refused = await fake.control.post(
+            "/_fake/dashboard/dispute/close", json={"dispute": dispute, "status": "maybe"}
+        )
+        assert refused.status_code == 400 and "won or lost" in refused.text
+        closed = await fake.control.post(
+            "/_fake/dashboard/dispute/close", json={"dispute": dispute, "status": "won"}
+        )
+        assert closed.status_code == 200 and closed.json()["status"] == "won"
+        again = await fake.control.post(
+            "/_fake/dashboard/dispute/close", json={"dispute": dispute, "status": "lost"}
+        )
+        assert again.status_code == 400 and "already won" in again.text
+        await wait_until(
+            lambda: any(r["event_type"] == "charge.dispute.closed" for r in inbox_rows(db_url)),
+            "the closed dispute delivered",
+        )
+    (row,) = [r for r in inbox_rows(db_url) if r["event_type"] == "charge.dispute.closed"]
+    assert READER.read(row["payload"]) == DisputeClosed(
+        reference, dispute, 400, "EUR", "fraudulent", "won"
+    )
+
+
 # -- facts, without a server ------------------------------------------------------------------
 
 READER = StripeNotifications("stripe", [])
@@ -174,6 +222,16 @@ def test_read_turns_each_handled_type_into_its_fact() -> None:
     }
     assert READER.read(_event("charge.dispute.created", dispute)) == DisputeOpened(
         "pi_1x", "dp_1", 900, "EUR", "fraudulent"
+    )
+    inquiry = {**dispute, "status": "warning_needs_response"}
+    assert READER.read(_event("charge.dispute.created", inquiry)).inquiry  # type: ignore[union-attr]
+    for status, outcome in (("won", "won"), ("lost", "lost"), ("warning_closed", "inquiry")):
+        assert READER.read(
+            _event("charge.dispute.closed", {**dispute, "status": status})
+        ) == DisputeClosed("pi_1x", "dp_1", 900, "EUR", "fraudulent", outcome)
+    assert isinstance(
+        READER.read(_event("charge.dispute.closed", {**dispute, "status": "under_review"})),
+        Unhandled,
     )
     assert isinstance(READER.read(_event("customer.created", {"id": "cus_1"})), Unhandled)
     assert isinstance(READER.read(_event("charge.refunded", {"object": "charge"})), Unhandled)
