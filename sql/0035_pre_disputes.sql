@@ -99,6 +99,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     ) AS e(n, kind, account, amount)
     WHERE e.kind = p_kind AND e.amount IS NOT NULL AND e.amount <> 0
 $$;
+-- Like every function of the schema (sql/0008): called by the SECURITY DEFINER poster only.
+REVOKE ALL ON FUNCTION outbox.ledger_lines_v2(text, bigint, bigint) FROM PUBLIC;
 
 -- Post a change a notification reported: a refund, a dispute's withdrawal or its reversal.
 -- SECURITY DEFINER: the relay has no right on the ledger. v1 stays for relays of the

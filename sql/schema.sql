@@ -4615,6 +4615,12 @@ GRANT ALL ON FUNCTION outbox.intent_history(intent bigint) TO outbox_operator;
 REVOKE ALL ON FUNCTION outbox.ledger_lines(p_kind text, p_amount bigint, p_hold bigint) FROM PUBLIC;
 
 --
+-- Name: FUNCTION ledger_lines_v2(p_kind text, p_amount bigint, p_hold bigint); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.ledger_lines_v2(p_kind text, p_amount bigint, p_hold bigint) FROM PUBLIC;
+
+--
 -- Name: FUNCTION ledger_post(intents jsonb, p_actor text); Type: ACL; Schema: outbox; Owner: -
 --
 
