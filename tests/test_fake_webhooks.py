@@ -318,3 +318,34 @@ def test_settle_finds_our_refund_in_the_charge_by_its_key() -> None:
     assert isinstance(settled, Succeeded) and settled.provider_reference == "re_1x"
     others = {**charge, "refunds": {"data": [{**refund, "metadata": {}}]}}
     assert isinstance(READER.settle(command, _event("charge.refunded", others)), Retryable)
+
+
+def test_the_apply_concurrency_is_validated_and_fits_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_settings()
+    assert settings.webhooks_apply_concurrency == 2
+    # Pool 4: 1 for claims, 2 write-back writers, 1 apply.
+    assert (
+        settings.effective_completer_writers(),
+        settings.effective_webhooks_apply_concurrency(),
+    ) == (2, 1)
+    monkeypatch.setenv("RELAY_DB_POOL_SIZE", "5")
+    assert load_settings().effective_webhooks_apply_concurrency() == 2
+    monkeypatch.setenv("RELAY_WEBHOOKS_APPLY_CONCURRENCY", "8")
+    monkeypatch.setenv("RELAY_DB_POOL_SIZE", "12")
+    assert load_settings().effective_webhooks_apply_concurrency() == 8
+    for bad in ("0", "17", "two"):
+        monkeypatch.setenv("RELAY_WEBHOOKS_APPLY_CONCURRENCY", bad)
+        with pytest.raises(ConfigError) as refused:
+            load_settings()
+        assert any("RELAY_WEBHOOKS_APPLY_CONCURRENCY" in line for line in refused.value.lines)
+    monkeypatch.setenv("RELAY_WEBHOOKS_APPLY_CONCURRENCY", "2")
+    monkeypatch.setenv("RELAY_DB_POOL_SIZE", "2")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert any(
+        "RELAY_DB_POOL_SIZE (2) must be at least 3" in line for line in refused.value.lines
+    ), refused.value.lines
+    monkeypatch.setenv("RELAY_WEBHOOKS_APPLY", "false")
+    assert load_settings().db_pool_size == 2  # a relay that applies nothing needs no room

@@ -403,3 +403,129 @@ def test_sigterm_cuts_off_an_apply_at_the_shutdown_deadline(db_url: str, tmp_pat
         assert postings == [(700,)] and refunded == (700,), "applied once"
     finally:
         fake.stop()
+
+
+def _store_refund_of(db_url: str, event_id: str, reference: str) -> None:
+    body = json.dumps(
+        {
+            "id": event_id,
+            "object": "event",
+            "type": "charge.refunded",
+            "created": int(time.time()),
+            "data": {
+                "object": {
+                    "id": "ch_" + event_id,
+                    "object": "charge",
+                    "payment_intent": reference,
+                    "currency": "eur",
+                    "amount_captured": 4000,
+                    "amount_refunded": 100,
+                    "refunds": {"object": "list", "data": []},
+                }
+            },
+        }
+    )
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO outbox.webhook_inbox (provider, event_id, event_type, payload)"
+            " VALUES ('stripe', %s, 'charge.refunded', %s)",
+            (event_id, body),
+        )
+
+
+def test_applies_waiting_on_locks_leave_the_claim_loop_its_connections(
+    db_url: str, tmp_path: Path
+) -> None:
+    """RELAY_DB_POOL_SIZE=3 with two write-back writers leaves one connection for applies,
+    whatever RELAY_WEBHOOKS_APPLY_CONCURRENCY asks: two applies waiting on payments'
+    locks used to hold two of the three, and a new intent's claim and write-back then
+    shared what was left (at a pool of 2, nothing: the relay stopped)."""
+    fake = FakeProviderProcess(tmp_path)
+    try:
+
+        async def charge_two() -> None:
+            insert_intents(
+                db_url,
+                [
+                    {
+                        "payment_id": p,
+                        "action": "charge",
+                        "amount_minor": 4000,
+                        "payment_method": "pm_card_visa",
+                    }
+                    for p in ("pay-a", "pay-b")
+                ],
+            )
+            async with stripe_adapter(fake.url) as adapter:
+                await run_until_settled(db_url, [make_relay(db_url, adapter, instance="setup")])
+
+        anyio.run(charge_two)
+        with psycopg.connect(db_url) as conn:
+            refs = dict(conn.execute("SELECT payment_id, provider_reference FROM outbox.payments"))
+        _store_refund_of(db_url, "evt_a", refs["pay-a"])
+        _store_refund_of(db_url, "evt_b", refs["pay-b"])
+        env = {
+            **BASE_ENV,
+            "RELAY_DATABASE_URL": db_url,
+            "RELAY_PROVIDERS__STRIPE__API_KEY": API_KEY,
+            "RELAY_PROVIDERS__STRIPE__BASE_URL": fake.url,
+            "RELAY_PROVIDERS__STRIPE__TIMEOUT_MS": "2000",
+            "RELAY_DB_POOL_SIZE": "3",
+            "RELAY_WEBHOOKS_APPLY_CONCURRENCY": "2",
+            "RELAY_JANITOR_ENABLED": "false",
+            "RELAY_LOG_FORMAT": "json",
+        }
+        relay = RelayProcess("inbox-pool-1", env, tmp_path)
+        holder = psycopg.connect(db_url)
+
+        def waiting_on_locks() -> int:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                    " 'inbox-pool-1' AND wait_event_type = 'Lock'"
+                ).fetchone()
+            return int(row[0]) if row else 0
+
+        try:
+            holder.execute(
+                "SELECT 1 FROM outbox.payments WHERE payment_id IN ('pay-a', 'pay-b') FOR UPDATE"
+            )
+            relay.start()
+            relay.wait_ready()
+            block_until(waiting_on_locks, "an apply to wait on a payment's lock")
+            insert_intents(
+                db_url,
+                [
+                    {
+                        "payment_id": "pay-c",
+                        "action": "charge",
+                        "amount_minor": 700,
+                        "payment_method": "pm_card_visa",
+                    }
+                ],
+            )
+
+            def charged() -> bool:
+                with psycopg.connect(db_url) as conn:
+                    row = conn.execute(
+                        "SELECT status FROM outbox.payment_intents WHERE payment_id = 'pay-c'"
+                    ).fetchone()
+                return row == ("succeeded",)
+
+            block_until(charged, "the new intent claimed, charged and written back")
+            # The second notification was claimed too, but waits for an apply slot, not
+            # on a connection of the pool.
+            assert waiting_on_locks() == 1
+        finally:
+            holder.rollback()
+            holder.close()
+        block_until(
+            lambda: all(r["status"] == "applied" for r in inbox_rows(db_url)),
+            "both notifications applied once the locks are gone",
+        )
+        relay.terminate()
+        ready = [e for e in _log_events(relay.log_path) if e.get("event") == "relay_ready"]
+        assert ready[-1]["pool_size"] == 3
+        assert (ready[-1]["write_back_writers"], ready[-1]["webhook_applies"]) == (2, 1)
+    finally:
+        fake.stop()

@@ -94,7 +94,8 @@ class InboxOptions:
     retry_cap_seconds: float = 300.0
     # Notifications applied at once, each in its own transaction on its own connection
     # (two of one payment queue on the payment's lock). The relay's pool is shared with
-    # claims and write-backs: keep this below RELAY_DB_POOL_SIZE.
+    # claims and write-backs: Settings.effective_webhooks_apply_concurrency() sizes it so
+    # the claim loop and the writers keep their connections.
     concurrency: int = 2
 
 

@@ -124,6 +124,7 @@ def build_inbox_applier(settings: Settings, relay: Relay) -> InboxApplier:
             batch_size=settings.webhooks_apply_batch_size,
             lease_seconds=settings.lease_seconds,
             poll_interval_seconds=settings.poll_max_interval_seconds,
+            concurrency=settings.effective_webhooks_apply_concurrency(),
         ),
         stopping=lambda: relay.stopping,
     )
@@ -216,6 +217,14 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 providers=sorted(relay.lanes),
                 lease_seconds=settings.lease_seconds,
                 database=describe_conninfo(database_url),
+                # The pool's split (README, RELAY_DB_POOL_SIZE): 1 claims + writers + applies.
+                pool_size=settings.db_pool_size,
+                write_back_writers=settings.effective_completer_writers(),
+                webhook_applies=(
+                    settings.effective_webhooks_apply_concurrency()
+                    if settings.webhooks_apply
+                    else 0
+                ),
             )
             await relay.finished.wait()
             if publisher is not None:
