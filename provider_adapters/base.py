@@ -19,6 +19,7 @@ __all__ = [
     "Action",
     "Ambiguous",
     "BalanceTransaction",
+    "CaptureReported",
     "Command",
     "Declined",
     "DisputeClosed",
@@ -255,6 +256,17 @@ class RefundsReported:
 
 
 @dataclass(frozen=True, slots=True)
+class CaptureReported:
+    """The provider captured the payment's charge (ours, or by another system); its
+    captured total in provider units."""
+
+    payment_reference: str
+    charge_id: str
+    currency: str
+    captured_total: int
+
+
+@dataclass(frozen=True, slots=True)
 class DisputeOpened:
     """A card holder disputed a payment: the provider withdraws ``amount``, except for an
     inquiry (``inquiry``: Stripe's ``warning_*`` statuses), which withdraws nothing."""
@@ -285,7 +297,9 @@ class Unhandled:
     why: str
 
 
-Fact = PaymentSettled | RefundsReported | DisputeOpened | DisputeClosed | Unhandled
+Fact = (
+    PaymentSettled | RefundsReported | CaptureReported | DisputeOpened | DisputeClosed | Unhandled
+)
 
 
 @runtime_checkable

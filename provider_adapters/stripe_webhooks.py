@@ -18,7 +18,8 @@ Guarantees, each tested:
 * charge.refunded and charge.refund.updated become :class:`RefundsReported` with the
   charge's totals; charge.dispute.created becomes :class:`DisputeOpened` (an inquiry,
   status ``warning_*``, marked so) and charge.dispute.closed :class:`DisputeClosed` (won,
-  lost, or an inquiry closed: warning_closed); any other type is
+  lost, or an inquiry closed: warning_closed); charge.captured becomes
+  :class:`CaptureReported` with the charge's captured total; any other type is
   :class:`Unhandled` (stored, acknowledged, visible).
 """
 
@@ -33,6 +34,7 @@ import stripe
 
 from provider_adapters.base import (
     Action,
+    CaptureReported,
     Command,
     DisputeClosed,
     DisputeOpened,
@@ -197,6 +199,13 @@ class StripeNotifications:
                 and (amount := _int(r.get("amount"))) is not None
             )
             return RefundsReported(reference, currency.upper(), captured, refunded, refunds)
+        if event_type == "charge.captured":
+            reference = _text(obj.get("payment_intent"))
+            currency, captured = _text(obj.get("currency")), _int(obj.get("amount_captured"))
+            if obj.get("object") != "charge" or None in (reference, currency, captured):
+                return Unhandled("charge.captured without a charge's payment_intent and total")
+            assert reference is not None and currency is not None and captured is not None
+            return CaptureReported(reference, str(obj.get("id")), currency.upper(), captured)
         if event_type in ("charge.dispute.created", "charge.dispute.closed"):
             # stripe-python's Dispute: amount, currency, status, charge, payment_intent.
             reference = _text(obj.get("payment_intent"))

@@ -102,7 +102,9 @@ $$;
 -- Like every function of the schema (sql/0008): called by the SECURITY DEFINER poster only.
 REVOKE ALL ON FUNCTION outbox.ledger_lines_v2(text, bigint, bigint) FROM PUBLIC;
 
--- Post a change a notification reported: a refund, a dispute's withdrawal or its reversal.
+-- Post a change a notification reported: a refund, a capture made outside the relay (a
+-- charge we only authorised, captured by another system), a dispute's withdrawal or its
+-- reversal.
 -- SECURITY DEFINER: the relay has no right on the ledger. v1 stays for relays of the
 -- previous release (refunds only).
 CREATE FUNCTION outbox.post_notified_change_v2(
@@ -113,10 +115,10 @@ DECLARE
     pay outbox.payments%ROWTYPE;
     txn bigint;
 BEGIN
-    IF p_kind NOT IN ('refund', 'dispute', 'dispute_reversal') THEN
+    IF p_kind NOT IN ('refund', 'capture', 'dispute', 'dispute_reversal') THEN
         RAISE EXCEPTION USING ERRCODE = 'check_violation',
-            MESSAGE = format('a notification posts refund, dispute or dispute_reversal, not %s',
-                             p_kind);
+            MESSAGE = format('a notification posts refund, capture, dispute or '
+                             'dispute_reversal, not %s', p_kind);
     END IF;
     SELECT * INTO pay FROM outbox.payments WHERE payment_id = p_payment_id;
     IF NOT FOUND THEN

@@ -2333,10 +2333,10 @@ DECLARE
     pay outbox.payments%ROWTYPE;
     txn bigint;
 BEGIN
-    IF p_kind NOT IN ('refund', 'dispute', 'dispute_reversal') THEN
+    IF p_kind NOT IN ('refund', 'capture', 'dispute', 'dispute_reversal') THEN
         RAISE EXCEPTION USING ERRCODE = 'check_violation',
-            MESSAGE = format('a notification posts refund, dispute or dispute_reversal, not %s',
-                             p_kind);
+            MESSAGE = format('a notification posts refund, capture, dispute or '
+                             'dispute_reversal, not %s', p_kind);
     END IF;
     SELECT * INTO pay FROM outbox.payments WHERE payment_id = p_payment_id;
     IF NOT FOUND THEN

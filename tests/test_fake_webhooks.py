@@ -20,6 +20,7 @@ import pytest
 
 from provider_adapters.base import (
     Action,
+    CaptureReported,
     Command,
     Declined,
     DisputeClosed,
@@ -222,6 +223,14 @@ def test_read_turns_each_handled_type_into_its_fact() -> None:
     }
     assert READER.read(_event("charge.dispute.created", dispute)) == DisputeOpened(
         "pi_1x", "dp_1", 900, "EUR", "fraudulent"
+    )
+    captured = {"id": "ch_1", "object": "charge", "payment_intent": "pi_1x", "currency": "eur",
+                "amount_captured": 700}  # fmt: skip
+    assert READER.read(_event("charge.captured", captured)) == CaptureReported(
+        "pi_1x", "ch_1", "EUR", 700
+    )
+    assert isinstance(
+        READER.read(_event("charge.captured", {**captured, "amount_captured": None})), Unhandled
     )
     inquiry = {**dispute, "status": "warning_needs_response"}
     assert READER.read(_event("charge.dispute.created", inquiry)).inquiry  # type: ignore[union-attr]

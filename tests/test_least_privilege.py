@@ -244,6 +244,8 @@ RELAY_STATEMENTS = {
     "inbox_payment_by_reference",
     "inbox_record_refund",
     "inbox_record_dispute",
+    "inbox_record_capture",
+    "inbox_unresolved_captures",
     "inbox_post_ledger",
     "inbox_open_exception",
     "inbox_event",
@@ -336,6 +338,7 @@ APP_MAY_RUN = {
     "inbox_event",
     "inbox_intent_by_key",
     "inbox_intent_payment",
+    "inbox_unresolved_captures",  # capture intents of a payment, which applications read
     "currency_exponents",  # the currency table, which applications read too
     "action_insert_intent",
     "audit_trail_present",

@@ -721,3 +721,105 @@ async def test_disputes_won_and_lost_out_of_order_and_repeated_change_things_onc
         db_url, "SELECT error_code FROM outbox.payment_intents WHERE action = 'refund'"
     )
     assert refund == {"error_code": "refund_exceeds_captured"}
+
+
+def charge_captured(event_id: str, reference: str, captured: int) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "object": "event",
+        "type": "charge.captured",
+        "created": int(time.time()),
+        "data": {
+            "object": {
+                "id": "ch_" + reference,
+                "object": "charge",
+                "payment_intent": reference,
+                "currency": "eur",
+                "amount": 4000,
+                "amount_captured": captured,
+                "captured": True,
+            }
+        },
+    }
+
+
+async def test_a_capture_by_another_system_is_recorded_as_an_external_change(
+    db_url: str, database: Database, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    insert_intents(
+        db_url,
+        [
+            {
+                "payment_id": payment_id,
+                "action": "authorize",
+                "amount_minor": 4000,
+                "payment_method": "pm_card_visa",
+            }
+            for payment_id in ("pay-ext", "pay-ours")
+        ],
+    )
+    async with running(make_relay(db_url, adapter, instance="capture-relay")):
+        await wait_until(
+            lambda: (
+                len(rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'authorized'")) == 2
+            ),
+            "both authorisations written",
+        )
+    refs = {
+        r["payment_id"]: r["provider_reference"]
+        for r in rows(db_url, "SELECT payment_id, provider_reference FROM outbox.payments")
+    }
+    # pay-ours has a capture of ours waiting: a capture notification may be its own.
+    insert_intents(db_url, [{"payment_id": "pay-ours", "action": "capture"}])
+    inbox = applier(database)
+    async with running_receiver(db_url) as receiver:
+        for body in (
+            charge_captured("evt_ext", refs["pay-ext"], 2500),
+            charge_captured("evt_ext_again", refs["pay-ext"], 2500),
+            charge_captured("evt_ours", refs["pay-ours"], 4000),
+        ):
+            answer = await anyio.to_thread.run_sync(signed_post, receiver.stripe_url, body)
+            assert answer.status_code == 200
+            assert await inbox.run_once() == 1
+    results = {r["event_id"]: r["result"] for r in inbox_rows(db_url)}
+    assert results["evt_ext"].startswith("recorded a capture of 2500 EUR made outside the relay")
+    assert "older than what the payment knows; nothing changed" in results["evt_ext_again"]
+    assert "our capture intent" in results["evt_ours"] and "nothing changed" in results["evt_ours"]
+    payments = {
+        r["payment_id"]: r
+        for r in rows(db_url, "SELECT payment_id, state, captured_minor FROM outbox.payments")
+    }
+    assert payments["pay-ext"] == {
+        "payment_id": "pay-ext",
+        "state": "captured",
+        "captured_minor": 2500,
+    }
+    assert payments["pay-ours"]["state"] == "authorized"
+    lines = rows(
+        db_url,
+        "SELECT t.kind, e.account, e.amount_minor FROM outbox.ledger_entries AS e"
+        " JOIN outbox.ledger_transactions AS t ON t.id = e.transaction_id"
+        " WHERE t.inbox_id IS NOT NULL ORDER BY e.id",
+    )
+    assert lines == [
+        {"kind": "capture", "account": "stripe:authorizations", "amount_minor": 4000},
+        {"kind": "capture", "account": "stripe:holds", "amount_minor": -4000},
+        {"kind": "capture", "account": "stripe:receivable", "amount_minor": 2500},
+        {"kind": "capture", "account": "stripe:captured", "amount_minor": -2500},
+    ]
+    events = rows(
+        db_url,
+        "SELECT payment_id, payload -> 'change' ->> 'amount_minor' AS amount FROM outbox.events"
+        " WHERE event_type = 'payment.capture.external'",
+    )
+    assert events == [{"payment_id": "pay-ext", "amount": "2500"}]
+    # Our capture then runs against the provider and is written by its own write-back.
+    async with running(make_relay(db_url, adapter, instance="capture-relay-2")):
+        await wait_until(
+            lambda: rows(
+                db_url,
+                "SELECT 1 FROM outbox.payments WHERE payment_id = 'pay-ours' AND state = 'captured'",
+            ),
+            "our capture written",
+        )
+    assert_ledger_clean(db_url)

@@ -51,6 +51,7 @@ from psycopg.rows import TupleRow, dict_row
 from psycopg.types.json import Jsonb
 
 from provider_adapters.base import (
+    CaptureReported,
     Declined,
     DisputeClosed,
     DisputeOpened,
@@ -309,6 +310,8 @@ class InboxApplier:
                     done = await self._settle(conn, row, reader, fact, reason)
                 elif isinstance(fact, RefundsReported):
                     done = await self._refunds(conn, row, reader, fact)
+                elif isinstance(fact, CaptureReported):
+                    done = await self._capture(conn, row, reader, fact)
                 elif isinstance(fact, DisputeOpened):
                     done = await self._dispute_opened(conn, row, reader, fact)
                 else:
@@ -632,6 +635,116 @@ class InboxApplier:
             if found and found[0]["status"] != "succeeded":
                 total += reader.minor_units(refund.amount, currency, exponent)
         return total
+
+    # -- captures -----------------------------------------------------------------------
+
+    async def _capture(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        reader: NotificationReader,
+        fact: CaptureReported,
+    ) -> Applied:
+        """A capture we did not send (another system captured a charge we only
+        authorised) is recorded like a dashboard refund: payment, ledger posting naming
+        the notification, ``payment.capture.external``. Ours (a capture intent of the
+        payment not written yet) is left to its write-back or the janitor's lookup."""
+        payment = await self._payment(conn, row.provider, fact.payment_reference)
+        if payment is None:
+            return Applied(
+                "applied", f"no payment of ours is {fact.payment_reference}; nothing changed"
+            )
+        payment_id = str(payment["payment_id"])
+        currency = str(payment["currency"])
+        if fact.currency != currency:
+            exception = await self._exception(
+                conn,
+                row,
+                "currency_mismatch",
+                f"webhook:{fact.payment_reference}:currency",
+                payment,
+                None,
+                None,
+                f"the provider reports a capture in {fact.currency}, the payment is in {currency}",
+            )
+            return Applied("applied", f"currency differs; exception {exception}", payment_id)
+        captured = reader.minor_units(fact.captured_total, currency, payment["exponent"])
+        known = int(payment["captured_minor"])
+        if captured <= known:
+            return Applied(
+                "applied",
+                f"the provider shows {captured} captured, the payment {known}: older than what "
+                "the payment knows; nothing changed",
+                payment_id,
+            )
+        ours = await fetch(
+            conn, "inbox_unresolved_captures", {"payment_id": payment_id}, row=dict_row
+        )
+        for intent in ours:
+            if intent["status"] == "in_flight":
+                raise _Retry(
+                    f"our capture intent {intent['id']} is in flight; looked at again shortly",
+                    1.0,
+                    payment_id,
+                )
+        if ours:
+            return Applied(
+                "applied",
+                f"our capture intent {ours[0]['id']} is {ours[0]['status']}: its write-back or "
+                "the janitor's lookup records this capture; nothing changed",
+                payment_id,
+            )
+        authorized = int(payment["authorized_minor"])
+        if payment["state"] != "authorized" or captured > authorized:
+            exception = await self._exception(
+                conn,
+                row,
+                "external_change",
+                f"webhook:{fact.payment_reference}:capture",
+                payment,
+                known,
+                captured,
+                f"the provider shows {captured} {currency} captured, which the payment "
+                f"({payment['state']}, {authorized} authorized) cannot take: a change made "
+                "outside the relay",
+            )
+            return Applied(
+                "applied",
+                f"a capture of {captured} made outside the relay contradicts the payment "
+                f"({payment['state']}); exception {exception} opened",
+                payment_id,
+            )
+        (updated,) = await fetch(
+            conn,
+            "inbox_record_capture",
+            {"payment_id": payment_id, "captured_minor": captured},
+            row=dict_row,
+        )
+        await conn.execute(
+            QUERIES["inbox_post_ledger"],
+            {
+                "inbox_id": row.id,
+                "payment_id": payment_id,
+                "kind": "capture",
+                "amount_minor": captured,
+                "reference": fact.charge_id,
+            },
+        )
+        await self._event(
+            conn,
+            row,
+            payment_id,
+            "payment.capture.external",
+            updated,
+            currency,
+            {"amount_minor": captured, "charge": fact.charge_id},
+        )
+        return Applied(
+            "applied",
+            f"recorded a capture of {captured} {currency} made outside the relay "
+            f"({authorized} authorized; the hold is released)",
+            payment_id,
+        )
 
     # -- disputes -----------------------------------------------------------------------
     #

@@ -1092,6 +1092,24 @@ WHERE payment_id = %(payment_id)s::text
 RETURNING payment_id, state, authorized_minor, captured_minor, refunded_minor, provider_reference,
           disputed_minor, dispute_status;
 
+-- name: inbox_record_capture
+-- A capture made outside the relay, as a notification reported it: the payment's captured total and state.
+UPDATE outbox.payments
+SET captured_minor = %(captured_minor)s::bigint,
+    state = 'captured',
+    updated_at = now()
+WHERE payment_id = %(payment_id)s::text
+RETURNING payment_id, state, authorized_minor, captured_minor, refunded_minor, provider_reference,
+          disputed_minor, dispute_status;
+
+-- name: inbox_unresolved_captures
+-- Capture intents of one payment whose outcome is not written yet: a capture notification may be theirs.
+SELECT id, status
+FROM outbox.payment_intents
+WHERE payment_id = %(payment_id)s::text AND action = 'capture'
+  AND status IN ('blocked', 'pending', 'in_flight', 'dead')
+ORDER BY id;
+
 -- name: inbox_record_dispute
 -- A dispute as a notification reported it (sql/0035): the amount withdrawn and not returned, its status and id.
 UPDATE outbox.payments
