@@ -20,8 +20,10 @@ __all__ = [
     "Action",
     "Ambiguous",
     "BalanceTransaction",
+    "CaptureReported",
     "Command",
     "Declined",
+    "DisputeClosed",
     "DisputeOpened",
     "Fact",
     "Invalid",
@@ -267,12 +269,40 @@ class RefundsReported:
 
 
 @dataclass(frozen=True, slots=True)
+class CaptureReported:
+    """The provider captured the payment's charge (ours, or by another system); its
+    captured total in provider units."""
+
+    payment_reference: str
+    charge_id: str
+    currency: str
+    captured_total: int
+
+
+@dataclass(frozen=True, slots=True)
 class DisputeOpened:
+    """A card holder disputed a payment: the provider withdraws ``amount``, except for an
+    inquiry (``inquiry``: Stripe's ``warning_*`` statuses), which withdraws nothing."""
+
     payment_reference: str
     dispute_id: str
     amount: int  # provider units
     currency: str
     reason: str
+    inquiry: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DisputeClosed:
+    """A dispute's outcome: ``won`` returns the withdrawn funds, ``lost`` keeps them for
+    good; ``inquiry`` closes an inquiry that withdrew nothing."""
+
+    payment_reference: str
+    dispute_id: str
+    amount: int  # provider units
+    currency: str
+    reason: str
+    outcome: str  # won | lost | inquiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +310,9 @@ class Unhandled:
     why: str
 
 
-Fact = PaymentSettled | RefundsReported | DisputeOpened | Unhandled
+Fact = (
+    PaymentSettled | RefundsReported | CaptureReported | DisputeOpened | DisputeClosed | Unhandled
+)
 
 
 @runtime_checkable

@@ -16,7 +16,10 @@ Guarantees, each tested:
   (:func:`provider_adapters.stripe.payment_intent_outcome`); for a refund command it
   finds our refund in the charge's refunds by its key and verifies it as the lookup does;
 * charge.refunded and charge.refund.updated become :class:`RefundsReported` with the
-  charge's totals; charge.dispute.created becomes :class:`DisputeOpened`; any other type is
+  charge's totals; charge.dispute.created becomes :class:`DisputeOpened` (an inquiry,
+  status ``warning_*``, marked so) and charge.dispute.closed :class:`DisputeClosed` (won,
+  lost, or an inquiry closed: warning_closed); charge.captured becomes
+  :class:`CaptureReported` with the charge's captured total; any other type is
   :class:`Unhandled` (stored, acknowledged, visible).
 """
 
@@ -31,7 +34,9 @@ import stripe
 
 from provider_adapters.base import (
     Action,
+    CaptureReported,
     Command,
+    DisputeClosed,
     DisputeOpened,
     Fact,
     Notification,
@@ -194,18 +199,34 @@ class StripeNotifications:
                 and (amount := _int(r.get("amount"))) is not None
             )
             return RefundsReported(reference, currency.upper(), captured, refunded, refunds)
-        if event_type == "charge.dispute.created":
+        if event_type == "charge.captured":
+            reference = _text(obj.get("payment_intent"))
+            currency, captured = _text(obj.get("currency")), _int(obj.get("amount_captured"))
+            if obj.get("object") != "charge" or None in (reference, currency, captured):
+                return Unhandled("charge.captured without a charge's payment_intent and total")
+            assert reference is not None and currency is not None and captured is not None
+            return CaptureReported(reference, str(obj.get("id")), currency.upper(), captured)
+        if event_type in ("charge.dispute.created", "charge.dispute.closed"):
+            # stripe-python's Dispute: amount, currency, status, charge, payment_intent.
             reference = _text(obj.get("payment_intent"))
             amount, currency = _int(obj.get("amount")), _text(obj.get("currency"))
-            if reference is None or amount is None or currency is None:
-                return Unhandled("charge.dispute.created without payment_intent and amount")
-            return DisputeOpened(
-                payment_reference=reference,
-                dispute_id=str(obj.get("id")),
-                amount=amount,
-                currency=currency.upper(),
-                reason=str(obj.get("reason") or "unknown")[:100],
-            )
+            dispute_id, status = _text(obj.get("id")), _text(obj.get("status")) or ""
+            if reference is None or amount is None or currency is None or dispute_id is None:
+                return Unhandled(f"{event_type} without id, payment_intent, amount and currency")
+            reason = str(obj.get("reason") or "unknown")[:100]
+            if event_type == "charge.dispute.created":
+                return DisputeOpened(
+                    payment_reference=reference,
+                    dispute_id=dispute_id,
+                    amount=amount,
+                    currency=currency.upper(),
+                    reason=reason,
+                    inquiry=status.startswith("warning_"),
+                )
+            outcome = {"won": "won", "lost": "lost", "warning_closed": "inquiry"}.get(status)
+            if outcome is None:
+                return Unhandled(f"charge.dispute.closed with status {status!r}")
+            return DisputeClosed(reference, dispute_id, amount, currency.upper(), reason, outcome)
         return Unhandled(f"{event_type} is not a type the relay applies")
 
     def settle(self, command: Command, body: Mapping[str, Any]) -> Outcome:

@@ -20,8 +20,10 @@ import pytest
 
 from provider_adapters.base import (
     Action,
+    CaptureReported,
     Command,
     Declined,
+    DisputeClosed,
     DisputeOpened,
     PaymentSettled,
     RefundsReported,
@@ -110,6 +112,53 @@ async def test_a_delay_holds_the_first_attempt_back(db_url: str, fake: FakeServe
         assert time.monotonic() - sent_at >= 1.5
 
 
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_the_fake_opens_and_closes_a_dispute_out_of_band(
+    db_url: str, fake: FakeServer
+) -> None:
+    async with running_receiver(db_url) as receiver:
+        await fake.control.post(
+            "/_fake/webhooks/config", json={"url": receiver.stripe_url, "secret": SECRET}
+        )
+        answer = await fake.control.post(
+            "/v1/payment_intents",
+            data={
+                "amount": "900",
+                "currency": "eur",
+                "payment_method": "pm_card_visa",
+                "confirm": "true",
+            },
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
+        reference = answer.json()["id"]
+        opened = await fake.control.post(
+            "/_fake/dashboard/dispute", json={"payment_intent": reference, "amount": 400}
+        )
+        assert opened.status_code == 200
+        dispute = opened.json()["id"]
+        refused = await fake.control.post(
+            "/_fake/dashboard/dispute/close", json={"dispute": dispute, "status": "maybe"}
+        )
+        assert refused.status_code == 400 and "won or lost" in refused.text
+        closed = await fake.control.post(
+            "/_fake/dashboard/dispute/close", json={"dispute": dispute, "status": "won"}
+        )
+        assert closed.status_code == 200 and closed.json()["status"] == "won"
+        again = await fake.control.post(
+            "/_fake/dashboard/dispute/close", json={"dispute": dispute, "status": "lost"}
+        )
+        assert again.status_code == 400 and "already won" in again.text
+        await wait_until(
+            lambda: any(r["event_type"] == "charge.dispute.closed" for r in inbox_rows(db_url)),
+            "the closed dispute delivered",
+        )
+    (row,) = [r for r in inbox_rows(db_url) if r["event_type"] == "charge.dispute.closed"]
+    assert READER.read(row["payload"]) == DisputeClosed(
+        reference, dispute, 400, "EUR", "fraudulent", "won"
+    )
+
+
 # -- facts, without a server ------------------------------------------------------------------
 
 READER = StripeNotifications("stripe", [])
@@ -174,6 +223,24 @@ def test_read_turns_each_handled_type_into_its_fact() -> None:
     }
     assert READER.read(_event("charge.dispute.created", dispute)) == DisputeOpened(
         "pi_1x", "dp_1", 900, "EUR", "fraudulent"
+    )
+    captured = {"id": "ch_1", "object": "charge", "payment_intent": "pi_1x", "currency": "eur",
+                "amount_captured": 700}  # fmt: skip
+    assert READER.read(_event("charge.captured", captured)) == CaptureReported(
+        "pi_1x", "ch_1", "EUR", 700
+    )
+    assert isinstance(
+        READER.read(_event("charge.captured", {**captured, "amount_captured": None})), Unhandled
+    )
+    inquiry = {**dispute, "status": "warning_needs_response"}
+    assert READER.read(_event("charge.dispute.created", inquiry)).inquiry  # type: ignore[union-attr]
+    for status, outcome in (("won", "won"), ("lost", "lost"), ("warning_closed", "inquiry")):
+        assert READER.read(
+            _event("charge.dispute.closed", {**dispute, "status": status})
+        ) == DisputeClosed("pi_1x", "dp_1", 900, "EUR", "fraudulent", outcome)
+    assert isinstance(
+        READER.read(_event("charge.dispute.closed", {**dispute, "status": "under_review"})),
+        Unhandled,
     )
     assert isinstance(READER.read(_event("customer.created", {"id": "cus_1"})), Unhandled)
     assert isinstance(READER.read(_event("charge.refunded", {"object": "charge"})), Unhandled)
@@ -260,3 +327,34 @@ def test_settle_finds_our_refund_in_the_charge_by_its_key() -> None:
     assert isinstance(settled, Succeeded) and settled.provider_reference == "re_1x"
     others = {**charge, "refunds": {"data": [{**refund, "metadata": {}}]}}
     assert isinstance(READER.settle(command, _event("charge.refunded", others)), Retryable)
+
+
+def test_the_apply_concurrency_is_validated_and_fits_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_settings()
+    assert settings.webhooks_apply_concurrency == 2
+    # Pool 4: 1 for claims, 2 write-back writers, 1 apply.
+    assert (
+        settings.effective_completer_writers(),
+        settings.effective_webhooks_apply_concurrency(),
+    ) == (2, 1)
+    monkeypatch.setenv("RELAY_DB_POOL_SIZE", "5")
+    assert load_settings().effective_webhooks_apply_concurrency() == 2
+    monkeypatch.setenv("RELAY_WEBHOOKS_APPLY_CONCURRENCY", "8")
+    monkeypatch.setenv("RELAY_DB_POOL_SIZE", "12")
+    assert load_settings().effective_webhooks_apply_concurrency() == 8
+    for bad in ("0", "17", "two"):
+        monkeypatch.setenv("RELAY_WEBHOOKS_APPLY_CONCURRENCY", bad)
+        with pytest.raises(ConfigError) as refused:
+            load_settings()
+        assert any("RELAY_WEBHOOKS_APPLY_CONCURRENCY" in line for line in refused.value.lines)
+    monkeypatch.setenv("RELAY_WEBHOOKS_APPLY_CONCURRENCY", "2")
+    monkeypatch.setenv("RELAY_DB_POOL_SIZE", "2")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert any(
+        "RELAY_DB_POOL_SIZE (2) must be at least 3" in line for line in refused.value.lines
+    ), refused.value.lines
+    monkeypatch.setenv("RELAY_WEBHOOKS_APPLY", "false")
+    assert load_settings().db_pool_size == 2  # a relay that applies nothing needs no room

@@ -1203,7 +1203,7 @@ def test_example_app_runs_the_relay_in_its_pods(
 
     configmap = manifests.one("ConfigMap", f"{RELEASE}-outbox-relay")
     assert relay["envFrom"] == [{"configMapRef": {"name": configmap["metadata"]["name"]}}]
-    assert configmap["data"]["RELAY_DB_POOL_SIZE"] == "2"
+    assert configmap["data"]["RELAY_DB_POOL_SIZE"] == "3"
     files = _file_paths(manifests, pod, relay)
     assert set(files.values()) == {("app-database", "url"), ("stripe-api-key", "api-key")}
     assert pod["securityContext"]["fsGroup"] == 10001  # lets the relay read its 0440 files

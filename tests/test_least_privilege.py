@@ -150,7 +150,8 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
         "amount_applied_minor,provider_reference,error_code,error_message,updated_at,completed_at"
     ),
     ("outbox_relay", "payments", "UPDATE"): (
-        "state,authorized_minor,captured_minor,refunded_minor,provider_reference,updated_at"
+        "state,authorized_minor,captured_minor,refunded_minor,provider_reference,updated_at,"
+        "disputed_minor,dispute_status,dispute_reference"
     ),
     ("outbox_relay", "relay_wakeup", "UPDATE"): "wanted,updated_at",
     ("outbox_relay", "webhook_inbox", "INSERT"): (
@@ -184,6 +185,7 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "promote_next_blocked_v1": {"outbox_relay"},
     # sql/0023: a change a notification reported, posted and raised as the owner
     "post_notified_change_v1": {"outbox_relay"},
+    "post_notified_change_v2": {"outbox_relay"},
     "open_notified_exception_v1": {"outbox_relay"},
     # sql/0027: conversion, for applications in their transaction, the relay and `fx convert`
     "convert_v1": {"outbox_app", "outbox_relay", "outbox_operator"},
@@ -254,6 +256,9 @@ RELAY_STATEMENTS = {
     "inbox_take_intent",
     "inbox_payment_by_reference",
     "inbox_record_refund",
+    "inbox_record_dispute",
+    "inbox_record_capture",
+    "inbox_unresolved_captures",
     "inbox_post_ledger",
     "inbox_open_exception",
     "inbox_event",
@@ -347,6 +352,7 @@ APP_MAY_RUN = {
     "inbox_event",
     "inbox_intent_by_key",
     "inbox_intent_payment",
+    "inbox_unresolved_captures",  # capture intents of a payment, which applications read
     "currency_exponents",  # the currency table, which applications read too
     "action_insert_intent",
     "audit_trail_present",

@@ -106,7 +106,8 @@ _INTENT = {
     "refunded_minor", "payment_reference", "exponent",
 }  # fmt: skip
 READ_BY_NAME = {
-    "claim_intents": _INTENT | {"lease_token", "traceparent"},
+    # sql/0035: the payment's dispute, for the state machine (a refund under a dispute).
+    "claim_intents": _INTENT | {"lease_token", "traceparent", "disputed_minor", "dispute_status"},
     "complete_intents": {"id", "lease_token"},
     "lock_orphaned_blocked_payments": {"payment_id"},
     "promote_orphaned_blocked": {"id", "payment_id", "provider"},

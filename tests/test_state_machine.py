@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -177,3 +179,19 @@ def test_sequences_keep_money_invariants(sequence: list[tuple[Action, int | None
         if payment.state in (S.VOIDED, S.REFUNDED):
             for later in Action:
                 assert isinstance(decide(later, None, payment), Rejection)
+
+
+def test_an_open_dispute_refuses_a_refund_and_a_lost_one_is_not_refundable() -> None:
+    captured = PaymentSnapshot(
+        state=PaymentState.CAPTURED, currency="EUR", authorized_minor=3000, captured_minor=3000
+    )
+    open_dispute = replace(captured, disputed_minor=1200, dispute_status="open")
+    refused = decide(Action.REFUND, 100, open_dispute)
+    assert isinstance(refused, Rejection) and refused.error_code == "payment_disputed"
+    lost = replace(captured, disputed_minor=1200, dispute_status="lost")
+    assert decide(Action.REFUND, None, lost) == Dispatch(1800)
+    too_much = decide(Action.REFUND, 1801, lost)
+    assert isinstance(too_much, Rejection) and too_much.error_code == "refund_exceeds_captured"
+    assert "lost to a dispute 1200" in too_much.message
+    won = replace(captured, disputed_minor=0, dispute_status="won")
+    assert decide(Action.REFUND, None, won) == Dispatch(3000)

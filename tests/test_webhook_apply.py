@@ -218,29 +218,54 @@ async def test_dashboard_refund_and_dispute_are_recorded(
             await fake.control.post(
                 "/_fake/dashboard/refund", json={"payment_intent": reference, "amount": 1500}
             )
-            await fake.control.post(
+            opened = await fake.control.post(
                 "/_fake/dashboard/dispute",
                 json={"payment_intent": reference, "amount": 3500, "reason": "fraudulent"},
             )
+            await settled_inbox(fake, db_url)
+            # The dispute's funds left the receivable: payment and ledger say so.
+            (state,) = rows(
+                db_url,
+                "SELECT disputed_minor, dispute_status FROM outbox.payments"
+                " WHERE payment_id = 'pay-d'",
+            )
+            assert state == {"disputed_minor": 3500, "dispute_status": "open"}
+            assert_ledger_clean(db_url)
+            closed = await fake.control.post(
+                "/_fake/dashboard/dispute/close",
+                json={"dispute": opened.json()["id"], "status": "lost"},
+            )
+            assert closed.status_code == 200, closed.text
             await settled_inbox(fake, db_url)
             tg.cancel_scope.cancel()
 
     (state,) = rows(
         db_url,
-        "SELECT state, captured_minor, refunded_minor FROM outbox.payments"
-        " WHERE payment_id = 'pay-d'",
+        "SELECT state, captured_minor, refunded_minor, disputed_minor, dispute_status"
+        " FROM outbox.payments WHERE payment_id = 'pay-d'",
     )
-    assert state == {"state": "partially_refunded", "captured_minor": 5000, "refunded_minor": 1500}
+    assert state == {
+        "state": "partially_refunded",
+        "captured_minor": 5000,
+        "refunded_minor": 1500,
+        "disputed_minor": 3500,
+        "dispute_status": "lost",
+    }
     lines = rows(
         db_url,
-        "SELECT e.account, e.amount_minor FROM outbox.ledger_entries AS e"
+        "SELECT t.kind, e.account, e.amount_minor FROM outbox.ledger_entries AS e"
         " JOIN outbox.ledger_transactions AS t ON t.id = e.transaction_id"
         " WHERE t.inbox_id IS NOT NULL ORDER BY e.id",
     )
     assert lines == [
-        {"account": "stripe:refunded", "amount_minor": 1500},
-        {"account": "stripe:receivable", "amount_minor": -1500},
+        {"kind": "refund", "account": "stripe:refunded", "amount_minor": 1500},
+        {"kind": "refund", "account": "stripe:receivable", "amount_minor": -1500},
+        # lost: the withdrawal stays, final
+        {"kind": "dispute", "account": "stripe:disputed", "amount_minor": 3500},
+        {"kind": "dispute", "account": "stripe:receivable", "amount_minor": -3500},
     ]
+    (lost,) = [r for r in inbox_rows(db_url) if r["event_type"] == "charge.dispute.closed"]
+    assert "lost" in lost["result"] and "final" in lost["result"]
     types = [
         e["event_type"]
         for e in rows(
@@ -251,6 +276,7 @@ async def test_dashboard_refund_and_dispute_are_recorded(
         "payment.charge.succeeded",
         "payment.refund.external",
         "payment.dispute.opened",
+        "payment.dispute.lost",
     ]
     (exception,) = rows(
         db_url,
@@ -537,4 +563,265 @@ async def test_a_refund_left_ambiguous_is_settled_by_charge_refunded(
     assert f"settled intent {refund['id']}" in row["result"]
     assert rows(db_url, "SELECT 1 FROM outbox.ledger_transactions WHERE inbox_id IS NOT NULL") == []
     assert rows(db_url, "SELECT 1 FROM outbox.reconciliation_exceptions") == []
+    assert_ledger_clean(db_url)
+
+
+def dispute_event(
+    event_id: str, event_type: str, reference: str, dispute: str, status: str, amount: int
+) -> dict[str, Any]:
+    """A Stripe event carrying a Dispute (stripe-python's fields: amount, currency, status,
+    charge, payment_intent, reason)."""
+    return {
+        "id": event_id,
+        "object": "event",
+        "type": event_type,
+        "created": int(time.time()),
+        "data": {
+            "object": {
+                "id": dispute,
+                "object": "dispute",
+                "amount": amount,
+                "currency": "eur",
+                "status": status,
+                "charge": "ch_" + dispute,
+                "payment_intent": reference,
+                "reason": "fraudulent",
+            }
+        },
+    }
+
+
+async def test_disputes_won_and_lost_out_of_order_and_repeated_change_things_once(
+    db_url: str, database: Database, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    insert_intents(
+        db_url,
+        [
+            {
+                "payment_id": payment_id,
+                "action": "charge",
+                "amount_minor": 3000,
+                "payment_method": "pm_card_visa",
+            }
+            for payment_id in ("pay-won", "pay-lost")
+        ],
+    )
+    async with running(make_relay(db_url, adapter, instance="dispute-order-relay")):
+        await wait_until(
+            lambda: (
+                len(rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'captured'")) == 2
+            ),
+            "both charges written",
+        )
+    refs = {
+        r["payment_id"]: r["provider_reference"]
+        for r in rows(db_url, "SELECT payment_id, provider_reference FROM outbox.payments")
+    }
+    won, lost = refs["pay-won"], refs["pay-lost"]
+    created, closed = "charge.dispute.created", "charge.dispute.closed"
+    # One notification at a time, in this order: the outcome overtakes the opening for
+    # pay-won; every dispute is reported again under another event id.
+    sequence = [
+        dispute_event("evt_w_closed", closed, won, "dp_w", "won", 1200),
+        dispute_event("evt_w_created", created, won, "dp_w", "needs_response", 1200),
+        dispute_event("evt_w_closed_again", closed, won, "dp_w", "won", 1200),
+        dispute_event("evt_l_created", created, lost, "dp_l", "needs_response", 3000),
+        dispute_event("evt_l_created_again", created, lost, "dp_l", "under_review", 3000),
+        dispute_event("evt_l_closed", closed, lost, "dp_l", "lost", 3000),
+        dispute_event("evt_l_closed_again", closed, lost, "dp_l", "lost", 3000),
+    ]
+    inbox = applier(database)
+    async with running_receiver(db_url) as receiver:
+        for body in sequence:
+            answer = await anyio.to_thread.run_sync(signed_post, receiver.stripe_url, body)
+            assert answer.status_code == 200
+            assert await inbox.run_once() == 1
+    results = {r["event_id"]: r for r in inbox_rows(db_url)}
+    assert {r["status"] for r in results.values()} == {"applied"}
+    for repeated in ("evt_w_created", "evt_w_closed_again", "evt_l_created_again"):
+        assert "nothing changed" in results[repeated]["result"], results[repeated]["result"]
+    assert "nothing changed" in results["evt_l_closed_again"]["result"]
+    assert "recorded the opening of dispute dp_w first" in results["evt_w_closed"]["result"]
+
+    payments = {
+        r["payment_id"]: r
+        for r in rows(
+            db_url,
+            "SELECT payment_id, state, captured_minor, disputed_minor, dispute_status"
+            " FROM outbox.payments",
+        )
+    }
+    assert payments["pay-won"] == {
+        "payment_id": "pay-won",
+        "state": "captured",
+        "captured_minor": 3000,
+        "disputed_minor": 0,
+        "dispute_status": "won",
+    }
+    assert payments["pay-lost"] == {
+        "payment_id": "pay-lost",
+        "state": "captured",
+        "captured_minor": 3000,
+        "disputed_minor": 3000,
+        "dispute_status": "lost",
+    }
+    postings = rows(
+        db_url,
+        "SELECT payment_id, kind, amount_minor FROM outbox.ledger_transactions"
+        " WHERE inbox_id IS NOT NULL ORDER BY id",
+    )
+    assert postings == [
+        {"payment_id": "pay-won", "kind": "dispute", "amount_minor": 1200},
+        {"payment_id": "pay-won", "kind": "dispute_reversal", "amount_minor": 1200},
+        {"payment_id": "pay-lost", "kind": "dispute", "amount_minor": 3000},
+    ]
+    balances = {
+        r["account"]: r["balance"]
+        for r in rows(
+            db_url,
+            "SELECT account, sum(amount_minor)::bigint AS balance FROM outbox.ledger_entries"
+            " WHERE account IN ('stripe:disputed', 'stripe:receivable') GROUP BY account",
+        )
+    }
+    # 6000 captured; 3000 lost to the card holder; the won dispute's 1200 came back.
+    assert balances == {"stripe:disputed": 3000, "stripe:receivable": 3000}
+    events = [
+        (r["payment_id"], r["event_type"])
+        for r in rows(
+            db_url,
+            "SELECT payment_id, event_type FROM outbox.events"
+            " WHERE event_type LIKE 'payment.dispute.%%' ORDER BY id",
+        )
+    ]
+    assert events == [
+        ("pay-won", "payment.dispute.opened"),
+        ("pay-won", "payment.dispute.won"),
+        ("pay-lost", "payment.dispute.opened"),
+        ("pay-lost", "payment.dispute.lost"),
+    ]
+    exceptions = rows(
+        db_url,
+        "SELECT payment_id, kind, match_key FROM outbox.reconciliation_exceptions ORDER BY id",
+    )
+    assert exceptions == [
+        {"payment_id": "pay-won", "kind": "dispute", "match_key": "dispute:dp_w"},
+        {"payment_id": "pay-lost", "kind": "dispute", "match_key": "dispute:dp_l"},
+    ]
+    assert_ledger_clean(db_url)
+
+    # A refund of the lost payment is refused before the provider: its money is gone.
+    insert_intents(db_url, [{"payment_id": "pay-lost", "action": "refund", "amount_minor": 100}])
+    async with running(make_relay(db_url, adapter, instance="dispute-refund-relay")):
+        await wait_until(
+            lambda: rows(
+                db_url,
+                "SELECT 1 FROM outbox.payment_intents WHERE action = 'refund' AND status = 'failed'",
+            ),
+            "the refund refused",
+        )
+    (refund,) = rows(
+        db_url, "SELECT error_code FROM outbox.payment_intents WHERE action = 'refund'"
+    )
+    assert refund == {"error_code": "refund_exceeds_captured"}
+
+
+def charge_captured(event_id: str, reference: str, captured: int) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "object": "event",
+        "type": "charge.captured",
+        "created": int(time.time()),
+        "data": {
+            "object": {
+                "id": "ch_" + reference,
+                "object": "charge",
+                "payment_intent": reference,
+                "currency": "eur",
+                "amount": 4000,
+                "amount_captured": captured,
+                "captured": True,
+            }
+        },
+    }
+
+
+async def test_a_capture_by_another_system_is_recorded_as_an_external_change(
+    db_url: str, database: Database, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    insert_intents(
+        db_url,
+        [
+            {
+                "payment_id": payment_id,
+                "action": "authorize",
+                "amount_minor": 4000,
+                "payment_method": "pm_card_visa",
+            }
+            for payment_id in ("pay-ext", "pay-ours")
+        ],
+    )
+    async with running(make_relay(db_url, adapter, instance="capture-relay")):
+        await wait_until(
+            lambda: (
+                len(rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'authorized'")) == 2
+            ),
+            "both authorisations written",
+        )
+    refs = {
+        r["payment_id"]: r["provider_reference"]
+        for r in rows(db_url, "SELECT payment_id, provider_reference FROM outbox.payments")
+    }
+    # pay-ours has a capture of ours waiting: a capture notification may be its own.
+    insert_intents(db_url, [{"payment_id": "pay-ours", "action": "capture"}])
+    inbox = applier(database)
+    async with running_receiver(db_url) as receiver:
+        for body in (
+            charge_captured("evt_ext", refs["pay-ext"], 2500),
+            charge_captured("evt_ext_again", refs["pay-ext"], 2500),
+            charge_captured("evt_ours", refs["pay-ours"], 4000),
+        ):
+            answer = await anyio.to_thread.run_sync(signed_post, receiver.stripe_url, body)
+            assert answer.status_code == 200
+            assert await inbox.run_once() == 1
+    results = {r["event_id"]: r["result"] for r in inbox_rows(db_url)}
+    assert results["evt_ext"].startswith("recorded a capture of 2500 EUR made outside the relay")
+    assert "older than what the payment knows; nothing changed" in results["evt_ext_again"]
+    assert "our capture intent" in results["evt_ours"] and "nothing changed" in results["evt_ours"]
+    payments = {
+        r["payment_id"]: r
+        for r in rows(db_url, "SELECT payment_id, state, captured_minor FROM outbox.payments")
+    }
+    assert payments["pay-ext"] == {
+        "payment_id": "pay-ext",
+        "state": "captured",
+        "captured_minor": 2500,
+    }
+    assert payments["pay-ours"]["state"] == "authorized"
+    lines = rows(
+        db_url,
+        "SELECT t.kind, e.account, e.amount_minor FROM outbox.ledger_entries AS e"
+        " JOIN outbox.ledger_transactions AS t ON t.id = e.transaction_id"
+        " WHERE t.inbox_id IS NOT NULL ORDER BY e.id",
+    )
+    assert lines == [
+        {"kind": "capture", "account": "stripe:authorizations", "amount_minor": 4000},
+        {"kind": "capture", "account": "stripe:holds", "amount_minor": -4000},
+        {"kind": "capture", "account": "stripe:receivable", "amount_minor": 2500},
+        {"kind": "capture", "account": "stripe:captured", "amount_minor": -2500},
+    ]
+    events = rows(
+        db_url,
+        "SELECT payment_id, payload -> 'change' ->> 'amount_minor' AS amount FROM outbox.events"
+        " WHERE event_type = 'payment.capture.external'",
+    )
+    assert events == [{"payment_id": "pay-ext", "amount": "2500"}]
+    # Our capture then runs against the provider and is written by its own write-back.
+    async with running(make_relay(db_url, adapter, instance="capture-relay-2")):
+        await wait_until(
+            lambda: rows(
+                db_url,
+                "SELECT 1 FROM outbox.payments WHERE payment_id = 'pay-ours' AND state = 'captured'",
+            ),
+            "our capture written",
+        )
     assert_ledger_clean(db_url)

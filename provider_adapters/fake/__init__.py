@@ -128,7 +128,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "Stripe-shaped events for every change (payment_intent.succeeded, charge.refunded, "
         "charge.dispute.created, ...), signed like Stripe, retried with backoff until 2xx. "
         "POST /_fake/dashboard/refund or /_fake/dashboard/dispute with "
-        '{"payment_intent": "pi_...", "amount": N} makes a change outside the API.',
+        '{"payment_intent": "pi_...", "amount": N} makes a change outside the API; '
+        'POST /_fake/dashboard/dispute/close with {"dispute": "dp_...", "status": "won"} '
+        "(or lost) decides a dispute (charge.dispute.closed).",
     )
     hooks.add_argument(
         "--webhook-url", help="deliver events here, e.g. http://127.0.0.1:9110/webhooks/stripe"

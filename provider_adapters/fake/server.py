@@ -229,7 +229,8 @@ def create_app(
     async def dashboard(request: web.Request) -> web.Response:
         """POST /_fake/dashboard/{refund,dispute} {"payment_intent": ..., "amount": ...}:
         a change made outside the API (an operator's dashboard refund, a card holder's
-        dispute), reported only by webhook."""
+        dispute), reported only by webhook; POST /_fake/dashboard/dispute/close
+        {"dispute": "dp_...", "status": "won"|"lost"}: the dispute's outcome."""
         try:
             body = await request.json()
         except ValueError:
@@ -237,11 +238,14 @@ def create_app(
         if not isinstance(body, dict):
             return _json(*stripe_error(400, "invalid_request_error", "body must be an object"))
         params = {k: str(v) for k, v in body.items()}
-        if request.match_info["change"] == "refund":
+        change = request.match_info["change"]
+        if change == "refund":
             return _json(*fake.state.dashboard_refund(params))
+        if change == "dispute/close":
+            return _json(*fake.state.close_dispute(params))
         return _json(*fake.state.open_dispute(params))
 
-    app.router.add_post("/_fake/dashboard/{change:refund|dispute}", dashboard)
+    app.router.add_post("/_fake/dashboard/{change:refund|dispute|dispute/close}", dashboard)
 
     def post(
         handler: Callable[[web.Request], Handler],

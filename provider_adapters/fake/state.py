@@ -465,6 +465,27 @@ class StripeState:
         self._emit("charge.dispute.created", dispute, None)
         return 200, dict(dispute)
 
+    def close_dispute(self, params: dict[str, Any]) -> Reply:
+        """The card network decides a dispute (charge.dispute.closed): ``won`` returns the
+        withdrawn funds to the merchant, ``lost`` keeps them with the card holder."""
+        dispute = self.disputes.get(str(params.get("dispute") or ""))
+        if dispute is None:
+            return stripe_error(400, "invalid_request_error", "dispute must name an open dispute")
+        status = str(params.get("status") or "")
+        if status not in ("won", "lost"):
+            return stripe_error(
+                400, "invalid_request_error", "status must be won or lost", param="status"
+            )
+        if dispute["status"] in ("won", "lost"):
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                f"dispute {dispute['id']} is already {dispute['status']}",
+            )
+        dispute["status"] = status
+        self._emit("charge.dispute.closed", dispute, None)
+        return 200, dict(dispute)
+
     def retrieve_refund(self, re_id: str) -> Reply:
         refund = self.refunds.get(re_id)
         return (200, dict(refund)) if refund else self._missing("refund", re_id)

@@ -130,6 +130,13 @@ def print_intent(found: dict[str, Any]) -> None:
             f"{_money(payment['refunded_minor'], currency, exponent)}"
             + (f", ref {payment['provider_reference']}" if payment["provider_reference"] else "")
         )
+        if payment.get("dispute_status"):
+            # sql/0035: what the provider withdrew for a dispute and has not returned.
+            print(
+                f"  dispute {payment['dispute_reference']}: {payment['dispute_status']}, "
+                f"{_money(payment['disputed_minor'], currency, exponent)} withheld"
+                + (" (final)" if payment["dispute_status"] == "lost" else "")
+            )
     siblings = found["payment_intents"]
     print(f"\nintents of the payment, in order ({len(siblings)}):")
     print(

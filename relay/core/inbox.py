@@ -21,8 +21,14 @@ What applying means (Stripe's facts, :mod:`provider_adapters.stripe_webhooks`):
   state, ledger posting, ``payment.refund.external`` event; when the payment's state
   cannot take it, a reconciliation exception instead. Totals at or below what the payment
   knows are an older or repeated notification: nothing changes, and the row says why.
-* :class:`DisputeOpened`: a ``dispute`` exception for an operator and a
-  ``payment.dispute.opened`` event.
+* :class:`DisputeOpened`: the provider withdrew the disputed amount: the payment's
+  ``disputed_minor`` and ``dispute_status`` (open), a ``dispute`` ledger posting
+  (receivable to disputed, sql/0035), a ``dispute`` exception for an operator and a
+  ``payment.dispute.opened`` event. An inquiry withdraws nothing: exception and event only.
+* :class:`DisputeClosed`: won returns the funds (``dispute_reversal`` posting,
+  ``payment.dispute.won``); lost leaves the posting as final (``payment.dispute.lost``).
+  One dispute per payment: a duplicate or older notification changes nothing, and an
+  outcome that overtakes its opening records the opening first.
 * Near-real-time reconciliation: after a notification carrying totals is applied, the
   provider's captured and refunded totals are compared with the payment's ledger in the
   same transaction; a difference opens an ``amount_mismatch`` exception at once (unless
@@ -45,7 +51,9 @@ from psycopg.rows import TupleRow, dict_row
 from psycopg.types.json import Jsonb
 
 from provider_adapters.base import (
+    CaptureReported,
     Declined,
+    DisputeClosed,
     DisputeOpened,
     NotificationReader,
     PaymentSettled,
@@ -87,7 +95,8 @@ class InboxOptions:
     retry_cap_seconds: float = 300.0
     # Notifications applied at once, each in its own transaction on its own connection
     # (two of one payment queue on the payment's lock). The relay's pool is shared with
-    # claims and write-backs: keep this below RELAY_DB_POOL_SIZE.
+    # claims and write-backs: Settings.effective_webhooks_apply_concurrency() sizes it so
+    # the claim loop and the writers keep their connections.
     concurrency: int = 2
 
 
@@ -147,6 +156,18 @@ class InboxApplier:
         self.actor = f"relay:{options.instance}"
         self.store = Store(db, actor=self.actor)
         self._wake = anyio.Event()
+        # Applies in progress, and the instant (anyio clock) the relay's shutdown cuts them
+        # off: set by cut_off(), which Relay.stop() calls with its in-flight cut-off.
+        self._applying: set[anyio.CancelScope] = set()
+        self._cut_off_at: float | None = None
+
+    def cut_off(self, at: float) -> None:
+        """The shutdown's in-flight cut-off (anyio clock): an apply still running then is
+        cancelled. Its transaction rolls back whole (nothing is half-applied) and its row,
+        still claimed, is applied by a relay that claims it after the lease."""
+        self._cut_off_at = at if self._cut_off_at is None else min(self._cut_off_at, at)
+        for scope in self._applying:
+            scope.deadline = min(scope.deadline, at)
 
     def wake(self) -> None:
         """A notification arrived (LISTEN): claim now instead of at the next poll."""
@@ -177,11 +198,29 @@ class InboxApplier:
                 if self.stopping():
                     return  # claimed, not started: its lease ends and another relay applies it
                 # A stop waits for an apply in progress (one short transaction), but not
-                # past the lease: by then the row is claimable again, and a transaction cut
-                # short rolls back whole.
-                with anyio.CancelScope(shield=True) as scope:
-                    scope.deadline = anyio.current_time() + self.options.lease_seconds
-                    await self._apply_one(row)
+                # past the shutdown's in-flight cut-off (cut_off()) nor past the lease (by
+                # then the row is claimable again); a transaction cut short rolls back whole.
+                started = anyio.current_time()
+                deadline = started + self.options.lease_seconds
+                if self._cut_off_at is not None:
+                    deadline = min(deadline, self._cut_off_at)
+                with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+                    self._applying.add(scope)
+                    try:
+                        await self._apply_one(row)
+                    finally:
+                        self._applying.discard(scope)
+                if scope.cancelled_caught:
+                    reason = "shutdown" if self.stopping() else "lease"
+                    log.warning(
+                        "inbox_apply_cut_off",
+                        inbox_id=row.id,
+                        event_id=row.event_id,
+                        reason=reason,
+                        after_seconds=round(anyio.current_time() - started, 3),
+                        remedy="rolled back; applied after the lease by the relay that "
+                        "claims it next",
+                    )
 
         async with anyio.create_task_group() as tg:
             for row in claimed:
@@ -271,8 +310,12 @@ class InboxApplier:
                     done = await self._settle(conn, row, reader, fact, reason)
                 elif isinstance(fact, RefundsReported):
                     done = await self._refunds(conn, row, reader, fact)
+                elif isinstance(fact, CaptureReported):
+                    done = await self._capture(conn, row, reader, fact)
+                elif isinstance(fact, DisputeOpened):
+                    done = await self._dispute_opened(conn, row, reader, fact)
                 else:
-                    done = await self._dispute(conn, row, reader, fact)
+                    done = await self._dispute_closed(conn, row, reader, fact)
                 await fetch(
                     conn,
                     "inbox_finish",
@@ -593,9 +636,126 @@ class InboxApplier:
                 total += reader.minor_units(refund.amount, currency, exponent)
         return total
 
-    # -- disputes -----------------------------------------------------------------------
+    # -- captures -----------------------------------------------------------------------
 
-    async def _dispute(
+    async def _capture(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        reader: NotificationReader,
+        fact: CaptureReported,
+    ) -> Applied:
+        """A capture we did not send (another system captured a charge we only
+        authorised) is recorded like a dashboard refund: payment, ledger posting naming
+        the notification, ``payment.capture.external``. Ours (a capture intent of the
+        payment not written yet) is left to its write-back or the janitor's lookup."""
+        payment = await self._payment(conn, row.provider, fact.payment_reference)
+        if payment is None:
+            return Applied(
+                "applied", f"no payment of ours is {fact.payment_reference}; nothing changed"
+            )
+        payment_id = str(payment["payment_id"])
+        currency = str(payment["currency"])
+        if fact.currency != currency:
+            exception = await self._exception(
+                conn,
+                row,
+                "currency_mismatch",
+                f"webhook:{fact.payment_reference}:currency",
+                payment,
+                None,
+                None,
+                f"the provider reports a capture in {fact.currency}, the payment is in {currency}",
+            )
+            return Applied("applied", f"currency differs; exception {exception}", payment_id)
+        captured = reader.minor_units(fact.captured_total, currency, payment["exponent"])
+        known = int(payment["captured_minor"])
+        if captured <= known:
+            return Applied(
+                "applied",
+                f"the provider shows {captured} captured, the payment {known}: older than what "
+                "the payment knows; nothing changed",
+                payment_id,
+            )
+        ours = await fetch(
+            conn, "inbox_unresolved_captures", {"payment_id": payment_id}, row=dict_row
+        )
+        for intent in ours:
+            if intent["status"] == "in_flight":
+                raise _Retry(
+                    f"our capture intent {intent['id']} is in flight; looked at again shortly",
+                    1.0,
+                    payment_id,
+                )
+        if ours:
+            return Applied(
+                "applied",
+                f"our capture intent {ours[0]['id']} is {ours[0]['status']}: its write-back or "
+                "the janitor's lookup records this capture; nothing changed",
+                payment_id,
+            )
+        authorized = int(payment["authorized_minor"])
+        if payment["state"] != "authorized" or captured > authorized:
+            exception = await self._exception(
+                conn,
+                row,
+                "external_change",
+                f"webhook:{fact.payment_reference}:capture",
+                payment,
+                known,
+                captured,
+                f"the provider shows {captured} {currency} captured, which the payment "
+                f"({payment['state']}, {authorized} authorized) cannot take: a change made "
+                "outside the relay",
+            )
+            return Applied(
+                "applied",
+                f"a capture of {captured} made outside the relay contradicts the payment "
+                f"({payment['state']}); exception {exception} opened",
+                payment_id,
+            )
+        (updated,) = await fetch(
+            conn,
+            "inbox_record_capture",
+            {"payment_id": payment_id, "captured_minor": captured},
+            row=dict_row,
+        )
+        await conn.execute(
+            QUERIES["inbox_post_ledger"],
+            {
+                "inbox_id": row.id,
+                "payment_id": payment_id,
+                "kind": "capture",
+                "amount_minor": captured,
+                "reference": fact.charge_id,
+            },
+        )
+        await self._event(
+            conn,
+            row,
+            payment_id,
+            "payment.capture.external",
+            updated,
+            currency,
+            {"amount_minor": captured, "charge": fact.charge_id},
+        )
+        return Applied(
+            "applied",
+            f"recorded a capture of {captured} {currency} made outside the relay "
+            f"({authorized} authorized; the hold is released)",
+            payment_id,
+        )
+
+    # -- disputes -----------------------------------------------------------------------
+    #
+    # One dispute per payment (a charge is disputed once). Its funds leave the receivable
+    # when it opens (ledger kind `dispute`, sql/0035) and come back when it is won
+    # (`dispute_reversal`); a lost dispute's posting stays, final. The payment's
+    # dispute_reference and dispute_status say what is already recorded, so a duplicate
+    # or an older notification changes nothing, and a `closed` that overtakes its
+    # `created` records the opening first (the late `created` then changes nothing).
+
+    async def _dispute_opened(
         self,
         conn: AsyncConnection[TupleRow],
         row: _Claimed,
@@ -608,9 +768,269 @@ class InboxApplier:
                 "applied", f"no payment of ours is {fact.payment_reference}; nothing changed"
             )
         payment_id = str(payment["payment_id"])
-        currency = str(payment["currency"])
+        known = payment["dispute_reference"]
+        if known == fact.dispute_id:
+            return Applied(
+                "applied",
+                f"dispute {fact.dispute_id} is already recorded ({payment['dispute_status']}): "
+                "older than what the payment knows; nothing changed",
+                payment_id,
+            )
+        refused = await self._dispute_refused(conn, row, reader, payment, fact)
+        if refused is not None:
+            return refused
         amount = reader.minor_units(fact.amount, fact.currency, payment["exponent"])
-        exception = await self._exception(
+        if fact.inquiry:
+            # An inquiry withdraws nothing: the operator answers it, the money stays.
+            exception = await self._dispute_exception(conn, row, payment, fact, amount)
+            await self._event(
+                conn,
+                row,
+                payment_id,
+                "payment.dispute.opened",
+                payment,
+                str(payment["currency"]),
+                {
+                    "dispute": fact.dispute_id,
+                    "amount_minor": amount,
+                    "reason": fact.reason,
+                    "inquiry": True,
+                    "exception_id": exception,
+                },
+            )
+            return Applied(
+                "applied",
+                f"inquiry {fact.dispute_id} of {amount}: no funds withdrawn; exception {exception}",
+                payment_id,
+            )
+        _, exception = await self._withdraw(conn, row, payment, fact, amount)
+        return Applied(
+            "applied",
+            f"dispute {fact.dispute_id}: the provider withdrew {amount} {payment['currency']} "
+            f"(ledger: disputed); exception {exception}",
+            payment_id,
+        )
+
+    async def _dispute_closed(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        reader: NotificationReader,
+        fact: DisputeClosed,
+    ) -> Applied:
+        payment = await self._payment(conn, row.provider, fact.payment_reference)
+        if payment is None:
+            return Applied(
+                "applied", f"no payment of ours is {fact.payment_reference}; nothing changed"
+            )
+        payment_id = str(payment["payment_id"])
+        currency = str(payment["currency"])
+        if fact.outcome == "inquiry":
+            return Applied(
+                "applied",
+                f"inquiry {fact.dispute_id} closed; no funds moved; nothing changed",
+                payment_id,
+            )
+        if payment["dispute_reference"] == fact.dispute_id and payment["dispute_status"] in (
+            "won",
+            "lost",
+        ):
+            return Applied(
+                "applied",
+                f"dispute {fact.dispute_id} is already {payment['dispute_status']}: "
+                "older than what the payment knows; nothing changed",
+                payment_id,
+            )
+        notes = ""
+        if payment["dispute_reference"] != fact.dispute_id:
+            refused = await self._dispute_refused(conn, row, reader, payment, fact)
+            if refused is not None:
+                return refused
+            # The outcome overtook the opening (or the opening was never delivered):
+            # record the withdrawal first, as the opening would have.
+            amount = reader.minor_units(fact.amount, fact.currency, payment["exponent"])
+            payment, _ = await self._withdraw(conn, row, payment, fact, amount)
+            notes = f"recorded the opening of dispute {fact.dispute_id} first ({amount}); "
+        withdrawn = int(payment["disputed_minor"])
+        if fact.outcome == "won":
+            if withdrawn:
+                await conn.execute(
+                    QUERIES["inbox_post_ledger"],
+                    {
+                        "inbox_id": row.id,
+                        "payment_id": payment_id,
+                        "kind": "dispute_reversal",
+                        "amount_minor": withdrawn,
+                        "reference": fact.dispute_id,
+                    },
+                )
+            (updated,) = await fetch(
+                conn,
+                "inbox_record_dispute",
+                {
+                    "payment_id": payment_id,
+                    "disputed_minor": 0,
+                    "dispute_status": "won",
+                    "dispute_reference": fact.dispute_id,
+                },
+                row=dict_row,
+            )
+            await self._event(
+                conn,
+                row,
+                payment_id,
+                "payment.dispute.won",
+                updated,
+                currency,
+                {"dispute": fact.dispute_id, "amount_minor": withdrawn, "returned": True},
+            )
+            return Applied(
+                "applied",
+                notes + f"dispute {fact.dispute_id} won: {withdrawn} {currency} returned "
+                "(ledger: dispute_reversal)",
+                payment_id,
+            )
+        (updated,) = await fetch(
+            conn,
+            "inbox_record_dispute",
+            {
+                "payment_id": payment_id,
+                "disputed_minor": withdrawn,
+                "dispute_status": "lost",
+                "dispute_reference": fact.dispute_id,
+            },
+            row=dict_row,
+        )
+        await self._event(
+            conn,
+            row,
+            payment_id,
+            "payment.dispute.lost",
+            updated,
+            currency,
+            {"dispute": fact.dispute_id, "amount_minor": withdrawn, "returned": False},
+        )
+        return Applied(
+            "applied",
+            notes + f"dispute {fact.dispute_id} lost: the withdrawal of {withdrawn} {currency} "
+            "is final (its ledger posting stays in disputed)",
+            payment_id,
+        )
+
+    async def _dispute_refused(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        reader: NotificationReader,
+        payment: Mapping[str, Any],
+        fact: DisputeOpened | DisputeClosed,
+    ) -> Applied | None:
+        """An exception instead of money when the payment cannot take the dispute: another
+        currency, a second dispute, or more than the payment holds."""
+        payment_id = str(payment["payment_id"])
+        currency = str(payment["currency"])
+        if fact.currency != currency:
+            exception = await self._exception(
+                conn,
+                row,
+                "currency_mismatch",
+                f"dispute:{fact.dispute_id}:currency",
+                payment,
+                None,
+                None,
+                f"dispute {fact.dispute_id} is in {fact.currency}, the payment in {currency}",
+            )
+            return Applied("applied", f"currency differs; exception {exception}", payment_id)
+        amount = reader.minor_units(fact.amount, fact.currency, payment["exponent"])
+        holds = (
+            int(payment["captured_minor"])
+            - int(payment["refunded_minor"])
+            - int(payment["disputed_minor"])
+        )
+        other = payment["dispute_reference"]
+        if other is not None or amount > holds:
+            why = (
+                f"the payment already has dispute {other} ({payment['dispute_status']})"
+                if other is not None
+                else f"the payment holds {holds} {currency} (captured {payment['captured_minor']}, "
+                f"refunded {payment['refunded_minor']})"
+            )
+            exception = await self._exception(
+                conn,
+                row,
+                "external_change",
+                f"dispute:{fact.dispute_id}:refused",
+                payment,
+                holds,
+                amount,
+                f"dispute {fact.dispute_id} of {amount} {currency} cannot be recorded: {why}",
+            )
+            return Applied(
+                "applied",
+                f"dispute {fact.dispute_id} not recorded ({why}); exception {exception}",
+                payment_id,
+            )
+        return None
+
+    async def _withdraw(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        payment: Mapping[str, Any],
+        fact: DisputeOpened | DisputeClosed,
+        amount: int,
+    ) -> tuple[dict[str, Any], int]:
+        """The opening of a dispute: the provider withdrew ``amount``. Payment, ledger
+        posting, exception and ``payment.dispute.opened``; the payment as updated."""
+        payment_id = str(payment["payment_id"])
+        if amount > 0:
+            await conn.execute(
+                QUERIES["inbox_post_ledger"],
+                {
+                    "inbox_id": row.id,
+                    "payment_id": payment_id,
+                    "kind": "dispute",
+                    "amount_minor": amount,
+                    "reference": fact.dispute_id,
+                },
+            )
+        (updated,) = await fetch(
+            conn,
+            "inbox_record_dispute",
+            {
+                "payment_id": payment_id,
+                "disputed_minor": int(payment["disputed_minor"]) + amount,
+                "dispute_status": "open",
+                "dispute_reference": fact.dispute_id,
+            },
+            row=dict_row,
+        )
+        exception = await self._dispute_exception(conn, row, payment, fact, amount)
+        await self._event(
+            conn,
+            row,
+            payment_id,
+            "payment.dispute.opened",
+            updated,
+            str(payment["currency"]),
+            {
+                "dispute": fact.dispute_id,
+                "amount_minor": amount,
+                "reason": fact.reason,
+                "exception_id": exception,
+            },
+        )
+        return {**payment, **updated}, exception
+
+    async def _dispute_exception(
+        self,
+        conn: AsyncConnection[TupleRow],
+        row: _Claimed,
+        payment: Mapping[str, Any],
+        fact: DisputeOpened | DisputeClosed,
+        amount: int,
+    ) -> int:
+        return await self._exception(
             conn,
             row,
             "dispute",
@@ -620,23 +1040,6 @@ class InboxApplier:
             amount,
             f"the customer disputes {amount} {fact.currency} of {fact.payment_reference} "
             f"({fact.reason}); answer it at the provider before its deadline",
-        )
-        await self._event(
-            conn,
-            row,
-            payment_id,
-            "payment.dispute.opened",
-            payment,
-            currency,
-            {
-                "dispute": fact.dispute_id,
-                "amount_minor": amount,
-                "reason": fact.reason,
-                "exception_id": exception,
-            },
-        )
-        return Applied(
-            "applied", f"dispute {fact.dispute_id} of {amount}; exception {exception}", payment_id
         )
 
     # -- shared effects -----------------------------------------------------------------
@@ -728,6 +1131,8 @@ class InboxApplier:
                 "authorized_minor": payment["authorized_minor"],
                 "captured_minor": payment["captured_minor"],
                 "refunded_minor": payment["refunded_minor"],
+                "disputed_minor": payment.get("disputed_minor", 0),
+                "dispute_status": payment.get("dispute_status"),
                 "provider_reference": payment["provider_reference"],
             },
             "change": dict(change),

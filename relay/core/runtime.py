@@ -127,6 +127,9 @@ class Relay:
         # Further NOTIFY channels and whom they wake, listened to on the relay's own LISTEN
         # connection (the inbox applier's): set before run().
         self.also_wake: dict[str, Callable[[], None]] = {}
+        # Other in-flight work that must end at this relay's in-flight cut-off (the inbox
+        # applier's applies): each is told the instant (anyio clock) by stop().
+        self.also_cut_off: list[Callable[[float], None]] = []
 
     # -- control -------------------------------------------------------------------------
 
@@ -144,10 +147,10 @@ class Relay:
         # A turn in progress may finish: a claim that committed must reach its workers, or
         # its intents would sit in flight until their lease expires. Only a turn that hangs
         # (a database that does not answer) is cut short, when in-flight calls are.
-        self._turn_scope.deadline = min(
-            self._turn_scope.deadline,
-            self._deadline() - flush_reserve_seconds(self.options.shutdown_grace_seconds),
-        )
+        cut_off_at = self._deadline() - flush_reserve_seconds(self.options.shutdown_grace_seconds)
+        self._turn_scope.deadline = min(self._turn_scope.deadline, cut_off_at)
+        for cut_off in self.also_cut_off:
+            cut_off(cut_off_at)
         self.wake()
 
     @property

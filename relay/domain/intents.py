@@ -36,6 +36,8 @@ def payment_from_columns(
     captured_minor: int,
     refunded_minor: int,
     payment_reference: str | None,
+    disputed_minor: int = 0,
+    dispute_status: str | None = None,
 ) -> PaymentSnapshot:
     """The payment's snapshot from a row's payment columns, named as in queries.sql."""
     return PaymentSnapshot(
@@ -45,6 +47,8 @@ def payment_from_columns(
         captured_minor=captured_minor,
         refunded_minor=refunded_minor,
         provider_reference=payment_reference,
+        disputed_minor=disputed_minor,
+        dispute_status=dispute_status,
     )
 
 
@@ -93,6 +97,8 @@ class IntentRow:
         lease_token: int | None = None,
         traceparent: str | None = None,
         exponent: int | None = None,
+        disputed_minor: int = 0,
+        dispute_status: str | None = None,
     ) -> IntentRow:
         """The intent of one row, each parameter the column of its name in queries.sql
         (``relay.infra.rows.columns_row(IntentRow.from_columns)``, or ``**`` a dict row)."""
@@ -115,6 +121,8 @@ class IntentRow:
                 captured_minor,
                 refunded_minor,
                 payment_reference,
+                disputed_minor,
+                dispute_status,
             ),
             exponent=exponent,
         )

@@ -16,6 +16,12 @@ Payment states and who moves a payment out of them:
 ``voided``                terminal
 ``failed``                a new authorize or charge (e.g. another card) may retry
 ========================  ==========================================================
+
+A dispute (chargeback, reported by the provider's notifications) is not a state of its
+own but amounts beside it: ``disputed_minor`` is what the provider withdrew and has not
+returned, ``dispute_status`` is ``open``, ``won`` or ``lost``. While a dispute is open a
+refund is refused (``payment_disputed``: the provider refuses it too, and the dispute's
+outcome decides the money); a lost dispute's amount is gone, so it is never refundable.
 """
 
 from __future__ import annotations
@@ -54,10 +60,12 @@ class PaymentSnapshot:
     captured_minor: int = 0
     refunded_minor: int = 0
     provider_reference: str | None = None
+    disputed_minor: int = 0
+    dispute_status: str | None = None
 
     @property
     def refundable_minor(self) -> int:
-        return self.captured_minor - self.refunded_minor
+        return self.captured_minor - self.refunded_minor - self.disputed_minor
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,13 +142,26 @@ def decide(
         case Action.REFUND:
             if payment.state not in _REFUNDABLE:
                 return _wrong_state(action, payment, "it needs a captured payment")
+            if payment.dispute_status == "open":
+                return Rejection(
+                    "payment_disputed",
+                    f"cannot refund a payment under an open dispute "
+                    f"({payment.disputed_minor} withdrawn by the provider); "
+                    "answer the dispute at the provider and refund after it closes",
+                )
             remaining = payment.refundable_minor
             amount = remaining if amount_minor is None else amount_minor
             if amount > remaining:
                 return Rejection(
                     "refund_exceeds_captured",
                     f"refund of {amount} exceeds the {remaining} still refundable "
-                    f"(captured {payment.captured_minor}, refunded {payment.refunded_minor})",
+                    f"(captured {payment.captured_minor}, refunded {payment.refunded_minor}"
+                    + (
+                        f", lost to a dispute {payment.disputed_minor}"
+                        if payment.disputed_minor
+                        else ""
+                    )
+                    + ")",
                 )
             return Dispatch(amount)
     raise AssertionError(f"unhandled action {action!r}")  # pragma: no cover

@@ -9,8 +9,9 @@ amount an integer in minor units:
 2. every succeeded intent (hot or archived) has exactly one ledger transaction of its
    action, and no other intent has one;
 3. every payment's amounts equal its ledger: authorised = the authorize/charge postings,
-   the open hold = the ``holds`` balance, captured, refunded and the receivable
-   (captured - refunded) = their account balances;
+   the open hold = the ``holds`` balance, captured, refunded, disputed (withdrawn by a
+   dispute and not returned, sql/0035) and the receivable (captured - refunded -
+   disputed) = their account balances;
 4. every posting of the FX difference journal (outbox.fx_postings, sql/0029) balances in
    its currency, and a refund's posting names a succeeded refund.
 
@@ -34,7 +35,7 @@ from relay.infra.queries import QUERIES
 __all__ = ["AccountBalance", "LedgerReport", "Problem", "check_ledger"]
 
 # The accounts each provider has in every currency, in the order a reader meets them.
-ACCOUNTS = ("holds", "authorizations", "receivable", "captured", "refunded")
+ACCOUNTS = ("holds", "authorizations", "receivable", "captured", "refunded", "disputed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +114,16 @@ def _totals(
     by_key = {(str(r["provider"]), str(r["currency"])): r for r in payment_sums}
     for key in sorted(set(by_key) | set(ledger) | set(authorized_posted)):
         row = by_key.get(key)
-        authorized, captured, refunded, open_holds = (
+        authorized, captured, refunded, disputed, open_holds = (
             (
                 int(row["authorized"]),
                 int(row["captured"]),
                 int(row["refunded"]),
+                int(row["disputed"]),
                 int(row["open_holds"]),
             )
             if row
-            else (0, 0, 0, 0)
+            else (0, 0, 0, 0, 0)
         )
         books = ledger.get(key, {})
         totals[key] = {
@@ -129,7 +131,8 @@ def _totals(
             "open_holds": (open_holds, books.get("holds", 0)),
             "captured": (captured, -books.get("captured", 0)),
             "refunded": (refunded, books.get("refunded", 0)),
-            "receivable": (captured - refunded, books.get("receivable", 0)),
+            "disputed": (disputed, books.get("disputed", 0)),
+            "receivable": (captured - refunded - disputed, books.get("receivable", 0)),
         }
     return totals
 
@@ -197,6 +200,7 @@ def check_ledger(conninfo: str) -> LedgerReport:
                 "open hold": (row["open_hold"], row["ledger_holds"]),
                 "captured": (row["captured_minor"], row["ledger_captured"]),
                 "refunded": (row["refunded_minor"], row["ledger_refunded"]),
+                "disputed": (row["disputed_minor"], row["ledger_disputed"]),
                 "receivable": (row["receivable"], row["ledger_receivable"]),
             }
             differences = [

@@ -365,6 +365,13 @@ class Settings(BaseSettings):
     webhooks_apply_batch_size: PositiveInt = Field(
         50, le=1_000, description="Notifications claimed per apply round."
     )
+    webhooks_apply_concurrency: PositiveInt = Field(
+        2,
+        le=16,
+        description="Notifications applied at once, each in a transaction on a pool "
+        "connection; at most RELAY_DB_POOL_SIZE - 1 - the write-back writers are used, so "
+        "the claim loop keeps a connection.",
+    )
     webhooks_retention_hours: float = Field(
         744.0,
         ge=72.0,
@@ -402,6 +409,14 @@ class Settings(BaseSettings):
     def effective_completer_writers(self) -> int:
         """Writers the relay runs: claims keep one pool connection for themselves."""
         return max(1, min(self.completer_writers, self.db_pool_size - 1))
+
+    def effective_webhooks_apply_concurrency(self) -> int:
+        """Applies the relay runs at once. An apply holds its connection for its whole
+        transaction, which may wait on a payment's lock; the claim loop keeps one
+        connection and the write-back writers theirs, and the applies get what is left
+        (at least one: the pool-size rule below makes room for it)."""
+        spare = self.db_pool_size - 1 - self.effective_completer_writers()
+        return max(1, min(self.webhooks_apply_concurrency, spare))
 
     @field_validator("events_exchange", "events_example_queue")
     @classmethod
@@ -469,6 +484,14 @@ class Settings(BaseSettings):
 
     def _retry_and_lease_rules(self) -> list[str]:
         broken: list[str] = []
+        if self.webhooks_apply and self.db_pool_size < 3:
+            # One for claims, one for write-backs, one for an apply: fewer, and an apply
+            # waiting on a payment's lock could take the connection the claim loop needs.
+            broken.append(
+                f"RELAY_DB_POOL_SIZE ({self.db_pool_size}) must be at least 3 while "
+                "RELAY_WEBHOOKS_APPLY is on (claims, write-backs and applies each keep a "
+                "connection); raise it, or set RELAY_WEBHOOKS_APPLY=false on this relay"
+            )
         if self.backoff_cap_seconds < self.backoff_base_seconds:
             broken.append("RELAY_BACKOFF_CAP_SECONDS must be >= RELAY_BACKOFF_BASE_SECONDS")
         if self.janitor_backoff_cap_seconds < self.janitor_backoff_base_seconds:

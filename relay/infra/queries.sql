@@ -35,11 +35,12 @@ claimed AS (
               i.payment_method, i.idempotency_key, i.attempts, i.lease_token,
               i.metadata ->> 'traceparent' AS traceparent,
               p.state AS payment_state, p.authorized_minor, p.captured_minor, p.refunded_minor,
-              p.provider_reference AS payment_reference, i.status
+              p.provider_reference AS payment_reference, p.disputed_minor, p.dispute_status,
+              i.status
 )
 SELECT id, payment_id, action, provider, amount_minor, currency, payment_method,
        idempotency_key, attempts, lease_token, traceparent, payment_state, authorized_minor,
-       captured_minor, refunded_minor, payment_reference,
+       captured_minor, refunded_minor, payment_reference, disputed_minor, dispute_status,
        (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = claimed.currency) AS exponent
 FROM claimed
 WHERE status = 'in_flight';
@@ -528,7 +529,8 @@ LIMIT 1;
 -- name: intent_payment
 -- The payment an intent belongs to, with its currency's exponent.
 SELECT p.payment_id, p.provider, p.currency, c.exponent, p.state, p.authorized_minor,
-       p.captured_minor, p.refunded_minor, p.provider_reference, p.created_at, p.updated_at
+       p.captured_minor, p.refunded_minor, p.disputed_minor, p.dispute_status,
+       p.dispute_reference, p.provider_reference, p.created_at, p.updated_at
 FROM outbox.payments AS p
 JOIN outbox.currencies AS c ON c.code = p.currency
 WHERE p.payment_id = %(payment_id)s;
@@ -715,7 +717,7 @@ WHERE (i.status = 'succeeded' AND t.id IS NULL)
 ORDER BY COALESCE(i.id, t.intent_id), t.id;
 
 -- name: ledger_payment_mismatches
--- Payments whose amounts differ from their ledger: authorised, open hold, captured, refunded, receivable.
+-- Payments whose amounts differ from their ledger: authorised, open hold, captured, refunded, disputed, receivable.
 WITH postings AS (
     SELECT payment_id,
            sum(amount_minor) FILTER (WHERE kind IN ('authorize', 'charge'))::bigint AS authorized,
@@ -729,7 +731,8 @@ balances AS (
            sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':holds')::bigint AS holds,
            (-sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':captured'))::bigint AS captured,
            sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':refunded')::bigint AS refunded,
-           sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':receivable')::bigint AS receivable
+           sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':receivable')::bigint AS receivable,
+           sum(e.amount_minor) FILTER (WHERE e.account = t.provider || ':disputed')::bigint AS disputed
     FROM outbox.ledger_transactions AS t
     JOIN outbox.ledger_entries AS e ON e.transaction_id = t.id
     GROUP BY t.payment_id
@@ -741,16 +744,19 @@ compared AS (
            COALESCE(b.holds, 0) AS ledger_holds,
            p.captured_minor, COALESCE(b.captured, 0) AS ledger_captured,
            p.refunded_minor, COALESCE(b.refunded, 0) AS ledger_refunded,
-           p.captured_minor - p.refunded_minor AS receivable, COALESCE(b.receivable, 0) AS ledger_receivable
+           p.disputed_minor, COALESCE(b.disputed, 0) AS ledger_disputed,
+           p.captured_minor - p.refunded_minor - p.disputed_minor AS receivable,
+           COALESCE(b.receivable, 0) AS ledger_receivable
     FROM outbox.payments AS p
     LEFT JOIN postings AS po ON po.payment_id = p.payment_id
     LEFT JOIN balances AS b ON b.payment_id = p.payment_id
 )
 SELECT * FROM compared
 WHERE wrong_currency > 0
-   OR (authorized_minor, open_hold, captured_minor, refunded_minor, receivable)
+   OR (authorized_minor, open_hold, captured_minor, refunded_minor, disputed_minor, receivable)
       IS DISTINCT FROM
-      (ledger_authorized, ledger_holds, ledger_captured, ledger_refunded, ledger_receivable)
+      (ledger_authorized, ledger_holds, ledger_captured, ledger_refunded, ledger_disputed,
+       ledger_receivable)
 ORDER BY payment_id;
 
 -- name: ledger_account_balances
@@ -767,6 +773,7 @@ ORDER BY account, currency;
 -- The payments' amounts summed per provider and currency, beside which the ledger's totals are shown.
 SELECT provider, currency, sum(authorized_minor)::bigint AS authorized,
        sum(captured_minor)::bigint AS captured, sum(refunded_minor)::bigint AS refunded,
+       sum(disputed_minor)::bigint AS disputed,
        sum(CASE WHEN state = 'authorized' THEN authorized_minor ELSE 0 END)::bigint AS open_holds
 FROM outbox.payments
 GROUP BY provider, currency
@@ -1111,7 +1118,7 @@ WHERE provider = %(provider)s::text AND idempotency_key = %(idempotency_key)s::t
 SELECT i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency, i.payment_method,
        i.idempotency_key, i.attempts, i.status, i.completed_at, i.lease_expires_at,
        p.state AS payment_state, p.authorized_minor, p.captured_minor, p.refunded_minor,
-       p.provider_reference AS payment_reference,
+       p.provider_reference AS payment_reference, p.disputed_minor, p.dispute_status,
        (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = i.currency) AS exponent
 FROM outbox.payment_intents AS i
 JOIN outbox.payments AS p ON p.payment_id = i.payment_id
@@ -1132,7 +1139,7 @@ RETURNING i.lease_token, i.status;
 -- name: inbox_payment_by_reference
 -- A payment of this provider by its provider reference (Stripe: the PaymentIntent), locked, with its currency's exponent and unresolved intents.
 SELECT p.payment_id, p.currency, p.state, p.authorized_minor, p.captured_minor, p.refunded_minor,
-       p.provider_reference,
+       p.provider_reference, p.disputed_minor, p.dispute_status, p.dispute_reference,
        (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = p.currency) AS exponent,
        (SELECT count(*) FROM outbox.payment_intents AS i
         WHERE i.payment_id = p.payment_id
@@ -1150,11 +1157,41 @@ SET refunded_minor = %(refunded_minor)s::bigint,
     state = %(state)s::text,
     updated_at = now()
 WHERE payment_id = %(payment_id)s::text
-RETURNING payment_id, state, authorized_minor, captured_minor, refunded_minor, provider_reference;
+RETURNING payment_id, state, authorized_minor, captured_minor, refunded_minor, provider_reference,
+          disputed_minor, dispute_status;
+
+-- name: inbox_record_capture
+-- A capture made outside the relay, as a notification reported it: the payment's captured total and state.
+UPDATE outbox.payments
+SET captured_minor = %(captured_minor)s::bigint,
+    state = 'captured',
+    updated_at = now()
+WHERE payment_id = %(payment_id)s::text
+RETURNING payment_id, state, authorized_minor, captured_minor, refunded_minor, provider_reference,
+          disputed_minor, dispute_status;
+
+-- name: inbox_unresolved_captures
+-- Capture intents of one payment whose outcome is not written yet: a capture notification may be theirs.
+SELECT id, status
+FROM outbox.payment_intents
+WHERE payment_id = %(payment_id)s::text AND action = 'capture'
+  AND status IN ('blocked', 'pending', 'in_flight', 'dead')
+ORDER BY id;
+
+-- name: inbox_record_dispute
+-- A dispute as a notification reported it (sql/0035): the amount withdrawn and not returned, its status and id.
+UPDATE outbox.payments
+SET disputed_minor = %(disputed_minor)s::bigint,
+    dispute_status = %(dispute_status)s::text,
+    dispute_reference = %(dispute_reference)s::text,
+    updated_at = now()
+WHERE payment_id = %(payment_id)s::text
+RETURNING payment_id, state, authorized_minor, captured_minor, refunded_minor, provider_reference,
+          disputed_minor, dispute_status;
 
 -- name: inbox_post_ledger
--- Post a change a notification reported to the ledger (sql/0023: once per notification and kind).
-SELECT outbox.post_notified_change_v1(%(inbox_id)s::bigint, %(payment_id)s::text, %(kind)s::text,
+-- Post a change a notification reported to the ledger: refund, dispute, dispute_reversal (sql/0035; once per notification and kind).
+SELECT outbox.post_notified_change_v2(%(inbox_id)s::bigint, %(payment_id)s::text, %(kind)s::text,
                                       %(amount_minor)s::bigint, %(reference)s::text);
 
 -- name: inbox_open_exception

@@ -158,6 +158,7 @@ def build_inbox_applier(settings: Settings, relay: Relay) -> InboxApplier:
             batch_size=settings.webhooks_apply_batch_size,
             lease_seconds=settings.lease_seconds,
             poll_interval_seconds=settings.poll_max_interval_seconds,
+            concurrency=settings.effective_webhooks_apply_concurrency(),
         ),
         stopping=lambda: relay.stopping,
     )
@@ -226,6 +227,8 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 applier = build_inbox_applier(settings, relay)
                 # Woken through the relay's own LISTEN connection: no connection of its own.
                 relay.also_wake[INBOX_NOTIFY_CHANNEL] = applier.wake
+                # An apply obeys the relay's shutdown deadline like a provider call.
+                relay.also_cut_off.append(applier.cut_off)
                 tg.start_soon(applier.run_forever)
                 tg.start_soon(
                     partial(
@@ -258,6 +261,14 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 providers=sorted(relay.lanes),
                 lease_seconds=settings.lease_seconds,
                 database=describe_conninfo(database_url),
+                # The pool's split (README, RELAY_DB_POOL_SIZE): 1 claims + writers + applies.
+                pool_size=settings.db_pool_size,
+                write_back_writers=settings.effective_completer_writers(),
+                webhook_applies=(
+                    settings.effective_webhooks_apply_concurrency()
+                    if settings.webhooks_apply
+                    else 0
+                ),
             )
             await relay.finished.wait()
             if publisher is not None:
@@ -270,7 +281,7 @@ async def run_relay(settings: Settings, database_url: str) -> int:
         await _close(relay)
     # The process's last line: with the `draining` line's timestamp it shows how long the
     # shutdown took (the README promises at most the grace + 1 s).
-    log.info("relay_exit", exit_code=0)
+    log.info("relay_exit", exit_code=0, draining=relay.stopping)
     return 0
 
 
