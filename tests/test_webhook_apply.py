@@ -266,6 +266,21 @@ async def test_dashboard_refund_and_dispute_are_recorded(
     ]
     (lost,) = [r for r in inbox_rows(db_url) if r["event_type"] == "charge.dispute.closed"]
     assert "lost" in lost["result"] and "final" in lost["result"]
+    # Issue 17: amounts a person reads are in currency units (1500 minor EUR is 15.00 EUR),
+    # never raw minor units that read 100 times too large.
+    (refunded,) = [r for r in inbox_rows(db_url) if r["event_type"] == "charge.refunded"]
+    assert refunded["result"].startswith(
+        "recorded a refund of 15.00 EUR made outside the relay; the payment is "
+        "partially_refunded (15.00 EUR of 50.00 EUR refunded)"
+    ), refunded["result"]
+    assert "1500 EUR" not in refunded["result"]
+    assert "the withdrawal of 35.00 EUR is final" in lost["result"], lost["result"]
+    (dispute,) = rows(
+        db_url,
+        "SELECT detail FROM outbox.reconciliation_exceptions WHERE kind = 'dispute'"
+        " AND payment_id = 'pay-d'",
+    )
+    assert dispute["detail"].startswith(f"the customer disputes 35.00 EUR of {reference} ")
     types = [
         e["event_type"]
         for e in rows(
@@ -784,7 +799,9 @@ async def test_a_capture_by_another_system_is_recorded_as_an_external_change(
             assert answer.status_code == 200
             assert await inbox.run_once() == 1
     results = {r["event_id"]: r["result"] for r in inbox_rows(db_url)}
-    assert results["evt_ext"].startswith("recorded a capture of 2500 EUR made outside the relay")
+    assert results["evt_ext"].startswith(
+        "recorded a capture of 25.00 EUR made outside the relay (40.00 EUR authorized;"
+    ), results["evt_ext"]
     assert "older than what the payment knows; nothing changed" in results["evt_ext_again"]
     assert "our capture intent" in results["evt_ours"] and "nothing changed" in results["evt_ours"]
     payments = {

@@ -63,6 +63,7 @@ from provider_adapters.base import (
 )
 from relay.core.store import Store
 from relay.domain.intents import IntentRow
+from relay.domain.money import format_minor
 from relay.domain.outcome_mapping import from_outcome
 from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
 from relay.domain.state_machine import Rejection, decide
@@ -127,6 +128,19 @@ class _Claimed:
 def refund_state(captured_minor: int, refunded_minor: int) -> str:
     """The payment's state once ``refunded_minor`` of ``captured_minor`` is refunded."""
     return "refunded" if refunded_minor >= captured_minor else "partially_refunded"
+
+
+def _formatter(payment: Mapping[str, Any]) -> Callable[[int], str]:
+    """Amounts of this payment as a person reads them (issue 17: ``1.00 EUR``, never
+    ``100 EUR``), in its currency with its exponent, through :func:`format_minor`."""
+    currency, exponent = str(payment["currency"]), payment["exponent"]
+    return lambda amount_minor: format_minor(amount_minor, currency, exponent)
+
+
+def _exponent_of(intent: IntentRow, currency: str) -> int | None:
+    """The intent's exponent when ``currency`` is the intent's; otherwise unknown here, and
+    :func:`format_minor` names the amount as minor units rather than guess a scale."""
+    return intent.exponent if currency == intent.currency else None
 
 
 class _Retry(Exception):
@@ -432,9 +446,12 @@ class InboxApplier:
         leased = replace(intent, lease_token=int(taken[0]["lease_token"]))
         write_back = from_outcome(leased, decision.amount_minor, outcome, _NO_RETRY, self.rng)
         if isinstance(outcome, Succeeded):
+            shown = format_minor(
+                outcome.amount_minor, outcome.currency, _exponent_of(intent, outcome.currency)
+            )
             evidence = (
                 f"{reason}: the provider shows the {intent.action} applied "
-                f"({outcome.provider_reference}, {outcome.amount_minor} {outcome.currency})"
+                f"({outcome.provider_reference}, {shown})"
             )
         else:
             evidence = f"{reason}: the provider shows a decline ({outcome.code})"
@@ -482,6 +499,7 @@ class InboxApplier:
             assert payment is not None  # locked by this transaction
         exponent = payment["exponent"]
         currency = str(payment["currency"])
+        money = _formatter(payment)
         if fact.currency != currency:
             exception = await self._exception(
                 conn,
@@ -506,8 +524,9 @@ class InboxApplier:
         if external <= 0:
             result = (
                 "".join(f"{note}; " for note in settled)
-                + f"the provider shows {provider_refunded} refunded, the payment {known}"
-                + (f" and {ours_pending} of ours in flight" if ours_pending else "")
+                + f"the provider shows {money(provider_refunded)} refunded, "
+                f"the payment {money(known)}"
+                + (f" and {money(ours_pending)} of ours in flight" if ours_pending else "")
                 + ": older than what the payment knows; nothing changed"
             )
             mismatch = ""
@@ -530,13 +549,14 @@ class InboxApplier:
                 payment,
                 known,
                 provider_refunded,
-                f"the provider shows {provider_refunded} {currency} refunded, which the payment "
-                f"({payment['state']}, {captured} captured, {known} refunded) cannot take: "
+                f"the provider shows {money(provider_refunded)} refunded, which the payment "
+                f"({payment['state']}, {money(captured)} captured, {money(known)} refunded) "
+                "cannot take: "
                 "a change made outside the relay",
             )
             return Applied(
                 "applied",
-                f"a refund of {external} made outside the relay contradicts the payment "
+                f"a refund of {money(external)} made outside the relay contradicts the payment "
                 f"({payment['state']}); exception {exception} opened",
                 payment_id,
             )
@@ -573,8 +593,8 @@ class InboxApplier:
         )
         return Applied(
             "applied",
-            f"recorded a refund of {external} {currency} made outside the relay; the payment "
-            f"is {state} ({refunded} of {captured} refunded)" + mismatch,
+            f"recorded a refund of {money(external)} made outside the relay; the payment "
+            f"is {state} ({money(refunded)} of {money(captured)} refunded)" + mismatch,
             payment_id,
         )
 
@@ -656,6 +676,7 @@ class InboxApplier:
             )
         payment_id = str(payment["payment_id"])
         currency = str(payment["currency"])
+        money = _formatter(payment)
         if fact.currency != currency:
             exception = await self._exception(
                 conn,
@@ -673,8 +694,8 @@ class InboxApplier:
         if captured <= known:
             return Applied(
                 "applied",
-                f"the provider shows {captured} captured, the payment {known}: older than what "
-                "the payment knows; nothing changed",
+                f"the provider shows {money(captured)} captured, the payment {money(known)}: "
+                "older than what the payment knows; nothing changed",
                 payment_id,
             )
         ours = await fetch(
@@ -704,13 +725,13 @@ class InboxApplier:
                 payment,
                 known,
                 captured,
-                f"the provider shows {captured} {currency} captured, which the payment "
-                f"({payment['state']}, {authorized} authorized) cannot take: a change made "
+                f"the provider shows {money(captured)} captured, which the payment "
+                f"({payment['state']}, {money(authorized)} authorized) cannot take: a change made "
                 "outside the relay",
             )
             return Applied(
                 "applied",
-                f"a capture of {captured} made outside the relay contradicts the payment "
+                f"a capture of {money(captured)} made outside the relay contradicts the payment "
                 f"({payment['state']}); exception {exception} opened",
                 payment_id,
             )
@@ -741,8 +762,8 @@ class InboxApplier:
         )
         return Applied(
             "applied",
-            f"recorded a capture of {captured} {currency} made outside the relay "
-            f"({authorized} authorized; the hold is released)",
+            f"recorded a capture of {money(captured)} made outside the relay "
+            f"({money(authorized)} authorized; the hold is released)",
             payment_id,
         )
 
@@ -800,13 +821,14 @@ class InboxApplier:
             )
             return Applied(
                 "applied",
-                f"inquiry {fact.dispute_id} of {amount}: no funds withdrawn; exception {exception}",
+                f"inquiry {fact.dispute_id} of {_formatter(payment)(amount)}: no funds withdrawn; "
+                f"exception {exception}",
                 payment_id,
             )
         _, exception = await self._withdraw(conn, row, payment, fact, amount)
         return Applied(
             "applied",
-            f"dispute {fact.dispute_id}: the provider withdrew {amount} {payment['currency']} "
+            f"dispute {fact.dispute_id}: the provider withdrew {_formatter(payment)(amount)} "
             f"(ledger: disputed); exception {exception}",
             payment_id,
         )
@@ -825,6 +847,7 @@ class InboxApplier:
             )
         payment_id = str(payment["payment_id"])
         currency = str(payment["currency"])
+        money = _formatter(payment)
         if fact.outcome == "inquiry":
             return Applied(
                 "applied",
@@ -850,7 +873,7 @@ class InboxApplier:
             # record the withdrawal first, as the opening would have.
             amount = reader.minor_units(fact.amount, fact.currency, payment["exponent"])
             payment, _ = await self._withdraw(conn, row, payment, fact, amount)
-            notes = f"recorded the opening of dispute {fact.dispute_id} first ({amount}); "
+            notes = f"recorded the opening of dispute {fact.dispute_id} first ({money(amount)}); "
         withdrawn = int(payment["disputed_minor"])
         if fact.outcome == "won":
             if withdrawn:
@@ -886,7 +909,7 @@ class InboxApplier:
             )
             return Applied(
                 "applied",
-                notes + f"dispute {fact.dispute_id} won: {withdrawn} {currency} returned "
+                notes + f"dispute {fact.dispute_id} won: {money(withdrawn)} returned "
                 "(ledger: dispute_reversal)",
                 payment_id,
             )
@@ -912,7 +935,7 @@ class InboxApplier:
         )
         return Applied(
             "applied",
-            notes + f"dispute {fact.dispute_id} lost: the withdrawal of {withdrawn} {currency} "
+            notes + f"dispute {fact.dispute_id} lost: the withdrawal of {money(withdrawn)} "
             "is final (its ledger posting stays in disputed)",
             payment_id,
         )
@@ -942,6 +965,7 @@ class InboxApplier:
             )
             return Applied("applied", f"currency differs; exception {exception}", payment_id)
         amount = reader.minor_units(fact.amount, fact.currency, payment["exponent"])
+        money = _formatter(payment)
         holds = (
             int(payment["captured_minor"])
             - int(payment["refunded_minor"])
@@ -952,8 +976,9 @@ class InboxApplier:
             why = (
                 f"the payment already has dispute {other} ({payment['dispute_status']})"
                 if other is not None
-                else f"the payment holds {holds} {currency} (captured {payment['captured_minor']}, "
-                f"refunded {payment['refunded_minor']})"
+                else f"the payment holds {money(holds)} "
+                f"(captured {money(int(payment['captured_minor']))}, "
+                f"refunded {money(int(payment['refunded_minor']))})"
             )
             exception = await self._exception(
                 conn,
@@ -963,7 +988,7 @@ class InboxApplier:
                 payment,
                 holds,
                 amount,
-                f"dispute {fact.dispute_id} of {amount} {currency} cannot be recorded: {why}",
+                f"dispute {fact.dispute_id} of {money(amount)} cannot be recorded: {why}",
             )
             return Applied(
                 "applied",
@@ -1038,7 +1063,7 @@ class InboxApplier:
             payment,
             int(payment["captured_minor"]) - int(payment["refunded_minor"]),
             amount,
-            f"the customer disputes {amount} {fact.currency} of {fact.payment_reference} "
+            f"the customer disputes {_formatter(payment)(amount)} of {fact.payment_reference} "
             f"({fact.reason}); answer it at the provider before its deadline",
         )
 
@@ -1061,6 +1086,7 @@ class InboxApplier:
             conn, "inbox_ledger_totals", {"payment_id": payment["payment_id"]}, row=dict_row
         )
         ours = (int(ledger["captured"]), int(ledger["refunded"]))
+        money = _formatter(payment)
         theirs = (provider_captured, provider_refunded)
         if ours == theirs:
             return ""
@@ -1072,8 +1098,8 @@ class InboxApplier:
             payment,
             ours[0] - ours[1],
             theirs[0] - theirs[1],
-            f"the provider shows {theirs[0]} captured and {theirs[1]} refunded, the ledger "
-            f"{ours[0]} and {ours[1]}",
+            f"the provider shows {money(theirs[0])} captured and {money(theirs[1])} refunded, "
+            f"the ledger {money(ours[0])} and {money(ours[1])}",
         )
         return f"; the ledger differs from the provider: exception {exception}"
 
