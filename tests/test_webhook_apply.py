@@ -236,6 +236,15 @@ async def test_dashboard_refund_and_dispute_are_recorded(
                 json={"dispute": opened.json()["id"], "status": "lost"},
             )
             assert closed.status_code == 200, closed.text
+            # The fake may not have queued the closing webhook yet: wait for its row, then
+            # for everything to settle.
+            await wait_until(
+                lambda: any(
+                    r["event_type"] == "charge.dispute.closed" and r["status"] != "received"
+                    for r in inbox_rows(db_url)
+                ),
+                "the dispute's closing notification applied",
+            )
             await settled_inbox(fake, db_url)
             tg.cancel_scope.cancel()
 
