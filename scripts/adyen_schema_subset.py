@@ -1,19 +1,22 @@
 """Derive the facts the Adyen fake is checked against from Adyen's published OpenAPI file.
 
     python scripts/adyen_schema_subset.py CheckoutService-v71.json > tests/data/adyen_checkout_v71.json
+    python scripts/adyen_schema_subset.py --check CheckoutService-v71.json
 
 The input is ``json/CheckoutService-v71.json`` of github.com/Adyen/adyen-openapi. The output
 keeps, for the five operations the relay uses, only names and rules: the HTTP status codes
 each may answer, each request's required and known fields, each reply's required fields
 and the JSON type and enumeration of every property the fake sends, and the error object's
 fields. tests/test_adyen_fake.py validates the fake's replies and the adapter's requests
-against it, and re-derives it from the spec when ADYEN_OPENAPI_SPEC names the file.
+against it. `--check CheckoutService-v71.json` re-derives it and exits 1 on a difference
+(run it when Adyen publishes a new spec; the spec itself is not stored here).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 OPERATIONS = {
@@ -74,7 +77,17 @@ def subset(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+STORED = Path(__file__).resolve().parent.parent / "tests" / "data" / "adyen_checkout_v71.json"
+
 if __name__ == "__main__":
-    with open(sys.argv[1], encoding="utf-8") as f:
-        json.dump(subset(json.load(f)), sys.stdout, indent=1, sort_keys=True)
-        sys.stdout.write("\n")
+    # `adyen_schema_subset.py SPEC` prints the subset; `--check SPEC` compares it with the
+    # stored tests/data file (exit 1 on a difference), for when Adyen publishes a new spec.
+    check = sys.argv[1] == "--check"
+    with open(sys.argv[-1], encoding="utf-8") as f:
+        derived = subset(json.load(f))
+    if check:
+        same = derived == json.loads(STORED.read_text(encoding="utf-8"))
+        print("the stored subset matches the spec" if same else "the stored subset differs")
+        sys.exit(0 if same else 1)
+    json.dump(derived, sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")
