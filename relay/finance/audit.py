@@ -411,17 +411,25 @@ def verify_database(
         if entity in _NEVER_DELETED and tail is not None:
             last = tail[0]
             report.breaks.append(
-                Break(
-                    "tail_mismatch",
+                _tail_mismatch(
                     entity,
                     entity_id,
-                    last.id,
-                    last.chain_seq,
-                    f"the chain of {entity} {entity_id} ends at audit row {last.id} but the "
-                    "row itself is gone: it was deleted with its triggers off",
+                    last,
+                    "but the row itself is gone: it was deleted with its triggers off",
                 )
             )
     return report
+
+
+def _tail_mismatch(entity: str, entity_id: str, last: AuditRow, why: str) -> Break:
+    return Break(
+        "tail_mismatch",
+        entity,
+        entity_id,
+        last.id,
+        last.chain_seq,
+        f"the chain of {entity} {entity_id} ends at audit row {last.id} {why}",
+    )
 
 
 def _compare_live_row(
@@ -451,15 +459,12 @@ def _compare_live_row(
     last, digest = tail
     if digest != _digest(doc) and digest != _digest(_before_open_claim(entity, doc)):
         report.breaks.append(
-            Break(
-                "tail_mismatch",
+            _tail_mismatch(
                 entity,
                 entity_id,
-                last.id,
-                last.chain_seq,
-                f"the chain of {entity} {entity_id} ends at audit row {last.id} "
-                f"(chain_seq {last.chain_seq}) in a state that differs from the "
-                "live row: later audit rows were deleted, or the row was changed "
-                "with the audit trigger off",
+                last,
+                f"(chain_seq {last.chain_seq}) in a state that differs "
+                "from the live row: later audit rows were deleted, or the row was changed with "
+                "the audit trigger off",
             )
         )
