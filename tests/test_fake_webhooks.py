@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from provider_adapters.base import (
     Succeeded,
     Unhandled,
 )
+from provider_adapters.fake.webhooks import _event_id
 from provider_adapters.stripe import payment_intent_outcome
 from provider_adapters.stripe_webhooks import StripeNotifications
 from relay.infra.config import ConfigError, load_settings
@@ -358,3 +360,13 @@ def test_the_apply_concurrency_is_validated_and_fits_the_pool(
     ), refused.value.lines
     monkeypatch.setenv("RELAY_WEBHOOKS_APPLY", "false")
     assert load_settings().db_pool_size == 2  # a relay that applies nothing needs no room
+
+
+def test_event_ids_look_like_stripe_ids_and_never_like_card_numbers() -> None:
+    """The inbox refuses an event id holding 13 digits in a row that pass Luhn, as it
+    should for a real provider's (Stripe's ids are 24 letters and digits). Hex ids put
+    13 digits in a row in about one id in 90 and failed a CI run that way."""
+    ids = [_event_id() for _ in range(5000)]
+    assert all(re.fullmatch(r"evt_[A-Za-z0-9]{24}", i) for i in ids)
+    assert not [i for i in ids if re.search(r"[0-9]{13}", i)]
+    assert len(set(ids)) == len(ids)

@@ -130,6 +130,8 @@ def _taken_back(intent: IntentRow, lease_token: int, **payment_columns: Any) -> 
 
 # Settlement goes through the relay's write-back; this policy is never asked to retry.
 _NO_RETRY = RetryPolicy(base_seconds=1.0, cap_seconds=1.0, max_attempts=1)
+# A settlement is one short transaction; this only bounds a database that stopped answering.
+_SETTLE_SECONDS = 30.0
 
 
 class Janitor:
@@ -149,6 +151,17 @@ class Janitor:
         self.stopping = stopping
         self.actor = f"janitor:{options.instance}"
         self.store = Store(db, actor=self.actor)
+        # A settlement is one shielded transaction; a shutdown bounds it at the relay's
+        # in-flight cut-off (cut_off(), called by Relay.stop()), also when already started.
+        self._cut_off_at: float | None = None
+        self._settling: set[anyio.CancelScope] = set()
+
+    def cut_off(self, at: float) -> None:
+        """End settlements (in progress or later) by ``at`` (anyio clock); one cut short
+        rolls back whole and the intent is looked up again by the next pass."""
+        self._cut_off_at = at if self._cut_off_at is None else min(self._cut_off_at, at)
+        for scope in self._settling:
+            scope.deadline = min(scope.deadline, self._cut_off_at)
 
     async def run_forever(self) -> None:
         """Pass after pass; a full batch means more is due, so the next pass starts at once.
@@ -237,39 +250,56 @@ class Janitor:
             )
         else:
             evidence = f"janitor lookup: the provider shows a decline ({outcome.code})"
-        with anyio.CancelScope(shield=True), anyio.move_on_after(30.0):
-            async with self.db.pool.connection() as conn, conn.transaction():
-                await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": evidence})
-                await conn.execute(
-                    QUERIES["lock_payments"], {"payment_ids": [candidate.intent.payment_id]}
-                )
-                taken = await fetch(
-                    conn,
-                    "janitor_take",
-                    {
-                        "id": candidate.intent.id,
-                        "dead_at": candidate.dead_at,
-                        "lease_seconds": self.options.lease_seconds,
-                        "instance": self.actor,
-                    },
-                    row=dict_row,
-                )
-                if not taken:
-                    return "skipped"  # re-driven or cancelled meanwhile: not ours to settle
-                (lease,) = taken
-                intent = _taken_back(candidate.intent, **lease)
-                write_back = from_outcome(intent, amount_minor, outcome, _NO_RETRY, self.rng)
-                written = await self.store.complete_in(conn, [write_back], reason=evidence)
-            if candidate.intent.id not in written:
-                return "skipped"
-            result = {"succeeded": "settled_succeeded", "failed": "settled_failed"}.get(
-                write_back.status, "not_settleable"
-            )
-            detail = evidence if result != "not_settleable" else (write_back.error_message or "")
-            await self._record(candidate, result, detail, settled=True)
-            log.info("janitor_settled", result=result, status=write_back.status)
-            return result
+        deadline = anyio.current_time() + _SETTLE_SECONDS
+        if self._cut_off_at is not None:
+            deadline = min(deadline, self._cut_off_at)
+        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+            self._settling.add(scope)
+            try:
+                return await self._settle_once(candidate, amount_minor, outcome, evidence)
+            finally:
+                self._settling.discard(scope)
+        log.warning("janitor_settle_cut_off", intent_id=candidate.intent.id, remedy="next pass")
         return "skipped"
+
+    async def _settle_once(
+        self,
+        candidate: _Candidate,
+        amount_minor: int,
+        outcome: Succeeded | Declined,
+        evidence: str,
+    ) -> str:
+        async with self.db.pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["set_actor"], {"actor": self.actor, "reason": evidence})
+            await conn.execute(
+                QUERIES["lock_payments"], {"payment_ids": [candidate.intent.payment_id]}
+            )
+            taken = await fetch(
+                conn,
+                "janitor_take",
+                {
+                    "id": candidate.intent.id,
+                    "dead_at": candidate.dead_at,
+                    "lease_seconds": self.options.lease_seconds,
+                    "instance": self.actor,
+                },
+                row=dict_row,
+            )
+            if not taken:
+                return "skipped"  # re-driven or cancelled meanwhile: not ours to settle
+            (lease,) = taken
+            intent = _taken_back(candidate.intent, **lease)
+            write_back = from_outcome(intent, amount_minor, outcome, _NO_RETRY, self.rng)
+            written = await self.store.complete_in(conn, [write_back], reason=evidence)
+        if candidate.intent.id not in written:
+            return "skipped"
+        result = {"succeeded": "settled_succeeded", "failed": "settled_failed"}.get(
+            write_back.status, "not_settleable"
+        )
+        detail = evidence if result != "not_settleable" else (write_back.error_message or "")
+        await self._record(candidate, result, detail, settled=True)
+        log.info("janitor_settled", result=result, status=write_back.status)
+        return result
 
     async def _not_found(self, candidate: _Candidate, outcome: Retryable | Invalid) -> str:
         seen = candidate.not_found + 1

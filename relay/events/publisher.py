@@ -173,6 +173,11 @@ class Publisher:
         self._stop_event = anyio.Event()
         self._deadline: float | None = None
         self._scope: anyio.CancelScope | None = None
+        # Shielded final writes (marks and releases) end by this instant when the process
+        # has a hard stop (set by start_draining); the scopes in progress are kept so that
+        # a stop arriving during one bounds it too.
+        self._hard_stop_at: float | None = None
+        self._final_writes: set[anyio.CancelScope] = set()
         self._held: dict[int, _Held] = {}
         self._failures = 0
         self._wakeups_wanted: bool | None = None  # what this publisher last asked event inserts
@@ -201,12 +206,35 @@ class Publisher:
         )
         return 2 * turn
 
-    def start_draining(self) -> None:
-        """The process is shutting down: finish within the grace counted from now."""
+    def start_draining(self, *, hard_stop_at: float | None = None) -> None:
+        """The process is shutting down: finish within the grace counted from now.
+
+        ``hard_stop_at`` (anyio clock): when the process cancels everything to close and
+        exit. The shielded writes of confirmed marks and releases, which a cancellation
+        must not cut in half, end by then whatever the database does: past it their
+        leases expire and the events are published again (consumers deduplicate)."""
         if self._deadline is None:
             self._deadline = anyio.current_time() + self.options.shutdown_grace_seconds
             if self._scope is not None:
                 self._scope.deadline = self._deadline
+        if hard_stop_at is not None and self._hard_stop_at is None:
+            self._hard_stop_at = hard_stop_at
+            for scope in self._final_writes:
+                scope.deadline = min(scope.deadline, hard_stop_at)
+
+    @contextlib.contextmanager
+    def _final_write(self) -> Iterator[anyio.CancelScope]:
+        """A shielded scope for writes a cancellation must not interrupt, bounded by the
+        timeout and by the process's hard stop (start_draining)."""
+        deadline = anyio.current_time() + self.options.timeout_seconds
+        if self._hard_stop_at is not None:
+            deadline = min(deadline, self._hard_stop_at)
+        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+            self._final_writes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._final_writes.discard(scope)
 
     def stop(self) -> None:
         """No more events will be written here: flush what is left, then :meth:`run` returns."""
@@ -438,7 +466,7 @@ class Publisher:
                 for name in sorted({e.exchange or self.options.exchange for e in events}):
                     targets[name] = await exchanges.get(name)
         except _AMQP_ERRORS:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.options.timeout_seconds):
+            with self._final_write():
                 await self._release_all(
                     [self._release(e, "amqp_connection_lost", "not sent") for e in events]
                 )
@@ -538,7 +566,7 @@ class Publisher:
         for result in results:
             self._held[result.event.id] = _Held(result, lease_ends)
         # Confirmed results are recorded even when the round ends in a broken link.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.options.timeout_seconds):
+        with self._final_write():
             await self._mark_held()
             await self._release_all(releases)
         if broken:

@@ -222,7 +222,9 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 )
             )
             if settings.janitor_enabled:
-                tg.start_soon(build_janitor(settings, relay).run_forever)
+                janitor = build_janitor(settings, relay)
+                relay.also_cut_off.append(janitor.cut_off)  # its settlements are shielded
+                tg.start_soon(janitor.run_forever)
             if settings.webhooks_apply:
                 applier = build_inbox_applier(settings, relay)
                 # Woken through the relay's own LISTEN connection: no connection of its own.
@@ -388,16 +390,21 @@ async def _watch_signals(
                 grace_seconds=relay.options.shutdown_grace_seconds,
             )
             relay.stop()
-            if publisher is not None:
-                publisher.start_draining()
             deadline = relay.shutdown_deadline
-            if everything is not None and deadline is not None:
+            hard_stop_at = (
+                None if deadline is None else deadline + SHUTDOWN_FLUSH_MIN_SECONDS - CLOSE_SECONDS
+            )
+            if publisher is not None:
+                # Its shielded final marks end by the hard stop too: a shield outlasts a
+                # cancellation, and a database that stopped answering would hold the exit.
+                publisher.start_draining(hard_stop_at=hard_stop_at)
+            if everything is not None and deadline is not None and hard_stop_at is not None:
                 # The one deadline holds whatever is down: a task still waiting on the
                 # database, the broker or a provider then is cancelled (the drain and the
                 # final flush end by it on their own when those answer).
                 # Closing the clients and the pool after it fits in the promised
                 # grace + 1 s too: the tasks are cancelled CLOSE_SECONDS earlier.
-                everything.deadline = deadline + SHUTDOWN_FLUSH_MIN_SECONDS - CLOSE_SECONDS
+                everything.deadline = hard_stop_at
                 _exit_if_still_running(deadline + SHUTDOWN_FLUSH_MIN_SECONDS + 2 * CLOSE_SECONDS)
 
 

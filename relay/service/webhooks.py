@@ -64,10 +64,10 @@ class WebhookReceiver:
         self._kill_after_commit = bool(os.environ.get(KILL_AFTER_COMMIT))
 
     def _refuse(
-        self, provider: str, reason: str, status: int, message: str, size: int
+        self, provider: str, reason: str, status: int, message: str, size: int, **detail: object
     ) -> web.Response:
         metrics.WEBHOOKS_REJECTED.labels(provider=provider, reason=reason).inc()
-        log.warning("webhook_rejected", provider=provider, reason=reason, body_bytes=size)
+        log.warning("webhook_rejected", provider=provider, reason=reason, body_bytes=size, **detail)
         return web.json_response({"error": {"code": reason, "message": message}}, status=status)
 
     async def _body(self, request: web.Request) -> bytes | None:
@@ -135,6 +135,10 @@ class WebhookReceiver:
                 400,
                 f"the notification cannot be stored (SQLSTATE {exc.sqlstate})",
                 len(body),
+                # The rule that refused it, never the message: PostgreSQL's text may quote
+                # the refused value.
+                sqlstate=exc.sqlstate,
+                rule=exc.diag.constraint_name,
             )
         self.database_ok = True
         if stored:
