@@ -262,7 +262,7 @@ class Broker:
         self._base = amqp_url
         self.url = amqp_url
         self.received: list[Delivery] = []
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._connection: aio_pika.abc.AbstractConnection | None = None
 
     def create_vhost(self) -> None:
         if shutil.which("rabbitmqctl") is None:
@@ -286,7 +286,9 @@ class Broker:
             self.vhost = None
 
     async def consume(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        connection = await aio_pika.connect_robust(self.url, timeout=20)
+        # Plain, not robust: the consumer's own path is never cut (the relays' is), and a
+        # robust connection's reconnect callbacks could outlive the event loop.
+        connection = await aio_pika.connect(self.url, timeout=20)
         self._connection = connection
         try:
             channel = await connection.channel()

@@ -28,10 +28,10 @@ import pytest
 import structlog.testing
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustConnection,
 )
 from prometheus_client import REGISTRY
 from psycopg.types.json import Jsonb
@@ -78,20 +78,28 @@ class Broker:
         self.exchange_name = f"outbox-test.{tag}"
         self.queue_name = f"outbox-test.{tag}.all"
         self.received: list[Received] = []
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchanges: list[AbstractExchange] = []
         self._queue: AbstractQueue | None = None
 
     async def __aenter__(self) -> Broker:
-        self._connection = await aio_pika.connect_robust(self.url, timeout=10)
-        self._channel = await self._connection.channel()
-        exchange = await self.declare_exchange(self.exchange_name)
-        self._queue = await self._channel.declare_queue(
-            self.queue_name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await self._queue.bind(exchange, routing_key="#")
-        await self._queue.consume(self._on_message)
+        # A plain connection: the consumer's path never breaks in these tests (the relay's
+        # does, through a proxy), and a robust one's reconnect callbacks could fire after
+        # the test's event loop is gone ("Event loop is closed" in a later test).
+        self._connection = await aio_pika.connect(self.url, timeout=10)
+        try:
+            self._channel = await self._connection.channel()
+            exchange = await self.declare_exchange(self.exchange_name)
+            self._queue = await self._channel.declare_queue(
+                self.queue_name, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await self._queue.bind(exchange, routing_key="#")
+            await self._queue.consume(self._on_message)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._connection.close()
+            raise
         return self
 
     async def declare_exchange(self, name: str) -> AbstractExchange:
@@ -130,9 +138,8 @@ class Broker:
                 for exchange in self._exchanges:
                     await exchange.delete()
             finally:
-                # Always: a robust connection left open reconnects on its own and its close
-                # callback then fires after this test's event loop is gone, failing a later
-                # test with "Event loop is closed".
+                # Always: a connection left open is closed by its finaliser after this
+                # test's event loop is gone, failing a later test ("Event loop is closed").
                 if self._connection is not None:
                     await self._connection.close()
 
