@@ -257,8 +257,9 @@ def _exchange_rates(url: str) -> None:
     print(
         f"exchange rates: {report.rates_in_document} ECB reference rates from a fake rate "
         f"server ({report.inserted} new); 100.00 EUR = "
-        f"{format_minor(converted['converted_minor'], 'USD', converted['to_exponent'])} at rate "
-        f"{converted['rate_id']} (outbox-relay fx show)"
+        f"{format_minor(converted['converted_minor'], 'USD', converted['to_exponent'])} at "
+        f"{converted['rate'].rstrip('0').rstrip('.')} (rate #{converted['rate_id']}; "
+        "outbox-relay fx show lists the rates in force)"
     )
 
 
