@@ -166,7 +166,7 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
         "outbox_relay",
         "relay_instances",
         "UPDATE",
-    ): "providers,heartbeat_interval_seconds,heartbeat_at",
+    ): "providers,heartbeat_interval_seconds,heartbeat_at,api_versions",  # sql/0045
 }
 
 # function -> the group roles that may EXECUTE it

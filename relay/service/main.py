@@ -12,6 +12,7 @@ import signal
 import threading
 from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
 import anyio
 import psycopg
@@ -19,8 +20,10 @@ import structlog
 from anyio.abc import TaskStatus
 from psycopg.rows import dict_row
 
+from provider_adapters.base import ProviderAdapter
 from provider_adapters.registry import (
     NOTIFICATION_KINDS,
+    api_versions,
     build_adapter,
     build_notification_reader,
 )
@@ -31,6 +34,7 @@ from relay.core.lanes import BreakerSettings, Lane, RateLimit
 from relay.core.runtime import SHUTDOWN_FLUSH_MIN_SECONDS, Relay, RelayOptions
 from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
 from relay.events.publisher import Publisher, publisher_from_settings
+from relay.infra import metrics
 from relay.infra.config import ProviderSettings, Settings, find_unknown_variables
 from relay.infra.db import INBOX_NOTIFY_CHANNEL, RETRYABLE_DB_ERRORS, Database
 from relay.infra.db_startup import DatabaseNotYet, check_conninfo, probe_database
@@ -47,6 +51,7 @@ __all__ = [
     "build_janitor",
     "build_relay",
     "log_unknown_variables",
+    "pinned_api_version",
     "run_relay",
 ]
 
@@ -69,13 +74,24 @@ def log_unknown_variables(environ: Mapping[str, str]) -> None:
 def build_lane(name: str, provider: ProviderSettings, *, clock: Clock = SYSTEM_CLOCK) -> Lane:
     """The lane for one configured provider; ``clock`` drives its breaker and rate limit."""
     adapter = build_adapter(name, provider)
-    if getattr(adapter, "untested_version", False):
-        # Allowed only by an explicit override (config refuses it otherwise): say so.
-        log.warning(
-            "provider_api_version_untested",
+    pinned = pinned_api_version(adapter)
+    if pinned is not None:
+        metrics.PROVIDER_API_VERSION.labels(
             provider=name,
-            api_version=getattr(adapter, "api_version", None),
-        )
+            kind=pinned["kind"],
+            version=pinned["version"],
+            tested=str(pinned["tested"]).lower(),
+        ).set(1)
+        if not pinned["tested"]:
+            # Allowed only by an explicit override (config refuses it otherwise): say so.
+            log.warning(
+                "provider_api_version_untested",
+                provider=name,
+                kind=pinned["kind"],
+                api_version=pinned["version"],
+                tested_versions=pinned["tested_versions"],
+                remedy="a canary only: README 'Moving to a new provider API version'",
+            )
     return Lane(
         name,
         adapter,
@@ -93,6 +109,22 @@ def build_lane(name: str, provider: ProviderSettings, *, clock: Clock = SYSTEM_C
         ),
         clock=clock,
     )
+
+
+def pinned_api_version(adapter: ProviderAdapter) -> dict[str, Any] | None:
+    """What ``adapter`` pins: kind, version, whether it was tested, the tested versions;
+    None for an adapter without versions (the in-memory provider)."""
+    kind = getattr(adapter, "kind", None)
+    version = getattr(adapter, "api_version", None)
+    if not isinstance(kind, str) or not isinstance(version, str):
+        return None
+    tested = list(api_versions(kind).tested)
+    return {
+        "kind": kind,
+        "version": version,
+        "tested": version in tested,
+        "tested_versions": tested,
+    }
 
 
 def build_relay(settings: Settings, database_url: str) -> Relay:
@@ -209,6 +241,11 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 providers=relay.lanes,
                 interval_seconds=settings.heartbeat_interval_seconds,
                 rng=relay.rng,
+                api_versions={
+                    name: pinned
+                    for name, lane in relay.lanes.items()
+                    if (pinned := pinned_api_version(lane.adapter)) is not None
+                },
             )
             await tg.start(serving.run)
             tg.start_soon(_watch_schema, relay, health)
