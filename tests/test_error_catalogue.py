@@ -10,8 +10,25 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from provider_adapters.base import Action, Outcome, ProviderAdapter, Succeeded
-from provider_adapters.error_catalogue import CLASSES, _parse, catalogue, lookup
+from provider_adapters.base import (
+    Action,
+    Ambiguous,
+    Declined,
+    Invalid,
+    Outcome,
+    ProviderAdapter,
+    Retryable,
+    Succeeded,
+)
+from provider_adapters.error_catalogue import (
+    CLASSES,
+    _parse,
+    catalogue,
+    catalogued_outcome,
+    class_of,
+    lookup,
+    lookup_in,
+)
 from provider_adapters.fake.adyen import CARDS
 from provider_adapters.fake.cards import TEST_CARDS
 from relay.cli.errors import markdown
@@ -39,12 +56,22 @@ class Seen:
 
 
 def assert_catalogued(kind: str, pairs: set[tuple[str, str]]) -> None:
+    """Every code has a row, and the row's class is the one the relay then acts on: a
+    row the adapter's class overrides (an ambiguous outcome stays ambiguous) would say
+    one thing and the relay do another."""
     missing = sorted(f"{kind} {code} ({klass})" for klass, code in pairs if not lookup(kind, code))
     assert missing == [], f"add rows to provider_adapters/error_catalogue.csv: {missing}"
+    outcome_of = {"declined": Declined, "invalid": Invalid, "retryable": Retryable}
     wrong = sorted(
-        f"{code}: adapter says {klass}, catalogue {entry.klass}"
+        f"{code}: adapter says {klass}, catalogue {entry.klass}, relay acts on {acted}"
         for klass, code in pairs
-        if (entry := lookup(kind, code)) and entry.klass != klass
+        if (entry := lookup(kind, code))
+        and (
+            acted := class_of(
+                catalogued_outcome(kind, outcome_of.get(klass, Ambiguous)(code, "m"))  # type: ignore[abstract]
+            )
+        )
+        != entry.klass
     )
     assert wrong == []
 
@@ -183,3 +210,107 @@ def test_an_uncatalogued_code_is_counted_by_code() -> None:
     _count_uncatalogued(lane, intent, Declined("fraud", "x"))  # type: ignore[arg-type]
     assert count("refused_99") == before_new + 1
     assert count("fraud") == before_known, "a catalogued code is not counted"
+
+
+# -- the catalogue decides the class ------------------------------------------------------
+
+HEADER = "provider,code,unified_code,class,other_card_may_succeed,remediation,customer_message\n"
+
+
+def _with_rows(text: str) -> list[object]:
+    """The shipped catalogue with ``text``'s rows added or replacing the same (provider, code)."""
+    new = _parse(HEADER + text)
+    replaced = {(e.provider, e.code) for e in new}
+    return [e for e in catalogue() if (e.provider, e.code) not in replaced] + list(new)
+
+
+def test_the_row_decides_the_class_so_a_code_is_a_data_change() -> None:
+    # Shipped: Adyen's refusal 7 (invalid_amount) is our amount, not the card: dead for an
+    # operator, not a failed payment, although the adapter reads a refusal.
+    assert catalogued_outcome("adyen", Declined("invalid_amount", "m")) == Invalid(
+        "invalid_amount", "m"
+    )
+    # Changing a row changes what the relay does, nothing else.
+    refusal = Declined("issuer_unavailable", "Issuer Unavailable")
+    assert catalogued_outcome("adyen", refusal) == refusal
+    rows = lookup_in(
+        _with_rows("adyen,issuer_unavailable,issuer_unavailable,retryable,no,Retried.,Try later.\n")  # type: ignore[arg-type]
+    )
+    assert catalogued_outcome("adyen", refusal, rows) == Retryable(
+        "issuer_unavailable", "Issuer Unavailable"
+    )
+    # A new code: counted while it has no row (the adapter's class holds), then its row's.
+    new = Invalid("adyen_999", "m")
+    assert lookup("adyen", "adyen_999") is None
+    assert catalogued_outcome("adyen", new) == new
+    rows = lookup_in(_with_rows("adyen,adyen_999,x,declined,yes,Nothing.,Use another card.\n"))  # type: ignore[arg-type]
+    assert catalogued_outcome("adyen", new, rows) == Declined("adyen_999", "m")
+    # Rows are per provider kind; the shared rows apply to every kind.
+    assert catalogued_outcome("stripe", Declined("invalid_amount", "m")) == Declined(
+        "invalid_amount", "m"
+    )
+    assert catalogued_outcome("adyen", Invalid("rate_limited", "m")) == Retryable(
+        "rate_limited", "m"
+    )
+
+
+def test_no_row_turns_may_have_happened_into_nothing_happened() -> None:
+    rows = lookup_in(
+        _with_rows(  # type: ignore[arg-type]
+            "*,provider_timeout,x,declined,,x,x\n"
+            "adyen,awaiting_confirmation,x,invalid,,x,x\n"
+            "*,connection_lost,x,retryable,,x,x\n"
+        )
+    )
+    for outcome in (
+        Ambiguous("provider_timeout", "m"),
+        Ambiguous("awaiting_confirmation", "m", "8815000000000001"),
+        Ambiguous("connection_lost", "m"),
+    ):
+        assert catalogued_outcome("adyen", outcome, rows) is outcome
+    # ... while a row may make any other outcome more cautious.
+    cautious = lookup_in(_with_rows("stripe,card_declined,x,ambiguous,,x,x\n"))  # type: ignore[arg-type]
+    assert catalogued_outcome("stripe", Declined("card_declined", "m"), cautious) == Ambiguous(
+        "card_declined", "m"
+    )
+    assert catalogued_outcome("stripe", Succeeded("pi_1", "pi_1", 1, "EUR"), cautious) == (
+        Succeeded("pi_1", "pi_1", 1, "EUR")
+    )
+
+
+def test_an_uncatalogued_code_keeps_the_adapters_class() -> None:
+    for outcome in (
+        Declined("refused_99", "m"),
+        Invalid("adyen_999", "m"),
+        Retryable("new_throttle", "m", 2.0),
+        Ambiguous("new_5xx", "m", None),
+    ):
+        assert lookup("adyen", outcome.code) is None
+        assert catalogued_outcome("adyen", outcome) is outcome
+
+
+@pytest.mark.anyio
+async def test_the_lane_gives_the_relay_the_catalogues_class() -> None:
+    """Through the lane the relay runs: Adyen refuses the amount (refusal reason 7), the
+    adapter reads a refusal, the relay gets the row's class; the breaker counts the
+    provider's answer as healthy."""
+    from relay.core.lanes import BreakerSettings, Lane
+    from relay.domain.breaker import BreakerState
+
+    async with adyen_on_fake() as (_fake, adapter):
+        raw = await adapter.execute(
+            command(Action.AUTHORIZE, "amount-7", method="adyen_invalid_amount")
+        )
+        assert raw == Declined("invalid_amount", "Invalid Amount")
+        lane = Lane(
+            "adyen-eu",
+            adapter,
+            concurrency=1,
+            timeout_seconds=10,
+            breaker=BreakerSettings(failure_threshold=1),
+        )
+        outcome = await lane.execute(
+            command(Action.AUTHORIZE, "amount-7b", method="adyen_invalid_amount")
+        )
+        assert outcome == Invalid("invalid_amount", "Invalid Amount")
+        assert lane.breaker.state is BreakerState.CLOSED  # one failure would open it
