@@ -589,6 +589,13 @@ SET providers = EXCLUDED.providers,
     api_versions = EXCLUDED.api_versions
 RETURNING r.instance;
 
+-- name: provider_key_lifetimes
+-- How long after creation each of these providers' intents may be sent again (sql/0005's guard), checked at start.
+SELECT p.provider,
+       extract(epoch FROM outbox.idempotency_key_lifetime(p.provider))::float8 AS lifetime_seconds
+FROM unnest(%(providers)s::text[]) AS p(provider)
+ORDER BY p.provider;
+
 -- name: relay_withdraw
 -- This relay stops cleanly (sql/0018): delete its row, so its providers show unserved at once.
 DELETE FROM outbox.relay_instances WHERE instance = %(instance)s::text

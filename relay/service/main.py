@@ -32,12 +32,18 @@ from relay.core.inbox import InboxApplier, InboxOptions
 from relay.core.janitor import Janitor, JanitorOptions
 from relay.core.lanes import BreakerSettings, Lane, RateLimit
 from relay.core.runtime import SHUTDOWN_FLUSH_MIN_SECONDS, Relay, RelayOptions
+from relay.domain.key_lifetimes import compare_key_lifetimes, describe_seconds
 from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
 from relay.events.publisher import Publisher, publisher_from_settings
 from relay.infra import metrics
 from relay.infra.config import ProviderSettings, Settings, find_unknown_variables
 from relay.infra.db import INBOX_NOTIFY_CHANNEL, RETRYABLE_DB_ERRORS, Database
-from relay.infra.db_startup import DatabaseNotYet, check_conninfo, probe_database
+from relay.infra.db_startup import (
+    DatabaseNotYet,
+    StartupRefused,
+    check_conninfo,
+    probe_database,
+)
 from relay.infra.migrate import discover
 from relay.infra.redaction import describe_conninfo
 from relay.service.depth import DepthSampler
@@ -50,6 +56,7 @@ __all__ = [
     "build_inbox_applier",
     "build_janitor",
     "build_relay",
+    "check_key_lifetimes",
     "log_unknown_variables",
     "pinned_api_version",
     "run_relay",
@@ -125,6 +132,41 @@ def pinned_api_version(adapter: ProviderAdapter) -> dict[str, Any] | None:
         "tested": version in tested,
         "tested_versions": tested,
     }
+
+
+async def check_key_lifetimes(relay: Relay) -> None:
+    """Refuse to start (StartupRefused) when the database lets a provider's intents be sent
+    again after the provider forgets their idempotency keys; note a shorter lifetime
+    (relay/domain/key_lifetimes.py)."""
+    stated = {
+        name: getattr(lane.adapter, "idempotency_key_lifetime_seconds", None)
+        for name, lane in relay.lanes.items()
+    }
+    params = {"providers": sorted(stated)}
+    while True:
+        try:
+            rows = await relay.db.fetch_all("provider_key_lifetimes", params)
+            break
+        except RETRYABLE_DB_ERRORS as exc:  # the database just answered the probe
+            log.warning("key_lifetime_check_retry", error=type(exc).__name__)
+            with anyio.move_on_after(1.0):
+                await relay.wait_stopped()
+            if relay.stopping:
+                return
+    for lifetime in compare_key_lifetimes({name: seconds for name, seconds in rows}, stated):
+        if lifetime.unsafe:
+            raise StartupRefused(
+                "idempotency_key_lifetime_too_long", lifetime.refusal(), lifetime.remedy()
+            )
+        if lifetime.shorter:
+            log.info(
+                "idempotency_key_lifetime_shorter",
+                provider=lifetime.provider,
+                database=describe_seconds(lifetime.database_seconds),
+                provider_keeps=describe_seconds(lifetime.provider_seconds),
+                effect="intents already sent are parked dead (idempotency_key_expired) "
+                "sooner than the provider requires",
+            )
 
 
 def build_relay(settings: Settings, database_url: str) -> Relay:
@@ -233,6 +275,8 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 tg.cancel_scope.cancel()  # stopped while waiting: nothing to drain
                 return 0
             await relay.db.open()
+            # A database that would resend keys the provider forgot stops start-up.
+            await check_key_lifetimes(relay)
             # What this relay serves, reported before it claims (and before the sampler
             # counts unserved intents), and withdrawn when it stops cleanly.
             serving = InstanceHeartbeat(
