@@ -55,11 +55,13 @@ from provider_adapters.base import (
     Outcome,
     Retryable,
     Succeeded,
+    UntestedApiVersion,
 )
 from provider_adapters.currency_units import ADYEN_UNITS, AmountNotRepresentable
 
 __all__ = [
     "DEFAULT_API_VERSION",
+    "IDEMPOTENCY_KEY_LIFETIME_SECONDS",
     "TESTED_API_VERSIONS",
     "AdyenAdapter",
     "UntestedApiVersion",
@@ -68,6 +70,8 @@ __all__ = [
 
 DEFAULT_API_VERSION = "v71"
 TESTED_API_VERSIONS = ("v71",)
+# Adyen keeps an idempotency key (and replays its first answer) for at least 31 days.
+IDEMPOTENCY_KEY_LIFETIME_SECONDS = 31 * 24 * 3600
 MAX_KEY_LENGTH = 64
 _PSP = re.compile(r"[A-Z0-9]{16}")
 _PRINTABLE = re.compile(r"[!-~]{1,64}")
@@ -120,10 +124,6 @@ _SHOPPER_ACTION = {
 _MODIFICATION_PATH = {Action.CAPTURE: "captures", Action.VOID: "cancels", Action.REFUND: "refunds"}
 
 
-class UntestedApiVersion(ValueError):
-    """The configured Checkout API version is not one this adapter was tested against."""
-
-
 def adyen_idempotency_key(key: str) -> str:
     """The intent's key as Adyen takes it: itself when it is 1 to 64 printable ASCII
     characters, else ``sha256:`` + base64url(SHA-256(key)) without padding (50 characters).
@@ -149,6 +149,7 @@ def _safe(value: Any, fallback: str) -> str:
 
 class AdyenAdapter:
     kind = "adyen"  # the error catalogue's provider column
+    idempotency_key_lifetime_seconds = IDEMPOTENCY_KEY_LIFETIME_SECONDS
 
     def __init__(
         self,

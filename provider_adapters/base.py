@@ -40,6 +40,7 @@ __all__ = [
     "SettlementUnavailable",
     "Succeeded",
     "Unhandled",
+    "UntestedApiVersion",
 ]
 
 
@@ -143,6 +144,10 @@ class Invalid:
 
 
 Outcome = Succeeded | Declined | Retryable | Ambiguous | Invalid
+
+
+class UntestedApiVersion(ValueError):
+    """A provider API version the adapter was not tested against, without the override."""
 
 
 @runtime_checkable

@@ -7,12 +7,24 @@ declined, ambiguous, invalid: the outcome class the adapter gives it), whether a
 may succeed, the operator's remediation and a message safe to show a customer. Provider
 ``*`` rows are codes every adapter may give (transport, credentials, validation).
 
-Adding a code is a data change: a row here, and ``tests/test_error_catalogue.py`` checks
-that every code either fake can make an adapter report has one. A code without a row is
-still handled safely, by the class the adapter gave it (a decline fails the payment
-without effect, an invalid answer goes dead for an operator, a retryable or ambiguous one
-is retried under the same key); the relay counts it by code
-(``outbox_relay_uncatalogued_codes_total``) so that it gets a row.
+The catalogue decides an outcome's class: every outcome an adapter returns passes through
+:func:`catalogued_outcome` (the lane does it, relay/core/lanes.py, before the breaker, the
+retry policy and the write-back see it), which gives it the class of its code's row. So
+adding a code, or moving one to another class, is a data change: a row here, and
+``tests/test_error_catalogue.py`` checks that every code either fake can make an adapter
+report has a row of the class the adapter gives it. Two rules keep a row from doing harm:
+
+* an :class:`~provider_adapters.base.Ambiguous` outcome stays ambiguous whatever its row
+  says: the adapter could not tell whether the request took effect, and no table can
+  know better (only the provider can: the same key again, a lookup, the janitor). A row
+  may make any other outcome more cautious (ambiguous), or move it between the classes
+  that mean "no effect" (declined, retryable, invalid);
+* a code without a row keeps the class the adapter read from the reply's shape, which is
+  the safe reading of it: a refusal the provider answered (declined: no effect, the
+  payment fails), a request the provider refused as such (invalid: dead for an operator),
+  nothing sent or "try again" (retryable, same key), anything else (ambiguous, same key
+  and a lookup). The relay counts such a code (``outbox_relay_uncatalogued_codes_total``)
+  so that it gets a row.
 
 Pure: reads the packaged CSV once, no other I/O.
 """
@@ -21,11 +33,30 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-__all__ = ["CLASSES", "CatalogueEntry", "catalogue", "describe", "lookup"]
+from provider_adapters.base import (
+    Ambiguous,
+    Declined,
+    Invalid,
+    Outcome,
+    Retryable,
+    Succeeded,
+)
+
+__all__ = [
+    "CLASSES",
+    "CatalogueEntry",
+    "catalogue",
+    "catalogued_outcome",
+    "class_of",
+    "describe",
+    "lookup",
+    "lookup_in",
+]
 
 CLASSES = ("retryable", "declined", "ambiguous", "invalid")
 _COLUMNS = [
@@ -102,6 +133,41 @@ def lookup(provider: str, code: str) -> CatalogueEntry | None:
     else the shared ``*`` row, else None (an uncatalogued code)."""
     index = _index()
     return index.get((provider, code)) or index.get(("*", code))
+
+
+def lookup_in(entries: Iterable[CatalogueEntry]) -> Callable[[str, str], CatalogueEntry | None]:
+    """:func:`lookup` over other rows (a catalogue under test, parsed with ``_parse``)."""
+    index = {(e.provider, e.code): e for e in entries}
+    return lambda provider, code: index.get((provider, code)) or index.get(("*", code))
+
+
+def class_of(outcome: Outcome) -> str:
+    """The catalogue's name of an outcome's class (``succeeded`` for a success)."""
+    return type(outcome).__name__.lower()
+
+
+def catalogued_outcome(
+    kind: str,
+    outcome: Outcome,
+    rows: Callable[[str, str], CatalogueEntry | None] = lookup,
+) -> Outcome:
+    """``outcome`` in the class its code's row gives it (module docstring: an ambiguous
+    outcome stays ambiguous; a code without a row keeps the adapter's class). ``kind`` is
+    the adapter's provider kind (the catalogue's provider column); code and message are
+    kept, a retryable outcome's Retry-After and an ambiguous one's reference too."""
+    if isinstance(outcome, Succeeded | Ambiguous):
+        return outcome
+    entry = rows(kind, outcome.code)
+    if entry is None or entry.klass == class_of(outcome):
+        return outcome
+    code, message = outcome.code, outcome.message
+    if entry.klass == "declined":
+        return Declined(code, message)
+    if entry.klass == "invalid":
+        return Invalid(code, message)
+    if entry.klass == "retryable":
+        return Retryable(code, message)
+    return Ambiguous(code, message)
 
 
 def describe(code: str) -> list[CatalogueEntry]:

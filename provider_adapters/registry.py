@@ -3,11 +3,50 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from provider_adapters.base import NotificationReader, ProviderAdapter
 
-__all__ = ["NOTIFICATION_KINDS", "AdapterSpec", "build_adapter", "build_notification_reader"]
+__all__ = [
+    "NOTIFICATION_KINDS",
+    "AdapterSpec",
+    "ApiVersions",
+    "api_versions",
+    "build_adapter",
+    "build_notification_reader",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiVersions:
+    """A provider kind's API versions: the default and every version it was tested with,
+    and how its versions are spelt (``pattern``, ``example``)."""
+
+    default: str
+    tested: tuple[str, ...]
+    pattern: str
+    example: str
+
+
+def api_versions(kind: str) -> ApiVersions:
+    """The API versions of an adapter kind (``stripe``, ``adyen``)."""
+    if kind == "stripe":
+        from provider_adapters import stripe
+
+        return ApiVersions(
+            stripe.DEFAULT_API_VERSION,
+            stripe.TESTED_API_VERSIONS,
+            r"[0-9]{4}-[0-9]{2}-[0-9]{2}(\.[a-z]+)?",
+            "2026-10-28.endive",
+        )
+    if kind == "adyen":
+        from provider_adapters import adyen
+
+        return ApiVersions(
+            adyen.DEFAULT_API_VERSION, adyen.TESTED_API_VERSIONS, r"v[0-9]{1,3}", "v71"
+        )
+    raise ValueError(f"unknown provider kind {kind!r}; expected 'stripe' or 'adyen'")
 
 
 class AdapterSpec(Protocol):
@@ -36,7 +75,7 @@ class AdapterSpec(Protocol):
 
 def build_adapter(name: str, spec: AdapterSpec) -> ProviderAdapter:
     if spec.kind == "stripe":
-        from provider_adapters.stripe import StripeAdapter
+        from provider_adapters.stripe import DEFAULT_API_VERSION, StripeAdapter
 
         return StripeAdapter(
             name=name,
@@ -45,6 +84,8 @@ def build_adapter(name: str, spec: AdapterSpec) -> ProviderAdapter:
             connect_timeout_seconds=spec.connect_timeout_ms / 1000,
             read_timeout_seconds=spec.timeout_ms / 1000,
             max_connections=spec.concurrency,
+            api_version=spec.api_version or DEFAULT_API_VERSION,
+            allow_untested_version=spec.allow_untested_api_version,
         )
     if spec.kind == "adyen":
         from provider_adapters.adyen import DEFAULT_API_VERSION, AdyenAdapter

@@ -5,6 +5,14 @@ request carrying the intent's idempotency key. Replies are validated (object, id
 currency, status) before :class:`Succeeded` is returned; anything else is ambiguous and
 the relay settles it with :meth:`StripeAdapter.lookup`. No exception leaves this module.
 
+The API version is pinned here, not left to the SDK: every request carries
+``Stripe-Version: <api_version>`` (:data:`DEFAULT_API_VERSION`, the version this adapter and
+the fake were tested with, unless configured), set once on the client
+(``StripeClient(stripe_version=...)``, which the SDK's requestor sends as the header on every
+call). Upgrading the ``stripe`` package therefore never changes the version the relay
+speaks; a version outside :data:`TESTED_API_VERSIONS` is refused
+(:class:`~provider_adapters.base.UntestedApiVersion`) unless explicitly allowed.
+
 Amounts cross this boundary in ISO 4217 minor units and are sent in Stripe's units
 (:data:`~provider_adapters.currency_units.STRIPE_UNITS`: ISK x100, MGA /100, three-decimal
 amounts ending in 0); a command Stripe cannot represent is refused before any request.
@@ -34,6 +42,7 @@ from provider_adapters.base import (
     Retryable,
     SettlementUnavailable,
     Succeeded,
+    UntestedApiVersion,
 )
 from provider_adapters.currency_units import STRIPE_UNITS, AmountNotRepresentable
 from provider_adapters.stripe_errors import (
@@ -43,7 +52,23 @@ from provider_adapters.stripe_errors import (
 )
 from provider_adapters.stripe_http import LaneSession
 
-__all__ = ["StripeAdapter", "payment_intent_outcome", "verified_outcome"]
+__all__ = [
+    "DEFAULT_API_VERSION",
+    "IDEMPOTENCY_KEY_LIFETIME_SECONDS",
+    "TESTED_API_VERSIONS",
+    "StripeAdapter",
+    "payment_intent_outcome",
+    "verified_outcome",
+]
+
+# The Stripe-Version this adapter and its fake were tested with (the pin of the SDK the
+# tests ran, stripe 16.1.0). A new version joins TESTED_API_VERSIONS only after the
+# contract suite and the fault campaign passed against it (README "Moving to a new
+# provider API version").
+DEFAULT_API_VERSION = "2026-10-28.endive"
+TESTED_API_VERSIONS = (DEFAULT_API_VERSION,)
+# Stripe keeps an idempotency key (and replays its first answer) for at least 24 hours.
+IDEMPOTENCY_KEY_LIFETIME_SECONDS = 24 * 3600
 
 _KEY_FIELD = "outbox_idempotency_key"
 _EXPECTED_STATUS = {
@@ -193,6 +218,7 @@ def payment_intent_outcome(command: Command, pi: Any) -> Outcome | None:
 
 class StripeAdapter:
     kind = "stripe"  # the error catalogue's provider column
+    idempotency_key_lifetime_seconds = IDEMPOTENCY_KEY_LIFETIME_SECONDS
 
     def __init__(
         self,
@@ -203,8 +229,18 @@ class StripeAdapter:
         connect_timeout_seconds: float = 3.0,
         read_timeout_seconds: float = 10.0,
         max_connections: int = 20,
+        api_version: str = DEFAULT_API_VERSION,
+        allow_untested_version: bool = False,
     ) -> None:
+        if api_version not in TESTED_API_VERSIONS and not allow_untested_version:
+            raise UntestedApiVersion(
+                f"Stripe API version {api_version!r} was not tested with this adapter "
+                f"(tested: {', '.join(TESTED_API_VERSIONS)}); set the provider's "
+                "allow_untested_api_version to start anyway"
+            )
         self.name = name
+        self.api_version = api_version
+        self.untested_version = api_version not in TESTED_API_VERSIONS
         self._api_key = api_key
         self._base_url = base_url
         # The lane's own connections, sized to its concurrency (bulkhead), opened on the
@@ -223,6 +259,8 @@ class StripeAdapter:
         if sdk is None:
             sdk = self._sdk = stripe.StripeClient(
                 self._api_key,
+                # Sent as Stripe-Version on every request this client makes.
+                stripe_version=self.api_version,
                 base_addresses={"api": self._base_url},
                 http_client=self._session.http_client(),
                 max_network_retries=0,

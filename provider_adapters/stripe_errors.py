@@ -19,6 +19,9 @@ a reply that is not valid JSON              Ambiguous(invalid_provider_reply)
 ==========================================  ============================================
 
 ``Stripe-Should-Retry: false`` never yields Retryable. Messages never carry the API key.
+This is the reading of the reply's shape; the relay acts on the class of the code's row in
+the error catalogue (provider_adapters/error_catalogue.py, applied by the lane), which may
+differ for a code that is not ambiguous.
 """
 
 from __future__ import annotations

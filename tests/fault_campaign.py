@@ -2,8 +2,13 @@
 
 One campaign owns a PostgreSQL (pgserver, so it can restart it), runs three relay processes
 that publish through a TCP proxy in front of the real RabbitMQ (a vhost of its own, an
-exchange and a quorum queue bound with '#', a consumer on it), and the fake Stripe-compatible
-provider with every fault class it has. Intents arrive in waves (relay.cli.demo.build_workload)
+exchange and a quorum queue bound with '#', a consumer on it), and two providers side by
+side, each relay with a lane for both: the fake Stripe-compatible provider with every fault
+class it has, and the fake Adyen Checkout API with the same classes in Adyen's shape (no
+"500 after the effect": Adyen replays the stored 500 and has no lookup, so only its webhook,
+not received here yet, could settle it). Intents arrive in waves
+(relay.cli.demo.build_workload and build_adyen_workload; the Adyen workload holds only what
+Adyen answers in the reply until the Adyen inbox is in: ADYEN-ASYNC in relay/cli/demo.py)
 while a schedule drawn from the seed injects, one after the other:
 
 * ``kill``     SIGKILL a random relay (mid-call or mid-write-back) and start it again;
@@ -13,8 +18,8 @@ while a schedule drawn from the seed injects, one after the other:
 * ``pg``       restart PostgreSQL (immediate stop: every connection drops);
 * ``broker``   cut the AMQP path (every link dropped, new ones refused) while outcomes keep
                coming, then restore it;
-* ``provider`` switch the fake provider to another fault class (429, 503, timeout after the
-               effect, 500 after the effect, malformed reply, a mix, or none).
+* ``provider`` switch both fake providers to another fault class (429, 503, timeout after
+               the effect, 500 after the effect (Stripe only), malformed reply, a mix, or none).
 
 The schedule counts faults, never seconds: a slow, shared machine runs the same campaign,
 only slower. Then everything is left to finish (a generous guard turns a hang into a
@@ -53,7 +58,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from relay.cli.demo import Row, build_workload
+from provider_adapters.adyen import adyen_idempotency_key
+from provider_adapters.fake.adyen import API_KEY as ADYEN_API_KEY
+from provider_adapters.fake.adyen import MERCHANT_ACCOUNT as ADYEN_MERCHANT
+from relay.cli.demo import Row, build_adyen_workload, build_workload
 from relay.infra.migrate import migrate
 from tests.invariants import (
     TERMINAL,
@@ -61,7 +69,7 @@ from tests.invariants import (
     assert_exactly_once,
     assert_ledger_balanced,
 )
-from tests.processes import FakeProviderProcess, RelayProcess
+from tests.processes import AdyenFakeProcess, FakeProviderProcess, RelayProcess
 from tests.tcp_proxy import TcpProxy
 
 __all__ = ["CampaignConfig", "CampaignReport", "main", "run_campaign"]
@@ -87,12 +95,20 @@ PROVIDER_PHASES: dict[str, dict[str, float]] = {
     "malformed": {**_BASELINE, "rate_malformed": 0.15},
     "none": {},
 }
+# The Adyen fake's switches for the same classes (provider_adapters/fake/adyen.py).
+_ADYEN_FAULTS = {
+    "rate_429": "rate_429",
+    "rate_503": "rate_503",
+    "rate_timeout_after_effect": "rate_drop_after_effect",
+    "rate_malformed": "rate_malformed_after_effect",
+}
 
 
 @dataclass
 class CampaignConfig:
     seed: int = 20261125
     payments: int = 500  # per cycle; build_workload makes about 2.3 intents per payment
+    adyen_payments: int = 150  # per cycle, beside Stripe's; 0: Stripe only
     rounds: int = 40  # faults per cycle
     minutes: float = 0.0  # > 0: repeat cycles (fresh workload each) until this much has run
     relays: int = 3
@@ -131,6 +147,8 @@ class CampaignReport:
     slow_rounds: int = 0
     inserted: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    # (provider, status) -> intents at the end; status 'redriven': attempts > 1
+    by_provider: Counter[tuple[str, str]] = field(default_factory=Counter)
     events: int = 0
     delivered: int = 0
     unique_delivered: int = 0
@@ -180,6 +198,13 @@ class CampaignReport:
             f"  succeeded                          {self.outcomes['succeeded']:>7}",
             f"  failed                             {self.outcomes['failed']:>7}",
             f"  dead                               {self.outcomes['dead']:>7}",
+            *(
+                f"    {provider:<10} succeeded {self.by_provider[(provider, 'succeeded')]},"
+                f" failed {self.by_provider[(provider, 'failed')]},"
+                f" dead {self.by_provider[(provider, 'dead')]},"
+                f" re-driven {self.by_provider[(provider, 'redriven')]}"
+                for provider in sorted({p for p, _ in self.by_provider})
+            ),
             f"  re-driven (attempts > 1)           {self.redriven:>7}",
             f"  events in outbox.events            {self.events:>7}",
             f"  messages delivered to the queue    {self.delivered:>7}",
@@ -402,6 +427,7 @@ class Campaign:
         self.proxy: TcpProxy | None = None
         self.portal: BlockingPortal | None = None
         self.fake: FakeProviderProcess | None = None
+        self.adyen: AdyenFakeProcess | None = None
         self.relays: list[CampaignRelay] = []
         self.stopped: set[str] = set()
         self._phase_cycle: list[str] = []
@@ -476,9 +502,16 @@ class Campaign:
                     cur.executemany(
                         "INSERT INTO outbox.payment_intents (payment_id, action, provider,"
                         " amount_minor, currency, payment_method)"
-                        " VALUES (%s, %s, 'stripe', %s, %s, %s)",
+                        " VALUES (%s, %s, %s, %s, %s, %s)",
                         [
-                            (r.payment_id, r.action, r.amount_minor, r.currency, r.payment_method)
+                            (
+                                r.payment_id,
+                                r.action,
+                                r.provider,
+                                r.amount_minor,
+                                r.currency,
+                                r.payment_method,
+                            )
                             for r in rows
                         ],
                     )
@@ -655,7 +688,19 @@ class Campaign:
     def set_phase(self, phase: str) -> None:
         assert self.fake is not None
         self.fake.configure(self._fault_config(phase))
+        if self.adyen is not None:
+            self.adyen.configure(self._adyen_fault_config(phase))
         self.report.provider_phases.append(phase)
+
+    def _adyen_fault_config(self, phase: str) -> dict[str, Any]:
+        """The phase for the fake Adyen: its switch for each class (every switch set, so
+        the previous phase's rates end), and no 500 after the effect (module docstring)."""
+        rates = PROVIDER_PHASES[phase]
+        return {
+            "latency_ms": 10,
+            "seed": self.rng.randrange(1 << 30),
+            **{adyen: rates.get(ours, 0.0) for ours, adyen in _ADYEN_FAULTS.items()},
+        }
 
     def _fault_config(self, phase: str) -> dict[str, Any]:
         return {
@@ -687,6 +732,21 @@ class Campaign:
             # the default 30 s would only slow the campaign down.
             "RELAY_PROVIDERS__STRIPE__BREAKER_FAILURE_THRESHOLD": "10",
             "RELAY_PROVIDERS__STRIPE__BREAKER_COOLDOWN_SECONDS": "1",
+            **(
+                {
+                    "RELAY_PROVIDERS__ADYEN__KIND": "adyen",
+                    "RELAY_PROVIDERS__ADYEN__API_KEY": ADYEN_API_KEY,
+                    "RELAY_PROVIDERS__ADYEN__MERCHANT_ACCOUNT": ADYEN_MERCHANT,
+                    "RELAY_PROVIDERS__ADYEN__BASE_URL": self.adyen.url,
+                    "RELAY_PROVIDERS__ADYEN__TIMEOUT_MS": "1000",
+                    "RELAY_PROVIDERS__ADYEN__CONNECT_TIMEOUT_MS": "500",
+                    "RELAY_PROVIDERS__ADYEN__CONCURRENCY": "16",
+                    "RELAY_PROVIDERS__ADYEN__BREAKER_FAILURE_THRESHOLD": "10",
+                    "RELAY_PROVIDERS__ADYEN__BREAKER_COOLDOWN_SECONDS": "1",
+                }
+                if self.adyen is not None
+                else {}
+            ),
             "RELAY_LEASE_SECONDS": f"{c.lease_seconds:g}",
             "RELAY_MAX_ATTEMPTS": str(c.max_attempts),
             "RELAY_BACKOFF_BASE_SECONDS": "0.05",
@@ -723,6 +783,9 @@ class Campaign:
             self.portal.start_task(self.proxy.serve)
             self.fake = FakeProviderProcess(self.workdir, "--seed", str(c.seed))
             stack.callback(self.fake.stop)
+            if c.adyen_payments:
+                self.adyen = AdyenFakeProcess(self.workdir, "--seed", str(c.seed))
+                stack.callback(self.adyen.stop)
             self.set_phase("mixed")
             env = self.relay_env(self.proxy.url)
             self.relays = [
@@ -753,6 +816,7 @@ class Campaign:
     def run_cycle(self, cycle: int) -> None:
         c = self.config
         rows = build_workload(c.payments, self.rng, f"campaign-c{cycle}")
+        rows += build_adyen_workload(c.adyen_payments, self.rng, f"campaign-c{cycle}-adyen")
         waves = _waves(rows, c.waves or c.rounds)
         schedule = _schedule(self.rng, c.rounds)
         every = max(1, c.rounds // len(waves))
@@ -812,7 +876,20 @@ class Campaign:
         report = self.report
         effects = self.fake.effects()
         report.provider_faults = dict(effects["faults_injected"])  # type: ignore[call-overload]
+        if self.adyen is not None:
+            effects = self._with_adyen_effects(effects, self.adyen.effects())
         with psycopg.connect(self.db_url) as conn:
+            report.by_provider = Counter(
+                {
+                    (provider, status): n
+                    for provider, status, n in conn.execute(
+                        "SELECT provider, status, count(*) FROM outbox.payment_intents"
+                        " GROUP BY provider, status"
+                        " UNION ALL SELECT provider, 'redriven', count(*)"
+                        " FROM outbox.payment_intents WHERE attempts > 1 GROUP BY provider"
+                    ).fetchall()
+                }
+            )
             report.outcomes = Counter(
                 dict(
                     conn.execute(
@@ -842,6 +919,34 @@ class Campaign:
         )
         self._check("zombies were fenced (their write-backs refused)", self._zombies_fenced)
         self._check("every fault kind and provider fault class happened", self._coverage)
+        if self.adyen is not None:
+            self._check("both providers served side by side", self._both_providers)
+
+    def _with_adyen_effects(self, stripe: dict[str, Any], adyen: dict[str, Any]) -> dict[str, Any]:
+        """One effects document for both fakes, keyed by the intents' own keys (the Adyen
+        fake counts the Idempotency-Key as sent: a key over 64 characters is hashed)."""
+        with psycopg.connect(self.db_url) as conn:
+            keys = [
+                key
+                for (key,) in conn.execute(
+                    "SELECT idempotency_key FROM outbox.payment_intents WHERE provider = 'adyen'"
+                ).fetchall()
+            ]
+        ours = {adyen_idempotency_key(key): key for key in keys}
+        by_key = dict(stripe["effects_by_key"])
+        for sent, entry in adyen["effects_by_key"].items():
+            key = ours.get(sent, f"adyen:{sent}")  # an effect of no intent of ours still counts
+            assert key not in by_key, f"key {key} has effects at both providers"
+            by_key[key] = entry
+        return {**stripe, "effects_by_key": by_key}
+
+    def _both_providers(self) -> None:
+        served = {
+            provider
+            for (provider, status), n in self.report.by_provider.items()
+            if status == "succeeded" and n
+        }
+        assert served >= {"stripe", "adyen"}, f"succeeded intents only for {sorted(served)}"
 
     def _ledger(self) -> None:
         assert_ledger_balanced(self.db_url)
@@ -965,7 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tests.fault_campaign",
         description=(
             "Run the relay's fault campaign: relays SIGKILLed, zombies SIGSTOPped past their "
-            "lease, PostgreSQL restarted, the RabbitMQ path cut, every provider fault class; "
+            "lease, PostgreSQL restarted, the RabbitMQ path cut, every provider fault class, "
+            "Stripe and Adyen side by side; "
             "then check every invariant and print a summary. Needs pgserver (the campaign "
             "restarts its own PostgreSQL) and RabbitMQ (RELAY_TEST_AMQP_URL)."
         ),
@@ -980,6 +1086,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=defaults.payments,
         help="payments per cycle, ~2.3 intents each (default %(default)s)",
+    )
+    parser.add_argument(
+        "--adyen-payments",
+        type=int,
+        default=defaults.adyen_payments,
+        help="Adyen payments per cycle beside Stripe's, ~1.2 intents each; 0: Stripe only "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--minutes",
@@ -999,6 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         rounds=args.rounds,
         payments=args.payments,
+        adyen_payments=args.adyen_payments,
         minutes=args.minutes,
         relays=args.relays,
         lease_seconds=args.lease_seconds,

@@ -37,6 +37,54 @@ def free_port() -> int:
         return port
 
 
+class AdyenFakeProcess:
+    """The fake Adyen Checkout API (provider_adapters/fake/adyen.py) as its own process."""
+
+    def __init__(self, log_dir: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_dir / "fake-adyen.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "provider_adapters.fake.adyen",
+                "--port",
+                str(self.port),
+                *flags,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        block_until(self._answers, "the fake Adyen to answer", guard_seconds=30)
+
+    def _answers(self) -> bool:
+        try:
+            httpx.get(f"{self.url}/_fake/effects", timeout=1).raise_for_status()
+        except httpx.HTTPError:
+            if self.proc.poll() is not None:
+                raise RuntimeError("fake Adyen exited at start; see its log") from None
+            return False
+        return True
+
+    def effects(self) -> dict[str, object]:
+        response = httpx.get(f"{self.url}/_fake/effects", timeout=30)
+        response.raise_for_status()
+        result: dict[str, object] = response.json()
+        return result
+
+    def configure(self, faults: dict[str, object]) -> None:
+        httpx.post(f"{self.url}/_fake/config", json=faults, timeout=10).raise_for_status()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
 class FakeProviderProcess:
     def __init__(self, log_dir: Path, *flags: str) -> None:
         self.port = free_port()

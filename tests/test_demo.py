@@ -154,3 +154,34 @@ def test_a_small_demo_finishes_and_passes_its_check(db_url: str) -> None:
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "exactly-once check passed" in result.stdout
+    # Both providers side by side, each checked against its own fake's effects.
+    assert "succeeded intents (adyen, stripe)" in result.stdout
+    assert "inserted " in result.stdout and "for 15 Stripe and 5 Adyen payments" in result.stdout
+    assert any(line.startswith("adyen    charge") for line in result.stdout.splitlines())
+
+
+def test_the_adyen_workload_sends_only_what_adyen_answers_in_the_reply() -> None:
+    """Until the Adyen inbox is in (ADYEN-ASYNC in relay/cli/demo.py), an Adyen capture,
+    void or refund would stay unconfirmed: the workload's only such commands are ones the
+    state machine refuses before any call (a capture before an authorisation, a refund
+    above the charge)."""
+    import random
+
+    from relay.cli.demo import ADYEN_ACTIONS, build_adyen_workload
+
+    rows = build_adyen_workload(400, random.Random(3), "aw")
+    assert {r.provider for r in rows} == {"adyen"}
+    assert {r.action for r in rows} == {"authorize", "charge", "capture", "refund"}
+    by_payment: dict[str, list[object]] = {}
+    for row in rows:
+        by_payment.setdefault(row.payment_id, []).append(row)
+    for payment in by_payment.values():
+        for n, row in enumerate(payment):
+            if row.action in ADYEN_ACTIONS:  # type: ignore[attr-defined]
+                continue
+            if row.action == "capture":  # type: ignore[attr-defined]
+                assert n == 0, "a capture only before any authorisation: refused"
+            else:
+                first = payment[0]
+                assert first.action == "charge" and n == 1  # type: ignore[attr-defined]
+                assert row.amount_minor > first.amount_minor  # type: ignore[attr-defined]

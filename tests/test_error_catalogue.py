@@ -4,14 +4,32 @@ an uncatalogued code is counted by code."""
 
 from __future__ import annotations
 
+import ast
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
-from provider_adapters.base import Action, Outcome, ProviderAdapter, Succeeded
-from provider_adapters.error_catalogue import CLASSES, _parse, catalogue, lookup
+from provider_adapters.base import (
+    Action,
+    Ambiguous,
+    Declined,
+    Invalid,
+    Outcome,
+    ProviderAdapter,
+    Retryable,
+    Succeeded,
+)
+from provider_adapters.error_catalogue import (
+    CLASSES,
+    _parse,
+    catalogue,
+    catalogued_outcome,
+    class_of,
+    lookup,
+    lookup_in,
+)
 from provider_adapters.fake.adyen import CARDS
 from provider_adapters.fake.cards import TEST_CARDS
 from relay.cli.errors import markdown
@@ -39,12 +57,22 @@ class Seen:
 
 
 def assert_catalogued(kind: str, pairs: set[tuple[str, str]]) -> None:
+    """Every code has a row, and the row's class is the one the relay then acts on: a
+    row the adapter's class overrides (an ambiguous outcome stays ambiguous) would say
+    one thing and the relay do another."""
     missing = sorted(f"{kind} {code} ({klass})" for klass, code in pairs if not lookup(kind, code))
     assert missing == [], f"add rows to provider_adapters/error_catalogue.csv: {missing}"
+    outcome_of = {"declined": Declined, "invalid": Invalid, "retryable": Retryable}
     wrong = sorted(
-        f"{code}: adapter says {klass}, catalogue {entry.klass}"
+        f"{code}: adapter says {klass}, catalogue {entry.klass}, relay acts on {acted}"
         for klass, code in pairs
-        if (entry := lookup(kind, code)) and entry.klass != klass
+        if (entry := lookup(kind, code))
+        and (
+            acted := class_of(
+                catalogued_outcome(kind, outcome_of.get(klass, Ambiguous)(code, "m"))  # type: ignore[abstract]
+            )
+        )
+        != entry.klass
     )
     assert wrong == []
 
@@ -183,3 +211,247 @@ def test_an_uncatalogued_code_is_counted_by_code() -> None:
     _count_uncatalogued(lane, intent, Declined("fraud", "x"))  # type: ignore[arg-type]
     assert count("refused_99") == before_new + 1
     assert count("fraud") == before_known, "a catalogued code is not counted"
+
+
+# -- the catalogue decides the class ------------------------------------------------------
+
+HEADER = "provider,code,unified_code,class,other_card_may_succeed,remediation,customer_message\n"
+
+
+def _with_rows(text: str) -> list[object]:
+    """The shipped catalogue with ``text``'s rows added or replacing the same (provider, code)."""
+    new = _parse(HEADER + text)
+    replaced = {(e.provider, e.code) for e in new}
+    return [e for e in catalogue() if (e.provider, e.code) not in replaced] + list(new)
+
+
+def test_the_row_decides_the_class_so_a_code_is_a_data_change() -> None:
+    # Shipped: Adyen's refusal 7 (invalid_amount) is our amount, not the card: dead for an
+    # operator, not a failed payment, although the adapter reads a refusal.
+    assert catalogued_outcome("adyen", Declined("invalid_amount", "m")) == Invalid(
+        "invalid_amount", "m"
+    )
+    # Changing a row changes what the relay does, nothing else.
+    refusal = Declined("issuer_unavailable", "Issuer Unavailable")
+    assert catalogued_outcome("adyen", refusal) == refusal
+    rows = lookup_in(
+        _with_rows("adyen,issuer_unavailable,issuer_unavailable,retryable,no,Retried.,Try later.\n")  # type: ignore[arg-type]
+    )
+    assert catalogued_outcome("adyen", refusal, rows) == Retryable(
+        "issuer_unavailable", "Issuer Unavailable"
+    )
+    # A new code: counted while it has no row (the adapter's class holds), then its row's.
+    new = Invalid("adyen_999", "m")
+    assert lookup("adyen", "adyen_999") is None
+    assert catalogued_outcome("adyen", new) == new
+    rows = lookup_in(_with_rows("adyen,adyen_999,x,declined,yes,Nothing.,Use another card.\n"))  # type: ignore[arg-type]
+    assert catalogued_outcome("adyen", new, rows) == Declined("adyen_999", "m")
+    # Rows are per provider kind; the shared rows apply to every kind.
+    assert catalogued_outcome("stripe", Declined("invalid_amount", "m")) == Declined(
+        "invalid_amount", "m"
+    )
+    assert catalogued_outcome("adyen", Invalid("rate_limited", "m")) == Retryable(
+        "rate_limited", "m"
+    )
+
+
+def test_no_row_turns_may_have_happened_into_nothing_happened() -> None:
+    rows = lookup_in(
+        _with_rows(  # type: ignore[arg-type]
+            "*,provider_timeout,x,declined,,x,x\n"
+            "adyen,awaiting_confirmation,x,invalid,,x,x\n"
+            "*,connection_lost,x,retryable,,x,x\n"
+        )
+    )
+    for outcome in (
+        Ambiguous("provider_timeout", "m"),
+        Ambiguous("awaiting_confirmation", "m", "8815000000000001"),
+        Ambiguous("connection_lost", "m"),
+    ):
+        assert catalogued_outcome("adyen", outcome, rows) is outcome
+    # ... while a row may make any other outcome more cautious.
+    cautious = lookup_in(_with_rows("stripe,card_declined,x,ambiguous,,x,x\n"))  # type: ignore[arg-type]
+    assert catalogued_outcome("stripe", Declined("card_declined", "m"), cautious) == Ambiguous(
+        "card_declined", "m"
+    )
+    assert catalogued_outcome("stripe", Succeeded("pi_1", "pi_1", 1, "EUR"), cautious) == (
+        Succeeded("pi_1", "pi_1", 1, "EUR")
+    )
+
+
+def test_an_uncatalogued_code_keeps_the_adapters_class() -> None:
+    for outcome in (
+        Declined("refused_99", "m"),
+        Invalid("adyen_999", "m"),
+        Retryable("new_throttle", "m", 2.0),
+        Ambiguous("new_5xx", "m", None),
+    ):
+        assert lookup("adyen", outcome.code) is None
+        assert catalogued_outcome("adyen", outcome) is outcome
+
+
+@pytest.mark.anyio
+async def test_the_lane_gives_the_relay_the_catalogues_class() -> None:
+    """Through the lane the relay runs: Adyen refuses the amount (refusal reason 7), the
+    adapter reads a refusal, the relay gets the row's class; the breaker counts the
+    provider's answer as healthy."""
+    from relay.core.lanes import BreakerSettings, Lane
+    from relay.domain.breaker import BreakerState
+
+    async with adyen_on_fake() as (_fake, adapter):
+        raw = await adapter.execute(
+            command(Action.AUTHORIZE, "amount-7", method="adyen_invalid_amount")
+        )
+        assert raw == Declined("invalid_amount", "Invalid Amount")
+        lane = Lane(
+            "adyen-eu",
+            adapter,
+            concurrency=1,
+            timeout_seconds=10,
+            breaker=BreakerSettings(failure_threshold=1),
+        )
+        outcome = await lane.execute(
+            command(Action.AUTHORIZE, "amount-7b", method="adyen_invalid_amount")
+        )
+        assert outcome == Invalid("invalid_amount", "Invalid Amount")
+        assert lane.breaker.state is BreakerState.CLOSED  # one failure would open it
+
+
+# -- every code the fakes' source can make, found by reading it ----------------------------
+#
+# The tests above drive the fakes; this one reads their source, so a new error answer added
+# to a fake fails here even before a test drives it. Each answer goes through the real
+# reading of the reply: the Stripe SDK's own error construction and the adapter's
+# classification, the Adyen adapter's own error and result mapping.
+
+FAKE_DIR = ROOT / "provider_adapters" / "fake"
+
+
+def _literal(node: ast.expr | None) -> object:
+    try:
+        return ast.literal_eval(node) if node is not None else None
+    except ValueError:
+        return _NOT_LITERAL
+
+
+_NOT_LITERAL = object()
+
+
+def _calls(name: str, pattern: str = "*.py") -> list[tuple[str, ast.Call]]:
+    found = []
+    for path in sorted(FAKE_DIR.glob(pattern)):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == name
+            ):
+                found.append((f"{path.name}:{node.lineno}", node))
+    return found
+
+
+def _stripe_answers() -> list[tuple[str, int, dict[str, str]]]:
+    """(where, HTTP status, error object) of every stripe_error(...) in the fake's source,
+    and of every test card's decline."""
+    answers = []
+    for where, call in _calls("stripe_error"):
+        if len(call.args) < 3:
+            continue  # the definition's own recursion or a call by *args: none today
+        status, type_ = _literal(call.args[0]), _literal(call.args[1])
+        keywords = {k.arg: _literal(k.value) for k in call.keywords if k.arg}
+        code = keywords.get("code")
+        assert isinstance(status, int) and isinstance(type_, str), (
+            f"{where}: stripe_error with a computed status or type; make them literals so "
+            "this test can check the answer's code against the catalogue"
+        )
+        assert code is None or isinstance(code, str), f"{where}: a computed code"
+        error = {"type": type_, "message": "m"}
+        if code:
+            error["code"] = code
+        answers.append((where, status, error))
+    for where, call in _calls("_error", "settlement.py"):  # Stripe's listing errors
+        status = _literal(call.args[0])
+        if isinstance(call.args[0], ast.Name):
+            continue  # the helper's own body
+        assert isinstance(status, int), f"{where}: a computed status"
+        answers.append((where, status, {"type": "invalid_request_error", "message": "m"}))
+    for card in TEST_CARDS:
+        if card.declines:
+            error = {"type": "card_error", "message": "m", "code": card.code or "card_declined"}
+            if card.decline_code:
+                error["decline_code"] = card.decline_code
+            answers.append((f"cards.py {card.payment_method}", 402, error))
+    return answers
+
+
+def _adyen_answers() -> list[tuple[str, int, str]]:
+    """(where, HTTP status, errorCode) of every _error(...) and error body in the fake."""
+    answers = []
+    for where, call in _calls("_error", "adyen.py"):
+        status, code = _literal(call.args[0]), _literal(call.args[1])
+        if isinstance(call.args[0], ast.Name):
+            continue  # the helper's own body
+        assert isinstance(status, int) and isinstance(code, str), f"{where}: computed answer"
+        answers.append((where, status, code))
+    source = (FAKE_DIR / "adyen.py").read_text(encoding="utf-8")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Dict):
+            keys = [_literal(k) for k in node.keys]
+            if "errorCode" in keys and "status" in keys:
+                nodes = dict(zip(keys, node.values, strict=True))
+                if isinstance(nodes["status"], ast.Name):
+                    continue  # _error's own body
+                status, code = _literal(nodes["status"]), _literal(nodes["errorCode"])
+                assert isinstance(status, int) and isinstance(code, str), node.lineno
+                answers.append((f"adyen.py:{node.lineno}", status, code))
+    return answers
+
+
+def test_every_error_answer_in_the_fakes_source_has_a_catalogued_code() -> None:
+    import json
+
+    import stripe
+    from stripe._api_requestor import _APIRequestor
+
+    from provider_adapters.adyen import AdyenAdapter
+    from provider_adapters.fake.adyen import CARDS as ADYEN_CARDS
+    from provider_adapters.stripe_errors import classify_stripe_error
+
+    missing: list[str] = []
+    requestor = _APIRequestor()
+    stripe_answers = _stripe_answers()
+    assert len(stripe_answers) >= 15, stripe_answers
+    for where, status, error in stripe_answers:
+        body = {"error": error}
+        for headers in ({}, {"Stripe-Should-Retry": "true"}, {"Stripe-Should-Retry": "false"}):
+            try:
+                requestor.handle_error_response(json.dumps(body), status, body, headers, "V1")
+            except stripe.StripeError as exc:
+                outcome = classify_stripe_error(exc)
+            code = getattr(outcome, "code", None)
+            if code is None or lookup("stripe", code) is None:
+                missing.append(f"stripe {code} ({where}, HTTP {status})")
+
+    adyen_answers = _adyen_answers()
+    assert {code for _, _, code in adyen_answers} >= {"167", "138", "704", "702", "905"}
+    for where, status, code in adyen_answers:
+        outcome = AdyenAdapter._error(status, {"errorCode": code, "message": "m"}, None)
+        if lookup("adyen", outcome.code) is None:  # type: ignore[union-attr]
+            missing.append(f"adyen {outcome.code} ({where}, HTTP {status} errorCode {code})")  # type: ignore[union-attr]
+    adapter = AdyenAdapter(name="adyen", api_key="k", merchant_account="m")
+    for method, (result, reason, reason_code) in ADYEN_CARDS.items():
+        reply = {"resultCode": result, "pspReference": "8815000000000001"}
+        if reason_code:
+            reply |= {"refusalReason": reason, "refusalReasonCode": reason_code}
+        outcome = adapter._answer(
+            command(Action.AUTHORIZE, method, method=method),
+            1000,
+            200,
+            json.dumps(reply).encode(),
+            None,
+        )
+        if not isinstance(outcome, Succeeded) and lookup("adyen", outcome.code) is None:
+            missing.append(f"adyen {outcome.code} (card {method}: {result} {reason_code})")
+    assert missing == [], (
+        f"add rows to provider_adapters/error_catalogue.csv: {sorted(set(missing))}"
+    )

@@ -1,7 +1,8 @@
 """The fault campaign at CI size: every fault at once, then every invariant.
 
 Three relay processes, a PostgreSQL the campaign owns (restarted), RabbitMQ behind a proxy
-(cut), the fake provider with every fault class, relays SIGKILLed, SIGSTOPped past their
+(cut), the fake Stripe and the fake Adyen side by side with every fault class (Adyen: what it
+answers in the reply until its inbox is in), relays SIGKILLed, SIGSTOPped past their
 lease (zombies) and SIGTERMed under load; then nothing lost, exactly one effect per
 succeeded intent, ledger balanced, audit chain verified, every event delivered (dedup by
 message_id) in per-payment order, and every zombie's write-backs fenced. The schedule counts
@@ -33,6 +34,7 @@ def test_fault_campaign_keeps_every_invariant(amqp_url: str, tmp_path: Path) -> 
         seed=int(os.environ.get("RELAY_TEST_SEED", "20261125")),
         rounds=int(os.environ.get("RELAY_TEST_CAMPAIGN_ROUNDS", "40")),
         payments=500,
+        adyen_payments=150,
         amqp_url=amqp_url,
         workdir=tmp_path,
         keep_logs=True,
@@ -43,4 +45,5 @@ def test_fault_campaign_keeps_every_invariant(amqp_url: str, tmp_path: Path) -> 
     assert report.faults.total() == config.rounds, "every scheduled fault was injected"
     assert all(report.faults[kind] > 0 for kind in FAULT_KINDS)
     assert report.fenced_by_zombies > 0, "some zombie write-back was refused by its fence"
+    assert report.by_provider[("adyen", "redriven")] > 0, "Adyen intents were retried too"
     assert report.delivered >= report.events == report.unique_delivered

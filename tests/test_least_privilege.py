@@ -166,7 +166,7 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
         "outbox_relay",
         "relay_instances",
         "UPDATE",
-    ): "providers,heartbeat_interval_seconds,heartbeat_at",
+    ): "providers,heartbeat_interval_seconds,heartbeat_at,api_versions",  # sql/0045
 }
 
 # function -> the group roles that may EXECUTE it
@@ -243,6 +243,7 @@ RELAY_STATEMENTS = {
     "relay_heartbeat",  # sql/0018: relay/service/instances.py reports what this relay serves
     "relay_withdraw",
     "relay_instances",
+    "provider_key_lifetimes",  # relay/service/main.py: the start-up check of key lifetimes
     "janitor_reserve",  # relay/core/janitor.py
     "janitor_take",
     "janitor_record",
@@ -370,6 +371,7 @@ APP_MAY_RUN = {
     "intent_payment",
     "ledger_payment_totals",  # sums over outbox.payments only
     "payment_intents_in_order",
+    "provider_key_lifetimes",  # outbox.provider_policies, which applications read (sql/0008)
     "queue_depth",
     "set_actor",
     "set_operator_actor",

@@ -29,7 +29,7 @@ def _reported(db_url: str, *, seconds_from_now: float = 0) -> list[tuple[Any, ..
         now = row.fetchone()
         assert now is not None
         found = conn.execute(QUERIES["relay_instances"], {"now": now[0]}).fetchall()
-    return [(instance, providers, live) for instance, providers, _at, _age, live in found]
+    return [(instance, providers, live) for instance, providers, _at, _age, live, *_ in found]
 
 
 def _status(db_url: str) -> dict[str, Any]:
@@ -47,9 +47,11 @@ def test_a_relay_without_a_depth_sampler_still_reports_and_withdraws_on_a_clean_
         "serving-relay",
         idle_relay_env(
             db_url,
-            RELAY_PROVIDERS__ADYEN__KIND="stripe",
-            RELAY_PROVIDERS__ADYEN__API_KEY="sk_test_serving",
-            RELAY_PROVIDERS__ADYEN__BASE_URL=UNREACHABLE_PROVIDER,
+            # A second Stripe lane; not named adyen, whose 31-day key lifetime (sql/0046)
+            # a Stripe lane refuses to start with (tests/test_key_lifetimes.py).
+            RELAY_PROVIDERS__ACME__KIND="stripe",
+            RELAY_PROVIDERS__ACME__API_KEY="sk_test_serving",
+            RELAY_PROVIDERS__ACME__BASE_URL=UNREACHABLE_PROVIDER,
             RELAY_DEPTH_INTERVAL_SECONDS="0",  # the sampler is off
         ),
         tmp_path,
@@ -58,7 +60,7 @@ def test_a_relay_without_a_depth_sampler_still_reports_and_withdraws_on_a_clean_
     try:
         relay.wait_ready()
         # Reported before relay_ready: no wait for a sample that never comes.
-        assert _reported(db_url) == [("serving-relay", ["adyen", "stripe"], True)]
+        assert _reported(db_url) == [("serving-relay", ["acme", "stripe"], True)]
         status = _status(db_url)
         assert status["unserved_providers"] == ["paypal"]
         assert [(r["instance"], r["live"]) for r in status["relays"]] == [("serving-relay", True)]

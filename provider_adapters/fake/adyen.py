@@ -70,6 +70,8 @@ CARDS: dict[str, tuple[str, str, str]] = {
     "adyen_not_enough_balance": ("Refused", "Not enough balance", "12"),
     "adyen_fraud": ("Refused", "FRAUD", "20"),
     "adyen_cvc_declined": ("Refused", "CVC Declined", "24"),
+    # A refusal the error catalogue classes as invalid (our amount), not as a decline.
+    "adyen_invalid_amount": ("Refused", "Invalid Amount", "7"),
     "adyen_error": ("Error", "Acquirer Error", "4"),
     "adyen_pending": ("Pending", "", ""),
     "adyen_redirect": ("RedirectShopper", "", ""),

@@ -5,7 +5,10 @@
 * the same key with other parameters is an ``idempotency_error``;
 * a request while the key's first request still runs gets 409 ``idempotency_key_in_use``;
 * injected 429/503 answers are not stored (nothing happened), an injected 500 after the
-  effect is stored and replayed, like Stripe.
+  effect is stored and replayed, like Stripe;
+* the ``Stripe-Version`` a request carries is counted (``api_versions`` in
+  ``/_fake/effects``, ``stripe_version`` in ``/_fake/requests``) and echoed in the reply's
+  ``Stripe-Version`` header, as Stripe does, so a test sees which version was sent.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ class _Fake:
         self.in_use: set[str] = set()
         self.requests = 0
         self.faults_injected: Counter[str] = Counter()
+        # Requests by the Stripe-Version header they carried ("" when none).
+        self.api_versions: Counter[str] = Counter()
         # Every POST with its start and end (monotonic seconds), for tests that check
         # concurrency limits, rate limits and breakers from the provider's side.
         self.request_log: deque[dict[str, Any]] = deque(maxlen=100_000)
@@ -89,7 +94,16 @@ class _Fake:
         self.in_use.clear()
         self.requests = 0
         self.faults_injected.clear()
+        self.api_versions.clear()
         self.request_log.clear()
+
+    def versioned(self, request: web.Request, response: web.Response) -> web.Response:
+        """Count the request's Stripe-Version and echo it, as Stripe does."""
+        version = request.headers.get("Stripe-Version", "")
+        self.api_versions[version] += 1
+        if version:
+            response.headers["Stripe-Version"] = version
+        return response
 
     def authorised(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -100,6 +114,7 @@ class _Fake:
             "path": request.path,
             "idempotency_key": request.headers.get("Idempotency-Key"),
             "traceparent": request.headers.get("traceparent"),
+            "stripe_version": request.headers.get("Stripe-Version"),
             "started": time.monotonic(),
             "finished": None,
             "status": None,
@@ -110,7 +125,7 @@ class _Fake:
         finally:
             entry["finished"] = time.monotonic()
         entry["status"] = response.status
-        return response
+        return self.versioned(request, response)
 
     async def _post(self, request: web.Request, handler: Handler) -> web.Response:
         self.requests += 1
@@ -261,8 +276,8 @@ def create_app(
         async def view(request: web.Request) -> web.Response:
             fake.requests += 1
             if not fake.authorised(request):
-                return _json(*fake._auth_error())
-            return _json(*reader(request))
+                return fake.versioned(request, _json(*fake._auth_error()))
+            return fake.versioned(request, _json(*reader(request)))
 
         return view
 
@@ -360,6 +375,7 @@ def create_app(
                 "effects_by_key": fake.state.effects_by_key(),
                 "total_effects": len(fake.state.effects),
                 "requests": fake.requests,
+                "api_versions": dict(fake.api_versions),
                 "faults_injected": {
                     name: fake.faults_injected[name]
                     for name in (

@@ -1,9 +1,10 @@
 """`outbox-relay demo`: the whole path on one machine, with faults on, checked at the end.
 
-Starts (or uses) PostgreSQL, migrates, serves the fake Stripe-compatible provider, inserts
-a realistic mixed workload, runs relays until every intent is terminal while showing
-progress, then prints a summary and checks exactly-once against the provider's own
-effect counts. Exit status 0 only if every check holds.
+Starts (or uses) PostgreSQL, migrates, serves the fake Stripe-compatible provider and the
+fake Adyen Checkout API side by side, inserts a realistic mixed workload for each, runs
+relays (one lane per provider) until every intent is terminal while showing progress, then
+prints a summary and checks exactly-once against each provider's own effect counts. Exit
+status 0 only if every check holds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ import psycopg
 
 from relay.cli.tables import clip
 
-__all__ = ["build_workload", "run_demo", "wait_for_workload"]
+__all__ = [
+    "ADYEN_ACTIONS",
+    "build_adyen_workload",
+    "build_workload",
+    "run_demo",
+    "wait_for_workload",
+]
 
 # (code, one major unit in minor units, the smallest step Stripe takes: three-decimal
 # currencies only with the last digit 0, see provider_adapters/currency_units.py)
@@ -40,6 +47,49 @@ class Row:
     amount_minor: int | None
     currency: str
     payment_method: str | None = None
+    provider: str = "stripe"
+
+
+# ADYEN-ASYNC: Adyen confirms a capture, a cancel and a refund only by webhook (`201
+# received`). Until the relay's awaiting_confirmation state and the Adyen webhook inbox are
+# in (issue 19, built beside this), such an intent stays ambiguous and ends dead after its
+# attempts, so the Adyen workload sends only what Adyen answers in the reply: an
+# authorisation, a charge (authorise with immediate capture) and their refusals. The state
+# machine's refusals (a capture before any authorisation, a refund above the charge) are
+# included: they never reach the provider. Once the inbox lands, add the flows of
+# build_workload here (and in tests/fault_campaign.py, which uses this workload).
+ADYEN_ACTIONS = ("authorize", "charge")
+# Adyen's test refusals in the fake (provider_adapters/fake/adyen.py CARDS).
+_ADYEN_DECLINES = ["adyen_refused", "adyen_not_enough_balance", "adyen_fraud", "adyen_expired"]
+
+
+def build_adyen_workload(payments: int, rng: random.Random, prefix: str) -> list[Row]:
+    """``payments`` Adyen payments whose outcome is in Adyen's reply (ADYEN_ACTIONS), and
+    commands the state machine refuses before any call."""
+    rows: list[Row] = []
+    for n in range(payments):
+        pid = f"{prefix}-{n:05d}"
+        currency, unit, _step = rng.choice(CURRENCIES)
+        amount = rng.randint(5, 500) * unit
+        roll = rng.random()
+        if roll < 0.45:  # one-step charge
+            rows.append(Row(pid, "charge", amount, currency, "pm_card_visa", "adyen"))
+        elif roll < 0.70:  # an authorisation held (its capture would wait for the inbox)
+            rows.append(Row(pid, "authorize", amount, currency, "pm_card_mastercard", "adyen"))
+        elif roll < 0.85:  # refusals
+            action = rng.choice(ADYEN_ACTIONS)
+            rows.append(Row(pid, action, amount, currency, rng.choice(_ADYEN_DECLINES), "adyen"))
+        elif roll < 0.95:  # invalid: refund above the charge (refused, never sent)
+            rows += [
+                Row(pid, "charge", amount, currency, "pm_card_visa", "adyen"),
+                Row(pid, "refund", amount + unit, currency, None, "adyen"),
+            ]
+        else:  # invalid: capture before authorize (refused), then an authorisation
+            rows += [
+                Row(pid, "capture", amount, currency, None, "adyen"),
+                Row(pid, "authorize", amount, currency, "pm_card_amex", "adyen"),
+            ]
+    return rows
 
 
 def build_workload(
@@ -126,7 +176,11 @@ def run_demo(args: argparse.Namespace) -> int:
 async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
     from aiohttp import web
 
+    from provider_adapters.adyen import AdyenAdapter
     from provider_adapters.fake import FaultConfig, create_app
+    from provider_adapters.fake.adyen import API_KEY as ADYEN_API_KEY
+    from provider_adapters.fake.adyen import MERCHANT_ACCOUNT as ADYEN_MERCHANT
+    from provider_adapters.fake.adyen import AdyenFaults, create_adyen_app
     from provider_adapters.stripe import StripeAdapter
     from relay.core.lanes import Lane
     from relay.core.runtime import Relay, RelayOptions
@@ -162,6 +216,32 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
         f"malformed {args.rate_malformed:.0%}"
     )
 
+    adyen_payments = args.payments // 3 if args.adyen_payments is None else args.adyen_payments
+    adyen_runner = None
+    adyen_url = ""
+    if adyen_payments:
+        # The same fault classes, in Adyen's shape. A 500 after the effect is not injected:
+        # Adyen replays the stored 500 for the key and has no lookup, so such an intent ends
+        # dead with its outcome unknown until the AUTHORISATION webhook settles it (the
+        # Adyen inbox, ADYEN-ASYNC above), which the demo's exactly-once check would count.
+        adyen_faults = AdyenFaults(
+            seed=args.seed,
+            latency_ms=args.latency_ms,
+            rate_429=args.rate_429,
+            rate_503=args.rate_503,
+            rate_drop_after_effect=args.rate_timeout_after_effect,
+            rate_malformed_after_effect=args.rate_malformed,
+        )
+        adyen_runner = web.AppRunner(create_adyen_app(adyen_faults))
+        await adyen_runner.setup()
+        adyen_site = web.TCPSite(adyen_runner, "127.0.0.1", 0)
+        await adyen_site.start()
+        adyen_url = f"http://127.0.0.1:{adyen_runner.addresses[0][1]}"
+        print(
+            f"fake Adyen on {adyen_url} (Checkout v71) with the same faults; no effect-then-500 "
+            "(Adyen has no lookup: its webhook would settle it, not yet received here)"
+        )
+
     await anyio.to_thread.run_sync(_exchange_rates, url)
 
     rng = random.Random(args.seed)
@@ -169,8 +249,12 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
     # a long run of digits in an id could take the shape of a card number and be refused.
     prefix = "demo-" + "".join(random.SystemRandom().choices(string.ascii_lowercase, k=10))
     rows = build_workload(args.payments, rng, prefix)
+    rows += build_adyen_workload(adyen_payments, rng, prefix + "-adyen")
     await anyio.to_thread.run_sync(_insert, url, rows)
-    print(f"inserted {len(rows)} intents for {args.payments} payments")
+    print(
+        f"inserted {len(rows)} intents for {args.payments} Stripe and {adyen_payments} Adyen "
+        "payments"
+    )
 
     relays = []
     for n in range(args.relays):
@@ -182,10 +266,22 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
             read_timeout_seconds=1.0,
             max_connections=32,
         )
+        lanes = {"stripe": Lane("stripe", adapter, concurrency=32, timeout_seconds=2.0)}
+        if adyen_runner is not None:
+            adyen = AdyenAdapter(
+                name="adyen",
+                api_key=ADYEN_API_KEY,
+                merchant_account=ADYEN_MERCHANT,
+                base_url=adyen_url,
+                connect_timeout_seconds=1.0,
+                read_timeout_seconds=1.0,
+                max_connections=32,
+            )
+            lanes["adyen"] = Lane("adyen", adyen, concurrency=32, timeout_seconds=2.0)
         relays.append(
             Relay(
                 Database(url, pool_size=3, name=f"demo-relay-{n}"),
-                {"stripe": Lane("stripe", adapter, concurrency=32, timeout_seconds=2.0)},
+                lanes,
                 RetryPolicy(base_seconds=0.05, cap_seconds=1.0, max_attempts=10),
                 RelayOptions(
                     instance=f"demo-relay-{n}",
@@ -220,12 +316,15 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
             for lane in relay.lanes.values():
                 await lane.adapter.aclose()
     elapsed = time.perf_counter() - started
-    async with (
-        aiohttp.ClientSession() as client,
-        client.get(f"{base_url}/_fake/effects") as reply,
-    ):
-        effects = await reply.json()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{base_url}/_fake/effects") as reply:
+            effects = {"stripe": await reply.json()}
+        if adyen_runner is not None:
+            async with client.get(f"{adyen_url}/_fake/effects") as reply:
+                effects["adyen"] = await reply.json()
     await runner.cleanup()
+    if adyen_runner is not None:
+        await adyen_runner.cleanup()
     if stuck:
         print(*stuck, sep="\n", file=sys.stderr)
         return 1
@@ -267,9 +366,12 @@ def _insert(url: str, rows: list[Row]) -> None:
     with psycopg.connect(url) as conn, conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
-            " currency, payment_method, metadata) VALUES (%s, %s, 'stripe', %s, %s, %s,"
+            " currency, payment_method, metadata) VALUES (%s, %s, %s, %s, %s, %s,"
             ' \'{"source": "demo"}\')',
-            [(r.payment_id, r.action, r.amount_minor, r.currency, r.payment_method) for r in rows],
+            [
+                (r.payment_id, r.action, r.provider, r.amount_minor, r.currency, r.payment_method)
+                for r in rows
+            ],
         )
 
 
@@ -404,12 +506,26 @@ async def _show_progress(url: str, prefix: str, total: int, started: float) -> N
 _PROBLEMS_SHOWN = 20
 
 
-def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float, total: int) -> int:
-    by_key: dict[str, Any] = effects.get("effects_by_key", {})
+def _provider_key(provider: str, key: str) -> str:
+    """The key as the provider received it (Adyen takes at most 64 characters)."""
+    if provider == "adyen":
+        from provider_adapters.adyen import adyen_idempotency_key
+
+        return adyen_idempotency_key(key)
+    return key
+
+
+def _summarise(
+    url: str, prefix: str, effects: dict[str, dict[str, Any]], elapsed: float, total: int
+) -> int:
+    """``effects``: each fake's /_fake/effects, by provider name."""
+    by_provider: dict[str, dict[str, Any]] = {
+        name: reply.get("effects_by_key", {}) for name, reply in effects.items()
+    }
     with psycopg.connect(url) as conn:
-        intents = conn.execute(
-            "SELECT action, status, idempotency_key, error_code FROM outbox.payment_intents"
-            " WHERE payment_id LIKE %s",
+        rows = conn.execute(
+            "SELECT provider, action, status, idempotency_key, error_code"
+            " FROM outbox.payment_intents WHERE payment_id LIKE %s",
             (prefix + "-%",),
         ).fetchall()
         mismatched = conn.execute(
@@ -427,35 +543,43 @@ def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float, t
             """,
             (prefix + "-%",),
         ).fetchone()
-    table: Counter[tuple[str, str]] = Counter((a, s) for a, s, _, _ in intents)
+    # (action, status, the key as the provider saw it, error_code) by provider
+    intents = [(a, st, _provider_key(p, k), code) for p, a, st, k, code in rows]
+    providers = sorted({p for p, *_ in rows})
     actions = ["authorize", "capture", "charge", "void", "refund"]
     statuses = ["succeeded", "failed", "dead"]
+    table: Counter[tuple[str, str, str]] = Counter((p, a, st) for p, a, st, _, _ in rows)
     print()
-    print(f"{'action':<11}" + "".join(f"{s:>11}" for s in statuses))
-    for action in actions:
-        print(f"{action:<11}" + "".join(f"{table[(action, s)]:>11}" for s in statuses))
+    print(f"{'provider':<9}{'action':<11}" + "".join(f"{st:>11}" for st in statuses))
+    for provider in providers:
+        for action in actions:
+            counts = [table[(provider, action, st)] for st in statuses]
+            if any(counts):
+                print(f"{provider:<9}{action:<11}" + "".join(f"{n:>11}" for n in counts))
     errors = Counter(code for _, status, _, code in intents if status != "succeeded" and code)
     print("failures by error_code: " + ", ".join(f"{c} {n}" for c, n in errors.most_common()))
     print(
         f"{total} intents in {elapsed:.1f} s: {total / elapsed:,.0f} intents/s "
         f"(fake provider latency and injected faults included)"
     )
-    faults = effects.get("faults_injected", {})
-    print("faults injected: " + ", ".join(f"{k} {v}" for k, v in faults.items()))
+    faults = effects.get("stripe", {}).get("faults_injected", {})
+    print("faults injected (Stripe): " + ", ".join(f"{k} {v}" for k, v in faults.items()))
 
     problems = []
-    for action, status, key, _ in intents:
-        count = by_key.get(key, {}).get("count", 0)
+    for provider, action, status, raw_key, _ in rows:
+        key = _provider_key(provider, raw_key)
+        count = by_provider.get(provider, {}).get(key, {}).get("count", 0)
         if status == "succeeded" and count != 1:
-            problems.append(f"succeeded {action} {key} has {count} effects at the provider")
+            problems.append(f"succeeded {provider} {action} {key} has {count} effects")
         if status != "succeeded" and count != 0:
-            problems.append(f"{status} {action} {key} has {count} effects at the provider")
-    ours = {key for _, _, key, _ in intents}
-    problems += [
-        f"key {k} applied {v['count']} times"
-        for k, v in by_key.items()
-        if k in ours and v["count"] > 1
-    ]
+            problems.append(f"{status} {provider} {action} {key} has {count} effects")
+    for provider in providers:
+        ours = {_provider_key(p, k) for p, _, _, k, _ in rows if p == provider}
+        problems += [
+            f"{provider} key {k} applied {v['count']} times"
+            for k, v in by_provider.get(provider, {}).items()
+            if k in ours and v["count"] > 1
+        ]
     if mismatched and mismatched[0]:
         problems.append(f"{mismatched[0]} payments whose amounts differ from their intents")
     stalled = _counts(url, prefix)["stalled"]
@@ -476,7 +600,8 @@ def _summarise(url: str, prefix: str, effects: dict[str, Any], elapsed: float, t
             print(f"  ... and {len(problems) - _PROBLEMS_SHOWN} more")
         return 1
     print(
-        f"exactly-once check passed: {succeeded} succeeded intents, each with exactly one "
-        f"effect at the provider; no key applied twice; payment amounts match their intents"
+        f"exactly-once check passed: {succeeded} succeeded intents ({', '.join(providers)}), "
+        "each with exactly one effect at its provider; no key applied twice; payment amounts "
+        "match their intents"
     )
     return 0

@@ -278,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run a self-contained demo (embedded PostgreSQL, fake provider, faults on)"
         + ("" if _demo_installed() else "; needs the demo extra"),
-        description="Migrates, starts the fake provider, inserts a mixed workload, relays it "
-        "to the end and checks exactly-once against the provider's effect counts. Uses "
+        description="Migrates, starts the fake Stripe and Adyen providers, inserts a mixed "
+        "workload for each, relays it to the end and checks exactly-once against each "
+        "provider's effect counts. Uses "
         "RELAY_DATABASE_URL when set, else an embedded PostgreSQL in a temporary directory. "
         "Exit status 0 only if the exactly-once check holds.",
     )
@@ -288,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_in(1, 1_000_000),
         default=300,
         help="payments to create, 1 to 1000000 (default 300)",
+    )
+    demo.add_argument(
+        "--adyen-payments",
+        type=_int_in(0, 1_000_000),
+        default=None,
+        help="payments for Adyen beside Stripe's, 0 to 1000000 (default: a third of "
+        "--payments; 0: Stripe only). Until the Adyen webhook inbox is in, authorisations "
+        "and charges only: Adyen confirms captures, cancels and refunds by webhook",
     )
     demo.add_argument(
         "--relays", type=_int_in(1, 64), default=2, help="relay instances, 1 to 64 (default 2)"

@@ -30,6 +30,7 @@ def render_status(status: Status) -> str:
             else "no intents yet",
             *(_unserved_line(p, status.providers[p].waiting) for p in status.unserved_providers),
             _relays_line(status),
+            *_version_lines(status),
             f"\ndead intents: {dead}"
             + (" (they block their payments: `outbox-relay dead-letters list`)" if dead else ""),
             f"unpublished events: {unpublished}"
@@ -44,6 +45,39 @@ def _unserved_line(provider: str, waiting: int) -> str:
         f"stay pending until one does (configure RELAY_PROVIDERS__{provider.upper()}__KIND on "
         'a relay; README "Providers no relay serves")'
     )
+
+
+def _version_lines(status: Status) -> list[str]:
+    """The API versions the live relays pin, per provider; one loud line per relay that runs
+    a version its adapter was not tested with (README "Moving to a new provider API version")."""
+    live = [relay for relay in status.relays if relay.live]
+    seen: dict[str, dict[str, int]] = {}
+    for relay in live:
+        for provider, pinned in relay.api_versions.items():
+            version = str(pinned.get("version"))
+            counts = seen.setdefault(provider, {})
+            counts[version] = counts.get(version, 0) + 1
+    if not seen:
+        return []
+    parts = []
+    for provider, counts in sorted(seen.items()):
+        versions = sorted(counts)
+        if len(versions) == 1:
+            parts.append(f"{provider} {versions[0]}")
+        else:
+            parts.append(
+                provider + " " + " and ".join(f"{v} ({counts[v]} relays)" for v in versions)
+            )
+    lines = ["provider API versions: " + ", ".join(parts)]
+    for relay in live:
+        for provider, version in relay.untested_versions():
+            tested = relay.api_versions[provider].get("tested_versions") or []
+            lines.append(
+                f"UNTESTED API VERSION {provider} {version} on relay {relay.instance}: started "
+                f"with RELAY_PROVIDERS__{provider.upper()}__ALLOW_UNTESTED_API_VERSION "
+                f"(tested: {', '.join(map(str, tested)) or 'unknown'})"
+            )
+    return lines
 
 
 def _relays_line(status: Status) -> str:

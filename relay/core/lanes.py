@@ -29,6 +29,7 @@ from provider_adapters.base import (
     ProviderAdapter,
     Retryable,
 )
+from provider_adapters.error_catalogue import catalogued_outcome
 from relay.core.clock import SYSTEM_CLOCK, Clock
 from relay.domain.breaker import BreakerState, CircuitBreaker
 from relay.domain.rate_limit import TokenBucket
@@ -72,6 +73,8 @@ class Lane:
     ) -> None:
         self.provider = provider
         self.adapter = adapter
+        # The error catalogue's provider column for this lane's codes (stripe, adyen).
+        self.kind = str(getattr(adapter, "kind", provider))
         self.concurrency = concurrency
         self.timeout_seconds = timeout_seconds
         self.clock = clock
@@ -152,6 +155,10 @@ class Lane:
             self.waiting -= 1
 
     async def execute(self, command: Command) -> Outcome:
+        """The adapter's outcome in the error catalogue's class for its code
+        (:func:`~provider_adapters.error_catalogue.catalogued_outcome`). The breaker
+        counts the adapter's own reading: it measures the provider's health, which a
+        row that makes a refusal retryable does not change."""
         outcome = await self._guarded(command, lookup=False)
         # A request the provider accepted for later confirmation is a healthy answer: it
         # must not open the breaker (every Adyen capture would count as a failure).
@@ -161,7 +168,7 @@ class Lane:
         else:
             self.breaker.record_success()
         self._report_breaker()
-        return outcome
+        return catalogued_outcome(self.kind, outcome)
 
     async def lookup(self, command: Command) -> Outcome:
         return await self._guarded(command, lookup=True)

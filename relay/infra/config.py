@@ -86,10 +86,15 @@ class ProviderSettings(BaseModel):
         None, description="Adyen: the merchant account every request names (required)."
     )
     api_version: str | None = Field(
-        None, description="Adyen: the Checkout API version in the path; unset: v71 (tested)."
+        None,
+        description="The provider API version the adapter pins: Stripe's Stripe-Version "
+        "header (unset: 2026-10-28.endive), Adyen's Checkout version in the path (unset: "
+        "v71); a version the adapter was not tested with is refused at start.",
     )
     allow_untested_api_version: bool = Field(
-        False, description="Start with an api_version the adapter was not tested against."
+        False,
+        description="Start with an api_version the adapter was not tested against (logged, "
+        "shown by `status` and the outbox_relay_provider_api_version metric).",
     )
     return_url: str = Field(
         "https://outbox-relay.invalid/return",
@@ -135,6 +140,25 @@ class ProviderSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _api_version_tested(self) -> ProviderSettings:
+        """The pinned API version: spelt as the provider spells it, and one the adapter was
+        tested with unless ``allow_untested_api_version`` says otherwise."""
+        if self.api_version is None:
+            return self
+        from provider_adapters.registry import api_versions
+
+        versions = api_versions(self.kind)
+        if not re.fullmatch(versions.pattern, self.api_version):
+            raise ValueError(f"API_VERSION {self.api_version!r} is not like {versions.example}")
+        if self.api_version not in versions.tested and not self.allow_untested_api_version:
+            raise ValueError(
+                f"API_VERSION {self.api_version} was not tested with the {self.kind} adapter "
+                f"(tested: {', '.join(versions.tested)}); set "
+                "__ALLOW_UNTESTED_API_VERSION=true to start anyway"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _adyen_needs(self) -> ProviderSettings:
         if self.kind != "adyen":
             return self
@@ -145,17 +169,6 @@ class ProviderSettings(BaseModel):
             )
         if not self.merchant_account:
             raise ValueError("set __MERCHANT_ACCOUNT for an adyen provider")
-        if self.api_version is not None:
-            from provider_adapters.adyen import TESTED_API_VERSIONS
-
-            if not re.fullmatch(r"v[0-9]{1,3}", self.api_version):
-                raise ValueError(f"API_VERSION {self.api_version!r} is not like v71")
-            if self.api_version not in TESTED_API_VERSIONS and not self.allow_untested_api_version:
-                raise ValueError(
-                    f"API_VERSION {self.api_version} was not tested with the adyen adapter "
-                    f"(tested: {', '.join(TESTED_API_VERSIONS)}); set "
-                    "__ALLOW_UNTESTED_API_VERSION=true to start anyway"
-                )
         if self.hmac_keys_file is not None:
             if not self.hmac_keys_file.is_file():
                 raise ValueError(f"HMAC_KEYS_FILE {self.hmac_keys_file} is not a readable file")

@@ -14,6 +14,7 @@ __all__ = [
     "LEASES_RELEASED",
     "LEASE_LOST",
     "OLDEST_WEBHOOK_WAITING_AGE_SECONDS",
+    "PROVIDER_API_VERSION",
     "PROVIDER_CALL_SECONDS",
     "WEBHOOKS_APPLIED",
     "WEBHOOKS_DUPLICATES",
@@ -39,6 +40,13 @@ LEASE_LOST = Counter(
 )
 PROVIDER_CALL_SECONDS = Histogram(
     "outbox_relay_provider_call_seconds", "Provider call latency.", ["provider", "action"]
+)
+PROVIDER_API_VERSION = Gauge(
+    "outbox_relay_provider_api_version",
+    "The provider API version this relay pins, per lane (an info metric: always 1). "
+    'tested="false": a version the adapter was not tested with, run only under '
+    "RELAY_PROVIDERS__<NAME>__ALLOW_UNTESTED_API_VERSION.",
+    ["provider", "kind", "version", "tested"],
 )
 WRITE_BACK_SECONDS = Histogram(
     "outbox_relay_write_back_seconds", "Latency of one batched write-back transaction."

@@ -564,7 +564,8 @@ GROUP BY provider, currency
 ORDER BY provider, currency;
 
 -- name: relay_heartbeat
--- This relay is alive and serves `providers` (sql/0018): upsert its row, prune rows unseen for a day.
+-- This relay is alive and serves `providers` (sql/0018) with their pinned API versions (sql/0045):
+-- upsert its row, prune rows unseen for a day.
 -- Pruning skips rows another relay is pruning (SKIP LOCKED): two relays never wait on each other.
 WITH stale AS (
     SELECT instance
@@ -577,14 +578,23 @@ pruned AS (
     DELETE FROM outbox.relay_instances AS r USING stale WHERE r.instance = stale.instance
 )
 INSERT INTO outbox.relay_instances AS r
-    (instance, providers, heartbeat_interval_seconds, started_at, heartbeat_at)
+    (instance, providers, heartbeat_interval_seconds, started_at, heartbeat_at, api_versions)
 VALUES (%(instance)s::text, %(providers)s::text[], %(interval_seconds)s::float8,
-        COALESCE(%(now)s::timestamptz, now()), COALESCE(%(now)s::timestamptz, now()))
+        COALESCE(%(now)s::timestamptz, now()), COALESCE(%(now)s::timestamptz, now()),
+        %(api_versions)s::jsonb)
 ON CONFLICT (instance) DO UPDATE
 SET providers = EXCLUDED.providers,
     heartbeat_interval_seconds = EXCLUDED.heartbeat_interval_seconds,
-    heartbeat_at = EXCLUDED.heartbeat_at
+    heartbeat_at = EXCLUDED.heartbeat_at,
+    api_versions = EXCLUDED.api_versions
 RETURNING r.instance;
+
+-- name: provider_key_lifetimes
+-- How long after creation each of these providers' intents may be sent again (sql/0005's guard), checked at start.
+SELECT p.provider,
+       extract(epoch FROM outbox.idempotency_key_lifetime(p.provider))::float8 AS lifetime_seconds
+FROM unnest(%(providers)s::text[]) AS p(provider)
+ORDER BY p.provider;
 
 -- name: relay_withdraw
 -- This relay stops cleanly (sql/0018): delete its row, so its providers show unserved at once.
@@ -598,7 +608,8 @@ SELECT instance, providers, heartbeat_at,
        extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - heartbeat_at)::float8
            AS heartbeat_age_seconds,
        heartbeat_at >= COALESCE(%(now)s::timestamptz, now())
-           - make_interval(secs => greatest(3 * heartbeat_interval_seconds, 30)) AS live
+           - make_interval(secs => greatest(3 * heartbeat_interval_seconds, 30)) AS live,
+       api_versions
 FROM outbox.relay_instances
 ORDER BY live DESC, instance;
 

@@ -1,6 +1,7 @@
 """The relay's state at a glance: queue depth by provider and status, oldest pending age,
-the running relays and which providers none of them serves, dead intents and unpublished
-result events.
+the running relays and which providers none of them serves, the provider API versions they
+pin (an untested one, run under ALLOW_UNTESTED_API_VERSION, named), dead intents and
+unpublished result events.
 
 "oldest pending" is how long the oldest due pending intent has waited for a claim
 (``now - available_at``, by the database's clock): the same figure as the
@@ -48,6 +49,17 @@ class RelayInstance:
     providers: list[str]
     heartbeat_age_seconds: float
     live: bool  # heartbeat within max(3 of its intervals, 30 s)
+    # The API version it pins per provider (sql/0045): {"<provider>": {"kind": ...,
+    # "version": ..., "tested": bool}}; empty for a relay that does not report them.
+    api_versions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def untested_versions(self) -> list[tuple[str, str]]:
+        """(provider, version) this relay runs without its adapter having been tested."""
+        return sorted(
+            (provider, str(v.get("version")))
+            for provider, v in self.api_versions.items()
+            if isinstance(v, dict) and v.get("tested") is False
+        )
 
 
 @dataclass
@@ -85,8 +97,14 @@ def collect_status(conninfo: str) -> Status:
         if status == "dead":
             dead += int(count)
     relays = [
-        RelayInstance(instance, list(served), round(float(age), 1), bool(live))
-        for instance, served, _at, age, live in reported
+        RelayInstance(
+            instance,
+            list(served),
+            round(float(age), 1),
+            bool(live),
+            dict(versions) if isinstance(versions, dict) else {},
+        )
+        for instance, served, _at, age, live, versions in reported
     ]
     for relay in relays:
         for provider in relay.providers if relay.live else ():

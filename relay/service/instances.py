@@ -1,4 +1,5 @@
-"""This relay's row of ``outbox.relay_instances`` (sql/0018): the providers it serves.
+"""This relay's row of ``outbox.relay_instances`` (sql/0018): the providers it serves, and
+the API version it pins for each (sql/0045; ``tested`` false only under the override).
 
 `outbox-relay status`, the ``outbox_relay_unserved_intents`` gauge and the alert
 OutboxRelayUnservedIntents read these rows to name the providers no running relay serves
@@ -19,8 +20,9 @@ sampler, which an operator may turn off. Guarantees, each tested:
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 
 import anyio
@@ -40,10 +42,13 @@ class InstanceHeartbeat:
         providers: Iterable[str],
         interval_seconds: float = 10.0,
         rng: Callable[[], float] = random.random,
+        api_versions: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
         self.db = db
         self.instance = instance
         self.providers = sorted(set(providers))
+        # {"<provider>": {"kind": ..., "version": ..., "tested": bool}}
+        self.api_versions = {name: dict(v) for name, v in (api_versions or {}).items()}
         self.interval_seconds = interval_seconds
         self.rng = rng
         self.beats = 0
@@ -58,6 +63,7 @@ class InstanceHeartbeat:
                 "instance": self.instance,
                 "providers": self.providers,
                 "interval_seconds": self.interval_seconds,
+                "api_versions": json.dumps(self.api_versions, sort_keys=True),
                 "now": now,
             },
         )

@@ -12,6 +12,7 @@ import signal
 import threading
 from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
 import anyio
 import psycopg
@@ -19,8 +20,10 @@ import structlog
 from anyio.abc import TaskStatus
 from psycopg.rows import dict_row
 
+from provider_adapters.base import ProviderAdapter
 from provider_adapters.registry import (
     NOTIFICATION_KINDS,
+    api_versions,
     build_adapter,
     build_notification_reader,
 )
@@ -29,11 +32,18 @@ from relay.core.inbox import InboxApplier, InboxOptions
 from relay.core.janitor import Janitor, JanitorOptions
 from relay.core.lanes import BreakerSettings, Lane, RateLimit
 from relay.core.runtime import SHUTDOWN_FLUSH_MIN_SECONDS, Relay, RelayOptions
+from relay.domain.key_lifetimes import compare_key_lifetimes, describe_seconds
 from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
 from relay.events.publisher import Publisher, publisher_from_settings
+from relay.infra import metrics
 from relay.infra.config import ProviderSettings, Settings, find_unknown_variables
 from relay.infra.db import INBOX_NOTIFY_CHANNEL, RETRYABLE_DB_ERRORS, Database
-from relay.infra.db_startup import DatabaseNotYet, check_conninfo, probe_database
+from relay.infra.db_startup import (
+    DatabaseNotYet,
+    StartupRefused,
+    check_conninfo,
+    probe_database,
+)
 from relay.infra.migrate import discover
 from relay.infra.redaction import describe_conninfo
 from relay.service.depth import DepthSampler
@@ -46,7 +56,9 @@ __all__ = [
     "build_inbox_applier",
     "build_janitor",
     "build_relay",
+    "check_key_lifetimes",
     "log_unknown_variables",
+    "pinned_api_version",
     "run_relay",
 ]
 
@@ -69,13 +81,24 @@ def log_unknown_variables(environ: Mapping[str, str]) -> None:
 def build_lane(name: str, provider: ProviderSettings, *, clock: Clock = SYSTEM_CLOCK) -> Lane:
     """The lane for one configured provider; ``clock`` drives its breaker and rate limit."""
     adapter = build_adapter(name, provider)
-    if getattr(adapter, "untested_version", False):
-        # Allowed only by an explicit override (config refuses it otherwise): say so.
-        log.warning(
-            "provider_api_version_untested",
+    pinned = pinned_api_version(adapter)
+    if pinned is not None:
+        metrics.PROVIDER_API_VERSION.labels(
             provider=name,
-            api_version=getattr(adapter, "api_version", None),
-        )
+            kind=pinned["kind"],
+            version=pinned["version"],
+            tested=str(pinned["tested"]).lower(),
+        ).set(1)
+        if not pinned["tested"]:
+            # Allowed only by an explicit override (config refuses it otherwise): say so.
+            log.warning(
+                "provider_api_version_untested",
+                provider=name,
+                kind=pinned["kind"],
+                api_version=pinned["version"],
+                tested_versions=pinned["tested_versions"],
+                remedy="a canary only: README 'Moving to a new provider API version'",
+            )
     return Lane(
         name,
         adapter,
@@ -93,6 +116,57 @@ def build_lane(name: str, provider: ProviderSettings, *, clock: Clock = SYSTEM_C
         ),
         clock=clock,
     )
+
+
+def pinned_api_version(adapter: ProviderAdapter) -> dict[str, Any] | None:
+    """What ``adapter`` pins: kind, version, whether it was tested, the tested versions;
+    None for an adapter without versions (the in-memory provider)."""
+    kind = getattr(adapter, "kind", None)
+    version = getattr(adapter, "api_version", None)
+    if not isinstance(kind, str) or not isinstance(version, str):
+        return None
+    tested = list(api_versions(kind).tested)
+    return {
+        "kind": kind,
+        "version": version,
+        "tested": version in tested,
+        "tested_versions": tested,
+    }
+
+
+async def check_key_lifetimes(relay: Relay) -> None:
+    """Refuse to start (StartupRefused) when the database lets a provider's intents be sent
+    again after the provider forgets their idempotency keys; note a shorter lifetime
+    (relay/domain/key_lifetimes.py)."""
+    stated = {
+        name: getattr(lane.adapter, "idempotency_key_lifetime_seconds", None)
+        for name, lane in relay.lanes.items()
+    }
+    params = {"providers": sorted(stated)}
+    while True:
+        try:
+            rows = await relay.db.fetch_all("provider_key_lifetimes", params)
+            break
+        except RETRYABLE_DB_ERRORS as exc:  # the database just answered the probe
+            log.warning("key_lifetime_check_retry", error=type(exc).__name__)
+            with anyio.move_on_after(1.0):
+                await relay.wait_stopped()
+            if relay.stopping:
+                return
+    for lifetime in compare_key_lifetimes({name: seconds for name, seconds in rows}, stated):
+        if lifetime.unsafe:
+            raise StartupRefused(
+                "idempotency_key_lifetime_too_long", lifetime.refusal(), lifetime.remedy()
+            )
+        if lifetime.shorter:
+            log.info(
+                "idempotency_key_lifetime_shorter",
+                provider=lifetime.provider,
+                database=describe_seconds(lifetime.database_seconds),
+                provider_keeps=describe_seconds(lifetime.provider_seconds),
+                effect="intents already sent are parked dead (idempotency_key_expired) "
+                "sooner than the provider requires",
+            )
 
 
 def build_relay(settings: Settings, database_url: str) -> Relay:
@@ -201,6 +275,8 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 tg.cancel_scope.cancel()  # stopped while waiting: nothing to drain
                 return 0
             await relay.db.open()
+            # A database that would resend keys the provider forgot stops start-up.
+            await check_key_lifetimes(relay)
             # What this relay serves, reported before it claims (and before the sampler
             # counts unserved intents), and withdrawn when it stops cleanly.
             serving = InstanceHeartbeat(
@@ -209,6 +285,11 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                 providers=relay.lanes,
                 interval_seconds=settings.heartbeat_interval_seconds,
                 rng=relay.rng,
+                api_versions={
+                    name: pinned
+                    for name, lane in relay.lanes.items()
+                    if (pinned := pinned_api_version(lane.adapter)) is not None
+                },
             )
             await tg.start(serving.run)
             tg.start_soon(_watch_schema, relay, health)
