@@ -835,6 +835,43 @@ def test_an_open_claim_verifies_and_nothing_else_beside_it_does(
     }
 
 
+def test_the_creation_rows_stay_index_probes_as_the_audit_log_grows(db_url: str) -> None:
+    """sql/0060: the creation trigger's lookups (is the payment's, the intent's first row
+    there?) are planned once per session. Planned while audit_log was empty and analysed,
+    sql/0037's were sequential scans, kept while the table grew (one scan per claimed row,
+    3.7 ms per intent after 6,000 intents, docs/performance.md run F)."""
+    insert_intents(
+        db_url,
+        [
+            {"payment_id": f"grow{i}", "action": "charge", "amount_minor": 100 + i,
+             "payment_method": "pm_card_visa"}
+            for i in range(120)
+        ],
+    )  # fmt: skip
+    with psycopg.connect(db_url) as conn:
+        conn.execute("ANALYZE outbox.audit_log")  # empty: the plan of a fresh database
+        claimed = 0
+        for _ in range(12):  # one transaction, so one plan (generic after 5 runs)
+            claimed += len(
+                conn.execute(
+                    QUERIES["claim_intents"],
+                    {"provider": "stripe", "limit": 10, "lease_seconds": 60,
+                     "instance": "grow", "now": None},
+                ).fetchall()
+            )  # fmt: skip
+        row = conn.execute(
+            "SELECT seq_scan, idx_scan, n_tup_ins FROM pg_stat_xact_user_tables"
+            " WHERE relid = 'outbox.audit_log'::regclass"
+        ).fetchone()
+        conn.rollback()
+    assert claimed == 120
+    assert row is not None
+    seq_scans, index_scans, inserted = row
+    assert inserted == 240, "a creation row for each payment and each intent"
+    assert seq_scans == 0, f"the creation lookups scanned audit_log {seq_scans} times"
+    assert index_scans > 0
+
+
 async def test_concurrent_write_backs_leave_verifiable_chains_without_claim_rows(
     db_url: str,
 ) -> None:

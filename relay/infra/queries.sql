@@ -29,8 +29,11 @@ claimed AS (
         lease_expires_at = COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s),
         claimed_by = %(instance)s,
         updated_at = COALESCE(%(now)s::timestamptz, now())
-    FROM picked, outbox.payments AS p, actor
-    WHERE i.id = picked.id AND p.payment_id = i.payment_id
+    FROM outbox.payments AS p, actor
+    -- An array, not a join with `picked`: the generic plan of a join (psycopg prepares a
+    -- statement after 5 runs; LIMIT is a parameter, estimated at hundreds of rows) hashed
+    -- every intent of the table; = ANY probes the primary key per claimed id.
+    WHERE i.id = ANY (ARRAY(SELECT picked.id FROM picked)) AND p.payment_id = i.payment_id
     RETURNING i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency,
               i.payment_method, i.idempotency_key, i.attempts, i.lease_token,
               i.metadata ->> 'traceparent' AS traceparent,
@@ -41,9 +44,10 @@ claimed AS (
 SELECT id, payment_id, action, provider, amount_minor, currency, payment_method,
        idempotency_key, attempts, lease_token, traceparent, payment_state, authorized_minor,
        captured_minor, refunded_minor, payment_reference, disputed_minor, dispute_status,
-       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = claimed.currency) AS exponent
+       c.exponent
 FROM claimed
-WHERE status = 'in_flight';
+LEFT JOIN outbox.currencies AS c ON c.code = claimed.currency
+WHERE claimed.status = 'in_flight';
 
 -- name: set_actor
 -- Name who writes in this transaction (and why, optionally) for the audit trail's triggers.
