@@ -130,7 +130,7 @@ class AdyenNotifications:
                 )
             if item.get("success") not in ("true", "false"):
                 raise NotificationRejected(
-                    "not_an_event", f"item {position}'s success is not \"true\" or \"false\""
+                    "not_an_event", f'item {position}\'s success is not "true" or "false"'
                 )
             payload = {"live": live, "notificationItems": [{"NotificationRequestItem": item}]}
             found.append(Notification(event_id(item), code, _when(item.get("eventDate")), payload))
@@ -150,7 +150,8 @@ class AdyenNotifications:
         code = str(item.get("eventCode"))
         psp = item.get("pspReference")
         original = item.get("originalReference") or None
-        amount = item.get("amount") if isinstance(item.get("amount"), Mapping) else {}
+        raw_amount = item.get("amount")
+        amount: Mapping[str, Any] = raw_amount if isinstance(raw_amount, Mapping) else {}
         value, currency = amount.get("value"), amount.get("currency")
         success = item.get("success") == "true"
         reason = str(item.get("reason") or "")[:200]
@@ -187,8 +188,10 @@ class AdyenNotifications:
         if code in _DISPUTES:
             if not success:
                 return Unhandled(f"{code} with success false changes nothing")
-            if isinstance(value, bool) or not isinstance(value, int) or not isinstance(
-                currency, str
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not isinstance(currency, str)
             ):
                 return Unhandled(f"{code} without an amount")
             dispute = f"chargeback:{payment_reference}"

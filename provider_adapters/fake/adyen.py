@@ -23,7 +23,12 @@ and enums copied from it):
 * ``GET /_fake/effects``: effects applied per idempotency key (an authorisation placed, a
   capture, a charge, a refund, a cancellation); ``POST /_fake/config`` changes faults;
   ``POST /_fake/advance`` moves the fake clock (``{"days": 32}``) past the replay window;
-  ``GET /_fake/webhooks`` lists the notifications sent or due.
+  ``GET /_fake/webhooks`` lists the notifications sent or due (each delivered until a 2xx);
+  ``POST /_fake/webhooks/resend`` delivers some again (late, repeated);
+  ``POST /_fake/dashboard`` makes what happens outside the API: a chargeback, its
+  reversal, an expiry, a technical cancel, or a CAPTURE_FAILED / REFUND_FAILED of an
+  earlier successful modification. ``luhn_psp`` makes every pspReference 16 digits that
+  pass the Luhn check.
 
 No effect is applied for a refusal, an error or a replay.
 """
@@ -92,6 +97,9 @@ class AdyenFaults:
     webhook_delay_ms: int = 0
     webhook_duplicate: bool = False
     webhook_reorder: bool = False
+    # Every pspReference all digits and passing the Luhn check, as about one in ten real
+    # ones do (the inbox must neither refuse nor redact them).
+    luhn_psp: bool = False
     hmac_key_hex: str = HMAC_KEY_HEX
 
     def replace(self, changes: dict[str, Any]) -> AdyenFaults:
@@ -140,6 +148,22 @@ def _psp() -> str:
     return "".join(secrets.choice("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(16))
 
 
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        d = int(char)
+        if position % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def luhn_psp() -> str:
+    """16 digits whose Luhn checksum holds: a card number to the card rule."""
+    body = "".join(secrets.choice("0123456789") for _ in range(15))
+    return next(body + c for c in "0123456789" if luhn_valid(body + c))
+
+
 def _error(status: int, code: str, message: str, error_type: str) -> web.Response:
     body = {
         "status": status,
@@ -170,6 +194,9 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
     def roll(rate: float) -> bool:
         return rate > 0 and state.rng.random() < rate
 
+    def new_psp() -> str:
+        return luhn_psp() if state.faults.luhn_psp else _psp()
+
     def notify(item: dict[str, Any]) -> None:
         item = {
             "merchantAccountCode": MERCHANT_ACCOUNT,
@@ -184,24 +211,39 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
         if state.faults.webhook_url:
             copies = 2 if state.faults.webhook_duplicate else 1
             for _ in range(copies):
-                task = asyncio.get_running_loop().create_task(_deliver(item))
-                state.tasks.add(task)
-                task.add_done_callback(state.tasks.discard)
+                deliver_again(item)
 
     async def _deliver(item: dict[str, Any]) -> None:
         delay = state.faults.webhook_delay_ms / 1000
         if state.faults.webhook_reorder:
             delay += state.rng.random() * max(delay, 0.05) * 2
         await asyncio.sleep(delay)
-        payload = {"live": "false", "notificationItems": [{"NotificationRequestItem": item}]}
-        url = state.faults.webhook_url
-        if url is None:
-            return
-        try:
-            async with aiohttp.ClientSession() as session, session.post(url, json=payload):
+        signed = {k: v for k, v in item.items() if not k.startswith("_")}
+        payload = {"live": "false", "notificationItems": [{"NotificationRequestItem": signed}]}
+        # Like Adyen: retried until a 2xx (here every 0.1 s doubling to 2 s, 200 tries).
+        wait = 0.1
+        for _ in range(200):
+            url = state.faults.webhook_url
+            if url is None:
+                return
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(url, json=payload) as response,
+                ):
+                    if 200 <= response.status < 300:
+                        item["_delivered"] = item.get("_delivered", 0) + 1
+                        return
+            except (aiohttp.ClientError, OSError):
                 pass
-        except (aiohttp.ClientError, OSError):
-            item.setdefault("_delivery_failures", 0)  # visible in /_fake/webhooks
+            item["_delivery_failures"] = item.get("_delivery_failures", 0) + 1
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 2.0)
+
+    def deliver_again(item: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(_deliver(item))
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
 
     def authorise(body: dict[str, Any], key: str) -> tuple[int, dict[str, Any]]:
         method = body.get("paymentMethod")
@@ -209,7 +251,7 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
         money = _money(body)
         assert not isinstance(money, web.Response)
         value, currency = money
-        psp = _psp()
+        psp = new_psp()
         reply: dict[str, Any] = {
             "pspReference": psp,
             "merchantReference": body.get("reference", ""),
@@ -231,7 +273,7 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
             payment.captured = value
             notify(
                 {
-                    "pspReference": _psp(),
+                    "pspReference": new_psp(),
                     "originalReference": psp,
                     "merchantReference": payment.reference,
                     "amount": {"value": value, "currency": currency},
@@ -265,7 +307,7 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
                 "errorType": "validation",
                 "pspReference": _psp(),
             }
-        mod_psp = _psp()
+        mod_psp = new_psp()
         reply: dict[str, Any] = {
             "merchantAccount": body.get("merchantAccount"),
             "paymentPspReference": psp,
@@ -434,6 +476,67 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
     async def webhooks(_: web.Request) -> web.Response:
         return web.json_response({"notifications": state.webhooks})
 
+    async def resend(request: web.Request) -> web.Response:
+        """Deliver again the notifications matching ``pspReference`` / ``eventCode`` (all
+        when the body names neither): a late or repeated delivery on demand."""
+        body = await request.json() if request.can_read_body else {}
+        chosen = [
+            item
+            for item in state.webhooks
+            if all(item.get(k) == body[k] for k in ("pspReference", "eventCode") if k in body)
+        ]
+        for item in chosen:
+            deliver_again(item)
+        return web.json_response({"resent": len(chosen)})
+
+    async def dashboard(request: web.Request) -> web.Response:
+        """What happens at Adyen outside the API, for one payment (``psp``): ``event``
+        CHARGEBACK, NOTIFICATION_OF_CHARGEBACK, CHARGEBACK_REVERSED (``amount``), EXPIRE,
+        TECHNICAL_CANCEL; or CAPTURE_FAILED / REFUND_FAILED of an earlier successful
+        modification (``modification``: its pspReference), which undoes it here."""
+        body = await request.json()
+        event = str(body.get("event"))
+        payment = state.payments.get(str(body.get("psp")))
+        if payment is None:
+            return web.json_response({"error": "no such payment"}, status=404)
+        value = int(body.get("amount", 0))
+        reference = new_psp()
+        original: str | None = payment.psp
+        if event in ("CAPTURE_FAILED", "REFUND_FAILED"):
+            reference = str(body.get("modification"))
+            found = [
+                w
+                for w in state.webhooks
+                if w.get("pspReference") == reference and w.get("success") == "true"
+            ]
+            if not found:
+                return web.json_response({"error": "no such modification"}, status=404)
+            value = int(found[0]["amount"]["value"])
+            if event == "CAPTURE_FAILED":
+                payment.captured -= value
+            else:
+                payment.refunded -= value
+        elif event in ("EXPIRE", "TECHNICAL_CANCEL"):
+            payment.cancelled = True
+            value = payment.authorised
+        elif event not in ("CHARGEBACK", "NOTIFICATION_OF_CHARGEBACK", "CHARGEBACK_REVERSED"):
+            return web.json_response({"error": f"unknown event {event}"}, status=400)
+        if event.startswith(("CHARGEBACK", "NOTIFICATION_OF")):
+            # Dispute notifications name the disputed payment itself.
+            reference, original = payment.psp, None
+        item: dict[str, Any] = {
+            "pspReference": reference,
+            "merchantReference": payment.reference,
+            "amount": {"value": value, "currency": payment.currency},
+            "eventCode": event,
+            "success": "true",
+            "reason": str(body.get("reason", "")),
+        }
+        if original is not None:
+            item["originalReference"] = original
+        notify(item)
+        return web.json_response(state.webhooks[-1])
+
     app.router.add_post(r"/v{version:\d+}/payments", route("payments"))
     for kind in ("captures", "cancels", "refunds", "reversals"):
         app.router.add_post(r"/v{version:\d+}/payments/{psp}/" + kind, route(kind))
@@ -441,6 +544,8 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
     app.router.add_post("/_fake/config", configure)
     app.router.add_post("/_fake/advance", advance)
     app.router.add_get("/_fake/webhooks", webhooks)
+    app.router.add_post("/_fake/webhooks/resend", resend)
+    app.router.add_post("/_fake/dashboard", dashboard)
     return app
 
 

@@ -661,8 +661,13 @@ class InboxApplier:
         return Applied(
             "applied",
             f"{what} finished intent {intent.id} (awaiting confirmation) as "
-            f"{write_back.status}" + (f" ({write_back.error_code})" if write_back.error_code
-                                      and write_back.status != "succeeded" else "") + late,
+            f"{write_back.status}"
+            + (
+                f" ({write_back.error_code})"
+                if write_back.error_code and write_back.status != "succeeded"
+                else ""
+            )
+            + late,
             payment_id,
         )
 
@@ -731,8 +736,12 @@ class InboxApplier:
             f"payment.{intent.action}.reversed",
             updated,
             str(payment["currency"]),
-            {"intent_id": intent.id, "amount_minor": applied, "event": fact.event,
-             "reason": fact.reason},
+            {
+                "intent_id": intent.id,
+                "amount_minor": applied,
+                "event": fact.event,
+                "reason": fact.reason,
+            },
         )
         return Applied(
             "applied",

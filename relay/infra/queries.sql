@@ -241,6 +241,9 @@ WHERE p.payment_id IN (
             AND e.payment_seq < b.payment_seq
             AND e.status IN ('blocked', 'pending', 'in_flight', 'dead'))
     LIMIT %(limit)s)
+  -- a payment awaiting a confirmation keeps its later intents parked (sql/0038): its
+  -- confirmation's write-back promotes them
+  AND p.awaiting_action IS NULL
 ORDER BY p.payment_id
 FOR UPDATE OF p SKIP LOCKED;
 
