@@ -258,6 +258,9 @@ class ReportedRefund:
     refund_id: str
     amount: int  # provider units
     idempotency_key: str | None  # ours when the refund carries our key
+    # succeeded or pending (money moved or moving); failed or canceled (listed so that our
+    # refund awaiting its confirmation learns it failed; no money moved)
+    status: str = "succeeded"
 
 
 @dataclass(frozen=True, slots=True)

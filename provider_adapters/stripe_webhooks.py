@@ -192,10 +192,11 @@ class StripeNotifications:
                     refund_id=str(r.get("id")),
                     amount=amount,
                     idempotency_key=_text(_get(r, "metadata", _KEY_FIELD)),
+                    status=str(r.get("status")),
                 )
                 for r in (_get(charge, "refunds", "data") or [])
                 if isinstance(r, Mapping)
-                and r.get("status") in ("succeeded", "pending")
+                and r.get("status") in ("succeeded", "pending", "failed", "canceled")
                 and (amount := _int(r.get("amount"))) is not None
             )
             return RefundsReported(reference, currency.upper(), captured, refunded, refunds)

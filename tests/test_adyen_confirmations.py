@@ -164,7 +164,10 @@ async def test_confirmations_finish_each_intent_once_whatever_the_delivery(
     assert all(effects.get(i["idempotency_key"]) == 1 for i in done), effects
     assert sum(effects.values()) == len(done), "exactly one effect per intent at Adyen"
     assert payment(db_url, "p-cap")["state"] == "partially_refunded"
-    assert (payment(db_url, "p-cap")["captured_minor"], payment(db_url, "p-cap")["refunded_minor"]) == (1000, 300)
+    assert (
+        payment(db_url, "p-cap")["captured_minor"],
+        payment(db_url, "p-cap")["refunded_minor"],
+    ) == (1000, 300)
     assert payment(db_url, "p-void")["state"] == "voided"
     assert payment(db_url, "p-two")["state"] == "refunded"
     assert all(payment(db_url, p)["awaiting_action"] is None for p in ("p-cap", "p-void", "p-two"))
@@ -212,7 +215,11 @@ async def test_a_later_intent_waits_for_the_confirmation_and_nothing_is_booked_m
     kinds = rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
     assert [k["kind"] for k in kinds] == ["authorize"]
     assert_ledger_clean(db_url)
-    lease = rows(db_url, "SELECT lease_token, claimed_by FROM outbox.payment_intents WHERE id = %s", capture["id"])
+    lease = rows(
+        db_url,
+        "SELECT lease_token, claimed_by FROM outbox.payment_intents WHERE id = %s",
+        capture["id"],
+    )
     assert lease == [{"lease_token": None, "claimed_by": None}], "no lease while waiting"
 
 
@@ -326,7 +333,11 @@ async def test_capture_failed_before_its_capture_fails_the_intent_and_the_late_c
     (capture,) = [i for i in intents(db_url) if i["action"] == "capture"]
     assert (capture["status"], capture["error_code"]) == ("failed", "capture_failed")
     paid = payment(db_url, "p-cf2")
-    assert (paid["state"], paid["captured_minor"], paid["awaiting_action"]) == ("authorized", 0, None)
+    assert (paid["state"], paid["captured_minor"], paid["awaiting_action"]) == (
+        "authorized",
+        0,
+        None,
+    )
     late = [r for r in inbox_rows(db_url) if r["event_type"] == "CAPTURE"]
     assert "already failed" in late[0]["result"] and "nothing changed" in late[0]["result"]
     kinds = rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
@@ -377,9 +388,7 @@ async def test_a_missing_confirmation_opens_an_exception_and_a_late_one_settles_
 async def test_chargebacks_and_an_expired_authorisation_map_to_state_ledger_and_events(
     db_url: str, database: Database
 ) -> None:
-    insert_intents(
-        db_url, [*flow("p-cb", ("charge", 2000)), *flow("p-exp", ("authorize", 900))]
-    )
+    insert_intents(db_url, [*flow("p-cb", ("charge", 2000)), *flow("p-exp", ("authorize", 900))])
     async with (
         adyen_on_fake(AdyenFaults(luhn_psp=True)) as (fake, adapter),
         running_receiver(db_url, adyen_hmac_keys=[HMAC_KEY_HEX]) as receiver,
@@ -422,8 +431,7 @@ async def test_chargebacks_and_an_expired_authorisation_map_to_state_ledger_and_
     assert [k["kind"] for k in kinds] == ["charge", "dispute", "dispute_reversal"]
     assert payment(db_url, "p-exp")["state"] == "voided"
     events = [
-        e["event_type"]
-        for e in rows(db_url, "SELECT event_type FROM outbox.events ORDER BY id")
+        e["event_type"] for e in rows(db_url, "SELECT event_type FROM outbox.events ORDER BY id")
     ]
     assert events.count("payment.dispute.opened") == 2  # the notice, then the chargeback
     assert events.count("payment.dispute.won") == 1
@@ -502,7 +510,10 @@ async def test_a_luhn_valid_reference_is_stored_as_sent_and_a_bad_item_refuses_t
     async with running_receiver(db_url, adyen_hmac_keys=[HMAC_KEY_HEX]) as receiver:
         good = authorisation(psp, "p-x", 100, success=False)
         other = authorisation("8813012345678901", "p-y", 100, success=True)
-        bad = {**other, "additionalData": {"hmacSignature": good["additionalData"]["hmacSignature"]}}
+        bad = {
+            **other,
+            "additionalData": {"hmacSignature": good["additionalData"]["hmacSignature"]},
+        }
         async with httpx.AsyncClient() as client:
             refused = await client.post(
                 receiver.adyen_url,

@@ -440,7 +440,7 @@ class InboxApplier:
         if not isinstance(outcome, Succeeded | Declined):
             return Applied(
                 "applied",
-                f"the notification shows no outcome of intent {intent.id} "
+                f"the notification shows no outcome of intent {intent.id} ({status}) "
                 f"({getattr(outcome, 'code', type(outcome).__name__)}); nothing changed",
                 payment_id,
             )
@@ -475,9 +475,18 @@ class InboxApplier:
         written = await self.store.complete_in(conn, [write_back], reason=evidence)
         if intent.id not in written:
             return Applied("applied", f"intent {intent.id} was not written; nothing changed")
+        late = ""
+        if status == "awaiting_confirmation":
+            (resolved,) = await fetch(
+                conn,
+                "inbox_resolve_overdue",
+                {"intent_id": intent.id, "resolution": f"{evidence}; {write_back.status}"},
+                row=tuple_row,
+            )
+            late = f"; exception {resolved[0]} resolved (confirmed late)" if resolved[0] else ""
         return Applied(
             "applied",
-            f"settled intent {intent.id} ({status} before) as {write_back.status}",
+            f"settled intent {intent.id} ({status} before) as {write_back.status}" + late,
             payment_id,
         )
 
@@ -961,7 +970,9 @@ class InboxApplier:
                     1.0,
                     str(found[0]["payment_id"]),
                 )
-            if status == "dead" or (status == "pending" and attempts > 0):
+            if status in ("dead", "awaiting_confirmation") or (
+                status == "pending" and attempts > 0
+            ):
                 done = await self._settle_key(conn, row, reader, refund.idempotency_key, reason)
                 if done.result.startswith("settled"):
                     notes.append(done.result)
@@ -986,7 +997,11 @@ class InboxApplier:
                 {"provider": row.provider, "idempotency_key": refund.idempotency_key},
                 row=dict_row,
             )
-            if found and found[0]["status"] != "succeeded":
+            if (
+                found
+                and found[0]["status"] != "succeeded"
+                and refund.status in ("succeeded", "pending")
+            ):
                 total += reader.minor_units(refund.amount, currency, exponent)
         return total
 

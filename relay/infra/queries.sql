@@ -1155,7 +1155,7 @@ JOIN outbox.payments AS p ON p.payment_id = i.payment_id
 WHERE i.provider = %(provider)s::text AND i.idempotency_key = %(idempotency_key)s::text;
 
 -- name: inbox_take_intent
--- Take an intent whose outcome is unknown (dead, or pending a retry after an ambiguous reply) under a lease, to write what the notification shows.
+-- Take an intent whose outcome is unknown (dead, pending a retry after an ambiguous reply, or awaiting its confirmation) under a lease, to write what the notification shows.
 UPDATE outbox.payment_intents AS i
 SET status = 'in_flight',
     lease_token = nextval('outbox.lease_token_seq'),
@@ -1163,7 +1163,7 @@ SET status = 'in_flight',
     claimed_by = %(instance)s::text,
     updated_at = now()
 WHERE i.id = %(id)s::bigint
-  AND (i.status = 'dead' OR (i.status = 'pending' AND i.attempts > 0))
+  AND (i.status IN ('dead', 'awaiting_confirmation') OR (i.status = 'pending' AND i.attempts > 0))
 RETURNING i.lease_token, i.status;
 
 -- name: inbox_payment_by_id
