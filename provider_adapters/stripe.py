@@ -112,6 +112,17 @@ def _int_field(obj: Any, name: str) -> int:
     return value
 
 
+class _StatusAs:
+    """``obj`` read field by field, its ``status`` shown as ``status`` (a pending refund is
+    checked as a succeeded one would be: id, currency, amount)."""
+
+    def __init__(self, obj: Any, status: str) -> None:
+        self._obj, self._status = obj, status
+
+    def __getitem__(self, name: str) -> Any:
+        return self._status if name == "status" else self._obj[name]
+
+
 def verified_outcome(command: Command, reply: Any) -> Outcome:
     # A refund Stripe has not finished (status pending) is accepted, not confirmed: it waits
     # for its charge.refund.updated like an Adyen modification for its webhook (issue 19);
@@ -126,8 +137,7 @@ def verified_outcome(command: Command, reply: Any) -> Outcome:
                 + (f" ({reason})" if isinstance(reason, str) else ""),
             )
         if status == "pending":
-            shown = dict(reply) if isinstance(reply, dict) else {}
-            verified = verified_outcome(command, {**shown, "status": "succeeded"})
+            verified = verified_outcome(command, _StatusAs(reply, "succeeded"))
             if isinstance(verified, Succeeded):
                 return Ambiguous(
                     AWAITING_CONFIRMATION,

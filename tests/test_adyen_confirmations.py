@@ -14,7 +14,9 @@ the inbox applier finishes each awaiting intent by its confirmation.
 * a confirmation that never comes opens a confirmation_overdue exception after the
   deadline, once; a late one settles the intent once and resolves the exception;
 * chargebacks (notice, chargeback, reversal) and an expired authorisation map to payment
-  state, ledger, exceptions and events.
+  state, ledger, exceptions and events;
+* a Stripe refund answered ``pending`` takes the same path: it awaits, a later refund of
+  the payment waits behind it, charge.refund.updated finishes it (succeeded or failed).
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ from psycopg.rows import dict_row
 from provider_adapters.adyen import AdyenAdapter
 from provider_adapters.adyen_webhooks import sign_item
 from provider_adapters.fake.adyen import HMAC_KEY_HEX, AdyenFaults, luhn_valid
+from provider_adapters.stripe import StripeAdapter
 from relay.core.inbox import InboxApplier
 from relay.finance.exceptions import list_exceptions
 from relay.finance.ledger import check_ledger
 from relay.infra.db import Database
 from tests.support.adyen import AdyenFake, adyen_on_fake
+from tests.support.fake_server import FakeServer
 from tests.support.intents import insert_intents
 from tests.support.relays import make_relay, running
 from tests.support.waiting import wait_until
-from tests.support.webhooks import Receiver, applier, inbox_rows, running_receiver
+from tests.support.webhooks import SECRET, Receiver, applier, inbox_rows, running_receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -537,3 +541,70 @@ async def test_a_luhn_valid_reference_is_stored_as_sent_and_a_bad_item_refuses_t
     ]
     item = stored[0]["payload"]["notificationItems"][0]["NotificationRequestItem"]
     assert item["pspReference"] == psp, "an Adyen reference is not redacted"
+
+
+# -- Stripe's pending refund: the same path --------------------------------------------------
+
+
+async def test_a_stripe_refund_pending_awaits_its_confirmation_then_settles_once(
+    db_url: str, database: Database, fake: FakeServer, adapter: StripeAdapter
+) -> None:
+    insert_intents(
+        db_url,
+        [
+            {"payment_id": "p-sr", "action": "charge", "amount_minor": 1000,
+             "payment_method": "pm_card_visa"},
+            {"payment_id": "p-sr", "action": "refund", "amount_minor": 400},
+            {"payment_id": "p-sr", "action": "refund", "amount_minor": 100},
+        ],
+    )  # fmt: skip
+    async with running_receiver(db_url) as receiver:
+        await fake.control.post(
+            "/_fake/webhooks/config",
+            json={"url": receiver.stripe_url, "secret": SECRET, "duplicates": 2},
+        )
+        await fake.control.post("/_fake/dashboard/refund/settle", json={"pending": "true"})
+        relay = make_relay(db_url, adapter, instance="stripe-pending")
+        inbox = applier(database, kinds=("stripe",))
+        async with running(relay), anyio.create_task_group() as tg:
+            tg.start_soon(inbox.run_forever)
+            await wait_until(
+                lambda: statuses(db_url) == ["succeeded", "awaiting_confirmation", "blocked"],
+                "the first refund awaits Stripe's confirmation",
+            )
+            first = intents(db_url)[1]
+            waiting = payment(db_url, "p-sr")
+            assert (waiting["refunded_minor"], waiting["awaiting_action"]) == (0, "refund")
+            assert waiting["awaiting_minor"] == 400
+            settled = await fake.control.post(
+                "/_fake/dashboard/refund/settle",
+                json={"refund": first["provider_reference"], "status": "succeeded"},
+            )
+            assert settled.status_code == 200
+            await wait_until(
+                lambda: statuses(db_url) == ["succeeded", "succeeded", "awaiting_confirmation"],
+                "the first refund confirmed, the second sent and awaiting",
+            )
+            second = intents(db_url)[2]
+            await fake.control.post(
+                "/_fake/dashboard/refund/settle",
+                json={"refund": second["provider_reference"], "status": "failed"},
+            )
+            await wait_until(
+                lambda: statuses(db_url) == ["succeeded", "succeeded", "failed"],
+                "the second refund failed",
+            )
+            await wait_until(lambda: all_applied(db_url), "every notification applied")
+            tg.cancel_scope.cancel()
+    done = intents(db_url)
+    assert [i["attempts"] for i in done] == [1, 1, 1], "an accepted refund is never re-sent"
+    assert done[2]["error_code"] == "refund_failed"
+    paid = payment(db_url, "p-sr")
+    assert (paid["state"], paid["refunded_minor"], paid["awaiting_action"]) == (
+        "partially_refunded",
+        400,
+        None,
+    )
+    kinds = rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
+    assert [k["kind"] for k in kinds] == ["charge", "refund"], "confirmed money only, once"
+    assert_ledger_clean(db_url)
