@@ -196,7 +196,15 @@ class StripeNotifications:
                 )
                 for r in (_get(charge, "refunds", "data") or [])
                 if isinstance(r, Mapping)
-                and r.get("status") in ("succeeded", "pending", "failed", "canceled")
+                and (
+                    r.get("status") in ("succeeded", "pending")
+                    # a failed refund only when it is ours: it may finish an intent awaiting
+                    # its confirmation (it moved no money)
+                    or (
+                        r.get("status") in ("failed", "canceled")
+                        and _text(_get(r, "metadata", _KEY_FIELD)) is not None
+                    )
+                )
                 and (amount := _int(r.get("amount"))) is not None
             )
             return RefundsReported(reference, currency.upper(), captured, refunded, refunds)
