@@ -272,8 +272,7 @@ RELAY_STATEMENTS = {
     # sql/0038: confirmations of asynchronous outcomes and their deadline
     "inbox_payment_by_id",
     "inbox_intent_by_reference",
-    "inbox_unsent_of_action",
-    "inbox_take_awaiting",
+    "inbox_intent_unsettled_of_action",
     "inbox_reversed",
     "inbox_post_reversal",
     "inbox_record_reversal",
@@ -374,7 +373,7 @@ APP_MAY_RUN = {
     # sql/0038: intents and payments only, which applications read
     "awaiting_overdue",
     "inbox_intent_by_reference",
-    "inbox_unsent_of_action",
+    "inbox_intent_unsettled_of_action",
     "currency_exponents",  # the currency table, which applications read too
     "action_insert_intent",
     "audit_trail_present",

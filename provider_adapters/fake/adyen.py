@@ -575,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
         "--webhook-reorder", action="store_true", help="random extra delay: out of order"
     )
     parser.add_argument(
+        "--luhn-psp",
+        action="store_true",
+        help="every pspReference 16 digits passing the Luhn check (like ~1 in 10 real ones)",
+    )
+    parser.add_argument(
         "--mismatch-error",
         action="store_true",
         help="a reused key with another body is a 422 (default: replay; Adyen's answer is "
@@ -594,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         webhook_duplicate=args.webhook_duplicate,
         webhook_reorder=args.webhook_reorder,
         mismatch_error=args.mismatch_error,
+        luhn_psp=args.luhn_psp,
     )
     print(f"fake Adyen listening on http://{args.host}:{args.port}", flush=True)
     web.run_app(create_adyen_app(faults), host=args.host, port=args.port, print=None)

@@ -578,60 +578,70 @@ class InboxApplier:
             row=dict_row,
         )
         what = f"{fact.event} {'true' if fact.succeeded or fact.withdrawn else 'false'}"
+        by_reference = bool(found)
         if not found:
-            unsent = await fetch(
+            # No intent recorded this reference: its reply is not written yet (in flight),
+            # was lost, or was a stored error Adyen replays under the key (pending a retry,
+            # or dead). The first unsettled intent of that action on the payment is the one
+            # the notification is about (one intent of a payment runs at a time), if the
+            # amounts agree.
+            found = await fetch(
                 conn,
-                "inbox_unsent_of_action",
+                "inbox_intent_unsettled_of_action",
                 {"payment_id": payment_id, "actions": actions},
                 row=dict_row,
             )
-            if unsent:
-                # Our call's reply (and so its reference) is not written yet: in flight, or
-                # pending a retry whose replay will name it. Look again shortly.
-                delay = half_jitter(capped_doubling(0.5, 30.0, row.attempts), self.rng)
-                raise _Retry(
-                    f"{what} names {fact.reference}, not recorded on intent "
-                    f"{unsent[0]['id']} ({unsent[0]['status']}) yet; looked at again shortly",
-                    delay,
+            if not found:
+                return Applied(
+                    "applied",
+                    f"{what}: no intent of ours was accepted as {fact.reference}; nothing changed",
                     payment_id,
                 )
-            return Applied(
-                "applied",
-                f"{what}: no intent of ours was accepted as {fact.reference}; nothing changed",
-                payment_id,
-            )
         columns = found[0]
         status = columns.pop("status")
         applied = columns.pop("amount_applied_minor")
         columns.pop("awaiting_minor")
         intent = IntentRow.from_columns(**columns)
         if status == "in_flight":
+            delay = half_jitter(capped_doubling(0.5, 5.0, row.attempts), self.rng)
             raise _Retry(
-                f"intent {intent.id} is in flight; looked at again shortly", 1.0, payment_id
+                f"intent {intent.id} is in flight; looked at again shortly", delay, payment_id
             )
         if status == "succeeded" and fact.withdrawn:
             return await self._reverse(conn, row, intent, payment, int(applied or 0), fact)
-        if status != "awaiting_confirmation":
+        unsettled = status in ("awaiting_confirmation", "dead") or (
+            status == "pending" and intent.attempts > 0
+        )
+        if not unsettled:
             return Applied(
                 "applied",
-                f"{what}: intent {intent.id} is already {status}: older than what the payment "
-                "knows; nothing changed",
+                f"{what}: intent {intent.id} is already {status}"
+                + (" (never sent)" if status == "pending" else "")
+                + ": older than what the payment knows; nothing changed",
                 payment_id,
             )
         decision = decide(intent.action, intent.amount_minor, intent.payment)
-        if isinstance(decision, Rejection):  # pragma: no cover - the payment waited for it
+        if isinstance(decision, Rejection):
             return Applied(
                 "applied",
                 f"the payment no longer allows intent {intent.id} ({decision.error_code}); "
                 "nothing changed",
                 payment_id,
             )
-        if fact.succeeded:
-            confirmed = (
-                decision.amount_minor
-                if intent.action is Action.VOID  # a cancellation names no amount
-                else reader.minor_units(fact.amount, fact.currency, payment["exponent"])
+        reported = reader.minor_units(fact.amount, fact.currency, payment["exponent"])
+        if (
+            not by_reference
+            and intent.action is not Action.VOID
+            and (reported != decision.amount_minor or fact.currency != intent.currency)
+        ):
+            return Applied(
+                "applied",
+                f"{what} of {fact.currency} {reported} does not match intent {intent.id}'s "
+                f"{intent.action} of {intent.currency} {decision.amount_minor}; nothing changed",
+                payment_id,
             )
+        if fact.succeeded:
+            confirmed = decision.amount_minor if intent.action is Action.VOID else reported
             outcome: Succeeded | Declined = Succeeded(
                 fact.reference,
                 fact.payment_reference,
@@ -645,7 +655,7 @@ class InboxApplier:
             evidence = f"{reason}: the provider reports {what} ({fact.reason or 'no reason'})"
         taken = await fetch(
             conn,
-            "inbox_take_awaiting",
+            "inbox_take_intent",
             {
                 "id": intent.id,
                 "lease_seconds": self.options.lease_seconds,
@@ -669,7 +679,7 @@ class InboxApplier:
         late = f"; exception {resolved[0]} resolved (confirmed late)" if resolved[0] else ""
         return Applied(
             "applied",
-            f"{what} finished intent {intent.id} (awaiting confirmation) as "
+            f"{what} finished intent {intent.id} ({status}) as "
             f"{write_back.status}"
             + (
                 f" ({write_back.error_code})"

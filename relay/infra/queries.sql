@@ -1193,24 +1193,20 @@ WHERE i.payment_id = %(payment_id)s::text AND i.provider_reference = %(reference
 ORDER BY i.id DESC
 LIMIT 1;
 
--- name: inbox_unsent_of_action
--- Intents of one payment with these actions whose call may still be answered (pending, in flight): a confirmation that finds no intent yet may be theirs.
-SELECT id, status
-FROM outbox.payment_intents
-WHERE payment_id = %(payment_id)s::text AND action = ANY(%(actions)s::text[])
-  AND status IN ('pending', 'in_flight')
-ORDER BY id;
-
--- name: inbox_take_awaiting
--- Take an intent awaiting its provider's confirmation under a lease, to write the confirmation's outcome (fenced by that lease).
-UPDATE outbox.payment_intents AS i
-SET status = 'in_flight',
-    lease_token = nextval('outbox.lease_token_seq'),
-    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s::float8),
-    claimed_by = %(instance)s::text,
-    updated_at = now()
-WHERE i.id = %(id)s::bigint AND i.status = 'awaiting_confirmation'
-RETURNING i.lease_token, i.status;
+-- name: inbox_intent_unsettled_of_action
+-- The first intent of one payment (locked by the caller) with these actions whose outcome is not written: a confirmation naming a reference no intent recorded may be its (a reply lost, a stored 5xx replayed).
+SELECT i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency, i.payment_method,
+       i.idempotency_key, i.attempts, i.status, i.amount_applied_minor,
+       p.state AS payment_state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+       p.provider_reference AS payment_reference, p.disputed_minor, p.dispute_status,
+       p.awaiting_action, p.awaiting_minor,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = i.currency) AS exponent
+FROM outbox.payment_intents AS i
+JOIN outbox.payments AS p ON p.payment_id = i.payment_id
+WHERE i.payment_id = %(payment_id)s::text AND i.action = ANY(%(actions)s::text[])
+  AND i.status IN ('pending', 'in_flight', 'dead')
+ORDER BY i.id
+LIMIT 1;
 
 -- name: inbox_reversed
 -- Whether the posting of this intent was already reversed (a withdrawn confirmation applied before).
