@@ -1173,7 +1173,8 @@ SELECT p.payment_id, p.currency, p.state, p.authorized_minor, p.captured_minor, 
        (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = p.currency) AS exponent,
        (SELECT count(*) FROM outbox.payment_intents AS i
         WHERE i.payment_id = p.payment_id
-          AND i.status IN ('blocked', 'pending', 'in_flight', 'dead')) AS unresolved
+          AND i.status IN ('blocked', 'pending', 'in_flight', 'awaiting_confirmation', 'dead'))
+           AS unresolved
 FROM outbox.payments AS p
 WHERE p.provider = %(provider)s::text AND p.payment_id = %(payment_id)s::text
 FOR UPDATE OF p;
@@ -1262,7 +1263,8 @@ SELECT p.payment_id, p.currency, p.state, p.authorized_minor, p.captured_minor, 
        (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = p.currency) AS exponent,
        (SELECT count(*) FROM outbox.payment_intents AS i
         WHERE i.payment_id = p.payment_id
-          AND i.status IN ('blocked', 'pending', 'in_flight', 'dead')) AS unresolved
+          AND i.status IN ('blocked', 'pending', 'in_flight', 'awaiting_confirmation', 'dead'))
+           AS unresolved
 FROM outbox.payments AS p
 WHERE p.provider = %(provider)s::text AND p.provider_reference = %(reference)s::text
 ORDER BY p.payment_id
