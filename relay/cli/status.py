@@ -9,15 +9,7 @@ from relay.operations.status import Status, collect_status
 
 __all__ = ["print_status", "render_status"]
 
-_COLUMNS = [
-    "blocked",
-    "pending",
-    "in_flight",
-    "awaiting_confirmation",
-    "succeeded",
-    "failed",
-    "dead",
-]
+_COLUMNS = ["blocked", "pending", "in_flight", "succeeded", "failed", "dead"]
 
 
 def render_status(status: Status) -> str:
