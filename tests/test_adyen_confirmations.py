@@ -41,6 +41,7 @@ from relay.finance.exceptions import list_exceptions
 from relay.finance.ledger import check_ledger
 from relay.infra.db import Database
 from tests.support.adyen import AdyenFake, adyen_on_fake
+from tests.support.cli import run_cli
 from tests.support.fake_server import FakeServer
 from tests.support.intents import insert_intents
 from tests.support.relays import make_relay, running
@@ -367,6 +368,13 @@ async def test_a_missing_confirmation_opens_an_exception_and_a_late_one_settles_
         assert await inbox.sweep_overdue(now=later) == [], "opened once"
         (exception,) = list_exceptions(db_url, statuses=["open"], kind="confirmation_overdue")
         assert exception["id"] == opened[0]
+        shown = await anyio.to_thread.run_sync(
+            lambda: run_cli(
+                "exceptions", "list", "--kind", "confirmation_overdue",
+                env={"RELAY_DATABASE_URL": db_url},
+            )
+        )  # fmt: skip
+        assert shown.returncode == 0 and "confirmation_overdue" in shown.stdout, shown
         assert exception["payment_id"] == "p-late" and exception["internal_amount_minor"] == 1000
         assert f"intent {capture['id']}" in exception["detail"]
         # The confirmation arrives late, twice.
