@@ -521,6 +521,7 @@ async def test_a_luhn_valid_reference_is_stored_as_sent_and_a_bad_item_refuses_t
     assert luhn_valid(psp)
     async with running_receiver(db_url, adyen_hmac_keys=[HMAC_KEY_HEX]) as receiver:
         good = authorisation(psp, "p-x", 100, success=False)
+        good["reason"] = "refused for card 4242 4242 4242 4242"  # unsigned, still a card
         other = authorisation("8813012345678901", "p-y", 100, success=True)
         bad = {
             **other,
@@ -549,6 +550,7 @@ async def test_a_luhn_valid_reference_is_stored_as_sent_and_a_bad_item_refuses_t
     ]
     item = stored[0]["payload"]["notificationItems"][0]["NotificationRequestItem"]
     assert item["pspReference"] == psp, "an Adyen reference is not redacted"
+    assert "4242" not in item["reason"], "any other field holding a card number still is"
 
 
 # -- Stripe's pending refund: the same path --------------------------------------------------
