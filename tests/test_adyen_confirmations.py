@@ -195,37 +195,68 @@ async def test_a_later_intent_waits_for_the_confirmation_and_nothing_is_booked_m
     db_url: str, database: Database
 ) -> None:
     insert_intents(db_url, flow("p-wait", ("authorize", 1000), ("capture", 1000)))
-    async with adyen_on_fake(AdyenFaults(luhn_psp=True)) as (fake, adapter):
+    async with (
+        adyen_on_fake(AdyenFaults(luhn_psp=True)) as (fake, adapter),
+        running_receiver(db_url, adyen_hmac_keys=[HMAC_KEY_HEX]) as receiver,
+    ):
         relay = make_relay(db_url, adapter, provider="adyen", instance="wait", max_attempts=3)
         async with running(relay):
             await wait_until(
                 lambda: statuses(db_url) == ["succeeded", "awaiting_confirmation"],
                 "the capture awaits its confirmation",
             )
-            # Inserted after the capture went awaiting: pending, claimed, parked unsent.
-            insert_intents(db_url, flow("p-wait", ("refund", 400)))
+            # Inserted after the capture went awaiting: pending, claimed, parked unsent;
+            # a void after the unconfirmed capture waits the same way.
+            insert_intents(db_url, flow("p-wait", ("refund", 400), ("void", None)))
             await wait_until(
-                lambda: statuses(db_url)[2] == "blocked", "the refund parked behind it"
+                lambda: statuses(db_url)[2:] == ["blocked", "blocked"],
+                "the refund and the void parked behind it",
             )
             await anyio.sleep(0.5)
         effects = await fake.effects()
-    capture, refund = intents(db_url)[1:]
-    assert (capture["attempts"], capture["amount_applied_minor"]) == (1, None)
-    assert (refund["attempts"], refund["error_code"]) == (0, "awaiting_earlier_confirmation")
-    assert refund["idempotency_key"] not in effects
-    assert effects[capture["idempotency_key"]] == 1
-    paid = payment(db_url, "p-wait")
-    assert (paid["state"], paid["captured_minor"]) == ("authorized", 0), "confirmed only"
-    assert (paid["awaiting_action"], paid["awaiting_minor"]) == ("capture", 1000), "requested"
-    kinds = rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
-    assert [k["kind"] for k in kinds] == ["authorize"]
-    assert_ledger_clean(db_url)
-    lease = rows(
-        db_url,
-        "SELECT lease_token, claimed_by FROM outbox.payment_intents WHERE id = %s",
-        capture["id"],
+        capture, refund, void = intents(db_url)[1:]
+        assert (capture["attempts"], capture["amount_applied_minor"]) == (1, None)
+        assert (refund["attempts"], refund["error_code"]) == (0, "awaiting_earlier_confirmation")
+        assert refund["idempotency_key"] not in effects and void["idempotency_key"] not in effects
+        assert effects[capture["idempotency_key"]] == 1
+        paid = payment(db_url, "p-wait")
+        assert (paid["state"], paid["captured_minor"]) == ("authorized", 0), "confirmed only"
+        assert (paid["awaiting_action"], paid["awaiting_minor"]) == ("capture", 1000)
+        kinds = rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
+        assert [k["kind"] for k in kinds] == ["authorize"]
+        assert_ledger_clean(db_url)
+        lease = rows(
+            db_url,
+            "SELECT lease_token, claimed_by FROM outbox.payment_intents WHERE id = %s",
+            capture["id"],
+        )
+        assert lease == [{"lease_token": None, "claimed_by": None}], "no lease while waiting"
+        # The confirmation arrives: the capture is booked, the refund goes next (and waits
+        # for its own confirmation), then the void finds a captured payment.
+        await fake.configure(webhook_url=receiver.adyen_url)
+        await resend(fake, eventCode="CAPTURE")
+        inbox = applier(database, kinds=("adyen",))
+        again = make_relay(db_url, adapter, provider="adyen", instance="wait-2", max_attempts=3)
+        async with running(again), anyio.create_task_group() as tg:
+            tg.start_soon(inbox.run_forever)
+            await wait_until(
+                lambda: statuses(db_url) == ["succeeded", "succeeded", "succeeded", "failed"],
+                "capture, refund confirmed; the void refused",
+            )
+            tg.cancel_scope.cancel()
+    capture, refund, void = intents(db_url)[1:]
+    assert (refund["attempts"], void["attempts"], void["error_code"]) == (
+        1,
+        1,
+        "payment_not_authorized",
     )
-    assert lease == [{"lease_token": None, "claimed_by": None}], "no lease while waiting"
+    paid = payment(db_url, "p-wait")
+    assert (paid["state"], paid["captured_minor"], paid["refunded_minor"]) == (
+        "partially_refunded",
+        1000,
+        400,
+    )
+    assert_ledger_clean(db_url)
 
 
 async def _run_until_awaiting(
