@@ -501,16 +501,20 @@ async def test_a_pending_authorisation_is_confirmed_by_its_authorisation_notific
         ],
     )
     async with (
-        adyen_on_fake(AdyenFaults(luhn_psp=True)) as (_fake, adapter),
+        adyen_on_fake(AdyenFaults(luhn_psp=True)) as (fake, adapter),
         running_receiver(db_url, adyen_hmac_keys=[HMAC_KEY_HEX]) as receiver,
     ):
         await _run_until_awaiting(db_url, adapter, ["awaiting_confirmation"], "pend")
         (intent,) = intents(db_url)
         psp = intent["provider_reference"]
         assert payment(db_url, "p-pend")["provider_reference"] == psp
-        await post_item(receiver, authorisation(psp, "p-pend", 1200, success=True))
+        # The fake's own AUTHORISATION, then the same again built here: stored once.
+        await fake.configure(webhook_url=receiver.adyen_url)
+        await resend(fake, eventCode="AUTHORISATION")
+        await wait_until(lambda: stored(db_url, 1), "the fake's AUTHORISATION stored")
         await post_item(receiver, authorisation(psp, "p-pend", 1200, success=True))
         await _apply_until_done(applier(database, kinds=("adyen",)), db_url)
+        assert (await fake.effects()) == {intent["idempotency_key"]: 1}
     assert statuses(db_url) == ["succeeded"]
     paid = payment(db_url, "p-pend")
     assert (paid["state"], paid["authorized_minor"], paid["awaiting_action"]) == (

@@ -263,8 +263,10 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
             reply["refusalReason"], reply["refusalReasonCode"] = result[1], result[2]
             notify_auth(psp, body, value, currency, success=False, reason=result[1])
             return 200, reply
-        if result[0] != "Authorised":
+        if result[0] not in ("Authorised", "Pending"):
             return 200, reply
+        # Pending: Adyen decides later; here the authorisation is placed and its
+        # AUTHORISATION notification (success true) follows, as for an Authorised one.
         payment = _Payment(psp, currency, value, reference=str(body.get("reference", "")))
         state.payments[psp] = payment
         state.effects[key] += 1
