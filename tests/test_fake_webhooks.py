@@ -358,3 +358,33 @@ def test_the_apply_concurrency_is_validated_and_fits_the_pool(
     ), refused.value.lines
     monkeypatch.setenv("RELAY_WEBHOOKS_APPLY", "false")
     assert load_settings().db_pool_size == 2  # a relay that applies nothing needs no room
+
+
+def test_a_refund_finishing_settles_our_refund_awaiting_its_confirmation() -> None:
+    """refund.updated / refund.failed carry the Refund: our key names the intent, and the
+    refund is read as the adapter reads one (pending: still awaiting; failed: declined)."""
+    refund = {
+        "id": "re_9x",
+        "object": "refund",
+        "amount": 400,
+        "currency": "eur",
+        "payment_intent": "pi_1x",
+        "status": "succeeded",
+        "metadata": {"outbox_idempotency_key": "key-r"},
+    }
+    assert READER.read(_event("refund.updated", refund)) == PaymentSettled("pi_1x", "key-r", True)
+    command = Command(
+        intent_id=2, payment_id="pay-1", action=Action.REFUND, idempotency_key="key-r",
+        amount_minor=400, currency="EUR", payment_reference="pi_1x", exponent=2,
+    )  # fmt: skip
+    assert READER.settle(command, _event("refund.updated", refund)) == Succeeded(
+        "re_9x", "pi_1x", 400, "EUR"
+    )
+    failed = {**refund, "status": "failed"}
+    assert READER.read(_event("refund.failed", failed)) == PaymentSettled("pi_1x", "key-r", False)
+    declined = READER.settle(command, _event("refund.failed", failed))
+    assert isinstance(declined, Declined) and declined.code == "refund_failed"
+    pending = READER.settle(command, _event("refund.updated", {**refund, "status": "pending"}))
+    assert not isinstance(pending, Succeeded | Declined), "pending is not an outcome yet"
+    other = READER.settle(command, _event("refund.updated", {**refund, "metadata": {}}))
+    assert isinstance(other, Retryable)

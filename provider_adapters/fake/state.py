@@ -76,7 +76,7 @@ class StripeState:
     # reports (webhooks.py queues and delivers them); None: no webhooks.
     notify: Callable[[str, dict[str, Any], str | None], Any] | None = None
     # New refunds are created `pending` (as some payment methods' are) and finish only by
-    # settle_refund (POST /_fake/dashboard/refund/settle): charge.refund.updated.
+    # settle_refund (POST /_fake/dashboard/refund/settle): refund.updated / refund.failed.
     refunds_pending: bool = False
 
     def __post_init__(self) -> None:
@@ -445,7 +445,7 @@ class StripeState:
 
     def settle_refund(self, params: dict[str, Any]) -> Reply:
         """A pending refund finishes: ``{"refund": "re_...", "status": "succeeded"}`` (or
-        ``failed``); reported by charge.refund.updated. ``{"pending": "true"}`` alone
+        ``failed``); reported by refund.updated (refund.failed). ``{"pending": "true"}`` alone
         switches pending refunds on (``false``: off)."""
         if "pending" in params and "refund" not in params:
             self.refunds_pending = params["pending"] == "true"
@@ -457,8 +457,8 @@ class StripeState:
         refund["status"] = status
         if status == "failed":
             refund["failure_reason"] = "lost_or_stolen_card"
-        pi = self.intents[refund["payment_intent"]]
-        self._emit("charge.refund.updated", self.charge_object(pi), None)
+        # As Stripe: the refund's own event (its object is the Refund).
+        self._emit("refund.updated" if status == "succeeded" else "refund.failed", refund, None)
         return 200, dict(refund)
 
     def open_dispute(self, params: dict[str, Any]) -> Reply:
