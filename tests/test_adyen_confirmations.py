@@ -30,6 +30,7 @@ import anyio
 import httpx
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from psycopg.rows import dict_row
 
 from provider_adapters.adyen import AdyenAdapter
@@ -40,6 +41,7 @@ from relay.core.inbox import InboxApplier
 from relay.finance.exceptions import list_exceptions
 from relay.finance.ledger import check_ledger
 from relay.infra.db import Database
+from relay.service.depth import DepthSampler
 from tests.support.adyen import AdyenFake, adyen_on_fake
 from tests.support.cli import run_cli
 from tests.support.fake_server import FakeServer
@@ -392,6 +394,12 @@ async def test_a_missing_confirmation_opens_an_exception_and_a_late_one_settles_
         await _run_until_awaiting(db_url, adapter, ["succeeded", "awaiting_confirmation"], "late")
         inbox = applier(database, kinds=("adyen",), confirmation_deadline_seconds=3600)
         capture = intents(db_url)[1]
+        sample = await DepthSampler(database, providers=["adyen"]).sample()
+        assert sample.awaiting == {"adyen": 1}, "visible as a gauge while it waits"
+        assert (
+            REGISTRY.get_sample_value("outbox_relay_awaiting_confirmation", {"provider": "adyen"})
+            == 1
+        )
         assert await inbox.sweep_overdue() == [], "not overdue before the deadline"
         later = datetime.now(UTC) + timedelta(seconds=3601)
         opened = await inbox.sweep_overdue(now=later)

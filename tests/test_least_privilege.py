@@ -279,6 +279,7 @@ RELAY_STATEMENTS = {
     "inbox_record_authorisation_ended",
     "inbox_resolve_overdue",
     "awaiting_overdue",
+    "awaiting_depth",  # relay/service/depth.py
     "open_overdue_confirmation",
     "inbox_retention",  # relay/service/retention.py
     "inbox_waiting",  # relay/service/depth.py
@@ -372,6 +373,7 @@ APP_MAY_RUN = {
     "inbox_unresolved_captures",  # capture intents of a payment, which applications read
     # sql/0038: intents and payments only, which applications read
     "awaiting_overdue",
+    "awaiting_depth",
     "inbox_intent_by_reference",
     "inbox_intent_unsettled_of_action",
     "currency_exponents",  # the currency table, which applications read too

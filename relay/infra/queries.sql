@@ -1252,6 +1252,16 @@ WHERE status = 'awaiting_confirmation' AND provider = ANY(%(providers)s::text[])
 ORDER BY updated_at, id
 LIMIT %(limit)s;
 
+-- name: awaiting_depth
+-- Intents awaiting their provider's confirmation per provider, and how long the oldest has waited, for the depth gauges (payment_intents_awaiting_idx).
+SELECT provider, count(*) AS intents,
+       COALESCE(extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - min(updated_at)), 0)::float8
+           AS oldest_seconds
+FROM outbox.payment_intents
+WHERE status = 'awaiting_confirmation'
+GROUP BY provider
+ORDER BY provider;
+
 -- name: open_overdue_confirmation
 -- Open the confirmation_overdue exception of one intent (once); NULL when it is open already or the intent moved on.
 SELECT outbox.open_overdue_confirmation_v1(%(intent_id)s::bigint, %(detail)s::text);
