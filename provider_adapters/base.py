@@ -8,7 +8,7 @@ taxonomy). Adapters hold no database state and never open a transaction.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -19,9 +19,12 @@ __all__ = [
     "AWAITING_CONFIRMATION",
     "Action",
     "Ambiguous",
+    "AuthorisationEnded",
     "BalanceTransaction",
+    "BatchNotificationReader",
     "CaptureReported",
     "Command",
+    "ConfirmationReported",
     "Declined",
     "DisputeClosed",
     "DisputeOpened",
@@ -260,6 +263,9 @@ class ReportedRefund:
     refund_id: str
     amount: int  # provider units
     idempotency_key: str | None  # ours when the refund carries our key
+    # succeeded or pending (money moved or moving); failed or canceled (listed so that our
+    # refund awaiting its confirmation learns it failed; no money moved)
+    status: str = "succeeded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,12 +317,54 @@ class DisputeClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class ConfirmationReported:
+    """The provider confirms, or fails, a request it accepted earlier and answered "not final"
+    (Adyen's AUTHORISATION, CAPTURE, CAPTURE_FAILED, CANCELLATION, REFUND, REFUND_FAILED).
+
+    ``reference`` names the request (the modification's pspReference; for an authorisation
+    the payment's), as the adapter's :class:`Ambiguous` ``provider_reference`` named it;
+    ``payment_reference`` the payment. ``succeeded`` False is a failure; ``withdrawn`` marks
+    a failure that may follow a success already reported (CAPTURE_FAILED, REFUND_FAILED):
+    what the success booked is then reversed. ``amount`` is in provider units."""
+
+    reference: str
+    payment_reference: str
+    action: Action
+    succeeded: bool
+    withdrawn: bool
+    amount: int
+    currency: str
+    reason: str
+    event: str
+    # Our payment_id as the request's reference named it (Adyen: merchantReference), to
+    # find the payment when the provider's reference is not recorded yet.
+    merchant_reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorisationEnded:
+    """The provider released an authorisation nobody asked it to release (Adyen's
+    TECHNICAL_CANCEL, EXPIRE): the hold is gone, no money moved."""
+
+    payment_reference: str
+    event: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Unhandled:
     why: str
 
 
 Fact = (
-    PaymentSettled | RefundsReported | CaptureReported | DisputeOpened | DisputeClosed | Unhandled
+    PaymentSettled
+    | RefundsReported
+    | CaptureReported
+    | DisputeOpened
+    | DisputeClosed
+    | ConfirmationReported
+    | AuthorisationEnded
+    | Unhandled
 )
 
 
@@ -342,4 +390,18 @@ class NotificationReader(Protocol):
 
     def minor_units(self, amount: int, currency: str, exponent: int | None) -> int:
         """The provider's units of ``currency`` as ISO 4217 minor units."""
+        ...
+
+
+@runtime_checkable
+class BatchNotificationReader(Protocol):
+    """A provider whose one delivery carries several notifications (Adyen's
+    ``notificationItems``): every item is verified, each is stored as its own inbox row, and
+    the delivery is acknowledged with :attr:`acknowledgement`."""
+
+    acknowledgement: str
+
+    def verify_items(self, body: bytes, headers: Mapping[str, str]) -> Sequence[Notification]:
+        """Every notification of the delivery, each verified; NotificationRejected (nothing
+        stored) when any one fails."""
         ...

@@ -105,18 +105,23 @@ def build_adapter(name: str, spec: AdapterSpec) -> ProviderAdapter:
     raise ValueError(f"unknown provider kind {spec.kind!r}; expected 'stripe' or 'adyen'")
 
 
-# Kinds whose stored notifications a relay can apply; Adyen's join with its inbox work
-# (issue 19), until then its notifications are neither received nor applied.
-NOTIFICATION_KINDS = frozenset({"stripe"})
+# Kinds whose stored notifications a relay can apply (both: Adyen's confirm its
+# asynchronous outcomes, issue 19).
+NOTIFICATION_KINDS = frozenset({"stripe", "adyen"})
 
 
 def build_notification_reader(
     name: str, kind: str, secrets: Sequence[str] = (), *, tolerance_seconds: int = 300
 ) -> NotificationReader:
     """The notification reader of a provider kind: it verifies deliveries with ``secrets``
-    (the receiver) and reads stored ones (the relays, which need no secret)."""
+    (Stripe: endpoint secrets; Adyen: HMAC keys, hex) in the receiver, and reads stored ones
+    in the relays, which need no secret."""
     if kind == "stripe":
         from provider_adapters.stripe_webhooks import StripeNotifications
 
         return StripeNotifications(name, secrets, tolerance_seconds=tolerance_seconds)
-    raise ValueError(f"unknown provider kind {kind!r}; expected 'stripe'")
+    if kind == "adyen":
+        from provider_adapters.adyen_notifications import AdyenNotifications
+
+        return AdyenNotifications(name, secrets)
+    raise ValueError(f"unknown provider kind {kind!r}; expected 'stripe' or 'adyen'")

@@ -32,6 +32,7 @@ import aiohttp
 import stripe
 
 from provider_adapters.base import (
+    AWAITING_CONFIRMATION,
     Action,
     Ambiguous,
     BalanceTransaction,
@@ -136,7 +137,40 @@ def _int_field(obj: Any, name: str) -> int:
     return value
 
 
+class _StatusAs:
+    """``obj`` read field by field, its ``status`` shown as ``status`` (a pending refund is
+    checked as a succeeded one would be: id, currency, amount)."""
+
+    def __init__(self, obj: Any, status: str) -> None:
+        self._obj, self._status = obj, status
+
+    def __getitem__(self, name: str) -> Any:
+        return self._status if name == "status" else self._obj[name]
+
+
 def verified_outcome(command: Command, reply: Any) -> Outcome:
+    # A refund Stripe has not finished (status pending) is accepted, not confirmed: it waits
+    # for its charge.refund.updated like an Adyen modification for its webhook (issue 19);
+    # a refund that failed or was canceled moved no money.
+    if command.action is Action.REFUND and _field(reply, "object") == "refund":
+        status, object_id = _field(reply, "status"), _field(reply, "id")
+        if status in ("failed", "canceled") and _object_id(object_id, "re_"):
+            reason = _field(reply, "failure_reason")
+            return Declined(
+                "refund_failed",
+                f"Stripe reports refund {object_id} {status}"
+                + (f" ({reason})" if isinstance(reason, str) else ""),
+            )
+        if status == "pending":
+            verified = verified_outcome(command, _StatusAs(reply, "succeeded"))
+            if isinstance(verified, Succeeded):
+                return Ambiguous(
+                    AWAITING_CONFIRMATION,
+                    f"Stripe accepted refund {verified.provider_reference} as pending; its "
+                    "outcome comes by charge.refund.updated (not final until then)",
+                    verified.provider_reference,
+                )
+            return verified
     try:
         return _verify(command, reply)
     except _InvalidReply as exc:

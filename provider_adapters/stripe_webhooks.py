@@ -16,7 +16,9 @@ Guarantees, each tested:
   (:func:`provider_adapters.stripe.payment_intent_outcome`); for a refund command it
   finds our refund in the charge's refunds by its key and verifies it as the lookup does;
 * charge.refunded and charge.refund.updated become :class:`RefundsReported` with the
-  charge's totals; charge.dispute.created becomes :class:`DisputeOpened` (an inquiry,
+  charge's totals; refund.updated and refund.failed (a Refund object: an asynchronous
+  refund finished) become :class:`PaymentSettled` for our refund's key, which settles the
+  intent awaiting its confirmation; charge.dispute.created becomes :class:`DisputeOpened` (an inquiry,
   status ``warning_*``, marked so) and charge.dispute.closed :class:`DisputeClosed` (won,
   lost, or an inquiry closed: warning_closed); charge.captured becomes
   :class:`CaptureReported` with the charge's captured total; any other type is
@@ -56,6 +58,8 @@ __all__ = ["StripeNotifications", "json_depth"]
 _KEY_FIELD = "outbox_idempotency_key"
 _SETTLING = {"payment_intent.succeeded": True, "payment_intent.payment_failed": False}
 _REFUNDS = {"charge.refunded", "charge.refund.updated"}
+# Events whose object is a Refund (Stripe sends these when a refund's status changes).
+_REFUND_OBJECT_EVENTS = {"refund.updated", "refund.failed", "charge.refund.updated"}
 
 
 def json_depth(value: Any, limit: int) -> int:
@@ -177,6 +181,17 @@ class StripeNotifications:
                 idempotency_key=_text(_get(obj, "metadata", _KEY_FIELD)),
                 succeeded=_SETTLING[event_type],
             )
+        if obj.get("object") == "refund" and event_type in _REFUND_OBJECT_EVENTS:
+            # A refund's own status changed (an asynchronous refund: pending, then
+            # succeeded or failed): it settles our refund intent awaiting its confirmation.
+            reference = _text(obj.get("payment_intent"))
+            if reference is None:
+                return Unhandled(f"{event_type} without the refund's payment_intent")
+            return PaymentSettled(
+                payment_reference=reference,
+                idempotency_key=_text(_get(obj, "metadata", _KEY_FIELD)),
+                succeeded=obj.get("status") == "succeeded",
+            )
         if event_type in _REFUNDS:
             charge = obj if obj.get("object") == "charge" else None
             reference = _text(_get(charge, "payment_intent"))
@@ -192,10 +207,19 @@ class StripeNotifications:
                     refund_id=str(r.get("id")),
                     amount=amount,
                     idempotency_key=_text(_get(r, "metadata", _KEY_FIELD)),
+                    status=str(r.get("status")),
                 )
                 for r in (_get(charge, "refunds", "data") or [])
                 if isinstance(r, Mapping)
-                and r.get("status") in ("succeeded", "pending")
+                and (
+                    r.get("status") in ("succeeded", "pending")
+                    # a failed refund only when it is ours: it may finish an intent awaiting
+                    # its confirmation (it moved no money)
+                    or (
+                        r.get("status") in ("failed", "canceled")
+                        and _text(_get(r, "metadata", _KEY_FIELD)) is not None
+                    )
+                )
                 and (amount := _int(r.get("amount"))) is not None
             )
             return RefundsReported(reference, currency.upper(), captured, refunded, refunds)
@@ -235,6 +259,10 @@ class StripeNotifications:
         if not isinstance(pi, Mapping):
             return not_found
         if command.action is Action.REFUND:
+            if pi.get("object") == "refund":  # refund.updated: the refund itself
+                if _get(pi, "metadata", _KEY_FIELD) == command.idempotency_key:
+                    return verified_outcome(command, pi)
+                return not_found
             # The charge's refunds, as the lookup reads the refunds list: ours by its key.
             for refund in _get(pi, "refunds", "data") or []:
                 if _get(refund, "metadata", _KEY_FIELD) == command.idempotency_key:

@@ -248,7 +248,7 @@ CREATE TABLE outbox.payment_intents (
     CONSTRAINT payment_intents_payment_method_required_for_authorize_charge CHECK (((action <> ALL (ARRAY['authorize'::text, 'charge'::text])) OR (payment_method IS NOT NULL))),
     CONSTRAINT payment_intents_payment_method_token_format CHECK (((payment_method ~ '^[A-Za-z0-9_]+$'::text) AND ((length(payment_method) >= 3) AND (length(payment_method) <= 255)))),
     CONSTRAINT payment_intents_provider_lowercase_identifier CHECK (((provider ~ '^[a-z][a-z0-9_]*$'::text) AND (length(provider) <= 63))),
-    CONSTRAINT payment_intents_status_valid CHECK ((status = ANY (ARRAY['blocked'::text, 'pending'::text, 'in_flight'::text, 'succeeded'::text, 'failed'::text, 'dead'::text])))
+    CONSTRAINT payment_intents_status_valid CHECK ((status = ANY (ARRAY['blocked'::text, 'pending'::text, 'in_flight'::text, 'awaiting_confirmation'::text, 'succeeded'::text, 'failed'::text, 'dead'::text])))
 )
 WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.02', autovacuum_vacuum_threshold='1000', autovacuum_vacuum_insert_scale_factor='0.05', autovacuum_analyze_scale_factor='0.02', autovacuum_vacuum_cost_delay='0');
 
@@ -452,7 +452,10 @@ CREATE TABLE outbox.payments (
     disputed_minor bigint DEFAULT 0 NOT NULL,
     dispute_status text,
     dispute_reference text,
+    awaiting_action text,
+    awaiting_minor bigint DEFAULT 0 NOT NULL,
     CONSTRAINT payments_authorized_not_negative CHECK ((authorized_minor >= 0)),
+    CONSTRAINT payments_awaiting_valid CHECK ((((awaiting_action IS NULL) AND (awaiting_minor = 0)) OR ((awaiting_action = ANY (ARRAY['authorize'::text, 'capture'::text, 'charge'::text, 'void'::text, 'refund'::text])) AND (awaiting_minor >= 0)))),
     CONSTRAINT payments_captured_within_authorized CHECK (((captured_minor >= 0) AND (captured_minor <= authorized_minor))),
     CONSTRAINT payments_dispute_status_valid CHECK ((dispute_status = ANY (ARRAY['open'::text, 'won'::text, 'lost'::text]))),
     CONSTRAINT payments_disputed_within_captured CHECK (((disputed_minor >= 0) AND (disputed_minor <= captured_minor))),
@@ -478,6 +481,18 @@ COMMENT ON COLUMN outbox.payments.disputed_minor IS 'Minor units the provider wi
 --
 
 COMMENT ON COLUMN outbox.payments.dispute_status IS 'The payment''s dispute: NULL (none), open, won (funds returned) or lost (final).';
+
+--
+-- Name: COLUMN payments.awaiting_action; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.payments.awaiting_action IS 'The action the provider accepted and has not confirmed yet (NULL: none); the confirmed amounts beside it do not include it.';
+
+--
+-- Name: COLUMN payments.awaiting_minor; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.payments.awaiting_minor IS 'The amount requested by awaiting_action, not confirmed (not in the ledger); 0 when none.';
 
 --
 -- Name: audit_payment_changes(outbox.payments, outbox.payments, integer); Type: FUNCTION; Schema: outbox; Owner: -
@@ -1999,6 +2014,35 @@ END;
 $$;
 
 --
+-- Name: open_overdue_confirmation_v1(bigint, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.open_overdue_confirmation_v1(p_intent_id bigint, p_detail text) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    i        outbox.payment_intents%ROWTYPE;
+    p        outbox.payments%ROWTYPE;
+    found_id bigint;
+BEGIN
+    SELECT * INTO i FROM outbox.payment_intents WHERE id = p_intent_id;
+    IF NOT FOUND OR i.status <> 'awaiting_confirmation' THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO p FROM outbox.payments WHERE payment_id = i.payment_id;
+    INSERT INTO outbox.reconciliation_exceptions AS x
+        (provider, kind, match_key, payment_id, currency, internal_amount_minor,
+         provider_amount_minor, delta_minor, detail, occurred_at, intent_id)
+    VALUES (i.provider, 'confirmation_overdue', 'confirmation:' || i.id, i.payment_id,
+            i.currency, p.awaiting_minor, NULL, 0, p_detail, i.updated_at, i.id)
+    ON CONFLICT ON CONSTRAINT reconciliation_exceptions_once DO NOTHING
+    RETURNING x.id INTO found_id;
+    RETURN found_id;
+END;
+$$;
+
+--
 -- Name: payment_intents_before_insert(); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -2742,6 +2786,79 @@ END;
 $$;
 
 --
+-- Name: post_notified_change_v3(bigint, text, text, bigint, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.post_notified_change_v3(p_inbox_id bigint, p_payment_id text, p_kind text, p_amount bigint, p_reference text) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    pay outbox.payments%ROWTYPE;
+    txn bigint;
+BEGIN
+    IF p_kind NOT IN ('refund', 'capture', 'void', 'dispute', 'dispute_reversal') THEN
+        RAISE EXCEPTION USING ERRCODE = 'check_violation',
+            MESSAGE = format('a notification posts refund, capture, void, dispute or '
+                             'dispute_reversal, not %s', p_kind);
+    END IF;
+    SELECT * INTO pay FROM outbox.payments WHERE payment_id = p_payment_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation',
+            MESSAGE = format('payment %s does not exist', quote_literal(p_payment_id));
+    END IF;
+    INSERT INTO outbox.ledger_transactions
+        (inbox_id, payment_id, provider, currency, kind, amount_minor, provider_reference, posted_by)
+    VALUES (p_inbox_id, pay.payment_id, pay.provider, pay.currency, p_kind, p_amount, p_reference,
+            outbox.audit_actor())
+    RETURNING id INTO txn;
+    INSERT INTO outbox.ledger_entries (transaction_id, account, currency, amount_minor)
+    SELECT txn, pay.provider || ':' || l.account, pay.currency, l.amount_minor
+    FROM outbox.ledger_lines_v2(p_kind, p_amount, pay.authorized_minor) AS l;
+    RETURN txn;
+END;
+$$;
+
+--
+-- Name: post_reversal_v1(bigint, bigint); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.post_reversal_v1(p_inbox_id bigint, p_intent_id bigint) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    orig outbox.ledger_transactions%ROWTYPE;
+    txn  bigint;
+BEGIN
+    SELECT * INTO orig FROM outbox.ledger_transactions
+    WHERE intent_id = p_intent_id AND kind IN ('capture', 'refund');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'no_data_found',
+            MESSAGE = format('intent %s has no capture or refund posting to reverse', p_intent_id);
+    END IF;
+    INSERT INTO outbox.ledger_transactions
+        (inbox_id, payment_id, provider, currency, kind, amount_minor, provider_reference,
+         posted_by, reverses_transaction_id)
+    VALUES (p_inbox_id, orig.payment_id, orig.provider, orig.currency, orig.kind || '_reversal',
+            orig.amount_minor, orig.provider_reference, outbox.audit_actor(), orig.id)
+    RETURNING id INTO txn;
+    INSERT INTO outbox.ledger_entries (transaction_id, account, currency, amount_minor)
+    SELECT txn, e.account, e.currency, -e.amount_minor
+    FROM outbox.ledger_entries AS e
+    WHERE e.transaction_id = orig.id
+    ORDER BY e.id;
+    RETURN txn;
+END;
+$$;
+
+--
+-- Name: FUNCTION post_reversal_v1(p_inbox_id bigint, p_intent_id bigint); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.post_reversal_v1(p_inbox_id bigint, p_intent_id bigint) IS 'Reverse the capture or refund posting of an intent whose confirmation the provider withdrew (CAPTURE_FAILED, REFUND_FAILED): the same entries negated, once.';
+
+--
 -- Name: promote_next_blocked_v1(text[], timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -2875,6 +2992,27 @@ END;
 $$;
 
 --
+-- Name: resolve_overdue_confirmation_v1(bigint, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.resolve_overdue_confirmation_v1(p_intent_id bigint, p_resolution text) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    found_id bigint;
+BEGIN
+    UPDATE outbox.reconciliation_exceptions
+    SET status = 'resolved', resolution = 'confirmed_late', resolution_reason = p_resolution,
+        resolved_by = outbox.audit_actor(), resolved_at = now()
+    WHERE kind = 'confirmation_overdue' AND intent_id = p_intent_id
+      AND status IN ('open', 'awaiting_approval', 'accepted')
+    RETURNING id INTO found_id;
+    RETURN found_id;
+END;
+$$;
+
+--
 -- Name: retry_dead_intents(bigint[], text, boolean); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -2974,7 +3112,11 @@ $$;
 
 CREATE FUNCTION outbox.webhook_inbox_before_insert() RETURNS trigger
     LANGUAGE plpgsql
-    AS $$
+    AS $_$
+DECLARE
+    item  jsonb;
+    path  text[] := ARRAY['notificationItems', '0', 'NotificationRequestItem'];
+    k     text;
 BEGIN
     NEW.status := 'received';
     NEW.received_at := now();
@@ -2987,14 +3129,22 @@ BEGIN
     NEW.last_error := NULL;
     -- Before any CHECK can echo the row: the payload is stored redacted, the identifiers
     -- (which no provider fills with card numbers) are refused by name.
+    item := NEW.payload #> path;
     NEW.payload := outbox.jsonb_redact_card_numbers(NEW.payload);
+    IF jsonb_typeof(item) = 'object' AND NEW.payload #> path IS NOT NULL THEN
+        FOREACH k IN ARRAY ARRAY['pspReference', 'originalReference'] LOOP
+            IF jsonb_typeof(item -> k) = 'string' AND (item ->> k) ~ '^[0-9A-Z]{16}$' THEN
+                NEW.payload := jsonb_set(NEW.payload, path || k, item -> k);
+            END IF;
+        END LOOP;
+    END IF;
     PERFORM outbox.refuse_card_number('webhook_inbox', 'event_id', NEW.event_id,
                                       'A provider event id never holds a card number.');
     PERFORM outbox.refuse_card_number('webhook_inbox', 'event_type', NEW.event_type,
                                       'A provider event type never holds a card number.');
     RETURN NEW;
 END;
-$$;
+$_$;
 
 --
 -- Name: webhook_inbox_notify(); Type: FUNCTION; Schema: outbox; Owner: -
@@ -3387,8 +3537,9 @@ CREATE TABLE outbox.ledger_transactions (
     posted_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     posted_by text NOT NULL,
     inbox_id bigint,
+    reverses_transaction_id bigint,
     CONSTRAINT ledger_transactions_amount_positive CHECK ((amount_minor > 0)),
-    CONSTRAINT ledger_transactions_kind_valid CHECK ((kind = ANY (ARRAY['authorize'::text, 'capture'::text, 'charge'::text, 'void'::text, 'refund'::text, 'dispute'::text, 'dispute_reversal'::text])))
+    CONSTRAINT ledger_transactions_kind_valid CHECK ((kind = ANY (ARRAY['authorize'::text, 'capture'::text, 'charge'::text, 'void'::text, 'refund'::text, 'dispute'::text, 'dispute_reversal'::text, 'capture_reversal'::text, 'refund_reversal'::text])))
 );
 
 --
@@ -3562,7 +3713,9 @@ CREATE TABLE outbox.reconciliation_exceptions (
     resolved_by text,
     resolved_at timestamp with time zone,
     inbox_id bigint,
-    CONSTRAINT reconciliation_exceptions_kind_valid CHECK ((kind = ANY (ARRAY['missing_internal'::text, 'missing_at_provider'::text, 'amount_mismatch'::text, 'currency_mismatch'::text, 'status_mismatch'::text, 'unexpected_fee'::text, 'dispute'::text, 'external_change'::text, 'fx_rate_drift'::text]))),
+    intent_id bigint,
+    CONSTRAINT reconciliation_exceptions_kind_valid CHECK ((kind = ANY (ARRAY['missing_internal'::text, 'missing_at_provider'::text, 'amount_mismatch'::text, 'currency_mismatch'::text, 'status_mismatch'::text, 'unexpected_fee'::text, 'dispute'::text, 'external_change'::text, 'fx_rate_drift'::text, 'confirmation_overdue'::text]))),
+    CONSTRAINT reconciliation_exceptions_run_or_notification CHECK (((first_run_id IS NOT NULL) OR (inbox_id IS NOT NULL) OR (intent_id IS NOT NULL))),
     CONSTRAINT reconciliation_exceptions_status_valid CHECK ((status = ANY (ARRAY['open'::text, 'awaiting_approval'::text, 'accepted'::text, 'resolved'::text, 'cleared'::text])))
 );
 
@@ -3912,13 +4065,6 @@ ALTER TABLE ONLY outbox.reconciliation_exceptions
     ADD CONSTRAINT reconciliation_exceptions_pkey PRIMARY KEY (id);
 
 --
--- Name: reconciliation_exceptions reconciliation_exceptions_run_or_notification; Type: CHECK CONSTRAINT; Schema: outbox; Owner: -
---
-
-ALTER TABLE outbox.reconciliation_exceptions
-    ADD CONSTRAINT reconciliation_exceptions_run_or_notification CHECK (((first_run_id IS NOT NULL) OR (inbox_id IS NOT NULL))) NOT VALID;
-
---
 -- Name: reconciliation_runs reconciliation_runs_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
 --
 
@@ -4052,6 +4198,12 @@ CREATE INDEX ledger_entries_transaction_idx ON outbox.ledger_entries USING btree
 CREATE UNIQUE INDEX ledger_transactions_one_per_dispute ON outbox.ledger_transactions USING btree (payment_id, provider_reference, kind) WHERE (kind = ANY (ARRAY['dispute'::text, 'dispute_reversal'::text]));
 
 --
+-- Name: ledger_transactions_one_reversal; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE UNIQUE INDEX ledger_transactions_one_reversal ON outbox.ledger_transactions USING btree (reverses_transaction_id) WHERE (reverses_transaction_id IS NOT NULL);
+
+--
 -- Name: ledger_transactions_payment_idx; Type: INDEX; Schema: outbox; Owner: -
 --
 
@@ -4074,6 +4226,12 @@ CREATE UNIQUE INDEX payment_intents_archive_idempotency_key_unique ON outbox.pay
 --
 
 CREATE INDEX payment_intents_archive_payment_idx ON outbox.payment_intents_archive USING btree (payment_id, payment_seq);
+
+--
+-- Name: payment_intents_awaiting_idx; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX payment_intents_awaiting_idx ON outbox.payment_intents USING btree (updated_at, id) WHERE (status = 'awaiting_confirmation'::text);
 
 --
 -- Name: payment_intents_claimable_idx; Type: INDEX; Schema: outbox; Owner: -
@@ -4872,6 +5030,18 @@ GRANT UPDATE(dispute_status) ON TABLE outbox.payments TO outbox_relay;
 GRANT UPDATE(dispute_reference) ON TABLE outbox.payments TO outbox_relay;
 
 --
+-- Name: COLUMN payments.awaiting_action; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT UPDATE(awaiting_action) ON TABLE outbox.payments TO outbox_relay;
+
+--
+-- Name: COLUMN payments.awaiting_minor; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT UPDATE(awaiting_minor) ON TABLE outbox.payments TO outbox_relay;
+
+--
 -- Name: FUNCTION audit_payment_changes(o outbox.payments, n outbox.payments, side integer); Type: ACL; Schema: outbox; Owner: -
 --
 
@@ -5094,6 +5264,13 @@ REVOKE ALL ON FUNCTION outbox.open_notified_exception_v1(p_inbox_id bigint, p_pr
 GRANT ALL ON FUNCTION outbox.open_notified_exception_v1(p_inbox_id bigint, p_provider text, p_kind text, p_match_key text, p_payment_id text, p_currency text, p_internal bigint, p_provider_amount bigint, p_detail text, p_occurred_at timestamp with time zone) TO outbox_relay;
 
 --
+-- Name: FUNCTION open_overdue_confirmation_v1(p_intent_id bigint, p_detail text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.open_overdue_confirmation_v1(p_intent_id bigint, p_detail text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.open_overdue_confirmation_v1(p_intent_id bigint, p_detail text) TO outbox_relay;
+
+--
 -- Name: FUNCTION payment_intents_before_insert(); Type: ACL; Schema: outbox; Owner: -
 --
 
@@ -5204,6 +5381,20 @@ REVOKE ALL ON FUNCTION outbox.post_notified_change_v2(p_inbox_id bigint, p_payme
 GRANT ALL ON FUNCTION outbox.post_notified_change_v2(p_inbox_id bigint, p_payment_id text, p_kind text, p_amount bigint, p_reference text) TO outbox_relay;
 
 --
+-- Name: FUNCTION post_notified_change_v3(p_inbox_id bigint, p_payment_id text, p_kind text, p_amount bigint, p_reference text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.post_notified_change_v3(p_inbox_id bigint, p_payment_id text, p_kind text, p_amount bigint, p_reference text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.post_notified_change_v3(p_inbox_id bigint, p_payment_id text, p_kind text, p_amount bigint, p_reference text) TO outbox_relay;
+
+--
+-- Name: FUNCTION post_reversal_v1(p_inbox_id bigint, p_intent_id bigint); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.post_reversal_v1(p_inbox_id bigint, p_intent_id bigint) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.post_reversal_v1(p_inbox_id bigint, p_intent_id bigint) TO outbox_relay;
+
+--
 -- Name: FUNCTION promote_next_blocked_v1(payment_ids text[], due_at timestamp with time zone); Type: ACL; Schema: outbox; Owner: -
 --
 
@@ -5221,6 +5412,13 @@ REVOKE ALL ON FUNCTION outbox.reconciliation_actions_logins() FROM PUBLIC;
 --
 
 REVOKE ALL ON FUNCTION outbox.refuse_change() FROM PUBLIC;
+
+--
+-- Name: FUNCTION resolve_overdue_confirmation_v1(p_intent_id bigint, p_resolution text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.resolve_overdue_confirmation_v1(p_intent_id bigint, p_resolution text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.resolve_overdue_confirmation_v1(p_intent_id bigint, p_resolution text) TO outbox_relay;
 
 --
 -- Name: FUNCTION retry_dead_intents(ids bigint[], operator text, past_key_lifetime boolean); Type: ACL; Schema: outbox; Owner: -

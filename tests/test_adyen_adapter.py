@@ -248,12 +248,12 @@ async def test_clp_and_idr_reach_adyen_in_its_units_and_sql_keeps_iso_minor_unit
     assert_audit_intact(db_url)
 
 
-# -- "received" through the relay (until the webhook inbox finishes such intents) --------
+# -- "received" through the relay: awaiting its confirmation (tests/test_adyen_confirmations.py) --
 
 
 @pytest.mark.integration
 @pytest.mark.anyio
-async def test_a_received_capture_books_nothing_goes_dead_for_an_operator_and_keeps_the_breaker_closed(
+async def test_a_received_capture_books_nothing_awaits_its_confirmation_and_keeps_the_breaker_closed(
     db_url: str,
 ) -> None:
     payments = [f"p-rcv-{i}" for i in range(7)]  # more than the breaker's threshold (5)
@@ -291,16 +291,18 @@ async def test_a_received_capture_books_nothing_goes_dead_for_an_operator_and_ke
     async with adyen_on_fake() as (fake, adapter):
         relay = make_relay(db_url, adapter, provider="adyen", instance="rcv", max_attempts=3)
 
-        def captures_dead() -> bool:
+        def captures_awaiting() -> bool:
             with psycopg.connect(db_url) as conn:
                 row = conn.execute(
                     "SELECT count(*) FROM outbox.payment_intents"
-                    " WHERE action = 'capture' AND status = 'dead'"
+                    " WHERE action = 'capture' AND status = 'awaiting_confirmation'"
                 ).fetchone()
             return row is not None and row[0] == len(payments)
 
         async with running(relay):
-            await wait_until(lambda: anyio.to_thread.run_sync(captures_dead), "every capture dead")
+            await wait_until(
+                lambda: anyio.to_thread.run_sync(captures_awaiting), "every capture awaiting"
+            )
         lane = relay.lanes["adyen"]
         assert lane.breaker.state.name == "CLOSED", "accepted answers are healthy answers"
         effects = await fake.effects()
@@ -320,14 +322,23 @@ async def test_a_received_capture_books_nothing_goes_dead_for_an_operator_and_ke
         if action == "authorize":
             assert status == "succeeded"
         elif action == "capture":
-            # Retried under the same key (Adyen replays "received"), then dead for an
-            # operator; one capture at Adyen, confirmed by its CAPTURE webhook.
-            assert (status, attempts, error_code) == ("dead", 3, "awaiting_confirmation")
+            # Sent once, then waiting without a lease for its CAPTURE webhook (no inbox
+            # runs here): never retried, one capture at Adyen.
+            assert (status, attempts, error_code) == (
+                "awaiting_confirmation",
+                1,
+                "awaiting_confirmation",
+            )
             assert effects[key] == 1
         else:
             assert status == "blocked", "the refund waits behind the unconfirmed capture"
             assert key not in effects
     assert amounts == [("authorized", 1000, 0)], "no captured money is booked"
+    with psycopg.connect(db_url) as conn:
+        awaiting = conn.execute(
+            "SELECT DISTINCT awaiting_action, awaiting_minor FROM outbox.payments"
+        ).fetchall()
+    assert awaiting == [("capture", 1000)], "the requested amount, beside the confirmed ones"
     assert booked == [("authorize",)]
     assert sum(1 for n in notes if n["eventCode"] == "CAPTURE") == len(payments)
     assert_ledger_balanced(db_url)

@@ -102,3 +102,51 @@ async def test_an_untested_version_starts_with_the_override_and_says_so(
     adapter = build_adapter("adyen", load_settings().providers["adyen"])
     assert isinstance(adapter, AdyenAdapter) and adapter.untested_version
     await adapter.aclose()
+
+
+def test_an_adyen_webhook_endpoint_and_the_confirmation_deadline_come_from_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from provider_adapters.adyen_notifications import AdyenNotifications
+    from provider_adapters.registry import NOTIFICATION_KINDS, build_notification_reader
+
+    keys = tmp_path / "webhook_keys"
+    keys.write_text(f"{KEY_B}\n{KEY_A}\n")
+    _env(
+        monkeypatch,
+        **_adyen(tmp_path),
+        RELAY_WEBHOOKS__ADYEN__KIND="adyen",
+        RELAY_WEBHOOKS__ADYEN__SECRETS_FILE=str(keys),
+        RELAY_CONFIRMATION_DEADLINE_SECONDS="600",
+    )
+    settings = load_settings()
+    assert settings.confirmation_deadline_seconds == 600
+    endpoint = settings.webhooks["adyen"]
+    reader = build_notification_reader("adyen", endpoint.kind, endpoint.resolved_secrets())
+    assert isinstance(reader, AdyenNotifications) and reader.acknowledgement == "[accepted]"
+    assert "adyen" in NOTIFICATION_KINDS, "relays build inbox readers for Adyen"
+
+
+def test_an_adyen_webhook_key_that_is_not_hex_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    keys = tmp_path / "webhook_keys"
+    keys.write_text("whsec_not_an_adyen_key\n")
+    _env(
+        monkeypatch,
+        **_adyen(tmp_path),
+        RELAY_WEBHOOKS__ADYEN__KIND="adyen",
+        RELAY_WEBHOOKS__ADYEN__SECRETS_FILE=str(keys),
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert "RELAY_WEBHOOKS__ADYEN" in str(refused.value) and "hex" in str(refused.value)
+
+
+def test_a_confirmation_deadline_of_zero_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _env(monkeypatch, **_adyen(tmp_path), RELAY_CONFIRMATION_DEADLINE_SECONDS="0")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert "RELAY_CONFIRMATION_DEADLINE_SECONDS" in str(refused.value)

@@ -370,3 +370,33 @@ def test_event_ids_look_like_stripe_ids_and_never_like_card_numbers() -> None:
     assert all(re.fullmatch(r"evt_[A-Za-z0-9]{24}", i) for i in ids)
     assert not [i for i in ids if re.search(r"[0-9]{13}", i)]
     assert len(set(ids)) == len(ids)
+
+
+def test_a_refund_finishing_settles_our_refund_awaiting_its_confirmation() -> None:
+    """refund.updated / refund.failed carry the Refund: our key names the intent, and the
+    refund is read as the adapter reads one (pending: still awaiting; failed: declined)."""
+    refund = {
+        "id": "re_9x",
+        "object": "refund",
+        "amount": 400,
+        "currency": "eur",
+        "payment_intent": "pi_1x",
+        "status": "succeeded",
+        "metadata": {"outbox_idempotency_key": "key-r"},
+    }
+    assert READER.read(_event("refund.updated", refund)) == PaymentSettled("pi_1x", "key-r", True)
+    command = Command(
+        intent_id=2, payment_id="pay-1", action=Action.REFUND, idempotency_key="key-r",
+        amount_minor=400, currency="EUR", payment_reference="pi_1x", exponent=2,
+    )  # fmt: skip
+    assert READER.settle(command, _event("refund.updated", refund)) == Succeeded(
+        "re_9x", "pi_1x", 400, "EUR"
+    )
+    failed = {**refund, "status": "failed"}
+    assert READER.read(_event("refund.failed", failed)) == PaymentSettled("pi_1x", "key-r", False)
+    declined = READER.settle(command, _event("refund.failed", failed))
+    assert isinstance(declined, Declined) and declined.code == "refund_failed"
+    pending = READER.settle(command, _event("refund.updated", {**refund, "status": "pending"}))
+    assert not isinstance(pending, Succeeded | Declined), "pending is not an outcome yet"
+    other = READER.settle(command, _event("refund.updated", {**refund, "metadata": {}}))
+    assert isinstance(other, Retryable)

@@ -151,7 +151,7 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
     ),
     ("outbox_relay", "payments", "UPDATE"): (
         "state,authorized_minor,captured_minor,refunded_minor,provider_reference,updated_at,"
-        "disputed_minor,dispute_status,dispute_reference"
+        "disputed_minor,dispute_status,dispute_reference,awaiting_action,awaiting_minor"
     ),
     ("outbox_relay", "relay_wakeup", "UPDATE"): "wanted,updated_at",
     ("outbox_relay", "webhook_inbox", "INSERT"): (
@@ -187,6 +187,12 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "post_notified_change_v1": {"outbox_relay"},
     "post_notified_change_v2": {"outbox_relay"},
     "open_notified_exception_v1": {"outbox_relay"},
+    # sql/0038: confirmations: a withdrawn capture's reversal, an expiry's void, the
+    # confirmation deadline's exception and its resolution by a late confirmation
+    "post_notified_change_v3": {"outbox_relay"},
+    "post_reversal_v1": {"outbox_relay"},
+    "open_overdue_confirmation_v1": {"outbox_relay"},
+    "resolve_overdue_confirmation_v1": {"outbox_relay"},
     # sql/0027: conversion, for applications in their transaction, the relay and `fx convert`
     "convert_v1": {"outbox_app", "outbox_relay", "outbox_operator"},
     "convert_at_rates_v1": {"outbox_app", "outbox_relay", "outbox_operator"},
@@ -264,6 +270,18 @@ RELAY_STATEMENTS = {
     "inbox_open_exception",
     "inbox_event",
     "inbox_ledger_totals",
+    # sql/0038: confirmations of asynchronous outcomes and their deadline
+    "inbox_payment_by_id",
+    "inbox_intent_by_reference",
+    "inbox_intent_unsettled_of_action",
+    "inbox_reversed",
+    "inbox_post_reversal",
+    "inbox_record_reversal",
+    "inbox_record_authorisation_ended",
+    "inbox_resolve_overdue",
+    "awaiting_overdue",
+    "awaiting_depth",  # relay/service/depth.py
+    "open_overdue_confirmation",
     "inbox_retention",  # relay/service/retention.py
     "inbox_waiting",  # relay/service/depth.py
     "fx_insert_rates_as_relay",  # relay/service/fx_fetch.py: the opt-in ECB fetch
@@ -354,6 +372,11 @@ APP_MAY_RUN = {
     "inbox_intent_by_key",
     "inbox_intent_payment",
     "inbox_unresolved_captures",  # capture intents of a payment, which applications read
+    # sql/0038: intents and payments only, which applications read
+    "awaiting_overdue",
+    "awaiting_depth",
+    "inbox_intent_by_reference",
+    "inbox_intent_unsettled_of_action",
     "currency_exponents",  # the currency table, which applications read too
     "action_insert_intent",
     "audit_trail_present",

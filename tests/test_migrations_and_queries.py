@@ -107,7 +107,9 @@ _INTENT = {
 }  # fmt: skip
 READ_BY_NAME = {
     # sql/0035: the payment's dispute, for the state machine (a refund under a dispute).
-    "claim_intents": _INTENT | {"lease_token", "traceparent", "disputed_minor", "dispute_status"},
+    # sql/0038: an earlier intent awaiting its confirmation parks this one at dispatch.
+    "claim_intents": _INTENT
+    | {"lease_token", "traceparent", "disputed_minor", "dispute_status", "awaiting_action"},
     "complete_intents": {"id", "lease_token"},
     "lock_orphaned_blocked_payments": {"payment_id"},
     "promote_orphaned_blocked": {"id", "payment_id", "provider"},

@@ -90,3 +90,21 @@ def test_an_intent_read_without_a_lease_is_never_written_back() -> None:
         from_outcome(unleased, 1000, Succeeded("pi_1", "pi_1", 1000, "EUR"), POLICY, lambda: 0.5)
     with pytest.raises(ValueError, match="without a lease"):
         from_rejection(unleased, Rejection("nothing_to_capture", "no authorization"))
+
+
+def test_accepted_for_later_confirmation_awaits_unbooked_even_at_the_attempt_cap() -> None:
+    accepted = Ambiguous("awaiting_confirmation", "received", "8515131751004933")
+    for attempts in (1, 3):  # the cap does not apply: the call is never sent again
+        wb = from_outcome(intent(Action.CAPTURE, attempts), 700, accepted, POLICY, lambda: 0.5)
+        assert (wb.status, wb.provider_reference, wb.amount_applied_minor) == (
+            "awaiting_confirmation",
+            "8515131751004933",
+            700,  # the amount requested (the payment's awaiting_minor), not applied
+        )
+        assert wb.payment is None, "no state or confirmed amount moves before confirmation"
+    # Without a reference nothing could match the confirmation: an ordinary ambiguous retry.
+    unnamed = from_outcome(
+        intent(Action.CAPTURE), 700, Ambiguous("awaiting_confirmation", "received"), POLICY,
+        lambda: 0.5,
+    )  # fmt: skip
+    assert unnamed.status == "pending"

@@ -23,7 +23,12 @@ and enums copied from it):
 * ``GET /_fake/effects``: effects applied per idempotency key (an authorisation placed, a
   capture, a charge, a refund, a cancellation); ``POST /_fake/config`` changes faults;
   ``POST /_fake/advance`` moves the fake clock (``{"days": 32}``) past the replay window;
-  ``GET /_fake/webhooks`` lists the notifications sent or due.
+  ``GET /_fake/webhooks`` lists the notifications sent or due (each delivered until a 2xx);
+  ``POST /_fake/webhooks/resend`` delivers some again (late, repeated);
+  ``POST /_fake/dashboard`` makes what happens outside the API: a chargeback, its
+  reversal, an expiry, a technical cancel, or a CAPTURE_FAILED / REFUND_FAILED of an
+  earlier successful modification. ``luhn_psp`` makes every pspReference 16 digits that
+  pass the Luhn check.
 
 No effect is applied for a refusal, an error or a replay.
 """
@@ -94,6 +99,9 @@ class AdyenFaults:
     webhook_delay_ms: int = 0
     webhook_duplicate: bool = False
     webhook_reorder: bool = False
+    # Every pspReference all digits and passing the Luhn check, as about one in ten real
+    # ones do (the inbox must neither refuse nor redact them).
+    luhn_psp: bool = False
     hmac_key_hex: str = HMAC_KEY_HEX
 
     def replace(self, changes: dict[str, Any]) -> AdyenFaults:
@@ -142,6 +150,22 @@ def _psp() -> str:
     return "".join(secrets.choice("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(16))
 
 
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        d = int(char)
+        if position % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def luhn_psp() -> str:
+    """16 digits whose Luhn checksum holds: a card number to the card rule."""
+    body = "".join(secrets.choice("0123456789") for _ in range(15))
+    return next(body + c for c in "0123456789" if luhn_valid(body + c))
+
+
 def _error(status: int, code: str, message: str, error_type: str) -> web.Response:
     body = {
         "status": status,
@@ -172,6 +196,9 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
     def roll(rate: float) -> bool:
         return rate > 0 and state.rng.random() < rate
 
+    def new_psp() -> str:
+        return luhn_psp() if state.faults.luhn_psp else _psp()
+
     def notify(item: dict[str, Any]) -> None:
         item = {
             "merchantAccountCode": MERCHANT_ACCOUNT,
@@ -186,24 +213,39 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
         if state.faults.webhook_url:
             copies = 2 if state.faults.webhook_duplicate else 1
             for _ in range(copies):
-                task = asyncio.get_running_loop().create_task(_deliver(item))
-                state.tasks.add(task)
-                task.add_done_callback(state.tasks.discard)
+                deliver_again(item)
 
     async def _deliver(item: dict[str, Any]) -> None:
         delay = state.faults.webhook_delay_ms / 1000
         if state.faults.webhook_reorder:
             delay += state.rng.random() * max(delay, 0.05) * 2
         await asyncio.sleep(delay)
-        payload = {"live": "false", "notificationItems": [{"NotificationRequestItem": item}]}
-        url = state.faults.webhook_url
-        if url is None:
-            return
-        try:
-            async with aiohttp.ClientSession() as session, session.post(url, json=payload):
+        signed = {k: v for k, v in item.items() if not k.startswith("_")}
+        payload = {"live": "false", "notificationItems": [{"NotificationRequestItem": signed}]}
+        # Like Adyen: retried until a 2xx (here every 0.1 s doubling to 2 s, 200 tries).
+        wait = 0.1
+        for _ in range(200):
+            url = state.faults.webhook_url
+            if url is None:
+                return
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(url, json=payload) as response,
+                ):
+                    if 200 <= response.status < 300:
+                        item["_delivered"] = item.get("_delivered", 0) + 1
+                        return
+            except (aiohttp.ClientError, OSError):
                 pass
-        except (aiohttp.ClientError, OSError):
-            item.setdefault("_delivery_failures", 0)  # visible in /_fake/webhooks
+            item["_delivery_failures"] = item.get("_delivery_failures", 0) + 1
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 2.0)
+
+    def deliver_again(item: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(_deliver(item))
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
 
     def authorise(body: dict[str, Any], key: str) -> tuple[int, dict[str, Any]]:
         method = body.get("paymentMethod")
@@ -211,7 +253,7 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
         money = _money(body)
         assert not isinstance(money, web.Response)
         value, currency = money
-        psp = _psp()
+        psp = new_psp()
         reply: dict[str, Any] = {
             "pspReference": psp,
             "merchantReference": body.get("reference", ""),
@@ -223,8 +265,10 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
             reply["refusalReason"], reply["refusalReasonCode"] = result[1], result[2]
             notify_auth(psp, body, value, currency, success=False, reason=result[1])
             return 200, reply
-        if result[0] != "Authorised":
+        if result[0] not in ("Authorised", "Pending"):
             return 200, reply
+        # Pending: Adyen decides later; here the authorisation is placed and its
+        # AUTHORISATION notification (success true) follows, as for an Authorised one.
         payment = _Payment(psp, currency, value, reference=str(body.get("reference", "")))
         state.payments[psp] = payment
         state.effects[key] += 1
@@ -233,7 +277,7 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
             payment.captured = value
             notify(
                 {
-                    "pspReference": _psp(),
+                    "pspReference": new_psp(),
                     "originalReference": psp,
                     "merchantReference": payment.reference,
                     "amount": {"value": value, "currency": currency},
@@ -267,7 +311,7 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
                 "errorType": "validation",
                 "pspReference": _psp(),
             }
-        mod_psp = _psp()
+        mod_psp = new_psp()
         reply: dict[str, Any] = {
             "merchantAccount": body.get("merchantAccount"),
             "paymentPspReference": psp,
@@ -436,6 +480,67 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
     async def webhooks(_: web.Request) -> web.Response:
         return web.json_response({"notifications": state.webhooks})
 
+    async def resend(request: web.Request) -> web.Response:
+        """Deliver again the notifications matching ``pspReference`` / ``eventCode`` (all
+        when the body names neither): a late or repeated delivery on demand."""
+        body = await request.json() if request.can_read_body else {}
+        chosen = [
+            item
+            for item in state.webhooks
+            if all(item.get(k) == body[k] for k in ("pspReference", "eventCode") if k in body)
+        ]
+        for item in chosen:
+            deliver_again(item)
+        return web.json_response({"resent": len(chosen)})
+
+    async def dashboard(request: web.Request) -> web.Response:
+        """What happens at Adyen outside the API, for one payment (``psp``): ``event``
+        CHARGEBACK, NOTIFICATION_OF_CHARGEBACK, CHARGEBACK_REVERSED (``amount``), EXPIRE,
+        TECHNICAL_CANCEL; or CAPTURE_FAILED / REFUND_FAILED of an earlier successful
+        modification (``modification``: its pspReference), which undoes it here."""
+        body = await request.json()
+        event = str(body.get("event"))
+        payment = state.payments.get(str(body.get("psp")))
+        if payment is None:
+            return web.json_response({"error": "no such payment"}, status=404)
+        value = int(body.get("amount", 0))
+        reference = new_psp()
+        original: str | None = payment.psp
+        if event in ("CAPTURE_FAILED", "REFUND_FAILED"):
+            reference = str(body.get("modification"))
+            found = [
+                w
+                for w in state.webhooks
+                if w.get("pspReference") == reference and w.get("success") == "true"
+            ]
+            if not found:
+                return web.json_response({"error": "no such modification"}, status=404)
+            value = int(found[0]["amount"]["value"])
+            if event == "CAPTURE_FAILED":
+                payment.captured -= value
+            else:
+                payment.refunded -= value
+        elif event in ("EXPIRE", "TECHNICAL_CANCEL"):
+            payment.cancelled = True
+            value = payment.authorised
+        elif event not in ("CHARGEBACK", "NOTIFICATION_OF_CHARGEBACK", "CHARGEBACK_REVERSED"):
+            return web.json_response({"error": f"unknown event {event}"}, status=400)
+        if event.startswith(("CHARGEBACK", "NOTIFICATION_OF")):
+            # Dispute notifications name the disputed payment itself.
+            reference, original = payment.psp, None
+        item: dict[str, Any] = {
+            "pspReference": reference,
+            "merchantReference": payment.reference,
+            "amount": {"value": value, "currency": payment.currency},
+            "eventCode": event,
+            "success": "true",
+            "reason": str(body.get("reason", "")),
+        }
+        if original is not None:
+            item["originalReference"] = original
+        notify(item)
+        return web.json_response(state.webhooks[-1])
+
     app.router.add_post(r"/v{version:\d+}/payments", route("payments"))
     for kind in ("captures", "cancels", "refunds", "reversals"):
         app.router.add_post(r"/v{version:\d+}/payments/{psp}/" + kind, route(kind))
@@ -443,6 +548,8 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
     app.router.add_post("/_fake/config", configure)
     app.router.add_post("/_fake/advance", advance)
     app.router.add_get("/_fake/webhooks", webhooks)
+    app.router.add_post("/_fake/webhooks/resend", resend)
+    app.router.add_post("/_fake/dashboard", dashboard)
     return app
 
 
@@ -472,6 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         "--webhook-reorder", action="store_true", help="random extra delay: out of order"
     )
     parser.add_argument(
+        "--luhn-psp",
+        action="store_true",
+        help="every pspReference 16 digits passing the Luhn check (like ~1 in 10 real ones)",
+    )
+    parser.add_argument(
         "--mismatch-error",
         action="store_true",
         help="a reused key with another body is a 422 (default: replay; Adyen's answer is "
@@ -491,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         webhook_duplicate=args.webhook_duplicate,
         webhook_reorder=args.webhook_reorder,
         mismatch_error=args.mismatch_error,
+        luhn_psp=args.luhn_psp,
     )
     print(f"fake Adyen listening on http://{args.host}:{args.port}", flush=True)
     web.run_app(create_adyen_app(faults), host=args.host, port=args.port, print=None)

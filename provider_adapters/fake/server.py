@@ -256,11 +256,15 @@ def create_app(
         change = request.match_info["change"]
         if change == "refund":
             return _json(*fake.state.dashboard_refund(params))
+        if change == "refund/settle":
+            return _json(*fake.state.settle_refund(params))
         if change == "dispute/close":
             return _json(*fake.state.close_dispute(params))
         return _json(*fake.state.open_dispute(params))
 
-    app.router.add_post("/_fake/dashboard/{change:refund|dispute|dispute/close}", dashboard)
+    app.router.add_post(
+        "/_fake/dashboard/{change:refund|refund/settle|dispute|dispute/close}", dashboard
+    )
 
     def post(
         handler: Callable[[web.Request], Handler],

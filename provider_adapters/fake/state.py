@@ -75,6 +75,9 @@ class StripeState:
     # Called with (event type, object, idempotency key) for every change a Stripe webhook
     # reports (webhooks.py queues and delivers them); None: no webhooks.
     notify: Callable[[str, dict[str, Any], str | None], Any] | None = None
+    # New refunds are created `pending` (as some payment methods' are) and finish only by
+    # settle_refund (POST /_fake/dashboard/refund/settle): refund.updated / refund.failed.
+    refunds_pending: bool = False
 
     def __post_init__(self) -> None:
         self.settlement = Settlement(self.refunds)
@@ -423,7 +426,7 @@ class StripeState:
             "currency": pi["currency"],
             "payment_intent": pi["id"],
             "charge": pi["latest_charge"],
-            "status": "succeeded",
+            "status": "pending" if self.refunds_pending else "succeeded",
             "metadata": {str(k): str(v) for k, v in metadata.items()},
             "created": int(time.time()),
         }
@@ -439,6 +442,24 @@ class StripeState:
         ours, none of our metadata; reported by charge.refunded like any refund."""
         key = f"dashboard_{secrets.token_hex(6)}"
         return self.create_refund({k: v for k, v in params.items() if k != "metadata"}, key)
+
+    def settle_refund(self, params: dict[str, Any]) -> Reply:
+        """A pending refund finishes: ``{"refund": "re_...", "status": "succeeded"}`` (or
+        ``failed``); reported by refund.updated (refund.failed). ``{"pending": "true"}`` alone
+        switches pending refunds on (``false``: off)."""
+        if "pending" in params and "refund" not in params:
+            self.refunds_pending = params["pending"] == "true"
+            return 200, {"refunds_pending": self.refunds_pending}
+        refund = self.refunds.get(str(params.get("refund")))
+        status = str(params.get("status"))
+        if refund is None or refund["status"] != "pending" or status not in ("succeeded", "failed"):
+            return stripe_error(400, "invalid_request_error", "no pending refund to settle so")
+        refund["status"] = status
+        if status == "failed":
+            refund["failure_reason"] = "lost_or_stolen_card"
+        # As Stripe: the refund's own event (its object is the Refund).
+        self._emit("refund.updated" if status == "succeeded" else "refund.failed", refund, None)
+        return 200, dict(refund)
 
     def open_dispute(self, params: dict[str, Any]) -> Reply:
         """The card holder disputes a charge (charge.dispute.created)."""

@@ -410,6 +410,9 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
             "status_mismatch",
             "unexpected_fee",
             "fx_rate_drift",  # sql/0029
+            "dispute",  # sql/0023: found by notifications
+            "external_change",
+            "confirmation_overdue",  # sql/0038: a provider's confirmation never came
         ),
         help="only this class",
     )

@@ -27,7 +27,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from provider_adapters import error_catalogue
-from provider_adapters.base import Ambiguous, Declined, Succeeded
+from provider_adapters.base import AWAITING_CONFIRMATION, Ambiguous, Declined, Succeeded
 from relay.core.completer import Completer
 from relay.core.lanes import Lane
 from relay.core.store import Store
@@ -353,6 +353,26 @@ class Relay:
         admission: _Admission,
         trace: TraceContext | None,  # None for an invalid one, which is never forwarded
     ) -> None:
+        if intent.payment.awaiting_action is not None:
+            # An earlier intent of the payment awaits its provider's confirmation: this one
+            # is not sent (nor decided: the payment's state is about to change). Parked
+            # blocked, unsent; the confirmation's write-back promotes it (docs/webhooks.md).
+            log.info("intent_parked", awaiting=intent.payment.awaiting_action)
+            await self.completer.submit(
+                WriteBack(
+                    intent_id=intent.id,
+                    lease_token=intent.require_lease(),
+                    payment_id=intent.payment_id,
+                    status="blocked",
+                    error_code="awaiting_earlier_confirmation",
+                    error_message=f"an earlier {intent.payment.awaiting_action} of this "
+                    "payment awaits the provider's confirmation; sent after it",
+                    provider=intent.provider,
+                    action=str(intent.action),
+                    outcome="parked",
+                )
+            )
+            return
         decision = decide(intent.action, intent.amount_minor, intent.payment)
         if isinstance(decision, Rejection):
             log.info("intent_rejected", error_code=decision.error_code)
@@ -369,7 +389,7 @@ class Relay:
             return
         try:
             outcome = await lane.execute(command)
-            if isinstance(outcome, Ambiguous):
+            if isinstance(outcome, Ambiguous) and outcome.code != AWAITING_CONFIRMATION:
                 settled = await lane.lookup(command)
                 log.info(
                     "ambiguous_settled_by_lookup",

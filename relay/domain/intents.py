@@ -38,6 +38,7 @@ def payment_from_columns(
     payment_reference: str | None,
     disputed_minor: int = 0,
     dispute_status: str | None = None,
+    awaiting_action: str | None = None,
 ) -> PaymentSnapshot:
     """The payment's snapshot from a row's payment columns, named as in queries.sql."""
     return PaymentSnapshot(
@@ -49,6 +50,7 @@ def payment_from_columns(
         provider_reference=payment_reference,
         disputed_minor=disputed_minor,
         dispute_status=dispute_status,
+        awaiting_action=awaiting_action,
     )
 
 
@@ -99,6 +101,7 @@ class IntentRow:
         exponent: int | None = None,
         disputed_minor: int = 0,
         dispute_status: str | None = None,
+        awaiting_action: str | None = None,
     ) -> IntentRow:
         """The intent of one row, each parameter the column of its name in queries.sql
         (``relay.infra.rows.columns_row(IntentRow.from_columns)``, or ``**`` a dict row)."""
@@ -123,6 +126,7 @@ class IntentRow:
                 payment_reference,
                 disputed_minor,
                 dispute_status,
+                awaiting_action,
             ),
             exponent=exponent,
         )
@@ -162,7 +166,10 @@ class WriteBack:
     intent_id: int
     lease_token: int
     payment_id: str
-    status: str  # succeeded | failed | dead | pending (retry)
+    # succeeded | failed | dead | pending (retry) | awaiting_confirmation (accepted, confirmed
+    # later: ``amount_applied_minor`` is then the amount requested, kept on the payment as
+    # awaiting_minor) | blocked (parked unsent behind an earlier awaiting intent)
+    status: str
     retry_delay_seconds: float = 0.0
     provider_reference: str | None = None
     amount_applied_minor: int | None = None

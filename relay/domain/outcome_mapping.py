@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from provider_adapters.base import (
+    AWAITING_CONFIRMATION,
     Ambiguous,
     Declined,
     Invalid,
@@ -100,6 +101,19 @@ def from_outcome(
                 **base,  # type: ignore[arg-type]
                 status="dead",
                 error_code=outcome.code,
+                error_message=_clip(outcome.message),
+            )
+        case Ambiguous(code=code, provider_reference=reference) if (
+            code == AWAITING_CONFIRMATION and reference is not None
+        ):
+            # Accepted, confirmed later (sql/0038): no retry, no lease, nothing booked; the
+            # confirmation finishes it through the inbox. Not an attempt towards the cap.
+            return WriteBack(
+                **base,  # type: ignore[arg-type]
+                status="awaiting_confirmation",
+                provider_reference=reference,
+                amount_applied_minor=amount_minor,
+                error_code=AWAITING_CONFIRMATION,
                 error_message=_clip(outcome.message),
             )
         case Retryable() | Ambiguous():

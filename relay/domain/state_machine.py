@@ -17,6 +17,11 @@ Payment states and who moves a payment out of them:
 ``failed``                a new authorize or charge (e.g. another card) may retry
 ========================  ==========================================================
 
+An intent the provider accepted but has not confirmed (``awaiting_confirmation``) changes
+no state and no confirmed amount: the confirmation, through the inbox, applies
+:func:`apply_success` (or a decline) then. Meanwhile ``awaiting_action`` names it and no later
+intent of the payment is decided at all: the relay parks it until the confirmation.
+
 A dispute (chargeback, reported by the provider's notifications) is not a state of its
 own but amounts beside it: ``disputed_minor`` is what the provider withdrew and has not
 returned, ``dispute_status`` is ``open``, ``won`` or ``lost``. While a dispute is open a
@@ -62,6 +67,9 @@ class PaymentSnapshot:
     provider_reference: str | None = None
     disputed_minor: int = 0
     dispute_status: str | None = None
+    # The action the provider accepted and has not confirmed (sql/0038); None: nothing awaits.
+    # While it is set no later intent of the payment is sent (docs/webhooks.md).
+    awaiting_action: str | None = None
 
     @property
     def refundable_minor(self) -> int:

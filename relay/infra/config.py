@@ -197,10 +197,13 @@ class WebhookEndpointSettings(BaseModel):
     """One receiving route, ``/webhooks/<name>``: ``RELAY_WEBHOOKS__<NAME>__<FIELD>``. The
     name is the provider instance whose payments its notifications touch."""
 
-    kind: Literal["stripe"] = Field("stripe", description="Notification format: stripe.")
+    kind: Literal["stripe", "adyen"] = Field(
+        "stripe", description="Notification format: stripe or adyen."
+    )
     secrets: list[SecretStr] = Field(
         default_factory=list,
-        description="Active signing secrets (whsec_...), JSON list; prefer secrets_file.",
+        description="Active signing secrets (Stripe: whsec_...; Adyen: HMAC keys, hex), "
+        "JSON list; prefer secrets_file.",
     )
     secrets_file: Path | None = Field(
         None,
@@ -214,6 +217,13 @@ class WebhookEndpointSettings(BaseModel):
             raise ValueError(f"SECRETS_FILE {self.secrets_file} is not a readable file")
         if not self.secrets and self.secrets_file is None:
             raise ValueError("set __SECRETS_FILE (a mounted secret) or __SECRETS")
+        if self.kind == "adyen":
+            keys = self.resolved_secrets()
+            if not keys or not all(re.fullmatch(r"(?:[0-9A-Fa-f]{2}){16,}", k) for k in keys):
+                raise ValueError(
+                    "an adyen endpoint's secrets are its HMAC keys: hex, one per line, as the "
+                    "Customer Area shows them (keep the old key beside the new one while rotating)"
+                )
         return self
 
     def resolved_secrets(self) -> list[str]:
@@ -384,6 +394,14 @@ class Settings(BaseSettings):
         description="Notifications applied at once, each in a transaction on a pool "
         "connection; at most RELAY_DB_POOL_SIZE - 1 - the write-back writers are used, so "
         "the claim loop keeps a connection.",
+    )
+    confirmation_deadline_seconds: float = Field(
+        86_400.0,
+        gt=0,
+        description="How long an intent the provider accepted may await its confirmation "
+        "(Adyen's modification webhooks, a Stripe refund pending) before a "
+        "confirmation_overdue exception asks an operator; a late confirmation still settles "
+        "it and resolves the exception.",
     )
     webhooks_retention_hours: float = Field(
         744.0,

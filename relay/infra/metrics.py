@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "AWAITING_CONFIRMATION",
     "BREAKER_STATE",
     "CLAIM_BATCH",
     "INTENTS_ARCHIVED",
@@ -13,6 +14,7 @@ __all__ = [
     "IN_FLIGHT",
     "LEASES_RELEASED",
     "LEASE_LOST",
+    "OLDEST_AWAITING_CONFIRMATION_AGE_SECONDS",
     "OLDEST_WEBHOOK_WAITING_AGE_SECONDS",
     "PROVIDER_API_VERSION",
     "PROVIDER_CALL_SECONDS",
@@ -225,6 +227,18 @@ WEBHOOKS_APPLIED = Counter(
 WEBHOOKS_WAITING = Gauge(
     "outbox_relay_webhooks_waiting",
     "Stored notifications not yet applied (status received), sampled from the database.",
+    ["provider"],
+)
+AWAITING_CONFIRMATION = Gauge(
+    "outbox_relay_awaiting_confirmation",
+    "Intents the provider accepted and has not confirmed yet (status awaiting_confirmation), "
+    "sampled from the database.",
+    ["provider"],
+)
+OLDEST_AWAITING_CONFIRMATION_AGE_SECONDS = Gauge(
+    "outbox_relay_oldest_awaiting_confirmation_age_seconds",
+    "How long the oldest intent has awaited its provider's confirmation: grows when the "
+    "provider's webhooks do not arrive (RELAY_CONFIRMATION_DEADLINE_SECONDS opens an exception).",
     ["provider"],
 )
 OLDEST_WEBHOOK_WAITING_AGE_SECONDS = Gauge(

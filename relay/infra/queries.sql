@@ -39,12 +39,12 @@ claimed AS (
               i.metadata ->> 'traceparent' AS traceparent,
               p.state AS payment_state, p.authorized_minor, p.captured_minor, p.refunded_minor,
               p.provider_reference AS payment_reference, p.disputed_minor, p.dispute_status,
-              i.status
+              p.awaiting_action, i.status
 )
 SELECT id, payment_id, action, provider, amount_minor, currency, payment_method,
        idempotency_key, attempts, lease_token, traceparent, payment_state, authorized_minor,
        captured_minor, refunded_minor, payment_reference, disputed_minor, dispute_status,
-       c.exponent
+       awaiting_action, c.exponent
 FROM claimed
 LEFT JOIN outbox.currencies AS c ON c.code = claimed.currency
 WHERE claimed.status = 'in_flight';
@@ -79,15 +79,28 @@ WITH outcome AS (
 ),
 written AS (
     UPDATE outbox.payment_intents AS i
-    SET status = o.status,
-        available_at = CASE WHEN o.status = 'pending'
+    -- `blocked` (sql/0038): parked at dispatch while an earlier intent of the payment awaits
+    -- its provider's confirmation; pending instead when that confirmation committed since
+    -- the claim (the payment is locked by lock_payments, so this sees it). The attempt was
+    -- never sent: it does not count.
+    SET status = CASE WHEN o.status = 'blocked'
+                           AND NOT EXISTS (SELECT 1 FROM outbox.payments AS ap
+                                           WHERE ap.payment_id = i.payment_id
+                                             AND ap.awaiting_action IS NOT NULL)
+                      THEN 'pending' ELSE o.status END,
+        attempts = CASE WHEN o.status = 'blocked' THEN greatest(i.attempts - 1, 0)
+                        ELSE i.attempts END,
+        available_at = CASE WHEN o.status IN ('pending', 'blocked')
                             THEN COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => o.retry_delay)
                             ELSE i.available_at END,
         lease_token = NULL,
         lease_expires_at = NULL,
         claimed_by = NULL,
         provider_reference = COALESCE(o.provider_reference, i.provider_reference),
-        amount_applied_minor = o.amount_applied_minor,
+        -- awaiting_confirmation: the amount requested goes to the payment's awaiting_minor;
+        -- nothing is applied until the provider confirms it.
+        amount_applied_minor = CASE WHEN o.status = 'awaiting_confirmation' THEN NULL
+                                    ELSE o.amount_applied_minor END,
         error_code = o.error_code,
         error_message = o.error_message,
         completed_at = CASE WHEN o.status IN ('succeeded', 'failed', 'dead')
@@ -98,18 +111,31 @@ written AS (
     -- The token too: a batch may hold a stale outcome of the same intent (its lease
     -- expired and it was claimed again while the first outcome waited for the database);
     -- only the outcome whose fence held may update the payment or emit an event.
-    RETURNING i.id, i.payment_id, i.status, o.lease_token
+    RETURNING i.id, i.payment_id, i.status, o.lease_token, i.action
 ),
 paid AS (
+    -- The confirmed amounts from the outcome; what was requested and awaits the provider's
+    -- confirmation (sql/0038) beside them, cleared by the terminal outcome that follows it.
     UPDATE outbox.payments AS p
-    SET state = o.payment_state,
-        authorized_minor = o.authorized_minor,
-        captured_minor = o.captured_minor,
-        refunded_minor = o.refunded_minor,
-        provider_reference = COALESCE(o.payment_reference, p.provider_reference),
+    SET state = COALESCE(o.payment_state, p.state),
+        authorized_minor = COALESCE(o.authorized_minor, p.authorized_minor),
+        captured_minor = COALESCE(o.captured_minor, p.captured_minor),
+        refunded_minor = COALESCE(o.refunded_minor, p.refunded_minor),
+        -- an authorisation awaiting confirmation: the provider knows the payment by the
+        -- reference it answered with, and so does its confirmation
+        provider_reference = COALESCE(o.payment_reference,
+                                      CASE WHEN w.status = 'awaiting_confirmation'
+                                                AND w.action IN ('authorize', 'charge')
+                                           THEN o.provider_reference END,
+                                      p.provider_reference),
+        awaiting_action = CASE WHEN w.status = 'awaiting_confirmation' THEN w.action END,
+        awaiting_minor = CASE WHEN w.status = 'awaiting_confirmation'
+                              THEN COALESCE(o.amount_applied_minor, 0) ELSE 0 END,
         updated_at = COALESCE(%(now)s::timestamptz, now())
     FROM outcome AS o JOIN written AS w ON w.id = o.id AND w.lease_token = o.lease_token
-    WHERE p.payment_id = w.payment_id AND o.payment_state IS NOT NULL
+    WHERE p.payment_id = w.payment_id
+      AND (o.payment_state IS NOT NULL OR w.status = 'awaiting_confirmation'
+           OR (p.awaiting_action IS NOT NULL AND w.status IN ('succeeded', 'failed', 'dead')))
     RETURNING p.payment_id
 ),
 promoted AS (
@@ -218,6 +244,9 @@ WHERE p.payment_id IN (
             AND e.payment_seq < b.payment_seq
             AND e.status IN ('blocked', 'pending', 'in_flight', 'dead'))
     LIMIT %(limit)s)
+  -- a payment awaiting a confirmation keeps its later intents parked (sql/0038): its
+  -- confirmation's write-back promotes them
+  AND p.awaiting_action IS NULL
 ORDER BY p.payment_id
 FOR UPDATE OF p SKIP LOCKED;
 
@@ -1140,7 +1169,7 @@ JOIN outbox.payments AS p ON p.payment_id = i.payment_id
 WHERE i.provider = %(provider)s::text AND i.idempotency_key = %(idempotency_key)s::text;
 
 -- name: inbox_take_intent
--- Take an intent whose outcome is unknown (dead, or pending a retry after an ambiguous reply) under a lease, to write what the notification shows.
+-- Take an intent whose outcome is unknown (dead, pending a retry after an ambiguous reply, or awaiting its confirmation) under a lease, to write what the notification shows.
 UPDATE outbox.payment_intents AS i
 SET status = 'in_flight',
     lease_token = nextval('outbox.lease_token_seq'),
@@ -1148,8 +1177,108 @@ SET status = 'in_flight',
     claimed_by = %(instance)s::text,
     updated_at = now()
 WHERE i.id = %(id)s::bigint
-  AND (i.status = 'dead' OR (i.status = 'pending' AND i.attempts > 0))
+  AND (i.status IN ('dead', 'awaiting_confirmation') OR (i.status = 'pending' AND i.attempts > 0))
 RETURNING i.lease_token, i.status;
+
+-- name: inbox_payment_by_id
+-- A payment of this provider by our payment_id (a confirmation's merchant reference), locked, as inbox_payment_by_reference reads it.
+SELECT p.payment_id, p.currency, p.state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+       p.provider_reference, p.disputed_minor, p.dispute_status, p.dispute_reference,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = p.currency) AS exponent,
+       (SELECT count(*) FROM outbox.payment_intents AS i
+        WHERE i.payment_id = p.payment_id
+          AND i.status IN ('blocked', 'pending', 'in_flight', 'awaiting_confirmation', 'dead'))
+           AS unresolved
+FROM outbox.payments AS p
+WHERE p.provider = %(provider)s::text AND p.payment_id = %(payment_id)s::text
+FOR UPDATE OF p;
+
+-- name: inbox_intent_by_reference
+-- The latest intent of one payment (locked by the caller) whose call the provider accepted as `reference`, with its payment, to finish on confirmation.
+SELECT i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency, i.payment_method,
+       i.idempotency_key, i.attempts, i.status, i.amount_applied_minor,
+       p.state AS payment_state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+       p.provider_reference AS payment_reference, p.disputed_minor, p.dispute_status,
+       p.awaiting_action, p.awaiting_minor,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = i.currency) AS exponent
+FROM outbox.payment_intents AS i
+JOIN outbox.payments AS p ON p.payment_id = i.payment_id
+WHERE i.payment_id = %(payment_id)s::text AND i.provider_reference = %(reference)s::text
+  AND i.action = ANY(%(actions)s::text[])
+ORDER BY i.id DESC
+LIMIT 1;
+
+-- name: inbox_intent_unsettled_of_action
+-- The first intent of one payment (locked by the caller) with these actions whose outcome is not written: a confirmation naming a reference no intent recorded may be its (a reply lost, a stored 5xx replayed).
+SELECT i.id, i.payment_id, i.action, i.provider, i.amount_minor, i.currency, i.payment_method,
+       i.idempotency_key, i.attempts, i.status, i.amount_applied_minor,
+       p.state AS payment_state, p.authorized_minor, p.captured_minor, p.refunded_minor,
+       p.provider_reference AS payment_reference, p.disputed_minor, p.dispute_status,
+       p.awaiting_action, p.awaiting_minor,
+       (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = i.currency) AS exponent
+FROM outbox.payment_intents AS i
+JOIN outbox.payments AS p ON p.payment_id = i.payment_id
+WHERE i.payment_id = %(payment_id)s::text AND i.action = ANY(%(actions)s::text[])
+  AND i.status IN ('pending', 'in_flight', 'dead')
+ORDER BY i.id
+LIMIT 1;
+
+-- name: inbox_reversed
+-- Whether the posting of this intent was already reversed (a withdrawn confirmation applied before).
+SELECT EXISTS (
+    SELECT 1 FROM outbox.ledger_transactions AS r
+    JOIN outbox.ledger_transactions AS t ON t.id = r.reverses_transaction_id
+    WHERE t.intent_id = %(intent_id)s::bigint) AS reversed;
+
+-- name: inbox_post_reversal
+-- Reverse the capture or refund posting of an intent whose confirmation the provider withdrew (sql/0038): its entries negated, once.
+SELECT outbox.post_reversal_v1(%(inbox_id)s::bigint, %(intent_id)s::bigint);
+
+-- name: inbox_record_reversal
+-- A capture or refund the provider withdrew (CAPTURE_FAILED, REFUND_FAILED after success): the payment's amounts and state back.
+UPDATE outbox.payments
+SET captured_minor = %(captured_minor)s::bigint,
+    refunded_minor = %(refunded_minor)s::bigint,
+    state = %(state)s::text,
+    updated_at = now()
+WHERE payment_id = %(payment_id)s::text
+RETURNING payment_id, state, authorized_minor, captured_minor, refunded_minor, provider_reference,
+          disputed_minor, dispute_status;
+
+-- name: inbox_record_authorisation_ended
+-- The provider released an open authorisation by itself (TECHNICAL_CANCEL, EXPIRE): the payment is voided.
+UPDATE outbox.payments
+SET state = 'voided', updated_at = now()
+WHERE payment_id = %(payment_id)s::text AND state = 'authorized'
+RETURNING payment_id, state, authorized_minor, captured_minor, refunded_minor, provider_reference,
+          disputed_minor, dispute_status;
+
+-- name: inbox_resolve_overdue
+-- A late confirmation settled its intent: resolve the intent's confirmation_overdue exception (sql/0038).
+SELECT outbox.resolve_overdue_confirmation_v1(%(intent_id)s::bigint, %(resolution)s::text);
+
+-- name: awaiting_overdue
+-- Intents of these providers awaiting a confirmation for longer than the deadline, oldest first (payment_intents_awaiting_idx).
+SELECT id, payment_id, provider, action, updated_at
+FROM outbox.payment_intents
+WHERE status = 'awaiting_confirmation' AND provider = ANY(%(providers)s::text[])
+  AND updated_at < COALESCE(%(now)s::timestamptz, now()) - make_interval(secs => %(deadline_seconds)s::float8)
+ORDER BY updated_at, id
+LIMIT %(limit)s;
+
+-- name: awaiting_depth
+-- Intents awaiting their provider's confirmation per provider, and how long the oldest has waited, for the depth gauges (payment_intents_awaiting_idx).
+SELECT provider, count(*) AS intents,
+       COALESCE(extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - min(updated_at)), 0)::float8
+           AS oldest_seconds
+FROM outbox.payment_intents
+WHERE status = 'awaiting_confirmation'
+GROUP BY provider
+ORDER BY provider;
+
+-- name: open_overdue_confirmation
+-- Open the confirmation_overdue exception of one intent (once); NULL when it is open already or the intent moved on.
+SELECT outbox.open_overdue_confirmation_v1(%(intent_id)s::bigint, %(detail)s::text);
 
 -- name: inbox_payment_by_reference
 -- A payment of this provider by its provider reference (Stripe: the PaymentIntent), locked, with its currency's exponent and unresolved intents.
@@ -1158,7 +1287,8 @@ SELECT p.payment_id, p.currency, p.state, p.authorized_minor, p.captured_minor, 
        (SELECT c.exponent FROM outbox.currencies AS c WHERE c.code = p.currency) AS exponent,
        (SELECT count(*) FROM outbox.payment_intents AS i
         WHERE i.payment_id = p.payment_id
-          AND i.status IN ('blocked', 'pending', 'in_flight', 'dead')) AS unresolved
+          AND i.status IN ('blocked', 'pending', 'in_flight', 'awaiting_confirmation', 'dead'))
+           AS unresolved
 FROM outbox.payments AS p
 WHERE p.provider = %(provider)s::text AND p.provider_reference = %(reference)s::text
 ORDER BY p.payment_id
@@ -1205,8 +1335,8 @@ RETURNING payment_id, state, authorized_minor, captured_minor, refunded_minor, p
           disputed_minor, dispute_status;
 
 -- name: inbox_post_ledger
--- Post a change a notification reported to the ledger: refund, dispute, dispute_reversal (sql/0035; once per notification and kind).
-SELECT outbox.post_notified_change_v2(%(inbox_id)s::bigint, %(payment_id)s::text, %(kind)s::text,
+-- Post a change a notification reported to the ledger: refund, capture, void, dispute, dispute_reversal (sql/0038; once per notification and kind).
+SELECT outbox.post_notified_change_v3(%(inbox_id)s::bigint, %(payment_id)s::text, %(kind)s::text,
                                       %(amount_minor)s::bigint, %(reference)s::text);
 
 -- name: inbox_open_exception
@@ -1230,8 +1360,10 @@ RETURNING id;
 
 -- name: inbox_ledger_totals
 -- The ledger's captured and refunded totals of one payment, to compare a notification's amounts with at once.
-SELECT COALESCE(sum(amount_minor) FILTER (WHERE kind IN ('capture', 'charge')), 0)::bigint AS captured,
-       COALESCE(sum(amount_minor) FILTER (WHERE kind = 'refund'), 0)::bigint AS refunded
+SELECT (COALESCE(sum(amount_minor) FILTER (WHERE kind IN ('capture', 'charge')), 0)
+        - COALESCE(sum(amount_minor) FILTER (WHERE kind = 'capture_reversal'), 0))::bigint AS captured,
+       (COALESCE(sum(amount_minor) FILTER (WHERE kind = 'refund'), 0)
+        - COALESCE(sum(amount_minor) FILTER (WHERE kind = 'refund_reversal'), 0))::bigint AS refunded
 FROM outbox.ledger_transactions
 WHERE payment_id = %(payment_id)s::text;
 

@@ -56,6 +56,8 @@ class DepthSample:
     """One sample: counts per (provider, status), oldest due pending wait per provider."""
 
     __slots__ = (
+        "awaiting",
+        "awaiting_oldest_seconds",
         "counts",
         "fx_difference_minor",
         "fx_rate_age_seconds",
@@ -81,6 +83,9 @@ class DepthSample:
         # Stored notifications not yet applied, per provider (sql/0023's inbox).
         self.webhooks_waiting: dict[str, int] = {}
         self.webhooks_oldest_seconds: dict[str, float] = {}
+        # Intents awaiting their provider's confirmation (sql/0038), per provider.
+        self.awaiting: dict[str, int] = {}
+        self.awaiting_oldest_seconds: dict[str, float] = {}
         # (base, quote, source kind) -> seconds since its newest rate was published.
         self.fx_rate_age_seconds: dict[tuple[str, str, str], float] = {}
         # (provider, currency, kind) -> sum of the FX difference journal, minor units.
@@ -144,6 +149,12 @@ class DepthSampler:
             label = safe_label(row["provider"])
             result.webhooks_waiting[label] = int(row["notifications"])
             result.webhooks_oldest_seconds[label] = float(row["oldest_seconds"])
+        for row in await self.db.fetch_all("awaiting_depth", {"now": now}, row=dict_row):
+            label = safe_label(row["provider"])
+            result.awaiting[label] = result.awaiting.get(label, 0) + int(row["intents"])
+            result.awaiting_oldest_seconds[label] = max(
+                result.awaiting_oldest_seconds.get(label, 0.0), float(row["oldest_seconds"])
+            )
         for row in await self.db.fetch_all("fx_rate_ages", {"now": now}, row=dict_row):
             pair = (
                 safe_label(row["base"]),
@@ -161,6 +172,7 @@ class DepthSampler:
         self.known.update(provider for provider, _ in result.counts)
         self.known.update(result.reconciliation_exceptions)
         self.known.update(result.webhooks_waiting)
+        self.known.update(result.awaiting)
         self.known_deltas.update(result.reconciliation_delta_minor)
         for provider, currency in self.known_deltas:
             metrics.RECONCILIATION_OPEN_DELTA_MINOR.labels(
@@ -186,6 +198,12 @@ class DepthSampler:
             )
             metrics.OLDEST_WEBHOOK_WAITING_AGE_SECONDS.labels(provider=provider).set(
                 result.webhooks_oldest_seconds.get(provider, 0.0)
+            )
+            metrics.AWAITING_CONFIRMATION.labels(provider=provider).set(
+                result.awaiting.get(provider, 0)
+            )
+            metrics.OLDEST_AWAITING_CONFIRMATION_AGE_SECONDS.labels(provider=provider).set(
+                result.awaiting_oldest_seconds.get(provider, 0.0)
             )
         for (base, quote, source), age in result.fx_rate_age_seconds.items():
             metrics.FX_RATE_AGE_SECONDS.labels(base=base, quote=quote, source=source).set(age)

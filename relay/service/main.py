@@ -233,6 +233,8 @@ def build_inbox_applier(settings: Settings, relay: Relay) -> InboxApplier:
             lease_seconds=settings.lease_seconds,
             poll_interval_seconds=settings.poll_max_interval_seconds,
             concurrency=settings.effective_webhooks_apply_concurrency(),
+            confirmation_deadline_seconds=settings.confirmation_deadline_seconds,
+            overdue_sweep_seconds=min(30.0, settings.confirmation_deadline_seconds / 4),
         ),
         stopping=lambda: relay.stopping,
     )

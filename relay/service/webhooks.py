@@ -11,7 +11,9 @@ database pool. Per delivery, in this order:
    stale_timestamp, missing_signature, invalid_utf8, malformed_json, too_deep,
    not_an_event);
 4. the notification is inserted and committed (``inbox_insert``); a duplicate event id
-   inserts nothing and is acknowledged the same way; only then 200.
+   inserts nothing and is acknowledged the same way; only then 200. An Adyen delivery
+   (``BatchNotificationReader``) has every item verified and stored as its own row, and is
+   acknowledged with ``[accepted]``.
 
 A refusal is counted by reason (outbox_relay_webhooks_rejected_total) and logged with
 the reason and the body's length, never its content or the signature. Nothing refused is
@@ -20,6 +22,7 @@ stored. A database that does not answer gets 503, which the provider retries.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Mapping
@@ -33,7 +36,12 @@ from anyio.abc import TaskStatus
 from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
 
-from provider_adapters.base import NotificationReader, NotificationRejected
+from provider_adapters.base import (
+    BatchNotificationReader,
+    Notification,
+    NotificationReader,
+    NotificationRejected,
+)
 from relay.core.inbox import store_notification
 from relay.infra import metrics
 from relay.infra.db import RETRYABLE_DB_ERRORS, Database
@@ -107,19 +115,32 @@ class WebhookReceiver:
                 f"the body exceeds {self.max_body_bytes} bytes",
                 request.content_length or 0,
             )
+        batch = isinstance(reader, BatchNotificationReader)
         try:
-            notification = reader.verify(body, request.headers)
+            if isinstance(reader, BatchNotificationReader):
+                # Adyen: every item verified (one bad item refuses the delivery), each stored
+                # as its own row, its payload the item as signed.
+                notifications: list[tuple[Notification, str]] = [
+                    (n, json.dumps(n.body)) for n in reader.verify_items(body, request.headers)
+                ]
+            else:
+                one = reader.verify(body, request.headers)
+                notifications = [(one, body.decode("utf-8"))]
         except NotificationRejected as exc:
             return self._refuse(name, exc.reason, 400, str(exc), len(body))
+        stored_any, duplicates = False, 0
         try:
-            stored = await store_notification(
-                self.db,
-                name,
-                notification.event_id,
-                notification.event_type,
-                notification.created,
-                body.decode("utf-8"),
-            )
+            for notification, text in notifications:
+                stored = await store_notification(
+                    self.db,
+                    name,
+                    notification.event_id,
+                    notification.event_type,
+                    notification.created,
+                    text,
+                )
+                stored_any = stored_any or stored
+                duplicates += 0 if stored else 1
         except RETRYABLE_DB_ERRORS as exc:
             self.database_ok = False
             log.warning("webhook_store_unavailable", provider=name, error=type(exc).__name__)
@@ -141,13 +162,19 @@ class WebhookReceiver:
                 rule=exc.diag.constraint_name,
             )
         self.database_ok = True
-        if stored:
-            metrics.WEBHOOKS_RECEIVED.labels(provider=name).inc()
+        if stored_any:
+            metrics.WEBHOOKS_RECEIVED.labels(provider=name).inc(len(notifications) - duplicates)
             if self._kill_after_commit:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return web.json_response({"received": notification.event_id})
-        metrics.WEBHOOKS_DUPLICATES.labels(provider=name).inc()
-        return web.json_response({"received": notification.event_id, "duplicate": True})
+        if duplicates:
+            metrics.WEBHOOKS_DUPLICATES.labels(provider=name).inc(duplicates)
+        if batch:
+            # Adyen expects a 2xx, the legacy body `[accepted]` is what its docs show.
+            return web.Response(text=getattr(reader, "acknowledgement", "[accepted]"))
+        first = notifications[0][0].event_id
+        if stored_any:
+            return web.json_response({"received": first})
+        return web.json_response({"received": first, "duplicate": True})
 
     async def readyz(self, _request: web.Request) -> web.Response:
         try:

@@ -30,6 +30,10 @@ class Receiver:
     def stripe_url(self) -> str:
         return self.url + "/webhooks/stripe"
 
+    @property
+    def adyen_url(self) -> str:
+        return self.url + "/webhooks/adyen"
+
 
 @asynccontextmanager
 async def running_receiver(
@@ -38,12 +42,17 @@ async def running_receiver(
     *,
     tolerance_seconds: int = 300,
     max_body_bytes: int = 262_144,
+    adyen_hmac_keys: Sequence[str] = (),
 ) -> AsyncIterator[Receiver]:
-    reader = build_notification_reader(
-        "stripe", "stripe", list(secrets), tolerance_seconds=tolerance_seconds
-    )
+    readers = {
+        "stripe": build_notification_reader(
+            "stripe", "stripe", list(secrets), tolerance_seconds=tolerance_seconds
+        )
+    }
+    if adyen_hmac_keys:
+        readers["adyen"] = build_notification_reader("adyen", "adyen", list(adyen_hmac_keys))
     db = Database(db_url, pool_size=4, name="test-webhooks")
-    receiver = WebhookReceiver(db, {"stripe": reader}, max_body_bytes=max_body_bytes)
+    receiver = WebhookReceiver(db, readers, max_body_bytes=max_body_bytes)
     await db.open()
     runner = web.AppRunner(build_receiver_app(receiver), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
@@ -57,12 +66,24 @@ async def running_receiver(
 
 
 def applier(
-    db: Database, *, instance: str = "test-inbox", lease_seconds: float = 30.0, seed: int = 3
+    db: Database,
+    *,
+    instance: str = "test-inbox",
+    lease_seconds: float = 30.0,
+    seed: int = 3,
+    kinds: Sequence[str] = ("stripe",),
+    confirmation_deadline_seconds: float = 86_400.0,
 ) -> InboxApplier:
+    """An applier for the providers named like their kinds (``stripe``, ``adyen``)."""
     return InboxApplier(
         db,
-        {"stripe": build_notification_reader("stripe", "stripe")},
-        InboxOptions(instance=instance, lease_seconds=lease_seconds, poll_interval_seconds=0.05),
+        {kind: build_notification_reader(kind, kind) for kind in kinds},
+        InboxOptions(
+            instance=instance,
+            lease_seconds=lease_seconds,
+            poll_interval_seconds=0.05,
+            confirmation_deadline_seconds=confirmation_deadline_seconds,
+        ),
         rng=random.Random(seed).random,
     )
 
