@@ -254,7 +254,7 @@ RELAY_STATEMENTS = {
     "janitor_take",
     "janitor_record",
     "inbox_insert",  # relay/service/webhooks.py: the receiver
-    "inbox_claim",  # relay/core/inbox.py: relays apply the inbox
+    "inbox_claim",  # relay/core/inbox/: relays apply the inbox
     "inbox_take",
     "inbox_finish",
     "inbox_retry",

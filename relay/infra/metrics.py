@@ -198,7 +198,7 @@ JANITOR_RESULTS = Counter(
     ["provider", "result"],
 )
 
-# -- the webhook inbox (relay/service/webhooks.py receives, relay/core/inbox.py applies) ------
+# -- the webhook inbox (relay/service/webhooks.py receives, relay/core/inbox/ applies) ------
 
 WEBHOOKS_RECEIVED = Counter(
     "outbox_relay_webhooks_received_total",

@@ -1086,7 +1086,7 @@ RETURNING id;
 
 -- ------------------------------------------------------------------------------------------
 -- The webhook inbox (sql/0023): the receiver (relay/service/webhooks.py) stores, relays
--- apply (relay/core/inbox.py), operators read (relay/operations/webhooks.py)
+-- apply (relay/core/inbox/), operators read (relay/operations/webhooks.py)
 -- ------------------------------------------------------------------------------------------
 
 -- name: inbox_insert
