@@ -1435,3 +1435,53 @@ WHERE COALESCE(s.imbalance, 0) <> 0
    OR (p.kind = 'refund_at_charge_rate'
        AND (i.id IS NULL OR i.action <> 'refund' OR i.status <> 'succeeded'))
 ORDER BY p.id;
+
+-- ------------------------------------------------------------------------------------------
+-- The provider registry and routing rules (sql/0050, sql/0051; relay/operations/providers.py)
+
+-- name: providers_list
+-- Every registered provider, by name.
+SELECT name, kind, enabled, currencies, amount_limits, note, created_at, updated_at, updated_by
+FROM outbox.providers
+ORDER BY name;
+
+-- name: provider_set
+-- Register or change one provider as an operator (NULL keeps a value; currencies '{}': all).
+SELECT name, kind, enabled, currencies, amount_limits, note, created_at, updated_at, updated_by
+FROM outbox.provider_set_v1(%(operator)s, %(name)s, %(kind)s, %(enabled)s, %(currencies)s::text[],
+                            %(amount_limits)s::jsonb, %(note)s, %(reason)s, %(create)s);
+
+-- name: routing_rules_list
+-- Every routing rule, in the order the INSERT tries them (disabled ones too).
+SELECT id, name, version, priority, enabled, currencies, min_amount_minor, max_amount_minor,
+       payment_method_prefixes, metadata_key, metadata_values, mode, providers, weights, note,
+       updated_at, updated_by
+FROM outbox.routing_rules
+ORDER BY priority, id;
+
+-- name: routing_rule_set
+-- Add or change one routing rule as an operator (rule: the columns to set, as JSON).
+SELECT id, name, version, priority, enabled, currencies, min_amount_minor, max_amount_minor,
+       payment_method_prefixes, metadata_key, metadata_values, mode, providers, weights, note,
+       updated_at, updated_by
+FROM outbox.routing_rule_set_v1(%(operator)s, %(name)s, %(rule)s::jsonb, %(reason)s, %(create)s);
+
+-- name: registry_changes
+-- The audit rows of one registry entity ('provider' or 'routing_rule'), newest first.
+SELECT at, actor, operation, reason, before, after
+FROM outbox.audit_log
+WHERE entity = %(entity)s AND entity_id = %(entity_id)s
+ORDER BY chain_seq DESC
+LIMIT %(limit)s;
+
+-- name: registered_enabled_providers
+-- The names of the enabled registered providers (status: one that no live relay serves).
+SELECT name FROM outbox.providers WHERE enabled ORDER BY name;
+
+-- name: payment_routing
+-- How a payment's provider was chosen: the rule and version, NULL when the first intent named it.
+SELECT p.routing_rule_id, p.routing_rule_version, r.name AS routing_rule_name,
+       r.version AS routing_rule_current_version, outbox.routing_bucket(p.payment_id) AS routing_bucket
+FROM outbox.payments AS p
+LEFT JOIN outbox.routing_rules AS r ON r.id = p.routing_rule_id
+WHERE p.payment_id = %(payment_id)s;
