@@ -507,7 +507,15 @@ $$;
 
 -- 6. Who may read and change it -----------------------------------------------------------------
 
-GRANT SELECT ON outbox.providers, outbox.provider_unit_rules TO outbox_relay, outbox_operator, outbox_app;
+-- Operators read and (through provider_set_v1) change the registry; the INSERT trigger reads it
+-- as its owner, so applications and relays need no right on it. The helpers run inside the
+-- trigger as the owner too: PUBLIC may not call them.
+GRANT SELECT ON outbox.providers, outbox.provider_unit_rules TO outbox_operator;
+REVOKE EXECUTE ON FUNCTION outbox.providers_seed_in_use(),
+                           outbox.provider_units(bigint, integer, integer, integer),
+                           outbox.payment_intents_check_provider_v1(outbox.payment_intents, boolean),
+                           outbox.route_payment_v1(outbox.payment_intents)
+    FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.provider_set_v1(text, text, text, boolean, text[], jsonb, text, text, boolean)
     TO outbox_operator;
 REVOKE EXECUTE ON FUNCTION outbox.provider_set_v1(text, text, text, boolean, text[], jsonb, text, text, boolean)

@@ -234,6 +234,11 @@ COMMENT ON FUNCTION outbox.routing_rule_set_v1(text, text, jsonb, text, boolean)
     'Add or change a routing rule (p_rule: the columns to set, as JSON) as operator '
     'p_operator, with p_reason as the audit row''s why; takes effect for the next payment.';
 
-GRANT SELECT ON outbox.routing_rules TO outbox_relay, outbox_operator, outbox_app;
+GRANT SELECT ON outbox.routing_rules TO outbox_operator;
+REVOKE EXECUTE ON FUNCTION outbox.routing_bucket(text),
+                           outbox.routing_rule_choice(outbox.routing_rules, text, bigint),
+                           outbox.route_payment_v1(outbox.payment_intents)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.routing_bucket(text) TO outbox_operator;  -- `intents show`
 REVOKE EXECUTE ON FUNCTION outbox.routing_rule_set_v1(text, text, jsonb, text, boolean) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.routing_rule_set_v1(text, text, jsonb, text, boolean) TO outbox_operator;

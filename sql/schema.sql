@@ -5662,6 +5662,12 @@ REVOKE ALL ON FUNCTION outbox.payment_intents_before_insert() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.payment_intents_check_input(i outbox.payment_intents) FROM PUBLIC;
 
 --
+-- Name: FUNCTION payment_intents_check_provider_v1(i outbox.payment_intents, first_intent boolean); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.payment_intents_check_provider_v1(i outbox.payment_intents, first_intent boolean) FROM PUBLIC;
+
+--
 -- Name: FUNCTION payment_intents_delete_only_archived(); Type: ACL; Schema: outbox; Owner: -
 --
 
@@ -5770,9 +5776,7 @@ GRANT ALL ON FUNCTION outbox.promote_next_blocked_v1(payment_ids text[], due_at 
 -- Name: TABLE providers; Type: ACL; Schema: outbox; Owner: -
 --
 
-GRANT SELECT ON TABLE outbox.providers TO outbox_relay;
 GRANT SELECT ON TABLE outbox.providers TO outbox_operator;
-GRANT SELECT ON TABLE outbox.providers TO outbox_app;
 
 --
 -- Name: FUNCTION provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean); Type: ACL; Schema: outbox; Owner: -
@@ -5780,6 +5784,18 @@ GRANT SELECT ON TABLE outbox.providers TO outbox_app;
 
 REVOKE ALL ON FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean) FROM PUBLIC;
 GRANT ALL ON FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean) TO outbox_operator;
+
+--
+-- Name: FUNCTION provider_units(p_amount bigint, p_iso_exponent integer, p_exponent integer, p_multiple_of integer); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.provider_units(p_amount bigint, p_iso_exponent integer, p_exponent integer, p_multiple_of integer) FROM PUBLIC;
+
+--
+-- Name: FUNCTION providers_seed_in_use(); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.providers_seed_in_use() FROM PUBLIC;
 
 --
 -- Name: FUNCTION reconciliation_actions_logins(); Type: ACL; Schema: outbox; Owner: -
@@ -5801,12 +5817,29 @@ REVOKE ALL ON FUNCTION outbox.retry_dead_intents(ids bigint[], operator text, pa
 GRANT ALL ON FUNCTION outbox.retry_dead_intents(ids bigint[], operator text, past_key_lifetime boolean) TO outbox_operator;
 
 --
+-- Name: FUNCTION route_payment_v1(i outbox.payment_intents, OUT provider text, OUT rule_id bigint, OUT rule_version integer); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.route_payment_v1(i outbox.payment_intents, OUT provider text, OUT rule_id bigint, OUT rule_version integer) FROM PUBLIC;
+
+--
+-- Name: FUNCTION routing_bucket(p_payment_id text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.routing_bucket(p_payment_id text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.routing_bucket(p_payment_id text) TO outbox_operator;
+
+--
 -- Name: TABLE routing_rules; Type: ACL; Schema: outbox; Owner: -
 --
 
-GRANT SELECT ON TABLE outbox.routing_rules TO outbox_relay;
 GRANT SELECT ON TABLE outbox.routing_rules TO outbox_operator;
-GRANT SELECT ON TABLE outbox.routing_rules TO outbox_app;
+
+--
+-- Name: FUNCTION routing_rule_choice(r outbox.routing_rules, p_currency text, p_bucket bigint); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.routing_rule_choice(r outbox.routing_rules, p_currency text, p_bucket bigint) FROM PUBLIC;
 
 --
 -- Name: FUNCTION routing_rule_set_v1(p_operator text, p_name text, p_rule jsonb, p_reason text, p_create boolean); Type: ACL; Schema: outbox; Owner: -
@@ -6163,9 +6196,7 @@ GRANT SELECT ON TABLE outbox.provider_policies TO outbox_operator;
 -- Name: TABLE provider_unit_rules; Type: ACL; Schema: outbox; Owner: -
 --
 
-GRANT SELECT ON TABLE outbox.provider_unit_rules TO outbox_relay;
 GRANT SELECT ON TABLE outbox.provider_unit_rules TO outbox_operator;
-GRANT SELECT ON TABLE outbox.provider_unit_rules TO outbox_app;
 
 --
 -- Name: TABLE reconciliation_actions; Type: ACL; Schema: outbox; Owner: -
