@@ -46,6 +46,9 @@
 --   c. both INSERTs into outbox.payments also write routing_rule_id, routing_rule_version;
 --   d. after the provider-matches-payment test:
 --      PERFORM outbox.payment_intents_check_provider_v1(NEW, pay.next_seq = 1);
+--   e. the input rules (payment_intents_check_input, only for a row that may break one) see
+--      an empty provider that routing will fill as 'routed', so that the NOT NULL rule of
+--      sql/0017's refuse_like_constraints does not refuse it before routing can run.
 
 -- 1. The registry ---------------------------------------------------------------------------
 
@@ -354,6 +357,7 @@ DECLARE
     install   uuid;
     route_rule    bigint;   -- sql/0050 (a)
     route_version integer;
+    checked       outbox.payment_intents;  -- sql/0050 (e)
 BEGIN
     -- Every rule that must refuse at INSERT, on the row's text built once. A row that may
     -- break one (or may hold card data) is checked rule by rule, each refusal named and
@@ -373,7 +377,14 @@ BEGIN
            AND NOT (jsonb_typeof(NEW.metadata -> 'traceparent') = 'string'
                     AND outbox.is_valid_traceparent(NEW.metadata ->> 'traceparent')))
     THEN
-        PERFORM outbox.payment_intents_check_input(NEW);
+        -- sql/0050 (e): an intent that leaves provider empty for the routing rules (below)
+        -- is checked as if it named one, so that no NOT NULL refusal of provider comes first.
+        checked := NEW;
+        IF checked.provider IS NULL AND checked.payment_id IS NOT NULL
+           AND checked.currency IS NOT NULL AND checked.action IS NOT NULL THEN
+            checked.provider := 'routed';
+        END IF;
+        PERFORM outbox.payment_intents_check_input(checked);
     END IF;
 
     -- The relay owns these columns; whatever the application sent is replaced.

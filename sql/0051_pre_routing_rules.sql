@@ -156,9 +156,8 @@ BEGIN
         CONSTRAINT = 'payment_intents_provider_required',
         MESSAGE = CASE WHEN i.action IN ('authorize', 'charge')
                        THEN 'payment_intents.provider is empty and no routing rule chose an enabled provider for it'
-                       ELSE format('payment_intents.provider is empty and payment %s does not exist: '
-                                   'only a payment''s first intent (authorize or charge) is routed',
-                                   quote_literal(i.payment_id)) END,
+                       ELSE 'payment_intents.provider is empty and the payment does not exist: '
+                            'only a payment''s first intent (authorize or charge) is routed' END,
         HINT = 'Name the provider, or add a routing rule that matches (outbox-relay routes list).';
 END;
 $$;

@@ -2015,6 +2015,7 @@ DECLARE
     install   uuid;
     route_rule    bigint;   -- sql/0050 (a)
     route_version integer;
+    checked       outbox.payment_intents;  -- sql/0050 (e)
 BEGIN
     -- Every rule that must refuse at INSERT, on the row's text built once. A row that may
     -- break one (or may hold card data) is checked rule by rule, each refusal named and
@@ -2034,7 +2035,14 @@ BEGIN
            AND NOT (jsonb_typeof(NEW.metadata -> 'traceparent') = 'string'
                     AND outbox.is_valid_traceparent(NEW.metadata ->> 'traceparent')))
     THEN
-        PERFORM outbox.payment_intents_check_input(NEW);
+        -- sql/0050 (e): an intent that leaves provider empty for the routing rules (below)
+        -- is checked as if it named one, so that no NOT NULL refusal of provider comes first.
+        checked := NEW;
+        IF checked.provider IS NULL AND checked.payment_id IS NOT NULL
+           AND checked.currency IS NOT NULL AND checked.action IS NOT NULL THEN
+            checked.provider := 'routed';
+        END IF;
+        PERFORM outbox.payment_intents_check_input(checked);
     END IF;
 
     -- The relay owns these columns; whatever the application sent is replaced.
@@ -3239,9 +3247,8 @@ BEGIN
         CONSTRAINT = 'payment_intents_provider_required',
         MESSAGE = CASE WHEN i.action IN ('authorize', 'charge')
                        THEN 'payment_intents.provider is empty and no routing rule chose an enabled provider for it'
-                       ELSE format('payment_intents.provider is empty and payment %s does not exist: '
-                                   'only a payment''s first intent (authorize or charge) is routed',
-                                   quote_literal(i.payment_id)) END,
+                       ELSE 'payment_intents.provider is empty and the payment does not exist: '
+                            'only a payment''s first intent (authorize or charge) is routed' END,
         HINT = 'Name the provider, or add a routing rule that matches (outbox-relay routes list).';
 END;
 $$;

@@ -391,3 +391,54 @@ def test_cli_providers_and_routes(db_url: str) -> None:
     # louder UNSERVED line names it instead.
     assert "NOT SERVED canary" in status.stdout, status.stdout
     assert "UNSERVED stripe" in status.stdout and "NOT SERVED stripe" not in status.stdout
+
+
+def test_audit_verify_checks_the_registry_against_its_chains(db_url: str) -> None:
+    from relay.finance.audit import verify_database
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        _first(conn, "legacy1", "legacy")  # registered by the first add below
+        register_provider(conn, "stripe")
+        register_provider(conn, "canary", "adyen", amount_limits={"EUR": {"max": 5000}})
+        set_rule(
+            conn,
+            operator="a",
+            name="main",
+            reason="t",
+            create=True,
+            fields={"mode": "split", "providers": ["stripe", "canary"], "weights": [90, 10]},
+        )
+        set_weights(conn, operator="b", name="main", weights={"canary": 0}, reason="rollback")
+        set_provider(conn, operator="b", name="canary", enabled=False, reason="off")
+    report = verify_database(db_url)
+    assert report.breaks == []
+    # A change made behind the audit trigger's back is found.
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE outbox.routing_rules DISABLE TRIGGER routing_rules_audit")
+        conn.execute("UPDATE outbox.routing_rules SET weights = '{50,50}'")
+    broken = verify_database(db_url).breaks
+    assert [(b.kind, b.entity, b.entity_id) for b in broken] == [
+        ("tail_mismatch", "routing_rule", "main")
+    ]
+
+
+def test_a_routed_intent_that_may_hold_card_data_is_checked_then_routed(
+    conn: psycopg.Connection,
+) -> None:
+    """A row the input rules check one by one (13 digits in a row, not a card) is not refused
+    for its empty provider before routing runs; a card number still is, by the card rule."""
+    register_provider(conn, "stripe")
+    set_rule(
+        conn, operator="a", name="all", fields={"providers": ["stripe"]}, reason="t", create=True
+    )
+    _first(conn, "p1", None, 1000, "EUR", '{"ref": "1111 1111 1111 1111"}')
+    assert conn.execute("SELECT provider FROM outbox.payments").fetchone() == ("stripe",)
+    _refused(
+        conn,
+        "payment_intents_metadata_not_card_number",
+        "p2",
+        None,
+        1000,
+        "EUR",
+        '{"ref": "4242 4242 4242 4242"}',
+    )

@@ -678,7 +678,17 @@ SELECT 'fx_posting', p.id::text, outbox.audit_generic_doc(p,
        'source_amount_minor,currency,expected_minor,actual_minor,difference_minor,our_rate_id,'
        'our_via_rate_id,compared_rate_id,compared_via_rate_id,provider_rate,posted_at,posted_by'),
        NULL, false, false
-FROM outbox.fx_postings AS p;
+FROM outbox.fx_postings AS p
+UNION ALL
+SELECT 'provider', v.name, outbox.audit_generic_doc(v,
+       'name,kind,enabled,currencies,amount_limits,note'), NULL, false, false
+FROM outbox.providers AS v
+UNION ALL
+SELECT 'routing_rule', r.name, outbox.audit_generic_doc(r,
+       'id,name,version,priority,enabled,currencies,min_amount_minor,max_amount_minor,'
+       'payment_method_prefixes,metadata_key,metadata_values,mode,providers,weights,note'),
+       NULL, false, false
+FROM outbox.routing_rules AS r;
 
 -- name: ledger_counts
 -- Ledger transactions, entries and payments, for the check's headline.
