@@ -94,33 +94,17 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT ('x' || left(encode(sha256(convert_to(p_payment_id, 'UTF8')), 'hex'), 8))::bit(32)::bigint
 $$;
 
--- The provider one rule yields for an intent, or NULL (see the header).
-CREATE FUNCTION outbox.routing_rule_choice(r outbox.routing_rules, p_currency text, p_bucket bigint)
-RETURNS text
-LANGUAGE sql STABLE AS $$
-    WITH usable AS (
-        SELECT t.name, t.ord, coalesce(t.weight, 0) AS weight
-        FROM unnest(r.providers, r.weights) WITH ORDINALITY AS t(name, weight, ord)
-        JOIN outbox.providers AS p ON p.name = t.name
-        WHERE p.enabled AND (p.currencies IS NULL OR p_currency = ANY (p.currencies))
-    ), drawn AS (
-        SELECT name, ord,
-               sum(weight) OVER (ORDER BY ord) AS upto,
-               sum(weight) OVER () AS total
-        FROM usable WHERE weight > 0
-    )
-    SELECT coalesce(
-        CASE WHEN r.mode = 'split' THEN
-            (SELECT name FROM drawn WHERE p_bucket % total < upto ORDER BY ord LIMIT 1) END,
-        (SELECT name FROM usable ORDER BY ord LIMIT 1))
-$$;
-
 CREATE OR REPLACE FUNCTION outbox.route_payment_v1(i outbox.payment_intents, OUT provider text,
                                                    OUT rule_id bigint, OUT rule_version integer)
 LANGUAGE plpgsql AS $$
 DECLARE
-    r      outbox.routing_rules%ROWTYPE;
-    bucket bigint;
+    r       outbox.routing_rules%ROWTYPE;
+    bucket  bigint;
+    names   text[];
+    weights integer[];
+    total   bigint;
+    upto    bigint;
+    k       integer;
 BEGIN
     -- A later intent of an existing payment: its payment's provider.
     SELECT p.provider INTO provider FROM outbox.payments AS p WHERE p.payment_id = i.payment_id;
@@ -142,12 +126,33 @@ BEGIN
                    OR (i.metadata ->> rr.metadata_key) = ANY (rr.metadata_values))
             ORDER BY rr.priority, rr.id
         LOOP
-            provider := outbox.routing_rule_choice(r, i.currency, bucket);
-            IF provider IS NOT NULL THEN
-                rule_id := r.id;
-                rule_version := r.version;
-                RETURN;
+            -- The rule's usable targets in list order, with their weights (0 in a priority list).
+            SELECT array_agg(t.name ORDER BY t.ord), array_agg(coalesce(t.weight, 0) ORDER BY t.ord)
+            INTO names, weights
+            FROM unnest(r.providers, r.weights) WITH ORDINALITY AS t(name, weight, ord)
+            JOIN outbox.providers AS p ON p.name = t.name
+            WHERE p.enabled AND (p.currencies IS NULL OR i.currency = ANY (p.currencies));
+            CONTINUE WHEN names IS NULL;
+            provider := names[1];
+            IF r.mode = 'split' THEN
+                total := 0;
+                FOR k IN 1 .. cardinality(weights) LOOP
+                    total := total + weights[k];
+                END LOOP;
+                IF total > 0 THEN
+                    upto := 0;
+                    FOR k IN 1 .. cardinality(weights) LOOP
+                        upto := upto + weights[k];
+                        IF bucket % total < upto THEN
+                            provider := names[k];
+                            EXIT;
+                        END IF;
+                    END LOOP;
+                END IF;
             END IF;
+            rule_id := r.id;
+            rule_version := r.version;
+            RETURN;
         END LOOP;
     END IF;
     RAISE EXCEPTION USING
@@ -235,7 +240,6 @@ COMMENT ON FUNCTION outbox.routing_rule_set_v1(text, text, jsonb, text, boolean)
 
 GRANT SELECT ON outbox.routing_rules TO outbox_operator;
 REVOKE EXECUTE ON FUNCTION outbox.routing_bucket(text),
-                           outbox.routing_rule_choice(outbox.routing_rules, text, bigint),
                            outbox.route_payment_v1(outbox.payment_intents)
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.routing_bucket(text) TO outbox_operator;  -- `intents show`

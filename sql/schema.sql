@@ -3210,8 +3210,13 @@ CREATE FUNCTION outbox.route_payment_v1(i outbox.payment_intents, OUT provider t
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    r      outbox.routing_rules%ROWTYPE;
-    bucket bigint;
+    r       outbox.routing_rules%ROWTYPE;
+    bucket  bigint;
+    names   text[];
+    weights integer[];
+    total   bigint;
+    upto    bigint;
+    k       integer;
 BEGIN
     -- A later intent of an existing payment: its payment's provider.
     SELECT p.provider INTO provider FROM outbox.payments AS p WHERE p.payment_id = i.payment_id;
@@ -3233,12 +3238,33 @@ BEGIN
                    OR (i.metadata ->> rr.metadata_key) = ANY (rr.metadata_values))
             ORDER BY rr.priority, rr.id
         LOOP
-            provider := outbox.routing_rule_choice(r, i.currency, bucket);
-            IF provider IS NOT NULL THEN
-                rule_id := r.id;
-                rule_version := r.version;
-                RETURN;
+            -- The rule's usable targets in list order, with their weights (0 in a priority list).
+            SELECT array_agg(t.name ORDER BY t.ord), array_agg(coalesce(t.weight, 0) ORDER BY t.ord)
+            INTO names, weights
+            FROM unnest(r.providers, r.weights) WITH ORDINALITY AS t(name, weight, ord)
+            JOIN outbox.providers AS p ON p.name = t.name
+            WHERE p.enabled AND (p.currencies IS NULL OR i.currency = ANY (p.currencies));
+            CONTINUE WHEN names IS NULL;
+            provider := names[1];
+            IF r.mode = 'split' THEN
+                total := 0;
+                FOR k IN 1 .. cardinality(weights) LOOP
+                    total := total + weights[k];
+                END LOOP;
+                IF total > 0 THEN
+                    upto := 0;
+                    FOR k IN 1 .. cardinality(weights) LOOP
+                        upto := upto + weights[k];
+                        IF bucket % total < upto THEN
+                            provider := names[k];
+                            EXIT;
+                        END IF;
+                    END LOOP;
+                END IF;
             END IF;
+            rule_id := r.id;
+            rule_version := r.version;
+            RETURN;
         END LOOP;
     END IF;
     RAISE EXCEPTION USING
@@ -3303,30 +3329,6 @@ CREATE TABLE outbox.routing_rules (
 --
 
 COMMENT ON TABLE outbox.routing_rules IS 'How a payment whose first intent names no provider is routed (sql/0051): matched by currency, amount range, payment_method prefix and a metadata field, by priority; then the first usable provider (priority) or a weighted choice by the payment''s bucket (split). Changed through outbox.routing_rule_set_v1; each change bumps version and is audited as entity routing_rule.';
-
---
--- Name: routing_rule_choice(outbox.routing_rules, text, bigint); Type: FUNCTION; Schema: outbox; Owner: -
---
-
-CREATE FUNCTION outbox.routing_rule_choice(r outbox.routing_rules, p_currency text, p_bucket bigint) RETURNS text
-    LANGUAGE sql STABLE
-    AS $$
-    WITH usable AS (
-        SELECT t.name, t.ord, coalesce(t.weight, 0) AS weight
-        FROM unnest(r.providers, r.weights) WITH ORDINALITY AS t(name, weight, ord)
-        JOIN outbox.providers AS p ON p.name = t.name
-        WHERE p.enabled AND (p.currencies IS NULL OR p_currency = ANY (p.currencies))
-    ), drawn AS (
-        SELECT name, ord,
-               sum(weight) OVER (ORDER BY ord) AS upto,
-               sum(weight) OVER () AS total
-        FROM usable WHERE weight > 0
-    )
-    SELECT coalesce(
-        CASE WHEN r.mode = 'split' THEN
-            (SELECT name FROM drawn WHERE p_bucket % total < upto ORDER BY ord LIMIT 1) END,
-        (SELECT name FROM usable ORDER BY ord LIMIT 1))
-$$;
 
 --
 -- Name: routing_rule_set_v1(text, text, jsonb, text, boolean); Type: FUNCTION; Schema: outbox; Owner: -
@@ -5841,12 +5843,6 @@ GRANT ALL ON FUNCTION outbox.routing_bucket(p_payment_id text) TO outbox_operato
 --
 
 GRANT SELECT ON TABLE outbox.routing_rules TO outbox_operator;
-
---
--- Name: FUNCTION routing_rule_choice(r outbox.routing_rules, p_currency text, p_bucket bigint); Type: ACL; Schema: outbox; Owner: -
---
-
-REVOKE ALL ON FUNCTION outbox.routing_rule_choice(r outbox.routing_rules, p_currency text, p_bucket bigint) FROM PUBLIC;
 
 --
 -- Name: FUNCTION routing_rule_set_v1(p_operator text, p_name text, p_rule jsonb, p_reason text, p_create boolean); Type: ACL; Schema: outbox; Owner: -
