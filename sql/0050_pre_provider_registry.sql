@@ -165,9 +165,9 @@ DECLARE
 BEGIN
     PERFORM outbox.set_operator_actor(p_operator);
     PERFORM set_config('outbox.reason', coalesce(p_reason, ''), true);
-    SELECT string_agg(code, ', ') INTO unknown
-    FROM unnest(p_currencies) AS code
-    WHERE NOT EXISTS (SELECT 1 FROM outbox.currencies AS c WHERE c.code = upper(code));
+    SELECT string_agg(u.wanted, ', ') INTO unknown
+    FROM unnest(p_currencies) AS u(wanted)
+    WHERE NOT EXISTS (SELECT 1 FROM outbox.currencies AS c WHERE c.code = upper(u.wanted));
     IF unknown IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'check_violation', CONSTRAINT = 'providers_currencies_known',
             MESSAGE = format('providers.currencies: %s not in outbox.currencies', unknown),

@@ -442,3 +442,46 @@ def test_a_routed_intent_that_may_hold_card_data_is_checked_then_routed(
         "EUR",
         '{"ref": "4242 4242 4242 4242"}',
     )
+
+
+def test_providers_apply_registers_declared_providers_all_or_none(db_url: str) -> None:
+    env = {"RELAY_DATABASE_URL": db_url}
+    declared = (
+        '[{"name": "stripe", "kind": "stripe"},'
+        ' {"name": "adyen_eu", "kind": "adyen", "currencies": ["EUR"], "limits": {"EUR": {"min": 100}}}]'
+    )
+    done = run_cli(
+        "providers", "apply", declared, "--operator", "helm:rel", "--reason", "release 1", env=env
+    )
+    assert done.returncode == 0, done.stderr
+    again = run_cli(
+        "providers", "apply", declared, "--operator", "helm:rel", "--reason", "release 2", env=env
+    )
+    assert again.returncode == 0, again.stderr
+    bad = run_cli(
+        "providers",
+        "apply",
+        '[{"name": "x", "kind": "stripe", "currencies": ["QQQ"]}]',
+        "--operator",
+        "helm:rel",
+        "--reason",
+        "r",
+        env=env,
+    )
+    assert bad.returncode == 1 and "providers_currencies_known" in bad.stderr
+    missing = run_cli("providers", "apply", '[{"name": "y"}]', "--reason", "r", env=env)
+    assert missing.returncode == 2 and "providers[0].kind" in missing.stderr
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT name, kind, currencies, amount_limits FROM outbox.providers ORDER BY name"
+        ).fetchall()
+        assert rows == [
+            ("adyen_eu", "adyen", ["EUR"], {"EUR": {"min": 100}}),
+            ("stripe", "stripe", None, {}),
+        ]
+        # The second, identical apply changed nothing: one audit row per provider.
+        audit = conn.execute(
+            "SELECT entity_id, count(*) FROM outbox.audit_log WHERE entity = 'provider'"
+            " GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        assert audit == [("adyen_eu", 1), ("stripe", 1)]

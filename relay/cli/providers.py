@@ -18,8 +18,10 @@ import psycopg
 from relay.cli.operator_args import add_operator_argument, operator_of
 from relay.cli.tables import render_table
 from relay.operations.providers import (
+    apply_declared,
     list_providers,
     list_rules,
+    parse_declared,
     registry_changes,
     rule_shares,
     set_provider,
@@ -146,6 +148,8 @@ def _cmd_providers(args: argparse.Namespace, conninfo: str) -> int:
             _show_provider(found[0])
             _history(conn, "provider", args.name)
             return 0
+        if args.providers_command == "apply":
+            return _apply(conn, args)
         enabled = {"enable": True, "disable": False}.get(args.providers_command)
         limits = None
         if getattr(args, "limit", None):
@@ -166,6 +170,31 @@ def _cmd_providers(args: argparse.Namespace, conninfo: str) -> int:
         except psycopg.Error as exc:
             return _print_error(exc)
     _show_provider(row)
+    return 0
+
+
+def _apply(conn: psycopg.Connection, args: argparse.Namespace) -> int:
+    try:
+        text = args.source
+        if not text.lstrip().startswith("["):
+            with open(text, encoding="utf-8") as handle:
+                text = handle.read()
+        entries = parse_declared(json.loads(text))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rows = apply_declared(conn, operator=operator_of(args), entries=entries, reason=args.reason)
+    except psycopg.Error as exc:
+        return _print_error(exc)
+    print(f"applied {len(rows)} declared provider(s); providers not declared are left as they are")
+    if rows:
+        print(
+            render_table(
+                ["name", "kind", "state", "currencies", "limits", "changed by"],
+                [_provider_line(p) for p in rows],
+            )
+        )
     return 0
 
 
@@ -344,6 +373,17 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
                 help="register it disabled",
             )
         _change_args(sub)
+    apply = actions.add_parser(
+        "apply",
+        help="register or update declared providers (the chart's providers values), all or none",
+    )
+    apply.add_argument(
+        "source",
+        metavar="JSON_OR_FILE",
+        help='a JSON list ([{"name": "stripe", "kind": "stripe", "currencies": ["EUR"], '
+        '"limits": {"EUR": {"min": 50}}}]) or a file holding one',
+    )
+    _change_args(apply)
     group.set_defaults(handler=lambda args: _cmd_providers(args, database_url()))
 
     routes = commands.add_parser(

@@ -21,8 +21,10 @@ from relay.domain.routing import Target, split_share
 from relay.infra.queries import QUERIES
 
 __all__ = [
+    "apply_declared",
     "list_providers",
     "list_rules",
+    "parse_declared",
     "registry_changes",
     "rule_shares",
     "set_provider",
@@ -162,3 +164,62 @@ def registry_changes(
         )
         .fetchall()
     )
+
+
+_ENTRY_KEYS = {"name", "kind", "enabled", "currencies", "limits", "note"}
+
+
+def parse_declared(entries: object) -> list[dict[str, Any]]:
+    """Check a declared provider list (the chart's ``providers`` values, as JSON).
+
+    Each entry: ``name`` and ``kind`` required; ``enabled`` (default true), ``currencies``
+    (a list, empty or absent: all), ``limits`` (``{"EUR": {"min": 50, "max": 999}}``),
+    ``note``. ValueError naming the entry and the field otherwise.
+    """
+    if not isinstance(entries, list):
+        raise ValueError("providers must be a JSON list of objects")
+    checked: list[dict[str, Any]] = []
+    for n, entry in enumerate(entries):
+        where = f"providers[{n}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be an object")
+        unknown = sorted(set(entry) - _ENTRY_KEYS)
+        if unknown:
+            raise ValueError(f"{where} has unknown field(s) {', '.join(unknown)}")
+        for key in ("name", "kind"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise ValueError(f"{where}.{key} is required: a lower-case name")
+        if not isinstance(entry.get("enabled", True), bool):
+            raise ValueError(f"{where}.enabled must be true or false")
+        currencies = entry.get("currencies") or []
+        if not isinstance(currencies, list) or not all(isinstance(c, str) for c in currencies):
+            raise ValueError(f"{where}.currencies must be a list of ISO 4217 codes")
+        checked.append({**entry, "currencies": currencies})
+    return checked
+
+
+def apply_declared(
+    conn: psycopg.Connection, *, operator: str, entries: Sequence[Mapping[str, Any]], reason: str
+) -> list[dict[str, Any]]:
+    """Register or update every declared provider, all or none (one transaction).
+
+    A provider not declared keeps its row and state: the chart never removes or disables
+    one (disable it with ``outbox-relay providers disable``). Unchanged rows write no
+    audit row.
+    """
+    with conn.transaction():
+        return [
+            set_provider(
+                conn,
+                operator=operator,
+                name=entry["name"],
+                kind=entry["kind"],
+                enabled=entry.get("enabled", True),
+                currencies=entry["currencies"],
+                amount_limits=entry.get("limits") or {},
+                note=entry.get("note"),
+                reason=reason,
+                create=True,
+            )
+            for entry in entries
+        ]
