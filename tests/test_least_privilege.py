@@ -113,6 +113,8 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "providers",  # sql/0050: the registry, changed through provider_set_v1
             "reconciliation_open_delta",
             "routing_rules",  # sql/0051
+            "registry_policy",  # sql/0052
+            "registry_requests",
             "relay_instances",
             "relay_wakeup",
             "relay_wakeup_wants",
@@ -198,6 +200,10 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "provider_set_v1": {"outbox_operator"},
     "routing_rule_set_v1": {"outbox_operator"},
     "routing_bucket": {"outbox_operator"},  # `intents show` prints the payment's bucket
+    # sql/0052: four eyes on registry changes
+    "registry_policy_set_v1": {"outbox_operator"},
+    "registry_request_v1": {"outbox_operator"},
+    "registry_approve_v1": {"outbox_operator"},
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -286,6 +292,10 @@ OPERATOR_STATEMENTS = {
     "registry_changes",
     "registered_enabled_providers",
     "payment_routing",
+    "registry_policy_set",  # sql/0052
+    "registry_request",
+    "registry_approve",
+    "registry_requests",
     "status_counts",  # relay/operations/status.py
     "schema_version",
     "queue_depth",

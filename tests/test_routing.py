@@ -485,3 +485,69 @@ def test_providers_apply_registers_declared_providers_all_or_none(db_url: str) -
             " GROUP BY 1 ORDER BY 1"
         ).fetchall()
         assert audit == [("adyen_eu", 1), ("stripe", 1)]
+
+
+def test_four_eyes_hold_changes_that_send_traffic_not_rollbacks(db_url: str) -> None:
+    from relay.operations.providers import (
+        ApprovalRequested,
+        approve_request,
+        set_four_eyes,
+    )
+    from tests.login_roles import login_role
+
+    with (
+        login_role(db_url, "outbox_operator", prefix="alice") as alice_url,
+        login_role(db_url, "outbox_operator", prefix="bob") as bob_url,
+        psycopg.connect(alice_url, autocommit=True) as alice,
+        psycopg.connect(bob_url, autocommit=True) as bob,
+    ):
+        set_provider(alice, operator="alice", name="stripe", kind="stripe", reason="t", create=True)
+        set_provider(alice, operator="alice", name="canary", kind="adyen", reason="t", create=True)
+        set_rule(
+            alice,
+            operator="alice",
+            name="main",
+            reason="t",
+            create=True,
+            fields={"mode": "split", "providers": ["stripe", "canary"], "weights": [100, 0]},
+        )
+        assert set_four_eyes(alice, operator="alice", on=True, reason="policy") is True
+        # Raising the canary's weight waits for a second operator, and changes nothing yet.
+        with pytest.raises(ApprovalRequested) as asked:
+            set_weights(
+                alice, operator="alice", name="main", weights={"canary": 10}, reason="canary 10%"
+            )
+        assert list_rules(alice)[0]["weights"] == [100, 0]
+        request = asked.value.request_id
+        # Not by the same login, even under another operator name.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as same:
+            approve_request(alice, operator="carol", request_id=request)
+        assert same.value.diag.constraint_name == "registry_approval_second_operator"
+        done = approve_request(bob, operator="bob", request_id=request)
+        assert done["status"] == "applied" and done["approved_by"] == "bob"
+        assert list_rules(bob)[0]["weights"] == [100, 10]
+        with pytest.raises(psycopg.errors.NoDataFound) as again:
+            approve_request(bob, operator="bob", request_id=request)  # applied once only
+        assert again.value.diag.constraint_name == "registry_request_pending"
+        # A rollback and a kill switch apply at once, by one operator.
+        assert set_weights(
+            alice, operator="alice", name="main", weights={"canary": 0}, reason="rollback"
+        )["weights"] == [100, 0]
+        assert (
+            set_provider(alice, operator="alice", name="canary", enabled=False, reason="outage")[
+                "enabled"
+            ]
+            is False
+        )
+        # Enabling it again, or turning four eyes off, needs two.
+        with pytest.raises(ApprovalRequested):
+            set_provider(alice, operator="alice", name="canary", enabled=True, reason="back")
+        with pytest.raises(ApprovalRequested):
+            set_four_eyes(alice, operator="alice", on=False, reason="tired of it")
+        # The trail: the applied change names the approver and the request.
+        row = alice.execute(
+            "SELECT actor, reason FROM outbox.audit_log WHERE entity = 'routing_rule'"
+            " AND after ->> 'weights' = '[100, 10]'"
+        ).fetchone()
+        assert row is not None and row[0] == "operator:bob"
+        assert f"request {request} by alice, approved by bob" in row[1]

@@ -18,12 +18,16 @@ import psycopg
 from relay.cli.operator_args import add_operator_argument, operator_of
 from relay.cli.tables import render_table
 from relay.operations.providers import (
+    ApprovalRequested,
     apply_declared,
+    approve_request,
     list_providers,
+    list_requests,
     list_rules,
     parse_declared,
     registry_changes,
     rule_shares,
+    set_four_eyes,
     set_provider,
     set_rule,
     set_weights,
@@ -79,6 +83,61 @@ def _print_error(exc: psycopg.Error) -> int:
     return 1
 
 
+# A change recorded for a second operator, not applied (sql/0052).
+EXIT_APPROVAL_REQUESTED = 3
+
+
+def _requested(exc: ApprovalRequested) -> int:
+    print(f"not applied yet: {exc}")
+    return EXIT_APPROVAL_REQUESTED
+
+
+def _cmd_registry(args: argparse.Namespace, conninfo: str) -> int:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        try:
+            if args.registry_command == "four-eyes":
+                on = set_four_eyes(
+                    conn, operator=operator_of(args), on=args.state == "on", reason=args.reason
+                )
+                print(f"four eyes on registry and routing changes: {'on' if on else 'off'}")
+                return 0
+            if args.registry_command == "approve":
+                row = approve_request(conn, operator=operator_of(args), request_id=args.id)
+                print(
+                    f"request {row['id']} applied: {row['entity']} {row['name']} "
+                    f"(asked by {row['requested_by']}, approved by {row['approved_by']})"
+                )
+                return 0
+        except ApprovalRequested as exc:
+            return _requested(exc)
+        except psycopg.Error as exc:
+            return _print_error(exc)
+        rows = list_requests(conn)
+    if not rows:
+        print("no registry requests")
+        return 0
+    headers = ["id", "status", "entity", "name", "change", "asked by", "why", "approved by"]
+    print(
+        render_table(
+            headers,
+            [
+                [
+                    r["id"],
+                    r["status"],
+                    r["entity"],
+                    r["name"],
+                    json.dumps(r["change"]),
+                    r["requested_by"],
+                    r["reason"],
+                    r["approved_by"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return 0
+
+
 def _provider_line(p: dict[str, Any]) -> list[object]:
     limits = ", ".join(
         f"{cur} {b.get('min', '-')}..{b.get('max', '-')}"
@@ -122,7 +181,7 @@ def _history(conn: psycopg.Connection, entity: str, name: str) -> None:
 
 
 def _cmd_providers(args: argparse.Namespace, conninfo: str) -> int:
-    with psycopg.connect(conninfo) as conn:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
         if args.providers_command == "list":
             rows = list_providers(conn)
             if args.json:
@@ -167,6 +226,8 @@ def _cmd_providers(args: argparse.Namespace, conninfo: str) -> int:
                 note=getattr(args, "note", None),
                 create=args.providers_command == "add",
             )
+        except ApprovalRequested as exc:
+            return _requested(exc)
         except psycopg.Error as exc:
             return _print_error(exc)
     _show_provider(row)
@@ -185,6 +246,9 @@ def _apply(conn: psycopg.Connection, args: argparse.Namespace) -> int:
         return 2
     try:
         rows = apply_declared(conn, operator=operator_of(args), entries=entries, reason=args.reason)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except psycopg.Error as exc:
         return _print_error(exc)
     print(f"applied {len(rows)} declared provider(s); providers not declared are left as they are")
@@ -259,7 +323,7 @@ def _target(text: str) -> tuple[str, int | None]:
 
 
 def _cmd_routes(args: argparse.Namespace, conninfo: str) -> int:
-    with psycopg.connect(conninfo) as conn:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
         providers = list_providers(conn)
         if args.routes_command in ("list", "show"):
             rules = list_rules(conn)
@@ -312,6 +376,8 @@ def _cmd_routes(args: argparse.Namespace, conninfo: str) -> int:
                     reason=args.reason,
                     create=args.routes_command == "add",
                 )
+        except ApprovalRequested as exc:
+            return _requested(exc)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -385,6 +451,23 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     )
     _change_args(apply)
     group.set_defaults(handler=lambda args: _cmd_providers(args, database_url()))
+
+    registry = commands.add_parser(
+        "registry",
+        help="four eyes on provider and routing changes: on/off, requests, approve",
+        description="Four eyes (sql/0052): with it on, a change that may send traffic somewhere "
+        "new is recorded as a request and applied when a second operator approves it; "
+        "disabling and lowering weights always apply at once.",
+    )
+    gactions = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+    eyes = gactions.add_parser("four-eyes", help="turn four eyes on (one operator) or off (two)")
+    eyes.add_argument("state", choices=("on", "off"))
+    _change_args(eyes)
+    gactions.add_parser("requests", help="registry requests, pending first")
+    approve = gactions.add_parser("approve", help="apply a pending request as a second operator")
+    approve.add_argument("id", type=int)
+    add_operator_argument(approve)
+    registry.set_defaults(handler=lambda args: _cmd_registry(args, database_url()))
 
     routes = commands.add_parser(
         "routes",

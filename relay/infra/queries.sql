@@ -1495,3 +1495,25 @@ SELECT p.routing_rule_id, p.routing_rule_version, r.name AS routing_rule_name,
 FROM outbox.payments AS p
 LEFT JOIN outbox.routing_rules AS r ON r.id = p.routing_rule_id
 WHERE p.payment_id = %(payment_id)s;
+
+-- name: registry_policy_set
+-- Turn four eyes on the registry and routing rules on or off as an operator (sql/0052).
+SELECT four_eyes FROM outbox.registry_policy_set_v1(%(operator)s, %(four_eyes)s, %(reason)s);
+
+-- name: registry_request
+-- Record a registry or routing change for a second operator; its id.
+SELECT id FROM outbox.registry_request_v1(%(operator)s, %(entity)s, %(name)s, %(change)s::jsonb, %(reason)s);
+
+-- name: registry_approve
+-- Apply a pending registry request as a second operator, from another login.
+SELECT id, entity, name, change, reason, status, requested_by, requested_login, approved_by,
+       approved_login
+FROM outbox.registry_approve_v1(%(operator)s, %(id)s);
+
+-- name: registry_requests
+-- Registry requests, pending first, newest first.
+SELECT id, entity, name, change, reason, status, requested_by, requested_login, requested_at,
+       approved_by, approved_login, approved_at
+FROM outbox.registry_requests
+ORDER BY status = 'pending' DESC, id DESC
+LIMIT 100;
