@@ -3566,6 +3566,14 @@ BEGIN
                                      jsonb_build_object('name', p_name, 'priority', 100, 'enabled', true, 'mode', 'priority'));
     END IF;
     merged := jsonb_populate_record(cur, p_rule);
+    SELECT string_agg(u.wanted, ', ') INTO missing
+    FROM unnest(merged.currencies) AS u(wanted)
+    WHERE NOT EXISTS (SELECT 1 FROM outbox.currencies AS c WHERE c.code = u.wanted);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'check_violation', CONSTRAINT = 'routing_rules_currencies_known',
+            MESSAGE = format('routing rule %s: currencies %s not in outbox.currencies', quote_literal(p_name), missing),
+            HINT = 'Use upper-case ISO 4217 codes, e.g. EUR, USD, JPY.';
+    END IF;
     SELECT string_agg(quote_literal(n), ', ') INTO missing
     FROM unnest(merged.providers) AS n
     WHERE NOT EXISTS (SELECT 1 FROM outbox.providers AS p WHERE p.name = n);

@@ -490,7 +490,12 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
             metavar="PROVIDER[=WEIGHT]",
             help="providers in fallback order; with =WEIGHT a weighted split",
         )
-        sub.add_argument("--mode", choices=("priority", "split"))
+        sub.add_argument(
+            "--mode",
+            choices=("priority", "split"),
+            help="priority: the first usable target; split: weighted by the payment's bucket "
+            "(default: split when a weight is given)",
+        )
         sub.add_argument("--priority", type=int, help="lower is tried first (default 100)")
         sub.add_argument("--currencies", type=_currencies, help="match these currencies only")
         sub.add_argument(
