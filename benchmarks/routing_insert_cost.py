@@ -12,6 +12,9 @@ Two measures, on one migrated scratch database with the registry closed (``strip
   transaction, rolled back), per variant, best of the rounds; the difference per INSERT in
   microseconds is what routing adds.
 
+A third figure, from the loop only: the same named INSERT on a database migrated up to sql/0046
+(before the registry), so the registry check's own cost shows as well.
+
 Writes benchmarks/results/routing_insert_cost.json.
 
     python benchmarks/routing_insert_cost.py [--rows 2000] [--rounds 6] [--clients 4]
@@ -20,17 +23,28 @@ Writes benchmarks/results/routing_insert_cost.json.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from psycopg.conninfo import make_conninfo
+
 from benchmarks._common import scratch_database, table, write_result
+from relay.infra.migrate import discover, migrate
+
+BEFORE_REGISTRY = "0050"  # the first migration of the registry
 
 SETUP = """
 SELECT outbox.provider_set_v1('bench', 'stripe', 'stripe');
@@ -101,6 +115,33 @@ def loop_seconds(url: str, provider: str, n: int, tag: str) -> float:
     return elapsed
 
 
+@contextmanager
+def database_before_registry() -> Iterator[str | None]:
+    """A scratch database migrated up to the last migration before sql/0050 (None when no
+    server is configured: the embedded one is not used for this figure)."""
+    admin = os.environ.get("RELAY_DATABASE_URL") or os.environ.get("RELAY_TEST_DATABASE_URL")
+    if not admin:
+        yield None
+        return
+    name = f"outbox_bench_before_{uuid.uuid4().hex[:8]}"
+    early = Path(tempfile.mkdtemp())
+    for found in discover():
+        if found.version < BEFORE_REGISTRY:
+            shutil.copy(found.path, early / found.path.name)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    try:
+        url = make_conninfo(admin, dbname=name)
+        migrate(url, directory=early)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE outbox.relay_wakeup SET wanted = false")
+        yield url
+    finally:
+        shutil.rmtree(early, ignore_errors=True)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,7 +152,8 @@ def main() -> int:
     args = parser.parse_args()
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     loops: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    with scratch_database("routing") as url:
+    before: list[float] = []
+    with scratch_database("routing") as url, database_before_registry() as early_url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SETUP)
         run(url, NAMED, 1_000, args.clients, "warm")
@@ -122,6 +164,8 @@ def main() -> int:
             for n, (name, provider) in enumerate(order):
                 rates[name].append(run(url, provider, args.rows, args.clients, f"r{round_}v{n}"))
                 loops[name].append(loop_seconds(url, provider, args.rows, f"l{round_}v{n}"))
+            if early_url is not None:
+                before.append(loop_seconds(early_url, NAMED, args.rows, f"b{round_}"))
             line = " ".join(f"{r[-1]:,.0f}/s" for r in rates.values())
             print(f"  round {round_ + 1}: {line}", flush=True)
     named, routed = list(VARIANTS)
@@ -138,6 +182,10 @@ def main() -> int:
             ]
         )
     )
+    if before:
+        print(
+            f"named provider before sql/0050 (loop only): {min(before) / args.rows * 1e6:.1f} us per INSERT"
+        )
     median = statistics.median(ratios)
     added = per_insert_us[routed] - per_insert_us[named]
     print(
@@ -154,6 +202,7 @@ def main() -> int:
             "ratio_routed_to_named": median,
             "per_insert_us": per_insert_us,
             "routing_adds_us": added,
+            "named_before_registry_us": min(before) / args.rows * 1e6 if before else None,
         },
     )
     print(f"written {path}")

@@ -3411,10 +3411,9 @@ CREATE FUNCTION outbox.route_payment_v1(i outbox.payment_intents, OUT provider t
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    r       outbox.routing_rules%ROWTYPE;
+    r       record;
     bucket  bigint;
-    names   text[];
-    weights integer[];
+    usable  text[];
     total   bigint;
     upto    bigint;
     k       integer;
@@ -3426,8 +3425,16 @@ BEGIN
     END IF;
     IF i.action IN ('authorize', 'charge') THEN
         bucket := outbox.routing_bucket(i.payment_id);
+        -- One query: the matching rules in order, each with its usable targets (registered,
+        -- enabled, taking the currency; unordered), list order and weights then walked in
+        -- plpgsql (an ordered aggregate over unnest ... WITH ORDINALITY, and a query per rule,
+        -- cost tens of microseconds per INSERT more).
         FOR r IN
-            SELECT * FROM outbox.routing_rules AS rr
+            SELECT rr.id, rr.version, rr.mode, rr.providers, rr.weights,
+                   (SELECT array_agg(p.name) FROM outbox.providers AS p
+                    WHERE p.name = ANY (rr.providers) AND p.enabled
+                      AND (p.currencies IS NULL OR i.currency = ANY (p.currencies))) AS usable
+            FROM outbox.routing_rules AS rr
             WHERE rr.enabled
               AND (rr.currencies IS NULL OR i.currency = ANY (rr.currencies))
               AND (rr.min_amount_minor IS NULL OR i.amount_minor >= rr.min_amount_minor)
@@ -3439,29 +3446,35 @@ BEGIN
                    OR (i.metadata ->> rr.metadata_key) = ANY (rr.metadata_values))
             ORDER BY rr.priority, rr.id
         LOOP
-            -- The rule's usable targets in list order, with their weights (0 in a priority list).
-            SELECT array_agg(t.name ORDER BY t.ord), array_agg(coalesce(t.weight, 0) ORDER BY t.ord)
-            INTO names, weights
-            FROM unnest(r.providers, r.weights) WITH ORDINALITY AS t(name, weight, ord)
-            JOIN outbox.providers AS p ON p.name = t.name
-            WHERE p.enabled AND (p.currencies IS NULL OR i.currency = ANY (p.currencies));
-            CONTINUE WHEN names IS NULL;
-            provider := names[1];
+            usable := r.usable;
+            CONTINUE WHEN usable IS NULL;
+            provider := NULL;
             IF r.mode = 'split' THEN
                 total := 0;
-                FOR k IN 1 .. cardinality(weights) LOOP
-                    total := total + weights[k];
+                FOR k IN 1 .. cardinality(r.providers) LOOP
+                    IF r.providers[k] = ANY (usable) THEN
+                        total := total + r.weights[k];
+                    END IF;
                 END LOOP;
                 IF total > 0 THEN
                     upto := 0;
-                    FOR k IN 1 .. cardinality(weights) LOOP
-                        upto := upto + weights[k];
+                    FOR k IN 1 .. cardinality(r.providers) LOOP
+                        CONTINUE WHEN NOT r.providers[k] = ANY (usable);
+                        upto := upto + r.weights[k];
                         IF bucket % total < upto THEN
-                            provider := names[k];
+                            provider := r.providers[k];
                             EXIT;
                         END IF;
                     END LOOP;
                 END IF;
+            END IF;
+            IF provider IS NULL THEN  -- priority, or a split with no weight left: list order
+                FOR k IN 1 .. cardinality(r.providers) LOOP
+                    IF r.providers[k] = ANY (usable) THEN
+                        provider := r.providers[k];
+                        EXIT;
+                    END IF;
+                END LOOP;
             END IF;
             rule_id := r.id;
             rule_version := r.version;
