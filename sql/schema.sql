@@ -454,6 +454,8 @@ CREATE TABLE outbox.payments (
     dispute_reference text,
     awaiting_action text,
     awaiting_minor bigint DEFAULT 0 NOT NULL,
+    routing_rule_id bigint,
+    routing_rule_version integer,
     CONSTRAINT payments_authorized_not_negative CHECK ((authorized_minor >= 0)),
     CONSTRAINT payments_awaiting_valid CHECK ((((awaiting_action IS NULL) AND (awaiting_minor = 0)) OR ((awaiting_action = ANY (ARRAY['authorize'::text, 'capture'::text, 'charge'::text, 'void'::text, 'refund'::text])) AND (awaiting_minor >= 0)))),
     CONSTRAINT payments_captured_within_authorized CHECK (((captured_minor >= 0) AND (captured_minor <= authorized_minor))),
@@ -493,6 +495,18 @@ COMMENT ON COLUMN outbox.payments.awaiting_action IS 'The action the provider ac
 --
 
 COMMENT ON COLUMN outbox.payments.awaiting_minor IS 'The amount requested by awaiting_action, not confirmed (not in the ledger); 0 when none.';
+
+--
+-- Name: COLUMN payments.routing_rule_id; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.payments.routing_rule_id IS 'The routing rule that chose the provider (sql/0051), NULL when the first intent named it.';
+
+--
+-- Name: COLUMN payments.routing_rule_version; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.payments.routing_rule_version IS 'The version of that rule when it chose.';
 
 --
 -- Name: audit_payment_changes(outbox.payments, outbox.payments, integer); Type: FUNCTION; Schema: outbox; Owner: -
@@ -2057,6 +2071,9 @@ DECLARE
     wanted    boolean;
     archived  boolean;
     install   uuid;
+    route_rule    bigint;   -- sql/0050 (a)
+    route_version integer;
+    checked       outbox.payment_intents;  -- sql/0050 (e)
 BEGIN
     -- Every rule that must refuse at INSERT, on the row's text built once. A row that may
     -- break one (or may hold card data) is checked rule by rule, each refusal named and
@@ -2076,7 +2093,14 @@ BEGIN
            AND NOT (jsonb_typeof(NEW.metadata -> 'traceparent') = 'string'
                     AND outbox.is_valid_traceparent(NEW.metadata ->> 'traceparent')))
     THEN
-        PERFORM outbox.payment_intents_check_input(NEW);
+        -- sql/0050 (e): an intent that leaves provider empty for the routing rules (below)
+        -- is checked as if it named one, so that no NOT NULL refusal of provider comes first.
+        checked := NEW;
+        IF checked.provider IS NULL AND checked.payment_id IS NOT NULL
+           AND checked.currency IS NOT NULL AND checked.action IS NOT NULL THEN
+            checked.provider := 'routed';
+        END IF;
+        PERFORM outbox.payment_intents_check_input(checked);
     END IF;
 
     -- The relay owns these columns; whatever the application sent is replaced.
@@ -2095,6 +2119,15 @@ BEGIN
     NEW.completed_at := NULL;
     NEW.created_by := outbox.audit_actor();
 
+    -- sql/0050 (b): no provider named: a later intent takes its payment's, a first intent
+    -- is routed by the rules (outbox.route_payment_v1). A provider named always wins.
+    IF NEW.provider IS NULL AND NEW.payment_id IS NOT NULL AND NEW.currency IS NOT NULL
+       AND NEW.action IS NOT NULL THEN
+        NEW.currency := upper(NEW.currency);
+        SELECT r.provider, r.rule_id, r.rule_version INTO NEW.provider, route_rule, route_version
+        FROM outbox.route_payment_v1(NEW) AS r;
+    END IF;
+
     -- NULLs and malformed values are left to the column constraints, which name them.
     IF NEW.payment_id IS NULL OR NEW.provider IS NULL OR NEW.currency IS NULL OR NEW.action IS NULL THEN
         RETURN NEW;
@@ -2107,8 +2140,9 @@ BEGIN
     -- The same statement reads the two facts every row needs: whether a relay asked to be
     -- woken (sql/0007), and whether the key was used by an archived intent.
     WITH created AS (
-        INSERT INTO outbox.payments (payment_id, provider, currency, created_by)
-        SELECT NEW.payment_id, NEW.provider, c.code, NEW.created_by
+        INSERT INTO outbox.payments (payment_id, provider, currency, created_by,
+                                     routing_rule_id, routing_rule_version)  -- sql/0050 (c)
+        SELECT NEW.payment_id, NEW.provider, c.code, NEW.created_by, route_rule, route_version
         FROM outbox.currencies AS c
         WHERE c.code = NEW.currency
         ON CONFLICT (payment_id) DO NOTHING
@@ -2138,8 +2172,9 @@ BEGIN
         EXIT WHEN FOUND;
         PERFORM outbox.payment_intents_refuse_unknown_currency(NEW.currency);
         -- The row was deleted between the two statements (by hand): insert it again.
-        INSERT INTO outbox.payments (payment_id, provider, currency, created_by)
-        VALUES (NEW.payment_id, NEW.provider, NEW.currency, NEW.created_by)
+        INSERT INTO outbox.payments (payment_id, provider, currency, created_by,
+                                     routing_rule_id, routing_rule_version)  -- sql/0050 (c)
+        VALUES (NEW.payment_id, NEW.provider, NEW.currency, NEW.created_by, route_rule, route_version)
         ON CONFLICT (payment_id) DO NOTHING
         RETURNING next_seq, provider, currency INTO pay.next_seq, pay.provider, pay.currency;
     END LOOP;
@@ -2163,6 +2198,9 @@ BEGIN
                              quote_literal(NEW.provider), quote_literal(NEW.payment_id), quote_literal(pay.provider)),
             HINT = 'Every intent of one payment_id goes to the provider of its first intent.';
     END IF;
+
+    -- sql/0050 (d): the registry's rules (a payment's first intent: next_seq 1).
+    PERFORM outbox.payment_intents_check_provider_v1(NEW, pay.next_seq = 1);
 
     NEW.payment_seq := pay.next_seq;
     -- Per-payment order: wait behind any unresolved earlier intent (dead ones included).
@@ -2228,6 +2266,90 @@ BEGIN
     PERFORM outbox.payment_intents_refuse_like_constraints(i);
 END;
 $$;
+
+--
+-- Name: payment_intents_check_provider_v1(outbox.payment_intents, boolean); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.payment_intents_check_provider_v1(i outbox.payment_intents, first_intent boolean) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    p       outbox.providers%ROWTYPE;
+    rule    outbox.provider_unit_rules%ROWTYPE;
+    iso     integer;
+    bound   bigint;
+BEGIN
+    SELECT * INTO p FROM outbox.providers WHERE name = i.provider;
+    IF NOT FOUND THEN
+        IF first_intent AND EXISTS (SELECT 1 FROM outbox.providers) THEN
+            RAISE EXCEPTION USING
+                ERRCODE = 'check_violation',
+                SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'provider',
+                CONSTRAINT = 'payment_intents_provider_registered',
+                MESSAGE = format('payment_intents.provider %s is not a registered provider', quote_literal(i.provider)),
+                HINT = 'Name a provider of `outbox-relay providers list`, leave provider empty to have '
+                       'the routing rules choose, or register it: outbox-relay providers add NAME --kind KIND.';
+        END IF;
+        RETURN;
+    END IF;
+    IF first_intent THEN
+        IF NOT p.enabled THEN
+            RAISE EXCEPTION USING
+                ERRCODE = 'check_violation',
+                SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'provider',
+                CONSTRAINT = 'payment_intents_provider_enabled',
+                MESSAGE = format('payment_intents.provider %s is disabled: it takes no new payments', quote_literal(i.provider)),
+                HINT = 'Name another provider, or leave provider empty to have the routing rules choose '
+                       '(`outbox-relay providers list` shows which are enabled).';
+        END IF;
+        IF p.currencies IS NOT NULL AND NOT i.currency = ANY (p.currencies) THEN
+            RAISE EXCEPTION USING
+                ERRCODE = 'check_violation',
+                SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'currency',
+                CONSTRAINT = 'payment_intents_provider_currency',
+                MESSAGE = format('payment_intents.currency %s is not accepted by provider %s (it takes %s)',
+                                 i.currency, quote_literal(i.provider), array_to_string(p.currencies, ', ')),
+                HINT = 'Name a provider that takes this currency, or leave provider empty to have the routing rules choose.';
+        END IF;
+        IF i.amount_minor IS NOT NULL AND p.amount_limits ? i.currency THEN
+            bound := (p.amount_limits -> i.currency ->> 'min')::bigint;
+            IF i.amount_minor < bound THEN
+                PERFORM outbox.refuse_input('payment_intents', 'amount_minor',
+                    'payment_intents_amount_within_provider_limits',
+                    format('is below provider %s''s minimum of %s minor units of %s', i.provider, bound, i.currency));
+            END IF;
+            bound := (p.amount_limits -> i.currency ->> 'max')::bigint;
+            IF i.amount_minor > bound THEN
+                PERFORM outbox.refuse_input('payment_intents', 'amount_minor',
+                    'payment_intents_amount_within_provider_limits',
+                    format('is above provider %s''s maximum of %s minor units of %s', i.provider, bound, i.currency));
+            END IF;
+        END IF;
+    END IF;
+    IF i.amount_minor IS NOT NULL THEN
+        SELECT * INTO rule FROM outbox.provider_unit_rules AS r WHERE r.kind = p.kind AND r.currency = i.currency;
+        IF FOUND THEN
+            SELECT c.exponent INTO iso FROM outbox.currencies AS c WHERE c.code = i.currency;
+            IF outbox.provider_units(i.amount_minor, iso, rule.exponent, rule.multiple_of) IS NULL THEN
+                RAISE EXCEPTION USING
+                    ERRCODE = 'check_violation',
+                    SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'amount_minor',
+                    CONSTRAINT = 'payment_intents_amount_representable',
+                    MESSAGE = format('payment_intents.amount_minor %s %s cannot be sent to provider %s: %s',
+                                     i.amount_minor, i.currency, i.provider, rule.why),
+                    HINT = 'Round the amount to what the provider can represent (docs/providers.md, "Minor units").';
+            END IF;
+        END IF;
+    END IF;
+END;
+$$;
+
+--
+-- Name: FUNCTION payment_intents_check_provider_v1(i outbox.payment_intents, first_intent boolean); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.payment_intents_check_provider_v1(i outbox.payment_intents, first_intent boolean) IS 'The registry''s rules at INSERT (sql/0050), called by payment_intents_before_insert once the payment''s row is known: registered, enabled, currency and limits for a payment''s first intent; a representable amount for every intent.';
 
 --
 -- Name: payment_intents_delete_only_archived(); Type: FUNCTION; Schema: outbox; Owner: -
@@ -2897,6 +3019,170 @@ $$;
 COMMENT ON FUNCTION outbox.promote_next_blocked_v1(payment_ids text[], due_at timestamp with time zone) IS 'For each payment named: its first unresolved intent (by payment_seq), if blocked, becomes pending, due at due_at (NULL: now()). Returns the intents promoted. Callers lock the payments first.';
 
 --
+-- Name: providers; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.providers (
+    name text NOT NULL,
+    kind text NOT NULL,
+    enabled boolean DEFAULT true NOT NULL,
+    currencies text[],
+    amount_limits jsonb DEFAULT '{}'::jsonb NOT NULL,
+    note text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_by text,
+    CONSTRAINT providers_amount_limits_shape CHECK (((jsonb_typeof(amount_limits) = 'object'::text) AND (NOT jsonb_path_exists(amount_limits, 'strict $.keyvalue()?(!(@."key" like_regex "^[A-Z]{3}$") || @."value".type() != "object")'::jsonpath)) AND (NOT jsonb_path_exists(amount_limits, 'strict $.*.keyvalue()?(((!(@."key" == "min" || @."key" == "max") || @."value".type() != "number") || @."value" < 1) || @."value".floor() != @."value")'::jsonpath)))),
+    CONSTRAINT providers_currencies_codes CHECK (((cardinality(currencies) >= 1) AND (array_to_string(currencies, ','::text) ~ '^[A-Z]{3}(,[A-Z]{3})*$'::text))),
+    CONSTRAINT providers_kind_lowercase_identifier CHECK (((kind ~ '^[a-z][a-z0-9_]*$'::text) AND (length(kind) <= 63))),
+    CONSTRAINT providers_name_lowercase_identifier CHECK (((name ~ '^[a-z][a-z0-9_]*$'::text) AND (length(name) <= 63))),
+    CONSTRAINT providers_note_max_500 CHECK ((length(note) <= 500))
+);
+
+--
+-- Name: TABLE providers; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON TABLE outbox.providers IS 'The provider registry (sql/0050): every provider instance relays may serve, by the name intents carry. A payment''s first intent must name a registered, enabled provider that accepts its currency and amount (empty registry: open, every name accepted). Changed through outbox.provider_set_v1, audited as entity provider.';
+
+--
+-- Name: COLUMN providers.currencies; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.providers.currencies IS 'ISO 4217 codes the provider takes; NULL: every currency of outbox.currencies.';
+
+--
+-- Name: COLUMN providers.amount_limits; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.providers.amount_limits IS 'Per currency, bounds for a payment''s first intent in minor units: {"EUR": {"min": 50, "max": 99999999}}; a currency without an entry has no bounds.';
+
+--
+-- Name: provider_set_v1(text, text, text, boolean, text[], jsonb, text, text, boolean); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text DEFAULT NULL::text, p_enabled boolean DEFAULT NULL::boolean, p_currencies text[] DEFAULT NULL::text[], p_amount_limits jsonb DEFAULT NULL::jsonb, p_note text DEFAULT NULL::text, p_reason text DEFAULT NULL::text, p_create boolean DEFAULT true) RETURNS outbox.providers
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    row_now outbox.providers;
+    unknown text;
+BEGIN
+    PERFORM outbox.set_operator_actor(p_operator);
+    PERFORM set_config('outbox.reason', coalesce(p_reason, ''), true);
+    SELECT string_agg(u.wanted, ', ') INTO unknown
+    FROM unnest(p_currencies) AS u(wanted)
+    WHERE NOT EXISTS (SELECT 1 FROM outbox.currencies AS c WHERE c.code = upper(u.wanted));
+    IF unknown IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'check_violation', CONSTRAINT = 'providers_currencies_known',
+            MESSAGE = format('providers.currencies: %s not in outbox.currencies', unknown),
+            HINT = 'Use ISO 4217 codes, e.g. EUR, USD, JPY.';
+    END IF;
+    -- The first row of an empty registry closes it: register what is in use first.
+    PERFORM pg_advisory_xact_lock(hashtext('outbox.providers'));
+    IF NOT EXISTS (SELECT 1 FROM outbox.providers) THEN
+        PERFORM outbox.providers_seed_in_use();
+    END IF;
+    UPDATE outbox.providers AS p SET
+        kind = coalesce(p_kind, p.kind),
+        enabled = coalesce(p_enabled, p.enabled),
+        currencies = CASE WHEN p_currencies IS NULL THEN p.currencies
+                          WHEN cardinality(p_currencies) = 0 THEN NULL
+                          ELSE (SELECT array_agg(DISTINCT upper(c) ORDER BY upper(c)) FROM unnest(p_currencies) AS c) END,
+        amount_limits = coalesce(p_amount_limits, p.amount_limits),
+        note = coalesce(p_note, p.note),
+        updated_at = now(),
+        updated_by = outbox.audit_actor()
+    WHERE p.name = p_name
+    RETURNING * INTO row_now;
+    IF FOUND THEN
+        RETURN row_now;
+    END IF;
+    IF NOT p_create THEN
+        RAISE EXCEPTION USING ERRCODE = 'no_data_found',
+            MESSAGE = format('provider %s is not registered', quote_literal(p_name)),
+            HINT = 'Register it first: outbox-relay providers add NAME --kind KIND.';
+    END IF;
+    IF p_kind IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'not_null_violation', CONSTRAINT = 'providers_kind_required',
+            MESSAGE = format('provider %s is new: its kind (the adapter, e.g. stripe or adyen) is required', quote_literal(p_name));
+    END IF;
+    INSERT INTO outbox.providers (name, kind, enabled, currencies, amount_limits, note, updated_by)
+    VALUES (p_name, p_kind, coalesce(p_enabled, true),
+            CASE WHEN cardinality(p_currencies) = 0 THEN NULL
+                 ELSE (SELECT array_agg(DISTINCT upper(c) ORDER BY upper(c)) FROM unnest(p_currencies) AS c) END,
+            coalesce(p_amount_limits, '{}'::jsonb), p_note, outbox.audit_actor())
+    RETURNING * INTO row_now;
+    RETURN row_now;
+END;
+$$;
+
+--
+-- Name: FUNCTION provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean) IS 'Register or change a provider (NULL keeps a value; currencies ''{}'': all), as operator p_operator, with p_reason as the audit row''s why. The first row of an empty registry registers every provider in use first.';
+
+--
+-- Name: provider_units(bigint, integer, integer, integer); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.provider_units(p_amount bigint, p_iso_exponent integer, p_exponent integer, p_multiple_of integer) RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE WHEN shift >= 0 THEN units_up ELSE units_down END
+    FROM (SELECT coalesce(p_exponent, p_iso_exponent) - p_iso_exponent AS shift) AS s,
+         LATERAL (SELECT CASE WHEN s.shift >= 0 THEN p_amount * (10::bigint ^ s.shift)::bigint END AS up,
+                         CASE WHEN s.shift < 0 AND p_amount % (10::bigint ^ (-s.shift))::bigint = 0
+                              THEN p_amount / (10::bigint ^ (-s.shift))::bigint END AS down) AS v,
+         LATERAL (SELECT CASE WHEN v.up % p_multiple_of = 0 THEN v.up END AS units_up,
+                         CASE WHEN v.down % p_multiple_of = 0 THEN v.down END AS units_down) AS w
+$$;
+
+--
+-- Name: providers_four_eyes(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.providers_four_eyes() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND (NEW.kind, NEW.currencies, NEW.amount_limits) IS NOT DISTINCT FROM
+                            (OLD.kind, OLD.currencies, OLD.amount_limits)
+       AND (NEW.enabled = OLD.enabled OR NOT NEW.enabled) THEN
+        RETURN NEW;  -- disabled, a note changed, or nothing
+    END IF;
+    PERFORM outbox.registry_refuse_unapproved('provider', NEW.name,
+        CASE TG_OP WHEN 'INSERT' THEN 'registering it' ELSE 'this change' END);
+    RETURN NEW;
+END;
+$$;
+
+--
+-- Name: providers_seed_in_use(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.providers_seed_in_use() RETURNS integer
+    LANGUAGE sql
+    AS $_$
+    WITH named AS (
+        SELECT provider AS name FROM outbox.payments
+        UNION SELECT unnest(providers) FROM outbox.relay_instances
+    ), added AS (
+        INSERT INTO outbox.providers (name, kind, note, updated_by)
+        SELECT name, CASE WHEN name LIKE 'adyen%' THEN 'adyen' ELSE 'stripe' END,
+               'registered because it was in use when the registry was created; check its kind',
+               outbox.audit_actor()
+        FROM named
+        WHERE name ~ '^[a-z][a-z0-9_]*$' AND length(name) <= 63
+        ON CONFLICT (name) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM added
+$_$;
+
+--
 -- Name: reconciliation_actions_logins(); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -2988,6 +3274,188 @@ BEGIN
         MESSAGE = format('null value in column "%s" of relation "%s" violates not-null constraint '
                          '(the row is withheld: it may hold card data)', p_column, p_table),
         HINT = format('Send a value for %s.%s.', p_table, p_column);
+END;
+$$;
+
+--
+-- Name: registry_requests; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.registry_requests (
+    id bigint NOT NULL,
+    entity text NOT NULL,
+    name text NOT NULL,
+    change jsonb NOT NULL,
+    reason text NOT NULL,
+    status text DEFAULT 'pending'::text NOT NULL,
+    requested_by text NOT NULL,
+    requested_login text DEFAULT SESSION_USER NOT NULL,
+    requested_at timestamp with time zone DEFAULT now() NOT NULL,
+    approved_by text,
+    approved_login text,
+    approved_at timestamp with time zone,
+    applied_xid xid8,
+    CONSTRAINT registry_requests_change_object CHECK ((jsonb_typeof(change) = 'object'::text)),
+    CONSTRAINT registry_requests_entity_valid CHECK ((entity = ANY (ARRAY['provider'::text, 'routing_rule'::text, 'registry_policy'::text]))),
+    CONSTRAINT registry_requests_reason_given CHECK ((reason ~ '\S'::text)),
+    CONSTRAINT registry_requests_status_valid CHECK ((status = ANY (ARRAY['pending'::text, 'applied'::text])))
+);
+
+--
+-- Name: TABLE registry_requests; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON TABLE outbox.registry_requests IS 'Registry and routing changes waiting for a second operator (sql/0052), and the ones applied.';
+
+--
+-- Name: registry_approve_v1(text, bigint); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.registry_approve_v1(p_operator text, p_id bigint) RETURNS outbox.registry_requests
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    req outbox.registry_requests;
+    c   jsonb;
+BEGIN
+    PERFORM outbox.set_operator_actor(p_operator);
+    SELECT * INTO req FROM outbox.registry_requests WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND OR req.status <> 'pending' THEN
+        RAISE EXCEPTION USING ERRCODE = 'no_data_found', CONSTRAINT = 'registry_request_pending',
+            MESSAGE = format('registry request %s is not pending', p_id),
+            HINT = 'outbox-relay registry requests lists the pending ones.';
+    END IF;
+    IF req.requested_login = session_user OR req.requested_by = p_operator THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege', CONSTRAINT = 'registry_approval_second_operator',
+            MESSAGE = format('registry request %s was made by %s (login %s): another operator, logged in '
+                             'as another database login, must approve it', p_id, req.requested_by, req.requested_login);
+    END IF;
+    UPDATE outbox.registry_requests
+    SET status = 'applied', approved_by = p_operator, approved_login = session_user, approved_at = now(),
+        applied_xid = pg_current_xact_id()
+    WHERE id = p_id
+    RETURNING * INTO req;
+    c := req.change;
+    PERFORM set_config('outbox.reason', format('request %s by %s, approved by %s: %s', req.id,
+                                               req.requested_by, p_operator, req.reason), true);
+    IF req.entity = 'provider' THEN
+        PERFORM outbox.provider_set_v1(p_operator, req.name, c ->> 'kind', (c ->> 'enabled')::boolean,
+            CASE WHEN c ? 'currencies' AND jsonb_typeof(c -> 'currencies') = 'array'
+                 THEN ARRAY(SELECT jsonb_array_elements_text(c -> 'currencies')) END,
+            CASE WHEN jsonb_typeof(c -> 'amount_limits') = 'object' THEN c -> 'amount_limits' END,
+            c ->> 'note', current_setting('outbox.reason'), coalesce((c ->> 'create')::boolean, false));
+    ELSIF req.entity = 'routing_rule' THEN
+        PERFORM outbox.routing_rule_set_v1(p_operator, req.name, c -> 'rule', current_setting('outbox.reason'),
+                                           coalesce((c ->> 'create')::boolean, false));
+    ELSE
+        PERFORM outbox.registry_policy_set_v1(p_operator, (c ->> 'four_eyes')::boolean,
+                                              current_setting('outbox.reason'));
+    END IF;
+    RETURN req;
+END;
+$$;
+
+--
+-- Name: registry_change_approved(text, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.registry_change_approved(p_entity text, p_name text) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT EXISTS (SELECT 1 FROM outbox.registry_requests AS r
+                   WHERE r.entity = p_entity AND r.name = p_name AND r.status = 'applied'
+                     AND r.applied_xid = pg_current_xact_id())
+$$;
+
+--
+-- Name: registry_policy_four_eyes(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.registry_policy_four_eyes() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF OLD.four_eyes AND NOT NEW.four_eyes THEN
+        PERFORM outbox.registry_refuse_unapproved('registry_policy', 'four_eyes', 'turning four eyes off');
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+--
+-- Name: registry_policy; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.registry_policy (
+    singleton boolean DEFAULT true NOT NULL,
+    four_eyes boolean DEFAULT false NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_by text,
+    CONSTRAINT registry_policy_one_row CHECK (singleton)
+);
+
+--
+-- Name: TABLE registry_policy; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON TABLE outbox.registry_policy IS 'four_eyes: changes of the provider registry and routing rules that may send traffic somewhere new need a second operator (sql/0052); changes that only take traffic away never do.';
+
+--
+-- Name: registry_policy_set_v1(text, boolean, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.registry_policy_set_v1(p_operator text, p_four_eyes boolean, p_reason text) RETURNS outbox.registry_policy
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    now_row outbox.registry_policy;
+BEGIN
+    PERFORM outbox.set_operator_actor(p_operator);
+    PERFORM set_config('outbox.reason', coalesce(p_reason, ''), true);
+    UPDATE outbox.registry_policy SET four_eyes = p_four_eyes, updated_at = now(),
+                                      updated_by = outbox.audit_actor()
+    RETURNING * INTO now_row;
+    RETURN now_row;
+END;
+$$;
+
+--
+-- Name: registry_refuse_unapproved(text, text, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.registry_refuse_unapproved(p_entity text, p_name text, p_what text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF (SELECT four_eyes FROM outbox.registry_policy) AND NOT outbox.registry_change_approved(p_entity, p_name) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'insufficient_privilege',
+            CONSTRAINT = 'registry_change_needs_approval',
+            MESSAGE = format('%s %s: %s needs a second operator (four eyes are on)', p_entity, p_name, p_what),
+            HINT = 'Record it as a request (outbox-relay does so by itself) and have another operator, '
+                   'logged in as another database login, run: outbox-relay registry approve ID.';
+    END IF;
+END;
+$$;
+
+--
+-- Name: registry_request_v1(text, text, text, jsonb, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.registry_request_v1(p_operator text, p_entity text, p_name text, p_change jsonb, p_reason text) RETURNS outbox.registry_requests
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    req outbox.registry_requests;
+BEGIN
+    PERFORM outbox.set_operator_actor(p_operator);
+    INSERT INTO outbox.registry_requests (entity, name, change, reason, requested_by)
+    VALUES (p_entity, p_name, p_change, coalesce(p_reason, ''), p_operator)
+    RETURNING * INTO req;
+    RETURN req;
 END;
 $$;
 
@@ -3084,6 +3552,267 @@ BEGIN
     IF moved THEN
         PERFORM pg_notify('outbox_payment_intents', '');
     END IF;
+END;
+$$;
+
+--
+-- Name: route_payment_v1(outbox.payment_intents); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.route_payment_v1(i outbox.payment_intents, OUT provider text, OUT rule_id bigint, OUT rule_version integer) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    r       record;
+    bucket  bigint;
+    usable  text[];
+    total   bigint;
+    upto    bigint;
+    k       integer;
+BEGIN
+    -- A later intent of an existing payment: its payment's provider.
+    SELECT p.provider INTO provider FROM outbox.payments AS p WHERE p.payment_id = i.payment_id;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    IF i.action IN ('authorize', 'charge') THEN
+        bucket := outbox.routing_bucket(i.payment_id);
+        -- One query: the matching rules in order, each with its usable targets (registered,
+        -- enabled, taking the currency; unordered), list order and weights then walked in
+        -- plpgsql (an ordered aggregate over unnest ... WITH ORDINALITY, and a query per rule,
+        -- cost tens of microseconds per INSERT more).
+        FOR r IN
+            SELECT rr.id, rr.version, rr.mode, rr.providers, rr.weights,
+                   (SELECT array_agg(p.name) FROM outbox.providers AS p
+                    WHERE p.name = ANY (rr.providers) AND p.enabled
+                      AND (p.currencies IS NULL OR i.currency = ANY (p.currencies))) AS usable
+            FROM outbox.routing_rules AS rr
+            WHERE rr.enabled
+              AND (rr.currencies IS NULL OR i.currency = ANY (rr.currencies))
+              AND (rr.min_amount_minor IS NULL OR i.amount_minor >= rr.min_amount_minor)
+              AND (rr.max_amount_minor IS NULL OR i.amount_minor <= rr.max_amount_minor)
+              AND (rr.payment_method_prefixes IS NULL
+                   OR EXISTS (SELECT 1 FROM unnest(rr.payment_method_prefixes) AS pre
+                              WHERE starts_with(i.payment_method, pre)))
+              AND (rr.metadata_key IS NULL
+                   OR (i.metadata ->> rr.metadata_key) = ANY (rr.metadata_values))
+            ORDER BY rr.priority, rr.id
+        LOOP
+            usable := r.usable;
+            CONTINUE WHEN usable IS NULL;
+            provider := NULL;
+            IF r.mode = 'split' THEN
+                total := 0;
+                FOR k IN 1 .. cardinality(r.providers) LOOP
+                    IF r.providers[k] = ANY (usable) THEN
+                        total := total + r.weights[k];
+                    END IF;
+                END LOOP;
+                IF total > 0 THEN
+                    upto := 0;
+                    FOR k IN 1 .. cardinality(r.providers) LOOP
+                        CONTINUE WHEN NOT r.providers[k] = ANY (usable);
+                        upto := upto + r.weights[k];
+                        IF bucket % total < upto THEN
+                            provider := r.providers[k];
+                            EXIT;
+                        END IF;
+                    END LOOP;
+                END IF;
+            END IF;
+            IF provider IS NULL THEN  -- priority, or a split with no weight left: list order
+                FOR k IN 1 .. cardinality(r.providers) LOOP
+                    IF r.providers[k] = ANY (usable) THEN
+                        provider := r.providers[k];
+                        EXIT;
+                    END IF;
+                END LOOP;
+            END IF;
+            rule_id := r.id;
+            rule_version := r.version;
+            RETURN;
+        END LOOP;
+    END IF;
+    RAISE EXCEPTION USING
+        ERRCODE = 'not_null_violation',
+        SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'provider',
+        CONSTRAINT = 'payment_intents_provider_required',
+        MESSAGE = CASE WHEN i.action IN ('authorize', 'charge')
+                       THEN 'payment_intents.provider is empty and no routing rule chose an enabled provider for it'
+                       ELSE 'payment_intents.provider is empty and the payment does not exist: '
+                            'only a payment''s first intent (authorize or charge) is routed' END,
+        HINT = 'Name the provider, or add a routing rule that matches (outbox-relay routes list).';
+END;
+$$;
+
+--
+-- Name: routing_bucket(text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.routing_bucket(p_payment_id text) RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT ('x' || left(encode(sha256(convert_to(p_payment_id, 'UTF8')), 'hex'), 8))::bit(32)::bigint
+$$;
+
+--
+-- Name: routing_rules; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.routing_rules (
+    id bigint NOT NULL,
+    name text NOT NULL,
+    version integer DEFAULT 1 NOT NULL,
+    priority integer DEFAULT 100 NOT NULL,
+    enabled boolean DEFAULT true NOT NULL,
+    currencies text[],
+    min_amount_minor bigint,
+    max_amount_minor bigint,
+    payment_method_prefixes text[],
+    metadata_key text,
+    metadata_values text[],
+    mode text DEFAULT 'priority'::text NOT NULL,
+    providers text[] NOT NULL,
+    weights integer[],
+    note text,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_by text,
+    CONSTRAINT routing_rules_amount_range CHECK (((max_amount_minor >= min_amount_minor) OR (min_amount_minor IS NULL))),
+    CONSTRAINT routing_rules_currencies_codes CHECK (((cardinality(currencies) >= 1) AND (array_to_string(currencies, ','::text) ~ '^[A-Z]{3}(,[A-Z]{3})*$'::text))),
+    CONSTRAINT routing_rules_metadata_both CHECK (((metadata_key IS NULL) = (metadata_values IS NULL))),
+    CONSTRAINT routing_rules_metadata_key_named CHECK (((metadata_key ~ '\S'::text) AND (length(metadata_key) <= 100))),
+    CONSTRAINT routing_rules_min_amount_positive CHECK ((min_amount_minor > 0)),
+    CONSTRAINT routing_rules_mode_valid CHECK ((mode = ANY (ARRAY['priority'::text, 'split'::text]))),
+    CONSTRAINT routing_rules_name_identifier CHECK (((name ~ '^[a-z][a-z0-9_-]*$'::text) AND (length(name) <= 63))),
+    CONSTRAINT routing_rules_note_max_500 CHECK ((length(note) <= 500)),
+    CONSTRAINT routing_rules_payment_method_prefixes CHECK ((cardinality(payment_method_prefixes) >= 1)),
+    CONSTRAINT routing_rules_providers_named CHECK ((cardinality(providers) >= 1)),
+    CONSTRAINT routing_rules_weights_match CHECK ((((mode = 'priority'::text) AND (weights IS NULL)) OR ((mode = 'split'::text) AND (cardinality(weights) = cardinality(providers)) AND (0 <= ALL (weights)) AND (10000 >= ALL (weights)))))
+);
+
+--
+-- Name: TABLE routing_rules; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON TABLE outbox.routing_rules IS 'How a payment whose first intent names no provider is routed (sql/0051): matched by currency, amount range, payment_method prefix and a metadata field, by priority; then the first usable provider (priority) or a weighted choice by the payment''s bucket (split). Changed through outbox.routing_rule_set_v1; each change bumps version and is audited as entity routing_rule.';
+
+--
+-- Name: routing_rule_set_v1(text, text, jsonb, text, boolean); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.routing_rule_set_v1(p_operator text, p_name text, p_rule jsonb, p_reason text DEFAULT NULL::text, p_create boolean DEFAULT true) RETURNS outbox.routing_rules
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    cur     outbox.routing_rules;
+    merged  outbox.routing_rules;
+    extra   text;
+    missing text;
+BEGIN
+    PERFORM outbox.set_operator_actor(p_operator);
+    PERFORM set_config('outbox.reason', coalesce(p_reason, ''), true);
+    SELECT string_agg(k, ', ') INTO extra FROM jsonb_object_keys(p_rule) AS k
+    WHERE k NOT IN ('priority', 'enabled', 'currencies', 'min_amount_minor', 'max_amount_minor',
+                    'payment_method_prefixes', 'metadata_key', 'metadata_values', 'mode',
+                    'providers', 'weights', 'note');
+    IF extra IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('routing rule fields %s are not settable', extra);
+    END IF;
+    SELECT * INTO cur FROM outbox.routing_rules WHERE name = p_name FOR UPDATE;
+    IF NOT FOUND THEN
+        IF NOT p_create THEN
+            RAISE EXCEPTION USING ERRCODE = 'no_data_found',
+                MESSAGE = format('no routing rule %s', quote_literal(p_name)),
+                HINT = 'outbox-relay routes list shows the rules.';
+        END IF;
+        cur := jsonb_populate_record(NULL::outbox.routing_rules,
+                                     jsonb_build_object('name', p_name, 'priority', 100, 'enabled', true, 'mode', 'priority'));
+    END IF;
+    merged := jsonb_populate_record(cur, p_rule);
+    SELECT string_agg(u.wanted, ', ') INTO missing
+    FROM unnest(merged.currencies) AS u(wanted)
+    WHERE NOT EXISTS (SELECT 1 FROM outbox.currencies AS c WHERE c.code = u.wanted);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'check_violation', CONSTRAINT = 'routing_rules_currencies_known',
+            MESSAGE = format('routing rule %s: currencies %s not in outbox.currencies', quote_literal(p_name), missing),
+            HINT = 'Use upper-case ISO 4217 codes, e.g. EUR, USD, JPY.';
+    END IF;
+    SELECT string_agg(quote_literal(n), ', ') INTO missing
+    FROM unnest(merged.providers) AS n
+    WHERE NOT EXISTS (SELECT 1 FROM outbox.providers AS p WHERE p.name = n);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'routing_rules_providers_registered',
+            MESSAGE = format('routing rule %s names unregistered provider(s) %s', quote_literal(p_name), missing),
+            HINT = 'Register them first: outbox-relay providers add NAME --kind KIND.';
+    END IF;
+    IF cur.id IS NULL THEN
+        INSERT INTO outbox.routing_rules (name, priority, enabled, currencies, min_amount_minor, max_amount_minor,
+                                          payment_method_prefixes, metadata_key, metadata_values, mode,
+                                          providers, weights, note, updated_by)
+        VALUES (merged.name, merged.priority, merged.enabled, merged.currencies, merged.min_amount_minor,
+                merged.max_amount_minor, merged.payment_method_prefixes, merged.metadata_key,
+                merged.metadata_values, merged.mode, merged.providers, merged.weights, merged.note,
+                outbox.audit_actor())
+        RETURNING * INTO merged;
+    ELSE
+        UPDATE outbox.routing_rules SET
+            priority = merged.priority, enabled = merged.enabled, currencies = merged.currencies,
+            min_amount_minor = merged.min_amount_minor, max_amount_minor = merged.max_amount_minor,
+            payment_method_prefixes = merged.payment_method_prefixes, metadata_key = merged.metadata_key,
+            metadata_values = merged.metadata_values, mode = merged.mode, providers = merged.providers,
+            weights = merged.weights, note = merged.note, updated_by = outbox.audit_actor()
+        WHERE id = cur.id
+        RETURNING * INTO merged;
+    END IF;
+    RETURN merged;
+END;
+$$;
+
+--
+-- Name: FUNCTION routing_rule_set_v1(p_operator text, p_name text, p_rule jsonb, p_reason text, p_create boolean); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.routing_rule_set_v1(p_operator text, p_name text, p_rule jsonb, p_reason text, p_create boolean) IS 'Add or change a routing rule (p_rule: the columns to set, as JSON) as operator p_operator, with p_reason as the audit row''s why; takes effect for the next payment.';
+
+--
+-- Name: routing_rules_bump_version(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.routing_rules_bump_version() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    NEW.version := OLD.version + 1;
+    NEW.updated_at := now();
+    RETURN NEW;
+END;
+$$;
+
+--
+-- Name: routing_rules_four_eyes(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.routing_rules_four_eyes() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF TG_OP = 'UPDATE'
+       AND (NEW.priority, NEW.currencies, NEW.min_amount_minor, NEW.max_amount_minor,
+            NEW.payment_method_prefixes, NEW.metadata_key, NEW.metadata_values, NEW.mode, NEW.providers)
+           IS NOT DISTINCT FROM
+           (OLD.priority, OLD.currencies, OLD.min_amount_minor, OLD.max_amount_minor,
+            OLD.payment_method_prefixes, OLD.metadata_key, OLD.metadata_values, OLD.mode, OLD.providers)
+       AND (NOT NEW.enabled
+            OR (OLD.enabled AND (NEW.weights IS NOT DISTINCT FROM OLD.weights
+                                 OR NOT EXISTS (SELECT 1 FROM unnest(NEW.weights, OLD.weights) AS w(n, o)
+                                                WHERE n > o)))) THEN
+        RETURN NEW;
+    END IF;
+    PERFORM outbox.registry_refuse_unapproved('routing_rule', NEW.name,
+        CASE TG_OP WHEN 'INSERT' THEN 'adding it' ELSE 'this change' END);
+    RETURN NEW;
 END;
 $$;
 
@@ -3632,6 +4361,27 @@ CREATE TABLE outbox.provider_policies (
 COMMENT ON TABLE outbox.provider_policies IS 'Per-provider facts the database enforces. idempotency_key_lifetime: how long the provider deduplicates a key (Stripe: 24 hours, Adyen: 31 days), never longer than the provider keeps keys (relays refuse to start otherwise); ''*'' applies to providers without a row.';
 
 --
+-- Name: provider_unit_rules; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.provider_unit_rules (
+    kind text NOT NULL,
+    currency text NOT NULL,
+    exponent smallint,
+    multiple_of integer DEFAULT 1 NOT NULL,
+    why text NOT NULL,
+    CONSTRAINT provider_unit_rules_currency_code CHECK ((currency ~ '^[A-Z]{3}$'::text)),
+    CONSTRAINT provider_unit_rules_exponent_range CHECK (((exponent >= 0) AND (exponent <= 4))),
+    CONSTRAINT provider_unit_rules_multiple_positive CHECK ((multiple_of >= 1))
+);
+
+--
+-- Name: TABLE provider_unit_rules; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON TABLE outbox.provider_unit_rules IS 'Where a provider kind counts a currency differently from ISO 4217 (exponent: its decimal places, NULL: ISO''s; multiple_of: in its own units). The twin of provider_adapters/currency_units.py; a test keeps them equal.';
+
+--
 -- Name: reconciliation_actions; Type: TABLE; Schema: outbox; Owner: -
 --
 
@@ -3783,6 +4533,19 @@ ALTER TABLE outbox.reconciliation_runs ALTER COLUMN id ADD GENERATED ALWAYS AS I
 );
 
 --
+-- Name: registry_requests_id_seq; Type: SEQUENCE; Schema: outbox; Owner: -
+--
+
+ALTER TABLE outbox.registry_requests ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME outbox.registry_requests_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+--
 -- Name: relay_instances; Type: TABLE; Schema: outbox; Owner: -
 --
 
@@ -3842,6 +4605,19 @@ CREATE TABLE outbox.relay_wakeup_wants (
 --
 
 COMMENT ON TABLE outbox.relay_wakeup_wants IS 'One row per idle relay (its instance name) that waits for a NOTIFY; relay_wakeup.wanted stays true while any live relay has a row here.';
+
+--
+-- Name: routing_rules_id_seq; Type: SEQUENCE; Schema: outbox; Owner: -
+--
+
+ALTER TABLE outbox.routing_rules ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME outbox.routing_rules_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
 
 --
 -- Name: schema_migrations; Type: TABLE; Schema: outbox; Owner: -
@@ -4044,6 +4820,20 @@ ALTER TABLE ONLY outbox.provider_policies
     ADD CONSTRAINT provider_policies_pkey PRIMARY KEY (provider);
 
 --
+-- Name: provider_unit_rules provider_unit_rules_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.provider_unit_rules
+    ADD CONSTRAINT provider_unit_rules_pkey PRIMARY KEY (kind, currency);
+
+--
+-- Name: providers providers_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.providers
+    ADD CONSTRAINT providers_pkey PRIMARY KEY (name);
+
+--
 -- Name: reconciliation_actions reconciliation_actions_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
 --
 
@@ -4072,6 +4862,20 @@ ALTER TABLE ONLY outbox.reconciliation_runs
     ADD CONSTRAINT reconciliation_runs_pkey PRIMARY KEY (id);
 
 --
+-- Name: registry_policy registry_policy_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.registry_policy
+    ADD CONSTRAINT registry_policy_pkey PRIMARY KEY (singleton);
+
+--
+-- Name: registry_requests registry_requests_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.registry_requests
+    ADD CONSTRAINT registry_requests_pkey PRIMARY KEY (id);
+
+--
 -- Name: relay_instances relay_instances_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
 --
 
@@ -4091,6 +4895,20 @@ ALTER TABLE ONLY outbox.relay_wakeup
 
 ALTER TABLE ONLY outbox.relay_wakeup_wants
     ADD CONSTRAINT relay_wakeup_wants_pkey PRIMARY KEY (instance);
+
+--
+-- Name: routing_rules routing_rules_name_key; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.routing_rules
+    ADD CONSTRAINT routing_rules_name_key UNIQUE (name);
+
+--
+-- Name: routing_rules routing_rules_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.routing_rules
+    ADD CONSTRAINT routing_rules_pkey PRIMARY KEY (id);
 
 --
 -- Name: schema_migrations schema_migrations_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
@@ -4292,6 +5110,12 @@ CREATE INDEX payments_provider_reference_idx ON outbox.payments USING btree (pro
 --
 
 CREATE INDEX reconciliation_exceptions_open_idx ON outbox.reconciliation_exceptions USING btree (provider, occurred_at) WHERE (status = ANY (ARRAY['open'::text, 'awaiting_approval'::text]));
+
+--
+-- Name: routing_rules_enabled_order; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX routing_rules_enabled_order ON outbox.routing_rules USING btree (priority, id) WHERE enabled;
 
 --
 -- Name: webhook_inbox_claimable_idx; Type: INDEX; Schema: outbox; Owner: -
@@ -4516,6 +5340,24 @@ CREATE TRIGGER payments_audit_update AFTER UPDATE ON outbox.payments REFERENCING
 CREATE TRIGGER payments_currency_fixed BEFORE UPDATE OF currency ON outbox.payments FOR EACH ROW WHEN ((new.currency IS DISTINCT FROM old.currency)) EXECUTE FUNCTION outbox.payments_refuse_currency_change();
 
 --
+-- Name: providers providers_audit; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER providers_audit AFTER INSERT OR UPDATE ON outbox.providers FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('provider', 'name', 'name,kind,enabled,currencies,amount_limits,note');
+
+--
+-- Name: providers providers_four_eyes; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER providers_four_eyes BEFORE INSERT OR UPDATE ON outbox.providers FOR EACH ROW EXECUTE FUNCTION outbox.providers_four_eyes();
+
+--
+-- Name: providers providers_no_delete; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER providers_no_delete BEFORE DELETE OR TRUNCATE ON outbox.providers FOR EACH STATEMENT EXECUTE FUNCTION outbox.refuse_change();
+
+--
 -- Name: reconciliation_actions reconciliation_actions_audit; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
@@ -4538,6 +5380,54 @@ CREATE TRIGGER reconciliation_exceptions_audit AFTER INSERT OR UPDATE ON outbox.
 --
 
 CREATE TRIGGER reconciliation_runs_audit AFTER INSERT OR UPDATE ON outbox.reconciliation_runs FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('reconciliation_run', 'id', 'id,provider,window_start,window_end,status,run_by,provider_items,internal_items,matched,exceptions_found,exceptions_new,exceptions_cleared');
+
+--
+-- Name: registry_policy registry_policy_audit; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER registry_policy_audit AFTER INSERT OR UPDATE ON outbox.registry_policy FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('registry_policy', 'singleton', 'four_eyes');
+
+--
+-- Name: registry_policy registry_policy_four_eyes; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER registry_policy_four_eyes BEFORE UPDATE ON outbox.registry_policy FOR EACH ROW EXECUTE FUNCTION outbox.registry_policy_four_eyes();
+
+--
+-- Name: registry_requests registry_requests_audit; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER registry_requests_audit AFTER INSERT OR UPDATE ON outbox.registry_requests FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('registry_request', 'id', 'id,entity,name,change,reason,status,requested_by,requested_login,approved_by,approved_login');
+
+--
+-- Name: registry_requests registry_requests_no_delete; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER registry_requests_no_delete BEFORE DELETE OR TRUNCATE ON outbox.registry_requests FOR EACH STATEMENT EXECUTE FUNCTION outbox.refuse_change();
+
+--
+-- Name: routing_rules routing_rules_audit; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER routing_rules_audit AFTER INSERT OR UPDATE ON outbox.routing_rules FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('routing_rule', 'name', 'id,name,version,priority,enabled,currencies,min_amount_minor,max_amount_minor,payment_method_prefixes,metadata_key,metadata_values,mode,providers,weights,note');
+
+--
+-- Name: routing_rules routing_rules_four_eyes; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER routing_rules_four_eyes BEFORE INSERT OR UPDATE ON outbox.routing_rules FOR EACH ROW EXECUTE FUNCTION outbox.routing_rules_four_eyes();
+
+--
+-- Name: routing_rules routing_rules_no_delete; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER routing_rules_no_delete BEFORE DELETE OR TRUNCATE ON outbox.routing_rules FOR EACH STATEMENT EXECUTE FUNCTION outbox.refuse_change();
+
+--
+-- Name: routing_rules routing_rules_version; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER routing_rules_version BEFORE UPDATE ON outbox.routing_rules FOR EACH ROW WHEN ((old.* IS DISTINCT FROM new.*)) EXECUTE FUNCTION outbox.routing_rules_bump_version();
 
 --
 -- Name: webhook_inbox webhook_inbox_before_insert; Type: TRIGGER; Schema: outbox; Owner: -
@@ -5283,6 +6173,12 @@ REVOKE ALL ON FUNCTION outbox.payment_intents_before_insert() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.payment_intents_check_input(i outbox.payment_intents) FROM PUBLIC;
 
 --
+-- Name: FUNCTION payment_intents_check_provider_v1(i outbox.payment_intents, first_intent boolean); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.payment_intents_check_provider_v1(i outbox.payment_intents, first_intent boolean) FROM PUBLIC;
+
+--
 -- Name: FUNCTION payment_intents_delete_only_archived(); Type: ACL; Schema: outbox; Owner: -
 --
 
@@ -5402,6 +6298,31 @@ REVOKE ALL ON FUNCTION outbox.promote_next_blocked_v1(payment_ids text[], due_at
 GRANT ALL ON FUNCTION outbox.promote_next_blocked_v1(payment_ids text[], due_at timestamp with time zone) TO outbox_relay;
 
 --
+-- Name: TABLE providers; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT SELECT ON TABLE outbox.providers TO outbox_operator;
+
+--
+-- Name: FUNCTION provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean) TO outbox_operator;
+
+--
+-- Name: FUNCTION provider_units(p_amount bigint, p_iso_exponent integer, p_exponent integer, p_multiple_of integer); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.provider_units(p_amount bigint, p_iso_exponent integer, p_exponent integer, p_multiple_of integer) FROM PUBLIC;
+
+--
+-- Name: FUNCTION providers_seed_in_use(); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.providers_seed_in_use() FROM PUBLIC;
+
+--
 -- Name: FUNCTION reconciliation_actions_logins(); Type: ACL; Schema: outbox; Owner: -
 --
 
@@ -5412,6 +6333,51 @@ REVOKE ALL ON FUNCTION outbox.reconciliation_actions_logins() FROM PUBLIC;
 --
 
 REVOKE ALL ON FUNCTION outbox.refuse_change() FROM PUBLIC;
+
+--
+-- Name: TABLE registry_requests; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT SELECT ON TABLE outbox.registry_requests TO outbox_operator;
+
+--
+-- Name: FUNCTION registry_approve_v1(p_operator text, p_id bigint); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.registry_approve_v1(p_operator text, p_id bigint) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.registry_approve_v1(p_operator text, p_id bigint) TO outbox_operator;
+
+--
+-- Name: FUNCTION registry_change_approved(p_entity text, p_name text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.registry_change_approved(p_entity text, p_name text) FROM PUBLIC;
+
+--
+-- Name: TABLE registry_policy; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT SELECT ON TABLE outbox.registry_policy TO outbox_operator;
+
+--
+-- Name: FUNCTION registry_policy_set_v1(p_operator text, p_four_eyes boolean, p_reason text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.registry_policy_set_v1(p_operator text, p_four_eyes boolean, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.registry_policy_set_v1(p_operator text, p_four_eyes boolean, p_reason text) TO outbox_operator;
+
+--
+-- Name: FUNCTION registry_refuse_unapproved(p_entity text, p_name text, p_what text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.registry_refuse_unapproved(p_entity text, p_name text, p_what text) FROM PUBLIC;
+
+--
+-- Name: FUNCTION registry_request_v1(p_operator text, p_entity text, p_name text, p_change jsonb, p_reason text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.registry_request_v1(p_operator text, p_entity text, p_name text, p_change jsonb, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.registry_request_v1(p_operator text, p_entity text, p_name text, p_change jsonb, p_reason text) TO outbox_operator;
 
 --
 -- Name: FUNCTION resolve_overdue_confirmation_v1(p_intent_id bigint, p_resolution text); Type: ACL; Schema: outbox; Owner: -
@@ -5426,6 +6392,32 @@ GRANT ALL ON FUNCTION outbox.resolve_overdue_confirmation_v1(p_intent_id bigint,
 
 REVOKE ALL ON FUNCTION outbox.retry_dead_intents(ids bigint[], operator text, past_key_lifetime boolean) FROM PUBLIC;
 GRANT ALL ON FUNCTION outbox.retry_dead_intents(ids bigint[], operator text, past_key_lifetime boolean) TO outbox_operator;
+
+--
+-- Name: FUNCTION route_payment_v1(i outbox.payment_intents, OUT provider text, OUT rule_id bigint, OUT rule_version integer); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.route_payment_v1(i outbox.payment_intents, OUT provider text, OUT rule_id bigint, OUT rule_version integer) FROM PUBLIC;
+
+--
+-- Name: FUNCTION routing_bucket(p_payment_id text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.routing_bucket(p_payment_id text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.routing_bucket(p_payment_id text) TO outbox_operator;
+
+--
+-- Name: TABLE routing_rules; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT SELECT ON TABLE outbox.routing_rules TO outbox_operator;
+
+--
+-- Name: FUNCTION routing_rule_set_v1(p_operator text, p_name text, p_rule jsonb, p_reason text, p_create boolean); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.routing_rule_set_v1(p_operator text, p_name text, p_rule jsonb, p_reason text, p_create boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.routing_rule_set_v1(p_operator text, p_name text, p_rule jsonb, p_reason text, p_create boolean) TO outbox_operator;
 
 --
 -- Name: FUNCTION set_operator_actor(operator text); Type: ACL; Schema: outbox; Owner: -
@@ -5770,6 +6762,12 @@ GRANT SELECT ON TABLE outbox.payment_intents_archive TO outbox_operator;
 
 GRANT SELECT ON TABLE outbox.provider_policies TO outbox_relay;
 GRANT SELECT ON TABLE outbox.provider_policies TO outbox_operator;
+
+--
+-- Name: TABLE provider_unit_rules; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT SELECT ON TABLE outbox.provider_unit_rules TO outbox_operator;
 
 --
 -- Name: TABLE reconciliation_actions; Type: ACL; Schema: outbox; Owner: -

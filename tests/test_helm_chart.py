@@ -979,6 +979,38 @@ def test_migration_hook_gets_its_own_copy_of_an_inline_url(
     assert set(files.values()) == {(hook_secret["metadata"]["name"], "database-url")}
 
 
+def test_declared_providers_are_applied_after_the_migrations(
+    helm: Helm, fleet: dict[str, Any]
+) -> None:
+    """sql/0050: the registry from values, by the migrations Job once migrate has run."""
+    declared = [
+        {"name": "stripe", "kind": "stripe"},
+        {
+            "name": "adyen_eu",
+            "kind": "adyen",
+            "currencies": ["EUR"],
+            "limits": {"EUR": {"min": 100}},
+        },
+    ]
+    manifests = helm.render(CHART, merged(fleet, {"providerRegistry": declared}))
+    pod = manifests.one("Job")["spec"]["template"]["spec"]
+    (migrate,) = pod["initContainers"]
+    (apply,) = pod["containers"]
+    assert migrate["args"] == ["migrate"]
+    assert apply["image"] == migrate["image"]
+    assert apply["args"][:2] == ["providers", "apply"]
+    assert json.loads(apply["args"][2]) == declared
+    assert apply["args"][3:5] == ["--operator", f"helm:{RELEASE}"]
+    assert apply["args"][5] == "--reason"
+    assert apply["env"] == [e for e in migrate["env"] if e["name"] == "RELAY_DATABASE_URL_FILE"]
+    assert _file_paths(manifests, pod, apply) == _file_paths(manifests, pod, migrate)
+
+
+def test_schema_refuses_a_provider_without_kind(helm: Helm, fleet: dict[str, Any]) -> None:
+    with pytest.raises(Exception, match="kind"):
+        helm.render(CHART, merged(fleet, {"providerRegistry": [{"name": "stripe"}]}))
+
+
 def test_migrations_can_be_turned_off(helm: Helm, fleet: dict[str, Any]) -> None:
     manifests = helm.render(CHART, merged(fleet, {"migrations": {"enabled": False}}))
     assert not manifests.all("Job")

@@ -315,6 +315,10 @@ def intent_rules(
     for column in ("payment_id", "action", "provider", "currency"):
         if row[column] is None:
             broken.add(f"not_null:{column}")
+    if provider is None and None not in (pid, action, currency):
+        # sql/0050: no provider named, so the routing rules are asked; none exist here.
+        broken.discard("not_null:provider")
+        broken.add("payment_intents_provider_required")
     for column in ("payment_id", "action", "provider", "currency", "idempotency_key"):
         if card_like(row[column]):
             broken.add(f"payment_intents_{column}_not_card_number")
@@ -1194,7 +1198,10 @@ def test_a_row_that_may_hold_card_data_is_refused_without_the_row(
     cases = [
         ({"action": "bogus", "payment_id": may_hold}, "payment_intents_action_valid"),
         ({"idempotency_key": "k " + may_hold}, "payment_intents_idempotency_key_printable_max_255"),
-        ({"provider": None, "metadata": Jsonb({"n": may_hold})}, "not_null:provider"),
+        (
+            {"provider": None, "metadata": Jsonb({"n": may_hold})},
+            "payment_intents_provider_required",  # sql/0050: no routing rule chose one
+        ),
         ({"metadata": Jsonb([may_hold])}, "payment_intents_metadata_is_object"),
         ({"amount_minor": -1, "payment_id": may_hold}, "payment_intents_amount_minor_positive"),
     ]

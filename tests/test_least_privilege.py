@@ -109,7 +109,12 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "payment_intents_archive",
             "payments",
             "provider_policies",
+            "provider_unit_rules",  # sql/0050
+            "providers",  # sql/0050: the registry, changed through provider_set_v1
             "reconciliation_open_delta",
+            "routing_rules",  # sql/0051
+            "registry_policy",  # sql/0052
+            "registry_requests",
             "relay_instances",
             "relay_wakeup",
             "relay_wakeup_wants",
@@ -197,6 +202,14 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "convert_v1": {"outbox_app", "outbox_relay", "outbox_operator"},
     "convert_at_rates_v1": {"outbox_app", "outbox_relay", "outbox_operator"},
     "audit_fx_rate_doc": {"outbox_operator"},  # audit verify compares each rate row
+    # sql/0050, sql/0051: the registry and routing rules, changed as the owner, audited
+    "provider_set_v1": {"outbox_operator"},
+    "routing_rule_set_v1": {"outbox_operator"},
+    "routing_bucket": {"outbox_operator"},  # `intents show` prints the payment's bucket
+    # sql/0052: four eyes on registry changes
+    "registry_policy_set_v1": {"outbox_operator"},
+    "registry_request_v1": {"outbox_operator"},
+    "registry_approve_v1": {"outbox_operator"},
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -289,6 +302,18 @@ RELAY_STATEMENTS = {
     "fx_difference_totals",  # and the FX difference gauge
 }
 OPERATOR_STATEMENTS = {
+    # sql/0050, sql/0051: relay/operations/providers.py, status.py, intents.py
+    "providers_list",
+    "provider_set",
+    "routing_rules_list",
+    "routing_rule_set",
+    "registry_changes",
+    "registered_enabled_providers",
+    "payment_routing",
+    "registry_policy_set",  # sql/0052
+    "registry_request",
+    "registry_approve",
+    "registry_requests",
     "status_counts",  # relay/operations/status.py
     "schema_version",
     "queue_depth",

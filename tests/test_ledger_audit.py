@@ -784,10 +784,18 @@ def test_rows_from_before_the_migration_get_a_baseline_and_their_postings(
         migrate(url)
         assert check_ledger(url).problems == []
         report = verify_database(url)
-        assert report.breaks == [] and report.chains == 3  # one payment, two intents
+        # One payment, two intents, and (sql/0050) the provider they name, registered
+        # because it was in use when the registry was created.
+        assert report.breaks == [] and report.chains == 4
         with psycopg.connect(url) as conn:
-            baseline = conn.execute("SELECT DISTINCT operation FROM outbox.audit_log").fetchall()
-        assert baseline == [("baseline",)]
+            baseline = conn.execute(
+                "SELECT DISTINCT entity, operation FROM outbox.audit_log ORDER BY 1"
+            ).fetchall()
+        assert baseline == [
+            ("intent", "baseline"),
+            ("payment", "baseline"),
+            ("provider", "insert"),
+        ]
 
 
 # -- sql/0021: claims write no row, the outcome's row records them ---------------------------

@@ -130,6 +130,15 @@ def print_intent(found: dict[str, Any]) -> None:
             f"{_money(payment['refunded_minor'], currency, exponent)}"
             + (f", ref {payment['provider_reference']}" if payment["provider_reference"] else "")
         )
+        if payment.get("routing_rule_id") is not None:
+            # sql/0051: the rule (and its version then) that chose the provider.
+            print(
+                f"  routed to {payment['provider']} by rule {payment['routing_rule_name']} "
+                f"version {payment['routing_rule_version']} (bucket {payment['routing_bucket']}"
+                f"; the rule is at version {payment['routing_rule_current_version']} now)"
+            )
+        elif "routing_rule_id" in payment:
+            print(f"  provider {payment['provider']} named by the application (not routed)")
         if payment.get("dispute_status"):
             # sql/0035: what the provider withdrew for a dispute and has not returned.
             print(

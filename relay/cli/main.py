@@ -375,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fx_cli.add_commands(commands, _database_url_or_exit)
 
+    from relay.cli import providers as providers_cli  # providers ..., routes ...
+
+    providers_cli.add_commands(commands, _database_url_or_exit)
+
     from relay.cli import errors as errors_cli
 
     errors_cli.add_commands(commands)

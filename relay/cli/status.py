@@ -30,6 +30,12 @@ def render_status(status: Status) -> str:
             else "no intents yet",
             *(_unserved_line(p, status.providers[p].waiting) for p in status.unserved_providers),
             _relays_line(status),
+            *(
+                f"NOT SERVED {p}: registered and enabled, but no running relay serves it; new "
+                f"payments sent to it will wait (serve it, or `outbox-relay providers disable {p}`)"
+                for p in status.registered_unserved
+                if p not in status.unserved_providers
+            ),
             *_version_lines(status),
             f"\ndead intents: {dead}"
             + (" (they block their payments: `outbox-relay dead-letters list`)" if dead else ""),

@@ -711,7 +711,17 @@ SELECT 'fx_posting', p.id::text, outbox.audit_generic_doc(p,
        'source_amount_minor,currency,expected_minor,actual_minor,difference_minor,our_rate_id,'
        'our_via_rate_id,compared_rate_id,compared_via_rate_id,provider_rate,posted_at,posted_by'),
        NULL, false, false
-FROM outbox.fx_postings AS p;
+FROM outbox.fx_postings AS p
+UNION ALL
+SELECT 'provider', v.name, outbox.audit_generic_doc(v,
+       'name,kind,enabled,currencies,amount_limits,note'), NULL, false, false
+FROM outbox.providers AS v
+UNION ALL
+SELECT 'routing_rule', r.name, outbox.audit_generic_doc(r,
+       'id,name,version,priority,enabled,currencies,min_amount_minor,max_amount_minor,'
+       'payment_method_prefixes,metadata_key,metadata_values,mode,providers,weights,note'),
+       NULL, false, false
+FROM outbox.routing_rules AS r;
 
 -- name: ledger_counts
 -- Ledger transactions, entries and payments, for the check's headline.
@@ -1571,3 +1581,75 @@ WHERE COALESCE(s.imbalance, 0) <> 0
    OR (p.kind = 'refund_at_charge_rate'
        AND (i.id IS NULL OR i.action <> 'refund' OR i.status <> 'succeeded'))
 ORDER BY p.id;
+
+-- ------------------------------------------------------------------------------------------
+-- The provider registry and routing rules (sql/0050, sql/0051; relay/operations/providers.py)
+
+-- name: providers_list
+-- Every registered provider, by name.
+SELECT name, kind, enabled, currencies, amount_limits, note, created_at, updated_at, updated_by
+FROM outbox.providers
+ORDER BY name;
+
+-- name: provider_set
+-- Register or change one provider as an operator (NULL keeps a value; currencies '{}': all).
+SELECT name, kind, enabled, currencies, amount_limits, note, created_at, updated_at, updated_by
+FROM outbox.provider_set_v1(%(operator)s, %(name)s, %(kind)s, %(enabled)s, %(currencies)s::text[],
+                            %(amount_limits)s::jsonb, %(note)s, %(reason)s, %(create)s);
+
+-- name: routing_rules_list
+-- Every routing rule, in the order the INSERT tries them (disabled ones too).
+SELECT id, name, version, priority, enabled, currencies, min_amount_minor, max_amount_minor,
+       payment_method_prefixes, metadata_key, metadata_values, mode, providers, weights, note,
+       updated_at, updated_by
+FROM outbox.routing_rules
+ORDER BY priority, id;
+
+-- name: routing_rule_set
+-- Add or change one routing rule as an operator (rule: the columns to set, as JSON).
+SELECT id, name, version, priority, enabled, currencies, min_amount_minor, max_amount_minor,
+       payment_method_prefixes, metadata_key, metadata_values, mode, providers, weights, note,
+       updated_at, updated_by
+FROM outbox.routing_rule_set_v1(%(operator)s, %(name)s, %(rule)s::jsonb, %(reason)s, %(create)s);
+
+-- name: registry_changes
+-- The audit rows of one registry entity ('provider' or 'routing_rule'), newest first.
+SELECT at, actor, operation, reason, before, after
+FROM outbox.audit_log
+WHERE entity = %(entity)s AND entity_id = %(entity_id)s
+ORDER BY chain_seq DESC
+LIMIT %(limit)s;
+
+-- name: registered_enabled_providers
+-- The names of the enabled registered providers (status: one that no live relay serves).
+SELECT name FROM outbox.providers WHERE enabled ORDER BY name;
+
+-- name: payment_routing
+-- How a payment's provider was chosen: the rule and version, NULL when the first intent named it.
+SELECT p.routing_rule_id, p.routing_rule_version, r.name AS routing_rule_name,
+       r.version AS routing_rule_current_version, outbox.routing_bucket(p.payment_id) AS routing_bucket
+FROM outbox.payments AS p
+LEFT JOIN outbox.routing_rules AS r ON r.id = p.routing_rule_id
+WHERE p.payment_id = %(payment_id)s;
+
+-- name: registry_policy_set
+-- Turn four eyes on the registry and routing rules on or off as an operator (sql/0052).
+SELECT four_eyes FROM outbox.registry_policy_set_v1(%(operator)s, %(four_eyes)s, %(reason)s);
+
+-- name: registry_request
+-- Record a registry or routing change for a second operator; its id.
+SELECT id FROM outbox.registry_request_v1(%(operator)s, %(entity)s, %(name)s, %(change)s::jsonb, %(reason)s);
+
+-- name: registry_approve
+-- Apply a pending registry request as a second operator, from another login.
+SELECT id, entity, name, change, reason, status, requested_by, requested_login, approved_by,
+       approved_login
+FROM outbox.registry_approve_v1(%(operator)s, %(id)s);
+
+-- name: registry_requests
+-- Registry requests, pending first, newest first.
+SELECT id, entity, name, change, reason, status, requested_by, requested_login, requested_at,
+       approved_by, approved_login, approved_at
+FROM outbox.registry_requests
+ORDER BY status = 'pending' DESC, id DESC
+LIMIT 100;

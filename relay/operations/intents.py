@@ -46,6 +46,14 @@ def collect_intent(conn: psycopg.Connection, intent_id: int) -> dict[str, Any] |
     payment = by_name.execute(
         QUERIES["intent_payment"], {"payment_id": intent["payment_id"]}
     ).fetchone()
+    if payment is not None:
+        # sql/0051: the routing rule and version that chose the provider (NULL: named).
+        payment.update(
+            by_name.execute(
+                QUERIES["payment_routing"], {"payment_id": intent["payment_id"]}
+            ).fetchone()
+            or {}
+        )
     siblings = by_name.execute(
         QUERIES["payment_intents_in_order"], {"payment_id": intent["payment_id"]}
     ).fetchall()

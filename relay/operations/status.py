@@ -72,6 +72,9 @@ class Status:
     relays: list[RelayInstance] = field(default_factory=list)
     # Providers with waiting intents that no live relay serves, by name.
     unserved_providers: list[str] = field(default_factory=list)
+    # Registered, enabled providers (sql/0050) that no live relay serves: new payments may
+    # be sent to them (named or routed) and would wait.
+    registered_unserved: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON types, in declaration order (``status --json``)."""
@@ -86,6 +89,10 @@ def collect_status(conninfo: str) -> Status:
         depth = conn.execute(QUERIES["queue_depth"], {"now": None}).fetchall()
         events = conn.execute(QUERIES["unpublished_events"], {"now": None}).fetchone()
         reported = conn.execute(QUERIES["relay_instances"], {"now": None}).fetchall()
+        try:
+            registered = [r[0] for r in conn.execute(QUERIES["registered_enabled_providers"])]
+        except psycopg.errors.UndefinedTable:
+            registered = []  # a schema before sql/0050: no registry
     providers: dict[str, ProviderDepth] = {}
     for provider, status, count, _created in rows:
         providers.setdefault(provider, ProviderDepth()).counts[status] = count
@@ -116,6 +123,7 @@ def collect_status(conninfo: str) -> Status:
             ((relay.providers, relay.live) for relay in relays),
         )
     )
+    served = {p for relay in relays if relay.live for p in relay.providers}
     unpublished, oldest_event = events if events else (0, 0.0)
     return Status(
         schema_version=version[0] if version else None,
@@ -125,4 +133,5 @@ def collect_status(conninfo: str) -> Status:
         oldest_unpublished_event_seconds=round(float(oldest_event), 1),
         relays=relays,
         unserved_providers=unserved,
+        registered_unserved=[p for p in registered if p not in served],
     )

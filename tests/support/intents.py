@@ -23,6 +23,7 @@ __all__ = [
     "insert_intent",
     "insert_intents",
     "insert_workload",
+    "register_provider",
 ]
 
 DEFAULTS: Mapping[str, Any] = {
@@ -96,3 +97,32 @@ def _insert(conn: psycopg.Connection[Any], rows: Iterable[Mapping[str, Any]]) ->
             if not cur.nextset():
                 break
     return ids
+
+
+def register_provider(
+    conn: psycopg.Connection,
+    name: str,
+    kind: str = "stripe",
+    *,
+    enabled: bool = True,
+    currencies: Iterable[str] | None = None,
+    amount_limits: Mapping[str, Mapping[str, int]] | None = None,
+) -> None:
+    """Register ``name`` in the provider registry (sql/0050) as operator ``tests``.
+
+    A test that relies on the registry being closed registers every provider it inserts
+    intents for: the first registered provider closes it (an empty registry is open).
+    """
+    import json
+
+    conn.execute(
+        "SELECT outbox.provider_set_v1('tests', %s, %s, %s, %s::text[], %s::jsonb, NULL,"
+        " 'registered by the test', true)",
+        (
+            name,
+            kind,
+            enabled,
+            None if currencies is None else list(currencies),
+            None if amount_limits is None else json.dumps(amount_limits),
+        ),
+    )

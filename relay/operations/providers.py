@@ -1,0 +1,353 @@
+"""The provider registry and the routing rules, as operators change them (sql/0050, sql/0051).
+
+Every change is one transaction that names its operator and a reason, through the database's
+own functions (``outbox.provider_set_v1``, ``outbox.routing_rule_set_v1``), which the chart
+uses too; the database writes the hash-chained audit row (who, when, before, after, why) and,
+for a rule, bumps its version. A change applies to the next payment's first INSERT: nothing
+is cached, so no relay or application restarts. Payments already started keep their
+provider. The command line is relay/cli/providers.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from relay.domain.routing import Target, split_share
+from relay.infra.queries import QUERIES
+
+__all__ = [
+    "ApprovalRequested",
+    "apply_declared",
+    "approve_request",
+    "list_providers",
+    "list_requests",
+    "list_rules",
+    "parse_declared",
+    "registry_changes",
+    "rule_shares",
+    "set_four_eyes",
+    "set_provider",
+    "set_rule",
+    "set_weights",
+]
+
+
+_NEEDS_APPROVAL = "registry_change_needs_approval"
+
+
+class ApprovalRequested(Exception):
+    """Four eyes are on (sql/0052): the change was recorded as request ``request_id`` for a
+    second operator (``outbox-relay registry approve ID``) instead of being applied."""
+
+    def __init__(self, request_id: int, entity: str, name: str) -> None:
+        super().__init__(
+            f"{entity} {name}: this change needs a second operator (four eyes are on); recorded "
+            f"as request {request_id}: another operator, logged in as another database login, "
+            f"runs `outbox-relay registry approve {request_id}`"
+        )
+        self.request_id = request_id
+
+
+def _request(
+    conn: psycopg.Connection,
+    *,
+    operator: str,
+    entity: str,
+    name: str,
+    change: Mapping[str, Any],
+    reason: str | None,
+) -> ApprovalRequested:
+    with conn.transaction():
+        row = conn.execute(
+            QUERIES["registry_request"],
+            {
+                "operator": operator,
+                "entity": entity,
+                "name": name,
+                "change": json.dumps(dict(change)),
+                "reason": reason,
+            },
+        ).fetchone()
+    assert row is not None
+    return ApprovalRequested(int(row[0]), entity, name)
+
+
+def _needs_approval(exc: psycopg.Error) -> bool:
+    return exc.diag.constraint_name == _NEEDS_APPROVAL
+
+
+def list_providers(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    return conn.cursor(row_factory=dict_row).execute(QUERIES["providers_list"]).fetchall()
+
+
+def set_provider(
+    conn: psycopg.Connection,
+    *,
+    operator: str,
+    name: str,
+    reason: str | None,
+    kind: str | None = None,
+    enabled: bool | None = None,
+    currencies: Sequence[str] | None = None,
+    amount_limits: Mapping[str, Mapping[str, int]] | None = None,
+    note: str | None = None,
+    create: bool = False,
+) -> dict[str, Any]:
+    """Register (``create``) or change one provider; the row as it is now.
+
+    Raises psycopg errors the database names (unknown currency, not registered, bad name),
+    and :class:`ApprovalRequested` when four eyes are on and the change may send traffic
+    somewhere new (``conn`` in autocommit mode: the request is committed).
+    """
+    change = {
+        "kind": kind,
+        "enabled": enabled,
+        "currencies": None if currencies is None else list(currencies),
+        "amount_limits": None if amount_limits is None else dict(amount_limits),
+        "note": note,
+        "create": create,
+    }
+    try:
+        with conn.transaction():
+            row = (
+                conn.cursor(row_factory=dict_row)
+                .execute(
+                    QUERIES["provider_set"],
+                    {
+                        **change,
+                        "operator": operator,
+                        "name": name,
+                        "amount_limits": None
+                        if amount_limits is None
+                        else json.dumps(amount_limits),
+                        "reason": reason,
+                    },
+                )
+                .fetchone()
+            )
+    except psycopg.errors.InsufficientPrivilege as exc:
+        if not _needs_approval(exc):
+            raise
+        raise _request(
+            conn, operator=operator, entity="provider", name=name, change=change, reason=reason
+        ) from None
+    assert row is not None
+    return row
+
+
+def list_rules(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    return conn.cursor(row_factory=dict_row).execute(QUERIES["routing_rules_list"]).fetchall()
+
+
+def set_rule(
+    conn: psycopg.Connection,
+    *,
+    operator: str,
+    name: str,
+    fields: Mapping[str, Any],
+    reason: str | None,
+    create: bool = False,
+) -> dict[str, Any]:
+    """Add (``create``) or change one routing rule; the row as it is now (its new version).
+
+    :class:`ApprovalRequested` as :func:`set_provider`.
+    """
+    try:
+        with conn.transaction():
+            row = (
+                conn.cursor(row_factory=dict_row)
+                .execute(
+                    QUERIES["routing_rule_set"],
+                    {
+                        "operator": operator,
+                        "name": name,
+                        "rule": json.dumps(dict(fields)),
+                        "reason": reason,
+                        "create": create,
+                    },
+                )
+                .fetchone()
+            )
+    except psycopg.errors.InsufficientPrivilege as exc:
+        if not _needs_approval(exc):
+            raise
+        raise _request(
+            conn,
+            operator=operator,
+            entity="routing_rule",
+            name=name,
+            change={"rule": dict(fields), "create": create},
+            reason=reason,
+        ) from None
+    assert row is not None
+    return row
+
+
+def set_weights(
+    conn: psycopg.Connection,
+    *,
+    operator: str,
+    name: str,
+    weights: Mapping[str, int],
+    reason: str | None,
+) -> dict[str, Any]:
+    """Change the weights of some targets of a split rule (a canary to 0: the rollback).
+
+    Providers not named keep their weight; a provider not in the rule is refused
+    (ValueError), as is a rule that is not a split. Lowering weights never needs a second
+    operator (sql/0052): a rollback is never held up.
+    """
+    # Read, then one change: routing_rule_set_v1 locks the rule and applies the weights.
+    rules = {r["name"]: r for r in list_rules(conn)}
+    rule = rules.get(name)
+    if rule is None:
+        raise ValueError(f"no routing rule {name!r} (outbox-relay routes list)")
+    if rule["mode"] != "split":
+        raise ValueError(f"routing rule {name!r} is a priority list, not a split")
+    unknown = sorted(set(weights) - set(rule["providers"]))
+    if unknown:
+        raise ValueError(
+            f"routing rule {name!r} has no target {', '.join(unknown)} "
+            f"(its targets: {', '.join(rule['providers'])})"
+        )
+    new = [weights.get(p, w) for p, w in zip(rule["providers"], rule["weights"], strict=True)]
+    return set_rule(conn, operator=operator, name=name, fields={"weights": new}, reason=reason)
+
+
+def rule_shares(
+    rule: Mapping[str, Any], providers: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """The share of new matching payments each target gets now (enabled providers only)."""
+    enabled = {p["name"] for p in providers if p["enabled"]}
+    weights = rule["weights"] or [0] * len(rule["providers"])
+    targets = [Target(p, w, p in enabled) for p, w in zip(rule["providers"], weights, strict=True)]
+    if rule["mode"] == "priority":
+        first = next((t.provider for t in targets if t.usable), None)
+        return {t.provider: 1.0 if t.provider == first else 0.0 for t in targets}
+    return {t.provider: split_share(targets, t.provider) for t in targets}
+
+
+def registry_changes(
+    conn: psycopg.Connection, entity: str, entity_id: str, limit: int = 20
+) -> list[dict[str, Any]]:
+    """The audit rows of a provider (``entity='provider'``) or a rule, newest first."""
+    return (
+        conn.cursor(row_factory=dict_row)
+        .execute(
+            QUERIES["registry_changes"], {"entity": entity, "entity_id": entity_id, "limit": limit}
+        )
+        .fetchall()
+    )
+
+
+_ENTRY_KEYS = {"name", "kind", "enabled", "currencies", "limits", "note"}
+
+
+def parse_declared(entries: object) -> list[dict[str, Any]]:
+    """Check a declared provider list (the chart's ``providers`` values, as JSON).
+
+    Each entry: ``name`` and ``kind`` required; ``enabled`` (default true), ``currencies``
+    (a list, empty or absent: all), ``limits`` (``{"EUR": {"min": 50, "max": 999}}``),
+    ``note``. ValueError naming the entry and the field otherwise.
+    """
+    if not isinstance(entries, list):
+        raise ValueError("providers must be a JSON list of objects")
+    checked: list[dict[str, Any]] = []
+    for n, entry in enumerate(entries):
+        where = f"providers[{n}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be an object")
+        unknown = sorted(set(entry) - _ENTRY_KEYS)
+        if unknown:
+            raise ValueError(f"{where} has unknown field(s) {', '.join(unknown)}")
+        for key in ("name", "kind"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise ValueError(f"{where}.{key} is required: a lower-case name")
+        if not isinstance(entry.get("enabled", True), bool):
+            raise ValueError(f"{where}.enabled must be true or false")
+        currencies = entry.get("currencies") or []
+        if not isinstance(currencies, list) or not all(isinstance(c, str) for c in currencies):
+            raise ValueError(f"{where}.currencies must be a list of ISO 4217 codes")
+        checked.append({**entry, "currencies": currencies})
+    return checked
+
+
+def apply_declared(
+    conn: psycopg.Connection, *, operator: str, entries: Sequence[Mapping[str, Any]], reason: str
+) -> list[dict[str, Any]]:
+    """Register or update every declared provider, all or none (one transaction).
+
+    A provider not declared keeps its row and state: the chart never removes or disables
+    one (disable it with ``outbox-relay providers disable``). ``enabled`` applies only when
+    a provider is registered: an operator's kill switch (``providers disable``) is a flag
+    that a later release must not undo. Unchanged rows write no audit row.
+    """
+    try:
+        with conn.transaction():
+            known = {p["name"] for p in list_providers(conn)}
+            return [
+                set_provider(
+                    conn,
+                    operator=operator,
+                    name=entry["name"],
+                    kind=entry["kind"],
+                    enabled=None if entry["name"] in known else entry.get("enabled", True),
+                    currencies=entry["currencies"],
+                    amount_limits=entry.get("limits") or {},
+                    note=entry.get("note"),
+                    reason=reason,
+                    create=True,
+                )
+                for entry in entries
+            ]
+    except ApprovalRequested as exc:
+        raise RuntimeError(
+            "four eyes are on (sql/0052): a declared provider that is new or changed needs a "
+            "second operator; nothing was applied (register it by `outbox-relay providers add` "
+            "and `registry approve`, or turn four eyes off)"
+        ) from exc
+
+
+def set_four_eyes(conn: psycopg.Connection, *, operator: str, on: bool, reason: str) -> bool:
+    """Turn four eyes on (one operator) or off (two: :class:`ApprovalRequested`)."""
+    try:
+        with conn.transaction():
+            row = conn.execute(
+                QUERIES["registry_policy_set"],
+                {"operator": operator, "four_eyes": on, "reason": reason},
+            ).fetchone()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        if not _needs_approval(exc):
+            raise
+        raise _request(
+            conn,
+            operator=operator,
+            entity="registry_policy",
+            name="four_eyes",
+            change={"four_eyes": on},
+            reason=reason,
+        ) from None
+    assert row is not None
+    return bool(row[0])
+
+
+def list_requests(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Registry requests, pending first, newest first."""
+    return conn.cursor(row_factory=dict_row).execute(QUERIES["registry_requests"]).fetchall()
+
+
+def approve_request(conn: psycopg.Connection, *, operator: str, request_id: int) -> dict[str, Any]:
+    """Apply a pending request as a second operator (another login); the request row."""
+    with conn.transaction():
+        row = (
+            conn.cursor(row_factory=dict_row)
+            .execute(QUERIES["registry_approve"], {"operator": operator, "id": request_id})
+            .fetchone()
+        )
+    assert row is not None
+    return row
