@@ -278,6 +278,12 @@ def main() -> int:
         "--http-concurrency", type=int, default=32, help="lane concurrency over HTTP (32)"
     )
     parser.add_argument(
+        "--http-claim-ahead",
+        type=int,
+        default=None,
+        help="RELAY_PROVIDERS__<NAME>__CLAIM_AHEAD over HTTP (default: the setting's)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -326,7 +332,14 @@ def main() -> int:
                 )
             assert fake is not None
             http_settings = ProviderSettings(
-                base_url=fake.url, api_key=BENCH_API_KEY, concurrency=args.http_concurrency
+                base_url=fake.url,
+                api_key=BENCH_API_KEY,
+                concurrency=args.http_concurrency,
+                **(
+                    {"claim_ahead": args.http_claim_ahead}
+                    if args.http_claim_ahead is not None
+                    else {}
+                ),
             )
             return run_variant(
                 HTTP,
@@ -400,6 +413,7 @@ def main() -> int:
             "writers": args.writers,
             "concurrency": args.concurrency,
             "http_concurrency": args.http_concurrency,
+            "http_claim_ahead": args.http_claim_ahead,  # None: the setting's default
             "quick": args.quick,
             "runs": results,
             "in_process_intents_per_second": in_process,

@@ -25,6 +25,7 @@ from relay.infra.redaction import (
     luhn_valid,
     redact_processor,
     redact_text,
+    redact_value,
     register_secret,
     safe_label,
 )
@@ -235,6 +236,24 @@ def test_a_registered_secret_is_masked_whatever_its_shape() -> None:
     assert quote(odd, safe="") not in redact_text(url)
     assert odd not in redact_text(f"failed for {odd}")
     assert redact_text("short and sweet") == "short and sweet", "too short to scrub"
+
+
+def test_a_secret_registered_after_a_text_was_seen_is_masked_in_it() -> None:
+    # Short texts' redaction is memoised (they recur in every log line): registering a
+    # secret must not leave an earlier, unmasked answer in the memo.
+    later = f"Later{secrets.token_hex(6)}"
+    text = f"code {later}"
+    assert redact_text(text) == text, "nothing to mask yet"
+    register_secret(later)
+    assert redact_text(text) == f"code {REDACTED}"
+    assert redact_value({"error_code": text}) == {"error_code": f"code {REDACTED}"}
+
+
+def test_integers_are_masked_only_when_they_can_be_card_numbers() -> None:
+    assert redact_value(4111111111111111) == REDACTED_CARD
+    assert redact_value(-4111111111111111) == REDACTED_CARD
+    assert redact_value(999_999_999_999) == 999_999_999_999  # 12 digits: no card
+    assert redact_value(1_000_000_000_000) == 1_000_000_000_000  # 13 digits, fails Luhn
 
 
 def test_settings_register_the_configured_secrets(monkeypatch: pytest.MonkeyPatch) -> None:

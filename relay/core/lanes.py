@@ -9,6 +9,13 @@ their attempts untouched.
 Every provider call runs under a deadline a little above the adapter's own timeouts;
 hitting it counts as ambiguous (the request may have been sent), never as failure.
 
+A lane may claim ahead (``claim_ahead``): up to that many intents beyond its call slots,
+waiting in claim order for a slot, so that calls never wait for a claim round trip and
+claims come in larger batches (the loop claims again once half that room is free). An
+intent that waited must still be able to finish its call within its lease: the runtime
+hands it back, unattempted, when the lease left is shorter than the lane's call deadline
+(:attr:`Lane.call_deadline_seconds`).
+
 The breaker's cool-down and the bucket's refill are read from the lane's :class:`Clock`,
 and a call waiting for a token sleeps on it, so a test that injects a clock decides when
 time passes. The call deadline stays on the event loop's clock: it bounds real I/O.
@@ -17,7 +24,9 @@ time passes. The call deadline stays on the event loop's clock: it bounds real I
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import anyio
 
@@ -70,7 +79,10 @@ class Lane:
         breaker: BreakerSettings = BreakerSettings(),
         rate_limit: RateLimit | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        claim_ahead: int = 0,
     ) -> None:
+        if claim_ahead < 0:
+            raise ValueError("claim_ahead must be 0 or more")
         self.provider = provider
         self.adapter = adapter
         # The error catalogue's provider column for this lane's codes (stripe, adyen).
@@ -89,19 +101,36 @@ class Lane:
             if rate_limit is None
             else TokenBucket(rate=rate_limit.per_second, burst=rate_limit.burst, clock=clock.now)
         )
+        self.claim_ahead = claim_ahead
         self.in_flight = 0  # claimed and not yet finished
         self.waiting = 0  # claimed, not yet admitted to the provider
+        # The lane's own metric children, looked up once (labels() takes a lock per call).
+        self._in_flight_gauge = metrics.IN_FLIGHT.labels(provider=provider)
+        self._breaker_gauge = metrics.BREAKER_STATE.labels(provider=provider)
+        self._call_seconds: dict[str, Any] = {}
+        self._free_calls = concurrency  # call slots nobody holds
+        self._slot_queue: deque[_SlotTicket] = deque()  # claimed intents waiting for one
         self._report_breaker()
 
     # -- capacity ------------------------------------------------------------------------
 
     @property
     def free_slots(self) -> int:
-        return max(self.concurrency - self.in_flight, 0)
+        """Room for claimed intents: the call slots plus the claim-ahead, less those held."""
+        return max(self.concurrency + self.claim_ahead - self.in_flight, 0)
+
+    @property
+    def call_deadline_seconds(self) -> float:
+        """The longest one provider call may take on this lane (the guard of :meth:`execute`)."""
+        return self.timeout_seconds + 1.0
 
     def claimable(self) -> int:
         """How many intents the claim loop may claim for this lane right now."""
         room = self.free_slots
+        if self._slot_queue and room < (self.claim_ahead + 1) // 2:
+            # Intents claimed ahead keep every call slot busy: wait until half the
+            # claim-ahead room is free and claim it in one batch.
+            return 0
         allowance = self.breaker.allowance()
         self._report_breaker()
         if allowance is not None:
@@ -123,16 +152,54 @@ class Lane:
     def acquire(self) -> None:
         self.in_flight += 1
         self.waiting += 1
-        metrics.IN_FLIGHT.labels(provider=self.provider).set(self.in_flight)
+        self._in_flight_gauge.set(self.in_flight)
 
     def release(self, *, admission_asked: bool) -> None:
         """A claimed intent is done; ``admission_asked``: :meth:`admit` ran for it."""
         self.in_flight -= 1
         if not admission_asked:
             self.waiting -= 1
-        metrics.IN_FLIGHT.labels(provider=self.provider).set(self.in_flight)
+        self._in_flight_gauge.set(self.in_flight)
 
     # -- calls ---------------------------------------------------------------------------
+
+    async def take_call_slot(self, stop: anyio.Event) -> Literal["now", "waited"] | None:
+        """A call slot for a claimed intent, in claim order: ``"now"`` when one was free,
+        ``"waited"`` after queueing for one (only with ``claim_ahead``), None when the relay
+        stopped first (hand the intent back). Give it back with :meth:`give_call_slot`."""
+        if self._free_calls > 0 and not self._slot_queue:
+            self._free_calls -= 1
+            return "now"
+        ticket = _SlotTicket()
+        self._slot_queue.append(ticket)
+        try:
+            while not ticket.granted:
+                if stop.is_set():
+                    self._slot_queue.remove(ticket)
+                    return None
+                await ticket.event.wait()
+                ticket.event = anyio.Event()
+        except BaseException:
+            if ticket.granted:
+                self.give_call_slot()  # handed over as we were cancelled: pass it on
+            else:
+                self._slot_queue.remove(ticket)
+            raise
+        return "waited"
+
+    def give_call_slot(self) -> None:
+        """A call slot is free again: hand it to the longest-waiting intent, if any."""
+        if self._slot_queue:
+            ticket = self._slot_queue.popleft()
+            ticket.granted = True
+            ticket.event.set()
+        else:
+            self._free_calls += 1
+
+    def stop_waiting(self) -> None:
+        """The relay stops: every intent waiting for a call slot is handed back."""
+        for ticket in self._slot_queue:
+            ticket.event.set()
 
     async def admit(self, stop: anyio.Event) -> bool:
         """Wait for a rate-limit token, then pass the breaker; False: do not call.
@@ -203,10 +270,23 @@ class Lane:
         )
         with anyio.move_on_after(self.timeout_seconds + 1.0):
             outcome = await call(command)
-        metrics.PROVIDER_CALL_SECONDS.labels(
-            provider=self.provider, action=str(command.action)
-        ).observe(time.perf_counter() - started)
+        action = str(command.action)
+        histogram = self._call_seconds.get(action)
+        if histogram is None:
+            histogram = metrics.PROVIDER_CALL_SECONDS.labels(provider=self.provider, action=action)
+            self._call_seconds[action] = histogram
+        histogram.observe(time.perf_counter() - started)
         return outcome
 
     def _report_breaker(self) -> None:
-        metrics.BREAKER_STATE.labels(provider=self.provider).set(int(self.breaker.state))
+        self._breaker_gauge.set(int(self.breaker.state))
+
+
+class _SlotTicket:
+    """A claimed intent's place in the queue for a call slot."""
+
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.granted = False

@@ -27,7 +27,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from provider_adapters import error_catalogue
-from provider_adapters.base import AWAITING_CONFIRMATION, Ambiguous, Declined, Succeeded
+from provider_adapters.base import AWAITING_CONFIRMATION, Ambiguous, Command, Declined, Succeeded
 from relay.core.completer import Completer
 from relay.core.lanes import Lane
 from relay.core.store import Store
@@ -149,6 +149,8 @@ class Relay:
         # (a database that does not answer) is cut short, when in-flight calls are.
         cut_off_at = self._deadline() - flush_reserve_seconds(self.options.shutdown_grace_seconds)
         self._turn_scope.deadline = min(self._turn_scope.deadline, cut_off_at)
+        for lane in self.lanes.values():
+            lane.stop_waiting()  # intents claimed ahead, waiting for a call slot: hand back
         for cut_off in self.also_cut_off:
             cut_off(cut_off_at)
         self.wake()
@@ -309,6 +311,9 @@ class Relay:
             )
             if room <= 0:
                 continue
+            # Before the claim is sent: the database's lease starts later, so a lease
+            # counted from here never ends after the real one.
+            claimed_at = anyio.current_time()
             intents = await self.store.claim(
                 lane.provider,
                 room,
@@ -319,7 +324,7 @@ class Relay:
             for intent in intents:
                 lane.acquire()
                 self.in_flight += 1
-                workers.start_soon(self._process, lane, intent)
+                workers.start_soon(self._process, lane, intent, claimed_at)
             total += len(intents)
             self.claimed_total += len(intents)
         full = self.in_flight >= self.options.max_in_flight or all(
@@ -327,7 +332,7 @@ class Relay:
         )
         return total, full
 
-    async def _process(self, lane: Lane, intent: IntentRow) -> None:
+    async def _process(self, lane: Lane, intent: IntentRow, claimed_at: float) -> None:
         admission = _Admission()
         trace = parse_traceparent(intent.traceparent)
         try:
@@ -338,7 +343,7 @@ class Relay:
                 attempt=intent.attempts,
                 trace_id=trace.trace_id if trace else None,
             ):
-                await self._dispatch(lane, intent, admission, trace)
+                await self._dispatch(lane, intent, admission, trace, claimed_at)
         finally:
             lane.release(admission_asked=admission.asked)
             self.in_flight -= 1
@@ -352,6 +357,7 @@ class Relay:
         intent: IntentRow,
         admission: _Admission,
         trace: TraceContext | None,  # None for an invalid one, which is never forwarded
+        claimed_at: float,  # anyio clock, before the claim was sent
     ) -> None:
         if intent.payment.awaiting_action is not None:
             # An earlier intent of the payment awaits its provider's confirmation: this one
@@ -383,9 +389,37 @@ class Relay:
         command = intent.command(
             decision.amount_minor, traceparent=trace.traceparent if trace else None
         )
+        slot = await lane.take_call_slot(self._stop_event)
+        if slot is None:  # claimed ahead, and the relay stopped before a slot was free
+            await self._hand_back(lane, intent)
+            return
+        try:
+            await self._call(
+                lane, intent, command, decision.amount_minor, admission, slot, claimed_at
+            )
+        finally:
+            lane.give_call_slot()
+
+    async def _call(
+        self,
+        lane: Lane,
+        intent: IntentRow,
+        command: Command,
+        amount_minor: int,
+        admission: _Admission,
+        slot: str,
+        claimed_at: float,
+    ) -> None:
         admission.asked = True
         if not await lane.admit(self._stop_event):
             await self._hand_back(lane, intent)
+            return
+        lease_left = claimed_at + self.options.lease_seconds - anyio.current_time()
+        if slot == "waited" and lease_left < lane.call_deadline_seconds:
+            # Waited for a call slot so long that the call could outlast the lease (and
+            # another relay could claim the intent meanwhile): hand it back unattempted.
+            lane.cancel_admission()
+            await self._hand_back(lane, intent, reason="lease_too_short")
             return
         try:
             outcome = await lane.execute(command)
@@ -427,7 +461,7 @@ class Relay:
         ).inc()
         _count_uncatalogued(lane, intent, outcome)
         write_back = _labelled(
-            from_outcome(intent, decision.amount_minor, outcome, self.policy, self.rng),
+            from_outcome(intent, amount_minor, outcome, self.policy, self.rng),
             intent,
             outcome=kind,
         )
@@ -440,10 +474,11 @@ class Relay:
         )
         await self.completer.submit(write_back)
 
-    async def _hand_back(self, lane: Lane, intent: IntentRow) -> None:
+    async def _hand_back(self, lane: Lane, intent: IntentRow, *, reason: str | None = None) -> None:
         """Release a claimed intent that never reached the provider; its attempt is not
         consumed. If the database is away, the lease simply expires."""
-        reason = "shutdown" if self._stopping else "breaker_open"
+        if reason is None:
+            reason = "shutdown" if self._stopping else "breaker_open"
         bound = anyio.current_time() + 5.0
         if self.shutdown_deadline is not None:
             bound = min(bound, self.shutdown_deadline)  # a release must not outlast it

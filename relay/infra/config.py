@@ -106,6 +106,14 @@ class ProviderSettings(BaseModel):
         "while a key is rotated).",
     )
     concurrency: PositiveInt = Field(32, description="Calls in flight at once on this lane.")
+    claim_ahead: int = Field(
+        0,
+        ge=0,
+        description="Intents claimed beyond the lane's call slots, waiting in claim order "
+        "for one: calls never wait for a claim, and claims come in larger batches. One "
+        "that waited until less than the call deadline is left of its lease is handed "
+        "back unattempted.",
+    )
     connect_timeout_ms: PositiveInt = Field(3_000, description="TCP/TLS connect timeout.")
     timeout_ms: PositiveInt = Field(10_000, description="Read timeout of one provider call.")
     rate_limit_per_second: float | None = Field(

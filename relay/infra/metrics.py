@@ -68,7 +68,8 @@ BREAKER_STATE = Gauge(
 )
 LEASES_RELEASED = Counter(
     "outbox_relay_leases_released_total",
-    "Claimed intents handed back without a provider call (shutdown, breaker open).",
+    "Claimed intents handed back without a provider call (shutdown, breaker open, "
+    "lease_too_short: claimed ahead and waited too long for a call slot).",
     ["provider", "reason"],
 )
 INTENTS_ARCHIVED = Counter(

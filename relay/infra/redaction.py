@@ -35,6 +35,7 @@ metric label values taken from data.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -108,6 +109,7 @@ _ASSIGNED_SECRET = re.compile(
 )
 # Values scrubbed verbatim (register_secret): one alternation, longest first.
 _MIN_REGISTERED_LENGTH = 6
+_SMALLEST_CARD_NUMBER = 10**12  # 13 digits
 _registered: set[str] = set()
 _REGISTERED: re.Pattern[str] | None = None
 
@@ -156,6 +158,7 @@ def register_secret(*values: str | None) -> None:
     if added:
         ordered = sorted(_registered, key=len, reverse=True)  # longest form wins
         _REGISTERED = re.compile("|".join(re.escape(v) for v in ordered))
+        _redact_short_text.cache_clear()  # its answers predate this secret
 
 
 def scrub_registered(text: str) -> str:
@@ -166,13 +169,36 @@ def scrub_registered(text: str) -> str:
 
 def is_secret_key(key: object) -> bool:
     """True when a mapping key names a secret (its value is withheld whatever it is)."""
-    return isinstance(key, str) and _SECRET_KEY.search(key) is not None
+    return isinstance(key, str) and _secret_key_name(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_key_name(key: str) -> bool:
+    # Memoised: the keys of log events are a small, fixed set (a pure function of the key).
+    return _SECRET_KEY.search(key) is not None
+
+
+# Short texts recur in every log line (event names, levels, providers, statuses, error
+# codes): their redaction is memoised, and the memo is emptied whenever a secret is
+# registered, since that changes the answer.
+_SHORT_TEXT = 64
 
 
 def redact_text(text: str) -> str:
     """``text`` with card numbers, provider keys, credentials and configured secrets masked."""
     if not text:
         return text
+    if len(text) <= _SHORT_TEXT:
+        return _redact_short_text(text)
+    return _redact_text(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _redact_short_text(text: str) -> str:
+    return _redact_text(text)
+
+
+def _redact_text(text: str) -> str:
     text = scrub_registered(text)  # first: before other rules cut a secret into pieces
     if any(c.isdigit() for c in text):
         text = _CARD_RUN.sub(_mask_card, text)
@@ -192,6 +218,8 @@ def redact_value(value: Any, *, _depth: int = 0) -> Any:
     if value is None or isinstance(value, bool | float | date | time | timedelta | uuid.UUID):
         return value
     if isinstance(value, int):
+        if -_SMALLEST_CARD_NUMBER < value < _SMALLEST_CARD_NUMBER:
+            return value  # fewer than 13 digits: no card number
         return REDACTED_CARD if _card_like(str(abs(value))) else value
     if _depth > 20:
         return REDACTED  # pathological nesting: withhold rather than recurse forever

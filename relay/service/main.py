@@ -103,6 +103,7 @@ def build_lane(name: str, provider: ProviderSettings, *, clock: Clock = SYSTEM_C
         name,
         adapter,
         concurrency=provider.concurrency,
+        claim_ahead=provider.claim_ahead,
         timeout_seconds=(provider.connect_timeout_ms + provider.timeout_ms) / 1000,
         breaker=BreakerSettings(
             failure_threshold=provider.breaker_failure_threshold,
