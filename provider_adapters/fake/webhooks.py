@@ -125,6 +125,9 @@ class WebhookSender:
         self.log: dict[str, dict[str, Any]] = {}
         self.sent = 0
         self.acknowledged = 0
+        # Deliveries taken off the queue and not finished: pending until they end, or a
+        # test that waits for "nothing pending" would look before the POST arrives.
+        self._in_flight = 0
 
     def configure(self, config: WebhookConfig) -> None:
         self.config = config
@@ -132,7 +135,8 @@ class WebhookSender:
         self._wake.set()
 
     def pending(self) -> int:
-        return len(self._queue)
+        """Deliveries queued or under way."""
+        return len(self._queue) + self._in_flight
 
     def event(
         self, event_type: str, obj: Mapping[str, Any], key: str | None = None
@@ -170,6 +174,7 @@ class WebhookSender:
                     now = time.monotonic()
                     if self._queue and self._queue[0].due <= now:
                         delivery = heapq.heappop(self._queue)
+                        self._in_flight += 1
                         await limit.acquire()
                         task = asyncio.ensure_future(self._deliver(session, delivery, limit))
                         tasks.add(task)
@@ -189,6 +194,7 @@ class WebhookSender:
         try:
             await self._attempt(session, delivery)
         finally:
+            self._in_flight -= 1
             limit.release()
 
     async def _attempt(self, session: aiohttp.ClientSession, delivery: _Delivery) -> None:
