@@ -13,14 +13,19 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import os
 import random
 import secrets
+import socket
+import subprocess
 import string
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -160,6 +165,67 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        return await _demo_in(stack, url, args, database_kept)
+
+
+@contextlib.asynccontextmanager
+async def _webhook_receiver(url: str, hmac_key: str) -> AsyncIterator[str]:
+    """`outbox-relay webhooks serve` as a child process with one Adyen route verifying with
+    ``hmac_key`` (from a file, as the Helm chart mounts it); yields the route's URL. In the
+    demo's own process it shared the event loop with the relays and slowed them down."""
+    with tempfile.TemporaryDirectory(prefix="outbox-relay-demo-") as tmp:
+        keys = Path(tmp) / "adyen-hmac-keys"
+        keys.write_text(hmac_key + "\n")
+        keys.chmod(0o600)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {
+            **os.environ,
+            "RELAY_DATABASE_URL": url,
+            "RELAY_WEBHOOKS__ADYEN__KIND": "adyen",
+            "RELAY_WEBHOOKS__ADYEN__SECRETS_FILE": str(keys),
+            "RELAY_LOG_FORMAT": "json",
+        }
+        log = open(Path(tmp) / "webhooks.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "webhooks", "serve", "--host", "127.0.0.1",
+             "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as client:
+                with anyio.fail_after(60):  # a hang guard: it answers in about a second
+                    while True:
+                        if proc.poll() is not None:
+                            log.close()
+                            raise RuntimeError(
+                                "the webhook receiver exited at start: "
+                                + (Path(tmp) / "webhooks.log").read_text()[-2000:]
+                            )
+                        with contextlib.suppress(aiohttp.ClientError, OSError):
+                            async with client.get(f"{base}/healthz") as reply:
+                                if reply.status == 200:
+                                    break
+                        await anyio.sleep(0.1)
+            yield f"{base}/webhooks/adyen"
+        finally:
+            proc.terminate()
+            try:
+                await anyio.to_thread.run_sync(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+async def _demo_in(
+    stack: contextlib.AsyncExitStack, url: str, args: argparse.Namespace, database_kept: bool
+) -> int:
     from aiohttp import web
 
     from provider_adapters.adyen import AdyenAdapter
@@ -176,7 +242,6 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
     from relay.infra.db import INBOX_NOTIFY_CHANNEL, Database
     from relay.infra.logs import configure_logging
     from relay.infra.migrate import migrate
-    from relay.service.webhooks import WebhookReceiver, build_receiver_app
 
     configure_logging("console", level=40)  # errors only: the demo prints its own progress
     applied = await anyio.to_thread.run_sync(lambda: migrate(url))
@@ -207,28 +272,14 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
 
     adyen_payments = args.payments // 3 if args.adyen_payments is None else args.adyen_payments
     adyen_runner = None
-    receiver_runner = None
-    receiver_db = None
     adyen_url = ""
     if adyen_payments:
         # Adyen confirms captures, cancels and refunds only by webhook: the webhook receiver
-        # (`outbox-relay webhooks serve`, here in-process) verifies every item with this
-        # run's HMAC key and stores it in the inbox; the relays' inbox appliers finish the
-        # awaiting intents.
+        # (`outbox-relay webhooks serve`, its own process as in production) verifies every
+        # item with this run's HMAC key and stores it in the inbox; the relays' inbox
+        # appliers finish the awaiting intents.
         hmac_key = secrets.token_hex(32).upper()
-        receiver_db = Database(url, pool_size=2, name="demo-webhooks")
-        receiver = WebhookReceiver(
-            receiver_db,
-            {"adyen": build_notification_reader("adyen", "adyen", [hmac_key])},
-            max_body_bytes=262_144,
-        )
-        await receiver_db.open()
-        receiver_runner = web.AppRunner(
-            build_receiver_app(receiver), access_log=None, shutdown_timeout=1.0
-        )
-        await receiver_runner.setup()
-        await web.TCPSite(receiver_runner, "127.0.0.1", 0).start()
-        webhook_url = f"http://127.0.0.1:{receiver_runner.addresses[0][1]}/webhooks/adyen"
+        webhook_url = await stack.enter_async_context(_webhook_receiver(url, hmac_key))
         # The same fault classes, in Adyen's shape. A 500 after the effect is not injected:
         # Adyen replays the stored 500 for the key, so such an authorisation ends dead with
         # one effect at the fake (its AUTHORISATION webhook only records it), which the
@@ -297,7 +348,7 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
             lanes["adyen"] = Lane("adyen", adyen, concurrency=32, timeout_seconds=2.0)
         relays.append(
             Relay(
-                Database(url, pool_size=4 if adyen_runner is not None else 3, name=f"demo-relay-{n}"),
+                Database(url, pool_size=3, name=f"demo-relay-{n}"),
                 lanes,
                 RetryPolicy(base_seconds=0.05, cap_seconds=1.0, max_attempts=10),
                 RelayOptions(
@@ -312,14 +363,20 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
         )
         if adyen_runner is not None:
             relay = relays[-1]
+            # Its own small pool: on the relay's, under the demo's load, an apply waited for
+            # a connection behind the claims and write-backs for seconds.
             applier = InboxApplier(
-                relay.db,
+                Database(url, pool_size=6, name=f"demo-inbox-{n}"),
                 {"adyen": build_notification_reader("adyen", "adyen")},
                 InboxOptions(
                     instance=f"demo-relay-{n}",
                     lease_seconds=10.0,
                     poll_interval_seconds=0.5,
-                    concurrency=1,
+                    # A confirmation that arrives before its intent's reply is written back
+                    # (a reply lost, a write-back batched) is handed back: ask again soon.
+                    retry_base_seconds=0.05,
+                    retry_cap_seconds=0.5,
+                    concurrency=6,
                 ),
                 rng=random.Random(args.seed + n).random,
                 stopping=functools.partial(lambda r: r.stopping, relay),
@@ -334,6 +391,7 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
                 await relay.db.open()
                 await tg.start(relay.run)
             for applier in appliers:
+                await applier.db.open()
                 tg.start_soon(applier.run_forever)
             print(
                 f"relaying with {len(relays)} relay(s)"
@@ -352,6 +410,8 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
             for relay in relays:
                 relay.stop()
     finally:
+        for applier in appliers:
+            await applier.db.close()
         for relay in relays:
             await relay.db.close()
             for lane in relay.lanes.values():
@@ -368,10 +428,6 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
     await runner.cleanup()
     if adyen_runner is not None:
         await adyen_runner.cleanup()
-    if receiver_runner is not None:
-        await receiver_runner.cleanup()
-    if receiver_db is not None:
-        await receiver_db.close()
     if stuck:
         print(*stuck, sep="\n", file=sys.stderr)
         return 1
