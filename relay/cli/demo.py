@@ -17,8 +17,8 @@ import os
 import random
 import secrets
 import socket
-import subprocess
 import string
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import anyio
@@ -175,27 +175,7 @@ async def _webhook_receiver(url: str, hmac_key: str) -> AsyncIterator[str]:
     ``hmac_key`` (from a file, as the Helm chart mounts it); yields the route's URL. In the
     demo's own process it shared the event loop with the relays and slowed them down."""
     with tempfile.TemporaryDirectory(prefix="outbox-relay-demo-") as tmp:
-        keys = Path(tmp) / "adyen-hmac-keys"
-        keys.write_text(hmac_key + "\n")
-        keys.chmod(0o600)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        env = {
-            **os.environ,
-            "RELAY_DATABASE_URL": url,
-            "RELAY_WEBHOOKS__ADYEN__KIND": "adyen",
-            "RELAY_WEBHOOKS__ADYEN__SECRETS_FILE": str(keys),
-            "RELAY_LOG_FORMAT": "json",
-        }
-        log = open(Path(tmp) / "webhooks.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "webhooks", "serve", "--host", "127.0.0.1",
-             "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        proc, log, port = _spawn_receiver(Path(tmp), url, hmac_key)
         base = f"http://127.0.0.1:{port}"
         try:
             async with aiohttp.ClientSession() as client:
@@ -221,6 +201,33 @@ async def _webhook_receiver(url: str, hmac_key: str) -> AsyncIterator[str]:
                 proc.kill()
                 proc.wait()
             log.close()
+
+
+def _spawn_receiver(
+    tmp: Path, url: str, hmac_key: str
+) -> tuple[subprocess.Popen[bytes], IO[bytes], int]:
+    keys = tmp / "adyen-hmac-keys"
+    keys.write_text(hmac_key + "\n")
+    keys.chmod(0o600)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "RELAY_DATABASE_URL": url,
+        "RELAY_WEBHOOKS__ADYEN__KIND": "adyen",
+        "RELAY_WEBHOOKS__ADYEN__SECRETS_FILE": str(keys),
+        "RELAY_LOG_FORMAT": "json",
+    }
+    log = open(tmp / "webhooks.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "webhooks", "serve", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    return proc, log, port
 
 
 async def _demo_in(
@@ -682,7 +689,7 @@ def _summarise(
             """,
             (prefix + "-%",),
         ).fetchone()
-        inbox = Counter(
+        inbox: Counter[str] = Counter(
             dict(
                 conn.execute(
                     "SELECT status, count(*) FROM outbox.webhook_inbox"
@@ -762,9 +769,7 @@ def _summarise(
         f"{n} {provider} intents still awaiting their confirmation"
         for provider, n in sorted(awaiting.items())
     ]
-    unfinished = (
-        sum(1 for _, s, _, _ in intents if s not in statuses) - stalled - awaiting.total()
-    )
+    unfinished = sum(1 for _, s, _, _ in intents if s not in statuses) - stalled - awaiting.total()
     if unfinished:
         problems.append(f"{unfinished} intents not terminal")
     succeeded = sum(1 for _, s, _, _ in intents if s == "succeeded")
