@@ -150,13 +150,20 @@ def test_no_runtime_dir_warning_when_the_embedded_postgresql_starts() -> None:
 @pytest.mark.integration
 def test_a_small_demo_finishes_and_passes_its_check(db_url: str) -> None:
     result = run_cli(
-        "demo", "--payments", "15", "--deadline-seconds", "120", env={"RELAY_DATABASE_URL": db_url}
+        "demo",
+        "--payments",
+        "15",
+        "--adyen-payments",
+        "20",
+        "--deadline-seconds",
+        "120",
+        env={"RELAY_DATABASE_URL": db_url},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "exactly-once check passed" in result.stdout
     # Both providers side by side, each checked against its own fake's effects.
     assert "succeeded intents (adyen, stripe)" in result.stdout
-    assert "inserted " in result.stdout and "for 15 Stripe and 5 Adyen payments" in result.stdout
+    assert "inserted " in result.stdout and "for 15 Stripe and 20 Adyen payments" in result.stdout
     lines = result.stdout.splitlines()
     assert any(line.startswith("adyen    charge") for line in lines)
     # Adyen's modifications were sent, awaited their webhook, and were settled by it: the
