@@ -117,7 +117,7 @@ _ADYEN_FAULTS = {
 class CampaignConfig:
     seed: int = 20261125
     payments: int = 500  # per cycle; build_workload makes about 2.3 intents per payment
-    adyen_payments: int = 150  # per cycle, beside Stripe's; 0: Stripe only
+    adyen_payments: int = 80  # per cycle, beside Stripe's (~2.3 intents each); 0: Stripe only
     rounds: int = 40  # faults per cycle
     minutes: float = 0.0  # > 0: repeat cycles (fresh workload each) until this much has run
     relays: int = 3
@@ -1184,7 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
         "--adyen-payments",
         type=int,
         default=defaults.adyen_payments,
-        help="Adyen payments per cycle beside Stripe's, ~1.2 intents each; 0: Stripe only "
+        help="Adyen payments per cycle beside Stripe's, ~2.3 intents each; 0: Stripe only "
         "(default %(default)s)",
     )
     parser.add_argument(
