@@ -1,10 +1,13 @@
 """`outbox-relay demo`: the whole path on one machine, with faults on, checked at the end.
 
 Starts (or uses) PostgreSQL, migrates, serves the fake Stripe-compatible provider and the
-fake Adyen Checkout API side by side, inserts a realistic mixed workload for each, runs
-relays (one lane per provider) until every intent is terminal while showing progress, then
-prints a summary and checks exactly-once against each provider's own effect counts. Exit
-status 0 only if every check holds.
+fake Adyen Checkout API side by side, with a webhook receiver process (`webhooks serve`) to
+which the fake Adyen sends its signed notifications, inserts the same mixed workload for
+each, runs relays (one lane per provider, each applying the inbox) until every intent is
+terminal while showing progress (Adyen's captures, cancels and refunds await their
+webhook), then prints a summary and checks exactly-once against each provider's own effect
+counts and that nothing is left awaiting a confirmation. Exit status 0 only if every check
+holds.
 """
 
 from __future__ import annotations
