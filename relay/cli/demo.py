@@ -216,7 +216,8 @@ def _spawn_receiver(
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     env = {
-        **os.environ,
+        # None of the caller's relay settings: only this route, this database.
+        **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
         "RELAY_DATABASE_URL": url,
         "RELAY_WEBHOOKS__ADYEN__KIND": "adyen",
         "RELAY_WEBHOOKS__ADYEN__SECRETS_FILE": str(keys),
