@@ -5,11 +5,14 @@ that publish through a TCP proxy in front of the real RabbitMQ (a vhost of its o
 exchange and a quorum queue bound with '#', a consumer on it), and two providers side by
 side, each relay with a lane for both: the fake Stripe-compatible provider with every fault
 class it has, and the fake Adyen Checkout API with the same classes in Adyen's shape (no
-"500 after the effect": Adyen replays the stored 500 and has no lookup, so only its webhook,
-not received here yet, could settle it). Intents arrive in waves
-(relay.cli.demo.build_workload and build_adyen_workload; the Adyen workload holds only what
-Adyen answers in the reply until the Adyen inbox is in: ADYEN-ASYNC in relay/cli/demo.py)
-while a schedule drawn from the seed injects, one after the other:
+"500 after the effect": Adyen replays the stored 500 for the key, so such an authorisation
+ends dead with its effect, which the exactly-once check would count; tests/test_adyen_crash.py
+covers it). Adyen answers captures, cancels and refunds ``received`` and confirms them by
+signed webhooks, each delivered twice and out of order, to a webhook receiver process
+(``outbox-relay webhooks serve``); the relays' inbox appliers finish the intents awaiting
+them. Intents arrive in waves (relay.cli.demo.build_workload and build_adyen_workload: the
+same mix for both providers) while a schedule drawn from the seed injects, one after the
+other:
 
 * ``kill``     SIGKILL a random relay (mid-call or mid-write-back) and start it again;
 * ``zombie``   SIGSTOP the relay holding the most claims until other relays have re-claimed
@@ -60,6 +63,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from provider_adapters.adyen import adyen_idempotency_key
 from provider_adapters.fake.adyen import API_KEY as ADYEN_API_KEY
+from provider_adapters.fake.adyen import HMAC_KEY_HEX
 from provider_adapters.fake.adyen import MERCHANT_ACCOUNT as ADYEN_MERCHANT
 from relay.cli.demo import Row, build_adyen_workload, build_workload
 from relay.infra.migrate import migrate
@@ -69,7 +73,12 @@ from tests.invariants import (
     assert_exactly_once,
     assert_ledger_balanced,
 )
-from tests.processes import AdyenFakeProcess, FakeProviderProcess, RelayProcess
+from tests.processes import (
+    AdyenFakeProcess,
+    FakeProviderProcess,
+    RelayProcess,
+    WebhookReceiverProcess,
+)
 from tests.tcp_proxy import TcpProxy
 
 __all__ = ["CampaignConfig", "CampaignReport", "main", "run_campaign"]
@@ -108,7 +117,7 @@ _ADYEN_FAULTS = {
 class CampaignConfig:
     seed: int = 20261125
     payments: int = 500  # per cycle; build_workload makes about 2.3 intents per payment
-    adyen_payments: int = 150  # per cycle, beside Stripe's; 0: Stripe only
+    adyen_payments: int = 80  # per cycle, beside Stripe's (~2.3 intents each); 0: Stripe only
     rounds: int = 40  # faults per cycle
     minutes: float = 0.0  # > 0: repeat cycles (fresh workload each) until this much has run
     relays: int = 3
@@ -156,6 +165,12 @@ class CampaignReport:
     fenced_by_zombies: int = 0
     fenced_event_marks: int = 0
     redriven: int = 0
+    # Adyen: notifications the fake sent, deliveries answered 2xx, inbox rows, and intents
+    # that awaited their confirmation and were finished by it.
+    adyen_notifications: int = 0
+    adyen_deliveries: int = 0
+    adyen_inbox_rows: int = 0
+    adyen_confirmed: int = 0
     elapsed_seconds: float = 0.0
     checks: list[tuple[str, str | None]] = field(default_factory=list)  # (name, failure)
     log_dir: Path | None = None
@@ -213,6 +228,10 @@ class CampaignReport:
             f"   by zombies: {self.fenced_by_zombies}",
             f"  fenced event marks                 {self.fenced_event_marks:>7}",
             f"  rounds that made no progress       {self.slow_rounds:>7}",
+            f"  Adyen notifications sent           {self.adyen_notifications:>7}"
+            f"   deliveries {self.adyen_deliveries}, stored once each: "
+            f"{self.adyen_inbox_rows}",
+            f"  Adyen intents settled by webhook   {self.adyen_confirmed:>7}",
             "",
             "  invariants",
         ]
@@ -784,7 +803,14 @@ class Campaign:
             self.fake = FakeProviderProcess(self.workdir, "--seed", str(c.seed))
             stack.callback(self.fake.stop)
             if c.adyen_payments:
-                self.adyen = AdyenFakeProcess(self.workdir, "--seed", str(c.seed))
+                # Adyen's notifications go to a receiver process; each is delivered twice,
+                # out of order, and retried by the fake until a 2xx (PostgreSQL restarts).
+                receiver = WebhookReceiverProcess(self.workdir, self.db_url, [HMAC_KEY_HEX])
+                stack.callback(receiver.stop)
+                self.adyen = AdyenFakeProcess(
+                    self.workdir, "--seed", str(c.seed), "--webhook-url", receiver.adyen_url,
+                    "--webhook-delay-ms", "50", "--webhook-duplicate", "--webhook-reorder",
+                )  # fmt: skip
                 stack.callback(self.adyen.stop)
             self.set_phase("mixed")
             env = self.relay_env(self.proxy.url)
@@ -851,6 +877,24 @@ class Campaign:
             return pending == 0 and len(self.broker.unique()) >= total  # type: ignore[union-attr]
 
         published = self.wait("every event delivered", delivered, c.guard_seconds)
+        if self.adyen is not None:
+            adyen = self.adyen
+
+            def inbox_settled() -> bool:
+                notes = adyen.notifications()
+                waiting = self.scalar(
+                    "SELECT count(*) FROM outbox.webhook_inbox WHERE status = 'received'"
+                )
+                return all(int(n.get("_delivered", 0)) >= 2 for n in notes) and waiting == 0  # type: ignore[call-overload]
+
+            if not self.wait(
+                "every Adyen notification delivered twice and applied",
+                inbox_settled,
+                c.guard_seconds,
+            ):
+                self.report.checks.append(
+                    ("Adyen notifications delivered within the hang guard", "not all")
+                )
         self.check_relays()
         for relay in self.relays:
             relay.wait_ready()
@@ -921,6 +965,11 @@ class Campaign:
         self._check("every fault kind and provider fault class happened", self._coverage)
         if self.adyen is not None:
             self._check("both providers served side by side", self._both_providers)
+            self._check(
+                "Adyen's captures, cancels and refunds each finished once by their webhook "
+                "(delivered twice, out of order); none left awaiting; each stored once",
+                self._adyen_confirmed_once,
+            )
 
     def _with_adyen_effects(self, stripe: dict[str, Any], adyen: dict[str, Any]) -> dict[str, Any]:
         """One effects document for both fakes, keyed by the intents' own keys (the Adyen
@@ -939,6 +988,50 @@ class Campaign:
             assert key not in by_key, f"key {key} has effects at both providers"
             by_key[key] = entry
         return {**stripe, "effects_by_key": by_key}
+
+    def _adyen_confirmed_once(self) -> None:
+        assert self.adyen is not None
+        notes = self.adyen.notifications()
+        unique = {(n["pspReference"], n["eventCode"], n["success"]) for n in notes}
+        report = self.report
+        report.adyen_notifications = len(notes)
+        report.adyen_deliveries = sum(int(n.get("_delivered", 0)) for n in notes)  # type: ignore[call-overload]
+        with psycopg.connect(self.db_url) as conn:
+            inbox = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'received')"
+                " FROM outbox.webhook_inbox WHERE provider = 'adyen'"
+            ).fetchone()
+            awaiting = conn.execute(
+                "SELECT (SELECT count(*) FROM outbox.payment_intents"
+                "        WHERE status = 'awaiting_confirmation'),"
+                "       (SELECT count(*) FROM outbox.payments WHERE awaiting_action IS NOT NULL)"
+            ).fetchone()
+            # Every modification Adyen accepted names its pspReference; its confirmation
+            # (or failure) is one applied inbox row with that reference.
+            accepted = conn.execute(
+                """
+                SELECT i.id, i.status, count(w.id) FILTER (WHERE w.status = 'applied')
+                FROM outbox.payment_intents AS i
+                LEFT JOIN outbox.webhook_inbox AS w
+                  ON w.provider = 'adyen' AND w.payment_id = i.payment_id
+                 AND w.event_type <> 'AUTHORISATION'
+                 AND w.payload #>> '{notificationItems,0,NotificationRequestItem,pspReference}'
+                     = i.provider_reference
+                WHERE i.provider = 'adyen' AND i.action IN ('capture', 'void', 'refund')
+                  AND i.provider_reference IS NOT NULL
+                GROUP BY i.id, i.status
+                """
+            ).fetchall()
+        assert inbox is not None and awaiting is not None
+        report.adyen_inbox_rows = inbox[0]
+        report.adyen_confirmed = sum(1 for _, _, applied in accepted if applied == 1)
+        assert awaiting == (0, 0), f"awaiting a confirmation: intents, payments {awaiting}"
+        assert inbox == (len(unique), 0), (
+            f"inbox rows (all, unapplied) {inbox}; {len(unique)} distinct notifications"
+        )
+        wrong = [(i, status, n) for i, status, n in accepted if n != 1 or status == "dead"]
+        assert not wrong, f"(intent, status, applied confirmations) {wrong[:10]}"
+        assert report.adyen_confirmed > 0, "no Adyen modification was confirmed by webhook"
 
     def _both_providers(self) -> None:
         served = {
@@ -1091,7 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
         "--adyen-payments",
         type=int,
         default=defaults.adyen_payments,
-        help="Adyen payments per cycle beside Stripe's, ~1.2 intents each; 0: Stripe only "
+        help="Adyen payments per cycle beside Stripe's, ~2.3 intents each; 0: Stripe only "
         "(default %(default)s)",
     )
     parser.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -35,6 +36,49 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class WebhookReceiverProcess:
+    """`outbox-relay webhooks serve` as its own process, with an Adyen route
+    (``/webhooks/adyen``) verifying with ``hmac_keys``; ``adyen_url`` is where the fake Adyen
+    sends its notifications."""
+
+    def __init__(self, log_dir: Path, database_url: str, hmac_keys: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.adyen_url = f"{self.url}/webhooks/adyen"
+        self.log = open(log_dir / "webhooks.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "webhooks", "serve",
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+                "RELAY_DATABASE_URL": database_url,
+                "RELAY_WEBHOOKS__ADYEN__KIND": "adyen",
+                "RELAY_WEBHOOKS__ADYEN__SECRETS": json.dumps(hmac_keys),
+                "RELAY_LOG_FORMAT": "json",
+            },
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        block_until(self._answers, "the webhook receiver to answer", guard_seconds=60)
+
+    def _answers(self) -> bool:
+        try:
+            httpx.get(f"{self.url}/healthz", timeout=1).raise_for_status()
+        except httpx.HTTPError:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the webhook receiver exited at start; see its log") from None
+            return False
+        return True
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
 class AdyenFakeProcess:
@@ -75,6 +119,13 @@ class AdyenFakeProcess:
 
     def configure(self, faults: dict[str, object]) -> None:
         httpx.post(f"{self.url}/_fake/config", json=faults, timeout=10).raise_for_status()
+
+    def notifications(self) -> list[dict[str, object]]:
+        """The notifications it sent or is sending, each with ``_delivered`` (2xx answers)."""
+        response = httpx.get(f"{self.url}/_fake/webhooks", timeout=30)
+        response.raise_for_status()
+        notes: list[dict[str, object]] = response.json()["notifications"]
+        return notes
 
     def stop(self) -> None:
         self.proc.terminate()

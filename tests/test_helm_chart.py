@@ -1671,3 +1671,81 @@ def test_inline_webhook_secrets_go_into_the_created_secret(
             "items": [{"key": "webhook-stripe-secrets", "path": "webhooks/stripe/secrets"}],
         }
     } in sources
+
+
+def test_adyen_hmac_keys_come_from_a_secret_like_stripe_s_signing_secrets(
+    helm: Helm, fleet: dict[str, Any]
+) -> None:
+    values = merged(
+        fleet,
+        {
+            "webhooks": {
+                "enabled": True,
+                "endpoints": {
+                    "stripe": {"existingSecret": "stripe-webhook", "secretKey": "secrets"},
+                    "adyen": {
+                        "kind": "adyen",
+                        "existingSecret": "adyen-webhook-hmac",
+                        "secretKey": "hmac-keys",
+                    },
+                },
+            }
+        },
+    )
+    pod = helm.render(CHART, values).one("Deployment", f"{RELEASE}-outbox-relay-webhooks")["spec"][
+        "template"
+    ]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RELAY_WEBHOOKS__ADYEN__KIND"] == "adyen"
+    assert env["RELAY_WEBHOOKS__STRIPE__KIND"] == "stripe"
+    assert (
+        env["RELAY_WEBHOOKS__ADYEN__SECRETS_FILE"]
+        == "/var/run/secrets/outbox-relay/webhooks/adyen/secrets"
+    )
+    sources = pod["volumes"][0]["projected"]["sources"]
+    assert {
+        "secret": {
+            "name": "adyen-webhook-hmac",
+            "items": [{"key": "hmac-keys", "path": "webhooks/adyen/secrets"}],
+        }
+    } in sources
+
+
+ADYEN_KEY = "44782DEF547AAA06C910C43932B1EB0C71FC68D9D0C057550C48EC2ACF6BA056"
+
+
+def test_inline_adyen_hmac_keys_go_into_the_created_secret(
+    helm: Helm, sidecar: dict[str, Any]
+) -> None:
+    second = "00112233445566778899AABBCCDDEEFF00112233445566778899AABBCCDDEEFF"
+    values = merged(
+        sidecar,
+        {
+            "webhooks": {
+                "enabled": True,
+                "endpoints": {"adyen": {"kind": "adyen", "secrets": [ADYEN_KEY, second]}},
+            }
+        },
+    )
+    secret = helm.render(CHART, values).one("Secret", f"{RELEASE}-outbox-relay")
+    stored = base64.b64decode(secret["data"]["webhook-adyen-secrets"]).decode()
+    assert stored == f"{ADYEN_KEY}\n{second}"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "bad"),
+    [
+        ({"kind": "adyen", "secrets": ["whsec_a"]}, "whsec_a"),  # a Stripe secret on Adyen
+        ({"kind": "adyen", "secrets": ["not-hex"]}, "not-hex"),
+        ({"kind": "stripe", "secrets": [ADYEN_KEY]}, ADYEN_KEY),  # an HMAC key on Stripe
+        ({"kind": "paypal", "existingSecret": "x"}, "paypal"),
+    ],
+)
+def test_a_webhook_secret_of_the_wrong_shape_for_its_kind_is_refused(
+    helm: Helm, sidecar: dict[str, Any], endpoint: dict[str, Any], bad: str
+) -> None:
+    values = merged(sidecar, {"webhooks": {"enabled": True, "endpoints": {"hook": endpoint}}})
+    with pytest.raises(HelmError) as refused:
+        helm.render(CHART, values)
+    assert "webhooks" in str(refused.value) and "endpoints" in str(refused.value)

@@ -372,7 +372,9 @@ def test_cli_providers_and_routes(db_url: str) -> None:
     assert "canary=0.0%" in done.stdout
     shown = run_cli("routes", "show", "main", env=env)
     assert "operator:carol" in shown.stdout and "rollback" in shown.stdout
-    unknown = run_cli("routes", "add", "y", "stripe", "--currencies", "QQQ", "--reason", "r", env=env)
+    unknown = run_cli(
+        "routes", "add", "y", "stripe", "--currencies", "QQQ", "--reason", "r", env=env
+    )
     assert unknown.returncode == 1 and "routing_rules_currencies_known" in unknown.stderr
     bad = run_cli("routes", "add", "x", "ghost", "--reason", "r", env=env)
     assert bad.returncode == 1 and "routing_rules_providers_registered" in bad.stderr

@@ -1,25 +1,35 @@
 """`outbox-relay demo`: the whole path on one machine, with faults on, checked at the end.
 
 Starts (or uses) PostgreSQL, migrates, serves the fake Stripe-compatible provider and the
-fake Adyen Checkout API side by side, inserts a realistic mixed workload for each, runs
-relays (one lane per provider) until every intent is terminal while showing progress, then
-prints a summary and checks exactly-once against each provider's own effect counts. Exit
-status 0 only if every check holds.
+fake Adyen Checkout API side by side, with a webhook receiver process (`webhooks serve`) to
+which the fake Adyen sends its signed notifications, inserts the same mixed workload for
+each, runs relays (one lane per provider, each applying the inbox) until every intent is
+terminal while showing progress (Adyen's captures, cancels and refunds await their
+webhook), then prints a summary and checks exactly-once against each provider's own effect
+counts and that nothing is left awaiting a confirmation. Exit status 0 only if every check
+holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
+import os
 import random
+import secrets
+import socket
 import string
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import aiohttp
 import anyio
@@ -50,57 +60,39 @@ class Row:
     provider: str = "stripe"
 
 
-# ADYEN-ASYNC: Adyen confirms a capture, a cancel and a refund only by webhook (`201
-# received`). Until the relay's awaiting_confirmation state and the Adyen webhook inbox are
-# in (issue 19, built beside this), such an intent stays ambiguous and ends dead after its
-# attempts, so the Adyen workload sends only what Adyen answers in the reply: an
-# authorisation, a charge (authorise with immediate capture) and their refusals. The state
-# machine's refusals (a capture before any authorisation, a refund above the charge) are
-# included: they never reach the provider. Once the inbox lands, add the flows of
-# build_workload here (and in tests/fault_campaign.py, which uses this workload).
-ADYEN_ACTIONS = ("authorize", "charge")
-# Adyen's test refusals in the fake (provider_adapters/fake/adyen.py CARDS).
+# Adyen confirms a capture, a cancel and a refund only by webhook (`201 received`): such an
+# intent waits as awaiting_confirmation until the demo's webhook receiver stores Adyen's
+# signed notification and a relay's inbox applier finishes it. Adyen payments get the same
+# mix as Stripe's (build_workload), with Adyen's test refusals (provider_adapters/fake/
+# adyen.py CARDS) for the declines.
+ADYEN_ACTIONS = ("authorize", "capture", "charge", "void", "refund")
 _ADYEN_DECLINES = ["adyen_refused", "adyen_not_enough_balance", "adyen_fraud", "adyen_expired"]
+_STRIPE_DECLINES = ["pm_card_chargeDeclined", "pm_card_chargeDeclinedInsufficientFunds"]
 
 
 def build_adyen_workload(payments: int, rng: random.Random, prefix: str) -> list[Row]:
-    """``payments`` Adyen payments whose outcome is in Adyen's reply (ADYEN_ACTIONS), and
-    commands the state machine refuses before any call."""
-    rows: list[Row] = []
-    for n in range(payments):
-        pid = f"{prefix}-{n:05d}"
-        currency, unit, _step = rng.choice(CURRENCIES)
-        amount = rng.randint(5, 500) * unit
-        roll = rng.random()
-        if roll < 0.45:  # one-step charge
-            rows.append(Row(pid, "charge", amount, currency, "pm_card_visa", "adyen"))
-        elif roll < 0.70:  # an authorisation held (its capture would wait for the inbox)
-            rows.append(Row(pid, "authorize", amount, currency, "pm_card_mastercard", "adyen"))
-        elif roll < 0.85:  # refusals
-            action = rng.choice(ADYEN_ACTIONS)
-            rows.append(Row(pid, action, amount, currency, rng.choice(_ADYEN_DECLINES), "adyen"))
-        elif roll < 0.95:  # invalid: refund above the charge (refused, never sent)
-            rows += [
-                Row(pid, "charge", amount, currency, "pm_card_visa", "adyen"),
-                Row(pid, "refund", amount + unit, currency, None, "adyen"),
-            ]
-        else:  # invalid: capture before authorize (refused), then an authorisation
-            rows += [
-                Row(pid, "capture", amount, currency, None, "adyen"),
-                Row(pid, "authorize", amount, currency, "pm_card_amex", "adyen"),
-            ]
-    return rows
+    """``payments`` Adyen payments with the mix of :func:`build_workload`: authorise,
+    capture (confirmed by webhook), void and refund (confirmed by webhook), charges, Adyen's
+    refusals, and commands the state machine refuses before any call."""
+    return build_workload(payments, rng, prefix, provider="adyen")
 
 
 def build_workload(
-    payments: int, rng: random.Random, prefix: str, *, min_intents: int = 0
+    payments: int,
+    rng: random.Random,
+    prefix: str,
+    *,
+    min_intents: int = 0,
+    provider: str = "stripe",
 ) -> list[Row]:
     """A mix a payments team would recognise, including a few invalid commands.
 
     ``payments`` payments, and more while there are fewer than ``min_intents`` intents: a
     payment has one to four, so a bare count of payments gives a seed-dependent total.
     The first ``payments`` payments are the same for one seed whatever ``min_intents`` is.
+    ``provider``: the provider of every row; "adyen" declines with Adyen's test refusals.
     """
+    declines = _ADYEN_DECLINES if provider == "adyen" else _STRIPE_DECLINES
     rows: list[Row] = []
     n = 0
     while n < payments or len(rows) < min_intents:
@@ -126,7 +118,7 @@ def build_workload(
                 Row(pid, "void", None, currency),
             ]
         elif roll < 0.84:  # declines
-            card = rng.choice(["pm_card_chargeDeclined", "pm_card_chargeDeclinedInsufficientFunds"])
+            card = rng.choice(declines)
             rows.append(Row(pid, rng.choice(["charge", "authorize"]), amount, currency, card))
         elif roll < 0.92:  # invalid: refund above the captured amount
             rows += [
@@ -140,6 +132,8 @@ def build_workload(
                 Row(pid, "void", None, currency),
                 Row(pid, "capture", None, currency),
             ]
+    if provider != "stripe":
+        rows = [dataclasses.replace(row, provider=provider) for row in rows]
     return rows
 
 
@@ -174,6 +168,75 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        return await _demo_in(stack, url, args, database_kept)
+
+
+@contextlib.asynccontextmanager
+async def _webhook_receiver(url: str, hmac_key: str) -> AsyncIterator[str]:
+    """`outbox-relay webhooks serve` as a child process with one Adyen route verifying with
+    ``hmac_key`` (from a file, as the Helm chart mounts it); yields the route's URL. In the
+    demo's own process it shared the event loop with the relays and slowed them down."""
+    with tempfile.TemporaryDirectory(prefix="outbox-relay-demo-") as tmp:
+        proc, log, port = _spawn_receiver(Path(tmp), url, hmac_key)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as client:
+                with anyio.fail_after(60):  # a hang guard: it answers in about a second
+                    while True:
+                        if proc.poll() is not None:
+                            log.close()
+                            raise RuntimeError(
+                                "the webhook receiver exited at start: "
+                                + (Path(tmp) / "webhooks.log").read_text()[-2000:]
+                            )
+                        with contextlib.suppress(aiohttp.ClientError, OSError):
+                            async with client.get(f"{base}/healthz") as reply:
+                                if reply.status == 200:
+                                    break
+                        await anyio.sleep(0.1)
+            yield f"{base}/webhooks/adyen"
+        finally:
+            proc.terminate()
+            try:
+                await anyio.to_thread.run_sync(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def _spawn_receiver(
+    tmp: Path, url: str, hmac_key: str
+) -> tuple[subprocess.Popen[bytes], IO[bytes], int]:
+    keys = tmp / "adyen-hmac-keys"
+    keys.write_text(hmac_key + "\n")
+    keys.chmod(0o600)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    env = {
+        # None of the caller's relay settings: only this route, this database.
+        **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+        "RELAY_DATABASE_URL": url,
+        "RELAY_WEBHOOKS__ADYEN__KIND": "adyen",
+        "RELAY_WEBHOOKS__ADYEN__SECRETS_FILE": str(keys),
+        "RELAY_LOG_FORMAT": "json",
+    }
+    log = open(tmp / "webhooks.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "webhooks", "serve", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    return proc, log, port
+
+
+async def _demo_in(
+    stack: contextlib.AsyncExitStack, url: str, args: argparse.Namespace, database_kept: bool
+) -> int:
     from aiohttp import web
 
     from provider_adapters.adyen import AdyenAdapter
@@ -181,11 +244,13 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
     from provider_adapters.fake.adyen import API_KEY as ADYEN_API_KEY
     from provider_adapters.fake.adyen import MERCHANT_ACCOUNT as ADYEN_MERCHANT
     from provider_adapters.fake.adyen import AdyenFaults, create_adyen_app
+    from provider_adapters.registry import build_notification_reader
     from provider_adapters.stripe import StripeAdapter
+    from relay.core.inbox import InboxApplier, InboxOptions
     from relay.core.lanes import Lane
     from relay.core.runtime import Relay, RelayOptions
     from relay.domain.retry_policy import RetryPolicy
-    from relay.infra.db import Database
+    from relay.infra.db import INBOX_NOTIFY_CHANNEL, Database
     from relay.infra.logs import configure_logging
     from relay.infra.migrate import migrate
 
@@ -220,10 +285,17 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
     adyen_runner = None
     adyen_url = ""
     if adyen_payments:
+        # Adyen confirms captures, cancels and refunds only by webhook: the webhook receiver
+        # (`outbox-relay webhooks serve`, its own process as in production) verifies every
+        # item with this run's HMAC key and stores it in the inbox; the relays' inbox
+        # appliers finish the awaiting intents.
+        hmac_key = secrets.token_hex(32).upper()
+        webhook_url = await stack.enter_async_context(_webhook_receiver(url, hmac_key))
         # The same fault classes, in Adyen's shape. A 500 after the effect is not injected:
-        # Adyen replays the stored 500 for the key and has no lookup, so such an intent ends
-        # dead with its outcome unknown until the AUTHORISATION webhook settles it (the
-        # Adyen inbox, ADYEN-ASYNC above), which the demo's exactly-once check would count.
+        # Adyen replays the stored 500 for the key, so such an authorisation ends dead with
+        # one effect at the fake (its AUTHORISATION webhook only records it), which the
+        # demo's exactly-once check would count. Every notification is delivered twice, out
+        # of order: the inbox stores each once and applies it once.
         adyen_faults = AdyenFaults(
             seed=args.seed,
             latency_ms=args.latency_ms,
@@ -231,6 +303,11 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
             rate_503=args.rate_503,
             rate_drop_after_effect=args.rate_timeout_after_effect,
             rate_malformed_after_effect=args.rate_malformed,
+            webhook_url=webhook_url,
+            webhook_delay_ms=20,
+            webhook_duplicate=True,
+            webhook_reorder=True,
+            hmac_key_hex=hmac_key,
         )
         adyen_runner = web.AppRunner(create_adyen_app(adyen_faults))
         await adyen_runner.setup()
@@ -238,8 +315,9 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
         await adyen_site.start()
         adyen_url = f"http://127.0.0.1:{adyen_runner.addresses[0][1]}"
         print(
-            f"fake Adyen on {adyen_url} (Checkout v71) with the same faults; no effect-then-500 "
-            "(Adyen has no lookup: its webhook would settle it, not yet received here)"
+            f"fake Adyen on {adyen_url} (Checkout v71) with the same faults but effect-then-500;"
+            f" it confirms captures, cancels and refunds by signed webhooks, each sent twice and"
+            f" out of order, to the webhook receiver on {webhook_url}"
         )
 
     await anyio.to_thread.run_sync(_exchange_rates, url)
@@ -257,6 +335,7 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
     )
 
     relays = []
+    appliers: list[InboxApplier] = []
     for n in range(args.relays):
         adapter = StripeAdapter(
             name="stripe",
@@ -293,13 +372,43 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
                 rng=random.Random(args.seed + n).random,
             )
         )
+        if adyen_runner is not None:
+            relay = relays[-1]
+            # Its own small pool: on the relay's, under the demo's load, an apply waited for
+            # a connection behind the claims and write-backs for seconds.
+            applier = InboxApplier(
+                Database(url, pool_size=6, name=f"demo-inbox-{n}"),
+                {"adyen": build_notification_reader("adyen", "adyen")},
+                InboxOptions(
+                    instance=f"demo-relay-{n}",
+                    lease_seconds=10.0,
+                    poll_interval_seconds=0.5,
+                    # A confirmation that arrives before its intent's reply is written back
+                    # (a reply lost, a write-back batched) is handed back: ask again soon.
+                    retry_base_seconds=0.05,
+                    retry_cap_seconds=0.5,
+                    concurrency=6,
+                ),
+                rng=random.Random(args.seed + n).random,
+                stopping=functools.partial(lambda r: r.stopping, relay),
+            )
+            relay.also_wake[INBOX_NOTIFY_CHANNEL] = applier.wake
+            relay.also_cut_off.append(applier.cut_off)
+            appliers.append(applier)
     started = time.perf_counter()
     try:
         async with anyio.create_task_group() as tg:
             for relay in relays:
                 await relay.db.open()
                 await tg.start(relay.run)
-            print(f"relaying with {len(relays)} relay(s) ...")
+            for applier in appliers:
+                await applier.db.open()
+                tg.start_soon(applier.run_forever)
+            print(
+                f"relaying with {len(relays)} relay(s)"
+                + (", each applying Adyen's notifications" if appliers else "")
+                + " ..."
+            )
             stuck = await wait_for_workload(
                 url,
                 prefix,
@@ -307,10 +416,13 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
                 started,
                 deadline_seconds=args.deadline_seconds,
                 database_kept=database_kept,
+                confirmations=bool(appliers),
             )
             for relay in relays:
                 relay.stop()
     finally:
+        for applier in appliers:
+            await applier.db.close()
         for relay in relays:
             await relay.db.close()
             for lane in relay.lanes.values():
@@ -322,6 +434,8 @@ async def _demo(url: str, args: argparse.Namespace, database_kept: bool) -> int:
         if adyen_runner is not None:
             async with client.get(f"{adyen_url}/_fake/effects") as reply:
                 effects["adyen"] = await reply.json()
+            async with client.get(f"{adyen_url}/_fake/webhooks") as reply:
+                effects["adyen"]["notifications"] = (await reply.json())["notifications"]
     await runner.cleanup()
     if adyen_runner is not None:
         await adyen_runner.cleanup()
@@ -398,6 +512,29 @@ def _counts(url: str, prefix: str) -> Counter[str]:
     return Counter({status: count for status, count in rows})
 
 
+# Intents of this run the provider accepted and then confirmed (or failed) by a webhook the
+# inbox applied: the modification's pspReference is the intent's provider_reference.
+_CONFIRMED_BY_WEBHOOK = """
+    SELECT i.provider, i.action, count(*) FROM outbox.payment_intents AS i
+    WHERE i.payment_id LIKE %s AND i.status IN ('succeeded', 'failed')
+      AND i.provider_reference IS NOT NULL
+      AND EXISTS (
+          SELECT 1 FROM outbox.webhook_inbox AS w
+          WHERE w.payment_id = i.payment_id AND w.provider = i.provider
+            AND w.status = 'applied' AND w.event_type <> 'AUTHORISATION'
+            AND w.payload #>> '{notificationItems,0,NotificationRequestItem,pspReference}'
+                = i.provider_reference)
+    GROUP BY 1, 2
+"""
+
+
+def _confirmed(url: str, prefix: str) -> Counter[tuple[str, str]]:
+    """Intents of this run finished by their provider's confirmation, by (provider, action)."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(_CONFIRMED_BY_WEBHOOK, (prefix + "-%",)).fetchall()
+    return Counter({(provider, action): n for provider, action, n in rows})
+
+
 # Unfinished intents named one by one past the deadline; the rest are counted.
 _SHOWN = 5
 _MESSAGE_CHARS = 120
@@ -461,13 +598,15 @@ async def wait_for_workload(
     *,
     deadline_seconds: float,
     database_kept: bool,
+    confirmations: bool = False,
 ) -> list[str]:
     """Show progress until every intent of the run is finished (terminal, or blocked behind
     a dead intent of its payment); return [] then, or, past ``deadline_seconds``, the lines
     that name what is stuck. ``database_kept``: the database outlives the demo (a
-    RELAY_DATABASE_URL), so the lines may point at commands that read it afterwards."""
+    RELAY_DATABASE_URL), so the lines may point at commands that read it afterwards.
+    ``confirmations``: show how many intents their provider's webhook has settled."""
     with anyio.move_on_after(deadline_seconds):
-        await _show_progress(url, prefix, total, started)
+        await _show_progress(url, prefix, total, started, confirmations=confirmations)
         return []
     print(flush=True)  # end an interactive progress line
     return await anyio.to_thread.run_sync(
@@ -475,11 +614,18 @@ async def wait_for_workload(
     )
 
 
-async def _show_progress(url: str, prefix: str, total: int, started: float) -> None:
+async def _show_progress(
+    url: str, prefix: str, total: int, started: float, *, confirmations: bool
+) -> None:
     interactive = sys.stdout.isatty()
     last_print = 0.0
     while True:
         counts = await anyio.to_thread.run_sync(_counts, url, prefix)
+        confirmed = (
+            (await anyio.to_thread.run_sync(_confirmed, url, prefix)).total()
+            if confirmations
+            else 0
+        )
         finished = sum(counts[s] for s in _FINISHED)
         done = counts["succeeded"] + counts["failed"] + counts["dead"]
         now = time.perf_counter()
@@ -488,8 +634,12 @@ async def _show_progress(url: str, prefix: str, total: int, started: float) -> N
             line = (
                 f"  {done:>6}/{total} terminal  succeeded {counts['succeeded']}  "
                 f"failed {counts['failed']}  dead {counts['dead']}  "
-                f"in flight {counts['in_flight']}  {rate:,.0f} intents/s"
+                f"in flight {counts['in_flight']}  "
+                f"awaiting confirmation {counts['awaiting_confirmation']}  "
             )
+            if confirmations:
+                line += f"settled by webhook {confirmed}  "
+            line += f"{rate:,.0f} intents/s"
             if counts["stalled"]:
                 line += f"  behind a dead intent {counts['stalled']}"
             print(
@@ -543,6 +693,16 @@ def _summarise(
             """,
             (prefix + "-%",),
         ).fetchone()
+        inbox: Counter[str] = Counter(
+            dict(
+                conn.execute(
+                    "SELECT status, count(*) FROM outbox.webhook_inbox"
+                    " WHERE payment_id LIKE %s GROUP BY 1",
+                    (prefix + "-%",),
+                ).fetchall()
+            )
+        )
+    confirmed = _confirmed(url, prefix)
     # (action, status, the key as the provider saw it, error_code) by provider
     intents = [(a, st, _provider_key(p, k), code) for p, a, st, k, code in rows]
     providers = sorted({p for p, *_ in rows})
@@ -550,12 +710,22 @@ def _summarise(
     statuses = ["succeeded", "failed", "dead"]
     table: Counter[tuple[str, str, str]] = Counter((p, a, st) for p, a, st, _, _ in rows)
     print()
-    print(f"{'provider':<9}{'action':<11}" + "".join(f"{st:>11}" for st in statuses))
+    # "by webhook": of the succeeded and failed, those the provider accepted first and
+    # confirmed (or failed) later by a notification the inbox applied.
+    print(
+        f"{'provider':<9}{'action':<11}"
+        + "".join(f"{st:>11}" for st in statuses)
+        + f"{'by webhook':>12}"
+    )
     for provider in providers:
         for action in actions:
             counts = [table[(provider, action, st)] for st in statuses]
             if any(counts):
-                print(f"{provider:<9}{action:<11}" + "".join(f"{n:>11}" for n in counts))
+                print(
+                    f"{provider:<9}{action:<11}"
+                    + "".join(f"{n:>11}" for n in counts)
+                    + f"{confirmed[(provider, action)]:>12}"
+                )
     errors = Counter(code for _, status, _, code in intents if status != "succeeded" and code)
     print("failures by error_code: " + ", ".join(f"{c} {n}" for c, n in errors.most_common()))
     print(
@@ -564,6 +734,16 @@ def _summarise(
     )
     faults = effects.get("stripe", {}).get("faults_injected", {})
     print("faults injected (Stripe): " + ", ".join(f"{k} {v}" for k, v in faults.items()))
+    notes = effects.get("adyen", {}).get("notifications")
+    if notes is not None:
+        deliveries = sum(int(n.get("_delivered", 0)) for n in notes)
+        print(
+            f"Adyen notifications: {len(notes)} sent, {deliveries} deliveries (each sent twice, "
+            f"out of order); inbox rows {inbox.total()} (applied {inbox['applied']}, ignored "
+            f"{inbox['ignored']}, waiting {inbox['received']}); "
+            f"{sum(n for (p, _), n in confirmed.items() if p == 'adyen')} Adyen intents "
+            "settled by their confirmation"
+        )
 
     problems = []
     for provider, action, status, raw_key, _ in rows:
@@ -588,7 +768,12 @@ def _summarise(
             f"{stalled} intent(s) wait behind a dead intent of their payment, as they should: "
             "an operator resolves the dead one (`outbox-relay dead-letters`)"
         )
-    unfinished = sum(1 for _, s, _, _ in intents if s not in statuses) - stalled
+    awaiting = Counter(p for p, _, st, _, _ in rows if st == "awaiting_confirmation")
+    problems += [
+        f"{n} {provider} intents still awaiting their confirmation"
+        for provider, n in sorted(awaiting.items())
+    ]
+    unfinished = sum(1 for _, s, _, _ in intents if s not in statuses) - stalled - awaiting.total()
     if unfinished:
         problems.append(f"{unfinished} intents not terminal")
     succeeded = sum(1 for _, s, _, _ in intents if s == "succeeded")
@@ -601,7 +786,8 @@ def _summarise(
         return 1
     print(
         f"exactly-once check passed: {succeeded} succeeded intents ({', '.join(providers)}), "
-        "each with exactly one effect at its provider; no key applied twice; payment amounts "
-        "match their intents"
+        "each with exactly one effect at its provider (Adyen's captures, cancels and refunds "
+        "included, confirmed by webhook); no key applied twice; none left awaiting a "
+        "confirmation; payment amounts match their intents"
     )
     return 0

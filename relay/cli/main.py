@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_in(0, 1_000_000),
         default=None,
         help="payments for Adyen beside Stripe's, 0 to 1000000 (default: a third of "
-        "--payments; 0: Stripe only). Until the Adyen webhook inbox is in, authorisations "
-        "and charges only: Adyen confirms captures, cancels and refunds by webhook",
+        "--payments; 0: Stripe only), with Stripe's mix: Adyen's captures, cancels and "
+        "refunds are confirmed by webhook, through the demo's webhook receiver",
     )
     demo.add_argument(
         "--relays", type=_int_in(1, 64), default=2, help="relay instances, 1 to 64 (default 2)"

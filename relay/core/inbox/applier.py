@@ -89,6 +89,14 @@ class InboxApplier(ReportedMoney, Confirmations, Disputes):
                     self._applying.add(scope)
                     try:
                         await self._apply_one(row)
+                    except RETRYABLE_DB_ERRORS as exc:
+                        # The database went away mid-apply (a restart, a failover): the
+                        # transaction rolled back whole and the row is applied again after
+                        # its lease. Raised out of this task group it would arrive in
+                        # run_forever as an ExceptionGroup, which its handler does not match,
+                        # and end the relay (found by the fault campaign's PostgreSQL
+                        # restarts).
+                        log.warning("inbox_db_error", error=type(exc).__name__, inbox_id=row.id)
                     finally:
                         self._applying.discard(scope)
                 if scope.cancelled_caught:
