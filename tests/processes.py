@@ -38,78 +38,54 @@ def free_port() -> int:
         return port
 
 
-class WebhookReceiverProcess:
-    """`outbox-relay webhooks serve` as its own process, with an Adyen route
-    (``/webhooks/adyen``) verifying with ``hmac_keys``; ``adyen_url`` is where the fake Adyen
-    sends its notifications."""
+class _ServedProcess:
+    """A child process serving HTTP on a free port of 127.0.0.1, logging to ``log_name``
+    in ``log_dir``; started when built (``probe_path`` answers 2xx), stopped by stop()."""
 
-    def __init__(self, log_dir: Path, database_url: str, hmac_keys: list[str]) -> None:
+    what = "the process"
+    probe_path = "/_fake/effects"
+    stop_seconds = 10.0
+
+    def __init__(
+        self,
+        log_dir: Path,
+        log_name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        start_seconds: float = 30.0,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.adyen_url = f"{self.url}/webhooks/adyen"
-        self.log = open(log_dir / "webhooks.log", "ab")  # noqa: SIM115
+        self.log = open(log_dir / log_name, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "webhooks", "serve",
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            env={
-                **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
-                "RELAY_DATABASE_URL": database_url,
-                "RELAY_WEBHOOKS__ADYEN__KIND": "adyen",
-                "RELAY_WEBHOOKS__ADYEN__SECRETS": json.dumps(hmac_keys),
-                "RELAY_LOG_FORMAT": "json",
-            },
+            [sys.executable, "-m", *argv, "--port", str(self.port)],
+            env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        block_until(self._answers, "the webhook receiver to answer", guard_seconds=60)
+        )
+        block_until(self._answers, f"{self.what} to answer", guard_seconds=start_seconds)
 
     def _answers(self) -> bool:
         try:
-            httpx.get(f"{self.url}/healthz", timeout=1).raise_for_status()
+            httpx.get(f"{self.url}{self.probe_path}", timeout=1).raise_for_status()
         except httpx.HTTPError:
             if self.proc.poll() is not None:
-                raise RuntimeError("the webhook receiver exited at start; see its log") from None
+                raise RuntimeError(f"{self.what} exited at start; see its log") from None
             return False
         return True
 
     def stop(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(30)
+            self.proc.wait(self.stop_seconds)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
 
 
-class AdyenFakeProcess:
-    """The fake Adyen Checkout API (provider_adapters/fake/adyen.py) as its own process."""
-
-    def __init__(self, log_dir: Path, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / "fake-adyen.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "provider_adapters.fake.adyen",
-                "--port",
-                str(self.port),
-                *flags,
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        block_until(self._answers, "the fake Adyen to answer", guard_seconds=30)
-
-    def _answers(self) -> bool:
-        try:
-            httpx.get(f"{self.url}/_fake/effects", timeout=1).raise_for_status()
-        except httpx.HTTPError:
-            if self.proc.poll() is not None:
-                raise RuntimeError("fake Adyen exited at start; see its log") from None
-            return False
-        return True
+class _FakeProcess(_ServedProcess):
+    """A fake provider: its effects, and faults set at run time."""
 
     def effects(self) -> dict[str, object]:
         response = httpx.get(f"{self.url}/_fake/effects", timeout=30)
@@ -119,6 +95,42 @@ class AdyenFakeProcess:
 
     def configure(self, faults: dict[str, object]) -> None:
         httpx.post(f"{self.url}/_fake/config", json=faults, timeout=10).raise_for_status()
+
+
+class WebhookReceiverProcess(_ServedProcess):
+    """`outbox-relay webhooks serve` as its own process, with an Adyen route
+    (``/webhooks/adyen``) verifying with ``hmac_keys``; ``adyen_url`` is where the fake Adyen
+    sends its notifications."""
+
+    what = "the webhook receiver"
+    probe_path = "/healthz"
+    stop_seconds = 30.0
+
+    def __init__(self, log_dir: Path, database_url: str, hmac_keys: list[str]) -> None:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+            "RELAY_DATABASE_URL": database_url,
+            "RELAY_WEBHOOKS__ADYEN__KIND": "adyen",
+            "RELAY_WEBHOOKS__ADYEN__SECRETS": json.dumps(hmac_keys),
+            "RELAY_LOG_FORMAT": "json",
+        }
+        super().__init__(
+            log_dir,
+            "webhooks.log",
+            ["relay", "webhooks", "serve", "--host", "127.0.0.1"],
+            env=env,
+            start_seconds=60.0,
+        )
+        self.adyen_url = f"{self.url}/webhooks/adyen"
+
+
+class AdyenFakeProcess(_FakeProcess):
+    """The fake Adyen Checkout API (provider_adapters/fake/adyen.py) as its own process."""
+
+    what = "the fake Adyen"
+
+    def __init__(self, log_dir: Path, *flags: str) -> None:
+        super().__init__(log_dir, "fake-adyen.log", ["provider_adapters.fake.adyen", *flags])
 
     def notifications(self) -> list[dict[str, object]]:
         """The notifications it sent or is sending, each with ``_delivered`` (2xx answers)."""
@@ -127,52 +139,14 @@ class AdyenFakeProcess:
         notes: list[dict[str, object]] = response.json()["notifications"]
         return notes
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
+class FakeProviderProcess(_FakeProcess):
+    """The fake Stripe (``outbox-relay fake-provider``) as its own process."""
 
-class FakeProviderProcess:
+    what = "the fake provider"
+
     def __init__(self, log_dir: Path, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / "fake-provider.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "fake-provider", "--port", str(self.port), *flags],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        block_until(self._answers, "the fake provider to answer", guard_seconds=30)
-
-    def _answers(self) -> bool:
-        try:
-            httpx.get(f"{self.url}/_fake/effects", timeout=1).raise_for_status()
-        except httpx.HTTPError:
-            if self.proc.poll() is not None:
-                raise RuntimeError("fake provider exited at start; see its log") from None
-            return False
-        return True
-
-    def effects(self) -> dict[str, object]:
-        response = httpx.get(f"{self.url}/_fake/effects", timeout=30)
-        response.raise_for_status()
-        result: dict[str, object] = response.json()
-        return result
-
-    def configure(self, faults: dict[str, object]) -> None:
-        httpx.post(f"{self.url}/_fake/config", json=faults, timeout=10).raise_for_status()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        super().__init__(log_dir, "fake-provider.log", ["relay", "fake-provider", *flags])
 
 
 class RelayProcess:
