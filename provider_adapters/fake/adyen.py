@@ -143,6 +143,10 @@ class _State:
     webhooks: list[dict[str, Any]] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # One client for every delivery (a session per POST cost a connection each and slowed
+    # the fake's own API answers), and a bound on deliveries at once, as Adyen's queue has.
+    session: aiohttp.ClientSession | None = None
+    deliveries: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
 
 
 def _psp() -> str:
@@ -228,11 +232,10 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
             url = state.faults.webhook_url
             if url is None:
                 return
+            if state.session is None:
+                state.session = aiohttp.ClientSession()
             try:
-                async with (
-                    aiohttp.ClientSession() as session,
-                    session.post(url, json=payload) as response,
-                ):
+                async with state.deliveries, state.session.post(url, json=payload) as response:
                     if 200 <= response.status < 300:
                         item["_delivered"] = item.get("_delivered", 0) + 1
                         return
@@ -550,6 +553,14 @@ def create_adyen_app(faults: AdyenFaults | None = None) -> web.Application:
     app.router.add_get("/_fake/webhooks", webhooks)
     app.router.add_post("/_fake/webhooks/resend", resend)
     app.router.add_post("/_fake/dashboard", dashboard)
+
+    async def close_deliveries(_: web.Application) -> None:
+        for task in list(state.tasks):
+            task.cancel()
+        if state.session is not None:
+            await state.session.close()
+
+    app.on_cleanup.append(close_deliveries)
     return app
 
 
