@@ -79,6 +79,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_relay", "payment_intents_archive"): {"SELECT", "INSERT"},
     ("outbox_relay", "payments"): {"SELECT"},
     ("outbox_relay", "provider_policies"): {"SELECT"},
+    ("outbox_relay", "providers"): {"SELECT"},  # sql/0063: `status` with the relay's login
     ("outbox_relay", "reconciliation_open_delta"): {"SELECT"},
     ("outbox_relay", "relay_instances"): {"SELECT", "INSERT", "DELETE"},  # sql/0018
     ("outbox_relay", "relay_wakeup"): {"SELECT"},
