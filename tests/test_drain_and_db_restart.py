@@ -70,7 +70,15 @@ def test_sigterm_drains_releases_unstarted_and_exits_zero(db_url: str, tmp_path:
         RELAY_SHUTDOWN_GRACE_SECONDS="10",
     )
     first = RelayProcess("drain-relay-1", env, tmp_path)
-    second = RelayProcess("drain-relay-2", env, tmp_path)
+    second = RelayProcess(
+        "drain-relay-2",
+        {
+            **env,
+            "RELAY_PROVIDERS__STRIPE__RATE_LIMIT_PER_SECOND": "1000",
+            "RELAY_PROVIDERS__STRIPE__RATE_LIMIT_BURST": "100",
+        },
+        tmp_path,
+    )
     try:
         insert_workload(db_url, rows)
         first.start()
@@ -107,6 +115,8 @@ def test_sigterm_drains_releases_unstarted_and_exits_zero(db_url: str, tmp_path:
             first.name,
         )
         log = first.log_path.read_text()
+        # The rest only has to finish, exactly once: no latency, no rate limit to wait on.
+        fake.configure({"latency_ms": 0})
         second.start()
         block_until(lambda: unfinished(db_url) == 0)
         second.wait_ready()
