@@ -18,7 +18,12 @@ from psycopg.conninfo import conninfo_to_dict
 
 from provider_adapters.stripe import StripeAdapter
 from relay.infra.migrate import migrate
-from tests.support.databases import scratch_database
+from tests.support.databases import (
+    ReadyDatabases,
+    drop_database,
+    scratch_database,
+    with_dbname,
+)
 from tests.support.fake_server import FakeServer, running_fake
 from tests.support.providers import stripe_adapter
 
@@ -62,11 +67,23 @@ def template_db(pg_admin_url: str) -> Iterator[str]:
         yield str(conninfo_to_dict(url)["dbname"])
 
 
+@pytest.fixture(scope="session")
+def ready_databases(pg_admin_url: str, template_db: str) -> Iterator[ReadyDatabases]:
+    supply = ReadyDatabases(pg_admin_url, template_db, "outbox_relay_t")
+    try:
+        yield supply
+    finally:
+        supply.close()
+
+
 @pytest.fixture
-def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database for one test."""
-    with scratch_database(pg_admin_url, "outbox_relay_t", template=template_db) as url:
-        yield url
+def db_url(pg_admin_url: str, ready_databases: ReadyDatabases) -> Iterator[str]:
+    """A fresh, migrated database for one test (copied from the template ahead of it)."""
+    name = ready_databases.take()
+    try:
+        yield with_dbname(pg_admin_url, name)
+    finally:
+        drop_database(pg_admin_url, name)
 
 
 @pytest.fixture

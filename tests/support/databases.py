@@ -6,6 +6,8 @@ when given) and drops it, connections and all, when the block ends, however it e
 
 from __future__ import annotations
 
+import queue
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +16,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-__all__ = ["scratch_database", "with_dbname", "with_port"]
+__all__ = ["ReadyDatabases", "drop_database", "scratch_database", "with_dbname", "with_port"]
 
 
 def with_dbname(url: str, dbname: str) -> str:
@@ -41,7 +43,72 @@ def scratch_database(
     try:
         yield with_dbname(admin_url, name)
     finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        drop_database(admin_url, name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    """Drop ``name``, connections and all; nothing if it is gone."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+class ReadyDatabases:
+    """Databases copied from ``template`` one ahead of the test that takes the next.
+
+    A copy costs about half a second of the server's time (CREATE DATABASE ... TEMPLATE
+    writes every block to the WAL); one background thread makes the next while a test runs,
+    which mostly waits on processes and sockets, so the suite does not wait for it. Every
+    database is the template's copy, as ``scratch_database`` makes it; the test that takes
+    one drops it (``drop_database``), and close() drops the one still waiting.
+    """
+
+    def __init__(self, admin_url: str, template: str, prefix: str) -> None:
+        self.admin_url = admin_url
+        self._template = template
+        self._prefix = prefix
+        self._ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="ready-databases", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            with psycopg.connect(self.admin_url, autocommit=True) as conn:
+                while not self._stop.is_set():
+                    name = f"{self._prefix}_{uuid.uuid4().hex[:12]}"
+                    conn.execute(
+                        sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                            sql.Identifier(name), sql.Identifier(self._template)
+                        )
+                    )
+                    while True:
+                        if self._stop.is_set():
+                            drop_database(self.admin_url, name)
+                            return
+                        try:
+                            self._ready.put(name, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+        except BaseException as exc:  # handed to the next test that asks, as its error
+            self._ready.put(exc)
+
+    def take(self, timeout: float = 300.0) -> str:
+        """The name of a new database (the test drops it); a hang guard, no speed limit."""
+        item = self._ready.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            raise RuntimeError("making a test database from the template failed") from item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        while True:
+            try:
+                item = self._ready.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, str):
+                drop_database(self.admin_url, item)
