@@ -137,6 +137,13 @@ class Ambiguous:
     message: str
     provider_reference: str | None = None
 
+    @property
+    def awaits_confirmation(self) -> bool:
+        """The provider accepted the request and confirms it later (Adyen's ``received``,
+        a Stripe refund ``pending``): a healthy answer, settled by its notification, not
+        by a lookup."""
+        return self.code == AWAITING_CONFIRMATION
+
 
 @dataclass(frozen=True, slots=True)
 class Invalid:

@@ -30,14 +30,7 @@ from typing import Any, Literal
 
 import anyio
 
-from provider_adapters.base import (
-    AWAITING_CONFIRMATION,
-    Ambiguous,
-    Command,
-    Outcome,
-    ProviderAdapter,
-    Retryable,
-)
+from provider_adapters.base import Ambiguous, Command, Outcome, ProviderAdapter, Retryable
 from provider_adapters.error_catalogue import catalogued_outcome
 from relay.core.clock import SYSTEM_CLOCK, Clock
 from relay.domain.breaker import BreakerState, CircuitBreaker
@@ -229,7 +222,7 @@ class Lane:
         outcome = await self._guarded(command, lookup=False)
         # A request the provider accepted for later confirmation is a healthy answer: it
         # must not open the breaker (every Adyen capture would count as a failure).
-        accepted = isinstance(outcome, Ambiguous) and outcome.code == AWAITING_CONFIRMATION
+        accepted = isinstance(outcome, Ambiguous) and outcome.awaits_confirmation
         if isinstance(outcome, Retryable | Ambiguous) and not accepted:
             self.breaker.record_failure()
         else:

@@ -27,7 +27,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from provider_adapters import error_catalogue
-from provider_adapters.base import AWAITING_CONFIRMATION, Ambiguous, Command, Declined, Succeeded
+from provider_adapters.base import Ambiguous, Command, Declined, Succeeded
 from relay.core.completer import Completer
 from relay.core.lanes import Lane
 from relay.core.store import Store
@@ -423,7 +423,7 @@ class Relay:
             return
         try:
             outcome = await lane.execute(command)
-            if isinstance(outcome, Ambiguous) and outcome.code != AWAITING_CONFIRMATION:
+            if isinstance(outcome, Ambiguous) and not outcome.awaits_confirmation:
                 settled = await lane.lookup(command)
                 log.info(
                     "ambiguous_settled_by_lookup",

@@ -103,8 +103,8 @@ def from_outcome(
                 error_code=outcome.code,
                 error_message=_clip(outcome.message),
             )
-        case Ambiguous(code=code, provider_reference=reference) if (
-            code == AWAITING_CONFIRMATION and reference is not None
+        case Ambiguous(provider_reference=reference) if (
+            outcome.awaits_confirmation and reference is not None
         ):
             # Accepted, confirmed later (sql/0038): no retry, no lease, nothing booked; the
             # confirmation finishes it through the inbox. Not an attempt towards the cap.
