@@ -81,6 +81,40 @@ def _needs_approval(exc: psycopg.Error) -> bool:
     return exc.diag.constraint_name == _NEEDS_APPROVAL
 
 
+def _change_or_request(
+    conn: psycopg.Connection,
+    statement: str,
+    params: Mapping[str, Any],
+    *,
+    operator: str,
+    entity: str,
+    name: str,
+    change: Mapping[str, Any],
+    reason: str | None,
+) -> dict[str, Any]:
+    """Run one registry change (``statement``) in its own transaction; the row it returns.
+
+    With four eyes on and a change that may send traffic somewhere new, the database
+    refuses it by name; ``change`` is then recorded as a request for a second operator
+    and :class:`ApprovalRequested` raised (``conn`` in autocommit mode: it is committed).
+    """
+    try:
+        with conn.transaction():
+            row = (
+                conn.cursor(row_factory=dict_row)
+                .execute(QUERIES[statement], {**params, "operator": operator, "reason": reason})
+                .fetchone()
+            )
+    except psycopg.errors.InsufficientPrivilege as exc:
+        if not _needs_approval(exc):
+            raise
+        raise _request(
+            conn, operator=operator, entity=entity, name=name, change=change, reason=reason
+        ) from None
+    assert row is not None
+    return row
+
+
 def list_providers(conn: psycopg.Connection) -> list[dict[str, Any]]:
     return conn.cursor(row_factory=dict_row).execute(QUERIES["providers_list"]).fetchall()
 
@@ -112,32 +146,20 @@ def set_provider(
         "note": note,
         "create": create,
     }
-    try:
-        with conn.transaction():
-            row = (
-                conn.cursor(row_factory=dict_row)
-                .execute(
-                    QUERIES["provider_set"],
-                    {
-                        **change,
-                        "operator": operator,
-                        "name": name,
-                        "amount_limits": None
-                        if amount_limits is None
-                        else json.dumps(amount_limits),
-                        "reason": reason,
-                    },
-                )
-                .fetchone()
-            )
-    except psycopg.errors.InsufficientPrivilege as exc:
-        if not _needs_approval(exc):
-            raise
-        raise _request(
-            conn, operator=operator, entity="provider", name=name, change=change, reason=reason
-        ) from None
-    assert row is not None
-    return row
+    return _change_or_request(
+        conn,
+        "provider_set",
+        {
+            **change,
+            "name": name,
+            "amount_limits": None if amount_limits is None else json.dumps(amount_limits),
+        },
+        operator=operator,
+        entity="provider",
+        name=name,
+        change=change,
+        reason=reason,
+    )
 
 
 def list_rules(conn: psycopg.Connection) -> list[dict[str, Any]]:
@@ -157,35 +179,16 @@ def set_rule(
 
     :class:`ApprovalRequested` as :func:`set_provider`.
     """
-    try:
-        with conn.transaction():
-            row = (
-                conn.cursor(row_factory=dict_row)
-                .execute(
-                    QUERIES["routing_rule_set"],
-                    {
-                        "operator": operator,
-                        "name": name,
-                        "rule": json.dumps(dict(fields)),
-                        "reason": reason,
-                        "create": create,
-                    },
-                )
-                .fetchone()
-            )
-    except psycopg.errors.InsufficientPrivilege as exc:
-        if not _needs_approval(exc):
-            raise
-        raise _request(
-            conn,
-            operator=operator,
-            entity="routing_rule",
-            name=name,
-            change={"rule": dict(fields), "create": create},
-            reason=reason,
-        ) from None
-    assert row is not None
-    return row
+    return _change_or_request(
+        conn,
+        "routing_rule_set",
+        {"name": name, "rule": json.dumps(dict(fields)), "create": create},
+        operator=operator,
+        entity="routing_rule",
+        name=name,
+        change={"rule": dict(fields), "create": create},
+        reason=reason,
+    )
 
 
 def set_weights(
@@ -315,25 +318,17 @@ def apply_declared(
 
 def set_four_eyes(conn: psycopg.Connection, *, operator: str, on: bool, reason: str) -> bool:
     """Turn four eyes on (one operator) or off (two: :class:`ApprovalRequested`)."""
-    try:
-        with conn.transaction():
-            row = conn.execute(
-                QUERIES["registry_policy_set"],
-                {"operator": operator, "four_eyes": on, "reason": reason},
-            ).fetchone()
-    except psycopg.errors.InsufficientPrivilege as exc:
-        if not _needs_approval(exc):
-            raise
-        raise _request(
-            conn,
-            operator=operator,
-            entity="registry_policy",
-            name="four_eyes",
-            change={"four_eyes": on},
-            reason=reason,
-        ) from None
-    assert row is not None
-    return bool(row[0])
+    row = _change_or_request(
+        conn,
+        "registry_policy_set",
+        {"four_eyes": on},
+        operator=operator,
+        entity="registry_policy",
+        name="four_eyes",
+        change={"four_eyes": on},
+        reason=reason,
+    )
+    return bool(row["four_eyes"])
 
 
 def list_requests(conn: psycopg.Connection) -> list[dict[str, Any]]:
