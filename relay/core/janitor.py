@@ -53,6 +53,7 @@ from relay.infra import metrics
 from relay.infra.db import RETRYABLE_DB_ERRORS, Database, fetch
 from relay.infra.queries import QUERIES
 from relay.infra.rows import columns_row
+from relay.infra.shutdown import CutOffShields
 
 __all__ = ["Janitor", "JanitorOptions", "JanitorPass", "next_check_delay"]
 
@@ -153,15 +154,12 @@ class Janitor:
         self.store = Store(db, actor=self.actor)
         # A settlement is one shielded transaction; a shutdown bounds it at the relay's
         # in-flight cut-off (cut_off(), called by Relay.stop()), also when already started.
-        self._cut_off_at: float | None = None
-        self._settling: set[anyio.CancelScope] = set()
+        self._settling = CutOffShields()
 
     def cut_off(self, at: float) -> None:
         """End settlements (in progress or later) by ``at`` (anyio clock); one cut short
         rolls back whole and the intent is looked up again by the next pass."""
-        self._cut_off_at = at if self._cut_off_at is None else min(self._cut_off_at, at)
-        for scope in self._settling:
-            scope.deadline = min(scope.deadline, self._cut_off_at)
+        self._settling.cut_off(at)
 
     async def run_forever(self) -> None:
         """Pass after pass; a full batch means more is due, so the next pass starts at once.
@@ -250,15 +248,8 @@ class Janitor:
             )
         else:
             evidence = f"janitor lookup: the provider shows a decline ({outcome.code})"
-        deadline = anyio.current_time() + _SETTLE_SECONDS
-        if self._cut_off_at is not None:
-            deadline = min(deadline, self._cut_off_at)
-        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
-            self._settling.add(scope)
-            try:
-                return await self._settle_once(candidate, amount_minor, outcome, evidence)
-            finally:
-                self._settling.discard(scope)
+        with self._settling.shielded(_SETTLE_SECONDS):
+            return await self._settle_once(candidate, amount_minor, outcome, evidence)
         log.warning("janitor_settle_cut_off", intent_id=candidate.intent.id, remedy="next pass")
         return "skipped"
 

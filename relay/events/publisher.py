@@ -43,6 +43,7 @@ from relay.events.store import EventResult, EventStore, Release
 from relay.infra import metrics
 from relay.infra.config import Settings
 from relay.infra.db import EVENTS_NOTIFY_CHANNEL, RETRYABLE_DB_ERRORS, Database, listen_forever
+from relay.infra.shutdown import CutOffShields
 
 __all__ = ["Publisher", "PublisherOptions", "publisher_from_settings"]
 
@@ -173,11 +174,9 @@ class Publisher:
         self._stop_event = anyio.Event()
         self._deadline: float | None = None
         self._scope: anyio.CancelScope | None = None
-        # Shielded final writes (marks and releases) end by this instant when the process
-        # has a hard stop (set by start_draining); the scopes in progress are kept so that
-        # a stop arriving during one bounds it too.
-        self._hard_stop_at: float | None = None
-        self._final_writes: set[anyio.CancelScope] = set()
+        # Shielded final writes (marks and releases), bounded by the process's hard stop
+        # once start_draining() names it, also those in progress then.
+        self._final_writes = CutOffShields()
         self._held: dict[int, _Held] = {}
         self._failures = 0
         self._wakeups_wanted: bool | None = None  # what this publisher last asked event inserts
@@ -217,24 +216,8 @@ class Publisher:
             self._deadline = anyio.current_time() + self.options.shutdown_grace_seconds
             if self._scope is not None:
                 self._scope.deadline = self._deadline
-        if hard_stop_at is not None and self._hard_stop_at is None:
-            self._hard_stop_at = hard_stop_at
-            for scope in self._final_writes:
-                scope.deadline = min(scope.deadline, hard_stop_at)
-
-    @contextlib.contextmanager
-    def _final_write(self) -> Iterator[anyio.CancelScope]:
-        """A shielded scope for writes a cancellation must not interrupt, bounded by the
-        timeout and by the process's hard stop (start_draining)."""
-        deadline = anyio.current_time() + self.options.timeout_seconds
-        if self._hard_stop_at is not None:
-            deadline = min(deadline, self._hard_stop_at)
-        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
-            self._final_writes.add(scope)
-            try:
-                yield scope
-            finally:
-                self._final_writes.discard(scope)
+        if hard_stop_at is not None:
+            self._final_writes.cut_off(hard_stop_at)
 
     def stop(self) -> None:
         """No more events will be written here: flush what is left, then :meth:`run` returns."""
@@ -466,7 +449,7 @@ class Publisher:
                 for name in sorted({e.exchange or self.options.exchange for e in events}):
                     targets[name] = await exchanges.get(name)
         except _AMQP_ERRORS:
-            with self._final_write():
+            with self._final_writes.shielded(self.options.timeout_seconds):
                 await self._release_all(
                     [self._release(e, "amqp_connection_lost", "not sent") for e in events]
                 )
@@ -566,7 +549,7 @@ class Publisher:
         for result in results:
             self._held[result.event.id] = _Held(result, lease_ends)
         # Confirmed results are recorded even when the round ends in a broken link.
-        with self._final_write():
+        with self._final_writes.shielded(self.options.timeout_seconds):
             await self._mark_held()
             await self._release_all(releases)
         if broken:

@@ -41,9 +41,7 @@ class InboxApplier(ReportedMoney, Confirmations, Disputes):
         """The shutdown's in-flight cut-off (anyio clock): an apply still running then is
         cancelled. Its transaction rolls back whole (nothing is half-applied) and its row,
         still claimed, is applied by a relay that claims it after the lease."""
-        self._cut_off_at = at if self._cut_off_at is None else min(self._cut_off_at, at)
-        for scope in self._applying:
-            scope.deadline = min(scope.deadline, at)
+        self._applying.cut_off(at)
 
     def wake(self) -> None:
         """A notification arrived (LISTEN): claim now instead of at the next poll."""
@@ -82,11 +80,7 @@ class InboxApplier(ReportedMoney, Confirmations, Disputes):
                 # past the shutdown's in-flight cut-off (cut_off()) nor past the lease (by
                 # then the row is claimable again); a transaction cut short rolls back whole.
                 started = anyio.current_time()
-                deadline = started + self.options.lease_seconds
-                if self._cut_off_at is not None:
-                    deadline = min(deadline, self._cut_off_at)
-                with anyio.CancelScope(shield=True, deadline=deadline) as scope:
-                    self._applying.add(scope)
+                with self._applying.shielded(self.options.lease_seconds) as scope:
                     try:
                         await self._apply_one(row)
                     except RETRYABLE_DB_ERRORS as exc:
@@ -97,8 +91,6 @@ class InboxApplier(ReportedMoney, Confirmations, Disputes):
                         # and end the relay (found by the fault campaign's PostgreSQL
                         # restarts).
                         log.warning("inbox_db_error", error=type(exc).__name__, inbox_id=row.id)
-                    finally:
-                        self._applying.discard(scope)
                 if scope.cancelled_caught:
                     reason = "shutdown" if self.stopping() else "lease"
                     log.warning(

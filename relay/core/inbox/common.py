@@ -22,6 +22,7 @@ from relay.domain.money import format_minor
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra.db import Database, fetch
 from relay.infra.queries import QUERIES
+from relay.infra.shutdown import CutOffShields
 
 log = structlog.get_logger("relay.core.inbox")
 
@@ -118,10 +119,9 @@ class ApplierBase:
         self.actor = f"relay:{options.instance}"
         self.store = Store(db, actor=self.actor)
         self._wake = anyio.Event()
-        # Applies in progress, and the instant (anyio clock) the relay's shutdown cuts them
-        # off: set by cut_off(), which Relay.stop() calls with its in-flight cut-off.
-        self._applying: set[anyio.CancelScope] = set()
-        self._cut_off_at: float | None = None
+        # Applies in progress, bounded by the relay's shutdown: cut_off(), which
+        # Relay.stop() calls with its in-flight cut-off.
+        self._applying = CutOffShields()
 
     async def _payment(
         self, conn: AsyncConnection[TupleRow], provider: str, reference: str
