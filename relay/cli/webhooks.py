@@ -210,8 +210,10 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         help="run the receiver (/webhooks/<name>, /metrics, /healthz, /readyz)",
         description="Verify each delivery's signature against its raw body, store it in "
         "outbox.webhook_inbox, answer 2xx once committed. Relays (`outbox-relay run`) apply "
-        "the stored notifications. Configured by RELAY_WEBHOOKS__<NAME>__SECRETS_FILE, "
-        "RELAY_WEBHOOKS_PORT, RELAY_WEBHOOKS_MAX_BODY_BYTES, RELAY_WEBHOOKS_TOLERANCE_SECONDS.",
+        "the stored notifications. Configured by RELAY_WEBHOOKS__<NAME>__SECRETS_FILE (Stripe: "
+        "whsec_... secrets; Adyen: hex HMAC keys, one per line), RELAY_WEBHOOKS__<NAME>__KIND "
+        "(stripe, the default, or adyen), RELAY_WEBHOOKS_PORT, RELAY_WEBHOOKS_MAX_BODY_BYTES, "
+        "RELAY_WEBHOOKS_TOLERANCE_SECONDS.",
     )
     serve.add_argument("--host", default=None, help="listen address (RELAY_WEBHOOKS_HOST)")
     serve.add_argument(
