@@ -126,51 +126,28 @@ class Disputes(ApplierBase):
             payment, _ = await self._withdraw(conn, row, payment, fact, amount)
             notes = f"recorded the opening of dispute {fact.dispute_id} first ({money(amount)}); "
         withdrawn = int(payment["disputed_minor"])
-        if fact.outcome == "won":
-            if withdrawn:
-                await conn.execute(
-                    QUERIES["inbox_post_ledger"],
-                    {
-                        "inbox_id": row.id,
-                        "payment_id": payment_id,
-                        "kind": "dispute_reversal",
-                        "amount_minor": withdrawn,
-                        "reference": fact.dispute_id,
-                    },
-                )
-            (updated,) = await fetch(
-                conn,
-                "inbox_record_dispute",
+        won = fact.outcome == "won"
+        if won and withdrawn:
+            await conn.execute(
+                QUERIES["inbox_post_ledger"],
                 {
+                    "inbox_id": row.id,
                     "payment_id": payment_id,
-                    "disputed_minor": 0,
-                    "dispute_status": "won",
-                    "dispute_reference": fact.dispute_id,
+                    "kind": "dispute_reversal",
+                    "amount_minor": withdrawn,
+                    "reference": fact.dispute_id,
                 },
-                row=dict_row,
             )
-            await self._event(
-                conn,
-                row,
-                payment_id,
-                "payment.dispute.won",
-                updated,
-                currency,
-                {"dispute": fact.dispute_id, "amount_minor": withdrawn, "returned": True},
-            )
-            return Applied(
-                "applied",
-                notes + f"dispute {fact.dispute_id} won: {money(withdrawn)} returned "
-                "(ledger: dispute_reversal)",
-                payment_id,
-            )
+        # Won: the withdrawal comes back (dispute_reversal) and the payment holds it again.
+        # Lost: the withdrawal stays, final, in the ledger's disputed postings.
+        status = "won" if won else "lost"
         (updated,) = await fetch(
             conn,
             "inbox_record_dispute",
             {
                 "payment_id": payment_id,
-                "disputed_minor": withdrawn,
-                "dispute_status": "lost",
+                "disputed_minor": 0 if won else withdrawn,
+                "dispute_status": status,
                 "dispute_reference": fact.dispute_id,
             },
             row=dict_row,
@@ -179,16 +156,19 @@ class Disputes(ApplierBase):
             conn,
             row,
             payment_id,
-            "payment.dispute.lost",
+            f"payment.dispute.{status}",
             updated,
             currency,
-            {"dispute": fact.dispute_id, "amount_minor": withdrawn, "returned": False},
+            {"dispute": fact.dispute_id, "amount_minor": withdrawn, "returned": won},
+        )
+        outcome = (
+            f"{money(withdrawn)} returned (ledger: dispute_reversal)"
+            if won
+            else f"the withdrawal of {money(withdrawn)} is final (its ledger posting stays "
+            "in disputed)"
         )
         return Applied(
-            "applied",
-            notes + f"dispute {fact.dispute_id} lost: the withdrawal of {money(withdrawn)} "
-            "is final (its ledger posting stays in disputed)",
-            payment_id,
+            "applied", notes + f"dispute {fact.dispute_id} {status}: {outcome}", payment_id
         )
 
     async def _dispute_refused(
