@@ -1006,6 +1006,24 @@ def test_declared_providers_are_applied_after_the_migrations(
     assert _file_paths(manifests, pod, apply) == _file_paths(manifests, pod, migrate)
 
 
+def test_declared_providers_carry_their_pinned_api_version(
+    helm: Helm, fleet: dict[str, Any]
+) -> None:
+    """sql/0070: an API version canary declared in values, two instances of one kind each
+    pinned to its own version, reaches `providers apply` as given; the schema refuses a
+    version that is not a plain token, naming the field."""
+    declared = [
+        {"name": "stripe", "kind": "stripe", "apiVersion": "2026-10-28.endive"},
+        {"name": "stripe_next", "kind": "stripe", "apiVersion": "2027-01-15.future"},
+    ]
+    manifests = helm.render(CHART, merged(fleet, {"providerRegistry": declared}))
+    (apply,) = manifests.one("Job")["spec"]["template"]["spec"]["containers"]
+    assert json.loads(apply["args"][2]) == declared
+    bad = [{"name": "stripe", "kind": "stripe", "apiVersion": "2026-10-28 endive"}]
+    with pytest.raises(Exception, match="apiVersion"):
+        helm.render(CHART, merged(fleet, {"providerRegistry": bad}))
+
+
 def test_schema_refuses_a_provider_without_kind(helm: Helm, fleet: dict[str, Any]) -> None:
     with pytest.raises(Exception, match="kind"):
         helm.render(CHART, merged(fleet, {"providerRegistry": [{"name": "stripe"}]}))
