@@ -14,6 +14,9 @@ version of the instance the routing chose for its payment.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import psycopg
 import pytest
 
@@ -21,8 +24,10 @@ from provider_adapters import stripe
 from relay.cli.status import render_status
 from relay.domain.routing import Target, choose, routing_bucket
 from relay.domain.version_pins import pin_mismatches
+from relay.finance.audit import verify_database
 from relay.infra.db import Database
 from relay.infra.db_startup import StartupRefused
+from relay.infra.migrate import migrate, sql_dir
 from relay.operations.providers import (
     ApprovalRequested,
     approve_request,
@@ -36,6 +41,7 @@ from relay.operations.status import collect_status
 from relay.service.instances import InstanceHeartbeat
 from relay.service.main import check_registered_api_versions
 from tests.support.cli import run_cli
+from tests.support.databases import scratch_database
 from tests.support.fake_server import FakeServer
 from tests.support.relays import provider, relay_for, run_until_settled
 
@@ -337,3 +343,37 @@ def test_four_eyes_hold_a_new_pinned_version(db_url: str) -> None:
             " WHERE entity = 'provider' AND entity_id = 'stripe_next' ORDER BY chain_seq DESC LIMIT 1"
         ).fetchone()
         assert row == ("operator:bob", NEXT, "2027-02-01.next")
+
+
+@pytest.mark.integration
+def test_providers_registered_before_the_column_still_verify(
+    pg_admin_url: str, tmp_path: Path
+) -> None:
+    """sql/0070 adds api_version to the audited columns: a provider registered before it
+    gets a baseline audit row, so `audit verify` still finds its chain ending in its row."""
+    before = tmp_path / "sql"
+    before.mkdir()
+    for path in sql_dir().glob("*.sql"):
+        if path.name[:4].isdigit() and path.name < "0070":
+            shutil.copy(path, before / path.name)
+    with scratch_database(pg_admin_url, "outbox_relay_t0070") as url:
+        migrate(url, directory=before)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT outbox.provider_set_v1('alice', 'stripe', 'stripe', NULL, NULL, NULL,"
+                " NULL, 'before sql/0070', true)"
+            )
+        assert migrate(url) == ["0070_pre_provider_api_versions"]
+        assert verify_database(url).breaks == []
+        with psycopg.connect(url, autocommit=True) as conn:
+            baseline = conn.execute(
+                "SELECT operation, after, reason FROM outbox.audit_log WHERE entity = 'provider'"
+                " AND entity_id = 'stripe' ORDER BY chain_seq DESC LIMIT 1"
+            ).fetchone()
+            assert baseline == (
+                "baseline",
+                {"api_version": None},
+                "sql/0070: the registry records API versions",
+            )
+            set_provider(conn, operator="bob", name="stripe", api_version=CURRENT, reason="pin")
+        assert verify_database(url).breaks == []
