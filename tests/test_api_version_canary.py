@@ -30,8 +30,10 @@ from relay.infra.db_startup import StartupRefused
 from relay.infra.migrate import migrate, sql_dir
 from relay.operations.providers import (
     ApprovalRequested,
+    apply_declared,
     approve_request,
     list_providers,
+    parse_declared,
     set_four_eyes,
     set_provider,
     set_rule,
@@ -119,7 +121,7 @@ async def test_a_split_sends_each_payment_with_its_instances_version_and_rolls_b
 ) -> None:
     with psycopg.connect(db_url, autocommit=True) as sync:
         _register_canary(sync)
-        _insert_payments(sync, "c", 300)
+        _insert_payments(sync, "c", 200)
 
     relay = relay_for(db_url, _lanes(fake.url))
     try:
@@ -136,9 +138,9 @@ async def test_a_split_sends_each_payment_with_its_instances_version_and_rolls_b
         targets = [Target("stripe", 90), Target("stripe_next", 10)]
         assert routed == {pid: choose("split", targets, routing_bucket(pid)) for pid in routed}
         canary = {pid for pid, name in routed.items() if name == "stripe_next"}
-        # Both instances take traffic: Binomial(300, 0.1) has mean 30 and sd 5.2; these ids
-        # are fixed, so the count is too (21).
-        assert 10 <= len(canary) <= 50, len(canary)
+        # Both instances take traffic: Binomial(200, 0.1) has mean 20 and sd 4.2; these ids
+        # are fixed, so the count is too (14).
+        assert 5 <= len(canary) <= 35, len(canary)
         assert sync.execute("SELECT DISTINCT status FROM outbox.payment_intents").fetchall() == [
             ("succeeded",)
         ]
@@ -156,7 +158,7 @@ async def test_a_split_sends_each_payment_with_its_instances_version_and_rolls_b
             reason=f"{NEXT} declines",
         )
         assert rolled["weights"] == [90, 0]
-        _insert_payments(sync, "r", 200)
+        _insert_payments(sync, "r", 100)
         # Payments already on the new version keep it for their later intents: a refund.
         sync.execute(
             "INSERT INTO outbox.payment_intents (payment_id, action, amount_minor, currency)"
@@ -250,16 +252,22 @@ def test_run_exits_2_naming_the_variable_and_the_registry_value(db_url: str) -> 
 async def test_status_and_providers_list_show_versions_and_a_relay_that_differs(
     db_url: str,
 ) -> None:
-    added = run_cli(
-        "providers", "add", "stripe_next", "--kind", "stripe", "--api-version", NEXT,
-        "--operator", "alice", "--reason", "canary", env={"RELAY_DATABASE_URL": db_url},
-    )  # fmt: skip
+    add = [
+        "providers",
+        "add",
+        "stripe_next",
+        "--kind",
+        "stripe",
+        "--operator",
+        "alice",
+        "--reason",
+        "canary",
+    ]
+    added = run_cli(*add, "--api-version", NEXT, env={"RELAY_DATABASE_URL": db_url})
     assert added.returncode == 0, added.stderr
     with psycopg.connect(db_url, autocommit=True) as conn:
-        set_provider(
-            conn, operator="alice", name="stripe", kind="stripe", api_version=CURRENT,
-            reason="pin", create=True,
-        )  # fmt: skip
+        pin = {"operator": "alice", "reason": "pin", "api_version": CURRENT}
+        set_provider(conn, name="stripe", kind="stripe", create=True, **pin)
         # Spelt as the kind's adapter spells versions, or refused naming the field.
         with pytest.raises(ValueError, match="api_version 'v71' is not a stripe API version"):
             set_provider(conn, operator="alice", name="stripe", api_version="v71", reason="x")
@@ -272,15 +280,12 @@ async def test_status_and_providers_list_show_versions_and_a_relay_that_differs(
     db = Database(db_url, pool_size=1, name="canary-status")
     await db.open()
     try:
-        for instance, version in (("relay-a", CURRENT), ("relay-b", CURRENT)):
-            pins = {
-                name: {"kind": "stripe", "version": version, "tested": True}
-                for name in ("stripe", "stripe_next")
+        for instance, next_sent in (("relay-a", NEXT), ("relay-b", CURRENT)):
+            sent = {
+                "stripe": {"kind": "stripe", "version": CURRENT, "tested": True},
+                "stripe_next": {"kind": "stripe", "version": next_sent, "tested": False},
             }
-            if instance == "relay-a":
-                pins["stripe_next"]["version"] = NEXT
-                pins["stripe_next"]["tested"] = False
-            await InstanceHeartbeat(db, instance=instance, providers=pins, api_versions=pins).beat()
+            await InstanceHeartbeat(db, instance=instance, providers=sent, api_versions=sent).beat()
     finally:
         await db.close()
     status = collect_status(db_url)
@@ -377,3 +382,26 @@ def test_providers_registered_before_the_column_still_verify(
             )
             set_provider(conn, operator="bob", name="stripe", api_version=CURRENT, reason="pin")
         assert verify_database(url).breaks == []
+
+
+def test_providers_apply_sets_a_declared_version_and_keeps_an_undeclared_one(
+    conn: psycopg.Connection,
+) -> None:
+    """The chart's path (`providers apply`): ``apiVersion`` is checked per kind, naming the
+    entry; a declared one is set, and an entry without one keeps what the registry records."""
+    with pytest.raises(ValueError, match=r"providers\[1\]\.apiVersion: api_version 'v71'"):
+        parse_declared(
+            [
+                {"name": "a", "kind": "adyen", "apiVersion": "v71"},
+                {"name": "s", "kind": "stripe", "apiVersion": "v71"},
+            ]
+        )
+    declared = parse_declared([{"name": "stripe_next", "kind": "stripe", "apiVersion": NEXT}])
+    apply_declared(conn, operator="helm:r", entries=declared, reason="release 1")
+    apply_declared(
+        conn,
+        operator="helm:r",
+        entries=parse_declared([{"name": "stripe_next", "kind": "stripe"}]),
+        reason="release 2",
+    )
+    assert [(p["name"], p["api_version"]) for p in list_providers(conn)] == [("stripe_next", NEXT)]
