@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import structlog
 
 from provider_adapters import stripe
 from relay.cli.status import render_status
@@ -351,11 +352,13 @@ def test_four_eyes_hold_a_new_pinned_version(db_url: str) -> None:
 
 
 @pytest.mark.integration
-def test_providers_registered_before_the_column_still_verify(
+@pytest.mark.anyio
+async def test_providers_registered_before_the_column_still_verify(
     pg_admin_url: str, tmp_path: Path
 ) -> None:
     """sql/0070 adds api_version to the audited columns: a provider registered before it
-    gets a baseline audit row, so `audit verify` still finds its chain ending in its row."""
+    gets a baseline audit row, so `audit verify` still finds its chain ending in its row.
+    A relay started on the schema before it has nothing to compare with, and says so."""
     before = tmp_path / "sql"
     before.mkdir()
     for path in sql_dir().glob("*.sql"):
@@ -368,6 +371,15 @@ def test_providers_registered_before_the_column_still_verify(
                 "SELECT outbox.provider_set_v1('alice', 'stripe', 'stripe', NULL, NULL, NULL,"
                 " NULL, 'before sql/0070', true)"
             )
+        early = relay_for(url, {"stripe": provider("http://127.0.0.1:9")})
+        await early.db.open()
+        try:
+            with structlog.testing.capture_logs() as logs:
+                await check_registered_api_versions(early)
+        finally:
+            await early.db.close()
+            await early.lanes["stripe"].adapter.aclose()
+        assert [e["event"] for e in logs] == ["api_version_check_skipped"]
         assert migrate(url) == ["0070_pre_provider_api_versions"]
         assert verify_database(url).breaks == []
         with psycopg.connect(url, autocommit=True) as conn:

@@ -196,7 +196,19 @@ async def check_registered_api_versions(
     }
     if not pinned:
         return
-    rows = await _fetch_at_start(relay, "registered_api_versions", {"providers": sorted(pinned)})
+    try:
+        rows = await _fetch_at_start(
+            relay, "registered_api_versions", {"providers": sorted(pinned)}
+        )
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable):
+        # The schema is behind this release (its pre-deploy migrations not run yet): the
+        # registry records no versions, so there is nothing to differ from.
+        log.warning(
+            "api_version_check_skipped",
+            reason="the schema predates sql/0070",
+            remedy="run `outbox-relay migrate` before deploying relays",
+        )
+        return
     if rows is None:
         return
     found = pin_mismatches(pinned, {name: version for name, _kind, version in rows})
