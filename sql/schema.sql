@@ -2987,7 +2987,9 @@ CREATE TABLE outbox.providers (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_by text,
+    api_version text,
     CONSTRAINT providers_amount_limits_shape CHECK (((jsonb_typeof(amount_limits) = 'object'::text) AND (NOT jsonb_path_exists(amount_limits, 'strict $.keyvalue()?(!(@."key" like_regex "^[A-Z]{3}$") || @."value".type() != "object")'::jsonpath)) AND (NOT jsonb_path_exists(amount_limits, 'strict $.*.keyvalue()?(((!(@."key" == "min" || @."key" == "max") || @."value".type() != "number") || @."value" < 1) || @."value".floor() != @."value")'::jsonpath)))),
+    CONSTRAINT providers_api_version_token CHECK (((api_version ~ '^[A-Za-z0-9][A-Za-z0-9._-]*$'::text) AND (length(api_version) <= 64))),
     CONSTRAINT providers_currencies_codes CHECK (((cardinality(currencies) >= 1) AND (array_to_string(currencies, ','::text) ~ '^[A-Z]{3}(,[A-Z]{3})*$'::text))),
     CONSTRAINT providers_kind_lowercase_identifier CHECK (((kind ~ '^[a-z][a-z0-9_]*$'::text) AND (length(kind) <= 63))),
     CONSTRAINT providers_name_lowercase_identifier CHECK (((name ~ '^[a-z][a-z0-9_]*$'::text) AND (length(name) <= 63))),
@@ -3013,10 +3015,34 @@ COMMENT ON COLUMN outbox.providers.currencies IS 'ISO 4217 codes the provider ta
 COMMENT ON COLUMN outbox.providers.amount_limits IS 'Per currency, bounds for a payment''s first intent in minor units: {"EUR": {"min": 50, "max": 99999999}}; a currency without an entry has no bounds.';
 
 --
+-- Name: COLUMN providers.api_version; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.providers.api_version IS 'The provider API version the relays serving this name must pin (sql/0070), e.g. 2026-10-28.endive (stripe) or v71 (adyen); a relay with another one refuses to start. NULL: not recorded, not checked.';
+
+--
 -- Name: provider_set_v1(text, text, text, boolean, text[], jsonb, text, text, boolean); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
 CREATE FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text DEFAULT NULL::text, p_enabled boolean DEFAULT NULL::boolean, p_currencies text[] DEFAULT NULL::text[], p_amount_limits jsonb DEFAULT NULL::jsonb, p_note text DEFAULT NULL::text, p_reason text DEFAULT NULL::text, p_create boolean DEFAULT true) RETURNS outbox.providers
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT * FROM outbox.provider_set_v2(p_operator, p_name, p_kind, p_enabled, p_currencies,
+                                         p_amount_limits, p_note, p_reason, p_create, NULL)  -- sql/0070
+$$;
+
+--
+-- Name: FUNCTION provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean) IS 'Register or change a provider (NULL keeps a value; currencies ''{}'': all), as operator p_operator, with p_reason as the audit row''s why. The first row of an empty registry registers every provider in use first.';
+
+--
+-- Name: provider_set_v2(text, text, text, boolean, text[], jsonb, text, text, boolean, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.provider_set_v2(p_operator text, p_name text, p_kind text DEFAULT NULL::text, p_enabled boolean DEFAULT NULL::boolean, p_currencies text[] DEFAULT NULL::text[], p_amount_limits jsonb DEFAULT NULL::jsonb, p_note text DEFAULT NULL::text, p_reason text DEFAULT NULL::text, p_create boolean DEFAULT true, p_api_version text DEFAULT NULL::text) RETURNS outbox.providers
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -3047,6 +3073,8 @@ BEGIN
                           ELSE (SELECT array_agg(DISTINCT upper(c) ORDER BY upper(c)) FROM unnest(p_currencies) AS c) END,
         amount_limits = coalesce(p_amount_limits, p.amount_limits),
         note = coalesce(p_note, p.note),
+        api_version = CASE WHEN p_api_version IS NULL THEN p.api_version  -- sql/0070
+                           ELSE nullif(p_api_version, '') END,
         updated_at = now(),
         updated_by = outbox.audit_actor()
     WHERE p.name = p_name
@@ -3063,21 +3091,22 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'not_null_violation', CONSTRAINT = 'providers_kind_required',
             MESSAGE = format('provider %s is new: its kind (the adapter, e.g. stripe or adyen) is required', quote_literal(p_name));
     END IF;
-    INSERT INTO outbox.providers (name, kind, enabled, currencies, amount_limits, note, updated_by)
+    INSERT INTO outbox.providers (name, kind, enabled, currencies, amount_limits, note, api_version, updated_by)
     VALUES (p_name, p_kind, coalesce(p_enabled, true),
             CASE WHEN cardinality(p_currencies) = 0 THEN NULL
                  ELSE (SELECT array_agg(DISTINCT upper(c) ORDER BY upper(c)) FROM unnest(p_currencies) AS c) END,
-            coalesce(p_amount_limits, '{}'::jsonb), p_note, outbox.audit_actor())
+            coalesce(p_amount_limits, '{}'::jsonb), p_note, nullif(p_api_version, ''),  -- sql/0070
+            outbox.audit_actor())
     RETURNING * INTO row_now;
     RETURN row_now;
 END;
 $$;
 
 --
--- Name: FUNCTION provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean); Type: COMMENT; Schema: outbox; Owner: -
+-- Name: FUNCTION provider_set_v2(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean, p_api_version text); Type: COMMENT; Schema: outbox; Owner: -
 --
 
-COMMENT ON FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean) IS 'Register or change a provider (NULL keeps a value; currencies ''{}'': all), as operator p_operator, with p_reason as the audit row''s why. The first row of an empty registry registers every provider in use first.';
+COMMENT ON FUNCTION outbox.provider_set_v2(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean, p_api_version text) IS 'Register or change a provider (NULL keeps a value; currencies ''{}'': all; api_version '''': not recorded), as operator p_operator, with p_reason as the audit row''s why. The first row of an empty registry registers every provider in use first.';
 
 --
 -- Name: provider_units(bigint, integer, integer, integer); Type: FUNCTION; Schema: outbox; Owner: -
@@ -3103,8 +3132,9 @@ CREATE FUNCTION outbox.providers_four_eyes() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' AND (NEW.kind, NEW.currencies, NEW.amount_limits) IS NOT DISTINCT FROM
-                            (OLD.kind, OLD.currencies, OLD.amount_limits)
+    IF TG_OP = 'UPDATE' AND (NEW.kind, NEW.currencies, NEW.amount_limits, NEW.api_version)  -- sql/0070
+                            IS NOT DISTINCT FROM
+                            (OLD.kind, OLD.currencies, OLD.amount_limits, OLD.api_version)
        AND (NEW.enabled = OLD.enabled OR NOT NEW.enabled) THEN
         RETURN NEW;  -- disabled, a note changed, or nothing
     END IF;
@@ -3295,11 +3325,12 @@ BEGIN
     PERFORM set_config('outbox.reason', format('request %s by %s, approved by %s: %s', req.id,
                                                req.requested_by, p_operator, req.reason), true);
     IF req.entity = 'provider' THEN
-        PERFORM outbox.provider_set_v1(p_operator, req.name, c ->> 'kind', (c ->> 'enabled')::boolean,
+        PERFORM outbox.provider_set_v2(p_operator, req.name, c ->> 'kind', (c ->> 'enabled')::boolean,
             CASE WHEN c ? 'currencies' AND jsonb_typeof(c -> 'currencies') = 'array'
                  THEN ARRAY(SELECT jsonb_array_elements_text(c -> 'currencies')) END,
             CASE WHEN jsonb_typeof(c -> 'amount_limits') = 'object' THEN c -> 'amount_limits' END,
-            c ->> 'note', current_setting('outbox.reason'), coalesce((c ->> 'create')::boolean, false));
+            c ->> 'note', current_setting('outbox.reason'), coalesce((c ->> 'create')::boolean, false),
+            c ->> 'api_version');  -- sql/0070
     ELSIF req.entity = 'routing_rule' THEN
         PERFORM outbox.routing_rule_set_v1(p_operator, req.name, c -> 'rule', current_setting('outbox.reason'),
                                            coalesce((c ->> 'create')::boolean, false));
@@ -5298,7 +5329,7 @@ CREATE TRIGGER payments_currency_fixed BEFORE UPDATE OF currency ON outbox.payme
 -- Name: providers providers_audit; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
-CREATE TRIGGER providers_audit AFTER INSERT OR UPDATE ON outbox.providers FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('provider', 'name', 'name,kind,enabled,currencies,amount_limits,note');
+CREATE TRIGGER providers_audit AFTER INSERT OR UPDATE ON outbox.providers FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('provider', 'name', 'name,kind,enabled,currencies,amount_limits,note,api_version');
 
 --
 -- Name: providers providers_four_eyes; Type: TRIGGER; Schema: outbox; Owner: -
@@ -6259,6 +6290,13 @@ GRANT SELECT ON TABLE outbox.providers TO outbox_relay;
 
 REVOKE ALL ON FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean) FROM PUBLIC;
 GRANT ALL ON FUNCTION outbox.provider_set_v1(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean) TO outbox_operator;
+
+--
+-- Name: FUNCTION provider_set_v2(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean, p_api_version text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.provider_set_v2(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean, p_api_version text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.provider_set_v2(p_operator text, p_name text, p_kind text, p_enabled boolean, p_currencies text[], p_amount_limits jsonb, p_note text, p_reason text, p_create boolean, p_api_version text) TO outbox_operator;
 
 --
 -- Name: FUNCTION provider_units(p_amount bigint, p_iso_exponent integer, p_exponent integer, p_multiple_of integer); Type: ACL; Schema: outbox; Owner: -

@@ -1006,6 +1006,33 @@ def test_declared_providers_are_applied_after_the_migrations(
     assert _file_paths(manifests, pod, apply) == _file_paths(manifests, pod, migrate)
 
 
+def test_declared_providers_carry_their_pinned_api_version(
+    helm: Helm, fleet: dict[str, Any]
+) -> None:
+    """sql/0070: an API version canary as docs/routing.md writes it in values, two instances
+    of one kind each pinned to its own version: the registry's pins reach `providers apply`
+    as given, the lane's version the relays' environment; the schema refuses a version that
+    is not a plain token, naming the field."""
+    declared = [
+        {"name": "stripe", "kind": "stripe", "apiVersion": "2026-10-28.endive"},
+        {"name": "stripe_next", "kind": "stripe", "apiVersion": "2027-01-15.future"},
+    ]
+    lane = {
+        "kind": "stripe",
+        "apiKey": {"existingSecret": "stripe-api-key"},
+        "extraEnv": {"API_VERSION": "2027-01-15.future", "ALLOW_UNTESTED_API_VERSION": "true"},
+    }
+    values = merged(fleet, {"providers": {"stripe_next": lane}, "providerRegistry": declared})
+    manifests = helm.render(CHART, values)
+    (apply,) = manifests.one("Job")["spec"]["template"]["spec"]["containers"]
+    assert json.loads(apply["args"][2]) == declared
+    env = manifests.one("ConfigMap", f"{RELEASE}-outbox-relay")["data"]
+    assert env["RELAY_PROVIDERS__STRIPE_NEXT__API_VERSION"] == "2027-01-15.future"
+    bad = [{"name": "stripe", "kind": "stripe", "apiVersion": "2026-10-28 endive"}]
+    with pytest.raises(Exception, match="apiVersion"):
+        helm.render(CHART, merged(fleet, {"providerRegistry": bad}))
+
+
 def test_schema_refuses_a_provider_without_kind(helm: Helm, fleet: dict[str, Any]) -> None:
     with pytest.raises(Exception, match="kind"):
         helm.render(CHART, merged(fleet, {"providerRegistry": [{"name": "stripe"}]}))

@@ -205,6 +205,7 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "audit_fx_rate_doc": {"outbox_operator"},  # audit verify compares each rate row
     # sql/0050, sql/0051: the registry and routing rules, changed as the owner, audited
     "provider_set_v1": {"outbox_operator"},
+    "provider_set_v2": {"outbox_operator"},  # sql/0070: with the pinned API version
     "routing_rule_set_v1": {"outbox_operator"},
     "routing_bucket": {"outbox_operator"},  # `intents show` prints the payment's bucket
     # sql/0052: four eyes on registry changes
@@ -264,6 +265,7 @@ RELAY_STATEMENTS = {
     "relay_withdraw",
     "relay_instances",
     "provider_key_lifetimes",  # relay/service/main.py: the start-up check of key lifetimes
+    "registered_api_versions",  # and of the registry's pinned API versions (sql/0070)
     "janitor_reserve",  # relay/core/janitor.py
     "janitor_take",
     "janitor_record",
@@ -310,6 +312,7 @@ OPERATOR_STATEMENTS = {
     "routing_rule_set",
     "registry_changes",
     "registered_enabled_providers",
+    "registered_api_versions",  # sql/0070: `status` names a relay whose version differs
     "payment_routing",
     "registry_policy_set",  # sql/0052
     "registry_request",

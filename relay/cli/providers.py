@@ -19,6 +19,7 @@ from relay.cli.operator_args import add_operator_argument, operator_of
 from relay.cli.tables import render_table
 from relay.operations.providers import (
     ApprovalRequested,
+    api_version_untested,
     apply_declared,
     approve_request,
     list_providers,
@@ -72,6 +73,11 @@ def _currencies(text: str) -> list[str]:
             f"{text!r} is not a list of ISO 4217 codes like EUR,USD (or all)"
         )
     return codes
+
+
+def _api_version(text: str) -> str:
+    """``2026-10-28.endive`` as given; ``none`` -> ``''`` (the registry records none)."""
+    return "" if text.strip().lower() == "none" else text.strip()
 
 
 def _print_error(exc: psycopg.Error) -> int:
@@ -143,22 +149,26 @@ def _provider_line(p: dict[str, Any]) -> list[object]:
         f"{cur} {b.get('min', '-')}..{b.get('max', '-')}"
         for cur, b in sorted(p["amount_limits"].items())
     )
+    version = p.get("api_version")
+    if version is not None and api_version_untested(p["kind"], version):
+        version += " (untested)"
     return [
         p["name"],
         p["kind"],
         "enabled" if p["enabled"] else "DISABLED",
         ",".join(p["currencies"]) if p["currencies"] else "all",
         limits or None,
+        version,
         p["updated_by"],
     ]
 
 
+# "api version": the version relays serving it must pin (sql/0070); empty: not recorded.
+_PROVIDER_HEADERS = ["name", "kind", "state", "currencies", "limits", "api version", "changed by"]
+
+
 def _show_provider(p: dict[str, Any]) -> None:
-    print(
-        render_table(
-            ["name", "kind", "state", "currencies", "limits", "changed by"], [_provider_line(p)]
-        )
-    )
+    print(render_table(_PROVIDER_HEADERS, [_provider_line(p)]))
 
 
 def _history(conn: psycopg.Connection, entity: str, name: str) -> None:
@@ -192,12 +202,7 @@ def _cmd_providers(args: argparse.Namespace, conninfo: str) -> int:
                     "accepted (docs/routing.md)"
                 )
             else:
-                print(
-                    render_table(
-                        ["name", "kind", "state", "currencies", "limits", "changed by"],
-                        [_provider_line(p) for p in rows],
-                    )
-                )
+                print(render_table(_PROVIDER_HEADERS, [_provider_line(p) for p in rows]))
             return 0
         if args.providers_command == "show":
             found = [p for p in list_providers(conn) if p["name"] == args.name]
@@ -225,9 +230,13 @@ def _cmd_providers(args: argparse.Namespace, conninfo: str) -> int:
                 amount_limits=limits,
                 note=getattr(args, "note", None),
                 create=args.providers_command == "add",
+                api_version=getattr(args, "api_version", None),
             )
         except ApprovalRequested as exc:
             return _requested(exc)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         except psycopg.Error as exc:
             return _print_error(exc)
     _show_provider(row)
@@ -253,12 +262,7 @@ def _apply(conn: psycopg.Connection, args: argparse.Namespace) -> int:
         return _print_error(exc)
     print(f"applied {len(rows)} declared provider(s); providers not declared are left as they are")
     if rows:
-        print(
-            render_table(
-                ["name", "kind", "state", "currencies", "limits", "changed by"],
-                [_provider_line(p) for p in rows],
-            )
-        )
+        print(render_table(_PROVIDER_HEADERS, [_provider_line(p) for p in rows]))
     return 0
 
 
@@ -430,6 +434,14 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
                 help="amount bounds for a payment's first intent, minor units (repeatable)",
             )
             sub.add_argument("--note", help="free text shown with the provider")
+            sub.add_argument(
+                "--api-version",
+                type=_api_version,
+                metavar="VERSION",
+                help="the provider API version relays serving this name must pin (a relay "
+                "with another refuses to start); none: not recorded (docs/routing.md, "
+                '"API version canary")',
+            )
         if verb == "add":
             sub.add_argument(
                 "--disabled",
@@ -447,7 +459,8 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         "source",
         metavar="JSON_OR_FILE",
         help='a JSON list ([{"name": "stripe", "kind": "stripe", "currencies": ["EUR"], '
-        '"limits": {"EUR": {"min": 50}}}]) or a file holding one',
+        '"limits": {"EUR": {"min": 50}}, "apiVersion": "2026-10-28.endive"}]) or a file '
+        "holding one",
     )
     _change_args(apply)
     group.set_defaults(handler=lambda args: _cmd_providers(args, database_url()))

@@ -54,8 +54,10 @@ def _unserved_line(provider: str, waiting: int) -> str:
 
 
 def _version_lines(status: Status) -> list[str]:
-    """The API versions the live relays pin, per provider; one loud line per relay that runs
-    a version its adapter was not tested with (README "Moving to a new provider API version")."""
+    """The API versions the live relays pin, per provider, and the registry's (sql/0070);
+    one loud line per relay whose version differs from the registry's, and per relay that
+    runs a version its adapter was not tested with (README "Moving to a new provider API
+    version")."""
     live = [relay for relay in status.relays if relay.live]
     seen: dict[str, dict[str, int]] = {}
     for relay in live:
@@ -63,8 +65,23 @@ def _version_lines(status: Status) -> list[str]:
             version = str(pinned.get("version"))
             counts = seen.setdefault(provider, {})
             counts[version] = counts.get(version, 0) + 1
+    lines = []
+    if status.registered_api_versions:
+        lines.append(
+            "registry API versions: "
+            + ", ".join(f"{p} {v}" for p, v in sorted(status.registered_api_versions.items()))
+        )
+    for m in status.api_version_mismatches:
+        provider, wanted = m["provider"], m["registry_version"]
+        lines.append(
+            f"API VERSION MISMATCH {provider} on relay {m['relay']}: it sends "
+            f"{m['relay_version']}, the registry pins {wanted} (changed after the relay "
+            f"started); restart it with RELAY_PROVIDERS__{provider.upper()}__API_VERSION="
+            f"{wanted}, or correct the registry: outbox-relay providers set {provider} "
+            f"--api-version {m['relay_version']}"
+        )
     if not seen:
-        return []
+        return lines
     parts = []
     for provider, counts in sorted(seen.items()):
         versions = sorted(counts)
@@ -74,7 +91,7 @@ def _version_lines(status: Status) -> list[str]:
             parts.append(
                 provider + " " + " and ".join(f"{v} ({counts[v]} relays)" for v in versions)
             )
-    lines = ["provider API versions: " + ", ".join(parts)]
+    lines.insert(0, "provider API versions: " + ", ".join(parts))
     for relay in live:
         for provider, version in relay.untested_versions():
             tested = relay.api_versions[provider].get("tested_versions") or []

@@ -714,7 +714,7 @@ SELECT 'fx_posting', p.id::text, outbox.audit_generic_doc(p,
 FROM outbox.fx_postings AS p
 UNION ALL
 SELECT 'provider', v.name, outbox.audit_generic_doc(v,
-       'name,kind,enabled,currencies,amount_limits,note'), NULL, false, false
+       'name,kind,enabled,currencies,amount_limits,note,api_version'), NULL, false, false
 FROM outbox.providers AS v
 UNION ALL
 SELECT 'routing_rule', r.name, outbox.audit_generic_doc(r,
@@ -1587,15 +1587,27 @@ ORDER BY p.id;
 
 -- name: providers_list
 -- Every registered provider, by name.
-SELECT name, kind, enabled, currencies, amount_limits, note, created_at, updated_at, updated_by
+SELECT name, kind, enabled, currencies, amount_limits, note, api_version, created_at, updated_at,
+       updated_by
 FROM outbox.providers
 ORDER BY name;
 
 -- name: provider_set
--- Register or change one provider as an operator (NULL keeps a value; currencies '{}': all).
-SELECT name, kind, enabled, currencies, amount_limits, note, created_at, updated_at, updated_by
-FROM outbox.provider_set_v1(%(operator)s, %(name)s, %(kind)s, %(enabled)s, %(currencies)s::text[],
-                            %(amount_limits)s::jsonb, %(note)s, %(reason)s, %(create)s);
+-- Register or change one provider as an operator (NULL keeps a value; currencies '{}': all;
+-- api_version '': not recorded).
+SELECT name, kind, enabled, currencies, amount_limits, note, api_version, created_at, updated_at,
+       updated_by
+FROM outbox.provider_set_v2(%(operator)s, %(name)s, %(kind)s, %(enabled)s, %(currencies)s::text[],
+                            %(amount_limits)s::jsonb, %(note)s, %(reason)s, %(create)s,
+                            %(api_version)s);
+
+-- name: registered_api_versions
+-- The API version the registry pins for these providers (NULL: all), where it records one
+-- (sql/0070): a relay refuses to start with another; `status` names a running relay that differs.
+SELECT name, kind, api_version
+FROM outbox.providers
+WHERE (%(providers)s::text[] IS NULL OR name = ANY(%(providers)s::text[])) AND api_version IS NOT NULL
+ORDER BY name;
 
 -- name: routing_rules_list
 -- Every routing rule, in the order the INSERT tries them (disabled ones too).

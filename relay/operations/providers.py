@@ -11,19 +11,23 @@ provider. The command line is relay/cli/providers.py.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
+from provider_adapters.registry import api_versions
 from relay.domain.routing import Target, split_share
 from relay.infra.queries import QUERIES
 
 __all__ = [
     "ApprovalRequested",
+    "api_version_untested",
     "apply_declared",
     "approve_request",
+    "check_api_version",
     "list_providers",
     "list_requests",
     "list_rules",
@@ -131,13 +135,25 @@ def set_provider(
     amount_limits: Mapping[str, Mapping[str, int]] | None = None,
     note: str | None = None,
     create: bool = False,
+    api_version: str | None = None,
 ) -> dict[str, Any]:
     """Register (``create``) or change one provider; the row as it is now.
+
+    ``api_version`` (sql/0070): the provider API version relays serving this name must pin;
+    None keeps it, ``""`` clears it (not recorded, not checked). It must be spelt as the
+    kind's adapter spells versions (ValueError naming the field otherwise); a version the
+    adapter was not tested with is accepted (:func:`api_version_untested` says so), since
+    the relay's own override (ALLOW_UNTESTED_API_VERSION) is where that is decided.
 
     Raises psycopg errors the database names (unknown currency, not registered, bad name),
     and :class:`ApprovalRequested` when four eyes are on and the change may send traffic
     somewhere new (``conn`` in autocommit mode: the request is committed).
     """
+    if api_version:
+        kind_of = kind
+        if kind_of is None:  # a change of a registered provider: its kind is the table's
+            kind_of = next((p["kind"] for p in list_providers(conn) if p["name"] == name), None)
+        check_api_version(kind_of, api_version)
     change = {
         "kind": kind,
         "enabled": enabled,
@@ -145,6 +161,7 @@ def set_provider(
         "amount_limits": None if amount_limits is None else dict(amount_limits),
         "note": note,
         "create": create,
+        "api_version": api_version,
     }
     return _change_or_request(
         conn,
@@ -160,6 +177,33 @@ def set_provider(
         change=change,
         reason=reason,
     )
+
+
+def check_api_version(kind: str | None, version: str) -> None:
+    """ValueError naming the field when ``version`` is not spelt as ``kind``'s adapter
+    spells API versions (Stripe ``2026-10-28.endive``, Adyen ``v71``). A kind without an
+    adapter here (or not known yet) is left to the table's rule (a plain token)."""
+    if kind is None:
+        return
+    try:
+        versions = api_versions(kind)
+    except ValueError:
+        return
+    if not re.fullmatch(versions.pattern, version):
+        raise ValueError(
+            f"api_version {version!r} is not a {kind} API version (like {versions.example})"
+        )
+
+
+def api_version_untested(kind: str, version: str | None) -> bool:
+    """True when ``kind``'s adapter was not tested with ``version`` (a relay then serves it
+    only under RELAY_PROVIDERS__<NAME>__ALLOW_UNTESTED_API_VERSION)."""
+    if version is None:
+        return False
+    try:
+        return version not in api_versions(kind).tested
+    except ValueError:
+        return False
 
 
 def list_rules(conn: psycopg.Connection) -> list[dict[str, Any]]:
@@ -248,7 +292,7 @@ def registry_changes(
     )
 
 
-_ENTRY_KEYS = {"name", "kind", "enabled", "currencies", "limits", "note"}
+_ENTRY_KEYS = {"name", "kind", "enabled", "currencies", "limits", "note", "apiVersion"}
 
 
 def parse_declared(entries: object) -> list[dict[str, Any]]:
@@ -256,7 +300,9 @@ def parse_declared(entries: object) -> list[dict[str, Any]]:
 
     Each entry: ``name`` and ``kind`` required; ``enabled`` (default true), ``currencies``
     (a list, empty or absent: all), ``limits`` (``{"EUR": {"min": 50, "max": 999}}``),
-    ``note``. ValueError naming the entry and the field otherwise.
+    ``note``, ``apiVersion`` (the version relays serving it must pin, spelt as its kind's
+    adapter spells them; left out: the registry's is kept). ValueError naming the entry and
+    the field otherwise.
     """
     if not isinstance(entries, list):
         raise ValueError("providers must be a JSON list of objects")
@@ -276,6 +322,14 @@ def parse_declared(entries: object) -> list[dict[str, Any]]:
         currencies = entry.get("currencies") or []
         if not isinstance(currencies, list) or not all(isinstance(c, str) for c in currencies):
             raise ValueError(f"{where}.currencies must be a list of ISO 4217 codes")
+        if "apiVersion" in entry:
+            version = entry["apiVersion"]
+            if not isinstance(version, str) or not version:
+                raise ValueError(f"{where}.apiVersion must be a version, e.g. 2026-10-28.endive")
+            try:
+                check_api_version(entry["kind"], version)
+            except ValueError as exc:
+                raise ValueError(f"{where}.apiVersion: {exc}") from None
         checked.append({**entry, "currencies": currencies})
     return checked
 
@@ -305,6 +359,7 @@ def apply_declared(
                     note=entry.get("note"),
                     reason=reason,
                     create=True,
+                    api_version=entry.get("apiVersion"),
                 )
                 for entry in entries
             ]

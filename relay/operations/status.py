@@ -1,7 +1,8 @@
 """The relay's state at a glance: queue depth by provider and status, oldest pending age,
 the running relays and which providers none of them serves, the provider API versions they
-pin (an untested one, run under ALLOW_UNTESTED_API_VERSION, named), dead intents and
-unpublished result events.
+pin (an untested one, run under ALLOW_UNTESTED_API_VERSION, named) and the ones the registry
+pins (sql/0070; a running relay that differs named), dead intents and unpublished result
+events.
 
 "oldest pending" is how long the oldest due pending intent has waited for a claim
 (``now - available_at``, by the database's clock): the same figure as the
@@ -22,6 +23,7 @@ import psycopg
 
 from relay.domain.intents import WAITING_STATUSES
 from relay.domain.serving import unserved_intents
+from relay.domain.version_pins import pin_mismatches
 from relay.infra.queries import QUERIES
 
 __all__ = ["ProviderDepth", "RelayInstance", "Status", "collect_status"]
@@ -53,6 +55,14 @@ class RelayInstance:
     # "version": ..., "tested": bool}}; empty for a relay that does not report them.
     api_versions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def pinned_versions(self) -> dict[str, str]:
+        """The version it sends, per provider name it reported one for."""
+        return {
+            provider: str(v["version"])
+            for provider, v in self.api_versions.items()
+            if isinstance(v, dict) and v.get("version") is not None
+        }
+
     def untested_versions(self) -> list[tuple[str, str]]:
         """(provider, version) this relay runs without its adapter having been tested."""
         return sorted(
@@ -75,6 +85,11 @@ class Status:
     # Registered, enabled providers (sql/0050) that no live relay serves: new payments may
     # be sent to them (named or routed) and would wait.
     registered_unserved: list[str] = field(default_factory=list)
+    # The API version the registry pins per provider name, where it records one (sql/0070).
+    registered_api_versions: dict[str, str] = field(default_factory=dict)
+    # Live relays whose pinned version differs from the registry's (the registry changed
+    # after they started): {"relay", "provider", "relay_version", "registry_version"}.
+    api_version_mismatches: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON types, in declaration order (``status --json``)."""
@@ -89,10 +104,22 @@ def collect_status(conninfo: str) -> Status:
         depth = conn.execute(QUERIES["queue_depth"], {"now": None}).fetchall()
         events = conn.execute(QUERIES["unpublished_events"], {"now": None}).fetchone()
         reported = conn.execute(QUERIES["relay_instances"], {"now": None}).fetchall()
+        # Each in a savepoint: an older schema's error must not abort the other reads.
         try:
-            registered = [r[0] for r in conn.execute(QUERIES["registered_enabled_providers"])]
+            with conn.transaction():
+                registered = [r[0] for r in conn.execute(QUERIES["registered_enabled_providers"])]
         except psycopg.errors.UndefinedTable:
             registered = []  # a schema before sql/0050: no registry
+        try:
+            with conn.transaction():
+                pins = {
+                    name: version
+                    for name, _kind, version in conn.execute(
+                        QUERIES["registered_api_versions"], {"providers": None}
+                    )
+                }
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+            pins = {}  # a schema before sql/0070: no versions recorded
     providers: dict[str, ProviderDepth] = {}
     for provider, status, count, _created in rows:
         providers.setdefault(provider, ProviderDepth()).counts[status] = count
@@ -124,6 +151,17 @@ def collect_status(conninfo: str) -> Status:
         )
     )
     served = {p for relay in relays if relay.live for p in relay.providers}
+    mismatches = [
+        {
+            "relay": relay.instance,
+            "provider": m.provider,
+            "relay_version": m.relay_version,
+            "registry_version": m.registry_version,
+        }
+        for relay in relays
+        if relay.live
+        for m in pin_mismatches(relay.pinned_versions(), pins)
+    ]
     unpublished, oldest_event = events if events else (0, 0.0)
     return Status(
         schema_version=version[0] if version else None,
@@ -134,4 +172,6 @@ def collect_status(conninfo: str) -> Status:
         relays=relays,
         unserved_providers=unserved,
         registered_unserved=[p for p in registered if p not in served],
+        registered_api_versions=pins,
+        api_version_mismatches=mismatches,
     )

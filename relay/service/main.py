@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -34,6 +35,7 @@ from relay.core.lanes import BreakerSettings, Lane, RateLimit
 from relay.core.runtime import SHUTDOWN_FLUSH_MIN_SECONDS, Relay, RelayOptions
 from relay.domain.key_lifetimes import compare_key_lifetimes, describe_seconds
 from relay.domain.retry_policy import RetryPolicy, capped_doubling, half_jitter
+from relay.domain.version_pins import pin_mismatches
 from relay.events.publisher import Publisher, publisher_from_settings
 from relay.infra import metrics
 from relay.infra.config import ProviderSettings, Settings, find_unknown_variables
@@ -57,6 +59,7 @@ __all__ = [
     "build_janitor",
     "build_relay",
     "check_key_lifetimes",
+    "check_registered_api_versions",
     "log_unknown_variables",
     "pinned_api_version",
     "run_relay",
@@ -135,6 +138,20 @@ def pinned_api_version(adapter: ProviderAdapter) -> dict[str, Any] | None:
     }
 
 
+async def _fetch_at_start(relay: Relay, statement: str, params: dict[str, Any]) -> list[Any] | None:
+    """The rows of a start-up check's statement; retried while the database that just
+    answered the probe hiccups; None when the relay was stopped meanwhile."""
+    while True:
+        try:
+            return await relay.db.fetch_all(statement, params)
+        except RETRYABLE_DB_ERRORS as exc:
+            log.warning("startup_check_retry", statement=statement, error=type(exc).__name__)
+            with anyio.move_on_after(1.0):
+                await relay.wait_stopped()
+            if relay.stopping:
+                return None
+
+
 async def check_key_lifetimes(relay: Relay) -> None:
     """Refuse to start (StartupRefused) when the database lets a provider's intents be sent
     again after the provider forgets their idempotency keys; note a shorter lifetime
@@ -143,17 +160,9 @@ async def check_key_lifetimes(relay: Relay) -> None:
         name: getattr(lane.adapter, "idempotency_key_lifetime_seconds", None)
         for name, lane in relay.lanes.items()
     }
-    params = {"providers": sorted(stated)}
-    while True:
-        try:
-            rows = await relay.db.fetch_all("provider_key_lifetimes", params)
-            break
-        except RETRYABLE_DB_ERRORS as exc:  # the database just answered the probe
-            log.warning("key_lifetime_check_retry", error=type(exc).__name__)
-            with anyio.move_on_after(1.0):
-                await relay.wait_stopped()
-            if relay.stopping:
-                return
+    rows = await _fetch_at_start(relay, "provider_key_lifetimes", {"providers": sorted(stated)})
+    if rows is None:
+        return
     for lifetime in compare_key_lifetimes({name: seconds for name, seconds in rows}, stated):
         if lifetime.unsafe:
             raise StartupRefused(
@@ -168,6 +177,54 @@ async def check_key_lifetimes(relay: Relay) -> None:
                 effect="intents already sent are parked dead (idempotency_key_expired) "
                 "sooner than the provider requires",
             )
+
+
+async def check_registered_api_versions(
+    relay: Relay, configured: Mapping[str, str | None] | None = None
+) -> None:
+    """Refuse to start (StartupRefused) when a provider this relay serves is pinned by the
+    registry (sql/0070) to an API version other than the one its adapter sends: the split
+    between two instances of a kind (docs/routing.md, "API version canary") would send
+    payments with a version the routing did not choose. ``configured``: each provider's
+    RELAY_PROVIDERS__<NAME>__API_VERSION (None: unset, the adapter's default), for the
+    message. A running relay is not stopped when the registry changes later: `status`
+    names it (relay/operations/status.py)."""
+    pinned = {
+        name: version
+        for name, lane in relay.lanes.items()
+        if isinstance(version := getattr(lane.adapter, "api_version", None), str)
+    }
+    if not pinned:
+        return
+    try:
+        rows = await _fetch_at_start(
+            relay, "registered_api_versions", {"providers": sorted(pinned)}
+        )
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable):
+        # The schema is behind this release (its pre-deploy migrations not run yet): the
+        # registry records no versions, so there is nothing to differ from.
+        log.warning(
+            "api_version_check_skipped",
+            reason="the schema predates sql/0070",
+            remedy="run `outbox-relay migrate` before deploying relays",
+        )
+        return
+    if rows is None:
+        return
+    found = pin_mismatches(pinned, {name: version for name, _kind, version in rows})
+    if not found:
+        return
+    said = [
+        replace(
+            m, configured=None if configured is None else configured.get(m.provider) is not None
+        )
+        for m in found
+    ]
+    raise StartupRefused(
+        "api_version_differs_from_registry",
+        "; ".join(m.refusal() for m in said),
+        "; ".join(m.remedy() for m in said),
+    )
 
 
 def build_relay(settings: Settings, database_url: str) -> Relay:
@@ -280,6 +337,11 @@ async def run_relay(settings: Settings, database_url: str) -> int:
             await relay.db.open()
             # A database that would resend keys the provider forgot stops start-up.
             await check_key_lifetimes(relay)
+            # A relay whose pinned API version is not the registry's for a provider stops
+            # start-up: the routing's split between versions must mean what it says.
+            await check_registered_api_versions(
+                relay, {name: p.api_version for name, p in settings.providers.items()}
+            )
             # What this relay serves, reported before it claims (and before the sampler
             # counts unserved intents), and withdrawn when it stops cleanly.
             serving = InstanceHeartbeat(
