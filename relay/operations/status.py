@@ -24,7 +24,7 @@ from relay.domain.intents import WAITING_STATUSES
 from relay.domain.serving import unserved_intents
 from relay.infra.queries import QUERIES
 
-__all__ = ["ProviderDepth", "RelayInstance", "Status", "collect_status"]
+__all__ = ["GuardRailState", "ProviderDepth", "RelayInstance", "Status", "collect_status"]
 
 
 @dataclass
@@ -63,6 +63,26 @@ class RelayInstance:
 
 
 @dataclass
+class GuardRailState:
+    """One guard rail (sql/0067) as `status` shows it: the canary's weight now and the last
+    automatic rollback (when, by which relay, why)."""
+
+    rule: str
+    canary: str
+    baseline: str
+    enabled: bool
+    canary_weight: int | None  # None: the canary is no longer a target of the rule
+    rolled_back_at: str | None  # ISO 8601, UTC
+    rolled_back_by: str | None
+    rollback_reason: str | None
+
+    @property
+    def rolled_back(self) -> bool:
+        """The canary is at 0 because a relay rolled it back (no one raised it since)."""
+        return self.rolled_back_at is not None and self.canary_weight == 0
+
+
+@dataclass
 class Status:
     schema_version: str | None  # the latest applied migration, e.g. "0015"
     providers: dict[str, ProviderDepth]
@@ -75,6 +95,8 @@ class Status:
     # Registered, enabled providers (sql/0050) that no live relay serves: new payments may
     # be sent to them (named or routed) and would wait.
     registered_unserved: list[str] = field(default_factory=list)
+    # Guard rails of canary splits (sql/0067), by rule.
+    guard_rails: list[GuardRailState] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON types, in declaration order (``status --json``)."""
@@ -93,6 +115,12 @@ def collect_status(conninfo: str) -> Status:
             registered = [r[0] for r in conn.execute(QUERIES["registered_enabled_providers"])]
         except psycopg.errors.UndefinedTable:
             registered = []  # a schema before sql/0050: no registry
+        try:
+            cur = conn.execute(QUERIES["guard_rails_list"])
+            names = [c.name for c in cur.description or ()]
+            guards = cur.fetchall()
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InFailedSqlTransaction):
+            guards, names = [], []  # a schema before sql/0067 (or sql/0050): no guard rails
     providers: dict[str, ProviderDepth] = {}
     for provider, status, count, _created in rows:
         providers.setdefault(provider, ProviderDepth()).counts[status] = count
@@ -134,4 +162,19 @@ def collect_status(conninfo: str) -> Status:
         relays=relays,
         unserved_providers=unserved,
         registered_unserved=[p for p in registered if p not in served],
+        guard_rails=[_guard_state(dict(zip(names, row, strict=True))) for row in guards],
+    )
+
+
+def _guard_state(g: dict[str, Any]) -> GuardRailState:
+    at = g["rolled_back_at"]
+    return GuardRailState(
+        rule=g["rule_name"],
+        canary=g["canary"],
+        baseline=g["baseline"],
+        enabled=bool(g["enabled"]),
+        canary_weight=g["canary_weight"],
+        rolled_back_at=None if at is None else at.isoformat(timespec="seconds"),
+        rolled_back_by=g["rolled_back_by"],
+        rollback_reason=g["rollback_reason"],
     )
