@@ -20,6 +20,7 @@ import pytest
 
 from provider_adapters.base import Action, Command, Declined, Outcome
 from provider_adapters.memory import MemoryProvider
+from relay.cli.main import main as cli_main
 from relay.cli.providers import parse_percent_bp
 from relay.cli.status import render_status
 from relay.core.lanes import Lane
@@ -413,3 +414,45 @@ def test_guard_set_is_audited_and_checked(conn: psycopg.Connection) -> None:
     # Guards are never deleted (turn one off instead).
     with pytest.raises(psycopg.Error):
         conn.execute("DELETE FROM outbox.routing_guards")
+
+
+@pytest.mark.integration
+def test_cli_sets_lists_and_shows_a_guard(
+    conn: psycopg.Connection,
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    register_provider(conn, "stripe")
+    register_provider(conn, "adyen_eu", "adyen")
+    set_rule(
+        conn,
+        operator="alice",
+        name="main",
+        fields={"mode": "split", "providers": ["stripe", "adyen_eu"], "weights": [90, 10]},
+        reason="canary",
+        create=True,
+    )
+    monkeypatch.setenv("RELAY_DATABASE_URL", db_url)
+    monkeypatch.setenv("RELAY_OPERATOR", "carol")
+    args = ["routes", "guard", "main", "--canary", "adyen_eu", "--baseline", "stripe"]
+    assert cli_main([*args, "--reason", "no margin"]) == 1
+    assert "routing_guards_a_margin" in capsys.readouterr().err
+    done = [*args, "--failure-margin", "2.5%", "--latency-margin", "800", "--reason", "guard it"]
+    assert cli_main(done) == 0
+    out = capsys.readouterr().out
+    assert "failures +2.50%, p95 +800 ms" in out and "watching" in out
+    assert cli_main(["routes", "show", "main"]) == 0
+    assert "guard rail:" in capsys.readouterr().out
+    assert cli_main(["routes", "guards"]) == 0
+    assert "adyen_eu" in capsys.readouterr().out
+    assert cli_main(["status"]) == 0
+    assert "guard rail main: watching canary adyen_eu (weight 10) against stripe" in (
+        capsys.readouterr().out
+    )
+    (row,) = list_guards(conn)
+    assert (row["failure_margin_bp"], row["latency_margin_ms"], row["updated_by"]) == (
+        250,
+        800,
+        "operator:carol",
+    )

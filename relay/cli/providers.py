@@ -681,8 +681,14 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     )
     guard.add_argument("--note", help="free text shown with the guard")
     onoff = guard.add_mutually_exclusive_group()
-    onoff.add_argument("--off", dest="enabled", action="store_false", default=None)
-    onoff.add_argument("--on", dest="enabled", action="store_true")
+    onoff.add_argument(
+        "--off",
+        dest="enabled",
+        action="store_false",
+        default=None,
+        help="stop evaluating this guard (it is kept, audited)",
+    )
+    onoff.add_argument("--on", dest="enabled", action="store_true", help="evaluate it again")
     _change_args(guard)
     glist = ractions.add_parser("guards", help="every guard rail and its last rollback")
     glist.add_argument("--json", action="store_true", help="print JSON")
