@@ -9,7 +9,8 @@ in the window, each classed once by :func:`classify`:
 * ``error``: given up (``dead``) on an invalid or retryable code, or being retried after a
   retryable one (the provider unavailable, rate limiting, unreachable);
 * ``ambiguous``: an ambiguous code (timeout, connection lost, 5xx), retried or given up;
-* no class yet (``None``): not tried, or claimed with no outcome so far: not a sample.
+* no class yet (``None``): not tried, or claimed with no outcome so far (or a status this
+  module does not know): not a sample.
 
 The class of a code is the error catalogue's (provider_adapters/error_catalogue.csv), which
 the caller looks up; an uncatalogued code counts as an error.
@@ -65,11 +66,11 @@ def classify(status: str, error_code: str | None, code_class: str | None) -> str
         return "declined"
     if status == "dead":
         return "ambiguous" if code_class == "ambiguous" else "error"
-    if status in _WAITING:
-        if error_code is None:
-            return None  # not tried yet, or its first attempt under way
+    if status in _WAITING and error_code is not None:
         return "ambiguous" if code_class == "ambiguous" else "error"
-    raise ValueError(f"unknown intent status {status!r}")
+    # Not tried yet, its first attempt under way, or a status this module does not know
+    # (a later migration's): not a sample, rather than a guess or a stopped relay.
+    return None
 
 
 @dataclass(frozen=True, slots=True)

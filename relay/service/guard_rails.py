@@ -116,7 +116,11 @@ class GuardRails:
             )
         turns = []
         for row in guards:
-            guard = _guard(row)
+            try:
+                guard = _guard(row)
+            except ValueError as exc:  # the table's checks mirror these: a later schema's row
+                log.warning("guard_rail_skipped", rule=row["rule_name"], error=str(exc))
+                continue
             canary, baseline = (
                 SideCounts.tally(
                     provider,
