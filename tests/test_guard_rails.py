@@ -5,7 +5,7 @@ The integration test runs a relay in-process with two lanes around in-memory pro
 50/50 split; the canary starts declining; the relay's guard-rail task sets its weight to 0,
 the audit trail holds the comparison as the reason (actor relay:<instance>), an event and
 the status say so, every new payment goes to the baseline, and a payment already started
-on the canary keeps it. A second relay reaching the same verdict writes nothing.
+on the canary keeps it. A relay that reaches the verdict late writes nothing; an operator's raise starts a clean window.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from relay.domain.guard_rails import (
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra import metrics
 from relay.infra.db import Database
-from relay.operations.providers import list_guards, list_rules, set_guard, set_rule
+from relay.operations.providers import list_guards, list_rules, set_guard, set_rule, set_weights
 from relay.operations.status import collect_status
 from relay.service.guard_rails import GuardRails, code_class
 from tests.invariants import unfinished
@@ -332,16 +332,9 @@ async def test_relay_rolls_a_declining_canary_back(db_url: str) -> None:
         assert event[0]["rule"] == "main" and event[0]["canary"] == "canary"
         assert event[0]["reason"] == reason and event[0]["comparison"]["failures"]["worse"]
 
-        # Another relay reaching the same verdict finds nothing to do: one rollback only.
-        second = GuardRails(Database(db_url, pool_size=1, name="second"), instance="second")
-        await second.db.open()
-        try:
-            (turn,) = await second.evaluate_once()
-        finally:
-            await second.db.close()
-        assert not turn.rolled_back
+        # A second relay that reaches the verdict late finds the canary at 0: nothing written.
         nothing = conn.execute(
-            "SELECT (outbox.routing_guard_rollback_v1('third', 'main', 'canary', 'again')).id"
+            "SELECT (outbox.routing_guard_rollback_v1('second', 'main', 'canary', 'again')).id"
         ).fetchone()
         assert nothing == (None,)
         assert conn.execute(
@@ -357,6 +350,22 @@ async def test_relay_rolls_a_declining_canary_back(db_url: str) -> None:
         )
         (listed,) = list_guards(conn)
         assert listed["canary_weight"] == 0 and listed["rolled_back_at"] is not None
+
+        # Fixed and raised again by an operator: the failures before the rollback no longer
+        # count, so the guard starts from a clean window instead of rolling back at once.
+        set_weights(conn, operator="alice", name="main", weights={"canary": 50}, reason="fixed")
+        again = GuardRails(Database(db_url, pool_size=1, name="again"), instance="again")
+        await again.db.open()
+        try:
+            (turn,) = await again.evaluate_once()
+        finally:
+            await again.db.close()
+        assert (turn.rolled_back, turn.verdict.enough_samples, turn.canary.samples) == (
+            False,
+            False,
+            0,
+        )
+        assert weights() == [50, 50]
 
 
 @pytest.mark.integration
