@@ -1670,46 +1670,47 @@ JOIN outbox.routing_rules AS r ON r.name = g.rule_name
 ORDER BY g.rule_name;
 
 -- name: guard_rail_outcomes
--- Per enabled guard and side: the first intents of the payments its rule routed in the window (and since its last rollback), by status and error code, with the provider's kind for the error catalogue. One range scan of payments_routed_idx per rule.
-WITH g AS (
-    SELECT g.rule_name, g.canary, g.baseline, r.id AS rule_id,
-           greatest(COALESCE(%(now)s::timestamptz, now()) - make_interval(secs => g.window_seconds),
-                    COALESCE(g.rolled_back_at, '-infinity'::timestamptz)) AS since
-    FROM outbox.routing_guards AS g
-    JOIN outbox.routing_rules AS r ON r.name = g.rule_name
-    WHERE g.enabled
-)
-SELECT g.rule_name, p.provider, COALESCE(pr.kind, p.provider) AS kind, i.status, i.error_code,
+-- Per enabled guard and side: the first intents of the payments its rule routed in the window (and since its last rollback), by status and error code, with the provider's kind for the error catalogue. Per guard, one range scan of payments_routed_idx and a payment_idx probe per payment (OFFSET 0 keeps the subquery per guard, whatever the tables' statistics).
+SELECT g.rule_name, w.provider, COALESCE(pr.kind, w.provider) AS kind, w.status, w.error_code,
        count(*)::bigint AS intents
-FROM g
-JOIN outbox.payments AS p
-  ON p.routing_rule_id = g.rule_id AND p.created_at >= g.since
- AND p.provider IN (g.canary, g.baseline)
-JOIN outbox.payment_intents AS i ON i.payment_id = p.payment_id AND i.payment_seq = 1
-LEFT JOIN outbox.providers AS pr ON pr.name = p.provider
-GROUP BY g.rule_name, p.provider, COALESCE(pr.kind, p.provider), i.status, i.error_code;
+FROM outbox.routing_guards AS g
+JOIN outbox.routing_rules AS r ON r.name = g.rule_name
+CROSS JOIN LATERAL (
+    SELECT p.provider, i.status, i.error_code
+    FROM outbox.payments AS p
+    JOIN outbox.payment_intents AS i ON i.payment_id = p.payment_id AND i.payment_seq = 1
+    WHERE p.routing_rule_id = r.id
+      AND p.created_at >= greatest(COALESCE(%(now)s::timestamptz, now())
+                                       - make_interval(secs => g.window_seconds),
+                                   COALESCE(g.rolled_back_at, '-infinity'::timestamptz))
+      AND p.provider IN (g.canary, g.baseline)
+    OFFSET 0
+) AS w
+LEFT JOIN outbox.providers AS pr ON pr.name = w.provider
+WHERE g.enabled
+GROUP BY g.rule_name, w.provider, COALESCE(pr.kind, w.provider), w.status, w.error_code;
 
 -- name: guard_rail_latency
 -- Per enabled guard with a latency margin and side: the guard's percentile of INSERT-to-outcome time of the same first intents, in whole milliseconds.
-WITH g AS (
-    SELECT g.rule_name, g.canary, g.baseline, g.latency_percentile, r.id AS rule_id,
-           greatest(COALESCE(%(now)s::timestamptz, now()) - make_interval(secs => g.window_seconds),
-                    COALESCE(g.rolled_back_at, '-infinity'::timestamptz)) AS since
-    FROM outbox.routing_guards AS g
-    JOIN outbox.routing_rules AS r ON r.name = g.rule_name
-    WHERE g.enabled AND g.latency_margin_ms IS NOT NULL
-)
-SELECT g.rule_name, p.provider,
+SELECT g.rule_name, w.provider,
        floor(extract(epoch FROM percentile_disc(g.latency_percentile / 100.0)
-                                WITHIN GROUP (ORDER BY i.completed_at - i.created_at)) * 1000)::bigint
-           AS latency_ms
-FROM g
-JOIN outbox.payments AS p
-  ON p.routing_rule_id = g.rule_id AND p.created_at >= g.since
- AND p.provider IN (g.canary, g.baseline)
-JOIN outbox.payment_intents AS i ON i.payment_id = p.payment_id AND i.payment_seq = 1
-WHERE i.completed_at IS NOT NULL
-GROUP BY g.rule_name, g.latency_percentile, p.provider;
+                                WITHIN GROUP (ORDER BY w.took)) * 1000)::bigint AS latency_ms
+FROM outbox.routing_guards AS g
+JOIN outbox.routing_rules AS r ON r.name = g.rule_name
+CROSS JOIN LATERAL (
+    SELECT p.provider, i.completed_at - i.created_at AS took
+    FROM outbox.payments AS p
+    JOIN outbox.payment_intents AS i ON i.payment_id = p.payment_id AND i.payment_seq = 1
+    WHERE p.routing_rule_id = r.id
+      AND p.created_at >= greatest(COALESCE(%(now)s::timestamptz, now())
+                                       - make_interval(secs => g.window_seconds),
+                                   COALESCE(g.rolled_back_at, '-infinity'::timestamptz))
+      AND p.provider IN (g.canary, g.baseline)
+      AND i.completed_at IS NOT NULL
+    OFFSET 0
+) AS w
+WHERE g.enabled AND g.latency_margin_ms IS NOT NULL
+GROUP BY g.rule_name, g.latency_percentile, w.provider;
 
 -- name: guard_rail_rollback
 -- A relay's automatic rollback of a guarded canary to weight 0 (audited as relay:<instance>, the comparison as the reason); all NULL when nothing was done (another relay was first).
