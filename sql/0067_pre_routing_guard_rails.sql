@@ -63,8 +63,10 @@ COMMENT ON TABLE outbox.routing_guards IS
     'latency_margin_ms. Changed through outbox.routing_guard_set_v1, audited as routing_guard.';
 
 -- The payments a rule routed, newest last: the guard's window is one range scan per rule.
--- Only routed payments are in it, so an INSERT naming its provider pays nothing.
-CREATE INDEX payments_routed_idx ON outbox.payments (routing_rule_id, created_at)
+-- Only routed payments are in it, so an INSERT naming its provider pays nothing. Building it
+-- reads the whole table under a lock that holds INSERTs back: on a large payments table build
+-- it CONCURRENTLY by hand first, with this name and definition (docs/developing.md).
+CREATE INDEX IF NOT EXISTS payments_routed_idx ON outbox.payments (routing_rule_id, created_at)
     WHERE routing_rule_id IS NOT NULL;
 
 CREATE TRIGGER routing_guards_version
