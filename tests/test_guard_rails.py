@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import anyio
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from provider_adapters.base import Action, Command, Declined, Outcome
 from provider_adapters.memory import MemoryProvider
@@ -34,7 +35,6 @@ from relay.domain.guard_rails import (
     rate_bp,
 )
 from relay.domain.retry_policy import RetryPolicy
-from relay.infra import metrics
 from relay.infra.db import Database
 from relay.operations.providers import list_guards, list_rules, set_guard, set_rule, set_weights
 from relay.operations.status import collect_status
@@ -223,8 +223,12 @@ def _relay(db_url: str, lanes: dict[str, Lane]) -> Relay:
     )
 
 
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def _rollbacks() -> float:
-    return metrics.GUARD_RAIL_ROLLBACKS.labels(rule="main", canary="canary")._value.get()
+    return _metric("outbox_relay_guard_rail_rollbacks_total", rule="main", canary="canary")
 
 
 @pytest.mark.integration
@@ -297,6 +301,8 @@ async def test_relay_rolls_a_declining_canary_back(db_url: str) -> None:
                     (started[0],),
                 )
                 await wait_until(settled, "the payments after the rollback finished")
+                turns = guard.turns  # one whole turn after all that, for the gauges below
+                await wait_until(lambda: guard.turns >= turns + 2, "two more guard turns")
                 relay.stop()
                 await relay.finished.wait()
                 tg.cancel_scope.cancel()
@@ -313,6 +319,11 @@ async def test_relay_rolls_a_declining_canary_back(db_url: str) -> None:
         ).fetchone()
         assert capture == ("canary", "succeeded")
         assert _rollbacks() == before + 1
+        # The comparison's gauges, from the same counts (after the rollback the window starts
+        # at it: the canary has no sample left, the baseline the payments since).
+        side = {"rule": "main", "side": "baseline", "provider": "stripe"}
+        assert _metric("outbox_relay_guard_rail_samples", **side) > 0
+        assert _metric("outbox_relay_guard_rail_canary_worse", rule="main") == 0
 
         # The audit trail: the rule's change by the relay, the comparison as the reason.
         actor, reason, before_doc, after_doc = conn.execute(
