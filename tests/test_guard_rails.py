@@ -1,8 +1,8 @@
 """Guard rails of canary splits (sql/0067): the pure comparison (relay/domain/guard_rails.py),
-and one relay that rolls a declining canary back by itself (relay/service/guard_rails.py).
+and one relay that rolls a declining (or timing-out) canary back by itself (relay/service/guard_rails.py).
 
 The integration test runs a relay in-process with two lanes around in-memory providers on a
-50/50 split; the canary starts declining; the relay's guard-rail task sets its weight to 0,
+50/50 split; the canary starts declining (or timing out); the relay's guard-rail task sets its weight to 0,
 the audit trail holds the comparison as the reason (actor relay:<instance>), an event and
 the status say so, every new payment goes to the baseline, and a payment already started
 on the canary keeps it. A relay that reaches the verdict late writes nothing; an operator's raise starts a clean window.
@@ -19,12 +19,12 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
-from provider_adapters.base import Action, Command, Declined, Outcome
+from provider_adapters.base import Action, Ambiguous, Command, Declined, Outcome
 from provider_adapters.memory import MemoryProvider
 from relay.cli.main import main as cli_main
 from relay.cli.providers import parse_percent_bp
 from relay.cli.status import render_status
-from relay.core.lanes import Lane
+from relay.core.lanes import BreakerSettings, Lane
 from relay.core.runtime import Relay, RelayOptions
 from relay.domain.guard_rails import (
     GuardRail,
@@ -170,21 +170,26 @@ def test_margins_parse_as_text_to_basis_points() -> None:
             parse_percent_bp(bad)
 
 
-# -- one relay rolls a declining canary back -------------------------------------------
+# -- one relay rolls a failing canary back -------------------------------------------
 
 
 @dataclass
 class SwitchableProvider(MemoryProvider):
-    """The in-memory provider, declining every authorisation once ``declining`` is set."""
+    """The in-memory provider; once ``failing`` is set, every authorisation is declined
+    (``declines``) or times out (``times_out``: ambiguous, retried under the same key)."""
 
-    declining: bool = False
+    failing: str | None = None
 
     async def execute(self, command: Command) -> Outcome:
-        if self.declining and command.action in (Action.AUTHORIZE, Action.CHARGE):
+        if self.failing and command.action in (Action.AUTHORIZE, Action.CHARGE):
             self.calls += 1
-            return Declined("card_declined", "the canary declines everything")
+            if self.failing == "declines":
+                return Declined("card_declined", "the canary declines everything")
+            return Ambiguous("provider_timeout", "the canary does not answer in time")
         return await super().execute(command)
 
+
+CLOSED = BreakerSettings(failure_threshold=1_000_000)
 
 ROUTED = (
     "INSERT INTO outbox.payment_intents (payment_id, action, amount_minor, currency,"
@@ -233,7 +238,16 @@ def _rollbacks() -> float:
 
 @pytest.mark.integration
 @pytest.mark.anyio
-async def test_relay_rolls_a_declining_canary_back(db_url: str) -> None:
+@pytest.mark.parametrize(
+    ("failing", "margin", "measure"),
+    [
+        ("declines", "failure_margin_bp", "failures"),
+        ("times_out", "ambiguous_margin_bp", "ambiguous"),
+    ],
+)
+async def test_relay_rolls_a_failing_canary_back(
+    db_url: str, failing: str, margin: str, measure: str
+) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         register_provider(conn, "stripe")
         register_provider(conn, "canary")
@@ -254,13 +268,14 @@ async def test_relay_rolls_a_declining_canary_back(db_url: str) -> None:
                 "baseline": "stripe",
                 "window_seconds": 600,
                 "min_samples": 10,
-                "failure_margin_bp": 2000,
+                margin: 2000,
             },
             reason="guard the canary",
         )
         baseline, canary = MemoryProvider(name="stripe"), SwitchableProvider(name="canary")
         lanes = {
-            name: Lane(name, adapter, concurrency=8, timeout_seconds=5.0)
+            # A breaker that stays closed: the timing-out canary's retries run back to back.
+            name: Lane(name, adapter, concurrency=8, timeout_seconds=5.0, breaker=CLOSED)
             for name, adapter in (("stripe", baseline), ("canary", canary))
         }
         relay = _relay(db_url, lanes)
@@ -288,8 +303,8 @@ async def test_relay_rolls_a_declining_canary_back(db_url: str) -> None:
                     "SELECT payment_id FROM outbox.payments WHERE provider = 'canary' LIMIT 1"
                 ).fetchone()
                 assert started is not None
-                # The canary starts declining: the relay rolls it back by itself.
-                canary.declining = True
+                # The canary starts failing: the relay rolls it back by itself.
+                canary.failing = failing
                 _insert(conn, "declining", 40)
                 await wait_until(lambda: weights() == [50, 0], "the canary rolled back")
                 await wait_until(settled, "the declining payments finished")
@@ -334,14 +349,15 @@ async def test_relay_rolls_a_declining_canary_back(db_url: str) -> None:
         assert actor == "relay:guard-test"
         assert (before_doc["weights"], after_doc["weights"]) == ([50, 50], [50, 0])
         assert reason.startswith(
-            "guard rail main: canary canary worse than baseline stripe, rolled back to 0: failures"
+            "guard rail main: canary canary worse than baseline stripe, rolled back to 0: "
+            + measure
         )
         assert "WORSE" in reason and "at least 10 samples a side" in reason
         (event,) = conn.execute(
             "SELECT payload FROM outbox.events WHERE routing_key = 'routing.guard_rail.rolled_back'"
         ).fetchall()
         assert event[0]["rule"] == "main" and event[0]["canary"] == "canary"
-        assert event[0]["reason"] == reason and event[0]["comparison"]["failures"]["worse"]
+        assert event[0]["reason"] == reason and event[0]["comparison"][measure]["worse"]
 
         # A second relay that reaches the verdict late finds the canary at 0: nothing written.
         nothing = conn.execute(
