@@ -3683,6 +3683,178 @@ CREATE TABLE outbox.routing_rules (
 COMMENT ON TABLE outbox.routing_rules IS 'How a payment whose first intent names no provider is routed (sql/0051): matched by currency, amount range, payment_method prefix and a metadata field, by priority; then the first usable provider (priority) or a weighted choice by the payment''s bucket (split). Changed through outbox.routing_rule_set_v1; each change bumps version and is audited as entity routing_rule.';
 
 --
+-- Name: routing_guard_rollback_v1(text, text, text, text, jsonb); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.routing_guard_rollback_v1(p_instance text, p_rule text, p_canary text, p_reason text, p_comparison jsonb DEFAULT '{}'::jsonb) RETURNS outbox.routing_rules
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    guard outbox.routing_guards;
+    rule  outbox.routing_rules;
+    k     integer;
+BEGIN
+    IF p_instance IS NULL OR p_instance !~ '^\S' OR length(p_instance) > 200 OR p_instance ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'p_instance must name the relay: 1 to 200 printable characters';
+    END IF;
+    -- Kept only when the login is a relay's (outbox.actor_entitled, sql/0012).
+    PERFORM set_config('outbox.actor', 'relay:' || p_instance, true);
+    PERFORM set_config('outbox.reason', coalesce(p_reason, ''), true);
+    -- The rule first, as routing_rule_set_v1 locks it, then its guard.
+    SELECT * INTO rule FROM outbox.routing_rules WHERE name = p_rule FOR UPDATE;
+    SELECT * INTO guard FROM outbox.routing_guards WHERE rule_name = p_rule FOR UPDATE;
+    IF rule.id IS NULL OR guard.rule_name IS NULL OR NOT guard.enabled OR guard.canary <> p_canary
+       OR NOT rule.enabled OR rule.mode <> 'split' THEN
+        RETURN NULL;
+    END IF;
+    k := array_position(rule.providers, p_canary);
+    IF k IS NULL OR rule.weights[k] = 0 THEN
+        RETURN NULL;
+    END IF;
+    UPDATE outbox.routing_rules SET weights[k] = 0, updated_by = outbox.audit_actor()
+    WHERE id = rule.id
+    RETURNING * INTO rule;
+    UPDATE outbox.routing_guards
+    SET rolled_back_at = clock_timestamp(), rolled_back_by = outbox.audit_actor(), rollback_reason = p_reason
+    WHERE rule_name = p_rule;
+    INSERT INTO outbox.events (ordering_key, routing_key, event_type, payload)
+    SELECT 'routing_rule:' || p_rule, 'routing.guard_rail.rolled_back', 'routing.guard_rail.rolled_back',
+           jsonb_build_object('event_id', e.event_id, 'event_type', 'routing.guard_rail.rolled_back',
+                              'occurred_at', now(), 'rule', p_rule, 'rule_version', rule.version,
+                              'canary', p_canary, 'baseline', guard.baseline,
+                              'weights', to_jsonb(rule.weights), 'actor', outbox.audit_actor(),
+                              'reason', p_reason, 'comparison', coalesce(p_comparison, '{}'::jsonb))
+    FROM (SELECT outbox.new_event_id() AS event_id) AS e;
+    RETURN rule;
+END;
+$$;
+
+--
+-- Name: FUNCTION routing_guard_rollback_v1(p_instance text, p_rule text, p_canary text, p_reason text, p_comparison jsonb); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.routing_guard_rollback_v1(p_instance text, p_rule text, p_canary text, p_reason text, p_comparison jsonb) IS 'A relay''s automatic rollback of a guarded canary to weight 0 (audited as relay:<instance>, the comparison as the reason, event routing.guard_rail.rolled_back); NULL when already done.';
+
+--
+-- Name: routing_guards; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.routing_guards (
+    rule_name text NOT NULL,
+    canary text NOT NULL,
+    baseline text NOT NULL,
+    enabled boolean DEFAULT true NOT NULL,
+    window_seconds integer DEFAULT 900 NOT NULL,
+    min_samples integer DEFAULT 100 NOT NULL,
+    failure_margin_bp integer,
+    ambiguous_margin_bp integer,
+    latency_percentile integer DEFAULT 95 NOT NULL,
+    latency_margin_ms integer,
+    note text,
+    version integer DEFAULT 1 NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_by text,
+    rolled_back_at timestamp with time zone,
+    rolled_back_by text,
+    rollback_reason text,
+    CONSTRAINT routing_guards_a_margin CHECK (((failure_margin_bp IS NOT NULL) OR (ambiguous_margin_bp IS NOT NULL) OR (latency_margin_ms IS NOT NULL))),
+    CONSTRAINT routing_guards_ambiguous_margin_range CHECK (((ambiguous_margin_bp >= 0) AND (ambiguous_margin_bp <= 10000))),
+    CONSTRAINT routing_guards_failure_margin_range CHECK (((failure_margin_bp >= 0) AND (failure_margin_bp <= 10000))),
+    CONSTRAINT routing_guards_latency_margin_range CHECK (((latency_margin_ms >= 0) AND (latency_margin_ms <= 3600000))),
+    CONSTRAINT routing_guards_latency_percentile_range CHECK (((latency_percentile >= 50) AND (latency_percentile <= 99))),
+    CONSTRAINT routing_guards_min_samples_range CHECK (((min_samples >= 1) AND (min_samples <= 1000000))),
+    CONSTRAINT routing_guards_note_max_500 CHECK ((length(note) <= 500)),
+    CONSTRAINT routing_guards_two_sides CHECK ((canary <> baseline)),
+    CONSTRAINT routing_guards_window_seconds_range CHECK (((window_seconds >= 10) AND (window_seconds <= 86400)))
+);
+
+--
+-- Name: TABLE routing_guards; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON TABLE outbox.routing_guards IS 'Guard rails of split rules (sql/0067): a relay sets the canary''s weight to 0 when, over the window and with min_samples on each side, its failure or ambiguous rate exceeds the baseline''s by more than the margin (basis points) or its latency percentile by more than latency_margin_ms. Changed through outbox.routing_guard_set_v1, audited as routing_guard.';
+
+--
+-- Name: routing_guard_set_v1(text, text, jsonb, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.routing_guard_set_v1(p_operator text, p_rule text, p_guard jsonb, p_reason text DEFAULT NULL::text) RETURNS outbox.routing_guards
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    rule    outbox.routing_rules;
+    cur     outbox.routing_guards;
+    merged  outbox.routing_guards;
+    extra   text;
+BEGIN
+    PERFORM outbox.set_operator_actor(p_operator);
+    PERFORM set_config('outbox.reason', coalesce(p_reason, ''), true);
+    SELECT string_agg(k, ', ') INTO extra FROM jsonb_object_keys(p_guard) AS k
+    WHERE k NOT IN ('canary', 'baseline', 'enabled', 'window_seconds', 'min_samples',
+                    'failure_margin_bp', 'ambiguous_margin_bp', 'latency_percentile',
+                    'latency_margin_ms', 'note');
+    IF extra IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('guard rail fields %s are not settable', extra);
+    END IF;
+    SELECT * INTO rule FROM outbox.routing_rules WHERE name = p_rule;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'no_data_found',
+            MESSAGE = format('no routing rule %s', quote_literal(p_rule)),
+            HINT = 'outbox-relay routes list shows the rules.';
+    END IF;
+    SELECT * INTO cur FROM outbox.routing_guards WHERE rule_name = p_rule FOR UPDATE;
+    IF NOT FOUND THEN
+        cur := jsonb_populate_record(NULL::outbox.routing_guards,
+                                     jsonb_build_object('rule_name', p_rule, 'enabled', true,
+                                                        'window_seconds', 900, 'min_samples', 100,
+                                                        'latency_percentile', 95));
+    END IF;
+    merged := jsonb_populate_record(cur, p_guard);
+    IF rule.mode <> 'split' THEN
+        RAISE EXCEPTION USING ERRCODE = 'check_violation', CONSTRAINT = 'routing_guards_rule_is_split',
+            MESSAGE = format('routing rule %s is a priority list: a guard rail watches a split', quote_literal(p_rule));
+    END IF;
+    IF merged.canary IS NULL OR merged.baseline IS NULL
+       OR NOT merged.canary = ANY (rule.providers) OR NOT merged.baseline = ANY (rule.providers) THEN
+        RAISE EXCEPTION USING ERRCODE = 'check_violation', CONSTRAINT = 'routing_guards_sides_are_targets',
+            MESSAGE = format('guard rail of %s: canary %s and baseline %s must both be targets of the rule (%s)',
+                             quote_literal(p_rule), coalesce(merged.canary, '(none)'),
+                             coalesce(merged.baseline, '(none)'), array_to_string(rule.providers, ', ')),
+            HINT = 'outbox-relay routes guard RULE --canary NAME --baseline NAME ...';
+    END IF;
+    IF cur.canary IS NULL THEN
+        INSERT INTO outbox.routing_guards (rule_name, canary, baseline, enabled, window_seconds, min_samples,
+                                           failure_margin_bp, ambiguous_margin_bp, latency_percentile,
+                                           latency_margin_ms, note, updated_by)
+        VALUES (p_rule, merged.canary, merged.baseline, merged.enabled, merged.window_seconds,
+                merged.min_samples, merged.failure_margin_bp, merged.ambiguous_margin_bp,
+                merged.latency_percentile, merged.latency_margin_ms, merged.note, outbox.audit_actor())
+        RETURNING * INTO merged;
+    ELSE
+        UPDATE outbox.routing_guards SET
+            canary = merged.canary, baseline = merged.baseline, enabled = merged.enabled,
+            window_seconds = merged.window_seconds, min_samples = merged.min_samples,
+            failure_margin_bp = merged.failure_margin_bp, ambiguous_margin_bp = merged.ambiguous_margin_bp,
+            latency_percentile = merged.latency_percentile, latency_margin_ms = merged.latency_margin_ms,
+            note = merged.note, updated_by = outbox.audit_actor()
+        WHERE rule_name = p_rule
+        RETURNING * INTO merged;
+    END IF;
+    RETURN merged;
+END;
+$$;
+
+--
+-- Name: FUNCTION routing_guard_set_v1(p_operator text, p_rule text, p_guard jsonb, p_reason text); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.routing_guard_set_v1(p_operator text, p_rule text, p_guard jsonb, p_reason text) IS 'Add or change the guard rail of a split rule (p_guard: the columns to set, as JSON) as operator p_operator, with p_reason as the audit row''s why.';
+
+--
 -- Name: routing_rule_set_v1(text, text, jsonb, text, boolean); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -4883,6 +5055,13 @@ ALTER TABLE ONLY outbox.relay_wakeup_wants
     ADD CONSTRAINT relay_wakeup_wants_pkey PRIMARY KEY (instance);
 
 --
+-- Name: routing_guards routing_guards_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.routing_guards
+    ADD CONSTRAINT routing_guards_pkey PRIMARY KEY (rule_name);
+
+--
 -- Name: routing_rules routing_rules_name_key; Type: CONSTRAINT; Schema: outbox; Owner: -
 --
 
@@ -5090,6 +5269,12 @@ CREATE INDEX payment_intents_unresolved_by_payment_idx ON outbox.payment_intents
 --
 
 CREATE INDEX payments_provider_reference_idx ON outbox.payments USING btree (provider, provider_reference) WHERE (provider_reference IS NOT NULL);
+
+--
+-- Name: payments_routed_idx; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX payments_routed_idx ON outbox.payments USING btree (routing_rule_id, created_at) WHERE (routing_rule_id IS NOT NULL);
 
 --
 -- Name: reconciliation_exceptions_open_idx; Type: INDEX; Schema: outbox; Owner: -
@@ -5392,6 +5577,24 @@ CREATE TRIGGER registry_requests_audit AFTER INSERT OR UPDATE ON outbox.registry
 CREATE TRIGGER registry_requests_no_delete BEFORE DELETE OR TRUNCATE ON outbox.registry_requests FOR EACH STATEMENT EXECUTE FUNCTION outbox.refuse_change();
 
 --
+-- Name: routing_guards routing_guards_audit; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER routing_guards_audit AFTER INSERT OR UPDATE ON outbox.routing_guards FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('routing_guard', 'rule_name', 'rule_name,version,canary,baseline,enabled,window_seconds,min_samples,failure_margin_bp,ambiguous_margin_bp,latency_percentile,latency_margin_ms,note,rolled_back_at,rolled_back_by');
+
+--
+-- Name: routing_guards routing_guards_no_delete; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER routing_guards_no_delete BEFORE DELETE OR TRUNCATE ON outbox.routing_guards FOR EACH STATEMENT EXECUTE FUNCTION outbox.refuse_change();
+
+--
+-- Name: routing_guards routing_guards_version; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER routing_guards_version BEFORE UPDATE ON outbox.routing_guards FOR EACH ROW WHEN ((old.* IS DISTINCT FROM new.*)) EXECUTE FUNCTION outbox.routing_rules_bump_version();
+
+--
 -- Name: routing_rules routing_rules_audit; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
@@ -5517,6 +5720,13 @@ ALTER TABLE ONLY outbox.reconciliation_exceptions
 
 ALTER TABLE ONLY outbox.reconciliation_exceptions
     ADD CONSTRAINT reconciliation_exceptions_last_run_id_fkey FOREIGN KEY (last_run_id) REFERENCES outbox.reconciliation_runs(id);
+
+--
+-- Name: routing_guards routing_guards_rule_name_fkey; Type: FK CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.routing_guards
+    ADD CONSTRAINT routing_guards_rule_name_fkey FOREIGN KEY (rule_name) REFERENCES outbox.routing_rules(name);
 
 --
 -- Name: SCHEMA outbox; Type: ACL; Schema: -; Owner: -
@@ -6399,6 +6609,28 @@ GRANT ALL ON FUNCTION outbox.routing_bucket(p_payment_id text) TO outbox_operato
 --
 
 GRANT SELECT ON TABLE outbox.routing_rules TO outbox_operator;
+GRANT SELECT ON TABLE outbox.routing_rules TO outbox_relay;
+
+--
+-- Name: FUNCTION routing_guard_rollback_v1(p_instance text, p_rule text, p_canary text, p_reason text, p_comparison jsonb); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.routing_guard_rollback_v1(p_instance text, p_rule text, p_canary text, p_reason text, p_comparison jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.routing_guard_rollback_v1(p_instance text, p_rule text, p_canary text, p_reason text, p_comparison jsonb) TO outbox_relay;
+
+--
+-- Name: TABLE routing_guards; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT SELECT ON TABLE outbox.routing_guards TO outbox_operator;
+GRANT SELECT ON TABLE outbox.routing_guards TO outbox_relay;
+
+--
+-- Name: FUNCTION routing_guard_set_v1(p_operator text, p_rule text, p_guard jsonb, p_reason text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.routing_guard_set_v1(p_operator text, p_rule text, p_guard jsonb, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.routing_guard_set_v1(p_operator text, p_rule text, p_guard jsonb, p_reason text) TO outbox_operator;
 
 --
 -- Name: FUNCTION routing_rule_set_v1(p_operator text, p_name text, p_rule jsonb, p_reason text, p_create boolean); Type: ACL; Schema: outbox; Owner: -

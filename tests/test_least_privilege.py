@@ -80,6 +80,9 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_relay", "payments"): {"SELECT"},
     ("outbox_relay", "provider_policies"): {"SELECT"},
     ("outbox_relay", "providers"): {"SELECT"},  # sql/0063: `status` with the relay's login
+    # sql/0067: the guard-rail task reads the guards and the rules' weights (and `status`)
+    ("outbox_relay", "routing_guards"): {"SELECT"},
+    ("outbox_relay", "routing_rules"): {"SELECT"},
     ("outbox_relay", "reconciliation_open_delta"): {"SELECT"},
     ("outbox_relay", "relay_instances"): {"SELECT", "INSERT", "DELETE"},  # sql/0018
     ("outbox_relay", "relay_wakeup"): {"SELECT"},
@@ -114,6 +117,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "providers",  # sql/0050: the registry, changed through provider_set_v1
             "reconciliation_open_delta",
             "routing_rules",  # sql/0051
+            "routing_guards",  # sql/0067
             "registry_policy",  # sql/0052
             "registry_requests",
             "relay_instances",
@@ -212,6 +216,9 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "registry_policy_set_v1": {"outbox_operator"},
     "registry_request_v1": {"outbox_operator"},
     "registry_approve_v1": {"outbox_operator"},
+    # sql/0067: guard rails, set by operators, a canary rolled back by a relay
+    "routing_guard_set_v1": {"outbox_operator"},
+    "routing_guard_rollback_v1": {"outbox_relay"},
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -303,6 +310,10 @@ RELAY_STATEMENTS = {
     "fx_insert_rates_as_relay",  # relay/service/fx_fetch.py: the opt-in ECB fetch
     "fx_rate_ages",  # relay/service/depth.py: the rate-age gauge
     "fx_difference_totals",  # and the FX difference gauge
+    "guard_rails_list",  # sql/0067: relay/service/guard_rails.py
+    "guard_rail_outcomes",
+    "guard_rail_latency",
+    "guard_rail_rollback",
 }
 OPERATOR_STATEMENTS = {
     # sql/0050, sql/0051: relay/operations/providers.py, status.py, intents.py
@@ -318,6 +329,8 @@ OPERATOR_STATEMENTS = {
     "registry_request",
     "registry_approve",
     "registry_requests",
+    "guard_rails_list",  # sql/0067: `routes guards`, `status`
+    "routing_guard_set",
     "status_counts",  # relay/operations/status.py
     "schema_version",
     "queue_depth",

@@ -17,11 +17,13 @@ import psycopg
 
 from relay.cli.operator_args import add_operator_argument, operator_of
 from relay.cli.tables import render_table
+from relay.domain.guard_rails import format_bp
 from relay.operations.providers import (
     ApprovalRequested,
     api_version_untested,
     apply_declared,
     approve_request,
+    list_guards,
     list_providers,
     list_requests,
     list_rules,
@@ -29,12 +31,13 @@ from relay.operations.providers import (
     registry_changes,
     rule_shares,
     set_four_eyes,
+    set_guard,
     set_provider,
     set_rule,
     set_weights,
 )
 
-__all__ = ["add_commands", "parse_limit", "parse_weight"]
+__all__ = ["add_commands", "parse_limit", "parse_percent_bp", "parse_weight"]
 
 
 def parse_limit(text: str) -> tuple[str, dict[str, int]]:
@@ -61,6 +64,21 @@ def parse_weight(text: str) -> tuple[str, int]:
             f"{text!r} is not PROVIDER=WEIGHT, e.g. adyen=10 (0 to 10000)"
         )
     return name, int(value)
+
+
+def parse_percent_bp(text: str) -> int:
+    """``5`` or ``5%`` -> 500, ``0.25`` -> 25: a percentage with at most two decimals, in
+    basis points (parsed as text: no float touches the margin)."""
+    body = text.strip().removesuffix("%")
+    whole, dot, frac = body.partition(".")
+    if not whole.isdigit() or (dot and (not frac.isdigit() or len(frac) > 2)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a percentage with at most two decimals, e.g. 5 or 2.5%"
+        )
+    bp = int(whole) * 100 + int((frac or "0").ljust(2, "0"))
+    if bp > 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than 100%")
+    return bp
 
 
 def _currencies(text: str) -> list[str]:
@@ -328,6 +346,8 @@ def _target(text: str) -> tuple[str, int | None]:
 
 def _cmd_routes(args: argparse.Namespace, conninfo: str) -> int:
     with psycopg.connect(conninfo, autocommit=True) as conn:
+        if args.routes_command in ("guard", "guards"):
+            return _cmd_guards(args, conn)
         providers = list_providers(conn)
         if args.routes_command in ("list", "show"):
             rules = list_rules(conn)
@@ -357,6 +377,10 @@ def _cmd_routes(args: argparse.Namespace, conninfo: str) -> int:
                 )
             )
             if args.routes_command == "show":
+                guards = [g for g in list_guards(conn) if g["rule_name"] == args.name]
+                if guards:
+                    print("\nguard rail:")
+                    print(render_table(_GUARD_HEADERS, [_guard_line(g) for g in guards]))
                 _history(conn, "routing_rule", args.name)
             return 0
         try:
@@ -393,6 +417,91 @@ def _cmd_routes(args: argparse.Namespace, conninfo: str) -> int:
                 [_rule_line(row, rule_shares(row, providers))],
             )
         )
+    return 0
+
+
+def _guard_line(g: dict[str, Any]) -> list[object]:
+    margins = []
+    if g["failure_margin_bp"] is not None:
+        margins.append(f"failures +{format_bp(g['failure_margin_bp'])}")
+    if g["ambiguous_margin_bp"] is not None:
+        margins.append(f"ambiguous +{format_bp(g['ambiguous_margin_bp'])}")
+    if g["latency_margin_ms"] is not None:
+        margins.append(f"p{g['latency_percentile']} +{g['latency_margin_ms']} ms")
+    if not g["enabled"]:
+        state = "off"
+    elif g.get("canary_weight") == 0 and g["rolled_back_at"] is not None:
+        state = f"ROLLED BACK {g['rolled_back_at'].isoformat(timespec='seconds')}"
+    elif g.get("canary_weight") == 0:
+        state = "canary at 0"
+    else:
+        state = "watching"
+    return [
+        g["rule_name"],
+        g["canary"],
+        g["baseline"],
+        f"{g['window_seconds']} s",
+        g["min_samples"],
+        ", ".join(margins),
+        state,
+    ]
+
+
+_GUARD_HEADERS = ["rule", "canary", "baseline", "window", "min samples", "margins", "state"]
+
+
+def _guard_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name in (
+        "canary",
+        "baseline",
+        "window_seconds",
+        "min_samples",
+        "failure_margin_bp",
+        "ambiguous_margin_bp",
+        "latency_percentile",
+        "latency_margin_ms",
+        "note",
+        "enabled",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    return fields
+
+
+def _cmd_guards(args: argparse.Namespace, conn: psycopg.Connection) -> int:
+    if args.routes_command == "guards":
+        guards = list_guards(conn)
+        if getattr(args, "json", False):
+            print(json.dumps(guards, indent=2, default=str))
+        elif not guards:
+            print("no guard rails: `outbox-relay routes guard RULE --canary ... --baseline ...`")
+        else:
+            print(render_table(_GUARD_HEADERS, [_guard_line(g) for g in guards]))
+            for g in guards:
+                if g["rollback_reason"]:
+                    print(
+                        f"{g['rule_name']}: last rollback "
+                        f"{g['rolled_back_at'].isoformat(timespec='seconds')} by "
+                        f"{g['rolled_back_by']}: {g['rollback_reason']}"
+                    )
+        return 0
+    try:
+        set_guard(
+            conn,
+            operator=operator_of(args),
+            rule=args.name,
+            fields=_guard_fields(args),
+            reason=args.reason,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:
+        return _print_error(exc)
+    now = [g for g in list_guards(conn) if g["rule_name"] == args.name]
+    print(render_table(_GUARD_HEADERS, [_guard_line(g) for g in now]))
     return 0
 
 
@@ -539,6 +648,63 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     weights.add_argument("name")
     weights.add_argument("weights", nargs="+", type=parse_weight, metavar="PROVIDER=WEIGHT")
     _change_args(weights)
+    guard = ractions.add_parser(
+        "guard",
+        help="add or change a split's guard rail (automatic rollback of its canary)",
+        description="A guard rail (docs/routing.md, 'Guard rails'): relays compare the "
+        "canary's outcomes with the baseline's over a sliding window and set the canary's "
+        "weight to 0 when it is worse by a margin with enough samples on each side.",
+    )
+    guard.add_argument("name", help="the split rule")
+    guard.add_argument("--canary", help="the target to roll back (required for a new guard)")
+    guard.add_argument("--baseline", help="the target to compare with (required for a new guard)")
+    guard.add_argument(
+        "--window",
+        dest="window_seconds",
+        type=int,
+        metavar="SECONDS",
+        help="sliding window, 10 to 86400 s (default 900)",
+    )
+    guard.add_argument(
+        "--min-samples", type=int, help="outcomes each side needs first (default 100)"
+    )
+    guard.add_argument(
+        "--failure-margin",
+        dest="failure_margin_bp",
+        type=parse_percent_bp,
+        metavar="PERCENT",
+        help="roll back when the canary's declines + errors rate exceeds the baseline's by more",
+    )
+    guard.add_argument(
+        "--ambiguous-margin",
+        dest="ambiguous_margin_bp",
+        type=parse_percent_bp,
+        metavar="PERCENT",
+        help="the same for ambiguous outcomes (timeouts, 5xx)",
+    )
+    guard.add_argument(
+        "--latency-margin",
+        dest="latency_margin_ms",
+        type=int,
+        metavar="MS",
+        help="roll back when the canary's latency percentile exceeds the baseline's by more",
+    )
+    guard.add_argument(
+        "--latency-percentile", type=int, help="the latency percentile, 50 to 99 (default 95)"
+    )
+    guard.add_argument("--note", help="free text shown with the guard")
+    onoff = guard.add_mutually_exclusive_group()
+    onoff.add_argument(
+        "--off",
+        dest="enabled",
+        action="store_false",
+        default=None,
+        help="stop evaluating this guard (it is kept, audited)",
+    )
+    onoff.add_argument("--on", dest="enabled", action="store_true", help="evaluate it again")
+    _change_args(guard)
+    glist = ractions.add_parser("guards", help="every guard rail and its last rollback")
+    glist.add_argument("--json", action="store_true", help="print JSON")
     for verb in ("enable", "disable"):
         sub = ractions.add_parser(verb, help=f"{verb} a rule")
         sub.add_argument("name")

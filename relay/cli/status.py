@@ -37,6 +37,7 @@ def render_status(status: Status) -> str:
                 if p not in status.unserved_providers
             ),
             *_version_lines(status),
+            *_guard_lines(status),
             f"\ndead intents: {dead}"
             + (" (they block their payments: `outbox-relay dead-letters list`)" if dead else ""),
             f"unpublished events: {unpublished}"
@@ -99,6 +100,29 @@ def _version_lines(status: Status) -> list[str]:
                 f"UNTESTED API VERSION {provider} {version} on relay {relay.instance}: started "
                 f"with RELAY_PROVIDERS__{provider.upper()}__ALLOW_UNTESTED_API_VERSION "
                 f"(tested: {', '.join(map(str, tested)) or 'unknown'})"
+            )
+    return lines
+
+
+def _guard_lines(status: Status) -> list[str]:
+    """One line per guard rail; a loud one for a canary a relay rolled back (docs/routing.md,
+    "Guard rails"), with when, by which relay and why."""
+    lines = []
+    for g in status.guard_rails:
+        if g.rolled_back:
+            lines.append(
+                f"GUARD RAIL ROLLED BACK {g.rule}: canary {g.canary} set to 0 at "
+                f"{g.rolled_back_at} by {g.rolled_back_by}: {g.rollback_reason} (fix it, then "
+                f"`outbox-relay routes weights {g.rule} {g.canary}=N`)"
+            )
+        elif not g.enabled:
+            lines.append(f"guard rail {g.rule}: off (canary {g.canary}, baseline {g.baseline})")
+        else:
+            weight = "not a target" if g.canary_weight is None else f"weight {g.canary_weight}"
+            last = f"; last rollback {g.rolled_back_at}" if g.rolled_back_at else ""
+            lines.append(
+                f"guard rail {g.rule}: watching canary {g.canary} ({weight}) against "
+                f"{g.baseline}{last}"
             )
     return lines
 

@@ -308,6 +308,14 @@ class Settings(BaseSettings):
         description="Queue-depth gauges are sampled from the database this often (jittered); "
         "0: not sampled.",
     )
+    guard_rails_interval_seconds: float = Field(
+        15.0,
+        ge=0,
+        le=3600,
+        description="Guard rails of canary splits (sql/0067) are evaluated from the database "
+        "this often (jittered); a canary worse than its baseline is rolled back to weight 0. "
+        "0: this relay does not evaluate them (another relay of the fleet may).",
+    )
     heartbeat_interval_seconds: float = Field(
         10.0,
         gt=0,

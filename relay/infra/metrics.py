@@ -8,6 +8,11 @@ __all__ = [
     "AWAITING_CONFIRMATION",
     "BREAKER_STATE",
     "CLAIM_BATCH",
+    "GUARD_RAIL_LATENCY_MS",
+    "GUARD_RAIL_RATE_BP",
+    "GUARD_RAIL_ROLLBACKS",
+    "GUARD_RAIL_SAMPLES",
+    "GUARD_RAIL_WORSE",
     "INTENTS_ARCHIVED",
     "INTENTS_FINISHED",
     "INTENTS_WRITTEN",
@@ -275,4 +280,34 @@ FX_DIFFERENCE_MINOR = Gauge(
     "Sum of the FX difference journal (outbox.fx_postings: actual - expected) in minor units, "
     "by provider, currency and kind (refund_at_charge_rate, settlement).",
     ["provider", "currency", "kind"],
+)
+# sql/0067: guard rails of canary splits (relay/service/guard_rails.py). Every relay sets
+# the same figures from the database: aggregate the gauges with max.
+GUARD_RAIL_ROLLBACKS = Counter(
+    "outbox_relay_guard_rail_rollbacks_total",
+    "Canaries this relay rolled back to weight 0 because their outcomes were worse than the "
+    "baseline's (counted by the one relay whose rollback committed), by rule and canary.",
+    ["rule", "canary"],
+)
+GUARD_RAIL_RATE_BP = Gauge(
+    "outbox_relay_guard_rail_rate_bp",
+    "A guarded split's outcome rate per side over the guard's window, in basis points of the "
+    "side's samples: measure failures (declined + errors) or ambiguous; side canary or baseline.",
+    ["rule", "side", "provider", "measure"],
+)
+GUARD_RAIL_SAMPLES = Gauge(
+    "outbox_relay_guard_rail_samples",
+    "Payments with an outcome per side of a guarded split, over the guard's window.",
+    ["rule", "side", "provider"],
+)
+GUARD_RAIL_LATENCY_MS = Gauge(
+    "outbox_relay_guard_rail_latency_ms",
+    "A guarded split's latency per side at the guard's percentile (INSERT to outcome), ms.",
+    ["rule", "side", "provider"],
+)
+GUARD_RAIL_WORSE = Gauge(
+    "outbox_relay_guard_rail_canary_worse",
+    "1 while a guarded canary's outcomes are worse than its baseline's by a margin, with "
+    "enough samples (it is then rolled back); 0 otherwise.",
+    ["rule"],
 )

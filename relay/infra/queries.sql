@@ -1665,3 +1665,74 @@ SELECT id, entity, name, change, reason, status, requested_by, requested_login, 
 FROM outbox.registry_requests
 ORDER BY status = 'pending' DESC, id DESC
 LIMIT 100;
+
+-- ------------------------------------------------------------------------------------------
+-- Guard rails of split rules (sql/0067; relay/service/guard_rails.py, relay/operations/providers.py)
+
+-- name: guard_rails_list
+-- Every guard rail with its rule's state now: the canary's and baseline's weights, the rule's mode and whether it is enabled.
+SELECT g.rule_name, g.canary, g.baseline, g.enabled, g.window_seconds, g.min_samples,
+       g.failure_margin_bp, g.ambiguous_margin_bp, g.latency_percentile, g.latency_margin_ms,
+       g.note, g.version, g.updated_at, g.updated_by, g.rolled_back_at, g.rolled_back_by,
+       g.rollback_reason, r.id AS rule_id, r.enabled AS rule_enabled, r.mode, r.providers,
+       r.weights, r.weights[array_position(r.providers, g.canary)] AS canary_weight,
+       r.weights[array_position(r.providers, g.baseline)] AS baseline_weight
+FROM outbox.routing_guards AS g
+JOIN outbox.routing_rules AS r ON r.name = g.rule_name
+ORDER BY g.rule_name;
+
+-- name: guard_rail_outcomes
+-- Per enabled guard and side: the first intents of the payments its rule routed in the window (and since its last rollback), by status and error code, with the provider's kind for the error catalogue. Per guard, one range scan of payments_routed_idx and a payment_idx probe per payment (OFFSET 0 keeps the subquery per guard, whatever the tables' statistics).
+SELECT g.rule_name, w.provider, COALESCE(pr.kind, w.provider) AS kind, w.status, w.error_code,
+       count(*)::bigint AS intents
+FROM outbox.routing_guards AS g
+JOIN outbox.routing_rules AS r ON r.name = g.rule_name
+CROSS JOIN LATERAL (
+    SELECT p.provider, i.status, i.error_code
+    FROM outbox.payments AS p
+    JOIN outbox.payment_intents AS i ON i.payment_id = p.payment_id AND i.payment_seq = 1
+    WHERE p.routing_rule_id = r.id
+      AND p.created_at >= greatest(COALESCE(%(now)s::timestamptz, now())
+                                       - make_interval(secs => g.window_seconds),
+                                   COALESCE(g.rolled_back_at, '-infinity'::timestamptz))
+      AND p.provider IN (g.canary, g.baseline)
+    OFFSET 0
+) AS w
+LEFT JOIN outbox.providers AS pr ON pr.name = w.provider
+WHERE g.enabled
+GROUP BY g.rule_name, w.provider, COALESCE(pr.kind, w.provider), w.status, w.error_code;
+
+-- name: guard_rail_latency
+-- Per enabled guard with a latency margin and side: the guard's percentile of INSERT-to-outcome time of the same first intents, in whole milliseconds.
+SELECT g.rule_name, w.provider,
+       floor(extract(epoch FROM percentile_disc(g.latency_percentile / 100.0)
+                                WITHIN GROUP (ORDER BY w.took)) * 1000)::bigint AS latency_ms
+FROM outbox.routing_guards AS g
+JOIN outbox.routing_rules AS r ON r.name = g.rule_name
+CROSS JOIN LATERAL (
+    SELECT p.provider, i.completed_at - i.created_at AS took
+    FROM outbox.payments AS p
+    JOIN outbox.payment_intents AS i ON i.payment_id = p.payment_id AND i.payment_seq = 1
+    WHERE p.routing_rule_id = r.id
+      AND p.created_at >= greatest(COALESCE(%(now)s::timestamptz, now())
+                                       - make_interval(secs => g.window_seconds),
+                                   COALESCE(g.rolled_back_at, '-infinity'::timestamptz))
+      AND p.provider IN (g.canary, g.baseline)
+      AND i.completed_at IS NOT NULL
+    OFFSET 0
+) AS w
+WHERE g.enabled AND g.latency_margin_ms IS NOT NULL
+GROUP BY g.rule_name, g.latency_percentile, w.provider;
+
+-- name: guard_rail_rollback
+-- A relay's automatic rollback of a guarded canary to weight 0 (audited as relay:<instance>, the comparison as the reason); all NULL when nothing was done (another relay was first).
+SELECT id, name, version, providers, weights
+FROM outbox.routing_guard_rollback_v1(%(instance)s, %(rule)s, %(canary)s, %(reason)s,
+                                      %(comparison)s::jsonb);
+
+-- name: routing_guard_set
+-- Add or change the guard rail of a split rule as an operator (guard: the columns to set, as JSON).
+SELECT rule_name, canary, baseline, enabled, window_seconds, min_samples, failure_margin_bp,
+       ambiguous_margin_bp, latency_percentile, latency_margin_ms, note, version, updated_at,
+       updated_by, rolled_back_at, rolled_back_by, rollback_reason
+FROM outbox.routing_guard_set_v1(%(operator)s, %(rule)s, %(guard)s::jsonb, %(reason)s);

@@ -28,6 +28,7 @@ __all__ = [
     "apply_declared",
     "approve_request",
     "check_api_version",
+    "list_guards",
     "list_providers",
     "list_requests",
     "list_rules",
@@ -35,6 +36,7 @@ __all__ = [
     "registry_changes",
     "rule_shares",
     "set_four_eyes",
+    "set_guard",
     "set_provider",
     "set_rule",
     "set_weights",
@@ -397,6 +399,61 @@ def approve_request(conn: psycopg.Connection, *, operator: str, request_id: int)
         row = (
             conn.cursor(row_factory=dict_row)
             .execute(QUERIES["registry_approve"], {"operator": operator, "id": request_id})
+            .fetchone()
+        )
+    assert row is not None
+    return row
+
+
+_GUARD_FIELDS = {
+    "canary",
+    "baseline",
+    "enabled",
+    "window_seconds",
+    "min_samples",
+    "failure_margin_bp",
+    "ambiguous_margin_bp",
+    "latency_percentile",
+    "latency_margin_ms",
+    "note",
+}
+
+
+def list_guards(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Every guard rail (sql/0067) with its rule's state (the canary's weight now)."""
+    return conn.cursor(row_factory=dict_row).execute(QUERIES["guard_rails_list"]).fetchall()
+
+
+def set_guard(
+    conn: psycopg.Connection,
+    *,
+    operator: str,
+    rule: str,
+    fields: Mapping[str, Any],
+    reason: str | None,
+) -> dict[str, Any]:
+    """Add or change the guard rail of split rule ``rule``; the guard as it is now.
+
+    ``fields``: canary, baseline (both required for a new guard, both targets of the rule),
+    enabled, window_seconds, min_samples, failure_margin_bp, ambiguous_margin_bp,
+    latency_percentile, latency_margin_ms, note. Audited as entity ``routing_guard``. Never
+    needs a second operator: a guard only takes traffic away (docs/routing.md).
+    """
+    unknown = sorted(set(fields) - _GUARD_FIELDS)
+    if unknown:
+        raise ValueError(f"guard rail fields {', '.join(unknown)} are not settable")
+    with conn.transaction():
+        row = (
+            conn.cursor(row_factory=dict_row)
+            .execute(
+                QUERIES["routing_guard_set"],
+                {
+                    "operator": operator,
+                    "rule": rule,
+                    "guard": json.dumps(dict(fields)),
+                    "reason": reason,
+                },
+            )
             .fetchone()
         )
     assert row is not None

@@ -26,7 +26,7 @@ from relay.domain.serving import unserved_intents
 from relay.domain.version_pins import pin_mismatches
 from relay.infra.queries import QUERIES
 
-__all__ = ["ProviderDepth", "RelayInstance", "Status", "collect_status"]
+__all__ = ["GuardRailState", "ProviderDepth", "RelayInstance", "Status", "collect_status"]
 
 
 @dataclass
@@ -73,6 +73,26 @@ class RelayInstance:
 
 
 @dataclass
+class GuardRailState:
+    """One guard rail (sql/0067) as `status` shows it: the canary's weight now and the last
+    automatic rollback (when, by which relay, why)."""
+
+    rule: str
+    canary: str
+    baseline: str
+    enabled: bool
+    canary_weight: int | None  # None: the canary is no longer a target of the rule
+    rolled_back_at: str | None  # ISO 8601, UTC
+    rolled_back_by: str | None
+    rollback_reason: str | None
+
+    @property
+    def rolled_back(self) -> bool:
+        """The canary is at 0 because a relay rolled it back (no one raised it since)."""
+        return self.rolled_back_at is not None and self.canary_weight == 0
+
+
+@dataclass
 class Status:
     schema_version: str | None  # the latest applied migration, e.g. "0015"
     providers: dict[str, ProviderDepth]
@@ -90,6 +110,8 @@ class Status:
     # Live relays whose pinned version differs from the registry's (the registry changed
     # after they started): {"relay", "provider", "relay_version", "registry_version"}.
     api_version_mismatches: list[dict[str, str]] = field(default_factory=list)
+    # Guard rails of canary splits (sql/0067), by rule.
+    guard_rails: list[GuardRailState] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON types, in declaration order (``status --json``)."""
@@ -120,6 +142,13 @@ def collect_status(conninfo: str) -> Status:
                 }
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
             pins = {}  # a schema before sql/0070: no versions recorded
+        try:
+            with conn.transaction():
+                cur = conn.execute(QUERIES["guard_rails_list"])
+                names = [c.name for c in cur.description or ()]
+                guards = cur.fetchall()
+        except psycopg.errors.UndefinedTable:
+            guards, names = [], []  # a schema before sql/0067 (or sql/0050): no guard rails
     providers: dict[str, ProviderDepth] = {}
     for provider, status, count, _created in rows:
         providers.setdefault(provider, ProviderDepth()).counts[status] = count
@@ -174,4 +203,19 @@ def collect_status(conninfo: str) -> Status:
         registered_unserved=[p for p in registered if p not in served],
         registered_api_versions=pins,
         api_version_mismatches=mismatches,
+        guard_rails=[_guard_state(dict(zip(names, row, strict=True))) for row in guards],
+    )
+
+
+def _guard_state(g: dict[str, Any]) -> GuardRailState:
+    at = g["rolled_back_at"]
+    return GuardRailState(
+        rule=g["rule_name"],
+        canary=g["canary"],
+        baseline=g["baseline"],
+        enabled=bool(g["enabled"]),
+        canary_weight=g["canary_weight"],
+        rolled_back_at=None if at is None else at.isoformat(timespec="seconds"),
+        rolled_back_by=g["rolled_back_by"],
+        rollback_reason=g["rollback_reason"],
     )

@@ -50,6 +50,7 @@ from relay.infra.migrate import discover
 from relay.infra.redaction import describe_conninfo
 from relay.service.depth import DepthSampler
 from relay.service.fx_fetch import EcbFetcher
+from relay.service.guard_rails import GuardRails
 from relay.service.health import HealthState, Heartbeat, serve_http
 from relay.service.instances import InstanceHeartbeat
 from relay.service.retention import sweep_forever, sweep_inbox_forever
@@ -394,6 +395,14 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                     providers=relay.lanes,
                 )
                 tg.start_soon(sampler.run)
+            if settings.guard_rails_interval_seconds:
+                guard_rails = GuardRails(
+                    relay.db,
+                    instance=settings.instance_name,
+                    interval_seconds=settings.guard_rails_interval_seconds,
+                    rng=relay.rng,
+                )
+                tg.start_soon(guard_rails.run)
             if settings.fx_ecb_url:
                 fetcher = EcbFetcher(
                     relay.db, settings.fx_ecb_url, interval_seconds=settings.fx_ecb_interval_seconds
