@@ -181,6 +181,9 @@ class GuardRails:
         guard: GuardRail, canary: SideCounts, baseline: SideCounts, verdict: Verdict | None
     ) -> None:
         rule = safe_label(guard.rule)
+        # The rollback counter's series exists at 0 before its first rollback, so that the
+        # alert's increase() sees the step to 1 (a series born at 1 has no increase).
+        metrics.GUARD_RAIL_ROLLBACKS.labels(rule=rule, canary=safe_label(guard.canary))
         for side, counts in (("canary", canary), ("baseline", baseline)):
             provider = safe_label(counts.provider)
             samples = counts.samples
