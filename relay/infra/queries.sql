@@ -721,7 +721,17 @@ SELECT 'routing_rule', r.name, outbox.audit_generic_doc(r,
        'id,name,version,priority,enabled,currencies,min_amount_minor,max_amount_minor,'
        'payment_method_prefixes,metadata_key,metadata_values,mode,providers,weights,note'),
        NULL, false, false
-FROM outbox.routing_rules AS r;
+FROM outbox.routing_rules AS r
+UNION ALL
+SELECT 'flow', f.id::text, outbox.audit_generic_doc(f,
+       'id,flow_key,state,reason,failed_step,metadata,created_by'), NULL, false, false
+FROM outbox.flows AS f
+UNION ALL
+SELECT 'flow_step', s.id::text, outbox.audit_generic_doc(s,
+       'id,flow_id,seq,depends_on,payment_id,action,provider,amount_minor,currency,compensation,'
+       'status,intent_id,amount_applied_minor,error_code,compensation_status,'
+       'compensation_intent_id,compensation_note'), NULL, false, false
+FROM outbox.flow_steps AS s;
 
 -- name: ledger_counts
 -- Ledger transactions, entries and payments, for the check's headline.

@@ -1,0 +1,255 @@
+"""Payment flows (sql/0072, docs/flows.md): started in the application's transaction,
+advanced in the write-back's, compensated in reverse order exactly once.
+
+The split-tender tests run a real in-process relay with two lanes (a gift-card provider
+and a card provider, each an in-memory provider that counts effects per idempotency key).
+The settling test drives write-backs through the relay's own Store, so it can hold a step
+ambiguous for as long as it likes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from provider_adapters.memory import MemoryProvider
+from relay.core.store import Store
+from relay.domain.intents import WriteBack
+from relay.domain.state_machine import PaymentSnapshot, PaymentState
+from relay.finance.audit import verify_database
+from relay.infra.db import Database
+from tests.support.relays import make_relay_with, run_until_settled
+
+pytestmark = pytest.mark.anyio
+
+GIFT_DECLINED = "pm_card_chargeDeclined"
+
+
+def split_tender(card_method: str = "pm_card_visa") -> list[dict[str, Any]]:
+    """docs/flows.md's recipe: hold both tenders, then capture both."""
+    return [
+        {"payment_id": "order-1-gift", "action": "authorize", "provider": "giftco",
+         "amount_minor": 500, "currency": "EUR", "payment_method": "gift_card_tok"},
+        {"payment_id": "order-1-card", "action": "authorize", "provider": "cardco",
+         "amount_minor": 1500, "currency": "EUR", "payment_method": card_method},
+        {"payment_id": "order-1-gift", "action": "capture", "currency": "EUR",
+         "depends_on": [1, 2]},
+        {"payment_id": "order-1-card", "action": "capture", "currency": "EUR",
+         "depends_on": [1, 2]},
+    ]  # fmt: skip
+
+
+def start_flow(db_url: str, key: str, steps: list[dict[str, Any]]) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT outbox.flow_start_v1(%s, %s)", (key, Jsonb(steps))
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def flow_state(db_url: str, flow_id: int) -> tuple[str, str | None]:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT state, reason FROM outbox.flows WHERE id = %s", (flow_id,)).fetchone()
+    assert row is not None
+    return str(row[0]), row[1]
+
+
+def flow_intents(db_url: str, flow_id: int) -> list[tuple[str, str, str, str]]:
+    """(role, action, payment_id, status) of every intent of the flow, in id order."""
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            """
+            SELECT metadata -> 'flow' ->> 'role', action, payment_id, status
+            FROM outbox.payment_intents
+            WHERE (metadata -> 'flow' ->> 'id')::bigint = %s ORDER BY id
+            """,
+            (flow_id,),
+        ).fetchall()
+    return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+
+
+def flow_events(db_url: str, flow_id: int) -> list[str]:
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT event_type, payload FROM outbox.events WHERE ordering_key = %s ORDER BY seq",
+            (f"flow:{flow_id}",),
+        ).fetchall()
+    for _, payload in rows:
+        assert payload["flow"]["id"] == flow_id
+    return [str(event_type) for event_type, _ in rows]
+
+
+def effects(provider: MemoryProvider) -> int:
+    return sum(provider.effects.values())
+
+
+async def test_split_tender_card_declined_voids_the_gift_card_once(db_url: str) -> None:
+    gift, card = MemoryProvider("giftco"), MemoryProvider("cardco")
+    flow = start_flow(db_url, "order-1", split_tender(card_method=GIFT_DECLINED))
+    relay = make_relay_with(db_url, {"giftco": gift, "cardco": card})
+    await run_until_settled(db_url, [relay])
+
+    state, reason = flow_state(db_url, flow)
+    assert state == "compensated"
+    assert reason is not None and "step 2 (authorize of payment order-1-card) failed" in reason
+    assert flow_intents(db_url, flow) == [
+        ("step", "authorize", "order-1-gift", "succeeded"),
+        ("step", "authorize", "order-1-card", "failed"),
+        ("compensation", "void", "order-1-gift", "succeeded"),
+    ]
+    # The gift card: one hold and one void, each applied once; the card: nothing.
+    assert effects(gift) == 2 and set(gift.effects.values()) == {1}
+    assert effects(card) == 0
+    assert flow_events(db_url, flow) == ["flow.compensating", "flow.compensated"]
+    report = verify_database(db_url)
+    assert report.intact, [b.describe() for b in report.breaks]
+
+
+async def test_split_tender_both_holding_captures_both_once(db_url: str) -> None:
+    gift, card = MemoryProvider("giftco"), MemoryProvider("cardco")
+    flow = start_flow(db_url, "order-1", split_tender())
+    relay = make_relay_with(db_url, {"giftco": gift, "cardco": card})
+    await run_until_settled(db_url, [relay])
+
+    assert flow_state(db_url, flow) == ("completed", None)
+    assert flow_intents(db_url, flow) == [
+        ("step", "authorize", "order-1-gift", "succeeded"),
+        ("step", "authorize", "order-1-card", "succeeded"),
+        ("step", "capture", "order-1-gift", "succeeded"),
+        ("step", "capture", "order-1-card", "succeeded"),
+    ]
+    assert effects(gift) == 2 and set(gift.effects.values()) == {1}
+    assert effects(card) == 2 and set(card.effects.values()) == {1}
+    assert flow_events(db_url, flow) == ["flow.completed"]
+    with psycopg.connect(db_url) as conn:
+        payload = conn.execute(
+            "SELECT payload FROM outbox.events WHERE ordering_key = %s", (f"flow:{flow}",)
+        ).fetchone()
+    assert payload is not None
+    assert [s["status"] for s in payload[0]["flow"]["steps"]] == ["succeeded"] * 4
+    report = verify_database(db_url)
+    assert report.intact, [b.describe() for b in report.breaks]
+
+
+def _authorized(amount: int) -> PaymentSnapshot:
+    return PaymentSnapshot(PaymentState.AUTHORIZED, "EUR", authorized_minor=amount,
+                           provider_reference="pi_x")  # fmt: skip
+
+
+async def _claim_one(store: Store, provider: str) -> Any:
+    claimed = await store.claim(provider, 10, lease_seconds=60, instance="flows-test")
+    assert len(claimed) == 1, claimed
+    return claimed[0]
+
+
+async def _write(store: Store, row: Any, status: str, **fields: Any) -> None:
+    written = await store.complete(
+        [WriteBack(row.id, row.lease_token, row.payment_id, status, **fields)]
+    )
+    assert written == {row.id}
+
+
+async def test_an_ambiguous_step_is_settled_before_anything_is_compensated(db_url: str) -> None:
+    flow = start_flow(db_url, "order-1", split_tender())
+    db = Database(db_url, pool_size=2, name="flows-test")
+    await db.open()
+    try:
+        store = Store(db, actor="relay:flows-test")
+        gift = await _claim_one(store, "giftco")
+        card = await _claim_one(store, "cardco")
+        # The card is declined while the gift card's hold is in flight, then comes back
+        # ambiguous (retried under the same key): the flow will compensate, but not yet.
+        await _write(store, card, "failed", error_code="card_declined")
+        await _write(store, gift, "pending", error_code="timeout")
+        assert flow_state(db_url, flow)[0] == "compensating"
+        assert [i[0] for i in flow_intents(db_url, flow)] == ["step", "step"]
+
+        gift = await _claim_one(store, "giftco")
+        await _write(store, gift, "succeeded", amount_applied_minor=500,
+                     provider_reference="pi_x", payment=_authorized(500))  # fmt: skip
+        # Settled with an effect: its void, once, and nothing for the declined card.
+        assert flow_intents(db_url, flow)[2:] == [
+            ("compensation", "void", "order-1-gift", "pending")
+        ]
+        void = await _claim_one(store, "giftco")
+        assert void.action == "void"
+        # The void fails for good: the flow goes to an operator, with the reason.
+        await _write(store, void, "failed", error_code="provider_refused")
+        state, reason = flow_state(db_url, flow)
+        assert state == "needs_operator"
+        assert reason is not None and "compensation of step 1 (void" in reason
+        assert "provider_refused" in reason
+        assert flow_events(db_url, flow) == ["flow.compensating", "flow.needs_operator"]
+        assert len(flow_intents(db_url, flow)) == 3  # no second void
+    finally:
+        await db.close()
+    report = verify_database(db_url)
+    assert report.intact, [b.describe() for b in report.breaks]
+
+
+MALFORMED: list[tuple[str, Any]] = [
+    ("flows_steps_array_of_1_to_50", []),
+    ("flows_steps_array_of_1_to_50", {"payment_id": "p"}),
+    ("flow_steps_step_is_object", ["capture"]),
+    ("flow_steps_known_fields", [{"payment_id": "p", "action": "capture", "currency": "EUR",
+                                  "amount": 5}]),
+    ("flow_steps_action_valid", [{"payment_id": "p", "action": "sell", "currency": "EUR"}]),
+    ("flow_steps_depends_on_earlier_steps",
+     [{"payment_id": "p", "action": "capture", "currency": "EUR", "depends_on": [1]}]),
+    ("flow_steps_depends_on_step_numbers",
+     [{"payment_id": "p", "action": "capture", "currency": "EUR", "depends_on": ["one"]}]),
+    ("flow_steps_compensation_fits_action",
+     [{"payment_id": "p", "action": "capture", "currency": "EUR", "compensation": "void"}]),
+    ("flow_steps_amount_minor_integer",
+     [{"payment_id": "p", "action": "authorize", "currency": "EUR", "amount_minor": 1.5,
+       "payment_method": "pm_card_visa"}]),
+    ("flow_steps_amount_minor_required_for_authorize_charge",
+     [{"payment_id": "p", "action": "authorize", "currency": "EUR",
+       "payment_method": "pm_card_visa"}]),
+    ("flow_steps_currency_known", [{"payment_id": "p", "action": "capture", "currency": "XXY"}]),
+    ("flow_steps_payment_consistent",
+     [{"payment_id": "p", "action": "authorize", "provider": "a", "currency": "EUR",
+       "amount_minor": 5, "payment_method": "pm_card_visa"},
+      {"payment_id": "p", "action": "capture", "provider": "b", "currency": "EUR"}]),
+    ("flows_no_card_number",
+     [{"payment_id": "p", "action": "authorize", "currency": "EUR", "amount_minor": 5,
+       "payment_method": "4242424242424242"}]),
+]  # fmt: skip
+
+
+def test_malformed_flows_are_refused_by_name_and_leave_nothing(db_url: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        for constraint, steps in MALFORMED:
+            with pytest.raises(psycopg.errors.IntegrityError) as caught:
+                with conn.transaction():
+                    conn.execute("SELECT outbox.flow_start_v1('bad', %s)", (Jsonb(steps),))
+            assert caught.value.diag.constraint_name == constraint, (constraint, steps)
+            assert "4242424242424242" not in str(caught.value)
+        # A first step refused by the intent INSERT's own rules refuses the whole flow.
+        conn.execute(
+            "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+            " currency, payment_method) VALUES ('usd-pay', 'authorize', 'stripe', 5, 'USD',"
+            " 'pm_card_visa')"
+        )
+        with pytest.raises(psycopg.errors.IntegrityError) as caught:
+            with conn.transaction():
+                conn.execute(
+                    "SELECT outbox.flow_start_v1('bad', %s)",
+                    (Jsonb([{"payment_id": "usd-pay", "action": "capture", "currency": "EUR"}]),),
+                )
+        assert caught.value.diag.constraint_name == "payment_intents_currency_matches_payment"
+        # The same flow key twice: the application's retry of a committed start is refused.
+        conn.execute("SELECT outbox.flow_start_v1('once', %s)", (Jsonb(split_tender()),))
+        with pytest.raises(psycopg.errors.UniqueViolation) as dup:
+            with conn.transaction():
+                conn.execute("SELECT outbox.flow_start_v1('once', %s)", (Jsonb(split_tender()),))
+        assert dup.value.diag.constraint_name == "flows_flow_key_unique"
+        counts = conn.execute(
+            "SELECT (SELECT count(*) FROM outbox.flows), (SELECT count(*) FROM outbox.flow_steps),"
+            " (SELECT count(*) FROM outbox.payment_intents)"
+        ).fetchone()
+    assert counts == (1, 4, 3)
