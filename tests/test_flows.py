@@ -9,6 +9,7 @@ ambiguous for as long as it likes.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import psycopg
@@ -21,6 +22,7 @@ from relay.domain.intents import WriteBack
 from relay.domain.state_machine import PaymentSnapshot, PaymentState
 from relay.finance.audit import verify_database
 from relay.infra.db import Database
+from tests.support.cli import run_cli
 from tests.support.relays import make_relay_with, run_until_settled
 
 pytestmark = pytest.mark.anyio
@@ -189,6 +191,25 @@ async def test_an_ambiguous_step_is_settled_before_anything_is_compensated(db_ur
         await db.close()
     report = verify_database(db_url)
     assert report.intact, [b.describe() for b in report.breaks]
+
+    # The operator finds it, and sees the whole flow's context.
+    env = {"RELAY_DATABASE_URL": db_url}
+    listed = run_cli("flows", "list", "--state", "needs_operator", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[:3] == [str(flow), "order-1", "needs_operator"]
+    shown = run_cli("flows", "show", str(flow), env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert f"flow {flow} (order-1): needs_operator" in shown.stdout
+    assert "compensation of step 1 (void of payment order-1-gift) failed" in shown.stdout
+    assert "void #" in shown.stdout  # the compensation's intent, by id
+    as_json = run_cli("flows", "show", str(flow), "--json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    found = json.loads(as_json.stdout)
+    assert [(s["status"], s["compensation_status"]) for s in found["steps"]] == [
+        ("succeeded", "failed"), ("failed", None), ("skipped", None), ("skipped", None)
+    ]  # fmt: skip
+    assert {h["entity"] for h in found["history"]} == {"flow", "flow_step"}
+    assert run_cli("flows", "show", "999", env=env).returncode == 1
 
 
 MALFORMED: list[tuple[str, Any]] = [

@@ -70,6 +70,8 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_app", "payment_intents"): {"SELECT"},
     ("outbox_app", "payment_intents_archive"): {"SELECT"},
     ("outbox_app", "payments"): {"SELECT"},
+    ("outbox_app", "flows"): {"SELECT"},  # sql/0072: the application reads its flows
+    ("outbox_app", "flow_steps"): {"SELECT"},
     ("outbox_relay", "currencies"): {"SELECT"},  # sql/0014: exponents for the adapters
     ("outbox_relay", "event_streams"): {"SELECT"},
     ("outbox_relay", "events"): {"SELECT"},
@@ -102,6 +104,8 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "fx_postings",
             "fx_rates",
             "events_wakeup",
+            "flows",  # sql/0072: `outbox-relay flows`, audit verify
+            "flow_steps",
             "installation",
             "janitor_checks",
             "ledger_entries",
@@ -211,6 +215,8 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "registry_policy_set_v1": {"outbox_operator"},
     "registry_request_v1": {"outbox_operator"},
     "registry_approve_v1": {"outbox_operator"},
+    # sql/0072: a flow started in the application's transaction (advanced as the owner)
+    "flow_start_v1": {"outbox_app"},
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -303,6 +309,11 @@ RELAY_STATEMENTS = {
     "fx_difference_totals",  # and the FX difference gauge
 }
 OPERATOR_STATEMENTS = {
+    # sql/0072: `outbox-relay flows list|show`
+    "flows_list",
+    "flow_detail",
+    "flow_steps_detail",
+    "flow_history",
     # sql/0050, sql/0051: relay/operations/providers.py, status.py, intents.py
     "providers_list",
     "provider_set",

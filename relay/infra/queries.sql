@@ -1663,3 +1663,49 @@ SELECT id, entity, name, change, reason, status, requested_by, requested_login, 
 FROM outbox.registry_requests
 ORDER BY status = 'pending' DESC, id DESC
 LIMIT 100;
+
+-- Payment flows (sql/0072; relay/operations/flows.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: flows_list
+-- Flows newest first, optionally of one state, with how many steps each has and how many took effect.
+SELECT f.id, f.flow_key, f.state, f.reason, f.created_at, f.updated_at,
+       count(s.id) AS steps,
+       count(s.id) FILTER (WHERE s.status = 'succeeded') AS succeeded,
+       count(s.id) FILTER (WHERE s.compensation_status = 'succeeded') AS compensated
+FROM outbox.flows AS f
+LEFT JOIN outbox.flow_steps AS s ON s.flow_id = f.id
+WHERE %(state)s::text IS NULL OR f.state = %(state)s::text
+GROUP BY f.id
+ORDER BY f.id DESC
+LIMIT %(limit)s;
+
+-- name: flow_detail
+-- One flow's row.
+SELECT id, flow_key, state, reason, failed_step, metadata, created_by, created_at, updated_at,
+       finished_at
+FROM outbox.flows
+WHERE id = %(id)s::bigint;
+
+-- name: flow_steps_detail
+-- One flow's steps in order, each with its intent's and its compensation's current state.
+SELECT s.seq, s.depends_on, s.payment_id, s.action, coalesce(i.provider, s.provider) AS provider,
+       s.amount_minor, s.currency, s.status, s.intent_id, i.status AS intent_status,
+       i.idempotency_key, s.amount_applied_minor, s.error_code, s.compensation,
+       s.compensation_status, s.compensation_intent_id, c.status AS compensation_intent_status,
+       c.idempotency_key AS compensation_key, s.compensation_note
+FROM outbox.flow_steps AS s
+LEFT JOIN outbox.payment_intents AS i ON i.id = s.intent_id
+LEFT JOIN outbox.payment_intents AS c ON c.id = s.compensation_intent_id
+WHERE s.flow_id = %(id)s::bigint
+ORDER BY s.seq;
+
+-- name: flow_history
+-- One flow's audit trail: the flow's own rows and its steps', oldest first.
+SELECT a.at, a.actor, a.entity, a.entity_id, a.operation, a.reason, a.before, a.after
+FROM outbox.audit_log AS a
+WHERE (a.entity = 'flow' AND a.entity_id = %(id)s::bigint::text)
+   OR (a.entity = 'flow_step'
+       AND a.entity_id IN (SELECT s.id::text FROM outbox.flow_steps AS s
+                           WHERE s.flow_id = %(id)s::bigint))
+ORDER BY a.id;
