@@ -6739,7 +6739,6 @@ REVOKE ALL ON FUNCTION outbox.flow_advance(p_flow_id bigint, p_strict boolean) F
 --
 
 GRANT SELECT ON TABLE outbox.flows TO outbox_app;
-GRANT SELECT ON TABLE outbox.flows TO outbox_relay;
 GRANT SELECT ON TABLE outbox.flows TO outbox_operator;
 
 --
@@ -6771,7 +6770,6 @@ REVOKE ALL ON FUNCTION outbox.flow_idempotency_key(p_flow_id bigint, p_seq integ
 --
 
 GRANT SELECT ON TABLE outbox.flow_steps TO outbox_app;
-GRANT SELECT ON TABLE outbox.flow_steps TO outbox_relay;
 GRANT SELECT ON TABLE outbox.flow_steps TO outbox_operator;
 
 --

@@ -46,16 +46,16 @@ def split_tender(card_method: str = "pm_card_visa") -> list[dict[str, Any]]:
 
 def start_flow(db_url: str, key: str, steps: list[dict[str, Any]]) -> int:
     with psycopg.connect(db_url) as conn:
-        row = conn.execute(
-            "SELECT outbox.flow_start_v1(%s, %s)", (key, Jsonb(steps))
-        ).fetchone()
+        row = conn.execute("SELECT outbox.flow_start_v1(%s, %s)", (key, Jsonb(steps))).fetchone()
     assert row is not None
     return int(row[0])
 
 
 def flow_state(db_url: str, flow_id: int) -> tuple[str, str | None]:
     with psycopg.connect(db_url) as conn:
-        row = conn.execute("SELECT state, reason FROM outbox.flows WHERE id = %s", (flow_id,)).fetchone()
+        row = conn.execute(
+            "SELECT state, reason FROM outbox.flows WHERE id = %s", (flow_id,)
+        ).fetchone()
     assert row is not None
     return str(row[0]), row[1]
 
@@ -245,9 +245,8 @@ MALFORMED: list[tuple[str, Any]] = [
 def test_malformed_flows_are_refused_by_name_and_leave_nothing(db_url: str) -> None:
     with psycopg.connect(db_url) as conn:
         for constraint, steps in MALFORMED:
-            with pytest.raises(psycopg.errors.IntegrityError) as caught:
-                with conn.transaction():
-                    conn.execute("SELECT outbox.flow_start_v1('bad', %s)", (Jsonb(steps),))
+            with pytest.raises(psycopg.errors.IntegrityError) as caught, conn.transaction():
+                conn.execute("SELECT outbox.flow_start_v1('bad', %s)", (Jsonb(steps),))
             assert caught.value.diag.constraint_name == constraint, (constraint, steps)
             assert "4242424242424242" not in str(caught.value)
         # A first step refused by the intent INSERT's own rules refuses the whole flow.
@@ -256,18 +255,16 @@ def test_malformed_flows_are_refused_by_name_and_leave_nothing(db_url: str) -> N
             " currency, payment_method) VALUES ('usd-pay', 'authorize', 'stripe', 5, 'USD',"
             " 'pm_card_visa')"
         )
-        with pytest.raises(psycopg.errors.IntegrityError) as caught:
-            with conn.transaction():
-                conn.execute(
-                    "SELECT outbox.flow_start_v1('bad', %s)",
-                    (Jsonb([{"payment_id": "usd-pay", "action": "capture", "currency": "EUR"}]),),
-                )
+        with pytest.raises(psycopg.errors.IntegrityError) as caught, conn.transaction():
+            conn.execute(
+                "SELECT outbox.flow_start_v1('bad', %s)",
+                (Jsonb([{"payment_id": "usd-pay", "action": "capture", "currency": "EUR"}]),),
+            )
         assert caught.value.diag.constraint_name == "payment_intents_currency_matches_payment"
         # The same flow key twice: the application's retry of a committed start is refused.
         conn.execute("SELECT outbox.flow_start_v1('once', %s)", (Jsonb(split_tender()),))
-        with pytest.raises(psycopg.errors.UniqueViolation) as dup:
-            with conn.transaction():
-                conn.execute("SELECT outbox.flow_start_v1('once', %s)", (Jsonb(split_tender()),))
+        with pytest.raises(psycopg.errors.UniqueViolation) as dup, conn.transaction():
+            conn.execute("SELECT outbox.flow_start_v1('once', %s)", (Jsonb(split_tender()),))
         assert dup.value.diag.constraint_name == "flows_flow_key_unique"
         counts = conn.execute(
             "SELECT (SELECT count(*) FROM outbox.flows), (SELECT count(*) FROM outbox.flow_steps),"

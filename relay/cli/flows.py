@@ -54,7 +54,7 @@ def _compensation(step: dict[str, Any]) -> str:
         return "none"
     status = step["compensation_status"]
     if status is None:
-        return step["compensation"]
+        return str(step["compensation"])
     if step["compensation_intent_id"] is not None:
         return f"{step['compensation']} #{step['compensation_intent_id']} {status}"
     note = f" ({step['compensation_note']})" if step["compensation_note"] else ""
@@ -75,8 +75,18 @@ def render_flow(found: dict[str, Any]) -> str:
     lines.append(f"\nsteps ({len(found['steps'])}):")
     lines.append(
         render_table(
-            ["step", "after", "payment", "action", "provider", "amount", "status", "intent",
-             "error", "compensation"],
+            [
+                "step",
+                "after",
+                "payment",
+                "action",
+                "provider",
+                "amount",
+                "status",
+                "intent",
+                "error",
+                "compensation",
+            ],
             [
                 (
                     s["seq"],
@@ -92,7 +102,7 @@ def render_flow(found: dict[str, Any]) -> str:
                 )
                 for s in found["steps"]
             ],
-        )  # fmt: skip
+        )
     )
     history = found["history"]
     lines.append(f"\nhistory ({len(history)} change(s)):")

@@ -90,7 +90,11 @@ def make_relay(
 
 
 def make_relay_with(
-    db_url: str, adapters: dict[str, ProviderAdapter], *, instance: str = "test-relay", **options: Any
+    db_url: str,
+    adapters: dict[str, ProviderAdapter],
+    *,
+    instance: str = "test-relay",
+    **options: Any,
 ) -> Relay:
     """A relay with one lane per provider name around its adapter (a 5 s call timeout)."""
     lanes = {
