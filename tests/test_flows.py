@@ -10,6 +10,8 @@ ambiguous for as long as it likes.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -111,18 +113,38 @@ async def test_split_tender_card_declined_voids_the_gift_card_once(db_url: str) 
     assert report.intact, [b.describe() for b in report.breaks]
 
 
-async def test_split_tender_both_holding_captures_both_once(db_url: str) -> None:
-    gift, card = MemoryProvider("giftco"), MemoryProvider("cardco")
-    flow = start_flow(db_url, "order-1", split_tender())
-    relay = make_relay_with(db_url, {"giftco": gift, "cardco": card})
+def recipe(name: str) -> str:
+    """The SQL of docs/flows.md's recipe ``name``, as a reader pastes it."""
+    text = (Path(__file__).parent.parent / "docs" / "flows.md").read_text()
+    blocks = re.findall(r"```sql\n(-- recipe: [a-z-]+\n.*?)```", text, re.DOTALL)
+    found = [b for b in blocks if b.startswith(f"-- recipe: {name}\n")]
+    assert len(found) == 1, f"docs/flows.md has no single recipe {name}"
+    return found[0]
+
+
+def flow_by_key(db_url: str, key: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT id FROM outbox.flows WHERE flow_key = %s", (key,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_split_tender_both_holding_captures_both_once_then_cancel_refunds_both(
+    db_url: str,
+) -> None:
+    gift, card = MemoryProvider("giftco"), MemoryProvider("stripe")
+    relay = make_relay_with(db_url, {"giftco": gift, "stripe": card})
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(recipe("split-tender"))  # type: ignore[arg-type]
+    flow = flow_by_key(db_url, "order-1042")
     await run_until_settled(db_url, [relay])
 
     assert flow_state(db_url, flow) == ("completed", None)
     assert flow_intents(db_url, flow) == [
-        ("step", "authorize", "order-1-gift", "succeeded"),
-        ("step", "authorize", "order-1-card", "succeeded"),
-        ("step", "capture", "order-1-gift", "succeeded"),
-        ("step", "capture", "order-1-card", "succeeded"),
+        ("step", "authorize", "order-1042-gift", "succeeded"),
+        ("step", "authorize", "order-1042-card", "succeeded"),
+        ("step", "capture", "order-1042-gift", "succeeded"),
+        ("step", "capture", "order-1042-card", "succeeded"),
     ]
     assert effects(gift) == 2 and set(gift.effects.values()) == {1}
     assert effects(card) == 2 and set(card.effects.values()) == {1}
@@ -133,6 +155,19 @@ async def test_split_tender_both_holding_captures_both_once(db_url: str) -> None
         ).fetchone()
     assert payload is not None
     assert [s["status"] for s in payload[0]["flow"]["steps"]] == ["succeeded"] * 4
+
+    # The order is cancelled after capture: both payments are refunded, once each.
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(recipe("order-cancellation"))  # type: ignore[arg-type]
+    cancel = flow_by_key(db_url, "order-1042-cancel")
+    await run_until_settled(db_url, [make_relay_with(db_url, {"giftco": gift, "stripe": card})])
+    assert flow_state(db_url, cancel) == ("completed", None)
+    assert [(i[1], i[3]) for i in flow_intents(db_url, cancel)] == [("refund", "succeeded")] * 2
+    assert effects(gift) == 3 and set(gift.effects.values()) == {1}
+    assert effects(card) == 3 and set(card.effects.values()) == {1}
+    with psycopg.connect(db_url) as conn:
+        states = conn.execute("SELECT state FROM outbox.payments ORDER BY payment_id").fetchall()
+    assert states == [("refunded",), ("refunded",)]
     report = verify_database(db_url)
     assert report.intact, [b.describe() for b in report.breaks]
 

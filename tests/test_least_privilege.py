@@ -421,6 +421,9 @@ APP_MAY_RUN = {
     "dead_letters_count",
     "dead_letters_list",
     "dead_letters_page",
+    "flow_detail",  # sql/0072: applications read their flows and steps
+    "flow_steps_detail",
+    "flows_list",
     "fx_convert",  # sql/0027: applications read rates and convert
     "fx_currency_exponent",
     "fx_current_rates",
