@@ -10,9 +10,11 @@ ambiguous for as long as it likes.
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
@@ -26,6 +28,7 @@ from relay.infra.db import Database
 from relay.operations.flows import find_flow
 from tests.support.cli import run_cli
 from tests.support.relays import make_relay_with, run_until_settled
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -307,3 +310,103 @@ def test_malformed_flows_are_refused_by_name_and_leave_nothing(db_url: str) -> N
             " (SELECT count(*) FROM outbox.payment_intents)"
         ).fetchone()
     assert counts == (1, 4, 3)
+
+
+async def test_two_steps_settling_at_once_in_two_transactions_start_the_next_steps_once(
+    db_url: str,
+) -> None:
+    """The flow's row lock orders the two write-backs: the second, once granted the lock,
+    sees the first's committed outcome (a fresh snapshot), so neither misses the advance."""
+    flow = start_flow(db_url, "order-1", split_tender())
+    db = Database(db_url, pool_size=3, name="flows-test")
+    await db.open()
+    try:
+        store = Store(db, actor="relay:flows-test")
+        gift = await _claim_one(store, "giftco")
+        card = await _claim_one(store, "cardco")
+        first = await psycopg.AsyncConnection.connect(db_url)  # its transaction, held open
+        try:
+            await store.complete_in(first, [WriteBack(gift.id, gift.lease_token,
+                gift.payment_id, "succeeded", amount_applied_minor=500,
+                payment=_authorized(500))])  # fmt: skip
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    partial(_write, amount_applied_minor=1500, payment=_authorized(1500)),
+                    store,
+                    card,
+                    "succeeded",
+                )
+
+                def second_waits() -> bool:
+                    with psycopg.connect(db_url) as conn:
+                        row = conn.execute(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                        ).fetchone()
+                    return row is not None and row[0] == 1
+
+                async def waits() -> bool:
+                    return await anyio.to_thread.run_sync(second_waits)
+
+                await wait_until(waits, "the second write-back waits for the flow's lock")
+                # Neither has seen both outcomes yet: nothing started.
+                assert len(flow_intents(db_url, flow)) == 2
+                await first.commit()  # the second goes on, and sees this outcome
+        finally:
+            await first.close()
+    finally:
+        await db.close()
+    assert flow_intents(db_url, flow)[2:] == [
+        ("step", "capture", "order-1-gift", "pending"),
+        ("step", "capture", "order-1-card", "pending"),
+    ]
+    assert flow_state(db_url, flow)[0] == "running"
+
+
+async def test_a_dead_step_waits_for_the_operator_and_a_dead_compensation_can_be_redriven(
+    db_url: str,
+) -> None:
+    flow = start_flow(db_url, "order-1", split_tender())
+    db = Database(db_url, pool_size=2, name="flows-test")
+    await db.open()
+    try:
+        store = Store(db, actor="relay:flows-test")
+        gift = await _claim_one(store, "giftco")
+        card = await _claim_one(store, "cardco")
+        await _write(store, card, "succeeded", amount_applied_minor=1500,
+                     payment=_authorized(1500))  # fmt: skip
+        # Attempts exhausted on ambiguous replies: its effect is unknown, the flow waits.
+        await _write(store, gift, "dead", error_code="attempts_exhausted")
+        assert flow_state(db_url, flow) == ("running", None)
+        assert len(flow_intents(db_url, flow)) == 2
+        # The operator gives up on it (the janitor found no effect): the flow compensates.
+        with psycopg.connect(db_url) as conn:
+            conn.execute("SELECT outbox.cancel_dead_intents(ARRAY[%s]::bigint[], 'alice')",
+                         (gift.id,))  # fmt: skip
+        assert flow_state(db_url, flow)[0] == "compensating"
+        void = await _claim_one(store, "cardco")
+        assert (void.action, void.payment_id) == ("void", "order-1-card")
+        await _write(store, void, "dead", error_code="attempts_exhausted")
+        state, reason = flow_state(db_url, flow)
+        assert state == "needs_operator" and reason is not None and "is dead" in reason
+        # Re-driven under the same key, it succeeds: the flow finishes undoing.
+        with psycopg.connect(db_url) as conn:
+            conn.execute(
+                "SELECT * FROM outbox.retry_dead_intents(ARRAY[%s]::bigint[], 'alice')", (void.id,)
+            )
+        again = await _claim_one(store, "cardco")
+        assert (again.id, again.idempotency_key) == (void.id, void.idempotency_key)
+        await _write(store, again, "succeeded", amount_applied_minor=1500,
+                     payment=PaymentSnapshot(PaymentState.VOIDED, "EUR", authorized_minor=1500))  # fmt: skip
+    finally:
+        await db.close()
+    state, reason = flow_state(db_url, flow)
+    assert state == "compensated"
+    assert reason is not None and "step 1 (authorize of payment order-1-gift) failed" in reason
+    assert "cancelled_by_operator" in reason
+    assert flow_events(db_url, flow) == [
+        "flow.compensating", "flow.needs_operator", "flow.compensated"
+    ]  # fmt: skip
+    assert len(flow_intents(db_url, flow)) == 3
+    report = verify_database(db_url)
+    assert report.intact, [b.describe() for b in report.breaks]
