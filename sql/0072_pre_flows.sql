@@ -31,7 +31,7 @@ CREATE TABLE outbox.flows (
     CONSTRAINT flows_metadata_max_16kb CHECK (pg_column_size(metadata) <= 16384)
 ) WITH (fillfactor = 80);
 
-COMMENT ON TABLE outbox.flows IS 'Payment flows (docs/flows.md): steps that are intents, each with the compensation that undoes it. Started by outbox.flow_start_v1; advanced by the trigger flows_follow_intents on payment_intents.';
+COMMENT ON TABLE outbox.flows IS 'Payment flows (docs/flows.md): steps that are intents, each with the compensation that undoes it. Started by outbox.flow_start_v1; advanced by the trigger payment_intents_flows (outbox.flows_follow_intent).';
 COMMENT ON COLUMN outbox.flows.state IS 'running: steps are started as their dependencies succeed (a step''s terminal outcome moves it on); completed: every step succeeded (terminal); compensating: a step failed, the compensations of the steps that took effect run in reverse order once no step is unsettled; compensated: every effect undone (terminal); needs_operator: a compensation failed or is dead (reason says which; the operator settles it).';
 
 CREATE INDEX flows_open_idx ON outbox.flows (id)
@@ -411,39 +411,36 @@ BEGIN
 END;
 $$;
 
--- The trigger: every statement that gives a flow's intent a settled state (a write-back,
--- the janitor, the inbox, an operator) advances its flows in the same transaction.
-CREATE FUNCTION outbox.flows_follow_intents() RETURNS trigger
+-- The trigger: every UPDATE that gives a flow's intent a settled state (a write-back, the
+-- janitor, the inbox, an operator) advances its flow in the same transaction. A row
+-- trigger whose WHEN is decided without calling any function: an intent in no flow (no
+-- `flow` key in its metadata, which only the flow's own INSERT writes) and a claim cost
+-- nothing here.
+CREATE FUNCTION outbox.flows_follow_intent() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET jit = off
-SET enable_seqscan = off
 AS $$
 DECLARE
     v_flow bigint;
 BEGIN
-    -- Most statements (claims, write-backs of intents in no flow) find nothing: one probe
-    -- of a unique index per settled row.
-    FOR v_flow IN
-        SELECT s.flow_id
-        FROM new_rows AS n JOIN outbox.flow_steps AS s ON s.intent_id = n.id
-        WHERE n.status IN ('succeeded', 'failed', 'dead') AND s.status IS DISTINCT FROM n.status
-        UNION
-        SELECT s.flow_id
-        FROM new_rows AS n JOIN outbox.flow_steps AS s ON s.compensation_intent_id = n.id
-        WHERE n.status IN ('succeeded', 'failed', 'dead')
-          AND s.compensation_status IS DISTINCT FROM n.status
-        ORDER BY 1  -- flows locked in id order: no deadlock between two such transactions
-    LOOP
+    SELECT s.flow_id INTO v_flow FROM outbox.flow_steps AS s WHERE s.intent_id = NEW.id;
+    IF NOT FOUND THEN
+        SELECT s.flow_id INTO v_flow FROM outbox.flow_steps AS s
+        WHERE s.compensation_intent_id = NEW.id;
+    END IF;
+    IF v_flow IS NOT NULL THEN
         PERFORM outbox.flow_advance(v_flow, false);
-    END LOOP;
+    END IF;
     RETURN NULL;
 END;
 $$;
 
-CREATE TRIGGER payment_intents_flows AFTER UPDATE ON outbox.payment_intents
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION outbox.flows_follow_intents();
+CREATE TRIGGER payment_intents_flows AFTER UPDATE OF status ON outbox.payment_intents
+    FOR EACH ROW
+    WHEN (NEW.status IN ('succeeded', 'failed', 'dead') AND OLD.status IS DISTINCT FROM NEW.status
+          AND NEW.metadata ? 'flow')
+    EXECUTE FUNCTION outbox.flows_follow_intent();
 
 -- ==========================================================================================
 -- The application's API

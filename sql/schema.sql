@@ -1599,7 +1599,7 @@ WITH (fillfactor='80');
 -- Name: TABLE flows; Type: COMMENT; Schema: outbox; Owner: -
 --
 
-COMMENT ON TABLE outbox.flows IS 'Payment flows (docs/flows.md): steps that are intents, each with the compensation that undoes it. Started by outbox.flow_start_v1; advanced by the trigger flows_follow_intents on payment_intents.';
+COMMENT ON TABLE outbox.flows IS 'Payment flows (docs/flows.md): steps that are intents, each with the compensation that undoes it. Started by outbox.flow_start_v1; advanced by the trigger payment_intents_flows (outbox.flows_follow_intent).';
 
 --
 -- Name: COLUMN flows.state; Type: COMMENT; Schema: outbox; Owner: -
@@ -1975,33 +1975,25 @@ $_$;
 COMMENT ON FUNCTION outbox.flow_start_v1(p_flow_key text, p_steps jsonb, p_metadata jsonb) IS 'Start a payment flow in the caller''s transaction (docs/flows.md); returns the flow id. Refuses a malformed flow by a named constraint; inserts the steps that depend on nothing as intents.';
 
 --
--- Name: flows_follow_intents(); Type: FUNCTION; Schema: outbox; Owner: -
+-- Name: flows_follow_intent(); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
-CREATE FUNCTION outbox.flows_follow_intents() RETURNS trigger
+CREATE FUNCTION outbox.flows_follow_intent() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET jit TO 'off'
-    SET enable_seqscan TO 'off'
     AS $$
 DECLARE
     v_flow bigint;
 BEGIN
-    -- Most statements (claims, write-backs of intents in no flow) find nothing: one probe
-    -- of a unique index per settled row.
-    FOR v_flow IN
-        SELECT s.flow_id
-        FROM new_rows AS n JOIN outbox.flow_steps AS s ON s.intent_id = n.id
-        WHERE n.status IN ('succeeded', 'failed', 'dead') AND s.status IS DISTINCT FROM n.status
-        UNION
-        SELECT s.flow_id
-        FROM new_rows AS n JOIN outbox.flow_steps AS s ON s.compensation_intent_id = n.id
-        WHERE n.status IN ('succeeded', 'failed', 'dead')
-          AND s.compensation_status IS DISTINCT FROM n.status
-        ORDER BY 1  -- flows locked in id order: no deadlock between two such transactions
-    LOOP
+    SELECT s.flow_id INTO v_flow FROM outbox.flow_steps AS s WHERE s.intent_id = NEW.id;
+    IF NOT FOUND THEN
+        SELECT s.flow_id INTO v_flow FROM outbox.flow_steps AS s
+        WHERE s.compensation_intent_id = NEW.id;
+    END IF;
+    IF v_flow IS NOT NULL THEN
         PERFORM outbox.flow_advance(v_flow, false);
-    END LOOP;
+    END IF;
     RETURN NULL;
 END;
 $$;
@@ -5948,7 +5940,7 @@ CREATE TRIGGER payment_intents_delete_only_archived AFTER DELETE ON outbox.payme
 -- Name: payment_intents payment_intents_flows; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
-CREATE TRIGGER payment_intents_flows AFTER UPDATE ON outbox.payment_intents REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox.flows_follow_intents();
+CREATE TRIGGER payment_intents_flows AFTER UPDATE OF status ON outbox.payment_intents FOR EACH ROW WHEN (((new.status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'dead'::text])) AND (old.status IS DISTINCT FROM new.status) AND (new.metadata ? 'flow'::text))) EXECUTE FUNCTION outbox.flows_follow_intent();
 
 --
 -- Name: payment_intents payment_intents_fx_charge_rate; Type: TRIGGER; Schema: outbox; Owner: -
