@@ -36,8 +36,7 @@ def main() -> int:
     args = parser.parse_args()
     script = batch_script()
     print(
-        f"Flow trigger on the write-back: {args.intents:,} intents per run, "
-        f"{args.rounds} round(s)"
+        f"Flow trigger on the write-back: {args.intents:,} intents per run, {args.rounds} round(s)"
     )
     on: list[float] = []
     off: list[float] = []
