@@ -463,6 +463,8 @@ DECLARE
     v_n      integer;
     v_bad    text;
     v_action text;
+    v_row    outbox.flow_steps;
+    v_intent outbox.payment_intents;
 BEGIN
     IF p_steps IS NULL OR jsonb_typeof(p_steps) <> 'array'
        OR jsonb_array_length(p_steps) NOT BETWEEN 1 AND 50 THEN
@@ -516,7 +518,7 @@ BEGIN
                 format('of step %s must be a JSON object', v_n));
         END IF;
         v_action := v_step ->> 'action';
-        INSERT INTO outbox.flow_steps (flow_id, seq, depends_on, payment_id, action, provider,
+        INSERT INTO outbox.flow_steps AS fs (flow_id, seq, depends_on, payment_id, action, provider,
                                        amount_minor, currency, payment_method, metadata,
                                        compensation)
         VALUES (v_flow, v_n,
@@ -528,7 +530,21 @@ BEGIN
                 coalesce(v_step ->> 'compensation',
                          CASE WHEN v_action = 'authorize' THEN 'void'
                               WHEN v_action IN ('capture', 'charge') THEN 'refund'
-                              ELSE 'none' END));
+                              ELSE 'none' END))
+        RETURNING * INTO v_row;
+        -- Every rule an intent's INSERT applies to its own columns (hostile input, the
+        -- payment method, traceparent), now, with the intent's own constraint names: a
+        -- later step is not refused for its input when it starts, long after this commit.
+        v_intent := NULL;
+        v_intent.payment_id := v_row.payment_id;
+        v_intent.action := v_row.action;
+        v_intent.provider := coalesce(v_row.provider, 'routed');
+        v_intent.amount_minor := v_row.amount_minor;
+        v_intent.currency := v_row.currency;
+        v_intent.payment_method := v_row.payment_method;
+        v_intent.metadata := v_row.metadata;
+        v_intent.idempotency_key := outbox.flow_idempotency_key(v_flow, v_n, 'step');
+        PERFORM outbox.payment_intents_check_input(v_intent);
     END LOOP;
 
     -- One payment, one provider and one currency, whichever step names them.
