@@ -297,6 +297,112 @@ BEGIN
 END;
 $$;
 
+-- Bring a flow's steps up to date with their intents' states (an archived intent ended
+-- long ago and was seen then). The caller holds the flow's row lock.
+CREATE FUNCTION outbox.flow_refresh(p_flow_id bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE outbox.flow_steps AS u
+    SET status = CASE WHEN i.status IN ('succeeded', 'failed', 'dead') THEN i.status ELSE 'started' END,
+        amount_applied_minor = i.amount_applied_minor,
+        error_code = i.error_code,
+        updated_at = now()
+    FROM outbox.payment_intents AS i
+    WHERE u.flow_id = p_flow_id AND i.id = u.intent_id AND u.status IN ('started', 'dead')
+      AND u.status IS DISTINCT FROM
+          CASE WHEN i.status IN ('succeeded', 'failed', 'dead') THEN i.status ELSE 'started' END;
+    UPDATE outbox.flow_steps AS u
+    SET compensation_status = CASE WHEN i.status IN ('succeeded', 'failed', 'dead') THEN i.status
+                                   ELSE 'started' END,
+        compensation_note = CASE WHEN i.status IN ('failed', 'dead')
+                                 THEN coalesce(i.error_code, i.status) ELSE u.compensation_note END,
+        updated_at = now()
+    FROM outbox.payment_intents AS i
+    WHERE u.flow_id = p_flow_id AND i.id = u.compensation_intent_id
+      AND u.compensation_status IN ('started', 'dead')
+      AND u.compensation_status IS DISTINCT FROM
+          CASE WHEN i.status IN ('succeeded', 'failed', 'dead') THEN i.status ELSE 'started' END;
+
+END;
+$$;
+
+-- A compensating flow's steps that were inserted but never sent (pending or blocked, no
+-- attempt) fail unsent (error_code flow_compensating), so that nothing is done only to be
+-- undone (a capture then its refund). A relay's claim holds the row's lock: a step being
+-- claimed now is left alone, and settled like any other. Each one ends as an operator's
+-- cancel ends an intent: its result event, and its payment's next intent promoted.
+CREATE FUNCTION outbox.flow_withdraw_unsent(p_flow_id bigint, p_reason text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    target    record;
+    v_count   integer := 0;
+    v_payments text[] := '{}';
+BEGIN
+    -- The payments first, in order, as a write-back locks them: promotion reads under them.
+    PERFORM 1 FROM outbox.payments AS p
+    WHERE p.payment_id IN (
+        SELECT s.payment_id FROM outbox.flow_steps AS s
+        JOIN outbox.payment_intents AS i ON i.id = s.intent_id
+        WHERE s.flow_id = p_flow_id AND s.status = 'started'
+          AND i.status IN ('pending', 'blocked') AND i.attempts = 0)
+    ORDER BY p.payment_id
+    FOR UPDATE OF p;
+    -- This function advances the flow itself: the trigger must not re-enter it.
+    PERFORM set_config('outbox.flow_advancing', p_flow_id::text, true);
+    FOR target IN
+        UPDATE outbox.payment_intents AS i
+        SET status = 'failed',
+            error_code = 'flow_compensating',
+            error_message = left('never sent: its flow compensates (' || p_reason || ')', 500),
+            completed_at = now(),
+            updated_at = now()
+        FROM outbox.flow_steps AS s
+        WHERE s.flow_id = p_flow_id AND s.status = 'started' AND i.id = s.intent_id
+          AND i.status IN ('pending', 'blocked') AND i.attempts = 0
+        RETURNING i.id, i.payment_id
+    LOOP
+        v_count := v_count + 1;
+        v_payments := v_payments || target.payment_id;
+        -- The result event, shaped as the relay's write-back shapes it (complete_intents).
+        INSERT INTO outbox.events
+            (event_id, ordering_key, routing_key, event_type, payload, payment_id, traceparent)
+        SELECT e.event_id, 'payment:' || i.payment_id, e.event_type, e.event_type,
+               jsonb_build_object(
+                   'event_id', e.event_id,
+                   'event_type', e.event_type,
+                   'occurred_at', now(),
+                   'payment_id', i.payment_id,
+                   'intent', jsonb_build_object(
+                       'id', i.id, 'action', i.action, 'status', i.status,
+                       'provider', i.provider, 'currency', i.currency,
+                       'amount_minor', i.amount_minor,
+                       'amount_applied_minor', i.amount_applied_minor,
+                       'provider_reference', i.provider_reference,
+                       'idempotency_key', i.idempotency_key, 'attempts', i.attempts,
+                       'error_code', i.error_code, 'error_message', i.error_message,
+                       'metadata', i.metadata),
+                   'payment', jsonb_build_object(
+                       'state', p.state, 'authorized_minor', p.authorized_minor,
+                       'captured_minor', p.captured_minor, 'refunded_minor', p.refunded_minor,
+                       'provider_reference', p.provider_reference)),
+               i.payment_id,
+               CASE WHEN outbox.is_valid_traceparent(i.metadata ->> 'traceparent')
+                    THEN i.metadata ->> 'traceparent' END
+        FROM outbox.payment_intents AS i
+        JOIN outbox.payments AS p ON p.payment_id = i.payment_id
+        CROSS JOIN LATERAL (
+            SELECT outbox.new_event_id() AS event_id, 'payment.' || i.action || '.failed' AS event_type
+        ) AS e
+        WHERE i.id = target.id;
+    END LOOP;
+    PERFORM set_config('outbox.flow_advancing', '', true);
+    IF v_count > 0 THEN
+        PERFORM outbox.promote_next_blocked_v1(v_payments);
+    END IF;
+    RETURN v_count;
+END;
+$$;
+
 -- Bring one flow up to date with its intents, under its row lock; insert what is due.
 -- Idempotent: it derives everything from the intents' states and the flow's rows, so a
 -- second call (another trigger, a retried transaction) finds nothing more to do.
@@ -320,27 +426,7 @@ BEGIN
     v_reason := f.reason;
     v_failed := f.failed_step;
 
-    -- What the intents say now (an archived intent ended long ago and was seen then).
-    UPDATE outbox.flow_steps AS u
-    SET status = CASE WHEN i.status IN ('succeeded', 'failed', 'dead') THEN i.status ELSE 'started' END,
-        amount_applied_minor = i.amount_applied_minor,
-        error_code = i.error_code,
-        updated_at = now()
-    FROM outbox.payment_intents AS i
-    WHERE u.flow_id = f.id AND i.id = u.intent_id AND u.status IN ('started', 'dead')
-      AND u.status IS DISTINCT FROM
-          CASE WHEN i.status IN ('succeeded', 'failed', 'dead') THEN i.status ELSE 'started' END;
-    UPDATE outbox.flow_steps AS u
-    SET compensation_status = CASE WHEN i.status IN ('succeeded', 'failed', 'dead') THEN i.status
-                                   ELSE 'started' END,
-        compensation_note = CASE WHEN i.status IN ('failed', 'dead')
-                                 THEN coalesce(i.error_code, i.status) ELSE u.compensation_note END,
-        updated_at = now()
-    FROM outbox.payment_intents AS i
-    WHERE u.flow_id = f.id AND i.id = u.compensation_intent_id
-      AND u.compensation_status IN ('started', 'dead')
-      AND u.compensation_status IS DISTINCT FROM
-          CASE WHEN i.status IN ('succeeded', 'failed', 'dead') THEN i.status ELSE 'started' END;
+    PERFORM outbox.flow_refresh(f.id);
 
     IF v_state = 'running' THEN
         -- Start every waiting step whose dependencies all succeeded, in step order.
@@ -379,6 +465,9 @@ BEGIN
     END IF;
 
     IF v_state IN ('compensating', 'needs_operator') THEN
+        IF outbox.flow_withdraw_unsent(f.id, coalesce(v_reason, 'compensating')) > 0 THEN
+            PERFORM outbox.flow_refresh(f.id);
+        END IF;
         SELECT c.next_state, c.next_reason INTO v_state, v_reason FROM outbox.flow_compensate(f) AS c;
         IF v_reason IS NULL THEN
             -- compensating or compensated: the reason stays the failure that started it
@@ -429,7 +518,9 @@ BEGIN
         SELECT s.flow_id INTO v_flow FROM outbox.flow_steps AS s
         WHERE s.compensation_intent_id = NEW.id;
     END IF;
-    IF v_flow IS NOT NULL THEN
+    -- flow_withdraw_unsent ends a flow's intents while advancing that flow itself.
+    IF v_flow IS NOT NULL
+       AND v_flow::text IS DISTINCT FROM nullif(current_setting('outbox.flow_advancing', true), '') THEN
         PERFORM outbox.flow_advance(v_flow, false);
     END IF;
     RETURN NULL;
@@ -592,6 +683,8 @@ REVOKE ALL ON FUNCTION outbox.flow_depends_on_valid(integer[], integer),
     outbox.flow_doc(bigint),
     outbox.flow_insert_intent(outbox.flows, outbox.flow_steps, text, boolean),
     outbox.flow_compensate(outbox.flows),
+    outbox.flow_refresh(bigint),
+    outbox.flow_withdraw_unsent(bigint, text),
     outbox.flow_advance(bigint, boolean),
     outbox.flow_start_v1(text, jsonb, jsonb)
     FROM PUBLIC;

@@ -415,3 +415,50 @@ async def test_a_dead_step_waits_for_the_operator_and_a_dead_compensation_can_be
     assert len(flow_intents(db_url, flow)) == 3
     report = verify_database(db_url)
     assert report.intact, [b.describe() for b in report.breaks]
+
+
+async def test_a_step_not_yet_sent_when_the_flow_compensates_is_never_sent(db_url: str) -> None:
+    """A capture declined while the other capture waits unsent: the other is withdrawn
+    (failed, never sent), and both authorisations are voided, the later step's first."""
+    flow = start_flow(db_url, "order-1", split_tender())
+    db = Database(db_url, pool_size=2, name="flows-test")
+    await db.open()
+    try:
+        store = Store(db, actor="relay:flows-test")
+        for provider, amount in (("giftco", 500), ("cardco", 1500)):
+            held = await _claim_one(store, provider)
+            await _write(store, held, "succeeded", amount_applied_minor=amount,
+                         payment=_authorized(amount))  # fmt: skip
+        capture = await _claim_one(store, "giftco")
+        assert capture.action == "capture"
+        await _write(store, capture, "failed", error_code="capture_refused")
+        assert flow_intents(db_url, flow)[2:] == [
+            ("step", "capture", "order-1-gift", "failed"),
+            ("step", "capture", "order-1-card", "failed"),
+            ("compensation", "void", "order-1-card", "pending"),
+        ]
+        with psycopg.connect(db_url) as conn:
+            withdrawn = conn.execute(
+                "SELECT error_code, attempts FROM outbox.payment_intents"
+                " WHERE payment_id = 'order-1-card' AND action = 'capture'"
+            ).fetchone()
+            event = conn.execute(
+                "SELECT count(*) FROM outbox.events WHERE ordering_key = 'payment:order-1-card'"
+                " AND event_type = 'payment.capture.failed'"
+            ).fetchone()
+        assert withdrawn == ("flow_compensating", 0) and event == (1,)
+        for provider, amount in (("cardco", 1500), ("giftco", 500)):
+            void = await _claim_one(store, provider)
+            assert void.action == "void"
+            await _write(store, void, "succeeded", amount_applied_minor=amount,
+                         payment=PaymentSnapshot(PaymentState.VOIDED, "EUR",
+                                                 authorized_minor=amount))  # fmt: skip
+        assert await store.claim("cardco", 10, lease_seconds=60, instance="flows-test") == []
+    finally:
+        await db.close()
+    assert flow_state(db_url, flow)[0] == "compensated"
+    assert [i[:2] for i in flow_intents(db_url, flow)[4:]] == [
+        ("compensation", "void"), ("compensation", "void")
+    ]  # fmt: skip
+    report = verify_database(db_url)
+    assert report.intact, [b.describe() for b in report.breaks]
