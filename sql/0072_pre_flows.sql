@@ -564,7 +564,8 @@ BEGIN
             'Pass the steps as a jsonb array, step 1 first.');
     END IF;
     IF outbox.may_hold_card_number(concat_ws('|', p_flow_key, p_steps::text, p_metadata::text))
-       AND outbox.contains_card_number(concat_ws('|', p_flow_key, p_steps::text, p_metadata::text)) THEN
+       AND outbox.contains_card_number(concat_ws('|', p_flow_key, p_steps::text, p_metadata::text))
+    THEN
         PERFORM outbox.refuse_input('flows', 'steps', 'flows_no_card_number',
             'holds a card-like number: 13 to 19 digits in a row passing the Luhn check',
             'Pass a payment method token, never a card number.');
@@ -635,7 +636,10 @@ BEGIN
         v_intent.payment_method := v_row.payment_method;
         v_intent.metadata := v_row.metadata;
         v_intent.idempotency_key := outbox.flow_idempotency_key(v_flow, v_n, 'step');
-        PERFORM outbox.payment_intents_check_input(v_intent);
+        -- (The INSERT trigger's own pre-filter first: most steps can break no rule.)
+        IF outbox.payment_intents_may_break_input_rules(v_intent) THEN
+            PERFORM outbox.payment_intents_check_input(v_intent);
+        END IF;
     END LOOP;
 
     -- One payment, one provider and one currency, whichever step names them.
