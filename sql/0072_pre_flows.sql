@@ -37,13 +37,6 @@ COMMENT ON COLUMN outbox.flows.state IS 'running: steps are started as their dep
 CREATE INDEX flows_open_idx ON outbox.flows (id)
     WHERE state IN ('running', 'compensating', 'needs_operator');
 
--- True when every dependency names an earlier step (so a flow has no cycle).
-CREATE FUNCTION outbox.flow_depends_on_valid(depends_on integer[], seq integer) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT coalesce(bool_and(d >= 1 AND d < seq), true) AND cardinality(depends_on) <= 50
-    FROM unnest(depends_on) AS d
-$$;
-
 CREATE TABLE outbox.flow_steps (
     id                      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     flow_id                 bigint NOT NULL,
@@ -70,7 +63,11 @@ CREATE TABLE outbox.flow_steps (
     CONSTRAINT flow_steps_intent_unique UNIQUE (intent_id),
     CONSTRAINT flow_steps_compensation_intent_unique UNIQUE (compensation_intent_id),
     CONSTRAINT flow_steps_seq_positive CHECK (seq > 0),
-    CONSTRAINT flow_steps_depends_on_earlier_steps CHECK (outbox.flow_depends_on_valid(depends_on, seq)),
+    -- Every dependency names an earlier step, so a flow has no cycle. (Array operators,
+    -- no function call: the CHECK runs again on every UPDATE of the row.)
+    CONSTRAINT flow_steps_depends_on_earlier_steps CHECK (
+        0 < ALL (depends_on) AND seq > ALL (depends_on) AND cardinality(depends_on) <= 50
+        AND array_position(depends_on, NULL) IS NULL),
     CONSTRAINT flow_steps_payment_id_nonblank_max_200 CHECK (payment_id ~ '\S' AND length(payment_id) <= 200),
     CONSTRAINT flow_steps_action_valid CHECK (action IN ('authorize', 'capture', 'charge', 'void', 'refund')),
     CONSTRAINT flow_steps_provider_lowercase_identifier CHECK (provider ~ '^[a-z][a-z0-9_]*$' AND length(provider) <= 63),
@@ -139,6 +136,62 @@ LANGUAGE sql STABLE AS $$
             FROM outbox.flow_steps AS s WHERE s.flow_id = f.id), '[]'::jsonb))
     FROM outbox.flows AS f
     WHERE f.id = p_flow_id
+$$;
+
+-- ==========================================================================================
+-- Audit: one hash chain per flow (entity 'flow'), its steps inside its document
+-- ==========================================================================================
+
+-- The flow as the audit trail records it: its own columns and every step's, text that may
+-- come from a provider redacted as an intent's are. One chain per flow, one row per change
+-- of the flow or of any of its steps (its start, each advance): a flow costs a hashed row
+-- per transaction that moves it, not one per row it touches.
+CREATE FUNCTION outbox.flow_audit_doc(p_flow_id bigint) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'id', f.id, 'flow_key', f.flow_key, 'state', f.state,
+        'reason', outbox.audit_redact_text(f.reason), 'failed_step', f.failed_step,
+        'metadata', outbox.audit_redact(f.metadata), 'created_by', f.created_by,
+        'steps', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                'seq', s.seq, 'depends_on', to_jsonb(s.depends_on), 'payment_id', s.payment_id,
+                'action', s.action, 'provider', s.provider, 'amount_minor', s.amount_minor,
+                'currency', s.currency, 'compensation', s.compensation, 'status', s.status,
+                'intent_id', s.intent_id, 'amount_applied_minor', s.amount_applied_minor,
+                'error_code', outbox.audit_redact_text(s.error_code),
+                'compensation_status', s.compensation_status,
+                'compensation_intent_id', s.compensation_intent_id,
+                'compensation_note', outbox.audit_redact_text(s.compensation_note))
+                ORDER BY s.seq)
+            FROM outbox.flow_steps AS s WHERE s.flow_id = f.id), '[]'::jsonb))
+    FROM outbox.flows AS f
+    WHERE f.id = p_flow_id
+$$;
+
+-- Append the flow's audit row: its whole document when p_before is NULL (its start), else
+-- the keys that changed since p_before (nothing when none did). The caller holds the
+-- flow's row lock, which keeps its chain's tail still (outbox.audit_write).
+CREATE FUNCTION outbox.flow_audit_change(p_flow_id bigint, p_before jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_after  jsonb := outbox.flow_audit_doc(p_flow_id);
+    v_old    jsonb;
+    v_new    jsonb;
+BEGIN
+    IF p_before IS NULL THEN
+        PERFORM outbox.audit_write('flow', p_flow_id::text, NULL, 'insert', NULL, v_after,
+                                   outbox.audit_actor());
+        RETURN;
+    END IF;
+    SELECT jsonb_object_agg(a.key, p_before -> a.key), jsonb_object_agg(a.key, a.value)
+    INTO v_old, v_new
+    FROM jsonb_each(v_after) AS a
+    WHERE a.value IS DISTINCT FROM p_before -> a.key;
+    IF v_new IS NOT NULL THEN
+        PERFORM outbox.audit_write('flow', p_flow_id::text, NULL, 'update', v_old, v_new,
+                                   outbox.audit_actor());
+    END IF;
+END;
 $$;
 
 -- ==========================================================================================
@@ -417,6 +470,7 @@ DECLARE
     v_failed   integer;
     v_event    uuid;
     v_prev_reason text := current_setting('outbox.reason', true);
+    v_before   jsonb;
 BEGIN
     SELECT * INTO f FROM outbox.flows AS x WHERE x.id = p_flow_id FOR UPDATE;
     IF NOT FOUND OR f.state IN ('completed', 'compensated') THEN
@@ -425,6 +479,10 @@ BEGIN
     v_state := f.state;
     v_reason := f.reason;
     v_failed := f.failed_step;
+    -- A flow being started is audited whole by flow_start_v1 once it is in place.
+    IF NOT p_strict THEN
+        v_before := outbox.flow_audit_doc(f.id);
+    END IF;
 
     PERFORM outbox.flow_refresh(f.id);
 
@@ -479,12 +537,17 @@ BEGIN
     END IF;
 
     IF v_state IS DISTINCT FROM f.state OR v_reason IS DISTINCT FROM f.reason THEN
-        -- The audit row of the transition gives the flow's reason as its own.
-        PERFORM set_config('outbox.reason', coalesce(v_reason, 'flow ' || v_state), true);
         UPDATE outbox.flows AS x
         SET state = v_state, reason = v_reason, failed_step = v_failed, updated_at = now(),
             finished_at = CASE WHEN v_state IN ('completed', 'compensated') THEN now() END
         WHERE x.id = f.id;
+    END IF;
+    IF NOT p_strict THEN
+        -- The audit row of a transition gives the flow's reason as its own.
+        IF v_state IS DISTINCT FROM f.state THEN
+            PERFORM set_config('outbox.reason', coalesce(v_reason, 'flow ' || v_state), true);
+        END IF;
+        PERFORM outbox.flow_audit_change(f.id, v_before);
         PERFORM set_config('outbox.reason', coalesce(v_prev_reason, ''), true);
     END IF;
     IF v_state IS DISTINCT FROM f.state THEN
@@ -656,6 +719,8 @@ BEGIN
 
     -- The steps that wait for nothing start now, refused by the INSERT's own rules.
     PERFORM outbox.flow_advance(v_flow, true);
+    -- Its audit chain starts with the whole flow as started (the row lock is the INSERT's).
+    PERFORM outbox.flow_audit_change(v_flow, NULL);
     RETURN v_flow;
 END;
 $$;
@@ -663,16 +728,8 @@ $$;
 COMMENT ON FUNCTION outbox.flow_start_v1(text, jsonb, jsonb) IS 'Start a payment flow in the caller''s transaction (docs/flows.md); returns the flow id. Refuses a malformed flow by a named constraint; inserts the steps that depend on nothing as intents.';
 
 -- ==========================================================================================
--- Audit: every flow and step change in the hash chain (entity 'flow' and 'flow_step')
+-- Deletion refused (the audit trail compares each flow's chain with its live row)
 -- ==========================================================================================
-CREATE TRIGGER flows_audit AFTER INSERT OR UPDATE ON outbox.flows
-    FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('flow', 'id',
-        'id,flow_key,state,reason,failed_step,metadata,created_by');
-CREATE TRIGGER flow_steps_audit AFTER INSERT OR UPDATE ON outbox.flow_steps
-    FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('flow_step', 'id',
-        'id,flow_id,seq,depends_on,payment_id,action,provider,amount_minor,currency,compensation,'
-        'status,intent_id,amount_applied_minor,error_code,compensation_status,'
-        'compensation_intent_id,compensation_note');
 CREATE TRIGGER flows_no_delete BEFORE DELETE OR TRUNCATE ON outbox.flows
     FOR EACH STATEMENT EXECUTE FUNCTION outbox.refuse_change();
 CREATE TRIGGER flow_steps_no_delete BEFORE DELETE OR TRUNCATE ON outbox.flow_steps
@@ -682,9 +739,10 @@ CREATE TRIGGER flow_steps_no_delete BEFORE DELETE OR TRUNCATE ON outbox.flow_ste
 -- Privileges (sql/0008: nothing for PUBLIC; each role its own)
 -- ==========================================================================================
 REVOKE ALL ON outbox.flows, outbox.flow_steps FROM PUBLIC;
-REVOKE ALL ON FUNCTION outbox.flow_depends_on_valid(integer[], integer),
-    outbox.flow_idempotency_key(bigint, integer, text),
+REVOKE ALL ON FUNCTION outbox.flow_idempotency_key(bigint, integer, text),
     outbox.flow_doc(bigint),
+    outbox.flow_audit_doc(bigint),
+    outbox.flow_audit_change(bigint, jsonb),
     outbox.flow_insert_intent(outbox.flows, outbox.flow_steps, text, boolean),
     outbox.flow_compensate(outbox.flows),
     outbox.flow_refresh(bigint),
@@ -693,6 +751,7 @@ REVOKE ALL ON FUNCTION outbox.flow_depends_on_valid(integer[], integer),
     outbox.flow_start_v1(text, jsonb, jsonb)
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.flow_start_v1(text, jsonb, jsonb) TO outbox_app;
+GRANT EXECUTE ON FUNCTION outbox.flow_audit_doc(bigint) TO outbox_operator;  -- audit verify
 -- The application reads its flows' outcome; operators read them (`outbox-relay flows`,
 -- audit verify). The relay needs no right: the trigger advances flows as the owner.
 GRANT SELECT ON outbox.flows, outbox.flow_steps TO outbox_app, outbox_operator;

@@ -1473,6 +1473,7 @@ DECLARE
     v_failed   integer;
     v_event    uuid;
     v_prev_reason text := current_setting('outbox.reason', true);
+    v_before   jsonb;
 BEGIN
     SELECT * INTO f FROM outbox.flows AS x WHERE x.id = p_flow_id FOR UPDATE;
     IF NOT FOUND OR f.state IN ('completed', 'compensated') THEN
@@ -1481,6 +1482,10 @@ BEGIN
     v_state := f.state;
     v_reason := f.reason;
     v_failed := f.failed_step;
+    -- A flow being started is audited whole by flow_start_v1 once it is in place.
+    IF NOT p_strict THEN
+        v_before := outbox.flow_audit_doc(f.id);
+    END IF;
 
     PERFORM outbox.flow_refresh(f.id);
 
@@ -1535,12 +1540,17 @@ BEGIN
     END IF;
 
     IF v_state IS DISTINCT FROM f.state OR v_reason IS DISTINCT FROM f.reason THEN
-        -- The audit row of the transition gives the flow's reason as its own.
-        PERFORM set_config('outbox.reason', coalesce(v_reason, 'flow ' || v_state), true);
         UPDATE outbox.flows AS x
         SET state = v_state, reason = v_reason, failed_step = v_failed, updated_at = now(),
             finished_at = CASE WHEN v_state IN ('completed', 'compensated') THEN now() END
         WHERE x.id = f.id;
+    END IF;
+    IF NOT p_strict THEN
+        -- The audit row of a transition gives the flow's reason as its own.
+        IF v_state IS DISTINCT FROM f.state THEN
+            PERFORM set_config('outbox.reason', coalesce(v_reason, 'flow ' || v_state), true);
+        END IF;
+        PERFORM outbox.flow_audit_change(f.id, v_before);
         PERFORM set_config('outbox.reason', coalesce(v_prev_reason, ''), true);
     END IF;
     IF v_state IS DISTINCT FROM f.state THEN
@@ -1554,6 +1564,61 @@ BEGIN
                                    'flow', outbox.flow_doc(f.id)));
     END IF;
 END;
+$$;
+
+--
+-- Name: flow_audit_change(bigint, jsonb); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.flow_audit_change(p_flow_id bigint, p_before jsonb) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_after  jsonb := outbox.flow_audit_doc(p_flow_id);
+    v_old    jsonb;
+    v_new    jsonb;
+BEGIN
+    IF p_before IS NULL THEN
+        PERFORM outbox.audit_write('flow', p_flow_id::text, NULL, 'insert', NULL, v_after,
+                                   outbox.audit_actor());
+        RETURN;
+    END IF;
+    SELECT jsonb_object_agg(a.key, p_before -> a.key), jsonb_object_agg(a.key, a.value)
+    INTO v_old, v_new
+    FROM jsonb_each(v_after) AS a
+    WHERE a.value IS DISTINCT FROM p_before -> a.key;
+    IF v_new IS NOT NULL THEN
+        PERFORM outbox.audit_write('flow', p_flow_id::text, NULL, 'update', v_old, v_new,
+                                   outbox.audit_actor());
+    END IF;
+END;
+$$;
+
+--
+-- Name: flow_audit_doc(bigint); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.flow_audit_doc(p_flow_id bigint) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT jsonb_build_object(
+        'id', f.id, 'flow_key', f.flow_key, 'state', f.state,
+        'reason', outbox.audit_redact_text(f.reason), 'failed_step', f.failed_step,
+        'metadata', outbox.audit_redact(f.metadata), 'created_by', f.created_by,
+        'steps', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                'seq', s.seq, 'depends_on', to_jsonb(s.depends_on), 'payment_id', s.payment_id,
+                'action', s.action, 'provider', s.provider, 'amount_minor', s.amount_minor,
+                'currency', s.currency, 'compensation', s.compensation, 'status', s.status,
+                'intent_id', s.intent_id, 'amount_applied_minor', s.amount_applied_minor,
+                'error_code', outbox.audit_redact_text(s.error_code),
+                'compensation_status', s.compensation_status,
+                'compensation_intent_id', s.compensation_intent_id,
+                'compensation_note', outbox.audit_redact_text(s.compensation_note))
+                ORDER BY s.seq)
+            FROM outbox.flow_steps AS s WHERE s.flow_id = f.id), '[]'::jsonb))
+    FROM outbox.flows AS f
+    WHERE f.id = p_flow_id
 $$;
 
 --
@@ -1669,17 +1734,6 @@ END;
 $$;
 
 --
--- Name: flow_depends_on_valid(integer[], integer); Type: FUNCTION; Schema: outbox; Owner: -
---
-
-CREATE FUNCTION outbox.flow_depends_on_valid(depends_on integer[], seq integer) RETURNS boolean
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS $$
-    SELECT coalesce(bool_and(d >= 1 AND d < seq), true) AND cardinality(depends_on) <= 50
-    FROM unnest(depends_on) AS d
-$$;
-
---
 -- Name: flow_doc(bigint); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -1748,7 +1802,7 @@ CREATE TABLE outbox.flow_steps (
     CONSTRAINT flow_steps_compensation_only_after_effect CHECK (((compensation_status IS NULL) OR (status = 'succeeded'::text))),
     CONSTRAINT flow_steps_compensation_status_valid CHECK ((compensation_status = ANY (ARRAY['not_needed'::text, 'started'::text, 'dead'::text, 'succeeded'::text, 'failed'::text]))),
     CONSTRAINT flow_steps_compensation_valid CHECK ((compensation = ANY (ARRAY['void'::text, 'refund'::text, 'none'::text]))),
-    CONSTRAINT flow_steps_depends_on_earlier_steps CHECK (outbox.flow_depends_on_valid(depends_on, seq)),
+    CONSTRAINT flow_steps_depends_on_earlier_steps CHECK (((0 < ALL (depends_on)) AND (seq > ALL (depends_on)) AND (cardinality(depends_on) <= 50) AND (array_position(depends_on, NULL::integer) IS NULL))),
     CONSTRAINT flow_steps_metadata_is_object CHECK ((jsonb_typeof(metadata) = 'object'::text)),
     CONSTRAINT flow_steps_payment_id_nonblank_max_200 CHECK (((payment_id ~ '\S'::text) AND (length(payment_id) <= 200))),
     CONSTRAINT flow_steps_payment_method_required_for_authorize_charge CHECK (((action <> ALL (ARRAY['authorize'::text, 'charge'::text])) OR (payment_method IS NOT NULL))),
@@ -1907,7 +1961,8 @@ BEGIN
             'Pass the steps as a jsonb array, step 1 first.');
     END IF;
     IF outbox.may_hold_card_number(concat_ws('|', p_flow_key, p_steps::text, p_metadata::text))
-       AND outbox.contains_card_number(concat_ws('|', p_flow_key, p_steps::text, p_metadata::text)) THEN
+       AND outbox.contains_card_number(concat_ws('|', p_flow_key, p_steps::text, p_metadata::text))
+    THEN
         PERFORM outbox.refuse_input('flows', 'steps', 'flows_no_card_number',
             'holds a card-like number: 13 to 19 digits in a row passing the Luhn check',
             'Pass a payment method token, never a card number.');
@@ -1978,7 +2033,10 @@ BEGIN
         v_intent.payment_method := v_row.payment_method;
         v_intent.metadata := v_row.metadata;
         v_intent.idempotency_key := outbox.flow_idempotency_key(v_flow, v_n, 'step');
-        PERFORM outbox.payment_intents_check_input(v_intent);
+        -- (The INSERT trigger's own pre-filter first: most steps can break no rule.)
+        IF outbox.payment_intents_may_break_input_rules(v_intent) THEN
+            PERFORM outbox.payment_intents_check_input(v_intent);
+        END IF;
     END LOOP;
 
     -- One payment, one provider and one currency, whichever step names them.
@@ -1995,6 +2053,8 @@ BEGIN
 
     -- The steps that wait for nothing start now, refused by the INSERT's own rules.
     PERFORM outbox.flow_advance(v_flow, true);
+    -- Its audit chain starts with the whole flow as started (the row lock is the INSERT's).
+    PERFORM outbox.flow_audit_change(v_flow, NULL);
     RETURN v_flow;
 END;
 $_$;
@@ -5909,22 +5969,10 @@ CREATE TRIGGER events_before_insert BEFORE INSERT ON outbox.events FOR EACH ROW 
 CREATE TRIGGER events_notify AFTER INSERT ON outbox.events REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION outbox.events_notify_v2();
 
 --
--- Name: flow_steps flow_steps_audit; Type: TRIGGER; Schema: outbox; Owner: -
---
-
-CREATE TRIGGER flow_steps_audit AFTER INSERT OR UPDATE ON outbox.flow_steps FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('flow_step', 'id', 'id,flow_id,seq,depends_on,payment_id,action,provider,amount_minor,currency,compensation,status,intent_id,amount_applied_minor,error_code,compensation_status,compensation_intent_id,compensation_note');
-
---
 -- Name: flow_steps flow_steps_no_delete; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
 CREATE TRIGGER flow_steps_no_delete BEFORE DELETE OR TRUNCATE ON outbox.flow_steps FOR EACH STATEMENT EXECUTE FUNCTION outbox.refuse_change();
-
---
--- Name: flows flows_audit; Type: TRIGGER; Schema: outbox; Owner: -
---
-
-CREATE TRIGGER flows_audit AFTER INSERT OR UPDATE ON outbox.flows FOR EACH ROW EXECUTE FUNCTION outbox.audit_generic('flow', 'id', 'id,flow_key,state,reason,failed_step,metadata,created_by');
 
 --
 -- Name: flows flows_no_delete; Type: TRIGGER; Schema: outbox; Owner: -
@@ -6837,6 +6885,19 @@ REVOKE ALL ON FUNCTION outbox.events_notify_v2() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.flow_advance(p_flow_id bigint, p_strict boolean) FROM PUBLIC;
 
 --
+-- Name: FUNCTION flow_audit_change(p_flow_id bigint, p_before jsonb); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.flow_audit_change(p_flow_id bigint, p_before jsonb) FROM PUBLIC;
+
+--
+-- Name: FUNCTION flow_audit_doc(p_flow_id bigint); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.flow_audit_doc(p_flow_id bigint) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.flow_audit_doc(p_flow_id bigint) TO outbox_operator;
+
+--
 -- Name: TABLE flows; Type: ACL; Schema: outbox; Owner: -
 --
 
@@ -6848,12 +6909,6 @@ GRANT SELECT ON TABLE outbox.flows TO outbox_operator;
 --
 
 REVOKE ALL ON FUNCTION outbox.flow_compensate(p_flow outbox.flows, OUT next_state text, OUT next_reason text) FROM PUBLIC;
-
---
--- Name: FUNCTION flow_depends_on_valid(depends_on integer[], seq integer); Type: ACL; Schema: outbox; Owner: -
---
-
-REVOKE ALL ON FUNCTION outbox.flow_depends_on_valid(depends_on integer[], seq integer) FROM PUBLIC;
 
 --
 -- Name: FUNCTION flow_doc(p_flow_id bigint); Type: ACL; Schema: outbox; Owner: -

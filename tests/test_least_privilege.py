@@ -217,6 +217,7 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "registry_approve_v1": {"outbox_operator"},
     # sql/0072: a flow started in the application's transaction (advanced as the owner)
     "flow_start_v1": {"outbox_app"},
+    "flow_audit_doc": {"outbox_operator"},  # audit verify compares each flow
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):

@@ -723,15 +723,8 @@ SELECT 'routing_rule', r.name, outbox.audit_generic_doc(r,
        NULL, false, false
 FROM outbox.routing_rules AS r
 UNION ALL
-SELECT 'flow', f.id::text, outbox.audit_generic_doc(f,
-       'id,flow_key,state,reason,failed_step,metadata,created_by'), NULL, false, false
-FROM outbox.flows AS f
-UNION ALL
-SELECT 'flow_step', s.id::text, outbox.audit_generic_doc(s,
-       'id,flow_id,seq,depends_on,payment_id,action,provider,amount_minor,currency,compensation,'
-       'status,intent_id,amount_applied_minor,error_code,compensation_status,'
-       'compensation_intent_id,compensation_note'), NULL, false, false
-FROM outbox.flow_steps AS s;
+SELECT 'flow', f.id::text, outbox.flow_audit_doc(f.id), NULL, false, false
+FROM outbox.flows AS f;
 
 -- name: ledger_counts
 -- Ledger transactions, entries and payments, for the check's headline.
@@ -1701,11 +1694,8 @@ WHERE s.flow_id = %(id)s::bigint
 ORDER BY s.seq;
 
 -- name: flow_history
--- One flow's audit trail: the flow's own rows and its steps', oldest first.
+-- One flow's audit trail (its steps are in its document), oldest first.
 SELECT a.at, a.actor, a.entity, a.entity_id, a.operation, a.reason, a.before, a.after
 FROM outbox.audit_log AS a
-WHERE (a.entity = 'flow' AND a.entity_id = %(id)s::bigint::text)
-   OR (a.entity = 'flow_step'
-       AND a.entity_id IN (SELECT s.id::text FROM outbox.flow_steps AS s
-                           WHERE s.flow_id = %(id)s::bigint))
-ORDER BY a.id;
+WHERE a.entity = 'flow' AND a.entity_id = %(id)s::bigint::text
+ORDER BY a.chain_seq;
