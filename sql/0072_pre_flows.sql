@@ -111,17 +111,22 @@ CREATE INDEX flow_steps_flow_idx ON outbox.flow_steps (flow_id, seq);
 -- installation, spelled as the insert trigger spells derived keys (hex digits as letters,
 -- so that no key holds a card-like run of digits).
 CREATE FUNCTION outbox.flow_idempotency_key(p_flow_id bigint, p_seq integer, p_role text) RETURNS text
-LANGUAGE sql STABLE AS $$
-    SELECT 'flow_' || translate(left(encode(sha256(convert_to(
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    -- PL/pgSQL, not SQL: its query's plan is kept, where a SQL function that cannot be
+    -- inlined is planned again on every call (so are flow_doc and flow_audit_doc).
+    RETURN 'flow_' || translate(left(encode(sha256(convert_to(
         (SELECT i.installation_id::text FROM outbox.installation AS i)
         || '/flow/' || p_flow_id::text || '/' || p_seq::text || '/' || p_role,
-        'UTF8')), 'hex'), 48), '0123456789', 'ghijklmnop')
+        'UTF8')), 'hex'), 48), '0123456789', 'ghijklmnop');
+END;
 $$;
 
 -- The flow as its events and `outbox-relay flows show` present it.
 CREATE FUNCTION outbox.flow_doc(p_flow_id bigint) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT jsonb_build_object(
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT jsonb_build_object(
         'id', f.id, 'flow_key', f.flow_key, 'state', f.state, 'reason', f.reason,
         'failed_step', f.failed_step, 'metadata', f.metadata,
         'steps', coalesce((
@@ -135,7 +140,8 @@ LANGUAGE sql STABLE AS $$
                 'compensation_note', s.compensation_note) ORDER BY s.seq)
             FROM outbox.flow_steps AS s WHERE s.flow_id = f.id), '[]'::jsonb))
     FROM outbox.flows AS f
-    WHERE f.id = p_flow_id
+    WHERE f.id = p_flow_id);
+END;
 $$;
 
 -- ==========================================================================================
@@ -143,15 +149,17 @@ $$;
 -- ==========================================================================================
 
 -- The flow as the audit trail records it: its own columns and every step's, text that may
--- come from a provider redacted as an intent's are. One chain per flow, one row per change
+-- come from a provider redacted as an intent's are; like an intent's, its metadata is not
+-- in it. One chain per flow, one row per change
 -- of the flow or of any of its steps (its start, each advance): a flow costs a hashed row
 -- per transaction that moves it, not one per row it touches.
 CREATE FUNCTION outbox.flow_audit_doc(p_flow_id bigint) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT jsonb_build_object(
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT jsonb_build_object(
         'id', f.id, 'flow_key', f.flow_key, 'state', f.state,
         'reason', outbox.audit_redact_text(f.reason), 'failed_step', f.failed_step,
-        'metadata', outbox.audit_redact(f.metadata), 'created_by', f.created_by,
+        'created_by', f.created_by,
         'steps', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                 'seq', s.seq, 'depends_on', to_jsonb(s.depends_on), 'payment_id', s.payment_id,
@@ -165,7 +173,8 @@ LANGUAGE sql STABLE AS $$
                 ORDER BY s.seq)
             FROM outbox.flow_steps AS s WHERE s.flow_id = f.id), '[]'::jsonb))
     FROM outbox.flows AS f
-    WHERE f.id = p_flow_id
+    WHERE f.id = p_flow_id);
+END;
 $$;
 
 -- Append the flow's audit row: its whole document when p_before is NULL (its start), else

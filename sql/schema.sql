@@ -1599,12 +1599,13 @@ $$;
 --
 
 CREATE FUNCTION outbox.flow_audit_doc(p_flow_id bigint) RETURNS jsonb
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-    SELECT jsonb_build_object(
+BEGIN
+    RETURN (SELECT jsonb_build_object(
         'id', f.id, 'flow_key', f.flow_key, 'state', f.state,
         'reason', outbox.audit_redact_text(f.reason), 'failed_step', f.failed_step,
-        'metadata', outbox.audit_redact(f.metadata), 'created_by', f.created_by,
+        'created_by', f.created_by,
         'steps', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                 'seq', s.seq, 'depends_on', to_jsonb(s.depends_on), 'payment_id', s.payment_id,
@@ -1618,7 +1619,8 @@ CREATE FUNCTION outbox.flow_audit_doc(p_flow_id bigint) RETURNS jsonb
                 ORDER BY s.seq)
             FROM outbox.flow_steps AS s WHERE s.flow_id = f.id), '[]'::jsonb))
     FROM outbox.flows AS f
-    WHERE f.id = p_flow_id
+    WHERE f.id = p_flow_id);
+END;
 $$;
 
 --
@@ -1738,9 +1740,10 @@ $$;
 --
 
 CREATE FUNCTION outbox.flow_doc(p_flow_id bigint) RETURNS jsonb
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-    SELECT jsonb_build_object(
+BEGIN
+    RETURN (SELECT jsonb_build_object(
         'id', f.id, 'flow_key', f.flow_key, 'state', f.state, 'reason', f.reason,
         'failed_step', f.failed_step, 'metadata', f.metadata,
         'steps', coalesce((
@@ -1754,7 +1757,8 @@ CREATE FUNCTION outbox.flow_doc(p_flow_id bigint) RETURNS jsonb
                 'compensation_note', s.compensation_note) ORDER BY s.seq)
             FROM outbox.flow_steps AS s WHERE s.flow_id = f.id), '[]'::jsonb))
     FROM outbox.flows AS f
-    WHERE f.id = p_flow_id
+    WHERE f.id = p_flow_id);
+END;
 $$;
 
 --
@@ -1762,12 +1766,16 @@ $$;
 --
 
 CREATE FUNCTION outbox.flow_idempotency_key(p_flow_id bigint, p_seq integer, p_role text) RETURNS text
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-    SELECT 'flow_' || translate(left(encode(sha256(convert_to(
+BEGIN
+    -- PL/pgSQL, not SQL: its query's plan is kept, where a SQL function that cannot be
+    -- inlined is planned again on every call (so are flow_doc and flow_audit_doc).
+    RETURN 'flow_' || translate(left(encode(sha256(convert_to(
         (SELECT i.installation_id::text FROM outbox.installation AS i)
         || '/flow/' || p_flow_id::text || '/' || p_seq::text || '/' || p_role,
-        'UTF8')), 'hex'), 48), '0123456789', 'ghijklmnop')
+        'UTF8')), 'hex'), 48), '0123456789', 'ghijklmnop');
+END;
 $$;
 
 --
