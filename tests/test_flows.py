@@ -26,6 +26,7 @@ from relay.domain.state_machine import PaymentSnapshot, PaymentState
 from relay.finance.audit import verify_database
 from relay.infra.db import Database
 from relay.operations.flows import find_flow
+from tests.login_roles import login_role
 from tests.support.cli import run_cli
 from tests.support.relays import make_relay_with, run_until_settled
 from tests.support.waiting import wait_until
@@ -317,6 +318,32 @@ def test_malformed_flows_are_refused_by_name_and_leave_nothing(db_url: str) -> N
             " (SELECT count(*) FROM outbox.payment_intents)"
         ).fetchone()
     assert counts == (1, 4, 3)
+
+    # An application's login starts flows and reads them; it cannot advance one itself.
+    with login_role(db_url, "outbox_app") as app_url, psycopg.connect(app_url) as app:
+        started = app.execute(
+            "SELECT outbox.flow_start_v1('as-app', %s)",
+            (
+                Jsonb(
+                    [
+                        {
+                            "payment_id": "app-pay",
+                            "action": "capture",
+                            "provider": "stripe",
+                            "currency": "EUR",
+                        }
+                    ]
+                ),
+            ),
+        ).fetchone()
+        assert started is not None
+        created_by = app.execute(
+            "SELECT created_by FROM outbox.flows WHERE id = %s", (started[0],)
+        ).fetchone()
+        assert created_by == (f"db:{app.info.user}",)
+        app.commit()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SELECT outbox.flow_advance(%s)", (started[0],))
 
 
 async def test_two_steps_settling_at_once_in_two_transactions_start_the_next_steps_once(
