@@ -70,6 +70,8 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
     ("outbox_app", "payment_intents"): {"SELECT"},
     ("outbox_app", "payment_intents_archive"): {"SELECT"},
     ("outbox_app", "payments"): {"SELECT"},
+    ("outbox_app", "flows"): {"SELECT"},  # sql/0072: the application reads its flows
+    ("outbox_app", "flow_steps"): {"SELECT"},
     ("outbox_relay", "currencies"): {"SELECT"},  # sql/0014: exponents for the adapters
     ("outbox_relay", "event_streams"): {"SELECT"},
     ("outbox_relay", "events"): {"SELECT"},
@@ -105,6 +107,8 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "fx_postings",
             "fx_rates",
             "events_wakeup",
+            "flows",  # sql/0072: `outbox-relay flows`, audit verify
+            "flow_steps",
             "installation",
             "janitor_checks",
             "ledger_entries",
@@ -219,6 +223,9 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     # sql/0067: guard rails, set by operators, a canary rolled back by a relay
     "routing_guard_set_v1": {"outbox_operator"},
     "routing_guard_rollback_v1": {"outbox_relay"},
+    # sql/0072: a flow started in the application's transaction (advanced as the owner)
+    "flow_start_v1": {"outbox_app"},
+    "flow_audit_doc": {"outbox_operator"},  # audit verify compares each flow
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -316,6 +323,11 @@ RELAY_STATEMENTS = {
     "guard_rail_rollback",
 }
 OPERATOR_STATEMENTS = {
+    # sql/0072: `outbox-relay flows list|show`
+    "flows_list",
+    "flow_detail",
+    "flow_steps_detail",
+    "flow_history",
     # sql/0050, sql/0051: relay/operations/providers.py, status.py, intents.py
     "providers_list",
     "provider_set",
@@ -426,6 +438,9 @@ APP_MAY_RUN = {
     "dead_letters_count",
     "dead_letters_list",
     "dead_letters_page",
+    "flow_detail",  # sql/0072: applications read their flows and steps
+    "flow_steps_detail",
+    "flows_list",
     "fx_convert",  # sql/0027: applications read rates and convert
     "fx_currency_exponent",
     "fx_current_rates",

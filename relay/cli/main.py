@@ -362,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.cli import intents as intents_show
 
     intents_show.add_commands(commands, _database_url_or_exit)
+
+    from relay.cli import flows as flows_cli  # flows list|show (sql/0072)
+
+    flows_cli.add_commands(commands, _database_url_or_exit)
     dead_letters.add_commands(commands, _database_url_or_exit)
 
     from relay.cli import finance as finance_cli  # ledger check, audit verify, reconcile...

@@ -295,10 +295,12 @@ _TAIL_CHECKED = (
     "fx_posting",
     "provider",  # sql/0050
     "routing_rule",  # sql/0051
+    "flow",  # sql/0072 (its steps are in its document)
 )
-# Rows that are never deleted by anyone (sql/0027, sql/0050, sql/0051 refuse it): a chain of
-# one of these entities without its live row means the row was removed behind the trigger's back.
-_NEVER_DELETED = ("fx_rate", "fx_posting", "provider", "routing_rule")
+# Rows that are never deleted by anyone (sql/0027, sql/0050, sql/0051, sql/0072 refuse it): a
+# chain of one of these entities without its live row means the row was removed behind the
+# trigger's back.
+_NEVER_DELETED = ("fx_rate", "fx_posting", "provider", "routing_rule", "flow")
 
 
 def _before_open_claim(entity: str, doc: dict[str, Any]) -> dict[str, Any]:

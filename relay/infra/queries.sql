@@ -721,7 +721,10 @@ SELECT 'routing_rule', r.name, outbox.audit_generic_doc(r,
        'id,name,version,priority,enabled,currencies,min_amount_minor,max_amount_minor,'
        'payment_method_prefixes,metadata_key,metadata_values,mode,providers,weights,note'),
        NULL, false, false
-FROM outbox.routing_rules AS r;
+FROM outbox.routing_rules AS r
+UNION ALL
+SELECT 'flow', f.id::text, outbox.flow_audit_doc(f.id), NULL, false, false
+FROM outbox.flows AS f;
 
 -- name: ledger_counts
 -- Ledger transactions, entries and payments, for the check's headline.
@@ -1736,3 +1739,47 @@ SELECT rule_name, canary, baseline, enabled, window_seconds, min_samples, failur
        ambiguous_margin_bp, latency_percentile, latency_margin_ms, note, version, updated_at,
        updated_by, rolled_back_at, rolled_back_by, rollback_reason
 FROM outbox.routing_guard_set_v1(%(operator)s, %(rule)s, %(guard)s::jsonb, %(reason)s);
+
+-- ------------------------------------------------------------------------------------------
+-- Payment flows (sql/0072; relay/operations/flows.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: flows_list
+-- Flows newest first, optionally of one state, with how many steps each has and how many took effect.
+SELECT f.id, f.flow_key, f.state, f.reason, f.created_at, f.updated_at,
+       count(s.id) AS steps,
+       count(s.id) FILTER (WHERE s.status = 'succeeded') AS succeeded,
+       count(s.id) FILTER (WHERE s.compensation_status = 'succeeded') AS compensated
+FROM outbox.flows AS f
+LEFT JOIN outbox.flow_steps AS s ON s.flow_id = f.id
+WHERE %(state)s::text IS NULL OR f.state = %(state)s::text
+GROUP BY f.id
+ORDER BY f.id DESC
+LIMIT %(limit)s;
+
+-- name: flow_detail
+-- One flow's row.
+SELECT id, flow_key, state, reason, failed_step, metadata, created_by, created_at, updated_at,
+       finished_at
+FROM outbox.flows
+WHERE id = %(id)s::bigint;
+
+-- name: flow_steps_detail
+-- One flow's steps in order, each with its intent's and its compensation's current state.
+SELECT s.seq, s.depends_on, s.payment_id, s.action, coalesce(i.provider, s.provider) AS provider,
+       s.amount_minor, s.currency, s.status, s.intent_id, i.status AS intent_status,
+       i.idempotency_key, s.amount_applied_minor, s.error_code, s.compensation,
+       s.compensation_status, s.compensation_intent_id, c.status AS compensation_intent_status,
+       c.idempotency_key AS compensation_key, s.compensation_note
+FROM outbox.flow_steps AS s
+LEFT JOIN outbox.payment_intents AS i ON i.id = s.intent_id
+LEFT JOIN outbox.payment_intents AS c ON c.id = s.compensation_intent_id
+WHERE s.flow_id = %(id)s::bigint
+ORDER BY s.seq;
+
+-- name: flow_history
+-- One flow's audit trail (its steps are in its document), oldest first.
+SELECT a.at, a.actor, a.entity, a.entity_id, a.operation, a.reason, a.before, a.after
+FROM outbox.audit_log AS a
+WHERE a.entity = 'flow' AND a.entity_id = %(id)s::bigint::text
+ORDER BY a.chain_seq;

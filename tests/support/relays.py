@@ -26,6 +26,7 @@ from tests.support.waiting import wait_until
 __all__ = [
     "count_status",
     "make_relay",
+    "make_relay_with",
     "max_concurrency",
     "provider",
     "relay_for",
@@ -84,6 +85,29 @@ def make_relay(
         pool_size=3,
         max_attempts=max_attempts,
         seed=seed,
+        options={"shutdown_grace_seconds": 5.0, **options},
+    )
+
+
+def make_relay_with(
+    db_url: str,
+    adapters: dict[str, ProviderAdapter],
+    *,
+    instance: str = "test-relay",
+    **options: Any,
+) -> Relay:
+    """A relay with one lane per provider name around its adapter (a 5 s call timeout)."""
+    lanes = {
+        name: Lane(name, adapter, concurrency=16, timeout_seconds=5.0, breaker=PRODUCTION_BREAKER)
+        for name, adapter in adapters.items()
+    }
+    return _relay(
+        db_url,
+        lanes,
+        instance=instance,
+        pool_size=3,
+        max_attempts=5,
+        seed=1,
         options={"shutdown_grace_seconds": 5.0, **options},
     )
 

@@ -1,0 +1,177 @@
+"""`outbox-relay flows list|show ID`: payment flows (docs/flows.md).
+
+``list`` prints the newest flows, optionally of one state (``--state needs_operator``
+finds the flows waiting for an operator). ``show`` prints one flow: its state and why,
+each step with its intent and its compensation (their states and idempotency keys), and
+the flow's audit trail, the flow's rows and its steps', oldest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from relay.cli.tables import clip, plain_help, render_table
+from relay.operations.flows import FLOW_STATES, find_flow, list_flows
+
+__all__ = ["add_commands", "render_flow", "render_flows"]
+
+
+def _when(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    return "-" if value is None else str(value)
+
+
+def render_flows(flows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`relay.operations.flows.list_flows` as a table."""
+    if not flows:
+        return "no flows"
+    return render_table(
+        ["id", "flow key", "state", "steps", "took effect", "undone", "updated", "reason"],
+        [
+            (
+                f["id"],
+                clip(f["flow_key"], 30),
+                f["state"],
+                f["steps"],
+                f["succeeded"],
+                f["compensated"],
+                _when(f["updated_at"]),
+                clip(f["reason"] or "", 60) or None,
+            )
+            for f in flows
+        ],
+    )
+
+
+def _compensation(step: dict[str, Any]) -> str:
+    if step["compensation"] == "none":
+        return "none"
+    status = step["compensation_status"]
+    if status is None:
+        return str(step["compensation"])
+    if step["compensation_intent_id"] is not None:
+        return f"{step['compensation']} #{step['compensation_intent_id']} {status}"
+    note = f" ({step['compensation_note']})" if step["compensation_note"] else ""
+    return f"{step['compensation']} {status}{note}"
+
+
+def render_flow(found: dict[str, Any]) -> str:
+    """What :func:`relay.operations.flows.find_flow` found, as text."""
+    flow = found["flow"]
+    lines = [f"flow {flow['id']} ({flow['flow_key']}): {flow['state']}"]
+    if flow["reason"]:
+        lines.append(f"  reason          {flow['reason']}")
+    lines.append(f"  created         {_when(flow['created_at'])} by {flow['created_by']}")
+    if flow["finished_at"]:
+        lines.append(f"  finished        {_when(flow['finished_at'])}")
+    if flow["metadata"]:
+        lines.append(f"  metadata        {json.dumps(flow['metadata'])}")
+    lines.append(f"\nsteps ({len(found['steps'])}):")
+    lines.append(
+        render_table(
+            [
+                "step",
+                "after",
+                "payment",
+                "action",
+                "provider",
+                "amount",
+                "status",
+                "intent",
+                "error",
+                "compensation",
+            ],
+            [
+                (
+                    s["seq"],
+                    ",".join(str(d) for d in s["depends_on"]) or None,
+                    clip(s["payment_id"], 24),
+                    s["action"],
+                    s["provider"],
+                    None if s["amount_minor"] is None else f"{s['amount_minor']} {s['currency']}",
+                    s["status"],
+                    s["intent_id"],
+                    s["error_code"],
+                    _compensation(s),
+                )
+                for s in found["steps"]
+            ],
+        )
+    )
+    history = found["history"]
+    lines.append(f"\nhistory ({len(history)} change(s)):")
+    lines.append(
+        render_table(
+            ["at", "actor", "what", "changes"],
+            [
+                (
+                    _when(h["at"]),
+                    h["actor"],
+                    f"{h['entity']} {h['entity_id']} {h['operation']}",
+                    clip(
+                        "; ".join(f"{k}: {old} → {new}" for k, (old, new) in h["changes"].items()),
+                        100,
+                    )
+                    or None,
+                )
+                for h in history
+            ],
+        )
+    )
+    return "\n".join(lines)
+
+
+def _cmd_list(args: argparse.Namespace, conninfo: str) -> int:
+    flows = list_flows(conninfo, state=args.state, limit=args.limit)
+    if args.json:
+        print(json.dumps(flows, indent=2, default=str))
+    else:
+        print(render_flows(flows))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace, conninfo: str) -> int:
+    found = find_flow(conninfo, args.id)
+    if found is None:
+        print(f"error: no flow {args.id} in outbox.flows", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(found, indent=2, default=str))
+    else:
+        print(render_flow(found))
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
+    """Register ``flows list`` and ``flows show`` on the CLI's subparsers."""
+    group = commands.add_parser(
+        "flows",
+        help="payment flows: their steps, compensations and history",
+        description=plain_help(__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = group.add_subparsers(dest="flows_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="the newest flows, optionally of one state")
+    listing.add_argument("--state", choices=FLOW_STATES, help="only flows in this state")
+    listing.add_argument(
+        "--limit", type=_positive, default=50, help="at most this many (default 50)"
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=lambda args: _cmd_list(args, database_url()))
+    show = actions.add_parser("show", help="one flow: its steps, compensations and history")
+    show.add_argument("id", type=int, metavar="ID", help="the flow's id")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(handler=lambda args: _cmd_show(args, database_url()))
