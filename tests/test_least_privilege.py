@@ -246,6 +246,8 @@ RELAY_STATEMENTS = {
     "lock_orphaned_blocked_payments",  # relay/core/runtime.py: the reaper's sweep
     "promote_orphaned_blocked",
     "release_leases",
+    "fail_over_claimed",  # sql/0064: relay/core/runtime.py, failover for new payments
+    "fail_over_pending",
     "archive_terminal_intents",  # relay/service/retention.py through the store
     "want_wakeups",
     "lock_wakeup_flag",  # sql/0031: skip_wakeups' first statement
