@@ -1530,11 +1530,6 @@ BEGIN
         PERFORM set_config('outbox.reason',
             format('failover from %s to %s (rule %s v%s): %s', i.provider, target, rule.name,
                    rule.version, p_why), true);
-        UPDATE outbox.payments AS p
-        SET provider = target,
-            failed_over_from = array_append(coalesce(p.failed_over_from, '{}'), i.provider),
-            updated_at = now()
-        WHERE p.payment_id = i.payment_id;
         UPDATE outbox.payment_intents AS pi
         SET provider = target,
             idempotency_key = new_key,
@@ -1555,6 +1550,13 @@ BEGIN
         UPDATE outbox.payment_intents AS pi
         SET provider = target, updated_at = now()
         WHERE pi.payment_id = i.payment_id AND pi.id <> i.id AND pi.status = 'blocked';
+        -- After the intents: an intent's first touch writes its and its payment's creation
+        -- audit rows (sql/0037), which must open the payment's chain before this update.
+        UPDATE outbox.payments AS p
+        SET provider = target,
+            failed_over_from = array_append(coalesce(p.failed_over_from, '{}'), i.provider),
+            updated_at = now()
+        WHERE p.payment_id = i.payment_id;
         RETURN QUERY SELECT i.id, i.payment_id, i.provider, target, new_key;
         RETURN;
     END LOOP;

@@ -1641,8 +1641,10 @@ SELECT name FROM outbox.providers WHERE enabled ORDER BY name;
 
 -- name: payment_routing
 -- How a payment's provider was chosen: the rule and version, NULL when the first intent named it.
+-- failed_over_from (sql/0064): the providers it left by failover, in order.
 SELECT p.routing_rule_id, p.routing_rule_version, r.name AS routing_rule_name,
-       r.version AS routing_rule_current_version, outbox.routing_bucket(p.payment_id) AS routing_bucket
+       r.version AS routing_rule_current_version, outbox.routing_bucket(p.payment_id) AS routing_bucket,
+       p.failed_over_from
 FROM outbox.payments AS p
 LEFT JOIN outbox.routing_rules AS r ON r.id = p.routing_rule_id
 WHERE p.payment_id = %(payment_id)s;

@@ -1,0 +1,203 @@
+"""Failover for new payments (issue 20, sql/0064), against real PostgreSQL and two fakes.
+
+The primary's fake sits behind a TCP proxy. First the proxy accepts and drops connections (a
+request may have left: ambiguous); then it refuses them (nothing can leave). A relay that
+serves only the primary moves routed new payments to the rule's next target, on a connect
+failure (fenced by its lease) and, once its breaker is open, unclaimed; a second relay,
+serving only the fallback, completes them. Never moved: the payment with an ambiguous
+attempt, and the payment whose provider the application named.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from prometheus_client import REGISTRY
+
+from provider_adapters.fake import FaultConfig
+from relay.core.lanes import Lane
+from relay.core.runtime import Relay, RelayOptions
+from relay.domain.breaker import BreakerState
+from relay.domain.retry_policy import RetryPolicy
+from relay.infra.db import Database
+from relay.operations.providers import set_rule
+from relay.service.main import build_lane
+from tests.invariants import assert_audit_intact
+from tests.support.fake_server import FakeServer, running_fake
+from tests.support.intents import register_provider
+from tests.support.relays import provider, running
+from tests.support.waiting import wait_until
+from tests.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.anyio
+
+FIRST = (
+    "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency,"
+    " payment_method) VALUES (%s, 'authorize', %s, 1000, 'EUR', 'pm_card_visa')"
+)
+
+
+def _relay(db_url: str, instance: str, name: str, lane: Lane) -> Relay:
+    return Relay(
+        Database(db_url, pool_size=3, name=instance),
+        {name: lane},
+        RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=50),
+        RelayOptions(
+            instance=instance,
+            batch_size=50,
+            poll_interval_seconds=0.05,
+            poll_max_interval_seconds=0.2,
+            shutdown_grace_seconds=5.0,
+        ),
+        rng=random.Random(3).random,
+    )
+
+
+def _intents(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    rows = cur.execute(
+        "SELECT i.payment_id, i.id, i.provider, i.status, i.attempts, i.unsent_attempts,"
+        " i.idempotency_key, i.error_code, p.provider AS payment_provider, p.failed_over_from"
+        " FROM outbox.payment_intents AS i JOIN outbox.payments AS p USING (payment_id)"
+    ).fetchall()
+    return {row["payment_id"]: row for row in rows}
+
+
+def _failovers(trigger: str) -> float:
+    labels = {"from_provider": "stripe", "to_provider": "backup", "trigger": trigger}
+    return REGISTRY.get_sample_value("outbox_relay_failovers_total", labels) or 0.0
+
+
+async def _effect_keys(fake: FakeServer) -> set[str]:
+    return set((await fake.effects())["effects_by_key"])
+
+
+async def test_new_payments_fail_over_only_when_nothing_reached_the_primary(
+    db_url: str, conn: psycopg.Connection
+) -> None:
+    register_provider(conn, "stripe")
+    register_provider(conn, "backup")
+    set_rule(
+        conn,
+        operator="alice",
+        name="main",
+        fields={"providers": ["stripe", "backup"]},
+        reason="stripe first, backup when it is down",
+        create=True,
+    )
+    before = {t: _failovers(t) for t in ("connect_failed", "breaker_open")}
+    # Half the fallback's calls answer 503 (nothing happened, retry): its attempts repeat.
+    async with (
+        running_fake() as primary,
+        running_fake(FaultConfig(rate_503=0.5, seed=11)) as fallback,
+        anyio.create_task_group() as proxies,
+    ):
+        proxy = TcpProxy(primary.url)
+        await proxies.start(proxy.serve)
+        primary_settings = provider(
+            proxy.url, breaker_failure_threshold=3, breaker_cooldown_seconds=600.0
+        )
+
+        # 1. The proxy drops each connection it accepted: the request may have left.
+        proxy.cut()
+        conn.execute(FIRST, ("ambiguous", None))
+        async with running(_relay(db_url, "relay-a0", "stripe", build_lane("stripe", primary_settings))):
+            await wait_until(
+                lambda: _intents(conn)["ambiguous"]["attempts"] >= 1
+                and _intents(conn)["ambiguous"]["status"] == "pending",
+                "an ambiguous attempt of the first payment",
+            )
+        ambiguous = _intents(conn)["ambiguous"]
+        assert ambiguous["unsent_attempts"] == 0, ambiguous
+
+        # 2. The primary refuses connections: nothing can reach it.
+        proxy.refuse()
+        first_wave = [f"new{n}" for n in range(4)]
+        for pid in first_wave:
+            conn.execute(FIRST, (pid, None))
+        conn.execute(FIRST, ("named", "stripe"))  # the application chose the provider
+        lane_a = build_lane("stripe", primary_settings)
+        relay_a = _relay(db_url, "relay-a", "stripe", lane_a)
+        relay_b = _relay(
+            db_url,
+            "relay-b",
+            "backup",
+            build_lane("backup", provider(fallback.url, breaker_failure_threshold=1000)),
+        )
+        async with running(relay_a), running(relay_b):
+            await wait_until(
+                lambda: lane_a.breaker.state is BreakerState.OPEN
+                and all(_intents(conn)[p]["provider"] == "backup" for p in first_wave),
+                "the primary's breaker open and the first wave moved",
+            )
+            # Inserted behind the open breaker: relay-a claims nothing, its sweep moves them.
+            second_wave = [f"later{n}" for n in range(3)]
+            for pid in second_wave:
+                conn.execute(FIRST, (pid, None))
+            moved = first_wave + second_wave
+            await wait_until(
+                lambda: all(_intents(conn)[p]["status"] == "succeeded" for p in moved),
+                "every moved payment succeeded at the fallback",
+            )
+            await wait_until(
+                lambda: _intents(conn)["named"]["attempts"] >= 1, "the named payment attempted"
+            )
+        proxy.refuse()  # (already closed; ends serve)
+        proxies.cancel_scope.cancel()
+
+        rows = _intents(conn)
+        assert _failovers("connect_failed") > before["connect_failed"]
+        assert _failovers("breaker_open") - before["breaker_open"] >= len(second_wave)
+
+        # Never moved: an intent that may have reached its provider, a named provider.
+        for pid in ("ambiguous", "named"):
+            assert rows[pid]["provider"] == rows[pid]["payment_provider"] == "stripe", rows[pid]
+            assert rows[pid]["failed_over_from"] is None
+        assert rows["ambiguous"]["idempotency_key"] == ambiguous["idempotency_key"]
+        assert rows["ambiguous"]["unsent_attempts"] < rows["ambiguous"]["attempts"]
+
+        # Moved ones: at the fallback, under a new key, every attempt there with that key.
+        audit = conn.cursor(row_factory=psycopg.rows.dict_row)
+        original: dict[str, str] = {}
+        for pid in moved:
+            row = rows[pid]
+            assert row["payment_provider"] == "backup" and row["failed_over_from"] == ["stripe"]
+            (change,) = audit.execute(
+                "SELECT actor, reason, before, after FROM outbox.audit_log"
+                " WHERE entity = 'intent' AND entity_id = %s AND after ->> 'provider' = 'backup'",
+                (str(row["id"]),),
+            ).fetchall()
+            assert change["actor"] == "relay:relay-a", change
+            assert change["reason"].startswith("failover from stripe to backup (rule main v1)")
+            assert change["before"]["provider"] == "stripe"
+            assert change["after"]["idempotency_key"] == row["idempotency_key"]
+            original[pid] = change["before"]["idempotency_key"]
+            assert original[pid] != row["idempotency_key"]
+            assert audit.execute(
+                "SELECT count(*) AS n FROM outbox.audit_log WHERE entity = 'payment'"
+                " AND entity_id = %s AND before ->> 'provider' = 'stripe'"
+                " AND after ->> 'provider' = 'backup'",
+                (pid,),
+            ).fetchone() == {"n": 1}
+
+        sent = Counter(r.headers.get("Idempotency-Key") for r in fallback.posts())
+        new_keys = {rows[pid]["idempotency_key"] for pid in moved}
+        assert set(sent) == new_keys, "the fallback saw only the new keys"
+        for pid in moved:
+            assert sent[rows[pid]["idempotency_key"]] == rows[pid]["attempts"]
+        assert sum(sent.values()) > len(moved), "some payment took several attempts there"
+
+        # No payment has an effect at both providers; each moved one exactly one at the fallback.
+        at_primary = await _effect_keys(primary)
+        at_fallback = (await fallback.effects())["effects_by_key"]
+        assert {k: v["count"] for k, v in at_fallback.items()} == {k: 1 for k in new_keys}
+        for pid in moved:
+            assert original[pid] not in at_primary and original[pid] not in at_fallback
+        assert ambiguous["idempotency_key"] not in at_fallback
+
+    assert_audit_intact(db_url)
