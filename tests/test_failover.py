@@ -11,6 +11,7 @@ attempt, and the payment whose provider the application named.
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime, timedelta
 from collections import Counter
 from typing import Any
 
@@ -25,9 +26,11 @@ from relay.core.runtime import Relay, RelayOptions
 from relay.domain.breaker import BreakerState
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra.db import Database
-from relay.operations.providers import set_rule
+from relay.infra.queries import QUERIES
+from relay.operations.providers import set_provider, set_rule
 from relay.service.main import build_lane
 from tests.invariants import assert_audit_intact
+from tests.support.cli import run_cli
 from tests.support.fake_server import FakeServer, running_fake
 from tests.support.intents import register_provider
 from tests.support.relays import provider, running
@@ -200,4 +203,69 @@ async def test_new_payments_fail_over_only_when_nothing_reached_the_primary(
             assert original[pid] not in at_primary and original[pid] not in at_fallback
         assert ambiguous["idempotency_key"] not in at_fallback
 
+    assert_audit_intact(db_url)
+
+
+def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> None:
+    """The rules of sql/0064 one by one, on the named statements the relay runs."""
+    for name in ("stripe", "backup", "off"):
+        register_provider(conn, name)
+    set_provider(conn, operator="alice", name="off", enabled=False, reason="kill switch")
+    set_rule(
+        conn,
+        operator="alice",
+        name="main",
+        fields={"providers": ["stripe", "off", "backup"]},
+        reason="t",
+        create=True,
+    )
+    conn.execute("SELECT set_config('outbox.actor', 'relay:t', false)")
+
+    def claim() -> list[tuple[int, int]]:
+        params = {"provider": "stripe", "limit": 10, "lease_seconds": 60, "instance": "t"}
+        rows = conn.execute(QUERIES["claim_intents"], {**params, "now": None}).fetchall()
+        return [(row[0], row[9]) for row in rows]  # id, lease_token
+
+    # A relay died during the call (its lease expired): the request may have left.
+    conn.execute(FIRST, ("crashed", None))
+    assert len(claim()) == 1
+    later = datetime.now(UTC) + timedelta(hours=1)
+    conn.execute(QUERIES["requeue_expired_leases"], {"limit": 10, "now": later})
+    # A claimed intent whose attempt could not connect: fenced by its lease token.
+    conn.execute(FIRST, ("claimed", None))
+    ((claimed_id, token),) = claim()
+    fence = {"id": claimed_id, "why": "could not connect"}
+    assert conn.execute(QUERIES["fail_over_claimed"], {**fence, "lease_token": token + 1}).fetchall() == []
+    (moved,) = conn.execute(QUERIES["fail_over_claimed"], {**fence, "lease_token": token}).fetchall()
+    assert moved[2:4] == ("stripe", "backup")  # past the disabled target
+
+    conn.execute(FIRST, ("fresh", None))
+    conn.execute(FIRST, ("named", "stripe"))
+    conn.execute(FIRST, ("with_capture", None))
+    conn.execute(
+        "INSERT INTO outbox.payment_intents (payment_id, action, currency) "
+        "VALUES ('with_capture', 'capture', 'EUR')"
+    )
+    sweep = {"limit": 10, "why": "breaker open"}
+    rows = conn.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "stripe"}).fetchall()
+    assert sorted(r[1] for r in rows) == ["fresh", "with_capture"]
+    providers = dict(
+        conn.execute(
+            "SELECT payment_id || ':' || action, provider FROM outbox.payment_intents"
+        ).fetchall()
+    )
+    assert providers == {
+        "crashed:authorize": "stripe",
+        "claimed:authorize": "backup",
+        "fresh:authorize": "backup",
+        "named:authorize": "stripe",
+        "with_capture:authorize": "backup",
+        "with_capture:capture": "backup",  # blocked behind it, follows its payment
+    }
+    # Never back to a provider it left, never to a disabled one: nothing left to move to.
+    assert conn.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "backup"}).fetchall() == []
+
+    shown = run_cli("intents", "show", str(claimed_id), env={"RELAY_DATABASE_URL": db_url})
+    assert "failed over from stripe to backup" in shown.stdout, shown.stdout
+    assert "failover from stripe to backup (rule main v1): could not connect" in shown.stdout
     assert_audit_intact(db_url)
