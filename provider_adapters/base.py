@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "AWAITING_CONFIRMATION",
+    "UNSENT_CODES",
     "Action",
     "Ambiguous",
     "AuthorisationEnded",
@@ -42,7 +43,6 @@ __all__ = [
     "SettlementReports",
     "SettlementUnavailable",
     "Succeeded",
-    "UNSENT_CODES",
     "Unhandled",
     "UntestedApiVersion",
 ]

@@ -11,8 +11,8 @@ attempt, and the payment whose provider the application named.
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, timedelta
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -109,10 +109,14 @@ async def test_new_payments_fail_over_only_when_nothing_reached_the_primary(
         # 1. The proxy drops each connection it accepted: the request may have left.
         proxy.cut()
         conn.execute(FIRST, ("ambiguous", None))
-        async with running(_relay(db_url, "relay-a0", "stripe", build_lane("stripe", primary_settings))):
+        async with running(
+            _relay(db_url, "relay-a0", "stripe", build_lane("stripe", primary_settings))
+        ):
             await wait_until(
-                lambda: _intents(conn)["ambiguous"]["attempts"] >= 1
-                and _intents(conn)["ambiguous"]["status"] == "pending",
+                lambda: (
+                    _intents(conn)["ambiguous"]["attempts"] >= 1
+                    and _intents(conn)["ambiguous"]["status"] == "pending"
+                ),
                 "an ambiguous attempt of the first payment",
             )
         ambiguous = _intents(conn)["ambiguous"]
@@ -134,8 +138,10 @@ async def test_new_payments_fail_over_only_when_nothing_reached_the_primary(
         )
         async with running(relay_a), running(relay_b):
             await wait_until(
-                lambda: lane_a.breaker.state is BreakerState.OPEN
-                and all(_intents(conn)[p]["provider"] == "backup" for p in first_wave),
+                lambda: (
+                    lane_a.breaker.state is BreakerState.OPEN
+                    and all(_intents(conn)[p]["provider"] == "backup" for p in first_wave)
+                ),
                 "the primary's breaker open and the first wave moved",
             )
             # Inserted behind the open breaker: relay-a claims nothing, its sweep moves them.
@@ -235,8 +241,13 @@ def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> N
     conn.execute(FIRST, ("claimed", None))
     ((claimed_id, token),) = claim()
     fence = {"id": claimed_id, "why": "could not connect"}
-    assert conn.execute(QUERIES["fail_over_claimed"], {**fence, "lease_token": token + 1}).fetchall() == []
-    (moved,) = conn.execute(QUERIES["fail_over_claimed"], {**fence, "lease_token": token}).fetchall()
+    assert (
+        conn.execute(QUERIES["fail_over_claimed"], {**fence, "lease_token": token + 1}).fetchall()
+        == []
+    )
+    (moved,) = conn.execute(
+        QUERIES["fail_over_claimed"], {**fence, "lease_token": token}
+    ).fetchall()
     assert moved[2:4] == ("stripe", "backup")  # past the disabled target
 
     conn.execute(FIRST, ("fresh", None))
@@ -263,7 +274,9 @@ def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> N
         "with_capture:capture": "backup",  # blocked behind it, follows its payment
     }
     # Never back to a provider it left, never to a disabled one: nothing left to move to.
-    assert conn.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "backup"}).fetchall() == []
+    assert (
+        conn.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "backup"}).fetchall() == []
+    )
 
     shown = run_cli("intents", "show", str(claimed_id), env={"RELAY_DATABASE_URL": db_url})
     assert "failed over from stripe to backup" in shown.stdout, shown.stdout

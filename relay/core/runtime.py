@@ -493,7 +493,12 @@ class Relay:
         ).inc()
         _count_uncatalogued(lane, intent, outcome)
         unsent = isinstance(outcome, Retryable) and outcome.unsent
-        if unsent and intent.action in _FIRST_ACTIONS and await self._fail_over(intent, outcome):
+        if (
+            isinstance(outcome, Retryable)
+            and outcome.unsent
+            and intent.action in _FIRST_ACTIONS
+            and await self._fail_over(intent, outcome)
+        ):
             return
         write_back = _labelled(
             from_outcome(intent, amount_minor, outcome, self.policy, self.rng),

@@ -222,7 +222,9 @@ class Store:
         )
         return len(rows)
 
-    async def fail_over_claimed(self, intent_id: int, lease_token: int, why: str) -> Failover | None:
+    async def fail_over_claimed(
+        self, intent_id: int, lease_token: int, why: str
+    ) -> Failover | None:
         """Move a claimed first intent whose attempt could not connect to its rule's next
         target, fenced by ``lease_token``, in one transaction that names :attr:`actor` to
         the audit trail; None when it does not qualify (then write its outcome as usual)."""
