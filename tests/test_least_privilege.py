@@ -151,9 +151,12 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
         "status,attempts,available_at,lease_token,claimed_by,error_code,error_message,published_at"
     ),
     ("outbox_relay", "event_streams", "UPDATE"): "done_seq",
+    # unsent_attempts (sql/0064): the write-back counts an attempt that could not connect.
+    # Provider and key change only through outbox.fail_over_intent_v1 (SECURITY DEFINER).
     ("outbox_relay", "payment_intents", "UPDATE"): (
         "status,attempts,available_at,lease_token,lease_expires_at,claimed_by,"
-        "amount_applied_minor,provider_reference,error_code,error_message,updated_at,completed_at"
+        "amount_applied_minor,provider_reference,error_code,error_message,updated_at,completed_at,"
+        "unsent_attempts"
     ),
     ("outbox_relay", "payments", "UPDATE"): (
         "state,authorized_minor,captured_minor,refunded_minor,provider_reference,updated_at,"
@@ -211,6 +214,9 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "registry_policy_set_v1": {"outbox_operator"},
     "registry_request_v1": {"outbox_operator"},
     "registry_approve_v1": {"outbox_operator"},
+    # sql/0064: failover for new payments, moved by the relay as the owner, audited
+    "fail_over_intent_v1": {"outbox_relay"},
+    "fail_over_pending_v1": {"outbox_relay"},
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
