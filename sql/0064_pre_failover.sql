@@ -11,7 +11,9 @@
 -- complete_intents); a crash, a cut-off or an ambiguous or any other reply leaves it counted
 -- and not unsent. So attempts = unsent_attempts holds only while nothing may have reached the
 -- provider, and an intent with one maybe-sent attempt never fails over (the janitor, or its
--- retries under the same key, settle it with its provider first).
+-- retries under the same key, settle it with its provider first). An operator's re-drive
+-- (outbox.retry_dead_intents) sets attempts back to 0, which would erase that history: the
+-- trigger payment_intents_failover_history keeps it in `maybe_sent`, sticky.
 --
 -- The fallback order is the routing rule's own target list (decision, docs/routing.md
 -- "Failover"): the targets after routing are the providers the rule was approved to send
@@ -24,6 +26,35 @@ ALTER TABLE outbox.payment_intents
     ADD COLUMN unsent_attempts integer NOT NULL DEFAULT 0
         CONSTRAINT payment_intents_unsent_attempts_not_negative CHECK (unsent_attempts >= 0);
 ALTER TABLE outbox.payment_intents_archive ADD COLUMN unsent_attempts integer NOT NULL DEFAULT 0;
+ALTER TABLE outbox.payment_intents ADD COLUMN maybe_sent boolean NOT NULL DEFAULT false;
+ALTER TABLE outbox.payment_intents_archive ADD COLUMN maybe_sent boolean NOT NULL DEFAULT false;
+
+COMMENT ON COLUMN outbox.payment_intents.maybe_sent IS
+    'An attempt of this intent may have reached its provider before its attempts were counted '
+    'back to fewer (an operator''s re-drive sets them to 0): it never fails over (sql/0064).';
+
+-- Attempts go down in three places: a hand-back and a parked intent give back the claim's
+-- own attempt (never sent), an operator's re-drive sets them to 0. Before the count goes
+-- down, what it showed is kept: a history with a maybe-sent attempt sets maybe_sent; an
+-- all-unsent history stays all-unsent at the new count. Rare statements only: claims and
+-- write-backs never lower attempts, so the WHEN clause keeps this off their path.
+CREATE FUNCTION outbox.payment_intents_failover_history() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- The claim in progress (in_flight) is the attempt being given back: not sent.
+    IF OLD.attempts - (OLD.status = 'in_flight')::integer > OLD.unsent_attempts THEN
+        NEW.maybe_sent := true;
+    ELSE
+        NEW.unsent_attempts := least(NEW.unsent_attempts, NEW.attempts);
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER payment_intents_failover_history
+    BEFORE UPDATE OF attempts ON outbox.payment_intents
+    FOR EACH ROW WHEN (NEW.attempts < OLD.attempts AND NOT OLD.maybe_sent)
+    EXECUTE FUNCTION outbox.payment_intents_failover_history();
 
 COMMENT ON COLUMN outbox.payment_intents.unsent_attempts IS
     'Attempts whose outcome proved no request was sent (a connect failure, sql/0064). While it '
@@ -55,7 +86,7 @@ DECLARE
     new_key  text;
 BEGIN
     SELECT * INTO i FROM outbox.payment_intents AS pi WHERE pi.id = p_id FOR UPDATE;
-    IF NOT FOUND OR i.payment_seq <> 1 OR i.action NOT IN ('authorize', 'charge') THEN
+    IF NOT FOUND OR i.payment_seq <> 1 OR i.action NOT IN ('authorize', 'charge') OR i.maybe_sent THEN
         RETURN;
     END IF;
     IF p_lease_token IS NULL THEN
@@ -153,7 +184,7 @@ BEGIN
         JOIN outbox.payments AS p ON p.payment_id = pi.payment_id
         JOIN outbox.routing_rules AS r ON r.id = p.routing_rule_id
         WHERE pi.status = 'pending' AND pi.provider = p_provider
-          AND pi.payment_seq = 1 AND pi.attempts = pi.unsent_attempts
+          AND pi.payment_seq = 1 AND pi.attempts = pi.unsent_attempts AND NOT pi.maybe_sent
           AND r.enabled AND cardinality(r.providers) > 1
         ORDER BY pi.available_at, pi.id
         FOR UPDATE OF pi, p SKIP LOCKED
@@ -171,6 +202,7 @@ COMMENT ON FUNCTION outbox.fail_over_pending_v1(text, integer, text) IS
     'Fail over (sql/0064) up to p_limit pending first intents of routed payments of p_provider '
     'that never reached it: run by a relay whose breaker for p_provider is open.';
 
+REVOKE EXECUTE ON FUNCTION outbox.payment_intents_failover_history() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION outbox.fail_over_intent_v1(bigint, bigint, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION outbox.fail_over_pending_v1(text, integer, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.fail_over_intent_v1(bigint, bigint, text) TO outbox_relay;

@@ -235,6 +235,7 @@ CREATE TABLE outbox.payment_intents (
     fx_rate_id bigint,
     fx_via_rate_id bigint,
     unsent_attempts integer DEFAULT 0 NOT NULL,
+    maybe_sent boolean DEFAULT false NOT NULL,
     CONSTRAINT payment_intents_action_valid CHECK ((action = ANY (ARRAY['authorize'::text, 'capture'::text, 'charge'::text, 'void'::text, 'refund'::text]))),
     CONSTRAINT payment_intents_amount_minor_positive CHECK ((amount_minor > 0)),
     CONSTRAINT payment_intents_amount_minor_required_for_authorize_charge CHECK (((action <> ALL (ARRAY['authorize'::text, 'charge'::text])) OR (amount_minor IS NOT NULL))),
@@ -283,6 +284,12 @@ COMMENT ON COLUMN outbox.payment_intents.fx_via_rate_id IS 'The second rate of a
 --
 
 COMMENT ON COLUMN outbox.payment_intents.unsent_attempts IS 'Attempts whose outcome proved no request was sent (a connect failure, sql/0064). While it equals attempts, nothing of this intent can have reached its provider: the only state in which a routed first intent may fail over.';
+
+--
+-- Name: COLUMN payment_intents.maybe_sent; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.payment_intents.maybe_sent IS 'An attempt of this intent may have reached its provider before its attempts were counted back to fewer (an operator''s re-drive sets them to 0): it never fails over (sql/0064).';
 
 --
 -- Name: audit_intent_changes(outbox.payment_intents, outbox.payment_intents, integer); Type: FUNCTION; Schema: outbox; Owner: -
@@ -1489,7 +1496,7 @@ DECLARE
     new_key  text;
 BEGIN
     SELECT * INTO i FROM outbox.payment_intents AS pi WHERE pi.id = p_id FOR UPDATE;
-    IF NOT FOUND OR i.payment_seq <> 1 OR i.action NOT IN ('authorize', 'charge') THEN
+    IF NOT FOUND OR i.payment_seq <> 1 OR i.action NOT IN ('authorize', 'charge') OR i.maybe_sent THEN
         RETURN;
     END IF;
     IF p_lease_token IS NULL THEN
@@ -1587,7 +1594,7 @@ BEGIN
         JOIN outbox.payments AS p ON p.payment_id = pi.payment_id
         JOIN outbox.routing_rules AS r ON r.id = p.routing_rule_id
         WHERE pi.status = 'pending' AND pi.provider = p_provider
-          AND pi.payment_seq = 1 AND pi.attempts = pi.unsent_attempts
+          AND pi.payment_seq = 1 AND pi.attempts = pi.unsent_attempts AND NOT pi.maybe_sent
           AND r.enabled AND cardinality(r.providers) > 1
         ORDER BY pi.available_at, pi.id
         FOR UPDATE OF pi, p SKIP LOCKED
@@ -2534,6 +2541,24 @@ BEGIN
                    'retention sweeper, dead ones are ended with outbox.cancel_dead_intents.';
     END IF;
     RETURN NULL;
+END;
+$$;
+
+--
+-- Name: payment_intents_failover_history(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.payment_intents_failover_history() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    -- The claim in progress (in_flight) is the attempt being given back: not sent.
+    IF OLD.attempts - (OLD.status = 'in_flight')::integer > OLD.unsent_attempts THEN
+        NEW.maybe_sent := true;
+    ELSE
+        NEW.unsent_attempts := least(NEW.unsent_attempts, NEW.attempts);
+    END IF;
+    RETURN NEW;
 END;
 $$;
 
@@ -4473,7 +4498,8 @@ CREATE TABLE outbox.payment_intents_archive (
     original_currency text,
     fx_rate_id bigint,
     fx_via_rate_id bigint,
-    unsent_attempts integer DEFAULT 0 NOT NULL
+    unsent_attempts integer DEFAULT 0 NOT NULL,
+    maybe_sent boolean DEFAULT false NOT NULL
 );
 
 --
@@ -5443,6 +5469,12 @@ CREATE TRIGGER payment_intents_before_insert BEFORE INSERT ON outbox.payment_int
 CREATE TRIGGER payment_intents_delete_only_archived AFTER DELETE ON outbox.payment_intents REFERENCING OLD TABLE AS deleted_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox.payment_intents_delete_only_archived();
 
 --
+-- Name: payment_intents payment_intents_failover_history; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER payment_intents_failover_history BEFORE UPDATE OF attempts ON outbox.payment_intents FOR EACH ROW WHEN (((new.attempts < old.attempts) AND (NOT old.maybe_sent))) EXECUTE FUNCTION outbox.payment_intents_failover_history();
+
+--
 -- Name: payment_intents payment_intents_fx_charge_rate; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
@@ -6354,6 +6386,12 @@ REVOKE ALL ON FUNCTION outbox.payment_intents_check_provider_v1(i outbox.payment
 --
 
 REVOKE ALL ON FUNCTION outbox.payment_intents_delete_only_archived() FROM PUBLIC;
+
+--
+-- Name: FUNCTION payment_intents_failover_history(); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.payment_intents_failover_history() FROM PUBLIC;
 
 --
 -- Name: FUNCTION payment_intents_fx_charge_rate(); Type: ACL; Schema: outbox; Owner: -

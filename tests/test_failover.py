@@ -267,6 +267,23 @@ def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> N
         "with_capture:authorize": "backup",
         "with_capture:capture": "backup",  # blocked behind it, follows its payment
     }
+    # An operator re-drives the crashed one once it is dead: its attempts count from 0 again,
+    # and it still never fails over (maybe_sent keeps what the count showed).
+    conn.execute(
+        "UPDATE outbox.payment_intents SET status = 'dead', completed_at = now()"
+        " WHERE payment_id = 'crashed'"
+    )
+    conn.execute(
+        "SELECT outbox.retry_dead_intents(ARRAY[id], 'alice', true)"
+        " FROM outbox.payment_intents WHERE payment_id = 'crashed'"
+    )
+    assert conn.execute(
+        "SELECT status, attempts, maybe_sent FROM outbox.payment_intents"
+        " WHERE payment_id = 'crashed'"
+    ).fetchone() == ("pending", 0, True)
+    assert (
+        conn.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "stripe"}).fetchall() == []
+    )
     # Never back to a provider it left, never to a disabled one: nothing left to move to.
     assert (
         conn.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "backup"}).fetchall() == []
