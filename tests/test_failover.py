@@ -149,7 +149,6 @@ async def test_new_payments_fail_over_only_when_nothing_reached_the_primary(
                 lambda: all(_intents(conn)[p]["status"] == "succeeded" for p in moved),
                 "every moved payment succeeded at the fallback",
             )
-        proxies.cancel_scope.cancel()
         for lane in lanes:
             await lane.adapter.aclose()
 
@@ -202,6 +201,7 @@ async def test_new_payments_fail_over_only_when_nothing_reached_the_primary(
         for pid in moved:
             assert original[pid] not in at_primary and original[pid] not in at_fallback
         assert ambiguous["idempotency_key"] not in at_fallback
+        proxies.cancel_scope.cancel()  # last: nothing after it in this block would run
 
     assert_audit_intact(db_url)
 
