@@ -121,8 +121,13 @@ BEGIN
         -- Scoped to the provider: derived, so every attempt there sends it; a key too long
         -- for the column's rule is shortened to a hash of it.
         new_key := i.idempotency_key || '.fo.' || target;
-        IF length(new_key) > 255 THEN
-            new_key := 'outbox_fo_' || encode(sha256(convert_to(new_key, 'UTF8')), 'hex');
+        IF length(new_key) > 255
+           OR EXISTS (SELECT 1 FROM outbox.payment_intents AS u
+                      WHERE u.provider = target AND u.idempotency_key = new_key)
+           OR EXISTS (SELECT 1 FROM outbox.payment_intents_archive AS u
+                      WHERE u.provider = target AND u.idempotency_key = new_key) THEN
+            -- Too long, or (an application's own key) taken there: the intent's id makes it unique.
+            new_key := 'outbox_fo_' || encode(sha256(convert_to(new_key || '/' || i.id, 'UTF8')), 'hex');
         END IF;
         PERFORM set_config('outbox.reason',
             format('failover from %s to %s (rule %s v%s): %s', i.provider, target, rule.name,

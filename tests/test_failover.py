@@ -251,9 +251,18 @@ def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> N
         "INSERT INTO outbox.payment_intents (payment_id, action, currency) "
         "VALUES ('with_capture', 'capture', 'EUR')"
     )
+    # The application's own key, already taken at the fallback by what the new key would be.
+    keyed = FIRST.replace("payment_method)", "payment_method, idempotency_key)").replace(
+        "'pm_card_visa')", "'pm_card_visa', %s)"
+    )
+    conn.execute(keyed, ("squatter", "backup", "k1.fo.backup"))
+    conn.execute(keyed, ("own_key", None, "k1"))
     sweep = {"limit": 10, "why": "breaker open"}
     rows = conn.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "stripe"}).fetchall()
-    assert sorted(r[1] for r in rows) == ["fresh", "with_capture"]
+    assert sorted(r[1] for r in rows) == ["fresh", "own_key", "with_capture"]
+    new_keys = {r[1]: r[4] for r in rows}
+    assert new_keys["fresh"].endswith(".fo.backup")
+    assert new_keys["own_key"].startswith("outbox_fo_")  # made unique by the intent's id
     providers = dict(
         conn.execute(
             "SELECT payment_id || ':' || action, provider FROM outbox.payment_intents"
@@ -264,6 +273,8 @@ def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> N
         "claimed:authorize": "backup",
         "fresh:authorize": "backup",
         "named:authorize": "stripe",
+        "own_key:authorize": "backup",
+        "squatter:authorize": "backup",
         "with_capture:authorize": "backup",
         "with_capture:capture": "backup",  # blocked behind it, follows its payment
     }

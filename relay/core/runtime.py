@@ -27,6 +27,7 @@ import random
 from collections.abc import Callable, Mapping
 
 import anyio
+import psycopg
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
@@ -305,9 +306,14 @@ class Relay:
             if now < self._failover_sweep_due.get(lane.provider, 0.0):
                 continue
             limit = self.options.batch_size
-            moved = await self.store.fail_over_pending(
-                lane.provider, limit=limit, why="breaker open at relay " + self.options.instance
-            )
+            try:
+                moved = await self.store.fail_over_pending(
+                    lane.provider, limit=limit, why="breaker open at relay " + self.options.instance
+                )
+            except psycopg.Error as exc:
+                # Not the claim loop's concern: the intents wait as they would without failover.
+                log.warning("failover_sweep_failed", error=type(exc).__name__)
+                moved = []
             # A full batch: more may wait, sweep again next turn.
             due = now if len(moved) >= limit else now + self.options.poll_interval_seconds
             self._failover_sweep_due[lane.provider] = due
@@ -524,8 +530,8 @@ class Relay:
         why = f"could not connect ({outcome.code}) at relay {self.options.instance}"
         try:
             moved = await self.store.fail_over_claimed(intent.id, intent.require_lease(), why)
-        except RETRYABLE_DB_ERRORS as exc:
-            log.warning("failover_db_error", error=type(exc).__name__)
+        except psycopg.Error as exc:
+            log.warning("failover_failed", error=type(exc).__name__)
             return False
         if moved is None:
             return False
