@@ -18,8 +18,10 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from anyio.abc import SocketAttribute
 from prometheus_client import REGISTRY
 
+from provider_adapters.base import Action, Command, Retryable
 from provider_adapters.fake import FaultConfig
 from relay.core.lanes import Lane
 from relay.core.runtime import Relay, RelayOptions
@@ -30,9 +32,11 @@ from relay.infra.queries import QUERIES
 from relay.operations.providers import set_provider, set_rule
 from relay.service.main import build_lane
 from tests.invariants import assert_audit_intact
+from tests.support.adyen import adyen_adapter
 from tests.support.cli import run_cli
 from tests.support.fake_server import FakeServer, running_fake
 from tests.support.intents import register_provider
+from tests.support.providers import stripe_adapter
 from tests.support.relays import provider, running
 from tests.support.waiting import wait_until
 from tests.tcp_proxy import TcpProxy
@@ -304,3 +308,26 @@ def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> N
     assert "failed over from stripe to backup" in shown.stdout, shown.stdout
     assert "failover from stripe to backup (rule main v1): could not connect" in shown.stdout
     assert_audit_intact(db_url)
+
+
+async def test_a_refused_connection_is_unsent_for_both_adapters() -> None:
+    """What makes an attempt count as unsent (UNSENT_CODES) is what each real adapter says
+    when connecting is refused; a connection dropped after it was accepted is not unsent."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.listeners[0].extra(SocketAttribute.local_port)
+    await listener.aclose()  # nothing listens there now: connecting is refused
+    refused = f"http://127.0.0.1:{port}"
+    command = Command(1, "p1", Action.AUTHORIZE, "k1", 1000, "EUR", "pm_card_visa", exponent=2)
+    async with adyen_adapter(refused) as adyen, stripe_adapter(refused) as stripe:
+        for adapter in (adyen, stripe):
+            outcome = await adapter.execute(command)
+            assert isinstance(outcome, Retryable) and outcome.unsent, outcome
+    async with running_fake() as fake:
+        proxy = TcpProxy(fake.url)
+        async with anyio.create_task_group() as tg:
+            await tg.start(proxy.serve)
+            proxy.cut()  # accepts, then closes: the request may have left
+            async with stripe_adapter(proxy.url) as stripe:
+                outcome = await stripe.execute(command)
+            assert not (isinstance(outcome, Retryable) and outcome.unsent), outcome
+            tg.cancel_scope.cancel()
