@@ -46,7 +46,7 @@ class TcpProxy:
         self._healed = anyio.Event()
         self._delays: dict[Direction, float] = {}
         self._links: set[anyio.CancelScope] = set()
-        self._listening = anyio.CancelScope()
+        self._listening: anyio.CancelScope | None = None  # made in serve(): needs a loop
         self.port = 0
 
     @property
@@ -60,13 +60,14 @@ class TcpProxy:
         self.port = listener.listeners[0].extra(SocketAttribute.local_port)
         task_status.started()
         async with listener:
-            with self._listening:
+            with anyio.CancelScope() as self._listening:
                 await listener.serve(self._handle)
 
     def refuse(self) -> None:
         """Close the listening socket and every link: connecting is refused from now on."""
         self.cut()
-        self._listening.cancel()
+        if self._listening is not None:
+            self._listening.cancel()
 
     def cut(self) -> None:
         self._cut = True
