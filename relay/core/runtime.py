@@ -498,14 +498,14 @@ class Relay:
             provider=intent.provider, action=str(intent.action), outcome=kind
         ).inc()
         _count_uncatalogued(lane, intent, outcome)
-        unsent = isinstance(outcome, Retryable) and outcome.unsent
-        if (
-            isinstance(outcome, Retryable)
-            and outcome.unsent
-            and intent.action in _FIRST_ACTIONS
-            and await self._fail_over(intent, outcome)
-        ):
-            return
+        unsent = False
+        if isinstance(outcome, Retryable) and outcome.unsent:
+            # Nothing reached the provider: a routed payment's first intent may move to the
+            # next target of its rule instead (sql/0064 decides); else the write-back counts
+            # the attempt as unsent.
+            if intent.action in _FIRST_ACTIONS and await self._fail_over(intent, outcome):
+                return
+            unsent = True
         write_back = _labelled(
             from_outcome(intent, amount_minor, outcome, self.policy, self.rng),
             intent,
