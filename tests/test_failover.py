@@ -32,6 +32,7 @@ from relay.infra.queries import QUERIES
 from relay.operations.providers import set_provider, set_rule
 from relay.service.main import build_lane
 from tests.invariants import assert_audit_intact
+from tests.login_roles import login_role
 from tests.support.adyen import adyen_adapter
 from tests.support.cli import run_cli
 from tests.support.fake_server import FakeServer, running_fake
@@ -211,7 +212,18 @@ async def test_new_payments_fail_over_only_when_nothing_reached_the_primary(
 
 
 def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> None:
-    """The rules of sql/0064 one by one, on the named statements the relay runs."""
+    """The rules of sql/0064 one by one, on the named statements the relay runs, as the
+    relay's own database role."""
+    with (
+        login_role(db_url, "outbox_relay") as relay_url,
+        psycopg.connect(relay_url, autocommit=True) as relay,
+    ):
+        _which_intents_may_fail_over(db_url, conn, relay)
+
+
+def _which_intents_may_fail_over(
+    db_url: str, conn: psycopg.Connection, relay: psycopg.Connection
+) -> None:
     for name in ("stripe", "backup", "off"):
         register_provider(conn, name)
     set_provider(conn, operator="alice", name="off", enabled=False, reason="kill switch")
@@ -223,27 +235,27 @@ def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> N
         reason="t",
         create=True,
     )
-    conn.execute("SELECT set_config('outbox.actor', 'relay:t', false)")
+    relay.execute("SELECT set_config('outbox.actor', 'relay:t', false)")
 
     def claim() -> list[tuple[int, int]]:
         params = {"provider": "stripe", "limit": 10, "lease_seconds": 60, "instance": "t"}
-        rows = conn.execute(QUERIES["claim_intents"], {**params, "now": None}).fetchall()
+        rows = relay.execute(QUERIES["claim_intents"], {**params, "now": None}).fetchall()
         return [(row[0], row[9]) for row in rows]  # id, lease_token
 
     # A relay died during the call (its lease expired): the request may have left.
     conn.execute(FIRST, ("crashed", None))
     assert len(claim()) == 1
     later = datetime.now(UTC) + timedelta(hours=1)
-    conn.execute(QUERIES["requeue_expired_leases"], {"limit": 10, "now": later})
+    relay.execute(QUERIES["requeue_expired_leases"], {"limit": 10, "now": later})
     # A claimed intent whose attempt could not connect: fenced by its lease token.
     conn.execute(FIRST, ("claimed", None))
     ((claimed_id, token),) = claim()
     fence = {"id": claimed_id, "why": "could not connect"}
     assert (
-        conn.execute(QUERIES["fail_over_claimed"], {**fence, "lease_token": token + 1}).fetchall()
+        relay.execute(QUERIES["fail_over_claimed"], {**fence, "lease_token": token + 1}).fetchall()
         == []
     )
-    (moved,) = conn.execute(
+    (moved,) = relay.execute(
         QUERIES["fail_over_claimed"], {**fence, "lease_token": token}
     ).fetchall()
     assert moved[2:4] == ("stripe", "backup")  # past the disabled target
@@ -262,7 +274,7 @@ def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> N
     conn.execute(keyed, ("squatter", "backup", "k1.fo.backup"))
     conn.execute(keyed, ("own_key", None, "k1"))
     sweep = {"limit": 10, "why": "breaker open"}
-    rows = conn.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "stripe"}).fetchall()
+    rows = relay.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "stripe"}).fetchall()
     assert sorted(r[1] for r in rows) == ["fresh", "own_key", "with_capture"]
     new_keys = {r[1]: r[4] for r in rows}
     assert new_keys["fresh"].endswith(".fo.backup")
@@ -297,11 +309,13 @@ def test_which_intents_may_fail_over(db_url: str, conn: psycopg.Connection) -> N
         " WHERE payment_id = 'crashed'"
     ).fetchone() == ("pending", 0, True)
     assert (
-        conn.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "stripe"}).fetchall() == []
+        relay.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "stripe"}).fetchall()
+        == []
     )
     # Never back to a provider it left, never to a disabled one: nothing left to move to.
     assert (
-        conn.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "backup"}).fetchall() == []
+        relay.execute(QUERIES["fail_over_pending"], {**sweep, "provider": "backup"}).fetchall()
+        == []
     )
 
     shown = run_cli("intents", "show", str(claimed_id), env={"RELAY_DATABASE_URL": db_url})
