@@ -80,6 +80,7 @@ _OUTCOME_ARRAYS = {
     "captured": f"CASE WHEN action = 'authorize' THEN 0 ELSE {_AMOUNT} END",
     "refunded": "0::bigint",
     "payment_references": _REFERENCE,
+    "unsent": "false",
 }
 
 
@@ -365,6 +366,7 @@ def _outcome_params(claimed: list[Any]) -> dict[str, list[Any]]:
             ("captured", applied if capture else 0),
             ("refunded", 0),
             ("payment_references", ref),
+            ("unsent", False),
         ):
             out[name].append(value)
     return out

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "AWAITING_CONFIRMATION",
+    "UNSENT_CODES",
     "Action",
     "Ambiguous",
     "AuthorisationEnded",
@@ -109,6 +110,14 @@ class Declined:
     message: str
 
 
+# The codes of a Retryable outcome whose request provably never left the relay: no
+# connection could be made (refused, DNS, TLS handshake, connect timeout), so no byte of it
+# reached the provider (stripe_errors.classify_connection_error, AdyenAdapter's connect
+# failure). Only these let a routed payment's first intent fail over (sql/0064); a 429 or a
+# 503 was an answer from the provider, which may keep state for the key.
+UNSENT_CODES = frozenset({"provider_unreachable", "connection_error"})
+
+
 @dataclass(frozen=True, slots=True)
 class Retryable:
     """Nothing happened at the provider; try again later with the same key."""
@@ -116,6 +125,11 @@ class Retryable:
     code: str
     message: str
     retry_after_seconds: float | None = None
+
+    @property
+    def unsent(self) -> bool:
+        """The request never reached the provider: connecting failed (:data:`UNSENT_CODES`)."""
+        return self.code in UNSENT_CODES
 
 
 # The code of an Ambiguous outcome for a request the provider accepted and will confirm

@@ -234,6 +234,8 @@ CREATE TABLE outbox.payment_intents (
     original_currency text,
     fx_rate_id bigint,
     fx_via_rate_id bigint,
+    unsent_attempts integer DEFAULT 0 NOT NULL,
+    maybe_sent boolean DEFAULT false NOT NULL,
     CONSTRAINT payment_intents_action_valid CHECK ((action = ANY (ARRAY['authorize'::text, 'capture'::text, 'charge'::text, 'void'::text, 'refund'::text]))),
     CONSTRAINT payment_intents_amount_minor_positive CHECK ((amount_minor > 0)),
     CONSTRAINT payment_intents_amount_minor_required_for_authorize_charge CHECK (((action <> ALL (ARRAY['authorize'::text, 'charge'::text])) OR (amount_minor IS NOT NULL))),
@@ -248,7 +250,8 @@ CREATE TABLE outbox.payment_intents (
     CONSTRAINT payment_intents_payment_method_required_for_authorize_charge CHECK (((action <> ALL (ARRAY['authorize'::text, 'charge'::text])) OR (payment_method IS NOT NULL))),
     CONSTRAINT payment_intents_payment_method_token_format CHECK (((payment_method ~ '^[A-Za-z0-9_]+$'::text) AND ((length(payment_method) >= 3) AND (length(payment_method) <= 255)))),
     CONSTRAINT payment_intents_provider_lowercase_identifier CHECK (((provider ~ '^[a-z][a-z0-9_]*$'::text) AND (length(provider) <= 63))),
-    CONSTRAINT payment_intents_status_valid CHECK ((status = ANY (ARRAY['blocked'::text, 'pending'::text, 'in_flight'::text, 'awaiting_confirmation'::text, 'succeeded'::text, 'failed'::text, 'dead'::text])))
+    CONSTRAINT payment_intents_status_valid CHECK ((status = ANY (ARRAY['blocked'::text, 'pending'::text, 'in_flight'::text, 'awaiting_confirmation'::text, 'succeeded'::text, 'failed'::text, 'dead'::text]))),
+    CONSTRAINT payment_intents_unsent_attempts_not_negative CHECK ((unsent_attempts >= 0))
 )
 WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.02', autovacuum_vacuum_threshold='1000', autovacuum_vacuum_insert_scale_factor='0.05', autovacuum_analyze_scale_factor='0.02', autovacuum_vacuum_cost_delay='0');
 
@@ -275,6 +278,18 @@ COMMENT ON COLUMN outbox.payment_intents.original_amount_minor IS 'What the amou
 --
 
 COMMENT ON COLUMN outbox.payment_intents.fx_via_rate_id IS 'The second rate of a cross rate (base/currency), fx_rate_id being base/original_currency.';
+
+--
+-- Name: COLUMN payment_intents.unsent_attempts; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.payment_intents.unsent_attempts IS 'Attempts whose outcome proved no request was sent (a connect failure, sql/0064). While it equals attempts, nothing of this intent can have reached its provider: the only state in which a routed first intent may fail over.';
+
+--
+-- Name: COLUMN payment_intents.maybe_sent; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.payment_intents.maybe_sent IS 'An attempt of this intent may have reached its provider before its attempts were counted back to fewer (an operator''s re-drive sets them to 0): it never fails over (sql/0064).';
 
 --
 -- Name: audit_intent_changes(outbox.payment_intents, outbox.payment_intents, integer); Type: FUNCTION; Schema: outbox; Owner: -
@@ -456,6 +471,7 @@ CREATE TABLE outbox.payments (
     awaiting_minor bigint DEFAULT 0 NOT NULL,
     routing_rule_id bigint,
     routing_rule_version integer,
+    failed_over_from text[],
     CONSTRAINT payments_authorized_not_negative CHECK ((authorized_minor >= 0)),
     CONSTRAINT payments_awaiting_valid CHECK ((((awaiting_action IS NULL) AND (awaiting_minor = 0)) OR ((awaiting_action = ANY (ARRAY['authorize'::text, 'capture'::text, 'charge'::text, 'void'::text, 'refund'::text])) AND (awaiting_minor >= 0)))),
     CONSTRAINT payments_captured_within_authorized CHECK (((captured_minor >= 0) AND (captured_minor <= authorized_minor))),
@@ -507,6 +523,12 @@ COMMENT ON COLUMN outbox.payments.routing_rule_id IS 'The routing rule that chos
 --
 
 COMMENT ON COLUMN outbox.payments.routing_rule_version IS 'The version of that rule when it chose.';
+
+--
+-- Name: COLUMN payments.failed_over_from; Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON COLUMN outbox.payments.failed_over_from IS 'The providers this payment left by failover (sql/0064), in order; NULL if it never moved. A payment never fails over back to one of them.';
 
 --
 -- Name: audit_payment_changes(outbox.payments, outbox.payments, integer); Type: FUNCTION; Schema: outbox; Owner: -
@@ -1411,6 +1433,146 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+--
+-- Name: fail_over_intent_v1(bigint, bigint, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.fail_over_intent_v1(p_id bigint, p_lease_token bigint, p_why text) RETURNS TABLE(intent_id bigint, payment_id text, from_provider text, to_provider text, idempotency_key text)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    i        outbox.payment_intents;
+    pay      outbox.payments;
+    rule     outbox.routing_rules;
+    cand     outbox.payment_intents;
+    target   text;
+    new_key  text;
+BEGIN
+    SELECT * INTO i FROM outbox.payment_intents AS pi WHERE pi.id = p_id FOR UPDATE;
+    IF NOT FOUND OR i.payment_seq <> 1 OR i.action NOT IN ('authorize', 'charge') OR i.maybe_sent THEN
+        RETURN;
+    END IF;
+    IF p_lease_token IS NULL THEN
+        IF i.status <> 'pending' OR i.attempts <> i.unsent_attempts THEN
+            RETURN;
+        END IF;
+    ELSIF i.status <> 'in_flight' OR i.lease_token IS DISTINCT FROM p_lease_token
+          OR i.attempts - 1 <> i.unsent_attempts THEN
+        RETURN;
+    END IF;
+    SELECT * INTO pay FROM outbox.payments AS p WHERE p.payment_id = i.payment_id FOR UPDATE;
+    IF pay.routing_rule_id IS NULL OR pay.state <> 'new' OR pay.provider_reference IS NOT NULL
+       OR pay.awaiting_action IS NOT NULL OR pay.provider <> i.provider THEN
+        RETURN;
+    END IF;
+    SELECT * INTO rule FROM outbox.routing_rules AS r WHERE r.id = pay.routing_rule_id AND r.enabled;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- The rule's targets in list order: the first other one the registry's INSERT rules
+    -- (registered, enabled, currency, limits, representable amount) would accept.
+    FOREACH target IN ARRAY rule.providers LOOP
+        CONTINUE WHEN target = i.provider OR target = ANY (coalesce(pay.failed_over_from, '{}'));
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM outbox.providers AS p WHERE p.name = target AND p.enabled);
+        cand := i;
+        cand.provider := target;
+        BEGIN
+            PERFORM outbox.payment_intents_check_provider_v1(cand, true);
+        EXCEPTION WHEN check_violation THEN
+            CONTINUE;
+        END;
+        -- Scoped to the provider: derived, so every attempt there sends it; a key too long
+        -- for the column's rule is shortened to a hash of it.
+        new_key := i.idempotency_key || '.fo.' || target;
+        IF length(new_key) > 255
+           OR EXISTS (SELECT 1 FROM outbox.payment_intents AS u
+                      WHERE u.provider = target AND u.idempotency_key = new_key)
+           OR EXISTS (SELECT 1 FROM outbox.payment_intents_archive AS u
+                      WHERE u.provider = target AND u.idempotency_key = new_key) THEN
+            -- Too long, or (an application's own key) taken there: the intent's id makes it unique.
+            new_key := 'outbox_fo_' || encode(sha256(convert_to(new_key || '/' || i.id, 'UTF8')), 'hex');
+        END IF;
+        PERFORM set_config('outbox.reason',
+            format('failover from %s to %s (rule %s v%s): %s', i.provider, target, rule.name,
+                   rule.version, p_why), true);
+        UPDATE outbox.payment_intents AS pi
+        SET provider = target,
+            idempotency_key = new_key,
+            status = 'pending',
+            attempts = 0,
+            unsent_attempts = 0,
+            lease_token = NULL,
+            lease_expires_at = NULL,
+            claimed_by = NULL,
+            available_at = now(),
+            error_code = 'failed_over',
+            error_message = format('never reached %s (%s); moved to %s under a new idempotency key',
+                                   i.provider, p_why, target),
+            updated_at = now()
+        WHERE pi.id = i.id;
+        -- Later intents inserted meanwhile wait blocked behind this one, never sent: they
+        -- follow their payment to its new provider (their keys were never used anywhere).
+        UPDATE outbox.payment_intents AS pi
+        SET provider = target, updated_at = now()
+        WHERE pi.payment_id = i.payment_id AND pi.id <> i.id AND pi.status = 'blocked';
+        -- After the intents: an intent's first touch writes its and its payment's creation
+        -- audit rows (sql/0037), which must open the payment's chain before this update.
+        UPDATE outbox.payments AS p
+        SET provider = target,
+            failed_over_from = array_append(coalesce(p.failed_over_from, '{}'), i.provider),
+            updated_at = now()
+        WHERE p.payment_id = i.payment_id;
+        RETURN QUERY SELECT i.id, i.payment_id, i.provider, target, new_key;
+        RETURN;
+    END LOOP;
+END;
+$$;
+
+--
+-- Name: FUNCTION fail_over_intent_v1(p_id bigint, p_lease_token bigint, p_why text); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.fail_over_intent_v1(p_id bigint, p_lease_token bigint, p_why text) IS 'Move a routed payment''s first intent that never reached its provider to the next usable target of its rule, under a new idempotency key (sql/0064); nothing when it does not qualify.';
+
+--
+-- Name: fail_over_pending_v1(text, integer, text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.fail_over_pending_v1(p_provider text, p_limit integer, p_why text) RETURNS TABLE(intent_id bigint, payment_id text, from_provider text, to_provider text, idempotency_key text)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    c      record;
+    moved  integer := 0;
+BEGIN
+    FOR c IN
+        SELECT pi.id
+        FROM outbox.payment_intents AS pi
+        JOIN outbox.payments AS p ON p.payment_id = pi.payment_id
+        JOIN outbox.routing_rules AS r ON r.id = p.routing_rule_id
+        WHERE pi.status = 'pending' AND pi.provider = p_provider
+          AND pi.payment_seq = 1 AND pi.attempts = pi.unsent_attempts AND NOT pi.maybe_sent
+          AND r.enabled AND cardinality(r.providers) > 1
+        ORDER BY pi.available_at, pi.id
+        FOR UPDATE OF pi, p SKIP LOCKED
+    LOOP
+        EXIT WHEN moved >= p_limit;
+        RETURN QUERY SELECT * FROM outbox.fail_over_intent_v1(c.id, NULL, p_why);
+        IF FOUND THEN
+            moved := moved + 1;
+        END IF;
+    END LOOP;
+END;
+$$;
+
+--
+-- Name: FUNCTION fail_over_pending_v1(p_provider text, p_limit integer, p_why text); Type: COMMENT; Schema: outbox; Owner: -
+--
+
+COMMENT ON FUNCTION outbox.fail_over_pending_v1(p_provider text, p_limit integer, p_why text) IS 'Fail over (sql/0064) up to p_limit pending first intents of routed payments of p_provider that never reached it: run by a relay whose breaker for p_provider is open.';
 
 --
 -- Name: flow_advance(bigint, boolean); Type: FUNCTION; Schema: outbox; Owner: -
@@ -3058,6 +3220,24 @@ BEGIN
                    'retention sweeper, dead ones are ended with outbox.cancel_dead_intents.';
     END IF;
     RETURN NULL;
+END;
+$$;
+
+--
+-- Name: payment_intents_failover_history(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.payment_intents_failover_history() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    -- The claim in progress (in_flight) is the attempt being given back: not sent.
+    IF OLD.attempts - (OLD.status = 'in_flight')::integer > OLD.unsent_attempts THEN
+        NEW.maybe_sent := true;
+    ELSE
+        NEW.unsent_attempts := least(NEW.unsent_attempts, NEW.attempts);
+    END IF;
+    RETURN NEW;
 END;
 $$;
 
@@ -5225,7 +5405,9 @@ CREATE TABLE outbox.payment_intents_archive (
     original_amount_minor bigint,
     original_currency text,
     fx_rate_id bigint,
-    fx_via_rate_id bigint
+    fx_via_rate_id bigint,
+    unsent_attempts integer DEFAULT 0 NOT NULL,
+    maybe_sent boolean DEFAULT false NOT NULL
 );
 
 --
@@ -6274,6 +6456,12 @@ CREATE TRIGGER payment_intents_before_insert BEFORE INSERT ON outbox.payment_int
 CREATE TRIGGER payment_intents_delete_only_archived AFTER DELETE ON outbox.payment_intents REFERENCING OLD TABLE AS deleted_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox.payment_intents_delete_only_archived();
 
 --
+-- Name: payment_intents payment_intents_failover_history; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER payment_intents_failover_history BEFORE UPDATE OF attempts ON outbox.payment_intents FOR EACH ROW WHEN (((new.attempts < old.attempts) AND (NOT old.maybe_sent))) EXECUTE FUNCTION outbox.payment_intents_failover_history();
+
+--
 -- Name: payment_intents payment_intents_flows; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
@@ -6860,6 +7048,12 @@ GRANT INSERT(fx_rate_id) ON TABLE outbox.payment_intents TO outbox_app;
 GRANT INSERT(fx_via_rate_id) ON TABLE outbox.payment_intents TO outbox_app;
 
 --
+-- Name: COLUMN payment_intents.unsent_attempts; Type: ACL; Schema: outbox; Owner: -
+--
+
+GRANT UPDATE(unsent_attempts) ON TABLE outbox.payment_intents TO outbox_relay;
+
+--
 -- Name: FUNCTION audit_intent_changes(o outbox.payment_intents, n outbox.payment_intents, side integer); Type: ACL; Schema: outbox; Owner: -
 --
 
@@ -7077,6 +7271,20 @@ REVOKE ALL ON FUNCTION outbox.events_notify() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.events_notify_v2() FROM PUBLIC;
 
 --
+-- Name: FUNCTION fail_over_intent_v1(p_id bigint, p_lease_token bigint, p_why text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.fail_over_intent_v1(p_id bigint, p_lease_token bigint, p_why text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.fail_over_intent_v1(p_id bigint, p_lease_token bigint, p_why text) TO outbox_relay;
+
+--
+-- Name: FUNCTION fail_over_pending_v1(p_provider text, p_limit integer, p_why text); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.fail_over_pending_v1(p_provider text, p_limit integer, p_why text) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.fail_over_pending_v1(p_provider text, p_limit integer, p_why text) TO outbox_relay;
+
+--
 -- Name: FUNCTION flow_advance(p_flow_id bigint, p_strict boolean); Type: ACL; Schema: outbox; Owner: -
 --
 
@@ -7280,6 +7488,12 @@ REVOKE ALL ON FUNCTION outbox.payment_intents_check_provider_v1(i outbox.payment
 --
 
 REVOKE ALL ON FUNCTION outbox.payment_intents_delete_only_archived() FROM PUBLIC;
+
+--
+-- Name: FUNCTION payment_intents_failover_history(); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.payment_intents_failover_history() FROM PUBLIC;
 
 --
 -- Name: FUNCTION payment_intents_fx_charge_rate(); Type: ACL; Schema: outbox; Owner: -

@@ -14,7 +14,11 @@ Three kinds of trouble:
   connections are accepted and held the same way. :meth:`TcpProxy.restore` lets the held
   bytes flow again, as TCP retransmission would after the partition heals;
 * :meth:`TcpProxy.slow` delays every chunk in one direction: a slow broker or path, whose
-  confirms come late but come.
+  confirms come late but come;
+* :meth:`TcpProxy.refuse` closes the listening socket for good: a new connection is
+  refused, so a client knows nothing it sends can have arrived (a provider that is down,
+  as opposed to :meth:`TcpProxy.cut`, whose accepted-then-closed connections may follow a
+  sent request).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class TcpProxy:
         self._healed = anyio.Event()
         self._delays: dict[Direction, float] = {}
         self._links: set[anyio.CancelScope] = set()
+        self._listening: anyio.CancelScope | None = None  # made in serve(): needs a loop
         self.port = 0
 
     @property
@@ -55,7 +60,14 @@ class TcpProxy:
         self.port = listener.listeners[0].extra(SocketAttribute.local_port)
         task_status.started()
         async with listener:
-            await listener.serve(self._handle)
+            with anyio.CancelScope() as self._listening:
+                await listener.serve(self._handle)
+
+    def refuse(self) -> None:
+        """Close the listening socket and every link: connecting is refused from now on."""
+        self.cut()
+        if self._listening is not None:
+            self._listening.cancel()
 
     def cut(self) -> None:
         self._cut = True

@@ -159,9 +159,12 @@ COLUMN_GRANTS: dict[tuple[str, str, str], str] = {
         "status,attempts,available_at,lease_token,claimed_by,error_code,error_message,published_at"
     ),
     ("outbox_relay", "event_streams", "UPDATE"): "done_seq",
+    # unsent_attempts (sql/0064): the write-back counts an attempt that could not connect.
+    # Provider and key change only through outbox.fail_over_intent_v1 (SECURITY DEFINER).
     ("outbox_relay", "payment_intents", "UPDATE"): (
         "status,attempts,available_at,lease_token,lease_expires_at,claimed_by,"
-        "amount_applied_minor,provider_reference,error_code,error_message,updated_at,completed_at"
+        "amount_applied_minor,provider_reference,error_code,error_message,updated_at,completed_at,"
+        "unsent_attempts"
     ),
     ("outbox_relay", "payments", "UPDATE"): (
         "state,authorized_minor,captured_minor,refunded_minor,provider_reference,updated_at,"
@@ -226,6 +229,9 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     # sql/0072: a flow started in the application's transaction (advanced as the owner)
     "flow_start_v1": {"outbox_app"},
     "flow_audit_doc": {"outbox_operator"},  # audit verify compares each flow
+    # sql/0064: failover for new payments, moved by the relay as the owner, audited
+    "fail_over_intent_v1": {"outbox_relay"},
+    "fail_over_pending_v1": {"outbox_relay"},
 }
 
 # The only functions PUBLIC may call (besides trigger functions, which cannot be called):
@@ -261,6 +267,8 @@ RELAY_STATEMENTS = {
     "lock_orphaned_blocked_payments",  # relay/core/runtime.py: the reaper's sweep
     "promote_orphaned_blocked",
     "release_leases",
+    "fail_over_claimed",  # sql/0064: relay/core/runtime.py, failover for new payments
+    "fail_over_pending",
     "archive_terminal_intents",  # relay/service/retention.py through the store
     "want_wakeups",
     "lock_wakeup_flag",  # sql/0031: skip_wakeups' first statement

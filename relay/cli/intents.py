@@ -139,6 +139,13 @@ def print_intent(found: dict[str, Any]) -> None:
             )
         elif "routing_rule_id" in payment:
             print(f"  provider {payment['provider']} named by the application (not routed)")
+        if payment.get("failed_over_from"):
+            # sql/0064: the providers its first intent never reached; the history below
+            # holds each move (who, the keys before and after, why).
+            print(
+                f"  failed over from {' then '.join(payment['failed_over_from'])} to "
+                f"{payment['provider']}: nothing was ever sent there; a new idempotency key"
+            )
         if payment.get("dispute_status"):
             # sql/0035: what the provider withdrew for a dispute and has not returned.
             print(

@@ -7,6 +7,10 @@ One task group owns every task. Guarantees:
   reaches the provider;
 * every attempt of an intent sends the intent's stored idempotency key;
 * an ambiguous reply is settled by a lookup at the provider before anything is written;
+* a routed payment's first intent that never reached its provider (its attempts all failed
+  to connect, or none was made and this relay's breaker for the provider is open) moves to
+  the next target of its routing rule under a new key (sql/0064, docs/routing.md
+  "Failover"); one that may have reached it never moves;
 * the loop claims only what free lane slots and the global in-flight cap can take;
 * on stop: claiming stops, and the whole shutdown fits one deadline,
   ``shutdown_grace_seconds`` counted from the first stop (see :func:`flush_reserve_seconds`):
@@ -23,14 +27,16 @@ import random
 from collections.abc import Callable, Mapping
 
 import anyio
+import psycopg
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from provider_adapters import error_catalogue
-from provider_adapters.base import Ambiguous, Command, Declined, Succeeded
+from provider_adapters.base import Action, Ambiguous, Command, Declined, Retryable, Succeeded
 from relay.core.completer import Completer
 from relay.core.lanes import Lane
-from relay.core.store import Store
+from relay.core.store import Failover, Store
+from relay.domain.breaker import BreakerState
 from relay.domain.intents import IntentRow, WriteBack
 from relay.domain.outcome_mapping import from_outcome, from_rejection
 from relay.domain.retry_policy import RetryPolicy
@@ -51,6 +57,9 @@ SHUTDOWN_FLUSH_RESERVE_SECONDS = 5.0
 # The final flush gets at least this long even when nothing of the grace is left (a grace
 # of 0, or a drain that overran): enough for one batch against a healthy database.
 SHUTDOWN_FLUSH_MIN_SECONDS = 1.0
+
+# The actions that start a payment: only a payment's first intent may fail over (sql/0064).
+_FIRST_ACTIONS = (Action.AUTHORIZE, Action.CHARGE)
 
 
 def flush_reserve_seconds(grace_seconds: float) -> float:
@@ -122,6 +131,8 @@ class Relay:
         self.database_ok = False  # the last claim reached the database (readiness)
         self._drained = anyio.Event()
         self.finished = anyio.Event()
+        # Per provider: when (anyio clock) the next failover sweep of its open breaker is due.
+        self._failover_sweep_due: dict[str, float] = {}
         # Set by the first stop(): the instant (anyio clock) the whole shutdown must end.
         self.shutdown_deadline: float | None = None
         # Further NOTIFY channels and whom they wake, listened to on the relay's own LISTEN
@@ -259,6 +270,7 @@ class Relay:
         try:
             claimed, full = await self._claim_once(workers)
             self.database_ok = True
+            await self._fail_over_behind_open_breakers()
         except RETRYABLE_DB_ERRORS as exc:
             self.database_ok = False
             log.warning("claim_db_error", error=type(exc).__name__, retry_in=idle)
@@ -281,6 +293,32 @@ class Relay:
         if not self._wake_event.is_set() and not hints:
             idle = min(idle * 2, self.options.poll_max_interval_seconds)
         return idle
+
+    async def _fail_over_behind_open_breakers(self) -> None:
+        """Move new payments waiting for a provider whose breaker is open here to the next
+        target of their rule (sql/0064 decides which qualify: routed, first intent, nothing
+        ever sent). At most one sweep per lane per poll interval while there is nothing
+        more to move; the move is a database write, so the target needs no lane here."""
+        now = anyio.current_time()
+        for lane in self.lanes.values():
+            if lane.breaker.state is not BreakerState.OPEN:
+                continue
+            if now < self._failover_sweep_due.get(lane.provider, 0.0):
+                continue
+            limit = self.options.batch_size
+            try:
+                moved = await self.store.fail_over_pending(
+                    lane.provider, limit=limit, why="breaker open at relay " + self.options.instance
+                )
+            except psycopg.Error as exc:
+                # Not the claim loop's concern: the intents wait as they would without failover.
+                log.warning("failover_sweep_failed", error=type(exc).__name__)
+                moved = []
+            # A full batch: more may wait, sweep again next turn.
+            due = now if len(moved) >= limit else now + self.options.poll_interval_seconds
+            self._failover_sweep_due[lane.provider] = due
+            for failover in moved:
+                _count_failover(failover, "breaker_open")
 
     async def _ask_for_wakeups(self, wanted: bool) -> bool:
         """Tell inserts whether to NOTIFY; True when this changed what we had asked.
@@ -460,11 +498,21 @@ class Relay:
             provider=intent.provider, action=str(intent.action), outcome=kind
         ).inc()
         _count_uncatalogued(lane, intent, outcome)
+        unsent = False
+        if isinstance(outcome, Retryable) and outcome.unsent:
+            # Nothing reached the provider: a routed payment's first intent may move to the
+            # next target of its rule instead (sql/0064 decides); else the write-back counts
+            # the attempt as unsent.
+            if intent.action in _FIRST_ACTIONS and await self._fail_over(intent, outcome):
+                return
+            unsent = True
         write_back = _labelled(
             from_outcome(intent, amount_minor, outcome, self.policy, self.rng),
             intent,
             outcome=kind,
         )
+        if unsent:
+            write_back = dataclasses.replace(write_back, unsent=True)
         log.info(
             "intent_attempted",
             outcome=kind,
@@ -473,6 +521,22 @@ class Relay:
             error_message=write_back.error_message,
         )
         await self.completer.submit(write_back)
+
+    async def _fail_over(self, intent: IntentRow, outcome: Retryable) -> bool:
+        """Move the claimed intent whose attempt could not connect to its rule's next target
+        instead of writing the attempt back; False when it does not qualify or the database
+        failed (then the write-back records the attempt, fenced: if the move did commit,
+        the lease token it cleared refuses that write)."""
+        why = f"could not connect ({outcome.code}) at relay {self.options.instance}"
+        try:
+            moved = await self.store.fail_over_claimed(intent.id, intent.require_lease(), why)
+        except psycopg.Error as exc:
+            log.warning("failover_failed", error=type(exc).__name__)
+            return False
+        if moved is None:
+            return False
+        _count_failover(moved, "connect_failed")
+        return True
 
     async def _hand_back(self, lane: Lane, intent: IntentRow, *, reason: str | None = None) -> None:
         """Release a claimed intent that never reached the provider; its attempt is not
@@ -525,6 +589,20 @@ def _labelled(write_back: WriteBack, intent: IntentRow, *, outcome: str) -> Writ
         action=str(intent.action),
         outcome=ended,
         error_message=redact_text(message) if message else message,
+    )
+
+
+def _count_failover(failover: Failover, trigger: str) -> None:
+    metrics.FAILOVERS.labels(
+        from_provider=failover.from_provider, to_provider=failover.to_provider, trigger=trigger
+    ).inc()
+    log.warning(
+        "intent_failed_over",
+        intent_id=failover.intent_id,
+        payment_id=failover.payment_id,
+        from_provider=failover.from_provider,
+        to_provider=failover.to_provider,
+        trigger=trigger,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, dict_row, tuple_row
@@ -23,7 +23,7 @@ from relay.infra.db import Database, fetch
 from relay.infra.queries import QUERIES
 from relay.infra.rows import columns_row
 
-__all__ = ["Store"]
+__all__ = ["Failover", "Store"]
 
 # Built once: psycopg calls a row factory per result, its row maker per row.
 _CLAIMED = columns_row(IntentRow.from_columns)
@@ -35,6 +35,16 @@ def _fence(id: int, lease_token: int) -> tuple[int, int]:
 
 
 _FENCES = columns_row(_fence)
+
+
+class Failover(NamedTuple):
+    """One intent moved to its rule's next target (sql/0064)."""
+
+    intent_id: int
+    payment_id: str
+    from_provider: str
+    to_provider: str
+    idempotency_key: str
 
 
 class Store:
@@ -144,6 +154,7 @@ class Store:
             "payment_references": [
                 w.payment.provider_reference if w.payment else None for w in batch
             ],
+            "unsent": [w.unsent for w in batch],
             "now": now,
         }
         payment_ids = sorted({w.payment_id for w in batch})
@@ -210,6 +221,25 @@ class Store:
             {"ids": [i for i, _ in leases], "lease_tokens": [t for _, t in leases], "now": now},
         )
         return len(rows)
+
+    async def fail_over_claimed(
+        self, intent_id: int, lease_token: int, why: str
+    ) -> Failover | None:
+        """Move a claimed first intent whose attempt could not connect to its rule's next
+        target, fenced by ``lease_token``, in one transaction that names :attr:`actor` to
+        the audit trail; None when it does not qualify (then write its outcome as usual)."""
+        rows = await self._fetch_as_actor(
+            "fail_over_claimed", {"id": intent_id, "lease_token": lease_token, "why": why}
+        )
+        return Failover(*rows[0]) if rows else None
+
+    async def fail_over_pending(self, provider: str, *, limit: int, why: str) -> list[Failover]:
+        """Move up to ``limit`` pending first intents of routed payments that never reached
+        ``provider`` to their rules' next targets (its breaker is open here)."""
+        rows = await self._fetch_as_actor(
+            "fail_over_pending", {"provider": provider, "limit": limit, "why": why}
+        )
+        return [Failover(*row) for row in rows]
 
     async def archive_terminal(
         self, *, older_than_seconds: float, limit: int, now: datetime | None = None

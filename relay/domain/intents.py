@@ -176,6 +176,9 @@ class WriteBack:
     error_code: str | None = None
     error_message: str | None = None
     payment: PaymentSnapshot | None = None
+    # The attempt provably sent nothing (a connect failure, sql/0064): counted in the intent's
+    # unsent_attempts, which keeps a routed first intent able to fail over.
+    unsent: bool = False
     # Metric labels only (never written): counted by the completer once the row commits.
     provider: str = ""
     action: str = ""

@@ -8,6 +8,7 @@ __all__ = [
     "AWAITING_CONFIRMATION",
     "BREAKER_STATE",
     "CLAIM_BATCH",
+    "FAILOVERS",
     "GUARD_RAIL_LATENCY_MS",
     "GUARD_RAIL_RATE_BP",
     "GUARD_RAIL_ROLLBACKS",
@@ -76,6 +77,13 @@ LEASES_RELEASED = Counter(
     "Claimed intents handed back without a provider call (shutdown, breaker open, "
     "lease_too_short: claimed ahead and waited too long for a call slot).",
     ["provider", "reason"],
+)
+FAILOVERS = Counter(
+    "outbox_relay_failovers_total",
+    "Routed payments' first intents moved to the next target of their rule because they never "
+    "reached their provider (sql/0064); trigger: connect_failed (this relay's attempt could "
+    "not connect) or breaker_open (moved unclaimed while this relay's breaker was open).",
+    ["from_provider", "to_provider", "trigger"],
 )
 INTENTS_ARCHIVED = Counter(
     "outbox_relay_intents_archived_total",

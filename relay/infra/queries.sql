@@ -72,10 +72,10 @@ WITH outcome AS (
         %(retry_delays)s::float8[], %(provider_references)s::text[],
         %(amounts_applied)s::bigint[], %(error_codes)s::text[], %(error_messages)s::text[],
         %(payment_states)s::text[], %(authorized)s::bigint[], %(captured)s::bigint[],
-        %(refunded)s::bigint[], %(payment_references)s::text[]
+        %(refunded)s::bigint[], %(payment_references)s::text[], %(unsent)s::boolean[]
     ) AS o(id, lease_token, status, retry_delay, provider_reference, amount_applied_minor,
            error_code, error_message, payment_state, authorized_minor, captured_minor,
-           refunded_minor, payment_reference)
+           refunded_minor, payment_reference, unsent)
 ),
 written AS (
     UPDATE outbox.payment_intents AS i
@@ -90,6 +90,9 @@ written AS (
                       THEN 'pending' ELSE o.status END,
         attempts = CASE WHEN o.status = 'blocked' THEN greatest(i.attempts - 1, 0)
                         ELSE i.attempts END,
+        -- sql/0064: an attempt that provably sent nothing (a connect failure); while every
+        -- attempt is one, a routed first intent may still fail over.
+        unsent_attempts = i.unsent_attempts + CASE WHEN o.unsent THEN 1 ELSE 0 END,
         available_at = CASE WHEN o.status IN ('pending', 'blocked')
                             THEN COALESCE(%(now)s::timestamptz, now()) + make_interval(secs => o.retry_delay)
                             ELSE i.available_at END,
@@ -270,6 +273,18 @@ SET status = 'pending',
 FROM unnest(%(ids)s::bigint[], %(lease_tokens)s::bigint[]) AS r(id, lease_token)
 WHERE i.id = r.id AND i.lease_token = r.lease_token AND i.status = 'in_flight'
 RETURNING i.id;
+
+-- name: fail_over_claimed
+-- Fail over (sql/0064) a claimed first intent whose attempt could not connect, fenced by its lease token.
+-- No row: it does not qualify (named provider, an earlier attempt that may have been sent, no
+-- usable target left), and the caller writes the attempt's outcome back as usual.
+SELECT intent_id, payment_id, from_provider, to_provider, idempotency_key
+FROM outbox.fail_over_intent_v1(%(id)s, %(lease_token)s, %(why)s);
+
+-- name: fail_over_pending
+-- Fail over (sql/0064) up to `limit` pending first intents of routed payments that never reached `provider` (its breaker is open).
+SELECT intent_id, payment_id, from_provider, to_provider, idempotency_key
+FROM outbox.fail_over_pending_v1(%(provider)s, %(limit)s, %(why)s);
 
 -- name: archive_terminal_intents
 -- Move up to `limit` intents that ended more than `older_than_seconds` ago to the archive.
@@ -1641,8 +1656,10 @@ SELECT name FROM outbox.providers WHERE enabled ORDER BY name;
 
 -- name: payment_routing
 -- How a payment's provider was chosen: the rule and version, NULL when the first intent named it.
+-- failed_over_from (sql/0064): the providers it left by failover, in order.
 SELECT p.routing_rule_id, p.routing_rule_version, r.name AS routing_rule_name,
-       r.version AS routing_rule_current_version, outbox.routing_bucket(p.payment_id) AS routing_bucket
+       r.version AS routing_rule_current_version, outbox.routing_bucket(p.payment_id) AS routing_bucket,
+       p.failed_over_from
 FROM outbox.payments AS p
 LEFT JOIN outbox.routing_rules AS r ON r.id = p.routing_rule_id
 WHERE p.payment_id = %(payment_id)s;
