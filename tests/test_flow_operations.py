@@ -1,0 +1,159 @@
+"""Flows past their deadlines, authorisations no flow covers, and the operator's controls
+(sql/0083 to 0085, docs/flows.md).
+
+The deadline test owns the clock: it passes ``now`` to the sweep (outbox.flow_sweep_v1), so
+nothing waits for time to pass. Provider effects go through an in-memory provider that
+counts them per idempotency key; the later refusal is the relay's own state machine.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from provider_adapters.base import Action, Command, Succeeded
+from provider_adapters.memory import MemoryProvider
+from relay.core.store import Store
+from relay.domain.intents import WriteBack
+from relay.domain.state_machine import PaymentSnapshot, PaymentState
+from relay.finance.audit import verify_database
+from relay.infra.db import Database
+from tests.support.relays import make_relay_with, run_until_settled
+from tests.test_flows import flow_events, flow_intents, flow_state
+
+pytestmark = pytest.mark.anyio
+
+WEEK = 7 * 86_400
+
+
+def hold_then_capture(payment: str = "order-7", within: int | None = WEEK) -> list[dict[str, Any]]:
+    """Authorise, then capture within ``within`` seconds of the flow's start, or void."""
+    capture: dict[str, Any] = {"payment_id": payment, "action": "capture", "currency": "EUR",
+                               "depends_on": [1]}  # fmt: skip
+    if within is not None:
+        capture["within_seconds"] = within
+    return [
+        {"payment_id": payment, "action": "authorize", "provider": "giftco",
+         "amount_minor": 500, "currency": "EUR", "payment_method": "pm_card_visa"},
+        capture,
+    ]  # fmt: skip
+
+
+def sweep(db_url: str, now: datetime | None) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT outbox.flow_sweep_v1(%s, 100)", (now,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def authorise_at(provider: MemoryProvider, store: Store) -> None:
+    """Claim the one authorisation waiting and apply it at ``provider``, as the relay would."""
+    (row,) = await store.claim(provider.name, 10, lease_seconds=60, instance="flow-ops-test")
+    assert row.action == "authorize"
+    outcome = await provider.execute(
+        Command(row.id, row.payment_id, Action.AUTHORIZE, row.idempotency_key,
+                row.amount_minor, row.currency, payment_method=row.payment_method)  # fmt: skip
+    )
+    assert isinstance(outcome, Succeeded)
+    ref = outcome.provider_reference
+    written = await store.complete([WriteBack(
+        row.id, row.lease_token, row.payment_id, "succeeded", amount_applied_minor=500,
+        provider_reference=ref, payment=PaymentSnapshot(
+            PaymentState.AUTHORIZED, "EUR", authorized_minor=500, provider_reference=ref))])  # fmt: skip
+    assert written == {row.id}
+
+
+async def test_a_missed_capture_deadline_voids_the_hold_and_a_later_capture_is_refused(
+    db_url: str,
+) -> None:
+    gift = MemoryProvider("giftco")
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT outbox.flow_start_v1('order-7', %s)", (Jsonb(hold_then_capture()),)
+        ).fetchone()
+        assert row is not None
+        flow = int(row[0])
+        started = conn.execute("SELECT created_at FROM outbox.flows WHERE id = %s", (flow,)).fetchone()
+    assert started is not None
+    db = Database(db_url, pool_size=2, name="flow-ops-test")
+    await db.open()
+    try:
+        await authorise_at(gift, Store(db, actor="relay:flow-ops-test"))
+    finally:
+        await db.close()
+    # The capture is in the queue, unsent (its relay is down, say), for eight days.
+    assert flow_intents(db_url, flow) == [
+        ("step", "authorize", "order-7", "succeeded"),
+        ("step", "capture", "order-7", "pending"),
+    ]
+    assert sweep(db_url, started[0] + timedelta(days=6)) == 0  # not due yet
+    assert flow_state(db_url, flow) == ("running", None)
+    assert sweep(db_url, started[0] + timedelta(days=8)) == 1
+    state, reason = flow_state(db_url, flow)
+    assert state == "compensating"
+    assert reason is not None and reason.startswith(
+        "step 2 (capture of payment order-7) missed its deadline"
+    )
+    # The capture never goes out; the hold is released, once.
+    assert flow_intents(db_url, flow)[1:] == [
+        ("step", "capture", "order-7", "failed"),
+        ("compensation", "void", "order-7", "pending"),
+    ]
+    assert sweep(db_url, started[0] + timedelta(days=9)) == 0  # enforced once
+    await run_until_settled(db_url, [make_relay_with(db_url, {"giftco": gift})])
+    assert flow_state(db_url, flow)[0] == "compensated"
+    assert flow_events(db_url, flow) == ["flow.compensating", "flow.compensated"]
+    assert sum(gift.effects.values()) == 2 and set(gift.effects.values()) == {1}
+
+    # A capture the application inserts after the void: the state machine refuses it, and
+    # it never reaches the provider.
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO outbox.payment_intents (payment_id, action, provider, currency)"
+            " VALUES ('order-7', 'capture', 'giftco', 'EUR')"
+        )
+    await run_until_settled(db_url, [make_relay_with(db_url, {"giftco": gift})])
+    with psycopg.connect(db_url) as conn:
+        late = conn.execute(
+            "SELECT status, error_code FROM outbox.payment_intents"
+            " WHERE payment_id = 'order-7' AND action = 'capture' AND NOT metadata ? 'flow'"
+        ).fetchone()
+        payment = conn.execute(
+            "SELECT state FROM outbox.payments WHERE payment_id = 'order-7'"
+        ).fetchone()
+    assert late is not None and late[0] == "failed", late
+    assert payment == ("voided",)
+    assert sum(gift.effects.values()) == 2
+    report = verify_database(db_url)
+    assert report.intact, [b.describe() for b in report.breaks]
+
+
+def test_deadlines_are_checked_when_the_flow_starts(db_url: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        for steps, within, constraint in (
+            (hold_then_capture(within=0), None, "flow_steps_within_seconds_1_to_366_days"),
+            (hold_then_capture(within=1.5), None, "flow_steps_within_seconds_1_to_366_days"),  # type: ignore[arg-type]
+            (hold_then_capture(within=None), 0, "flows_within_seconds_1_to_366_days"),
+        ):
+            with pytest.raises(psycopg.errors.IntegrityError) as caught, conn.transaction():
+                conn.execute("SELECT outbox.flow_start_v1('bad', %s, '{}', %s)", (Jsonb(steps), within))
+            assert caught.value.diag.constraint_name == constraint
+        # A flow's own deadline: the sweep finds it once it passed with a step unfinished.
+        conn.execute(
+            "SELECT outbox.flow_start_v1('own', %s, '{}', 3600)",
+            (Jsonb(hold_then_capture(within=None)),),
+        )
+        row = conn.execute(
+            "SELECT id, next_deadline - created_at FROM outbox.flows WHERE flow_key = 'own'"
+        ).fetchone()
+    assert row is not None and row[1] == timedelta(hours=1)
+    assert sweep(db_url, datetime.now(UTC) + timedelta(hours=2)) == 1
+    state, reason = flow_state(db_url, row[0])
+    # Its authorisation was never sent: withdrawn, nothing to undo.
+    assert state == "compensated" and reason is not None
+    assert reason.startswith("the flow missed its deadline")
+    assert [i[3] for i in flow_intents(db_url, row[0])] == ["failed"]
