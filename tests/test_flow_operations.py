@@ -22,6 +22,7 @@ from relay.domain.intents import WriteBack
 from relay.domain.state_machine import PaymentSnapshot, PaymentState
 from relay.finance.audit import verify_database
 from relay.infra.db import Database
+from relay.service.flow_sweep import FlowSweeper
 from tests.support.relays import make_relay_with, run_until_settled
 from tests.test_flows import flow_events, flow_intents, flow_state
 
@@ -50,21 +51,27 @@ def sweep(db_url: str, now: datetime | None) -> int:
     return int(row[0])
 
 
-async def authorise_at(provider: MemoryProvider, store: Store) -> None:
-    """Claim the one authorisation waiting and apply it at ``provider``, as the relay would."""
-    (row,) = await store.claim(provider.name, 10, lease_seconds=60, instance="flow-ops-test")
-    assert row.action == "authorize"
-    outcome = await provider.execute(
-        Command(row.id, row.payment_id, Action.AUTHORIZE, row.idempotency_key,
-                row.amount_minor, row.currency, payment_method=row.payment_method)  # fmt: skip
-    )
-    assert isinstance(outcome, Succeeded)
-    ref = outcome.provider_reference
-    written = await store.complete([WriteBack(
-        row.id, row.lease_token, row.payment_id, "succeeded", amount_applied_minor=500,
-        provider_reference=ref, payment=PaymentSnapshot(
-            PaymentState.AUTHORIZED, "EUR", authorized_minor=500, provider_reference=ref))])  # fmt: skip
-    assert written == {row.id}
+async def authorise_at(
+    provider: MemoryProvider, store: Store, count: int = 1, *, leave: str | None = None
+) -> None:
+    """Claim the ``count`` authorisations waiting and apply them at ``provider``, as the
+    relay would (the relay itself would go on to the next steps at once); the one of
+    payment ``leave`` stays in flight."""
+    rows = await store.claim(provider.name, 10, lease_seconds=600, instance="flow-ops-test")
+    assert len(rows) == count and {r.action for r in rows} == {"authorize"}
+    for row in (r for r in rows if r.payment_id != leave):
+        outcome = await provider.execute(
+            Command(row.id, row.payment_id, Action.AUTHORIZE, row.idempotency_key,
+                    row.amount_minor, row.currency, payment_method=row.payment_method)  # fmt: skip
+        )
+        assert isinstance(outcome, Succeeded)
+        ref, amount = outcome.provider_reference, row.amount_minor
+        written = await store.complete([WriteBack(
+            row.id, row.lease_token, row.payment_id, "succeeded", amount_applied_minor=amount,
+            provider_reference=ref, payment=PaymentSnapshot(
+                PaymentState.AUTHORIZED, "EUR", authorized_minor=amount,
+                provider_reference=ref))])  # fmt: skip
+        assert written == {row.id}
 
 
 async def test_a_missed_capture_deadline_voids_the_hold_and_a_later_capture_is_refused(
@@ -157,3 +164,64 @@ def test_deadlines_are_checked_when_the_flow_starts(db_url: str) -> None:
     assert state == "compensated" and reason is not None
     assert reason.startswith("the flow missed its deadline")
     assert [i[3] for i in flow_intents(db_url, row[0])] == ["failed"]
+
+
+async def test_authorisations_no_flow_covers_are_voided_or_alerted_by_provider_policy(
+    db_url: str,
+) -> None:
+    gift, card = MemoryProvider("giftco"), MemoryProvider("cardco")
+    with psycopg.connect(db_url) as conn:
+        for provider, action in (("giftco", "void"), ("cardco", "alert")):
+            conn.execute(
+                "SELECT outbox.authorization_policy_set_v1('alice', %s, %s, 86400, 'holds lapse')",
+                (provider, action),
+            )
+        with pytest.raises(psycopg.errors.CheckViolation) as caught, conn.transaction():
+            conn.execute(
+                "SELECT outbox.authorization_policy_set_v1('alice', 'giftco', 'void', 5, 'x')"
+            )
+        assert caught.value.diag.constraint_name == (
+            "authorization_policies_after_seconds_1_minute_to_366_days"
+        )
+        for payment, provider in (("loose-gift", "giftco"), ("loose-card", "cardco")):
+            conn.execute(
+                "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor,"
+                " currency, payment_method) VALUES (%s, 'authorize', %s, 700, 'EUR', 'pm_card_visa')",
+                (payment, provider),
+            )
+        # Covered: its flow still runs (the card's hold is pending), so it is the flow's.
+        conn.execute(
+            "SELECT outbox.flow_start_v1('covered', %s)",
+            (Jsonb([
+                {"payment_id": "cov-gift", "action": "authorize", "provider": "giftco",
+                 "amount_minor": 300, "currency": "EUR", "payment_method": "pm_card_visa"},
+                {"payment_id": "cov-card", "action": "authorize", "provider": "cardco",
+                 "amount_minor": 300, "currency": "EUR", "payment_method": "pm_card_visa"},
+                {"payment_id": "cov-gift", "action": "capture", "currency": "EUR",
+                 "depends_on": [1, 2]}]),),  # fmt: skip
+        )
+    db = Database(db_url, pool_size=2, name="flow-ops-test")
+    await db.open()
+    try:
+        store = Store(db, actor="relay:flow-ops-test")
+        await authorise_at(gift, store, count=2)  # loose-gift, cov-gift
+        await authorise_at(card, store, count=2, leave="cov-card")  # cov-card in flight
+        sweeper = FlowSweeper(db, instance="flow-ops-test")
+        soon = await sweeper.sweep_once()
+        assert (soon.flows, soon.voids, soon.uncovered) == (0, 0, {})  # not aged yet
+        later = datetime.now(UTC) + timedelta(days=2)
+        swept = await sweeper.sweep_once(now=later)
+        assert (swept.flows, swept.voids) == (0, 1)
+        assert swept.uncovered == {("cardco", "alert"): 1}
+        again = await sweeper.sweep_once(now=later + timedelta(days=1))
+        assert again.voids == 0  # its void is on its way: never a second one
+    finally:
+        await db.close()
+    with psycopg.connect(db_url) as conn:
+        voids = conn.execute(
+            "SELECT payment_id, status, metadata -> 'authorization_policy' ->> 'action'"
+            " FROM outbox.payment_intents WHERE action = 'void'"
+        ).fetchall()
+    assert voids == [("loose-gift", "pending", "void")]
+    report = verify_database(db_url)
+    assert report.intact, [b.describe() for b in report.breaks]

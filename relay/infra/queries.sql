@@ -1800,3 +1800,23 @@ SELECT a.at, a.actor, a.entity, a.entity_id, a.operation, a.reason, a.before, a.
 FROM outbox.audit_log AS a
 WHERE a.entity = 'flow' AND a.entity_id = %(id)s::bigint::text
 ORDER BY a.chain_seq;
+
+-- ------------------------------------------------------------------------------------------
+-- Flow deadlines and uncovered authorisations (sql/0083, sql/0084; relay/service/flow_sweep.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: flow_sweep
+-- Enforce flow deadlines, then the per-provider void policy, as relay:<instance>: how many flows were advanced and voids inserted.
+WITH actor AS MATERIALIZED (
+    SELECT set_config('outbox.actor', 'relay:' || %(instance)s::text, true) AS actor
+)
+SELECT outbox.flow_sweep_v1(%(now)s::timestamptz, %(limit)s::integer) AS flows,
+       outbox.authorization_sweep_v1(%(now)s::timestamptz, %(limit)s::integer) AS voids
+FROM actor;
+
+-- name: uncovered_authorizations_aged
+-- Aged authorisations no flow covers, per provider and policy (the gauge outbox_relay_uncovered_authorizations).
+SELECT provider, action AS policy, count(*) AS authorizations
+FROM outbox.uncovered_authorizations_v1(%(now)s::timestamptz)
+GROUP BY provider, action
+ORDER BY provider, action;
