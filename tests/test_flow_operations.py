@@ -225,3 +225,97 @@ async def test_authorisations_no_flow_covers_are_voided_or_alerted_by_provider_p
     assert voids == [("loose-gift", "pending", "void")]
     report = verify_database(db_url)
     assert report.intact, [b.describe() for b in report.breaks]
+
+
+async def test_operators_cancel_retry_and_mark_compensated_with_four_eyes(db_url: str) -> None:
+    from relay.operations.flows import (
+        ApprovalNeeded,
+        approve,
+        cancel_flow,
+        find_flow,
+        mark_compensated,
+        retry_step,
+    )
+    from tests.login_roles import login_role
+    from tests.test_flows import _authorized, _claim_one, _write, split_tender, start_flow
+
+    flow = start_flow(db_url, "order-1", split_tender())
+    redo = start_flow(db_url, "order-2", hold_then_capture("order-2", within=None))
+    charge = start_flow(db_url, "order-3", [
+        {"payment_id": "order-3", "action": "charge", "provider": "cardco", "amount_minor": 900,
+         "currency": "EUR", "payment_method": "pm_card_visa"}])  # fmt: skip
+    with (
+        login_role(db_url, "outbox_operator", prefix="alice") as alice,
+        login_role(db_url, "outbox_operator", prefix="bob") as bob,
+    ):
+        db = Database(db_url, pool_size=2, name="flow-ops-test")
+        await db.open()
+        try:
+            store = Store(db, actor="relay:flow-ops-test")
+            held = await store.claim("giftco", 10, lease_seconds=600, instance="flow-ops-test")
+            gift, other = sorted(held, key=lambda r: r.payment_id)
+            assert (gift.payment_id, other.payment_id) == ("order-1-gift", "order-2")
+            await _write(store, gift, "succeeded", amount_applied_minor=500,
+                         payment=_authorized(500))  # fmt: skip
+            # A cancel that only releases holds: one operator. The card's hold, unsent, is
+            # withdrawn; the gift card's is voided.
+            done = cancel_flow(alice, flow, operator="alice", reason="customer called")
+            assert done["state"] == "compensating"
+            assert done["reason"] == "cancelled by operator alice: customer called"
+            void = await _claim_one(store, "giftco")
+            assert (void.action, void.payment_id) == ("void", "order-1-gift")
+            # order-2's hold dies with its outcome unknown; order-3's charge is pending.
+            await _write(store, other, "dead", error_code="attempts_exhausted")
+            await _write(store, void, "failed", error_code="provider_refused")
+        finally:
+            await db.close()
+        assert flow_state(db_url, flow)[0] == "needs_operator"
+
+        # Refusals name the rule.
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as running:
+            cancel_flow(alice, flow, operator="alice", reason="again")
+        assert running.value.diag.constraint_name == "flow_cancel_running_only"
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as alive:
+            retry_step(alice, flow, 1, operator="alice", reason="try again")
+        assert alive.value.diag.constraint_name == "flow_retry_step_dead_only"
+        with pytest.raises(psycopg.errors.CheckViolation) as why:
+            retry_step(alice, redo, 1, operator="alice", reason=" ")
+        assert why.value.diag.constraint_name == "flow_operation_reason_given"
+
+        # A dead step is re-driven under its own key by one operator; the flow waits again.
+        retried = retry_step(alice, redo, 1, operator="alice", reason="provider was down")
+        assert retried["state"] == "running"
+        # A cancel that would refund (the charge may take effect) needs a second operator.
+        with pytest.raises(ApprovalNeeded):
+            cancel_flow(alice, charge, operator="alice", reason="duplicate order")
+        assert flow_state(db_url, charge) == ("running", None)
+
+        # The void was refused: alice releases the hold in the provider's dashboard, and
+        # records it; bob approves from his own login.
+        with pytest.raises(ApprovalNeeded) as asked:
+            mark_compensated(alice, flow, 1, operator="alice", reason="voided in dashboard")
+        assert flow_state(db_url, flow)[0] == "needs_operator"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as same:
+            approve(alice, asked.value.request_id, operator="carol")
+        assert same.value.diag.constraint_name == "registry_approval_second_operator"
+        approved = approve(bob, asked.value.request_id, operator="bob")
+        assert approved["status"] == "applied"
+    state, reason = flow_state(db_url, flow)
+    assert state == "compensated" and reason == "cancelled by operator alice: customer called"
+    with psycopg.connect(db_url) as conn:
+        key = conn.execute(
+            "SELECT count(DISTINCT idempotency_key), min(status) FROM outbox.payment_intents"
+            " WHERE payment_id = 'order-2'"
+        ).fetchone()
+    assert key == (1, "pending")  # the same intent, the same key, due again
+    found = find_flow(db_url, flow)
+    assert found is not None
+    assert found["steps"][0]["compensation_status"] == "marked_by_operator"
+    assert found["steps"][0]["compensation_note"].startswith("marked compensated by operator bob")
+    actors = [h["actor"] for h in found["history"]]
+    assert "operator:alice" in actors and actors[-1] == "operator:bob"
+    assert flow_events(db_url, flow) == [
+        "flow.compensating", "flow.needs_operator", "flow.compensated"
+    ]  # fmt: skip
+    report = verify_database(db_url)
+    assert report.intact, [b.describe() for b in report.breaks]
