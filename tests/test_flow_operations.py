@@ -61,8 +61,15 @@ async def authorise_at(
     assert len(rows) == count and {r.action for r in rows} == {"authorize"}
     for row in (r for r in rows if r.payment_id != leave):
         outcome = await provider.execute(
-            Command(row.id, row.payment_id, Action.AUTHORIZE, row.idempotency_key,
-                    row.amount_minor, row.currency, payment_method=row.payment_method)  # fmt: skip
+            Command(
+                row.id,
+                row.payment_id,
+                Action.AUTHORIZE,
+                row.idempotency_key,
+                row.amount_minor,
+                row.currency,
+                payment_method=row.payment_method,
+            )
         )
         assert isinstance(outcome, Succeeded)
         ref, amount = outcome.provider_reference, row.amount_minor
@@ -84,7 +91,9 @@ async def test_a_missed_capture_deadline_voids_the_hold_and_a_later_capture_is_r
         ).fetchone()
         assert row is not None
         flow = int(row[0])
-        started = conn.execute("SELECT created_at FROM outbox.flows WHERE id = %s", (flow,)).fetchone()
+        started = conn.execute(
+            "SELECT created_at FROM outbox.flows WHERE id = %s", (flow,)
+        ).fetchone()
     assert started is not None
     db = Database(db_url, pool_size=2, name="flow-ops-test")
     await db.open()
@@ -147,7 +156,9 @@ def test_deadlines_are_checked_when_the_flow_starts(db_url: str) -> None:
             (hold_then_capture(within=None), 0, "flows_within_seconds_1_to_366_days"),
         ):
             with pytest.raises(psycopg.errors.IntegrityError) as caught, conn.transaction():
-                conn.execute("SELECT outbox.flow_start_v1('bad', %s, '{}', %s)", (Jsonb(steps), within))
+                conn.execute(
+                    "SELECT outbox.flow_start_v1('bad', %s, '{}', %s)", (Jsonb(steps), within)
+                )
             assert caught.value.diag.constraint_name == constraint
         # A flow's own deadline: the sweep finds it once it passed with a step unfinished.
         conn.execute(
@@ -192,13 +203,34 @@ async def test_authorisations_no_flow_covers_are_voided_or_alerted_by_provider_p
         # Covered: its flow still runs (the card's hold is pending), so it is the flow's.
         conn.execute(
             "SELECT outbox.flow_start_v1('covered', %s)",
-            (Jsonb([
-                {"payment_id": "cov-gift", "action": "authorize", "provider": "giftco",
-                 "amount_minor": 300, "currency": "EUR", "payment_method": "pm_card_visa"},
-                {"payment_id": "cov-card", "action": "authorize", "provider": "cardco",
-                 "amount_minor": 300, "currency": "EUR", "payment_method": "pm_card_visa"},
-                {"payment_id": "cov-gift", "action": "capture", "currency": "EUR",
-                 "depends_on": [1, 2]}]),),  # fmt: skip
+            (
+                Jsonb(
+                    [
+                        {
+                            "payment_id": "cov-gift",
+                            "action": "authorize",
+                            "provider": "giftco",
+                            "amount_minor": 300,
+                            "currency": "EUR",
+                            "payment_method": "pm_card_visa",
+                        },
+                        {
+                            "payment_id": "cov-card",
+                            "action": "authorize",
+                            "provider": "cardco",
+                            "amount_minor": 300,
+                            "currency": "EUR",
+                            "payment_method": "pm_card_visa",
+                        },
+                        {
+                            "payment_id": "cov-gift",
+                            "action": "capture",
+                            "currency": "EUR",
+                            "depends_on": [1, 2],
+                        },
+                    ]
+                ),
+            ),
         )
     db = Database(db_url, pool_size=2, name="flow-ops-test")
     await db.open()

@@ -18,9 +18,8 @@ command line is relay/cli/flows.py.
 
 from __future__ import annotations
 
-from typing import Any
-
 import json
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
