@@ -24,7 +24,7 @@ from relay.finance.audit import verify_database
 from relay.infra.db import Database
 from relay.service.flow_sweep import FlowSweeper
 from tests.support.relays import make_relay_with, run_until_settled
-from tests.test_flows import flow_events, flow_intents, flow_state
+from tests.test_flows import flow_events, flow_intents, flow_state, recipe
 
 pytestmark = pytest.mark.anyio
 
@@ -169,6 +169,14 @@ def test_deadlines_are_checked_when_the_flow_starts(db_url: str) -> None:
             "SELECT id, next_deadline - created_at FROM outbox.flows WHERE flow_key = 'own'"
         ).fetchone()
     assert row is not None and row[1] == timedelta(hours=1)
+    with psycopg.connect(db_url, autocommit=True) as conn:  # docs/flows.md's recipe, pasted
+        conn.execute(recipe("capture-or-void"))  # type: ignore[arg-type]
+        pasted = conn.execute(
+            "SELECT s.deadline - f.created_at, f.next_deadline = s.deadline FROM outbox.flows AS f"
+            " JOIN outbox.flow_steps AS s ON s.flow_id = f.id AND s.seq = 2"
+            " WHERE f.flow_key = 'order-1043'"
+        ).fetchone()
+    assert pasted == (timedelta(days=6), True)
     assert sweep(db_url, datetime.now(UTC) + timedelta(hours=2)) == 1
     state, reason = flow_state(db_url, row[0])
     # Its authorisation was never sent: withdrawn, nothing to undo.
