@@ -138,7 +138,7 @@ REVOKE ALL ON FUNCTION outbox.authorization_policy_set_v1(text, text, text, inte
     outbox.authorization_void_key(text),
     outbox.authorization_sweep_v1(timestamptz, integer)
     FROM PUBLIC;
-GRANT SELECT ON outbox.authorization_policies TO outbox_operator, outbox_relay;
+GRANT SELECT ON outbox.authorization_policies TO outbox_operator;
 GRANT EXECUTE ON FUNCTION outbox.authorization_policy_set_v1(text, text, text, integer, text),
     outbox.uncovered_authorizations_v1(timestamptz)
     TO outbox_operator;

@@ -7678,7 +7678,6 @@ REVOKE ALL ON FUNCTION outbox.audit_write_set(p_entity text, changes jsonb) FROM
 --
 
 GRANT SELECT ON TABLE outbox.authorization_policies TO outbox_operator;
-GRANT SELECT ON TABLE outbox.authorization_policies TO outbox_relay;
 
 --
 -- Name: FUNCTION authorization_policy_set_v1(p_operator text, p_provider text, p_action text, p_after_seconds integer, p_reason text); Type: ACL; Schema: outbox; Owner: -
