@@ -8,9 +8,12 @@ counts them per idempotency key; the later refusal is the relay's own state mach
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
@@ -23,6 +26,7 @@ from relay.domain.state_machine import PaymentSnapshot, PaymentState
 from relay.finance.audit import verify_database
 from relay.infra.db import Database
 from relay.service.flow_sweep import FlowSweeper
+from tests.support.cli import run_cli
 from tests.support.relays import make_relay_with, run_until_settled
 from tests.test_flows import flow_events, flow_intents, flow_state, recipe
 
@@ -273,7 +277,6 @@ async def test_operators_cancel_retry_and_mark_compensated_with_four_eyes(db_url
         approve,
         cancel_flow,
         find_flow,
-        mark_compensated,
         retry_step,
     )
     from tests.login_roles import login_role
@@ -299,9 +302,13 @@ async def test_operators_cancel_retry_and_mark_compensated_with_four_eyes(db_url
                          payment=_authorized(500))  # fmt: skip
             # A cancel that only releases holds: one operator. The card's hold, unsent, is
             # withdrawn; the gift card's is voided.
-            done = cancel_flow(alice, flow, operator="alice", reason="customer called")
-            assert done["state"] == "compensating"
-            assert done["reason"] == "cancelled by operator alice: customer called"
+            done = await anyio.to_thread.run_sync(partial(
+                run_cli, "flows", "cancel", str(flow), "--reason", "customer called",
+                "--operator", "alice", env={"RELAY_DATABASE_URL": alice}))  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == (
+                f"flow {flow} (order-1): compensating: cancelled by operator alice: customer called"
+            )
             void = await _claim_one(store, "giftco")
             assert (void.action, void.payment_id) == ("void", "order-1-gift")
             # order-2's hold dies with its outcome unknown; order-3's charge is pending.
@@ -332,14 +339,21 @@ async def test_operators_cancel_retry_and_mark_compensated_with_four_eyes(db_url
 
         # The void was refused: alice releases the hold in the provider's dashboard, and
         # records it; bob approves from his own login.
-        with pytest.raises(ApprovalNeeded) as asked:
-            mark_compensated(alice, flow, 1, operator="alice", reason="voided in dashboard")
+        asked = run_cli("flows", "mark-compensated", str(flow), "1", "--reason",
+                        "voided in dashboard", "--operator", "alice",
+                        env={"RELAY_DATABASE_URL": alice})  # fmt: skip
+        assert asked.returncode == 3, asked.stderr
+        found_request = re.search(r"flows approve (\d+)", asked.stdout)
+        assert found_request is not None, asked.stdout
+        request = int(found_request[1])
         assert flow_state(db_url, flow)[0] == "needs_operator"
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as same:
-            approve(alice, asked.value.request_id, operator="carol")
+            approve(alice, request, operator="carol")
         assert same.value.diag.constraint_name == "registry_approval_second_operator"
-        approved = approve(bob, asked.value.request_id, operator="bob")
-        assert approved["status"] == "applied"
+        approved = run_cli("flows", "approve", str(request), "--operator", "bob",
+                           env={"RELAY_DATABASE_URL": bob})  # fmt: skip
+        assert approved.returncode == 0, approved.stderr
+        assert f"request {request} applied: mark_compensated on flow {flow}" in approved.stdout
     state, reason = flow_state(db_url, flow)
     assert state == "compensated" and reason == "cancelled by operator alice: customer called"
     with psycopg.connect(db_url) as conn:
