@@ -109,6 +109,7 @@ TABLE_GRANTS: dict[tuple[str, str], set[str]] = {
             "events_wakeup",
             "flows",  # sql/0072: `outbox-relay flows`, audit verify
             "flow_steps",
+            "authorization_policies",  # sql/0084, set through authorization_policy_set_v1
             "installation",
             "janitor_checks",
             "ledger_entries",
@@ -229,6 +230,15 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     # sql/0072: a flow started in the application's transaction (advanced as the owner)
     "flow_start_v1": {"outbox_app"},
     "flow_audit_doc": {"outbox_operator"},  # audit verify compares each flow
+    # sql/0083-0085: the relay's flow sweeper enforces deadlines and the policy for
+    # uncovered authorisations; operators set the policy and act on flows (as the owner)
+    "flow_sweep_v1": {"outbox_relay"},
+    "authorization_sweep_v1": {"outbox_relay"},
+    "uncovered_authorizations_v1": {"outbox_relay", "outbox_operator"},
+    "authorization_policy_set_v1": {"outbox_operator"},
+    "flow_cancel_v1": {"outbox_operator"},
+    "flow_retry_step_v1": {"outbox_operator"},
+    "flow_mark_compensated_v1": {"outbox_operator"},
     # sql/0064: failover for new payments, moved by the relay as the owner, audited
     "fail_over_intent_v1": {"outbox_relay"},
     "fail_over_pending_v1": {"outbox_relay"},
@@ -329,10 +339,16 @@ RELAY_STATEMENTS = {
     "guard_rail_outcomes",
     "guard_rail_latency",
     "guard_rail_rollback",
+    "flow_sweep",  # sql/0083, sql/0084: relay/service/flow_sweep.py
+    "uncovered_authorizations_aged",
 }
 OPERATOR_STATEMENTS = {
     # sql/0072: `outbox-relay flows list|show`
     "flows_list",
+    # sql/0085: `outbox-relay flows cancel|retry-step|mark-compensated`
+    "flow_cancel",
+    "flow_retry_step",
+    "flow_mark_compensated",
     "flow_detail",
     "flow_steps_detail",
     "flow_history",

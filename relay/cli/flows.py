@@ -1,9 +1,17 @@
-"""`outbox-relay flows list|show ID`: payment flows (docs/flows.md).
+"""`outbox-relay flows list|show|cancel|retry-step|mark-compensated|approve`: payment flows
+(docs/flows.md).
 
 ``list`` prints the newest flows, optionally of one state (``--state needs_operator``
 finds the flows waiting for an operator). ``show`` prints one flow: its state and why,
 each step with its intent and its compensation (their states and idempotency keys), and
 the flow's audit trail, the flow's rows and its steps', oldest first.
+
+``cancel ID --reason`` makes a running flow compensate. ``retry-step ID SEQ --reason``
+re-drives a dead step, or its dead compensation, under its own idempotency key.
+``mark-compensated ID SEQ --reason`` records a failed compensation as done by hand at the
+provider. Each is audited in the flow's hash chain. A cancel that refunds and every
+mark-compensated need a second operator: they are recorded as a request (exit status 3)
+that another operator, logged in as another database login, applies with ``approve REQ``.
 """
 
 from __future__ import annotations
@@ -15,8 +23,20 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import psycopg
+
+from relay.cli.operator_args import add_operator_argument, operator_of
 from relay.cli.tables import clip, plain_help, render_table
-from relay.operations.flows import FLOW_STATES, find_flow, list_flows
+from relay.operations.flows import (
+    FLOW_STATES,
+    ApprovalNeeded,
+    approve,
+    cancel_flow,
+    find_flow,
+    list_flows,
+    mark_compensated,
+    retry_step,
+)
 
 __all__ = ["add_commands", "render_flow", "render_flows"]
 
@@ -148,6 +168,43 @@ def _cmd_show(args: argparse.Namespace, conninfo: str) -> int:
     return 0
 
 
+# An override recorded for a second operator, not applied (as `registry`'s).
+EXIT_APPROVAL_REQUESTED = 3
+
+
+def _cmd_operate(args: argparse.Namespace, conninfo: str) -> int:
+    operator = operator_of(args)
+    try:
+        if args.flows_command == "approve":
+            row = approve(conninfo, args.request, operator=operator)
+            print(
+                f"request {row['id']} applied: {row['change'].get('operation')} on flow "
+                f"{row['name']} (asked by {row['requested_by']}, approved by {row['approved_by']})"
+            )
+            return 0
+        if args.flows_command == "cancel":
+            flow = cancel_flow(conninfo, args.id, operator=operator, reason=args.reason)
+        elif args.flows_command == "retry-step":
+            flow = retry_step(conninfo, args.id, args.seq, operator=operator, reason=args.reason)
+        else:
+            flow = mark_compensated(
+                conninfo, args.id, args.seq, operator=operator, reason=args.reason
+            )
+    except ApprovalNeeded as exc:
+        print(f"not applied yet: {exc}")
+        return EXIT_APPROVAL_REQUESTED
+    except psycopg.Error as exc:
+        diag = exc.diag
+        rule = f" [{diag.constraint_name}]" if diag.constraint_name else ""
+        print(f"error: {diag.message_primary or exc}{rule}", file=sys.stderr)
+        if diag.message_hint:
+            print(f"hint: {diag.message_hint}", file=sys.stderr)
+        return 1
+    reason = f": {flow['reason']}" if flow["reason"] else ""
+    print(f"flow {flow['id']} ({flow['flow_key']}): {flow['state']}{reason}")
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -156,7 +213,7 @@ def _positive(text: str) -> int:
 
 
 def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
-    """Register ``flows list`` and ``flows show`` on the CLI's subparsers."""
+    """Register the ``flows`` commands on the CLI's subparsers."""
     group = commands.add_parser(
         "flows",
         help="payment flows: their steps, compensations and history",
@@ -175,3 +232,29 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     show.add_argument("id", type=int, metavar="ID", help="the flow's id")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(handler=lambda args: _cmd_show(args, database_url()))
+    operate = lambda args: _cmd_operate(args, database_url())  # noqa: E731
+    cancel = actions.add_parser("cancel", help="a running flow compensates")
+    cancel.add_argument("id", type=int, metavar="ID", help="the flow's id")
+    retry = actions.add_parser(
+        "retry-step", help="re-drive a dead step (or its dead compensation) under its own key"
+    )
+    retry.add_argument("id", type=int, metavar="ID", help="the flow's id")
+    retry.add_argument("seq", type=_positive, metavar="SEQ", help="the step's number")
+    mark = actions.add_parser(
+        "mark-compensated",
+        help="record a failed compensation as done by hand (needs a second operator)",
+    )
+    mark.add_argument("id", type=int, metavar="ID", help="the flow's id")
+    mark.add_argument("seq", type=_positive, metavar="SEQ", help="the step's number")
+    for parser in (cancel, retry, mark):
+        parser.add_argument(
+            "--reason", required=True, help="why, recorded in the flow's audit trail"
+        )
+        add_operator_argument(parser)
+        parser.set_defaults(handler=operate)
+    approving = actions.add_parser(
+        "approve", help="apply an override another operator requested (from your own login)"
+    )
+    approving.add_argument("request", type=int, metavar="REQ", help="the request's id")
+    add_operator_argument(approving)
+    approving.set_defaults(handler=operate)

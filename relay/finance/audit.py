@@ -296,11 +296,19 @@ _TAIL_CHECKED = (
     "provider",  # sql/0050
     "routing_rule",  # sql/0051
     "flow",  # sql/0072 (its steps are in its document)
+    "authorization_policy",  # sql/0084
 )
 # Rows that are never deleted by anyone (sql/0027, sql/0050, sql/0051, sql/0072 refuse it): a
 # chain of one of these entities without its live row means the row was removed behind the
 # trigger's back.
-_NEVER_DELETED = ("fx_rate", "fx_posting", "provider", "routing_rule", "flow")
+_NEVER_DELETED = (
+    "fx_rate",
+    "fx_posting",
+    "provider",
+    "routing_rule",
+    "flow",
+    "authorization_policy",
+)
 
 
 def _before_open_claim(entity: str, doc: dict[str, Any]) -> dict[str, Any]:

@@ -308,6 +308,14 @@ class Settings(BaseSettings):
         description="Queue-depth gauges are sampled from the database this often (jittered); "
         "0: not sampled.",
     )
+    flow_sweep_interval_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="Flow deadlines (sql/0083) and the per-provider policy for authorisations "
+        "no flow covers (sql/0084) are enforced this often (jittered); a deadline is acted on "
+        "at most about this late. 0: this relay does not sweep (another relay of the fleet may).",
+    )
     guard_rails_interval_seconds: float = Field(
         15.0,
         ge=0,

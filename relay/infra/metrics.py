@@ -203,6 +203,25 @@ UNSERVED_INTENTS = Gauge(
     ["provider"],
 )
 
+# Flow deadlines and authorisations no flow covers (relay/service/flow_sweep.py).
+__all__ += ["FLOWS_EXPIRED", "UNCOVERED_AUTHORIZATIONS", "UNCOVERED_AUTHORIZATIONS_VOIDED"]
+FLOWS_EXPIRED = Counter(
+    "outbox_relay_flows_deadline_advanced_total",
+    "Running flows the sweep advanced because a deadline of theirs passed (sql/0083): each "
+    "then compensates, unless the step had meanwhile succeeded.",
+)
+UNCOVERED_AUTHORIZATIONS = Gauge(
+    "outbox_relay_uncovered_authorizations",
+    "Authorisations no open flow covers and nothing else resolves, older than their "
+    "provider's policy allows (outbox.authorization_policies, sql/0084), by policy: alert, "
+    "or void (a void that could not be placed). Same value on every relay.",
+    ["provider", "policy"],
+)
+UNCOVERED_AUTHORIZATIONS_VOIDED = Counter(
+    "outbox_relay_uncovered_authorizations_voided_total",
+    "Voids inserted by the per-provider policy for aged authorisations no flow covers.",
+)
+
 # The janitor (relay/core/janitor.py).
 __all__ += ["JANITOR_RESULTS"]
 JANITOR_RESULTS = Counter(

@@ -739,7 +739,11 @@ SELECT 'routing_rule', r.name, outbox.audit_generic_doc(r,
 FROM outbox.routing_rules AS r
 UNION ALL
 SELECT 'flow', f.id::text, outbox.flow_audit_doc(f.id), NULL, false, false
-FROM outbox.flows AS f;
+FROM outbox.flows AS f
+UNION ALL
+SELECT 'authorization_policy', a.provider, outbox.audit_generic_doc(a,
+       'provider,action,after_seconds,reason,updated_by'), NULL, false, false
+FROM outbox.authorization_policies AS a;
 
 -- name: ledger_counts
 -- Ledger transactions, entries and payments, for the check's headline.
@@ -1800,3 +1804,37 @@ SELECT a.at, a.actor, a.entity, a.entity_id, a.operation, a.reason, a.before, a.
 FROM outbox.audit_log AS a
 WHERE a.entity = 'flow' AND a.entity_id = %(id)s::bigint::text
 ORDER BY a.chain_seq;
+
+-- ------------------------------------------------------------------------------------------
+-- Flow deadlines and uncovered authorisations (sql/0083, sql/0084; relay/service/flow_sweep.py)
+-- ------------------------------------------------------------------------------------------
+
+-- name: flow_sweep
+-- Enforce flow deadlines, then the per-provider void policy, as relay:<instance>: how many flows were advanced and voids inserted.
+WITH actor AS MATERIALIZED (
+    SELECT set_config('outbox.actor', 'relay:' || %(instance)s::text, true) AS actor
+)
+SELECT outbox.flow_sweep_v1(%(now)s::timestamptz, %(limit)s::integer) AS flows,
+       outbox.authorization_sweep_v1(%(now)s::timestamptz, %(limit)s::integer) AS voids
+FROM actor;
+
+-- name: uncovered_authorizations_aged
+-- Aged authorisations no flow covers, per provider and policy (the gauge outbox_relay_uncovered_authorizations).
+SELECT provider, action AS policy, count(*) AS authorizations
+FROM outbox.uncovered_authorizations_v1(%(now)s::timestamptz)
+GROUP BY provider, action
+ORDER BY provider, action;
+
+-- name: flow_cancel
+-- An operator cancels a running flow: it compensates (sql/0085; a cancel that refunds needs a second operator).
+SELECT id, flow_key, state, reason FROM outbox.flow_cancel_v1(%(operator)s, %(id)s, %(reason)s);
+
+-- name: flow_retry_step
+-- An operator re-drives a flow's dead step or dead compensation under its own key (sql/0085).
+SELECT id, flow_key, state, reason
+FROM outbox.flow_retry_step_v1(%(operator)s, %(id)s, %(seq)s, %(reason)s);
+
+-- name: flow_mark_compensated
+-- An operator records a failed compensation as done by hand (sql/0085; needs a second operator's approval).
+SELECT id, flow_key, state, reason
+FROM outbox.flow_mark_compensated_v1(%(operator)s, %(id)s, %(seq)s, %(reason)s);

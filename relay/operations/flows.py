@@ -3,12 +3,22 @@
 :func:`list_flows` gives the newest flows (optionally of one state) with their step counts;
 :func:`find_flow` one flow with its steps (each with its intent's and its compensation's
 current state and idempotency key) and its audit trail, the flow's rows and its steps',
-oldest first. Card numbers and secrets in the result are masked. The command line is
-relay/cli/flows.py.
+oldest first. Card numbers and secrets in the result are masked.
+
+The operator's controls (sql/0085): :func:`cancel_flow` (a running flow compensates),
+:func:`retry_step` (a dead step or dead compensation re-driven under its own key) and
+:func:`mark_compensated` (a failed compensation done by hand at the provider). Each runs in
+one transaction naming the operator, audited in the flow's own hash chain. The overrides
+that move money or stand in for the provider's evidence (a cancel that refunds, every
+mark-compensated) are refused by the database without a second operator: they are then
+recorded as a request (outbox.registry_requests, sql/0052) and :class:`ApprovalNeeded` is
+raised; :func:`approve` applies it as another operator from another database login. The
+command line is relay/cli/flows.py.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import psycopg
@@ -18,7 +28,16 @@ from relay.infra.queries import QUERIES
 from relay.infra.redaction import redact_value
 from relay.operations.intents import history_changes
 
-__all__ = ["FLOW_STATES", "find_flow", "list_flows"]
+__all__ = [
+    "FLOW_STATES",
+    "ApprovalNeeded",
+    "approve",
+    "cancel_flow",
+    "find_flow",
+    "list_flows",
+    "mark_compensated",
+    "retry_step",
+]
 
 FLOW_STATES = ("running", "completed", "compensating", "compensated", "needs_operator")
 
@@ -49,3 +68,114 @@ def find_flow(conninfo: str, flow_id: int) -> dict[str, Any] | None:
         row["changes"] = history_changes(row.pop("before"), row.pop("after"))
     found: dict[str, Any] = redact_value({"flow": flow, "steps": steps, "history": history})
     return found
+
+
+_NEEDS_APPROVAL = "flow_operation_needs_approval"
+
+
+class ApprovalNeeded(Exception):
+    """The override was recorded as request ``request_id`` for a second operator instead of
+    being applied (four eyes, sql/0085)."""
+
+    def __init__(self, request_id: int, flow_id: int, what: str) -> None:
+        super().__init__(
+            f"flow {flow_id}: {what} needs a second operator; recorded as request {request_id}: "
+            f"another operator, logged in as another database login, runs "
+            f"`outbox-relay flows approve {request_id}`"
+        )
+        self.request_id = request_id
+
+
+def _operate(
+    conninfo: str,
+    statement: str,
+    params: dict[str, Any],
+    *,
+    operator: str,
+    reason: str,
+    what: str,
+) -> dict[str, Any]:
+    """Run one operation in its own transaction; the flow's row after it. Refused for want
+    of a second operator, it is recorded as a request and :class:`ApprovalNeeded` raised."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        try:
+            with conn.transaction():
+                row = cur.execute(
+                    QUERIES[statement], {**params, "operator": operator, "reason": reason}
+                ).fetchone()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            if exc.diag.constraint_name != _NEEDS_APPROVAL:
+                raise
+            change = {"operation": statement.removeprefix("flow_"), "seq": params.get("seq")}
+            with conn.transaction():
+                request = conn.execute(
+                    QUERIES["registry_request"],
+                    {
+                        "operator": operator,
+                        "entity": "flow",
+                        "name": str(params["id"]),
+                        "change": json.dumps(change),
+                        "reason": reason,
+                    },
+                ).fetchone()
+            assert request is not None
+            raise ApprovalNeeded(int(request[0]), int(params["id"]), what) from None
+    assert row is not None
+    done: dict[str, Any] = redact_value(row)
+    return done
+
+
+def cancel_flow(conninfo: str, flow_id: int, *, operator: str, reason: str) -> dict[str, Any]:
+    """A running flow compensates; the flow's row after it (:class:`ApprovalNeeded` when
+    the cancel would refund a capture or charge)."""
+    return _operate(
+        conninfo,
+        "flow_cancel",
+        {"id": flow_id},
+        operator=operator,
+        reason=reason,
+        what="a cancel that refunds",
+    )
+
+
+def retry_step(
+    conninfo: str, flow_id: int, seq: int, *, operator: str, reason: str
+) -> dict[str, Any]:
+    """Re-drive the dead step ``seq`` (or its dead compensation) under its own key."""
+    return _operate(
+        conninfo,
+        "flow_retry_step",
+        {"id": flow_id, "seq": seq},
+        operator=operator,
+        reason=reason,
+        what="this retry",
+    )
+
+
+def mark_compensated(
+    conninfo: str, flow_id: int, seq: int, *, operator: str, reason: str
+) -> dict[str, Any]:
+    """Record step ``seq``'s failed compensation as done by hand (always
+    :class:`ApprovalNeeded` first: a second operator approves it)."""
+    return _operate(
+        conninfo,
+        "flow_mark_compensated",
+        {"id": flow_id, "seq": seq},
+        operator=operator,
+        reason=reason,
+        what="marking a compensation done by hand",
+    )
+
+
+def approve(conninfo: str, request_id: int, *, operator: str) -> dict[str, Any]:
+    """Apply a pending request as a second operator (another login); the request row."""
+    with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
+        row = (
+            conn.cursor(row_factory=dict_row)
+            .execute(QUERIES["registry_approve"], {"operator": operator, "id": request_id})
+            .fetchone()
+        )
+    assert row is not None
+    approved: dict[str, Any] = redact_value(row)
+    return approved

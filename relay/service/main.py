@@ -49,6 +49,7 @@ from relay.infra.db_startup import (
 from relay.infra.migrate import discover
 from relay.infra.redaction import describe_conninfo
 from relay.service.depth import DepthSampler
+from relay.service.flow_sweep import FlowSweeper
 from relay.service.fx_fetch import EcbFetcher
 from relay.service.guard_rails import GuardRails
 from relay.service.health import HealthState, Heartbeat, serve_http
@@ -403,6 +404,14 @@ async def run_relay(settings: Settings, database_url: str) -> int:
                     rng=relay.rng,
                 )
                 tg.start_soon(guard_rails.run)
+            if settings.flow_sweep_interval_seconds:
+                flow_sweeper = FlowSweeper(
+                    relay.db,
+                    instance=settings.instance_name,
+                    interval_seconds=settings.flow_sweep_interval_seconds,
+                    rng=relay.rng,
+                )
+                tg.start_soon(flow_sweeper.run)
             if settings.fx_ecb_url:
                 fetcher = EcbFetcher(
                     relay.db, settings.fx_ecb_url, interval_seconds=settings.fx_ecb_interval_seconds
