@@ -14,7 +14,7 @@ same amount and none other has any; each compensation key has at most one effect
 only where its step's own key has one; no compensated flow leaves money held; the ledger
 balances and the audit trail verifies.
 
-Lean for CI: about 200 split tenders and their cancellations (some 280 flows, 700 intents)
+Lean for CI: 160 split tenders and their cancellations (some 220 flows, 640 intents)
 on short leases and back-offs. The chaos is counted in kills, never in seconds.
 """
 
@@ -39,9 +39,9 @@ from tests.support.waiting import block_until
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RELAYS = 3
-SPLIT_TENDERS = 200
-WAVES = 6
-MIN_KILLS = 10
+SPLIT_TENDERS = 160
+WAVES = 5
+MIN_KILLS = 8
 DECLINED = "pm_card_chargeDeclined"
 APPROVED = "pm_card_visa"
 FAULT_FLAGS = (
@@ -217,18 +217,19 @@ def test_sigkilled_relays_finish_or_undo_every_flow_exactly_once(
         for relay in relays:
             relay.start()
         # Kill until every wave is in, every cancellation started and enough kills landed.
+        # Only a relay at work is killed (a start takes seconds of imports on a loaded
+        # machine), and only while another one works: the flows move on between kills.
         while waves or to_cancel or sum(r.kills for r in relays) < MIN_KILLS:
             if waves:
                 start_split_tenders(db_url, waves.pop(0))
             start_due_cancellations(db_url, to_cancel)
-            victim = rng.choice(relays)
-            victim.kill()
-            time.sleep(rng.uniform(0.05, 0.3))
-            victim.start()
-            # Each kill lands on a relay at work, not on one still importing (a start
-            # takes seconds on a loaded machine).
-            victim.wait_ready()
-            time.sleep(rng.uniform(0.1, 0.6))
+            working = [relay for relay in relays if relay.ready()]
+            if len(working) >= 2:
+                victim = rng.choice(working)
+                victim.kill()
+                time.sleep(rng.uniform(0.05, 0.3))
+                victim.start()
+            time.sleep(rng.uniform(0.3, 1.0))
         block_until(lambda: open_flows(db_url) == 0, "every flow and intent finished", every=0.3)
         for relay in relays:
             relay.wait_ready()
