@@ -4,9 +4,9 @@ Two fake Stripe processes stand for two providers (``stripe`` for the card, ``gi
 the gift card), each injecting 429, 503, timeout-after-effect, 500-after-effect and
 malformed replies. Split-tender flows arrive in waves (some declined on either tender, some
 only holding both, some capturing both, some refused a capture of more than the gift card
-holds); once a flow marked for cancellation completes, its
-order-cancellation flow (docs/flows.md's recipe) starts: it refunds what was captured and
-voids what is held. Meanwhile three relay processes are SIGKILLed and restarted at random.
+holds); once a flow marked for cancellation completes, its order-cancellation flow
+(docs/flows.md's recipe) starts: it refunds what was captured and voids what is held.
+Meanwhile three relay processes are SIGKILLed and restarted at random.
 
 Then: every flow ends in the state its inputs call for (``completed`` or ``compensated``;
 a ``needs_operator`` flow must say why), with one result event per transition; every
