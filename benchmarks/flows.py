@@ -9,8 +9,10 @@ that answers at once (ZeroLatencyProvider, benchmarks/_common.py), in one run:
   started by one set-based ``SELECT outbox.flow_start_v1(...)``: the authorize is inserted
   at once, the capture by the authorize's write-back (sql/0072's trigger).
 
-Prints the start cost (inserts/s and flows/s), the drain rate (intents/s, flows/s) and
-the ratios flows / plain from one run; writes benchmarks/results/flows.json.
+Prints the start cost (payments/s), the drain rate (intents/s, payments/s), the ratios
+flows / plain and the extra cost per step over a plain intent (milliseconds of wall time
+per intent, started and drained: the difference of the inverse rates; the best round of
+each); writes benchmarks/results/flows.json with the code's fingerprint.
 
     python benchmarks/flows.py [--payments 5000] [--rounds 1]
 """
@@ -104,12 +106,12 @@ def main() -> int:
     quiet_relay_logging()
     print(f"flows vs plain intents: {args.payments:,} payments of 2 intents, load {load_average()}")
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "flows": []}
-    for _ in range(args.rounds):
+    for round_ in range(1, args.rounds + 1):
         for name, statement in (("plain", PLAIN), ("flows", FLOWS)):
             runs[name].append(variant(name, statement, args.payments))
             r = runs[name][-1]
             print(
-                f"  {name}: start {args.payments / r['start_seconds']:,.0f} payments/s, drain "
+                f"  round {round_}/{args.rounds} {name}: start {args.payments / r['start_seconds']:,.0f} payments/s, drain "
                 f"{r['intents_per_second']:,.0f} intents/s (load {load_average()})",
                 flush=True,
             )
@@ -119,6 +121,12 @@ def main() -> int:
             "drain": max(r["intents_per_second"] for r in rs),
         }
         for name, rs in runs.items()
+    }
+    # Per step: a flow's step is one intent; the difference of the inverse rates is what
+    # one step costs over the same intent inserted plainly.
+    extra_ms = {
+        what: 1000 * (1 / best["flows"][what] - 1 / best["plain"][what]) / intents_per_unit
+        for what, intents_per_unit in (("start", 2), ("drain", 1))
     }
     print(
         table(
@@ -139,10 +147,27 @@ def main() -> int:
                     f"{best['flows']['drain'] / best['plain']['drain']:.2f}",
                     "",
                 ),
+                (
+                    "extra ms per step",
+                    f"{extra_ms['start']:.2f}",
+                    f"{extra_ms['drain']:.2f}",
+                    "",
+                ),
             ]
         )
     )
-    write_result("flows", {"payments": args.payments, "rounds": args.rounds, "runs": runs})
+    path = write_result(
+        "flows",
+        {
+            "payments": args.payments,
+            "rounds": args.rounds,
+            "runs": runs,
+            "best": best,
+            "extra_ms_per_step": extra_ms,
+            "load_average_at_end": load_average(),
+        },
+    )
+    print(f"wrote {path}")
     return 0
 
 

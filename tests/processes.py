@@ -176,15 +176,17 @@ class RelayProcess:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Wait for this start's `relay_ready` log line (signal handlers are installed)."""
+        block_until(
+            self.ready, f"{self.name} to log relay_ready", guard_seconds=timeout, every=0.05
+        )
 
-        def ready() -> bool:
-            if b"relay_ready" in self.log_path.read_bytes()[self._log_offset :]:
-                return True
-            if not self.running:
-                raise RuntimeError(f"{self.name} exited; see {self.log_path}")
-            return False
-
-        block_until(ready, f"{self.name} to log relay_ready", guard_seconds=timeout, every=0.05)
+    def ready(self) -> bool:
+        """Whether this start has logged `relay_ready`; raises if the relay exited."""
+        if b"relay_ready" in self.log_path.read_bytes()[self._log_offset :]:
+            return True
+        if not self.running:
+            raise RuntimeError(f"{self.name} exited; see {self.log_path}")
+        return False
 
     @property
     def running(self) -> bool:
