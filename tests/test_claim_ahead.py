@@ -71,10 +71,12 @@ async def test_claimed_ahead_intents_wait_for_a_slot_and_each_is_called_once(
 async def test_an_intent_that_waited_past_its_lease_margin_is_handed_back_unattempted(
     db_url: str,
 ) -> None:
-    # Lease 3 s, call deadline 1.5 + 1 = 2.5 s, calls of 0.8 s, one slot: an intent that
-    # queued behind a call has at most 2.2 s of lease left, too little for a call.
+    # Lease 4 s, call deadline 2 + 0.5 + 1 = 3.5 s, calls of 1 s, one slot: an intent that
+    # queued behind a call has at most 3 s of lease left, too little for a call. The read
+    # timeout is twice the fake's latency, so a loaded machine does not turn a call into a
+    # timeout (and a second attempt).
     released_before = _released("tight", "lease_too_short")
-    async with running_fake(FaultConfig(latency_ms=800)) as fake:
+    async with running_fake(FaultConfig(latency_ms=1000)) as fake:
         relay = relay_for(
             db_url,
             {
@@ -82,13 +84,13 @@ async def test_an_intent_that_waited_past_its_lease_margin_is_handed_back_unatte
                     fake.url,
                     concurrency=1,
                     claim_ahead=2,
-                    timeout_ms=1000,
+                    timeout_ms=2000,
                     connect_timeout_ms=500,
                 )
             },
-            lease_seconds=3.0,
+            lease_seconds=4.0,
         )
-        assert relay.lanes["tight"].call_deadline_seconds == 2.5
+        assert relay.lanes["tight"].call_deadline_seconds == 3.5
         insert_charges(db_url, "tight", 3, "tight")
         async with running(relay):
 
