@@ -20,7 +20,6 @@ from provider_adapters.stripe import StripeAdapter
 from relay.infra.migrate import migrate
 from tests.support.databases import (
     ReadyDatabases,
-    drop_database,
     scratch_database,
     with_dbname,
 )
@@ -78,12 +77,13 @@ def ready_databases(pg_admin_url: str, template_db: str) -> Iterator[ReadyDataba
 
 @pytest.fixture
 def db_url(pg_admin_url: str, ready_databases: ReadyDatabases) -> Iterator[str]:
-    """A fresh, migrated database for one test (copied from the template ahead of it)."""
+    """A fresh, migrated database for one test (copied from the template ahead of it,
+    dropped in the background after it)."""
     name = ready_databases.take()
     try:
         yield with_dbname(pg_admin_url, name)
     finally:
-        drop_database(pg_admin_url, name)
+        ready_databases.give_back(name)
 
 
 @pytest.fixture

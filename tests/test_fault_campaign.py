@@ -8,7 +8,7 @@ lease (zombies) and SIGTERMed under load; then nothing lost, exactly one effect 
 succeeded intent, ledger balanced, audit chain verified, every event delivered (dedup by
 message_id) in per-payment order, every zombie's write-backs fenced, and every Adyen
 modification finished once by its confirmation, none left awaiting. The schedule counts
-faults, never seconds (tests/fault_campaign.py). `pytest -s` shows the summary; run it
+faults, never seconds (tests/fault_campaign.py). `pytest -n 0 -s` shows the summary; run it
 longer with `python -m tests.fault_campaign --rounds 200` or `--minutes 30`.
 """
 

@@ -243,6 +243,7 @@ def test_relay_killed_mid_apply_applies_once_after_the_lease(db_url: str, tmp_pa
                     row = conn.execute(
                         "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
                         " 'inbox-relay-1' AND wait_event_type = 'Lock'"
+                        " AND datname = current_database()"
                     ).fetchone()
                 return bool(row and row[0])
 
@@ -351,6 +352,7 @@ def test_sigterm_cuts_off_an_apply_at_the_shutdown_deadline(db_url: str, tmp_pat
                     row = conn.execute(
                         "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
                         " 'inbox-stop-1' AND wait_event_type = 'Lock'"
+                        " AND datname = current_database()"
                     ).fetchone()
                 return bool(row and row[0])
 
@@ -483,6 +485,7 @@ def test_applies_waiting_on_locks_leave_the_claim_loop_its_connections(
                 row = conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
                     " 'inbox-pool-1' AND wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
                 ).fetchone()
             return int(row[0]) if row else 0
 
