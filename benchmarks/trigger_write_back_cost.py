@@ -1,14 +1,18 @@
-"""What sql/0029's refund-difference trigger costs the relay's write-back, for intents that
-are not refunds of converted charges (nearly all of them).
+"""What one AFTER UPDATE trigger on outbox.payment_intents costs the relay's write-back, for
+the intents it has nothing to do for (nearly all of them).
 
-``payment_intents_fx_refund_difference`` is an AFTER UPDATE statement trigger on
-outbox.payment_intents: every write-back batch runs it, and it looks through the batch
-for refunds of converted charges. This replays the relay's batch SQL with pgbench
-(benchmarks/sql_limit.py: claim, set_actor, lock_payments, complete_intents; authorize
-then capture per payment) with the trigger on and with it off, interleaved, best of
---rounds each, and prints intents/s of both and the ratio (on / off) from one run.
+Replays the relay's batch SQL with pgbench (benchmarks/sql_limit.py's batch script: claim,
+write-back, audit, ledger, events) with the trigger as shipped and with it disabled, in
+interleaved rounds, and prints the best of each and their ratio. Triggers it knows:
 
-    python benchmarks/fx_write_back_cost.py [--intents 10000] [--rounds 2]
+* ``flows``: sql/0072's ``payment_intents_flows``, a row trigger whose ``WHEN`` (a settled
+  intent whose metadata names a flow) spares intents in no flow the function call;
+* ``fx-refund``: sql/0029's ``payment_intents_fx_refund_difference``, a statement trigger
+  that looks through each batch for refunds of converted charges.
+
+    python benchmarks/trigger_write_back_cost.py flows [--intents 10000] [--rounds 2]
+
+Writes benchmarks/results/<trigger>_write_back_cost.json.
 """
 
 from __future__ import annotations
@@ -22,29 +26,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import table, write_result
 from benchmarks.sql_limit import batch_script, measure
 
-TRIGGER = [("outbox.payment_intents", "payment_intents_fx_refund_difference")]
+# name on the command line -> (the trigger disabled for "off", what the result file is called)
+TRIGGERS = {
+    "flows": ("payment_intents_flows", "flows_write_back_cost"),
+    "fx-refund": ("payment_intents_fx_refund_difference", "fx_write_back_cost"),
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("trigger", choices=sorted(TRIGGERS), help="which trigger to measure")
     parser.add_argument("--intents", type=int, default=10_000, help="backlog per run (10000)")
     parser.add_argument("--clients", type=int, default=2, help="pgbench clients (2)")
     parser.add_argument("--batch", type=int, default=100, help="intents per claim (100)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best kept (2)")
     args = parser.parse_args()
+    name, result = TRIGGERS[args.trigger]
+    disabled = [("outbox.payment_intents", name)]
     script = batch_script()
-    print(
-        f"FX refund-difference trigger on the write-back: {args.intents:,} intents per run, "
-        f"{args.rounds} round(s)"
-    )
+    print(f"{name} on the write-back: {args.intents:,} intents per run, {args.rounds} round(s)")
     on: list[float] = []
     off: list[float] = []
     for _ in range(args.rounds):
         on.append(measure(args, script, [])["intents_per_second"])
         print(f"  trigger on:  {on[-1]:,.0f} intents/s", flush=True)
-        off.append(measure(args, script, TRIGGER)["intents_per_second"])
+        off.append(measure(args, script, disabled)["intents_per_second"])
         print(f"  trigger off: {off[-1]:,.0f} intents/s", flush=True)
     best_on, best_off = max(on), max(off)
     print(
@@ -57,8 +65,9 @@ def main() -> int:
         )
     )
     write_result(
-        "fx_write_back_cost",
+        result,
         {
+            "trigger": name,
             "intents": args.intents,
             "rounds": args.rounds,
             "on": on,
