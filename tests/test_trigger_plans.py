@@ -106,6 +106,7 @@ def test_one_intent_first_plans_no_nested_loop_over_a_transition_table(
                 "captured": [0],
                 "refunded": [0],
                 "payment_references": ["pi_plan_1"],
+                "unsent": [False],
                 "now": None,
             },
         ).fetchall()
