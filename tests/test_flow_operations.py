@@ -8,6 +8,8 @@ counts them per idempotency key; the later refusal is the relay's own state mach
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -20,6 +22,8 @@ from psycopg.types.json import Jsonb
 
 from provider_adapters.base import Action, Command, Succeeded
 from provider_adapters.memory import MemoryProvider
+from relay.cli.flows import duration_seconds
+from relay.cli.main import main as cli_main
 from relay.core.store import Store
 from relay.domain.intents import WriteBack
 from relay.domain.state_machine import PaymentSnapshot, PaymentState
@@ -373,3 +377,49 @@ async def test_operators_cancel_retry_and_mark_compensated_with_four_eyes(db_url
     ]  # fmt: skip
     report = verify_database(db_url)
     assert report.intact, [b.describe() for b in report.breaks]
+
+
+def test_duration_arguments() -> None:
+    assert [duration_seconds(t) for t in ("7d", "36h", "90m", "600s", "3600")] == [
+        604800,
+        129600,
+        5400,
+        600,
+        3600,
+    ]
+    for bad in ("", "7w", "d", "-5m", "1.5h"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            duration_seconds(bad)
+
+
+@pytest.mark.integration
+def test_policy_commands_set_list_and_refuse_by_name(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RELAY_DATABASE_URL", db_url)
+    monkeypatch.setenv("RELAY_OPERATOR", "carol")
+    assert cli_main(["flows", "policies"]) == 0
+    assert "no policies" in capsys.readouterr().out
+    assert cli_main(["flows", "policy", "giftco", "void", "--after", "1d", "--reason", "x"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"giftco\s+void\s+1d\s+0\s+carol", out), out
+    # Below a minute: refused by the table's named check, nothing written.
+    assert cli_main(["flows", "policy", "giftco", "off", "--after", "30s", "--reason", "y"]) == 1
+    err = capsys.readouterr().err
+    assert "authorization_policies_after_seconds_1_minute_to_366_days" in err
+    assert "1m and 366d" in err
+    assert cli_main(["flows", "policy", "stripe", "alert", "--after", "7d", "--reason", "z"]) == 0
+    capsys.readouterr()
+    assert cli_main(["flows", "policies", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["provider"], r["action"], r["after_seconds"]) for r in rows] == [
+        ("giftco", "void", 86400),
+        ("stripe", "alert", 604800),
+    ]
+    with psycopg.connect(db_url) as conn:
+        audited = conn.execute(
+            "SELECT entity_id, actor, reason FROM outbox.audit_log"
+            " WHERE entity = 'authorization_policy' ORDER BY chain_seq, entity_id"
+        ).fetchall()
+    assert sorted(audited) == [("giftco", "operator:carol", "x"), ("stripe", "operator:carol", "z")]
+    assert verify_database(db_url).breaks == []

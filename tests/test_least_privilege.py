@@ -343,6 +343,9 @@ RELAY_STATEMENTS = {
     "uncovered_authorizations_aged",
 }
 OPERATOR_STATEMENTS = {
+    # sql/0084: `outbox-relay flows policies|policy`
+    "authorization_policies_list",
+    "authorization_policy_set",
     # sql/0072: `outbox-relay flows list|show`
     "flows_list",
     # sql/0085: `outbox-relay flows cancel|retry-step|mark-compensated`

@@ -1,5 +1,5 @@
-"""`outbox-relay flows list|show|cancel|retry-step|mark-compensated|approve`: payment flows
-(docs/flows.md).
+"""`outbox-relay flows list|show|cancel|retry-step|mark-compensated|approve|policies|policy`:
+payment flows (docs/flows.md).
 
 ``list`` prints the newest flows, optionally of one state (``--state needs_operator``
 finds the flows waiting for an operator). ``show`` prints one flow: its state and why,
@@ -12,6 +12,12 @@ re-drives a dead step, or its dead compensation, under its own idempotency key.
 provider. Each is audited in the flow's hash chain. A cancel that refunds and every
 mark-compensated need a second operator: they are recorded as a request (exit status 3)
 that another operator, logged in as another database login, applies with ``approve REQ``.
+
+``policies`` lists each provider's policy for authorisations no flow covers, and
+``policy PROVIDER off|alert|void --after 7d --reason`` sets one (opt-in, audited): once a
+payment's authorisation has waited that long with no flow and nothing on its way, ``alert``
+counts it (gauge ``outbox_relay_uncovered_authorizations``, alert
+OutboxRelayUncoveredAuthorizations) and ``void`` has the relays void it.
 """
 
 from __future__ import annotations
@@ -28,17 +34,20 @@ import psycopg
 from relay.cli.operator_args import add_operator_argument, operator_of
 from relay.cli.tables import clip, plain_help, render_table
 from relay.operations.flows import (
+    AUTHORIZATION_POLICY_ACTIONS,
     FLOW_STATES,
     ApprovalNeeded,
     approve,
     cancel_flow,
     find_flow,
+    list_authorization_policies,
     list_flows,
     mark_compensated,
     retry_step,
+    set_authorization_policy,
 )
 
-__all__ = ["add_commands", "render_flow", "render_flows"]
+__all__ = ["add_commands", "duration_seconds", "render_flow", "render_flows", "render_policies"]
 
 
 def _when(value: object) -> str:
@@ -205,6 +214,82 @@ def _cmd_operate(args: argparse.Namespace, conninfo: str) -> int:
     return 0
 
 
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> int:
+    """``7d``, ``36h``, ``90m``, ``600s`` or plain seconds, as whole seconds."""
+    value = text.strip().lower()
+    unit = _UNIT_SECONDS.get(value[-1:], 0)
+    number = value[:-1] if unit else value
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: write seconds or a number with s, m, h or d (7d)"
+        )
+    return int(number) * (unit or 1)
+
+
+def _describe_seconds(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def render_policies(policies: list[dict[str, Any]]) -> str:
+    """The rows of :func:`relay.operations.flows.list_authorization_policies` as a table."""
+    if not policies:
+        return (
+            "no policies: authorisations no flow covers are left alone "
+            "(set one with `outbox-relay flows policy PROVIDER alert|void --after 7d --reason R`)"
+        )
+    return render_table(
+        ["provider", "policy", "after", "uncovered now", "set by", "at", "why"],
+        [
+            (
+                p["provider"],
+                p["action"],
+                _describe_seconds(int(p["after_seconds"])),
+                p["uncovered_now"],
+                p["updated_by"],
+                _when(p["updated_at"]),
+                clip(p["reason"], 50),
+            )
+            for p in policies
+        ],
+    )
+
+
+def _cmd_policies(args: argparse.Namespace, conninfo: str) -> int:
+    policies = list_authorization_policies(conninfo)
+    if args.json:
+        print(json.dumps(policies, indent=2, default=str))
+    else:
+        print(render_policies(policies))
+    return 0
+
+
+def _cmd_policy(args: argparse.Namespace, conninfo: str) -> int:
+    try:
+        set_authorization_policy(
+            conninfo,
+            args.provider,
+            args.action,
+            args.after,
+            operator=operator_of(args),
+            reason=args.reason,
+        )
+    except psycopg.Error as exc:
+        diag = exc.diag
+        rule = f" [{diag.constraint_name}]" if diag.constraint_name else ""
+        print(f"error: {diag.message_primary or exc}{rule}", file=sys.stderr)
+        if diag.constraint_name == "authorization_policies_after_seconds_1_minute_to_366_days":
+            print("hint: --after must be between 1m and 366d", file=sys.stderr)
+        return 1
+    print(render_policies(list_authorization_policies(conninfo)))
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -258,3 +343,27 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     approving.add_argument("request", type=int, metavar="REQ", help="the request's id")
     add_operator_argument(approving)
     approving.set_defaults(handler=operate)
+    policies = actions.add_parser(
+        "policies", help="each provider's policy for authorisations no flow covers"
+    )
+    policies.add_argument("--json", action="store_true", help="print JSON")
+    policies.set_defaults(handler=lambda args: _cmd_policies(args, database_url()))
+    policy = actions.add_parser(
+        "policy",
+        help="set a provider's policy for authorisations no flow covers (opt-in, audited)",
+        description="Once a payment's authorisation has waited --after with no flow covering it "
+        "and no capture or void on its way: off leaves it, alert counts it (gauge "
+        "outbox_relay_uncovered_authorizations, alert OutboxRelayUncoveredAuthorizations), "
+        "void has the relays void it once (docs/flows.md).",
+    )
+    policy.add_argument("provider", metavar="PROVIDER", help="the provider instance's name")
+    policy.add_argument("action", choices=AUTHORIZATION_POLICY_ACTIONS, help="what happens")
+    policy.add_argument(
+        "--after",
+        type=duration_seconds,
+        required=True,
+        help="how long an authorisation may wait first: 7d, 36h, 90m or seconds (1m to 366d)",
+    )
+    policy.add_argument("--reason", required=True, help="why, recorded in the audit trail")
+    add_operator_argument(policy)
+    policy.set_defaults(handler=lambda args: _cmd_policy(args, database_url()))

@@ -1805,6 +1805,20 @@ FROM outbox.audit_log AS a
 WHERE a.entity = 'flow' AND a.entity_id = %(id)s::bigint::text
 ORDER BY a.chain_seq;
 
+-- name: authorization_policies_list
+-- The providers' policies for authorisations no flow covers (sql/0084), with how many are aged and uncovered now.
+SELECT a.provider, a.action, a.after_seconds, a.reason, a.updated_by, a.updated_at,
+       (SELECT count(*) FROM outbox.uncovered_authorizations_v1(NULL) AS u
+        WHERE u.provider = a.provider) AS uncovered_now
+FROM outbox.authorization_policies AS a
+ORDER BY a.provider;
+
+-- name: authorization_policy_set
+-- Set a provider's policy for authorisations no flow covers as an operator (audited, entity authorization_policy).
+SELECT provider, action, after_seconds, reason, updated_by, updated_at
+FROM outbox.authorization_policy_set_v1(%(operator)s, %(provider)s, %(action)s,
+                                        %(after_seconds)s, %(reason)s);
+
 -- ------------------------------------------------------------------------------------------
 -- Flow deadlines and uncovered authorisations (sql/0083, sql/0084; relay/service/flow_sweep.py)
 -- ------------------------------------------------------------------------------------------

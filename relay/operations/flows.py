@@ -29,17 +29,22 @@ from relay.infra.redaction import redact_value
 from relay.operations.intents import history_changes
 
 __all__ = [
+    "AUTHORIZATION_POLICY_ACTIONS",
     "FLOW_STATES",
     "ApprovalNeeded",
     "approve",
     "cancel_flow",
     "find_flow",
+    "list_authorization_policies",
     "list_flows",
     "mark_compensated",
     "retry_step",
+    "set_authorization_policy",
 ]
 
 FLOW_STATES = ("running", "completed", "compensating", "compensated", "needs_operator")
+# What happens to an authorisation no flow covers once aged (sql/0084).
+AUTHORIZATION_POLICY_ACTIONS = ("off", "alert", "void")
 
 
 def list_flows(conninfo: str, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -179,3 +184,45 @@ def approve(conninfo: str, request_id: int, *, operator: str) -> dict[str, Any]:
     assert row is not None
     approved: dict[str, Any] = redact_value(row)
     return approved
+
+
+def list_authorization_policies(conninfo: str) -> list[dict[str, Any]]:
+    """Every provider's policy for authorisations no flow covers, with how many are aged and
+    uncovered now (sql/0084)."""
+    with psycopg.connect(conninfo) as conn:
+        rows = (
+            conn.cursor(row_factory=dict_row)
+            .execute(QUERIES["authorization_policies_list"])
+            .fetchall()
+        )
+    return [dict(row) for row in rows]
+
+
+def set_authorization_policy(
+    conninfo: str,
+    provider: str,
+    action: str,
+    after_seconds: int,
+    *,
+    operator: str,
+    reason: str,
+) -> dict[str, Any]:
+    """Set ``provider``'s policy (``off``, ``alert`` or ``void`` after ``after_seconds``);
+    audited. The table's checks refuse a bad value by name (psycopg.errors.CheckViolation)."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        row = (
+            conn.cursor(row_factory=dict_row)
+            .execute(
+                QUERIES["authorization_policy_set"],
+                {
+                    "operator": operator,
+                    "provider": provider,
+                    "action": action,
+                    "after_seconds": after_seconds,
+                    "reason": reason,
+                },
+            )
+            .fetchone()
+        )
+    assert row is not None
+    return dict(row)
