@@ -31,7 +31,7 @@ from typing import Any
 
 import psycopg
 
-from relay.cli.operator_args import add_operator_argument, operator_of
+from relay.cli.operator_args import add_operator_argument, age, operator_of
 from relay.cli.tables import clip, plain_help, render_table
 from relay.operations.flows import (
     AUTHORIZATION_POLICY_ACTIONS,
@@ -214,19 +214,10 @@ def _cmd_operate(args: argparse.Namespace, conninfo: str) -> int:
     return 0
 
 
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def duration_seconds(text: str) -> int:
-    """``7d``, ``36h``, ``90m``, ``600s`` or plain seconds, as whole seconds."""
-    value = text.strip().lower()
-    unit = _UNIT_SECONDS.get(value[-1:], 0)
-    number = value[:-1] if unit else value
-    if not number.isdigit():
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration: write seconds or a number with s, m, h or d (7d)"
-        )
-    return int(number) * (unit or 1)
+    """An argparse type: ``7d``, ``36h``, ``1h30m``, ``1w`` (the operator commands' ages), in
+    whole seconds."""
+    return int(age(text))
 
 
 def _describe_seconds(seconds: int) -> str:
@@ -362,7 +353,7 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         "--after",
         type=duration_seconds,
         required=True,
-        help="how long an authorisation may wait first: 7d, 36h, 90m or seconds (1m to 366d)",
+        help="how long an authorisation may wait first: 7d, 36h, 1h30m (1m to 366d)",
     )
     policy.add_argument("--reason", required=True, help="why, recorded in the audit trail")
     add_operator_argument(policy)
