@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 
 from relay.cli.operator_args import add_operator_argument, age, operator_of
-from relay.cli.tables import clip, plain_help, render_table
+from relay.cli.tables import clip, plain_help, print_refusal, render_table
 from relay.operations.flows import (
     AUTHORIZATION_POLICY_ACTIONS,
     FLOW_STATES,
@@ -203,12 +203,7 @@ def _cmd_operate(args: argparse.Namespace, conninfo: str) -> int:
         print(f"not applied yet: {exc}")
         return EXIT_APPROVAL_REQUESTED
     except psycopg.Error as exc:
-        diag = exc.diag
-        rule = f" [{diag.constraint_name}]" if diag.constraint_name else ""
-        print(f"error: {diag.message_primary or exc}{rule}", file=sys.stderr)
-        if diag.message_hint:
-            print(f"hint: {diag.message_hint}", file=sys.stderr)
-        return 1
+        return print_refusal(exc)
     reason = f": {flow['reason']}" if flow["reason"] else ""
     print(f"flow {flow['id']} ({flow['flow_key']}): {flow['state']}{reason}")
     return 0
@@ -271,12 +266,12 @@ def _cmd_policy(args: argparse.Namespace, conninfo: str) -> int:
             reason=args.reason,
         )
     except psycopg.Error as exc:
-        diag = exc.diag
-        rule = f" [{diag.constraint_name}]" if diag.constraint_name else ""
-        print(f"error: {diag.message_primary or exc}{rule}", file=sys.stderr)
-        if diag.constraint_name == "authorization_policies_after_seconds_1_minute_to_366_days":
-            print("hint: --after must be between 1m and 366d", file=sys.stderr)
-        return 1
+        too_long_or_short = (
+            exc.diag.constraint_name == "authorization_policies_after_seconds_1_minute_to_366_days"
+        )
+        return print_refusal(
+            exc, hint="--after must be between 1m and 366d" if too_long_or_short else None
+        )
     print(render_policies(list_authorization_policies(conninfo)))
     return 0
 

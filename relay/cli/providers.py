@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from relay.cli.operator_args import add_operator_argument, operator_of
-from relay.cli.tables import render_table
+from relay.cli.tables import print_refusal, render_table
 from relay.domain.guard_rails import format_bp
 from relay.operations.providers import (
     ApprovalRequested,
@@ -98,15 +98,6 @@ def _api_version(text: str) -> str:
     return "" if text.strip().lower() == "none" else text.strip()
 
 
-def _print_error(exc: psycopg.Error) -> int:
-    diag = exc.diag
-    rule = f" [{diag.constraint_name}]" if diag.constraint_name else ""
-    print(f"error: {diag.message_primary or exc}{rule}", file=sys.stderr)
-    if diag.message_hint:
-        print(f"hint: {diag.message_hint}", file=sys.stderr)
-    return 1
-
-
 # A change recorded for a second operator, not applied (sql/0052).
 EXIT_APPROVAL_REQUESTED = 3
 
@@ -135,7 +126,7 @@ def _cmd_registry(args: argparse.Namespace, conninfo: str) -> int:
         except ApprovalRequested as exc:
             return _requested(exc)
         except psycopg.Error as exc:
-            return _print_error(exc)
+            return print_refusal(exc)
         rows = list_requests(conn)
     if not rows:
         print("no registry requests")
@@ -256,7 +247,7 @@ def _cmd_providers(args: argparse.Namespace, conninfo: str) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except psycopg.Error as exc:
-            return _print_error(exc)
+            return print_refusal(exc)
     _show_provider(row)
     return 0
 
@@ -277,7 +268,7 @@ def _apply(conn: psycopg.Connection, args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except psycopg.Error as exc:
-        return _print_error(exc)
+        return print_refusal(exc)
     print(f"applied {len(rows)} declared provider(s); providers not declared are left as they are")
     if rows:
         print(render_table(_PROVIDER_HEADERS, [_provider_line(p) for p in rows]))
@@ -410,7 +401,7 @@ def _cmd_routes(args: argparse.Namespace, conninfo: str) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except psycopg.Error as exc:
-            return _print_error(exc)
+            return print_refusal(exc)
         print(
             render_table(
                 ["priority", "rule", "version", "state", "mode", "matches", "targets (share now)"],
@@ -499,7 +490,7 @@ def _cmd_guards(args: argparse.Namespace, conn: psycopg.Connection) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except psycopg.Error as exc:
-        return _print_error(exc)
+        return print_refusal(exc)
     now = [g for g in list_guards(conn) if g["rule_name"] == args.name]
     print(render_table(_GUARD_HEADERS, [_guard_line(g) for g in now]))
     return 0

@@ -1,4 +1,5 @@
-"""Plain-text tables and progress lines for the operator commands. Pure, no I/O but a stream."""
+"""Plain-text tables, progress lines and refusals for the operator commands. Pure, no I/O but
+a stream."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-__all__ = ["Progress", "clip", "format_seconds", "plain_help", "render_table"]
+import psycopg
+
+__all__ = [
+    "Progress",
+    "clip",
+    "format_seconds",
+    "plain_help",
+    "print_refusal",
+    "render_table",
+]
 
 # reStructuredText markup of docstrings: ``literal`` and **strong**.
 _RST_MARKUP = re.compile(r"``(.+?)``|\*\*(.+?)\*\*", re.DOTALL)
@@ -95,3 +105,14 @@ class Progress:
     def finish(self) -> None:
         if self._tty and self.done:
             print(file=self.stream, flush=True)
+
+
+def print_refusal(exc: psycopg.Error, *, hint: str | None = None) -> int:
+    """The database's refusal on stderr: its message, the rule (constraint) that refused and
+    its hint (``hint`` when the database gives none); exit status 1."""
+    diag = exc.diag
+    rule = f" [{diag.constraint_name}]" if diag.constraint_name else ""
+    print(f"error: {diag.message_primary or exc}{rule}", file=sys.stderr)
+    if diag.message_hint or hint:
+        print(f"hint: {diag.message_hint or hint}", file=sys.stderr)
+    return 1
