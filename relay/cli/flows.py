@@ -26,13 +26,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import psycopg
 
-from relay.cli.operator_args import add_operator_argument, age, operator_of
-from relay.cli.tables import clip, plain_help, print_refusal, render_table
+from relay.cli.operator_args import add_operator_argument, age, approval_requested, operator_of
+from relay.cli.tables import clip, format_when, plain_help, print_refusal, render_table
 from relay.operations.flows import (
     AUTHORIZATION_POLICY_ACTIONS,
     FLOW_STATES,
@@ -50,12 +49,6 @@ from relay.operations.flows import (
 __all__ = ["add_commands", "duration_seconds", "render_flow", "render_flows", "render_policies"]
 
 
-def _when(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat(sep=" ", timespec="seconds")
-    return "-" if value is None else str(value)
-
-
 def render_flows(flows: list[dict[str, Any]]) -> str:
     """The rows of :func:`relay.operations.flows.list_flows` as a table."""
     if not flows:
@@ -70,7 +63,7 @@ def render_flows(flows: list[dict[str, Any]]) -> str:
                 f["steps"],
                 f["succeeded"],
                 f["compensated"],
-                _when(f["updated_at"]),
+                format_when(f["updated_at"]),
                 clip(f["reason"] or "", 60) or None,
             )
             for f in flows
@@ -96,9 +89,9 @@ def render_flow(found: dict[str, Any]) -> str:
     lines = [f"flow {flow['id']} ({flow['flow_key']}): {flow['state']}"]
     if flow["reason"]:
         lines.append(f"  reason          {flow['reason']}")
-    lines.append(f"  created         {_when(flow['created_at'])} by {flow['created_by']}")
+    lines.append(f"  created         {format_when(flow['created_at'])} by {flow['created_by']}")
     if flow["finished_at"]:
-        lines.append(f"  finished        {_when(flow['finished_at'])}")
+        lines.append(f"  finished        {format_when(flow['finished_at'])}")
     if flow["metadata"]:
         lines.append(f"  metadata        {json.dumps(flow['metadata'])}")
     lines.append(f"\nsteps ({len(found['steps'])}):")
@@ -140,7 +133,7 @@ def render_flow(found: dict[str, Any]) -> str:
             ["at", "actor", "what", "changes"],
             [
                 (
-                    _when(h["at"]),
+                    format_when(h["at"]),
                     h["actor"],
                     f"{h['entity']} {h['entity_id']} {h['operation']}",
                     clip(
@@ -177,10 +170,6 @@ def _cmd_show(args: argparse.Namespace, conninfo: str) -> int:
     return 0
 
 
-# An override recorded for a second operator, not applied (as `registry`'s).
-EXIT_APPROVAL_REQUESTED = 3
-
-
 def _cmd_operate(args: argparse.Namespace, conninfo: str) -> int:
     operator = operator_of(args)
     try:
@@ -200,8 +189,7 @@ def _cmd_operate(args: argparse.Namespace, conninfo: str) -> int:
                 conninfo, args.id, args.seq, operator=operator, reason=args.reason
             )
     except ApprovalNeeded as exc:
-        print(f"not applied yet: {exc}")
-        return EXIT_APPROVAL_REQUESTED
+        return approval_requested(exc)
     except psycopg.Error as exc:
         return print_refusal(exc)
     reason = f": {flow['reason']}" if flow["reason"] else ""
@@ -238,7 +226,7 @@ def render_policies(policies: list[dict[str, Any]]) -> str:
                 _describe_seconds(int(p["after_seconds"])),
                 p["uncovered_now"],
                 p["updated_by"],
-                _when(p["updated_at"]),
+                format_when(p["updated_at"]),
                 clip(p["reason"], 50),
             )
             for p in policies

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from relay.cli.operator_args import add_operator_argument, operator_of
-from relay.cli.tables import plain_help, render_table
+from relay.cli.tables import format_when, plain_help, render_table
 from relay.domain.fx import (
     FxDocumentError,
     RateDocument,
@@ -51,12 +51,6 @@ if TYPE_CHECKING:
 __all__ = ["add_commands"]
 
 ECB_DAILY_URL = "https://www.ecb.europa.eu/stats/eurofxref/eurofxref-daily.xml"
-
-
-def _when(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat(sep=" ", timespec="seconds")
-    return "-" if value is None else str(value)
 
 
 def _age(value: object) -> str:
@@ -97,8 +91,8 @@ def _print_import(report: ImportReport, document: RateDocument) -> None:
     days = sorted({r.published_at for r in document.rates})
     print(
         f"{report.source_kind} {report.source_name}: {report.rates_in_document} rate(s) "
-        f"published {_when(days[0])}"
-        + (f" to {_when(days[-1])}" if len(days) > 1 else "")
+        f"published {format_when(days[0])}"
+        + (f" to {format_when(days[-1])}" if len(days) > 1 else "")
         + f"; {report.inserted} recorded, {report.already_recorded} already recorded"
     )
     print(f"  document sha256 {document.sha256.hex()}")
@@ -186,8 +180,8 @@ def _cmd_record(args: argparse.Namespace, conninfo: str) -> int:
     if report.inserted:
         print(
             f"recorded rate {report.rate_ids[0]}: 1 {rate.base} = {rate.rate} {rate.quote}, "
-            f"valid from {_when(rate.valid_from)}"
-            + (f" until {_when(rate.valid_until)}" if rate.valid_until else "")
+            f"valid from {format_when(rate.valid_from)}"
+            + (f" until {format_when(rate.valid_until)}" if rate.valid_until else "")
             + f", by operator {operator} (audited)"
         )
     else:
@@ -206,7 +200,7 @@ def _cmd_show(args: argparse.Namespace, conninfo: str) -> int:
     if not rows:
         print("no rates recorded; import some: outbox-relay fx import ecb --url URL")
         return 0
-    print(f"rates in force at {_when(args.at) if args.at else 'now'} (1 BASE = RATE QUOTE):")
+    print(f"rates in force at {format_when(args.at) if args.at else 'now'} (1 BASE = RATE QUOTE):")
     print(
         render_table(
             ["pair", "rate", "id", "source", "published", "age", ""],
@@ -216,7 +210,7 @@ def _cmd_show(args: argparse.Namespace, conninfo: str) -> int:
                     r["rate"],
                     r["id"],
                     f"{r['source_kind']} {r['source_name']}",
-                    _when(r["published_at"]),
+                    format_when(r["published_at"]),
                     _age(r["age"]),
                     f"STALE (> {_age(r['max_rate_age'])})" if r["stale"] else "",
                 )
@@ -266,7 +260,7 @@ def _cmd_convert(args: argparse.Namespace, conninfo: str) -> int:
         f" via rate {result['via_rate_id']} (cross rate)" if result["via_rate_id"] else ""
     )
     print(
-        f"  at {result['rate']} ({legs}), published {_when(result['rate_published_at'])}, "
+        f"  at {result['rate']} ({legs}), published {format_when(result['rate_published_at'])}, "
         f"{_age(result['rate_age'])} old; rounded half to even"
     )
     return 0
@@ -305,10 +299,10 @@ def _cmd_history(args: argparse.Namespace, conninfo: str) -> int:
                     r["rate"],
                     f"{r['source_kind']} {r['source_name']}",
                     r["operator"],
-                    _when(r["published_at"]),
-                    _when(r["valid_from"]),
-                    _when(r["valid_until"]) if r["valid_until"] else None,
-                    _when(r["fetched_at"]),
+                    format_when(r["published_at"]),
+                    format_when(r["valid_from"]),
+                    format_when(r["valid_until"]) if r["valid_until"] else None,
+                    format_when(r["fetched_at"]),
                     r["recorded_by"],
                     (r["source_sha256"] or "")[:16] or None,
                 )
@@ -361,7 +355,7 @@ def _cmd_differences(args: argparse.Namespace, conninfo: str) -> int:
                         if r["provider_rate"]
                         else f", now {r['compared_rate_id']}"
                     ),
-                    _when(r["posted_at"]),
+                    format_when(r["posted_at"]),
                 )
                 for r in rows
             ],

@@ -13,20 +13,13 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
-from relay.cli.tables import clip, plain_help, render_table
+from relay.cli.tables import clip, format_when, plain_help, render_table
 from relay.domain.money import Money, format_money
 from relay.operations.intents import find_intent
 
 __all__ = ["add_commands", "print_intent"]
-
-
-def _when(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat(sep=" ", timespec="seconds")
-    return "-" if value is None else str(value)
 
 
 def _money(amount: int | None, currency: str, exponent: int | None) -> str:
@@ -108,16 +101,16 @@ def print_intent(found: dict[str, Any]) -> None:
         ),
         ("traceparent", (intent["metadata"] or {}).get("traceparent")),
         ("metadata", json.dumps(intent["metadata"]) if intent["metadata"] else None),
-        ("available at", _when(intent["available_at"])),
+        ("available at", format_when(intent["available_at"])),
         (
             "lease",
-            f"{intent['claimed_by']} until {_when(intent['lease_expires_at'])}"
+            f"{intent['claimed_by']} until {format_when(intent['lease_expires_at'])}"
             if intent["claimed_by"]
             else None,
         ),
-        ("created", _when(intent["created_at"])),
-        ("updated", _when(intent["updated_at"])),
-        ("completed", _when(intent["completed_at"]) if intent["completed_at"] else None),
+        ("created", format_when(intent["created_at"])),
+        ("updated", format_when(intent["updated_at"])),
+        ("completed", format_when(intent["completed_at"]) if intent["completed_at"] else None),
     ]
     for label, value in fields:
         if value is not None:
@@ -185,7 +178,7 @@ def print_intent(found: dict[str, Any]) -> None:
                         n["event_id"],
                         n["event_type"],
                         n["status"],
-                        _when(n["received_at"]),
+                        format_when(n["received_at"]),
                         _short(n["result"], 70),
                     )
                     for n in notifications
@@ -199,7 +192,7 @@ def print_intent(found: dict[str, Any]) -> None:
     if not history:
         # sql/0019: the relay's first transaction on the intent writes its creation rows.
         print(
-            f"\nhistory: none yet; inserted at {_when(found['intent']['created_at'])}, its "
+            f"\nhistory: none yet; inserted at {format_when(found['intent']['created_at'])}, its "
             "creation is recorded when a relay first claims it (or promotes it from blocked)"
         )
         return
@@ -215,7 +208,7 @@ def print_intent(found: dict[str, Any]) -> None:
             )
         if row.get("reason"):
             summary += f" (reason: {_short(row['reason'], 80)})"
-        table.append((_when(row["at"]), row["actor"], row["operation"], summary or "-"))
+        table.append((format_when(row["at"]), row["actor"], row["operation"], summary or "-"))
     print(render_table(["at", "actor", "operation", "changes"], table))
 
 

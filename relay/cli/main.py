@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     intents_show.add_commands(commands, _database_url_or_exit)
 
-    from relay.cli import flows as flows_cli  # flows list|show (sql/0072)
+    from relay.cli import flows as flows_cli  # sql/0072 to sql/0085
 
     flows_cli.add_commands(commands, _database_url_or_exit)
     dead_letters.add_commands(commands, _database_url_or_exit)

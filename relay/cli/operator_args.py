@@ -6,7 +6,18 @@ import argparse
 
 from relay.operations.operators import check_operator_name, default_operator, parse_age
 
-__all__ = ["add_operator_argument", "age", "operator_name", "operator_of"]
+__all__ = [
+    "EXIT_APPROVAL_REQUESTED",
+    "add_operator_argument",
+    "age",
+    "approval_requested",
+    "operator_name",
+    "operator_of",
+]
+
+# A change or override recorded for a second operator, not applied (sql/0052): the exit
+# status of every operator command that records one.
+EXIT_APPROVAL_REQUESTED = 3
 
 
 def operator_name(value: str) -> str:
@@ -40,3 +51,10 @@ def add_operator_argument(parser: argparse.ArgumentParser) -> None:
 def operator_of(args: argparse.Namespace) -> str:
     """--operator, else RELAY_OPERATOR, else the OS user: as every operator command."""
     return str(args.operator or default_operator())
+
+
+def approval_requested(exc: Exception) -> int:
+    """Say that the change waits for a second operator (the exception names the request and
+    the command that applies it); :data:`EXIT_APPROVAL_REQUESTED`."""
+    print(f"not applied yet: {exc}")
+    return EXIT_APPROVAL_REQUESTED

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from relay.cli.operator_args import add_operator_argument, operator_of
+from relay.cli.operator_args import add_operator_argument, approval_requested, operator_of
 from relay.cli.tables import print_refusal, render_table
 from relay.domain.guard_rails import format_bp
 from relay.operations.providers import (
@@ -98,15 +98,6 @@ def _api_version(text: str) -> str:
     return "" if text.strip().lower() == "none" else text.strip()
 
 
-# A change recorded for a second operator, not applied (sql/0052).
-EXIT_APPROVAL_REQUESTED = 3
-
-
-def _requested(exc: ApprovalRequested) -> int:
-    print(f"not applied yet: {exc}")
-    return EXIT_APPROVAL_REQUESTED
-
-
 def _cmd_registry(args: argparse.Namespace, conninfo: str) -> int:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         try:
@@ -124,7 +115,7 @@ def _cmd_registry(args: argparse.Namespace, conninfo: str) -> int:
                 )
                 return 0
         except ApprovalRequested as exc:
-            return _requested(exc)
+            return approval_requested(exc)
         except psycopg.Error as exc:
             return print_refusal(exc)
         rows = list_requests(conn)
@@ -242,7 +233,7 @@ def _cmd_providers(args: argparse.Namespace, conninfo: str) -> int:
                 api_version=getattr(args, "api_version", None),
             )
         except ApprovalRequested as exc:
-            return _requested(exc)
+            return approval_requested(exc)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -396,7 +387,7 @@ def _cmd_routes(args: argparse.Namespace, conninfo: str) -> int:
                     create=args.routes_command == "add",
                 )
         except ApprovalRequested as exc:
-            return _requested(exc)
+            return approval_requested(exc)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

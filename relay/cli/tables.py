@@ -1,11 +1,12 @@
-"""Plain-text tables, progress lines and refusals for the operator commands. Pure, no I/O but
-a stream."""
+"""Plain-text tables, progress lines and refusals for the operator commands: no I/O but the
+streams they print to."""
 
 from __future__ import annotations
 
 import re
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TextIO
 
 import psycopg
@@ -14,6 +15,7 @@ __all__ = [
     "Progress",
     "clip",
     "format_seconds",
+    "format_when",
     "plain_help",
     "print_refusal",
     "render_table",
@@ -63,6 +65,13 @@ def clip(text: str, width: int) -> str:
     if space > width // 2:
         head = head[:space]
     return head.rstrip(" ,;:") + "…"
+
+
+def format_when(value: object) -> str:
+    """A timestamp to the second (``2026-12-07 20:30:06+00:00``); ``-`` for None."""
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    return "-" if value is None else str(value)
 
 
 def format_seconds(seconds: float | None) -> str:

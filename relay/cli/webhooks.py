@@ -12,18 +12,11 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
-from relay.cli.tables import plain_help, render_table
+from relay.cli.tables import format_when, plain_help, render_table
 
 __all__ = ["add_commands"]
-
-
-def _when(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat(sep=" ", timespec="seconds")
-    return "-" if value is None else str(value)
 
 
 def _clip(value: object, width: int) -> str:
@@ -133,7 +126,7 @@ def _cmd_list(args: argparse.Namespace, conninfo: str) -> int:
                     s["event_type"],
                     s["status"],
                     s["notifications"],
-                    _when(s["last_received"]),
+                    format_when(s["last_received"]),
                 )
                 for s in summary
             ],
@@ -150,7 +143,7 @@ def _cmd_list(args: argparse.Namespace, conninfo: str) -> int:
                     r["event_id"],
                     r["event_type"],
                     r["status"],
-                    _when(r["received_at"]),
+                    format_when(r["received_at"]),
                     r["payment_id"] or "-",
                     _clip(r["result"] or r["last_error"], 60),
                 )
@@ -191,7 +184,7 @@ def _cmd_show(args: argparse.Namespace, conninfo: str) -> int:
     ):
         value: Any = found.get(label)
         if value is not None:
-            print(f"  {label.replace('_', ' '):<18}{_when(value)}")
+            print(f"  {label.replace('_', ' '):<18}{format_when(value)}")
     print("\npayload (as stored; card numbers redacted):")
     print(json.dumps(payload, indent=2, sort_keys=True))
     return 0

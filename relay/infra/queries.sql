@@ -1807,10 +1807,14 @@ ORDER BY a.chain_seq;
 
 -- name: authorization_policies_list
 -- The providers' policies for authorisations no flow covers (sql/0084), with how many are aged and uncovered now.
+WITH uncovered AS (
+    SELECT u.provider, count(*) AS n FROM outbox.uncovered_authorizations_v1(NULL) AS u
+    GROUP BY u.provider
+)
 SELECT a.provider, a.action, a.after_seconds, a.reason, a.updated_by, a.updated_at,
-       (SELECT count(*) FROM outbox.uncovered_authorizations_v1(NULL) AS u
-        WHERE u.provider = a.provider) AS uncovered_now
+       COALESCE(uncovered.n, 0) AS uncovered_now
 FROM outbox.authorization_policies AS a
+LEFT JOIN uncovered ON uncovered.provider = a.provider
 ORDER BY a.provider;
 
 -- name: authorization_policy_set

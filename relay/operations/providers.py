@@ -1,7 +1,7 @@
 """The provider registry and the routing rules, as operators change them (sql/0050, sql/0051).
 
 Every change is one transaction that names its operator and a reason, through the database's
-own functions (``outbox.provider_set_v1``, ``outbox.routing_rule_set_v1``), which the chart
+own functions (``outbox.provider_set_v2``, ``outbox.routing_rule_set_v1``), which the chart
 uses too; the database writes the hash-chained audit row (who, when, before, after, why) and,
 for a rule, bumps its version. A change applies to the next payment's first INSERT: nothing
 is cached, so no relay or application restarts. Payments already started keep their
