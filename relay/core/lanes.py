@@ -261,7 +261,7 @@ class Lane:
             "provider_timeout",
             f"no answer within the lane deadline of {self.timeout_seconds:g} s",
         )
-        with anyio.move_on_after(self.timeout_seconds + 1.0):
+        with anyio.move_on_after(self.call_deadline_seconds):
             outcome = await call(command)
         action = str(command.action)
         histogram = self._call_seconds.get(action)

@@ -27,6 +27,7 @@ from psycopg.rows import dict_row
 from relay.infra.queries import QUERIES
 from relay.infra.redaction import redact_value
 from relay.operations.intents import history_changes
+from relay.operations.providers import approve_request
 
 __all__ = [
     "AUTHORIZATION_POLICY_ACTIONS",
@@ -174,14 +175,10 @@ def mark_compensated(
 
 
 def approve(conninfo: str, request_id: int, *, operator: str) -> dict[str, Any]:
-    """Apply a pending request as a second operator (another login); the request row."""
-    with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
-        row = (
-            conn.cursor(row_factory=dict_row)
-            .execute(QUERIES["registry_approve"], {"operator": operator, "id": request_id})
-            .fetchone()
-        )
-    assert row is not None
+    """Apply a pending request as a second operator (another login); the request row,
+    redacted like every flow read."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        row = approve_request(conn, operator=operator, request_id=request_id)
     approved: dict[str, Any] = redact_value(row)
     return approved
 

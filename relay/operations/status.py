@@ -25,6 +25,7 @@ from relay.domain.intents import WAITING_STATUSES
 from relay.domain.serving import unserved_intents
 from relay.domain.version_pins import pin_mismatches
 from relay.infra.queries import QUERIES
+from relay.operations.providers import list_guards
 
 __all__ = ["GuardRailState", "ProviderDepth", "RelayInstance", "Status", "collect_status"]
 
@@ -144,11 +145,9 @@ def collect_status(conninfo: str) -> Status:
             pins = {}  # a schema before sql/0070: no versions recorded
         try:
             with conn.transaction():
-                cur = conn.execute(QUERIES["guard_rails_list"])
-                names = [c.name for c in cur.description or ()]
-                guards = cur.fetchall()
+                guards = list_guards(conn)
         except psycopg.errors.UndefinedTable:
-            guards, names = [], []  # a schema before sql/0067 (or sql/0050): no guard rails
+            guards = []  # a schema before sql/0067 (or sql/0050): no guard rails
     providers: dict[str, ProviderDepth] = {}
     for provider, status, count, _created in rows:
         providers.setdefault(provider, ProviderDepth()).counts[status] = count
@@ -203,7 +202,7 @@ def collect_status(conninfo: str) -> Status:
         registered_unserved=[p for p in registered if p not in served],
         registered_api_versions=pins,
         api_version_mismatches=mismatches,
-        guard_rails=[_guard_state(dict(zip(names, row, strict=True))) for row in guards],
+        guard_rails=[_guard_state(guard) for guard in guards],
     )
 
 
