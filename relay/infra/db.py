@@ -23,6 +23,7 @@ __all__ = [
     "RETRYABLE_DB_ERRORS",
     "Database",
     "again_next_interval",
+    "every_interval",
     "fetch",
     "listen_forever",
 ]
@@ -65,6 +66,20 @@ def again_next_interval(job: str) -> Iterator[None]:
             sqlstate=getattr(exc, "sqlstate", None),
             remedy="run `outbox-relay migrate`",
         )
+
+
+async def every_interval(
+    job: str,
+    turn: Callable[[], Awaitable[object]],
+    interval_seconds: float,
+    rng: Callable[[], float],
+) -> None:
+    """Run ``turn`` now and then every ``interval_seconds`` (x0.75-1.25 jitter, so replicas
+    spread out) until cancelled; a database error ends one turn (:func:`again_next_interval`)."""
+    while True:
+        with again_next_interval(job):
+            await turn()
+        await anyio.sleep(interval_seconds * (0.75 + rng() / 2))
 
 
 class Database:

@@ -38,12 +38,11 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
-import anyio
 from psycopg.rows import dict_row
 
 from relay.domain.serving import unserved_intents
 from relay.infra import metrics
-from relay.infra.db import Database, again_next_interval
+from relay.infra.db import Database, every_interval
 from relay.infra.redaction import safe_label
 
 __all__ = ["UNRESOLVED_STATUSES", "DepthSample", "DepthSampler"]
@@ -218,7 +217,4 @@ class DepthSampler:
 
     async def run(self) -> None:
         """Sample every ``interval_seconds`` (x0.75-1.25 jitter) until cancelled."""
-        while True:
-            with again_next_interval("depth_sample"):
-                await self.sample()
-            await anyio.sleep(self.interval_seconds * (0.75 + self.rng() / 2))
+        await every_interval("depth_sample", self.sample, self.interval_seconds, self.rng)

@@ -17,12 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-import anyio
 import structlog
 from psycopg.rows import dict_row
 
 from relay.infra import metrics
-from relay.infra.db import Database, again_next_interval
+from relay.infra.db import Database, every_interval
 from relay.infra.redaction import safe_label
 
 __all__ = ["FlowSweeper", "SweepResult"]
@@ -84,7 +83,4 @@ class FlowSweeper:
 
     async def run(self) -> None:
         """Sweep every ``interval_seconds`` (x0.75-1.25 jitter) until cancelled."""
-        while True:
-            with again_next_interval("flow_sweep"):
-                await self.sweep_once()
-            await anyio.sleep(self.interval_seconds * (0.75 + self.rng() / 2))
+        await every_interval("flow_sweep", self.sweep_once, self.interval_seconds, self.rng)

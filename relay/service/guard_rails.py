@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import anyio
 import structlog
 from psycopg.rows import dict_row
 
@@ -48,7 +47,7 @@ from relay.domain.guard_rails import (
     rate_bp,
 )
 from relay.infra import metrics
-from relay.infra.db import Database, again_next_interval
+from relay.infra.db import Database, every_interval
 from relay.infra.redaction import safe_label
 
 __all__ = ["GuardRailTurn", "GuardRails", "code_class"]
@@ -201,10 +200,7 @@ class GuardRails:
 
     async def run(self) -> None:
         """Evaluate every ``interval_seconds`` (x0.75-1.25 jitter) until cancelled."""
-        while True:
-            with again_next_interval("guard_rails"):
-                await self.evaluate_once()
-            await anyio.sleep(self.interval_seconds * (0.75 + self.rng() / 2))
+        await every_interval("guard_rails", self.evaluate_once, self.interval_seconds, self.rng)
 
 
 def _guard(row: dict[str, Any]) -> GuardRail:
