@@ -234,6 +234,7 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     # uncovered authorisations; operators set the policy and act on flows (as the owner)
     "flow_sweep_v1": {"outbox_relay"},
     "authorization_sweep_v1": {"outbox_relay"},
+    "authorization_sweep_v2": {"outbox_relay"},  # sql/0089: the sweep and the gauge's counts
     "uncovered_authorizations_v1": {"outbox_relay", "outbox_operator"},
     "authorization_policy_set_v1": {"outbox_operator"},
     "flow_cancel_v1": {"outbox_operator"},
@@ -339,8 +340,7 @@ RELAY_STATEMENTS = {
     "guard_rail_outcomes",
     "guard_rail_latency",
     "guard_rail_rollback",
-    "flow_sweep",  # sql/0083, sql/0084: relay/service/flow_sweep.py
-    "uncovered_authorizations_aged",
+    "flow_sweep",  # sql/0083, sql/0084, sql/0089: relay/service/flow_sweep.py
 }
 OPERATOR_STATEMENTS = {
     # sql/0084: `outbox-relay flows policies|policy`

@@ -1828,20 +1828,19 @@ FROM outbox.authorization_policy_set_v1(%(operator)s, %(provider)s, %(action)s,
 -- ------------------------------------------------------------------------------------------
 
 -- name: flow_sweep
--- Enforce flow deadlines, then the per-provider void policy, as relay:<instance>: how many flows were advanced and voids inserted.
+-- Enforce flow deadlines, then the per-provider void policy, as relay:<instance>: how many flows were advanced and voids inserted, and the aged authorisations no flow covers that stay after it, per provider and policy (parallel arrays; the gauge outbox_relay_uncovered_authorizations).
 WITH actor AS MATERIALIZED (
     SELECT set_config('outbox.actor', 'relay:' || %(instance)s::text, true) AS actor
 )
-SELECT outbox.flow_sweep_v1(%(now)s::timestamptz, %(limit)s::integer) AS flows,
-       outbox.authorization_sweep_v1(%(now)s::timestamptz, %(limit)s::integer) AS voids
-FROM actor;
-
--- name: uncovered_authorizations_aged
--- Aged authorisations no flow covers, per provider and policy (the gauge outbox_relay_uncovered_authorizations).
-SELECT provider, action AS policy, count(*) AS authorizations
-FROM outbox.uncovered_authorizations_v1(%(now)s::timestamptz)
-GROUP BY provider, action
-ORDER BY provider, action;
+SELECT x.flows, (x.a).voids, (x.a).providers, (x.a).policies, (x.a).authorizations
+FROM (
+    -- In this order (flows first: a compensation's void covers its payment), each once:
+    -- OFFSET 0 keeps the record from being expanded into one call per column.
+    SELECT outbox.flow_sweep_v1(%(now)s::timestamptz, %(limit)s::integer) AS flows,
+           outbox.authorization_sweep_v2(%(now)s::timestamptz, %(limit)s::integer) AS a
+    FROM actor
+    OFFSET 0
+) AS x;
 
 -- name: flow_cancel
 -- An operator cancels a running flow: it compensates (sql/0085; a cancel that refunds needs a second operator).

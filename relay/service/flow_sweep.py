@@ -4,10 +4,11 @@ PostgreSQL fires nothing at a deadline, so every ``interval_seconds`` (jittered)
 runs one short transaction (``flow_sweep``): ``outbox.flow_sweep_v1`` advances every running
 flow whose next deadline passed (it then compensates, audited and with its event, as any
 advance; SKIP LOCKED, so replicas sweep side by side and a flow a write-back holds is left to
-it), and ``outbox.authorization_sweep_v1`` inserts the void of each aged authorisation that
-no flow covers on a provider whose policy is ``void`` (one sweeper at a time). Then it sets
-the gauge ``outbox_relay_uncovered_authorizations`` from the database. A database error is
-logged and the next interval tries again: the sweep is idempotent.
+it), and ``outbox.authorization_sweep_v2`` inserts the void of each aged authorisation that
+no flow covers on a provider whose policy is ``void`` (one sweeper at a time) and counts, per
+provider and policy, those that stay uncovered (the gauge
+``outbox_relay_uncovered_authorizations``), from one computation of them. A database error
+is logged and the next interval tries again: the sweep is idempotent.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ class FlowSweeper:
             metrics.UNCOVERED_AUTHORIZATIONS_VOIDED.inc(voids)
             log.warning("uncovered_authorizations_voided", voids=voids)
         uncovered = {
-            (safe_label(r["provider"]), str(r["policy"])): int(r["authorizations"])
-            for r in await self.db.fetch_all(
-                "uncovered_authorizations_aged", {"now": now}, row=dict_row
+            (safe_label(provider), str(policy)): int(count)
+            for provider, policy, count in zip(
+                row["providers"], row["policies"], row["authorizations"], strict=True
             )
         }
         for key in self.known | set(uncovered):
