@@ -11,8 +11,10 @@ on the canary keeps it. A relay that reaches the verdict late writes nothing; an
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import anyio
 import psycopg
@@ -26,6 +28,7 @@ from relay.cli.providers import parse_percent_bp
 from relay.cli.status import render_status
 from relay.core.lanes import BreakerSettings, Lane
 from relay.core.runtime import Relay, RelayOptions
+from relay.core.store import Store
 from relay.domain.guard_rails import (
     GuardRail,
     SideCounts,
@@ -34,6 +37,7 @@ from relay.domain.guard_rails import (
     format_bp,
     rate_bp,
 )
+from relay.domain.intents import WriteBack
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra.db import Database
 from relay.operations.providers import list_guards, list_rules, set_guard, set_rule, set_weights
@@ -393,6 +397,113 @@ async def test_relay_rolls_a_failing_canary_back(
             0,
         )
         assert weights() == [50, 50]
+
+
+def _percentile_disc(values: list[int], percentile: int) -> int:
+    """PostgreSQL's percentile_disc: the first value whose cumulative share reaches it."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(percentile / 100 * len(ordered)) - 1, 0)]
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_a_guard_reads_outcomes_and_latency_of_its_window_from_the_intents(
+    db_url: str,
+) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        register_provider(conn, "stripe")
+        register_provider(conn, "canary")
+        set_rule(
+            conn,
+            operator="alice",
+            name="main",
+            fields={"mode": "split", "providers": ["stripe", "canary"], "weights": [50, 50]},
+            reason="canary 50%",
+            create=True,
+        )
+        set_guard(
+            conn,
+            operator="alice",
+            rule="main",
+            fields={
+                "canary": "canary",
+                "baseline": "stripe",
+                "min_samples": 1,
+                "latency_percentile": 75,
+                "latency_margin_ms": 10_000,
+            },
+            reason="guard the canary",
+        )
+        _insert(conn, "timed", 24)
+        created: dict[int, datetime] = dict(
+            conn.execute(
+                "SELECT id, created_at FROM outbox.payment_intents WHERE payment_id LIKE 'timed-%'"
+            ).fetchall()
+        )
+    db = Database(db_url, pool_size=2, name="guard-window-test")
+    await db.open()
+    try:
+        store = Store(db, actor="relay:guard-window-test")
+        expected: dict[str, dict[str, object]] = {}
+        for provider, base_ms in (("stripe", 40), ("canary", 300)):
+            rows = sorted(
+                await store.claim(provider, 50, lease_seconds=600, instance="guard-window-test"),
+                key=lambda r: r.id,
+            )
+            assert len(rows) >= 3, "a 50/50 split of 24 payments left a side nearly empty"
+            # The first declines, the last stays in flight (no sample, no latency), the
+            # others succeed after base_ms + 7 ms per step (rows end at different times).
+            took: list[int] = []
+            for k, row in enumerate(rows[:-1]):
+                ms = base_ms + 7 * k
+                took.append(ms)
+                declined = k == 0
+                assert row.lease_token is not None
+                written = await store.complete(
+                    [
+                        WriteBack(
+                            row.id,
+                            row.lease_token,
+                            row.payment_id,
+                            "failed" if declined else "succeeded",
+                            error_code="card_declined" if declined else None,
+                            provider_reference=None if declined else f"ref-{row.id}",
+                            amount_applied_minor=None if declined else row.amount_minor,
+                        )
+                    ],
+                    now=created[row.id] + timedelta(milliseconds=ms),
+                )
+                assert written == {row.id}
+            expected[provider] = {
+                "samples": len(rows) - 1,
+                "declined": 1,
+                "latency_ms": _percentile_disc(took, 75),
+            }
+        guard = GuardRails(db, instance="guard-window-test")
+        (turn,) = await guard.evaluate_once()
+        for side in (turn.canary, turn.baseline):
+            assert {
+                "samples": side.samples,
+                "declined": side.declined,
+                "latency_ms": side.latency_ms,
+            } == expected[side.provider]
+        # Without a latency margin the latency is neither read nor compared.
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            set_guard(
+                conn,
+                operator="alice",
+                rule="main",
+                fields={"latency_margin_ms": None, "failure_margin_bp": 9000},
+                reason="failures only",
+            )
+        (turn,) = await guard.evaluate_once()
+        assert (turn.canary.latency_ms, turn.baseline.latency_ms) == (None, None)
+        assert (turn.canary.samples, turn.baseline.samples) == (
+            expected["canary"]["samples"],
+            expected["stripe"]["samples"],
+        )
+    finally:
+        await db.close()
 
 
 @pytest.mark.integration

@@ -337,8 +337,7 @@ RELAY_STATEMENTS = {
     "fx_rate_ages",  # relay/service/depth.py: the rate-age gauge
     "fx_difference_totals",  # and the FX difference gauge
     "guard_rails_list",  # sql/0067: relay/service/guard_rails.py
-    "guard_rail_outcomes",
-    "guard_rail_latency",
+    "guard_rail_window",
     "guard_rail_rollback",
     "flow_sweep",  # sql/0083, sql/0084, sql/0089: relay/service/flow_sweep.py
 }

@@ -1705,48 +1705,45 @@ FROM outbox.routing_guards AS g
 JOIN outbox.routing_rules AS r ON r.name = g.rule_name
 ORDER BY g.rule_name;
 
--- name: guard_rail_outcomes
--- Per enabled guard and side: the first intents of the payments its rule routed in the window (and since its last rollback), by status and error code, with the provider's kind for the error catalogue. Per guard, one range scan of payments_routed_idx and a payment_idx probe per payment (OFFSET 0 keeps the subquery per guard, whatever the tables' statistics).
-SELECT g.rule_name, w.provider, COALESCE(pr.kind, w.provider) AS kind, w.status, w.error_code,
-       count(*)::bigint AS intents
-FROM outbox.routing_guards AS g
-JOIN outbox.routing_rules AS r ON r.name = g.rule_name
-CROSS JOIN LATERAL (
-    SELECT p.provider, i.status, i.error_code
-    FROM outbox.payments AS p
-    JOIN outbox.payment_intents AS i ON i.payment_id = p.payment_id AND i.payment_seq = 1
-    WHERE p.routing_rule_id = r.id
-      AND p.created_at >= greatest(COALESCE(%(now)s::timestamptz, now())
-                                       - make_interval(secs => g.window_seconds),
-                                   COALESCE(g.rolled_back_at, '-infinity'::timestamptz))
-      AND p.provider IN (g.canary, g.baseline)
-    OFFSET 0
-) AS w
-LEFT JOIN outbox.providers AS pr ON pr.name = w.provider
-WHERE g.enabled
-GROUP BY g.rule_name, w.provider, COALESCE(pr.kind, w.provider), w.status, w.error_code;
-
--- name: guard_rail_latency
--- Per enabled guard with a latency margin and side: the guard's percentile of INSERT-to-outcome time of the same first intents, in whole milliseconds.
-SELECT g.rule_name, w.provider,
-       floor(extract(epoch FROM percentile_disc(g.latency_percentile / 100.0)
-                                WITHIN GROUP (ORDER BY w.took)) * 1000)::bigint AS latency_ms
-FROM outbox.routing_guards AS g
-JOIN outbox.routing_rules AS r ON r.name = g.rule_name
-CROSS JOIN LATERAL (
-    SELECT p.provider, i.completed_at - i.created_at AS took
-    FROM outbox.payments AS p
-    JOIN outbox.payment_intents AS i ON i.payment_id = p.payment_id AND i.payment_seq = 1
-    WHERE p.routing_rule_id = r.id
-      AND p.created_at >= greatest(COALESCE(%(now)s::timestamptz, now())
-                                       - make_interval(secs => g.window_seconds),
-                                   COALESCE(g.rolled_back_at, '-infinity'::timestamptz))
-      AND p.provider IN (g.canary, g.baseline)
-      AND i.completed_at IS NOT NULL
-    OFFSET 0
-) AS w
-WHERE g.enabled AND g.latency_margin_ms IS NOT NULL
-GROUP BY g.rule_name, g.latency_percentile, w.provider;
+-- name: guard_rail_window
+-- Per enabled guard and side: the first intents of the payments its rule routed in the window (and since its last rollback), by status and error code, with the provider's kind for the error catalogue; on each row, the side's percentile (the guard's) of INSERT-to-outcome time of those that finished, in whole milliseconds (NULL: no latency margin, or none finished). The window is read once: per guard, one range scan of payments_routed_idx and a payment_idx probe per payment (OFFSET 0 keeps the subquery per guard, whatever the tables' statistics).
+WITH w AS MATERIALIZED (
+    SELECT g.rule_name, g.latency_percentile, g.latency_margin_ms, w.provider, w.status,
+           w.error_code, w.took
+    FROM outbox.routing_guards AS g
+    JOIN outbox.routing_rules AS r ON r.name = g.rule_name
+    CROSS JOIN LATERAL (
+        SELECT p.provider, i.status, i.error_code, i.completed_at - i.created_at AS took
+        FROM outbox.payments AS p
+        JOIN outbox.payment_intents AS i ON i.payment_id = p.payment_id AND i.payment_seq = 1
+        WHERE p.routing_rule_id = r.id
+          AND p.created_at >= greatest(COALESCE(%(now)s::timestamptz, now())
+                                           - make_interval(secs => g.window_seconds),
+                                       COALESCE(g.rolled_back_at, '-infinity'::timestamptz))
+          AND p.provider IN (g.canary, g.baseline)
+        OFFSET 0
+    ) AS w
+    WHERE g.enabled
+),
+latency AS (
+    SELECT rule_name, provider,
+           floor(extract(epoch FROM percentile_disc(latency_percentile / 100.0)
+                                    WITHIN GROUP (ORDER BY took)) * 1000)::bigint AS latency_ms
+    FROM w
+    WHERE latency_margin_ms IS NOT NULL AND took IS NOT NULL
+    GROUP BY rule_name, latency_percentile, provider
+),
+outcomes AS (
+    SELECT rule_name, provider, status, error_code, count(*)::bigint AS intents
+    FROM w
+    GROUP BY rule_name, provider, status, error_code
+)
+-- Every side with a latency has outcomes (its rows are among them): the join loses none.
+SELECT o.rule_name, o.provider, COALESCE(pr.kind, o.provider) AS kind, o.status, o.error_code,
+       o.intents, l.latency_ms
+FROM outcomes AS o
+LEFT JOIN latency AS l ON l.rule_name = o.rule_name AND l.provider = o.provider
+LEFT JOIN outbox.providers AS pr ON pr.name = o.provider;
 
 -- name: guard_rail_rollback
 -- A relay's automatic rollback of a guarded canary to weight 0 (audited as relay:<instance>, the comparison as the reason); all NULL when nothing was done (another relay was first).

@@ -4,7 +4,7 @@ worse canary back to weight 0 (sql/0067; docs/routing.md, "Guard rails").
 One :class:`GuardRails` per relay process, owned by the service's task group. Every
 ``interval_seconds`` (x0.75-1.25 jitter, so replicas do not query in step) it reads the
 guards and the outcomes of the payments each rule routed in its window from the database
-(statements ``guard_rails_list``, ``guard_rail_outcomes``, ``guard_rail_latency``): the
+(statements ``guard_rails_list`` and ``guard_rail_window``, which reads the window once): the
 intents themselves are the source, so a fleet counts each payment once, whichever relay ran
 it, and a relay that starts late sees the same window as the others. Codes are classed by
 the error catalogue; the comparison is :func:`relay.domain.guard_rails.evaluate`.
@@ -100,10 +100,11 @@ class GuardRails:
         if not guards:
             self.turns += 1
             return []
-        outcomes = await self.db.fetch_all("guard_rail_outcomes", {"now": now}, row=dict_row)
+        outcomes = await self.db.fetch_all("guard_rail_window", {"now": now}, row=dict_row)
         latency = {
             (row["rule_name"], row["provider"]): int(row["latency_ms"])
-            for row in await self.db.fetch_all("guard_rail_latency", {"now": now}, row=dict_row)
+            for row in outcomes
+            if row["latency_ms"] is not None
         }
         classes: dict[tuple[str, str], list[tuple[str | None, int]]] = {}
         for row in outcomes:
