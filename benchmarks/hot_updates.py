@@ -15,6 +15,10 @@ under variants of the payments' indexes, on a fresh scratch database each:
 The drain is the relay's own SQL (claim_intents, then set_actor, lock_payments and
 complete_intents in one transaction, as Store runs them), one batch at a time on one
 connection, with the outcomes a zero-latency provider would give (benchmarks/sql_limit.py).
+Autovacuum is off on both tables, so only the updates' own page pruning makes room; that
+pruning depends on the server's other transactions, so the HOT counts that page space
+limits move a little from run to run (printed as min-max over --repeat runs). The size of
+payments' indexes after each run shows what the non-HOT updates wrote into them.
 
     python benchmarks/hot_updates.py [--payments 2000] [--batch 100]
 """
@@ -78,6 +82,14 @@ def counters(url: str) -> dict[str, tuple[int, int]]:
             (list(TABLES),),
         ).fetchall()
     return {name: (int(upd), int(hot)) for name, upd, hot in rows}
+
+
+def payments_index_kb(url: str) -> int:
+    """The size of every index of payments: a non-HOT update adds an entry to each."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_indexes_size('outbox.payments'::regclass) / 1024").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def flush(conn: psycopg.Connection[Any]) -> None:
@@ -189,19 +201,31 @@ def main() -> int:
                         for statement in [*SETUP, *statements]:
                             conn.execute(statement)  # type: ignore[arg-type] # literals above
                     measured = phases(url, workload, args.payments, args.batch)
+                    index_kb = payments_index_kb(url)
                 total = [0, 0, 0, 0]
                 for phase, written, growth in measured:
                     counts = [growth[t][i] for t in TABLES for i in (0, 1)]
                     total = [a + b for a, b in zip(total, counts, strict=True)]
                     runs.setdefault((variant, workload, phase), (written, []))[1].append(counts)
-                runs.setdefault((variant, workload, "total"), (0, []))[1].append(total)
+                runs.setdefault((variant, workload, "total"), (0, []))[1].append([*total, index_kb])
     rows: list[tuple[str, ...]] = [
-        ("variant", "workload", "phase", "intents", "payments upd", "HOT", "intents upd", "HOT")
+        (
+            "variant",
+            "workload",
+            "phase",
+            "intents",
+            "payments upd",
+            "HOT",
+            "intents upd",
+            "HOT",
+            "payments' indexes kB",
+        )
     ]
     for (variant, workload, phase), (written, per_run) in runs.items():
         rows.append(
             (variant[:40], workload, phase, str(written or ""),
-             *(spread([c[i] for c in per_run]) for i in range(4)))
+             *(spread([c[i] for c in per_run]) if i < len(per_run[0]) else ""
+               for i in range(5)))
         )  # fmt: skip
     print(table(rows))
     result = {
