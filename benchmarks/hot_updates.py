@@ -111,9 +111,9 @@ def insert(url: str, rows: list[tuple[Any, ...]]) -> None:
         flush(conn)
 
 
-def drain(url: str, batch: int) -> int:
+def drain(url: str, batch: int, provider: str = "stripe") -> int:
     """Claim and write back successes until nothing is claimable; returns intents written."""
-    params = {"provider": "stripe", "limit": batch, "lease_seconds": 60, "now": None}
+    params = {"provider": provider, "limit": batch, "lease_seconds": 60, "now": None}
     done = 0
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         while True:
