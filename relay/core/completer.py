@@ -15,6 +15,7 @@ write still failing or still running then is abandoned.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,7 @@ from relay.core.store import Store
 from relay.domain.intents import WriteBack
 from relay.infra import metrics
 from relay.infra.db import RETRYABLE_DB_ERRORS
+from relay.infra.shutdown import CutOffShields
 
 __all__ = ["Completer"]
 
@@ -57,10 +59,9 @@ class Completer:
         self._sends: list[MemoryObjectSendStream[WriteBack]] = [send for send, _ in streams]
         self._receives: list[MemoryObjectReceiveStream[WriteBack]] = [r for _, r in streams]
         self._on_flushed = on_flushed
-        self._give_up_at: float | None = None
-        # The shielded scopes of writes in progress, so that close() can put the shutdown
-        # deadline on a write that is already waiting for the database.
-        self._flushes: set[anyio.CancelScope] = set()
+        # Writes in progress run shielded; close() puts the shutdown deadline on those
+        # already waiting for the database and on those still to start.
+        self._flushes = CutOffShields()
         # Start (anyio clock) of each database write in progress, for liveness: a write
         # that never returns wedges its stream, and a restart is what frees it.
         self._writing: dict[object, float] = {}
@@ -80,7 +81,7 @@ class Completer:
     @property
     def give_up_at(self) -> float | None:
         """The instant (anyio clock) after which pending writes are abandoned, once closed."""
-        return self._give_up_at
+        return self._flushes.cut_off_at
 
     def close(self, *, give_up_at: float | None = None) -> None:
         """No more submissions; :meth:`run` flushes what is pending and returns.
@@ -91,9 +92,7 @@ class Completer:
         deadline, so the flush cannot add its own grace on top of the drain's.
         """
         if give_up_at is not None:
-            self._give_up_at = give_up_at
-            for scope in self._flushes:
-                scope.deadline = give_up_at
+            self._flushes.cut_off(give_up_at)
         for send in self._sends:
             send.close()
 
@@ -121,14 +120,8 @@ class Completer:
                 # A flush in progress finishes even when the relay is being cancelled, but
                 # not past the shutdown deadline: a database that does not answer (pool
                 # timeout, a hung connection) must not hold the process beyond it.
-                with anyio.CancelScope(shield=True) as flush:
-                    if self._give_up_at is not None:
-                        flush.deadline = self._give_up_at
-                    self._flushes.add(flush)
-                    try:
-                        await self._write(batch)
-                    finally:
-                        self._flushes.discard(flush)
+                with self._flushes.shielded(math.inf) as flush:
+                    await self._write(batch)
                 if flush.cancelled_caught:
                     log.error(
                         "write_back_abandoned",
@@ -149,7 +142,7 @@ class Completer:
                     del self._writing[attempt]
                 break
             except RETRYABLE_DB_ERRORS as exc:
-                if self._give_up_at is not None and anyio.current_time() > self._give_up_at:
+                if self.give_up_at is not None and anyio.current_time() > self.give_up_at:
                     log.error(
                         "write_back_abandoned",
                         rows=len(batch),
