@@ -108,3 +108,22 @@ def test_accepted_for_later_confirmation_awaits_unbooked_even_at_the_attempt_cap
         lambda: 0.5,
     )  # fmt: skip
     assert unnamed.status == "pending"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "unsent"),
+    [
+        (Retryable("provider_unreachable", "connection refused"), True),
+        (Retryable("connection_error", "connect timeout"), True),
+        (Retryable("rate_limited", "429", retry_after_seconds=1.0), False),
+        (Ambiguous("timeout", "read timed out"), False),
+    ],
+)
+@pytest.mark.parametrize(("attempts", "status"), [(1, "pending"), (3, "dead")])
+def test_an_attempt_that_never_connected_is_written_back_as_unsent(
+    outcome: Retryable | Ambiguous, unsent: bool, attempts: int, status: str
+) -> None:
+    # Whether retried or given up, the write-back says whether the request left the relay:
+    # sql/0064 lets only a payment whose attempts all went unsent fail over.
+    wb = from_outcome(intent(attempts=attempts), 1000, outcome, POLICY, lambda: 0.5)
+    assert (wb.status, wb.unsent) == (status, unsent)

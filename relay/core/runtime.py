@@ -498,21 +498,21 @@ class Relay:
             provider=intent.provider, action=str(intent.action), outcome=kind
         ).inc()
         _count_uncatalogued(lane, intent, outcome)
-        unsent = False
-        if isinstance(outcome, Retryable) and outcome.unsent:
-            # Nothing reached the provider: a routed payment's first intent may move to the
-            # next target of its rule instead (sql/0064 decides); else the write-back counts
-            # the attempt as unsent.
-            if intent.action in _FIRST_ACTIONS and await self._fail_over(intent, outcome):
-                return
-            unsent = True
+        if (
+            isinstance(outcome, Retryable)
+            and outcome.unsent
+            and intent.action in _FIRST_ACTIONS
+            and await self._fail_over(intent, outcome)
+        ):
+            # Nothing reached the provider: a routed payment's first intent moved to the
+            # next target of its rule (sql/0064 decides); else the write-back counts the
+            # attempt as unsent.
+            return
         write_back = _labelled(
             from_outcome(intent, amount_minor, outcome, self.policy, self.rng),
             intent,
             outcome=kind,
         )
-        if unsent:
-            write_back = dataclasses.replace(write_back, unsent=True)
         log.info(
             "intent_attempted",
             outcome=kind,
@@ -602,6 +602,8 @@ def _count_failover(failover: Failover, trigger: str) -> None:
         payment_id=failover.payment_id,
         from_provider=failover.from_provider,
         to_provider=failover.to_provider,
+        # Every later attempt sends this key: what to search the new provider's logs for.
+        idempotency_key=failover.idempotency_key,
         trigger=trigger,
     )
 

@@ -118,6 +118,9 @@ def from_outcome(
             )
         case Retryable() | Ambiguous():
             retry_after = outcome.retry_after_seconds if isinstance(outcome, Retryable) else None
+            # Nothing reached the provider: recorded, so that a routed payment's first
+            # intent whose attempts all went unsent may still fail over (sql/0064).
+            unsent = isinstance(outcome, Retryable) and outcome.unsent
             if policy.exhausted(intent.attempts):
                 return WriteBack(
                     **base,  # type: ignore[arg-type]
@@ -126,6 +129,7 @@ def from_outcome(
                     error_message=_clip(
                         f"gave up after {intent.attempts} attempts; last: {outcome.message}"
                     ),
+                    unsent=unsent,
                 )
             return WriteBack(
                 **base,  # type: ignore[arg-type]
@@ -133,5 +137,6 @@ def from_outcome(
                 retry_delay_seconds=policy.backoff_seconds(intent.attempts, rng, retry_after),
                 error_code=outcome.code,
                 error_message=_clip(outcome.message),
+                unsent=unsent,
             )
     raise AssertionError(f"unknown outcome {outcome!r}")  # pragma: no cover
