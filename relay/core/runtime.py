@@ -131,8 +131,6 @@ class Relay:
         self.database_ok = False  # the last claim reached the database (readiness)
         self._drained = anyio.Event()
         self.finished = anyio.Event()
-        # Per provider: when (anyio clock) the next failover sweep of its open breaker is due.
-        self._failover_sweep_due: dict[str, float] = {}
         # Set by the first stop(): the instant (anyio clock) the whole shutdown must end.
         self.shutdown_deadline: float | None = None
         # Further NOTIFY channels and whom they wake, listened to on the relay's own LISTEN
@@ -190,6 +188,7 @@ class Relay:
                 if self.options.listen:
                     helpers.start_soon(self._listen)
                 helpers.start_soon(self._reaper)
+                helpers.start_soon(self._failover_sweeper)
                 task_status.started()
                 await self._claim_and_dispatch()
                 helpers.cancel_scope.cancel()
@@ -270,7 +269,6 @@ class Relay:
         try:
             claimed, full = await self._claim_once(workers)
             self.database_ok = True
-            await self._fail_over_behind_open_breakers()
         except RETRYABLE_DB_ERRORS as exc:
             self.database_ok = False
             log.warning("claim_db_error", error=type(exc).__name__, retry_in=idle)
@@ -294,16 +292,23 @@ class Relay:
             idle = min(idle * 2, self.options.poll_max_interval_seconds)
         return idle
 
-    async def _fail_over_behind_open_breakers(self) -> None:
+    async def _failover_sweeper(self) -> None:
         """Move new payments waiting for a provider whose breaker is open here to the next
         target of their rule (sql/0064 decides which qualify: routed, first intent, nothing
-        ever sent). At most one sweep per lane per poll interval while there is nothing
-        more to move; the move is a database write, so the target needs no lane here."""
-        now = anyio.current_time()
+        ever sent): a sweep per poll interval, at once again while sweeps come back full.
+        The move is a database write, so the target needs no lane here."""
+        while True:
+            more = await self._fail_over_behind_open_breakers()
+            if not more:
+                interval = self.options.poll_interval_seconds
+                await anyio.sleep(interval * (0.75 + self.rng() / 2))
+
+    async def _fail_over_behind_open_breakers(self) -> bool:
+        """One sweep of every lane whose breaker is open; True when one moved a full batch
+        (more may wait)."""
+        more = False
         for lane in self.lanes.values():
             if lane.breaker.state is not BreakerState.OPEN:
-                continue
-            if now < self._failover_sweep_due.get(lane.provider, 0.0):
                 continue
             limit = self.options.batch_size
             try:
@@ -313,12 +318,13 @@ class Relay:
             except psycopg.Error as exc:
                 # Not the claim loop's concern: the intents wait as they would without failover.
                 log.warning("failover_sweep_failed", error=type(exc).__name__)
-                moved = []
-            # A full batch: more may wait, sweep again next turn.
-            due = now if len(moved) >= limit else now + self.options.poll_interval_seconds
-            self._failover_sweep_due[lane.provider] = due
+                continue
+            more = more or len(moved) >= limit
             for failover in moved:
                 _count_failover(failover, "breaker_open")
+            if moved:
+                self.wake()  # their new provider's lane may be here
+        return more
 
     async def _ask_for_wakeups(self, wanted: bool) -> bool:
         """Tell inserts whether to NOTIFY; True when this changed what we had asked.
