@@ -38,7 +38,13 @@ CPU of the relay process. The machine is shared: the load average is printed wit
 phase. Writes benchmarks/results/pickup_latency.json with the code's fingerprint;
 RELAY_DATABASE_URL names the server (scratch databases are made on it).
 
-    python benchmarks/pickup_latency.py [--seconds 20] [--fractions 0.5,0.9] [--quick]
+With --floor, two more phases run the relay's claim statement alone, back to back on one
+connection of its own process (no relay, no provider calls, no write-backs competing for
+the cores), first at the rate the relay's closed loop reached, then closed loop: the pickup
+no relay built on that claim (its lease, its creation audit rows, its commit) can beat on
+this machine.
+
+    python benchmarks/pickup_latency.py [--seconds 20] [--fractions 0.5,0.9] [--quick] [--floor]
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ from relay.core.runtime import Relay, RelayOptions
 from relay.domain.intents import IntentRow
 from relay.domain.retry_policy import RetryPolicy
 from relay.infra.db import Database, listen_forever
+from relay.infra.queries import QUERIES
 
 INSERT = (
     "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency,"
@@ -117,6 +124,74 @@ def inserter(
             records.append((row[0], committed, row[1].timestamp(), max(committed - due, 0.0)))
             n += 1
     out.put(records)
+
+
+def bare_claimer(url: str, start: float, seconds: float, out: Any) -> None:
+    """The floor: the relay's claim statement back to back on one connection, and nothing
+    else (no calls, no write-backs, no event loop). Puts [(id, sent, returned)] and
+    [(rows, seconds)] per claim."""
+    taken: list[tuple[int, float, float]] = []
+    claims: list[tuple[int, float]] = []
+    params = {"provider": "stripe", "limit": 100, "lease_seconds": 600, "instance": "floor"}
+    with psycopg.connect(url, autocommit=True) as conn:
+        wait = start - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        while time.time() < start + seconds + 2.0:
+            sent = time.time()
+            rows = conn.execute(QUERIES["claim_intents"], params | {"now": None}, prepare=True)
+            ids = [row[0] for row in rows.fetchall()]
+            returned = time.time()
+            claims.append((len(ids), returned - sent))
+            taken += [(i, sent, returned) for i in ids]
+            if not ids:
+                time.sleep(0.0005)  # a relay with nothing to claim waits for a NOTIFY
+    out.put((taken, claims))
+
+
+def measure_floor(
+    url: str, rate: float, seconds: float, inserters: int, warmup: float
+) -> dict[str, Any]:
+    """Pickup by a bare claim loop (:func:`bare_claimer`) at ``rate`` (0: closed loop)."""
+    context = multiprocessing.get_context("spawn")
+    queue, claimer_queue = context.Queue(), context.Queue()
+    start = time.time() + 1.5
+    procs = [
+        context.Process(target=inserter, args=(url, k, inserters, rate, start, seconds, queue))
+        for k in range(inserters)
+    ]
+    claimer = context.Process(target=bare_claimer, args=(url, start, seconds, claimer_queue))
+    for proc in [*procs, claimer]:
+        proc.start()
+    records: list[tuple[int, float, float, float]] = []
+    for _ in procs:
+        records += queue.get()
+    taken, claims = claimer_queue.get()
+    for proc in [*procs, claimer]:
+        proc.join()
+    claimed = {i: (sent, returned) for i, sent, returned in taken}
+    measured = [r for r in records if r[1] >= start + warmup]
+    busy = [c for c in claims if c[0]]
+    return {
+        "target_rate": rate or "max",
+        "inserted": len(records),
+        "insert_rate_achieved": len(records) / (max(r[1] for r in records) - start),
+        "measured": len(measured),
+        "unclaimed": sum(1 for i, *_ in measured if i not in claimed),
+        "pickup_ms": quantiles(
+            [(claimed.get(i, (INF, INF))[1] - t) * 1000 for i, t, _, _ in measured]
+        ),
+        "claim_wait_ms": quantiles(
+            [(claimed.get(i, (INF, INF))[0] - t) * 1000 for i, t, _, _ in measured]
+        ),
+        "claims": len(claims),
+        "claims_empty": len(claims) - len(busy),
+        "rows_per_claim_mean": statistics.mean(n for n, _ in busy) if busy else 0.0,
+        "claim_ms": quantiles([d * 1000 for _, d in busy] or [0.0]),
+        "notifies_received": 0,
+        "relay_cpu_share": 0.0,
+        "load_average_after": load_average(),
+    }
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
@@ -255,6 +330,12 @@ def main() -> int:
         "--drain-timeout", type=float, default=60.0, help="wait for the last claims (60 s)"
     )
     parser.add_argument("--quick", action="store_true", help="8 s phases, 2 s warm-up")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the floor: the claim statement alone, back to back on one connection (no"
+        " relay, no calls, no write-backs), at the relay's closed-loop rate and closed loop",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.warmup, args.drain_timeout = 8.0, 2.0, 20.0
@@ -262,12 +343,21 @@ def main() -> int:
     quiet_relay_logging()
     phases: list[dict[str, Any]] = []
 
-    def phase(rate: float, label: str) -> dict[str, Any]:
+    def phase(rate: float, label: str, *, floor: bool = False) -> dict[str, Any]:
         with scratch_database("pickup") as url:
             print(f"  {label}: {args.seconds:g} s (load {load_average()})", flush=True)
-            result = anyio.run(
-                measure, url, rate, args.seconds, args.inserters, args.warmup, args.drain_timeout
-            )
+            if floor:
+                result = measure_floor(url, rate, args.seconds, args.inserters, args.warmup)
+            else:
+                result = anyio.run(
+                    measure,
+                    url,
+                    rate,
+                    args.seconds,
+                    args.inserters,
+                    args.warmup,
+                    args.drain_timeout,
+                )
         result["phase"] = label
         print(
             f"  {label}: inserted {result['insert_rate_achieved']:,.0f}/s, pickup p50/p95/p99"
@@ -283,6 +373,10 @@ def main() -> int:
     for fraction in fractions:
         rate = fraction * top["insert_rate_achieved"]
         phase(rate, f"{fraction:g} x max = {rate:,.0f}/s")
+    if args.floor:
+        rate = top["insert_rate_achieved"]
+        phase(rate, f"floor: claim alone at {rate:,.0f}/s", floor=True)
+        phase(0.0, "floor: claim alone, closed loop", floor=True)
     rows: list[tuple[str, ...]] = [
         (
             "phase",
