@@ -191,3 +191,26 @@ def test_lane_breaker_cools_down_on_the_lane_clock() -> None:
     clock.advance(10.0)
     assert lane.breaker.state is BreakerState.HALF_OPEN
     assert lane.claimable() == 1, "one half-open probe by default"
+
+
+@pytest.mark.anyio
+async def test_an_admission_cancelled_before_the_call_gives_its_token_back() -> None:
+    # The relay admits, then finds the lease too short for the call and hands the intent
+    # back unattempted: the provider's rate budget must not shrink by a call never made.
+    clock, stop = Clock(), anyio.Event()
+    lane = make_lane(clock, rate_limit=RateLimit(per_second=1.0, burst=2))
+    lane.acquire()
+    assert await lane.admit(stop)
+    lane.cancel_admission()
+    assert lane.bucket is not None and lane.bucket.available() == 2
+    lane.acquire()
+    lane.acquire()
+    assert [await lane.admit(stop), await lane.admit(stop)] == [True, True]
+    assert lane.bucket.available() == 0
+
+
+def test_a_token_given_back_never_lifts_the_bucket_above_its_burst() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=1.0, burst=2, clock=clock)
+    bucket.give_back()
+    assert bucket.available() == 2

@@ -234,7 +234,11 @@ class Lane:
         return await self._guarded(command, lookup=True)
 
     def cancel_admission(self) -> None:
+        """Undo :meth:`admit` for a call that will not be made: its breaker probe and its
+        rate-limit token go back, so the provider's budget is spent on calls only."""
         self.breaker.cancel_start()
+        if self.bucket is not None:
+            self.bucket.give_back()
 
     async def _sleep_unless_stopped(self, seconds: float, stop: anyio.Event) -> None:
         """Return after ``seconds`` on the lane's clock, or as soon as ``stop`` is set."""

@@ -38,6 +38,11 @@ class TokenBucket:
             return True
         return False
 
+    def give_back(self) -> None:
+        """Return a token taken for a call that was not made (up to the burst)."""
+        self._refill()
+        self._tokens = min(self.burst, self._tokens + 1.0)
+
     def seconds_until_token(self) -> float:
         self._refill()
         return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
