@@ -151,7 +151,7 @@ async def running(relay: Relay) -> AsyncIterator[Relay]:
                 relay.stop()
                 await relay.finished.wait()
     finally:
-        await relay.db.close()
+        await _close(relay)
 
 
 async def run_until_settled(
@@ -174,7 +174,14 @@ async def run_until_settled(
                 relay.stop()
     finally:
         for relay in relays:
-            await relay.db.close()
+            await _close(relay)
+
+
+async def _close(relay: Relay) -> None:
+    """What the service closes after a relay stops: its pool and its lanes' connections."""
+    await relay.db.close()
+    for lane in relay.lanes.values():
+        await lane.adapter.aclose()
 
 
 async def count_status(db_url: str, provider_name: str, statuses: tuple[str, ...]) -> int:
