@@ -10,7 +10,6 @@ attempt, and the payment whose provider the application named.
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,10 +23,8 @@ from prometheus_client import REGISTRY
 from provider_adapters.base import Action, Command, Retryable
 from provider_adapters.fake import FaultConfig
 from relay.core.lanes import Lane
-from relay.core.runtime import Relay, RelayOptions
+from relay.core.runtime import Relay
 from relay.domain.breaker import BreakerState
-from relay.domain.retry_policy import RetryPolicy
-from relay.infra.db import Database
 from relay.infra.queries import QUERIES
 from relay.operations.providers import set_provider, set_rule
 from relay.service.main import build_lane
@@ -38,7 +35,7 @@ from tests.support.cli import run_cli
 from tests.support.fake_server import FakeServer, running_fake
 from tests.support.intents import register_provider
 from tests.support.providers import stripe_adapter
-from tests.support.relays import provider, running
+from tests.support.relays import provider, relay_with_lanes, running
 from tests.support.waiting import wait_until
 from tests.tcp_proxy import TcpProxy
 
@@ -51,19 +48,8 @@ FIRST = (
 
 
 def _relay(db_url: str, instance: str, name: str, lane: Lane) -> Relay:
-    return Relay(
-        Database(db_url, pool_size=3, name=instance),
-        {name: lane},
-        RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=50),
-        RelayOptions(
-            instance=instance,
-            batch_size=50,
-            poll_interval_seconds=0.05,
-            poll_max_interval_seconds=0.2,
-            shutdown_grace_seconds=5.0,
-        ),
-        rng=random.Random(3).random,
-    )
+    # 50 attempts: half the fallback's calls answer 503, and no payment may die of it.
+    return relay_with_lanes(db_url, {name: lane}, instance=instance, max_attempts=50, seed=3)
 
 
 def _intents(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
