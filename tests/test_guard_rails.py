@@ -41,7 +41,7 @@ from relay.operations.providers import list_guards, list_rules, set_guard, set_r
 from relay.operations.status import collect_status
 from relay.service.guard_rails import GuardRails, code_class
 from tests.invariants import unfinished
-from tests.support.intents import register_provider
+from tests.support.intents import payments_by_provider, register_provider
 from tests.support.relays import relay_with_lanes
 from tests.support.waiting import wait_until
 
@@ -205,14 +205,6 @@ def _insert(conn: psycopg.Connection, prefix: str, n: int) -> None:
             conn.execute(ROUTED, (f"{prefix}-{k}",))
 
 
-def _providers(conn: psycopg.Connection, prefix: str) -> dict[str, int]:
-    rows = conn.execute(
-        "SELECT provider, count(*) FROM outbox.payments WHERE payment_id LIKE %s GROUP BY 1",
-        (prefix + "-%",),
-    ).fetchall()
-    return {provider: int(n) for provider, n in rows}
-
-
 def _metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -309,9 +301,9 @@ async def test_relay_rolls_a_failing_canary_back(
         finally:
             await relay.db.close()
 
-        assert _providers(conn, "after") == {"stripe": 30}
-        assert "canary" in _providers(conn, "declining")  # those it had keep it
-        assert _providers(conn, "healthy").keys() == {"stripe", "canary"}
+        assert payments_by_provider(conn, "after-") == {"stripe": 30}
+        assert "canary" in payments_by_provider(conn, "declining-")  # those it had keep it
+        assert payments_by_provider(conn, "healthy-").keys() == {"stripe", "canary"}
         capture = conn.execute(
             "SELECT provider, status FROM outbox.payment_intents"
             " WHERE payment_id = %s AND action = 'capture'",
