@@ -22,7 +22,8 @@ import pytest
 from tests.invariants import assert_exactly_once
 from tests.processes import FakeProviderProcess, RelayProcess
 from tests.support.cli import BASE_ENV, run_cli
-from tests.support.dead_intents import history, insert, make_dead, rows, state
+from tests.support.dead_intents import history, insert, make_dead, state
+from tests.support.sql import rows
 from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.integration

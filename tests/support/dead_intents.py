@@ -9,13 +9,9 @@ from typing import Any
 import psycopg
 
 from tests.support.intents import insert_intents
+from tests.support.sql import rows
 
-__all__ = ["history", "insert", "make_dead", "rows", "state"]
-
-
-def rows(db_url: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+__all__ = ["history", "insert", "make_dead", "state"]
 
 
 def insert(db_url: str, *intents: tuple[Any, ...]) -> list[int]:
