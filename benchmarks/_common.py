@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import httpx
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from provider_adapters.base import Command, Outcome, Succeeded
 from relay.infra.migrate import migrate
@@ -38,24 +38,23 @@ def machine() -> dict[str, Any]:
 
 
 @contextmanager
-def scratch_database(label: str) -> Iterator[str]:
-    """A fresh migrated database on RELAY_DATABASE_URL's server (or an embedded one)."""
+def scratch_database(label: str, *, migrations: Path | None = None) -> Iterator[str]:
+    """A fresh database on RELAY_DATABASE_URL's server (or an embedded one), migrated with
+    the migrations in ``migrations`` (default: sql/)."""
     admin = os.environ.get("RELAY_DATABASE_URL") or os.environ.get("RELAY_TEST_DATABASE_URL")
     if not admin:
         from relay.infra.embedded_pg import embedded_postgres
 
         with embedded_postgres() as url:
-            migrate(url)
+            migrate(url, directory=migrations)
             yield url
         return
     name = f"outbox_bench_{label}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin)
-    params["dbname"] = name
-    url = make_conninfo(**params)
+    url = make_conninfo(admin, dbname=name)
     try:
-        migrate(url)
+        migrate(url, directory=migrations)
         yield url
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:

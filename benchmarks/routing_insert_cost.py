@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,10 +38,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from psycopg.conninfo import make_conninfo
-
 from benchmarks._common import scratch_database, table, write_result
-from relay.infra.migrate import discover, migrate
+from relay.infra.migrate import discover
 
 BEFORE_REGISTRY = "0050"  # the first migration of the registry
 
@@ -119,27 +116,20 @@ def loop_seconds(url: str, provider: str, n: int, tag: str) -> float:
 def database_before_registry() -> Iterator[str | None]:
     """A scratch database migrated up to the last migration before sql/0050 (None when no
     server is configured: the embedded one is not used for this figure)."""
-    admin = os.environ.get("RELAY_DATABASE_URL") or os.environ.get("RELAY_TEST_DATABASE_URL")
-    if not admin:
+    if not (os.environ.get("RELAY_DATABASE_URL") or os.environ.get("RELAY_TEST_DATABASE_URL")):
         yield None
         return
-    name = f"outbox_bench_before_{uuid.uuid4().hex[:8]}"
     early = Path(tempfile.mkdtemp())
-    for found in discover():
-        if found.version < BEFORE_REGISTRY:
-            shutil.copy(found.path, early / found.path.name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
     try:
-        url = make_conninfo(admin, dbname=name)
-        migrate(url, directory=early)
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("UPDATE outbox.relay_wakeup SET wanted = false")
-        yield url
+        for found in discover():
+            if found.version < BEFORE_REGISTRY:
+                shutil.copy(found.path, early / found.path.name)
+        with scratch_database("before", migrations=early) as url:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("UPDATE outbox.relay_wakeup SET wanted = false")
+            yield url
     finally:
         shutil.rmtree(early, ignore_errors=True)
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
 
 
 def main() -> int:

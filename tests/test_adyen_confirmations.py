@@ -28,10 +28,8 @@ from typing import Any
 
 import anyio
 import httpx
-import psycopg
 import pytest
 from prometheus_client import REGISTRY
-from psycopg.rows import dict_row
 
 from provider_adapters.adyen import AdyenAdapter
 from provider_adapters.adyen_webhooks import sign_item
@@ -47,6 +45,7 @@ from tests.support.cli import run_cli
 from tests.support.fake_server import FakeServer
 from tests.support.intents import insert_intents
 from tests.support.relays import make_relay, running
+from tests.support.sql import dict_rows
 from tests.support.waiting import wait_until
 from tests.support.webhooks import SECRET, Receiver, applier, inbox_rows, running_receiver
 
@@ -63,13 +62,8 @@ async def database(db_url: str) -> AsyncIterator[Database]:
     await db.close()
 
 
-def rows(db_url: str, query: str, *params: Any) -> list[dict[str, Any]]:
-    with psycopg.connect(db_url) as conn:
-        return conn.cursor(row_factory=dict_row).execute(query, params).fetchall()
-
-
 def intents(db_url: str) -> list[dict[str, Any]]:
-    return rows(
+    return dict_rows(
         db_url,
         "SELECT id, payment_id, action, status, attempts, error_code, provider_reference,"
         " amount_applied_minor, idempotency_key FROM outbox.payment_intents ORDER BY id",
@@ -77,7 +71,7 @@ def intents(db_url: str) -> list[dict[str, Any]]:
 
 
 def payment(db_url: str, payment_id: str) -> dict[str, Any]:
-    (found,) = rows(db_url, "SELECT * FROM outbox.payments WHERE payment_id = %s", payment_id)
+    (found,) = dict_rows(db_url, "SELECT * FROM outbox.payments WHERE payment_id = %s", payment_id)
     return found
 
 
@@ -156,12 +150,12 @@ async def test_confirmations_finish_each_intent_once_whatever_the_delivery(
                 lambda: set(statuses(db_url)) == {"succeeded"}, "every intent succeeded"
             )
             await settle(fake, db_url)
-            before = (intents(db_url), rows(db_url, "SELECT * FROM outbox.ledger_entries"))
+            before = (intents(db_url), dict_rows(db_url, "SELECT * FROM outbox.ledger_entries"))
             # Every notification delivered once more, long after: nothing changes.
             resent = (await fake.control.post("/_fake/webhooks/resend", json={})).json()
             assert resent["resent"] > 0
             await settle(fake, db_url)
-            after = (intents(db_url), rows(db_url, "SELECT * FROM outbox.ledger_entries"))
+            after = (intents(db_url), dict_rows(db_url, "SELECT * FROM outbox.ledger_entries"))
             tg.cancel_scope.cancel()
         effects = await fake.effects()
         notes = await fake.notifications()
@@ -224,10 +218,10 @@ async def test_a_later_intent_waits_for_the_confirmation_and_nothing_is_booked_m
         paid = payment(db_url, "p-wait")
         assert (paid["state"], paid["captured_minor"]) == ("authorized", 0), "confirmed only"
         assert (paid["awaiting_action"], paid["awaiting_minor"]) == ("capture", 1000)
-        kinds = rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
+        kinds = dict_rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
         assert [k["kind"] for k in kinds] == ["authorize"]
         assert_ledger_clean(db_url)
-        lease = rows(
+        lease = dict_rows(
             db_url,
             "SELECT lease_token, claimed_by FROM outbox.payment_intents WHERE id = %s",
             capture["id"],
@@ -297,7 +291,7 @@ async def test_capture_failed_reverses_exactly_what_the_capture_booked(
             await _apply_until_done(inbox, db_url)
         assert statuses(db_url) == ["succeeded", "succeeded"]
         capture = intents(db_url)[1]
-        booked = rows(
+        booked = dict_rows(
             db_url,
             "SELECT e.account, e.amount_minor FROM outbox.ledger_entries AS e"
             " JOIN outbox.ledger_transactions AS t ON t.id = e.transaction_id"
@@ -320,7 +314,7 @@ async def test_capture_failed_reverses_exactly_what_the_capture_booked(
         await resend(fake, eventCode="CAPTURE")  # and the CAPTURE again
         await wait_until(lambda: delivered(fake), "the fake delivered every notification")
         await _apply_until_done(inbox, db_url)
-    reversal = rows(
+    reversal = dict_rows(
         db_url,
         "SELECT e.account, e.amount_minor FROM outbox.ledger_entries AS e"
         " JOIN outbox.ledger_transactions AS t ON t.id = e.transaction_id"
@@ -333,7 +327,7 @@ async def test_capture_failed_reverses_exactly_what_the_capture_booked(
         1000,
         0,
     )
-    events = rows(
+    events = dict_rows(
         db_url, "SELECT event_type FROM outbox.events WHERE payment_id = 'p-cf' ORDER BY id"
     )
     assert [e["event_type"] for e in events].count("payment.capture.reversed") == 1
@@ -378,7 +372,7 @@ async def test_capture_failed_before_its_capture_fails_the_intent_and_the_late_c
     )
     late = [r for r in inbox_rows(db_url) if r["event_type"] == "CAPTURE"]
     assert "already failed" in late[0]["result"] and "nothing changed" in late[0]["result"]
-    kinds = rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
+    kinds = dict_rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
     assert [k["kind"] for k in kinds] == ["authorize"], "nothing was ever booked for it"
     assert_ledger_clean(db_url)
 
@@ -431,7 +425,7 @@ async def test_a_missing_confirmation_opens_an_exception_and_a_late_one_settles_
     assert f"exception {resolved['id']} resolved" in row["result"]
     paid = payment(db_url, "p-late")
     assert (paid["state"], paid["captured_minor"]) == ("captured", 1000)
-    kinds = rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
+    kinds = dict_rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
     assert [k["kind"] for k in kinds] == ["authorize", "capture"], "booked once"
     assert_ledger_clean(db_url)
 
@@ -476,13 +470,14 @@ async def test_chargebacks_and_an_expired_authorisation_map_to_state_ledger_and_
         await _apply_until_done(inbox, db_url)
     won = payment(db_url, "p-cb")
     assert (won["disputed_minor"], won["dispute_status"], won["state"]) == (0, "won", "captured")
-    kinds = rows(
+    kinds = dict_rows(
         db_url, "SELECT kind FROM outbox.ledger_transactions WHERE payment_id = 'p-cb' ORDER BY id"
     )
     assert [k["kind"] for k in kinds] == ["charge", "dispute", "dispute_reversal"]
     assert payment(db_url, "p-exp")["state"] == "voided"
     events = [
-        e["event_type"] for e in rows(db_url, "SELECT event_type FROM outbox.events ORDER BY id")
+        e["event_type"]
+        for e in dict_rows(db_url, "SELECT event_type FROM outbox.events ORDER BY id")
     ]
     assert events.count("payment.dispute.opened") == 2  # the notice, then the chargeback
     assert events.count("payment.dispute.won") == 1
@@ -658,6 +653,6 @@ async def test_a_stripe_refund_pending_awaits_its_confirmation_then_settles_once
         400,
         None,
     )
-    kinds = rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
+    kinds = dict_rows(db_url, "SELECT kind FROM outbox.ledger_transactions ORDER BY id")
     assert [k["kind"] for k in kinds] == ["charge", "refund"], "confirmed money only, once"
     assert_ledger_clean(db_url)

@@ -28,6 +28,7 @@ from provider_adapters.fake.adyen import (
 )
 from tests.support.adyen import AdyenFake, adyen_on_fake, running_adyen_fake
 from tests.support.commands import command
+from tests.support.serving import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -310,19 +311,12 @@ async def test_webhooks_are_posted_to_the_url_given_duplicated_on_demand() -> No
 
     app = web.Application()
     app.router.add_post("/hook", sink)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    try:
-        faults = AdyenFaults(webhook_url=url, webhook_duplicate=True, webhook_delay_ms=10)
+    async with serving(app) as url:
+        faults = AdyenFaults(webhook_url=f"{url}/hook", webhook_duplicate=True, webhook_delay_ms=10)
         async with adyen_on_fake(faults) as (_, adapter):
             await adapter.execute(command(Action.AUTHORIZE, "hook"))
             with anyio.fail_after(60):  # a hang guard, no speed limit
                 await both.wait()
-        items = [b["notificationItems"][0]["NotificationRequestItem"] for b in received]
-        assert items[0] == items[1] and items[0]["eventCode"] == "AUTHORISATION"
-        assert all(b["live"] == "false" for b in received)
-    finally:
-        await runner.cleanup()
+    items = [b["notificationItems"][0]["NotificationRequestItem"] for b in received]
+    assert items[0] == items[1] and items[0]["eventCode"] == "AUTHORISATION"
+    assert all(b["live"] == "false" for b in received)

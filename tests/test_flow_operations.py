@@ -31,8 +31,18 @@ from relay.finance.audit import verify_database
 from relay.infra.db import Database
 from relay.service.flow_sweep import FlowSweeper
 from tests.support.cli import run_cli
+from tests.support.flows import (
+    authorized_snapshot,
+    claim_one,
+    flow_events,
+    flow_intents,
+    flow_state,
+    recipe,
+    split_tender,
+    start_flow,
+    write_back,
+)
 from tests.support.relays import make_relay_with, run_until_settled
-from tests.test_flows import flow_events, flow_intents, flow_state, recipe
 
 pytestmark = pytest.mark.anyio
 
@@ -131,7 +141,7 @@ async def test_a_missed_capture_deadline_voids_the_hold_and_a_later_capture_is_r
     await run_until_settled(db_url, [make_relay_with(db_url, {"giftco": gift})])
     assert flow_state(db_url, flow)[0] == "compensated"
     assert flow_events(db_url, flow) == ["flow.compensating", "flow.compensated"]
-    assert sum(gift.effects.values()) == 2 and set(gift.effects.values()) == {1}
+    assert gift.effects.total() == 2 and set(gift.effects.values()) == {1}
 
     # A capture the application inserts after the void: the state machine refuses it, and
     # it never reaches the provider.
@@ -151,7 +161,7 @@ async def test_a_missed_capture_deadline_voids_the_hold_and_a_later_capture_is_r
         ).fetchone()
     assert late == ("failed", "payment_voided")
     assert payment == ("voided",)
-    assert sum(gift.effects.values()) == 2
+    assert gift.effects.total() == 2
     report = verify_database(db_url)
     assert report.intact, [b.describe() for b in report.breaks]
 
@@ -284,7 +294,6 @@ async def test_operators_cancel_retry_and_mark_compensated_with_four_eyes(db_url
         retry_step,
     )
     from tests.login_roles import login_role
-    from tests.test_flows import _authorized, _claim_one, _write, split_tender, start_flow
 
     flow = start_flow(db_url, "order-1", split_tender())
     redo = start_flow(db_url, "order-2", hold_then_capture("order-2", within=None))
@@ -302,8 +311,8 @@ async def test_operators_cancel_retry_and_mark_compensated_with_four_eyes(db_url
             held = await store.claim("giftco", 10, lease_seconds=600, instance="flow-ops-test")
             gift, other = sorted(held, key=lambda r: r.payment_id)
             assert (gift.payment_id, other.payment_id) == ("order-1-gift", "order-2")
-            await _write(store, gift, "succeeded", amount_applied_minor=500,
-                         payment=_authorized(500))  # fmt: skip
+            await write_back(store, gift, "succeeded", amount_applied_minor=500,
+                             payment=authorized_snapshot(500))  # fmt: skip
             # A cancel that only releases holds: one operator. The card's hold, unsent, is
             # withdrawn; the gift card's is voided.
             done = await anyio.to_thread.run_sync(partial(
@@ -313,11 +322,11 @@ async def test_operators_cancel_retry_and_mark_compensated_with_four_eyes(db_url
             assert done.stdout.strip() == (
                 f"flow {flow} (order-1): compensating: cancelled by operator alice: customer called"
             )
-            void = await _claim_one(store, "giftco")
+            void = await claim_one(store, "giftco")
             assert (void.action, void.payment_id) == ("void", "order-1-gift")
             # order-2's hold dies with its outcome unknown; order-3's charge is pending.
-            await _write(store, other, "dead", error_code="attempts_exhausted")
-            await _write(store, void, "failed", error_code="provider_refused")
+            await write_back(store, other, "dead", error_code="attempts_exhausted")
+            await write_back(store, void, "failed", error_code="provider_refused")
         finally:
             await db.close()
         assert flow_state(db_url, flow)[0] == "needs_operator"

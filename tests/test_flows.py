@@ -9,9 +9,7 @@ ambiguous for as long as it likes.
 
 from __future__ import annotations
 
-import re
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,71 +26,24 @@ from relay.infra.db import Database
 from relay.operations.flows import find_flow
 from tests.login_roles import login_role
 from tests.support.cli import run_cli
+from tests.support.flows import (
+    authorized_snapshot,
+    claim_one,
+    flow_by_key,
+    flow_events,
+    flow_intents,
+    flow_state,
+    recipe,
+    split_tender,
+    start_flow,
+    write_back,
+)
 from tests.support.relays import make_relay_with, run_until_settled
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
 GIFT_DECLINED = "pm_card_chargeDeclined"
-
-
-def split_tender(card_method: str = "pm_card_visa") -> list[dict[str, Any]]:
-    """docs/flows.md's recipe: hold both tenders, then capture both."""
-    return [
-        {"payment_id": "order-1-gift", "action": "authorize", "provider": "giftco",
-         "amount_minor": 500, "currency": "EUR", "payment_method": "gift_card_tok"},
-        {"payment_id": "order-1-card", "action": "authorize", "provider": "cardco",
-         "amount_minor": 1500, "currency": "EUR", "payment_method": card_method},
-        {"payment_id": "order-1-gift", "action": "capture", "currency": "EUR",
-         "depends_on": [1, 2]},
-        {"payment_id": "order-1-card", "action": "capture", "currency": "EUR",
-         "depends_on": [1, 2]},
-    ]  # fmt: skip
-
-
-def start_flow(db_url: str, key: str, steps: list[dict[str, Any]]) -> int:
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute("SELECT outbox.flow_start_v1(%s, %s)", (key, Jsonb(steps))).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def flow_state(db_url: str, flow_id: int) -> tuple[str, str | None]:
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute(
-            "SELECT state, reason FROM outbox.flows WHERE id = %s", (flow_id,)
-        ).fetchone()
-    assert row is not None
-    return str(row[0]), row[1]
-
-
-def flow_intents(db_url: str, flow_id: int) -> list[tuple[str, str, str, str]]:
-    """(role, action, payment_id, status) of every intent of the flow, in id order."""
-    with psycopg.connect(db_url) as conn:
-        rows = conn.execute(
-            """
-            SELECT metadata -> 'flow' ->> 'role', action, payment_id, status
-            FROM outbox.payment_intents
-            WHERE (metadata -> 'flow' ->> 'id')::bigint = %s ORDER BY id
-            """,
-            (flow_id,),
-        ).fetchall()
-    return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
-
-
-def flow_events(db_url: str, flow_id: int) -> list[str]:
-    with psycopg.connect(db_url) as conn:
-        rows = conn.execute(
-            "SELECT event_type, payload FROM outbox.events WHERE ordering_key = %s ORDER BY seq",
-            (f"flow:{flow_id}",),
-        ).fetchall()
-    for _, payload in rows:
-        assert payload["flow"]["id"] == flow_id
-    return [str(event_type) for event_type, _ in rows]
-
-
-def effects(provider: MemoryProvider) -> int:
-    return sum(provider.effects.values())
 
 
 async def test_split_tender_card_declined_voids_the_gift_card_once(db_url: str) -> None:
@@ -110,27 +61,11 @@ async def test_split_tender_card_declined_voids_the_gift_card_once(db_url: str) 
         ("compensation", "void", "order-1-gift", "succeeded"),
     ]
     # The gift card: one hold and one void, each applied once; the card: nothing.
-    assert effects(gift) == 2 and set(gift.effects.values()) == {1}
-    assert effects(card) == 0
+    assert gift.effects.total() == 2 and set(gift.effects.values()) == {1}
+    assert card.effects.total() == 0
     assert flow_events(db_url, flow) == ["flow.compensating", "flow.compensated"]
     report = verify_database(db_url)
     assert report.intact, [b.describe() for b in report.breaks]
-
-
-def recipe(name: str) -> str:
-    """The SQL of docs/flows.md's recipe ``name``, as a reader pastes it."""
-    text = (Path(__file__).parent.parent / "docs" / "flows.md").read_text()
-    blocks = re.findall(r"```sql\n(-- recipe: [a-z-]+\n.*?)```", text, re.DOTALL)
-    found = [b for b in blocks if b.startswith(f"-- recipe: {name}\n")]
-    assert len(found) == 1, f"docs/flows.md has no single recipe {name}"
-    return found[0]
-
-
-def flow_by_key(db_url: str, key: str) -> int:
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute("SELECT id FROM outbox.flows WHERE flow_key = %s", (key,)).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def test_split_tender_both_holding_captures_both_once_then_cancel_refunds_both(
@@ -150,8 +85,8 @@ async def test_split_tender_both_holding_captures_both_once_then_cancel_refunds_
         ("step", "capture", "order-1042-gift", "succeeded"),
         ("step", "capture", "order-1042-card", "succeeded"),
     ]
-    assert effects(gift) == 2 and set(gift.effects.values()) == {1}
-    assert effects(card) == 2 and set(card.effects.values()) == {1}
+    assert gift.effects.total() == 2 and set(gift.effects.values()) == {1}
+    assert card.effects.total() == 2 and set(card.effects.values()) == {1}
     assert flow_events(db_url, flow) == ["flow.completed"]
     with psycopg.connect(db_url) as conn:
         payload = conn.execute(
@@ -167,31 +102,13 @@ async def test_split_tender_both_holding_captures_both_once_then_cancel_refunds_
     await run_until_settled(db_url, [make_relay_with(db_url, {"giftco": gift, "stripe": card})])
     assert flow_state(db_url, cancel) == ("completed", None)
     assert [(i[1], i[3]) for i in flow_intents(db_url, cancel)] == [("refund", "succeeded")] * 2
-    assert effects(gift) == 3 and set(gift.effects.values()) == {1}
-    assert effects(card) == 3 and set(card.effects.values()) == {1}
+    assert gift.effects.total() == 3 and set(gift.effects.values()) == {1}
+    assert card.effects.total() == 3 and set(card.effects.values()) == {1}
     with psycopg.connect(db_url) as conn:
         states = conn.execute("SELECT state FROM outbox.payments ORDER BY payment_id").fetchall()
     assert states == [("refunded",), ("refunded",)]
     report = verify_database(db_url)
     assert report.intact, [b.describe() for b in report.breaks]
-
-
-def _authorized(amount: int) -> PaymentSnapshot:
-    return PaymentSnapshot(PaymentState.AUTHORIZED, "EUR", authorized_minor=amount,
-                           provider_reference="pi_x")  # fmt: skip
-
-
-async def _claim_one(store: Store, provider: str) -> Any:
-    claimed = await store.claim(provider, 10, lease_seconds=60, instance="flows-test")
-    assert len(claimed) == 1, claimed
-    return claimed[0]
-
-
-async def _write(store: Store, row: Any, status: str, **fields: Any) -> None:
-    written = await store.complete(
-        [WriteBack(row.id, row.lease_token, row.payment_id, status, **fields)]
-    )
-    assert written == {row.id}
 
 
 async def test_an_ambiguous_step_is_settled_before_anything_is_compensated(db_url: str) -> None:
@@ -200,26 +117,26 @@ async def test_an_ambiguous_step_is_settled_before_anything_is_compensated(db_ur
     await db.open()
     try:
         store = Store(db, actor="relay:flows-test")
-        gift = await _claim_one(store, "giftco")
-        card = await _claim_one(store, "cardco")
+        gift = await claim_one(store, "giftco")
+        card = await claim_one(store, "cardco")
         # The card is declined while the gift card's hold is in flight, then comes back
         # ambiguous (retried under the same key): the flow will compensate, but not yet.
-        await _write(store, card, "failed", error_code="card_declined")
-        await _write(store, gift, "pending", error_code="timeout")
+        await write_back(store, card, "failed", error_code="card_declined")
+        await write_back(store, gift, "pending", error_code="timeout")
         assert flow_state(db_url, flow)[0] == "compensating"
         assert [i[0] for i in flow_intents(db_url, flow)] == ["step", "step"]
 
-        gift = await _claim_one(store, "giftco")
-        await _write(store, gift, "succeeded", amount_applied_minor=500,
-                     provider_reference="pi_x", payment=_authorized(500))  # fmt: skip
+        gift = await claim_one(store, "giftco")
+        await write_back(store, gift, "succeeded", amount_applied_minor=500,
+                         provider_reference="pi_x", payment=authorized_snapshot(500))  # fmt: skip
         # Settled with an effect: its void, once, and nothing for the declined card.
         assert flow_intents(db_url, flow)[2:] == [
             ("compensation", "void", "order-1-gift", "pending")
         ]
-        void = await _claim_one(store, "giftco")
+        void = await claim_one(store, "giftco")
         assert void.action == "void"
         # The void fails for good: the flow goes to an operator, with the reason.
-        await _write(store, void, "failed", error_code="provider_refused")
+        await write_back(store, void, "failed", error_code="provider_refused")
         state, reason = flow_state(db_url, flow)
         assert state == "needs_operator"
         assert reason is not None and "compensation of step 1 (void" in reason
@@ -356,16 +273,18 @@ async def test_two_steps_settling_at_once_in_two_transactions_start_the_next_ste
     await db.open()
     try:
         store = Store(db, actor="relay:flows-test")
-        gift = await _claim_one(store, "giftco")
-        card = await _claim_one(store, "cardco")
+        gift = await claim_one(store, "giftco")
+        card = await claim_one(store, "cardco")
         first = await psycopg.AsyncConnection.connect(db_url)  # its transaction, held open
         try:
             await store.complete_in(first, [WriteBack(gift.id, gift.lease_token,
                 gift.payment_id, "succeeded", amount_applied_minor=500,
-                payment=_authorized(500))])  # fmt: skip
+                payment=authorized_snapshot(500))])  # fmt: skip
             async with anyio.create_task_group() as tg:
                 tg.start_soon(
-                    partial(_write, amount_applied_minor=1500, payment=_authorized(1500)),
+                    partial(
+                        write_back, amount_applied_minor=1500, payment=authorized_snapshot(1500)
+                    ),
                     store,
                     card,
                     "succeeded",
@@ -405,12 +324,12 @@ async def test_a_dead_step_waits_for_the_operator_and_a_dead_compensation_can_be
     await db.open()
     try:
         store = Store(db, actor="relay:flows-test")
-        gift = await _claim_one(store, "giftco")
-        card = await _claim_one(store, "cardco")
-        await _write(store, card, "succeeded", amount_applied_minor=1500,
-                     payment=_authorized(1500))  # fmt: skip
+        gift = await claim_one(store, "giftco")
+        card = await claim_one(store, "cardco")
+        await write_back(store, card, "succeeded", amount_applied_minor=1500,
+                         payment=authorized_snapshot(1500))  # fmt: skip
         # Attempts exhausted on ambiguous replies: its effect is unknown, the flow waits.
-        await _write(store, gift, "dead", error_code="attempts_exhausted")
+        await write_back(store, gift, "dead", error_code="attempts_exhausted")
         assert flow_state(db_url, flow) == ("running", None)
         assert len(flow_intents(db_url, flow)) == 2
         # The operator gives up on it (the janitor found no effect): the flow compensates.
@@ -418,9 +337,9 @@ async def test_a_dead_step_waits_for_the_operator_and_a_dead_compensation_can_be
             conn.execute("SELECT outbox.cancel_dead_intents(ARRAY[%s]::bigint[], 'alice')",
                          (gift.id,))  # fmt: skip
         assert flow_state(db_url, flow)[0] == "compensating"
-        void = await _claim_one(store, "cardco")
+        void = await claim_one(store, "cardco")
         assert (void.action, void.payment_id) == ("void", "order-1-card")
-        await _write(store, void, "dead", error_code="attempts_exhausted")
+        await write_back(store, void, "dead", error_code="attempts_exhausted")
         state, reason = flow_state(db_url, flow)
         assert state == "needs_operator" and reason is not None and "is dead" in reason
         # Re-driven under the same key, it succeeds: the flow finishes undoing.
@@ -428,10 +347,10 @@ async def test_a_dead_step_waits_for_the_operator_and_a_dead_compensation_can_be
             conn.execute(
                 "SELECT * FROM outbox.retry_dead_intents(ARRAY[%s]::bigint[], 'alice')", (void.id,)
             )
-        again = await _claim_one(store, "cardco")
+        again = await claim_one(store, "cardco")
         assert (again.id, again.idempotency_key) == (void.id, void.idempotency_key)
-        await _write(store, again, "succeeded", amount_applied_minor=1500,
-                     payment=PaymentSnapshot(PaymentState.VOIDED, "EUR", authorized_minor=1500))  # fmt: skip
+        await write_back(store, again, "succeeded", amount_applied_minor=1500,
+                         payment=PaymentSnapshot(PaymentState.VOIDED, "EUR", authorized_minor=1500))  # fmt: skip
     finally:
         await db.close()
     state, reason = flow_state(db_url, flow)
@@ -455,12 +374,12 @@ async def test_a_step_not_yet_sent_when_the_flow_compensates_is_never_sent(db_ur
     try:
         store = Store(db, actor="relay:flows-test")
         for provider, amount in (("giftco", 500), ("cardco", 1500)):
-            held = await _claim_one(store, provider)
-            await _write(store, held, "succeeded", amount_applied_minor=amount,
-                         payment=_authorized(amount))  # fmt: skip
-        capture = await _claim_one(store, "giftco")
+            held = await claim_one(store, provider)
+            await write_back(store, held, "succeeded", amount_applied_minor=amount,
+                             payment=authorized_snapshot(amount))  # fmt: skip
+        capture = await claim_one(store, "giftco")
         assert capture.action == "capture"
-        await _write(store, capture, "failed", error_code="capture_refused")
+        await write_back(store, capture, "failed", error_code="capture_refused")
         assert flow_intents(db_url, flow)[2:] == [
             ("step", "capture", "order-1-gift", "failed"),
             ("step", "capture", "order-1-card", "failed"),
@@ -477,11 +396,11 @@ async def test_a_step_not_yet_sent_when_the_flow_compensates_is_never_sent(db_ur
             ).fetchone()
         assert withdrawn == ("flow_compensating", 0) and event == (1,)
         for provider, amount in (("cardco", 1500), ("giftco", 500)):
-            void = await _claim_one(store, provider)
+            void = await claim_one(store, provider)
             assert void.action == "void"
-            await _write(store, void, "succeeded", amount_applied_minor=amount,
-                         payment=PaymentSnapshot(PaymentState.VOIDED, "EUR",
-                                                 authorized_minor=amount))  # fmt: skip
+            await write_back(store, void, "succeeded", amount_applied_minor=amount,
+                             payment=PaymentSnapshot(PaymentState.VOIDED, "EUR",
+                                                     authorized_minor=amount))  # fmt: skip
         assert await store.claim("cardco", 10, lease_seconds=60, instance="flows-test") == []
     finally:
         await db.close()

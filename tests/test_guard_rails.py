@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -27,7 +26,6 @@ from relay.cli.main import main as cli_main
 from relay.cli.providers import parse_percent_bp
 from relay.cli.status import render_status
 from relay.core.lanes import BreakerSettings, Lane
-from relay.core.runtime import Relay, RelayOptions
 from relay.core.store import Store
 from relay.domain.guard_rails import (
     GuardRail,
@@ -38,13 +36,13 @@ from relay.domain.guard_rails import (
     rate_bp,
 )
 from relay.domain.intents import WriteBack
-from relay.domain.retry_policy import RetryPolicy
 from relay.infra.db import Database
 from relay.operations.providers import list_guards, list_rules, set_guard, set_rule, set_weights
 from relay.operations.status import collect_status
 from relay.service.guard_rails import GuardRails, code_class
 from tests.invariants import unfinished
-from tests.support.intents import register_provider
+from tests.support.intents import payments_by_provider, register_provider
+from tests.support.relays import relay_with_lanes
 from tests.support.waiting import wait_until
 
 # -- the pure comparison ---------------------------------------------------------------
@@ -207,31 +205,6 @@ def _insert(conn: psycopg.Connection, prefix: str, n: int) -> None:
             conn.execute(ROUTED, (f"{prefix}-{k}",))
 
 
-def _providers(conn: psycopg.Connection, prefix: str) -> dict[str, int]:
-    rows = conn.execute(
-        "SELECT provider, count(*) FROM outbox.payments WHERE payment_id LIKE %s GROUP BY 1",
-        (prefix + "-%",),
-    ).fetchall()
-    return {provider: int(n) for provider, n in rows}
-
-
-def _relay(db_url: str, lanes: dict[str, Lane]) -> Relay:
-    return Relay(
-        Database(db_url, pool_size=3, name="guard-test"),
-        lanes,
-        RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=5),
-        RelayOptions(
-            instance="guard-test",
-            batch_size=50,
-            lease_seconds=30.0,
-            poll_interval_seconds=0.05,
-            poll_max_interval_seconds=0.2,
-            shutdown_grace_seconds=5.0,
-        ),
-        rng=random.Random(3).random,
-    )
-
-
 def _metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -282,7 +255,7 @@ async def test_relay_rolls_a_failing_canary_back(
             name: Lane(name, adapter, concurrency=8, timeout_seconds=5.0, breaker=CLOSED)
             for name, adapter in (("stripe", baseline), ("canary", canary))
         }
-        relay = _relay(db_url, lanes)
+        relay = relay_with_lanes(db_url, lanes, instance="guard-test", seed=3)
         guard = GuardRails(relay.db, instance="guard-test", interval_seconds=0.05)
         before = _rollbacks()
 
@@ -328,9 +301,9 @@ async def test_relay_rolls_a_failing_canary_back(
         finally:
             await relay.db.close()
 
-        assert _providers(conn, "after") == {"stripe": 30}
-        assert "canary" in _providers(conn, "declining")  # those it had keep it
-        assert _providers(conn, "healthy").keys() == {"stripe", "canary"}
+        assert payments_by_provider(conn, "after-") == {"stripe": 30}
+        assert "canary" in payments_by_provider(conn, "declining-")  # those it had keep it
+        assert payments_by_provider(conn, "healthy-").keys() == {"stripe", "canary"}
         capture = conn.execute(
             "SELECT provider, status FROM outbox.payment_intents"
             " WHERE payment_id = %s AND action = 'capture'",

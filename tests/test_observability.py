@@ -35,6 +35,7 @@ from relay.service.depth import DepthSampler
 from relay.service.instances import InstanceHeartbeat
 from tests.processes import FakeProviderProcess, RelayProcess, free_port
 from tests.scrape import scrape
+from tests.support.sql import rows as _rows
 from tests.support.waiting import block_until, wait_until
 
 pytestmark = pytest.mark.integration
@@ -47,11 +48,6 @@ INSERT = (
 
 def _traceparent() -> str:
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
-
-
-def _rows(db_url: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
 
 
 def _scalar(db_url: str, sql: str, *params: object) -> Any:

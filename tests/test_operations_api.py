@@ -27,7 +27,7 @@ from relay.operations.dead_letters import (
 from relay.operations.intents import find_intent
 from relay.operations.operators import check_operator_name, parse_age
 from relay.operations.status import ProviderDepth, RelayInstance, Status, collect_status
-from tests.test_operator_cli import history, insert, make_dead, state
+from tests.support.dead_intents import history, insert, make_dead, state
 
 ROOT = Path(__file__).resolve().parent.parent
 BELOW_THE_COMMAND_LINE = ("domain", "core", "events", "finance", "operations", "infra", "service")

@@ -22,7 +22,8 @@ import pytest
 from tests.invariants import assert_exactly_once
 from tests.processes import FakeProviderProcess, RelayProcess
 from tests.support.cli import BASE_ENV, run_cli
-from tests.support.intents import insert_intents
+from tests.support.dead_intents import history, insert, make_dead, state
+from tests.support.sql import rows
 from tests.support.waiting import block_until
 
 pytestmark = pytest.mark.integration
@@ -41,64 +42,6 @@ def cli(
     db_url: str, *args: str, stdin: str | None = None, **env: str
 ) -> subprocess.CompletedProcess[str]:
     return run_cli(*args, env={"RELAY_DATABASE_URL": db_url, **env}, stdin=stdin)
-
-
-def rows(db_url: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
-
-
-def insert(db_url: str, *intents: tuple[Any, ...]) -> list[int]:
-    """(payment_id, action, amount_minor, payment_method[, provider]) -> ids."""
-    return insert_intents(
-        db_url,
-        [
-            {
-                "payment_id": payment_id,
-                "action": action,
-                "amount_minor": amount,
-                "payment_method": method,
-                "provider": provider[0] if provider else "stripe",
-            }
-            for payment_id, action, amount, method, *provider in intents
-        ],
-    )
-
-
-def make_dead(
-    db_url: str, ids: list[int], error_code: str = "rate_limited", age: str = "0"
-) -> None:
-    """Put intents where a relay would: dead after attempts, error recorded."""
-    with psycopg.connect(db_url) as conn:
-        conn.execute(
-            "UPDATE outbox.payment_intents SET status = 'dead', attempts = 8, error_code = %s,"
-            " error_message = 'gave up after 8 attempts', completed_at = now() - %s::interval,"
-            " updated_at = now() - %s::interval WHERE id = ANY(%s)",
-            (error_code, age, age, ids),
-        )
-
-
-def state(db_url: str, intent_id: int) -> tuple[Any, ...]:
-    found = rows(
-        db_url,
-        "SELECT status, attempts, error_code, error_message, idempotency_key, completed_at"
-        " FROM outbox.payment_intents WHERE id = %s",
-        intent_id,
-    )
-    return found[0]
-
-
-def history(db_url: str, intent_id: int) -> list[tuple[str, str]]:
-    """(actor, new status) of each audit row of an intent, in order."""
-    return [
-        (actor, after.get("status") if after else None)
-        for actor, after in rows(
-            db_url,
-            "SELECT actor, after FROM outbox.audit_log"
-            " WHERE entity = 'intent' AND entity_id = %s ORDER BY id",
-            str(intent_id),
-        )
-    ]
 
 
 # -- help -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from provider_adapters.currency_units import ADYEN_UNITS, STRIPE_UNITS
 from relay.domain.routing import Target, choose, routing_bucket
 from relay.operations.providers import list_rules, set_provider, set_rule, set_weights
 from tests.support.cli import run_cli
-from tests.support.intents import register_provider
+from tests.support.intents import payments_by_provider, register_provider
 
 FIRST = (
     "INSERT INTO outbox.payment_intents (payment_id, action, provider, amount_minor, currency,"
@@ -216,15 +216,6 @@ def _insert_routed(conn: psycopg.Connection, prefix: str, n: int) -> None:
     )
 
 
-def _counts(conn: psycopg.Connection, prefix: str) -> dict[str, int]:
-    return dict(
-        conn.execute(
-            "SELECT provider, count(*) FROM outbox.payments WHERE payment_id LIKE %s || '%%' GROUP BY provider",
-            (prefix,),
-        ).fetchall()
-    )
-
-
 def test_split_90_10_over_10000_payments_is_sticky(conn: psycopg.Connection) -> None:
     register_provider(conn, "stripe")
     register_provider(conn, "canary", "adyen")
@@ -243,7 +234,7 @@ def test_split_90_10_over_10000_payments_is_sticky(conn: psycopg.Connection) -> 
     assert routed == {pid: choose("split", targets, routing_bucket(pid)) for pid in routed}
     # Binomial(10,000, 0.1): mean 1,000, standard deviation 30; bounds at 5 sigma (850..1,150),
     # which a fair 10 % split leaves about once in 3.5 million runs.
-    canary = _counts(conn, "s")["canary"]
+    canary = payments_by_provider(conn, "s")["canary"]
     assert 850 <= canary <= 1150, canary
     assert conn.execute(
         "SELECT DISTINCT routing_rule_id, routing_rule_version FROM outbox.payments"
@@ -291,7 +282,7 @@ def test_rollback_to_zero_mid_run(conn: psycopg.Connection) -> None:
     )
     assert rolled["weights"] == [100 - 10, 0] and rolled["version"] == 2
     _insert_routed(conn, "after", 2_000)
-    assert _counts(conn, "after") == {"stripe": 2_000}
+    assert payments_by_provider(conn, "after") == {"stripe": 2_000}
     # Nothing started moved; later intents of canary payments still go to the canary.
     now = dict(
         conn.execute(
@@ -331,7 +322,7 @@ def test_disabling_the_canary_provider_is_a_kill_switch(conn: psycopg.Connection
     )
     set_provider(conn, operator="bob", name="canary", enabled=False, reason="outage")
     _insert_routed(conn, "k", 500)
-    assert _counts(conn, "k") == {"stripe": 500}
+    assert payments_by_provider(conn, "k") == {"stripe": 500}
     set_provider(conn, operator="bob", name="stripe", enabled=False, reason="both down")
     with pytest.raises(psycopg.Error) as caught:
         _insert_routed(conn, "none", 1)

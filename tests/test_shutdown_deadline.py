@@ -9,7 +9,6 @@ signal too, so a flush that began its own grace after the drain could be SIGKILL
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import time
@@ -29,16 +28,13 @@ from relay.core.completer import Completer
 from relay.core.lanes import Lane
 from relay.core.runtime import (
     SHUTDOWN_FLUSH_MIN_SECONDS,
-    Relay,
-    RelayOptions,
     flush_reserve_seconds,
 )
 from relay.domain.intents import WriteBack
-from relay.domain.retry_policy import RetryPolicy
-from relay.infra.db import Database
 from tests.processes import FakeProviderProcess, RelayProcess
 from tests.support.databases import with_port
 from tests.support.intents import insert_intents
+from tests.support.relays import relay_with_lanes
 from tests.support.waiting import block_until
 from tests.tcp_proxy import TcpProxy
 
@@ -117,18 +113,12 @@ async def test_drain_and_flush_share_one_deadline_from_the_stop(db_url: str) -> 
     grace = 8.0
     adapter = _CallThatOutlastsTheGrace()
     lane = Lane("stripe", adapter, concurrency=4, timeout_seconds=600.0)
-    relay = Relay(
-        Database(db_url, pool_size=3, name="deadline-relay"),
+    relay = relay_with_lanes(
+        db_url,
         {"stripe": lane},
-        RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=5),
-        RelayOptions(
-            instance="deadline-relay",
-            lease_seconds=600.0,
-            poll_interval_seconds=0.05,
-            poll_max_interval_seconds=0.2,
-            shutdown_grace_seconds=grace,
-        ),
-        rng=random.Random(1).random,
+        instance="deadline-relay",
+        lease_seconds=600.0,
+        shutdown_grace_seconds=grace,
     )
     insert_intents(
         db_url,

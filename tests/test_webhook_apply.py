@@ -22,9 +22,7 @@ from typing import Any
 
 import anyio
 import httpx
-import psycopg
 import pytest
-from psycopg.rows import dict_row
 
 from provider_adapters.base import Ambiguous, Command, Outcome
 from provider_adapters.stripe import StripeAdapter
@@ -35,6 +33,7 @@ from relay.infra.db import Database
 from tests.support.fake_server import API_KEY, FakeServer
 from tests.support.intents import insert_intents
 from tests.support.relays import make_relay, running
+from tests.support.sql import dict_rows
 from tests.support.waiting import wait_until
 from tests.support.webhooks import SECRET, applier, inbox_rows, running_receiver
 
@@ -47,11 +46,6 @@ async def database(db_url: str) -> AsyncIterator[Database]:
     await db.open()
     yield db
     await db.close()
-
-
-def rows(db_url: str, query: str, *params: Any) -> list[dict[str, Any]]:
-    with psycopg.connect(db_url) as conn:
-        return conn.cursor(row_factory=dict_row).execute(query, params).fetchall()
 
 
 async def deliveries_done(fake: FakeServer) -> bool:
@@ -111,7 +105,7 @@ async def test_duplicates_and_reordering_are_applied_once(
             tg.start_soon(inbox.run_forever)
             await wait_until(
                 lambda: (
-                    rows(
+                    dict_rows(
                         db_url,
                         "SELECT 1 FROM outbox.payment_intents WHERE status <> 'succeeded'",
                     )
@@ -119,7 +113,7 @@ async def test_duplicates_and_reordering_are_applied_once(
                 ),
                 "every intent succeeded",
             )
-            (pi_1,) = rows(
+            (pi_1,) = dict_rows(
                 db_url,
                 "SELECT provider_reference FROM outbox.payments WHERE payment_id = 'pay-1'",
             )
@@ -152,7 +146,7 @@ async def test_duplicates_and_reordering_are_applied_once(
     # 300 by two dashboard refunds (recorded once each, whatever the order).
     payments = {
         p["payment_id"]: p
-        for p in rows(db_url, "SELECT payment_id, state, refunded_minor FROM outbox.payments")
+        for p in dict_rows(db_url, "SELECT payment_id, state, refunded_minor FROM outbox.payments")
     }
     assert (payments["pay-0"]["state"], payments["pay-0"]["refunded_minor"]) == (
         "partially_refunded",
@@ -162,19 +156,19 @@ async def test_duplicates_and_reordering_are_applied_once(
         "partially_refunded",
         300,
     )
-    external = rows(
+    external = dict_rows(
         db_url,
         "SELECT payment_id, amount_minor FROM outbox.ledger_transactions"
         " WHERE inbox_id IS NOT NULL ORDER BY id",
     )
     assert sum(t["amount_minor"] for t in external) == 300
     assert {t["payment_id"] for t in external} == {"pay-1"}
-    events = rows(
+    events = dict_rows(
         db_url,
         "SELECT payload FROM outbox.events WHERE event_type = 'payment.refund.external'",
     )
     assert sum(e["payload"]["change"]["amount_minor"] for e in events) == 300
-    assert rows(db_url, "SELECT id FROM outbox.reconciliation_exceptions") == []
+    assert dict_rows(db_url, "SELECT id FROM outbox.reconciliation_exceptions") == []
     effects = await fake.effects()
     assert all(entry["count"] == 1 for entry in effects["effects_by_key"].values())
     assert_ledger_clean(db_url)
@@ -203,14 +197,14 @@ async def test_dashboard_refund_and_dispute_are_recorded(
         async with running(relay), anyio.create_task_group() as tg:
             tg.start_soon(inbox.run_forever)
             await wait_until(
-                lambda: rows(
+                lambda: dict_rows(
                     db_url,
                     "SELECT provider_reference FROM outbox.payments"
                     " WHERE payment_id = 'pay-d' AND state = 'captured'",
                 ),
                 "the charge succeeded",
             )
-            (payment,) = rows(
+            (payment,) = dict_rows(
                 db_url,
                 "SELECT provider_reference FROM outbox.payments WHERE payment_id = 'pay-d'",
             )
@@ -224,7 +218,7 @@ async def test_dashboard_refund_and_dispute_are_recorded(
             )
             await settled_inbox(fake, db_url)
             # The dispute's funds left the receivable: payment and ledger say so.
-            (state,) = rows(
+            (state,) = dict_rows(
                 db_url,
                 "SELECT disputed_minor, dispute_status FROM outbox.payments"
                 " WHERE payment_id = 'pay-d'",
@@ -248,7 +242,7 @@ async def test_dashboard_refund_and_dispute_are_recorded(
             await settled_inbox(fake, db_url)
             tg.cancel_scope.cancel()
 
-    (state,) = rows(
+    (state,) = dict_rows(
         db_url,
         "SELECT state, captured_minor, refunded_minor, disputed_minor, dispute_status"
         " FROM outbox.payments WHERE payment_id = 'pay-d'",
@@ -260,7 +254,7 @@ async def test_dashboard_refund_and_dispute_are_recorded(
         "disputed_minor": 3500,
         "dispute_status": "lost",
     }
-    lines = rows(
+    lines = dict_rows(
         db_url,
         "SELECT t.kind, e.account, e.amount_minor FROM outbox.ledger_entries AS e"
         " JOIN outbox.ledger_transactions AS t ON t.id = e.transaction_id"
@@ -284,7 +278,7 @@ async def test_dashboard_refund_and_dispute_are_recorded(
     ), refunded["result"]
     assert "1500 EUR" not in refunded["result"]
     assert "the withdrawal of 35.00 EUR is final" in lost["result"], lost["result"]
-    (dispute,) = rows(
+    (dispute,) = dict_rows(
         db_url,
         "SELECT detail FROM outbox.reconciliation_exceptions WHERE kind = 'dispute'"
         " AND payment_id = 'pay-d'",
@@ -292,7 +286,7 @@ async def test_dashboard_refund_and_dispute_are_recorded(
     assert dispute["detail"].startswith(f"the customer disputes 35.00 EUR of {reference} ")
     types = [
         e["event_type"]
-        for e in rows(
+        for e in dict_rows(
             db_url, "SELECT event_type FROM outbox.events WHERE payment_id = 'pay-d' ORDER BY seq"
         )
     ]
@@ -302,7 +296,7 @@ async def test_dashboard_refund_and_dispute_are_recorded(
         "payment.dispute.opened",
         "payment.dispute.lost",
     ]
-    (exception,) = rows(
+    (exception,) = dict_rows(
         db_url,
         "SELECT kind, status, payment_id, provider_amount_minor, inbox_id IS NOT NULL AS by_webhook"
         " FROM outbox.reconciliation_exceptions",
@@ -361,7 +355,7 @@ async def test_a_webhook_settles_an_ambiguous_intent_before_the_janitor(
     finally:
         await impatient.aclose()
 
-    (intent,) = rows(
+    (intent,) = dict_rows(
         db_url,
         "SELECT id, status, amount_applied_minor, provider_reference LIKE 'pi_%%' AS ref,"
         " idempotency_key FROM outbox.payment_intents WHERE payment_id = 'pay-amb'",
@@ -371,20 +365,20 @@ async def test_a_webhook_settles_an_ambiguous_intent_before_the_janitor(
         1234,
         True,
     )
-    (payment,) = rows(
+    (payment,) = dict_rows(
         db_url, "SELECT state, captured_minor FROM outbox.payments WHERE payment_id = 'pay-amb'"
     )
     assert payment == {"state": "captured", "captured_minor": 1234}
     (row,) = [r for r in inbox_rows(db_url) if r["event_type"] == "payment_intent.succeeded"]
     assert row["status"] == "applied" and row["result"].startswith(f"settled intent {intent['id']}")
-    reasons = rows(
+    reasons = dict_rows(
         db_url,
         "SELECT reason FROM outbox.audit_log WHERE entity = 'intent' AND entity_id = %s"
         " AND reason LIKE 'webhook%%'",
         str(intent["id"]),
     )
     assert reasons, "the audit trail names the webhook as the evidence"
-    assert rows(db_url, "SELECT 1 FROM outbox.janitor_checks") == []
+    assert dict_rows(db_url, "SELECT 1 FROM outbox.janitor_checks") == []
     await fake.configure()
     lane = Lane("stripe", adapter, concurrency=2, timeout_seconds=5.0)
     janitor = Janitor(
@@ -442,13 +436,13 @@ async def test_an_old_notification_changes_nothing_and_a_mismatch_opens_an_excep
     relay = make_relay(db_url, adapter, instance="mismatch-relay")
     async with running(relay):
         await wait_until(
-            lambda: rows(
+            lambda: dict_rows(
                 db_url,
                 "SELECT 1 FROM outbox.payments WHERE payment_id = 'pay-m' AND refunded_minor = 500",
             ),
             "charge and refund written",
         )
-    (payment,) = rows(
+    (payment,) = dict_rows(
         db_url, "SELECT provider_reference FROM outbox.payments WHERE payment_id = 'pay-m'"
     )
     reference = payment["provider_reference"]
@@ -467,7 +461,7 @@ async def test_an_old_notification_changes_nothing_and_a_mismatch_opens_an_excep
     assert results["evt_old"]["status"] == "applied"
     assert "older than what the payment knows; nothing changed" in results["evt_old"]["result"]
     assert "exception" in results["evt_odd"]["result"]
-    (exception,) = rows(
+    (exception,) = dict_rows(
         db_url,
         "SELECT kind, internal_amount_minor, provider_amount_minor FROM"
         " outbox.reconciliation_exceptions",
@@ -477,7 +471,9 @@ async def test_an_old_notification_changes_nothing_and_a_mismatch_opens_an_excep
         "internal_amount_minor": 1500,
         "provider_amount_minor": 1600,
     }
-    (state,) = rows(db_url, "SELECT refunded_minor FROM outbox.payments WHERE payment_id = 'pay-m'")
+    (state,) = dict_rows(
+        db_url, "SELECT refunded_minor FROM outbox.payments WHERE payment_id = 'pay-m'"
+    )
     assert state == {"refunded_minor": 500}
     assert_ledger_clean(db_url)
 
@@ -501,10 +497,10 @@ async def test_a_notification_that_fails_to_apply_is_retried_and_stops_nothing(
     )
     async with running(make_relay(db_url, adapter, instance="hostile-relay")):
         await wait_until(
-            lambda: rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'captured'"),
+            lambda: dict_rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'captured'"),
             "the charge written",
         )
-    (payment,) = rows(db_url, "SELECT provider_reference FROM outbox.payments")
+    (payment,) = dict_rows(db_url, "SELECT provider_reference FROM outbox.payments")
     reference = payment["provider_reference"]
     async with running_receiver(db_url) as receiver:
         # 19 nines: past bigint, and no 13-19 digit window of it passes Luhn (9 x n is a
@@ -519,14 +515,14 @@ async def test_a_notification_that_fails_to_apply_is_retried_and_stops_nothing(
     results = {r["event_id"]: r for r in inbox_rows(db_url)}
     assert results["evt_fine"]["status"] == "applied"
     assert results["evt_absurd"]["status"] == "received"
-    (failed,) = rows(
+    (failed,) = dict_rows(
         db_url,
         "SELECT last_error, available_at > now() AS later, lease_token FROM outbox.webhook_inbox"
         " WHERE event_id = 'evt_absurd'",
     )
     assert failed["last_error"] and failed["later"] and failed["lease_token"] is None
     assert await inbox.run_once() == 0, "not claimed again before its backoff"
-    (state,) = rows(db_url, "SELECT refunded_minor FROM outbox.payments")
+    (state,) = dict_rows(db_url, "SELECT refunded_minor FROM outbox.payments")
     assert state == {"refunded_minor": 100}
     assert_ledger_clean(db_url)
 
@@ -551,7 +547,7 @@ async def test_a_refund_left_ambiguous_is_settled_by_charge_refunded(
     )
     async with running(make_relay(db_url, adapter, instance="charge-relay")):
         await wait_until(
-            lambda: rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'captured'"),
+            lambda: dict_rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'captured'"),
             "the charge written",
         )
     impatient = _LookupsFail(
@@ -575,18 +571,21 @@ async def test_a_refund_left_ambiguous_is_settled_by_charge_refunded(
                 tg.cancel_scope.cancel()
     finally:
         await impatient.aclose()
-    (refund,) = rows(
+    (refund,) = dict_rows(
         db_url,
         "SELECT id, status, amount_applied_minor FROM outbox.payment_intents"
         " WHERE action = 'refund'",
     )
     assert (refund["status"], refund["amount_applied_minor"]) == ("succeeded", 1200)
-    (payment,) = rows(db_url, "SELECT state, refunded_minor FROM outbox.payments")
+    (payment,) = dict_rows(db_url, "SELECT state, refunded_minor FROM outbox.payments")
     assert payment == {"state": "partially_refunded", "refunded_minor": 1200}
     (row,) = [r for r in inbox_rows(db_url) if r["event_type"] == "charge.refunded"]
     assert f"settled intent {refund['id']}" in row["result"]
-    assert rows(db_url, "SELECT 1 FROM outbox.ledger_transactions WHERE inbox_id IS NOT NULL") == []
-    assert rows(db_url, "SELECT 1 FROM outbox.reconciliation_exceptions") == []
+    assert (
+        dict_rows(db_url, "SELECT 1 FROM outbox.ledger_transactions WHERE inbox_id IS NOT NULL")
+        == []
+    )
+    assert dict_rows(db_url, "SELECT 1 FROM outbox.reconciliation_exceptions") == []
     assert_ledger_clean(db_url)
 
 
@@ -633,13 +632,14 @@ async def test_disputes_won_and_lost_out_of_order_and_repeated_change_things_onc
     async with running(make_relay(db_url, adapter, instance="dispute-order-relay")):
         await wait_until(
             lambda: (
-                len(rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'captured'")) == 2
+                len(dict_rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'captured'"))
+                == 2
             ),
             "both charges written",
         )
     refs = {
         r["payment_id"]: r["provider_reference"]
-        for r in rows(db_url, "SELECT payment_id, provider_reference FROM outbox.payments")
+        for r in dict_rows(db_url, "SELECT payment_id, provider_reference FROM outbox.payments")
     }
     won, lost = refs["pay-won"], refs["pay-lost"]
     created, closed = "charge.dispute.created", "charge.dispute.closed"
@@ -669,7 +669,7 @@ async def test_disputes_won_and_lost_out_of_order_and_repeated_change_things_onc
 
     payments = {
         r["payment_id"]: r
-        for r in rows(
+        for r in dict_rows(
             db_url,
             "SELECT payment_id, state, captured_minor, disputed_minor, dispute_status"
             " FROM outbox.payments",
@@ -689,7 +689,7 @@ async def test_disputes_won_and_lost_out_of_order_and_repeated_change_things_onc
         "disputed_minor": 3000,
         "dispute_status": "lost",
     }
-    postings = rows(
+    postings = dict_rows(
         db_url,
         "SELECT payment_id, kind, amount_minor FROM outbox.ledger_transactions"
         " WHERE inbox_id IS NOT NULL ORDER BY id",
@@ -701,7 +701,7 @@ async def test_disputes_won_and_lost_out_of_order_and_repeated_change_things_onc
     ]
     balances = {
         r["account"]: r["balance"]
-        for r in rows(
+        for r in dict_rows(
             db_url,
             "SELECT account, sum(amount_minor)::bigint AS balance FROM outbox.ledger_entries"
             " WHERE account IN ('stripe:disputed', 'stripe:receivable') GROUP BY account",
@@ -711,7 +711,7 @@ async def test_disputes_won_and_lost_out_of_order_and_repeated_change_things_onc
     assert balances == {"stripe:disputed": 3000, "stripe:receivable": 3000}
     events = [
         (r["payment_id"], r["event_type"])
-        for r in rows(
+        for r in dict_rows(
             db_url,
             "SELECT payment_id, event_type FROM outbox.events"
             " WHERE event_type LIKE 'payment.dispute.%%' ORDER BY id",
@@ -723,7 +723,7 @@ async def test_disputes_won_and_lost_out_of_order_and_repeated_change_things_onc
         ("pay-lost", "payment.dispute.opened"),
         ("pay-lost", "payment.dispute.lost"),
     ]
-    exceptions = rows(
+    exceptions = dict_rows(
         db_url,
         "SELECT payment_id, kind, match_key FROM outbox.reconciliation_exceptions ORDER BY id",
     )
@@ -737,13 +737,13 @@ async def test_disputes_won_and_lost_out_of_order_and_repeated_change_things_onc
     insert_intents(db_url, [{"payment_id": "pay-lost", "action": "refund", "amount_minor": 100}])
     async with running(make_relay(db_url, adapter, instance="dispute-refund-relay")):
         await wait_until(
-            lambda: rows(
+            lambda: dict_rows(
                 db_url,
                 "SELECT 1 FROM outbox.payment_intents WHERE action = 'refund' AND status = 'failed'",
             ),
             "the refund refused",
         )
-    (refund,) = rows(
+    (refund,) = dict_rows(
         db_url, "SELECT error_code FROM outbox.payment_intents WHERE action = 'refund'"
     )
     assert refund == {"error_code": "refund_exceeds_captured"}
@@ -787,13 +787,14 @@ async def test_a_capture_by_another_system_is_recorded_as_an_external_change(
     async with running(make_relay(db_url, adapter, instance="capture-relay")):
         await wait_until(
             lambda: (
-                len(rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'authorized'")) == 2
+                len(dict_rows(db_url, "SELECT 1 FROM outbox.payments WHERE state = 'authorized'"))
+                == 2
             ),
             "both authorisations written",
         )
     refs = {
         r["payment_id"]: r["provider_reference"]
-        for r in rows(db_url, "SELECT payment_id, provider_reference FROM outbox.payments")
+        for r in dict_rows(db_url, "SELECT payment_id, provider_reference FROM outbox.payments")
     }
     # pay-ours has a capture of ours waiting: a capture notification may be its own.
     insert_intents(db_url, [{"payment_id": "pay-ours", "action": "capture"}])
@@ -815,7 +816,7 @@ async def test_a_capture_by_another_system_is_recorded_as_an_external_change(
     assert "our capture intent" in results["evt_ours"] and "nothing changed" in results["evt_ours"]
     payments = {
         r["payment_id"]: r
-        for r in rows(db_url, "SELECT payment_id, state, captured_minor FROM outbox.payments")
+        for r in dict_rows(db_url, "SELECT payment_id, state, captured_minor FROM outbox.payments")
     }
     assert payments["pay-ext"] == {
         "payment_id": "pay-ext",
@@ -823,7 +824,7 @@ async def test_a_capture_by_another_system_is_recorded_as_an_external_change(
         "captured_minor": 2500,
     }
     assert payments["pay-ours"]["state"] == "authorized"
-    lines = rows(
+    lines = dict_rows(
         db_url,
         "SELECT t.kind, e.account, e.amount_minor FROM outbox.ledger_entries AS e"
         " JOIN outbox.ledger_transactions AS t ON t.id = e.transaction_id"
@@ -835,7 +836,7 @@ async def test_a_capture_by_another_system_is_recorded_as_an_external_change(
         {"kind": "capture", "account": "stripe:receivable", "amount_minor": 2500},
         {"kind": "capture", "account": "stripe:captured", "amount_minor": -2500},
     ]
-    events = rows(
+    events = dict_rows(
         db_url,
         "SELECT payment_id, payload -> 'change' ->> 'amount_minor' AS amount FROM outbox.events"
         " WHERE event_type = 'payment.capture.external'",
@@ -844,7 +845,7 @@ async def test_a_capture_by_another_system_is_recorded_as_an_external_change(
     # Our capture then runs against the provider and is written by its own write-back.
     async with running(make_relay(db_url, adapter, instance="capture-relay-2")):
         await wait_until(
-            lambda: rows(
+            lambda: dict_rows(
                 db_url,
                 "SELECT 1 FROM outbox.payments WHERE payment_id = 'pay-ours' AND state = 'captured'",
             ),

@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 
-from relay.cli.operator_args import add_operator_argument, age, operator_of
+from relay.cli.operator_args import add_operator_argument, age, operator_of, positive
 from relay.cli.tables import Progress, clip, format_seconds, plain_help, render_table
 from relay.domain.money import Money, format_money
 from relay.operations.dead_letters import (
@@ -232,16 +232,6 @@ def _print_report(report: ActionReport, filters: Filters | None) -> None:
         print(f"... and {len(report.done) - 20} more (--json lists all)")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return value
-
-
 def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", help="only intents of this provider")
     parser.add_argument("--error-code", help="only intents with this error_code")
@@ -271,7 +261,7 @@ def _add_action(
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive,
+        type=positive,
         default=500,
         metavar="N",
         help="intents per transaction for a selection (default 500)",
@@ -297,7 +287,7 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     )
     _add_filters(listing)
     listing.add_argument(
-        "--limit", type=_positive, default=100, metavar="N", help="show at most N (default 100)"
+        "--limit", type=positive, default=100, metavar="N", help="show at most N (default 100)"
     )
     listing.set_defaults(handler=lambda args: _cmd_list(args, database_url()))
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from relay.cli.operator_args import operator_of
+from relay.cli.operator_args import operator_of, positive
 
 __all__ = ["add_commands"]
 
@@ -56,16 +56,6 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds, 0 or more")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be above 0")
     return value
 
 
@@ -416,7 +406,7 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         ),
         help="only this class",
     )
-    listing.add_argument("--limit", type=_positive, default=1000, help="at most N (default 1000)")
+    listing.add_argument("--limit", type=positive, default=1000, help="at most N (default 1000)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=bind(_cmd_exceptions_list))
 
@@ -436,7 +426,7 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         help="close an open exception without moving money",
         description="Accept an open exception with a reason (no money moves, no approval needed).",
     )
-    accept.add_argument("id", type=_positive, help="exception id")
+    accept.add_argument("id", type=positive, help="exception id")
     operator_args(accept)
     accept.set_defaults(handler=bind(_cmd_exceptions_accept))
 
@@ -446,12 +436,12 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         ("redrive", "ask to re-drive the payment's dead intents; needs a second operator"),
     ):
         sub = actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
-        sub.add_argument("id", type=_positive, help="exception id")
+        sub.add_argument("id", type=positive, help="exception id")
         operator_args(sub)
         if action == "refund":
             sub.add_argument(
                 "--amount",
-                type=_positive,
+                type=positive,
                 help="minor units to refund (default for an over-capture: the excess)",
             )
         sub.set_defaults(handler=bind(_request(action)))
@@ -463,6 +453,6 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         "approve their own action: the approver needs another operator name and another "
         "database login (the database refuses both too).",
     )
-    approve.add_argument("action_id", type=_positive, help="action id (printed by the request)")
+    approve.add_argument("action_id", type=positive, help="action id (printed by the request)")
     operator_args(approve, reason=False)
     approve.set_defaults(handler=bind(_cmd_exceptions_approve))

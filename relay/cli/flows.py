@@ -30,7 +30,13 @@ from typing import Any
 
 import psycopg
 
-from relay.cli.operator_args import add_operator_argument, age, approval_requested, operator_of
+from relay.cli.operator_args import (
+    add_operator_argument,
+    age,
+    approval_requested,
+    operator_of,
+    positive,
+)
 from relay.cli.tables import clip, format_when, plain_help, print_refusal, render_table
 from relay.operations.flows import (
     AUTHORIZATION_POLICY_ACTIONS,
@@ -264,13 +270,6 @@ def _cmd_policy(args: argparse.Namespace, conninfo: str) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     """Register the ``flows`` commands on the CLI's subparsers."""
     group = commands.add_parser(
@@ -283,7 +282,7 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
     listing = actions.add_parser("list", help="the newest flows, optionally of one state")
     listing.add_argument("--state", choices=FLOW_STATES, help="only flows in this state")
     listing.add_argument(
-        "--limit", type=_positive, default=50, help="at most this many (default 50)"
+        "--limit", type=positive, default=50, help="at most this many (default 50)"
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=lambda args: _cmd_list(args, database_url()))
@@ -298,13 +297,13 @@ def add_commands(commands: Any, database_url: Callable[[], str]) -> None:
         "retry-step", help="re-drive a dead step (or its dead compensation) under its own key"
     )
     retry.add_argument("id", type=int, metavar="ID", help="the flow's id")
-    retry.add_argument("seq", type=_positive, metavar="SEQ", help="the step's number")
+    retry.add_argument("seq", type=positive, metavar="SEQ", help="the step's number")
     mark = actions.add_parser(
         "mark-compensated",
         help="record a failed compensation as done by hand (needs a second operator)",
     )
     mark.add_argument("id", type=int, metavar="ID", help="the flow's id")
-    mark.add_argument("seq", type=_positive, metavar="SEQ", help="the step's number")
+    mark.add_argument("seq", type=positive, metavar="SEQ", help="the step's number")
     for parser in (cancel, retry, mark):
         parser.add_argument(
             "--reason", required=True, help="why, recorded in the flow's audit trail"

@@ -13,6 +13,7 @@ __all__ = [
     "approval_requested",
     "operator_name",
     "operator_of",
+    "positive",
 ]
 
 # A change or override recorded for a second operator, not applied (sql/0052): the exit
@@ -34,6 +35,17 @@ def age(text: str) -> float:
         return parse_age(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a limit, an id, a step's number)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def add_operator_argument(parser: argparse.ArgumentParser) -> None:

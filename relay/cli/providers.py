@@ -288,9 +288,16 @@ def _rule_line(rule: dict[str, Any], shares: dict[str, float]) -> list[object]:
     ]
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options among ``names`` the operator gave (argparse leaves the others None), so
+    a change sets only those."""
+    given = {name: getattr(args, name, None) for name in names}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def _rule_fields(args: argparse.Namespace) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for name in (
+    fields = _given(
+        args,
         "priority",
         "currencies",
         "min_amount_minor",
@@ -298,10 +305,7 @@ def _rule_fields(args: argparse.Namespace) -> dict[str, Any]:
         "payment_method_prefixes",
         "metadata_key",
         "note",
-    ):
-        value = getattr(args, name, None)
-        if value is not None:
-            fields[name] = value
+    )
     if getattr(args, "metadata", None):
         key, _, values = args.metadata.partition("=")
         fields["metadata_key"] = key
@@ -433,8 +437,8 @@ _GUARD_HEADERS = ["rule", "canary", "baseline", "window", "min samples", "margin
 
 
 def _guard_fields(args: argparse.Namespace) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for name in (
+    return _given(
+        args,
         "canary",
         "baseline",
         "window_seconds",
@@ -445,11 +449,7 @@ def _guard_fields(args: argparse.Namespace) -> dict[str, Any]:
         "latency_margin_ms",
         "note",
         "enabled",
-    ):
-        value = getattr(args, name, None)
-        if value is not None:
-            fields[name] = value
-    return fields
+    )
 
 
 def _cmd_guards(args: argparse.Namespace, conn: psycopg.Connection) -> int:

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from provider_adapters.adyen import AdyenAdapter
 from provider_adapters.fake.adyen import API_KEY, MERCHANT_ACCOUNT, AdyenFaults, create_adyen_app
+from tests.support.serving import serving
 
 __all__ = ["AdyenFake", "SeenPost", "adyen_adapter", "adyen_on_fake", "running_adyen_fake"]
 
@@ -69,16 +70,8 @@ async def running_adyen_fake(faults: AdyenFaults | None = None) -> AsyncIterator
         return await handler(request)
 
     app.middlewares.append(record)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        async with httpx.AsyncClient(base_url=url, timeout=5.0) as control:
-            yield AdyenFake(url, control, seen)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=5.0) as control:
+        yield AdyenFake(url, control, seen)
 
 
 @asynccontextmanager

@@ -102,7 +102,7 @@ class ReadyDatabases:
                             done = self._given_back.get(timeout=0.05)
                         except queue.Empty:
                             continue
-                        _drop(conn, done)
+                        drop_database(self.admin_url, done)
         except BaseException as exc:  # handed to the next test that asks, as its error
             self._ready.put(exc)
 
@@ -134,7 +134,3 @@ class ReadyDatabases:
                 drop_database(self.admin_url, self._given_back.get_nowait())
             except queue.Empty:
                 return
-
-
-def _drop(conn: psycopg.Connection, name: str) -> None:
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -20,6 +20,7 @@ import stripe
 from aiohttp import web
 
 from provider_adapters.fake import FaultConfig, create_app
+from tests.support.serving import serving
 
 API_KEY = "sk_test_outbox_relay"
 
@@ -97,14 +98,5 @@ async def running_fake(
 
     app.middlewares.append(record)
     app.middlewares.extend(middlewares)
-    # A held "timeout after effect" reply must not keep the test waiting at shutdown.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        async with httpx.AsyncClient(base_url=url, timeout=5.0) as control:
-            yield FakeServer(url, control, seen)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=5.0) as control:
+        yield FakeServer(url, control, seen)

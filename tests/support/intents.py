@@ -23,6 +23,7 @@ __all__ = [
     "insert_intent",
     "insert_intents",
     "insert_workload",
+    "payments_by_provider",
     "register_provider",
 ]
 
@@ -97,6 +98,17 @@ def _insert(conn: psycopg.Connection[Any], rows: Iterable[Mapping[str, Any]]) ->
             if not cur.nextset():
                 break
     return ids
+
+
+def payments_by_provider(conn: psycopg.Connection[Any], prefix: str) -> dict[str, int]:
+    """How many payments whose id starts with ``prefix`` each provider has (where routing
+    sent them)."""
+    rows = conn.execute(
+        "SELECT provider, count(*) FROM outbox.payments WHERE payment_id LIKE %s || '%%'"
+        " GROUP BY provider",
+        (prefix,),
+    ).fetchall()
+    return {str(provider): int(n) for provider, n in rows}
 
 
 def register_provider(

@@ -1,5 +1,6 @@
-"""In-process relays against a test database: built around one adapter (``make_relay``)
-or from provider settings, one lane each (``relay_for``); run in the background
+"""In-process relays against a test database: built around one adapter (``make_relay``),
+around lanes the test built (``relay_with_lanes``) or from provider settings, one lane each
+(``relay_for``); run in the background
 (``running``) or until every intent is finished (``run_until_settled``)."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "max_concurrency",
     "provider",
     "relay_for",
+    "relay_with_lanes",
     "run_until_settled",
     "running",
 ]
@@ -64,6 +66,27 @@ def _relay(
     )
 
 
+def relay_with_lanes(
+    db_url: str,
+    lanes: dict[str, Lane],
+    *,
+    instance: str = "test-relay",
+    max_attempts: int = 5,
+    seed: int = 1,
+    **options: Any,
+) -> Relay:
+    """A relay around lanes the test built itself (its own adapters, breakers, timeouts)."""
+    return _relay(
+        db_url,
+        lanes,
+        instance=instance,
+        pool_size=3,
+        max_attempts=max_attempts,
+        seed=seed,
+        options={"shutdown_grace_seconds": 5.0, **options},
+    )
+
+
 def make_relay(
     db_url: str,
     adapter: ProviderAdapter,
@@ -78,14 +101,8 @@ def make_relay(
 ) -> Relay:
     """A relay with one lane around ``adapter`` (a 5 s call timeout)."""
     lane = Lane(provider, adapter, concurrency=concurrency, timeout_seconds=5.0, breaker=breaker)
-    return _relay(
-        db_url,
-        {provider: lane},
-        instance=instance,
-        pool_size=3,
-        max_attempts=max_attempts,
-        seed=seed,
-        options={"shutdown_grace_seconds": 5.0, **options},
+    return relay_with_lanes(
+        db_url, {provider: lane}, instance=instance, max_attempts=max_attempts, seed=seed, **options
     )
 
 
@@ -101,15 +118,7 @@ def make_relay_with(
         name: Lane(name, adapter, concurrency=16, timeout_seconds=5.0, breaker=PRODUCTION_BREAKER)
         for name, adapter in adapters.items()
     }
-    return _relay(
-        db_url,
-        lanes,
-        instance=instance,
-        pool_size=3,
-        max_attempts=5,
-        seed=1,
-        options={"shutdown_grace_seconds": 5.0, **options},
-    )
+    return relay_with_lanes(db_url, lanes, instance=instance, **options)
 
 
 def provider(url: str, **settings: Any) -> ProviderSettings:

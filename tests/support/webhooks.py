@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from aiohttp import web
 
 from provider_adapters.registry import build_notification_reader
 from relay.core.inbox import InboxApplier, InboxOptions
 from relay.infra.db import Database
 from relay.service.webhooks import WebhookReceiver, build_receiver_app
+from tests.support.serving import serving
 
 __all__ = ["SECRET", "Receiver", "applier", "inbox_rows", "running_receiver"]
 
@@ -54,14 +54,10 @@ async def running_receiver(
     db = Database(db_url, pool_size=4, name="test-webhooks")
     receiver = WebhookReceiver(db, readers, max_body_bytes=max_body_bytes)
     await db.open()
-    runner = web.AppRunner(build_receiver_app(receiver), access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield Receiver(f"http://127.0.0.1:{runner.addresses[0][1]}", receiver)
+        async with serving(build_receiver_app(receiver)) as url:
+            yield Receiver(url, receiver)
     finally:
-        await runner.cleanup()
         await db.close()
 
 
