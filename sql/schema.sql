@@ -473,12 +473,12 @@ CREATE TABLE outbox.payments (
     routing_rule_version integer,
     failed_over_from text[],
     CONSTRAINT payments_authorized_not_negative CHECK ((authorized_minor >= 0)),
-    CONSTRAINT payments_awaiting_valid CHECK ((((awaiting_action IS NULL) AND (awaiting_minor = 0)) OR ((awaiting_action = ANY (ARRAY['authorize'::text, 'capture'::text, 'charge'::text, 'void'::text, 'refund'::text])) AND (awaiting_minor >= 0)))),
+    CONSTRAINT payments_awaiting_valid CHECK ((((awaiting_action IS NULL) AND (awaiting_minor = 0)) OR ((awaiting_action = ANY ('{authorize,capture,charge,void,refund}'::text[])) AND (awaiting_minor >= 0)))),
     CONSTRAINT payments_captured_within_authorized CHECK (((captured_minor >= 0) AND (captured_minor <= authorized_minor))),
-    CONSTRAINT payments_dispute_status_valid CHECK ((dispute_status = ANY (ARRAY['open'::text, 'won'::text, 'lost'::text]))),
+    CONSTRAINT payments_dispute_status_valid CHECK ((dispute_status = ANY ('{open,won,lost}'::text[]))),
     CONSTRAINT payments_disputed_within_captured CHECK (((disputed_minor >= 0) AND (disputed_minor <= captured_minor))),
     CONSTRAINT payments_refunded_within_captured CHECK (((refunded_minor >= 0) AND (refunded_minor <= captured_minor))),
-    CONSTRAINT payments_state_valid CHECK ((state = ANY (ARRAY['new'::text, 'authorized'::text, 'captured'::text, 'partially_refunded'::text, 'refunded'::text, 'voided'::text, 'failed'::text])))
+    CONSTRAINT payments_state_valid CHECK ((state = ANY ('{new,authorized,captured,partially_refunded,refunded,voided,failed}'::text[])))
 )
 WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.05', autovacuum_vacuum_cost_delay='0');
 
@@ -3349,35 +3349,29 @@ CREATE FUNCTION outbox.payment_intents_before_insert() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_generic_plan'
-    AS $_$
+    AS $$
 DECLARE
     pay       outbox.payments%ROWTYPE;
-    meta      text := NEW.metadata::text;
     wanted    boolean;
     archived  boolean;
     install   uuid;
     route_rule    bigint;   -- sql/0050 (a)
     route_version integer;
     checked       outbox.payment_intents;  -- sql/0050 (e)
+    prov_enabled    boolean;   -- sql/0086
+    prov_currencies text[];
+    prov_limits     jsonb;
+    prov_kind       text;
 BEGIN
-    -- Every rule that must refuse at INSERT, on the row's text built once. A row that may
-    -- break one (or may hold card data) is checked rule by rule, each refusal named and
-    -- showing no value, before any table constraint could echo the row in its DETAIL.
-    -- (A document nested 33 deep renders at least 66 characters: the depth test runs only
-    -- for such text. '|' is no separator: digits of two columns never join.)
-    IF NEW.amount_minor NOT BETWEEN -999999999999 AND 999999999999
-       OR pg_column_size(NEW.metadata) > 16384
-       OR length(NEW.payment_id) > 200
-       OR outbox.may_hold_card_number(concat_ws('|', NEW.payment_id, NEW.action, NEW.provider,
-                                                NEW.currency, NEW.idempotency_key, meta))
-       OR NEW.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
-       OR (length(meta) > 65 AND jsonb_path_exists(NEW.metadata, 'strict $.**{33}'))
-       OR NOT (NEW.payment_method ~ '^[A-Za-z0-9_]+$' AND length(NEW.payment_method) BETWEEN 3 AND 255)
-       OR translate(NEW.payment_method, '_', '') ~ '[0-9]{13}'
-       OR (NEW.metadata ? 'traceparent'
-           AND NOT (jsonb_typeof(NEW.metadata -> 'traceparent') = 'string'
-                    AND outbox.is_valid_traceparent(NEW.metadata ->> 'traceparent')))
-    THEN
+  -- sql/0086: the NULL case below leaves this block, so the conversion rules at the end
+  -- run for every row, as the two triggers they were did.
+  <<checks>>
+  BEGIN
+    -- Every rule that must refuse at INSERT: a row that may break one (or may hold card
+    -- data) is checked rule by rule, each refusal named and showing no value, before any
+    -- table constraint could echo the row in its DETAIL. sql/0086: the pre-filter is the
+    -- UPDATE guard's (one definition).
+    IF outbox.payment_intents_may_break_input_rules(NEW) THEN
         -- sql/0050 (e): an intent that leaves provider empty for the routing rules (below)
         -- is checked as if it named one, so that no NOT NULL refusal of provider comes first.
         checked := NEW;
@@ -3388,20 +3382,30 @@ BEGIN
         PERFORM outbox.payment_intents_check_input(checked);
     END IF;
 
-    -- The relay owns these columns; whatever the application sent is replaced.
-    NEW.status := 'pending';
-    NEW.attempts := 0;
-    NEW.available_at := now();
-    NEW.lease_token := NULL;
-    NEW.lease_expires_at := NULL;
-    NEW.claimed_by := NULL;
-    NEW.amount_applied_minor := NULL;
-    NEW.provider_reference := NULL;
-    NEW.error_code := NULL;
-    NEW.error_message := NULL;
-    NEW.created_at := now();
-    NEW.updated_at := now();
-    NEW.completed_at := NULL;
+    -- The relay owns these columns; whatever the application sent is replaced. sql/0086:
+    -- tested in one expression first, so that a row that sent none of them (its defaults
+    -- hold these values) costs one expression, not thirteen assignments.
+    IF NEW.status IS DISTINCT FROM 'pending' OR NEW.attempts IS DISTINCT FROM 0
+       OR NEW.available_at IS DISTINCT FROM now() OR NEW.lease_token IS NOT NULL
+       OR NEW.lease_expires_at IS NOT NULL OR NEW.claimed_by IS NOT NULL
+       OR NEW.amount_applied_minor IS NOT NULL OR NEW.provider_reference IS NOT NULL
+       OR NEW.error_code IS NOT NULL OR NEW.error_message IS NOT NULL
+       OR NEW.created_at IS DISTINCT FROM now() OR NEW.updated_at IS DISTINCT FROM now()
+       OR NEW.completed_at IS NOT NULL THEN
+        NEW.status := 'pending';
+        NEW.attempts := 0;
+        NEW.available_at := now();
+        NEW.lease_token := NULL;
+        NEW.lease_expires_at := NULL;
+        NEW.claimed_by := NULL;
+        NEW.amount_applied_minor := NULL;
+        NEW.provider_reference := NULL;
+        NEW.error_code := NULL;
+        NEW.error_message := NULL;
+        NEW.created_at := now();
+        NEW.updated_at := now();
+        NEW.completed_at := NULL;
+    END IF;
     NEW.created_by := outbox.audit_actor();
 
     -- sql/0050 (b): no provider named: a later intent takes its payment's, a first intent
@@ -3415,7 +3419,7 @@ BEGIN
 
     -- NULLs and malformed values are left to the column constraints, which name them.
     IF NEW.payment_id IS NULL OR NEW.provider IS NULL OR NEW.currency IS NULL OR NEW.action IS NULL THEN
-        RETURN NEW;
+        EXIT checks;
     END IF;
 
     NEW.currency := upper(NEW.currency);
@@ -3441,60 +3445,92 @@ BEGIN
     INTO pay.next_seq, pay.provider, pay.currency, wanted, archived
     FROM (VALUES (1)) AS one
     LEFT JOIN created ON true;
-    IF archived THEN
-        RAISE EXCEPTION USING
-            ERRCODE = 'unique_violation',
-            SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'idempotency_key',
-            CONSTRAINT = 'payment_intents_idempotency_key_unique',
-            MESSAGE = 'payment_intents.idempotency_key was already used by an archived intent of this provider',
-            HINT = 'Use a new idempotency key for a new intent, or omit it to have one derived.';
-    END IF;
-    WHILE pay.next_seq IS NULL LOOP
-        -- Nothing inserted: the payment exists, or the currency is unknown.
-        UPDATE outbox.payments AS p SET next_seq = p.next_seq + 1, updated_at = now()
-        WHERE p.payment_id = NEW.payment_id
-        RETURNING p.next_seq, p.provider, p.currency INTO pay.next_seq, pay.provider, pay.currency;
-        EXIT WHEN FOUND;
-        PERFORM outbox.payment_intents_refuse_unknown_currency(NEW.currency);
-        -- The row was deleted between the two statements (by hand): insert it again.
-        INSERT INTO outbox.payments (payment_id, provider, currency, created_by,
-                                     routing_rule_id, routing_rule_version)  -- sql/0050 (c)
-        VALUES (NEW.payment_id, NEW.provider, NEW.currency, NEW.created_by, route_rule, route_version)
-        ON CONFLICT (payment_id) DO NOTHING
-        RETURNING next_seq, provider, currency INTO pay.next_seq, pay.provider, pay.currency;
-    END LOOP;
+    -- sql/0086: the common row (a key no archived intent used, the payment's row written
+    -- or created, its provider and currency) tested in one expression.
+    IF archived OR pay.next_seq IS NULL OR pay.currency IS DISTINCT FROM NEW.currency
+       OR pay.provider IS DISTINCT FROM NEW.provider THEN
+        IF archived THEN
+            RAISE EXCEPTION USING
+                ERRCODE = 'unique_violation',
+                SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'idempotency_key',
+                CONSTRAINT = 'payment_intents_idempotency_key_unique',
+                MESSAGE = 'payment_intents.idempotency_key was already used by an archived intent of this provider',
+                HINT = 'Use a new idempotency key for a new intent, or omit it to have one derived.';
+        END IF;
+        WHILE pay.next_seq IS NULL LOOP
+            -- Nothing inserted: the payment exists, or the currency is unknown.
+            UPDATE outbox.payments AS p SET next_seq = p.next_seq + 1, updated_at = now()
+            WHERE p.payment_id = NEW.payment_id
+            RETURNING p.next_seq, p.provider, p.currency INTO pay.next_seq, pay.provider, pay.currency;
+            EXIT WHEN FOUND;
+            PERFORM outbox.payment_intents_refuse_unknown_currency(NEW.currency);
+            -- The row was deleted between the two statements (by hand): insert it again.
+            INSERT INTO outbox.payments (payment_id, provider, currency, created_by,
+                                         routing_rule_id, routing_rule_version)  -- sql/0050 (c)
+            VALUES (NEW.payment_id, NEW.provider, NEW.currency, NEW.created_by, route_rule, route_version)
+            ON CONFLICT (payment_id) DO NOTHING
+            RETURNING next_seq, provider, currency INTO pay.next_seq, pay.provider, pay.currency;
+        END LOOP;
 
-    IF pay.currency <> NEW.currency THEN
-        PERFORM outbox.payment_intents_refuse_unknown_currency(NEW.currency);
-        RAISE EXCEPTION USING
-            ERRCODE = 'check_violation',
-            SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'currency',
-            CONSTRAINT = 'payment_intents_currency_matches_payment',
-            MESSAGE = format('payment_intents.currency %s differs from payment %s''s currency %s',
-                             quote_literal(NEW.currency), quote_literal(NEW.payment_id), quote_literal(pay.currency)),
-            HINT = 'Every intent of one payment_id uses the currency of its first intent.';
-    END IF;
-    IF pay.provider <> NEW.provider THEN
-        RAISE EXCEPTION USING
-            ERRCODE = 'check_violation',
-            SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'provider',
-            CONSTRAINT = 'payment_intents_provider_matches_payment',
-            MESSAGE = format('payment_intents.provider %s differs from payment %s''s provider %s',
-                             quote_literal(NEW.provider), quote_literal(NEW.payment_id), quote_literal(pay.provider)),
-            HINT = 'Every intent of one payment_id goes to the provider of its first intent.';
+        IF pay.currency <> NEW.currency THEN
+            PERFORM outbox.payment_intents_refuse_unknown_currency(NEW.currency);
+            RAISE EXCEPTION USING
+                ERRCODE = 'check_violation',
+                SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'currency',
+                CONSTRAINT = 'payment_intents_currency_matches_payment',
+                MESSAGE = format('payment_intents.currency %s differs from payment %s''s currency %s',
+                                 quote_literal(NEW.currency), quote_literal(NEW.payment_id), quote_literal(pay.currency)),
+                HINT = 'Every intent of one payment_id uses the currency of its first intent.';
+        END IF;
+        IF pay.provider <> NEW.provider THEN
+            RAISE EXCEPTION USING
+                ERRCODE = 'check_violation',
+                SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'provider',
+                CONSTRAINT = 'payment_intents_provider_matches_payment',
+                MESSAGE = format('payment_intents.provider %s differs from payment %s''s provider %s',
+                                 quote_literal(NEW.provider), quote_literal(NEW.payment_id), quote_literal(pay.provider)),
+                HINT = 'Every intent of one payment_id goes to the provider of its first intent.';
+        END IF;
     END IF;
 
-    -- sql/0050 (d): the registry's rules (a payment's first intent: next_seq 1).
-    PERFORM outbox.payment_intents_check_provider_v1(NEW, pay.next_seq = 1);
+    -- sql/0050 (d): the registry's rules (a payment's first intent: next_seq 1). sql/0086:
+    -- what they read is read here, in one statement for a registered provider; the
+    -- function that applies them (and words the refusal) runs only for a row one of them
+    -- may refuse: an unregistered provider while the registry is in use, a disabled one,
+    -- a currency or amount outside its lists, or an amount its unit rule must check.
+    SELECT p.enabled, p.currencies, p.amount_limits, p.kind
+    INTO prov_enabled, prov_currencies, prov_limits, prov_kind
+    FROM outbox.providers AS p
+    WHERE p.name = NEW.provider;
+    IF NOT FOUND THEN
+        IF pay.next_seq = 1 THEN
+            IF EXISTS (SELECT 1 FROM outbox.providers) THEN
+                PERFORM outbox.payment_intents_check_provider_v1(NEW, true);
+            END IF;
+        END IF;
+    ELSIF (NEW.amount_minor IS NOT NULL AND EXISTS (
+              SELECT 1 FROM outbox.provider_unit_rules AS r
+              WHERE r.kind = prov_kind AND r.currency = NEW.currency))
+          OR (pay.next_seq = 1
+              AND (NOT prov_enabled
+                   OR (prov_currencies IS NOT NULL AND NOT NEW.currency = ANY (prov_currencies))
+                   OR (NEW.amount_minor IS NOT NULL AND prov_limits ? NEW.currency
+                       AND (NEW.amount_minor < (prov_limits -> NEW.currency ->> 'min')::bigint
+                            OR NEW.amount_minor > (prov_limits -> NEW.currency ->> 'max')::bigint)))
+             ) IS NOT FALSE THEN
+        PERFORM outbox.payment_intents_check_provider_v1(NEW, pay.next_seq = 1);
+    END IF;
 
     NEW.payment_seq := pay.next_seq;
     -- Per-payment order: wait behind any unresolved earlier intent (dead ones included).
     -- A payment's first intent (its row was just created) has none.
-    IF pay.next_seq > 1 AND EXISTS (
-        SELECT 1 FROM outbox.payment_intents
-        WHERE payment_id = NEW.payment_id AND status IN ('blocked', 'pending', 'in_flight', 'dead')
-    ) THEN
-        NEW.status := 'blocked';
+    IF pay.next_seq > 1 THEN
+        IF EXISTS (
+            SELECT 1 FROM outbox.payment_intents
+            WHERE payment_id = NEW.payment_id AND status IN ('blocked', 'pending', 'in_flight', 'dead')
+        ) THEN
+            NEW.status := 'blocked';
+        END IF;
     END IF;
 
     -- A derived key spells the digest's hex digits as letters (0-9 as g-p): a hex digest
@@ -3512,9 +3548,26 @@ BEGIN
     IF wanted THEN
         PERFORM pg_notify('outbox_payment_intents', '');
     END IF;
+  END checks;
+
+    -- sql/0086: what the BEFORE INSERT triggers payment_intents_fx_charge_rate (sql/0029)
+    -- and payment_intents_fx_guard (sql/0027) did after this one, in their order and under
+    -- their WHEN conditions (a trigger's WHEN is prepared again for every statement).
+    IF NEW.action = 'refund' OR NEW.original_amount_minor IS NOT NULL
+       OR NEW.original_currency IS NOT NULL OR NEW.fx_rate_id IS NOT NULL
+       OR NEW.fx_via_rate_id IS NOT NULL THEN
+        IF NEW.action = 'refund' AND NEW.amount_minor IS NOT NULL AND NEW.original_amount_minor IS NULL
+           AND NEW.original_currency IS NULL AND NEW.fx_rate_id IS NULL AND NEW.fx_via_rate_id IS NULL THEN
+            NEW := outbox.payment_intents_fx_charge_rate_v1(NEW);
+        END IF;
+        IF NEW.original_amount_minor IS NOT NULL OR NEW.original_currency IS NOT NULL
+           OR NEW.fx_rate_id IS NOT NULL OR NEW.fx_via_rate_id IS NOT NULL THEN
+            NEW := outbox.payment_intents_fx_guard_v1(NEW);
+        END IF;
+    END IF;
     RETURN NEW;
 END;
-$_$;
+$$;
 
 --
 -- Name: payment_intents_check_input(outbox.payment_intents); Type: FUNCTION; Schema: outbox; Owner: -
@@ -3716,6 +3769,31 @@ END;
 $$;
 
 --
+-- Name: payment_intents_fx_charge_rate_v1(outbox.payment_intents); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.payment_intents_fx_charge_rate_v1(i outbox.payment_intents) RETURNS outbox.payment_intents
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    charge record;
+BEGIN
+    -- SELECT INTO, not :=, so that no converted charge is a row of NULLs.
+    SELECT * INTO charge FROM outbox.fx_charge_conversion(i.payment_id);
+    IF charge.fx_rate_id IS NOT NULL AND charge.original_currency <> i.currency THEN
+        i.original_currency := charge.original_currency;
+        i.fx_rate_id := charge.fx_rate_id;
+        i.fx_via_rate_id := charge.fx_via_rate_id;
+        i.original_amount_minor := outbox.fx_back_at_charge_rate(
+            i.amount_minor, i.currency, charge.original_currency, charge.fx_rate_id,
+            charge.fx_via_rate_id);
+    END IF;
+    RETURN i;
+END;
+$$;
+
+--
 -- Name: payment_intents_fx_guard(); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -3788,6 +3866,82 @@ BEGIN
             HINT = 'Take amount_minor and the rate ids from one call of outbox.convert_v1.';
     END IF;
     RETURN NEW;
+END;
+$$;
+
+--
+-- Name: payment_intents_fx_guard_v1(outbox.payment_intents); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.payment_intents_fx_guard_v1(i outbox.payment_intents) RETURNS outbox.payment_intents
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    expected bigint;
+BEGIN
+    IF i.original_amount_minor IS NULL OR i.original_currency IS NULL
+       OR i.fx_rate_id IS NULL THEN
+        PERFORM outbox.refuse_input('payment_intents', 'fx_rate_id', 'payment_intents_fx_all_or_none',
+            'comes with original_amount_minor, original_currency and fx_rate_id: all three or none',
+            'Send the three together, from outbox.convert_v1''s result, or none of them.');
+    END IF;
+    IF i.original_amount_minor <= 0 THEN
+        PERFORM outbox.refuse_input('payment_intents', 'original_amount_minor',
+            'payment_intents_original_amount_positive', 'is not positive');
+    END IF;
+    i.original_currency := upper(i.original_currency);
+    IF NOT EXISTS (SELECT 1 FROM outbox.currencies WHERE code = i.original_currency) THEN
+        PERFORM outbox.refuse_input('payment_intents', 'original_currency',
+            'payment_intents_original_currency_known',
+            'is not an ISO 4217 code with minor units',
+            'Use a three-letter code listed in outbox.currencies, such as EUR, USD or JPY.');
+    END IF;
+    IF i.original_currency = i.currency THEN
+        PERFORM outbox.refuse_input('payment_intents', 'original_currency',
+            'payment_intents_original_currency_differs',
+            'equals currency: nothing was converted',
+            'Leave original_amount_minor, original_currency and fx_rate_id out.');
+    END IF;
+    IF i.amount_minor IS NULL THEN
+        PERFORM outbox.refuse_input('payment_intents', 'amount_minor',
+            'payment_intents_fx_amount_matches_rate',
+            'is missing while original_amount_minor is given');
+    END IF;
+    IF i.action = 'refund' THEN
+        expected := outbox.fx_back_at_charge_rate(i.amount_minor, i.currency,
+                                                  i.original_currency, i.fx_rate_id,
+                                                  i.fx_via_rate_id);
+        IF expected <> i.original_amount_minor THEN
+            RAISE EXCEPTION USING
+                ERRCODE = 'check_violation',
+                SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'original_amount_minor',
+                CONSTRAINT = 'payment_intents_fx_amount_matches_rate',
+                MESSAGE = format('payment_intents.original_amount_minor %s is not what rate %s%s '
+                                 'gives for the refund of %s minor units of %s: %s minor units of %s',
+                                 i.original_amount_minor, i.fx_rate_id,
+                                 coalesce(' (via ' || i.fx_via_rate_id || ')', ''),
+                                 i.amount_minor, i.currency, expected, i.original_currency),
+                HINT = 'Leave the conversion out of a refund: it takes the charge''s rate.';
+        END IF;
+        RETURN i;
+    END IF;
+    expected := outbox.convert_at_rates_v1(i.original_amount_minor, i.original_currency,
+                                          i.currency, i.fx_rate_id, i.fx_via_rate_id);
+    IF expected <> i.amount_minor THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'check_violation',
+            SCHEMA = 'outbox', TABLE = 'payment_intents', COLUMN = 'amount_minor',
+            CONSTRAINT = 'payment_intents_fx_amount_matches_rate',
+            MESSAGE = format('payment_intents.amount_minor %s is not what rate %s%s gives for '
+                             '%s minor units of %s: %s minor units of %s',
+                             i.amount_minor, i.fx_rate_id,
+                             coalesce(' (via ' || i.fx_via_rate_id || ')', ''),
+                             i.original_amount_minor, i.original_currency, expected,
+                             i.currency),
+            HINT = 'Take amount_minor and the rate ids from one call of outbox.convert_v1.';
+    END IF;
+    RETURN i;
 END;
 $$;
 
@@ -3911,7 +4065,7 @@ CREATE FUNCTION outbox.payment_intents_may_break_input_rules(i outbox.payment_in
         OR outbox.may_hold_card_number(concat_ws('|', i.payment_id, i.action, i.provider, i.currency,
                                                  i.idempotency_key, i.metadata::text))
         OR i.payment_id ~ '[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]'
-        OR jsonb_path_exists(i.metadata, 'strict $.**{33}')
+        OR (length(i.metadata::text) > 65 AND jsonb_path_exists(i.metadata, 'strict $.**{33}'))
         OR NOT (i.payment_method ~ '^[A-Za-z0-9_]+$' AND length(i.payment_method) BETWEEN 3 AND 255)
         OR translate(i.payment_method, '_', '') ~ '[0-9]{13}'
         OR (i.metadata ? 'traceparent'
@@ -6998,18 +7152,6 @@ CREATE TRIGGER payment_intents_failover_history BEFORE UPDATE OF attempts ON out
 CREATE TRIGGER payment_intents_flows AFTER UPDATE OF status ON outbox.payment_intents FOR EACH ROW WHEN (((new.status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'dead'::text])) AND (old.status IS DISTINCT FROM new.status) AND (new.metadata ? 'flow'::text))) EXECUTE FUNCTION outbox.flows_follow_intent();
 
 --
--- Name: payment_intents payment_intents_fx_charge_rate; Type: TRIGGER; Schema: outbox; Owner: -
---
-
-CREATE TRIGGER payment_intents_fx_charge_rate BEFORE INSERT ON outbox.payment_intents FOR EACH ROW WHEN (((new.action = 'refund'::text) AND (new.amount_minor IS NOT NULL) AND (new.original_amount_minor IS NULL) AND (new.original_currency IS NULL) AND (new.fx_rate_id IS NULL) AND (new.fx_via_rate_id IS NULL))) EXECUTE FUNCTION outbox.payment_intents_fx_charge_rate();
-
---
--- Name: payment_intents payment_intents_fx_guard; Type: TRIGGER; Schema: outbox; Owner: -
---
-
-CREATE TRIGGER payment_intents_fx_guard BEFORE INSERT ON outbox.payment_intents FOR EACH ROW WHEN (((new.original_amount_minor IS NOT NULL) OR (new.original_currency IS NOT NULL) OR (new.fx_rate_id IS NOT NULL) OR (new.fx_via_rate_id IS NOT NULL))) EXECUTE FUNCTION outbox.payment_intents_fx_guard();
-
---
 -- Name: payment_intents payment_intents_fx_refund_difference; Type: TRIGGER; Schema: outbox; Owner: -
 --
 
@@ -8117,10 +8259,22 @@ REVOKE ALL ON FUNCTION outbox.payment_intents_failover_history() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.payment_intents_fx_charge_rate() FROM PUBLIC;
 
 --
+-- Name: FUNCTION payment_intents_fx_charge_rate_v1(i outbox.payment_intents); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.payment_intents_fx_charge_rate_v1(i outbox.payment_intents) FROM PUBLIC;
+
+--
 -- Name: FUNCTION payment_intents_fx_guard(); Type: ACL; Schema: outbox; Owner: -
 --
 
 REVOKE ALL ON FUNCTION outbox.payment_intents_fx_guard() FROM PUBLIC;
+
+--
+-- Name: FUNCTION payment_intents_fx_guard_v1(i outbox.payment_intents); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.payment_intents_fx_guard_v1(i outbox.payment_intents) FROM PUBLIC;
 
 --
 -- Name: FUNCTION payment_intents_fx_refund_difference(); Type: ACL; Schema: outbox; Owner: -
