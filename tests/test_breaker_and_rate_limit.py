@@ -214,3 +214,17 @@ def test_a_token_given_back_never_lifts_the_bucket_above_its_burst() -> None:
     bucket = TokenBucket(rate=1.0, burst=2, clock=clock)
     bucket.give_back()
     assert bucket.available() == 2
+
+
+@pytest.mark.anyio
+async def test_an_admission_the_breaker_refuses_gives_its_token_back() -> None:
+    clock, stop = Clock(), anyio.Event()
+    lane = make_lane(
+        clock,
+        rate_limit=RateLimit(per_second=1.0, burst=2),
+        breaker=BreakerSettings(failure_threshold=1, cooldown_seconds=10.0),
+    )
+    lane.breaker.record_failure()
+    lane.acquire()
+    assert not await lane.admit(stop), "the breaker is open"
+    assert lane.bucket is not None and lane.bucket.available() == 2

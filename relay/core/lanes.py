@@ -206,10 +206,10 @@ class Lane:
                     await self._sleep_unless_stopped(self.bucket.seconds_until_token(), stop)
                     if stop.is_set():
                         return False
-            if stop.is_set():
-                return False
-            admitted = self.breaker.try_start()
+            admitted = not stop.is_set() and self.breaker.try_start()
             self._report_breaker()
+            if not admitted and self.bucket is not None:
+                self.bucket.give_back()  # no call: the provider's budget is spent on calls only
             return admitted
         finally:
             self.waiting -= 1
