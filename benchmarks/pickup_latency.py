@@ -129,9 +129,10 @@ def inserter(
 def bare_claimer(url: str, start: float, seconds: float, out: Any) -> None:
     """The floor: the relay's claim statement back to back on one connection, and nothing
     else (no calls, no write-backs, no event loop). Puts [(id, sent, returned)] and
-    [(rows, seconds)] per claim."""
+    [(sent, rows, seconds)] per claim. After an empty claim it waits 0.5 ms (a relay waits
+    for a NOTIFY), which can add up to that much to the floor's pickup."""
     taken: list[tuple[int, float, float]] = []
-    claims: list[tuple[int, float]] = []
+    claims: list[tuple[float, int, float]] = []
     params = {"provider": "stripe", "limit": 100, "lease_seconds": 600, "instance": "floor"}
     with psycopg.connect(url, autocommit=True) as conn:
         wait = start - time.time()
@@ -142,7 +143,7 @@ def bare_claimer(url: str, start: float, seconds: float, out: Any) -> None:
             rows = conn.execute(QUERIES["claim_intents"], params | {"now": None}, prepare=True)
             ids = [row[0] for row in rows.fetchall()]
             returned = time.time()
-            claims.append((len(ids), returned - sent))
+            claims.append((sent, len(ids), returned - sent))
             taken += [(i, sent, returned) for i in ids]
             if not ids:
                 time.sleep(0.0005)  # a relay with nothing to claim waits for a NOTIFY
@@ -171,6 +172,9 @@ def measure_floor(
         proc.join()
     claimed = {i: (sent, returned) for i, sent, returned in taken}
     measured = [r for r in records if r[1] >= start + warmup]
+    # As the relay's phases count them: the claims sent while the inserters ran.
+    last = max(r[1] for r in records)
+    claims = [(n, seconds_in) for sent, n, seconds_in in claims if start <= sent <= last]
     busy = [c for c in claims if c[0]]
     return {
         "target_rate": rate or "max",
@@ -188,8 +192,8 @@ def measure_floor(
         "claims_empty": len(claims) - len(busy),
         "rows_per_claim_mean": statistics.mean(n for n, _ in busy) if busy else 0.0,
         "claim_ms": quantiles([d * 1000 for _, d in busy] or [0.0]),
-        "notifies_received": 0,
-        "relay_cpu_share": 0.0,
+        "notifies_received": None,  # no relay, no LISTEN: not measured
+        "relay_cpu_share": None,
         "load_average_after": load_average(),
     }
 
@@ -363,7 +367,7 @@ def main() -> int:
             f"  {label}: inserted {result['insert_rate_achieved']:,.0f}/s, pickup p50/p95/p99"
             f" {ms(result['pickup_ms']['p50'])} / {ms(result['pickup_ms']['p95'])} /"
             f" {ms(result['pickup_ms']['p99'])} ms, {result['claims']:,} claims,"
-            f" {result['notifies_received']:,} NOTIFYs (load {load_average()})",
+            f" {result['notifies_received'] or 0:,} NOTIFYs (load {load_average()})",
             flush=True,
         )
         phases.append(result)
@@ -407,8 +411,8 @@ def main() -> int:
                 ms(r["claim_ms"]["p95"]),
                 f"{r['claims']:,}",
                 f"{r['rows_per_claim_mean']:.1f}",
-                f"{r['notifies_received']:,}",
-                f"{r['relay_cpu_share']:.0%}",
+                "-" if r["notifies_received"] is None else f"{r['notifies_received']:,}",
+                "-" if r["relay_cpu_share"] is None else f"{r['relay_cpu_share']:.0%}",
             )
         )
     print("latencies in ms")
