@@ -387,3 +387,9 @@ ALTER TABLE outbox.payments
                OR awaiting_action = ANY ('{authorize,capture,charge,void,refund}'::text[])
                   AND awaiting_minor >= 0)
         NOT VALID;
+
+COMMENT ON FUNCTION outbox.payment_intents_check_provider_v1(outbox.payment_intents, boolean) IS
+    'The registry''s rules at INSERT (sql/0050): registered, enabled, currency and limits for a '
+    'payment''s first intent; a representable amount for every intent. Since sql/0086 '
+    'payment_intents_before_insert reads the provider''s row itself and calls this only when '
+    'one of these rules may refuse the row; this function words every refusal.';

@@ -3,7 +3,7 @@
 -- more (statement uncovered_authorizations_aged) for the gauge. authorization_sweep_v2
 -- computes them once and returns, beside how many voids it inserted, how many stay
 -- uncovered per provider and policy: all of them but the ones it voided just now (a void
--- on its way is an unresolved intent, which uncovered_authorizations_v1 leaves out too).
+-- on its way is an unresolved intent, which uncovered_authorizations_v2 leaves out too).
 -- Otherwise as sql/0084's v1, which stays for relays not yet upgraded; both take the same
 -- lock, so one sweeper of either version voids at a time. The one without the lock inserts
 -- nothing and counts all it finds.
@@ -20,7 +20,7 @@ BEGIN
         PERFORM set_config('outbox.reason', 'authorization policy: void after its hold aged', true);
     END IF;
     WITH uncovered AS MATERIALIZED (
-        SELECT * FROM outbox.uncovered_authorizations_v1(p_now)
+        SELECT * FROM outbox.uncovered_authorizations_v2(p_now)
     ),
     voided AS (
         INSERT INTO outbox.payment_intents (payment_id, action, provider, currency, idempotency_key, metadata)

@@ -987,7 +987,7 @@ BEGIN
         PERFORM set_config('outbox.reason', 'authorization policy: void after its hold aged', true);
     END IF;
     WITH uncovered AS MATERIALIZED (
-        SELECT * FROM outbox.uncovered_authorizations_v1(p_now)
+        SELECT * FROM outbox.uncovered_authorizations_v2(p_now)
     ),
     voided AS (
         INSERT INTO outbox.payment_intents (payment_id, action, provider, currency, idempotency_key, metadata)
@@ -3687,7 +3687,7 @@ $$;
 -- Name: FUNCTION payment_intents_check_provider_v1(i outbox.payment_intents, first_intent boolean); Type: COMMENT; Schema: outbox; Owner: -
 --
 
-COMMENT ON FUNCTION outbox.payment_intents_check_provider_v1(i outbox.payment_intents, first_intent boolean) IS 'The registry''s rules at INSERT (sql/0050), called by payment_intents_before_insert once the payment''s row is known: registered, enabled, currency and limits for a payment''s first intent; a representable amount for every intent.';
+COMMENT ON FUNCTION outbox.payment_intents_check_provider_v1(i outbox.payment_intents, first_intent boolean) IS 'The registry''s rules at INSERT (sql/0050): registered, enabled, currency and limits for a payment''s first intent; a representable amount for every intent. Since sql/0086 payment_intents_before_insert reads the provider''s row itself and calls this only when one of these rules may refuse the row; this function words every refusal.';
 
 --
 -- Name: payment_intents_delete_only_archived(); Type: FUNCTION; Schema: outbox; Owner: -
@@ -5519,6 +5519,28 @@ $$;
 --
 
 CREATE FUNCTION outbox.uncovered_authorizations_v1(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS TABLE(payment_id text, provider text, currency text, authorized_minor bigint, unchanged_since timestamp with time zone, action text, after_seconds integer)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT p.payment_id, p.provider, p.currency, p.authorized_minor, p.updated_at, a.action,
+           a.after_seconds
+    FROM outbox.authorization_policies AS a
+    JOIN outbox.payments AS p ON p.provider = a.provider AND p.state = 'authorized'
+    WHERE a.action <> 'off'
+      AND p.updated_at <= coalesce(p_now, now()) - make_interval(secs => a.after_seconds)
+      AND NOT EXISTS (SELECT 1 FROM outbox.flow_steps AS s
+                      JOIN outbox.flows AS f ON f.id = s.flow_id
+                      WHERE s.payment_id = p.payment_id
+                        AND f.state IN ('running', 'compensating', 'needs_operator'))
+      AND NOT EXISTS (SELECT 1 FROM outbox.payment_intents AS i
+                      WHERE i.payment_id = p.payment_id AND i.status NOT IN ('succeeded', 'failed'))
+$$;
+
+--
+-- Name: uncovered_authorizations_v2(timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.uncovered_authorizations_v2(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS TABLE(payment_id text, provider text, currency text, authorized_minor bigint, unchanged_since timestamp with time zone, action text, after_seconds integer)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -8542,6 +8564,14 @@ REVOKE ALL ON FUNCTION outbox.set_operator_actor(operator text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.uncovered_authorizations_v1(p_now timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION outbox.uncovered_authorizations_v1(p_now timestamp with time zone) TO outbox_operator;
 GRANT ALL ON FUNCTION outbox.uncovered_authorizations_v1(p_now timestamp with time zone) TO outbox_relay;
+
+--
+-- Name: FUNCTION uncovered_authorizations_v2(p_now timestamp with time zone); Type: ACL; Schema: outbox; Owner: -
+--
+
+REVOKE ALL ON FUNCTION outbox.uncovered_authorizations_v2(p_now timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION outbox.uncovered_authorizations_v2(p_now timestamp with time zone) TO outbox_operator;
+GRANT ALL ON FUNCTION outbox.uncovered_authorizations_v2(p_now timestamp with time zone) TO outbox_relay;
 
 --
 -- Name: TABLE audit_log; Type: ACL; Schema: outbox; Owner: -

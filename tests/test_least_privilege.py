@@ -236,6 +236,7 @@ FUNCTION_GRANTS: dict[str, set[str]] = {
     "authorization_sweep_v1": {"outbox_relay"},
     "authorization_sweep_v2": {"outbox_relay"},  # sql/0089: the sweep and the gauge's counts
     "uncovered_authorizations_v1": {"outbox_relay", "outbox_operator"},
+    "uncovered_authorizations_v2": {"outbox_relay", "outbox_operator"},
     "authorization_policy_set_v1": {"outbox_operator"},
     "flow_cancel_v1": {"outbox_operator"},
     "flow_retry_step_v1": {"outbox_operator"},

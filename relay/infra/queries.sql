@@ -1805,7 +1805,7 @@ ORDER BY a.chain_seq;
 -- name: authorization_policies_list
 -- The providers' policies for authorisations no flow covers (sql/0084), with how many are aged and uncovered now.
 WITH uncovered AS (
-    SELECT u.provider, count(*) AS n FROM outbox.uncovered_authorizations_v1(NULL) AS u
+    SELECT u.provider, count(*) AS n FROM outbox.uncovered_authorizations_v2(NULL) AS u
     GROUP BY u.provider
 )
 SELECT a.provider, a.action, a.after_seconds, a.reason, a.updated_by, a.updated_at,
