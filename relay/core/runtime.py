@@ -296,8 +296,9 @@ class Relay:
         """Move new payments waiting for a provider whose breaker is open here to the next
         target of their rule (sql/0064 decides which qualify: routed, first intent, nothing
         ever sent): a sweep per poll interval, at once again while sweeps come back full.
-        The move is a database write, so the target needs no lane here."""
-        while True:
+        The move is a database write, so the target needs no lane here. A stopping relay
+        makes no more moves: the relays that keep running sweep."""
+        while not self._stopping:
             more = await self._fail_over_behind_open_breakers()
             if not more:
                 interval = self.options.poll_interval_seconds
