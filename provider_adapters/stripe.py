@@ -138,6 +138,19 @@ def _int_field(obj: Any, name: str) -> int:
     return value
 
 
+class _RawReply:
+    """A ``raw_request`` reply read as the typed objects were: its JSON field by field, and
+    its HTTP response as ``last_response`` (whose ``Idempotent-Replayed`` header says a
+    replay)."""
+
+    def __init__(self, response: Any) -> None:
+        self.last_response = response
+        self._data = response.data
+
+    def __getitem__(self, name: str) -> Any:
+        return self._data[name]
+
+
 class _StatusAs:
     """``obj`` read field by field, its ``status`` shown as ``status`` (a pending refund is
     checked as a succeeded one would be: id, currency, amount)."""
@@ -373,8 +386,7 @@ class StripeAdapter:
                 "metadata": self._metadata(command),
             }
         try:
-            response = await client.raw_request_async("post", path, **params, **options)
-            reply = response.data
+            reply = _RawReply(await client.raw_request_async("post", path, **params, **options))
         except stripe.StripeError as exc:
             return classify_stripe_error(exc)
         except (aiohttp.ClientError, OSError) as exc:
