@@ -171,13 +171,34 @@ def measure_floor(
     for proc in [*procs, claimer]:
         proc.join()
     claimed = {i: (sent, returned) for i, sent, returned in taken}
-    measured = [r for r in records if r[1] >= start + warmup]
     # As the relay's phases count them: the claims sent while the inserters ran.
     last = max(r[1] for r in records)
-    claims = [(n, seconds_in) for sent, n, seconds_in in claims if start <= sent <= last]
-    busy = [c for c in claims if c[0]]
+    window = [(n, seconds_in) for sent, n, seconds_in in claims if start <= sent <= last]
     return {
         "target_rate": rate or "max",
+        **pickup_figures(records, claimed, window, start, warmup),
+        "notifies_received": None,  # no relay, no LISTEN: not measured
+        "relay_cpu_share": None,
+        "load_average_after": load_average(),
+    }
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    return {f"p{q}": percentile(values, q) for q in (50, 95, 99)} | {"max": max(values)}
+
+
+def pickup_figures(
+    records: list[tuple[int, float, float, float]],
+    claimed: dict[int, tuple[float, float]],
+    claims: list[tuple[int, float]],
+    start: float,
+    warmup: float,
+) -> dict[str, Any]:
+    """What every phase reports, relay or floor: inserts (id, commit returned, created_at,
+    lag), the claim of each id (sent, returned) and the window's claims (rows, seconds)."""
+    measured = [r for r in records if r[1] >= start + warmup]
+    busy = [c for c in claims if c[0]]
+    return {
         "inserted": len(records),
         "insert_rate_achieved": len(records) / (max(r[1] for r in records) - start),
         "measured": len(measured),
@@ -191,15 +212,8 @@ def measure_floor(
         "claims": len(claims),
         "claims_empty": len(claims) - len(busy),
         "rows_per_claim_mean": statistics.mean(n for n, _ in busy) if busy else 0.0,
-        "claim_ms": quantiles([d * 1000 for _, d in busy] or [0.0]),
-        "notifies_received": None,  # no relay, no LISTEN: not measured
-        "relay_cpu_share": None,
-        "load_average_after": load_average(),
+        "claim_ms": quantiles([d * 1000 for _, d in claims] or [0.0]),
     }
-
-
-def quantiles(values: list[float]) -> dict[str, float]:
-    return {f"p{q}": percentile(values, q) for q in (50, 95, 99)} | {"max": max(values)}
 
 
 async def measure(
@@ -282,31 +296,19 @@ async def measure(
     finally:
         await relay.db.close()
     measured = [r for r in records if r[1] >= start + warmup]
-    pickup = [(claimed.get(i, (INF, INF))[1] - t) * 1000 for i, t, _, _ in measured]
     from_db = [(claimed.get(i, (INF, INF))[1] - c) * 1000 for i, _, c, _ in measured]
-    wait = [(claimed.get(i, (INF, INF))[0] - t) * 1000 for i, t, _, _ in measured]
     call = [(called.get(i, INF) - t) * 1000 for i, t, _, _ in measured]
     insert_ms = [(t - c) * 1000 for _, t, c, _ in measured]
     last = max(r[1] for r in records)
-    busy_claims = [c for c in window_claims if c[0]]
     return {
         "target_rate": rate or "max",
         "seconds": seconds,
-        "inserted": len(records),
-        "insert_rate_achieved": len(records) / (last - start),
+        **pickup_figures(records, claimed, window_claims, start, warmup),
         "insert_lag_ms_p99": percentile([r[3] * 1000 for r in records], 99),
         "insert_ms_created_at_to_commit_p50": statistics.median(insert_ms),
         "claimed_in_window": sum(1 for i, *_ in records if claimed.get(i, (INF, INF))[1] <= last),
-        "measured": len(measured),
-        "unclaimed": sum(1 for i, *_ in measured if i not in claimed),
-        "pickup_ms": quantiles(pickup),
         "pickup_from_created_at_ms": quantiles(from_db),
-        "claim_wait_ms": quantiles(wait),
         "call_ms": quantiles(call),
-        "claims": len(window_claims),
-        "claims_empty": len(window_claims) - len(busy_claims),
-        "rows_per_claim_mean": (statistics.mean(n for n, _ in busy_claims) if busy_claims else 0.0),
-        "claim_ms": quantiles([s * 1000 for _, s in window_claims] or [0.0]),
         "notifies_received": wakes["notify"],
         "wakes": wakes["any"],
         "relay_cpu_share": cpu / (inserted_until - start),
