@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import stripe
@@ -106,7 +107,25 @@ async def timed(
     }
 
 
-async def sdk_alone(url: str, calls: int, concurrency: int) -> dict[str, float]:
+def charge_params(c: Command) -> dict[str, Any]:
+    """The body of a charge, as both SDK variants send it."""
+    return {
+        "amount": c.amount_minor,
+        "currency": "eur",
+        "payment_method": "pm_card_visa",
+        "confirm": True,
+        "metadata": {"outbox_idempotency_key": c.idempotency_key},
+        "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
+    }
+
+
+async def with_sdk(
+    url: str,
+    calls: int,
+    concurrency: int,
+    send: Callable[[stripe.StripeClient, Command], Awaitable[object]],
+) -> dict[str, float]:
+    """``send`` through the bare SDK on its own AIOHTTPClient, retries off."""
     client = stripe.StripeClient(
         BENCH_API_KEY,
         base_addresses={"api": url},
@@ -115,18 +134,7 @@ async def sdk_alone(url: str, calls: int, concurrency: int) -> dict[str, float]:
     )
 
     async def call(n: int) -> None:
-        c = command(n, "sdk")
-        await client.v1.payment_intents.create_async(
-            {
-                "amount": c.amount_minor,
-                "currency": "eur",
-                "payment_method": "pm_card_visa",
-                "confirm": True,
-                "metadata": {"outbox_idempotency_key": c.idempotency_key},
-                "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
-            },
-            {"idempotency_key": c.idempotency_key},
-        )
+        await send(client, command(n, "sdk"))
 
     try:
         return await timed(calls, concurrency, call)
@@ -134,34 +142,28 @@ async def sdk_alone(url: str, calls: int, concurrency: int) -> dict[str, float]:
         await client._requestor._client.close_async()  # the SDK's aiohttp session
 
 
+async def sdk_alone(url: str, calls: int, concurrency: int) -> dict[str, float]:
+    return await with_sdk(
+        url,
+        calls,
+        concurrency,
+        lambda client, c: client.v1.payment_intents.create_async(
+            charge_params(c), {"idempotency_key": c.idempotency_key}
+        ),
+    )
+
+
 async def sdk_raw(url: str, calls: int, concurrency: int) -> dict[str, float]:
     """The same request through the SDK's raw_request, as the relay's adapter sends it: the
     SDK's request and error handling, the reply left as parsed JSON."""
-    client = stripe.StripeClient(
-        BENCH_API_KEY,
-        base_addresses={"api": url},
-        http_client=stripe.AIOHTTPClient(),
-        max_network_retries=0,
+    return await with_sdk(
+        url,
+        calls,
+        concurrency,
+        lambda client, c: client.raw_request_async(
+            "post", "/v1/payment_intents", **charge_params(c), idempotency_key=c.idempotency_key
+        ),
     )
-
-    async def call(n: int) -> None:
-        c = command(n, "raw")
-        await client.raw_request_async(
-            "post",
-            "/v1/payment_intents",
-            amount=c.amount_minor,
-            currency="eur",
-            payment_method="pm_card_visa",
-            confirm=True,
-            metadata={"outbox_idempotency_key": c.idempotency_key},
-            automatic_payment_methods={"enabled": True, "allow_redirects": "never"},
-            idempotency_key=c.idempotency_key,
-        )
-
-    try:
-        return await timed(calls, concurrency, call)
-    finally:
-        await client._requestor._client.close_async()
 
 
 async def relay_adapter(url: str, calls: int, concurrency: int) -> dict[str, float]:
