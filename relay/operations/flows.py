@@ -18,7 +18,6 @@ command line is relay/cli/flows.py.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import psycopg
@@ -27,7 +26,7 @@ from psycopg.rows import dict_row
 from relay.infra.queries import QUERIES
 from relay.infra.redaction import redact_value
 from relay.operations.intents import history_changes
-from relay.operations.providers import approve_request
+from relay.operations.providers import approve_request, change_or_request
 
 __all__ = [
     "AUTHORIZATION_POLICY_ACTIONS",
@@ -103,30 +102,20 @@ def _operate(
 ) -> dict[str, Any]:
     """Run one operation in its own transaction; the flow's row after it. Refused for want
     of a second operator, it is recorded as a request and :class:`ApprovalNeeded` raised."""
+    flow_id = int(params["id"])
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        cur = conn.cursor(row_factory=dict_row)
-        try:
-            with conn.transaction():
-                row = cur.execute(
-                    QUERIES[statement], {**params, "operator": operator, "reason": reason}
-                ).fetchone()
-        except psycopg.errors.InsufficientPrivilege as exc:
-            if exc.diag.constraint_name != _NEEDS_APPROVAL:
-                raise
-            change = {"operation": statement.removeprefix("flow_"), "seq": params.get("seq")}
-            with conn.transaction():
-                request = conn.execute(
-                    QUERIES["registry_request"],
-                    {
-                        "operator": operator,
-                        "entity": "flow",
-                        "name": str(params["id"]),
-                        "change": json.dumps(change),
-                        "reason": reason,
-                    },
-                ).fetchone()
-            assert request is not None
-            raise ApprovalNeeded(int(request[0]), int(params["id"]), what) from None
+        row = change_or_request(
+            conn,
+            statement,
+            params,
+            operator=operator,
+            entity="flow",
+            name=str(flow_id),
+            change={"operation": statement.removeprefix("flow_"), "seq": params.get("seq")},
+            reason=reason,
+            needs_approval=_NEEDS_APPROVAL,
+            requested=lambda request_id: ApprovalNeeded(request_id, flow_id, what),
+        )
     assert row is not None
     done: dict[str, Any] = redact_value(row)
     return done

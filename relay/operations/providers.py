@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -27,6 +27,7 @@ __all__ = [
     "api_version_untested",
     "apply_declared",
     "approve_request",
+    "change_or_request",
     "check_api_version",
     "list_guards",
     "list_providers",
@@ -59,7 +60,7 @@ class ApprovalRequested(Exception):
         self.request_id = request_id
 
 
-def _request(
+def _record_request(
     conn: psycopg.Connection,
     *,
     operator: str,
@@ -67,7 +68,8 @@ def _request(
     name: str,
     change: Mapping[str, Any],
     reason: str | None,
-) -> ApprovalRequested:
+) -> int:
+    """Record ``change`` for a second operator (sql/0052); the request's id."""
     with conn.transaction():
         row = conn.execute(
             QUERIES["registry_request"],
@@ -80,14 +82,10 @@ def _request(
             },
         ).fetchone()
     assert row is not None
-    return ApprovalRequested(int(row[0]), entity, name)
+    return int(row[0])
 
 
-def _needs_approval(exc: psycopg.Error) -> bool:
-    return exc.diag.constraint_name == _NEEDS_APPROVAL
-
-
-def _change_or_request(
+def change_or_request(
     conn: psycopg.Connection,
     statement: str,
     params: Mapping[str, Any],
@@ -97,12 +95,15 @@ def _change_or_request(
     name: str,
     change: Mapping[str, Any],
     reason: str | None,
+    needs_approval: str = _NEEDS_APPROVAL,
+    requested: Callable[[int], Exception] | None = None,
 ) -> dict[str, Any]:
-    """Run one registry change (``statement``) in its own transaction; the row it returns.
+    """Run one change (``statement``) in its own transaction; the row it returns.
 
-    With four eyes on and a change that may send traffic somewhere new, the database
-    refuses it by name; ``change`` is then recorded as a request for a second operator
-    and :class:`ApprovalRequested` raised (``conn`` in autocommit mode: it is committed).
+    With four eyes on and a change a second operator must approve, the database refuses
+    it by the constraint name ``needs_approval``; ``change`` is then recorded as a request
+    (``conn`` in autocommit mode: it is committed) and ``requested(request_id)`` raised
+    (default :class:`ApprovalRequested`, the registry's).
     """
     try:
         with conn.transaction():
@@ -112,11 +113,14 @@ def _change_or_request(
                 .fetchone()
             )
     except psycopg.errors.InsufficientPrivilege as exc:
-        if not _needs_approval(exc):
+        if exc.diag.constraint_name != needs_approval:
             raise
-        raise _request(
+        request_id = _record_request(
             conn, operator=operator, entity=entity, name=name, change=change, reason=reason
-        ) from None
+        )
+        if requested is None:
+            raise ApprovalRequested(request_id, entity, name) from None
+        raise requested(request_id) from None
     assert row is not None
     return row
 
@@ -165,7 +169,7 @@ def set_provider(
         "create": create,
         "api_version": api_version,
     }
-    return _change_or_request(
+    return change_or_request(
         conn,
         "provider_set",
         {
@@ -225,7 +229,7 @@ def set_rule(
 
     :class:`ApprovalRequested` as :func:`set_provider`.
     """
-    return _change_or_request(
+    return change_or_request(
         conn,
         "routing_rule_set",
         {"name": name, "rule": json.dumps(dict(fields)), "create": create},
@@ -375,7 +379,7 @@ def apply_declared(
 
 def set_four_eyes(conn: psycopg.Connection, *, operator: str, on: bool, reason: str) -> bool:
     """Turn four eyes on (one operator) or off (two: :class:`ApprovalRequested`)."""
-    row = _change_or_request(
+    row = change_or_request(
         conn,
         "registry_policy_set",
         {"four_eyes": on},
