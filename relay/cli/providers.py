@@ -11,13 +11,14 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import psycopg
 
 from relay.cli.operator_args import add_operator_argument, approval_requested, operator_of
 from relay.cli.tables import print_refusal, render_table
-from relay.domain.guard_rails import format_bp
+from relay.domain.guard_rails import BASIS_POINTS, format_bp, rolled_back
 from relay.operations.providers import (
     ApprovalRequested,
     api_version_untested,
@@ -76,7 +77,7 @@ def parse_percent_bp(text: str) -> int:
             f"{text!r} is not a percentage with at most two decimals, e.g. 5 or 2.5%"
         )
     bp = int(whole) * 100 + int((frac or "0").ljust(2, "0"))
-    if bp > 10_000:
+    if bp > BASIS_POINTS:
         raise argparse.ArgumentTypeError(f"{text!r} is more than 100%")
     return bp
 
@@ -406,6 +407,11 @@ def _cmd_routes(args: argparse.Namespace, conninfo: str) -> int:
     return 0
 
 
+def _seconds(at: datetime) -> str:
+    """A guard's rollback time as the guards table and its notes print it."""
+    return at.isoformat(timespec="seconds")
+
+
 def _guard_line(g: dict[str, Any]) -> list[object]:
     margins = []
     if g["failure_margin_bp"] is not None:
@@ -416,8 +422,8 @@ def _guard_line(g: dict[str, Any]) -> list[object]:
         margins.append(f"p{g['latency_percentile']} +{g['latency_margin_ms']} ms")
     if not g["enabled"]:
         state = "off"
-    elif g.get("canary_weight") == 0 and g["rolled_back_at"] is not None:
-        state = f"ROLLED BACK {g['rolled_back_at'].isoformat(timespec='seconds')}"
+    elif rolled_back(g["rolled_back_at"], g.get("canary_weight")):
+        state = f"ROLLED BACK {_seconds(g['rolled_back_at'])}"
     elif g.get("canary_weight") == 0:
         state = "canary at 0"
     else:
@@ -464,8 +470,7 @@ def _cmd_guards(args: argparse.Namespace, conn: psycopg.Connection) -> int:
             for g in guards:
                 if g["rollback_reason"]:
                     print(
-                        f"{g['rule_name']}: last rollback "
-                        f"{g['rolled_back_at'].isoformat(timespec='seconds')} by "
+                        f"{g['rule_name']}: last rollback {_seconds(g['rolled_back_at'])} by "
                         f"{g['rolled_back_by']}: {g['rollback_reason']}"
                     )
         return 0

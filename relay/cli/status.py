@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from relay.cli.tables import format_seconds, render_table
+from relay.domain.version_pins import PinMismatch
 from relay.operations.status import Status, collect_status
 
 __all__ = ["print_status", "render_status"]
@@ -73,13 +74,13 @@ def _version_lines(status: Status) -> list[str]:
             + ", ".join(f"{p} {v}" for p, v in sorted(status.registered_api_versions.items()))
         )
     for m in status.api_version_mismatches:
-        provider, wanted = m["provider"], m["registry_version"]
+        pin = PinMismatch(m["provider"], m["relay_version"], m["registry_version"])
         lines.append(
-            f"API VERSION MISMATCH {provider} on relay {m['relay']}: it sends "
-            f"{m['relay_version']}, the registry pins {wanted} (changed after the relay "
-            f"started); restart it with RELAY_PROVIDERS__{provider.upper()}__API_VERSION="
-            f"{wanted}, or correct the registry: outbox-relay providers set {provider} "
-            f"--api-version {m['relay_version']}"
+            f"API VERSION MISMATCH {pin.provider} on relay {m['relay']}: it sends "
+            f"{pin.relay_version}, the registry pins {pin.registry_version} (changed after the "
+            f"relay started); restart it with {pin.variable}={pin.registry_version}, or correct "
+            f"the registry: outbox-relay providers set {pin.provider} "
+            f"--api-version {pin.relay_version}"
         )
     if not seen:
         return lines

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 __all__ = [
     "BASIS_POINTS",
@@ -45,6 +46,7 @@ __all__ = [
     "evaluate",
     "format_bp",
     "rate_bp",
+    "rolled_back",
 ]
 
 BASIS_POINTS = 10_000
@@ -52,6 +54,11 @@ OUTCOME_CLASSES = ("succeeded", "declined", "error", "ambiguous")
 
 _SUCCEEDED = frozenset({"succeeded", "awaiting_confirmation"})
 _WAITING = frozenset({"blocked", "pending", "in_flight"})
+
+
+def rolled_back(rolled_back_at: object, canary_weight: int | None) -> bool:
+    """A guard's canary is at 0 because a relay rolled it back (no one raised it since)."""
+    return rolled_back_at is not None and canary_weight == 0
 
 
 def classify(status: str, error_code: str | None, code_class: str | None) -> str | None:
@@ -64,9 +71,7 @@ def classify(status: str, error_code: str | None, code_class: str | None) -> str
         return "succeeded"
     if status == "failed":
         return "declined"
-    if status == "dead":
-        return "ambiguous" if code_class == "ambiguous" else "error"
-    if status in _WAITING and error_code is not None:
+    if status == "dead" or (status in _WAITING and error_code is not None):
         return "ambiguous" if code_class == "ambiguous" else "error"
     # Not tried yet, its first attempt under way, or a status this module does not know
     # (a later migration's): not a sample, rather than a guess or a stopped relay.
@@ -201,30 +206,23 @@ def evaluate(guard: GuardRail, canary: SideCounts, baseline: SideCounts) -> Verd
         )
     names = (canary.provider, baseline.provider)
     comparisons: list[Comparison] = []
-    if guard.failure_margin_bp is not None:
-        comparisons.append(
-            _rate(
-                "failures",
-                canary.failures,
-                canary.samples,
-                baseline.failures,
-                baseline.samples,
-                guard.failure_margin_bp,
-                names,
+    rates = (
+        ("failures", guard.failure_margin_bp, attrgetter("failures")),
+        ("ambiguous", guard.ambiguous_margin_bp, attrgetter("ambiguous")),
+    )
+    for measure, margin_bp, count in rates:
+        if margin_bp is not None:
+            comparisons.append(
+                _rate(
+                    measure,
+                    count(canary),
+                    canary.samples,
+                    count(baseline),
+                    baseline.samples,
+                    margin_bp,
+                    names,
+                )
             )
-        )
-    if guard.ambiguous_margin_bp is not None:
-        comparisons.append(
-            _rate(
-                "ambiguous",
-                canary.ambiguous,
-                canary.samples,
-                baseline.ambiguous,
-                baseline.samples,
-                guard.ambiguous_margin_bp,
-                names,
-            )
-        )
     if (
         guard.latency_margin_ms is not None
         and canary.latency_ms is not None

@@ -60,12 +60,20 @@ class PinMismatch:
 
 
 def pin_mismatches(
-    pinned: Mapping[str, str], registered: Mapping[str, str | None]
+    pinned: Mapping[str, str],
+    registered: Mapping[str, str | None],
+    configured: Mapping[str, str | None] | None = None,
 ) -> list[PinMismatch]:
     """Each provider in both maps whose versions differ, by name. ``pinned``: the version
-    the relay sends per provider name; ``registered``: the registry's (None: not recorded)."""
+    the relay sends per provider name; ``registered``: the registry's (None: not recorded);
+    ``configured``: the relay's API_VERSION settings per name (None: not known)."""
     return [
-        PinMismatch(name, version, wanted)
+        PinMismatch(
+            name,
+            version,
+            wanted,
+            None if configured is None else configured.get(name) is not None,
+        )
         for name, version in sorted(pinned.items())
         if (wanted := registered.get(name)) is not None and wanted != version
     ]

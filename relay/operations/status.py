@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 
+from relay.domain.guard_rails import rolled_back
 from relay.domain.intents import WAITING_STATUSES
 from relay.domain.serving import unserved_intents
 from relay.domain.version_pins import pin_mismatches
@@ -90,7 +91,7 @@ class GuardRailState:
     @property
     def rolled_back(self) -> bool:
         """The canary is at 0 because a relay rolled it back (no one raised it since)."""
-        return self.rolled_back_at is not None and self.canary_weight == 0
+        return rolled_back(self.rolled_back_at, self.canary_weight)
 
 
 @dataclass

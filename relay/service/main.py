@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -213,19 +212,13 @@ async def check_registered_api_versions(
         return
     if rows is None:
         return
-    found = pin_mismatches(pinned, {name: version for name, _kind, version in rows})
+    found = pin_mismatches(pinned, {name: version for name, _kind, version in rows}, configured)
     if not found:
         return
-    said = [
-        replace(
-            m, configured=None if configured is None else configured.get(m.provider) is not None
-        )
-        for m in found
-    ]
     raise StartupRefused(
         "api_version_differs_from_registry",
-        "; ".join(m.refusal() for m in said),
-        "; ".join(m.remedy() for m in said),
+        "; ".join(m.refusal() for m in found),
+        "; ".join(m.remedy() for m in found),
     )
 
 
