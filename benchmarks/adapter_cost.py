@@ -49,25 +49,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import (
     BENCH_API_KEY,
+    RESULTS,
     FakeProvider,
-    ZeroLatencyProvider,
     cpu_seconds,
     load_average,
     quiet_relay_logging,
     table,
     write_result,
 )
+from benchmarks.drain import IN_PROCESS, zero_latency_lane
 from provider_adapters.base import Action, Command, Succeeded
-from relay.core.lanes import Lane
 from relay.infra.config import ProviderSettings
 from relay.service.main import build_lane
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SDK = "sdk, typed call"
 SDK_RAW = "sdk, raw_request"
 ADAPTER = "relay's adapter"
 LANE = "lane, in-process adapter"
-IN_PROCESS = "in-process adapter"  # benchmarks/drain.py's label
 
 
 def command(n: int, label: str) -> Command:
@@ -186,7 +184,7 @@ async def in_process_lane(url: str, calls: int, concurrency: int) -> dict[str, f
     """The lane around the in-process adapter the drain uses: the part of the in-process
     relay's CPU per intent that a provider call over HTTP replaces, not adds to."""
     del url
-    lane = Lane("stripe", ZeroLatencyProvider(), concurrency=concurrency, timeout_seconds=10.0)
+    lane = zero_latency_lane(concurrency)
 
     async def call(n: int) -> None:
         await lane.execute(command(n, "lane"))
@@ -222,16 +220,16 @@ def main() -> int:
     args = parser.parse_args()
     quiet_relay_logging()
     fake = FakeProvider()
-    rounds: dict[str, list[dict[str, float]]] = {SDK: [], SDK_RAW: [], ADAPTER: [], LANE: []}
     variants: dict[str, Callable[[str, int, int], Awaitable[dict[str, float]]]] = {
         SDK: sdk_alone,
         SDK_RAW: sdk_raw,
         ADAPTER: relay_adapter,
         LANE: in_process_lane,
     }
+    rounds: dict[str, list[dict[str, float]]] = {label: [] for label in variants}
     try:
         for number in range(args.rounds):
-            order = [SDK, SDK_RAW, ADAPTER, LANE]
+            order = list(variants)
             if number % 2:
                 order.reverse()
             for label in order:

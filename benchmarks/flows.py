@@ -77,7 +77,7 @@ def completed_flows(url: str) -> int:
 
 
 def variant(name: str, statement: str, payments: int) -> dict[str, Any]:
-    with scratch_database(f"bench_flows_{name}") as url:
+    with scratch_database(f"flows_{name}") as url:
         start_seconds = start(url, statement, payments)
         result = anyio.run(
             lambda: drain(

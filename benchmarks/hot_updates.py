@@ -36,7 +36,7 @@ from psycopg.rows import dict_row
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import INTENT_COLUMNS, scratch_database, table, write_result
-from benchmarks.sql_limit import _outcome_params
+from benchmarks.sql_limit import outcome_params
 from relay.infra.queries import QUERIES
 
 TABLES = ("payments", "payment_intents")
@@ -120,7 +120,7 @@ def drain(url: str, batch: int, provider: str = "stripe") -> int:
             rows = conn.execute(
                 QUERIES["claim_intents"], {**params, "instance": "bench-hot"}
             ).fetchall()
-            # What _outcome_params reads, positionally, in id order.
+            # What outcome_params reads, positionally, in id order.
             claimed = sorted(
                 (r["id"], r["lease_token"], r["payment_id"], r["action"], r["amount_minor"],
                  r["authorized_minor"], r["payment_reference"])
@@ -133,7 +133,7 @@ def drain(url: str, batch: int, provider: str = "stripe") -> int:
                 conn.execute(
                     QUERIES["lock_payments"], {"payment_ids": sorted({r[2] for r in claimed})}
                 )
-                conn.execute(QUERIES["complete_intents"], {**_outcome_params(claimed), "now": None})
+                conn.execute(QUERIES["complete_intents"], {**outcome_params(claimed), "now": None})
             done += len(claimed)
         flush(conn)
     return done
@@ -166,9 +166,9 @@ def phases(url: str, workload: str, payments: int, batch: int) -> list[tuple[str
     out = []
     before = counters(url)
     for name, rows in steps:
-        written = len(rows) if rows else 0
         if rows:
             insert(url, rows)
+            written = len(rows)
         else:
             written = drain(url, batch)
         after = counters(url)

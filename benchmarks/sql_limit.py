@@ -335,7 +335,7 @@ def explain_batches(batches: int, batch: int) -> dict[str, dict[str, float]]:
                     " WHERE i.status = 'in_flight' AND i.claimed_by = 'bench-explain' ORDER BY i.id"
                 ).fetchall()
                 intents += len(claimed)
-                outcome = _outcome_params(claimed)
+                outcome = outcome_params(claimed)
                 with conn.transaction():
                     conn.execute(QUERIES["set_actor"], {"actor": "relay:bench", "reason": None})
                     conn.execute(
@@ -354,7 +354,7 @@ def explain_batches(batches: int, batch: int) -> dict[str, dict[str, float]]:
     }
 
 
-def _outcome_params(claimed: list[Any]) -> dict[str, list[Any]]:
+def outcome_params(claimed: list[Any]) -> dict[str, list[Any]]:
     """What the relay writes for a success of each claimed (authorize|capture) intent."""
     out: dict[str, list[Any]] = {name: [] for name in _OUTCOME_ARRAYS}
     for intent_id, token, _payment, action, amount, authorized, reference in claimed:
