@@ -28,7 +28,7 @@ from relay.domain.version_pins import pin_mismatches
 from relay.finance.audit import verify_database
 from relay.infra.db import Database
 from relay.infra.db_startup import StartupRefused
-from relay.infra.migrate import migrate, sql_dir
+from relay.infra.migrate import discover, migrate
 from relay.operations.providers import (
     ApprovalRequested,
     apply_declared,
@@ -43,6 +43,7 @@ from relay.operations.providers import (
 from relay.operations.status import collect_status
 from relay.service.instances import InstanceHeartbeat
 from relay.service.main import check_registered_api_versions
+from tests.processes import UNREACHABLE_PROVIDER
 from tests.support.cli import run_cli
 from tests.support.databases import scratch_database
 from tests.support.fake_server import FakeServer
@@ -171,12 +172,7 @@ async def test_a_split_sends_each_payment_with_its_instances_version_and_rolls_b
             " AND entity_id = 'version_canary' ORDER BY chain_seq DESC LIMIT 1"
         ).fetchone() == ("operator:bob", f"{NEXT} declines")
 
-    relay = relay_for(db_url, _lanes(fake.url))
-    try:
-        await run_until_settled(db_url, [relay])
-    finally:
-        for lane in relay.lanes.values():
-            await lane.adapter.aclose()
+    await run_until_settled(db_url, [relay_for(db_url, _lanes(fake.url))])
 
     with psycopg.connect(db_url, autocommit=True) as sync:
         after = _providers_of(sync, "r")
@@ -204,7 +200,7 @@ async def test_a_relay_pinned_otherwise_than_the_registry_refuses_to_start(db_ur
     # stripe_next left at the adapter's default: the registry pins it to NEXT.
     wrong = relay_for(
         db_url,
-        {"stripe": provider("http://127.0.0.1:9"), "stripe_next": provider("http://127.0.0.1:9")},
+        {"stripe": provider(UNREACHABLE_PROVIDER), "stripe_next": provider(UNREACHABLE_PROVIDER)},
     )
     await wrong.db.open()
     try:
@@ -361,9 +357,9 @@ async def test_providers_registered_before_the_column_still_verify(
     A relay started on the schema before it has nothing to compare with, and says so."""
     before = tmp_path / "sql"
     before.mkdir()
-    for path in sql_dir().glob("*.sql"):
-        if path.name[:4].isdigit() and path.name < "0070":
-            shutil.copy(path, before / path.name)
+    for migration in discover():
+        if migration.version < "0070":
+            shutil.copy(migration.path, before / migration.path.name)
     with scratch_database(pg_admin_url, "outbox_relay_t0070") as url:
         migrate(url, directory=before)
         with psycopg.connect(url, autocommit=True) as conn:
@@ -371,7 +367,7 @@ async def test_providers_registered_before_the_column_still_verify(
                 "SELECT outbox.provider_set_v1('alice', 'stripe', 'stripe', NULL, NULL, NULL,"
                 " NULL, 'before sql/0070', true)"
             )
-        early = relay_for(url, {"stripe": provider("http://127.0.0.1:9")})
+        early = relay_for(url, {"stripe": provider(UNREACHABLE_PROVIDER)})
         await early.db.open()
         try:
             with structlog.testing.capture_logs() as logs:

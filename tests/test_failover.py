@@ -100,8 +100,9 @@ async def test_new_payments_fail_over_only_when_nothing_reached_the_primary(
         # 1. The proxy drops each connection it accepted: the request may have left.
         proxy.cut()
         conn.execute(FIRST, ("ambiguous", None))
-        lanes = [build_lane("stripe", primary_settings)]
-        async with running(_relay(db_url, "relay-a0", "stripe", lanes[0])):
+        # running() closes each relay's lanes when it stops.
+        lane_a0 = build_lane("stripe", primary_settings)
+        async with running(_relay(db_url, "relay-a0", "stripe", lane_a0)):
             await wait_until(
                 lambda: (
                     _intents(conn)["ambiguous"]["attempts"] >= 1
@@ -120,7 +121,6 @@ async def test_new_payments_fail_over_only_when_nothing_reached_the_primary(
         conn.execute(FIRST, ("named", "stripe"))  # the application chose the provider
         lane_a = build_lane("stripe", primary_settings)
         lane_b = build_lane("backup", provider(fallback.url, breaker_failure_threshold=1000))
-        lanes += [lane_a, lane_b]
         relay_a = _relay(db_url, "relay-a", "stripe", lane_a)
         relay_b = _relay(db_url, "relay-b", "backup", lane_b)
         async with running(relay_a), running(relay_b):
@@ -140,9 +140,6 @@ async def test_new_payments_fail_over_only_when_nothing_reached_the_primary(
                 lambda: all(_intents(conn)[p]["status"] == "succeeded" for p in moved),
                 "every moved payment succeeded at the fallback",
             )
-        for lane in lanes:
-            await lane.adapter.aclose()
-
         rows = _intents(conn)
         # One failover counted per moved payment, by what moved it: a connect failure
         # (the first wave, until the breaker opened) or the open breaker's sweep.
