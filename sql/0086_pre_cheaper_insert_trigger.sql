@@ -157,7 +157,7 @@ DECLARE
     prov_enabled    boolean;   -- sql/0086
     prov_currencies text[];
     prov_limits     jsonb;
-    prov_kind       text;
+    prov_unit_rule  boolean;   -- a unit rule of its kind governs this currency's amounts
 BEGIN
   -- sql/0086: the NULL case below leaves this block, so the conversion rules at the end
   -- run for every row, as the two triggers they were did.
@@ -294,8 +294,11 @@ BEGIN
     -- function that applies them (and words the refusal) runs only for a row one of them
     -- may refuse: an unregistered provider while the registry is in use, a disabled one,
     -- a currency or amount outside its lists, or an amount its unit rule must check.
-    SELECT p.enabled, p.currencies, p.amount_limits, p.kind
-    INTO prov_enabled, prov_currencies, prov_limits, prov_kind
+    SELECT p.enabled, p.currencies, p.amount_limits,
+           NEW.amount_minor IS NOT NULL AND EXISTS (
+               SELECT 1 FROM outbox.provider_unit_rules AS r
+               WHERE r.kind = p.kind AND r.currency = NEW.currency)
+    INTO prov_enabled, prov_currencies, prov_limits, prov_unit_rule
     FROM outbox.providers AS p
     WHERE p.name = NEW.provider;
     IF NOT FOUND THEN
@@ -304,9 +307,7 @@ BEGIN
                 PERFORM outbox.payment_intents_check_provider_v1(NEW, true);
             END IF;
         END IF;
-    ELSIF (NEW.amount_minor IS NOT NULL AND EXISTS (
-              SELECT 1 FROM outbox.provider_unit_rules AS r
-              WHERE r.kind = prov_kind AND r.currency = NEW.currency))
+    ELSIF prov_unit_rule
           OR (pay.next_seq = 1
               AND (NOT prov_enabled
                    OR (prov_currencies IS NOT NULL AND NOT NEW.currency = ANY (prov_currencies))
