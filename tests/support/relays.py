@@ -92,33 +92,26 @@ def make_relay(
     adapter: ProviderAdapter,
     *,
     provider: str = "stripe",
-    instance: str = "test-relay",
-    max_attempts: int = 5,
-    concurrency: int = 16,
-    seed: int = 1,
-    breaker: BreakerSettings = PRODUCTION_BREAKER,
     **options: Any,
 ) -> Relay:
     """A relay with one lane around ``adapter`` (a 5 s call timeout)."""
-    lane = Lane(provider, adapter, concurrency=concurrency, timeout_seconds=5.0, breaker=breaker)
-    return relay_with_lanes(
-        db_url, {provider: lane}, instance=instance, max_attempts=max_attempts, seed=seed, **options
-    )
+    return make_relay_with(db_url, {provider: adapter}, **options)
 
 
 def make_relay_with(
     db_url: str,
     adapters: dict[str, ProviderAdapter],
     *,
-    instance: str = "test-relay",
+    concurrency: int = 16,
+    breaker: BreakerSettings = PRODUCTION_BREAKER,
     **options: Any,
 ) -> Relay:
     """A relay with one lane per provider name around its adapter (a 5 s call timeout)."""
     lanes = {
-        name: Lane(name, adapter, concurrency=16, timeout_seconds=5.0, breaker=PRODUCTION_BREAKER)
+        name: Lane(name, adapter, concurrency=concurrency, timeout_seconds=5.0, breaker=breaker)
         for name, adapter in adapters.items()
     }
-    return relay_with_lanes(db_url, lanes, instance=instance, **options)
+    return relay_with_lanes(db_url, lanes, **options)
 
 
 def provider(url: str, **settings: Any) -> ProviderSettings:
