@@ -37,6 +37,7 @@ from tests.support.flows import (
     flow_events,
     flow_intents,
     flow_state,
+    open_store,
     recipe,
     split_tender,
     start_flow,
@@ -113,12 +114,8 @@ async def test_a_missed_capture_deadline_voids_the_hold_and_a_later_capture_is_r
             "SELECT created_at FROM outbox.flows WHERE id = %s", (flow,)
         ).fetchone()
     assert started is not None
-    db = Database(db_url, pool_size=2, name="flow-ops-test")
-    await db.open()
-    try:
-        await authorise_at(gift, Store(db, actor="relay:flow-ops-test"))
-    finally:
-        await db.close()
+    async with open_store(db_url, "flow-ops-test", pool_size=2) as store:
+        await authorise_at(gift, store)
     # The capture is in the queue, unsent (its relay is down, say), for eight days.
     assert flow_intents(db_url, flow) == [
         ("step", "authorize", "order-7", "succeeded"),
@@ -304,10 +301,7 @@ async def test_operators_cancel_retry_and_mark_compensated_with_four_eyes(db_url
         login_role(db_url, "outbox_operator", prefix="alice") as alice,
         login_role(db_url, "outbox_operator", prefix="bob") as bob,
     ):
-        db = Database(db_url, pool_size=2, name="flow-ops-test")
-        await db.open()
-        try:
-            store = Store(db, actor="relay:flow-ops-test")
+        async with open_store(db_url, "flow-ops-test", pool_size=2) as store:
             held = await store.claim("giftco", 10, lease_seconds=600, instance="flow-ops-test")
             gift, other = sorted(held, key=lambda r: r.payment_id)
             assert (gift.payment_id, other.payment_id) == ("order-1-gift", "order-2")
@@ -327,8 +321,6 @@ async def test_operators_cancel_retry_and_mark_compensated_with_four_eyes(db_url
             # order-2's hold dies with its outcome unknown; order-3's charge is pending.
             await write_back(store, other, "dead", error_code="attempts_exhausted")
             await write_back(store, void, "failed", error_code="provider_refused")
-        finally:
-            await db.close()
         assert flow_state(db_url, flow)[0] == "needs_operator"
 
         # Refusals name the rule.

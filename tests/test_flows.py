@@ -18,11 +18,9 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from provider_adapters.memory import MemoryProvider
-from relay.core.store import Store
 from relay.domain.intents import WriteBack
 from relay.domain.state_machine import PaymentSnapshot, PaymentState
 from relay.finance.audit import verify_database
-from relay.infra.db import Database
 from relay.operations.flows import find_flow
 from tests.login_roles import login_role
 from tests.support.cli import run_cli
@@ -33,6 +31,7 @@ from tests.support.flows import (
     flow_events,
     flow_intents,
     flow_state,
+    open_store,
     recipe,
     split_tender,
     start_flow,
@@ -113,10 +112,7 @@ async def test_split_tender_both_holding_captures_both_once_then_cancel_refunds_
 
 async def test_an_ambiguous_step_is_settled_before_anything_is_compensated(db_url: str) -> None:
     flow = start_flow(db_url, "order-1", split_tender())
-    db = Database(db_url, pool_size=2, name="flows-test")
-    await db.open()
-    try:
-        store = Store(db, actor="relay:flows-test")
+    async with open_store(db_url, "flows-test", pool_size=2) as store:
         gift = await claim_one(store, "giftco")
         card = await claim_one(store, "cardco")
         # The card is declined while the gift card's hold is in flight, then comes back
@@ -143,8 +139,6 @@ async def test_an_ambiguous_step_is_settled_before_anything_is_compensated(db_ur
         assert "provider_refused" in reason
         assert flow_events(db_url, flow) == ["flow.compensating", "flow.needs_operator"]
         assert len(flow_intents(db_url, flow)) == 3  # no second void
-    finally:
-        await db.close()
     report = verify_database(db_url)
     assert report.intact, [b.describe() for b in report.breaks]
 
@@ -269,10 +263,7 @@ async def test_two_steps_settling_at_once_in_two_transactions_start_the_next_ste
     """The flow's row lock orders the two write-backs: the second, once granted the lock,
     sees the first's committed outcome (a fresh snapshot), so neither misses the advance."""
     flow = start_flow(db_url, "order-1", split_tender())
-    db = Database(db_url, pool_size=3, name="flows-test")
-    await db.open()
-    try:
-        store = Store(db, actor="relay:flows-test")
+    async with open_store(db_url, "flows-test", pool_size=3) as store:
         gift = await claim_one(store, "giftco")
         card = await claim_one(store, "cardco")
         first = await psycopg.AsyncConnection.connect(db_url)  # its transaction, held open
@@ -307,8 +298,6 @@ async def test_two_steps_settling_at_once_in_two_transactions_start_the_next_ste
                 await first.commit()  # the second goes on, and sees this outcome
         finally:
             await first.close()
-    finally:
-        await db.close()
     assert flow_intents(db_url, flow)[2:] == [
         ("step", "capture", "order-1-gift", "pending"),
         ("step", "capture", "order-1-card", "pending"),
@@ -320,10 +309,7 @@ async def test_a_dead_step_waits_for_the_operator_and_a_dead_compensation_can_be
     db_url: str,
 ) -> None:
     flow = start_flow(db_url, "order-1", split_tender())
-    db = Database(db_url, pool_size=2, name="flows-test")
-    await db.open()
-    try:
-        store = Store(db, actor="relay:flows-test")
+    async with open_store(db_url, "flows-test", pool_size=2) as store:
         gift = await claim_one(store, "giftco")
         card = await claim_one(store, "cardco")
         await write_back(store, card, "succeeded", amount_applied_minor=1500,
@@ -351,8 +337,6 @@ async def test_a_dead_step_waits_for_the_operator_and_a_dead_compensation_can_be
         assert (again.id, again.idempotency_key) == (void.id, void.idempotency_key)
         await write_back(store, again, "succeeded", amount_applied_minor=1500,
                          payment=PaymentSnapshot(PaymentState.VOIDED, "EUR", authorized_minor=1500))  # fmt: skip
-    finally:
-        await db.close()
     state, reason = flow_state(db_url, flow)
     assert state == "compensated"
     assert reason is not None and "step 1 (authorize of payment order-1-gift) failed" in reason
@@ -369,10 +353,7 @@ async def test_a_step_not_yet_sent_when_the_flow_compensates_is_never_sent(db_ur
     """A capture declined while the other capture waits unsent: the other is withdrawn
     (failed, never sent), and both authorisations are voided, the later step's first."""
     flow = start_flow(db_url, "order-1", split_tender())
-    db = Database(db_url, pool_size=2, name="flows-test")
-    await db.open()
-    try:
-        store = Store(db, actor="relay:flows-test")
+    async with open_store(db_url, "flows-test", pool_size=2) as store:
         for provider, amount in (("giftco", 500), ("cardco", 1500)):
             held = await claim_one(store, provider)
             await write_back(store, held, "succeeded", amount_applied_minor=amount,
@@ -402,8 +383,6 @@ async def test_a_step_not_yet_sent_when_the_flow_compensates_is_never_sent(db_ur
                              payment=PaymentSnapshot(PaymentState.VOIDED, "EUR",
                                                      authorized_minor=amount))  # fmt: skip
         assert await store.claim("cardco", 10, lease_seconds=60, instance="flows-test") == []
-    finally:
-        await db.close()
     assert flow_state(db_url, flow)[0] == "compensated"
     assert [i[:2] for i in flow_intents(db_url, flow)[4:]] == [
         ("compensation", "void"), ("compensation", "void")

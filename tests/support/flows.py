@@ -7,6 +7,8 @@ database holds them; and write-backs driven by hand through the relay's Store
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from psycopg.types.json import Jsonb
 from relay.core.store import Store
 from relay.domain.intents import WriteBack
 from relay.domain.state_machine import PaymentSnapshot, PaymentState
+from relay.infra.db import Database
 
 __all__ = [
     "authorized_snapshot",
@@ -31,6 +34,17 @@ __all__ = [
 ]
 
 _FLOWS_MD = Path(__file__).resolve().parent.parent.parent / "docs" / "flows.md"
+
+
+@asynccontextmanager
+async def open_store(db_url: str, name: str, *, pool_size: int = 2) -> AsyncIterator[Store]:
+    """The relay's Store on a pool of its own, writing as ``relay:<name>``; closed on exit."""
+    db = Database(db_url, pool_size=pool_size, name=name)
+    await db.open()
+    try:
+        yield Store(db, actor=f"relay:{name}")
+    finally:
+        await db.close()
 
 
 def split_tender(card_method: str = "pm_card_visa") -> list[dict[str, Any]]:
