@@ -75,6 +75,7 @@ from benchmarks._common import (
     table,
     write_result,
 )
+from benchmarks.latency import ms
 from provider_adapters.base import Command
 from relay.core.lanes import Lane
 from relay.core.runtime import Relay, RelayOptions
@@ -314,10 +315,6 @@ async def measure(
         "relay_cpu_share": cpu / (inserted_until - start),
         "load_average_after": load_average(),
     }
-
-
-def ms(value: float) -> str:
-    return "never" if value == INF else f"{value:,.1f}"
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ from relay.core.store import Store
 from relay.domain.intents import WriteBack
 from relay.domain.state_machine import PaymentSnapshot, PaymentState
 from relay.infra.db import Database
+from tests.support.sql import rows
 
 __all__ = [
     "authorized_snapshot",
@@ -78,45 +79,41 @@ def start_flow(db_url: str, key: str, steps: list[dict[str, Any]]) -> int:
 
 
 def flow_by_key(db_url: str, key: str) -> int:
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute("SELECT id FROM outbox.flows WHERE flow_key = %s", (key,)).fetchone()
-    assert row is not None
-    return int(row[0])
+    [(flow_id,)] = rows(db_url, "SELECT id FROM outbox.flows WHERE flow_key = %s", key)
+    return int(flow_id)
 
 
 def flow_state(db_url: str, flow_id: int) -> tuple[str, str | None]:
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute(
-            "SELECT state, reason FROM outbox.flows WHERE id = %s", (flow_id,)
-        ).fetchone()
-    assert row is not None
-    return str(row[0]), row[1]
+    [(state, reason)] = rows(
+        db_url, "SELECT state, reason FROM outbox.flows WHERE id = %s", flow_id
+    )
+    return str(state), reason
 
 
 def flow_intents(db_url: str, flow_id: int) -> list[tuple[str, str, str, str]]:
     """(role, action, payment_id, status) of every intent of the flow, in id order."""
-    with psycopg.connect(db_url) as conn:
-        rows = conn.execute(
-            """
-            SELECT metadata -> 'flow' ->> 'role', action, payment_id, status
-            FROM outbox.payment_intents
-            WHERE (metadata -> 'flow' ->> 'id')::bigint = %s ORDER BY id
-            """,
-            (flow_id,),
-        ).fetchall()
-    return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+    found = rows(
+        db_url,
+        """
+        SELECT metadata -> 'flow' ->> 'role', action, payment_id, status
+        FROM outbox.payment_intents
+        WHERE (metadata -> 'flow' ->> 'id')::bigint = %s ORDER BY id
+        """,
+        flow_id,
+    )
+    return [(str(a), str(b), str(c), str(d)) for a, b, c, d in found]
 
 
 def flow_events(db_url: str, flow_id: int) -> list[str]:
     """The event types of the flow's events, in order; each names the flow."""
-    with psycopg.connect(db_url) as conn:
-        rows = conn.execute(
-            "SELECT event_type, payload FROM outbox.events WHERE ordering_key = %s ORDER BY seq",
-            (f"flow:{flow_id}",),
-        ).fetchall()
-    for _, payload in rows:
+    events = rows(
+        db_url,
+        "SELECT event_type, payload FROM outbox.events WHERE ordering_key = %s ORDER BY seq",
+        f"flow:{flow_id}",
+    )
+    for _, payload in events:
         assert payload["flow"]["id"] == flow_id
-    return [str(event_type) for event_type, _ in rows]
+    return [str(event_type) for event_type, _ in events]
 
 
 def authorized_snapshot(amount: int) -> PaymentSnapshot:
