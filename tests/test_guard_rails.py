@@ -40,9 +40,8 @@ from relay.infra.db import Database
 from relay.operations.providers import list_guards, list_rules, set_guard, set_rule, set_weights
 from relay.operations.status import collect_status
 from relay.service.guard_rails import GuardRails, code_class
-from tests.invariants import unfinished
 from tests.support.intents import payments_by_provider, register_provider
-from tests.support.relays import relay_with_lanes
+from tests.support.relays import relay_with_lanes, running, settled
 from tests.support.waiting import wait_until
 
 # -- the pure comparison ---------------------------------------------------------------
@@ -259,47 +258,37 @@ async def test_relay_rolls_a_failing_canary_back(
         guard = GuardRails(relay.db, instance="guard-test", interval_seconds=0.05)
         before = _rollbacks()
 
-        async def settled() -> bool:
-            return await anyio.to_thread.run_sync(unfinished, db_url) == 0
-
         def weights() -> list[int]:
             return next(r["weights"] for r in list_rules(conn) if r["name"] == "main")
 
-        await relay.db.open()
-        try:
-            async with anyio.create_task_group() as tg:
-                await tg.start(relay.run)
-                tg.start_soon(guard.run)
-                # Healthy: both sides succeed, the guard watches and does nothing.
-                _insert(conn, "healthy", 40)
-                await wait_until(settled, "the healthy payments finished")
-                turns = guard.turns
-                await wait_until(lambda: guard.turns >= turns + 2, "two more guard turns")
-                assert weights() == [50, 50]
-                started = conn.execute(
-                    "SELECT payment_id FROM outbox.payments WHERE provider = 'canary' LIMIT 1"
-                ).fetchone()
-                assert started is not None
-                # The canary starts failing: the relay rolls it back by itself.
-                canary.failing = failing
-                _insert(conn, "declining", 40)
-                await wait_until(lambda: weights() == [50, 0], "the canary rolled back")
-                await wait_until(settled, "the declining payments finished")
-                # Every new payment goes to the baseline; one already started keeps its provider.
-                _insert(conn, "after", 30)
-                conn.execute(
-                    "INSERT INTO outbox.payment_intents (payment_id, action, currency)"
-                    " VALUES (%s, 'capture', 'EUR')",
-                    (started[0],),
-                )
-                await wait_until(settled, "the payments after the rollback finished")
-                turns = guard.turns  # one whole turn after all that, for the gauges below
-                await wait_until(lambda: guard.turns >= turns + 2, "two more guard turns")
-                relay.stop()
-                await relay.finished.wait()
-                tg.cancel_scope.cancel()
-        finally:
-            await relay.db.close()
+        async with running(relay), anyio.create_task_group() as tg:
+            tg.start_soon(guard.run)
+            # Healthy: both sides succeed, the guard watches and does nothing.
+            _insert(conn, "healthy", 40)
+            await wait_until(lambda: settled(db_url), "the healthy payments finished")
+            turns = guard.turns
+            await wait_until(lambda: guard.turns >= turns + 2, "two more guard turns")
+            assert weights() == [50, 50]
+            started = conn.execute(
+                "SELECT payment_id FROM outbox.payments WHERE provider = 'canary' LIMIT 1"
+            ).fetchone()
+            assert started is not None
+            # The canary starts failing: the relay rolls it back by itself.
+            canary.failing = failing
+            _insert(conn, "declining", 40)
+            await wait_until(lambda: weights() == [50, 0], "the canary rolled back")
+            await wait_until(lambda: settled(db_url), "the declining payments finished")
+            # Every new payment goes to the baseline; one already started keeps its provider.
+            _insert(conn, "after", 30)
+            conn.execute(
+                "INSERT INTO outbox.payment_intents (payment_id, action, currency)"
+                " VALUES (%s, 'capture', 'EUR')",
+                (started[0],),
+            )
+            await wait_until(lambda: settled(db_url), "the payments after the rollback finished")
+            turns = guard.turns  # one whole turn after all that, for the gauges below
+            await wait_until(lambda: guard.turns >= turns + 2, "two more guard turns")
+            tg.cancel_scope.cancel()
 
         assert payments_by_provider(conn, "after-") == {"stripe": 30}
         assert "canary" in payments_by_provider(conn, "declining-")  # those it had keep it

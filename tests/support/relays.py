@@ -156,6 +156,11 @@ async def running(relay: Relay) -> AsyncIterator[Relay]:
         await _close(relay)
 
 
+async def settled(db_url: str) -> bool:
+    """No intent is left unfinished (tests/invariants.unfinished), read off the event loop."""
+    return await anyio.to_thread.run_sync(unfinished, db_url) == 0
+
+
 async def run_until_settled(
     db_url: str, relays: Iterable[Relay], *, deadline: float = 120.0
 ) -> None:
@@ -168,10 +173,9 @@ async def run_until_settled(
             for relay in relays:
                 await tg.start(relay.run)
 
-            async def settled() -> bool:
-                return await anyio.to_thread.run_sync(unfinished, db_url) == 0
-
-            await wait_until(settled, "every intent finished", guard_seconds=deadline)
+            await wait_until(
+                lambda: settled(db_url), "every intent finished", guard_seconds=deadline
+            )
             for relay in relays:
                 relay.stop()
     finally:
