@@ -284,5 +284,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, all) CPU ticks of the whole machine so far, every core, from /proc/stat:
+    what a run cost the machine is the difference of two readings."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def machine_busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of the machine's cores (0 to 1) busy between two machine_ticks() readings."""
+    return (after[0] - before[0]) / max(after[1] - before[1], 1)
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])

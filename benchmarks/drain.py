@@ -11,19 +11,27 @@ lines, result event). One relay then drains it, in this process, twice:
 * with the fake Stripe-compatible provider over HTTP (its own process, no latency, no
   faults), through the Stripe adapter the relay ships.
 
+With --http-fleet N, the HTTP backlog is also drained by N `outbox-relay run` processes
+started together, with the same settings: what a relay that used more than one core
+would reach on this machine.
+
 The relay logs as in production (JSON lines), into /dev/null. Prints intents/s, the
-relay's CPU per intent, and how long the database made each claim and write-back take
-(and how busy the write-back connections were together: up to 200 % with two); writes
+relay's CPU per intent, the whole machine's (the share of its cores busy during the drain,
+and that CPU per intent: relay, database, fake provider, kernel), how long the database
+made each claim and write-back take (and how busy the write-back connections were
+together: up to 200 % with two), and the ratio the one HTTP relay would reach at a full
+core (1 / its CPU per intent, against the in-process rate); writes
 benchmarks/results/drain.json. benchmarks/sql_limit.py compares the in-process figure
 with the database's own limit, measured in the same run.
 
-    python benchmarks/drain.py [--intents 100000] [--http-intents N] [--quick]
+    python benchmarks/drain.py [--intents 100000] [--http-intents N] [--http-fleet N] [--quick]
     python benchmarks/drain.py --profile      # + pyinstrument profile of the in-process run
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -44,6 +52,8 @@ from benchmarks._common import (
     cpu_seconds,
     insert_backlog,
     load_average,
+    machine_busy_share,
+    machine_ticks,
     quiet_relay_logging,
     scratch_database,
     status_counts,
@@ -118,6 +128,7 @@ async def drain(
     try:
         async with anyio.create_task_group() as tg:
             cpu0, started = time.process_time(), time.perf_counter()
+            machine0 = machine_ticks()
             if profiler is not None:
                 profiler.start()
             await tg.start(relay.run)
@@ -130,6 +141,7 @@ async def drain(
                     marks.append((time.perf_counter(), relay.completer.written))
                 await anyio.sleep(0.005)
             elapsed = time.perf_counter() - started
+            machine = machine_busy_share(machine0, machine_ticks())
             marks.append((time.perf_counter(), relay.completer.written))
             cpu = time.process_time() - cpu0
             if profiler is not None:
@@ -149,6 +161,7 @@ async def drain(
         "intents_per_second": intents / elapsed,
         "relay_cpu_ms_per_intent": cpu / intents * 1000,
         "relay_cpu_share": cpu / elapsed,
+        **_machine_figures(machine, elapsed, intents),
         # Does the rate hold as the tables grow? Rates over the first and last fifth.
         "intents_per_second_first_fifth": _window_rate(marks, 0.0, 0.2 * intents),
         "intents_per_second_last_fifth": _window_rate(marks, 0.8 * intents, intents),
@@ -162,6 +175,16 @@ async def drain(
             }
             for name, calls in timings.items()
         },
+    }
+
+
+def _machine_figures(busy_share: float, seconds: float, intents: int) -> dict[str, float]:
+    """The whole machine during a drain: the share of its cores busy (the relay, the
+    database, the fake provider and anything else), and that CPU per intent."""
+    cores = os.cpu_count() or 1
+    return {
+        "machine_busy_share": busy_share,
+        "machine_cpu_ms_per_intent": busy_share * cores * seconds / intents * 1000,
     }
 
 
@@ -225,7 +248,8 @@ def run_variant(
     print(
         f"  {label}: {result['intents_per_second']:,.0f} intents/s"
         f" ({result['relay_cpu_ms_per_intent']:.2f} ms relay CPU per intent, relay at"
-        f" {result['relay_cpu_share'] * 100:.0f} % of a core{provider}; first fifth"
+        f" {result['relay_cpu_share'] * 100:.0f} % of a core{provider}; machine"
+        f" {result['machine_busy_share'] * 100:.0f} % busy; first fifth"
         f" {result['intents_per_second_first_fifth']:,.0f}/s, last fifth"
         f" {result['intents_per_second_last_fifth']:,.0f}/s)",
         flush=True,
@@ -248,8 +272,81 @@ IN_PROCESS = "in-process adapter"
 HTTP = "fake provider over HTTP"
 
 
+def fleet_label(relays: int) -> str:
+    return f"{HTTP}, {relays} relay processes"
+
+
+def run_fleet(
+    intents: int,
+    relays: int,
+    provider_url: str,
+    provider_pid: int,
+    *,
+    batch_size: int,
+    max_in_flight: int,
+    pool_size: int,
+    writers: int,
+    concurrency: int,
+    claim_ahead: int | None,
+) -> dict[str, Any]:
+    """The HTTP drain by ``relays`` `outbox-relay run` processes on this machine (a fleet
+    sharing its cores), with the in-process relay's settings: does a relay that used more
+    than one core get further? Each process runs whatever `run` runs (heartbeats, sweeps)."""
+    from benchmarks.sidecar_scale import drain as fleet_drain
+
+    label = fleet_label(relays)
+    settings = {
+        "batch_size": str(batch_size),
+        "max_in_flight": str(max_in_flight),
+        "db_pool_size": str(pool_size),
+        "completer_writers": str(writers),
+        "providers__stripe__concurrency": str(concurrency),
+        **({"providers__stripe__claim_ahead": str(claim_ahead)} if claim_ahead is not None else {}),
+    }
+    with scratch_database("drain") as url:
+        print(f"  {label}: {intents:,} intents (load {load_average()}); draining ...", flush=True)
+        provider_cpu0 = cpu_seconds(provider_pid)
+        fleet = fleet_drain(url, provider_url, relays, intents, "fleet", pairs=True, **settings)
+        provider_cpu = cpu_seconds(provider_pid) - provider_cpu0
+        counts = status_counts(url)
+    if counts.get("succeeded", 0) != intents or fleet["sent_more_than_once"]:
+        raise SystemExit(f"{label}: not every intent succeeded once: {counts}, {fleet}")
+    result = {
+        "intents": intents,
+        "relays": relays,
+        "seconds": fleet["seconds"],
+        "intents_per_second": fleet["intents_per_second"],
+        "relay_cpu_ms_per_intent": fleet["relays_cpu_ms_per_intent"],
+        "relay_cpu_share": fleet["relays_cpu_share_of_one_core"],
+        "provider_cpu_ms_per_intent": provider_cpu / intents * 1000,
+        "provider_cpu_share": provider_cpu / fleet["seconds"],
+        **_machine_figures(fleet["machine_busy_share"], fleet["seconds"], intents),
+        "statuses": counts,
+        "load_average_after": fleet["load_average_after"],
+    }
+    print(
+        f"  {label}: {result['intents_per_second']:,.0f} intents/s"
+        f" ({result['relay_cpu_ms_per_intent']:.2f} ms relays' CPU per intent, relays at"
+        f" {result['relay_cpu_share'] * 100:.0f} % of a core together; fake provider"
+        f" {result['provider_cpu_share'] * 100:.0f} % of a core; machine"
+        f" {result['machine_busy_share'] * 100:.0f} % busy)",
+        flush=True,
+    )
+    return result
+
+
 def zero_latency_lane(concurrency: int = 100) -> Lane:
     return Lane("stripe", ZeroLatencyProvider(), concurrency=concurrency, timeout_seconds=10.0)
+
+
+def _one_process_ceilings(rounds: list[dict[str, dict[str, Any]]]) -> list[float]:
+    """Per round: the HTTP rate one relay process would reach at 100 % of a core, at the
+    CPU per intent it used, over the in-process rate. Python runs a relay on one core."""
+    return [
+        1000 / r[HTTP]["relay_cpu_ms_per_intent"] / r[IN_PROCESS]["intents_per_second"]
+        for r in rounds
+        if HTTP in r and IN_PROCESS in r
+    ]
 
 
 def main() -> int:
@@ -290,6 +387,14 @@ def main() -> int:
         help="alternate the two runs this many times, each on a fresh backlog, and print the"
         " median of the per-round ratios (for a machine whose speed drifts)",
     )
+    parser.add_argument(
+        "--http-fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also drain the HTTP backlog with N `outbox-relay run` processes on this machine,"
+        " with the same settings (default 0: not run): what more than one core per relay buys",
+    )
     parser.add_argument("--quick", action="store_true", help="5,000 and 1,000 intents")
     parser.add_argument(
         "--profile",
@@ -322,6 +427,17 @@ def main() -> int:
     try:
 
         def run(label: str) -> dict[str, Any]:
+            if label == fleet_label(args.http_fleet):
+                assert fake is not None
+                return run_fleet(
+                    http_intents,
+                    args.http_fleet,
+                    fake.url,
+                    fake.proc.pid,
+                    concurrency=args.http_concurrency,
+                    claim_ahead=args.http_claim_ahead,
+                    **settings,
+                )
             if label == IN_PROCESS:
                 return run_variant(
                     IN_PROCESS,
@@ -350,6 +466,8 @@ def main() -> int:
             )
 
         labels = [label for label, n in ((IN_PROCESS, args.intents), (HTTP, http_intents)) if n]
+        if args.http_fleet and http_intents:
+            labels.append(fleet_label(args.http_fleet))
         for number in range(args.rounds):
             if args.rounds > 1:
                 print(f" round {number + 1} of {args.rounds}", flush=True)
@@ -385,7 +503,8 @@ def main() -> int:
             "first 1/5",
             "last 1/5",
             "relay CPU ms/intent",
-            "write-back busy",
+            "machine busy",
+            "machine CPU ms/intent",
             "ratio to in-process",
         )
     ]
@@ -394,15 +513,22 @@ def main() -> int:
             label,
             f"{r['intents']:,}",
             f"{r['intents_per_second']:,.0f}",
-            f"{r['intents_per_second_first_fifth']:,.0f}",
-            f"{r['intents_per_second_last_fifth']:,.0f}",
+            f"{r['intents_per_second_first_fifth']:,.0f}" if "claims" in r else "",
+            f"{r['intents_per_second_last_fifth']:,.0f}" if "claims" in r else "",
             f"{r['relay_cpu_ms_per_intent']:.2f}",
-            f"{r['write_backs']['busy_share'] * 100:.0f} %",
+            f"{r['machine_busy_share'] * 100:.0f} %",
+            f"{r['machine_cpu_ms_per_intent']:.2f}",
             f"{ratios[label]:.2f}" if label in ratios else ("1.00" if label == IN_PROCESS else ""),
         )
         for label, r in results.items()
     ]
     print(table(rows))
+    ceilings = _one_process_ceilings(rounds)
+    if ceilings:
+        print(
+            "HTTP / in-process if the one HTTP relay ran at a full core (1 / its CPU per"
+            f" intent, against the same round's in-process rate): {', '.join(f'{x:.2f}' for x in ceilings)}"
+        )
     path = write_result(
         "drain",
         {
@@ -422,6 +548,8 @@ def main() -> int:
             "http_to_in_process_median": (
                 statistics.median(round_ratios) if round_ratios else None
             ),
+            "http_fleet": args.http_fleet,
+            "http_to_in_process_at_a_full_core_per_round": ceilings,
             "rounds": rounds,
         },
     )

@@ -51,6 +51,8 @@ from benchmarks._common import (
     free_port,
     insert_backlog,
     load_average,
+    machine_busy_share,
+    machine_ticks,
     relay_command,
     relay_env,
     scratch_database,
@@ -181,8 +183,10 @@ def transactions(url: str) -> int:
 
 
 def start_relays(
-    url: str, provider_url: str, count: int, tag: str
+    url: str, provider_url: str, count: int, tag: str, **settings: str
 ) -> list[subprocess.Popen[bytes]]:
+    """``count`` `outbox-relay run` processes named sidecar-<tag>-<n>; ``settings`` are
+    further RELAY_* variables (lower-case names without the prefix)."""
     return [
         subprocess.Popen(
             relay_command(),
@@ -192,6 +196,7 @@ def start_relays(
                 http_port="0",
                 instance_name=f"sidecar-{tag}-{n}",
                 shutdown_grace_seconds="2",
+                **settings,
             ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -261,13 +266,25 @@ def idle_cost(
     }
 
 
-def drain(url: str, provider_url: str, relays: int, intents: int, tag: str) -> dict[str, Any]:
+def drain(
+    url: str,
+    provider_url: str,
+    relays: int,
+    intents: int,
+    tag: str,
+    *,
+    pairs: bool = False,
+    **settings: str,
+) -> dict[str, Any]:
+    """``intents`` (one charge per payment, or authorize then capture with ``pairs``)
+    drained by ``relays`` `outbox-relay run` processes started together; ``settings`` are
+    further RELAY_* variables for them. Also the relays' CPU and the machine's."""
     before = terminal_count(url)
-    insert_backlog(url, intents, pairs=False, prefix=tag)
+    insert_backlog(url, intents, pairs=pairs, prefix=tag)
     with psycopg.connect(url, autocommit=True) as gate, psycopg.connect(url) as locker:
         # Start line: every relay's first claim waits on this lock.
         locker.execute("LOCK TABLE outbox.payment_intents IN ACCESS EXCLUSIVE MODE")
-        procs = start_relays(url, provider_url, relays, tag)
+        procs = start_relays(url, provider_url, relays, tag, **settings)
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -282,12 +299,25 @@ def drain(url: str, provider_url: str, relays: int, intents: int, tag: str) -> d
                     break
                 if time.monotonic() > deadline:
                     raise SystemExit(f"only {row[0]} of {relays} relays reached the start line")
+                if any(proc.poll() is not None for proc in procs):
+                    raise SystemExit("a relay exited before the start line")
                 time.sleep(0.2)
+            relay_cpu0 = sum(cpu_seconds(proc.pid) for proc in procs)
+            machine0 = machine_ticks()
             locker.commit()  # go
             started = time.perf_counter()
-            while terminal_count(url) < before + intents:
-                time.sleep(0.25)
+            while True:
+                row = gate.execute(
+                    "SELECT count(*) FROM outbox.payment_intents"
+                    " WHERE status IN ('succeeded', 'failed', 'dead')"
+                ).fetchone()
+                assert row is not None
+                if row[0] >= before + intents:
+                    break
+                time.sleep(0.1)
             elapsed = time.perf_counter() - started
+            machine = machine_busy_share(machine0, machine_ticks())
+            relay_cpu = sum(cpu_seconds(proc.pid) for proc in procs) - relay_cpu0
         finally:
             stop_relays(procs)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -301,6 +331,9 @@ def drain(url: str, provider_url: str, relays: int, intents: int, tag: str) -> d
         "intents": intents,
         "seconds": elapsed,
         "intents_per_second": intents / elapsed,
+        "relays_cpu_ms_per_intent": relay_cpu / intents * 1000,
+        "relays_cpu_share_of_one_core": relay_cpu / elapsed,
+        "machine_busy_share": machine,
         "sent_more_than_once": int(row[0]),
         "load_average_after": load_average(),
     }
