@@ -226,6 +226,13 @@ def check(url: str) -> dict[str, int]:
 
 # Diagnostics only (--diagnose): the same replay with some of the outbox's triggers off,
 # to show where the database's time per intent goes. Never a configuration to ship.
+CHARGES = "diagnostic: one charge per payment (the yardstick's workload)"
+AUDIT_AND_LEDGER = [
+    ("outbox.payment_intents", "payment_intents_audit_0_creation"),
+    ("outbox.payment_intents", "payment_intents_audit_update"),
+    ("outbox.payments", "payments_audit_update"),
+    ("outbox.payment_intents", "payment_intents_ledger"),
+]
 DIAGNOSTICS: dict[str, list[tuple[str, str]]] = {
     "diagnostic: audit triggers off": [
         ("outbox.payment_intents", "payment_intents_audit_update"),
@@ -239,23 +246,27 @@ DIAGNOSTICS: dict[str, list[tuple[str, str]]] = {
     # What the SQL would reach if the hash-chained audit (the creation rows written at the
     # claim and the promotion included) and the ledger cost nothing: the ceiling of the
     # ratio to the yardstick for any cheaper way of keeping them.
-    "diagnostic: every audit trigger (creation rows too) and the ledger off": [
-        ("outbox.payment_intents", "payment_intents_audit_0_creation"),
-        ("outbox.payment_intents", "payment_intents_audit_update"),
-        ("outbox.payments", "payments_audit_update"),
-        ("outbox.payment_intents", "payment_intents_ledger"),
-    ],
+    "diagnostic: every audit trigger (creation rows too) and the ledger off": AUDIT_AND_LEDGER,
+    # The yardstick's workload (one charge per payment: no capture waits blocked, none is
+    # promoted), with everything on and then with the audit and ledger off: how much of
+    # the distance is the authorize-then-capture workload's per-payment order.
+    CHARGES: [],
+    f"{CHARGES}, every audit trigger and the ledger off": AUDIT_AND_LEDGER,
 }
 
 
 def measure(
-    args: argparse.Namespace, script: str, disabled: list[tuple[str, str]]
+    args: argparse.Namespace,
+    script: str,
+    disabled: list[tuple[str, str]],
+    *,
+    charges: bool = False,
 ) -> dict[str, Any]:
     # Enough batches for the backlog; near the authorize->capture turn a claim may find
     # fewer than `batch` rows, so a few intents can stay: only finished ones are counted.
     transactions = math.ceil(args.intents / args.batch / args.clients)
     with scratch_database("sql_limit") as url:
-        insert_backlog(url, args.intents)
+        insert_backlog(url, args.intents, pairs=not charges)
         with psycopg.connect(url, autocommit=True) as conn:
             for table_name, trigger in disabled:
                 found = conn.execute(
@@ -398,9 +409,10 @@ def main() -> int:
     parser.add_argument(
         "--diagnose",
         action="store_true",
-        help="also replay, in every round, with the audit (and ledger) triggers off (the last"
-        " variant: every audit trigger, the creation rows' too, and the ledger), and time each"
-        " statement and trigger per intent with EXPLAIN ANALYZE",
+        help="also replay, in every round, with the audit (and ledger) triggers off (the third"
+        " variant: every audit trigger, the creation rows' too, and the ledger), then on the"
+        " yardstick's workload (one charge per payment) with everything on and with the audit"
+        " and ledger off, and time each statement and trigger per intent with EXPLAIN ANALYZE",
     )
     parser.add_argument(
         "--standin-transactions",
@@ -434,7 +446,7 @@ def main() -> int:
         # In the same round as the yardstick and the limit they are compared with, the best
         # of the rounds kept for each, as for those.
         for label, disabled in DIAGNOSTICS.items() if args.diagnose else ():
-            tried[label].append(measure(args, script, disabled))
+            tried[label].append(measure(args, script, disabled, charges=label.startswith(CHARGES)))
         if not args.no_relay:
             relays.append(run_variant("relay", args.intents, zero_latency_lane, pool_size=4))
     limit = max(limits, key=lambda r: r["intents_per_second"])
