@@ -119,13 +119,16 @@ def free_port() -> int:
 
 
 class FakeProvider:
-    """`python -m relay fake-provider` in its own process, ready when constructed."""
+    """`python -m relay fake-provider` (Stripe-compatible), or with ``adyen`` the fake
+    Adyen Checkout API (`python -m provider_adapters.fake.adyen`), in its own process,
+    ready when constructed."""
 
-    def __init__(self, *flags: str) -> None:
+    def __init__(self, *flags: str, adyen: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        serve = ["provider_adapters.fake.adyen"] if adyen else ["relay", "fake-provider"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "fake-provider", "--port", str(self.port), *flags],
+            [sys.executable, "-m", *serve, "--port", str(self.port), *flags],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

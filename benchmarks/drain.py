@@ -60,6 +60,8 @@ from benchmarks._common import (
     table,
     write_result,
 )
+from provider_adapters.fake.adyen import API_KEY as ADYEN_API_KEY
+from provider_adapters.fake.adyen import MERCHANT_ACCOUNT as ADYEN_MERCHANT_ACCOUNT
 from relay.core.lanes import Lane
 from relay.core.runtime import Relay, RelayOptions
 from relay.domain.retry_policy import RetryPolicy
@@ -206,12 +208,15 @@ def run_variant(
     writers: int = 2,
     profile: Path | None = None,
     provider_pid: int | None = None,
+    provider: str = "stripe",
+    pairs: bool = True,
 ) -> dict[str, Any]:
-    """Fill a scratch database with ``intents`` and drain it with one relay; with
-    ``provider_pid``, also the CPU that process (the fake provider) used meanwhile."""
+    """Fill a scratch database with ``intents`` for ``provider`` (authorize then capture
+    per payment, or with ``pairs`` false one charge per payment) and drain it with one
+    relay; with ``provider_pid``, also the CPU that process (the fake provider) used."""
     with scratch_database("drain") as url:
         started = time.perf_counter()
-        insert_backlog(url, intents)
+        insert_backlog(url, intents, provider=provider, pairs=pairs)
         print(
             f"  {label}: {intents:,} intents inserted in {time.perf_counter() - started:.0f} s"
             f" (load {load_average()}); draining ...",
@@ -288,6 +293,7 @@ def run_fleet(
     writers: int,
     concurrency: int,
     claim_ahead: int | None,
+    pairs: bool,
 ) -> dict[str, Any]:
     """The HTTP drain by ``relays`` `outbox-relay run` processes on this machine (a fleet
     sharing its cores), with the in-process relay's settings: does a relay that used more
@@ -306,7 +312,7 @@ def run_fleet(
     with scratch_database("drain") as url:
         print(f"  {label}: {intents:,} intents (load {load_average()}); draining ...", flush=True)
         provider_cpu0 = cpu_seconds(provider_pid)
-        fleet = fleet_drain(url, provider_url, relays, intents, "fleet", pairs=True, **settings)
+        fleet = fleet_drain(url, provider_url, relays, intents, "fleet", pairs=pairs, **settings)
         provider_cpu = cpu_seconds(provider_pid) - provider_cpu0
         counts = status_counts(url)
     if counts.get("succeeded", 0) != intents or fleet["sent_more_than_once"]:
@@ -395,6 +401,19 @@ def main() -> int:
         help="also drain the HTTP backlog with N `outbox-relay run` processes on this machine,"
         " with the same settings (default 0: not run): what more than one core per relay buys",
     )
+    parser.add_argument(
+        "--http-provider",
+        choices=("stripe", "adyen"),
+        default="stripe",
+        help="the HTTP run's provider: the Stripe adapter (official SDK) against the fake"
+        " Stripe-compatible provider (default), or the Adyen adapter against the fake Adyen"
+        " Checkout API; adyen implies --charges (Adyen confirms captures by webhook)",
+    )
+    parser.add_argument(
+        "--charges",
+        action="store_true",
+        help="one charge per payment in every run, instead of authorize then capture",
+    )
     parser.add_argument("--quick", action="store_true", help="5,000 and 1,000 intents")
     parser.add_argument(
         "--profile",
@@ -407,9 +426,15 @@ def main() -> int:
         args.intents = 5_000
         args.http_intents = 1_000 if args.http_intents is None else args.http_intents
     http_intents = args.intents if args.http_intents is None else args.http_intents
+    adyen = args.http_provider == "adyen"
+    if adyen and args.http_fleet:
+        parser.error("--http-fleet runs `outbox-relay run` against the Stripe-compatible fake only")
+    pairs = not (args.charges or adyen)
+    workload = "authorize + capture per payment" if pairs else "one charge per payment"
     quiet_relay_logging()
     print(
-        f"drain: authorize + capture per payment; batch {args.batch_size},"
+        f"drain: {workload}; HTTP to the fake {'Adyen' if adyen else 'Stripe'} API;"
+        f" batch {args.batch_size},"
         f" max in flight {args.max_in_flight}, pool {args.pool_size}, writers {args.writers}"
     )
     results: dict[str, dict[str, Any]] = {}
@@ -422,7 +447,7 @@ def main() -> int:
         "pool_size": args.pool_size,
         "writers": args.writers,
     }
-    fake = FakeProvider() if http_intents else None
+    fake = FakeProvider(adyen=adyen) if http_intents else None
     rounds: list[dict[str, dict[str, Any]]] = []
     try:
 
@@ -436,6 +461,7 @@ def main() -> int:
                     fake.proc.pid,
                     concurrency=args.http_concurrency,
                     claim_ahead=args.http_claim_ahead,
+                    pairs=pairs,
                     **settings,
                 )
             if label == IN_PROCESS:
@@ -444,24 +470,35 @@ def main() -> int:
                     args.intents,
                     lambda: zero_latency_lane(args.concurrency),
                     profile=profile,
+                    pairs=pairs,
                     **settings,
                 )
             assert fake is not None
             http_settings = ProviderSettings(
                 base_url=fake.url,
-                api_key=BENCH_API_KEY,
                 concurrency=args.http_concurrency,
                 **(
                     {"claim_ahead": args.http_claim_ahead}
                     if args.http_claim_ahead is not None
                     else {}
                 ),
+                **(
+                    {
+                        "kind": "adyen",
+                        "api_key": ADYEN_API_KEY,
+                        "merchant_account": ADYEN_MERCHANT_ACCOUNT,
+                    }
+                    if adyen
+                    else {"api_key": BENCH_API_KEY}
+                ),
             )
             return run_variant(
                 HTTP,
                 http_intents,
-                lambda: build_lane("stripe", http_settings),
+                lambda: build_lane(args.http_provider, http_settings),
                 provider_pid=fake.proc.pid,
+                provider=args.http_provider,
+                pairs=pairs,
                 **settings,
             )
 
@@ -532,7 +569,12 @@ def main() -> int:
     path = write_result(
         "drain",
         {
-            "workload": "authorize then capture per payment (N/2 payments)",
+            "workload": (
+                "authorize then capture per payment (N/2 payments)"
+                if pairs
+                else "one charge per payment"
+            ),
+            "http_provider": args.http_provider,
             "batch_size": args.batch_size,
             "max_in_flight": args.max_in_flight,
             "pool_size": args.pool_size,
