@@ -11,6 +11,10 @@ lines, result event). One relay then drains it, in this process, twice:
 * with the fake Stripe-compatible provider over HTTP (its own process, no latency, no
   faults), through the Stripe adapter the relay ships.
 
+--charges makes every backlog one charge per payment. --http-provider adyen runs the HTTP
+drain through the Adyen adapter against the fake Adyen Checkout API instead (with
+--charges: Adyen confirms a capture by webhook, which this drain does not send).
+
 With --http-fleet N, the HTTP backlog is also drained by N `outbox-relay run` processes
 started together, with the same settings: what a relay that used more than one core
 would reach on this machine.
@@ -25,6 +29,7 @@ benchmarks/results/drain.json. benchmarks/sql_limit.py compares the in-process f
 with the database's own limit, measured in the same run.
 
     python benchmarks/drain.py [--intents 100000] [--http-intents N] [--http-fleet N] [--quick]
+    python benchmarks/drain.py --http-provider adyen       # the Adyen adapter (charges)
     python benchmarks/drain.py --profile      # + pyinstrument profile of the in-process run
 """
 
