@@ -64,7 +64,7 @@ def start(url: str, statement: str, payments: int) -> float:
     """Run the set-based start statement in one transaction; return its seconds."""
     with psycopg.connect(url) as conn:
         started = time.perf_counter()
-        conn.execute(statement, {"payments": payments})  # type: ignore[arg-type]
+        conn.execute(statement, {"payments": payments})
         conn.commit()
         return time.perf_counter() - started
 

@@ -199,7 +199,7 @@ def main() -> int:
                 with scratch_database("hot") as url:
                     with psycopg.connect(url, autocommit=True) as conn:
                         for statement in [*SETUP, *statements]:
-                            conn.execute(statement)  # type: ignore[arg-type] # literals above
+                            conn.execute(statement)
                     measured = phases(url, workload, args.payments, args.batch)
                     index_kb = payments_index_kb(url)
                 total = [0, 0, 0, 0]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import anyio
 import psycopg
+from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -99,7 +100,7 @@ def main() -> int:
         "failing": FakeProvider("--rate-503", "1.0"),
         "slow and flaky": FakeProvider("--latency-ms", latency, "--rate-503", "0.5"),
     }
-    key = "sk_test_bench"
+    key = SecretStr("sk_test_bench")
     healthy = ProviderSettings(base_url=healthy_fake.url, api_key=key, concurrency=args.concurrency)
     results: dict[str, float] = {}
     try:

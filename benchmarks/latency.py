@@ -197,7 +197,7 @@ def main() -> int:
             f" {ms(result['pickup_ms']['p99'])} ms",
             flush=True,
         )
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             "target/s",
             "inserted/s",

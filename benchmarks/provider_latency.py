@@ -22,10 +22,12 @@ import argparse
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -94,17 +96,26 @@ def main() -> int:
         for c in (int(v) for v in args.concurrency.split(",")):
             ideal = c / latency
             intents = int(ideal * args.seconds)
-            lanes = {
-                "fake provider over HTTP (Stripe adapter)": lambda c=c: build_lane(
+
+            def over_http(c: int = c) -> Lane:
+                return build_lane(
                     "stripe",
-                    ProviderSettings(base_url=fake.url, api_key=BENCH_API_KEY, concurrency=c),
-                ),
-                "in-process adapter sleeping": lambda c=c: Lane(
+                    ProviderSettings(
+                        base_url=fake.url, api_key=SecretStr(BENCH_API_KEY), concurrency=c
+                    ),
+                )
+
+            def sleeping(c: int = c) -> Lane:
+                return Lane(
                     "stripe",
                     ZeroLatencyProvider(latency=latency),
                     concurrency=c,
                     timeout_seconds=10.0,
-                ),
+                )
+
+            lanes: dict[str, Callable[[], Lane]] = {
+                "fake provider over HTTP (Stripe adapter)": over_http,
+                "in-process adapter sleeping": sleeping,
             }
             for label, make_lane in lanes.items():
                 with scratch_database("provider_latency") as url:

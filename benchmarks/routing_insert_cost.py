@@ -84,7 +84,7 @@ def run(url: str, provider: str, rows: int, clients: int, tag: str) -> float:
                 barrier.wait()
                 for i in range(per_client):
                     key = f"{tag}-{n}-{i}"
-                    conn.execute(sql, (key, 1000 + i, key))  # type: ignore[arg-type]
+                    conn.execute(sql, (key, 1000 + i, key))
                     conn.commit()
         except BaseException as exc:
             errors.append(exc)
@@ -106,7 +106,7 @@ def loop_seconds(url: str, provider: str, n: int, tag: str) -> float:
     """N INSERTs in one transaction, rolled back: the trigger's cost without commits."""
     with psycopg.connect(url) as conn:
         started = time.perf_counter()
-        conn.execute(LOOP.format(n=n, tag=tag, provider=provider))  # type: ignore[arg-type]
+        conn.execute(LOOP.format(n=n, tag=tag, provider=provider))
         elapsed = time.perf_counter() - started
         conn.rollback()
     return elapsed

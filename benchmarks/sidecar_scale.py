@@ -367,7 +367,7 @@ def main() -> int:
         finally:
             fake.stop()
     where = "private cluster" if data is not None else "shared server (our backends only)"
-    rows = [("idle relays", "value")]
+    rows: list[tuple[str, ...]] = [("idle relays", "value")]
     rows += [
         ("relays", str(idle["relays"])),
         ("connections held (all)", str(sum(idle["connections"].values()))),

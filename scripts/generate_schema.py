@@ -155,14 +155,14 @@ def render(admin_url: str, major: int) -> str:
     """The file's text, from a fresh `migrate` of a scratch database on admin_url's server."""
     name = f"outbox_schema_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        conn.execute(f'CREATE DATABASE "{name}"')
     url = make_conninfo(admin_url, dbname=name)
     try:
         migrate(url)
         return header(major) + "\n" + dump_schema(url, major)
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main() -> int:
