@@ -40,7 +40,8 @@ from relay.infra.rows import columns_row
 
 
 def positional(row: Sequence[Any]) -> IntentRow:
-    """The claim's row as the relay built it before rows were read by name."""
+    """The claim's row unpacked by position, in claim_intents' column order (what the
+    relay did before rows were read by name), as the same IntentRow."""
     (
         intent_id,
         payment_id,
@@ -58,6 +59,9 @@ def positional(row: Sequence[Any]) -> IntentRow:
         captured,
         refunded,
         reference,
+        disputed,
+        dispute_status,
+        awaiting_action,
         exponent,
     ) = row
     return IntentRow(
@@ -79,6 +83,9 @@ def positional(row: Sequence[Any]) -> IntentRow:
             captured_minor=captured,
             refunded_minor=refunded,
             provider_reference=reference,
+            disputed_minor=disputed,
+            dispute_status=dispute_status,
+            awaiting_action=awaiting_action,
         ),
         exponent=exponent,
     )
