@@ -289,10 +289,23 @@ def percentile(values: list[float], q: float) -> float:
 
 def machine_ticks() -> tuple[int, int]:
     """(busy, all) CPU ticks of the whole machine so far, every core, from /proc/stat:
-    what a run cost the machine is the difference of two readings."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
+    what a run cost the machine is the difference of two readings. Busy is user, nice,
+    system, irq and softirq; all adds idle, iowait and steal (time the hypervisor gave
+    to another guest: not ours, so not busy)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
+
+
+def machine_cores() -> int:
+    """The cores /proc/stat counts (cpu0, cpu1, ...), which machine_ticks() adds up."""
+    return sum(
+        1
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("cpu") and line[3:4].isdigit()
+    )
 
 
 def machine_busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:

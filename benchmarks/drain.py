@@ -4,7 +4,8 @@ N intents (default 100,000) over N/2 payments are inserted beforehand with COPY 
 outbox's insert triggers run): per payment an authorize, then a capture that waits
 ``blocked`` until the authorize is written, so the drain exercises per-payment order and
 promotion as well as the claim and the write-back (intent, payment, audit rows, ledger
-lines, result event). One relay then drains it, in this process, twice:
+lines, result event). One relay then drains it, in this process, twice (with --http-fleet,
+a third drain by relay processes follows):
 
 * with an in-process adapter that answers every call at once (ZeroLatencyProvider in
   benchmarks/_common.py): the relay's own ceiling;
@@ -12,8 +13,8 @@ lines, result event). One relay then drains it, in this process, twice:
   faults), through the Stripe adapter the relay ships.
 
 --charges makes every backlog one charge per payment. --http-provider adyen runs the HTTP
-drain through the Adyen adapter against the fake Adyen Checkout API instead (with
---charges: Adyen confirms a capture by webhook, which this drain does not send).
+drain through the Adyen adapter against the fake Adyen Checkout API instead; it implies
+--charges (Adyen confirms a capture by webhook, which this drain does not send).
 
 With --http-fleet N, the HTTP backlog is also drained by N `outbox-relay run` processes
 started together, with the same settings: what a relay that used more than one core
@@ -36,7 +37,6 @@ with the database's own limit, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -59,6 +59,7 @@ from benchmarks._common import (
     insert_backlog,
     load_average,
     machine_busy_share,
+    machine_cores,
     machine_ticks,
     quiet_relay_logging,
     scratch_database,
@@ -89,8 +90,11 @@ async def drain(
     pool_size: int,
     writers: int,
     profile: Path | None = None,
+    provider_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Run one relay until ``intents`` outcomes are committed; return rate and CPU."""
+    """Run one relay until ``intents`` outcomes are committed; return rate and CPU (this
+    process's: the relay, and the benchmark's 5 ms check beside it), the machine's, and
+    with ``provider_pid`` that process's (the fake provider's), over the same window."""
     relay = Relay(
         Database(url, pool_size=pool_size, name="bench-drain"),
         {lane.provider: lane},
@@ -144,6 +148,7 @@ async def drain(
     try:
         async with anyio.create_task_group() as tg:
             cpu0, started = time.process_time(), time.perf_counter()
+            provider_cpu0 = cpu_seconds(provider_pid) if provider_pid else 0.0
             machine0 = machine_ticks()
             if profiler is not None:
                 profiler.start()
@@ -158,6 +163,7 @@ async def drain(
                 await anyio.sleep(0.005)
             elapsed = time.perf_counter() - started
             machine = machine_busy_share(machine0, machine_ticks())
+            provider_cpu = cpu_seconds(provider_pid) - provider_cpu0 if provider_pid else 0.0
             marks.append((time.perf_counter(), relay.completer.written))
             cpu = time.process_time() - cpu0
             if profiler is not None:
@@ -178,6 +184,14 @@ async def drain(
         "relay_cpu_ms_per_intent": cpu / intents * 1000,
         "relay_cpu_share": cpu / elapsed,
         **_machine_figures(machine, elapsed, intents),
+        **(
+            {
+                "provider_cpu_ms_per_intent": provider_cpu / intents * 1000,
+                "provider_cpu_share": provider_cpu / elapsed,
+            }
+            if provider_pid
+            else {}
+        ),
         # Does the rate hold as the tables grow? Rates over the first and last fifth.
         "intents_per_second_first_fifth": _window_rate(marks, 0.0, 0.2 * intents),
         "intents_per_second_last_fifth": _window_rate(marks, 0.8 * intents, intents),
@@ -197,7 +211,7 @@ async def drain(
 def _machine_figures(busy_share: float, seconds: float, intents: int) -> dict[str, float]:
     """The whole machine during a drain: the share of its cores busy (the relay, the
     database, the fake provider and anything else), and that CPU per intent."""
-    cores = os.cpu_count() or 1
+    cores = machine_cores()
     return {
         "machine_busy_share": busy_share,
         "machine_cpu_ms_per_intent": busy_share * cores * seconds / intents * 1000,
@@ -237,7 +251,6 @@ def run_variant(
             flush=True,
         )
         lane = lane_factory()
-        provider_cpu0 = cpu_seconds(provider_pid) if provider_pid else 0.0
         result = anyio.run(
             lambda: drain(
                 url,
@@ -248,12 +261,9 @@ def run_variant(
                 pool_size=pool_size,
                 writers=writers,
                 profile=profile,
+                provider_pid=provider_pid,
             )
         )
-        if provider_pid:
-            provider_cpu = cpu_seconds(provider_pid) - provider_cpu0
-            result["provider_cpu_ms_per_intent"] = provider_cpu / intents * 1000
-            result["provider_cpu_share"] = provider_cpu / result["seconds"]
         counts = status_counts(url)
     result["statuses"] = counts
     result["load_average_after"] = load_average()
@@ -325,9 +335,17 @@ def run_fleet(
     }
     with scratch_database("drain") as url:
         print(f"  {label}: {intents:,} intents (load {load_average()}); draining ...", flush=True)
-        provider_cpu0 = cpu_seconds(provider_pid)
-        fleet = fleet_drain(url, provider_url, relays, intents, "fleet", pairs=pairs, **settings)
-        provider_cpu = cpu_seconds(provider_pid) - provider_cpu0
+        fleet = fleet_drain(
+            url,
+            provider_url,
+            relays,
+            intents,
+            "fleet",
+            pairs=pairs,
+            provider_pid=provider_pid,
+            **settings,
+        )
+        provider_cpu = fleet["provider_cpu_seconds"]
         counts = status_counts(url)
     if counts.get("succeeded", 0) != intents or fleet["sent_more_than_once"]:
         raise SystemExit(f"{label}: not every intent succeeded once: {counts}, {fleet}")
@@ -404,7 +422,7 @@ def main() -> int:
         "--rounds",
         type=int,
         default=1,
-        help="alternate the two runs this many times, each on a fresh backlog, and print the"
+        help="alternate the runs this many times, each on a fresh backlog, and print the"
         " median of the per-round ratios (for a machine whose speed drifts)",
     )
     parser.add_argument(
@@ -413,7 +431,8 @@ def main() -> int:
         default=0,
         metavar="N",
         help="also drain the HTTP backlog with N `outbox-relay run` processes on this machine,"
-        " with the same settings (default 0: not run): what more than one core per relay buys",
+        " with the same settings (default 0: not run): what more than one core per relay"
+        " buys; Stripe only",
     )
     parser.add_argument(
         "--http-provider",
@@ -447,8 +466,9 @@ def main() -> int:
     workload = "authorize + capture per payment" if pairs else "one charge per payment"
     quiet_relay_logging()
     print(
-        f"drain: {workload}; HTTP to the fake {'Adyen' if adyen else 'Stripe'} API;"
-        f" batch {args.batch_size},"
+        f"drain: {workload};"
+        + (f" HTTP to the fake {'Adyen' if adyen else 'Stripe'} API;" if http_intents else "")
+        + f" batch {args.batch_size},"
         f" max in flight {args.max_in_flight}, pool {args.pool_size}, writers {args.writers}"
     )
     results: dict[str, dict[str, Any]] = {}

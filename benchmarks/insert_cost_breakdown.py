@@ -10,8 +10,11 @@ against outbox.payment_intents:
 * floors, with the outbox's insert triggers off and a stand-in BEFORE INSERT trigger on:
   one that only sets the relay's columns (what any trigger costs), one that also reads
   what the checks read (the currency, the archived key, the payment's row and earlier
-  intents), and one that instead writes the payment's row (the upsert that orders a
-  payment's intents), without its audit.
+  intents), one that instead writes the payment's row (the upsert that orders a
+  payment's intents), without its audit, and one that does both (a new payment's
+  intent: the currency and archived-key reads, then the payment's row);
+* procrastinate's job INSERT, as benchmarks/insert_cost.py measures it, so each floor can
+  be read against issue 23's goal of 0.95 of it.
 
 The floors are not the outbox: they show what a trigger, a lookup and a row cost on this
 machine, so what the shipped INSERT costs can be read against them. Runs in a scratch
@@ -31,7 +34,13 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import scratch_database, write_result
-from benchmarks.insert_cost import PLAIN, Variant, paired_rounds
+from benchmarks.insert_cost import (
+    PLAIN,
+    PROCRASTINATE,
+    Variant,
+    apply_procrastinate_schema,
+    paired_rounds,
+)
 
 # Stand-in triggers for the floors, created disabled; each variant's setup switches on
 # the triggers it measures and off the rest.
@@ -71,16 +80,38 @@ BEGIN
     ON CONFLICT (payment_id) DO NOTHING;
     RETURN NEW;
 END $$;
+CREATE FUNCTION outbox.bench_floor_reads_and_payment_row() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    NEW.status := 'pending';
+    NEW.attempts := 0;
+    NEW.payment_seq := 1;
+    PERFORM FROM outbox.currencies WHERE code = NEW.currency;
+    PERFORM FROM outbox.payment_intents_archive
+    WHERE provider = NEW.provider AND idempotency_key = NEW.idempotency_key;
+    INSERT INTO outbox.payments (payment_id, provider, currency)
+    VALUES (NEW.payment_id, NEW.provider, NEW.currency)
+    ON CONFLICT (payment_id) DO NOTHING;
+    RETURN NEW;
+END $$;
 CREATE TRIGGER bench_floor_defaults BEFORE INSERT ON outbox.payment_intents
     FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_defaults();
 CREATE TRIGGER bench_floor_reads BEFORE INSERT ON outbox.payment_intents
     FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_reads();
 CREATE TRIGGER bench_floor_payment_row BEFORE INSERT ON outbox.payment_intents
     FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_payment_row();
+CREATE TRIGGER bench_floor_reads_and_payment_row BEFORE INSERT ON outbox.payment_intents
+    FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_reads_and_payment_row();
 UPDATE outbox.relay_wakeup SET wanted = false;
 """
 SHIPPED = ("payment_intents_before_insert",)
-STAND_INS = ("bench_floor_defaults", "bench_floor_reads", "bench_floor_payment_row")
+STAND_INS = (
+    "bench_floor_defaults",
+    "bench_floor_reads",
+    "bench_floor_payment_row",
+    "bench_floor_reads_and_payment_row",
+)
 
 
 def only(*enabled: str) -> str:
@@ -114,6 +145,14 @@ VARIANTS = (
         "outbox.payment_intents",
         only("bench_floor_payment_row"),
     ),
+    # Both at once, as the outbox needs them: a new payment's intent reads the currency and
+    # the archived key, and writes the payment's row (which it then holds for its order).
+    Variant(
+        "floor: ... reads (currency, archived key) and writes the payment's row",
+        "outbox.payment_intents",
+        only("bench_floor_reads_and_payment_row"),
+    ),
+    Variant("procrastinate job INSERT (its triggers)", PROCRASTINATE),
 )
 
 
@@ -129,6 +168,7 @@ def main() -> int:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(PLAIN)
             conn.execute(FLOORS)
+        apply_procrastinate_schema(url)
         print(
             f"inserting {args.rows} intents per variant in each of {args.rounds} rounds,"
             f" {args.clients} clients, one intent per transaction; variants in this order:"

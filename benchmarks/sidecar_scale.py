@@ -274,11 +274,13 @@ def drain(
     tag: str,
     *,
     pairs: bool = False,
+    provider_pid: int | None = None,
     **settings: str,
 ) -> dict[str, Any]:
     """``intents`` (one charge per payment, or authorize then capture with ``pairs``)
     drained by ``relays`` `outbox-relay run` processes started together; ``settings`` are
-    further RELAY_* variables for them. Also the relays' CPU and the machine's."""
+    further RELAY_* variables for them. Also the relays' CPU and the machine's, and with
+    ``provider_pid`` that process's (the fake provider's), over the same window."""
     before = terminal_count(url)
     insert_backlog(url, intents, pairs=pairs, prefix=tag)
     with psycopg.connect(url, autocommit=True) as gate, psycopg.connect(url) as locker:
@@ -303,6 +305,7 @@ def drain(
                     raise SystemExit("a relay exited before the start line")
                 time.sleep(0.2)
             relay_cpu0 = sum(cpu_seconds(proc.pid) for proc in procs)
+            provider_cpu0 = cpu_seconds(provider_pid) if provider_pid else 0.0
             machine0 = machine_ticks()
             locker.commit()  # go
             started = time.perf_counter()
@@ -318,6 +321,7 @@ def drain(
             elapsed = time.perf_counter() - started
             machine = machine_busy_share(machine0, machine_ticks())
             relay_cpu = sum(cpu_seconds(proc.pid) for proc in procs) - relay_cpu0
+            provider_cpu = cpu_seconds(provider_pid) - provider_cpu0 if provider_pid else 0.0
         finally:
             stop_relays(procs)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -334,6 +338,7 @@ def drain(
         "relays_cpu_ms_per_intent": relay_cpu / intents * 1000,
         "relays_cpu_share_of_one_core": relay_cpu / elapsed,
         "machine_busy_share": machine,
+        "provider_cpu_seconds": provider_cpu,
         "sent_more_than_once": int(row[0]),
         "load_average_after": load_average(),
     }
