@@ -43,75 +43,48 @@ from benchmarks.insert_cost import (
 )
 
 # Stand-in triggers for the floors, created disabled; each variant's setup switches on
-# the triggers it measures and off the rest.
-FLOORS = """
-CREATE FUNCTION outbox.bench_floor_defaults() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
+# the triggers it measures and off the rest. Each one is the columns' defaults plus some of
+# these parts of the outbox's work.
+_COLUMNS = """
     NEW.status := 'pending';
     NEW.attempts := 0;
-    NEW.payment_seq := 1;
-    RETURN NEW;
-END $$;
-CREATE FUNCTION outbox.bench_floor_reads() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
-BEGIN
-    NEW.status := 'pending';
-    NEW.attempts := 0;
-    NEW.payment_seq := 1;
+    NEW.payment_seq := 1;"""
+_KEY_READS = """
     PERFORM FROM outbox.currencies WHERE code = NEW.currency;
     PERFORM FROM outbox.payment_intents_archive
-    WHERE provider = NEW.provider AND idempotency_key = NEW.idempotency_key;
+    WHERE provider = NEW.provider AND idempotency_key = NEW.idempotency_key;"""
+_PAYMENT_READS = """
     PERFORM FROM outbox.payments WHERE payment_id = NEW.payment_id FOR UPDATE;
     PERFORM FROM outbox.payment_intents
-    WHERE payment_id = NEW.payment_id AND status IN ('blocked', 'pending', 'in_flight', 'dead');
-    RETURN NEW;
-END $$;
-CREATE FUNCTION outbox.bench_floor_payment_row() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
-BEGIN
-    NEW.status := 'pending';
-    NEW.attempts := 0;
-    NEW.payment_seq := 1;
+    WHERE payment_id = NEW.payment_id AND status IN ('blocked', 'pending', 'in_flight', 'dead');"""
+_PAYMENT_ROW = """
     INSERT INTO outbox.payments (payment_id, provider, currency)
     VALUES (NEW.payment_id, NEW.provider, NEW.currency)
-    ON CONFLICT (payment_id) DO NOTHING;
+    ON CONFLICT (payment_id) DO NOTHING;"""
+_STAND_IN_BODIES = {
+    "bench_floor_defaults": _COLUMNS,
+    "bench_floor_reads": _COLUMNS + _KEY_READS + _PAYMENT_READS,
+    "bench_floor_payment_row": _COLUMNS + _PAYMENT_ROW,
+    "bench_floor_reads_and_payment_row": _COLUMNS + _KEY_READS + _PAYMENT_ROW,
+}
+FLOORS = (
+    "".join(
+        f"""
+CREATE FUNCTION outbox.{name}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp{
+            "" if body == _COLUMNS else " SET plan_cache_mode = force_generic_plan"
+        } AS $$
+BEGIN{body}
     RETURN NEW;
 END $$;
-CREATE FUNCTION outbox.bench_floor_reads_and_payment_row() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
-BEGIN
-    NEW.status := 'pending';
-    NEW.attempts := 0;
-    NEW.payment_seq := 1;
-    PERFORM FROM outbox.currencies WHERE code = NEW.currency;
-    PERFORM FROM outbox.payment_intents_archive
-    WHERE provider = NEW.provider AND idempotency_key = NEW.idempotency_key;
-    INSERT INTO outbox.payments (payment_id, provider, currency)
-    VALUES (NEW.payment_id, NEW.provider, NEW.currency)
-    ON CONFLICT (payment_id) DO NOTHING;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER bench_floor_defaults BEFORE INSERT ON outbox.payment_intents
-    FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_defaults();
-CREATE TRIGGER bench_floor_reads BEFORE INSERT ON outbox.payment_intents
-    FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_reads();
-CREATE TRIGGER bench_floor_payment_row BEFORE INSERT ON outbox.payment_intents
-    FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_payment_row();
-CREATE TRIGGER bench_floor_reads_and_payment_row BEFORE INSERT ON outbox.payment_intents
-    FOR EACH ROW EXECUTE FUNCTION outbox.bench_floor_reads_and_payment_row();
-UPDATE outbox.relay_wakeup SET wanted = false;
-"""
-SHIPPED = ("payment_intents_before_insert",)
-STAND_INS = (
-    "bench_floor_defaults",
-    "bench_floor_reads",
-    "bench_floor_payment_row",
-    "bench_floor_reads_and_payment_row",
+CREATE TRIGGER {name} BEFORE INSERT ON outbox.payment_intents
+    FOR EACH ROW EXECUTE FUNCTION outbox.{name}();"""
+        for name, body in _STAND_IN_BODIES.items()
+    )
+    + "\nUPDATE outbox.relay_wakeup SET wanted = false;\n"
 )
+SHIPPED = ("payment_intents_before_insert",)
+STAND_INS = tuple(_STAND_IN_BODIES)
 
 
 def only(*enabled: str) -> str:
