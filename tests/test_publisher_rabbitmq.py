@@ -7,6 +7,7 @@ hang into a failure; nothing asserts on elapsed time.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -828,6 +829,28 @@ def readme_consumer() -> dict[str, Any]:
     return namespace
 
 
+async def finish_close_callbacks() -> int:
+    """Wait for the close callbacks aio_pika runs as tasks of their own; return how many.
+
+    The README's consumer connects with ``connect_robust``. Cancelled, it leaves the
+    connection's close callback (aio_pika's ``OneShotCallback``) as a pending task. Were
+    this test's event loop to end with it, the garbage collector would destroy it later,
+    inside whichever test then runs in this worker, and fail that one with a
+    PytestUnraisableExceptionWarning (and, during ``ast.parse``, CPython's "AST
+    constructor recursion depth mismatch").
+    """
+    current = asyncio.current_task()
+    callbacks = [
+        task
+        for task in asyncio.all_tasks()
+        if task is not current and "OneShotCallback" in repr(task.get_coro())
+    ]
+    if callbacks:
+        _, still_pending = await asyncio.wait(callbacks, timeout=HANG)
+        assert not still_pending, f"aio_pika close callbacks still running: {still_pending}"
+    return len(callbacks)
+
+
 async def queue_exists(connection: aio_pika.abc.AbstractConnection, name: str) -> bool:
     channel = await connection.channel()
     try:
@@ -927,6 +950,7 @@ async def test_readme_consumer_keeps_payment_order_skips_copies_and_parks_poison
             await cleanup.queue_delete(name, if_unused=False, if_empty=False)
         await cleanup.exchange_delete(exchange_name)
         await connection.close()
+        await finish_close_callbacks()
 
     by_payment: dict[str, list[int]] = defaultdict(list)
     for payment, n in handled:
