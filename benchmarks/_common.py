@@ -214,12 +214,18 @@ def insert_backlog(
 
 def terminal_count(url: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM outbox.payment_intents"
-            " WHERE status IN ('succeeded', 'failed', 'dead')"
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
+        return count_terminal(conn)
+
+
+def count_terminal(conn: psycopg.Connection[Any]) -> int:
+    """Intents finished (succeeded, failed or dead), on a connection the caller keeps open
+    (a poll loop's)."""
+    row = conn.execute(
+        "SELECT count(*) FROM outbox.payment_intents"
+        " WHERE status IN ('succeeded', 'failed', 'dead')"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def status_counts(url: str) -> dict[str, int]:

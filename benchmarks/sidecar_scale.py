@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import (
     FakeProvider,
+    count_terminal,
     cpu_seconds,
     free_port,
     insert_backlog,
@@ -309,14 +310,7 @@ def drain(
             machine0 = machine_ticks()
             locker.commit()  # go
             started = time.perf_counter()
-            while True:
-                row = gate.execute(
-                    "SELECT count(*) FROM outbox.payment_intents"
-                    " WHERE status IN ('succeeded', 'failed', 'dead')"
-                ).fetchone()
-                assert row is not None
-                if row[0] >= before + intents:
-                    break
+            while count_terminal(gate) < before + intents:
                 time.sleep(0.1)
             elapsed = time.perf_counter() - started
             machine = machine_busy_share(machine0, machine_ticks())
