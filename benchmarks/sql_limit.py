@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -226,32 +226,34 @@ def check(url: str) -> dict[str, int]:
 
 # Diagnostics only (--diagnose): the same replay with some of the outbox's triggers off,
 # to show where the database's time per intent goes. Never a configuration to ship.
-CHARGES = "diagnostic: one charge per payment (the yardstick's workload)"
-AUDIT_AND_LEDGER = [
-    ("outbox.payment_intents", "payment_intents_audit_0_creation"),
+class Diagnostic(NamedTuple):
+    disabled: list[tuple[str, str]]  # (table, trigger) switched off for the replay
+    charges: bool = False  # one charge per payment instead of authorize then capture
+
+
+AUDIT = [
     ("outbox.payment_intents", "payment_intents_audit_update"),
     ("outbox.payments", "payments_audit_update"),
-    ("outbox.payment_intents", "payment_intents_ledger"),
 ]
-DIAGNOSTICS: dict[str, list[tuple[str, str]]] = {
-    "diagnostic: audit triggers off": [
-        ("outbox.payment_intents", "payment_intents_audit_update"),
-        ("outbox.payments", "payments_audit_update"),
-    ],
-    "diagnostic: audit and ledger triggers off": [
-        ("outbox.payment_intents", "payment_intents_audit_update"),
-        ("outbox.payments", "payments_audit_update"),
-        ("outbox.payment_intents", "payment_intents_ledger"),
-    ],
+LEDGER = [("outbox.payment_intents", "payment_intents_ledger")]
+CREATION_AUDIT = [("outbox.payment_intents", "payment_intents_audit_0_creation")]
+CHARGES = "diagnostic: one charge per payment (the yardstick's workload)"
+DIAGNOSTICS: dict[str, Diagnostic] = {
+    "diagnostic: audit triggers off": Diagnostic(AUDIT),
+    "diagnostic: audit and ledger triggers off": Diagnostic(AUDIT + LEDGER),
     # What the SQL would reach if the hash-chained audit (the creation rows written at the
     # claim and the promotion included) and the ledger cost nothing: the ceiling of the
     # ratio to the yardstick for any cheaper way of keeping them.
-    "diagnostic: every audit trigger (creation rows too) and the ledger off": AUDIT_AND_LEDGER,
+    "diagnostic: every audit trigger (creation rows too) and the ledger off": Diagnostic(
+        CREATION_AUDIT + AUDIT + LEDGER
+    ),
     # The yardstick's workload (one charge per payment: no capture waits blocked, none is
     # promoted), with everything on and then with the audit and ledger off: how much of
     # the distance is the authorize-then-capture workload's per-payment order.
-    CHARGES: [],
-    f"{CHARGES}, every audit trigger and the ledger off": AUDIT_AND_LEDGER,
+    CHARGES: Diagnostic([], charges=True),
+    f"{CHARGES}, every audit trigger and the ledger off": Diagnostic(
+        CREATION_AUDIT + AUDIT + LEDGER, charges=True
+    ),
 }
 
 
@@ -445,8 +447,10 @@ def main() -> int:
         print(f"  limit: {limits[-1]['intents_per_second']:,.0f} intents/s", flush=True)
         # In the same round as the yardstick and the limit they are compared with, the best
         # of the rounds kept for each, as for those.
-        for label, disabled in DIAGNOSTICS.items() if args.diagnose else ():
-            tried[label].append(measure(args, script, disabled, charges=label.startswith(CHARGES)))
+        for label, diagnostic in DIAGNOSTICS.items() if args.diagnose else ():
+            tried[label].append(
+                measure(args, script, diagnostic.disabled, charges=diagnostic.charges)
+            )
         if not args.no_relay:
             relays.append(run_variant("relay", args.intents, zero_latency_lane, pool_size=4))
     limit = max(limits, key=lambda r: r["intents_per_second"])
