@@ -198,6 +198,28 @@ ROUTED = (
 )
 
 
+def _guarded_canary(conn: psycopg.Connection, **guard: object) -> None:
+    """Providers stripe and canary, rule ``main`` splitting 50/50 between them, and a guard
+    of the canary against stripe with the given fields (alice sets both)."""
+    register_provider(conn, "stripe")
+    register_provider(conn, "canary")
+    set_rule(
+        conn,
+        operator="alice",
+        name="main",
+        fields={"mode": "split", "providers": ["stripe", "canary"], "weights": [50, 50]},
+        reason="canary 50%",
+        create=True,
+    )
+    set_guard(
+        conn,
+        operator="alice",
+        rule="main",
+        fields={"canary": "canary", "baseline": "stripe", **guard},
+        reason="guard the canary",
+    )
+
+
 def _insert(conn: psycopg.Connection, prefix: str, n: int) -> None:
     with conn.transaction():
         for k in range(n):
@@ -225,29 +247,7 @@ async def test_relay_rolls_a_failing_canary_back(
     db_url: str, failing: str, margin: str, measure: str
 ) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        register_provider(conn, "stripe")
-        register_provider(conn, "canary")
-        set_rule(
-            conn,
-            operator="alice",
-            name="main",
-            fields={"mode": "split", "providers": ["stripe", "canary"], "weights": [50, 50]},
-            reason="canary 50%",
-            create=True,
-        )
-        set_guard(
-            conn,
-            operator="alice",
-            rule="main",
-            fields={
-                "canary": "canary",
-                "baseline": "stripe",
-                "window_seconds": 600,
-                "min_samples": 10,
-                margin: 2000,
-            },
-            reason="guard the canary",
-        )
+        _guarded_canary(conn, window_seconds=600, min_samples=10, **{margin: 2000})
         baseline, canary = MemoryProvider(name="stripe"), SwitchableProvider(name="canary")
         lanes = {
             # A breaker that stays closed: the timing-out canary's retries run back to back.
@@ -373,29 +373,7 @@ async def test_a_guard_reads_outcomes_and_latency_of_its_window_from_the_intents
     db_url: str,
 ) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        register_provider(conn, "stripe")
-        register_provider(conn, "canary")
-        set_rule(
-            conn,
-            operator="alice",
-            name="main",
-            fields={"mode": "split", "providers": ["stripe", "canary"], "weights": [50, 50]},
-            reason="canary 50%",
-            create=True,
-        )
-        set_guard(
-            conn,
-            operator="alice",
-            rule="main",
-            fields={
-                "canary": "canary",
-                "baseline": "stripe",
-                "min_samples": 1,
-                "latency_percentile": 75,
-                "latency_margin_ms": 10_000,
-            },
-            reason="guard the canary",
-        )
+        _guarded_canary(conn, min_samples=1, latency_percentile=75, latency_margin_ms=10_000)
         _insert(conn, "timed", 24)
         created: dict[int, datetime] = dict(
             conn.execute(
